@@ -1,0 +1,362 @@
+//! The command line: argument types, value parsers, and what each command prints.
+//!
+//! `main.rs` parses into [`Cli`] and calls [`serve`], [`push`] or [`demo`]; this module turns library results
+//! into output: a human summary on stderr, or with `--json` exactly one JSON object on stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Backoff, PushError, PushEvent, PushOptions, PushReport};
+use crate::demo::{human, DemoError, DemoOptions};
+use crate::manifest::hex;
+use crate::server::{Server, ServerConfig, ServerError};
+use crate::transfer::sender::{SendEvent, SendOptions};
+use crate::url::FerryUrl;
+use crate::{DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW};
+
+/// ferry: resumable, verified file transfer.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No output except errors (and the --json summary).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// ferry's commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Receive files into a root directory.
+    Serve(ServeArgs),
+    /// Push a file to a server, resuming whatever it already has.
+    Push(PushArgs),
+    /// Show a resumed, verified push through a flaky link (in-process server, temp dir).
+    Demo(DemoArgs),
+}
+
+/// `ferry serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: String,
+    /// Directory that receives the files.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// State directory (default ROOT/.ferry/state).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Maximum concurrent connections.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Drop a client silent for this long (e.g. 120s, 5m).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// `ferry push`.
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// The file to send.
+    pub file: PathBuf,
+    /// ferry://HOST[:PORT]/REMOTE/PATH (a trailing '/' keeps the local file name).
+    pub destination: FerryUrl,
+    /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Chunk size (e.g. 1MiB, 256K); bounded to 4KiB..16MiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size_u32)]
+    pub chunk_size: u32,
+    /// Consecutive failed attempts without progress before giving up.
+    #[arg(long, default_value_t = 10)]
+    pub retries: u32,
+    /// Unacknowledged bytes in flight.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub window: u64,
+    /// Give up on a connection silent for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// First retry delay (doubles per failure, with jitter, up to 15s).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub retry_delay: Duration,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Size of the generated file.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Chunk size.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size_u32)]
+    pub chunk_size: u32,
+}
+
+/// Runs `ferry serve` until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(ServerError::Accept)?;
+    let addr = listener.local_addr().map_err(ServerError::Accept)?;
+    let config = ServerConfig {
+        state_dir: args.state,
+        max_connections: args.max_connections,
+        idle_timeout: args.idle_timeout,
+        ..ServerConfig::new(args.root)
+    };
+    let server = tokio::task::spawn_blocking(move || Server::open(config))
+        .await
+        .map_err(|e| ServerError::Accept(std::io::Error::other(e)))??;
+    println!("ferry: listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    server.run(listener, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs `ferry push`, printing progress and the summary; returns the exit code.
+pub async fn push(args: PushArgs, quiet: bool) -> u8 {
+    let json = args.json;
+    let state_dir = args.state.clone().unwrap_or_else(default_state_dir);
+    let opts = PushOptions {
+        source: args.file,
+        destination: args.destination,
+        state_dir,
+        chunk_size: args.chunk_size,
+        retries: args.retries,
+        send: SendOptions {
+            window: args.window,
+            io_timeout: args.timeout,
+            ..SendOptions::default()
+        },
+        connect_timeout: args.timeout.min(Duration::from_secs(10)),
+        backoff: Backoff {
+            initial: args.retry_delay,
+            ..Backoff::default()
+        },
+    };
+    let mut progress = |event: PushEvent| {
+        if !quiet && !json {
+            print_event(&event);
+        }
+    };
+    match crate::client::push(opts, &mut progress).await {
+        Ok(report) => {
+            if json {
+                println!("{}", report_json(&report));
+            } else if !quiet {
+                print_report(&report);
+            }
+            crate::exit::OK
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            if json {
+                println!("{}", error_json(&e, code));
+            }
+            eprintln!("ferry: push failed: {e}");
+            code
+        }
+    }
+}
+
+/// Runs `ferry demo`.
+pub async fn demo(args: DemoArgs) -> Result<(), DemoError> {
+    let opts = DemoOptions {
+        size: args.size,
+        chunk_size: args.chunk_size,
+    };
+    let mut out = std::io::stdout();
+    crate::demo::run(opts, &mut out).await
+}
+
+fn print_event(event: &PushEvent) {
+    match event {
+        PushEvent::Manifest {
+            chunks,
+            size,
+            cached,
+        } => {
+            let how = if *cached { "cached" } else { "hashed" };
+            eprintln!("ferry: manifest {how}: {chunks} chunks, {}", human(*size));
+        }
+        PushEvent::Connected { attempt } if *attempt > 1 => {
+            eprintln!("ferry: reconnected (attempt {attempt})")
+        }
+        PushEvent::Connected { .. } => {}
+        PushEvent::Send(SendEvent::Need { chunks, bytes }) => {
+            eprintln!("ferry: server needs {chunks} chunks ({})", human(*bytes));
+        }
+        PushEvent::Send(SendEvent::Rejected { index }) => {
+            eprintln!("ferry: chunk {index} was corrupted in transit; re-sending")
+        }
+        PushEvent::Retrying { delay, error, .. } => {
+            eprintln!("ferry: {error}; retrying in {delay:.1?}")
+        }
+        PushEvent::SourceChanged { reason } => {
+            eprintln!("ferry: source changed ({reason}); re-reading it")
+        }
+    }
+}
+
+fn print_report(report: &PushReport) {
+    let what = if report.committed.already_present {
+        "already present"
+    } else {
+        "pushed"
+    };
+    eprintln!(
+        "ferry: {what}: {} -> {} ({}, sent {}, {} attempt(s), {:.2?})\nblake3 {}",
+        report.source,
+        report.destination,
+        human(report.size),
+        human(report.sent.bytes_sent),
+        report.attempts,
+        report.duration,
+        hex(&report.digest)
+    );
+}
+
+/// The one-line JSON summary of a successful push.
+pub fn report_json(report: &PushReport) -> serde_json::Value {
+    let secs = report.duration.as_secs_f64();
+    serde_json::json!({
+        "status": "ok",
+        "exit_code": crate::exit::OK,
+        "source": report.source,
+        "destination": report.destination,
+        "size": report.size,
+        "digest": hex(&report.digest),
+        "chunks": report.chunks,
+        "bytes_sent": report.sent.bytes_sent,
+        "chunks_sent": report.sent.chunks_sent,
+        "chunks_rejected": report.sent.chunks_rejected,
+        "attempts": report.attempts,
+        "manifest_cached": report.manifest_cached,
+        "source_changes": report.source_changes,
+        "already_present": report.committed.already_present,
+        "server_received_bytes": report.committed.received_bytes,
+        "server_rejected_chunks": report.committed.rejected_chunks,
+        "duration_ms": report.duration.as_millis() as u64,
+        "rate_bytes_per_sec": if secs > 0.0 { (report.sent.bytes_sent as f64 / secs) as u64 } else { 0 },
+    })
+}
+
+fn error_json(error: &PushError, code: u8) -> serde_json::Value {
+    serde_json::json!({ "status": "error", "exit_code": code, "error": error.to_string() })
+}
+
+/// `$FERRY_STATE`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_STATE") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("ferry");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/state/ferry")
+}
+
+/// Parses `4096`, `256K`, `1M`, `1MiB`, `2G`, `2GiB` (all binary multiples).
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 1MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{raw:?}: unknown size unit")),
+    };
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{raw:?} is too large"))
+}
+
+fn parse_size_u32(raw: &str) -> Result<u32, String> {
+    let size = parse_size(raw)?;
+    let size = u32::try_from(size).map_err(|_| format!("{raw:?} is too large"))?;
+    if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&size) {
+        return Err(format!(
+            "chunk size must be between 4KiB and 16MiB, got {raw}"
+        ));
+    }
+    Ok(size)
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value.saturating_mul(60)),
+        "h" => Duration::from_secs(value.saturating_mul(3600)),
+        _ => return Err(format!("{raw:?}: unknown duration unit (ms, s, m, h)")),
+    })
+}
+
+const _: () = assert!(DEFAULT_CHUNK_SIZE == 1 << 20 && DEFAULT_WINDOW == 16 << 20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256K"), Ok(256 << 10));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size_u32("1K").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! A fault-injecting TCP proxy, shared by `ferry demo` and the tests.
+//!
+//! Connection number `i` (in accept order) gets `plan[i]`; connections past the end of the plan pass through
+//! untouched. Faults apply to the client → server direction, counted in bytes from the start of that connection:
+//! cut the connection after N bytes, flip one byte at an offset, or stall (stop forwarding both ways, keeping the
+//! sockets open) after N bytes. Everything listens and connects on the addresses it is given; tests use loopback.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Faults for one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Close both sides after forwarding this many client → server bytes.
+    pub cut_after: Option<u64>,
+    /// XOR the client → server byte at this offset with `0x01`.
+    pub flip_at: Option<u64>,
+    /// Stop forwarding (both ways) after this many client → server bytes, keeping the connection open.
+    pub stall_after: Option<u64>,
+}
+
+impl Faults {
+    /// No faults.
+    pub const NONE: Faults = Faults {
+        cut_after: None,
+        flip_at: None,
+        stall_after: None,
+    };
+
+    /// Cut after `bytes`.
+    pub fn cut(bytes: u64) -> Faults {
+        Faults {
+            cut_after: Some(bytes),
+            ..Faults::NONE
+        }
+    }
+
+    /// Flip the byte at `offset`.
+    pub fn flip(offset: u64) -> Faults {
+        Faults {
+            flip_at: Some(offset),
+            ..Faults::NONE
+        }
+    }
+
+    /// Stall after `bytes`.
+    pub fn stall(bytes: u64) -> Faults {
+        Faults {
+            stall_after: Some(bytes),
+            ..Faults::NONE
+        }
+    }
+}
+
+/// What the proxy did so far.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Client → server bytes forwarded.
+    pub bytes_up: AtomicU64,
+    /// Connections cut.
+    pub cuts: AtomicU64,
+    /// Bytes flipped.
+    pub flips: AtomicU64,
+}
+
+/// A running proxy; stops when dropped.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    stats: Arc<ProxyStats>,
+    stalls: watch::Receiver<u64>,
+    stop: CancellationToken,
+}
+
+impl FaultProxy {
+    /// Listens on `listen` (e.g. `127.0.0.1:0`) and forwards to `upstream` with `plan`.
+    pub async fn start(
+        listen: &str,
+        upstream: SocketAddr,
+        plan: Vec<Faults>,
+    ) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(ProxyStats::default());
+        let (stall_tx, stalls) = watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let stall_tx = Arc::new(stall_tx);
+        let (task_stats, task_stop) = (stats.clone(), stop.clone());
+        tokio::spawn(async move {
+            for number in 0.. {
+                let accepted = tokio::select! {
+                    _ = task_stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((inbound, _)) = accepted else { continue };
+                task_stats.connections.fetch_add(1, Ordering::Relaxed);
+                let faults = plan.get(number).copied().unwrap_or_default();
+                let link = Link {
+                    stats: task_stats.clone(),
+                    stalls: stall_tx.clone(),
+                    stop: task_stop.child_token(),
+                    faults,
+                };
+                tokio::spawn(link.run(inbound, upstream));
+            }
+        });
+        Ok(FaultProxy {
+            addr,
+            stats,
+            stalls,
+            stop,
+        })
+    }
+
+    /// The address clients should connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ProxyStats {
+        &self.stats
+    }
+
+    /// Resolves once `count` connections in total have reached their stall point.
+    pub async fn stalled(&self, count: u64) {
+        let mut stalls = self.stalls.clone();
+        let _ = stalls.wait_for(|n| *n >= count).await;
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Link {
+    stats: Arc<ProxyStats>,
+    stalls: Arc<watch::Sender<u64>>,
+    stop: CancellationToken,
+    faults: Faults,
+}
+
+impl Link {
+    async fn run(self, inbound: TcpStream, upstream: SocketAddr) {
+        let Ok(outbound) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+        let (client_read, client_write) = inbound.into_split();
+        let (server_read, server_write) = outbound.into_split();
+        let stalled = CancellationToken::new();
+        let down = tokio::spawn(pump_down(
+            server_read,
+            client_write,
+            self.stop.clone(),
+            stalled.clone(),
+        ));
+        self.pump_up(client_read, server_write, &stalled).await;
+        if stalled.is_cancelled() {
+            self.stop.cancelled().await; // hold the sockets open, silent, until the proxy stops
+        }
+        self.stop.cancel();
+        let _ = down.await;
+    }
+
+    /// Client → server, applying the faults. Returns when the client closes, a cut happens, or at a stall.
+    async fn pump_up(
+        &self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        stalled: &CancellationToken,
+    ) {
+        let limit = [self.faults.cut_after, self.faults.stall_after]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut forwarded = 0u64;
+        loop {
+            if limit == Some(forwarded) {
+                if self.faults.stall_after == Some(forwarded) {
+                    stalled.cancel();
+                    self.stalls.send_modify(|n| *n += 1);
+                } else {
+                    self.stats.cuts.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            let want =
+                limit.map_or(buf.len() as u64, |l| (l - forwarded).min(buf.len() as u64)) as usize;
+            let n = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                n = from.read(&mut buf[..want]) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+            };
+            if let Some(at) = self.faults.flip_at {
+                if (forwarded..forwarded + n as u64).contains(&at) {
+                    buf[(at - forwarded) as usize] ^= 0x01;
+                    self.stats.flips.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            forwarded += n as u64;
+            self.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Server → client, untouched, until the link stops or stalls.
+async fn pump_down(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stop: CancellationToken,
+    stalled: CancellationToken,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = stalled.cancelled() => { stop.cancelled().await; return }
+            n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

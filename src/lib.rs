@@ -1,0 +1,65 @@
+//! ferry: resumable, verified file transfer over TCP.
+//!
+//! Data flow of a push (proto-spec.md is the wire contract, ../shared/DESIGN.md the architecture):
+//!
+//! ```text
+//! client ─► chunk (file → chunks + BLAKE3) ─► manifest ─► transfer::sender ─► wire ─► TCP
+//!   ─► server ─► wire ─► transfer::receiver ─► verify ─► partial file ─► store (sled) ─► commit (rename)
+//! ```
+//!
+//! * [`chunk`] cuts a file and hashes it off the async runtime; [`manifest`] is the explicit chunk list.
+//! * [`wire`] frames messages (u32 length + bincode), checks lengths before allocating.
+//! * [`transfer`] holds the two roles, [`transfer::sender`] and [`transfer::receiver`], written once for both
+//!   directions; [`verify`] is the only door through which received bytes reach disk.
+//! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
+//! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
+
+pub mod chunk;
+pub mod cli;
+pub mod client;
+pub mod demo;
+pub mod fault;
+pub mod manifest;
+pub mod path;
+pub mod ranges;
+pub mod server;
+pub mod store;
+pub mod transfer;
+pub mod url;
+pub mod verify;
+pub mod wire;
+
+/// The protocol version this build speaks (proto-spec.md, "Versioning").
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Default TCP port.
+pub const DEFAULT_PORT: u16 = 7878;
+/// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.
+pub const MAX_FRAME: u32 = 24 * 1024 * 1024;
+/// Largest chunk.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Smallest chunk size a sender may ask for (the last chunk of a file may be shorter).
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Default chunk size.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Most chunks in one manifest (500,000 × 44 bytes ≈ 21 MiB, under [`MAX_FRAME`]).
+pub const MAX_MANIFEST_CHUNKS: usize = 500_000;
+/// Default window of unacknowledged chunk bytes.
+pub const DEFAULT_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// Process exit codes (README, "Exit codes").
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Anything not covered below (a bug, an unexpected internal failure).
+    pub const INTERNAL: u8 = 1;
+    /// Bad command line or destination URL.
+    pub const USAGE: u8 = 2;
+    /// The network (or a busy server) did not let the transfer finish within the retries.
+    pub const NETWORK: u8 = 3;
+    /// The server refused the transfer for good (bad path, bad manifest, disk full, version).
+    pub const REJECTED: u8 = 4;
+    /// Bytes did not verify end to end.
+    pub const INTEGRITY: u8 = 5;
+    /// Local trouble: the source is unreadable or kept changing, or the state store is unusable.
+    pub const LOCAL: u8 = 6;
+}

@@ -1,0 +1,51 @@
+//! The `ferry` binary: parse arguments, set up logging, run the command, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry::cli::{Cli, Command};
+use ferry::exit;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    let runtime = match tokio::runtime::Runtime::new().context("starting the async runtime") {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(e, exit::INTERNAL),
+    };
+    let quiet = cli.quiet;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
+            Command::Serve(args) => match ferry::cli::serve(args).await.context("serve") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e, exit::INTERNAL),
+            },
+            Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e, exit::INTEGRITY),
+            },
+        }
+    })
+}
+
+fn fail(error: anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("ferry: {error:#}");
+    ExitCode::from(code)
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

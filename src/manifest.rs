@@ -1,0 +1,252 @@
+//! The manifest: what a sender promises to send.
+//!
+//! A [`Manifest`] is an explicit list of `(offset, length, BLAKE3)` chunks plus the whole-file BLAKE3 digest (the one
+//! `b3sum` prints). The receiver never assumes a chunking scheme: [`Manifest::validate`] checks that the chunks tile
+//! the file exactly and stay within the protocol limits (proto-spec.md, "Offer" and "Limits").
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS};
+
+/// A BLAKE3 hash.
+pub type Hash = [u8; 32];
+
+/// One chunk of a file: where it is and what its bytes hash to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// Byte offset of the chunk in the file.
+    pub offset: u64,
+    /// Length in bytes (1 ..= [`MAX_CHUNK_SIZE`]).
+    pub len: u32,
+    /// BLAKE3 of the chunk's bytes.
+    pub hash: Hash,
+}
+
+/// How the sender cut the file. Informational for the receiver, which only checks tiling.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Chunking {
+    /// Fixed-size chunks of `size` bytes; the last may be shorter.
+    Fixed {
+        /// Chunk size in bytes.
+        size: u32,
+    },
+}
+
+/// A file modification time as seconds and nanoseconds since the Unix epoch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FileTime {
+    /// Whole seconds since the epoch (negative before 1970).
+    pub secs: i64,
+    /// Nanoseconds within the second.
+    pub nanos: u32,
+}
+
+/// Everything a receiver needs to know to accept a file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// File size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file (b3sum-compatible).
+    pub digest: Hash,
+    /// How the chunks were cut.
+    pub chunking: Chunking,
+    /// Source modification time, applied to the committed file.
+    pub mtime: FileTime,
+    /// Source permission bits (`st_mode & 0o7777`); the receiver applies `mode & 0o777`.
+    pub mode: u32,
+    /// The chunks, in file order.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// More chunks than [`MAX_MANIFEST_CHUNKS`].
+    #[error("manifest has {count} chunks, the limit is {max}")]
+    TooManyChunks {
+        /// Chunks offered.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A chunk does not start where the previous one ended.
+    #[error("chunk {index} starts at {offset}, expected {expected}: chunks must tile the file")]
+    Gap {
+        /// Index of the offending chunk.
+        index: usize,
+        /// Its offset.
+        offset: u64,
+        /// Where it should start.
+        expected: u64,
+    },
+    /// A chunk is empty or larger than [`MAX_CHUNK_SIZE`].
+    #[error("chunk {index} has length {len}, allowed 1..={max}")]
+    BadLength {
+        /// Index of the offending chunk.
+        index: usize,
+        /// Its length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The chunks cover a different number of bytes than the file size.
+    #[error("chunks cover {covered} bytes but the file has {size}")]
+    SizeMismatch {
+        /// Bytes covered by the chunks.
+        covered: u64,
+        /// Declared file size.
+        size: u64,
+    },
+}
+
+impl Manifest {
+    /// Number of chunks (fits `u32` once [`Manifest::validate`] passed).
+    pub fn chunk_count(&self) -> u32 {
+        u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The chunk at `index`, if any.
+    pub fn chunk(&self, index: u32) -> Option<&ChunkEntry> {
+        self.chunks.get(index as usize)
+    }
+
+    /// Checks the chunks tile `0..size` exactly and respect the protocol limits.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.chunks.len() > MAX_MANIFEST_CHUNKS {
+            return Err(ManifestError::TooManyChunks {
+                count: self.chunks.len(),
+                max: MAX_MANIFEST_CHUNKS,
+            });
+        }
+        let mut expected = 0u64;
+        for (index, chunk) in self.chunks.iter().enumerate() {
+            if chunk.len == 0 || chunk.len > MAX_CHUNK_SIZE {
+                return Err(ManifestError::BadLength {
+                    index,
+                    len: chunk.len,
+                    max: MAX_CHUNK_SIZE,
+                });
+            }
+            if chunk.offset != expected {
+                return Err(ManifestError::Gap {
+                    index,
+                    offset: chunk.offset,
+                    expected,
+                });
+            }
+            expected += u64::from(chunk.len);
+        }
+        if expected != self.size {
+            return Err(ManifestError::SizeMismatch {
+                covered: expected,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Identity of the content this manifest describes: BLAKE3 over size, digest and every chunk. Two manifests
+    /// with equal ids describe the same bytes cut the same way (mtime and mode are not part of it).
+    pub fn id(&self) -> Hash {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ferry manifest v1");
+        hasher.update(&self.size.to_le_bytes());
+        hasher.update(&self.digest);
+        for chunk in &self.chunks {
+            hasher.update(&chunk.offset.to_le_bytes());
+            hasher.update(&chunk.len.to_le_bytes());
+            hasher.update(&chunk.hash);
+        }
+        *hasher.finalize().as_bytes()
+    }
+}
+
+/// Lower-case hex of a hash, as `b3sum` prints it.
+pub fn hex(hash: &Hash) -> String {
+    blake3::Hash::from(*hash).to_hex().to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A manifest of `lens` chunks with dummy hashes.
+    pub(crate) fn manifest_of(lens: &[u32]) -> Manifest {
+        let mut offset = 0;
+        let chunks = lens
+            .iter()
+            .map(|&len| {
+                let entry = ChunkEntry {
+                    offset,
+                    len,
+                    hash: [len as u8; 32],
+                };
+                offset += u64::from(len);
+                entry
+            })
+            .collect();
+        Manifest {
+            size: offset,
+            digest: [0; 32],
+            chunking: Chunking::Fixed { size: 4096 },
+            mtime: FileTime::default(),
+            mode: 0o644,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn tiling_manifests_validate() {
+        assert_eq!(manifest_of(&[]).validate(), Ok(()));
+        assert_eq!(manifest_of(&[1]).validate(), Ok(()));
+        assert_eq!(manifest_of(&[4096, 4096, 7]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn gaps_overlaps_and_bad_sizes_are_refused() {
+        let mut gap = manifest_of(&[10, 10]);
+        gap.chunks[1].offset = 11;
+        assert!(matches!(
+            gap.validate(),
+            Err(ManifestError::Gap { index: 1, .. })
+        ));
+
+        let mut overlap = manifest_of(&[10, 10]);
+        overlap.chunks[1].offset = 9;
+        assert!(matches!(overlap.validate(), Err(ManifestError::Gap { .. })));
+
+        let mut short = manifest_of(&[10, 10]);
+        short.size = 21;
+        assert!(matches!(
+            short.validate(),
+            Err(ManifestError::SizeMismatch { .. })
+        ));
+
+        let mut empty_chunk = manifest_of(&[10, 10]);
+        empty_chunk.chunks[1].len = 0;
+        assert!(matches!(
+            empty_chunk.validate(),
+            Err(ManifestError::BadLength { .. })
+        ));
+
+        let mut huge_chunk = manifest_of(&[10]);
+        huge_chunk.chunks[0].len = MAX_CHUNK_SIZE + 1;
+        huge_chunk.size = u64::from(MAX_CHUNK_SIZE) + 1;
+        assert!(matches!(
+            huge_chunk.validate(),
+            Err(ManifestError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn id_changes_with_content_not_metadata() {
+        let a = manifest_of(&[10, 10]);
+        let mut b = a.clone();
+        b.mtime.secs = 99;
+        b.mode = 0o600;
+        assert_eq!(a.id(), b.id());
+        b.chunks[1].hash[0] ^= 1;
+        assert_ne!(a.id(), b.id());
+    }
+}

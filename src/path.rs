@@ -1,0 +1,234 @@
+//! Destination paths: parse what a peer sends, and resolve it inside a root without leaving it.
+//!
+//! A [`RemotePath`] is relative, `/`-separated and normalised: no empty, `.` or `..` components, no NUL, not
+//! absolute, nothing under the reserved `.ferry/` directory, and within length limits (proto-spec.md, "Paths").
+//! [`resolve_in_root`] walks the components with `symlink_metadata`, so a symlink anywhere on the way (planted
+//! inside the root or not) is refused rather than followed.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Longest accepted path, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest accepted component, in bytes.
+pub const MAX_COMPONENT_LEN: usize = 255;
+/// The receiver's private directory under its root (partials, state).
+pub const RESERVED_DIR: &str = ".ferry";
+
+/// Why a path was refused.
+#[derive(Debug, Error)]
+pub enum PathError {
+    /// Empty path, or one naming a directory (trailing `/`).
+    #[error("path {0:?} does not name a file")]
+    NotAFile(String),
+    /// Leading `/`.
+    #[error("path {0:?} is absolute; destination paths are relative to the server root")]
+    Absolute(String),
+    /// A `.`, `..` or empty component.
+    #[error("path {0:?} has a '.', '..' or empty component")]
+    NotNormal(String),
+    /// NUL or another control character.
+    #[error("path {0:?} contains a control character")]
+    ControlCharacter(String),
+    /// Too long as a whole or in one component.
+    #[error("path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN} bytes")]
+    TooLong,
+    /// Under the receiver's private `.ferry/` directory.
+    #[error("path {0:?} is inside the reserved {RESERVED_DIR}/ directory")]
+    Reserved(String),
+    /// A component on the way is a symlink.
+    #[error("{0} is a symlink; ferry does not follow symlinks inside its root")]
+    Symlink(String),
+    /// A component on the way exists and is not a directory, or the target is a directory.
+    #[error("{0} is in the way (not a directory, or a directory where the file should go)")]
+    InTheWay(String),
+    /// The filesystem failed while resolving.
+    #[error("resolving {path}: {source}")]
+    Io {
+        /// Where it failed.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// A validated destination path relative to a root.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RemotePath(String);
+
+impl RemotePath {
+    /// Validates `raw` as a destination path.
+    pub fn parse(raw: &str) -> Result<RemotePath, PathError> {
+        if raw.len() > MAX_PATH_LEN {
+            return Err(PathError::TooLong);
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(PathError::ControlCharacter(raw.to_string()));
+        }
+        if raw.starts_with('/') {
+            return Err(PathError::Absolute(raw.to_string()));
+        }
+        if raw.is_empty() || raw.ends_with('/') {
+            return Err(PathError::NotAFile(raw.to_string()));
+        }
+        for component in raw.split('/') {
+            if component.is_empty() || component == "." || component == ".." {
+                return Err(PathError::NotNormal(raw.to_string()));
+            }
+            if component.len() > MAX_COMPONENT_LEN {
+                return Err(PathError::TooLong);
+            }
+        }
+        if raw.split('/').next() == Some(RESERVED_DIR) {
+            return Err(PathError::Reserved(raw.to_string()));
+        }
+        Ok(RemotePath(raw.to_string()))
+    }
+
+    /// The normalised path, `/`-separated.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The path's components, in order.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+}
+
+impl std::fmt::Display for RemotePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. Every existing
+/// component is checked with `symlink_metadata`: symlinks and non-directories on the way are refused, and so is a
+/// final component that is a symlink or a directory. Blocking.
+pub fn resolve_in_root(
+    root: &Path,
+    path: &RemotePath,
+    create_parents: bool,
+) -> Result<PathBuf, PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (file_name, parents) = components
+        .split_last()
+        .expect("a RemotePath has a component");
+    let mut current = root.to_path_buf();
+    for component in parents {
+        current.push(component);
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(PathError::Symlink(shown(root, &current)))
+            }
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create_parents => {
+                std::fs::create_dir(&current).or_else(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists if current.is_dir() => Ok(()),
+                    _ => Err(PathError::Io {
+                        path: shown(root, &current),
+                        source: e,
+                    }),
+                })?;
+            }
+            Err(e) => {
+                return Err(PathError::Io {
+                    path: shown(root, &current),
+                    source: e,
+                })
+            }
+        }
+    }
+    current.push(file_name);
+    match std::fs::symlink_metadata(&current) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(PathError::Symlink(shown(root, &current))),
+        Ok(meta) if meta.is_dir() => Err(PathError::InTheWay(shown(root, &current))),
+        Ok(_) => Ok(current),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(current),
+        Err(e) => Err(PathError::Io {
+            path: shown(root, &current),
+            source: e,
+        }),
+    }
+}
+
+/// A path as the peer should see it: relative to the root, never revealing the server's layout.
+fn shown(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_paths_parse() {
+        for ok in [
+            "a",
+            "a/b.iso",
+            "backups/host/db.dump",
+            "..a",
+            "a..",
+            ".hidden/x",
+        ] {
+            assert_eq!(RemotePath::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            ".",
+            "..",
+            "a\0b",
+            "a\nb",
+            ".ferry/state",
+            ".ferry",
+        ] {
+            assert!(RemotePath::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            RemotePath::parse(&"a/".repeat(3000)),
+            Err(PathError::TooLong)
+        ));
+        assert!(matches!(
+            RemotePath::parse(&"x".repeat(256)),
+            Err(PathError::TooLong)
+        ));
+    }
+
+    #[test]
+    fn symlinks_inside_the_root_are_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("f"), root.path().join("filelink")).unwrap();
+        let via_dir = RemotePath::parse("link/x").unwrap();
+        assert!(matches!(
+            resolve_in_root(root.path(), &via_dir, true),
+            Err(PathError::Symlink(_))
+        ));
+        let as_file = RemotePath::parse("filelink").unwrap();
+        assert!(matches!(
+            resolve_in_root(root.path(), &as_file, true),
+            Err(PathError::Symlink(_))
+        ));
+        let fine = RemotePath::parse("new/dir/file").unwrap();
+        let resolved = resolve_in_root(root.path(), &fine, true).unwrap();
+        assert_eq!(resolved, root.path().join("new/dir/file"));
+        assert!(root.path().join("new/dir").is_dir());
+    }
+}

@@ -1,0 +1,199 @@
+//! Chunk index sets and their run-length encoding.
+//!
+//! Owns [`IndexRange`] (the wire form of "chunks `start..start+count`") and [`ChunkSet`], the receiver's bitmap
+//! of chunks that are durably on disk. A `Need` or `Ack` for 100,000 chunks is a handful of ranges, not 100,000
+//! indices (proto-spec.md, "Need" and "Ack").
+
+use serde::{Deserialize, Serialize};
+
+/// A run of consecutive chunk indices: `start .. start + count`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexRange {
+    /// First chunk index of the run.
+    pub start: u32,
+    /// Number of chunks in the run (never 0 on the wire).
+    pub count: u32,
+}
+
+impl IndexRange {
+    /// One past the last index, or `None` if the range overflows `u32`.
+    pub fn end(&self) -> Option<u32> {
+        self.start.checked_add(self.count)
+    }
+
+    /// The indices in this range.
+    pub fn indices(&self) -> std::ops::Range<u32> {
+        self.start..self.start.saturating_add(self.count)
+    }
+}
+
+/// Checks that every range is non-empty and lies within `0..chunk_count`.
+pub fn ranges_within(ranges: &[IndexRange], chunk_count: u32) -> bool {
+    ranges
+        .iter()
+        .all(|r| r.count > 0 && r.end().is_some_and(|end| end <= chunk_count))
+}
+
+/// Number of indices covered by `ranges` (ranges are assumed valid).
+pub fn ranges_len(ranges: &[IndexRange]) -> u64 {
+    ranges.iter().map(|r| u64::from(r.count)).sum()
+}
+
+/// Run-length encodes ascending indices into ranges. Unsorted or repeated input still yields correct
+/// (if longer) output.
+pub fn encode_runs(indices: impl IntoIterator<Item = u32>) -> Vec<IndexRange> {
+    let mut runs: Vec<IndexRange> = Vec::new();
+    for index in indices {
+        match runs.last_mut() {
+            Some(run) if run.end() == Some(index) => run.count += 1,
+            _ => runs.push(IndexRange {
+                start: index,
+                count: 1,
+            }),
+        }
+    }
+    runs
+}
+
+/// A fixed-size set of chunk indices, stored as a bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkSet {
+    words: Vec<u64>,
+    len: u32,
+    present: u32,
+}
+
+impl ChunkSet {
+    /// An empty set for `len` chunks.
+    pub fn new(len: u32) -> Self {
+        ChunkSet {
+            words: vec![0; (len as usize).div_ceil(64)],
+            len,
+            present: 0,
+        }
+    }
+
+    /// Rebuilds a set from [`ChunkSet::to_bytes`]; `None` if the bytes do not fit `len` chunks.
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Option<Self> {
+        let words = (len as usize).div_ceil(64);
+        if bytes.len() != words * 8 {
+            return None;
+        }
+        let mut set = ChunkSet::new(len);
+        for (word, raw) in set.words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(raw.try_into().ok()?);
+        }
+        if let Some(last) = set.words.last_mut() {
+            let used = len % 64;
+            if used != 0 {
+                *last &= (1u64 << used) - 1;
+            }
+        }
+        set.present = set.words.iter().map(|w| w.count_ones()).sum();
+        Some(set)
+    }
+
+    /// The bitmap as little-endian 64-bit words.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// Number of chunks the set covers.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// True if the set covers no chunks at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of chunks present.
+    pub fn present(&self) -> u32 {
+        self.present
+    }
+
+    /// True when every chunk is present.
+    pub fn is_complete(&self) -> bool {
+        self.present == self.len
+    }
+
+    /// Whether `index` is present (out-of-range indices are not).
+    pub fn contains(&self, index: u32) -> bool {
+        index < self.len && self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    /// Marks `index` present; returns false if it was already present or is out of range.
+    pub fn insert(&mut self, index: u32) -> bool {
+        if index >= self.len || self.contains(index) {
+            return false;
+        }
+        self.words[(index / 64) as usize] |= 1 << (index % 64);
+        self.present += 1;
+        true
+    }
+
+    /// The missing chunks as ascending runs.
+    pub fn missing_ranges(&self) -> Vec<IndexRange> {
+        encode_runs((0..self.len).filter(|&i| !self.contains(i)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_encode_consecutive_indices() {
+        assert_eq!(encode_runs([]), vec![]);
+        assert_eq!(
+            encode_runs([0, 1, 2, 5, 7, 8]),
+            vec![
+                IndexRange { start: 0, count: 3 },
+                IndexRange { start: 5, count: 1 },
+                IndexRange { start: 7, count: 2 },
+            ]
+        );
+    }
+
+    #[test]
+    fn hundred_thousand_missing_chunks_are_one_range() {
+        let set = ChunkSet::new(100_000);
+        assert_eq!(
+            set.missing_ranges(),
+            vec![IndexRange {
+                start: 0,
+                count: 100_000
+            }]
+        );
+    }
+
+    #[test]
+    fn set_round_trips_through_bytes() {
+        for len in [0u32, 1, 63, 64, 65, 1000] {
+            let mut set = ChunkSet::new(len);
+            for i in (0..len).step_by(3) {
+                assert!(set.insert(i));
+                assert!(!set.insert(i));
+            }
+            let back = ChunkSet::from_bytes(len, &set.to_bytes()).unwrap();
+            assert_eq!(back, set);
+            assert_eq!(back.present(), len.div_ceil(3));
+        }
+        assert!(ChunkSet::from_bytes(65, &[0u8; 8]).is_none());
+    }
+
+    #[test]
+    fn ranges_outside_the_manifest_are_refused() {
+        assert!(ranges_within(&[IndexRange { start: 0, count: 4 }], 4));
+        assert!(!ranges_within(&[IndexRange { start: 1, count: 4 }], 4));
+        assert!(!ranges_within(&[IndexRange { start: 0, count: 0 }], 4));
+        assert!(!ranges_within(
+            &[IndexRange {
+                start: u32::MAX,
+                count: 2
+            }],
+            u32::MAX
+        ));
+    }
+}

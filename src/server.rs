@@ -1,0 +1,236 @@
+//! The server: listener, connection limit, per-connection sessions, and a draining shutdown.
+//!
+//! The server only picks a role: after the handshake, an Offer makes it the receiver. Every session races its
+//! reads against the shutdown token; on shutdown the listener stops, sessions end with `ShuttingDown` after making
+//! their received chunks durable, and [`Server::run`] returns once all of them are gone and the store is flushed.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::path::RESERVED_DIR;
+use crate::store::{ReceiverStore, Store, StoreError};
+use crate::transfer::claims::Claims;
+use crate::transfer::receiver::{receive, ReceiverContext};
+use crate::transfer::{handshake, recv, tell_peer, TransferError};
+use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
+use crate::MAX_FRAME;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Files are committed under this directory.
+    pub root: PathBuf,
+    /// Where the sled store lives (default `ROOT/.ferry/state`).
+    pub state_dir: Option<PathBuf>,
+    /// Maximum concurrent connections; more are refused with `TooManyConnections`.
+    pub max_connections: usize,
+    /// Time a client has to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// Maximum silence from a client in the middle of a conversation.
+    pub idle_timeout: Duration,
+    /// Bytes written between syncs (and Acks) of a transfer.
+    pub sync_batch: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for a server rooted at `root`.
+    pub fn new(root: PathBuf) -> Self {
+        ServerConfig {
+            root,
+            state_dir: None,
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            sync_batch: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Server-wide counters, readable while the server runs.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Chunk payload bytes received.
+    pub bytes_received: AtomicU64,
+    /// Chunks made durable and acknowledged.
+    pub chunks_durable: AtomicU64,
+    /// Chunks that failed verification.
+    pub chunks_rejected: AtomicU64,
+    /// Files committed.
+    pub files_committed: AtomicU64,
+}
+
+/// Starting the server failed.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The root or state directory is unusable.
+    #[error("preparing {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Accepting connections failed.
+    #[error("accepting connections: {0}")]
+    Accept(std::io::Error),
+}
+
+/// A ready-to-run server.
+pub struct Server {
+    ctx: ReceiverContext,
+    store: Store,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Creates the root's private directories and opens the store. Blocking.
+    pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
+        let private = config.root.join(RESERVED_DIR);
+        let partial_dir = private.join("partial");
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| private.join("state"));
+        for dir in [&config.root, &partial_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let root = config
+            .root
+            .canonicalize()
+            .map_err(|source| ServerError::Dir {
+                path: config.root.display().to_string(),
+                source,
+            })?;
+        let store = Store::open(&state_dir)?;
+        let ctx = ReceiverContext {
+            root,
+            partial_dir: partial_dir.canonicalize().unwrap_or(partial_dir),
+            store: ReceiverStore::open(&store)?,
+            claims: Claims::default(),
+            stats: Arc::default(),
+            idle_timeout: config.idle_timeout,
+            sync_batch: config.sync_batch,
+        };
+        Ok(Server { ctx, store, config })
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<ReceiverStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let result = loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!(error = %e, "accept failed; continuing");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => break Err(ServerError::Accept(e)),
+            };
+            self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let permit = slots.clone().try_acquire_owned().ok();
+            let (ctx, config, stop) = (
+                self.ctx.clone(),
+                self.config.clone(),
+                shutdown.child_token(),
+            );
+            tracker.spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut conn = Connection::new(stream, MAX_FRAME);
+                if permit.is_none() {
+                    let busy = ErrorFrame::new(
+                        ErrorCode::TooManyConnections,
+                        "server is at its connection limit",
+                    );
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        conn.write_message(&Message::Error(busy)),
+                    )
+                    .await;
+                    return;
+                }
+                if let Err(e) = serve_connection(&mut conn, &ctx, &config, &stop).await {
+                    tracing::info!(%peer, error = %e, "session ended with an error");
+                    tell_peer(&mut conn, &e).await;
+                }
+                drop(permit);
+            });
+        };
+        tracker.close();
+        tracker.wait().await;
+        self.store.flush()?;
+        result
+    }
+}
+
+/// Handshake, then serve Offers until the client closes the connection.
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    config: &ServerConfig,
+    stop: &CancellationToken,
+) -> Result<(), TransferError> {
+    tokio::select! {
+        hello = handshake::server_accept(conn, config.handshake_timeout) => hello?,
+        _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
+    };
+    loop {
+        let msg = tokio::select! {
+            msg = recv(conn, config.idle_timeout, "waiting for an Offer") => msg,
+            _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
+        };
+        match msg {
+            Ok(Message::Offer(offer)) => {
+                receive(conn, ctx, offer, stop).await?;
+            }
+            Ok(other) => {
+                return Err(TransferError::Unexpected {
+                    got: other.name(),
+                    state: "waiting for an Offer",
+                })
+            }
+            Err(TransferError::Closed(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Errors from `accept` that concern one connection or a passing resource shortage, not the listener.
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+}

@@ -1,0 +1,130 @@
+//! Sender state: the manifest cache and one record per push.
+//!
+//! The cache is keyed by everything that identifies unchanged content without reading it (canonical path, size,
+//! mtime, inode, device, chunk size), so re-running a push does not rehash an unchanged file. A cached manifest is
+//! still only a claim: the sender re-hashes every chunk it reads for sending and drops the cache entry on a mismatch.
+
+use serde::{Deserialize, Serialize};
+
+use super::{get, now_secs, prefixed, Store, StoreError};
+use crate::manifest::{FileTime, Manifest};
+use crate::wire::codec::encode_record;
+
+const MANIFEST: &str = "manifest";
+const PUSH: &str = "push";
+
+/// Identifies a source file's content without reading it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ManifestKey {
+    /// Canonical path of the source.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: FileTime,
+    /// Inode number.
+    pub inode: u64,
+    /// Device number.
+    pub device: u64,
+    /// Requested chunk size.
+    pub chunk_size: u32,
+}
+
+/// Where a push stands.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushState {
+    /// Started, not finished.
+    InProgress,
+    /// Gave up with an error.
+    Failed,
+    /// Committed on the server.
+    Done,
+}
+
+/// One push, for `ferry status` and for cron jobs to inspect.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PushRecord {
+    /// Canonical source path.
+    pub source: String,
+    /// `ferry://host:port/path`.
+    pub destination: String,
+    /// Current state.
+    pub state: PushState,
+    /// File size.
+    pub size: u64,
+    /// Chunk bytes sent over all runs.
+    pub bytes_sent: u64,
+    /// The last error, if the push failed.
+    pub last_error: Option<String>,
+    /// When the push was first started (Unix seconds).
+    pub started: u64,
+    /// Last update (Unix seconds).
+    pub updated: u64,
+}
+
+/// Typed access to the sender's records.
+#[derive(Clone)]
+pub struct SenderStore {
+    store: Store,
+    tree: sled::Tree,
+}
+
+impl SenderStore {
+    /// Opens the sender's tree in `store`.
+    pub fn open(store: &Store) -> Result<SenderStore, StoreError> {
+        Ok(SenderStore {
+            store: store.clone(),
+            tree: store.tree("sender")?,
+        })
+    }
+
+    /// The cached manifest for `key`, if any.
+    pub fn cached_manifest(&self, key: &ManifestKey) -> Result<Option<Manifest>, StoreError> {
+        get(&self.tree, &prefixed(MANIFEST, &encode_record(key)))
+    }
+
+    /// Caches `manifest` under `key`, replacing older entries for the same path.
+    pub fn cache_manifest(&self, key: &ManifestKey, manifest: &Manifest) -> Result<(), StoreError> {
+        self.forget_manifests(&key.path)?;
+        self.tree.insert(
+            prefixed(MANIFEST, &encode_record(key)),
+            encode_record(manifest),
+        )?;
+        self.store.flush()
+    }
+
+    /// Drops every cached manifest of `path` (the source turned out to differ from its cache entry).
+    pub fn forget_manifests(&self, path: &str) -> Result<(), StoreError> {
+        // The key starts with the encoded path (u64 length + bytes), so a prefix scan finds every entry of it.
+        let prefix = prefixed(MANIFEST, &encode_record(&path.to_string()));
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            self.tree.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// The record of the push of `source` to `destination`, if any.
+    pub fn push_record(
+        &self,
+        source: &str,
+        destination: &str,
+    ) -> Result<Option<PushRecord>, StoreError> {
+        get(&self.tree, &push_key(source, destination))
+    }
+
+    /// Stores a push record (stamping its update time) and flushes.
+    pub fn save_push(&self, record: &PushRecord) -> Result<(), StoreError> {
+        let mut record = record.clone();
+        record.updated = now_secs();
+        self.tree.insert(
+            push_key(&record.source, &record.destination),
+            encode_record(&record),
+        )?;
+        self.store.flush()
+    }
+}
+
+fn push_key(source: &str, destination: &str) -> Vec<u8> {
+    prefixed(PUSH, format!("{destination}\0{source}").as_bytes())
+}

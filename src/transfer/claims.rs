@@ -1,0 +1,121 @@
+//! One connection per destination at a time, with takeover.
+//!
+//! A receiver claims a destination before touching its partial file. A new claim for a held destination cancels
+//! the holder (its session drains its writer, persists what it has, and ends with `Superseded`) and waits for it to
+//! let go. A client whose link died without a FIN can therefore reconnect at once instead of waiting for the old
+//! session's idle timeout, and two writers never share a partial file.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
+
+use super::TransferError;
+use crate::wire::ErrorCode;
+
+struct Slot {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    holder: CancellationToken,
+}
+
+/// The set of claimed destinations of one server.
+#[derive(Clone, Default)]
+pub struct Claims {
+    slots: Arc<Mutex<HashMap<String, Slot>>>,
+}
+
+/// Exclusive use of one destination; released on drop.
+pub struct Claim {
+    claims: Claims,
+    key: String,
+    /// Cancelled when a newer connection wants this destination.
+    pub superseded: CancellationToken,
+    _guard: OwnedMutexGuard<()>,
+}
+
+impl Claims {
+    /// Claims `key`, taking it over from a current holder; fails with `Busy` if the holder does not let go within
+    /// `wait`.
+    pub async fn claim(&self, key: &str, wait: Duration) -> Result<Claim, TransferError> {
+        let lock = {
+            let mut slots = self.slots.lock().expect("claims lock poisoned");
+            let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
+                lock: Arc::default(),
+                holder: CancellationToken::new(),
+            });
+            slot.holder.cancel();
+            slot.lock.clone()
+        };
+        let guard = tokio::time::timeout(wait, lock.lock_owned())
+            .await
+            .map_err(|_| {
+                TransferError::refused(
+                    ErrorCode::Busy,
+                    format!("{key} is being written by another connection"),
+                )
+            })?;
+        let superseded = CancellationToken::new();
+        if let Some(slot) = self
+            .slots
+            .lock()
+            .expect("claims lock poisoned")
+            .get_mut(key)
+        {
+            slot.holder = superseded.clone();
+        }
+        Ok(Claim {
+            claims: self.clone(),
+            key: key.to_string(),
+            superseded,
+            _guard: guard,
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut slots = self.claims.slots.lock().expect("claims lock poisoned");
+        // Two owners of the lock (the map and our guard) means nobody is waiting: forget the slot.
+        if slots
+            .get(&self.key)
+            .is_some_and(|slot| Arc::strong_count(&slot.lock) == 2)
+        {
+            slots.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_claim_supersedes_the_holder() {
+        let claims = Claims::default();
+        let first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let token = first.superseded.clone();
+        let releaser = tokio::spawn(async move {
+            token.cancelled().await;
+            drop(first);
+        });
+        let second = claims.claim("a", Duration::from_secs(5)).await.unwrap();
+        releaser.await.unwrap();
+        assert!(!second.superseded.is_cancelled());
+        drop(second);
+        assert!(claims.slots.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_does_not_let_go_makes_the_claim_busy() {
+        let claims = Claims::default();
+        let _first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let err = claims
+            .claim("a", Duration::from_millis(50))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), ErrorCode::Busy);
+    }
+}

@@ -1,0 +1,185 @@
+//! The transfer engine: the sender and receiver roles, written once for both directions.
+//!
+//! `push` makes the client the [`sender`] and the server the [`receiver`]; a later `pull` swaps them. Both roles
+//! see only messages (never bytes), so they can be driven over an in-memory pipe in tests. The message order each
+//! role follows is the state machine in proto-spec.md, "Message order".
+
+pub mod claims;
+pub mod handshake;
+pub mod receiver;
+pub mod sender;
+mod writer;
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::store::StoreError;
+use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, WireError};
+
+/// A transfer failed. [`TransferError::code`] is what the peer is told; [`TransferError::is_retryable`] is what a
+/// client's retry loop acts on.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    /// The connection failed or carried an undecodable frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The peer closed the connection where a message was due.
+    #[error("connection closed by the peer while {0}")]
+    Closed(&'static str),
+    /// The peer was silent for too long.
+    #[error("peer silent for {0:?} while {1}")]
+    Timeout(Duration, &'static str),
+    /// The peer sent a message that the protocol does not allow here.
+    #[error("peer sent {got} while {state}")]
+    Unexpected {
+        /// The message received.
+        got: &'static str,
+        /// What we were doing.
+        state: &'static str,
+    },
+    /// The peer sent an Error frame.
+    #[error("{}: {} ({})", .0.code, .0.message, if .0.retryable { "retryable" } else { "not retryable" })]
+    Remote(ErrorFrame),
+    /// This side refuses the request (bad path, bad manifest, busy...).
+    #[error("{message}")]
+    Refused {
+        /// The code to send.
+        code: ErrorCode,
+        /// The reason.
+        message: String,
+    },
+    /// The source no longer matches its manifest.
+    #[error("source changed: {0}")]
+    SourceChanged(String),
+    /// The source could not be read.
+    #[error("reading the source: {0}")]
+    SourceIo(std::io::Error),
+    /// The receiver's storage failed.
+    #[error("storage: {0}")]
+    Storage(std::io::Error),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An assembled file or a Committed reply does not match the manifest.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// This side is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A newer connection took over this transfer.
+    #[error("a newer connection took over this transfer")]
+    Superseded,
+}
+
+impl TransferError {
+    /// The error code the peer is told.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TransferError::Wire(WireError::Codec(crate::wire::CodecError::FrameTooLarge {
+                ..
+            })) => ErrorCode::FrameTooLarge,
+            TransferError::Wire(_) => ErrorCode::Malformed,
+            TransferError::Closed(_) | TransferError::Unexpected { .. } => {
+                ErrorCode::UnexpectedMessage
+            }
+            TransferError::Timeout(..) => ErrorCode::Timeout,
+            TransferError::Remote(frame) => frame.code,
+            TransferError::Refused { code, .. } => *code,
+            TransferError::Storage(e) if e.raw_os_error() == Some(28) => ErrorCode::NoSpace,
+            TransferError::Storage(_) => ErrorCode::StorageIo,
+            TransferError::Integrity(_) => ErrorCode::IntegrityFailed,
+            TransferError::ShuttingDown => ErrorCode::ShuttingDown,
+            TransferError::Superseded => ErrorCode::Superseded,
+            TransferError::SourceChanged(_)
+            | TransferError::SourceIo(_)
+            | TransferError::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether a client should reconnect and try again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransferError::Wire(_)
+            | TransferError::Closed(_)
+            | TransferError::Timeout(..)
+            | TransferError::Unexpected { .. } => true,
+            TransferError::Remote(frame) => frame.retryable,
+            TransferError::Refused { code, .. } => code.retryable(),
+            TransferError::ShuttingDown | TransferError::Superseded => true,
+            TransferError::SourceChanged(_)
+            | TransferError::SourceIo(_)
+            | TransferError::Storage(_)
+            | TransferError::Store(_)
+            | TransferError::Integrity(_) => false,
+        }
+    }
+
+    /// Whether the peer should be told about this error (it did not come from the peer or from a dead link).
+    pub fn worth_telling_peer(&self) -> bool {
+        !matches!(
+            self,
+            TransferError::Remote(_)
+                | TransferError::Closed(_)
+                | TransferError::Wire(WireError::Io(_) | WireError::Truncated)
+        )
+    }
+
+    /// A refusal with `code`.
+    pub fn refused(code: ErrorCode, message: impl std::fmt::Display) -> Self {
+        TransferError::Refused {
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Reads the next message, answering keep-alives on the way: a Ping gets a Pong, a Pong is skipped. A peer's
+/// Error frame becomes [`TransferError::Remote`], end of stream [`TransferError::Closed`], silence longer than
+/// `timeout` [`TransferError::Timeout`]. Cancel-safe.
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+    state: &'static str,
+) -> Result<Message, TransferError> {
+    loop {
+        let read = tokio::time::timeout(timeout, conn.read_message()).await;
+        match read.map_err(|_| TransferError::Timeout(timeout, state))?? {
+            None => return Err(TransferError::Closed(state)),
+            Some(Message::Error(frame)) => return Err(TransferError::Remote(frame)),
+            Some(Message::Ping(nonce)) => conn.write_message(&Message::Pong(nonce)).await?,
+            Some(Message::Pong(_)) => {}
+            Some(msg) => return Ok(msg),
+        }
+    }
+}
+
+/// Tells the peer about `err` if that makes sense, best effort and bounded in time.
+pub async fn tell_peer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    err: &TransferError,
+) {
+    if !err.worth_telling_peer() {
+        return;
+    }
+    let frame = Message::Error(ErrorFrame::new(err.code(), err.to_string()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        conn.write_message(&frame).await?;
+        conn.shutdown().await
+    })
+    .await;
+}
+
+/// Writes `msg`, failing with [`TransferError::Timeout`] if the peer does not take it within `timeout`.
+pub async fn send_within<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    msg: &Message,
+    timeout: Duration,
+    state: &'static str,
+) -> Result<(), TransferError> {
+    tokio::time::timeout(timeout, conn.write_message(msg))
+        .await
+        .map_err(|_| TransferError::Timeout(timeout, state))??;
+    Ok(())
+}

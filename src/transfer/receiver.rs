@@ -1,0 +1,465 @@
+//! The receiver role: check an Offer, answer with the chunks still missing, take chunks in through the
+//! [`writer`](super::writer), and commit.
+//!
+//! Guarantees (proto-spec.md, "Receiver"): a destination path is validated and resolved inside the root before
+//! anything is created; a manifest that does not tile its file is refused; every chunk is verified before it is
+//! written; the final name only ever holds a file whose whole-file digest was verified, renamed atomically from a
+//! partial under `.ferry/partial/` on the same filesystem.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::claims::Claims;
+use super::writer::{ChunkWriter, WriterEvent};
+use super::{recv, send_within, TransferError};
+use crate::chunk::mtime_of;
+use crate::manifest::{hex, FileTime, Manifest};
+use crate::path::{resolve_in_root, RemotePath};
+use crate::ranges::{ranges_len, ChunkSet};
+use crate::server::ReceiverStats;
+use crate::store::{now_secs, CommittedFile, Progress, ReceiverStore, TransferRecord};
+use crate::verify::digest_file;
+use crate::wire::{Committed, Connection, ErrorCode, Message, Need, Offer};
+
+/// How often a receiver busy verifying a large file pings the sender, so its idle timeout does not fire.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
+const MAX_COMMIT_ROUNDS: u32 = 8;
+/// Chunks queued between the socket and the disk writer.
+const WRITE_QUEUE: usize = 8;
+
+/// Everything a receiver needs, shared by all sessions of a server.
+#[derive(Clone)]
+pub struct ReceiverContext {
+    /// Files are committed under this directory.
+    pub root: PathBuf,
+    /// Partial files live here (same filesystem as `root`).
+    pub partial_dir: PathBuf,
+    /// Durable records.
+    pub store: ReceiverStore,
+    /// One session per destination.
+    pub claims: Claims,
+    /// Server-wide counters.
+    pub stats: Arc<ReceiverStats>,
+    /// Maximum silence from the sender.
+    pub idle_timeout: Duration,
+    /// Bytes written between syncs (and Acks).
+    pub sync_batch: u64,
+}
+
+/// Where a prepared transfer stands.
+enum Plan {
+    /// The exact file is already committed at the destination.
+    AlreadyPresent(Committed),
+    /// Chunks to receive (possibly none) into the partial.
+    Receive(Box<Prepared>),
+}
+
+struct Prepared {
+    target: PathBuf,
+    partial: PathBuf,
+    writer: ChunkWriter,
+}
+
+/// Serves one Offer to completion: Need, chunks, Commit, Committed. Ends early with `Superseded` or
+/// `ShuttingDown` when `stop` fires (the caller tells which).
+pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    offer: Offer,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    let path = RemotePath::parse(&offer.path)
+        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    offer
+        .manifest
+        .validate()
+        .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
+    let claim = ctx
+        .claims
+        .claim(path.as_str(), Duration::from_secs(10))
+        .await?;
+    let manifest = Arc::new(offer.manifest);
+    let plan = {
+        let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
+        blocking(move || prepare(&ctx, &path, manifest)).await?
+    };
+    let prepared = match plan {
+        Plan::AlreadyPresent(committed) => {
+            send_within(
+                conn,
+                &Message::Need(Need { ranges: vec![] }),
+                ctx.idle_timeout,
+                "sending Need",
+            )
+            .await?;
+            expect_commit(conn, ctx.idle_timeout).await?;
+            send_within(
+                conn,
+                &Message::Committed(committed.clone()),
+                ctx.idle_timeout,
+                "sending Committed",
+            )
+            .await?;
+            return Ok(committed);
+        }
+        Plan::Receive(prepared) => *prepared,
+    };
+    let missing = prepared.writer.received.missing_ranges();
+    tracing::info!(path = %path, chunks = manifest.chunk_count(), missing = ranges_len(&missing), "offer accepted");
+    send_within(
+        conn,
+        &Message::Need(Need { ranges: missing }),
+        ctx.idle_timeout,
+        "sending Need",
+    )
+    .await?;
+    let mut writer = prepared.writer;
+    let mut rounds = 0;
+    loop {
+        let cancel = stop.clone();
+        let (writer_back, result) =
+            receive_chunks(conn, ctx, writer, &claim.superseded, &cancel).await;
+        writer = writer_back;
+        result?;
+        if writer.received.is_complete() {
+            break;
+        }
+        rounds += 1;
+        if rounds >= MAX_COMMIT_ROUNDS {
+            return Err(TransferError::refused(
+                ErrorCode::UnexpectedMessage,
+                "sender keeps committing with chunks missing",
+            ));
+        }
+        let missing = writer.received.missing_ranges();
+        send_within(
+            conn,
+            &Message::Need(Need { ranges: missing }),
+            ctx.idle_timeout,
+            "sending Need",
+        )
+        .await?;
+    }
+    let committed =
+        commit_with_keepalive(conn, ctx, writer, prepared.partial, prepared.target, path).await?;
+    send_within(
+        conn,
+        &Message::Committed(committed.clone()),
+        ctx.idle_timeout,
+        "sending Committed",
+    )
+    .await?;
+    Ok(committed)
+}
+
+/// Runs one round of chunk reception until Commit (Ok) or a failure. Always drains the writer first, so what was
+/// verified is durable before this returns, whatever the outcome.
+async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    writer: ChunkWriter,
+    superseded: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> (ChunkWriter, Result<(), TransferError>) {
+    let chunk_count = writer.manifest.chunk_count();
+    let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
+    let mut chunk_tx = Some(chunk_tx);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = superseded.cancelled(), if chunk_tx.is_some() => {
+                result = Err(TransferError::Superseded);
+                chunk_tx = None;
+            }
+            _ = shutdown.cancelled(), if chunk_tx.is_some() => {
+                result = Err(TransferError::ShuttingDown);
+                chunk_tx = None;
+            }
+            event = events.recv() => match event {
+                Some(WriterEvent::Durable(ranges)) => {
+                    if let Err(e) = send_within(conn, &Message::Ack(crate::wire::Ack { ranges }), ctx.idle_timeout, "sending Ack").await {
+                        result = result.and(Err(e));
+                        chunk_tx = None;
+                    }
+                }
+                Some(WriterEvent::Rejected(index)) => {
+                    let need = Message::Need(Need { ranges: vec![crate::ranges::IndexRange { start: index, count: 1 }] });
+                    if let Err(e) = send_within(conn, &need, ctx.idle_timeout, "sending Need").await {
+                        result = result.and(Err(e));
+                        chunk_tx = None;
+                    }
+                }
+                Some(WriterEvent::Failed(e)) => {
+                    result = result.and(Err(e));
+                    chunk_tx = None;
+                }
+                None => break,
+            },
+            msg = recv(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => {
+                match msg {
+                    Ok(Message::Chunk(chunk)) if chunk.index < chunk_count => {
+                        let tx = chunk_tx.as_ref().expect("guarded");
+                        if tx.send(chunk).await.is_err() {
+                            chunk_tx = None; // the writer stopped; its Failed event follows
+                        }
+                    }
+                    Ok(Message::Chunk(chunk)) => {
+                        result = Err(TransferError::refused(ErrorCode::UnexpectedMessage, format!("chunk index {} outside the manifest", chunk.index)));
+                        chunk_tx = None;
+                    }
+                    Ok(Message::Commit) => chunk_tx = None,
+                    Ok(other) => {
+                        result = Err(TransferError::Unexpected { got: other.name(), state: "receiving chunks" });
+                        chunk_tx = None;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        chunk_tx = None;
+                    }
+                }
+            }
+        }
+    }
+    let writer = task.await.expect("chunk writer panicked");
+    (writer, result)
+}
+
+async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    match recv(conn, timeout, "waiting for Commit").await? {
+        Message::Commit => Ok(()),
+        other => Err(TransferError::Unexpected {
+            got: other.name(),
+            state: "waiting for Commit",
+        }),
+    }
+}
+
+/// Commits on a blocking thread while pinging the sender, since verifying a large file can take a while.
+async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    writer: ChunkWriter,
+    partial: PathBuf,
+    target: PathBuf,
+    path: RemotePath,
+) -> Result<Committed, TransferError> {
+    let root = ctx.root.clone();
+    let mut task =
+        tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
+    let mut nonce = 0;
+    loop {
+        tokio::select! {
+            done = &mut task => return done.map_err(|e| TransferError::Storage(std::io::Error::other(e)))?,
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                nonce += 1;
+                send_within(conn, &Message::Ping(nonce), ctx.idle_timeout, "committing").await?;
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TransferError::Storage(std::io::Error::other(e)))?
+}
+
+/// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
+fn prepare(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    manifest: Arc<Manifest>,
+) -> Result<Plan, TransferError> {
+    let key = path.as_str();
+    let target = resolve_in_root(&ctx.root, path, true)
+        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let store = &ctx.store;
+    let record = store.transfer(key)?;
+    if record.is_none() {
+        if let Some(done) = already_present(store, key, &target, &manifest)? {
+            return Ok(Plan::AlreadyPresent(done));
+        }
+    }
+    let partial = ctx.partial_dir.join(format!(
+        "{}.part",
+        &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]
+    ));
+    let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
+    let mut progress = store.progress(key)?.unwrap_or_default();
+    let received = match (&record, partial_len) {
+        (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
+        _ => ChunkSet::new(manifest.chunk_count()),
+    };
+    if record.is_some() && received.present() > 0 {
+        tracing::info!(path = key, kept = received.present(), "resuming transfer");
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .map_err(TransferError::Storage)?;
+    file.set_len(manifest.size)
+        .map_err(TransferError::Storage)?;
+    progress.received = received.to_bytes();
+    let created = record.as_ref().map_or_else(now_secs, |r| r.created);
+    let new_record = TransferRecord {
+        manifest: (*manifest).clone(),
+        partial: partial.display().to_string(),
+        created,
+    };
+    store.begin(key, &new_record, &progress)?;
+    let writer = ChunkWriter::new(
+        key.to_string(),
+        file,
+        manifest,
+        received,
+        progress,
+        store.clone(),
+        ctx.stats.clone(),
+        ctx.sync_batch,
+    );
+    Ok(Plan::Receive(Box::new(Prepared {
+        target,
+        partial,
+        writer,
+    })))
+}
+
+/// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose
+/// offset, length and hash equal a received chunk of the old offer (they sit at the same place in the partial).
+fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) -> ChunkSet {
+    let mut set = ChunkSet::new(manifest.chunk_count());
+    let Some(old_set) = ChunkSet::from_bytes(old.manifest.chunk_count(), &progress.received) else {
+        return set;
+    };
+    for (index, chunk) in manifest.chunks.iter().enumerate() {
+        let found = old
+            .manifest
+            .chunks
+            .binary_search_by_key(&chunk.offset, |c| c.offset);
+        if let Ok(old_index) = found {
+            if old.manifest.chunks[old_index] == *chunk && old_set.contains(old_index as u32) {
+                set.insert(index as u32);
+            }
+        }
+    }
+    set
+}
+
+/// The Committed reply if `target` still holds exactly the file `manifest` describes, as committed earlier.
+fn already_present(
+    store: &ReceiverStore,
+    key: &str,
+    target: &Path,
+    manifest: &Manifest,
+) -> Result<Option<Committed>, TransferError> {
+    let Some(done) = store.committed(key)? else {
+        return Ok(None);
+    };
+    let Ok(meta) = std::fs::symlink_metadata(target) else {
+        return Ok(None);
+    };
+    use std::os::unix::fs::MetadataExt;
+    let unchanged = done.manifest_id == manifest.id()
+        && meta.is_file()
+        && meta.len() == done.size
+        && meta.ino() == done.inode
+        && mtime_of(&meta) == done.mtime;
+    Ok(unchanged.then_some(Committed {
+        size: done.size,
+        digest: done.digest,
+        received_bytes: 0,
+        rejected_chunks: 0,
+        already_present: true,
+    }))
+}
+
+/// Verifies the whole file, applies mode and mtime, syncs, renames it into place, and records it.
+fn commit(
+    mut writer: ChunkWriter,
+    root: &Path,
+    partial: &Path,
+    target: &Path,
+    path: &RemotePath,
+) -> Result<Committed, TransferError> {
+    use std::io::Seek;
+    let manifest = writer.manifest.clone();
+    writer.file.rewind().map_err(TransferError::Storage)?;
+    let digest = digest_file(&mut writer.file).map_err(TransferError::Storage)?;
+    if digest != manifest.digest {
+        return Err(TransferError::Integrity(format!(
+            "assembled file hashes to {}, the manifest says {}",
+            hex(&digest),
+            hex(&manifest.digest)
+        )));
+    }
+    apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
+    writer.file.sync_all().map_err(TransferError::Storage)?;
+    // Re-resolve: a symlink planted on the way since the Offer must not redirect the rename.
+    let checked = resolve_in_root(root, path, true)
+        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    debug_assert_eq!(checked, target);
+    std::fs::rename(partial, &checked).map_err(TransferError::Storage)?;
+    if let Some(parent) = checked.parent() {
+        File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(TransferError::Storage)?;
+    }
+    let meta = std::fs::metadata(&checked).map_err(TransferError::Storage)?;
+    use std::os::unix::fs::MetadataExt;
+    writer.store.commit(
+        path.as_str(),
+        &CommittedFile {
+            manifest_id: manifest.id(),
+            size: manifest.size,
+            digest,
+            mtime: mtime_of(&meta),
+            inode: meta.ino(),
+            committed_at: now_secs(),
+        },
+    )?;
+    writer
+        .stats
+        .files_committed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(path = %path, size = manifest.size, digest = %hex(&digest), "committed");
+    Ok(Committed {
+        size: manifest.size,
+        digest,
+        received_bytes: writer.progress.received_bytes,
+        rejected_chunks: writer.progress.rejected_chunks,
+        already_present: false,
+    })
+}
+
+/// Applies the manifest's permission bits (`& 0o777`) and mtime to the partial.
+fn apply_metadata(file: &File, manifest: &Manifest) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(manifest.mode & 0o777))?;
+    file.set_modified(system_time(manifest.mtime))
+}
+
+fn system_time(t: FileTime) -> std::time::SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+    if t.secs >= 0 {
+        std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
+    } else {
+        std::time::UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}

@@ -1,0 +1,355 @@
+//! The sender role: offer a manifest, then pipeline exactly the chunks the receiver needs.
+//!
+//! Reads happen on blocking threads, several ahead of the socket, and each chunk is re-hashed as it is read: a
+//! chunk that no longer matches the manifest means the source changed, and the sender stops with
+//! [`TransferError::SourceChanged`] instead of sending bytes the receiver would reject forever. Chunks in flight
+//! are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it durably) or a
+//! Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend re-reads the file.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
+
+use super::{recv, send_within, TransferError};
+use crate::manifest::{hex, Manifest};
+use crate::ranges::{ranges_len, ranges_within, IndexRange};
+use crate::wire::{Chunk, Committed, Connection, Message, Offer};
+
+/// Commit rounds (Commit answered by Need) tolerated before the receiver is considered broken.
+const MAX_COMMIT_ROUNDS: u32 = 8;
+
+/// An open source file and its manifest.
+#[derive(Clone)]
+pub struct Source {
+    /// The open file; chunks are read with positional reads.
+    pub file: Arc<File>,
+    /// Its manifest.
+    pub manifest: Arc<Manifest>,
+}
+
+/// Tuning of the sender.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// Maximum chunk bytes sent but not yet acknowledged.
+    pub window: u64,
+    /// Maximum chunk reads running ahead of the socket.
+    pub read_ahead: usize,
+    /// Maximum silence from the receiver (and time for one write) before giving up on the connection.
+    pub io_timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            window: crate::DEFAULT_WINDOW,
+            read_ahead: 4,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of one sender, accumulated over connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SendStats {
+    /// Chunk payload bytes written to the socket.
+    pub bytes_sent: u64,
+    /// Chunks written to the socket.
+    pub chunks_sent: u64,
+    /// Chunks acknowledged as durable.
+    pub chunks_acked: u64,
+    /// Chunks the receiver rejected (failed verification) and asked for again.
+    pub chunks_rejected: u64,
+}
+
+/// What the sender saw, for progress display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendEvent {
+    /// The receiver asked for these chunks.
+    Need {
+        /// Number of chunks needed.
+        chunks: u64,
+        /// Their total size.
+        bytes: u64,
+    },
+    /// The receiver rejected a chunk and asked for it again.
+    Rejected {
+        /// The chunk index.
+        index: u32,
+    },
+}
+
+enum Phase {
+    /// Sending needed chunks.
+    Sending,
+    /// Commit sent; waiting for Committed (or a Need for chunks still missing).
+    Committing {
+        /// Commit messages sent so far.
+        rounds: u32,
+    },
+}
+
+/// Offers `source` for `path` and sends whatever the receiver needs until it reports Committed.
+pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+    source: &Source,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Committed, TransferError> {
+    let offer = Message::Offer(Offer {
+        path: path.to_string(),
+        manifest: (*source.manifest).clone(),
+    });
+    send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
+    let mut pipeline = Pipeline::new(source, opts);
+    let mut phase = Phase::Sending;
+    let first = recv(conn, opts.io_timeout, "waiting for Need").await?;
+    let Message::Need(need) = first else {
+        return Err(TransferError::Unexpected {
+            got: first.name(),
+            state: "waiting for Need",
+        });
+    };
+    pipeline.need(&need.ranges, false, stats, on_event)?;
+    loop {
+        pipeline.start_reads();
+        if matches!(phase, Phase::Sending) && pipeline.is_idle() {
+            send_within(conn, &Message::Commit, opts.io_timeout, "sending Commit").await?;
+            phase = Phase::Committing { rounds: 1 };
+        }
+        let event = tokio::select! {
+            biased;
+            msg = recv(conn, opts.io_timeout, "waiting for Ack") => Step::Message(msg?),
+            read = pipeline.next_read(), if pipeline.has_reads() => Step::Read(read?),
+        };
+        match event {
+            Step::Read(chunk) => {
+                let len = chunk.data.len() as u64;
+                send_within(
+                    conn,
+                    &Message::Chunk(chunk),
+                    opts.io_timeout,
+                    "sending chunks",
+                )
+                .await?;
+                stats.bytes_sent += len;
+                stats.chunks_sent += 1;
+            }
+            Step::Message(Message::Ack(ack)) => pipeline.ack(&ack.ranges, stats)?,
+            Step::Message(Message::Need(need)) => {
+                pipeline.need(&need.ranges, true, stats, on_event)?;
+                if let Phase::Committing { rounds } = phase {
+                    if rounds >= MAX_COMMIT_ROUNDS {
+                        return Err(TransferError::Integrity(format!(
+                            "receiver still missing chunks after {rounds} commit rounds"
+                        )));
+                    }
+                    phase = Phase::Sending;
+                }
+            }
+            Step::Message(Message::Committed(committed))
+                if matches!(phase, Phase::Committing { .. }) =>
+            {
+                return check_committed(&source.manifest, committed);
+            }
+            Step::Message(other) => {
+                return Err(TransferError::Unexpected {
+                    got: other.name(),
+                    state: "sending chunks",
+                })
+            }
+        }
+    }
+}
+
+enum Step {
+    Message(Message),
+    Read(Chunk),
+}
+
+fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committed, TransferError> {
+    if committed.digest != manifest.digest || committed.size != manifest.size {
+        return Err(TransferError::Integrity(format!(
+            "receiver committed {} ({} bytes), expected {} ({} bytes)",
+            hex(&committed.digest),
+            committed.size,
+            hex(&manifest.digest),
+            manifest.size
+        )));
+    }
+    Ok(committed)
+}
+
+/// Chunks to send, reads in progress, and chunks in flight.
+struct Pipeline<'a> {
+    source: &'a Source,
+    opts: &'a SendOptions,
+    pending: VecDeque<IndexRange>,
+    reads: VecDeque<JoinHandle<Result<Chunk, TransferError>>>,
+    reading_bytes: u64,
+    in_flight: HashSet<u32>,
+    in_flight_bytes: u64,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(source: &'a Source, opts: &'a SendOptions) -> Self {
+        Pipeline {
+            source,
+            opts,
+            pending: VecDeque::new(),
+            reads: VecDeque::new(),
+            reading_bytes: 0,
+            in_flight: HashSet::new(),
+            in_flight_bytes: 0,
+        }
+    }
+
+    fn chunk_len(&self, index: u32) -> u64 {
+        self.source
+            .manifest
+            .chunk(index)
+            .map_or(0, |c| u64::from(c.len))
+    }
+
+    /// Queues the chunks in `ranges`. A Need for chunks in flight (`resend`) means they were rejected: they leave
+    /// the window and go to the front of the queue.
+    fn need(
+        &mut self,
+        ranges: &[IndexRange],
+        resend: bool,
+        stats: &mut SendStats,
+        on_event: &mut (dyn FnMut(SendEvent) + Send),
+    ) -> Result<(), TransferError> {
+        self.check_ranges(ranges, "Need")?;
+        let bytes = ranges
+            .iter()
+            .flat_map(IndexRange::indices)
+            .map(|i| self.chunk_len(i))
+            .sum();
+        on_event(SendEvent::Need {
+            chunks: ranges_len(ranges),
+            bytes,
+        });
+        for index in ranges.iter().flat_map(IndexRange::indices) {
+            if self.in_flight.remove(&index) {
+                self.in_flight_bytes -= self.chunk_len(index);
+                stats.chunks_rejected += 1;
+                on_event(SendEvent::Rejected { index });
+            }
+        }
+        if resend {
+            for range in ranges.iter().rev() {
+                self.pending.push_front(*range);
+            }
+        } else {
+            self.pending.extend(ranges.iter().copied());
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, ranges: &[IndexRange], stats: &mut SendStats) -> Result<(), TransferError> {
+        self.check_ranges(ranges, "Ack")?;
+        for index in ranges.iter().flat_map(IndexRange::indices) {
+            if self.in_flight.remove(&index) {
+                self.in_flight_bytes -= self.chunk_len(index);
+                stats.chunks_acked += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ranges(&self, ranges: &[IndexRange], what: &'static str) -> Result<(), TransferError> {
+        if ranges_within(ranges, self.source.manifest.chunk_count()) {
+            Ok(())
+        } else {
+            Err(TransferError::Unexpected {
+                got: what,
+                state: "its ranges lie outside the manifest",
+            })
+        }
+    }
+
+    /// Starts reads while the window and the read-ahead allow (always at least one, so a window smaller than a
+    /// chunk still makes progress).
+    fn start_reads(&mut self) {
+        while self.reads.len() < self.opts.read_ahead {
+            let Some(index) = self.pending.front().map(|r| r.start) else {
+                return;
+            };
+            let len = self.chunk_len(index);
+            let committed = self.in_flight_bytes + self.reading_bytes;
+            if committed > 0 && committed + len > self.opts.window {
+                return;
+            }
+            self.pop_pending();
+            self.reading_bytes += len;
+            let file = self.source.file.clone();
+            let entry = self.source.manifest.chunks[index as usize];
+            self.reads.push_back(tokio::task::spawn_blocking(move || {
+                read_chunk(&file, index, &entry)
+            }));
+        }
+    }
+
+    fn pop_pending(&mut self) {
+        if let Some(front) = self.pending.front_mut() {
+            front.start += 1;
+            front.count -= 1;
+            if front.count == 0 {
+                self.pending.pop_front();
+            }
+        }
+    }
+
+    fn has_reads(&self) -> bool {
+        !self.reads.is_empty()
+    }
+
+    /// The oldest read, once finished. Cancel-safe: the read stays queued if the caller stops waiting.
+    async fn next_read(&mut self) -> Result<Chunk, TransferError> {
+        let handle = self.reads.front_mut().expect("guarded by has_reads");
+        let result = handle.await;
+        self.reads.pop_front();
+        let chunk = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
+        let len = chunk.data.len() as u64;
+        self.reading_bytes -= len;
+        if self.in_flight.insert(chunk.index) {
+            self.in_flight_bytes += len;
+        }
+        Ok(chunk)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.reads.is_empty() && self.in_flight.is_empty()
+    }
+}
+
+/// Reads one chunk and checks it still matches the manifest.
+fn read_chunk(
+    file: &File,
+    index: u32,
+    entry: &crate::manifest::ChunkEntry,
+) -> Result<Chunk, TransferError> {
+    let mut data = vec![0u8; entry.len as usize];
+    file.read_exact_at(&mut data, entry.offset)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
+                "file shrank below offset {}",
+                entry.offset + u64::from(entry.len)
+            )),
+            _ => TransferError::SourceIo(e),
+        })?;
+    if crate::verify::check_chunk(entry, &data).is_err() {
+        return Err(TransferError::SourceChanged(format!(
+            "chunk {index} at offset {} no longer matches the manifest",
+            entry.offset
+        )));
+    }
+    Ok(Chunk { index, data })
+}

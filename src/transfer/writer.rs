@@ -1,0 +1,162 @@
+//! The receiver's disk pipeline, on a blocking thread: verify → write → (batch) sync → mark in sled → Ack.
+//!
+//! This ordering is the crash-safety contract of proto-spec.md ("Crash safety"): a chunk is marked received only
+//! after `fdatasync` made its bytes durable, and acknowledged only after the mark is flushed. When the connection
+//! dies, the session drops the channel and the writer still syncs and marks what it has, so nothing verified is
+//! lost.
+
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::TransferError;
+use crate::manifest::Manifest;
+use crate::ranges::{encode_runs, ChunkSet, IndexRange};
+use crate::server::ReceiverStats;
+use crate::store::{Progress, ReceiverStore};
+use crate::verify::{self, VerifyError};
+use crate::wire::Chunk;
+
+/// What the writer tells the session.
+#[derive(Debug)]
+pub(crate) enum WriterEvent {
+    /// These chunks are durable: send an Ack.
+    Durable(Vec<IndexRange>),
+    /// This chunk failed verification: ask for it again.
+    Rejected(u32),
+    /// Storage failed; the writer stopped.
+    Failed(TransferError),
+}
+
+/// Owns the partial file and the received-chunk set of one transfer while chunks arrive.
+pub(crate) struct ChunkWriter {
+    pub(crate) key: String,
+    pub(crate) file: File,
+    pub(crate) manifest: Arc<Manifest>,
+    pub(crate) received: ChunkSet,
+    pub(crate) progress: Progress,
+    pub(crate) store: ReceiverStore,
+    pub(crate) stats: Arc<ReceiverStats>,
+    pub(crate) batch_limit: u64,
+    batch: Vec<u32>,
+    batch_bytes: u64,
+}
+
+impl ChunkWriter {
+    /// A writer for `key` starting from `received`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        key: String,
+        file: File,
+        manifest: Arc<Manifest>,
+        received: ChunkSet,
+        progress: Progress,
+        store: ReceiverStore,
+        stats: Arc<ReceiverStats>,
+        batch_limit: u64,
+    ) -> Self {
+        ChunkWriter {
+            key,
+            file,
+            manifest,
+            received,
+            progress,
+            store,
+            stats,
+            batch_limit,
+            batch: Vec::new(),
+            batch_bytes: 0,
+        }
+    }
+
+    /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
+    /// itself for the commit step. A batch is made durable when it reaches the batch limit or the channel runs dry.
+    pub(crate) fn run(
+        mut self,
+        mut chunks: mpsc::Receiver<Chunk>,
+        events: mpsc::UnboundedSender<WriterEvent>,
+    ) -> Self {
+        loop {
+            let chunk = match chunks.try_recv() {
+                Ok(chunk) => chunk,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if !self.make_durable(&events) {
+                        return self;
+                    }
+                    match chunks.blocking_recv() {
+                        Some(chunk) => chunk,
+                        None => return self,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            if !self.accept(chunk, &events)
+                || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events))
+            {
+                return self;
+            }
+        }
+        self.make_durable(&events);
+        self
+    }
+
+    /// Verifies and writes one chunk; false if storage failed.
+    fn accept(&mut self, chunk: Chunk, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        let len = chunk.data.len() as u64;
+        self.progress.received_bytes += len;
+        self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
+        let Some(entry) = self.manifest.chunk(chunk.index) else {
+            return true; // the session checks indices; unreachable in practice
+        };
+        if self.received.contains(chunk.index) {
+            self.batch.push(chunk.index); // a duplicate: acknowledge again, write nothing
+            return true;
+        }
+        match verify::write_verified(&self.file, entry, &chunk.data) {
+            Ok(()) => {
+                self.batch.push(chunk.index);
+                self.batch_bytes += len;
+                true
+            }
+            Err(VerifyError::Mismatch { .. }) => {
+                self.progress.rejected_chunks += 1;
+                self.stats.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %self.key, index = chunk.index, "chunk failed verification; asking again");
+                let _ = events.send(WriterEvent::Rejected(chunk.index));
+                true
+            }
+            Err(VerifyError::Io { source, .. }) => {
+                let _ = events.send(WriterEvent::Failed(TransferError::Storage(source)));
+                false
+            }
+        }
+    }
+
+    /// Syncs the batch, records it in the store, and reports it durable; false if storage failed.
+    fn make_durable(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        if let Err(e) = self.file.sync_data() {
+            let _ = events.send(WriterEvent::Failed(TransferError::Storage(e)));
+            return false;
+        }
+        self.batch.sort_unstable();
+        for &index in &self.batch {
+            self.received.insert(index);
+        }
+        self.progress.received = self.received.to_bytes();
+        if let Err(e) = self.store.save_progress(&self.key, &self.progress) {
+            let _ = events.send(WriterEvent::Failed(e.into()));
+            return false;
+        }
+        self.stats
+            .chunks_durable
+            .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
+        let _ = events.send(WriterEvent::Durable(encode_runs(self.batch.drain(..))));
+        self.batch_bytes = 0;
+        true
+    }
+}

@@ -1,0 +1,135 @@
+//! `ferry://HOST[:PORT]/REMOTE/PATH` destinations.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use crate::path::RemotePath;
+use crate::DEFAULT_PORT;
+
+/// A destination that cannot be used.
+#[derive(Debug, Error)]
+pub enum UrlError {
+    /// Not of the form `ferry://HOST[:PORT]/PATH`.
+    #[error("{0:?} is not a ferry URL (ferry://HOST[:PORT]/REMOTE/PATH)")]
+    Syntax(String),
+    /// The remote path is refused.
+    #[error("remote path: {0}")]
+    Path(#[from] crate::path::PathError),
+    /// A trailing `/` asks for the local file name, but there is none.
+    #[error("{0} has no file name to append to the remote directory")]
+    NoFileName(String),
+}
+
+/// A parsed `ferry://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FerryUrl {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Remote path as written (may end with `/`).
+    pub path: String,
+}
+
+impl FromStr for FerryUrl {
+    type Err = UrlError;
+
+    fn from_str(raw: &str) -> Result<Self, UrlError> {
+        let syntax = || UrlError::Syntax(raw.to_string());
+        let rest = raw.strip_prefix("ferry://").ok_or_else(syntax)?;
+        let (authority, path) = rest.split_once('/').ok_or_else(syntax)?;
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(syntax)?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None if after.is_empty() => None,
+                None => return Err(syntax()),
+            };
+            (host, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let port = port.map_or(Ok(DEFAULT_PORT), |p| p.parse().map_err(|_| syntax()))?;
+        if host.is_empty() || path.is_empty() {
+            return Err(syntax());
+        }
+        Ok(FerryUrl {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+impl FerryUrl {
+    /// `host:port`, with brackets around an IPv6 address.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The destination path for `local`: the URL's path, plus `local`'s file name if the path ends with `/`.
+    pub fn remote_path_for(&self, local: &Path) -> Result<RemotePath, UrlError> {
+        if self.path.ends_with('/') {
+            let name = local
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| UrlError::NoFileName(local.display().to_string()))?;
+            Ok(RemotePath::parse(&format!("{}{name}", self.path))?)
+        } else {
+            Ok(RemotePath::parse(&self.path)?)
+        }
+    }
+}
+
+impl std::fmt::Display for FerryUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ferry://{}/{}", self.authority(), self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let url: FerryUrl = "ferry://127.0.0.1:9000/images/big.iso".parse().unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("127.0.0.1", 9000, "images/big.iso")
+        );
+        let url: FerryUrl = "ferry://[::1]/in/".parse().unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("::1", DEFAULT_PORT));
+        assert_eq!(url.authority(), format!("[::1]:{DEFAULT_PORT}"));
+        assert_eq!(
+            url.remote_path_for(Path::new("/tmp/x.bin"))
+                .unwrap()
+                .as_str(),
+            "in/x.bin"
+        );
+        for bad in [
+            "http://h/x",
+            "ferry://h",
+            "ferry:///x",
+            "ferry://h:99999/x",
+            "ferry://h/",
+        ] {
+            let parsed = bad.parse::<FerryUrl>();
+            assert!(
+                parsed.is_err() || parsed.unwrap().remote_path_for(Path::new("")).is_err(),
+                "{bad}"
+            );
+        }
+        let traversal: FerryUrl = "ferry://h/../etc/passwd".parse().unwrap();
+        assert!(traversal.remote_path_for(Path::new("f")).is_err());
+    }
+}

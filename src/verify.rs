@@ -1,0 +1,100 @@
+//! The one door to disk for received bytes: nothing that does not match its manifest hash is ever written.
+//!
+//! [`write_verified`] checks a chunk's length and BLAKE3 against its [`ChunkEntry`] and only then writes it at the
+//! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest before commit.
+//! Blocking functions: call them from blocking threads.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+use thiserror::Error;
+
+use crate::manifest::{ChunkEntry, Hash};
+
+/// A chunk failed verification or could not be written.
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// The bytes are not the manifest's bytes.
+    #[error("chunk at offset {offset}: {reason}")]
+    Mismatch {
+        /// The chunk's offset.
+        offset: u64,
+        /// Length or hash mismatch.
+        reason: &'static str,
+    },
+    /// Writing failed.
+    #[error("writing chunk at offset {offset}: {source}")]
+    Io {
+        /// The chunk's offset.
+        offset: u64,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Checks `data` against `entry`; a mismatch is a [`VerifyError::Mismatch`].
+pub fn check_chunk(entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
+    let reason = if data.len() != entry.len as usize {
+        "length differs from the manifest"
+    } else if *blake3::hash(data).as_bytes() != entry.hash {
+        "BLAKE3 differs from the manifest"
+    } else {
+        return Ok(());
+    };
+    Err(VerifyError::Mismatch {
+        offset: entry.offset,
+        reason,
+    })
+}
+
+/// Verifies `data` against `entry` and, only if it matches, writes it at `entry.offset` in `file`.
+pub fn write_verified(file: &File, entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
+    check_chunk(entry, data)?;
+    file.write_all_at(data, entry.offset)
+        .map_err(|source| VerifyError::Io {
+            offset: entry.offset,
+            source,
+        })
+}
+
+/// BLAKE3 of a whole file, read sequentially from the start.
+pub fn digest_file(file: &mut File) -> std::io::Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(*hasher.finalize().as_bytes());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flipped_bit_is_never_written() {
+        let tmp = tempfile::tempfile().unwrap();
+        let data = vec![7u8; 4096];
+        let entry = ChunkEntry {
+            offset: 0,
+            len: 4096,
+            hash: *blake3::hash(&data).as_bytes(),
+        };
+        for bit in [0usize, 9, 4095 * 8 + 7] {
+            let mut bad = data.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(matches!(
+                write_verified(&tmp, &entry, &bad),
+                Err(VerifyError::Mismatch { .. })
+            ));
+        }
+        assert!(write_verified(&tmp, &entry, &data[..100]).is_err());
+        assert_eq!(tmp.metadata().unwrap().len(), 0, "nothing reached the file");
+        write_verified(&tmp, &entry, &data).unwrap();
+        assert_eq!(tmp.metadata().unwrap().len(), 4096);
+    }
+}

@@ -1,0 +1,246 @@
+//! Pure encoding and decoding over byte buffers; the only module that calls bincode.
+//!
+//! A frame is a `u32` big-endian body length followed by the bincode body (fixint, little-endian, trailing bytes
+//! rejected; proto-spec.md, "Framing"). The length is checked against the limit before a single body byte is
+//! buffered, and bincode gets the same limit, so no peer-chosen length ever sizes an allocation.
+
+use bincode::Options;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use super::message::Message;
+
+/// Bytes in the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Encoding or decoding failed.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// The length prefix (or an outgoing body) exceeds the frame limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// The claimed or actual body length.
+        len: u64,
+        /// The limit in force.
+        max: u64,
+    },
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn options(limit: u64) -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(limit)
+}
+
+/// Appends one frame (prefix + body) for `msg` to `out`.
+pub fn encode_frame(msg: &Message, max_frame: u32, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_PREFIX]);
+    let too_large = |len: u64| CodecError::FrameTooLarge {
+        len,
+        max: u64::from(max_frame),
+    };
+    options(u64::from(max_frame))
+        .serialize_into(&mut *out, msg)
+        .map_err(|_| too_large(0))?;
+    let body = out.len() - start - LEN_PREFIX;
+    let body = u32::try_from(body).map_err(|_| too_large(body as u64))?;
+    out[start..start + LEN_PREFIX].copy_from_slice(&body.to_be_bytes());
+    Ok(())
+}
+
+/// The body length a buffer's prefix announces, once at least [`LEN_PREFIX`] bytes are there; errs if it exceeds
+/// `max_frame`.
+pub fn frame_len(buf: &[u8], max_frame: u32) -> Result<Option<usize>, CodecError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes"));
+    if len > max_frame {
+        return Err(CodecError::FrameTooLarge {
+            len: u64::from(len),
+            max: u64::from(max_frame),
+        });
+    }
+    Ok(Some(len as usize))
+}
+
+/// Decodes the first frame in `buf`. `Ok(None)` means "not enough bytes yet"; on success also returns how many
+/// bytes the frame used.
+pub fn decode_frame(buf: &[u8], max_frame: u32) -> Result<Option<(Message, usize)>, CodecError> {
+    let Some(len) = frame_len(buf, max_frame)? else {
+        return Ok(None);
+    };
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(None);
+    };
+    let msg = options(len as u64)
+        .deserialize(body)
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    Ok(Some((msg, LEN_PREFIX + len)))
+}
+
+/// Encodes a store record with the same layout as frame bodies.
+pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .serialize(record)
+        .expect("in-memory records always serialize")
+}
+
+/// Decodes a store record, refusing anything larger than `limit` bytes of input.
+pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    options(bytes.len() as u64)
+        .deserialize(bytes)
+        .map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::manifest_of;
+    use crate::ranges::IndexRange;
+    use crate::wire::message::*;
+    use proptest::prelude::*;
+
+    const MAX: u32 = crate::MAX_FRAME;
+
+    fn round_trip(msg: &Message) {
+        let mut buf = Vec::new();
+        encode_frame(msg, MAX, &mut buf).unwrap();
+        let (back, used) = decode_frame(&buf, MAX).unwrap().unwrap();
+        assert_eq!(&back, msg);
+        assert_eq!(used, buf.len());
+        for cut in 0..buf.len() {
+            assert!(
+                decode_frame(&buf[..cut], MAX).unwrap().is_none(),
+                "prefix {cut} decoded"
+            );
+        }
+    }
+
+    fn hexdump(msg: &Message) -> String {
+        let mut buf = Vec::new();
+        encode_frame(msg, MAX, &mut buf).unwrap();
+        buf.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let manifest = manifest_of(&[4096, 4096, 5]);
+        for msg in [
+            Message::Hello(Hello {
+                magic: MAGIC,
+                min_version: 1,
+                max_version: 1,
+                agent: "ferry/test".into(),
+            }),
+            Message::Welcome(Welcome {
+                version: 1,
+                agent: "ferry/test".into(),
+                max_frame: MAX,
+            }),
+            Message::Offer(Offer {
+                path: "a/b.iso".into(),
+                manifest,
+            }),
+            Message::Need(Need {
+                ranges: vec![IndexRange { start: 2, count: 7 }],
+            }),
+            Message::Chunk(Chunk {
+                index: 3,
+                data: vec![1, 2, 3],
+            }),
+            Message::Ack(Ack { ranges: vec![] }),
+            Message::Commit,
+            Message::Committed(Committed {
+                size: 9,
+                digest: [7; 32],
+                received_bytes: 9,
+                rejected_chunks: 1,
+                already_present: false,
+            }),
+            Message::Error(ErrorFrame::new(ErrorCode::Busy, "later")),
+            Message::Ping(5),
+            Message::Pong(5),
+        ] {
+            round_trip(&msg);
+        }
+    }
+
+    /// Golden bytes: these pin the wire format of proto-spec.md. A change here is a protocol version bump.
+    #[test]
+    fn wire_format_is_pinned() {
+        let cases = [
+            (Message::Commit, "00000004 06000000"),
+            (Message::Ping(1), "0000000c 09000000 0100000000000000"),
+            (
+                Message::Chunk(Chunk {
+                    index: 2,
+                    data: vec![0xaa, 0xbb],
+                }),
+                "00000012 04000000 02000000 0200000000000000 aabb",
+            ),
+            (
+                Message::Need(Need {
+                    ranges: vec![IndexRange { start: 1, count: 2 }],
+                }),
+                "00000014 03000000 0100000000000000 01000000 02000000",
+            ),
+            (
+                Message::Error(ErrorFrame::new(ErrorCode::BadPath, "x")),
+                "00000010 08000000 0600 00 0100000000000000 78",
+            ),
+        ];
+        for (msg, golden) in cases {
+            assert_eq!(hexdump(&msg), golden.replace(' ', ""), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let buf = (MAX + 1).to_be_bytes();
+        assert!(matches!(
+            decode_frame(&buf, MAX),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_error_codes_survive() {
+        let frame = ErrorFrame {
+            code: ErrorCode::Unknown(999),
+            retryable: false,
+            message: String::new(),
+        };
+        round_trip(&Message::Error(frame));
+        assert_eq!(u16::from(ErrorCode::Superseded), 15);
+        assert_eq!(ErrorCode::from(8), ErrorCode::Busy);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes, MAX);
+        }
+
+        #[test]
+        fn chunks_and_ranges_round_trip(index in any::<u32>(), data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                        start in any::<u32>(), count in any::<u32>()) {
+            round_trip(&Message::Chunk(Chunk { index, data }));
+            round_trip(&Message::Ack(Ack { ranges: vec![IndexRange { start, count }] }));
+        }
+
+        #[test]
+        fn agents_round_trip(agent in ".{0,64}", min in any::<u16>(), max in any::<u16>()) {
+            round_trip(&Message::Hello(Hello { magic: MAGIC, min_version: min, max_version: max, agent }));
+        }
+    }
+}

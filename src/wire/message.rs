@@ -1,0 +1,275 @@
+//! Every message of the protocol (proto-spec.md, "Messages").
+//!
+//! bincode writes an enum's variant index, so [`Message`] variants are append-only: never reorder, remove or
+//! reuse one. [`ErrorCode`] travels as a bare `u16` so that a code added by a newer peer still decodes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Hash, Manifest};
+use crate::ranges::IndexRange;
+
+/// The first eight bytes of every Hello: `FERRY`, NUL, CR, LF (catches text protocols and line-ending mangling).
+pub const MAGIC: [u8; 8] = *b"FERRY\0\r\n";
+
+/// One protocol message. The numeric tag (variant index) is part of the wire format.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// 0: client → server, first frame of every connection.
+    Hello(Hello),
+    /// 1: server → client, accepts the Hello.
+    Welcome(Welcome),
+    /// 2: sender → receiver, "I have this file for this path".
+    Offer(Offer),
+    /// 3: receiver → sender, "send me these chunks".
+    Need(Need),
+    /// 4: sender → receiver, one chunk's bytes.
+    Chunk(Chunk),
+    /// 5: receiver → sender, "these chunks are durable".
+    Ack(Ack),
+    /// 6: sender → receiver, "that was everything; verify and commit".
+    Commit,
+    /// 7: receiver → sender, the file is in place under its final name.
+    Committed(Committed),
+    /// 8: either direction, the end of this connection's conversation.
+    Error(ErrorFrame),
+    /// 9: keep-alive probe carrying an opaque nonce.
+    Ping(u64),
+    /// 10: answer to a Ping, echoing its nonce.
+    Pong(u64),
+}
+
+impl Message {
+    /// Short name for logs and protocol errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Offer(_) => "Offer",
+            Message::Need(_) => "Need",
+            Message::Chunk(_) => "Chunk",
+            Message::Ack(_) => "Ack",
+            Message::Commit => "Commit",
+            Message::Committed(_) => "Committed",
+            Message::Error(_) => "Error",
+            Message::Ping(_) => "Ping",
+            Message::Pong(_) => "Pong",
+        }
+    }
+}
+
+/// Opens a connection: magic, the protocol versions the client speaks, and a free-form agent string.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Must equal [`MAGIC`].
+    pub magic: [u8; 8],
+    /// Lowest protocol version the client speaks.
+    pub min_version: u16,
+    /// Highest protocol version the client speaks.
+    pub max_version: u16,
+    /// e.g. `ferry/0.1.0`; informational, at most 256 bytes.
+    pub agent: String,
+}
+
+/// The server's answer to an acceptable Hello.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The version both sides now speak.
+    pub version: u16,
+    /// e.g. `ferry/0.1.0`.
+    pub agent: String,
+    /// Largest frame body the server accepts, in bytes.
+    pub max_frame: u32,
+}
+
+/// A file offered for transfer to `path`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// Destination, relative to the receiver's root, `/`-separated.
+    pub path: String,
+    /// The file's chunks and digest.
+    pub manifest: Manifest,
+}
+
+/// Chunks the receiver still needs, run-length encoded.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// Ascending, non-overlapping runs of chunk indices; empty means "nothing, commit now".
+    pub ranges: Vec<IndexRange>,
+}
+
+/// One chunk's bytes.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Index into the offered manifest.
+    pub index: u32,
+    /// Exactly the chunk's bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk")
+            .field("index", &self.index)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Chunks that are now durable on the receiver.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// Runs of chunk indices that were verified, written, synced and recorded.
+    pub ranges: Vec<IndexRange>,
+}
+
+/// The file is committed under its final name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Final file size.
+    pub size: u64,
+    /// Whole-file BLAKE3 as verified by the receiver.
+    pub digest: Hash,
+    /// Chunk payload bytes the receiver took in for this transfer, over all connections (duplicates included).
+    pub received_bytes: u64,
+    /// Chunks that failed verification and were asked for again, over all connections.
+    pub rejected_chunks: u32,
+    /// True if the receiver already held exactly this file and nothing was transferred.
+    pub already_present: bool,
+}
+
+/// A protocol-level failure. After sending one, the sender of the Error closes the connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// What went wrong, as a code the peer can act on.
+    pub code: ErrorCode,
+    /// Whether the same request may succeed if retried later.
+    pub retryable: bool,
+    /// Human-readable detail, at most 1 KiB.
+    pub message: String,
+}
+
+/// Error codes (proto-spec.md, "Error codes"). Encoded as a `u16`; unknown values decode as [`ErrorCode::Unknown`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(from = "u16", into = "u16")]
+pub enum ErrorCode {
+    /// 1: a frame could not be decoded.
+    Malformed,
+    /// 2: a frame length above the limit.
+    FrameTooLarge,
+    /// 3: the Hello did not start with [`MAGIC`].
+    BadMagic,
+    /// 4: no protocol version in common.
+    VersionMismatch,
+    /// 5: a message that is not allowed in the current state.
+    UnexpectedMessage,
+    /// 6: destination path refused (absolute, `..`, reserved, symlink, not a directory...).
+    BadPath,
+    /// 7: manifest refused (chunks do not tile the file, limits exceeded).
+    BadManifest,
+    /// 8: another connection holds this destination and could not be taken over in time.
+    Busy,
+    /// 9: the receiver's disk is full.
+    NoSpace,
+    /// 10: the receiver hit an I/O error that may pass.
+    StorageIo,
+    /// 11: the assembled file does not match the manifest digest.
+    IntegrityFailed,
+    /// 12: the server is shutting down.
+    ShuttingDown,
+    /// 13: the peer was silent for too long.
+    Timeout,
+    /// 14: the server is at its connection limit.
+    TooManyConnections,
+    /// 15: a newer connection took over this transfer.
+    Superseded,
+    /// 16: an internal error on the peer.
+    Internal,
+    /// Any other value, from a newer peer.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// Whether retrying the same request later can succeed; the default for [`ErrorFrame::retryable`].
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Busy
+                | ErrorCode::StorageIo
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Timeout
+                | ErrorCode::TooManyConnections
+                | ErrorCode::Superseded
+                | ErrorCode::Internal
+                | ErrorCode::Malformed
+        )
+    }
+}
+
+const CODES: [(u16, ErrorCode); 16] = [
+    (1, ErrorCode::Malformed),
+    (2, ErrorCode::FrameTooLarge),
+    (3, ErrorCode::BadMagic),
+    (4, ErrorCode::VersionMismatch),
+    (5, ErrorCode::UnexpectedMessage),
+    (6, ErrorCode::BadPath),
+    (7, ErrorCode::BadManifest),
+    (8, ErrorCode::Busy),
+    (9, ErrorCode::NoSpace),
+    (10, ErrorCode::StorageIo),
+    (11, ErrorCode::IntegrityFailed),
+    (12, ErrorCode::ShuttingDown),
+    (13, ErrorCode::Timeout),
+    (14, ErrorCode::TooManyConnections),
+    (15, ErrorCode::Superseded),
+    (16, ErrorCode::Internal),
+];
+
+impl From<u16> for ErrorCode {
+    fn from(value: u16) -> Self {
+        CODES
+            .iter()
+            .find(|(n, _)| *n == value)
+            .map_or(ErrorCode::Unknown(value), |(_, code)| *code)
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(code: ErrorCode) -> u16 {
+        match code {
+            ErrorCode::Unknown(n) => n,
+            known => CODES
+                .iter()
+                .find(|(_, c)| *c == known)
+                .map_or(0, |(n, _)| *n),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Unknown(n) => write!(f, "unknown error code {n}"),
+            known => write!(f, "{known:?}"),
+        }
+    }
+}
+
+impl ErrorFrame {
+    /// An error frame with the code's default retryability.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > 1024 {
+            let mut cut = 1024;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        ErrorFrame {
+            code,
+            retryable: code.retryable(),
+            message,
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The wire: messages, their byte encoding, and a connection that reads and writes whole frames.
+//!
+//! Three layers (proto-spec.md, "Framing"): [`message`] says what can be said, [`codec`] is the only code that turns
+//! messages into bytes and back (and the only bincode user), and [`conn`] owns a socket and its read buffer.
+//! Sessions above this module see messages only.
+
+pub mod codec;
+pub mod conn;
+pub mod message;
+
+pub use codec::CodecError;
+pub use conn::{Connection, WireError};
+pub use message::{
+    Ack, Chunk, Committed, ErrorCode, ErrorFrame, Hello, Message, Need, Offer, Welcome, MAGIC,
+};
