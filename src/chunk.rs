@@ -73,11 +73,7 @@ pub fn build_manifest(file: &File, path: &Path, chunk_size: u32) -> Result<Manif
 }
 
 /// Reads `size` bytes in `chunk_size` pieces; returns the whole-file digest and the chunk list.
-fn hash_chunks(
-    file: &File,
-    size: u64,
-    chunk_size: u32,
-) -> std::io::Result<([u8; 32], Vec<ChunkEntry>)> {
+fn hash_chunks(file: &File, size: u64, chunk_size: u32) -> std::io::Result<([u8; 32], Vec<ChunkEntry>)> {
     let count = size.div_ceil(u64::from(chunk_size)) as usize;
     let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -100,10 +96,7 @@ fn hash_chunks(
         let read_result = (|| {
             while offset < size {
                 let len = (size - offset).min(u64::from(chunk_size)) as usize;
-                let mut buf = spare
-                    .pop()
-                    .or_else(|| free_rx.recv().ok())
-                    .unwrap_or_default();
+                let mut buf = spare.pop().or_else(|| free_rx.recv().ok()).unwrap_or_default();
                 buf.resize(len, 0);
                 file.read_exact_at(&mut buf, offset)?;
                 whole.update(&buf);

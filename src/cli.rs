@@ -108,9 +108,7 @@ pub struct DemoArgs {
 
 /// Runs `ferry serve` until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .map_err(ServerError::Accept)?;
+    let listener = TcpListener::bind(&args.listen).await.map_err(ServerError::Accept)?;
     let addr = listener.local_addr().map_err(ServerError::Accept)?;
     let config = ServerConfig {
         state_dir: args.state,
@@ -206,11 +204,7 @@ pub async fn demo(args: DemoArgs) -> Result<(), DemoError> {
 
 fn print_event(event: &PushEvent) {
     match event {
-        PushEvent::Manifest {
-            chunks,
-            size,
-            cached,
-        } => {
+        PushEvent::Manifest { chunks, size, cached } => {
             let how = if *cached { "cached" } else { "hashed" };
             eprintln!("ferry: manifest {how}: {chunks} chunks, {}", human(*size));
         }
@@ -297,9 +291,7 @@ pub fn parse_size(raw: &str) -> Result<u64, String> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a size like 1MiB"))?;
+    let value: u64 = digits.parse().map_err(|_| format!("{raw:?} is not a size like 1MiB"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -317,9 +309,7 @@ fn parse_size_u32(raw: &str) -> Result<u32, String> {
     let size = parse_size(raw)?;
     let size = u32::try_from(size).map_err(|_| format!("{raw:?} is too large"))?;
     if !(crate::MIN_CHUNK_SIZE..=crate::MAX_CHUNK_SIZE).contains(&size) {
-        return Err(format!(
-            "chunk size must be between 4KiB and 16MiB, got {raw}"
-        ));
+        return Err(format!("chunk size must be between 4KiB and 16MiB, got {raw}"));
     }
     Ok(size)
 }

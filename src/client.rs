@@ -41,11 +41,8 @@ impl Backoff {
     /// The delay before retry number `failures` (1-based): `initial * 2^(failures-1)`, capped, then scaled by a
     /// random factor in `[0.5, 1.0]` so that many clients cut at once do not reconnect in lockstep.
     pub fn delay(&self, failures: u32) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(1 << failures.saturating_sub(1).min(16));
-        exp.min(self.max)
-            .mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+        let exp = self.initial.saturating_mul(1 << failures.saturating_sub(1).min(16));
+        exp.min(self.max).mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
     }
 }
 
@@ -180,34 +177,27 @@ impl PushError {
             PushError::Network { .. } => exit::NETWORK,
             PushError::Rejected(_) => exit::REJECTED,
             PushError::Integrity(_) => exit::INTEGRITY,
-            PushError::Source(_) | PushError::SourceUnstable(_) | PushError::Store(_) => {
-                exit::LOCAL
-            }
+            PushError::Source(_) | PushError::SourceUnstable(_) | PushError::Store(_) => exit::LOCAL,
         }
     }
 }
 
 /// Pushes one file, resuming whatever the server already has.
-pub async fn push(
-    opts: PushOptions,
-    on_event: &mut (dyn FnMut(PushEvent) + Send),
-) -> Result<PushReport, PushError> {
+pub async fn push(opts: PushOptions, on_event: &mut (dyn FnMut(PushEvent) + Send)) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let remote_path = opts.destination.remote_path_for(&opts.source)?;
     let destination = FerryUrl {
         path: remote_path.to_string(),
         ..opts.destination.clone()
     };
-    let source_err =
-        |e: std::io::Error| PushError::Source(format!("{}: {e}", opts.source.display()));
+    let source_err = |e: std::io::Error| PushError::Source(format!("{}: {e}", opts.source.display()));
     let canonical = std::fs::canonicalize(&opts.source).map_err(source_err)?;
     let file = Arc::new(File::open(&canonical).map_err(source_err)?);
     let store = {
         let dir = opts.state_dir.clone();
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
-    let (manifest, manifest_cached) =
-        load_manifest(&store, &file, &canonical, opts.chunk_size, false).await?;
+    let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunk_size, false).await?;
     on_event(PushEvent::Manifest {
         chunks: manifest.chunk_count(),
         size: manifest.size,
@@ -222,29 +212,18 @@ pub async fn push(
     let outcome = loop {
         run.attempts += 1;
         let acked_before = run.stats.chunks_acked;
-        let result = attempt(
-            &opts,
-            run.attempts,
-            &remote_path,
-            &source,
-            &mut run.stats,
-            on_event,
-        )
-        .await;
+        let result = attempt(&opts, run.attempts, &remote_path, &source, &mut run.stats, on_event).await;
         let error = match result {
             Ok(committed) => break Ok(committed),
             Err(e) => e,
         };
         if let TransferError::SourceChanged(reason) = &error {
             run.source_changes += 1;
-            on_event(PushEvent::SourceChanged {
-                reason: reason.clone(),
-            });
+            on_event(PushEvent::SourceChanged { reason: reason.clone() });
             if run.source_changes > MAX_SOURCE_CHANGES {
                 break Err(PushError::SourceUnstable(canonical.display().to_string()));
             }
-            let rebuilt =
-                load_manifest(&store, &source.file, &canonical, opts.chunk_size, true).await;
+            let rebuilt = load_manifest(&store, &source.file, &canonical, opts.chunk_size, true).await;
             match rebuilt {
                 Ok((manifest, _)) => source.manifest = Arc::new(manifest),
                 Err(e) => break Err(e),
@@ -326,15 +305,7 @@ async fn attempt(
     handshake::client_hello(&mut conn, opts.send.io_timeout).await?;
     on_event(PushEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(PushEvent::Send(e));
-    let result = send(
-        &mut conn,
-        remote_path.as_str(),
-        source,
-        &opts.send,
-        stats,
-        &mut forward,
-    )
-    .await;
+    let result = send(&mut conn, remote_path.as_str(), source, &opts.send, stats, &mut forward).await;
     match &result {
         Ok(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -348,9 +319,7 @@ async fn attempt(
 fn classify(error: TransferError) -> PushError {
     match &error {
         TransferError::Integrity(_) => PushError::Integrity(error),
-        TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => {
-            PushError::Integrity(error)
-        }
+        TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => PushError::Integrity(error),
         TransferError::Remote(_) | TransferError::Refused { .. } => PushError::Rejected(error),
         TransferError::Store(_) | TransferError::SourceIo(_) | TransferError::SourceChanged(_) => {
             PushError::Source(error.to_string())
@@ -400,11 +369,7 @@ async fn load_manifest(
 }
 
 /// Builds a manifest, trying again (bounded) if the file changes while it is read.
-fn build_stable_manifest(
-    file: &File,
-    canonical: &Path,
-    chunk_size: u32,
-) -> Result<Manifest, PushError> {
+fn build_stable_manifest(file: &File, canonical: &Path, chunk_size: u32) -> Result<Manifest, PushError> {
     let mut tries = 0;
     loop {
         match build_manifest(file, canonical, chunk_size) {
@@ -424,11 +389,7 @@ async fn start_record(
     destination: &FerryUrl,
     size: u64,
 ) -> Result<PushRecord, PushError> {
-    let (store, source, destination) = (
-        store.clone(),
-        canonical.display().to_string(),
-        destination.to_string(),
-    );
+    let (store, source, destination) = (store.clone(), canonical.display().to_string(), destination.to_string());
     blocking(move || {
         let previous = store.push_record(&source, &destination)?;
         let record = PushRecord {

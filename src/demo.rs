@@ -54,11 +54,7 @@ pub enum DemoError {
 pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), DemoError> {
     let dir = tempfile::tempdir()?;
     let source = dir.path().join("vm-image.raw");
-    writeln!(
-        out,
-        "ferry demo: generating {} of pseudo-random data",
-        human(opts.size)
-    )?;
+    writeln!(out, "ferry demo: generating {} of pseudo-random data", human(opts.size))?;
     let source_digest = generate(&source, opts.size)?;
 
     let root = dir.path().join("server-root");
@@ -130,15 +126,9 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
         root.join("images/vm-image.raw"),
     )?)?);
     let source_hex = hex(&source_digest);
-    let rejected = stats
-        .chunks_rejected
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let rejected = stats.chunks_rejected.load(std::sync::atomic::Ordering::Relaxed);
     writeln!(out, "\nresult")?;
-    writeln!(
-        out,
-        "  resumes (reconnects):        {}",
-        report.attempts - 1
-    )?;
+    writeln!(out, "  resumes (reconnects):        {}", report.attempts - 1)?;
     writeln!(
         out,
         "  corrupt chunks caught/resent: {rejected}/{}",

@@ -81,11 +81,7 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     /// Listens on `listen` (e.g. `127.0.0.1:0`) and forwards to `upstream` with `plan`.
-    pub async fn start(
-        listen: &str,
-        upstream: SocketAddr,
-        plan: Vec<Faults>,
-    ) -> std::io::Result<FaultProxy> {
+    pub async fn start(listen: &str, upstream: SocketAddr, plan: Vec<Faults>) -> std::io::Result<FaultProxy> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(ProxyStats::default());
@@ -163,12 +159,7 @@ impl Link {
         let (client_read, client_write) = inbound.into_split();
         let (server_read, server_write) = outbound.into_split();
         let stalled = CancellationToken::new();
-        let down = tokio::spawn(pump_down(
-            server_read,
-            client_write,
-            self.stop.clone(),
-            stalled.clone(),
-        ));
+        let down = tokio::spawn(pump_down(server_read, client_write, self.stop.clone(), stalled.clone()));
         self.pump_up(client_read, server_write, &stalled).await;
         if stalled.is_cancelled() {
             self.stop.cancelled().await; // hold the sockets open, silent, until the proxy stops
@@ -200,8 +191,7 @@ impl Link {
                 }
                 return;
             }
-            let want =
-                limit.map_or(buf.len() as u64, |l| (l - forwarded).min(buf.len() as u64)) as usize;
+            let want = limit.map_or(buf.len() as u64, |l| (l - forwarded).min(buf.len() as u64)) as usize;
             let n = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 n = from.read(&mut buf[..want]) => match n { Ok(0) | Err(_) => return, Ok(n) => n },

@@ -9,7 +9,9 @@ use ferry::exit;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose, cli.quiet);
+    // The demo narrates on stdout; its injected faults would otherwise show up as warnings too.
+    let demo = matches!(cli.command, Command::Demo(_)) && cli.verbose == 0;
+    init_tracing(cli.verbose, cli.quiet || demo);
     let runtime = match tokio::runtime::Runtime::new().context("starting the async runtime") {
         Ok(runtime) => runtime,
         Err(e) => return fail(e, exit::INTERNAL),

@@ -207,10 +207,7 @@ pub(crate) mod tests {
     fn gaps_overlaps_and_bad_sizes_are_refused() {
         let mut gap = manifest_of(&[10, 10]);
         gap.chunks[1].offset = 11;
-        assert!(matches!(
-            gap.validate(),
-            Err(ManifestError::Gap { index: 1, .. })
-        ));
+        assert!(matches!(gap.validate(), Err(ManifestError::Gap { index: 1, .. })));
 
         let mut overlap = manifest_of(&[10, 10]);
         overlap.chunks[1].offset = 9;
@@ -218,25 +215,16 @@ pub(crate) mod tests {
 
         let mut short = manifest_of(&[10, 10]);
         short.size = 21;
-        assert!(matches!(
-            short.validate(),
-            Err(ManifestError::SizeMismatch { .. })
-        ));
+        assert!(matches!(short.validate(), Err(ManifestError::SizeMismatch { .. })));
 
         let mut empty_chunk = manifest_of(&[10, 10]);
         empty_chunk.chunks[1].len = 0;
-        assert!(matches!(
-            empty_chunk.validate(),
-            Err(ManifestError::BadLength { .. })
-        ));
+        assert!(matches!(empty_chunk.validate(), Err(ManifestError::BadLength { .. })));
 
         let mut huge_chunk = manifest_of(&[10]);
         huge_chunk.chunks[0].len = MAX_CHUNK_SIZE + 1;
         huge_chunk.size = u64::from(MAX_CHUNK_SIZE) + 1;
-        assert!(matches!(
-            huge_chunk.validate(),
-            Err(ManifestError::BadLength { .. })
-        ));
+        assert!(matches!(huge_chunk.validate(), Err(ManifestError::BadLength { .. })));
     }
 
     #[test]

@@ -107,22 +107,14 @@ impl std::fmt::Display for RemotePath {
 /// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. Every existing
 /// component is checked with `symlink_metadata`: symlinks and non-directories on the way are refused, and so is a
 /// final component that is a symlink or a directory. Blocking.
-pub fn resolve_in_root(
-    root: &Path,
-    path: &RemotePath,
-    create_parents: bool,
-) -> Result<PathBuf, PathError> {
+pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
-    let (file_name, parents) = components
-        .split_last()
-        .expect("a RemotePath has a component");
+    let (file_name, parents) = components.split_last().expect("a RemotePath has a component");
     let mut current = root.to_path_buf();
     for component in parents {
         current.push(component);
         match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(PathError::Symlink(shown(root, &current)))
-            }
+            Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
             Err(e) if e.kind() == io::ErrorKind::NotFound && create_parents => {
@@ -157,10 +149,7 @@ pub fn resolve_in_root(
 
 /// A path as the peer should see it: relative to the root, never revealing the server's layout.
 fn shown(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
+    path.strip_prefix(root).unwrap_or(path).display().to_string()
 }
 
 #[cfg(test)]
@@ -169,14 +158,7 @@ mod tests {
 
     #[test]
     fn normal_paths_parse() {
-        for ok in [
-            "a",
-            "a/b.iso",
-            "backups/host/db.dump",
-            "..a",
-            "a..",
-            ".hidden/x",
-        ] {
+        for ok in ["a", "a/b.iso", "backups/host/db.dump", "..a", "a..", ".hidden/x"] {
             assert_eq!(RemotePath::parse(ok).unwrap().as_str(), ok);
         }
     }
@@ -200,14 +182,8 @@ mod tests {
         ] {
             assert!(RemotePath::parse(bad).is_err(), "{bad:?} was accepted");
         }
-        assert!(matches!(
-            RemotePath::parse(&"a/".repeat(3000)),
-            Err(PathError::TooLong)
-        ));
-        assert!(matches!(
-            RemotePath::parse(&"x".repeat(256)),
-            Err(PathError::TooLong)
-        ));
+        assert!(matches!(RemotePath::parse(&"a/".repeat(3000)), Err(PathError::TooLong)));
+        assert!(matches!(RemotePath::parse(&"x".repeat(256)), Err(PathError::TooLong)));
     }
 
     #[test]

@@ -46,10 +46,7 @@ pub fn encode_runs(indices: impl IntoIterator<Item = u32>) -> Vec<IndexRange> {
     for index in indices {
         match runs.last_mut() {
             Some(run) if run.end() == Some(index) => run.count += 1,
-            _ => runs.push(IndexRange {
-                start: index,
-                count: 1,
-            }),
+            _ => runs.push(IndexRange { start: index, count: 1 }),
         }
     }
     runs

@@ -101,23 +101,17 @@ impl Server {
     pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
         let private = config.root.join(RESERVED_DIR);
         let partial_dir = private.join("partial");
-        let state_dir = config
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| private.join("state"));
+        let state_dir = config.state_dir.clone().unwrap_or_else(|| private.join("state"));
         for dir in [&config.root, &partial_dir] {
             std::fs::create_dir_all(dir).map_err(|source| ServerError::Dir {
                 path: dir.display().to_string(),
                 source,
             })?;
         }
-        let root = config
-            .root
-            .canonicalize()
-            .map_err(|source| ServerError::Dir {
-                path: config.root.display().to_string(),
-                source,
-            })?;
+        let root = config.root.canonicalize().map_err(|source| ServerError::Dir {
+            path: config.root.display().to_string(),
+            source,
+        })?;
         let store = Store::open(&state_dir)?;
         let ctx = ReceiverContext {
             root,
@@ -137,11 +131,7 @@ impl Server {
     }
 
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), ServerError> {
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
         let result = loop {
@@ -160,24 +150,14 @@ impl Server {
             };
             self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
             let permit = slots.clone().try_acquire_owned().ok();
-            let (ctx, config, stop) = (
-                self.ctx.clone(),
-                self.config.clone(),
-                shutdown.child_token(),
-            );
+            let (ctx, config, stop) = (self.ctx.clone(), self.config.clone(), shutdown.child_token());
             tracker.spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut conn = Connection::new(stream, MAX_FRAME);
                 if permit.is_none() {
-                    let busy = ErrorFrame::new(
-                        ErrorCode::TooManyConnections,
-                        "server is at its connection limit",
-                    );
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        conn.write_message(&Message::Error(busy)),
-                    )
-                    .await;
+                    let busy = ErrorFrame::new(ErrorCode::TooManyConnections, "server is at its connection limit");
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), conn.write_message(&Message::Error(busy))).await;
                     return;
                 }
                 if let Err(e) = serve_connection(&mut conn, &ctx, &config, &stop).await {
@@ -229,8 +209,6 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
 /// Errors from `accept` that concern one connection or a passing resource shortage, not the listener.
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
-    ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
 }

@@ -111,9 +111,7 @@ mod tests {
         assert_eq!((url.host.as_str(), url.port), ("::1", DEFAULT_PORT));
         assert_eq!(url.authority(), format!("[::1]:{DEFAULT_PORT}"));
         assert_eq!(
-            url.remote_path_for(Path::new("/tmp/x.bin"))
-                .unwrap()
-                .as_str(),
+            url.remote_path_for(Path::new("/tmp/x.bin")).unwrap().as_str(),
             "in/x.bin"
         );
         for bad in [

@@ -51,11 +51,10 @@ pub fn check_chunk(entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
 /// Verifies `data` against `entry` and, only if it matches, writes it at `entry.offset` in `file`.
 pub fn write_verified(file: &File, entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
     check_chunk(entry, data)?;
-    file.write_all_at(data, entry.offset)
-        .map_err(|source| VerifyError::Io {
-            offset: entry.offset,
-            source,
-        })
+    file.write_all_at(data, entry.offset).map_err(|source| VerifyError::Io {
+        offset: entry.offset,
+        source,
+    })
 }
 
 /// BLAKE3 of a whole file, read sequentially from the start.

@@ -1,1 +1,8 @@
+//! End-to-end tests: a real `ferry serve` on 127.0.0.1 (ephemeral port, temp root) and the real `ferry push`,
+//! with faults injected by the library's proxy or by killing processes.
 
+mod util;
+
+mod bad_input;
+mod faults;
+mod push;

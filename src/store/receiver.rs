@@ -87,12 +87,7 @@ impl ReceiverStore {
     }
 
     /// Records a (re)started transfer and its initial progress atomically, then flushes.
-    pub fn begin(
-        &self,
-        path: &str,
-        record: &TransferRecord,
-        progress: &Progress,
-    ) -> Result<(), StoreError> {
+    pub fn begin(&self, path: &str, record: &TransferRecord, progress: &Progress) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         batch.insert(prefixed(TRANSFER, path.as_bytes()), encode_record(record));
         batch.insert(prefixed(PROGRESS, path.as_bytes()), encode_record(progress));
@@ -104,10 +99,8 @@ impl ReceiverStore {
     pub fn save_progress(&self, path: &str, progress: &Progress) -> Result<(), StoreError> {
         let mut progress = progress.clone();
         progress.updated = now_secs();
-        self.tree.insert(
-            prefixed(PROGRESS, path.as_bytes()),
-            encode_record(&progress),
-        )?;
+        self.tree
+            .insert(prefixed(PROGRESS, path.as_bytes()), encode_record(&progress))?;
         self.store.flush()
     }
 

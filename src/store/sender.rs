@@ -86,10 +86,8 @@ impl SenderStore {
     /// Caches `manifest` under `key`, replacing older entries for the same path.
     pub fn cache_manifest(&self, key: &ManifestKey, manifest: &Manifest) -> Result<(), StoreError> {
         self.forget_manifests(&key.path)?;
-        self.tree.insert(
-            prefixed(MANIFEST, &encode_record(key)),
-            encode_record(manifest),
-        )?;
+        self.tree
+            .insert(prefixed(MANIFEST, &encode_record(key)), encode_record(manifest))?;
         self.store.flush()
     }
 
@@ -105,11 +103,7 @@ impl SenderStore {
     }
 
     /// The record of the push of `source` to `destination`, if any.
-    pub fn push_record(
-        &self,
-        source: &str,
-        destination: &str,
-    ) -> Result<Option<PushRecord>, StoreError> {
+    pub fn push_record(&self, source: &str, destination: &str) -> Result<Option<PushRecord>, StoreError> {
         get(&self.tree, &push_key(source, destination))
     }
 
@@ -117,10 +111,8 @@ impl SenderStore {
     pub fn save_push(&self, record: &PushRecord) -> Result<(), StoreError> {
         let mut record = record.clone();
         record.updated = now_secs();
-        self.tree.insert(
-            push_key(&record.source, &record.destination),
-            encode_record(&record),
-        )?;
+        self.tree
+            .insert(push_key(&record.source, &record.destination), encode_record(&record))?;
         self.store.flush()
     }
 }

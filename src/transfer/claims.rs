@@ -48,21 +48,11 @@ impl Claims {
             slot.holder.cancel();
             slot.lock.clone()
         };
-        let guard = tokio::time::timeout(wait, lock.lock_owned())
-            .await
-            .map_err(|_| {
-                TransferError::refused(
-                    ErrorCode::Busy,
-                    format!("{key} is being written by another connection"),
-                )
-            })?;
+        let guard = tokio::time::timeout(wait, lock.lock_owned()).await.map_err(|_| {
+            TransferError::refused(ErrorCode::Busy, format!("{key} is being written by another connection"))
+        })?;
         let superseded = CancellationToken::new();
-        if let Some(slot) = self
-            .slots
-            .lock()
-            .expect("claims lock poisoned")
-            .get_mut(key)
-        {
+        if let Some(slot) = self.slots.lock().expect("claims lock poisoned").get_mut(key) {
             slot.holder = superseded.clone();
         }
         Ok(Claim {
@@ -111,11 +101,7 @@ mod tests {
     async fn a_holder_that_does_not_let_go_makes_the_claim_busy() {
         let claims = Claims::default();
         let _first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
-        let err = claims
-            .claim("a", Duration::from_millis(50))
-            .await
-            .err()
-            .unwrap();
+        let err = claims.claim("a", Duration::from_millis(50)).await.err().unwrap();
         assert_eq!(err.code(), ErrorCode::Busy);
     }
 }

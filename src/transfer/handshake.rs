@@ -54,10 +54,7 @@ pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     if hello.magic != MAGIC {
-        return Err(TransferError::refused(
-            ErrorCode::BadMagic,
-            "not a ferry client",
-        ));
+        return Err(TransferError::refused(ErrorCode::BadMagic, "not a ferry client"));
     }
     if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
         return Err(TransferError::refused(

@@ -77,13 +77,11 @@ impl TransferError {
     /// The error code the peer is told.
     pub fn code(&self) -> ErrorCode {
         match self {
-            TransferError::Wire(WireError::Codec(crate::wire::CodecError::FrameTooLarge {
-                ..
-            })) => ErrorCode::FrameTooLarge,
-            TransferError::Wire(_) => ErrorCode::Malformed,
-            TransferError::Closed(_) | TransferError::Unexpected { .. } => {
-                ErrorCode::UnexpectedMessage
+            TransferError::Wire(WireError::Codec(crate::wire::CodecError::FrameTooLarge { .. })) => {
+                ErrorCode::FrameTooLarge
             }
+            TransferError::Wire(_) => ErrorCode::Malformed,
+            TransferError::Closed(_) | TransferError::Unexpected { .. } => ErrorCode::UnexpectedMessage,
             TransferError::Timeout(..) => ErrorCode::Timeout,
             TransferError::Remote(frame) => frame.code,
             TransferError::Refused { code, .. } => *code,
@@ -92,9 +90,9 @@ impl TransferError {
             TransferError::Integrity(_) => ErrorCode::IntegrityFailed,
             TransferError::ShuttingDown => ErrorCode::ShuttingDown,
             TransferError::Superseded => ErrorCode::Superseded,
-            TransferError::SourceChanged(_)
-            | TransferError::SourceIo(_)
-            | TransferError::Store(_) => ErrorCode::Internal,
+            TransferError::SourceChanged(_) | TransferError::SourceIo(_) | TransferError::Store(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 
@@ -156,10 +154,7 @@ pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Tells the peer about `err` if that makes sense, best effort and bounded in time.
-pub async fn tell_peer<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    err: &TransferError,
-) {
+pub async fn tell_peer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, err: &TransferError) {
     if !err.worth_telling_peer() {
         return;
     }

@@ -75,16 +75,12 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     offer: Offer,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
-    let path = RemotePath::parse(&offer.path)
-        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
     offer
         .manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
-    let claim = ctx
-        .claims
-        .claim(path.as_str(), Duration::from_secs(10))
-        .await?;
+    let claim = ctx.claims.claim(path.as_str(), Duration::from_secs(10)).await?;
     let manifest = Arc::new(offer.manifest);
     let plan = {
         let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
@@ -124,8 +120,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rounds = 0;
     loop {
         let cancel = stop.clone();
-        let (writer_back, result) =
-            receive_chunks(conn, ctx, writer, &claim.superseded, &cancel).await;
+        let (writer_back, result) = receive_chunks(conn, ctx, writer, &claim.superseded, &cancel).await;
         writer = writer_back;
         result?;
         if writer.received.is_complete() {
@@ -147,8 +142,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await?;
     }
-    let committed =
-        commit_with_keepalive(conn, ctx, writer, prepared.partial, prepared.target, path).await?;
+    let committed = commit_with_keepalive(conn, ctx, writer, prepared.partial, prepared.target, path).await?;
     send_within(
         conn,
         &Message::Committed(committed.clone()),
@@ -256,8 +250,7 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     path: RemotePath,
 ) -> Result<Committed, TransferError> {
     let root = ctx.root.clone();
-    let mut task =
-        tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
+    let mut task = tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
     let mut nonce = 0;
     loop {
         tokio::select! {
@@ -279,14 +272,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
-fn prepare(
-    ctx: &ReceiverContext,
-    path: &RemotePath,
-    manifest: Arc<Manifest>,
-) -> Result<Plan, TransferError> {
+fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) -> Result<Plan, TransferError> {
     let key = path.as_str();
-    let target = resolve_in_root(&ctx.root, path, true)
-        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
@@ -294,10 +282,9 @@ fn prepare(
             return Ok(Plan::AlreadyPresent(done));
         }
     }
-    let partial = ctx.partial_dir.join(format!(
-        "{}.part",
-        &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]
-    ));
+    let partial = ctx
+        .partial_dir
+        .join(format!("{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]));
     let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
     let mut progress = store.progress(key)?.unwrap_or_default();
     let received = match (&record, partial_len) {
@@ -314,8 +301,7 @@ fn prepare(
         .truncate(false)
         .open(&partial)
         .map_err(TransferError::Storage)?;
-    file.set_len(manifest.size)
-        .map_err(TransferError::Storage)?;
+    file.set_len(manifest.size).map_err(TransferError::Storage)?;
     progress.received = received.to_bytes();
     let created = record.as_ref().map_or_else(now_secs, |r| r.created);
     let new_record = TransferRecord {
@@ -349,10 +335,7 @@ fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) 
         return set;
     };
     for (index, chunk) in manifest.chunks.iter().enumerate() {
-        let found = old
-            .manifest
-            .chunks
-            .binary_search_by_key(&chunk.offset, |c| c.offset);
+        let found = old.manifest.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
         if let Ok(old_index) = found {
             if old.manifest.chunks[old_index] == *chunk && old_set.contains(old_index as u32) {
                 set.insert(index as u32);
@@ -412,8 +395,7 @@ fn commit(
     apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
     writer.file.sync_all().map_err(TransferError::Storage)?;
     // Re-resolve: a symlink planted on the way since the Offer must not redirect the rename.
-    let checked = resolve_in_root(root, path, true)
-        .map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let checked = resolve_in_root(root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
     debug_assert_eq!(checked, target);
     std::fs::rename(partial, &checked).map_err(TransferError::Storage)?;
     if let Some(parent) = checked.parent() {

@@ -131,13 +131,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         match event {
             Step::Read(chunk) => {
                 let len = chunk.data.len() as u64;
-                send_within(
-                    conn,
-                    &Message::Chunk(chunk),
-                    opts.io_timeout,
-                    "sending chunks",
-                )
-                .await?;
+                send_within(conn, &Message::Chunk(chunk), opts.io_timeout, "sending chunks").await?;
                 stats.bytes_sent += len;
                 stats.chunks_sent += 1;
             }
@@ -153,9 +147,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                     phase = Phase::Sending;
                 }
             }
-            Step::Message(Message::Committed(committed))
-                if matches!(phase, Phase::Committing { .. }) =>
-            {
+            Step::Message(Message::Committed(committed)) if matches!(phase, Phase::Committing { .. }) => {
                 return check_committed(&source.manifest, committed);
             }
             Step::Message(other) => {
@@ -211,10 +203,7 @@ impl<'a> Pipeline<'a> {
     }
 
     fn chunk_len(&self, index: u32) -> u64 {
-        self.source
-            .manifest
-            .chunk(index)
-            .map_or(0, |c| u64::from(c.len))
+        self.source.manifest.chunk(index).map_or(0, |c| u64::from(c.len))
     }
 
     /// Queues the chunks in `ranges`. A Need for chunks in flight (`resend`) means they were rejected: they leave
@@ -227,15 +216,17 @@ impl<'a> Pipeline<'a> {
         on_event: &mut (dyn FnMut(SendEvent) + Send),
     ) -> Result<(), TransferError> {
         self.check_ranges(ranges, "Need")?;
-        let bytes = ranges
-            .iter()
-            .flat_map(IndexRange::indices)
-            .map(|i| self.chunk_len(i))
-            .sum();
-        on_event(SendEvent::Need {
-            chunks: ranges_len(ranges),
-            bytes,
-        });
+        if !resend {
+            let bytes = ranges
+                .iter()
+                .flat_map(IndexRange::indices)
+                .map(|i| self.chunk_len(i))
+                .sum();
+            on_event(SendEvent::Need {
+                chunks: ranges_len(ranges),
+                bytes,
+            });
+        }
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 self.in_flight_bytes -= self.chunk_len(index);
@@ -291,9 +282,8 @@ impl<'a> Pipeline<'a> {
             self.reading_bytes += len;
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
-            self.reads.push_back(tokio::task::spawn_blocking(move || {
-                read_chunk(&file, index, &entry)
-            }));
+            self.reads
+                .push_back(tokio::task::spawn_blocking(move || read_chunk(&file, index, &entry)));
         }
     }
 
@@ -331,11 +321,7 @@ impl<'a> Pipeline<'a> {
 }
 
 /// Reads one chunk and checks it still matches the manifest.
-fn read_chunk(
-    file: &File,
-    index: u32,
-    entry: &crate::manifest::ChunkEntry,
-) -> Result<Chunk, TransferError> {
+fn read_chunk(file: &File, index: u32, entry: &crate::manifest::ChunkEntry) -> Result<Chunk, TransferError> {
     let mut data = vec![0u8; entry.len as usize];
     file.read_exact_at(&mut data, entry.offset)
         .map_err(|e| match e.kind() {

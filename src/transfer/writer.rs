@@ -73,11 +73,7 @@ impl ChunkWriter {
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
     /// itself for the commit step. A batch is made durable when it reaches the batch limit or the channel runs dry.
-    pub(crate) fn run(
-        mut self,
-        mut chunks: mpsc::Receiver<Chunk>,
-        events: mpsc::UnboundedSender<WriterEvent>,
-    ) -> Self {
+    pub(crate) fn run(mut self, mut chunks: mpsc::Receiver<Chunk>, events: mpsc::UnboundedSender<WriterEvent>) -> Self {
         loop {
             let chunk = match chunks.try_recv() {
                 Ok(chunk) => chunk,
@@ -92,9 +88,7 @@ impl ChunkWriter {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            if !self.accept(chunk, &events)
-                || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events))
-            {
+            if !self.accept(chunk, &events) || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events)) {
                 return self;
             }
         }

@@ -207,10 +207,7 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_buffering() {
         let buf = (MAX + 1).to_be_bytes();
-        assert!(matches!(
-            decode_frame(&buf, MAX),
-            Err(CodecError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(decode_frame(&buf, MAX), Err(CodecError::FrameTooLarge { .. })));
     }
 
     #[test]

@@ -54,8 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             if let Some(len) = codec::frame_len(&self.read_buf, self.max_frame)? {
                 // The length passed the limit check, so reserving it is bounded.
-                self.read_buf
-                    .reserve(LEN_PREFIX + len - self.read_buf.len());
+                self.read_buf.reserve(LEN_PREFIX + len - self.read_buf.len());
             }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return if self.read_buf.is_empty() {

@@ -238,10 +238,7 @@ impl From<ErrorCode> for u16 {
     fn from(code: ErrorCode) -> u16 {
         match code {
             ErrorCode::Unknown(n) => n,
-            known => CODES
-                .iter()
-                .find(|(_, c)| *c == known)
-                .map_or(0, |(n, _)| *n),
+            known => CODES.iter().find(|(_, c)| *c == known).map_or(0, |(n, _)| *n),
         }
     }
 }

@@ -1,0 +1,196 @@
+//! Hostile and broken peers: garbage, oversized frames, wrong versions, bad manifests, path traversal and
+//! planted symlinks. Each gets a clear error code; the server keeps serving others.
+
+use std::time::Duration;
+
+use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
+use ferry::wire::{Connection, ErrorCode, Hello, Message, Offer, MAGIC};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// Sends raw bytes and returns the error code of the frame the server answers with.
+async fn error_code_for_raw(server: &TestServer, bytes: &[u8]) -> ErrorCode {
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => frame.code,
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+fn hello(min_version: u16, max_version: u16, magic: [u8; 8]) -> Message {
+    Message::Hello(Hello {
+        magic,
+        min_version,
+        max_version,
+        agent: "test".into(),
+    })
+}
+
+/// Greets the server properly, then sends `msg` and returns the answer's error code.
+async fn error_code_after_hello(server: &TestServer, msg: Message) -> ErrorCode {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(1, 1, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&msg).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => frame.code,
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+fn offer(path: &str, manifest: Manifest) -> Message {
+    Message::Offer(Offer {
+        path: path.into(),
+        manifest,
+    })
+}
+
+fn manifest(chunks: Vec<ChunkEntry>, size: u64) -> Manifest {
+    Manifest {
+        size,
+        digest: [0; 32],
+        chunking: Chunking::Fixed { size: 4096 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks,
+    }
+}
+
+fn one_chunk(len: u32) -> ChunkEntry {
+    ChunkEntry {
+        offset: 0,
+        len,
+        hash: [1; 32],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("during.bin");
+    write_random(&src, 6 * MIB, 9);
+    let state = dir.path().join("state");
+    let url = server.url("during.bin");
+    let pushing = push(&src, &url, &state, &["--chunk-size", "64KiB"]);
+    let attacks = async {
+        assert_eq!(
+            error_code_for_raw(&server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            ErrorCode::FrameTooLarge
+        );
+        assert_eq!(
+            error_code_for_raw(&server, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await,
+            ErrorCode::FrameTooLarge
+        );
+        assert_eq!(
+            error_code_for_raw(&server, &[0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]).await,
+            ErrorCode::Malformed
+        );
+        let mut bad_magic = Vec::new();
+        ferry::wire::codec::encode_frame(&hello(1, 1, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
+        assert_eq!(error_code_for_raw(&server, &bad_magic).await, ErrorCode::BadMagic);
+        let mut future = Vec::new();
+        ferry::wire::codec::encode_frame(&hello(7, 9, MAGIC), ferry::MAX_FRAME, &mut future).unwrap();
+        assert_eq!(error_code_for_raw(&server, &future).await, ErrorCode::VersionMismatch);
+        assert_eq!(
+            error_code_after_hello(&server, Message::Commit).await,
+            ErrorCode::UnexpectedMessage
+        );
+    };
+    let (out, ()) = tokio::join!(pushing, attacks);
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("during.bin")), b3(&src));
+    // Still serving after all that.
+    push(&src, &server.url("after.bin"), &state, &[]).await.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_that_do_not_tile_the_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let gap = ChunkEntry {
+        offset: 5000,
+        ..one_chunk(4096)
+    };
+    let cases = [
+        manifest(vec![one_chunk(4096)], 5000),
+        manifest(vec![one_chunk(4096), gap], 9096),
+        manifest(vec![one_chunk(0)], 0),
+        manifest(
+            vec![one_chunk(ferry::MAX_CHUNK_SIZE + 1)],
+            u64::from(ferry::MAX_CHUNK_SIZE) + 1,
+        ),
+        manifest(vec![], 10),
+    ];
+    for bad in cases {
+        assert_eq!(
+            error_code_after_hello(&server, offer("x.bin", bad)).await,
+            ErrorCode::BadManifest
+        );
+    }
+    assert!(!server.root.join("x.bin").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traversal_absolute_and_reserved_paths_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    for path in [
+        "../escape",
+        "a/../../escape",
+        "/etc/passwd",
+        ".ferry/state/db",
+        "a//b",
+        "",
+        "dir/",
+    ] {
+        let code = error_code_after_hello(&server, offer(path, manifest(vec![], 0))).await;
+        assert_eq!(code, ErrorCode::BadPath, "{path:?}");
+    }
+    assert!(!dir.path().join("escape").exists());
+
+    let src = dir.path().join("f");
+    write_random(&src, 10, 1);
+    let state = dir.path().join("state");
+    let out = push(&src, &format!("ferry://{}/../escape", server.addr), &state, &[]).await;
+    assert_eq!(out.code, 2, "the client refuses '..' itself, as a usage error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_planted_inside_the_root_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, server.root.join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.join("target"), server.root.join("file-link")).unwrap();
+    let src = dir.path().join("f");
+    write_random(&src, 1000, 1);
+    let state = dir.path().join("state");
+    for dest in ["link/x", "file-link"] {
+        let out = push(&src, &server.url(dest), &state, &[]).await;
+        assert_eq!(out.code, 4, "rejected by server: {}", out.json);
+        assert!(out.json["error"].as_str().unwrap().contains("symlink"), "{}", out.json);
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing was written outside the root"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&[0, 0, 1, 0]).await.unwrap(); // promises 256 bytes, sends none
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "server closed the stalled connection");
+}

@@ -1,0 +1,228 @@
+//! Faults injected for real: cut and corrupted links (the library's proxy), SIGKILLed servers and clients, and
+//! sources that change between runs.
+
+use std::time::{Duration, SystemTime};
+
+use ferry::fault::{FaultProxy, Faults};
+
+use crate::util::*;
+
+const CHUNK: u64 = 64 * KIB as u64;
+const WINDOW: u64 = MIB as u64;
+const SMALL: [&str; 4] = ["--chunk-size", "64KiB", "--window", "1MiB"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_mid_transfer_resume_within_one_run_resending_at_most_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("big.img");
+    let size = 8 * MIB as u64;
+    write_random(&src, size as usize, 1);
+    let plan = vec![Faults::cut(3 * MIB as u64), Faults::cut(2 * MIB as u64)];
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
+    let url = format!("ferry://{}/big.img", proxy.addr());
+
+    let out = push(&src, &url, &dir.path().join("state"), &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("big.img")), b3(&src));
+    assert_eq!(out.u64("attempts"), 3, "two cuts, three connections");
+    let cuts = 2;
+    let resent = out.u64("bytes_sent") - size;
+    assert!(resent <= cuts * (WINDOW + CHUNK), "client re-sent {resent} bytes");
+    let server_extra = out.u64("server_received_bytes") - size;
+    assert!(
+        server_extra <= cuts * (WINDOW + CHUNK),
+        "server took in {server_extra} extra bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_is_caught_and_only_that_chunk_is_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("data.bin");
+    let size = 4 * MIB as u64;
+    write_random(&src, size as usize, 2);
+    // Hello + Offer take ~3 KiB; this offset lands in the middle of a chunk's payload.
+    let proxy = FaultProxy::start(
+        "127.0.0.1:0",
+        server.addr,
+        vec![Faults::flip(MIB as u64 + 40 * KIB as u64)],
+    )
+    .await
+    .unwrap();
+    let url = format!("ferry://{}/data.bin", proxy.addr());
+
+    let out = push(&src, &url, &dir.path().join("state"), &SMALL).await;
+    out.assert_ok();
+    assert_eq!(proxy.stats().flips.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        b3(&server.root.join("data.bin")),
+        b3(&src),
+        "the corrupt byte never landed"
+    );
+    assert_eq!(out.u64("attempts"), 1, "no reconnect was needed");
+    assert_eq!(out.u64("chunks_rejected"), 1);
+    assert_eq!(out.u64("server_rejected_chunks"), 1);
+    assert_eq!(out.u64("bytes_sent"), size + CHUNK, "exactly one chunk was sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_server_restarts_and_the_push_sends_only_missing_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start(&root);
+    let src = dir.path().join("vm.qcow2");
+    let size = 16 * MIB as u64;
+    let stall_at = 8 * MIB as u64;
+    write_random(&src, size as usize, 3);
+    let state = dir.path().join("state");
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
+        .await
+        .unwrap();
+    let url = format!("ferry://{}/vm.qcow2", proxy.addr());
+    let mut client = push_command(&src, &url, &state, &SMALL).spawn().unwrap();
+
+    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
+        .await
+        .expect("transfer reached 8 MiB");
+    server.kill9();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(!root.join("vm.qcow2").exists(), "no partial file under the final name");
+
+    let server = TestServer::start(&root);
+    let out = push(&src, &server.url("vm.qcow2"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&root.join("vm.qcow2")), b3(&src));
+    assert_eq!(
+        out.json["manifest_cached"], true,
+        "the re-run did not rehash the source"
+    );
+    let sent = out.u64("bytes_sent");
+    assert!(
+        sent <= size - stall_at + WINDOW + CHUNK,
+        "re-run sent {sent} bytes of {size}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("home.tar");
+    let size = 16 * MIB as u64;
+    let stall_at = 6 * MIB as u64;
+    write_random(&src, size as usize, 4);
+    let state = dir.path().join("state");
+    // The stalled link keeps the server's old session open, as a dead Wi-Fi link without a FIN would.
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
+        .await
+        .unwrap();
+    let mut client = push_command(&src, &format!("ferry://{}/home.tar", proxy.addr()), &state, &SMALL)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
+        .await
+        .expect("transfer reached 6 MiB");
+    client.kill().unwrap();
+    client.wait().unwrap();
+
+    let out = push(&src, &server.url("home.tar"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("home.tar")), b3(&src));
+    assert_eq!(out.json["manifest_cached"], true);
+    let sent = out.u64("bytes_sent");
+    assert!(
+        sent <= size - stall_at + WINDOW + CHUNK,
+        "re-run sent {sent} bytes of {size}"
+    );
+}
+
+/// Pushes `src` through a proxy that cuts after `cut` bytes, with no retries: the run fails with the network
+/// exit code and leaves a partial on the server.
+async fn interrupted_push(server: &TestServer, src: &std::path::Path, state: &std::path::Path, cut: u64) {
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::cut(cut)])
+        .await
+        .unwrap();
+    let name = src.file_name().unwrap().to_str().unwrap();
+    let url = format!("ferry://{}/{name}", proxy.addr());
+    let mut args = SMALL.to_vec();
+    args.extend(["--retries", "0"]);
+    let out = push(src, &url, state, &args).await;
+    assert_eq!(out.code, 3, "network failure exit code: {}\n{}", out.json, out.stderr);
+    assert_eq!(out.json["status"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_modified_between_runs_is_remanifested_and_matching_chunks_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("db.dump");
+    let size = 4 * MIB;
+    let mut data = write_random(&src, size, 5);
+    interrupted_push(&server, &src, &state, 2 * MIB as u64 + 4 * KIB as u64).await;
+
+    // Same size, new content in the first chunk (already on the server) and in the last one (not yet sent).
+    data[10] ^= 0xff;
+    data[size - 10] ^= 0xff;
+    std::fs::write(&src, &data).unwrap();
+    let later = SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+
+    let out = push(&src, &server.url("db.dump"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(
+        b3(&server.root.join("db.dump")),
+        b3(&src),
+        "the server has the new content"
+    );
+    assert_eq!(out.json["manifest_cached"], false, "a new mtime means a new manifest");
+    let sent = out.u64("bytes_sent");
+    let max = (size as u64) - 2 * MIB as u64 + WINDOW + 2 * CHUNK;
+    assert!(
+        sent <= max,
+        "sent {sent}: chunks unchanged on the server must be kept (max {max})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_no_longer_matches_when_read_triggers_a_new_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("vm.raw");
+    let size = 4 * MIB;
+    let mut data = write_random(&src, size, 6);
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    interrupted_push(&server, &src, &state, 2 * MIB as u64).await;
+
+    // Size, mtime and inode unchanged, so the cached manifest is used; a not-yet-sent chunk differs.
+    data[size - 100] ^= 0xff;
+    let mut file = std::fs::File::options().write(true).open(&src).unwrap();
+    std::io::Write::write_all(&mut file, &data).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let out = push(&src, &server.url("vm.raw"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(out.json["manifest_cached"], true);
+    assert_eq!(
+        out.u64("source_changes"),
+        1,
+        "the mismatch was noticed once, then a new manifest went out"
+    );
+    assert_eq!(b3(&server.root.join("vm.raw")), b3(&src));
+}

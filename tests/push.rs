@@ -1,0 +1,69 @@
+//! Pushes without injected faults: interesting sizes, no-op re-push, trailing '/', changed sources.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use crate::util::*;
+
+const CHUNK: usize = 4 * KIB;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_pushes_of_interesting_sizes_arrive_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    for (i, size) in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 17]
+        .into_iter()
+        .enumerate()
+    {
+        let src = dir.path().join(format!("src-{size}"));
+        write_random(&src, size, i as u64);
+        let out = push(
+            &src,
+            &server.url(&format!("sizes/{size}.bin")),
+            &state,
+            &["--chunk-size", "4KiB"],
+        )
+        .await;
+        out.assert_ok();
+        let dest = server.root.join(format!("sizes/{size}.bin"));
+        assert_eq!(b3(&dest), b3(&src), "size {size}");
+        assert_eq!(out.json["digest"], b3(&src));
+        assert_eq!(out.u64("bytes_sent"), size as u64, "fresh push sends each byte once");
+        assert_eq!(out.u64("chunks"), size.div_ceil(CHUNK) as u64);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(server.root.join(".ferry/partial")).unwrap().collect();
+    assert!(leftovers.is_empty(), "no partial files stay behind after commits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_repush_sends_nothing_and_does_not_rehash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("backup.tar");
+    write_random(&src, 300 * KIB, 7);
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+
+    let first = push(&src, &server.url("nightly/"), &state, &["--chunk-size", "64KiB"]).await;
+    first.assert_ok();
+    assert_eq!(first.json["manifest_cached"], false);
+    let dest = server.root.join("nightly/backup.tar");
+    assert_eq!(b3(&dest), b3(&src), "trailing '/' keeps the local file name");
+    let meta = std::fs::metadata(&dest).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640, "mode is kept");
+    assert_eq!(meta.modified().unwrap(), mtime, "mtime is kept");
+
+    let second = push(&src, &server.url("nightly/"), &state, &["--chunk-size", "64KiB"]).await;
+    second.assert_ok();
+    assert_eq!(second.json["manifest_cached"], true, "unchanged source is not rehashed");
+    assert_eq!(second.json["already_present"], true);
+    assert_eq!(second.u64("bytes_sent"), 0);
+}

@@ -1,0 +1,166 @@
+//! Shared helpers: a real `ferry serve` process on 127.0.0.1 with an ephemeral port and a temp root, the real
+//! `ferry push` binary, file generators, and digests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Path of the binary under test.
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// A `ferry serve` child process; SIGKILLed on drop.
+pub struct TestServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1:0 with `root`, and waits for its "listening on" line.
+    pub fn start(root: &Path) -> TestServer {
+        TestServer::start_with(root, &[])
+    }
+
+    /// Like [`TestServer::start`] with extra arguments.
+    pub fn start_with(root: &Path, extra: &[&str]) -> TestServer {
+        std::fs::create_dir_all(root).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.with_extension("server.log"))
+            .unwrap();
+        let mut child = Command::new(ferry_bin())
+            .args(["-v", "serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(root)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("ferry: listening on ")
+            .unwrap_or_else(|| panic!("unexpected server banner {line:?}"))
+            .parse()
+            .unwrap();
+        TestServer {
+            child,
+            addr,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// `ferry://127.0.0.1:PORT/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("ferry://{}/{path}", self.addr)
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The outcome of one `ferry push --json`.
+#[derive(Debug)]
+pub struct PushOutcome {
+    pub code: i32,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl PushOutcome {
+    pub fn u64(&self, key: &str) -> u64 {
+        self.json[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing in {}", self.json))
+    }
+
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "push failed: {}\n{}", self.json, self.stderr);
+        self
+    }
+}
+
+/// The `ferry push` command with test-friendly defaults (JSON summary, short retry delay).
+pub fn push_command(file: &Path, url: &str, state: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.arg("push")
+        .arg(file)
+        .arg(url)
+        .arg("--state")
+        .arg(state)
+        .args(["--json", "--retry-delay", "20ms", "--timeout", "10s"])
+        .args(extra)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `ferry push` to completion (on a blocking thread).
+pub async fn push(file: &Path, url: &str, state: &Path, extra: &[&str]) -> PushOutcome {
+    let mut cmd = push_command(file, url, state, extra);
+    let output = tokio::task::spawn_blocking(move || cmd.output().expect("run ferry push"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = stdout
+        .lines()
+        .last()
+        .map_or(Value::Null, |l| serde_json::from_str(l).unwrap_or(Value::Null));
+    PushOutcome {
+        code: output.status.code().unwrap_or(-1),
+        json,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Writes `size` deterministic pseudo-random bytes derived from `seed`.
+pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(&data).unwrap();
+    data
+}
+
+/// BLAKE3 hex of a file's content.
+pub fn b3(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap()).to_hex().to_string()
+}
+
+/// Waits until `check` holds, polling every 20 ms, for at most `limit`.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+pub const KIB: usize = 1024;
+pub const MIB: usize = 1024 * 1024;
