@@ -156,13 +156,13 @@ impl Link {
             return;
         };
         let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
-        let (client_read, client_write) = inbound.into_split();
-        let (server_read, server_write) = outbound.into_split();
+        let (mut client_read, client_write) = inbound.into_split();
+        let (server_read, mut server_write) = outbound.into_split();
         let stalled = CancellationToken::new();
         let down = tokio::spawn(pump_down(server_read, client_write, self.stop.clone(), stalled.clone()));
-        self.pump_up(client_read, server_write, &stalled).await;
+        self.pump_up(&mut client_read, &mut server_write, &stalled).await;
         if stalled.is_cancelled() {
-            self.stop.cancelled().await; // hold the sockets open, silent, until the proxy stops
+            self.stop.cancelled().await; // hold both sockets open, silent, until the proxy stops
         }
         self.stop.cancel();
         let _ = down.await;
@@ -171,8 +171,8 @@ impl Link {
     /// Client → server, applying the faults. Returns when the client closes, a cut happens, or at a stall.
     async fn pump_up(
         &self,
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
+        from: &mut tokio::net::tcp::OwnedReadHalf,
+        to: &mut tokio::net::tcp::OwnedWriteHalf,
         stalled: &CancellationToken,
     ) {
         let limit = [self.faults.cut_after, self.faults.stall_after]
@@ -222,7 +222,10 @@ async fn pump_down(
     loop {
         let n = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = stalled.cancelled() => { stop.cancelled().await; return }
+            _ = stalled.cancelled() => {
+                stop.cancelled().await; // keep `from` and `to` open while stalled
+                return;
+            }
             n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
         };
         if to.write_all(&buf[..n]).await.is_err() {
