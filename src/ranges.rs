@@ -130,6 +130,16 @@ impl ChunkSet {
         true
     }
 
+    /// Marks `index` missing again; returns false if it was not present.
+    pub fn remove(&mut self, index: u32) -> bool {
+        if !self.contains(index) {
+            return false;
+        }
+        self.words[(index / 64) as usize] &= !(1 << (index % 64));
+        self.present -= 1;
+        true
+    }
+
     /// The missing chunks as ascending runs.
     pub fn missing_ranges(&self) -> Vec<IndexRange> {
         encode_runs((0..self.len).filter(|&i| !self.contains(i)))
@@ -176,6 +186,10 @@ mod tests {
             let back = ChunkSet::from_bytes(len, &set.to_bytes()).unwrap();
             assert_eq!(back, set);
             assert_eq!(back.present(), len.div_ceil(3));
+            if len > 0 {
+                assert!(set.remove(0) && !set.remove(0) && !set.contains(0));
+                assert_eq!(set.present(), len.div_ceil(3) - 1);
+            }
         }
         assert!(ChunkSet::from_bytes(65, &[0u8; 8]).is_none());
     }

@@ -20,7 +20,7 @@ use crate::path::RESERVED_DIR;
 use crate::store::{ReceiverStore, Store, StoreError};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
-use crate::transfer::{handshake, recv, tell_peer, TransferError};
+use crate::transfer::{handshake, next_message, send_within, tell_peer, TransferError};
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
 use crate::MAX_FRAME;
 
@@ -187,12 +187,15 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     };
     loop {
         let msg = tokio::select! {
-            msg = recv(conn, config.idle_timeout, "waiting for an Offer") => msg,
+            msg = next_message(conn, config.idle_timeout, "waiting for an Offer") => msg,
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
         };
         match msg {
             Ok(Message::Offer(offer)) => {
                 receive(conn, ctx, offer, stop).await?;
+            }
+            Ok(Message::Ping(nonce)) => {
+                send_within(conn, &Message::Pong(nonce), config.idle_timeout, "answering Ping").await?;
             }
             Ok(other) => {
                 return Err(TransferError::Unexpected {

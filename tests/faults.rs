@@ -226,3 +226,98 @@ async fn a_chunk_that_no_longer_matches_when_read_triggers_a_new_manifest() {
     );
     assert_eq!(b3(&server.root.join("vm.raw")), b3(&src));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_link_times_out_and_the_same_run_takes_over_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("upload.iso");
+    write_random(&src, 8 * MIB, 10);
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(3 * MIB as u64)])
+        .await
+        .unwrap();
+    let url = format!("ferry://{}/upload.iso", proxy.addr());
+    let mut args = SMALL.to_vec();
+    args.extend(["--timeout", "2s"]);
+
+    let out = push(&src, &url, &dir.path().join("state"), &args).await;
+    out.assert_ok();
+    assert_eq!(out.u64("attempts"), 2, "one stalled connection, then one that finished");
+    assert_eq!(b3(&server.root.join("upload.iso")), b3(&src));
+    let resent = out.u64("bytes_sent") - 8 * MIB as u64;
+    assert!(resent <= WINDOW + CHUNK, "re-sent {resent} bytes after the stall");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_damaged_in_the_partial_on_disk_are_found_at_commit_and_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("archive.tar");
+    write_random(&src, 4 * MIB, 11);
+    interrupted_push(&server, &src, &state, 2 * MIB as u64).await;
+
+    // Bit rot in a chunk the server already acknowledged.
+    let partial_dir = server.root.join(".ferry/partial");
+    let partial = std::fs::read_dir(&partial_dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&partial).unwrap();
+    bytes[1000] ^= 0x40;
+    std::fs::write(&partial, &bytes).unwrap();
+
+    let out = push(&src, &server.url("archive.tar"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(
+        b3(&server.root.join("archive.tar")),
+        b3(&src),
+        "the damaged byte was repaired before commit"
+    );
+    let sent = out.u64("bytes_sent");
+    assert!(
+        sent <= 2 * MIB as u64 + WINDOW + 2 * CHUNK,
+        "only missing and damaged chunks were sent: {sent}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_commits_the_wrong_digest_is_an_integrity_failure() {
+    use ferry::wire::{Committed, Connection, Message, Need, Welcome};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let liar = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Hello(_))));
+        let welcome = Welcome {
+            version: 1,
+            agent: "liar".into(),
+            max_frame: ferry::MAX_FRAME,
+        };
+        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
+        let Some(Message::Offer(offer)) = conn.read_message().await.unwrap() else {
+            panic!("no offer")
+        };
+        conn.write_message(&Message::Need(Need { ranges: vec![] }))
+            .await
+            .unwrap();
+        assert_eq!(conn.read_message().await.unwrap(), Some(Message::Commit));
+        let lie = Committed {
+            size: offer.manifest.size,
+            digest: [0xee; 32],
+            received_bytes: 0,
+            rejected_chunks: 0,
+            already_present: true,
+        };
+        conn.write_message(&Message::Committed(lie)).await.unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f");
+    write_random(&src, 1000, 12);
+    let out = push(&src, &format!("ferry://{addr}/f"), &dir.path().join("state"), &[]).await;
+    assert_eq!(out.code, 5, "integrity exit code: {}\n{}", out.json, out.stderr);
+    assert!(
+        out.json["error"].as_str().unwrap().contains("integrity"),
+        "{}",
+        out.json
+    );
+    liar.await.unwrap();
+}

@@ -10,6 +10,9 @@ pub mod receiver;
 pub mod sender;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 use thiserror::Error;
@@ -133,10 +136,10 @@ impl TransferError {
     }
 }
 
-/// Reads the next message, answering keep-alives on the way: a Ping gets a Pong, a Pong is skipped. A peer's
-/// Error frame becomes [`TransferError::Remote`], end of stream [`TransferError::Closed`], silence longer than
-/// `timeout` [`TransferError::Timeout`]. Cancel-safe.
-pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+/// Reads the next message. A peer's Error frame becomes [`TransferError::Remote`], end of stream
+/// [`TransferError::Closed`], silence longer than `timeout` [`TransferError::Timeout`]; a Pong is skipped. Never
+/// writes, so it is cancel-safe and fit for `select!`: a Ping is returned, and the caller answers it.
+pub async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     state: &'static str,
@@ -146,9 +149,23 @@ pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
         match read.map_err(|_| TransferError::Timeout(timeout, state))?? {
             None => return Err(TransferError::Closed(state)),
             Some(Message::Error(frame)) => return Err(TransferError::Remote(frame)),
-            Some(Message::Ping(nonce)) => conn.write_message(&Message::Pong(nonce)).await?,
             Some(Message::Pong(_)) => {}
             Some(msg) => return Ok(msg),
+        }
+    }
+}
+
+/// Like [`next_message`], answering Pings on the way. Not cancel-safe (it may be writing a Pong): use it where
+/// the read is not raced against anything.
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+    state: &'static str,
+) -> Result<Message, TransferError> {
+    loop {
+        match next_message(conn, timeout, state).await? {
+            Message::Ping(nonce) => send_within(conn, &Message::Pong(nonce), timeout, state).await?,
+            msg => return Ok(msg),
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
 use super::writer::{ChunkWriter, WriterEvent};
-use super::{recv, send_within, TransferError};
+use super::{next_message, recv, send_within, TransferError};
 use crate::chunk::mtime_of;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
@@ -118,38 +118,29 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     .await?;
     let mut writer = prepared.writer;
     let mut rounds = 0;
-    loop {
-        let cancel = stop.clone();
-        let (writer_back, result) = receive_chunks(conn, ctx, writer, &claim.superseded, &cancel).await;
+    let committed = loop {
+        let (writer_back, result) = receive_chunks(conn, ctx, writer, &claim.superseded, stop).await;
         writer = writer_back;
         result?;
         if writer.received.is_complete() {
-            break;
+            let (partial, target) = (prepared.partial.clone(), prepared.target.clone());
+            match commit_with_keepalive(conn, ctx, writer, partial, target, path.clone()).await? {
+                CommitOutcome::Done(committed) => break committed,
+                CommitOutcome::Damaged(back) => writer = back,
+            }
         }
         rounds += 1;
         if rounds >= MAX_COMMIT_ROUNDS {
-            return Err(TransferError::refused(
-                ErrorCode::UnexpectedMessage,
-                "sender keeps committing with chunks missing",
-            ));
+            let why = "chunks still missing after repeated commits";
+            return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
         }
-        let missing = writer.received.missing_ranges();
-        send_within(
-            conn,
-            &Message::Need(Need { ranges: missing }),
-            ctx.idle_timeout,
-            "sending Need",
-        )
-        .await?;
-    }
-    let committed = commit_with_keepalive(conn, ctx, writer, prepared.partial, prepared.target, path).await?;
-    send_within(
-        conn,
-        &Message::Committed(committed.clone()),
-        ctx.idle_timeout,
-        "sending Committed",
-    )
-    .await?;
+        let missing = Message::Need(Need {
+            ranges: writer.received.missing_ranges(),
+        });
+        send_within(conn, &missing, ctx.idle_timeout, "sending Need").await?;
+    };
+    let reply = Message::Committed(committed.clone());
+    send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
     Ok(committed)
 }
 
@@ -198,7 +189,7 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 None => break,
             },
-            msg = recv(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => {
+            msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => {
                 match msg {
                     Ok(Message::Chunk(chunk)) if chunk.index < chunk_count => {
                         let tx = chunk_tx.as_ref().expect("guarded");
@@ -211,6 +202,12 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
                         chunk_tx = None;
                     }
                     Ok(Message::Commit) => chunk_tx = None,
+                    Ok(Message::Ping(nonce)) => {
+                        if let Err(e) = send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await {
+                            result = Err(e);
+                            chunk_tx = None;
+                        }
+                    }
                     Ok(other) => {
                         result = Err(TransferError::Unexpected { got: other.name(), state: "receiving chunks" });
                         chunk_tx = None;
@@ -248,7 +245,7 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     partial: PathBuf,
     target: PathBuf,
     path: RemotePath,
-) -> Result<Committed, TransferError> {
+) -> Result<CommitOutcome, TransferError> {
     let root = ctx.root.clone();
     let mut task = tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
     let mut nonce = 0;
@@ -373,6 +370,15 @@ fn already_present(
     }))
 }
 
+/// How a commit attempt ended.
+enum CommitOutcome {
+    /// The file is in place.
+    Done(Committed),
+    /// Chunks in the partial no longer match their hashes (damaged on disk after they were written); they are
+    /// marked missing again and must be re-sent.
+    Damaged(ChunkWriter),
+}
+
 /// Verifies the whole file, applies mode and mtime, syncs, renames it into place, and records it.
 fn commit(
     mut writer: ChunkWriter,
@@ -380,17 +386,27 @@ fn commit(
     partial: &Path,
     target: &Path,
     path: &RemotePath,
-) -> Result<Committed, TransferError> {
+) -> Result<CommitOutcome, TransferError> {
     use std::io::Seek;
     let manifest = writer.manifest.clone();
     writer.file.rewind().map_err(TransferError::Storage)?;
     let digest = digest_file(&mut writer.file).map_err(TransferError::Storage)?;
     if digest != manifest.digest {
-        return Err(TransferError::Integrity(format!(
-            "assembled file hashes to {}, the manifest says {}",
-            hex(&digest),
-            hex(&manifest.digest)
-        )));
+        let damaged = damaged_chunks(&writer.file, &manifest).map_err(TransferError::Storage)?;
+        if damaged.is_empty() {
+            return Err(TransferError::Integrity(format!(
+                "every chunk matches its hash but the file hashes to {}, not the manifest's {}",
+                hex(&digest),
+                hex(&manifest.digest)
+            )));
+        }
+        tracing::warn!(path = %path, chunks = damaged.len(), "partial file damaged on disk; asking for those chunks again");
+        for index in damaged {
+            writer.received.remove(index);
+        }
+        writer.progress.received = writer.received.to_bytes();
+        writer.store.save_progress(path.as_str(), &writer.progress)?;
+        return Ok(CommitOutcome::Damaged(writer));
     }
     apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
     writer.file.sync_all().map_err(TransferError::Storage)?;
@@ -421,13 +437,28 @@ fn commit(
         .files_committed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(path = %path, size = manifest.size, digest = %hex(&digest), "committed");
-    Ok(Committed {
+    Ok(CommitOutcome::Done(Committed {
         size: manifest.size,
         digest,
         received_bytes: writer.progress.received_bytes,
         rejected_chunks: writer.progress.rejected_chunks,
         already_present: false,
-    })
+    }))
+}
+
+/// Indices of chunks whose bytes in `file` no longer match the manifest.
+fn damaged_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<u32>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Vec::new();
+    let mut damaged = Vec::new();
+    for (index, entry) in manifest.chunks.iter().enumerate() {
+        buf.resize(entry.len as usize, 0);
+        file.read_exact_at(&mut buf, entry.offset)?;
+        if crate::verify::check_chunk(entry, &buf).is_err() {
+            damaged.push(index as u32);
+        }
+    }
+    Ok(damaged)
 }
 
 /// Applies the manifest's permission bits (`& 0o777`) and mtime to the partial.

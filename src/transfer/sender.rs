@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use super::{recv, send_within, TransferError};
+use super::{next_message, recv, send_within, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::ranges::{ranges_len, ranges_within, IndexRange};
 use crate::wire::{Chunk, Committed, Connection, Message, Offer};
@@ -125,7 +125,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let event = tokio::select! {
             biased;
-            msg = recv(conn, opts.io_timeout, "waiting for Ack") => Step::Message(msg?),
+            msg = next_message(conn, opts.io_timeout, "waiting for Ack") => Step::Message(msg?),
             read = pipeline.next_read(), if pipeline.has_reads() => Step::Read(read?),
         };
         match event {
@@ -136,6 +136,9 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 stats.chunks_sent += 1;
             }
             Step::Message(Message::Ack(ack)) => pipeline.ack(&ack.ranges, stats)?,
+            Step::Message(Message::Ping(nonce)) => {
+                send_within(conn, &Message::Pong(nonce), opts.io_timeout, "answering Ping").await?;
+            }
             Step::Message(Message::Need(need)) => {
                 pipeline.need(&need.ranges, true, stats, on_event)?;
                 if let Phase::Committing { rounds } = phase {

@@ -109,9 +109,12 @@ pub fn push_command(file: &Path, url: &str, state: &Path, extra: &[&str]) -> Com
         .arg(url)
         .arg("--state")
         .arg(state)
-        .args(["--json", "--retry-delay", "20ms", "--timeout", "10s"])
+        .args(["--json", "--retry-delay", "20ms"])
         .args(extra)
         .stdin(Stdio::null());
+    if !extra.contains(&"--timeout") {
+        cmd.args(["--timeout", "10s"]);
+    }
     cmd
 }
 

@@ -1,0 +1,144 @@
+//! Both roles driven over an in-memory pipe: no sockets, no processes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::claims::Claims;
+use super::receiver::{receive, ReceiverContext};
+use super::recv;
+use super::sender::{send, SendOptions, SendStats, Source};
+use crate::chunk::build_manifest;
+use crate::ranges::IndexRange;
+use crate::store::{ReceiverStore, Store};
+use crate::wire::{Chunk, Connection, Message, Need, Offer};
+use crate::{MAX_FRAME, MIN_CHUNK_SIZE};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    ctx: ReceiverContext,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let partial_dir = root.join(".ferry/partial");
+    std::fs::create_dir_all(&partial_dir).unwrap();
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let ctx = ReceiverContext {
+        root,
+        partial_dir,
+        store: ReceiverStore::open(&store).unwrap(),
+        claims: Claims::default(),
+        stats: Arc::default(),
+        idle_timeout: Duration::from_secs(10),
+        sync_batch: 16 * 1024,
+    };
+    Fixture { dir, ctx }
+}
+
+fn source(dir: &std::path::Path, data: &[u8]) -> Source {
+    let path = dir.join("source.bin");
+    std::fs::write(&path, data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let manifest = build_manifest(&file, &path, MIN_CHUNK_SIZE).unwrap();
+    Source {
+        file: Arc::new(file),
+        manifest: Arc::new(manifest),
+    }
+}
+
+/// Runs one offer through both roles; returns the receiver's Committed and the sender's counters.
+async fn transfer(fx: &Fixture, src: &Source, path: &str) -> (crate::wire::Committed, SendStats) {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let ctx = fx.ctx.clone();
+    let receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap() else {
+            panic!("expected an Offer")
+        };
+        receive(&mut conn, &ctx, offer, &CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let mut stats = SendStats::default();
+    let committed = send(&mut conn, path, src, &SendOptions::default(), &mut stats, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(receiver.await.unwrap(), committed);
+    (committed, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_roles_complete_a_transfer_then_recognise_the_same_file() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    for (i, size) in [0, 1, chunk - 1, chunk, chunk + 1, 9 * chunk + 100]
+        .into_iter()
+        .enumerate()
+    {
+        let data: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+        let src = source(fx.dir.path(), &data);
+        let path = format!("dir/file-{size}");
+        let (committed, stats) = transfer(&fx, &src, &path).await;
+        assert_eq!(committed.digest, *blake3::hash(&data).as_bytes());
+        assert_eq!(stats.bytes_sent, size as u64);
+        assert_eq!(std::fs::read(fx.ctx.root.join(&path)).unwrap(), data);
+
+        let (again, stats) = transfer(&fx, &src, &path).await;
+        assert!(again.already_present, "an unchanged file is recognised");
+        assert_eq!(stats.bytes_sent, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
+    let fx = fixture();
+    let data = vec![0x5a; 3 * MIN_CHUNK_SIZE as usize];
+    let src = source(fx.dir.path(), &data);
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let ctx = fx.ctx.clone();
+    let receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap() else {
+            panic!("expected an Offer")
+        };
+        receive(&mut conn, &ctx, offer, &CancellationToken::new()).await
+    });
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let offer = Offer {
+        path: "x".into(),
+        manifest: (*src.manifest).clone(),
+    };
+    conn.write_message(&Message::Offer(offer)).await.unwrap();
+    let all = IndexRange { start: 0, count: 3 };
+    assert_eq!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(Need { ranges: vec![all] })
+    );
+    let mut bad = data[..MIN_CHUNK_SIZE as usize].to_vec();
+    bad[17] ^= 1;
+    conn.write_message(&Message::Chunk(Chunk { index: 1, data: bad }))
+        .await
+        .unwrap();
+    let again = IndexRange { start: 1, count: 1 };
+    assert_eq!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(Need { ranges: vec![again] })
+    );
+    drop(conn);
+    assert!(receiver.await.unwrap().is_err(), "the receiver saw the connection end");
+    let partial = std::fs::read_dir(&fx.ctx.partial_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let on_disk = std::fs::read(partial).unwrap();
+    assert!(
+        on_disk.iter().all(|&b| b == 0),
+        "nothing of the corrupt chunk reached the partial file"
+    );
+}
