@@ -193,6 +193,12 @@ pub async fn push(opts: PushOptions, on_event: &mut (dyn FnMut(PushEvent) + Send
     let source_err = |e: std::io::Error| PushError::Source(format!("{}: {e}", opts.source.display()));
     let canonical = std::fs::canonicalize(&opts.source).map_err(source_err)?;
     let file = Arc::new(File::open(&canonical).map_err(source_err)?);
+    if !file.metadata().map_err(source_err)?.is_file() {
+        return Err(PushError::Source(format!(
+            "{} is not a regular file",
+            opts.source.display()
+        )));
+    }
     let store = {
         let dir = opts.state_dir.clone();
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?

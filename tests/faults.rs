@@ -321,3 +321,43 @@ async fn a_server_that_commits_the_wrong_digest_is_an_integrity_failure() {
     );
     liar.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_sessions_keeps_progress_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start(&root);
+    let src = dir.path().join("nightly.tar");
+    let size = 8 * MIB as u64;
+    let stall_at = 5 * MIB as u64;
+    write_random(&src, size as usize, 13);
+    let state = dir.path().join("state");
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
+        .await
+        .unwrap();
+    let mut client = push_command(&src, &format!("ferry://{}/nightly.tar", proxy.addr()), &state, &SMALL)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
+        .await
+        .expect("transfer reached 5 MiB");
+
+    let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(20)));
+    assert_eq!(
+        code,
+        Some(0),
+        "the server stopped cleanly although a session was mid-transfer"
+    );
+    client.kill().unwrap();
+    client.wait().unwrap();
+
+    let server = TestServer::start(&root);
+    let out = push(&src, &server.url("nightly.tar"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&root.join("nightly.tar")), b3(&src));
+    let sent = out.u64("bytes_sent");
+    assert!(
+        sent <= size - stall_at + WINDOW + CHUNK,
+        "re-run sent {sent} bytes of {size}"
+    );
+}

@@ -67,6 +67,20 @@ impl TestServer {
         format!("ferry://{}/{path}", self.addr)
     }
 
+    /// SIGTERM, then waits up to `limit` for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL, no chance to flush anything.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
