@@ -169,12 +169,7 @@ async fn a_source_modified_between_runs_is_remanifested_and_matching_chunks_are_
     data[size - 10] ^= 0xff;
     std::fs::write(&src, &data).unwrap();
     let later = SystemTime::now() + Duration::from_secs(10);
-    std::fs::File::options()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    set_mtime(&src, later);
 
     let out = push(&src, &server.url("db.dump"), &state, &SMALL).await;
     out.assert_ok();
@@ -201,12 +196,7 @@ async fn a_chunk_that_no_longer_matches_when_read_triggers_a_new_manifest() {
     let size = 4 * MIB;
     let mut data = write_random(&src, size, 6);
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    std::fs::File::options()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    set_mtime(&src, mtime);
     interrupted_push(&server, &src, &state, 2 * MIB as u64).await;
 
     // Size, mtime and inode unchanged, so the cached manifest is used; a not-yet-sent chunk differs.

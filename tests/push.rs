@@ -45,12 +45,7 @@ async fn unchanged_repush_sends_nothing_and_does_not_rehash() {
     write_random(&src, 300 * KIB, 7);
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    std::fs::File::options()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    set_mtime(&src, mtime);
 
     let first = push(&src, &server.url("nightly/"), &state, &["--chunk-size", "64KiB"]).await;
     first.assert_ok();

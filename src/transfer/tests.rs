@@ -49,25 +49,31 @@ fn source(dir: &std::path::Path, data: &[u8]) -> Source {
     }
 }
 
+/// The receiver role on one end of a pipe: waits for an Offer and serves it.
+fn spawn_receiver(
+    fx: &Fixture,
+    stream: tokio::io::DuplexStream,
+) -> tokio::task::JoinHandle<Result<crate::wire::Committed, super::TransferError>> {
+    let ctx = fx.ctx.clone();
+    tokio::spawn(async move {
+        let mut conn = Connection::new(stream, MAX_FRAME);
+        let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await? else {
+            panic!("expected an Offer")
+        };
+        receive(&mut conn, &ctx, offer, &CancellationToken::new()).await
+    })
+}
+
 /// Runs one offer through both roles; returns the receiver's Committed and the sender's counters.
 async fn transfer(fx: &Fixture, src: &Source, path: &str) -> (crate::wire::Committed, SendStats) {
     let (a, b) = tokio::io::duplex(256 * 1024);
-    let ctx = fx.ctx.clone();
-    let receiver = tokio::spawn(async move {
-        let mut conn = Connection::new(b, MAX_FRAME);
-        let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap() else {
-            panic!("expected an Offer")
-        };
-        receive(&mut conn, &ctx, offer, &CancellationToken::new())
-            .await
-            .unwrap()
-    });
+    let receiver = spawn_receiver(fx, b);
     let mut conn = Connection::new(a, MAX_FRAME);
     let mut stats = SendStats::default();
     let committed = send(&mut conn, path, src, &SendOptions::default(), &mut stats, &mut |_| {})
         .await
         .unwrap();
-    assert_eq!(receiver.await.unwrap(), committed);
+    assert_eq!(receiver.await.unwrap().unwrap(), committed);
     (committed, stats)
 }
 
@@ -99,14 +105,7 @@ async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
     let data = vec![0x5a; 3 * MIN_CHUNK_SIZE as usize];
     let src = source(fx.dir.path(), &data);
     let (a, b) = tokio::io::duplex(256 * 1024);
-    let ctx = fx.ctx.clone();
-    let receiver = tokio::spawn(async move {
-        let mut conn = Connection::new(b, MAX_FRAME);
-        let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap() else {
-            panic!("expected an Offer")
-        };
-        receive(&mut conn, &ctx, offer, &CancellationToken::new()).await
-    });
+    let receiver = spawn_receiver(&fx, b);
     let mut conn = Connection::new(a, MAX_FRAME);
     let offer = Offer {
         path: "x".into(),

@@ -162,6 +162,16 @@ pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// Sets a file's modification time.
+pub fn set_mtime(path: &Path, mtime: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
 /// BLAKE3 hex of a file's content.
 pub fn b3(path: &Path) -> String {
     blake3::hash(&std::fs::read(path).unwrap()).to_hex().to_string()
