@@ -35,6 +35,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const DEFAULT_PORT: u16 = 7878;
 /// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.
 pub const MAX_FRAME: u32 = 24 * 1024 * 1024;
+/// Largest frame body a server accepts before the handshake completed.
+pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
 /// Largest chunk.
 pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 /// Smallest chunk size a sender may ask for (the last chunk of a file may be shorter).

@@ -81,7 +81,12 @@ impl RemotePath {
                 return Err(PathError::TooLong);
             }
         }
-        if raw.split('/').next() == Some(RESERVED_DIR) {
+        // Case-insensitive: on a case-folding filesystem `.FERRY` is the same directory.
+        if raw
+            .split('/')
+            .next()
+            .is_some_and(|first| first.eq_ignore_ascii_case(RESERVED_DIR))
+        {
             return Err(PathError::Reserved(raw.to_string()));
         }
         Ok(RemotePath(raw.to_string()))
@@ -117,15 +122,7 @@ pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> 
             Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create_parents => {
-                std::fs::create_dir(&current).or_else(|e| match e.kind() {
-                    io::ErrorKind::AlreadyExists if current.is_dir() => Ok(()),
-                    _ => Err(PathError::Io {
-                        path: shown(root, &current),
-                        source: e,
-                    }),
-                })?;
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create_parents => create_dir(root, &current)?,
             Err(e) => {
                 return Err(PathError::Io {
                     path: shown(root, &current),
@@ -145,6 +142,27 @@ pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> 
             source: e,
         }),
     }
+}
+
+/// Creates one directory (a concurrent creator is fine, a symlink planted meanwhile is not) and syncs its parent,
+/// so the new entry survives a crash together with the file committed below it.
+fn create_dir(root: &Path, dir: &Path) -> Result<(), PathError> {
+    let io = |source| PathError::Io {
+        path: shown(root, dir),
+        source,
+    };
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+            if !meta.is_dir() {
+                return Err(PathError::InTheWay(shown(root, dir)));
+            }
+        }
+        Err(e) => return Err(io(e)),
+    }
+    let parent = dir.parent().unwrap_or(root);
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// A path as the peer should see it: relative to the root, never revealing the server's layout.

@@ -27,11 +27,15 @@ impl IndexRange {
     }
 }
 
-/// Checks that every range is non-empty and lies within `0..chunk_count`.
+/// Checks that the ranges are non-empty, ascending, non-overlapping, and within `0..chunk_count`, so that walking
+/// them visits each chunk at most once.
 pub fn ranges_within(ranges: &[IndexRange], chunk_count: u32) -> bool {
-    ranges
-        .iter()
-        .all(|r| r.count > 0 && r.end().is_some_and(|end| end <= chunk_count))
+    let mut next_free = 0u32;
+    ranges.iter().all(|r| {
+        let fits = r.count > 0 && r.start >= next_free && r.end().is_some_and(|end| end <= chunk_count);
+        next_free = r.end().unwrap_or(u32::MAX);
+        fits
+    })
 }
 
 /// Number of indices covered by `ranges` (ranges are assumed valid).
@@ -197,6 +201,11 @@ mod tests {
     #[test]
     fn ranges_outside_the_manifest_are_refused() {
         assert!(ranges_within(&[IndexRange { start: 0, count: 4 }], 4));
+        let two = |a, b| [IndexRange { start: a, count: 2 }, IndexRange { start: b, count: 2 }];
+        assert!(ranges_within(&two(0, 2), 4), "adjacent runs are fine");
+        assert!(!ranges_within(&two(0, 1), 4), "overlapping runs are refused");
+        assert!(!ranges_within(&two(2, 0), 4), "descending runs are refused");
+        assert!(!ranges_within(&two(0, 0), 4), "repeated runs are refused");
         assert!(!ranges_within(&[IndexRange { start: 1, count: 4 }], 4));
         assert!(!ranges_within(&[IndexRange { start: 0, count: 0 }], 4));
         assert!(!ranges_within(

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Bytes written between syncs (and Acks) of a transfer.
     pub sync_batch: u64,
+    /// Chunk bytes all connections together may have queued for their writers.
+    pub queue_budget: u64,
 }
 
 impl ServerConfig {
@@ -51,6 +53,7 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             sync_batch: 4 * 1024 * 1024,
+            queue_budget: 256 * 1024 * 1024,
         }
     }
 }
@@ -121,6 +124,7 @@ impl Server {
             stats: Arc::default(),
             idle_timeout: config.idle_timeout,
             sync_batch: config.sync_batch,
+            queue_budget: Arc::new(Semaphore::new(budget_permits(config.queue_budget))),
         };
         Ok(Server { ctx, store, config })
     }
@@ -207,6 +211,14 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The queue budget in KiB permits; never less than one maximal chunk, so every chunk can be queued.
+fn budget_permits(bytes: u64) -> usize {
+    let kib = bytes.div_ceil(1024).max(u64::from(crate::MAX_CHUNK_SIZE / 1024));
+    usize::try_from(kib)
+        .unwrap_or(Semaphore::MAX_PERMITS)
+        .min(Semaphore::MAX_PERMITS)
 }
 
 /// Errors from `accept` that concern one connection or a passing resource shortage, not the listener.

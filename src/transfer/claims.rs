@@ -52,9 +52,18 @@ impl Claims {
             TransferError::refused(ErrorCode::Busy, format!("{key} is being written by another connection"))
         })?;
         let superseded = CancellationToken::new();
-        if let Some(slot) = self.slots.lock().expect("claims lock poisoned").get_mut(key) {
-            slot.holder = superseded.clone();
+        let mut slots = self.slots.lock().expect("claims lock poisoned");
+        let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
+            lock: OwnedMutexGuard::mutex(&guard).clone(),
+            holder: CancellationToken::new(),
+        });
+        // More owners than the map and our guard: a newer claim is already waiting, and it cancelled the previous
+        // holder's token, not ours. Give way to it at once instead of making it wait for Busy.
+        if Arc::strong_count(&slot.lock) > 2 {
+            superseded.cancel();
         }
+        slot.holder = superseded.clone();
+        drop(slots);
         Ok(Claim {
             claims: self.clone(),
             key: key.to_string(),
@@ -95,6 +104,24 @@ mod tests {
         assert!(!second.superseded.is_cancelled());
         drop(second);
         assert!(claims.slots.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_newest_of_several_waiting_claims_wins() {
+        let claims = Claims::default();
+        let first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let (c1, c2) = (claims.clone(), claims.clone());
+        let second = tokio::spawn(async move { c1.claim("a", Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let third = tokio::spawn(async move { c2.claim("a", Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(first.superseded.is_cancelled());
+        drop(first);
+        let second = second.await.unwrap().unwrap();
+        assert!(second.superseded.is_cancelled(), "a newer claim was waiting");
+        drop(second);
+        let third = third.await.unwrap().unwrap();
+        assert!(!third.superseded.is_cancelled());
     }
 
     #[tokio::test]

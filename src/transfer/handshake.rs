@@ -6,7 +6,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{recv, TransferError};
 use crate::wire::{Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
-use crate::{MAX_FRAME, PROTOCOL_VERSION};
+use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, PROTOCOL_VERSION};
+
+/// Longest agent string a server accepts in Hello.
+pub const MAX_AGENT_LEN: usize = 256;
 
 /// The agent string this build sends.
 pub fn agent() -> String {
@@ -26,7 +29,10 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     });
     super::send_within(conn, &hello, timeout, "sending Hello").await?;
     match recv(conn, timeout, "waiting for Welcome").await? {
-        Message::Welcome(welcome) if welcome.version == PROTOCOL_VERSION => Ok(welcome),
+        Message::Welcome(welcome) if welcome.version == PROTOCOL_VERSION => {
+            conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
+            Ok(welcome)
+        }
         Message::Welcome(welcome) => Err(TransferError::refused(
             ErrorCode::VersionMismatch,
             format!("server chose protocol version {}", welcome.version),
@@ -38,13 +44,26 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Server side: waits for Hello, checks magic and version, answers Welcome. On a bad Hello the caller sends the
-/// returned error's code to the peer.
+/// Server side: waits for Hello, checks magic and version, answers Welcome, all within `timeout`. Until then
+/// frames are limited to [`HANDSHAKE_MAX_FRAME`], so an unknown peer cannot make the server buffer a large frame.
+/// On a bad Hello the caller sends the returned error's code to the peer.
 pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
 ) -> Result<Hello, TransferError> {
-    let hello = match recv(conn, timeout, "waiting for Hello").await? {
+    conn.set_max_frame(HANDSHAKE_MAX_FRAME);
+    let hello = tokio::time::timeout(timeout, accept_hello(conn, timeout))
+        .await
+        .map_err(|_| TransferError::Timeout(timeout, "waiting for Hello"))??;
+    conn.set_max_frame(MAX_FRAME);
+    Ok(hello)
+}
+
+async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+) -> Result<Hello, TransferError> {
+    let hello = match super::next_message(conn, timeout, "waiting for Hello").await? {
         Message::Hello(hello) => hello,
         other => {
             return Err(TransferError::Unexpected {
@@ -55,6 +74,12 @@ pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if hello.magic != MAGIC {
         return Err(TransferError::refused(ErrorCode::BadMagic, "not a ferry client"));
+    }
+    if hello.agent.len() > MAX_AGENT_LEN {
+        return Err(TransferError::refused(
+            ErrorCode::Malformed,
+            "agent string longer than 256 bytes",
+        ));
     }
     if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
         return Err(TransferError::refused(

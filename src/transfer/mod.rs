@@ -137,21 +137,32 @@ impl TransferError {
 }
 
 /// Reads the next message. A peer's Error frame becomes [`TransferError::Remote`], end of stream
-/// [`TransferError::Closed`], silence longer than `timeout` [`TransferError::Timeout`]; a Pong is skipped. Never
+/// [`TransferError::Closed`], no byte for `idle` [`TransferError::Timeout`]; a Pong is skipped. Never
 /// writes, so it is cancel-safe and fit for `select!`: a Ping is returned, and the caller answers it.
 pub async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    timeout: Duration,
+    idle: Duration,
     state: &'static str,
 ) -> Result<Message, TransferError> {
     loop {
-        let read = tokio::time::timeout(timeout, conn.read_message()).await;
-        match read.map_err(|_| TransferError::Timeout(timeout, state))?? {
+        let read = conn
+            .read_message_idle(Some(idle))
+            .await
+            .map_err(|e| timeout_as(e, state))?;
+        match read {
             None => return Err(TransferError::Closed(state)),
             Some(Message::Error(frame)) => return Err(TransferError::Remote(frame)),
             Some(Message::Pong(_)) => {}
             Some(msg) => return Ok(msg),
         }
+    }
+}
+
+/// A wire error, with "no progress" turned into [`TransferError::Timeout`] naming what we were doing.
+fn timeout_as(error: WireError, state: &'static str) -> TransferError {
+    match error {
+        WireError::Idle(limit) => TransferError::Timeout(limit, state),
+        other => TransferError::Wire(other),
     }
 }
 
@@ -183,15 +194,14 @@ pub async fn tell_peer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<
     .await;
 }
 
-/// Writes `msg`, failing with [`TransferError::Timeout`] if the peer does not take it within `timeout`.
+/// Writes `msg`, failing with [`TransferError::Timeout`] if the peer takes no byte of it for `idle`.
 pub async fn send_within<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     msg: &Message,
-    timeout: Duration,
+    idle: Duration,
     state: &'static str,
 ) -> Result<(), TransferError> {
-    tokio::time::timeout(timeout, conn.write_message(msg))
+    conn.write_message_idle(msg, Some(idle))
         .await
-        .map_err(|_| TransferError::Timeout(timeout, state))??;
-    Ok(())
+        .map_err(|e| timeout_as(e, state))
 }

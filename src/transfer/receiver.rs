@@ -16,16 +16,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
-use super::writer::{ChunkWriter, WriterEvent};
-use super::{next_message, recv, send_within, TransferError};
+use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
+use super::{next_message, send_within, TransferError};
 use crate::chunk::mtime_of;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
-use crate::ranges::{ranges_len, ChunkSet};
+use crate::ranges::{ranges_len, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, Progress, ReceiverStore, TransferRecord};
 use crate::verify::digest_file;
-use crate::wire::{Committed, Connection, ErrorCode, Message, Need, Offer};
+use crate::wire::{Ack, Committed, Connection, ErrorCode, Message, Need, Offer};
 
 /// How often a receiver busy verifying a large file pings the sender, so its idle timeout does not fire.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -51,6 +51,8 @@ pub struct ReceiverContext {
     pub idle_timeout: Duration,
     /// Bytes written between syncs (and Acks).
     pub sync_batch: u64,
+    /// Server-wide budget of queued chunk bytes, in KiB permits.
+    pub queue_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a prepared transfer stands.
@@ -95,7 +97,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 "sending Need",
             )
             .await?;
-            expect_commit(conn, ctx.idle_timeout).await?;
+            expect_commit(conn, ctx, &claim.superseded, stop).await?;
             send_within(
                 conn,
                 &Message::Committed(committed.clone()),
@@ -153,70 +155,32 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     superseded: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (ChunkWriter, Result<(), TransferError>) {
-    let chunk_count = writer.manifest.chunk_count();
+    let manifest = writer.manifest.clone();
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
     let mut chunk_tx = Some(chunk_tx);
     let mut result = Ok(());
     loop {
-        tokio::select! {
-            _ = superseded.cancelled(), if chunk_tx.is_some() => {
-                result = Err(TransferError::Superseded);
-                chunk_tx = None;
-            }
-            _ = shutdown.cancelled(), if chunk_tx.is_some() => {
-                result = Err(TransferError::ShuttingDown);
-                chunk_tx = None;
-            }
+        let step = tokio::select! {
+            _ = superseded.cancelled(), if chunk_tx.is_some() => Err(TransferError::Superseded),
+            _ = shutdown.cancelled(), if chunk_tx.is_some() => Err(TransferError::ShuttingDown),
             event = events.recv() => match event {
-                Some(WriterEvent::Durable(ranges)) => {
-                    if let Err(e) = send_within(conn, &Message::Ack(crate::wire::Ack { ranges }), ctx.idle_timeout, "sending Ack").await {
-                        result = result.and(Err(e));
-                        chunk_tx = None;
-                    }
-                }
-                Some(WriterEvent::Rejected(index)) => {
-                    let need = Message::Need(Need { ranges: vec![crate::ranges::IndexRange { start: index, count: 1 }] });
-                    if let Err(e) = send_within(conn, &need, ctx.idle_timeout, "sending Need").await {
-                        result = result.and(Err(e));
-                        chunk_tx = None;
-                    }
-                }
-                Some(WriterEvent::Failed(e)) => {
-                    result = result.and(Err(e));
-                    chunk_tx = None;
-                }
-                None => break,
+                None => break, // the writer has finished
+                Some(event) if result.is_ok() => answer_writer(conn, ctx, event).await,
+                Some(_) => Ok(Flow::Continue), // already failing: only drain
             },
-            msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => {
-                match msg {
-                    Ok(Message::Chunk(chunk)) if chunk.index < chunk_count => {
-                        let tx = chunk_tx.as_ref().expect("guarded");
-                        if tx.send(chunk).await.is_err() {
-                            chunk_tx = None; // the writer stopped; its Failed event follows
-                        }
-                    }
-                    Ok(Message::Chunk(chunk)) => {
-                        result = Err(TransferError::refused(ErrorCode::UnexpectedMessage, format!("chunk index {} outside the manifest", chunk.index)));
-                        chunk_tx = None;
-                    }
-                    Ok(Message::Commit) => chunk_tx = None,
-                    Ok(Message::Ping(nonce)) => {
-                        if let Err(e) = send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await {
-                            result = Err(e);
-                            chunk_tx = None;
-                        }
-                    }
-                    Ok(other) => {
-                        result = Err(TransferError::Unexpected { got: other.name(), state: "receiving chunks" });
-                        chunk_tx = None;
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        chunk_tx = None;
-                    }
-                }
+            msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => match msg {
+                Ok(msg) => take_message(conn, ctx, &manifest, chunk_tx.as_ref().expect("guarded"), msg).await,
+                Err(e) => Err(e),
+            },
+        };
+        match step {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::EndOfRound) => chunk_tx = None,
+            Err(e) => {
+                result = result.and(Err(e));
+                chunk_tx = None;
             }
         }
     }
@@ -224,16 +188,108 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     (writer, result)
 }
 
-async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
+/// What the reception loop does after one step.
+enum Flow {
+    /// Keep receiving.
+    Continue,
+    /// Stop taking chunks (Commit arrived, or the writer stopped); drain the writer.
+    EndOfRound,
+}
+
+/// Tells the sender what the writer did: Ack for durable chunks, Need for rejected ones.
+async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    timeout: Duration,
-) -> Result<(), TransferError> {
-    match recv(conn, timeout, "waiting for Commit").await? {
-        Message::Commit => Ok(()),
+    ctx: &ReceiverContext,
+    event: WriterEvent,
+) -> Result<Flow, TransferError> {
+    let reply = match event {
+        WriterEvent::Durable(ranges) => Message::Ack(Ack { ranges }),
+        WriterEvent::Rejected(index) => Message::Need(Need {
+            ranges: vec![IndexRange { start: index, count: 1 }],
+        }),
+        WriterEvent::Failed(e) => return Err(e),
+    };
+    send_within(conn, &reply, ctx.idle_timeout, "acknowledging chunks").await?;
+    Ok(Flow::Continue)
+}
+
+/// Handles one message from the sender while chunks arrive. A chunk is queued for the writer once it holds its
+/// share of the server-wide queue budget, so many connections cannot pile up unbounded chunk memory.
+async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    manifest: &Manifest,
+    queue: &mpsc::Sender<QueuedChunk>,
+    msg: Message,
+) -> Result<Flow, TransferError> {
+    match msg {
+        Message::Chunk(chunk) => {
+            let entry = manifest.chunk(chunk.index).ok_or_else(|| {
+                TransferError::refused(
+                    ErrorCode::UnexpectedMessage,
+                    format!("chunk {} is not in the manifest", chunk.index),
+                )
+            })?;
+            if chunk.data.len() != entry.len as usize {
+                let why = format!(
+                    "chunk {} has {} bytes, the manifest says {}",
+                    chunk.index,
+                    chunk.data.len(),
+                    entry.len
+                );
+                return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
+            }
+            let budget = ctx
+                .queue_budget
+                .clone()
+                .acquire_many_owned(entry.len.div_ceil(1024))
+                .await;
+            let budget = budget.map_err(|_| TransferError::ShuttingDown)?;
+            let queued = queue.send(QueuedChunk { chunk, _budget: budget }).await;
+            // A closed queue means the writer stopped; its Failed event follows.
+            Ok(if queued.is_ok() {
+                Flow::Continue
+            } else {
+                Flow::EndOfRound
+            })
+        }
+        Message::Commit => Ok(Flow::EndOfRound),
+        Message::Ping(nonce) => {
+            send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await?;
+            Ok(Flow::Continue)
+        }
         other => Err(TransferError::Unexpected {
             got: other.name(),
-            state: "waiting for Commit",
+            state: "receiving chunks",
         }),
+    }
+}
+
+/// Waits for the Commit of an offer that needs nothing, giving way to a takeover or a shutdown.
+async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    superseded: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), TransferError> {
+    loop {
+        let msg = tokio::select! {
+            _ = superseded.cancelled() => return Err(TransferError::Superseded),
+            _ = shutdown.cancelled() => return Err(TransferError::ShuttingDown),
+            msg = next_message(conn, ctx.idle_timeout, "waiting for Commit") => msg?,
+        };
+        match msg {
+            Message::Commit => return Ok(()),
+            Message::Ping(nonce) => {
+                send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await?
+            }
+            other => {
+                return Err(TransferError::Unexpected {
+                    got: other.name(),
+                    state: "waiting for Commit",
+                })
+            }
+        }
     }
 }
 
@@ -249,12 +305,14 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     let root = ctx.root.clone();
     let mut task = tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
     let mut nonce = 0;
+    let mut pinging = true;
     loop {
         tokio::select! {
             done = &mut task => return done.map_err(|e| TransferError::Storage(std::io::Error::other(e)))?,
-            _ = tokio::time::sleep(KEEPALIVE) => {
+            _ = tokio::time::sleep(KEEPALIVE), if pinging => {
                 nonce += 1;
-                send_within(conn, &Message::Ping(nonce), ctx.idle_timeout, "committing").await?;
+                // A dead link must not abandon the commit: it still owns the partial and the claim.
+                pinging = send_within(conn, &Message::Ping(nonce), ctx.idle_timeout, "committing").await.is_ok();
             }
         }
     }

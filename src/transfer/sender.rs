@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::{next_message, recv, send_within, TransferError};
 use crate::manifest::{hex, Manifest};
-use crate::ranges::{ranges_len, ranges_within, IndexRange};
+use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
 use crate::wire::{Chunk, Committed, Connection, Message, Offer};
 
 /// Commit rounds (Commit answered by Need) tolerated before the receiver is considered broken.
@@ -83,13 +83,17 @@ pub enum SendEvent {
     },
 }
 
+#[derive(Clone, Copy)]
 enum Phase {
     /// Sending needed chunks.
-    Sending,
+    Sending {
+        /// Commit messages sent so far.
+        commits: u32,
+    },
     /// Commit sent; waiting for Committed (or a Need for chunks still missing).
     Committing {
-        /// Commit messages sent so far.
-        rounds: u32,
+        /// Commit messages sent so far, this one included.
+        commits: u32,
     },
 }
 
@@ -108,7 +112,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     });
     send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
     let mut pipeline = Pipeline::new(source, opts);
-    let mut phase = Phase::Sending;
+    let mut phase = Phase::Sending { commits: 0 };
     let first = recv(conn, opts.io_timeout, "waiting for Need").await?;
     let Message::Need(need) = first else {
         return Err(TransferError::Unexpected {
@@ -119,9 +123,16 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     pipeline.need(&need.ranges, false, stats, on_event)?;
     loop {
         pipeline.start_reads();
-        if matches!(phase, Phase::Sending) && pipeline.is_idle() {
-            send_within(conn, &Message::Commit, opts.io_timeout, "sending Commit").await?;
-            phase = Phase::Committing { rounds: 1 };
+        if let Phase::Sending { commits } = phase {
+            if pipeline.is_idle() {
+                if commits >= MAX_COMMIT_ROUNDS {
+                    return Err(TransferError::Integrity(format!(
+                        "receiver still missing chunks after {commits} commits"
+                    )));
+                }
+                send_within(conn, &Message::Commit, opts.io_timeout, "sending Commit").await?;
+                phase = Phase::Committing { commits: commits + 1 };
+            }
         }
         let event = tokio::select! {
             biased;
@@ -141,13 +152,8 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Step::Message(Message::Need(need)) => {
                 pipeline.need(&need.ranges, true, stats, on_event)?;
-                if let Phase::Committing { rounds } = phase {
-                    if rounds >= MAX_COMMIT_ROUNDS {
-                        return Err(TransferError::Integrity(format!(
-                            "receiver still missing chunks after {rounds} commit rounds"
-                        )));
-                    }
-                    phase = Phase::Sending;
+                if let Phase::Committing { commits } = phase {
+                    phase = Phase::Sending { commits };
                 }
             }
             Step::Message(Message::Committed(committed)) if matches!(phase, Phase::Committing { .. }) => {
@@ -186,6 +192,8 @@ struct Pipeline<'a> {
     source: &'a Source,
     opts: &'a SendOptions,
     pending: VecDeque<IndexRange>,
+    /// The chunks in `pending`, so a repeated Need cannot queue a chunk twice.
+    queued: ChunkSet,
     reads: VecDeque<JoinHandle<Result<Chunk, TransferError>>>,
     reading_bytes: u64,
     in_flight: HashSet<u32>,
@@ -198,6 +206,7 @@ impl<'a> Pipeline<'a> {
             source,
             opts,
             pending: VecDeque::new(),
+            queued: ChunkSet::new(source.manifest.chunk_count()),
             reads: VecDeque::new(),
             reading_bytes: 0,
             in_flight: HashSet::new(),
@@ -237,12 +246,18 @@ impl<'a> Pipeline<'a> {
                 on_event(SendEvent::Rejected { index });
             }
         }
+        let fresh = encode_runs(
+            ranges
+                .iter()
+                .flat_map(IndexRange::indices)
+                .filter(|&i| self.queued.insert(i)),
+        );
         if resend {
-            for range in ranges.iter().rev() {
-                self.pending.push_front(*range);
+            for range in fresh.into_iter().rev() {
+                self.pending.push_front(range);
             }
         } else {
-            self.pending.extend(ranges.iter().copied());
+            self.pending.extend(fresh);
         }
         Ok(())
     }
@@ -292,6 +307,7 @@ impl<'a> Pipeline<'a> {
 
     fn pop_pending(&mut self) {
         if let Some(front) = self.pending.front_mut() {
+            self.queued.remove(front.start);
             front.start += 1;
             front.count -= 1;
             if front.count == 0 {

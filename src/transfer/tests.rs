@@ -34,6 +34,7 @@ fn fixture() -> Fixture {
         stats: Arc::default(),
         idle_timeout: Duration::from_secs(10),
         sync_batch: 16 * 1024,
+        queue_budget: Arc::new(tokio::sync::Semaphore::new(32 * 1024)),
     };
     Fixture { dir, ctx }
 }
@@ -139,5 +140,67 @@ async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
     assert!(
         on_disk.iter().all(|&b| b == 0),
         "nothing of the corrupt chunk reached the partial file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_of_the_wrong_length_ends_the_session() {
+    let fx = fixture();
+    let src = source(fx.dir.path(), &vec![1u8; 2 * MIN_CHUNK_SIZE as usize]);
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let receiver = spawn_receiver(&fx, b);
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let offer = Offer {
+        path: "y".into(),
+        manifest: (*src.manifest).clone(),
+    };
+    conn.write_message(&Message::Offer(offer)).await.unwrap();
+    assert!(matches!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(_)
+    ));
+    let oversized = Chunk {
+        index: 0,
+        data: vec![1u8; MIN_CHUNK_SIZE as usize * 2],
+    };
+    conn.write_message(&Message::Chunk(oversized)).await.unwrap();
+    let err = receiver.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), crate::wire::ErrorCode::UnexpectedMessage, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_commits_cannot_keep_the_sender_looping() {
+    let fx = fixture();
+    let src = source(fx.dir.path(), b"twelve bytes");
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let broken_receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let mut commits = 0;
+        while let Ok(Some(msg)) = conn.read_message().await {
+            if matches!(msg, Message::Commit) {
+                commits += 1;
+            }
+            if matches!(msg, Message::Offer(_) | Message::Commit) {
+                let _ = conn.write_message(&Message::Need(Need { ranges: vec![] })).await;
+            }
+        }
+        commits
+    });
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let result = send(
+        &mut conn,
+        "z",
+        &src,
+        &SendOptions::default(),
+        &mut SendStats::default(),
+        &mut |_| {},
+    )
+    .await;
+    assert!(matches!(result, Err(super::TransferError::Integrity(_))), "{result:?}");
+    drop(conn);
+    assert_eq!(
+        broken_receiver.await.unwrap(),
+        8,
+        "bounded by the spec's 8 commit rounds"
     );
 }

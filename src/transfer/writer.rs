@@ -19,6 +19,12 @@ use crate::store::{Progress, ReceiverStore};
 use crate::verify::{self, VerifyError};
 use crate::wire::Chunk;
 
+/// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
+pub(crate) struct QueuedChunk {
+    pub(crate) chunk: Chunk,
+    pub(crate) _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// What the writer tells the session.
 #[derive(Debug)]
 pub(crate) enum WriterEvent {
@@ -73,22 +79,28 @@ impl ChunkWriter {
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
     /// itself for the commit step. A batch is made durable when it reaches the batch limit or the channel runs dry.
-    pub(crate) fn run(mut self, mut chunks: mpsc::Receiver<Chunk>, events: mpsc::UnboundedSender<WriterEvent>) -> Self {
+    pub(crate) fn run(
+        mut self,
+        mut chunks: mpsc::Receiver<QueuedChunk>,
+        events: mpsc::UnboundedSender<WriterEvent>,
+    ) -> Self {
         loop {
-            let chunk = match chunks.try_recv() {
-                Ok(chunk) => chunk,
+            let queued = match chunks.try_recv() {
+                Ok(queued) => queued,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if !self.make_durable(&events) {
                         return self;
                     }
                     match chunks.blocking_recv() {
-                        Some(chunk) => chunk,
+                        Some(queued) => queued,
                         None => return self,
                     }
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            if !self.accept(chunk, &events) || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events)) {
+            if !self.accept(queued.chunk, &events)
+                || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events))
+            {
                 return self;
             }
         }
