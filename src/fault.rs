@@ -233,3 +233,89 @@ async fn pump_down(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// An upstream that records everything it receives; returns its address and the bytes so far.
+    async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (addr, seen)
+    }
+
+    async fn wait_for_len(seen: &std::sync::Mutex<Vec<u8>>, len: usize) {
+        for _ in 0..500 {
+            if seen.lock().unwrap().len() >= len {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stall_forwards_exactly_n_bytes_and_keeps_the_client_connected() {
+        let (upstream, seen) = recording_upstream().await;
+        let proxy = FaultProxy::start("127.0.0.1:0", upstream, vec![Faults::stall(1000)])
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        client.write_all(&[1u8; 5000]).await.unwrap();
+        proxy.stalled(1).await;
+        wait_for_len(&seen, 1000).await;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), client.read(&mut buf)).await;
+        assert!(read.is_err(), "a stalled link is silent, not closed: {read:?}");
+        assert_eq!(seen.lock().unwrap().len(), 1000);
+        assert_eq!(proxy.stats().cuts.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cut_forwards_exactly_n_bytes_and_closes_the_client() {
+        let (upstream, seen) = recording_upstream().await;
+        let proxy = FaultProxy::start("127.0.0.1:0", upstream, vec![Faults::cut(1000)])
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        let _ = client.write_all(&[1u8; 5000]).await;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "the client sees the connection end");
+        wait_for_len(&seen, 1000).await;
+        assert_eq!(seen.lock().unwrap().len(), 1000);
+        assert_eq!(proxy.stats().cuts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flip_changes_exactly_one_byte() {
+        let (upstream, seen) = recording_upstream().await;
+        let proxy = FaultProxy::start("127.0.0.1:0", upstream, vec![Faults::flip(70_000)])
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        client.write_all(&vec![0u8; 100_000]).await.unwrap();
+        wait_for_len(&seen, 100_000).await;
+        let seen = seen.lock().unwrap();
+        let changed: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b != 0)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(changed, vec![70_000]);
+        assert_eq!(seen[70_000], 0x01);
+    }
+}

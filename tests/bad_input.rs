@@ -69,43 +69,58 @@ fn one_chunk(len: u32) -> ChunkEntry {
     }
 }
 
+/// One round of hostile connections, each answered with the right error code.
+async fn attack_round(server: &TestServer) {
+    assert_eq!(
+        error_code_for_raw(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+        ErrorCode::FrameTooLarge
+    );
+    assert_eq!(
+        error_code_for_raw(server, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await,
+        ErrorCode::FrameTooLarge
+    );
+    let undecodable = [0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+    assert_eq!(error_code_for_raw(server, &undecodable).await, ErrorCode::Malformed);
+    let mut bad_magic = Vec::new();
+    ferry::wire::codec::encode_frame(&hello(1, 1, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
+    assert_eq!(error_code_for_raw(server, &bad_magic).await, ErrorCode::BadMagic);
+    let mut future = Vec::new();
+    ferry::wire::codec::encode_frame(&hello(7, 9, MAGIC), ferry::MAX_FRAME, &mut future).unwrap();
+    assert_eq!(error_code_for_raw(server, &future).await, ErrorCode::VersionMismatch);
+    assert_eq!(
+        error_code_after_hello(server, Message::Commit).await,
+        ErrorCode::UnexpectedMessage
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
     let src = dir.path().join("during.bin");
-    write_random(&src, 6 * MIB, 9);
+    write_random(&src, 32 * MIB, 9);
     let state = dir.path().join("state");
     let url = server.url("during.bin");
-    let pushing = push(&src, &url, &state, &["--chunk-size", "64KiB"]);
-    let attacks = async {
-        assert_eq!(
-            error_code_for_raw(&server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
-            ErrorCode::FrameTooLarge
-        );
-        assert_eq!(
-            error_code_for_raw(&server, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await,
-            ErrorCode::FrameTooLarge
-        );
-        assert_eq!(
-            error_code_for_raw(&server, &[0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]).await,
-            ErrorCode::Malformed
-        );
-        let mut bad_magic = Vec::new();
-        ferry::wire::codec::encode_frame(&hello(1, 1, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
-        assert_eq!(error_code_for_raw(&server, &bad_magic).await, ErrorCode::BadMagic);
-        let mut future = Vec::new();
-        ferry::wire::codec::encode_frame(&hello(7, 9, MAGIC), ferry::MAX_FRAME, &mut future).unwrap();
-        assert_eq!(error_code_for_raw(&server, &future).await, ErrorCode::VersionMismatch);
-        assert_eq!(
-            error_code_after_hello(&server, Message::Commit).await,
-            ErrorCode::UnexpectedMessage
-        );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let pushing = async {
+        let out = push(&src, &url, &state, &["--chunk-size", "64KiB", "--window", "1MiB"]).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
     };
-    let (out, ()) = tokio::join!(pushing, attacks);
+    let attacks = async {
+        let mut rounds_during_push = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            attack_round(&server).await;
+            rounds_during_push += 1;
+        }
+        rounds_during_push
+    };
+    let (out, rounds) = tokio::join!(pushing, attacks);
     out.assert_ok();
+    assert!(rounds >= 1, "the attacks overlapped the push");
     assert_eq!(b3(&server.root.join("during.bin")), b3(&src));
     // Still serving after all that.
+    attack_round(&server).await;
     push(&src, &server.url("after.bin"), &state, &[]).await.assert_ok();
 }
 

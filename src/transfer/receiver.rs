@@ -19,6 +19,8 @@ use super::claims::Claims;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{next_message, send_within, TransferError};
 use crate::chunk::mtime_of;
+#[cfg(test)]
+use crate::manifest::ChunkEntry;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
 use crate::ranges::{ranges_len, ChunkSet, IndexRange};
@@ -532,5 +534,48 @@ fn system_time(t: FileTime) -> std::time::SystemTime {
         std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
     } else {
         std::time::UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::manifest_of;
+
+    #[test]
+    fn only_chunks_equal_in_place_and_received_are_carried_over() {
+        let old_manifest = manifest_of(&[10, 10, 10, 10]);
+        let mut received = ChunkSet::new(4);
+        for index in [0, 1, 3] {
+            received.insert(index);
+        }
+        let old = TransferRecord {
+            manifest: old_manifest.clone(),
+            partial: String::new(),
+            created: 0,
+        };
+        let progress = Progress {
+            received: received.to_bytes(),
+            ..Progress::default()
+        };
+        let mut changed = old_manifest.clone();
+        changed.chunks[1].hash[0] ^= 1; // received, but its content changed
+        changed.chunks.push(ChunkEntry {
+            offset: 40,
+            len: 5,
+            hash: [9; 32],
+        });
+        changed.size = 45;
+        let kept = carried_over(&old, &progress, &changed);
+        let kept: Vec<u32> = (0..kept.len()).filter(|&i| kept.contains(i)).collect();
+        assert_eq!(
+            kept,
+            vec![0, 3],
+            "chunk 1 changed, chunk 2 was never received, chunk 4 is new"
+        );
+
+        let mut shifted = manifest_of(&[5, 10, 10, 10, 5]);
+        shifted.chunks[1].hash = old_manifest.chunks[0].hash; // same bytes at another offset: not in place
+        assert_eq!(carried_over(&old, &progress, &shifted).present(), 0);
     }
 }

@@ -204,3 +204,93 @@ async fn a_receiver_that_never_commits_cannot_keep_the_sender_looping() {
         "bounded by the spec's 8 commit rounds"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_stops_at_the_window_until_acks_arrive() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let src = source(fx.dir.path(), &vec![3u8; 20 * chunk]);
+    let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    let silent_receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let mut chunks = 0;
+        while let Ok(Some(msg)) = conn.read_message().await {
+            match msg {
+                Message::Offer(_) => {
+                    let all = IndexRange { start: 0, count: 20 };
+                    conn.write_message(&Message::Need(Need { ranges: vec![all] }))
+                        .await
+                        .unwrap();
+                }
+                Message::Chunk(_) => chunks += 1,
+                _ => {}
+            }
+        }
+        chunks
+    });
+    let opts = SendOptions {
+        window: 4 * chunk as u64,
+        read_ahead: 4,
+        io_timeout: Duration::from_millis(300),
+    };
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let result = send(&mut conn, "w", &src, &opts, &mut SendStats::default(), &mut |_| {}).await;
+    assert!(matches!(result, Err(super::TransferError::Timeout(..))), "{result:?}");
+    drop(conn);
+    assert_eq!(
+        silent_receiver.await.unwrap(),
+        4,
+        "exactly one window of chunks went out unacknowledged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_only_ever_names_chunks_already_recorded_in_the_store() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let data: Vec<u8> = (0..12 * chunk).map(|i| (i % 253) as u8).collect();
+    let src = source(fx.dir.path(), &data);
+    let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    let receiver = spawn_receiver(&fx, b);
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let offer = Offer {
+        path: "acked".into(),
+        manifest: (*src.manifest).clone(),
+    };
+    conn.write_message(&Message::Offer(offer)).await.unwrap();
+    assert!(matches!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(_)
+    ));
+    for (index, entry) in src.manifest.chunks.iter().enumerate() {
+        let data = data[entry.offset as usize..][..entry.len as usize].to_vec();
+        conn.write_message(&Message::Chunk(Chunk {
+            index: index as u32,
+            data,
+        }))
+        .await
+        .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 12 {
+        let Message::Ack(ack) = recv(&mut conn, Duration::from_secs(5), "t").await.unwrap() else {
+            panic!("expected an Ack")
+        };
+        let progress = fx
+            .ctx
+            .store
+            .progress("acked")
+            .unwrap()
+            .expect("progress recorded before the Ack");
+        let recorded = crate::ranges::ChunkSet::from_bytes(12, &progress.received).unwrap();
+        for index in ack.ranges.iter().flat_map(IndexRange::indices) {
+            assert!(
+                recorded.contains(index),
+                "chunk {index} was acknowledged before it was recorded"
+            );
+            acked += 1;
+        }
+    }
+    drop(conn);
+    let _ = receiver.await;
+}

@@ -177,17 +177,5 @@ pub fn b3(path: &Path) -> String {
     blake3::hash(&std::fs::read(path).unwrap()).to_hex().to_string()
 }
 
-/// Waits until `check` holds, polling every 20 ms, for at most `limit`.
-pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
-}
-
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * 1024;
