@@ -78,15 +78,7 @@ async fn a_sigkilled_server_restarts_and_the_push_sends_only_missing_chunks() {
     let stall_at = 8 * MIB as u64;
     write_random(&src, size as usize, 3);
     let state = dir.path().join("state");
-    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
-        .await
-        .unwrap();
-    let url = format!("ferry://{}/vm.qcow2", proxy.addr());
-    let mut client = push_command(&src, &url, &state, &SMALL).spawn().unwrap();
-
-    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
-        .await
-        .expect("transfer reached 8 MiB");
+    let (_proxy, mut client) = push_until_stalled(&server, &src, &state, stall_at).await;
     server.kill9();
     let _ = client.kill();
     let _ = client.wait();
@@ -120,15 +112,7 @@ async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
     write_random(&src, size as usize, 4);
     let state = dir.path().join("state");
     // The stalled link keeps the server's old session open, as a dead Wi-Fi link without a FIN would.
-    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
-        .await
-        .unwrap();
-    let mut client = push_command(&src, &format!("ferry://{}/home.tar", proxy.addr()), &state, &SMALL)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
-        .await
-        .expect("transfer reached 6 MiB");
+    let (_proxy, mut client) = push_until_stalled(&server, &src, &state, stall_at).await;
     client.kill().unwrap();
     client.wait().unwrap();
 
@@ -146,6 +130,27 @@ async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
         sent <= size - stall_at + WINDOW + CHUNK,
         "re-run sent {sent} bytes of {size}"
     );
+}
+
+/// Starts `ferry push` of `src` through a proxy that stalls after `stall_at` bytes, and waits for the stall. The
+/// proxy is returned so that the stalled link stays open as long as the caller keeps it.
+async fn push_until_stalled(
+    server: &TestServer,
+    src: &std::path::Path,
+    state: &std::path::Path,
+    stall_at: u64,
+) -> (FaultProxy, std::process::Child) {
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
+        .await
+        .unwrap();
+    let name = src.file_name().unwrap().to_str().unwrap();
+    let client = push_command(src, &format!("ferry://{}/{name}", proxy.addr()), state, &SMALL)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
+        .await
+        .expect("the transfer reached the stall");
+    (proxy, client)
 }
 
 /// XORs one byte of a file in place (no truncation, so a writer still finishing elsewhere in the file is unaffected).
@@ -347,15 +352,7 @@ async fn sigterm_drains_sessions_keeps_progress_and_exits_cleanly() {
     let stall_at = 5 * MIB as u64;
     write_random(&src, size as usize, 13);
     let state = dir.path().join("state");
-    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
-        .await
-        .unwrap();
-    let mut client = push_command(&src, &format!("ferry://{}/nightly.tar", proxy.addr()), &state, &SMALL)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
-        .await
-        .expect("transfer reached 5 MiB");
+    let (_proxy, mut client) = push_until_stalled(&server, &src, &state, stall_at).await;
 
     let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(20)));
     assert_eq!(
