@@ -23,7 +23,7 @@ use crate::chunk::mtime_of;
 use crate::manifest::ChunkEntry;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
-use crate::ranges::{ranges_len, ChunkSet, IndexRange};
+use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, Progress, ReceiverStore, TransferRecord};
 use crate::verify::digest_file;
@@ -90,62 +90,54 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
         blocking(move || prepare(&ctx, &path, manifest)).await?
     };
-    let prepared = match plan {
+    let committed = match plan {
         Plan::AlreadyPresent(committed) => {
-            send_within(
-                conn,
-                &Message::Need(Need { ranges: vec![] }),
-                ctx.idle_timeout,
-                "sending Need",
-            )
-            .await?;
+            let nothing = Message::Need(Need { ranges: vec![] });
+            send_within(conn, &nothing, ctx.idle_timeout, "sending Need").await?;
             expect_commit(conn, ctx, &claim.superseded, stop).await?;
-            send_within(
-                conn,
-                &Message::Committed(committed.clone()),
-                ctx.idle_timeout,
-                "sending Committed",
-            )
-            .await?;
-            return Ok(committed);
+            committed
         }
-        Plan::Receive(prepared) => *prepared,
+        Plan::Receive(prepared) => {
+            receive_until_committed(conn, ctx, *prepared, &path, &claim.superseded, stop).await?
+        }
     };
-    let missing = prepared.writer.received.missing_ranges();
-    tracing::info!(path = %path, chunks = manifest.chunk_count(), missing = ranges_len(&missing), "offer accepted");
-    send_within(
-        conn,
-        &Message::Need(Need { ranges: missing }),
-        ctx.idle_timeout,
-        "sending Need",
-    )
-    .await?;
+    let reply = Message::Committed(committed.clone());
+    send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
+    Ok(committed)
+}
+
+/// Asks for the missing chunks, takes them in, and commits; asks again for whatever is still missing or turned
+/// out damaged at commit, for at most [`MAX_COMMIT_ROUNDS`] rounds.
+async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    prepared: Prepared,
+    path: &RemotePath,
+    superseded: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
     let mut writer = prepared.writer;
-    let mut rounds = 0;
-    let committed = loop {
-        let (writer_back, result) = receive_chunks(conn, ctx, writer, &claim.superseded, stop).await;
+    let chunks = writer.manifest.chunk_count();
+    let missing = chunks - writer.received.present();
+    tracing::info!(path = %path, chunks, missing, "offer accepted");
+    for _ in 0..MAX_COMMIT_ROUNDS {
+        let need = Message::Need(Need {
+            ranges: writer.received.missing_ranges(),
+        });
+        send_within(conn, &need, ctx.idle_timeout, "sending Need").await?;
+        let (writer_back, result) = receive_chunks(conn, ctx, writer, superseded, stop).await;
         writer = writer_back;
         result?;
         if writer.received.is_complete() {
             let (partial, target) = (prepared.partial.clone(), prepared.target.clone());
             match commit_with_keepalive(conn, ctx, writer, partial, target, path.clone()).await? {
-                CommitOutcome::Done(committed) => break committed,
+                CommitOutcome::Done(committed) => return Ok(committed),
                 CommitOutcome::Damaged(back) => writer = back,
             }
         }
-        rounds += 1;
-        if rounds >= MAX_COMMIT_ROUNDS {
-            let why = "chunks still missing after repeated commits";
-            return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
-        }
-        let missing = Message::Need(Need {
-            ranges: writer.received.missing_ranges(),
-        });
-        send_within(conn, &missing, ctx.idle_timeout, "sending Need").await?;
-    };
-    let reply = Message::Committed(committed.clone());
-    send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
-    Ok(committed)
+    }
+    let why = "chunks still missing after repeated commits";
+    Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
 }
 
 /// Runs one round of chunk reception until Commit (Ok) or a failure. Always drains the writer first, so what was
