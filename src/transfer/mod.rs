@@ -5,6 +5,7 @@
 //! role follows is the state machine in proto-spec.md, "Message order".
 
 pub mod claims;
+mod commit;
 pub mod handshake;
 pub mod receiver;
 pub mod sender;

@@ -1,0 +1,125 @@
+//! The commit step of the receiver, on a blocking thread: verify the whole file, repair chunks damaged on disk,
+//! apply metadata, sync, rename atomically into place, record.
+//!
+//! The order is proto-spec.md's "Crash safety": the final name only ever holds a file whose whole-file BLAKE3 was
+//! verified and synced, and the store records it as committed only after the rename is durable.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+
+use super::writer::ChunkWriter;
+use super::TransferError;
+use crate::chunk::mtime_of;
+use crate::manifest::{hex, FileTime, Manifest};
+use crate::path::{resolve_in_root, RemotePath};
+use crate::store::{now_secs, CommittedFile};
+use crate::verify::digest_file;
+use crate::wire::{Committed, ErrorCode};
+
+/// How a commit attempt ended.
+pub(crate) enum CommitOutcome {
+    /// The file is in place.
+    Done(Committed),
+    /// Chunks in the partial no longer match their hashes (damaged on disk after they were written); they are
+    /// marked missing again and must be re-sent.
+    Damaged(ChunkWriter),
+}
+
+/// Verifies the whole file, applies mode and mtime, syncs, renames it into place, and records it.
+pub(crate) fn commit(
+    mut writer: ChunkWriter,
+    root: &Path,
+    partial: &Path,
+    target: &Path,
+    path: &RemotePath,
+) -> Result<CommitOutcome, TransferError> {
+    use std::io::Seek;
+    let manifest = writer.manifest.clone();
+    writer.file.rewind().map_err(TransferError::Storage)?;
+    let digest = digest_file(&mut writer.file).map_err(TransferError::Storage)?;
+    if digest != manifest.digest {
+        let damaged = damaged_chunks(&writer.file, &manifest).map_err(TransferError::Storage)?;
+        if damaged.is_empty() {
+            return Err(TransferError::Integrity(format!(
+                "every chunk matches its hash but the file hashes to {}, not the manifest's {}",
+                hex(&digest),
+                hex(&manifest.digest)
+            )));
+        }
+        tracing::warn!(path = %path, chunks = damaged.len(), "partial file damaged on disk; asking for those chunks again");
+        for index in damaged {
+            writer.received.remove(index);
+        }
+        writer.progress.received = writer.received.to_bytes();
+        writer.store.save_progress(path.as_str(), &writer.progress)?;
+        return Ok(CommitOutcome::Damaged(writer));
+    }
+    apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
+    writer.file.sync_all().map_err(TransferError::Storage)?;
+    // Re-resolve: a symlink planted on the way since the Offer must not redirect the rename.
+    let checked = resolve_in_root(root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    debug_assert_eq!(checked, target);
+    std::fs::rename(partial, &checked).map_err(TransferError::Storage)?;
+    if let Some(parent) = checked.parent() {
+        File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(TransferError::Storage)?;
+    }
+    let meta = std::fs::metadata(&checked).map_err(TransferError::Storage)?;
+    use std::os::unix::fs::MetadataExt;
+    writer.store.commit(
+        path.as_str(),
+        &CommittedFile {
+            manifest_id: manifest.id(),
+            size: manifest.size,
+            digest,
+            mtime: mtime_of(&meta),
+            inode: meta.ino(),
+            committed_at: now_secs(),
+        },
+    )?;
+    writer
+        .stats
+        .files_committed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(path = %path, size = manifest.size, digest = %hex(&digest), "committed");
+    Ok(CommitOutcome::Done(Committed {
+        size: manifest.size,
+        digest,
+        received_bytes: writer.progress.received_bytes,
+        rejected_chunks: writer.progress.rejected_chunks,
+        already_present: false,
+    }))
+}
+
+/// Indices of chunks whose bytes in `file` no longer match the manifest.
+fn damaged_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<u32>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Vec::new();
+    let mut damaged = Vec::new();
+    for (index, entry) in manifest.chunks.iter().enumerate() {
+        buf.resize(entry.len as usize, 0);
+        file.read_exact_at(&mut buf, entry.offset)?;
+        if crate::verify::check_chunk(entry, &buf).is_err() {
+            damaged.push(index as u32);
+        }
+    }
+    Ok(damaged)
+}
+
+/// Applies the manifest's permission bits (`& 0o777`) and mtime to the partial.
+fn apply_metadata(file: &File, manifest: &Manifest) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(manifest.mode & 0o777))?;
+    file.set_modified(system_time(manifest.mtime))
+}
+
+fn system_time(t: FileTime) -> std::time::SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+    if t.secs >= 0 {
+        std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
+    } else {
+        std::time::UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}
