@@ -351,14 +351,20 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         .open(&partial)
         .map_err(TransferError::Storage)?;
     file.set_len(manifest.size).map_err(TransferError::Storage)?;
-    progress.received = received.to_bytes();
-    let created = record.as_ref().map_or_else(now_secs, |r| r.created);
-    let new_record = TransferRecord {
-        manifest: (*manifest).clone(),
-        partial: partial.display().to_string(),
-        created,
-    };
-    store.begin(key, &new_record, &progress)?;
+    let bitmap = received.to_bytes();
+    let same_offer = record.as_ref().is_some_and(|r| r.manifest.id() == manifest.id()) && progress.received == bitmap;
+    // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost
+    // work proportional to the file, not to what is missing.
+    if !same_offer {
+        progress.received = bitmap;
+        let created = record.as_ref().map_or_else(now_secs, |r| r.created);
+        let new_record = TransferRecord {
+            manifest: (*manifest).clone(),
+            partial: partial.display().to_string(),
+            created,
+        };
+        store.begin(key, &new_record, &progress)?;
+    }
     let writer = ChunkWriter::new(
         key.to_string(),
         file,
