@@ -84,7 +84,7 @@ pub struct PushArgs {
     /// Unacknowledged bytes in flight.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub window: u64,
-    /// Give up on a connection silent for this long.
+    /// Give up on a connection when no byte moves for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// First retry delay (doubles per failure, with jitter, up to 15s).
