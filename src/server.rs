@@ -20,7 +20,7 @@ use crate::path::RESERVED_DIR;
 use crate::store::{ReceiverStore, Store, StoreError};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
-use crate::transfer::{handshake, next_message, send_within, tell_peer, TransferError};
+use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
 use crate::MAX_FRAME;
 
@@ -199,7 +199,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 receive(conn, ctx, offer, stop).await?;
             }
             Ok(Message::Ping(nonce)) => {
-                send_within(conn, &Message::Pong(nonce), config.idle_timeout, "answering Ping").await?;
+                answer_ping(conn, nonce, config.idle_timeout).await?;
             }
             Ok(other) => {
                 return Err(TransferError::Unexpected {

@@ -176,10 +176,19 @@ pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Message, TransferError> {
     loop {
         match next_message(conn, timeout, state).await? {
-            Message::Ping(nonce) => send_within(conn, &Message::Pong(nonce), timeout, state).await?,
+            Message::Ping(nonce) => answer_ping(conn, nonce, timeout).await?,
             msg => return Ok(msg),
         }
     }
+}
+
+/// Answers a keep-alive Ping with its Pong.
+pub async fn answer_ping<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    nonce: u64,
+    idle: Duration,
+) -> Result<(), TransferError> {
+    send_within(conn, &Message::Pong(nonce), idle, "answering Ping").await
 }
 
 /// Tells the peer about `err` if that makes sense, best effort and bounded in time.

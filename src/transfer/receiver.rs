@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
-use super::{next_message, send_within, TransferError};
+use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::mtime_of;
 #[cfg(test)]
 use crate::manifest::ChunkEntry;
@@ -249,7 +249,7 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Message::Commit => Ok(Flow::EndOfRound),
         Message::Ping(nonce) => {
-            send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await?;
+            answer_ping(conn, nonce, ctx.idle_timeout).await?;
             Ok(Flow::Continue)
         }
         other => Err(TransferError::Unexpected {
@@ -274,9 +274,7 @@ async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::Commit => return Ok(()),
-            Message::Ping(nonce) => {
-                send_within(conn, &Message::Pong(nonce), ctx.idle_timeout, "answering Ping").await?
-            }
+            Message::Ping(nonce) => answer_ping(conn, nonce, ctx.idle_timeout).await?,
             other => {
                 return Err(TransferError::Unexpected {
                     got: other.name(),

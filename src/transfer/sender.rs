@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use super::{next_message, recv, send_within, TransferError};
+use super::{answer_ping, next_message, recv, send_within, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
 use crate::wire::{Chunk, Committed, Connection, Message, Offer};
@@ -148,7 +148,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Step::Message(Message::Ack(ack)) => pipeline.ack(&ack.ranges, stats)?,
             Step::Message(Message::Ping(nonce)) => {
-                send_within(conn, &Message::Pong(nonce), opts.io_timeout, "answering Ping").await?;
+                answer_ping(conn, nonce, opts.io_timeout).await?;
             }
             Step::Message(Message::Need(need)) => {
                 pipeline.need(&need.ranges, true, stats, on_event)?;

@@ -75,13 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // The length passed the limit check, so reserving it is bounded.
                 self.read_buf.reserve(LEN_PREFIX + len - self.read_buf.len());
             }
-            let read = self.stream.read_buf(&mut self.read_buf);
-            let n = match idle {
-                Some(limit) => tokio::time::timeout(limit, read)
-                    .await
-                    .map_err(|_| WireError::Idle(limit))??,
-                None => read.await?,
-            };
+            let n = within(idle, self.stream.read_buf(&mut self.read_buf)).await?;
             if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -105,13 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut written = 0;
         while written < self.write_buf.len() {
             let end = (written + WRITE_SLICE).min(self.write_buf.len());
-            let write = self.stream.write(&self.write_buf[written..end]);
-            let n = match idle {
-                Some(limit) => tokio::time::timeout(limit, write)
-                    .await
-                    .map_err(|_| WireError::Idle(limit))??,
-                None => write.await?,
-            };
+            let n = within(idle, self.stream.write(&self.write_buf[written..end])).await?;
             if n == 0 {
                 return Err(WireError::Io(std::io::ErrorKind::WriteZero.into()));
             }
@@ -135,6 +123,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.read_buf.is_empty() && self.read_buf.capacity() > 4 * 1024 * 1024 {
             self.read_buf = BytesMut::with_capacity(64 * 1024);
         }
+    }
+}
+
+/// Runs one socket call, failing with [`WireError::Idle`] if it makes no progress within `idle`.
+async fn within<T>(
+    idle: Option<Duration>,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, WireError> {
+    match idle {
+        Some(limit) => Ok(tokio::time::timeout(limit, io)
+            .await
+            .map_err(|_| WireError::Idle(limit))??),
+        None => Ok(io.await?),
     }
 }
 
