@@ -1,18 +1,28 @@
-//! File → chunks: cut a file into fixed-size chunks and hash each with BLAKE3, plus the whole-file digest.
+//! File → chunks: cut a file into content-defined (FastCDC) or fixed-size chunks and hash each with BLAKE3, plus
+//! the whole-file digest.
 //!
-//! Runs on blocking threads only (callers use `spawn_blocking`). Reading and hashing overlap: one thread reads and
-//! feeds the whole-file hasher, a second hashes the chunks, so two cores hash at once. A file that changes while it
-//! is being read (size or mtime differ before and after) is reported as [`ChunkError::SourceChanged`].
+//! Runs on blocking threads only (callers use `spawn_blocking`). Reading and hashing overlap: one thread reads,
+//! finds the cut points and feeds the whole-file hasher, a second hashes the chunks, so two cores hash at once. A
+//! file that changes while it is being read (size or mtime differ before and after) is reported as
+//! [`ChunkError::SourceChanged`].
 
 use std::fs::{File, Metadata};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::mpsc;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
+use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS, MIN_CHUNK_SIZE};
+
+/// Smallest average size of content-defined chunks.
+pub const MIN_CDC_AVG: u32 = 16 * 1024;
+/// Largest average size of content-defined chunks (fastcdc's bound).
+pub const MAX_CDC_AVG: u32 = 4 * 1024 * 1024;
+/// How much of the file the content-defined chunker looks at per read.
+const CDC_BUFFER: usize = 16 * 1024 * 1024;
 
 /// Building a manifest failed.
 #[derive(Debug, Error)]
@@ -28,6 +38,59 @@ pub enum ChunkError {
     /// The source changed while it was being read.
     #[error("{0} changed while it was being read")]
     SourceChanged(String),
+}
+
+/// The chunking scheme a user asks for (`--chunking`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum ChunkingMode {
+    /// Content-defined chunks (FastCDC): an insertion or deletion changes only the chunks around it.
+    #[default]
+    Cdc,
+    /// Fixed-size chunks: cheapest to compute, but an insertion shifts every later chunk.
+    Fixed,
+}
+
+/// What a user asked for: a scheme and a (target average) chunk size. [`ChunkSpec::for_size`] turns it into the
+/// exact parameters for one file.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkSpec {
+    /// The scheme.
+    pub mode: ChunkingMode,
+    /// Chunk size (fixed) or target average (content-defined).
+    pub size: u32,
+}
+
+impl Default for ChunkSpec {
+    fn default() -> Self {
+        ChunkSpec {
+            mode: ChunkingMode::Cdc,
+            size: crate::DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+impl ChunkSpec {
+    /// The parameters for a file of `size` bytes, within the protocol bounds and grown until the manifest fits in
+    /// [`MAX_MANIFEST_CHUNKS`] chunks. Content-defined chunks use `min = avg/4`, `max = avg*4`.
+    pub fn for_size(&self, size: u64) -> Chunking {
+        match self.mode {
+            ChunkingMode::Fixed => Chunking::Fixed {
+                size: effective_chunk_size(size, self.size),
+            },
+            ChunkingMode::Cdc => {
+                let mut avg = self.size.clamp(MIN_CDC_AVG, MAX_CDC_AVG);
+                // Content-defined chunks vary in size: leave room for twice the expected count.
+                while avg < MAX_CDC_AVG && size.div_ceil(u64::from(avg)) > (MAX_MANIFEST_CHUNKS / 2) as u64 {
+                    avg = avg.saturating_mul(2).min(MAX_CDC_AVG);
+                }
+                Chunking::FastCdc {
+                    min: avg / 4,
+                    avg,
+                    max: avg * 4,
+                }
+            }
+        }
+    }
 }
 
 /// The chunk size to use for a file of `size` bytes: `requested`, clamped to the protocol bounds and doubled
@@ -48,16 +111,16 @@ pub fn mtime_of(meta: &Metadata) -> FileTime {
     }
 }
 
-/// Reads the open `file` once (positional reads) and builds its manifest with fixed-size chunks of (about)
-/// `chunk_size` bytes. `path` only names the file in errors.
-pub fn build_manifest(file: &File, path: &Path, chunk_size: u32) -> Result<Manifest, ChunkError> {
+/// Reads the open `file` once (positional reads) and builds its manifest, cut as `spec` asks. `path` only names
+/// the file in errors.
+pub fn build_manifest(file: &File, path: &Path, spec: ChunkSpec) -> Result<Manifest, ChunkError> {
     let io = |source| ChunkError::Io {
         path: path.display().to_string(),
         source,
     };
     let before = file.metadata().map_err(io)?;
-    let chunk_size = effective_chunk_size(before.len(), chunk_size);
-    let (digest, chunks) = hash_chunks(file, before.len(), chunk_size).map_err(io)?;
+    let chunking = spec.for_size(before.len());
+    let (digest, chunks) = hash_chunks(file, before.len(), chunking).map_err(io)?;
     let after = file.metadata().map_err(io)?;
     if after.len() != before.len() || mtime_of(&after) != mtime_of(&before) {
         return Err(ChunkError::SourceChanged(path.display().to_string()));
@@ -65,21 +128,26 @@ pub fn build_manifest(file: &File, path: &Path, chunk_size: u32) -> Result<Manif
     Ok(Manifest {
         size: before.len(),
         digest,
-        chunking: Chunking::Fixed { size: chunk_size },
+        chunking,
         mtime: mtime_of(&before),
         mode: before.mode() & 0o7777,
         chunks,
     })
 }
 
-/// Reads `size` bytes in `chunk_size` pieces; returns the whole-file digest and the chunk list.
-fn hash_chunks(file: &File, size: u64, chunk_size: u32) -> std::io::Result<([u8; 32], Vec<ChunkEntry>)> {
-    let count = size.div_ceil(u64::from(chunk_size)) as usize;
+/// Cuts the first `size` bytes of `file` with exactly these (already validated) parameters; used by a receiver to
+/// find reusable chunks in an older copy. Does not check for concurrent changes: every reused chunk is verified.
+pub fn chunk_with(file: &File, size: u64, chunking: Chunking) -> std::io::Result<Vec<ChunkEntry>> {
+    hash_chunks(file, size, chunking).map(|(_, chunks)| chunks)
+}
+
+/// Reads `size` bytes, cut as `chunking` says; returns the whole-file digest and the chunk list.
+fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Hash, Vec<ChunkEntry>)> {
     let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
-            let mut chunks = Vec::with_capacity(count);
+            let mut chunks = Vec::new();
             for (offset, buf) in full_rx {
                 chunks.push(ChunkEntry {
                     offset,
@@ -91,26 +159,71 @@ fn hash_chunks(file: &File, size: u64, chunk_size: u32) -> std::io::Result<([u8;
             chunks
         });
         let mut whole = blake3::Hasher::new();
-        let mut offset = 0u64;
-        let mut spare = (0..3).map(|_| Vec::new()).collect::<Vec<_>>();
-        let read_result = (|| {
-            while offset < size {
-                let len = (size - offset).min(u64::from(chunk_size)) as usize;
-                let mut buf = spare.pop().or_else(|| free_rx.recv().ok()).unwrap_or_default();
-                buf.resize(len, 0);
-                file.read_exact_at(&mut buf, offset)?;
-                whole.update(&buf);
-                if full_tx.send((offset, buf)).is_err() {
-                    break;
-                }
-                offset += len as u64;
-            }
-            Ok::<_, std::io::Error>(())
-        })();
+        let mut spare: Vec<Vec<u8>> = (0..3).map(|_| Vec::new()).collect();
+        let mut emit = |offset: u64, bytes: &[u8]| {
+            whole.update(bytes);
+            let mut buf = spare.pop().or_else(|| free_rx.try_recv().ok()).unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(bytes);
+            full_tx.send((offset, buf)).is_ok()
+        };
+        let read_result = match chunking {
+            Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit),
+            Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit),
+        };
         drop(full_tx);
         let chunks = hasher.join().expect("chunk hasher thread panicked");
         read_result.map(|()| (*whole.finalize().as_bytes(), chunks))
     })
+}
+
+/// Emits fixed-size chunks; stops early if `emit` returns false.
+fn cut_fixed(file: &File, size: u64, chunk: u32, emit: &mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
+    let mut buf = vec![0u8; chunk.max(1) as usize];
+    let mut offset = 0u64;
+    while offset < size {
+        let len = (size - offset).min(u64::from(chunk)) as usize;
+        file.read_exact_at(&mut buf[..len], offset)?;
+        if !emit(offset, &buf[..len]) {
+            break;
+        }
+        offset += len as u64;
+    }
+    Ok(())
+}
+
+/// Emits content-defined chunks. The chunker runs over a buffer of the file; a chunk is final only if the buffer
+/// held `max` bytes from its start (or the file ended), so the cuts equal those of one pass over the whole file.
+fn cut_cdc(
+    file: &File,
+    size: u64,
+    (min, avg, max): (u32, u32, u32),
+    buffer: usize,
+    emit: &mut dyn FnMut(u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; buffer.max(2 * max as usize)];
+    let mut base = 0u64; // file offset of buf[0]
+    let mut filled = 0usize;
+    while base < size {
+        let want = ((size - base) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[filled..want], base + filled as u64)?;
+        filled = want;
+        let at_end = base + filled as u64 == size;
+        let mut consumed = 0usize;
+        for cut in fastcdc::v2020::FastCDC::new(&buf[..filled], min, avg, max) {
+            if !at_end && cut.offset + max as usize > filled {
+                break;
+            }
+            if !emit(base + cut.offset as u64, &buf[cut.offset..cut.offset + cut.length]) {
+                return Ok(());
+            }
+            consumed = cut.offset + cut.length;
+        }
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+        base += consumed as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -126,7 +239,11 @@ mod tests {
             let mut tmp = tempfile::NamedTempFile::new().unwrap();
             let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
             tmp.write_all(&data).unwrap();
-            let manifest = build_manifest(tmp.as_file(), tmp.path(), chunk).unwrap();
+            let spec = ChunkSpec {
+                mode: ChunkingMode::Fixed,
+                size: chunk,
+            };
+            let manifest = build_manifest(tmp.as_file(), tmp.path(), spec).unwrap();
             manifest.validate().unwrap();
             assert_eq!(manifest.size, size as u64);
             assert_eq!(manifest.digest, *blake3::hash(&data).as_bytes());
@@ -136,6 +253,70 @@ mod tests {
                 assert_eq!(entry.hash, *blake3::hash(bytes).as_bytes());
             }
         }
+    }
+
+    fn random_file(len: usize, seed: u64) -> (tempfile::NamedTempFile, Vec<u8>) {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&data).unwrap();
+        (tmp, data)
+    }
+
+    #[test]
+    fn buffered_cdc_cuts_equal_one_pass_over_the_whole_file() {
+        let (tmp, data) = random_file(3 * 1024 * 1024 + 123, 7);
+        let (min, avg, max) = (4096, 16384, 65536);
+        let expected: Vec<(u64, usize)> = fastcdc::v2020::FastCDC::new(&data, min, avg, max)
+            .map(|c| (c.offset as u64, c.length))
+            .collect();
+        for buffer in [0, 200_000, 1 << 20] {
+            let mut got = Vec::new();
+            cut_cdc(
+                tmp.as_file(),
+                data.len() as u64,
+                (min, avg, max),
+                buffer,
+                &mut |offset, bytes| {
+                    got.push((offset, bytes.len()));
+                    true
+                },
+            )
+            .unwrap();
+            assert_eq!(got, expected, "buffer {buffer}");
+        }
+    }
+
+    #[test]
+    fn an_insertion_changes_only_nearby_cdc_chunks() {
+        let (_, data) = random_file(8 * 1024 * 1024, 9);
+        let mut edited = data[..1000].to_vec();
+        edited.extend_from_slice(&[0xAB; 100]);
+        edited.extend_from_slice(&data[1000..]);
+        let spec = ChunkSpec {
+            mode: ChunkingMode::Cdc,
+            size: 64 * 1024,
+        };
+        let manifest_of = |bytes: &[u8]| {
+            let mut tmp = tempfile::NamedTempFile::new().unwrap();
+            tmp.write_all(bytes).unwrap();
+            build_manifest(tmp.as_file(), tmp.path(), spec).unwrap()
+        };
+        let (before, after) = (manifest_of(&data), manifest_of(&edited));
+        after.validate().unwrap();
+        assert_eq!(after.digest, *blake3::hash(&edited).as_bytes());
+        let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.hash).collect();
+        let new_bytes: u64 = after
+            .chunks
+            .iter()
+            .filter(|c| !old.contains(&c.hash))
+            .map(|c| u64::from(c.len))
+            .sum();
+        assert!(
+            new_bytes <= 4 * 256 * 1024,
+            "{new_bytes} new bytes after a 100-byte insertion"
+        );
     }
 
     #[test]

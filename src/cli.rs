@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::chunk::{ChunkSpec, ChunkingMode};
 use crate::client::{Backoff, PushError, PushEvent, PushOptions, PushReport};
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
@@ -75,7 +76,11 @@ pub struct PushArgs {
     /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// Chunk size (e.g. 1MiB, 256K); bounded to 4KiB..16MiB.
+    /// How to cut files: content-defined chunks (cdc: only the chunks around an edit change) or fixed-size.
+    #[arg(long, value_enum, default_value_t = ChunkingMode::Cdc)]
+    pub chunking: ChunkingMode,
+    /// Chunk size (fixed) or target average (cdc; chunks range from a quarter to four times it), e.g. 1MiB, 256K.
+    /// Bounded to 4KiB..16MiB (cdc: 16KiB..4MiB).
     #[arg(long, default_value = "1MiB", value_parser = parse_size_u32)]
     pub chunk_size: u32,
     /// Consecutive failed attempts without progress before giving up.
@@ -154,7 +159,10 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         source: args.file,
         destination: args.destination,
         state_dir,
-        chunk_size: args.chunk_size,
+        chunking: ChunkSpec {
+            mode: args.chunking,
+            size: args.chunk_size,
+        },
         retries: args.retries,
         send: SendOptions {
             window: args.window,
@@ -234,11 +242,12 @@ fn print_report(report: &PushReport) {
         "pushed"
     };
     eprintln!(
-        "ferry: {what}: {} -> {} ({}, sent {}, {} attempt(s), {:.2?})\nblake3 {}",
+        "ferry: {what}: {} -> {} ({}, sent {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
         report.source,
         report.destination,
         human(report.size),
         human(report.sent.bytes_sent),
+        human(report.committed.reused_bytes),
         report.attempts,
         report.duration,
         hex(&report.digest)
@@ -257,6 +266,7 @@ pub fn report_json(report: &PushReport) -> serde_json::Value {
         "digest": hex(&report.digest),
         "chunks": report.chunks,
         "bytes_sent": report.sent.bytes_sent,
+        "bytes_reused": report.committed.reused_bytes,
         "chunks_sent": report.sent.chunks_sent,
         "chunks_rejected": report.sent.chunks_rejected,
         "attempts": report.attempts,

@@ -15,7 +15,7 @@ use rand::Rng;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use crate::chunk::{build_manifest, mtime_of, ChunkError};
+use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
 use crate::store::{now_secs, ManifestKey, PushRecord, PushState, SenderStore, Store, StoreError};
@@ -64,8 +64,8 @@ pub struct PushOptions {
     pub destination: FerryUrl,
     /// Client state directory (sled store).
     pub state_dir: PathBuf,
-    /// Requested chunk size.
-    pub chunk_size: u32,
+    /// How to cut the file.
+    pub chunking: ChunkSpec,
     /// Consecutive failed attempts without progress before giving up.
     pub retries: u32,
     /// Sender tuning.
@@ -203,7 +203,7 @@ pub async fn push(opts: PushOptions, on_event: &mut (dyn FnMut(PushEvent) + Send
         let dir = opts.state_dir.clone();
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
-    let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunk_size, false).await?;
+    let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunking, false).await?;
     on_event(PushEvent::Manifest {
         chunks: manifest.chunk_count(),
         size: manifest.size,
@@ -229,7 +229,7 @@ pub async fn push(opts: PushOptions, on_event: &mut (dyn FnMut(PushEvent) + Send
             if run.source_changes > MAX_SOURCE_CHANGES {
                 break Err(PushError::SourceUnstable(canonical.display().to_string()));
             }
-            let rebuilt = load_manifest(&store, &source.file, &canonical, opts.chunk_size, true).await;
+            let rebuilt = load_manifest(&store, &source.file, &canonical, opts.chunking, true).await;
             match rebuilt {
                 Ok((manifest, _)) => source.manifest = Arc::new(manifest),
                 Err(e) => break Err(e),
@@ -339,7 +339,7 @@ async fn load_manifest(
     store: &SenderStore,
     file: &Arc<File>,
     canonical: &Path,
-    chunk_size: u32,
+    chunking: ChunkSpec,
     rebuild: bool,
 ) -> Result<(Manifest, bool), PushError> {
     let (store, file, canonical) = (store.clone(), file.clone(), canonical.to_path_buf());
@@ -353,7 +353,7 @@ async fn load_manifest(
             mtime: mtime_of(&meta),
             inode: meta.ino(),
             device: meta.dev(),
-            chunk_size,
+            chunking,
         };
         if rebuild {
             store.forget_manifests(&key.path)?;
@@ -362,7 +362,7 @@ async fn load_manifest(
                 return Ok((manifest, true));
             }
         }
-        let manifest = build_stable_manifest(&file, &canonical, chunk_size)?;
+        let manifest = build_stable_manifest(&file, &canonical, chunking)?;
         let key = ManifestKey {
             size: manifest.size,
             mtime: manifest.mtime,
@@ -375,10 +375,10 @@ async fn load_manifest(
 }
 
 /// Builds a manifest, trying again (bounded) if the file changes while it is read.
-fn build_stable_manifest(file: &File, canonical: &Path, chunk_size: u32) -> Result<Manifest, PushError> {
+fn build_stable_manifest(file: &File, canonical: &Path, chunking: ChunkSpec) -> Result<Manifest, PushError> {
     let mut tries = 0;
     loop {
-        match build_manifest(file, canonical, chunk_size) {
+        match build_manifest(file, canonical, chunking) {
             Ok(manifest) => return Ok(manifest),
             Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
                 return Err(PushError::SourceUnstable(path))

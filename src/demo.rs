@@ -24,7 +24,7 @@ use crate::url::FerryUrl;
 pub struct DemoOptions {
     /// Size of the generated file.
     pub size: u64,
-    /// Chunk size.
+    /// Target average chunk size.
     pub chunk_size: u32,
 }
 
@@ -90,7 +90,10 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
             path: "images/vm-image.raw".into(),
         },
         state_dir: dir.path().join("client-state"),
-        chunk_size: opts.chunk_size,
+        chunking: crate::chunk::ChunkSpec {
+            size: opts.chunk_size,
+            ..Default::default()
+        },
         retries: 10,
         send: SendOptions::default(),
         connect_timeout: Duration::from_secs(5),

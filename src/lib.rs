@@ -30,7 +30,7 @@ pub mod verify;
 pub mod wire;
 
 /// The protocol version this build speaks (proto-spec.md, "Versioning").
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 7878;
 /// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.

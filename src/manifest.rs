@@ -23,13 +23,24 @@ pub struct ChunkEntry {
     pub hash: Hash,
 }
 
-/// How the sender cut the file. Informational for the receiver, which only checks tiling.
+/// How the sender cut the file. Informational for the receiver, which only checks tiling; it also chunks an older
+/// local copy the same way to find reusable chunks.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Chunking {
     /// Fixed-size chunks of `size` bytes; the last may be shorter.
     Fixed {
         /// Chunk size in bytes.
         size: u32,
+    },
+    /// Content-defined chunks (FastCDC 2020, normalisation level 1, gear seed 0): boundaries follow the content,
+    /// so an insertion shifts only the chunks around it.
+    FastCdc {
+        /// Smallest chunk (the last may be shorter).
+        min: u32,
+        /// Target average.
+        avg: u32,
+        /// Largest chunk.
+        max: u32,
     },
 }
 
@@ -90,6 +101,9 @@ pub enum ManifestError {
         /// The limit.
         max: u32,
     },
+    /// The chunking parameters are out of bounds.
+    #[error("chunking parameters {0:?} are out of bounds")]
+    BadChunking(Chunking),
     /// The chunks cover a different number of bytes than the file size.
     #[error("chunks cover {covered} bytes but the file has {size}")]
     SizeMismatch {
@@ -98,6 +112,24 @@ pub enum ManifestError {
         /// Declared file size.
         size: u64,
     },
+}
+
+impl Chunking {
+    /// Whether the parameters are within the protocol bounds (a peer's claim is checked before anything chunks a
+    /// file with it).
+    pub fn is_valid(&self) -> bool {
+        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        match *self {
+            Chunking::Fixed { size } => (crate::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size),
+            Chunking::FastCdc { min, avg, max } => {
+                (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
+                    && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
+                    && (MAXIMUM_MIN..=MAXIMUM_MAX.min(MAX_CHUNK_SIZE)).contains(&max)
+                    && min <= avg
+                    && avg <= max
+            }
+        }
+    }
 }
 
 impl Manifest {
@@ -113,6 +145,9 @@ impl Manifest {
 
     /// Checks the chunks tile `0..size` exactly and respect the protocol limits.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if !self.chunking.is_valid() {
+            return Err(ManifestError::BadChunking(self.chunking));
+        }
         if self.chunks.len() > MAX_MANIFEST_CHUNKS {
             return Err(ManifestError::TooManyChunks {
                 count: self.chunks.len(),

@@ -144,9 +144,14 @@ impl ChunkSet {
         true
     }
 
+    /// The missing chunks, ascending.
+    pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len).filter(|&i| !self.contains(i))
+    }
+
     /// The missing chunks as ascending runs.
     pub fn missing_ranges(&self) -> Vec<IndexRange> {
-        encode_runs((0..self.len).filter(|&i| !self.contains(i)))
+        encode_runs(self.missing())
     }
 }
 

@@ -21,6 +21,8 @@ async fn error_code_for_raw(server: &TestServer, bytes: &[u8]) -> ErrorCode {
     }
 }
 
+const V: u16 = ferry::PROTOCOL_VERSION;
+
 fn hello(min_version: u16, max_version: u16, magic: [u8; 8]) -> Message {
     Message::Hello(Hello {
         magic,
@@ -34,7 +36,7 @@ fn hello(min_version: u16, max_version: u16, magic: [u8; 8]) -> Message {
 async fn error_code_after_hello(server: &TestServer, msg: Message) -> ErrorCode {
     let stream = TcpStream::connect(server.addr).await.unwrap();
     let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    conn.write_message(&hello(1, 1, MAGIC)).await.unwrap();
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
     assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
     conn.write_message(&msg).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
@@ -82,7 +84,7 @@ async fn attack_round(server: &TestServer) {
     let undecodable = [0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
     assert_eq!(error_code_for_raw(server, &undecodable).await, ErrorCode::Malformed);
     let mut bad_magic = Vec::new();
-    ferry::wire::codec::encode_frame(&hello(1, 1, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
+    ferry::wire::codec::encode_frame(&hello(V, V, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
     assert_eq!(error_code_for_raw(server, &bad_magic).await, ErrorCode::BadMagic);
     let mut future = Vec::new();
     ferry::wire::codec::encode_frame(&hello(7, 9, MAGIC), ferry::MAX_FRAME, &mut future).unwrap();
@@ -103,7 +105,13 @@ async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
     let url = server.url("during.bin");
     let done = std::sync::atomic::AtomicBool::new(false);
     let pushing = async {
-        let out = push(&src, &url, &state, &["--chunk-size", "64KiB", "--window", "1MiB"]).await;
+        let out = push(
+            &src,
+            &url,
+            &state,
+            &["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"],
+        )
+        .await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         out
     };

@@ -9,7 +9,7 @@ use crate::util::*;
 
 const CHUNK: u64 = 64 * KIB as u64;
 const WINDOW: u64 = MIB as u64;
-const SMALL: [&str; 4] = ["--chunk-size", "64KiB", "--window", "1MiB"];
+const SMALL: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuts_mid_transfer_resume_within_one_run_resending_at_most_a_window() {
@@ -308,7 +308,7 @@ async fn a_server_that_commits_the_wrong_digest_is_an_integrity_failure() {
         let mut conn = Connection::new(stream, ferry::MAX_FRAME);
         assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Hello(_))));
         let welcome = Welcome {
-            version: 1,
+            version: ferry::PROTOCOL_VERSION,
             agent: "liar".into(),
             max_frame: ferry::MAX_FRAME,
         };
@@ -325,6 +325,7 @@ async fn a_server_that_commits_the_wrong_digest_is_an_integrity_failure() {
             digest: [0xee; 32],
             received_bytes: 0,
             rejected_chunks: 0,
+            reused_bytes: 0,
             already_present: true,
         };
         conn.write_message(&Message::Committed(lie)).await.unwrap();

@@ -22,7 +22,7 @@ async fn fresh_pushes_of_interesting_sizes_arrive_intact() {
             &src,
             &server.url(&format!("sizes/{size}.bin")),
             &state,
-            &["--chunk-size", "4KiB"],
+            &["--chunking", "fixed", "--chunk-size", "4KiB"],
         )
         .await;
         out.assert_ok();

@@ -4,5 +4,6 @@
 mod util;
 
 mod bad_input;
+mod delta;
 mod faults;
 mod push;

@@ -1,6 +1,8 @@
-//! Receiver state: one record per open transfer, its received-chunk bitmap, and committed files.
+//! Receiver state: one record per open transfer, its received-chunk bitmap, committed files with their manifests,
+//! and the chunk index (hash → file, offset, length) through which any stored chunk can be reused.
 //!
-//! Keys are the destination path (a namespace prefix comes with authentication). Crash-safety order
+//! Keys are `kind NUL scope NUL path`: a server uses the empty scope (a namespace comes with authentication), a
+//! pulling client the canonical local root, so pulls into different directories never share records. Crash-safety order
 //! (proto-spec.md, "Crash safety"): chunk bytes are synced by the caller, then [`ReceiverStore::save_progress`]
 //! records them and flushes, and only then may an Ack go out.
 
@@ -13,6 +15,8 @@ use crate::wire::codec::encode_record;
 const TRANSFER: &str = "transfer";
 const PROGRESS: &str = "progress";
 const FILE: &str = "file";
+const FILE_MANIFEST: &str = "fmanifest";
+const CHUNK: &str = "chunk";
 
 /// An open (uncommitted) transfer.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -34,6 +38,8 @@ pub struct Progress {
     pub received_bytes: u64,
     /// Chunks that failed verification over all connections.
     pub rejected_chunks: u32,
+    /// Chunk bytes copied from files the receiver already held instead of being sent.
+    pub reused_bytes: u64,
     /// Last update (Unix seconds).
     pub updated: u64,
 }
@@ -55,42 +61,97 @@ pub struct CommittedFile {
     pub committed_at: u64,
 }
 
-/// Typed access to the receiver's records.
+/// Where a committed chunk lives: the chunk index's answer for a hash.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The committed file (a path relative to the root).
+    pub path: String,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Typed access to the receiver's records of one scope.
 #[derive(Clone)]
 pub struct ReceiverStore {
     store: Store,
     tree: sled::Tree,
+    scope: Vec<u8>,
 }
 
 impl ReceiverStore {
-    /// Opens the receiver's tree in `store`.
+    /// Opens the receiver's records of the empty scope (a server's root).
     pub fn open(store: &Store) -> Result<ReceiverStore, StoreError> {
+        Self::open_scoped(store, "")
+    }
+
+    /// Opens the receiver's records of `scope` (no NUL inside).
+    pub fn open_scoped(store: &Store, scope: &str) -> Result<ReceiverStore, StoreError> {
         Ok(ReceiverStore {
             store: store.clone(),
             tree: store.tree("receiver")?,
+            scope: scope.as_bytes().to_vec(),
         })
+    }
+
+    fn key(&self, kind: &str, path: &[u8]) -> Vec<u8> {
+        let mut scoped = self.scope.clone();
+        scoped.push(0);
+        scoped.extend_from_slice(path);
+        prefixed(kind, &scoped)
+    }
+
+    fn chunk_key(&self, hash: &Hash, path: &str) -> Vec<u8> {
+        let mut key = self.key(CHUNK, hash);
+        key.extend_from_slice(path.as_bytes());
+        key
+    }
+
+    /// Up to `limit` committed places holding a chunk with this hash.
+    pub fn chunk_locations(&self, hash: &Hash, limit: usize) -> Result<Vec<ChunkLocation>, StoreError> {
+        let prefix = self.key(CHUNK, hash);
+        let mut found = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix).take(limit) {
+            let (key, value) = entry?;
+            let (offset, len): (u64, u32) = super::decode(&key, &value)?;
+            let path = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            found.push(ChunkLocation { path, offset, len });
+        }
+        Ok(found)
+    }
+
+    /// Forgets that `path` holds a chunk with this hash (it turned out to hold other bytes).
+    pub fn forget_chunk(&self, hash: &Hash, path: &str) -> Result<(), StoreError> {
+        self.tree.remove(self.chunk_key(hash, path))?;
+        Ok(())
+    }
+
+    /// The manifest of the committed file at `path`, if any.
+    pub fn committed_manifest(&self, path: &str) -> Result<Option<Manifest>, StoreError> {
+        get(&self.tree, &self.key(FILE_MANIFEST, path.as_bytes()))
     }
 
     /// The open transfer to `path`, if any.
     pub fn transfer(&self, path: &str) -> Result<Option<TransferRecord>, StoreError> {
-        get(&self.tree, &prefixed(TRANSFER, path.as_bytes()))
+        get(&self.tree, &self.key(TRANSFER, path.as_bytes()))
     }
 
     /// The progress of the open transfer to `path`, if any.
     pub fn progress(&self, path: &str) -> Result<Option<Progress>, StoreError> {
-        get(&self.tree, &prefixed(PROGRESS, path.as_bytes()))
+        get(&self.tree, &self.key(PROGRESS, path.as_bytes()))
     }
 
     /// The committed file at `path`, if any.
     pub fn committed(&self, path: &str) -> Result<Option<CommittedFile>, StoreError> {
-        get(&self.tree, &prefixed(FILE, path.as_bytes()))
+        get(&self.tree, &self.key(FILE, path.as_bytes()))
     }
 
     /// Records a (re)started transfer and its initial progress atomically, then flushes.
     pub fn begin(&self, path: &str, record: &TransferRecord, progress: &Progress) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        batch.insert(prefixed(TRANSFER, path.as_bytes()), encode_record(record));
-        batch.insert(prefixed(PROGRESS, path.as_bytes()), encode_record(progress));
+        batch.insert(self.key(TRANSFER, path.as_bytes()), encode_record(record));
+        batch.insert(self.key(PROGRESS, path.as_bytes()), encode_record(progress));
         self.tree.apply_batch(batch)?;
         self.store.flush()
     }
@@ -100,16 +161,47 @@ impl ReceiverStore {
         let mut progress = progress.clone();
         progress.updated = now_secs();
         self.tree
-            .insert(prefixed(PROGRESS, path.as_bytes()), encode_record(&progress))?;
+            .insert(self.key(PROGRESS, path.as_bytes()), encode_record(&progress))?;
         self.store.flush()
     }
 
-    /// Replaces the open transfer with its committed-file record atomically, then flushes.
-    pub fn commit(&self, path: &str, file: &CommittedFile) -> Result<(), StoreError> {
+    /// Replaces the open transfer with its committed-file record and manifest, and moves the chunk index from the
+    /// previous version of `path` to this one, atomically; then flushes.
+    pub fn commit(&self, path: &str, file: &CommittedFile, manifest: &Manifest) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        batch.remove(prefixed(TRANSFER, path.as_bytes()));
-        batch.remove(prefixed(PROGRESS, path.as_bytes()));
-        batch.insert(prefixed(FILE, path.as_bytes()), encode_record(file));
+        self.commit_into(&mut batch, path, file, manifest)?;
+        self.tree.apply_batch(batch)?;
+        self.store.flush()
+    }
+
+    /// Adds the writes of [`ReceiverStore::commit`] to `batch` (several small files share one batch and flush).
+    pub fn commit_into(
+        &self,
+        batch: &mut sled::Batch,
+        path: &str,
+        file: &CommittedFile,
+        manifest: &Manifest,
+    ) -> Result<(), StoreError> {
+        if let Some(old) = self.committed_manifest(path)? {
+            for chunk in &old.chunks {
+                batch.remove(self.chunk_key(&chunk.hash, path));
+            }
+        }
+        batch.remove(self.key(TRANSFER, path.as_bytes()));
+        batch.remove(self.key(PROGRESS, path.as_bytes()));
+        batch.insert(self.key(FILE, path.as_bytes()), encode_record(file));
+        batch.insert(self.key(FILE_MANIFEST, path.as_bytes()), encode_record(manifest));
+        for chunk in &manifest.chunks {
+            batch.insert(
+                self.chunk_key(&chunk.hash, path),
+                encode_record(&(chunk.offset, chunk.len)),
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies a batch built with [`ReceiverStore::commit_into`] and flushes.
+    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch)?;
         self.store.flush()
     }

@@ -1,7 +1,7 @@
 //! Sender state: the manifest cache and one record per push.
 //!
 //! The cache is keyed by everything that identifies unchanged content without reading it (canonical path, size,
-//! mtime, inode, device, chunk size), so re-running a push does not rehash an unchanged file. A cached manifest is
+//! mtime, inode, device, requested chunking), so re-running a push does not rehash an unchanged file. A cached manifest is
 //! still only a claim: the sender re-hashes every chunk it reads for sending and drops the cache entry on a mismatch.
 
 use serde::{Deserialize, Serialize};
@@ -26,8 +26,8 @@ pub struct ManifestKey {
     pub inode: u64,
     /// Device number.
     pub device: u64,
-    /// Requested chunk size.
-    pub chunk_size: u32,
+    /// Requested chunking.
+    pub chunking: crate::chunk::ChunkSpec,
 }
 
 /// Where a push stands.

@@ -78,6 +78,7 @@ pub(crate) fn commit(
             inode: meta.ino(),
             committed_at: now_secs(),
         },
+        &manifest,
     )?;
     writer
         .stats
@@ -89,6 +90,7 @@ pub(crate) fn commit(
         digest,
         received_bytes: writer.progress.received_bytes,
         rejected_chunks: writer.progress.rejected_chunks,
+        reused_bytes: writer.progress.reused_bytes,
         already_present: false,
     }))
 }

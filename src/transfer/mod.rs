@@ -8,6 +8,7 @@ pub mod claims;
 mod commit;
 pub mod handshake;
 pub mod receiver;
+mod reuse;
 pub mod sender;
 mod writer;
 

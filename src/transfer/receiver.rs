@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
+use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::mtime_of;
@@ -117,6 +118,14 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     let mut writer = prepared.writer;
+    let reuse = {
+        let (root, target, path) = (ctx.root.clone(), prepared.target.clone(), path.clone());
+        with_keepalive(conn, ctx, move || {
+            let reused = reuse_local(&mut writer, &root, &target, &path);
+            reused.map(|_| writer)
+        })
+    };
+    writer = reuse.await?;
     let chunks = writer.manifest.chunk_count();
     let missing = chunks - writer.received.present();
     tracing::info!(path = %path, chunks, missing, "offer accepted");
@@ -295,7 +304,18 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     path: RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
     let root = ctx.root.clone();
-    let mut task = tokio::task::spawn_blocking(move || commit(writer, &root, &partial, &target, &path));
+    with_keepalive(conn, ctx, move || commit(writer, &root, &partial, &target, &path)).await
+}
+
+/// Runs disk work (reuse, commit) on a blocking thread while pinging the sender every [`KEEPALIVE`], so a long
+/// local step does not look like a dead peer. A dead link does not abandon the work: it owns the partial and the
+/// claim and must leave both consistent.
+async fn with_keepalive<S: AsyncRead + AsyncWrite + Unpin, T: Send + 'static>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    work: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    let mut task = tokio::task::spawn_blocking(work);
     let mut nonce = 0;
     let mut pinging = true;
     loop {
@@ -303,7 +323,6 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
             done = &mut task => return done.map_err(|e| TransferError::Storage(std::io::Error::other(e)))?,
             _ = tokio::time::sleep(KEEPALIVE), if pinging => {
                 nonce += 1;
-                // A dead link must not abandon the commit: it still owns the partial and the claim.
                 pinging = send_within(conn, &Message::Ping(nonce), ctx.idle_timeout, "committing").await.is_ok();
             }
         }
@@ -422,6 +441,7 @@ fn already_present(
         digest: done.digest,
         received_bytes: 0,
         rejected_chunks: 0,
+        reused_bytes: 0,
         already_present: true,
     }))
 }

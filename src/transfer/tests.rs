@@ -9,7 +9,14 @@ use super::claims::Claims;
 use super::receiver::{receive, ReceiverContext};
 use super::recv;
 use super::sender::{send, SendOptions, SendStats, Source};
-use crate::chunk::build_manifest;
+use crate::chunk::{build_manifest, ChunkSpec, ChunkingMode};
+
+fn fixed(size: u32) -> ChunkSpec {
+    ChunkSpec {
+        mode: ChunkingMode::Fixed,
+        size,
+    }
+}
 use crate::ranges::IndexRange;
 use crate::store::{ReceiverStore, Store};
 use crate::wire::{Chunk, Connection, Message, Need, Offer};
@@ -43,7 +50,7 @@ fn source(dir: &std::path::Path, data: &[u8]) -> Source {
     let path = dir.join("source.bin");
     std::fs::write(&path, data).unwrap();
     let file = std::fs::File::open(&path).unwrap();
-    let manifest = build_manifest(&file, &path, MIN_CHUNK_SIZE).unwrap();
+    let manifest = build_manifest(&file, &path, fixed(MIN_CHUNK_SIZE)).unwrap();
     Source {
         file: Arc::new(file),
         manifest: Arc::new(manifest),

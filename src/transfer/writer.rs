@@ -142,27 +142,61 @@ impl ChunkWriter {
 
     /// Syncs the batch, records it in the store, and reports it durable; false if storage failed.
     fn make_durable(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        match self.persist_batch() {
+            Ok(ranges) if ranges.is_empty() => true,
+            Ok(ranges) => {
+                let _ = events.send(WriterEvent::Durable(ranges));
+                true
+            }
+            Err(e) => {
+                let _ = events.send(WriterEvent::Failed(e));
+                false
+            }
+        }
+    }
+
+    /// Syncs the partial, then marks the batch received in the store; returns the chunks made durable.
+    pub(crate) fn persist_batch(&mut self) -> Result<Vec<IndexRange>, TransferError> {
         if self.batch.is_empty() {
-            return true;
+            return Ok(Vec::new());
         }
-        if let Err(e) = self.file.sync_data() {
-            let _ = events.send(WriterEvent::Failed(TransferError::Storage(e)));
-            return false;
-        }
+        self.file.sync_data().map_err(TransferError::Storage)?;
         self.batch.sort_unstable();
         for &index in &self.batch {
             self.received.insert(index);
         }
         self.progress.received = self.received.to_bytes();
-        if let Err(e) = self.store.save_progress(&self.key, &self.progress) {
-            let _ = events.send(WriterEvent::Failed(e.into()));
-            return false;
-        }
+        self.store.save_progress(&self.key, &self.progress)?;
         self.stats
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-        let _ = events.send(WriterEvent::Durable(encode_runs(self.batch.drain(..))));
         self.batch_bytes = 0;
-        true
+        Ok(encode_runs(self.batch.drain(..)))
+    }
+
+    /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
+    /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`].
+    pub(crate) fn write_local(&mut self, index: u32, data: &[u8]) -> Result<bool, TransferError> {
+        let Some(entry) = self.manifest.chunk(index) else {
+            return Ok(false);
+        };
+        if self.received.contains(index) || self.batch.contains(&index) {
+            return Ok(true);
+        }
+        match verify::write_verified(&self.file, entry, data) {
+            Ok(()) => {
+                self.batch.push(index);
+                self.batch_bytes += data.len() as u64;
+                self.progress.reused_bytes += data.len() as u64;
+                Ok(true)
+            }
+            Err(VerifyError::Mismatch { .. }) => Ok(false),
+            Err(VerifyError::Io { source, .. }) => Err(TransferError::Storage(source)),
+        }
+    }
+
+    /// Whether the current batch has reached the sync size.
+    pub(crate) fn batch_full(&self) -> bool {
+        self.batch_bytes >= self.batch_limit
     }
 }

@@ -165,6 +165,7 @@ mod tests {
                 digest: [7; 32],
                 received_bytes: 9,
                 rejected_chunks: 1,
+                reused_bytes: 4,
                 already_present: false,
             }),
             Message::Error(ErrorFrame::new(ErrorCode::Busy, "later")),

@@ -134,6 +134,9 @@ pub struct Committed {
     pub received_bytes: u64,
     /// Chunks that failed verification and were asked for again, over all connections.
     pub rejected_chunks: u32,
+    /// Chunk bytes the receiver copied from files it already held (verified like received ones) instead of
+    /// asking for them.
+    pub reused_bytes: u64,
     /// True if the receiver already held exactly this file and nothing was transferred.
     pub already_present: bool,
 }

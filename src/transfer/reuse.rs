@@ -1,0 +1,246 @@
+//! Local chunk reuse: before asking the sender for anything, the receiver fills the partial with needed chunks it
+//! already holds, so an unchanged chunk never crosses the wire twice.
+//!
+//! Places are tried in this order: a chunk of the same offer already in the partial (a repeated block), the file
+//! currently at the destination (the previous version: its committed manifest if the file is unchanged since the
+//! commit, else it is cut with the offer's chunking), then the chunk index over every committed file of the scope.
+//! Every reused chunk goes through the same verify-then-write door as a received one, so a stale index entry or an
+//! edited file can cost a lookup, never a wrong byte; a stale index entry is dropped.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::writer::ChunkWriter;
+use super::TransferError;
+use crate::chunk::{chunk_with, mtime_of};
+use crate::manifest::{ChunkEntry, Hash};
+use crate::path::{resolve_in_root, RemotePath};
+use crate::store::ReceiverStore;
+
+/// Index entries tried per chunk hash.
+const LOCATIONS_PER_HASH: usize = 2;
+
+/// Where a reusable copy of a chunk may be.
+#[derive(Clone, Copy)]
+enum Place {
+    /// In the partial itself, at this offset.
+    Partial(u64),
+    /// In file number `file` of the opened sources, at this offset.
+    File { file: usize, offset: u64 },
+}
+
+/// What one reuse pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reused {
+    /// Chunks filled from local copies.
+    pub(crate) chunks: u64,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+}
+
+/// Fills the missing chunks of `writer` from local copies and makes them durable. Blocking.
+pub(crate) fn reuse_local(
+    writer: &mut ChunkWriter,
+    root: &Path,
+    target: &Path,
+    path: &RemotePath,
+) -> Result<Reused, TransferError> {
+    let mut wanted: HashMap<Hash, Vec<u32>> = HashMap::new();
+    for index in writer.received.missing() {
+        wanted
+            .entry(writer.manifest.chunks[index as usize].hash)
+            .or_default()
+            .push(index);
+    }
+    if wanted.is_empty() {
+        return Ok(Reused::default());
+    }
+    let mut finder = Finder {
+        places: HashMap::new(),
+        files: Vec::new(),
+        paths: Vec::new(),
+    };
+    for (index, chunk) in writer.manifest.chunks.iter().enumerate() {
+        if writer.received.contains(index as u32) && wanted.contains_key(&chunk.hash) {
+            finder
+                .places
+                .entry(chunk.hash)
+                .or_default()
+                .push(Place::Partial(chunk.offset));
+        }
+    }
+    finder.add_previous_version(&writer.store, path, target, writer, &wanted);
+    let mut copier = Copier {
+        store: writer.store.clone(),
+        buf: Vec::new(),
+        reused: Reused::default(),
+    };
+    for (hash, indices) in &wanted {
+        let len = writer.manifest.chunks[indices[0] as usize].len;
+        let mut places = finder.places.remove(hash).unwrap_or_default();
+        if places.is_empty() {
+            places = finder.indexed(&writer.store, root, path, hash, len);
+        }
+        copier.fill(writer, &finder, hash, len, indices, &places)?;
+    }
+    writer.persist_batch()?;
+    if copier.reused.chunks > 0 {
+        tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
+    }
+    Ok(copier.reused)
+}
+
+/// Opened source files and the places of wanted chunks in them.
+struct Finder {
+    places: HashMap<Hash, Vec<Place>>,
+    files: Vec<File>,
+    /// Relative path of each opened file (empty for the destination's previous version).
+    paths: Vec<String>,
+}
+
+impl Finder {
+    /// Adds the chunks of the file now at the destination: from its committed manifest if it is unchanged since
+    /// that commit, else by cutting it the way the offer was cut.
+    fn add_previous_version(
+        &mut self,
+        store: &ReceiverStore,
+        path: &RemotePath,
+        target: &Path,
+        writer: &ChunkWriter,
+        wanted: &HashMap<Hash, Vec<u32>>,
+    ) {
+        let Ok(file) = open_no_follow(target) else {
+            return;
+        };
+        let Ok(meta) = file.metadata() else { return };
+        if !meta.is_file() || meta.len() == 0 {
+            return;
+        }
+        let committed = store.committed(path.as_str()).ok().flatten();
+        let unchanged =
+            committed.is_some_and(|c| c.size == meta.len() && c.inode == meta.ino() && c.mtime == mtime_of(&meta));
+        let stored = if unchanged {
+            store.committed_manifest(path.as_str()).ok().flatten().map(|m| m.chunks)
+        } else {
+            None
+        };
+        let chunks: Vec<ChunkEntry> = match stored {
+            Some(chunks) => chunks,
+            None => match chunk_with(&file, meta.len(), writer.manifest.chunking) {
+                Ok(chunks) => chunks,
+                Err(e) => {
+                    tracing::warn!(path = %path, error = %e, "could not read the previous version for reuse");
+                    return;
+                }
+            },
+        };
+        let number = self.files.len();
+        self.files.push(file);
+        self.paths.push(String::new());
+        for chunk in chunks {
+            if wanted.contains_key(&chunk.hash) {
+                let place = Place::File {
+                    file: number,
+                    offset: chunk.offset,
+                };
+                self.places.entry(chunk.hash).or_default().push(place);
+            }
+        }
+    }
+
+    /// Places the chunk index knows for `hash` in other committed files, opening them as needed.
+    fn indexed(&mut self, store: &ReceiverStore, root: &Path, own: &RemotePath, hash: &Hash, len: u32) -> Vec<Place> {
+        let Ok(locations) = store.chunk_locations(hash, LOCATIONS_PER_HASH + 1) else {
+            return Vec::new();
+        };
+        let mut places = Vec::new();
+        for location in locations.into_iter().filter(|l| l.path != own.as_str() && l.len == len) {
+            let number = match self.paths.iter().position(|p| *p == location.path) {
+                Some(number) => number,
+                None => {
+                    let Some(file) = open_committed(root, &location.path) else {
+                        let _ = store.forget_chunk(hash, &location.path);
+                        continue;
+                    };
+                    self.files.push(file);
+                    self.paths.push(location.path.clone());
+                    self.files.len() - 1
+                }
+            };
+            places.push(Place::File {
+                file: number,
+                offset: location.offset,
+            });
+            if places.len() == LOCATIONS_PER_HASH {
+                break;
+            }
+        }
+        places
+    }
+}
+
+/// Copies verified chunks into the partial.
+struct Copier {
+    store: ReceiverStore,
+    buf: Vec<u8>,
+    reused: Reused,
+}
+
+impl Copier {
+    /// Tries `places` in order until one holds bytes hashing to `hash`, then writes them as every chunk in
+    /// `indices`. A place that holds other bytes is skipped (and forgotten, if it came from the index).
+    fn fill(
+        &mut self,
+        writer: &mut ChunkWriter,
+        finder: &Finder,
+        hash: &Hash,
+        len: u32,
+        indices: &[u32],
+        places: &[Place],
+    ) -> Result<(), TransferError> {
+        self.buf.resize(len as usize, 0);
+        for place in places {
+            let read = match *place {
+                Place::Partial(offset) => writer.file.read_exact_at(&mut self.buf, offset),
+                Place::File { file, offset } => finder.files[file].read_exact_at(&mut self.buf, offset),
+            };
+            if read.is_err() || blake3::hash(&self.buf).as_bytes() != hash {
+                if let Place::File { file, .. } = *place {
+                    if !finder.paths[file].is_empty() {
+                        let _ = self.store.forget_chunk(hash, &finder.paths[file]);
+                    }
+                }
+                continue;
+            }
+            for &index in indices {
+                if writer.write_local(index, &self.buf)? {
+                    self.reused.chunks += 1;
+                    self.reused.bytes += u64::from(len);
+                }
+                if writer.batch_full() {
+                    writer.persist_batch()?;
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+}
+
+/// Opens a committed file named by the index, inside `root` and without following symlinks.
+fn open_committed(root: &Path, path: &str) -> Option<File> {
+    let path = RemotePath::parse(path).ok()?;
+    let resolved: PathBuf = resolve_in_root(root, &path, false).ok()?;
+    let file = open_no_follow(&resolved).ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
+}
+
+/// Opens `path` for reading, refusing a symlink in its last component.
+fn open_no_follow(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
