@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkSpec, ChunkingMode};
-use crate::client::{Backoff, PushError, PushEvent, PushOptions, PushReport};
+use crate::client::{Backoff, ClientError, ClientEvent, PullOptions, PullReport, PushOptions, PushReport};
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
 use crate::server::{Server, ServerConfig, ServerError};
@@ -42,6 +42,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Push a file to a server, resuming whatever it already has.
     Push(PushArgs),
+    /// Pull a file from a server, resuming whatever an earlier run left and reusing an older local copy.
+    Pull(PullArgs),
     /// Show a resumed, verified push through a flaky link (in-process server, temp dir).
     Demo(DemoArgs),
 }
@@ -73,6 +75,26 @@ pub struct PushArgs {
     pub file: PathBuf,
     /// ferry://HOST[:PORT]/REMOTE/PATH (a trailing '/' keeps the local file name).
     pub destination: FerryUrl,
+    /// Options shared with pull.
+    #[command(flatten)]
+    pub common: TransferArgs,
+}
+
+/// `ferry pull`.
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// ferry://HOST[:PORT]/REMOTE/PATH of the file to fetch.
+    pub source: FerryUrl,
+    /// Local file to write, or an existing directory to write into under the remote name.
+    pub destination: PathBuf,
+    /// Options shared with push.
+    #[command(flatten)]
+    pub common: TransferArgs,
+}
+
+/// Options of both push and pull.
+#[derive(Args, Debug)]
+pub struct TransferArgs {
     /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
     #[arg(long)]
     pub state: Option<PathBuf>,
@@ -83,12 +105,12 @@ pub struct PushArgs {
     /// Bounded to 4KiB..16MiB (cdc: 16KiB..4MiB).
     #[arg(long, default_value = "1MiB", value_parser = parse_size_u32)]
     pub chunk_size: u32,
-    /// Consecutive failed attempts without progress before giving up.
-    #[arg(long, default_value_t = 10)]
-    pub retries: u32,
     /// Unacknowledged bytes in flight.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub window: u64,
+    /// Consecutive failed attempts without progress before giving up.
+    #[arg(long, default_value_t = 10)]
+    pub retries: u32,
     /// Give up on a connection when no byte moves for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -98,6 +120,30 @@ pub struct PushArgs {
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl TransferArgs {
+    fn chunking(&self) -> ChunkSpec {
+        ChunkSpec {
+            mode: self.chunking,
+            size: self.chunk_size,
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.retry_delay,
+            ..Backoff::default()
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        self.timeout.min(Duration::from_secs(10))
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state.clone().unwrap_or_else(default_state_dir)
+    }
 }
 
 /// `ferry demo`.
@@ -153,39 +199,70 @@ async fn wait_for_signal() {
 
 /// Runs `ferry push`, printing progress and the summary; returns the exit code.
 pub async fn push(args: PushArgs, quiet: bool) -> u8 {
-    let json = args.json;
-    let state_dir = args.state.clone().unwrap_or_else(default_state_dir);
+    let common = &args.common;
     let opts = PushOptions {
-        source: args.file,
-        destination: args.destination,
-        state_dir,
-        chunking: ChunkSpec {
-            mode: args.chunking,
-            size: args.chunk_size,
-        },
-        retries: args.retries,
+        source: args.file.clone(),
+        destination: args.destination.clone(),
+        state_dir: common.state_dir(),
+        chunking: common.chunking(),
+        retries: common.retries,
         send: SendOptions {
-            window: args.window,
-            io_timeout: args.timeout,
+            window: common.window,
+            io_timeout: common.timeout,
             ..SendOptions::default()
         },
-        connect_timeout: args.timeout.min(Duration::from_secs(10)),
-        backoff: Backoff {
-            initial: args.retry_delay,
-            ..Backoff::default()
-        },
+        connect_timeout: common.connect_timeout(),
+        backoff: common.backoff(),
     };
-    let mut progress = |event: PushEvent| {
-        if !quiet && !json {
+    let show = !quiet && !common.json;
+    let mut progress = |event: ClientEvent| {
+        if show {
             print_event(&event);
         }
     };
-    match crate::client::push(opts, &mut progress).await {
+    let result = crate::client::push(opts, &mut progress).await;
+    finish("push", result, common.json, quiet, report_json, print_report)
+}
+
+/// Runs `ferry pull`, printing progress and the summary; returns the exit code.
+pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
+    let common = &args.common;
+    let opts = PullOptions {
+        source: args.source.clone(),
+        destination: args.destination.clone(),
+        state_dir: common.state_dir(),
+        chunking: common.chunking(),
+        window: common.window,
+        retries: common.retries,
+        io_timeout: common.timeout,
+        connect_timeout: common.connect_timeout(),
+        backoff: common.backoff(),
+    };
+    let show = !quiet && !common.json;
+    let mut progress = |event: ClientEvent| {
+        if show {
+            print_event(&event);
+        }
+    };
+    let result = crate::client::pull(opts, &mut progress).await;
+    finish("pull", result, common.json, quiet, pull_json, print_pull)
+}
+
+/// Prints the outcome (the JSON summary, or a human line unless quiet) and returns the exit code.
+fn finish<R>(
+    what: &str,
+    result: Result<R, ClientError>,
+    json: bool,
+    quiet: bool,
+    to_json: fn(&R) -> serde_json::Value,
+    print: fn(&R),
+) -> u8 {
+    match result {
         Ok(report) => {
             if json {
-                println!("{}", report_json(&report));
+                println!("{}", to_json(&report));
             } else if !quiet {
-                print_report(&report);
+                print(&report);
             }
             crate::exit::OK
         }
@@ -194,7 +271,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
             if json {
                 println!("{}", error_json(&e, code));
             }
-            eprintln!("ferry: push failed: {e}");
+            eprintln!("ferry: {what} failed: {e}");
             code
         }
     }
@@ -210,26 +287,26 @@ pub async fn demo(args: DemoArgs) -> Result<(), DemoError> {
     crate::demo::run(opts, &mut out).await
 }
 
-fn print_event(event: &PushEvent) {
+fn print_event(event: &ClientEvent) {
     match event {
-        PushEvent::Manifest { chunks, size, cached } => {
+        ClientEvent::Manifest { chunks, size, cached } => {
             let how = if *cached { "cached" } else { "hashed" };
             eprintln!("ferry: manifest {how}: {chunks} chunks, {}", human(*size));
         }
-        PushEvent::Connected { attempt } if *attempt > 1 => {
+        ClientEvent::Connected { attempt } if *attempt > 1 => {
             eprintln!("ferry: reconnected (attempt {attempt})")
         }
-        PushEvent::Connected { .. } => {}
-        PushEvent::Send(SendEvent::Need { chunks, bytes }) => {
+        ClientEvent::Connected { .. } => {}
+        ClientEvent::Send(SendEvent::Need { chunks, bytes }) => {
             eprintln!("ferry: server needs {chunks} chunks ({})", human(*bytes));
         }
-        PushEvent::Send(SendEvent::Rejected { index }) => {
+        ClientEvent::Send(SendEvent::Rejected { index }) => {
             eprintln!("ferry: chunk {index} was corrupted in transit; re-sending")
         }
-        PushEvent::Retrying { delay, error, .. } => {
+        ClientEvent::Retrying { delay, error, .. } => {
             eprintln!("ferry: {error}; retrying in {delay:.1?}")
         }
-        PushEvent::SourceChanged { reason } => {
+        ClientEvent::SourceChanged { reason } => {
             eprintln!("ferry: source changed ({reason}); re-reading it")
         }
     }
@@ -280,7 +357,46 @@ pub fn report_json(report: &PushReport) -> serde_json::Value {
     })
 }
 
-fn error_json(error: &PushError, code: u8) -> serde_json::Value {
+fn print_pull(report: &PullReport) {
+    let what = if report.committed.already_present {
+        "already present"
+    } else {
+        "pulled"
+    };
+    eprintln!(
+        "ferry: {what}: {} -> {} ({}, received {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
+        report.source,
+        report.destination,
+        human(report.size),
+        human(report.bytes_received),
+        human(report.committed.reused_bytes),
+        report.attempts,
+        report.duration,
+        hex(&report.digest)
+    );
+}
+
+/// The one-line JSON summary of a successful pull.
+pub fn pull_json(report: &PullReport) -> serde_json::Value {
+    let secs = report.duration.as_secs_f64();
+    serde_json::json!({
+        "status": "ok",
+        "exit_code": crate::exit::OK,
+        "source": report.source,
+        "destination": report.destination,
+        "size": report.size,
+        "digest": hex(&report.digest),
+        "bytes_received": report.bytes_received,
+        "bytes_reused": report.committed.reused_bytes,
+        "chunks_rejected": report.chunks_rejected,
+        "attempts": report.attempts,
+        "already_present": report.committed.already_present,
+        "duration_ms": report.duration.as_millis() as u64,
+        "rate_bytes_per_sec": if secs > 0.0 { (report.bytes_received as f64 / secs) as u64 } else { 0 },
+    })
+}
+
+fn error_json(error: &ClientError, code: u8) -> serde_json::Value {
     serde_json::json!({ "status": "error", "exit_code": code, "error": error.to_string() })
 }
 

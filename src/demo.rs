@@ -12,7 +12,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{push, Backoff, PushError, PushEvent, PushOptions};
+use crate::client::{push, Backoff, ClientError, ClientEvent, PushOptions};
 use crate::fault::{FaultProxy, Faults};
 use crate::manifest::hex;
 use crate::server::{Server, ServerConfig, ServerError};
@@ -39,7 +39,7 @@ pub enum DemoError {
     Server(#[from] ServerError),
     /// The push failed.
     #[error(transparent)]
-    Push(#[from] PushError),
+    Push(#[from] ClientError),
     /// Source and destination differ.
     #[error("destination digest {dest} differs from source digest {expected}")]
     Mismatch {
@@ -102,22 +102,22 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
             max: Duration::from_secs(1),
         },
     };
-    let mut narrate = |event: PushEvent| {
+    let mut narrate = |event: ClientEvent| {
         let line = match event {
-            PushEvent::Manifest { chunks, size, .. } => {
+            ClientEvent::Manifest { chunks, size, .. } => {
                 format!("manifest: {chunks} chunks, {}", human(size))
             }
-            PushEvent::Connected { attempt } => format!("connection {attempt}: handshake ok"),
-            PushEvent::Send(SendEvent::Need { chunks, bytes }) => {
+            ClientEvent::Connected { attempt } => format!("connection {attempt}: handshake ok"),
+            ClientEvent::Send(SendEvent::Need { chunks, bytes }) => {
                 format!("  server needs {chunks} chunks ({})", human(bytes))
             }
-            PushEvent::Send(SendEvent::Rejected { index }) => {
+            ClientEvent::Send(SendEvent::Rejected { index }) => {
                 format!("  server caught a corrupt chunk #{index}; re-sending it")
             }
-            PushEvent::Retrying { delay, error, .. } => {
+            ClientEvent::Retrying { delay, error, .. } => {
                 format!("  link dropped ({error}); retrying in {delay:.2?}")
             }
-            PushEvent::SourceChanged { reason } => format!("  source changed: {reason}"),
+            ClientEvent::SourceChanged { reason } => format!("  source changed: {reason}"),
         };
         let _ = writeln!(out, "{line}");
     };

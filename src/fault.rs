@@ -1,9 +1,9 @@
 //! A fault-injecting TCP proxy, shared by `ferry demo` and the tests.
 //!
 //! Connection number `i` (in accept order) gets `plan[i]`; connections past the end of the plan pass through
-//! untouched. Faults apply to the client → server direction, counted in bytes from the start of that connection:
-//! cut the connection after N bytes, flip one byte at an offset, or stall (stop forwarding both ways, keeping the
-//! sockets open) after N bytes. Everything listens and connects on the addresses it is given; tests use loopback.
+//! untouched. Faults apply to one direction (client → server unless [`Faults::downstream`] says server → client,
+//! as a pull's data flows), counted in bytes from the start of that connection: cut the connection after N bytes,
+//! flip one byte at an offset, or stall (stop forwarding both ways, keeping the sockets open) after N bytes. Everything listens and connects on the addresses it is given; tests use loopback.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,8 @@ pub struct Faults {
     pub flip_at: Option<u64>,
     /// Stop forwarding (both ways) after this many client → server bytes, keeping the connection open.
     pub stall_after: Option<u64>,
+    /// Count and apply the faults on the server → client direction instead.
+    pub downstream: bool,
 }
 
 impl Faults {
@@ -31,6 +33,7 @@ impl Faults {
         cut_after: None,
         flip_at: None,
         stall_after: None,
+        downstream: false,
     };
 
     /// Cut after `bytes`.
@@ -56,6 +59,14 @@ impl Faults {
             ..Faults::NONE
         }
     }
+
+    /// The same faults on the server → client direction.
+    pub fn downstream(self) -> Faults {
+        Faults {
+            downstream: true,
+            ..self
+        }
+    }
 }
 
 /// What the proxy did so far.
@@ -63,7 +74,7 @@ impl Faults {
 pub struct ProxyStats {
     /// Connections accepted.
     pub connections: AtomicU64,
-    /// Client → server bytes forwarded.
+    /// Bytes forwarded in the faulted direction (client → server unless downstream).
     pub bytes_up: AtomicU64,
     /// Connections cut.
     pub cuts: AtomicU64,
@@ -156,11 +167,16 @@ impl Link {
             return;
         };
         let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
-        let (mut client_read, client_write) = inbound.into_split();
-        let (server_read, mut server_write) = outbound.into_split();
+        let (client_read, client_write) = inbound.into_split();
+        let (server_read, server_write) = outbound.into_split();
+        let (mut faulted_from, mut faulted_to, clean_from, clean_to) = if self.faults.downstream {
+            (server_read, client_write, client_read, server_write)
+        } else {
+            (client_read, server_write, server_read, client_write)
+        };
         let stalled = CancellationToken::new();
-        let down = tokio::spawn(pump_down(server_read, client_write, self.stop.clone(), stalled.clone()));
-        self.pump_up(&mut client_read, &mut server_write, &stalled).await;
+        let down = tokio::spawn(pump_down(clean_from, clean_to, self.stop.clone(), stalled.clone()));
+        self.pump_up(&mut faulted_from, &mut faulted_to, &stalled).await;
         if stalled.is_cancelled() {
             self.stop.cancelled().await; // hold both sockets open, silent, until the proxy stops
         }
@@ -168,7 +184,7 @@ impl Link {
         let _ = down.await;
     }
 
-    /// Client → server, applying the faults. Returns when the client closes, a cut happens, or at a stall.
+    /// The faulted direction, applying the faults. Returns when the sender closes, a cut happens, or at a stall.
     async fn pump_up(
         &self,
         from: &mut tokio::net::tcp::OwnedReadHalf,
@@ -211,7 +227,7 @@ impl Link {
     }
 }
 
-/// Server → client, untouched, until the link stops or stalls.
+/// The other direction, untouched, until the link stops or stalls.
 async fn pump_down(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod path;
 pub mod ranges;
 pub mod server;
+pub mod source;
 pub mod store;
 pub mod transfer;
 pub mod url;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
+            Command::Pull(args) => ExitCode::from(ferry::cli::pull(args, quiet).await),
             Command::Serve(args) => match ferry::cli::serve(args).await.context("serve") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTERNAL),

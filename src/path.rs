@@ -44,6 +44,9 @@ pub enum PathError {
     /// A component on the way exists and is not a directory, or the target is a directory.
     #[error("{0} is in the way (not a directory, or a directory where the file should go)")]
     InTheWay(String),
+    /// Nothing exists at the path.
+    #[error("{0} does not exist")]
+    NotFound(String),
     /// The filesystem failed while resolving.
     #[error("resolving {path}: {source}")]
     Io {
@@ -142,6 +145,40 @@ pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> 
             source: e,
         }),
     }
+}
+
+/// Resolves an existing `path` under `root` for reading (a Pull): every component must exist and none may be a
+/// symlink; the last may be a file or a directory.
+pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std::fs::Metadata), PathError> {
+    let mut current = root.to_path_buf();
+    let mut meta = None;
+    for component in path.components() {
+        if meta.as_ref().is_some_and(|m: &std::fs::Metadata| !m.is_dir()) {
+            return Err(PathError::InTheWay(shown(root, &current)));
+        }
+        current.push(component);
+        let found = std::fs::symlink_metadata(&current).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => PathError::NotFound(path.to_string()),
+            _ => PathError::Io {
+                path: shown(root, &current),
+                source: e,
+            },
+        })?;
+        if found.file_type().is_symlink() {
+            return Err(PathError::Symlink(shown(root, &current)));
+        }
+        meta = Some(found);
+    }
+    Ok((current, meta.expect("a RemotePath has a component")))
+}
+
+/// Opens `path` for reading, refusing a symlink in its last component (`O_NOFOLLOW`).
+pub fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// Creates one directory (a concurrent creator is fine, a symlink planted meanwhile is not) and syncs its parent,

@@ -1,6 +1,7 @@
 //! The server: listener, connection limit, per-connection sessions, and a draining shutdown.
 //!
-//! The server only picks a role: after the handshake, an Offer makes it the receiver. Every session races its
+//! The server only picks a role: after the handshake, an Offer makes it the receiver, a Pull the sender. Every
+//! session races its
 //! reads against the shutdown token; on shutdown the listener stops, sessions end with `ShuttingDown` after making
 //! their received chunks durable, and [`Server::run`] returns once all of them are gone and the store is flushed.
 
@@ -16,12 +17,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::path::RESERVED_DIR;
-use crate::store::{ReceiverStore, Store, StoreError};
+use crate::path::{RemotePath, RESERVED_DIR};
+use crate::source::{open_for_pull, PullSource};
+use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
-use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
-use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
+use crate::transfer::sender::{send, SendOptions, SendStats};
+use crate::transfer::{answer_ping, handshake, next_message, tell_peer, with_keepalive, TransferError};
+use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, Pull};
 use crate::MAX_FRAME;
 
 /// Server settings.
@@ -92,11 +95,23 @@ pub enum ServerError {
     Accept(std::io::Error),
 }
 
+/// Largest window a pulling client may ask for.
+const MAX_PULL_WINDOW: u64 = 64 * 1024 * 1024;
+
+/// What every session of a server shares.
+#[derive(Clone)]
+struct Shared {
+    /// For Offers (pushes).
+    receiver: ReceiverContext,
+    /// Manifest cache for Pulls.
+    sender: SenderStore,
+    config: ServerConfig,
+}
+
 /// A ready-to-run server.
 pub struct Server {
-    ctx: ReceiverContext,
+    shared: Shared,
     store: Store,
-    config: ServerConfig,
 }
 
 impl Server {
@@ -116,7 +131,7 @@ impl Server {
             source,
         })?;
         let store = Store::open(&state_dir)?;
-        let ctx = ReceiverContext {
+        let receiver = ReceiverContext {
             root,
             partial_dir: partial_dir.canonicalize().unwrap_or(partial_dir),
             store: ReceiverStore::open(&store)?,
@@ -126,18 +141,23 @@ impl Server {
             sync_batch: config.sync_batch,
             queue_budget: Arc::new(Semaphore::new(budget_permits(config.queue_budget))),
         };
-        Ok(Server { ctx, store, config })
+        let shared = Shared {
+            receiver,
+            sender: SenderStore::open(&store)?,
+            config,
+        };
+        Ok(Server { shared, store })
     }
 
     /// The server's counters.
     pub fn stats(&self) -> Arc<ReceiverStats> {
-        self.ctx.stats.clone()
+        self.shared.receiver.stats.clone()
     }
 
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let result = loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -152,9 +172,9 @@ impl Server {
                 }
                 Err(e) => break Err(ServerError::Accept(e)),
             };
-            self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+            self.shared.receiver.stats.connections.fetch_add(1, Ordering::Relaxed);
             let permit = slots.clone().try_acquire_owned().ok();
-            let (ctx, config, stop) = (self.ctx.clone(), self.config.clone(), shutdown.child_token());
+            let (shared, stop) = (self.shared.clone(), shutdown.child_token());
             tracker.spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut conn = Connection::new(stream, MAX_FRAME);
@@ -164,7 +184,7 @@ impl Server {
                         tokio::time::timeout(Duration::from_secs(2), conn.write_message(&Message::Error(busy))).await;
                     return;
                 }
-                if let Err(e) = serve_connection(&mut conn, &ctx, &config, &stop).await {
+                if let Err(e) = serve_connection(&mut conn, &shared, &stop).await {
                     tracing::info!(%peer, error = %e, "session ended with an error");
                     tell_peer(&mut conn, &e).await;
                 }
@@ -178,13 +198,13 @@ impl Server {
     }
 }
 
-/// Handshake, then serve Offers until the client closes the connection.
+/// Handshake, then serve Offers and Pulls until the client closes the connection.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    ctx: &ReceiverContext,
-    config: &ServerConfig,
+    shared: &Shared,
     stop: &CancellationToken,
 ) -> Result<(), TransferError> {
+    let config = &shared.config;
     tokio::select! {
         hello = handshake::server_accept(conn, config.handshake_timeout) => hello?,
         _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
@@ -196,8 +216,10 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Ok(Message::Offer(offer)) => {
-                receive(conn, ctx, offer, stop).await?;
+                let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+                receive(conn, &shared.receiver, path, offer.manifest, stop).await?;
             }
+            Ok(Message::Pull(pull)) => serve_pull(conn, shared, pull, stop).await?,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;
             }
@@ -210,6 +232,58 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Err(TransferError::Closed(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Takes the sender role for a Pull: describes the source (hashing it while pinging the client if needed), then
+/// sends what the client needs. A file whose chunks no longer match the manifest it was committed with is damaged
+/// at rest, which the client hears as `IntegrityFailed`; any other changed source as retryable `SourceChanged`.
+async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    shared: &Shared,
+    pull: Pull,
+    stop: &CancellationToken,
+) -> Result<(), TransferError> {
+    let path = RemotePath::parse(&pull.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let idle = shared.config.idle_timeout;
+    let found = {
+        let (root, receiver, sender) = (
+            shared.receiver.root.clone(),
+            shared.receiver.store.clone(),
+            shared.sender.clone(),
+        );
+        let path = path.clone();
+        with_keepalive(conn, idle, move || {
+            open_for_pull(&root, &path, &receiver, &sender, pull.chunking)
+        })
+        .await?
+    };
+    let (source, committed) = match found {
+        PullSource::File { source, committed } => (source, committed),
+        PullSource::Dir(_) => {
+            return Err(TransferError::refused(
+                ErrorCode::NotFound,
+                format!("{path} is a directory"),
+            ));
+        }
+    };
+    let opts = SendOptions {
+        io_timeout: idle,
+        window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),
+        ..SendOptions::default()
+    };
+    let mut stats = SendStats::default();
+    let mut ignore = |_| {};
+    let sent = tokio::select! {
+        sent = send(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent,
+        _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+    };
+    match sent {
+        Ok(_) => Ok(()),
+        Err(TransferError::SourceChanged(why)) if committed => Err(TransferError::Integrity(format!(
+            "{path} is damaged on the server: {why} (it was verified when committed)"
+        ))),
+        Err(e) => Err(e),
     }
 }
 

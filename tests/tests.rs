@@ -6,4 +6,5 @@ mod util;
 mod bad_input;
 mod delta;
 mod faults;
+mod pull;
 mod push;

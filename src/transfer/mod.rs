@@ -95,9 +95,8 @@ impl TransferError {
             TransferError::Integrity(_) => ErrorCode::IntegrityFailed,
             TransferError::ShuttingDown => ErrorCode::ShuttingDown,
             TransferError::Superseded => ErrorCode::Superseded,
-            TransferError::SourceChanged(_) | TransferError::SourceIo(_) | TransferError::Store(_) => {
-                ErrorCode::Internal
-            }
+            TransferError::SourceChanged(_) => ErrorCode::SourceChanged,
+            TransferError::SourceIo(_) | TransferError::Store(_) => ErrorCode::Internal,
         }
     }
 
@@ -215,4 +214,29 @@ pub async fn send_within<S: AsyncRead + AsyncWrite + Unpin>(
     conn.write_message_idle(msg, Some(idle))
         .await
         .map_err(|e| timeout_as(e, state))
+}
+
+/// How often a side busy with long local work (hashing, reuse, commit) pings its peer.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Runs disk work (hashing, reuse, commit) on a blocking thread while pinging the peer every [`KEEPALIVE`], so a
+/// long local step does not look like a dead peer. A dead link does not abandon the work: it may own a partial and
+/// a claim and must leave both consistent.
+pub async fn with_keepalive<S: AsyncRead + AsyncWrite + Unpin, T: Send + 'static>(
+    conn: &mut Connection<S>,
+    idle: Duration,
+    work: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    let mut task = tokio::task::spawn_blocking(work);
+    let mut nonce = 0;
+    let mut pinging = true;
+    loop {
+        tokio::select! {
+            done = &mut task => return done.map_err(|e| TransferError::Storage(std::io::Error::other(e)))?,
+            _ = tokio::time::sleep(KEEPALIVE), if pinging => {
+                nonce += 1;
+                pinging = send_within(conn, &Message::Ping(nonce), idle, "working locally").await.is_ok();
+            }
+        }
+    }
 }

@@ -19,7 +19,7 @@ use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
-use super::{answer_ping, next_message, send_within, TransferError};
+use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
 #[cfg(test)]
 use crate::manifest::ChunkEntry;
@@ -28,10 +28,8 @@ use crate::path::{resolve_in_root, RemotePath};
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord};
-use crate::wire::{Ack, Committed, Connection, ErrorCode, Message, Need, Offer};
+use crate::wire::{Ack, Committed, Connection, ErrorCode, Message, Need};
 
-/// How often a receiver busy verifying a large file pings the sender, so its idle timeout does not fire.
-const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
 /// Chunks queued between the socket and the disk writer.
@@ -72,21 +70,20 @@ struct Prepared {
     writer: ChunkWriter,
 }
 
-/// Serves one Offer to completion: Need, chunks, Commit, Committed. Ends early with `Superseded` or
-/// `ShuttingDown` when `stop` fires (the caller tells which).
+/// Serves one offered `manifest` for `path` (under the context's root) to completion: Need, chunks, Commit,
+/// Committed. Ends early with `Superseded` or `ShuttingDown` when `stop` fires (the caller tells which).
 pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
-    offer: Offer,
+    path: RemotePath,
+    manifest: Manifest,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
-    let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
-    offer
-        .manifest
+    manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
     let claim = ctx.claims.claim(path.as_str(), Duration::from_secs(10)).await?;
-    let manifest = Arc::new(offer.manifest);
+    let manifest = Arc::new(manifest);
     let plan = {
         let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
         blocking(move || prepare(&ctx, &path, manifest)).await?
@@ -120,7 +117,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     let mut writer = prepared.writer;
     let reuse = {
         let (root, target, path) = (ctx.root.clone(), prepared.target.clone(), path.clone());
-        with_keepalive(conn, ctx, move || {
+        with_keepalive(conn, ctx.idle_timeout, move || {
             let reused = reuse_local(&mut writer, &root, &target, &path);
             reused.map(|_| writer)
         })
@@ -304,29 +301,10 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     path: RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
     let root = ctx.root.clone();
-    with_keepalive(conn, ctx, move || commit(writer, &root, &partial, &target, &path)).await
-}
-
-/// Runs disk work (reuse, commit) on a blocking thread while pinging the sender every [`KEEPALIVE`], so a long
-/// local step does not look like a dead peer. A dead link does not abandon the work: it owns the partial and the
-/// claim and must leave both consistent.
-async fn with_keepalive<S: AsyncRead + AsyncWrite + Unpin, T: Send + 'static>(
-    conn: &mut Connection<S>,
-    ctx: &ReceiverContext,
-    work: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
-) -> Result<T, TransferError> {
-    let mut task = tokio::task::spawn_blocking(work);
-    let mut nonce = 0;
-    let mut pinging = true;
-    loop {
-        tokio::select! {
-            done = &mut task => return done.map_err(|e| TransferError::Storage(std::io::Error::other(e)))?,
-            _ = tokio::time::sleep(KEEPALIVE), if pinging => {
-                nonce += 1;
-                pinging = send_within(conn, &Message::Ping(nonce), ctx.idle_timeout, "committing").await.is_ok();
-            }
-        }
-    }
+    with_keepalive(conn, ctx.idle_timeout, move || {
+        commit(writer, &root, &partial, &target, &path)
+    })
+    .await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -348,9 +326,10 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
             return Ok(Plan::AlreadyPresent(done));
         }
     }
-    let partial = ctx
-        .partial_dir
-        .join(format!("{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]));
+    let partial = ctx.partial_dir.join(format!(
+        ".ferry-{}.part",
+        &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]
+    ));
     let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
     let mut progress = store.progress(key)?.unwrap_or_default();
     let received = match (&record, partial_len) {

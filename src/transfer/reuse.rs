@@ -9,14 +9,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::writer::ChunkWriter;
 use super::TransferError;
 use crate::chunk::{chunk_with, mtime_of};
 use crate::manifest::{ChunkEntry, Hash};
-use crate::path::{resolve_in_root, RemotePath};
+use crate::path::{open_no_follow, resolve_in_root, RemotePath};
 use crate::store::ReceiverStore;
 
 /// Index entries tried per chunk hash.
@@ -235,12 +235,4 @@ fn open_committed(root: &Path, path: &str) -> Option<File> {
     let resolved: PathBuf = resolve_in_root(root, &path, false).ok()?;
     let file = open_no_follow(&resolved).ok()?;
     file.metadata().ok()?.is_file().then_some(file)
-}
-
-/// Opens `path` for reading, refusing a symlink in its last component.
-fn open_no_follow(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }

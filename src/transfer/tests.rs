@@ -68,7 +68,8 @@ fn spawn_receiver(
         let Message::Offer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await? else {
             panic!("expected an Offer")
         };
-        receive(&mut conn, &ctx, offer, &CancellationToken::new()).await
+        let path = crate::path::RemotePath::parse(&offer.path).expect("test paths are valid");
+        receive(&mut conn, &ctx, path, offer.manifest, &CancellationToken::new()).await
     })
 }
 

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::ranges::IndexRange;
 
@@ -36,6 +37,8 @@ pub enum Message {
     Ping(u64),
     /// 10: answer to a Ping, echoing its nonce.
     Pong(u64),
+    /// 11: client → server, "send me this file or tree": the server becomes the sender.
+    Pull(Pull),
 }
 
 impl Message {
@@ -53,6 +56,7 @@ impl Message {
             Message::Error(_) => "Error",
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
+            Message::Pull(_) => "Pull",
         }
     }
 }
@@ -88,6 +92,17 @@ pub struct Offer {
     pub path: String,
     /// The file's chunks and digest.
     pub manifest: Manifest,
+}
+
+/// A request for the file or tree at `path`; the server answers with an Offer (or a TreeOffer) and sends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    /// Source, relative to the server's root, `/`-separated.
+    pub path: String,
+    /// How the client wants files cut (the server may answer with a manifest it already holds instead).
+    pub chunking: ChunkSpec,
+    /// Most unacknowledged chunk bytes the client wants in flight; the server clamps it to its own bounds.
+    pub window: u64,
 }
 
 /// Chunks the receiver still needs, run-length encoded.
@@ -188,6 +203,10 @@ pub enum ErrorCode {
     Superseded,
     /// 16: an internal error on the peer.
     Internal,
+    /// 17: the requested source does not exist (or is not a regular file or directory).
+    NotFound,
+    /// 18: the source changed while it was being sent; a retry re-reads it.
+    SourceChanged,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -205,11 +224,12 @@ impl ErrorCode {
                 | ErrorCode::Superseded
                 | ErrorCode::Internal
                 | ErrorCode::Malformed
+                | ErrorCode::SourceChanged
         )
     }
 }
 
-const CODES: [(u16, ErrorCode); 16] = [
+const CODES: [(u16, ErrorCode); 18] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -226,6 +246,8 @@ const CODES: [(u16, ErrorCode); 16] = [
     (14, ErrorCode::TooManyConnections),
     (15, ErrorCode::Superseded),
     (16, ErrorCode::Internal),
+    (17, ErrorCode::NotFound),
+    (18, ErrorCode::SourceChanged),
 ];
 
 impl From<u16> for ErrorCode {

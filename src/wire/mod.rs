@@ -10,4 +10,4 @@ pub mod message;
 
 pub use codec::CodecError;
 pub use conn::{Connection, WireError};
-pub use message::{Ack, Chunk, Committed, ErrorCode, ErrorFrame, Hello, Message, Need, Offer, Welcome, MAGIC};
+pub use message::{Ack, Chunk, Committed, ErrorCode, ErrorFrame, Hello, Message, Need, Offer, Pull, Welcome, MAGIC};

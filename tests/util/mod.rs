@@ -94,7 +94,7 @@ impl Drop for TestServer {
     }
 }
 
-/// The outcome of one `ferry push --json`.
+/// The outcome of one `ferry push --json` (or pull).
 #[derive(Debug)]
 pub struct PushOutcome {
     pub code: i32,
@@ -132,10 +132,36 @@ pub fn push_command(file: &Path, url: &str, state: &Path, extra: &[&str]) -> Com
     cmd
 }
 
+/// The `ferry pull` command with test-friendly defaults (JSON summary, short retry delay).
+pub fn pull_command(url: &str, dest: &Path, state: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.arg("pull")
+        .arg(url)
+        .arg(dest)
+        .arg("--state")
+        .arg(state)
+        .args(["--json", "--retry-delay", "20ms"])
+        .args(extra)
+        .stdin(Stdio::null());
+    if !extra.contains(&"--timeout") {
+        cmd.args(["--timeout", "10s"]);
+    }
+    cmd
+}
+
+/// Runs `ferry pull` to completion (on a blocking thread).
+pub async fn pull(url: &str, dest: &Path, state: &Path, extra: &[&str]) -> PushOutcome {
+    run(pull_command(url, dest, state, extra)).await
+}
+
 /// Runs `ferry push` to completion (on a blocking thread).
 pub async fn push(file: &Path, url: &str, state: &Path, extra: &[&str]) -> PushOutcome {
-    let mut cmd = push_command(file, url, state, extra);
-    let output = tokio::task::spawn_blocking(move || cmd.output().expect("run ferry push"))
+    run(push_command(file, url, state, extra)).await
+}
+
+/// Runs a ferry command with `--json` to completion and parses its last stdout line.
+pub async fn run(mut cmd: Command) -> PushOutcome {
+    let output = tokio::task::spawn_blocking(move || cmd.output().expect("run ferry"))
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

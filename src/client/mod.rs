@@ -1,0 +1,218 @@
+//! The client: connect, retry with backoff, resume. A push takes the sender role ([`push`]), a pull the receiver
+//! role ([`pull`]); both share the engine in [`crate::transfer`].
+//!
+//! Within one run, network failures (and retryable server errors) lead to a reconnect after an exponential,
+//! jittered backoff; `retries` bounds consecutive attempts that made no progress, so a long transfer over a link
+//! that drops every few minutes still finishes. Across runs, the receiver's records tell what is missing and the
+//! sender's manifest cache avoids rehashing an unchanged source.
+
+mod pull;
+mod push;
+
+use std::time::Duration;
+
+use rand::Rng;
+use thiserror::Error;
+use tokio::net::TcpStream;
+
+pub use pull::{pull, PullOptions, PullReport};
+pub use push::{push, PushOptions, PushReport};
+
+use crate::exit;
+use crate::source::{SourceError, MAX_SOURCE_CHANGES};
+use crate::store::StoreError;
+use crate::transfer::sender::SendEvent;
+use crate::transfer::{handshake, TransferError};
+use crate::url::FerryUrl;
+use crate::wire::{Connection, ErrorCode};
+use crate::MAX_FRAME;
+
+/// Exponential backoff with jitter between reconnects.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    /// Delay before the first retry.
+    pub initial: Duration,
+    /// Upper bound of any delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before retry number `failures` (1-based): `initial * 2^(failures-1)`, capped, then scaled by a
+    /// random factor in `[0.5, 1.0]` so that many clients cut at once do not reconnect in lockstep.
+    pub fn delay(&self, failures: u32) -> Duration {
+        let exp = self.initial.saturating_mul(1 << failures.saturating_sub(1).min(16));
+        exp.min(self.max).mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(250),
+            max: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Counts attempts and decides, after a failure, whether and when to try again.
+#[derive(Debug)]
+struct Retrier {
+    retries: u32,
+    backoff: Backoff,
+    attempts: u32,
+    failures: u32,
+}
+
+impl Retrier {
+    fn new(retries: u32, backoff: Backoff) -> Self {
+        Retrier {
+            retries,
+            backoff,
+            attempts: 0,
+            failures: 0,
+        }
+    }
+
+    /// Starts an attempt; returns its 1-based number.
+    fn start(&mut self) -> u32 {
+        self.attempts += 1;
+        self.attempts
+    }
+
+    /// After a retryable failure: the delay before the next attempt, or `None` once `retries` consecutive
+    /// attempts made no progress.
+    fn after_failure(&mut self, progressed: bool) -> Option<Duration> {
+        if progressed {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        (self.failures <= self.retries).then(|| self.backoff.delay(self.failures))
+    }
+}
+
+/// Connects to `url`'s server and completes the handshake.
+async fn connect(
+    url: &FerryUrl,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> Result<Connection<TcpStream>, TransferError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
+        .await
+        .map_err(|_| TransferError::Timeout(connect_timeout, "connecting"))?
+        .map_err(|e| TransferError::Wire(e.into()))?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(stream, MAX_FRAME);
+    handshake::client_hello(&mut conn, io_timeout).await?;
+    Ok(conn)
+}
+
+/// Progress of a push or pull, for display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The manifest is ready.
+    Manifest {
+        /// Chunks in it.
+        chunks: u32,
+        /// File size.
+        size: u64,
+        /// Taken from the cache, without reading the file.
+        cached: bool,
+    },
+    /// Connected and greeted (attempt number, 1-based).
+    Connected {
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// What the sender saw.
+    Send(SendEvent),
+    /// An attempt failed and another follows after `delay`.
+    Retrying {
+        /// The attempt that failed.
+        attempt: u32,
+        /// Wait before the next one.
+        delay: Duration,
+        /// Why it failed.
+        error: String,
+    },
+    /// The source changed; a new manifest is being built.
+    SourceChanged {
+        /// What was noticed.
+        reason: String,
+    },
+}
+
+/// A push or pull that did not complete.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The destination URL or path is unusable.
+    #[error(transparent)]
+    Usage(#[from] crate::url::UrlError),
+    /// The source could not be read.
+    #[error("{0}")]
+    Source(String),
+    /// The source kept changing while it was being sent.
+    #[error("{0} kept changing while it was being sent; gave up after {MAX_SOURCE_CHANGES} new manifests")]
+    SourceUnstable(String),
+    /// The client's state store is unusable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The network (or a busy server) did not let the push finish.
+    #[error("gave up after {attempts} attempts: {last}")]
+    Network {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: TransferError,
+    },
+    /// The server refused the push for good.
+    #[error("rejected by the server: {0}")]
+    Rejected(TransferError),
+    /// Bytes did not verify end to end.
+    #[error("{0}")]
+    Integrity(TransferError),
+}
+
+impl From<SourceError> for ClientError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Io(what) => ClientError::Source(what),
+            SourceError::Unstable(path) => ClientError::SourceUnstable(path),
+            SourceError::Store(e) => ClientError::Store(e),
+        }
+    }
+}
+
+impl ClientError {
+    /// The process exit code for this failure (README, "Exit codes").
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Network { .. } => exit::NETWORK,
+            ClientError::Rejected(_) => exit::REJECTED,
+            ClientError::Integrity(_) => exit::INTEGRITY,
+            ClientError::Source(_) | ClientError::SourceUnstable(_) | ClientError::Store(_) => exit::LOCAL,
+        }
+    }
+}
+
+/// Maps a non-retryable transfer error to the push failure it means.
+fn classify(error: TransferError) -> ClientError {
+    match &error {
+        TransferError::Integrity(_) => ClientError::Integrity(error),
+        TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => ClientError::Integrity(error),
+        TransferError::Remote(_) | TransferError::Refused { .. } => ClientError::Rejected(error),
+        TransferError::Store(_)
+        | TransferError::SourceIo(_)
+        | TransferError::SourceChanged(_)
+        | TransferError::Storage(_) => ClientError::Source(error.to_string()),
+        _ => ClientError::Rejected(error),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClientError::Source(format!("internal: {e}")))?
+}

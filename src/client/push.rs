@@ -1,0 +1,232 @@
+//! `ferry push`: the client takes the sender role for one file. A source that changes while it is sent is
+//! re-manifested (bounded); everything else retries through [`super::Retrier`].
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
+use crate::chunk::ChunkSpec;
+use crate::manifest::{Hash, Manifest};
+use crate::path::RemotePath;
+use crate::source::{manifest_for, MAX_SOURCE_CHANGES};
+use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
+use crate::transfer::sender::{send, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::{tell_peer, TransferError};
+use crate::url::FerryUrl;
+use crate::wire::Committed;
+
+/// What to push where, and how.
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    /// Local file.
+    pub source: PathBuf,
+    /// Destination URL.
+    pub destination: FerryUrl,
+    /// Client state directory (sled store).
+    pub state_dir: PathBuf,
+    /// How to cut the file.
+    pub chunking: ChunkSpec,
+    /// Consecutive failed attempts without progress before giving up.
+    pub retries: u32,
+    /// Sender tuning.
+    pub send: SendOptions,
+    /// Time allowed for the TCP connect.
+    pub connect_timeout: Duration,
+    /// Delays between attempts.
+    pub backoff: Backoff,
+}
+
+/// The outcome of a successful push.
+#[derive(Clone, Debug)]
+pub struct PushReport {
+    /// Canonical source path.
+    pub source: String,
+    /// Destination URL with the resolved remote path.
+    pub destination: String,
+    /// File size.
+    pub size: u64,
+    /// Whole-file BLAKE3, verified by the server.
+    pub digest: Hash,
+    /// Chunks in the manifest.
+    pub chunks: u32,
+    /// Sender counters over all attempts.
+    pub sent: SendStats,
+    /// Connection attempts made.
+    pub attempts: u32,
+    /// The manifest came from the cache.
+    pub manifest_cached: bool,
+    /// Times the source changed during the run.
+    pub source_changes: u32,
+    /// The server's final report.
+    pub committed: Committed,
+    /// Wall time of the run.
+    pub duration: Duration,
+}
+
+/// Pushes one file, resuming whatever the server already has.
+pub async fn push(
+    opts: PushOptions,
+    on_event: &mut (dyn FnMut(ClientEvent) + Send),
+) -> Result<PushReport, ClientError> {
+    let started = Instant::now();
+    let remote_path = opts.destination.remote_path_for(&opts.source)?;
+    let destination = FerryUrl {
+        path: remote_path.to_string(),
+        ..opts.destination.clone()
+    };
+    let source_err = |e: std::io::Error| ClientError::Source(format!("{}: {e}", opts.source.display()));
+    let canonical = std::fs::canonicalize(&opts.source).map_err(source_err)?;
+    let file = Arc::new(File::open(&canonical).map_err(source_err)?);
+    if !file.metadata().map_err(source_err)?.is_file() {
+        return Err(ClientError::Source(format!(
+            "{} is not a regular file",
+            opts.source.display()
+        )));
+    }
+    let store = {
+        let dir = opts.state_dir.clone();
+        blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
+    };
+    let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunking, false).await?;
+    on_event(ClientEvent::Manifest {
+        chunks: manifest.chunk_count(),
+        size: manifest.size,
+        cached: manifest_cached,
+    });
+    let mut record = start_record(&store, &canonical, &destination, manifest.size).await?;
+    let mut source = Source {
+        file,
+        manifest: Arc::new(manifest),
+    };
+    let mut run = Run::default();
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
+    let outcome = loop {
+        let number = retrier.start();
+        let acked_before = run.stats.chunks_acked;
+        let result = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event).await;
+        let error = match result {
+            Ok(committed) => break Ok(committed),
+            Err(e) => e,
+        };
+        if let TransferError::SourceChanged(reason) = &error {
+            run.source_changes += 1;
+            on_event(ClientEvent::SourceChanged { reason: reason.clone() });
+            if run.source_changes > MAX_SOURCE_CHANGES {
+                break Err(ClientError::SourceUnstable(canonical.display().to_string()));
+            }
+            let rebuilt = load_manifest(&store, &source.file, &canonical, opts.chunking, true).await;
+            match rebuilt {
+                Ok((manifest, _)) => source.manifest = Arc::new(manifest),
+                Err(e) => break Err(e),
+            }
+            continue;
+        }
+        if !error.is_retryable() {
+            break Err(classify(error));
+        }
+        let Some(delay) = retrier.after_failure(run.stats.chunks_acked > acked_before) else {
+            break Err(ClientError::Network {
+                attempts: number,
+                last: error,
+            });
+        };
+        tracing::info!(attempt = number, ?delay, error = %error, "retrying");
+        on_event(ClientEvent::Retrying {
+            attempt: number,
+            delay,
+            error: error.to_string(),
+        });
+        tokio::time::sleep(delay).await;
+    };
+    record.bytes_sent += run.stats.bytes_sent;
+    record.state = if outcome.is_ok() {
+        PushState::Done
+    } else {
+        PushState::Failed
+    };
+    record.last_error = outcome.as_ref().err().map(|e| e.to_string());
+    let save = store.clone();
+    blocking(move || Ok(save.save_push(&record)?)).await?;
+    let committed = outcome?;
+    Ok(PushReport {
+        source: canonical.display().to_string(),
+        destination: destination.to_string(),
+        size: source.manifest.size,
+        digest: source.manifest.digest,
+        chunks: source.manifest.chunk_count(),
+        sent: run.stats,
+        attempts: retrier.attempts,
+        manifest_cached,
+        source_changes: run.source_changes,
+        committed,
+        duration: started.elapsed(),
+    })
+}
+
+/// Counters of one `push` run.
+#[derive(Default)]
+struct Run {
+    source_changes: u32,
+    stats: SendStats,
+}
+
+/// One connection: connect, handshake, send.
+async fn attempt(
+    opts: &PushOptions,
+    number: u32,
+    remote_path: &RemotePath,
+    source: &Source,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(ClientEvent) + Send),
+) -> Result<Committed, TransferError> {
+    let mut conn = connect(&opts.destination, opts.connect_timeout, opts.send.io_timeout).await?;
+    on_event(ClientEvent::Connected { attempt: number });
+    let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+    let result = send(&mut conn, remote_path.as_str(), source, &opts.send, stats, &mut forward).await;
+    match &result {
+        Ok(_) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+        }
+        Err(e) => tell_peer(&mut conn, e).await,
+    }
+    result
+}
+
+/// The source's manifest from the cache (unless `rebuild`), or built by reading the file and then cached.
+async fn load_manifest(
+    store: &SenderStore,
+    file: &Arc<File>,
+    canonical: &Path,
+    chunking: ChunkSpec,
+    rebuild: bool,
+) -> Result<(Manifest, bool), ClientError> {
+    let (store, file, canonical) = (store.clone(), file.clone(), canonical.to_path_buf());
+    blocking(move || Ok(manifest_for(&store, &file, &canonical, chunking, rebuild)?)).await
+}
+
+async fn start_record(
+    store: &SenderStore,
+    canonical: &Path,
+    destination: &FerryUrl,
+    size: u64,
+) -> Result<PushRecord, ClientError> {
+    let (store, source, destination) = (store.clone(), canonical.display().to_string(), destination.to_string());
+    blocking(move || {
+        let previous = store.push_record(&source, &destination)?;
+        let record = PushRecord {
+            source: source.clone(),
+            destination: destination.clone(),
+            state: PushState::InProgress,
+            size,
+            bytes_sent: previous.as_ref().map_or(0, |p| p.bytes_sent),
+            last_error: None,
+            started: previous.map_or_else(now_secs, |p| p.started),
+            updated: now_secs(),
+        };
+        store.save_push(&record)?;
+        Ok(record)
+    })
+    .await
+}

@@ -1,0 +1,155 @@
+//! Sources: the manifest of a file about to be sent, without rehashing it when that can be avoided.
+//!
+//! Used by whichever side is the sender (the client for a push, the server for a pull). A manifest comes from the
+//! sender's cache when the file's identity (path, size, mtime, inode, device, chunking) is unchanged, else the file
+//! is read and cut, retrying a bounded number of times if it changes while it is read. Blocking: call from
+//! blocking threads.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
+use crate::manifest::Manifest;
+use crate::path::{open_no_follow, resolve_existing, PathError, RemotePath};
+use crate::store::{ManifestKey, ReceiverStore, SenderStore, StoreError};
+use crate::transfer::sender::Source;
+use crate::transfer::TransferError;
+use crate::wire::ErrorCode;
+
+/// Times a changing source is re-read before the sender gives up on it.
+pub const MAX_SOURCE_CHANGES: u32 = 3;
+
+/// A source could not be described.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// Reading the source failed.
+    #[error("{0}")]
+    Io(String),
+    /// The source kept changing while it was being read.
+    #[error("{0} kept changing while it was being read; gave up after {MAX_SOURCE_CHANGES} tries")]
+    Unstable(String),
+    /// The sender's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The manifest of the open `file` (at `canonical`) cut as `spec` asks: from the cache unless `rebuild`, else
+/// built and cached. The flag says whether it came from the cache.
+pub fn manifest_for(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+    rebuild: bool,
+) -> Result<(Manifest, bool), SourceError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
+    let key = ManifestKey {
+        path: canonical.display().to_string(),
+        size: meta.len(),
+        mtime: mtime_of(&meta),
+        inode: meta.ino(),
+        device: meta.dev(),
+        chunking: spec,
+    };
+    if rebuild {
+        store.forget_manifests(&key.path)?;
+    } else if let Some(manifest) = store.cached_manifest(&key)? {
+        if manifest.size == meta.len() && manifest.validate().is_ok() {
+            return Ok((manifest, true));
+        }
+    }
+    let manifest = build_stable_manifest(file, canonical, spec)?;
+    let key = ManifestKey {
+        size: manifest.size,
+        mtime: manifest.mtime,
+        ..key
+    };
+    store.cache_manifest(&key, &manifest)?;
+    Ok((manifest, false))
+}
+
+/// Builds a manifest, trying again (bounded) if the file changes while it is read.
+fn build_stable_manifest(file: &File, canonical: &Path, spec: ChunkSpec) -> Result<Manifest, SourceError> {
+    let mut tries = 0;
+    loop {
+        match build_manifest(file, canonical, spec) {
+            Ok(manifest) => return Ok(manifest),
+            Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
+                return Err(SourceError::Unstable(path))
+            }
+            Err(ChunkError::SourceChanged(_)) => tries += 1,
+            Err(other) => return Err(SourceError::Io(other.to_string())),
+        }
+    }
+}
+
+/// What a Pull names: a file with its manifest, or a directory (a tree).
+pub enum PullSource {
+    /// A regular file.
+    File {
+        /// The open file and its manifest.
+        source: Source,
+        /// The manifest is the one recorded when the file was committed (verified then), so a chunk that no
+        /// longer matches it means the stored file is damaged, not that it changed.
+        committed: bool,
+    },
+    /// A directory.
+    Dir(PathBuf),
+}
+
+/// Resolves a Pull's `path` under `root` (no symlinks) and describes it. A file committed by a push and unchanged
+/// since keeps the manifest recorded at commit; any other file is read (or found in the sender's cache).
+pub fn open_for_pull(
+    root: &Path,
+    path: &RemotePath,
+    receiver: &ReceiverStore,
+    sender: &SenderStore,
+    spec: ChunkSpec,
+) -> Result<PullSource, TransferError> {
+    let (resolved, meta) = resolve_existing(root, path).map_err(|e| match e {
+        PathError::NotFound(_) => TransferError::refused(ErrorCode::NotFound, e),
+        other => TransferError::refused(ErrorCode::BadPath, other),
+    })?;
+    if meta.is_dir() {
+        return Ok(PullSource::Dir(resolved));
+    }
+    if !meta.is_file() {
+        return Err(TransferError::refused(
+            ErrorCode::NotFound,
+            format!("{path} is not a regular file"),
+        ));
+    }
+    let file = open_no_follow(&resolved).map_err(TransferError::SourceIo)?;
+    let meta = file.metadata().map_err(TransferError::SourceIo)?;
+    let unchanged = receiver
+        .committed(path.as_str())?
+        .is_some_and(|c| c.size == meta.len() && c.inode == meta.ino() && c.mtime == mtime_of(&meta));
+    let stored = if unchanged {
+        receiver.committed_manifest(path.as_str())?
+    } else {
+        None
+    };
+    let (manifest, committed) = match stored {
+        Some(manifest) => (manifest, true),
+        None => {
+            let (manifest, _) = manifest_for(sender, &file, &resolved, spec, false).map_err(|e| match e {
+                SourceError::Store(e) => TransferError::Store(e),
+                other => TransferError::refused(ErrorCode::Internal, other),
+            })?;
+            (manifest, false)
+        }
+    };
+    Ok(PullSource::File {
+        source: Source {
+            file: Arc::new(file),
+            manifest: Arc::new(manifest),
+        },
+        committed,
+    })
+}

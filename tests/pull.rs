@@ -1,0 +1,197 @@
+//! `ferry pull`: the client as the receiver, with the same guarantees in the other direction: verified chunks,
+//! a verified digest before an atomic rename, resume after a cut link or a killed client, reuse of an older copy.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use ferry::fault::{FaultProxy, Faults};
+
+use crate::util::*;
+
+const CHUNK: u64 = 64 * KIB as u64;
+const WINDOW: u64 = MIB as u64;
+const SMALL: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"];
+
+/// Files whose names mark them as a pull's partial.
+fn partials_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".ferry-"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_file_matches_keeps_its_metadata_and_a_repeat_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("report.pdf");
+    write_random(&src, 3 * MIB + 5, 21);
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    set_mtime(&src, mtime);
+    push(&src, &server.url("docs/"), &state, &[]).await.assert_ok();
+
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let first = pull(&server.url("docs/report.pdf"), &out_dir, &state, &[]).await;
+    first.assert_ok();
+    let pulled = out_dir.join("report.pdf");
+    assert_eq!(b3(&pulled), b3(&src), "an existing directory receives the remote name");
+    assert_eq!(first.json["digest"], b3(&src));
+    assert_eq!(first.u64("bytes_received"), 3 * MIB as u64 + 5);
+    let meta = std::fs::metadata(&pulled).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(meta.modified().unwrap(), mtime);
+    assert_eq!(partials_in(&out_dir), 0, "no partial left behind");
+
+    let again = pull(&server.url("docs/report.pdf"), &pulled, &state, &[]).await;
+    again.assert_ok();
+    assert_eq!(again.json["already_present"], true);
+    assert_eq!(again.u64("bytes_received"), 0);
+
+    let missing = pull(&server.url("docs/nope.pdf"), &out_dir, &state, &[]).await;
+    assert_eq!(missing.code, 4, "a missing source is a rejection: {}", missing.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_links_resume_within_one_pull_receiving_at_most_a_window_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let size = 8 * MIB as u64;
+    let src = server.root.join("big.img"); // placed on the server by hand: it is hashed on the first pull
+    write_random(&src, size as usize, 22);
+    let plan = vec![
+        Faults::cut(3 * MIB as u64).downstream(),
+        Faults::cut(2 * MIB as u64).downstream(),
+    ];
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
+    let dest = dir.path().join("big.img");
+    let url = format!("ferry://{}/big.img", proxy.addr());
+
+    let out = pull(&url, &dest, &dir.path().join("state"), &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&dest), b3(&src));
+    assert_eq!(out.u64("attempts"), 3, "two cuts, three connections");
+    let extra = out.u64("bytes_received") - size;
+    assert!(extra <= 2 * (WINDOW + CHUNK), "received {extra} bytes twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pull_reruns_and_fetches_only_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let size = 16 * MIB as u64;
+    let stall_at = 8 * MIB as u64;
+    let src = server.root.join("vm.qcow2");
+    write_random(&src, size as usize, 23);
+    let state = dir.path().join("state");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at).downstream()])
+        .await
+        .unwrap();
+    let mut client = pull_command(&format!("ferry://{}/vm.qcow2", proxy.addr()), &out_dir, &state, &SMALL)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
+        .await
+        .expect("the pull reached the stall");
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the client make what it holds durable
+    client.kill().unwrap();
+    client.wait().unwrap();
+    assert!(
+        !out_dir.join("vm.qcow2").exists(),
+        "no partial file under the final name"
+    );
+    assert_eq!(
+        partials_in(&out_dir),
+        1,
+        "the partial survived, hidden next to the destination"
+    );
+
+    let out = pull(&server.url("vm.qcow2"), &out_dir, &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&out_dir.join("vm.qcow2")), b3(&src));
+    let received = out.u64("bytes_received");
+    assert!(
+        received <= size - stall_at + WINDOW + CHUNK,
+        "the re-run received {received} of {size} bytes"
+    );
+    assert_eq!(partials_in(&out_dir), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_flipped_in_transit_is_rejected_by_the_puller_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let size = 4 * MIB as u64;
+    let src = server.root.join("data.bin");
+    write_random(&src, size as usize, 24);
+    let flip = Faults::flip(MIB as u64 + 40 * KIB as u64).downstream();
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![flip]).await.unwrap();
+    let dest = dir.path().join("data.bin");
+
+    let out = pull(
+        &format!("ferry://{}/data.bin", proxy.addr()),
+        &dest,
+        &dir.path().join("state"),
+        &SMALL,
+    )
+    .await;
+    out.assert_ok();
+    assert_eq!(proxy.stats().flips.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(b3(&dest), b3(&src), "the corrupt byte never landed");
+    assert_eq!(out.u64("chunks_rejected"), 1);
+    assert_eq!(out.u64("bytes_received"), size + CHUNK, "exactly one chunk came twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_damaged_on_the_server_is_reported_and_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("ledger.db");
+    write_random(&src, 2 * MIB, 25);
+    push(&src, &server.url("ledger.db"), &state, &[]).await.assert_ok();
+    // Bit rot: one byte changes in place, and the mtime is put back, so nothing but the content tells.
+    let stored = server.root.join("ledger.db");
+    let mtime = std::fs::metadata(&stored).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[MIB] ^= 0x10;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0))
+        .unwrap();
+    set_mtime(&stored, mtime);
+
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = pull(&server.url("ledger.db"), &out_dir, &state, &[]).await;
+    assert_eq!(out.code, 5, "integrity failure: {}", out.stderr);
+    assert_eq!(out.json["status"], "error");
+    assert!(
+        !out_dir.join("ledger.db").exists(),
+        "nothing written under the final name"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_local_copy_lends_its_chunks_to_a_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let size = 32 * MIB;
+    let local = dir.path().join("disk.raw");
+    let mut data = write_random(&local, size, 26); // yesterday's copy, not fetched by ferry
+    data[size / 2..size / 2 + MIB].fill(0x33);
+    let remote = server.root.join("disk.raw");
+    std::fs::write(&remote, &data).unwrap();
+
+    let out = pull(&server.url("disk.raw"), &local, &dir.path().join("state"), &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&local), b3(&remote));
+    let (received, reused) = (out.u64("bytes_received"), out.u64("bytes_reused"));
+    assert!(received <= 8 * MIB as u64, "received {received} bytes");
+    assert_eq!(received + reused, size as u64);
+}
