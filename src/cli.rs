@@ -12,11 +12,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkSpec, ChunkingMode};
-use crate::client::{Backoff, ClientError, ClientEvent, PullOptions, PullReport, PushOptions, PushReport};
+use crate::client::{
+    Backoff, ClientError, ClientEvent, PullOptions, PullReport, Pulled, PushOptions, PushReport, TreeReport,
+};
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
 use crate::server::{Server, ServerConfig, ServerError};
 use crate::transfer::sender::{SendEvent, SendOptions};
+use crate::tree::LinkPolicy;
 use crate::url::FerryUrl;
 use crate::{DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW};
 
@@ -117,6 +120,9 @@ pub struct TransferArgs {
     /// First retry delay (doubles per failure, with jitter, up to 15s).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub retry_delay: Duration,
+    /// For trees: recreate symlinks whose target stays inside the tree (record), or leave them out (skip).
+    #[arg(long, value_enum, default_value_t = LinkPolicy::Skip)]
+    pub links: LinkPolicy,
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -213,6 +219,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         },
         connect_timeout: common.connect_timeout(),
         backoff: common.backoff(),
+        links: common.links,
     };
     let show = !quiet && !common.json;
     let mut progress = |event: ClientEvent| {
@@ -220,8 +227,13 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
             print_event(&event);
         }
     };
-    let result = crate::client::push(opts, &mut progress).await;
-    finish("push", result, common.json, quiet, report_json, print_report)
+    if args.file.is_dir() {
+        let result = crate::client::push_tree(opts, &mut progress).await;
+        finish("push", result, common.json, quiet)
+    } else {
+        let result = crate::client::push(opts, &mut progress).await;
+        finish("push", result, common.json, quiet)
+    }
 }
 
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
@@ -237,6 +249,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         io_timeout: common.timeout,
         connect_timeout: common.connect_timeout(),
         backoff: common.backoff(),
+        links: common.links,
     };
     let show = !quiet && !common.json;
     let mut progress = |event: ClientEvent| {
@@ -245,26 +258,70 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         }
     };
     let result = crate::client::pull(opts, &mut progress).await;
-    finish("pull", result, common.json, quiet, pull_json, print_pull)
+    finish("pull", result, common.json, quiet)
+}
+
+/// A command's final report: the JSON summary, the human summary, and the exit code.
+trait Summary {
+    fn json(&self) -> serde_json::Value;
+    fn print(&self);
+    fn exit_code(&self) -> u8 {
+        crate::exit::OK
+    }
+}
+
+impl Summary for PushReport {
+    fn json(&self) -> serde_json::Value {
+        report_json(self)
+    }
+    fn print(&self) {
+        print_report(self)
+    }
+}
+
+impl Summary for Pulled {
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Pulled::File(report) => pull_json(report),
+            Pulled::Tree(report) => tree_json(report),
+        }
+    }
+    fn print(&self) {
+        match self {
+            Pulled::File(report) => print_pull(report),
+            Pulled::Tree(report) => print_tree(report),
+        }
+    }
+    fn exit_code(&self) -> u8 {
+        match self {
+            Pulled::File(_) => crate::exit::OK,
+            Pulled::Tree(report) => report.exit_code(),
+        }
+    }
+}
+
+impl Summary for TreeReport {
+    fn json(&self) -> serde_json::Value {
+        tree_json(self)
+    }
+    fn print(&self) {
+        print_tree(self)
+    }
+    fn exit_code(&self) -> u8 {
+        TreeReport::exit_code(self)
+    }
 }
 
 /// Prints the outcome (the JSON summary, or a human line unless quiet) and returns the exit code.
-fn finish<R>(
-    what: &str,
-    result: Result<R, ClientError>,
-    json: bool,
-    quiet: bool,
-    to_json: fn(&R) -> serde_json::Value,
-    print: fn(&R),
-) -> u8 {
+fn finish<R: Summary>(what: &str, result: Result<R, ClientError>, json: bool, quiet: bool) -> u8 {
     match result {
         Ok(report) => {
             if json {
-                println!("{}", to_json(&report));
+                println!("{}", report.json());
             } else if !quiet {
-                print(&report);
+                report.print();
             }
-            crate::exit::OK
+            report.exit_code()
         }
         Err(e) => {
             let code = e.exit_code();
@@ -302,6 +359,18 @@ fn print_event(event: &ClientEvent) {
         }
         ClientEvent::Send(SendEvent::Rejected { index }) => {
             eprintln!("ferry: chunk {index} was corrupted in transit; re-sending")
+        }
+        ClientEvent::Scanned { files, bytes, skipped } => {
+            eprintln!(
+                "ferry: tree: {files} files ({}), {skipped} entries skipped",
+                human(*bytes)
+            );
+        }
+        ClientEvent::Send(SendEvent::TreeNeed { files, bytes }) => {
+            eprintln!("ferry: server needs {files} files ({})", human(*bytes));
+        }
+        ClientEvent::Send(SendEvent::FileFailed { path, reason }) => {
+            eprintln!("ferry: not sent: {path}: {reason}")
         }
         ClientEvent::Retrying { delay, error, .. } => {
             eprintln!("ferry: {error}; retrying in {delay:.1?}")
@@ -394,6 +463,71 @@ pub fn pull_json(report: &PullReport) -> serde_json::Value {
         "duration_ms": report.duration.as_millis() as u64,
         "rate_bytes_per_sec": if secs > 0.0 { (report.bytes_received as f64 / secs) as u64 } else { 0 },
     })
+}
+
+fn print_tree(report: &TreeReport) {
+    let verb = if report.pulled { "received" } else { "sent" };
+    eprintln!(
+        "ferry: tree {} -> {}: {} files ({}), {} needed, {} committed, {} unchanged; {verb} {}, reused {}; {} attempt(s), {:.2?}",
+        report.source,
+        report.destination,
+        report.files,
+        human(report.bytes_total),
+        report.files_needed,
+        report.committed.files_committed,
+        report.committed.files_unchanged,
+        human(report.bytes_transferred),
+        human(report.committed.reused_bytes),
+        report.attempts,
+        report.duration,
+    );
+    for (path, reason) in &report.skipped {
+        eprintln!("ferry: skipped {path}: {reason}");
+    }
+    for (path, reason) in &report.failed {
+        eprintln!("ferry: FAILED {path}: {reason}");
+    }
+    if !report.committed.missing.is_empty() {
+        eprintln!(
+            "ferry: {} files could not be placed on the receiver",
+            crate::ranges::ranges_len(&report.committed.missing)
+        );
+    }
+}
+
+/// The one-line JSON summary of a tree push or pull.
+pub fn tree_json(report: &TreeReport) -> serde_json::Value {
+    let secs = report.duration.as_secs_f64();
+    let code = report.exit_code();
+    let pairs = |list: &[(String, String)]| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|(path, reason)| serde_json::json!({ "path": path, "reason": reason }))
+            .collect()
+    };
+    let mut summary = serde_json::json!({
+        "status": if report.complete() { "ok" } else { "partial" },
+        "exit_code": code,
+        "kind": "tree",
+        "source": report.source,
+        "destination": report.destination,
+        "files": report.files,
+        "dirs": report.dirs,
+        "symlinks": report.symlinks,
+        "bytes_total": report.bytes_total,
+        "files_needed": report.files_needed,
+        "files_committed": report.committed.files_committed,
+        "files_unchanged": report.committed.files_unchanged,
+        "files_missing": crate::ranges::ranges_len(&report.committed.missing),
+        "bytes_reused": report.committed.reused_bytes,
+        "skipped": pairs(&report.skipped),
+        "failed": pairs(&report.failed),
+        "attempts": report.attempts,
+        "duration_ms": report.duration.as_millis() as u64,
+        "rate_bytes_per_sec": if secs > 0.0 { (report.bytes_transferred as f64 / secs) as u64 } else { 0 },
+    });
+    let key = if report.pulled { "bytes_received" } else { "bytes_sent" };
+    summary[key] = report.bytes_transferred.into();
+    summary
 }
 
 fn error_json(error: &ClientError, code: u8) -> serde_json::Value {

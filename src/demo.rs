@@ -101,6 +101,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
             initial: Duration::from_millis(50),
             max: Duration::from_secs(1),
         },
+        links: Default::default(),
     };
     let mut narrate = |event: ClientEvent| {
         let line = match event {
@@ -118,6 +119,10 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
                 format!("  link dropped ({error}); retrying in {delay:.2?}")
             }
             ClientEvent::SourceChanged { reason } => format!("  source changed: {reason}"),
+            ClientEvent::Send(SendEvent::TreeNeed { .. } | SendEvent::FileFailed { .. })
+            | ClientEvent::Scanned { .. } => {
+                return; // the demo pushes one file
+            }
         };
         let _ = writeln!(out, "{line}");
     };

@@ -26,6 +26,7 @@ pub mod server;
 pub mod source;
 pub mod store;
 pub mod transfer;
+pub mod tree;
 pub mod url;
 pub mod verify;
 pub mod wire;
@@ -46,6 +47,10 @@ pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 /// Most chunks in one manifest (500,000 × 44 bytes ≈ 21 MiB, under [`MAX_FRAME`]).
 pub const MAX_MANIFEST_CHUNKS: usize = 500_000;
+/// Most entries in one TreeOffer.
+pub const MAX_TREE_ENTRIES: usize = 200_000;
+/// Largest file a tree sends whole in one FileData (larger files go through their own Offer).
+pub const MAX_INLINE_FILE: u64 = 1024 * 1024;
 /// Default window of unacknowledged chunk bytes.
 pub const DEFAULT_WINDOW: u64 = 16 * 1024 * 1024;
 

@@ -118,22 +118,7 @@ impl std::fmt::Display for RemotePath {
 pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
     let (file_name, parents) = components.split_last().expect("a RemotePath has a component");
-    let mut current = root.to_path_buf();
-    for component in parents {
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create_parents => create_dir(root, &current)?,
-            Err(e) => {
-                return Err(PathError::Io {
-                    path: shown(root, &current),
-                    source: e,
-                })
-            }
-        }
-    }
+    let mut current = walk_dirs(root, parents, create_parents)?;
     current.push(file_name);
     match std::fs::symlink_metadata(&current) {
         Ok(meta) if meta.file_type().is_symlink() => Err(PathError::Symlink(shown(root, &current))),
@@ -145,6 +130,34 @@ pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> 
             source: e,
         }),
     }
+}
+
+/// Resolves the directory `path` under `root`, creating it and its parents as needed, refusing symlinks and
+/// non-directories on the way. Blocking.
+pub fn ensure_dir(root: &Path, path: &RemotePath) -> Result<PathBuf, PathError> {
+    let components: Vec<&str> = path.components().collect();
+    walk_dirs(root, &components, true)
+}
+
+/// Walks `components` below `root` as directories (creating missing ones if `create`); returns the last one.
+fn walk_dirs(root: &Path, components: &[&str], create: bool) -> Result<PathBuf, PathError> {
+    let mut current = root.to_path_buf();
+    for component in components {
+        current.push(component);
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => create_dir(root, &current)?,
+            Err(e) => {
+                return Err(PathError::Io {
+                    path: shown(root, &current),
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(current)
 }
 
 /// Resolves an existing `path` under `root` for reading (a Pull): every component must exist and none may be a
@@ -170,6 +183,24 @@ pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std:
         meta = Some(found);
     }
     Ok((current, meta.expect("a RemotePath has a component")))
+}
+
+/// Whether a symlink at `link` (a path relative to a tree's directory) with this `target` text resolves inside the
+/// tree: relative, and never climbing above the tree's directory. Checked by both sides of a tree transfer.
+pub fn link_stays_inside(link: &str, target: &str) -> bool {
+    if target.is_empty() || target.len() > MAX_PATH_LEN || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    let mut depth = link.split('/').count().saturating_sub(1);
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." if depth == 0 => return false,
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    true
 }
 
 /// Opens `path` for reading, refusing a symlink in its last component (`O_NOFOLLOW`).

@@ -23,7 +23,10 @@ use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::sender::{send, SendOptions, SendStats};
+use crate::transfer::tree_receiver::receive_tree;
+use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, with_keepalive, TransferError};
+use crate::tree::scan;
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, Pull};
 use crate::MAX_FRAME;
 
@@ -219,6 +222,10 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, &shared.receiver, path, offer.manifest, stop).await?;
             }
+            Ok(Message::TreeOffer(offer)) => {
+                let base = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+                receive_tree(conn, &shared.receiver, offer, Some(base), stop).await?;
+            }
             Ok(Message::Pull(pull)) => serve_pull(conn, shared, pull, stop).await?,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;
@@ -258,15 +265,6 @@ async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await?
     };
-    let (source, committed) = match found {
-        PullSource::File { source, committed } => (source, committed),
-        PullSource::Dir(_) => {
-            return Err(TransferError::refused(
-                ErrorCode::NotFound,
-                format!("{path} is a directory"),
-            ));
-        }
-    };
     let opts = SendOptions {
         io_timeout: idle,
         window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),
@@ -274,6 +272,25 @@ async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut stats = SendStats::default();
     let mut ignore = |_| {};
+    let (source, committed) = match found {
+        PullSource::File { source, committed } => (source, committed),
+        PullSource::Dir(dir) => {
+            let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
+            let tree = with_keepalive(conn, idle, move || {
+                scan(&dir, links, &sender, spec).map_err(|e| TransferError::refused(ErrorCode::Internal, e))
+            })
+            .await?;
+            let source = TreeSource {
+                tree: &tree,
+                store: &shared.sender,
+                spec,
+            };
+            return tokio::select! {
+                sent = send_tree(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent.map(|_| ()),
+                _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+            };
+        }
+    };
     let sent = tokio::select! {
         sent = send(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent,
         _ = stop.cancelled() => Err(TransferError::ShuttingDown),

@@ -46,6 +46,18 @@ pub fn manifest_for(
     spec: ChunkSpec,
     rebuild: bool,
 ) -> Result<(Manifest, bool), SourceError> {
+    manifest_for_with(store, file, canonical, spec, rebuild, true)
+}
+
+/// [`manifest_for`], flushing a new cache entry only if `flush`.
+pub fn manifest_for_with(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+    rebuild: bool,
+    flush: bool,
+) -> Result<(Manifest, bool), SourceError> {
     let meta = file
         .metadata()
         .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
@@ -70,7 +82,7 @@ pub fn manifest_for(
         mtime: manifest.mtime,
         ..key
     };
-    store.cache_manifest(&key, &manifest)?;
+    store.cache_manifest(&key, &manifest, flush)?;
     Ok((manifest, false))
 }
 

@@ -8,6 +8,7 @@
 
 mod pull;
 mod push;
+mod tree;
 
 use std::time::Duration;
 
@@ -15,8 +16,9 @@ use rand::Rng;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-pub use pull::{pull, PullOptions, PullReport};
+pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
+pub use tree::{push_tree, TreeReport};
 
 use crate::exit;
 use crate::source::{SourceError, MAX_SOURCE_CHANGES};
@@ -133,6 +135,15 @@ pub enum ClientEvent {
         delay: Duration,
         /// Why it failed.
         error: String,
+    },
+    /// A tree was walked.
+    Scanned {
+        /// Files found.
+        files: u64,
+        /// Their total size.
+        bytes: u64,
+        /// Entries left out.
+        skipped: u64,
     },
     /// The source changed; a new manifest is being built.
     SourceChanged {

@@ -1,4 +1,4 @@
-//! `ferry pull`: the client takes the receiver role. Its progress lives in its own sled store (scoped by the
+//! `ferry pull`: the client takes the receiver role, for a file or a tree. Its progress lives in its own sled store (scoped by the
 //! local directory), partials sit hidden next to the destination (same filesystem, so the final rename is
 //! atomic), and an older local copy lends its chunks through the same reuse as on a server.
 
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::tree::{pull_root, TreeReport};
 use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Hash;
@@ -18,9 +19,10 @@ use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
+use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Committed, Connection, Message, Pull};
+use crate::wire::{Committed, Connection, EntryKind, Message, Pull, TreeCommitted};
 
 /// Bytes the pulling client writes between syncs (and Acks).
 const SYNC_BATCH: u64 = 4 * 1024 * 1024;
@@ -40,6 +42,8 @@ pub struct PullOptions {
     pub chunking: ChunkSpec,
     /// Unacknowledged bytes the server may have in flight.
     pub window: u64,
+    /// For a tree: whether symlinks are recreated or left out.
+    pub links: crate::tree::LinkPolicy,
     /// Consecutive failed attempts without progress before giving up.
     pub retries: u32,
     /// Give up on a connection when no byte moves for this long.
@@ -73,45 +77,42 @@ pub struct PullReport {
     pub duration: Duration,
 }
 
-/// Pulls one file, resuming whatever a killed earlier run left, reusing an older local copy's chunks.
-pub async fn pull(
-    opts: PullOptions,
-    on_event: &mut (dyn FnMut(ClientEvent) + Send),
-) -> Result<PullReport, ClientError> {
+/// What a pull produced: a file or a tree.
+#[derive(Clone, Debug)]
+pub enum Pulled {
+    /// A single file.
+    File(PullReport),
+    /// A directory tree.
+    Tree(TreeReport),
+}
+
+/// Pulls one file or tree, resuming whatever a killed earlier run left, reusing an older local copy's chunks.
+pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Send)) -> Result<Pulled, ClientError> {
     let started = Instant::now();
-    let remote = RemotePath::parse(&opts.source.path).map_err(crate::url::UrlError::from)?;
-    let (root, name) = local_target(&opts.destination, &remote)?;
-    let ctx = {
-        let (state_dir, root) = (opts.state_dir.clone(), root.clone());
-        blocking(move || {
-            let store = Store::open(&state_dir)?;
-            let scope = root.display().to_string();
-            Ok(ReceiverContext {
-                store: ReceiverStore::open_scoped(&store, &scope)?,
-                partial_dir: root.clone(),
-                root,
-                claims: Claims::default(),
-                stats: Arc::new(ReceiverStats::default()),
-                idle_timeout: opts.io_timeout,
-                sync_batch: SYNC_BATCH,
-                queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
-            })
-        })
-        .await?
+    let remote = RemotePath::parse(opts.source.path.trim_end_matches('/')).map_err(crate::url::UrlError::from)?;
+    let store = {
+        let state_dir = opts.state_dir.clone();
+        blocking(move || Ok(Store::open(&state_dir)?)).await?
+    };
+    let mut local = Local {
+        store,
+        destination: opts.destination.clone(),
+        file: None,
+        tree: None,
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
     let never = CancellationToken::new();
-    let committed = loop {
+    let outcome = loop {
         let number = retrier.start();
-        let durable_before = ctx.stats.chunks_durable.load(Ordering::Relaxed);
-        let result = attempt(&opts, number, &remote, &ctx, &name, &never, on_event).await;
+        let before = local.progress();
+        let result = attempt(&opts, number, &remote, &mut local, &never, on_event).await;
         let error = match result {
-            Ok(committed) => break committed,
-            Err(e) if !e.is_retryable() => return Err(classify(e)),
-            Err(e) => e,
+            Ok(outcome) => break outcome,
+            Err(AttemptError::Local(e)) => return Err(e),
+            Err(AttemptError::Transfer(e)) if !e.is_retryable() => return Err(classify(e)),
+            Err(AttemptError::Transfer(e)) => e,
         };
-        let progressed = ctx.stats.chunks_durable.load(Ordering::Relaxed) > durable_before;
-        let Some(delay) = retrier.after_failure(progressed) else {
+        let Some(delay) = retrier.after_failure(local.progress() > before) else {
             return Err(ClientError::Network {
                 attempts: number,
                 last: error,
@@ -125,16 +126,92 @@ pub async fn pull(
         });
         tokio::time::sleep(delay).await;
     };
-    Ok(PullReport {
-        source: opts.source.to_string(),
-        destination: root.join(name.as_str()).display().to_string(),
-        size: committed.size,
-        digest: committed.digest,
-        bytes_received: ctx.stats.bytes_received.load(Ordering::Relaxed),
-        chunks_rejected: ctx.stats.chunks_rejected.load(Ordering::Relaxed),
-        committed,
-        attempts: retrier.attempts,
-        duration: started.elapsed(),
+    Ok(match outcome {
+        Outcome::File(committed) => {
+            let (ctx, name) = local.file.as_ref().expect("a file was received");
+            Pulled::File(PullReport {
+                source: opts.source.to_string(),
+                destination: ctx.root.join(name.as_str()).display().to_string(),
+                size: committed.size,
+                digest: committed.digest,
+                bytes_received: ctx.stats.bytes_received.load(Ordering::Relaxed),
+                chunks_rejected: ctx.stats.chunks_rejected.load(Ordering::Relaxed),
+                committed,
+                attempts: retrier.attempts,
+                duration: started.elapsed(),
+            })
+        }
+        Outcome::Tree(committed, entries) => {
+            let ctx = local.tree.as_ref().expect("a tree was received");
+            let mut report = TreeReport {
+                source: opts.source.to_string(),
+                destination: ctx.root.display().to_string(),
+                bytes_transferred: ctx.stats.bytes_received.load(Ordering::Relaxed),
+                attempts: retrier.attempts,
+                duration: started.elapsed(),
+                pulled: true,
+                ..TreeReport::default()
+            };
+            report.count_entries(entries.iter());
+            report.files_needed = report.files - committed.files_unchanged;
+            report.committed = committed;
+            Pulled::Tree(report)
+        }
+    })
+}
+
+/// The receiving side of a pull, set up once the server has said whether it sends a file or a tree.
+struct Local {
+    store: Store,
+    destination: PathBuf,
+    /// For a file: the context (rooted at the destination's directory) and the file name.
+    file: Option<(ReceiverContext, RemotePath)>,
+    /// For a tree: the context rooted at the destination directory.
+    tree: Option<ReceiverContext>,
+}
+
+impl Local {
+    /// Durable progress so far (chunks and small files), to tell a failed attempt that moved forward.
+    fn progress(&self) -> u64 {
+        let stats = |ctx: &ReceiverContext| {
+            ctx.stats.chunks_durable.load(Ordering::Relaxed) + ctx.stats.files_committed.load(Ordering::Relaxed)
+        };
+        self.file.as_ref().map_or(0, |(ctx, _)| stats(ctx)) + self.tree.as_ref().map_or(0, stats)
+    }
+
+    fn file_context(
+        &mut self,
+        remote: &RemotePath,
+        io_timeout: Duration,
+    ) -> Result<&(ReceiverContext, RemotePath), ClientError> {
+        if self.file.is_none() {
+            let (root, name) = local_target(&self.destination, remote)?;
+            self.file = Some((context(&self.store, root, io_timeout)?, name));
+        }
+        Ok(self.file.as_ref().expect("just set"))
+    }
+
+    fn tree_context(&mut self, io_timeout: Duration) -> Result<&ReceiverContext, ClientError> {
+        if self.tree.is_none() {
+            let root = pull_root(&self.destination)?;
+            self.tree = Some(context(&self.store, root, io_timeout)?);
+        }
+        Ok(self.tree.as_ref().expect("just set"))
+    }
+}
+
+/// A receiver context rooted at `root`, its records scoped by that directory; partials sit hidden in it.
+fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<ReceiverContext, ClientError> {
+    let scope = root.display().to_string();
+    Ok(ReceiverContext {
+        store: ReceiverStore::open_scoped(store, &scope)?,
+        partial_dir: root.clone(),
+        root,
+        claims: Claims::default(),
+        stats: Arc::new(ReceiverStats::default()),
+        idle_timeout: io_timeout,
+        sync_batch: SYNC_BATCH,
+        queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
     })
 }
 
@@ -160,24 +237,45 @@ fn local_target(destination: &Path, remote: &RemotePath) -> Result<(PathBuf, Rem
     Ok((dir, name))
 }
 
-/// One connection: connect, handshake, Pull, then receive the Offer.
+/// What one attempt received.
+enum Outcome {
+    File(Committed),
+    Tree(TreeCommitted, Vec<EntryKind>),
+}
+
+/// Why an attempt failed: the transfer (maybe retryable), or the local destination (never).
+enum AttemptError {
+    Transfer(TransferError),
+    Local(ClientError),
+}
+
+impl From<TransferError> for AttemptError {
+    fn from(e: TransferError) -> Self {
+        AttemptError::Transfer(e)
+    }
+}
+
+/// One connection: connect, handshake, Pull, then receive the Offer or TreeOffer.
 async fn attempt(
     opts: &PullOptions,
     number: u32,
     remote: &RemotePath,
-    ctx: &ReceiverContext,
-    name: &RemotePath,
+    local: &mut Local,
     stop: &CancellationToken,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
-) -> Result<Committed, TransferError> {
+) -> Result<Outcome, AttemptError> {
     let mut conn = connect(&opts.source, opts.connect_timeout, opts.io_timeout).await?;
     on_event(ClientEvent::Connected { attempt: number });
-    let result = receive_pulled(&mut conn, opts, remote, ctx, name, stop).await;
+    let result = receive_pulled(&mut conn, opts, remote, local, stop).await;
     match &result {
         Ok(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
         }
-        Err(e) => tell_peer(&mut conn, e).await,
+        Err(AttemptError::Transfer(e)) => tell_peer(&mut conn, e).await,
+        Err(AttemptError::Local(e)) => {
+            let refusal = TransferError::refused(crate::wire::ErrorCode::Internal, e);
+            tell_peer(&mut conn, &refusal).await;
+        }
     }
     result
 }
@@ -186,27 +284,42 @@ async fn receive_pulled(
     conn: &mut Connection<TcpStream>,
     opts: &PullOptions,
     remote: &RemotePath,
-    ctx: &ReceiverContext,
-    name: &RemotePath,
+    local: &mut Local,
     stop: &CancellationToken,
-) -> Result<Committed, TransferError> {
+) -> Result<Outcome, AttemptError> {
     let request = Message::Pull(Pull {
         path: remote.to_string(),
         chunking: opts.chunking,
         window: opts.window,
+        links: opts.links,
     });
     send_within(conn, &request, opts.io_timeout, "sending Pull").await?;
     match recv(conn, opts.io_timeout, "waiting for the Offer").await? {
         Message::Offer(offer) if offer.path == remote.as_str() => {
-            receive(conn, ctx, name.clone(), offer.manifest, stop).await
+            let (ctx, name) = local
+                .file_context(remote, opts.io_timeout)
+                .map_err(AttemptError::Local)?;
+            Ok(Outcome::File(
+                receive(conn, ctx, name.clone(), offer.manifest, stop).await?,
+            ))
         }
-        Message::Offer(offer) => Err(TransferError::refused(
+        Message::TreeOffer(offer) if offer.path == remote.as_str() => {
+            let ctx = local.tree_context(opts.io_timeout).map_err(AttemptError::Local)?;
+            let entries = offer.entries.iter().map(|e| e.kind.clone()).collect();
+            Ok(Outcome::Tree(
+                receive_tree(conn, ctx, offer, None, stop).await?,
+                entries,
+            ))
+        }
+        Message::Offer(_) | Message::TreeOffer(_) => Err(TransferError::refused(
             crate::wire::ErrorCode::UnexpectedMessage,
-            format!("asked for {remote}, the server offered {}", offer.path),
-        )),
+            format!("asked for {remote}, the server offered another path"),
+        )
+        .into()),
         other => Err(TransferError::Unexpected {
             got: other.name(),
             state: "waiting for the Offer",
-        }),
+        }
+        .into()),
     }
 }

@@ -36,6 +36,8 @@ pub struct PushOptions {
     pub connect_timeout: Duration,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// For a directory: whether symlinks are recreated or left out.
+    pub links: crate::tree::LinkPolicy,
 }
 
 /// The outcome of a successful push.

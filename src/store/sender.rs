@@ -83,11 +83,20 @@ impl SenderStore {
         get(&self.tree, &prefixed(MANIFEST, &encode_record(key)))
     }
 
-    /// Caches `manifest` under `key`, replacing older entries for the same path.
-    pub fn cache_manifest(&self, key: &ManifestKey, manifest: &Manifest) -> Result<(), StoreError> {
+    /// Caches `manifest` under `key`, replacing older entries for the same path; flushes if `flush` (a tree scan
+    /// flushes once at the end instead: the cache is only an optimisation).
+    pub fn cache_manifest(&self, key: &ManifestKey, manifest: &Manifest, flush: bool) -> Result<(), StoreError> {
         self.forget_manifests(&key.path)?;
         self.tree
             .insert(prefixed(MANIFEST, &encode_record(key)), encode_record(manifest))?;
+        if flush {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written so far.
+    pub fn flush(&self) -> Result<(), StoreError> {
         self.store.flush()
     }
 

@@ -117,7 +117,7 @@ fn apply_metadata(file: &File, manifest: &Manifest) -> std::io::Result<()> {
     file.set_modified(system_time(manifest.mtime))
 }
 
-fn system_time(t: FileTime) -> std::time::SystemTime {
+pub(crate) fn system_time(t: FileTime) -> std::time::SystemTime {
     let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
     if t.secs >= 0 {
         std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos

@@ -10,6 +10,9 @@ pub mod handshake;
 pub mod receiver;
 mod reuse;
 pub mod sender;
+mod small_writer;
+pub mod tree_receiver;
+pub mod tree_sender;
 mod writer;
 
 #[cfg(test)]

@@ -230,7 +230,7 @@ impl Copier {
 }
 
 /// Opens a committed file named by the index, inside `root` and without following symlinks.
-fn open_committed(root: &Path, path: &str) -> Option<File> {
+pub(crate) fn open_committed(root: &Path, path: &str) -> Option<File> {
     let path = RemotePath::parse(path).ok()?;
     let resolved: PathBuf = resolve_in_root(root, &path, false).ok()?;
     let file = open_no_follow(&resolved).ok()?;

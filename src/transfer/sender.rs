@@ -64,6 +64,8 @@ pub struct SendStats {
     pub chunks_acked: u64,
     /// Chunks the receiver rejected (failed verification) and asked for again.
     pub chunks_rejected: u64,
+    /// Small files of a tree acknowledged as committed.
+    pub files_acked: u64,
 }
 
 /// What the sender saw, for progress display.
@@ -80,6 +82,20 @@ pub enum SendEvent {
     Rejected {
         /// The chunk index.
         index: u32,
+    },
+    /// The receiver of a tree asked for these files.
+    TreeNeed {
+        /// Files needed.
+        files: u64,
+        /// Their total size.
+        bytes: u64,
+    },
+    /// A file of a tree could not be sent (vanished, unreadable, kept changing, refused).
+    FileFailed {
+        /// Its path in the tree.
+        path: String,
+        /// Why.
+        reason: String,
     },
 }
 

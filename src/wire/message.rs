@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkSpec;
-use crate::manifest::{Hash, Manifest};
+use crate::manifest::{FileTime, Hash, Manifest};
 use crate::ranges::IndexRange;
 
 /// The first eight bytes of every Hello: `FERRY`, NUL, CR, LF (catches text protocols and line-ending mangling).
@@ -39,6 +39,18 @@ pub enum Message {
     Pong(u64),
     /// 11: client → server, "send me this file or tree": the server becomes the sender.
     Pull(Pull),
+    /// 12: sender → receiver, "I have this tree for this directory".
+    TreeOffer(TreeOffer),
+    /// 13: receiver → sender, the tree entries (files) it wants.
+    TreeNeed(TreeNeed),
+    /// 14: sender → receiver, the whole content of one small file of the tree.
+    FileData(FileData),
+    /// 15: receiver → sender, "these small files are committed".
+    TreeAck(TreeAck),
+    /// 16: sender → receiver, "that was every file; finish the tree".
+    TreeCommit,
+    /// 17: receiver → sender, the tree is finished.
+    TreeCommitted(TreeCommitted),
 }
 
 impl Message {
@@ -57,6 +69,12 @@ impl Message {
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
             Message::Pull(_) => "Pull",
+            Message::TreeOffer(_) => "TreeOffer",
+            Message::TreeNeed(_) => "TreeNeed",
+            Message::FileData(_) => "FileData",
+            Message::TreeAck(_) => "TreeAck",
+            Message::TreeCommit => "TreeCommit",
+            Message::TreeCommitted(_) => "TreeCommitted",
         }
     }
 }
@@ -94,6 +112,103 @@ pub struct Offer {
     pub manifest: Manifest,
 }
 
+/// A directory tree offered for transfer to `path`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreeOffer {
+    /// Destination directory, relative to the receiver's root, `/`-separated.
+    pub path: String,
+    /// Every entry, sorted by path (byte order, strictly ascending), at most `MAX_TREE_ENTRIES`.
+    pub entries: Vec<TreeEntry>,
+}
+
+/// One entry of a tree.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Path relative to the tree's directory, `/`-separated.
+    pub path: String,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// The kind of a tree entry and what the receiver needs to know about it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File {
+        /// Size in bytes.
+        size: u64,
+        /// Whole-file BLAKE3.
+        digest: Hash,
+        /// Modification time.
+        mtime: FileTime,
+        /// Permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
+    /// A directory (possibly empty).
+    Dir {
+        /// Permission bits.
+        mode: u32,
+        /// Modification time, applied once the tree is complete.
+        mtime: FileTime,
+    },
+    /// A symbolic link, recorded as its target text (relative, never leaving the tree).
+    Symlink {
+        /// The link's target.
+        target: String,
+    },
+}
+
+/// Tree entries the receiver wants, as runs of entry indices (ascending); files only.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreeNeed {
+    /// Ascending, non-overlapping runs of indices into the TreeOffer's entries.
+    pub entries: Vec<IndexRange>,
+}
+
+/// The whole content of a small needed file (at most `MAX_INLINE_FILE` bytes).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct FileData {
+    /// Index into the TreeOffer's entries.
+    pub entry: u32,
+    /// Exactly the file's bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for FileData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileData")
+            .field("entry", &self.entry)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Small files that are now committed (verified, synced, renamed, recorded), and ones the receiver could not
+/// place (something in the way); the sender stops waiting for both.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreeAck {
+    /// Runs of entry indices now committed.
+    pub entries: Vec<IndexRange>,
+    /// Runs of entry indices refused for good.
+    pub refused: Vec<IndexRange>,
+}
+
+/// The receiver's summary of a finished tree.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreeCommitted {
+    /// Files committed in this session.
+    pub files_committed: u64,
+    /// Files that were already present and unchanged.
+    pub files_unchanged: u64,
+    /// Needed files that never arrived (the sender could not read them), as runs of entry indices.
+    pub missing: Vec<IndexRange>,
+    /// File and chunk payload bytes received in this session.
+    pub received_bytes: u64,
+    /// Bytes copied from files the receiver already held.
+    pub reused_bytes: u64,
+}
+
 /// A request for the file or tree at `path`; the server answers with an Offer (or a TreeOffer) and sends.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Pull {
@@ -103,6 +218,8 @@ pub struct Pull {
     pub chunking: ChunkSpec,
     /// Most unacknowledged chunk bytes the client wants in flight; the server clamps it to its own bounds.
     pub window: u64,
+    /// For a tree: whether symlinks are recreated or left out.
+    pub links: crate::tree::LinkPolicy,
 }
 
 /// Chunks the receiver still needs, run-length encoded.

@@ -10,4 +10,7 @@ pub mod message;
 
 pub use codec::CodecError;
 pub use conn::{Connection, WireError};
-pub use message::{Ack, Chunk, Committed, ErrorCode, ErrorFrame, Hello, Message, Need, Offer, Pull, Welcome, MAGIC};
+pub use message::{
+    Ack, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Message, Need, Offer, Pull, TreeAck,
+    TreeCommitted, TreeEntry, TreeNeed, TreeOffer, Welcome, MAGIC,
+};

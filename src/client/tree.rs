@@ -1,0 +1,185 @@
+//! Trees: `ferry push DIR` (the client sends a walked directory) and the tree half of `ferry pull`. One session
+//! carries the whole tree; a cut link or a killed run resumes by offering the tree again, and the receiver skips
+//! every file it already committed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{blocking, classify, connect, ClientError, ClientEvent, PushOptions, Retrier};
+use crate::exit;
+use crate::path::RemotePath;
+use crate::store::{SenderStore, Store};
+use crate::transfer::sender::{SendEvent, SendStats};
+use crate::transfer::tree_sender::{send_tree, TreeSent, TreeSource};
+use crate::transfer::{tell_peer, TransferError};
+use crate::tree::{scan, LocalTree};
+use crate::url::FerryUrl;
+use crate::wire::{EntryKind, TreeCommitted};
+
+/// The outcome of a tree push or pull that ran to the end (some files may still have failed).
+#[derive(Clone, Debug, Default)]
+pub struct TreeReport {
+    /// Where the tree came from.
+    pub source: String,
+    /// Where it went.
+    pub destination: String,
+    /// File entries offered.
+    pub files: u64,
+    /// Directory entries offered.
+    pub dirs: u64,
+    /// Symlink entries offered.
+    pub symlinks: u64,
+    /// Bytes of all files offered.
+    pub bytes_total: u64,
+    /// Files the receiver needed.
+    pub files_needed: u64,
+    /// File bytes and chunk bytes that crossed the wire (sent for a push, received for a pull).
+    pub bytes_transferred: u64,
+    /// The receiver's summary.
+    pub committed: TreeCommitted,
+    /// Entries left out on purpose, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// Files that could not be read or sent, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Connection attempts.
+    pub attempts: u32,
+    /// Wall time.
+    pub duration: Duration,
+    /// True for a pull (bytes were received), false for a push.
+    pub pulled: bool,
+}
+
+impl TreeReport {
+    /// Whether every file made it (nothing failed, nothing missing on the receiver).
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty() && self.committed.missing.is_empty()
+    }
+
+    /// The process exit code: 0 when complete, else local trouble (unreadable files) or a rejection.
+    pub fn exit_code(&self) -> u8 {
+        if self.complete() {
+            exit::OK
+        } else if !self.failed.is_empty() {
+            exit::LOCAL
+        } else {
+            exit::REJECTED
+        }
+    }
+
+    /// Fills the entry counts from the offered entries.
+    pub fn count_entries<'a>(&mut self, entries: impl Iterator<Item = &'a EntryKind>) {
+        for kind in entries {
+            match kind {
+                EntryKind::File { size, .. } => {
+                    self.files += 1;
+                    self.bytes_total += size;
+                }
+                EntryKind::Dir { .. } => self.dirs += 1,
+                EntryKind::Symlink { .. } => self.symlinks += 1,
+            }
+        }
+    }
+}
+
+/// Pushes the directory `opts.source` into the remote directory named by `opts.destination`.
+pub async fn push_tree(
+    opts: PushOptions,
+    on_event: &mut (dyn FnMut(ClientEvent) + Send),
+) -> Result<TreeReport, ClientError> {
+    let started = Instant::now();
+    let remote_dir = opts.destination.path.trim_end_matches('/').to_string();
+    RemotePath::parse(&remote_dir).map_err(crate::url::UrlError::from)?;
+    let destination = FerryUrl {
+        path: remote_dir.clone(),
+        ..opts.destination.clone()
+    };
+    let dir = std::fs::canonicalize(&opts.source)
+        .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
+    let (store, tree) = scan_local(&opts, &dir).await?;
+    on_event(ClientEvent::Scanned {
+        files: tree.file_count() as u64,
+        bytes: tree.total_bytes(),
+        skipped: tree.skipped.len() as u64,
+    });
+    let mut report = TreeReport {
+        source: dir.display().to_string(),
+        destination: destination.to_string(),
+        skipped: tree.skipped.clone(),
+        failed: tree.failed.clone(),
+        ..TreeReport::default()
+    };
+    report.count_entries(tree.entries.iter().map(|e| &e.kind));
+    let source = TreeSource {
+        tree: &tree,
+        store: &store,
+        spec: opts.chunking,
+    };
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
+    let mut stats = SendStats::default();
+    let sent = loop {
+        let number = retrier.start();
+        let before = stats.chunks_acked + stats.files_acked;
+        let error = match attempt(&opts, number, &remote_dir, &source, &mut stats, on_event).await {
+            Ok(sent) => break sent,
+            Err(e) if !e.is_retryable() => return Err(classify(e)),
+            Err(e) => e,
+        };
+        let Some(delay) = retrier.after_failure(stats.chunks_acked + stats.files_acked > before) else {
+            return Err(ClientError::Network {
+                attempts: number,
+                last: error,
+            });
+        };
+        on_event(ClientEvent::Retrying {
+            attempt: number,
+            delay,
+            error: error.to_string(),
+        });
+        tokio::time::sleep(delay).await;
+    };
+    report.failed.extend(sent.failed);
+    report.files_needed = sent.files_needed;
+    report.committed = sent.committed;
+    report.bytes_transferred = stats.bytes_sent;
+    report.attempts = retrier.attempts;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+async fn scan_local(opts: &PushOptions, dir: &Path) -> Result<(SenderStore, LocalTree), ClientError> {
+    let (state_dir, dir, links, spec) = (opts.state_dir.clone(), dir.to_path_buf(), opts.links, opts.chunking);
+    blocking(move || {
+        let store = SenderStore::open(&Store::open(&state_dir)?)?;
+        let tree = scan(&dir, links, &store, spec)?;
+        Ok((store, tree))
+    })
+    .await
+}
+
+async fn attempt(
+    opts: &PushOptions,
+    number: u32,
+    remote_dir: &str,
+    source: &TreeSource<'_>,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(ClientEvent) + Send),
+) -> Result<TreeSent, TransferError> {
+    let mut conn = connect(&opts.destination, opts.connect_timeout, opts.send.io_timeout).await?;
+    on_event(ClientEvent::Connected { attempt: number });
+    let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+    let result = send_tree(&mut conn, remote_dir, source, &opts.send, stats, &mut forward).await;
+    match &result {
+        Ok(_) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+        }
+        Err(e) => tell_peer(&mut conn, e).await,
+    }
+    result
+}
+
+/// The local directory a pulled tree goes into: created if missing, then canonical.
+pub(crate) fn pull_root(destination: &Path) -> Result<PathBuf, ClientError> {
+    let local = |e: std::io::Error| ClientError::Source(format!("{}: {e}", destination.display()));
+    std::fs::create_dir_all(destination).map_err(local)?;
+    std::fs::canonicalize(destination).map_err(local)
+}

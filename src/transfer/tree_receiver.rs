@@ -1,0 +1,545 @@
+//! The receiver role for a tree: check a TreeOffer, settle what needs no bytes (directories, symlinks, unchanged
+//! files, empty files, small files whose content is already held), answer TreeNeed, then take FileData through the
+//! [`small_writer`](super::small_writer) and per-file Offers through the file [`receiver`](super::receiver) until
+//! TreeCommit, when directory metadata is applied and TreeCommitted sums up.
+//!
+//! Guarantees (proto-spec.md, "Trees"): every entry path is validated and resolved inside the root without
+//! following symlinks; a recorded symlink's target must stay inside the tree; every file, small or large, is
+//! verified before it gets its final name, and each is renamed into place atomically on its own.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::receiver::{receive, ReceiverContext};
+use super::reuse::open_committed;
+use super::small_writer::{BatchOutcome, SmallFile, SmallWriter};
+use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
+use crate::chunk::mtime_of;
+use crate::manifest::FileTime;
+use crate::path::{ensure_dir, link_stays_inside, RemotePath};
+use crate::ranges::encode_runs;
+use crate::wire::{
+    Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeNeed, TreeOffer,
+};
+use crate::{MAX_INLINE_FILE, MAX_TREE_ENTRIES};
+
+/// Small files queued between the socket and the disk writer.
+const SMALL_QUEUE: usize = 64;
+/// Small files that may fail verification in one session before the sender is considered broken.
+const MAX_REJECTED_FILES: u32 = 64;
+
+/// The running small-file writer: its queue and its batch reports.
+type WriterHandle = (
+    mpsc::Sender<SmallFile>,
+    mpsc::UnboundedReceiver<Result<BatchOutcome, TransferError>>,
+);
+
+/// A validated TreeOffer: entries and the destination key of each.
+struct Tree {
+    offer: TreeOffer,
+    keys: Vec<RemotePath>,
+}
+
+/// Serves one TreeOffer to completion. `base` is the directory (under the context's root) that receives the
+/// tree's entries; `None` puts them directly in the root (a pull into a local directory).
+pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    offer: TreeOffer,
+    base: Option<RemotePath>,
+    stop: &CancellationToken,
+) -> Result<TreeCommitted, TransferError> {
+    let tree = validate(offer, base.as_ref())?;
+    let (tree, plan) = {
+        let ctx = ctx.clone();
+        with_keepalive(conn, ctx.idle_timeout, move || {
+            let plan = plan(&ctx, &tree)?;
+            Ok((tree, plan))
+        })
+        .await?
+    };
+    tracing::info!(
+        path = %tree.offer.path,
+        entries = tree.offer.entries.len(),
+        needed = plan.needed.len(),
+        "tree offer accepted"
+    );
+    let need = Message::TreeNeed(TreeNeed {
+        entries: encode_runs(plan.needed.iter().copied()),
+    });
+    send_within(conn, &need, ctx.idle_timeout, "sending TreeNeed").await?;
+    let mut session = Session::new(ctx, &tree, plan);
+    let result = session.run(conn, stop).await;
+    session.close_writer(conn, false).await?;
+    result?;
+    let finished = session.summary();
+    let dirs = {
+        let (root, tree) = (ctx.root.clone(), tree);
+        with_keepalive(conn, ctx.idle_timeout, move || {
+            apply_dir_metadata(&root, &tree);
+            Ok(())
+        })
+    };
+    dirs.await?;
+    send_within(
+        conn,
+        &Message::TreeCommitted(finished.clone()),
+        ctx.idle_timeout,
+        "sending TreeCommitted",
+    )
+    .await?;
+    Ok(finished)
+}
+
+/// Checks the offer: entry count, strictly ascending paths, valid destination paths, and symlinks that stay
+/// inside the tree.
+fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, TransferError> {
+    let refuse = |why: String| TransferError::refused(ErrorCode::BadPath, why);
+    if offer.entries.len() > MAX_TREE_ENTRIES {
+        return Err(TransferError::refused(
+            ErrorCode::BadManifest,
+            format!(
+                "tree has {} entries, the limit is {MAX_TREE_ENTRIES}",
+                offer.entries.len()
+            ),
+        ));
+    }
+    let mut keys = Vec::with_capacity(offer.entries.len());
+    let mut previous: Option<&str> = None;
+    for entry in &offer.entries {
+        if previous.is_some_and(|p| p.as_bytes() >= entry.path.as_bytes()) {
+            return Err(refuse(format!(
+                "tree entries are not strictly ascending at {:?}",
+                entry.path
+            )));
+        }
+        previous = Some(&entry.path);
+        RemotePath::parse(&entry.path).map_err(|e| refuse(format!("tree entry: {e}")))?;
+        let key = match base {
+            Some(base) => format!("{base}/{}", entry.path),
+            None => entry.path.clone(),
+        };
+        keys.push(RemotePath::parse(&key).map_err(|e| refuse(format!("tree entry: {e}")))?);
+        if let EntryKind::Symlink { target } = &entry.kind {
+            if !link_stays_inside(&entry.path, target) {
+                return Err(refuse(format!(
+                    "symlink {:?} -> {target:?} leaves the tree",
+                    entry.path
+                )));
+            }
+        }
+    }
+    Ok(Tree { offer, keys })
+}
+
+/// What the plan settled and what it needs.
+struct Plan {
+    needed: Vec<u32>,
+    unchanged: u64,
+    settled: BatchOutcome,
+    reused_bytes: u64,
+}
+
+/// Creates directories and symlinks, finds unchanged files, and commits empty files and small files whose content
+/// the receiver already holds; returns the files still needed. Blocking.
+fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
+    let mut plan = Plan {
+        needed: Vec::new(),
+        unchanged: 0,
+        settled: BatchOutcome::default(),
+        reused_bytes: 0,
+    };
+    let mut local = Vec::new();
+    for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
+        let index = index as u32;
+        match &entry.kind {
+            EntryKind::Dir { .. } => {
+                if let Err(e) = ensure_dir(&ctx.root, key) {
+                    plan.settled.refused.push((index, e.to_string()));
+                }
+            }
+            EntryKind::Symlink { target } => {
+                if let Err(why) = place_symlink(&ctx.root, key, target) {
+                    plan.settled.refused.push((index, why));
+                }
+            }
+            EntryKind::File { .. } if unchanged(ctx, key, entry)? => plan.unchanged += 1,
+            &EntryKind::File {
+                size,
+                digest,
+                mtime,
+                mode,
+            } => match held_content(ctx, size, &digest) {
+                Some(data) => {
+                    plan.reused_bytes += size;
+                    local.push(SmallFile {
+                        index,
+                        key: key.clone(),
+                        data,
+                        digest,
+                        mtime,
+                        mode,
+                        _budget: None,
+                    });
+                }
+                None => plan.needed.push(index),
+            },
+        }
+    }
+    if !local.is_empty() {
+        let settled = writer(ctx).commit_batch(local)?;
+        plan.settled.committed.extend(settled.committed);
+        plan.settled.refused.extend(settled.refused);
+        plan.needed.extend(settled.rejected);
+        plan.needed.sort_unstable();
+    }
+    Ok(plan)
+}
+
+fn writer(ctx: &ReceiverContext) -> SmallWriter {
+    SmallWriter {
+        root: ctx.root.clone(),
+        partial_dir: ctx.partial_dir.clone(),
+        store: ctx.store.clone(),
+        stats: ctx.stats.clone(),
+    }
+}
+
+/// Whether the committed file at `key` is this entry (same size, digest and mtime) and untouched since.
+fn unchanged(ctx: &ReceiverContext, key: &RemotePath, entry: &TreeEntry) -> Result<bool, TransferError> {
+    let EntryKind::File {
+        size, digest, mtime, ..
+    } = entry.kind
+    else {
+        return Ok(false);
+    };
+    let Some(done) = ctx.store.committed(key.as_str())? else {
+        return Ok(false);
+    };
+    if done.size != size || done.digest != digest || done.mtime != mtime {
+        return Ok(false);
+    }
+    let Ok(meta) = std::fs::symlink_metadata(ctx.root.join(key.as_str())) else {
+        return Ok(false);
+    };
+    Ok(meta.is_file() && meta.len() == size && meta.ino() == done.inode && mtime_of(&meta) == done.mtime)
+}
+
+/// The bytes of a small file the receiver already holds somewhere (an empty file, or a committed chunk of exactly
+/// this content), verified.
+fn held_content(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash) -> Option<Vec<u8>> {
+    if size == 0 {
+        return (*blake3::hash(&[]).as_bytes() == *digest).then(Vec::new);
+    }
+    if size > MAX_INLINE_FILE {
+        return None;
+    }
+    let locations = ctx.store.chunk_locations(digest, 2).ok()?;
+    for location in locations.into_iter().filter(|l| u64::from(l.len) == size) {
+        let Some(file) = open_committed(&ctx.root, &location.path) else {
+            continue;
+        };
+        let mut data = vec![0u8; size as usize];
+        if file.read_exact_at(&mut data, location.offset).is_ok() && blake3::hash(&data).as_bytes() == digest {
+            return Some(data);
+        }
+    }
+    None
+}
+
+/// Makes `key` a symlink to `target` (already checked to stay inside the tree), replacing a file or another
+/// symlink there, atomically; a directory in the way is refused.
+fn place_symlink(root: &Path, key: &RemotePath, target: &str) -> Result<(), String> {
+    let components: Vec<&str> = key.components().collect();
+    let (name, parents) = components.split_last().expect("a RemotePath has a component");
+    let dir = match RemotePath::parse(&parents.join("/")) {
+        Ok(parent) => ensure_dir(root, &parent).map_err(|e| e.to_string())?,
+        Err(_) => root.to_path_buf(), // no parent: the root itself
+    };
+    let path = dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => return Err(format!("{key} is a directory")),
+        Ok(meta)
+            if meta.file_type().is_symlink() && std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target) =>
+        {
+            return Ok(());
+        }
+        _ => {}
+    }
+    let temp = dir.join(format!(".ferry-{:016x}.link", rand::random::<u64>()));
+    std::os::unix::fs::symlink(target, &temp).map_err(|e| e.to_string())?;
+    std::fs::rename(&temp, &path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        e.to_string()
+    })
+}
+
+/// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
+/// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
+fn apply_dir_metadata(root: &Path, tree: &Tree) {
+    use std::os::unix::fs::PermissionsExt;
+    for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
+        let EntryKind::Dir { mode, mtime } = entry.kind else {
+            continue;
+        };
+        let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
+            std::fs::File::open(&dir)?.set_modified(system_time(mtime))
+        });
+        if let Err(e) = applied {
+            tracing::warn!(path = %key, error = %e, "could not apply directory metadata");
+        }
+    }
+}
+
+fn system_time(t: FileTime) -> std::time::SystemTime {
+    super::commit::system_time(t)
+}
+
+/// The reception of one tree's files.
+struct Session<'a> {
+    ctx: &'a ReceiverContext,
+    tree: &'a Tree,
+    /// Needed files not yet committed or refused.
+    pending: HashSet<u32>,
+    /// Needed file entries by the path an Offer for them carries.
+    by_offer_path: HashMap<String, u32>,
+    writer: Option<WriterHandle>,
+    summary: TreeCommitted,
+    refused: Vec<u32>,
+    rejected: u32,
+}
+
+impl<'a> Session<'a> {
+    fn new(ctx: &'a ReceiverContext, tree: &'a Tree, plan: Plan) -> Self {
+        let by_offer_path = plan
+            .needed
+            .iter()
+            .map(|&i| {
+                (
+                    format!("{}/{}", tree.offer.path, tree.offer.entries[i as usize].path),
+                    i,
+                )
+            })
+            .collect();
+        let summary = TreeCommitted {
+            files_committed: plan.settled.committed.len() as u64,
+            files_unchanged: plan.unchanged,
+            reused_bytes: plan.reused_bytes,
+            ..TreeCommitted::default()
+        };
+        Session {
+            ctx,
+            tree,
+            pending: plan.needed.iter().copied().collect(),
+            by_offer_path,
+            writer: None,
+            summary,
+            refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
+            rejected: 0,
+        }
+    }
+
+    /// Takes messages until TreeCommit.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        stop: &CancellationToken,
+    ) -> Result<(), TransferError> {
+        loop {
+            let idle = self.ctx.idle_timeout;
+            let step = tokio::select! {
+                _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
+                batch = next_batch(&mut self.writer) => Step::Batch(batch),
+                msg = next_message(conn, idle, "receiving a tree") => Step::Message(msg?),
+            };
+            match step {
+                Step::Batch(Some(batch)) => self.answer_batch(conn, batch?).await?,
+                Step::Batch(None) => self.writer = None,
+                Step::Message(Message::FileData(data)) => self.take_file(data).await?,
+                Step::Message(Message::Offer(offer)) => {
+                    let index = self.offered_entry(&offer.path)?;
+                    self.close_writer(conn, true).await?;
+                    let key = self.tree.keys[index as usize].clone();
+                    let committed = receive(conn, self.ctx, key, offer.manifest, stop).await?;
+                    self.pending.remove(&index);
+                    self.summary.files_committed += 1;
+                    self.summary.received_bytes += committed.received_bytes;
+                    self.summary.reused_bytes += committed.reused_bytes;
+                }
+                Step::Message(Message::TreeCommit) => return Ok(()),
+                Step::Message(Message::Ping(nonce)) => answer_ping(conn, nonce, idle).await?,
+                Step::Message(other) => {
+                    return Err(TransferError::Unexpected {
+                        got: other.name(),
+                        state: "receiving a tree",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Queues a small file for the writer after checking it is a needed entry of the right size.
+    async fn take_file(&mut self, file: FileData) -> Result<(), TransferError> {
+        let refuse = |why: String| TransferError::refused(ErrorCode::UnexpectedMessage, why);
+        if !self.pending.contains(&file.entry) {
+            return Err(refuse(format!(
+                "FileData for entry {}, which is not needed",
+                file.entry
+            )));
+        }
+        let entry = &self.tree.offer.entries[file.entry as usize];
+        let EntryKind::File {
+            size,
+            digest,
+            mtime,
+            mode,
+        } = entry.kind
+        else {
+            return Err(refuse(format!("FileData for {}, which is not a file", entry.path)));
+        };
+        if size > MAX_INLINE_FILE || file.data.len() as u64 != size {
+            return Err(refuse(format!(
+                "FileData for {} has {} bytes, the offer says {size}",
+                entry.path,
+                file.data.len()
+            )));
+        }
+        self.summary.received_bytes += size;
+        let budget = self
+            .ctx
+            .queue_budget
+            .clone()
+            .acquire_many_owned((size.div_ceil(1024) as u32).max(1))
+            .await
+            .map_err(|_| TransferError::ShuttingDown)?;
+        let small = SmallFile {
+            index: file.entry,
+            key: self.tree.keys[file.entry as usize].clone(),
+            data: file.data,
+            digest,
+            mtime,
+            mode,
+            _budget: Some(budget),
+        };
+        let (queue, _) = self.writer.get_or_insert_with(|| spawn_writer(writer(self.ctx)));
+        queue
+            .send(small)
+            .await
+            .map_err(|_| TransferError::Storage(std::io::Error::other("small-file writer stopped")))
+    }
+
+    /// The needed entry an Offer inside the tree is for.
+    fn offered_entry(&self, path: &str) -> Result<u32, TransferError> {
+        self.by_offer_path
+            .get(path)
+            .copied()
+            .filter(|i| self.pending.contains(i))
+            .ok_or_else(|| {
+                TransferError::refused(ErrorCode::BadPath, format!("{path} is not a needed file of this tree"))
+            })
+    }
+
+    /// Tells the sender what a batch did: TreeAck for committed and refused files, TreeNeed for rejected ones.
+    async fn answer_batch<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        batch: BatchOutcome,
+    ) -> Result<(), TransferError> {
+        let idle = self.ctx.idle_timeout;
+        for index in batch.committed.iter().chain(batch.refused.iter().map(|(i, _)| i)) {
+            self.pending.remove(index);
+        }
+        for (index, why) in &batch.refused {
+            tracing::warn!(path = %self.tree.keys[*index as usize], reason = why, "tree file refused");
+            self.refused.push(*index);
+        }
+        self.summary.files_committed += batch.committed.len() as u64;
+        if !batch.committed.is_empty() || !batch.refused.is_empty() {
+            let ack = Message::TreeAck(TreeAck {
+                entries: encode_runs(batch.committed),
+                refused: encode_runs(sorted(batch.refused.into_iter().map(|(i, _)| i))),
+            });
+            send_within(conn, &ack, idle, "acknowledging files").await?;
+        }
+        if !batch.rejected.is_empty() {
+            self.rejected += batch.rejected.len() as u32;
+            if self.rejected > MAX_REJECTED_FILES {
+                return Err(TransferError::Integrity(format!(
+                    "{} files failed verification in one session",
+                    self.rejected
+                )));
+            }
+            let again = Message::TreeNeed(TreeNeed {
+                entries: encode_runs(sorted(batch.rejected)),
+            });
+            send_within(conn, &again, idle, "asking for files again").await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the small-file writer after it has written what it holds; answers its last batches if `answer`.
+    async fn close_writer<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        answer: bool,
+    ) -> Result<(), TransferError> {
+        let Some((queue, mut events)) = self.writer.take() else {
+            return Ok(());
+        };
+        drop(queue);
+        while let Some(batch) = events.recv().await {
+            let batch = batch?;
+            if answer {
+                self.answer_batch(conn, batch).await?;
+            } else {
+                self.summary.files_committed += batch.committed.len() as u64;
+                for index in batch.committed.iter().chain(batch.refused.iter().map(|(i, _)| i)) {
+                    self.pending.remove(index);
+                }
+                self.refused.extend(batch.refused.iter().map(|(i, _)| *i));
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> TreeCommitted {
+        let missing = sorted(self.pending.iter().copied().chain(self.refused.iter().copied()));
+        TreeCommitted {
+            missing: encode_runs(missing),
+            ..self.summary.clone()
+        }
+    }
+}
+
+enum Step {
+    Batch(Option<Result<BatchOutcome, TransferError>>),
+    Message(Message),
+}
+
+/// The writer's next batch outcome; pending forever when there is no writer.
+async fn next_batch(writer: &mut Option<WriterHandle>) -> Option<Result<BatchOutcome, TransferError>> {
+    match writer {
+        Some((_, events)) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn spawn_writer(writer: SmallWriter) -> WriterHandle {
+    let (queue, files) = mpsc::channel(SMALL_QUEUE);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    tokio::task::spawn_blocking(move || writer.run(files, events_tx));
+    (queue, events)
+}
+
+fn sorted(indices: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    let mut v: Vec<u32> = indices.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}

@@ -1,0 +1,361 @@
+//! The sender role for a tree: offer every entry at once, stream the small files the receiver needs as
+//! FileData within the byte window (no round trip per file), then send each large (or changed) file through its
+//! own Offer with the per-file [`sender`](super::sender), and finish with TreeCommit.
+//!
+//! A small file is re-hashed as it is read: if it no longer matches the digest offered, it is sent later through
+//! its own Offer with a fresh manifest. A file that vanished, cannot be read or keeps changing is reported as
+//! failed; the rest of the tree still goes through.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use super::sender::{send, SendEvent, SendOptions, SendStats, Source};
+use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
+use crate::chunk::ChunkSpec;
+use crate::path::open_no_follow;
+use crate::ranges::{ranges_within, IndexRange};
+use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
+use crate::store::SenderStore;
+use crate::tree::LocalTree;
+use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommitted, TreeOffer};
+use crate::MAX_INLINE_FILE;
+
+/// Small files read ahead of the socket.
+const READ_AHEAD: usize = 16;
+
+/// How a tree send ended.
+#[derive(Debug, Clone, Default)]
+pub struct TreeSent {
+    /// The receiver's summary.
+    pub committed: TreeCommitted,
+    /// Files this side could not send, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Files the receiver asked for.
+    pub files_needed: u64,
+}
+
+/// What the sender of a tree needs besides the connection.
+pub struct TreeSource<'a> {
+    /// The walked tree.
+    pub tree: &'a LocalTree,
+    /// Where manifests are cached.
+    pub store: &'a SenderStore,
+    /// How large files are cut.
+    pub spec: ChunkSpec,
+}
+
+/// Offers `source.tree` for the directory `remote_dir` and sends what the receiver needs until TreeCommitted.
+pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    remote_dir: &str,
+    source: &TreeSource<'_>,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<TreeSent, TransferError> {
+    let tree = source.tree;
+    let offer = Message::TreeOffer(TreeOffer {
+        path: remote_dir.to_string(),
+        entries: tree.entries.clone(),
+    });
+    send_within(conn, &offer, opts.io_timeout, "sending TreeOffer").await?;
+    let needed = match recv(conn, opts.io_timeout, "waiting for TreeNeed").await? {
+        Message::TreeNeed(need) => needed_files(tree, &need.entries)?,
+        other => {
+            return Err(TransferError::Unexpected {
+                got: other.name(),
+                state: "waiting for TreeNeed",
+            })
+        }
+    };
+    let bytes = needed.iter().map(|&i| file_size(tree, i)).sum();
+    on_event(SendEvent::TreeNeed {
+        files: needed.len() as u64,
+        bytes,
+    });
+    let (small, mut large): (Vec<u32>, Vec<u32>) = needed.iter().partition(|&&i| file_size(tree, i) <= MAX_INLINE_FILE);
+    let mut failed = Vec::new();
+    let outcome = SmallFiles::new(tree, opts).run(conn, small, stats).await?;
+    for (index, reason) in outcome.failed {
+        report_failure(tree, index, reason, &mut failed, on_event);
+    }
+    large.extend(outcome.changed);
+    large.sort_unstable();
+    for index in large {
+        if let Err(reason) = send_one(conn, remote_dir, source, index, opts, stats, on_event).await? {
+            report_failure(tree, index, reason, &mut failed, on_event);
+        }
+    }
+    send_within(conn, &Message::TreeCommit, opts.io_timeout, "sending TreeCommit").await?;
+    match recv(conn, opts.io_timeout, "waiting for TreeCommitted").await? {
+        Message::TreeCommitted(committed) => Ok(TreeSent {
+            committed,
+            failed,
+            files_needed: needed.len() as u64,
+        }),
+        other => Err(TransferError::Unexpected {
+            got: other.name(),
+            state: "waiting for TreeCommitted",
+        }),
+    }
+}
+
+fn report_failure(
+    tree: &LocalTree,
+    index: u32,
+    reason: String,
+    failed: &mut Vec<(String, String)>,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) {
+    let path = tree.entries[index as usize].path.clone();
+    tracing::warn!(path, reason, "file not sent");
+    on_event(SendEvent::FileFailed {
+        path: path.clone(),
+        reason: reason.clone(),
+    });
+    failed.push((path, reason));
+}
+
+/// The file indices a TreeNeed names; anything but ascending runs of file entries is a protocol error.
+fn needed_files(tree: &LocalTree, ranges: &[IndexRange]) -> Result<Vec<u32>, TransferError> {
+    let count = u32::try_from(tree.entries.len()).unwrap_or(u32::MAX);
+    let bad = || TransferError::Unexpected {
+        got: "TreeNeed",
+        state: "it names entries that are not files of the offer",
+    };
+    if !ranges_within(ranges, count) {
+        return Err(bad());
+    }
+    let indices: Vec<u32> = ranges.iter().flat_map(IndexRange::indices).collect();
+    if indices.iter().any(|&i| tree.files[i as usize].is_none()) {
+        return Err(bad());
+    }
+    Ok(indices)
+}
+
+fn file_size(tree: &LocalTree, index: u32) -> u64 {
+    match tree.entries[index as usize].kind {
+        EntryKind::File { size, .. } => size,
+        _ => 0,
+    }
+}
+
+/// Sends one file through its own Offer, re-manifesting it (bounded) if it changes. `Ok(Err(reason))` means this
+/// file failed but the connection is fine.
+async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    remote_dir: &str,
+    source: &TreeSource<'_>,
+    index: u32,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Result<(), String>, TransferError> {
+    let tree = source.tree;
+    let local = tree.files[index as usize].clone().expect("needed entries are files");
+    let remote = format!("{remote_dir}/{}", tree.entries[index as usize].path);
+    for attempt in 0..=MAX_SOURCE_CHANGES {
+        let (store, spec, path) = (source.store.clone(), source.spec, local.clone());
+        let rebuild = attempt > 0;
+        let opened = with_keepalive(conn, opts.io_timeout, move || {
+            Ok(open_source(&store, &path, spec, rebuild))
+        })
+        .await?;
+        let file_source = match opened {
+            Ok(file_source) => file_source,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        match send(conn, &remote, &file_source, opts, stats, on_event).await {
+            Ok(_) => return Ok(Ok(())),
+            Err(TransferError::SourceChanged(_)) => continue,
+            Err(TransferError::SourceIo(e)) => return Ok(Err(e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Err(format!(
+        "kept changing while it was sent; gave up after {MAX_SOURCE_CHANGES} tries"
+    )))
+}
+
+fn open_source(store: &SenderStore, path: &Path, spec: ChunkSpec, rebuild: bool) -> Result<Source, SourceError> {
+    let file = open_no_follow(path).map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
+    let (manifest, _) = manifest_for(store, &file, path, spec, rebuild)?;
+    Ok(Source {
+        file: Arc::new(file),
+        manifest: Arc::new(manifest),
+    })
+}
+
+/// One small file, read and checked against the digest offered.
+enum Read {
+    /// Its bytes, matching the offer.
+    Data(u32, Vec<u8>),
+    /// It changed since the offer: send it through its own Offer.
+    Changed(u32),
+    /// It cannot be read.
+    Failed(u32, String),
+}
+
+/// What the small-file phase left for later.
+struct SmallOutcome {
+    changed: Vec<u32>,
+    failed: Vec<(u32, String)>,
+}
+
+/// The small-file phase: FileData within the window, TreeAcks free it, a TreeNeed in between asks again for
+/// files that failed verification.
+struct SmallFiles<'a> {
+    tree: &'a LocalTree,
+    opts: &'a SendOptions,
+    in_flight: HashMap<u32, u64>,
+    in_flight_bytes: u64,
+    resend: VecDeque<u32>,
+    changed: Vec<u32>,
+    failed: Vec<(u32, String)>,
+}
+
+impl<'a> SmallFiles<'a> {
+    fn new(tree: &'a LocalTree, opts: &'a SendOptions) -> Self {
+        SmallFiles {
+            tree,
+            opts,
+            in_flight: HashMap::new(),
+            in_flight_bytes: 0,
+            resend: VecDeque::new(),
+            changed: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        mut self,
+        conn: &mut Connection<S>,
+        files: Vec<u32>,
+        stats: &mut SendStats,
+    ) -> Result<SmallOutcome, TransferError> {
+        let mut reads = spawn_reader(self.tree, files);
+        let mut reader_done = false;
+        loop {
+            if reader_done && self.in_flight.is_empty() && self.resend.is_empty() {
+                break;
+            }
+            let room = self.in_flight.is_empty() || self.in_flight_bytes < self.opts.window;
+            if room {
+                if let Some(index) = self.resend.pop_front() {
+                    let read = read_small(self.tree, index);
+                    self.take(conn, read, stats).await?;
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                msg = next_message(conn, self.opts.io_timeout, "sending small files") => self.answer(conn, msg?, stats).await?,
+                read = reads.recv(), if room && !reader_done => match read {
+                    Some(read) => self.take(conn, read, stats).await?,
+                    None => reader_done = true,
+                },
+            }
+        }
+        Ok(SmallOutcome {
+            changed: self.changed,
+            failed: self.failed,
+        })
+    }
+
+    async fn take<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        read: Read,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        match read {
+            Read::Data(index, data) => {
+                let len = data.len() as u64;
+                let msg = Message::FileData(FileData { entry: index, data });
+                send_within(conn, &msg, self.opts.io_timeout, "sending small files").await?;
+                stats.bytes_sent += len;
+                self.in_flight.insert(index, len);
+                self.in_flight_bytes += len;
+            }
+            Read::Changed(index) => self.changed.push(index),
+            Read::Failed(index, why) => self.failed.push((index, why)),
+        }
+        Ok(())
+    }
+
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        msg: Message,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        match msg {
+            Message::TreeAck(ack) => {
+                stats.files_acked += crate::ranges::ranges_len(&ack.entries);
+                for index in ack.entries.iter().chain(&ack.refused).flat_map(IndexRange::indices) {
+                    if let Some(len) = self.in_flight.remove(&index) {
+                        self.in_flight_bytes -= len;
+                    }
+                }
+                for index in ack.refused.iter().flat_map(IndexRange::indices) {
+                    self.failed
+                        .push((index, "refused by the receiver (something is in the way)".into()));
+                }
+                Ok(())
+            }
+            Message::TreeNeed(need) => {
+                // Files that failed verification on the receiver: send them again.
+                for index in need.entries.iter().flat_map(IndexRange::indices) {
+                    if let Some(len) = self.in_flight.remove(&index) {
+                        self.in_flight_bytes -= len;
+                        self.resend.push_back(index);
+                    }
+                }
+                Ok(())
+            }
+            Message::Ping(nonce) => answer_ping(conn, nonce, self.opts.io_timeout).await,
+            other => Err(TransferError::Unexpected {
+                got: other.name(),
+                state: "sending small files",
+            }),
+        }
+    }
+}
+
+/// Reads the small files on a blocking thread, a few ahead of the socket.
+fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || {
+        for index in files {
+            if tx.blocking_send(read_small(&tree, index)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads one small file whole and checks it against the offered size and digest.
+fn read_small(tree: &LocalTree, index: u32) -> Read {
+    let Some(path) = &tree.files[index as usize] else {
+        return Read::Failed(index, "not a file".into());
+    };
+    let EntryKind::File { size, digest, .. } = tree.entries[index as usize].kind else {
+        return Read::Failed(index, "not a file".into());
+    };
+    let mut data = Vec::with_capacity(size as usize);
+    let read = open_no_follow(path).and_then(|file| {
+        use std::io::Read as _;
+        file.take(MAX_INLINE_FILE + 1).read_to_end(&mut data)
+    });
+    match read {
+        Err(e) => Read::Failed(index, e.to_string()),
+        Ok(_) if data.len() as u64 != size || *blake3::hash(&data).as_bytes() != digest => Read::Changed(index),
+        Ok(_) => Read::Data(index, data),
+    }
+}

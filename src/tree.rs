@@ -1,0 +1,171 @@
+//! Trees on the sender's disk: walk a directory into the sorted entries of a TreeOffer, never following a
+//! symlink, with every file's digest from the sender's manifest cache when the file is unchanged.
+//!
+//! What is left out is listed with the reason instead of failing the whole tree: [`LocalTree::skipped`] for
+//! special files, names that are not UTF-8 or that the receiver would refuse, and symlinks (unless recorded, and
+//! then only those that stay inside the tree); [`LocalTree::failed`] for files that vanished, could not be read or
+//! kept changing while they were read. Blocking.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{mtime_of, ChunkSpec};
+use crate::path::{link_stays_inside, open_no_follow, RemotePath};
+use crate::source::{manifest_for_with, SourceError};
+use crate::store::SenderStore;
+use crate::wire::{EntryKind, TreeEntry};
+use crate::MAX_TREE_ENTRIES;
+
+/// What to do with symlinks found in a tree (`--links`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LinkPolicy {
+    /// Leave symlinks out (listed as skipped).
+    #[default]
+    Skip,
+    /// Recreate symlinks whose relative target stays inside the tree; others are skipped.
+    Record,
+}
+
+/// A walked directory, ready to offer.
+#[derive(Debug, Clone)]
+pub struct LocalTree {
+    /// The directory walked.
+    pub dir: PathBuf,
+    /// Entries sorted by path (byte order).
+    pub entries: Vec<TreeEntry>,
+    /// For each entry, the local file to read (files only).
+    pub files: Vec<Option<PathBuf>>,
+    /// Entries left out on purpose (symlinks by policy, special files, names the receiver would refuse).
+    pub skipped: Vec<(String, String)>,
+    /// Entries that could not be read (vanished, unreadable, kept changing), with the error.
+    pub failed: Vec<(String, String)>,
+}
+
+impl LocalTree {
+    /// Number of file entries.
+    pub fn file_count(&self) -> usize {
+        self.files.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// Total bytes of the file entries.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match e.kind {
+                EntryKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Walks `dir` (which must be a directory), describing every entry; file digests come from `store`'s cache or
+/// are computed (and cached, flushed once at the end).
+pub fn scan(dir: &Path, links: LinkPolicy, store: &SenderStore, spec: ChunkSpec) -> Result<LocalTree, SourceError> {
+    let mut found: Vec<(TreeEntry, Option<PathBuf>)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut failed = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((local, rel)) = pending.pop() {
+        let listing = std::fs::read_dir(&local).map_err(|e| SourceError::Io(format!("{}: {e}", local.display())))?;
+        for item in listing {
+            let item = item.map_err(|e| SourceError::Io(format!("{}: {e}", local.display())))?;
+            let Some(name) = item.file_name().to_str().map(str::to_string) else {
+                skipped.push((item.path().display().to_string(), "name is not UTF-8".into()));
+                continue;
+            };
+            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            if let Err(e) = RemotePath::parse(&path) {
+                skipped.push((path, e.to_string()));
+                continue;
+            }
+            let local_path = item.path();
+            match describe(&local_path, &path, links, store, spec) {
+                Ok(Described::Entry(entry, file)) => {
+                    if matches!(entry.kind, EntryKind::Dir { .. }) {
+                        pending.push((local_path, path.clone()));
+                    }
+                    found.push((entry, file));
+                }
+                Ok(Described::Skip(reason)) => skipped.push((path, reason)),
+                Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
+                Err(e) => failed.push((path, e.to_string())),
+            }
+            if found.len() > MAX_TREE_ENTRIES {
+                return Err(SourceError::Io(format!(
+                    "{} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    store.flush()?;
+    found.sort_by(|a, b| a.0.path.as_bytes().cmp(b.0.path.as_bytes()));
+    let (entries, files) = found.into_iter().unzip();
+    Ok(LocalTree {
+        dir: dir.to_path_buf(),
+        entries,
+        files,
+        skipped,
+        failed,
+    })
+}
+
+enum Described {
+    Entry(TreeEntry, Option<PathBuf>),
+    Skip(String),
+}
+
+fn describe(
+    local: &Path,
+    path: &str,
+    links: LinkPolicy,
+    store: &SenderStore,
+    spec: ChunkSpec,
+) -> Result<Described, SourceError> {
+    let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", local.display()));
+    let meta = std::fs::symlink_metadata(local).map_err(io)?;
+    let kind = meta.file_type();
+    let entry = |kind| TreeEntry {
+        path: path.to_string(),
+        kind,
+    };
+    if kind.is_dir() {
+        return Ok(Described::Entry(
+            entry(EntryKind::Dir {
+                mode: meta.mode() & 0o7777,
+                mtime: mtime_of(&meta),
+            }),
+            None,
+        ));
+    }
+    if kind.is_symlink() {
+        if links == LinkPolicy::Skip {
+            return Ok(Described::Skip("symlink (use --links record to recreate it)".into()));
+        }
+        let target = std::fs::read_link(local).map_err(io)?;
+        let Some(target) = target.to_str().map(str::to_string) else {
+            return Ok(Described::Skip("symlink target is not UTF-8".into()));
+        };
+        if !link_stays_inside(path, &target) {
+            return Ok(Described::Skip(format!("symlink to {target:?} leaves the tree")));
+        }
+        return Ok(Described::Entry(entry(EntryKind::Symlink { target }), None));
+    }
+    if !kind.is_file() {
+        return Ok(Described::Skip("not a regular file, directory or symlink".into()));
+    }
+    let file = open_no_follow(local).map_err(io)?;
+    let (manifest, _) = manifest_for_with(store, &file, local, spec, false, false)?;
+    Ok(Described::Entry(
+        entry(EntryKind::File {
+            size: manifest.size,
+            digest: manifest.digest,
+            mtime: manifest.mtime,
+            mode: manifest.mode,
+        }),
+        Some(local.to_path_buf()),
+    ))
+}
