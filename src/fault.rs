@@ -25,6 +25,8 @@ pub struct Faults {
     pub stall_after: Option<u64>,
     /// Count and apply the faults on the server → client direction instead.
     pub downstream: bool,
+    /// Hold every byte this long in each direction (a link with latency); replaces the other faults.
+    pub delay: Option<std::time::Duration>,
 }
 
 impl Faults {
@@ -34,6 +36,7 @@ impl Faults {
         flip_at: None,
         stall_after: None,
         downstream: false,
+        delay: None,
     };
 
     /// Cut after `bytes`.
@@ -56,6 +59,14 @@ impl Faults {
     pub fn stall(bytes: u64) -> Faults {
         Faults {
             stall_after: Some(bytes),
+            ..Faults::NONE
+        }
+    }
+
+    /// A clean link that delays every byte by `one_way` in each direction (round trip `2 × one_way`).
+    pub fn latency(one_way: std::time::Duration) -> Faults {
+        Faults {
+            delay: Some(one_way),
             ..Faults::NONE
         }
     }
@@ -169,6 +180,13 @@ impl Link {
         let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
         let (client_read, client_write) = inbound.into_split();
         let (server_read, server_write) = outbound.into_split();
+        if let Some(delay) = self.faults.delay {
+            let down = tokio::spawn(pump_delayed(server_read, client_write, delay, self.stop.clone()));
+            pump_delayed(client_read, server_write, delay, self.stop.clone()).await;
+            self.stop.cancel();
+            let _ = down.await;
+            return;
+        }
         let (mut faulted_from, mut faulted_to, clean_from, clean_to) = if self.faults.downstream {
             (server_read, client_write, client_read, server_write)
         } else {
@@ -248,6 +266,46 @@ async fn pump_down(
             return;
         }
     }
+}
+
+/// Forwards bytes, each held for `delay` after it arrived (reading goes on meanwhile, so the delay is latency,
+/// not a bandwidth cap), until either side closes or the link stops.
+async fn pump_delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(256);
+    let reader_stop = stop.clone();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tokio::select! {
+                _ = reader_stop.cancelled() => return,
+                n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+            };
+            if tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = rx.recv() => next,
+        };
+        let Some((due, bytes)) = next else { break };
+        tokio::time::sleep_until(due).await;
+        if to.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
 }
 
 #[cfg(test)]

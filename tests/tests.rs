@@ -8,3 +8,4 @@ mod delta;
 mod faults;
 mod pull;
 mod push;
+mod tree;

@@ -302,3 +302,69 @@ async fn an_ack_only_ever_names_chunks_already_recorded_in_the_store() {
     drop(conn);
     let _ = receiver.await;
 }
+
+/// Runs a walked tree through both tree roles over a pipe.
+async fn transfer_tree(
+    fx: &Fixture,
+    tree: &crate::tree::LocalTree,
+    sender_store: &crate::store::SenderStore,
+) -> super::tree_sender::TreeSent {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let ctx = fx.ctx.clone();
+    let receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let Message::TreeOffer(offer) = recv(&mut conn, Duration::from_secs(5), "test").await? else {
+            panic!("expected a TreeOffer")
+        };
+        let base = crate::path::RemotePath::parse(&offer.path).expect("test paths are valid");
+        super::tree_receiver::receive_tree(&mut conn, &ctx, offer, Some(base), &CancellationToken::new()).await
+    });
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let source = super::tree_sender::TreeSource {
+        tree,
+        store: sender_store,
+        spec: ChunkSpec::default(),
+    };
+    let mut stats = SendStats::default();
+    let sent = super::tree_sender::send_tree(
+        &mut conn,
+        "t",
+        &source,
+        &SendOptions::default(),
+        &mut stats,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(receiver.await.unwrap().unwrap(), sent.committed);
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_ones_are_reported() {
+    let fx = fixture();
+    let src = fx.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("small.txt"), b"before").unwrap();
+    std::fs::write(src.join("sub/large.bin"), vec![1u8; 3 << 20]).unwrap();
+    std::fs::write(src.join("gone.txt"), b"here at scan time").unwrap();
+    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
+    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    // Between the scan (the TreeOffer) and the reads: one file grows, one changes, one vanishes.
+    std::fs::write(src.join("small.txt"), b"after, and longer").unwrap();
+    std::fs::write(src.join("sub/large.bin"), vec![2u8; 3 << 20]).unwrap();
+    std::fs::remove_file(src.join("gone.txt")).unwrap();
+
+    let sent = transfer_tree(&fx, &tree, &store).await;
+    let root = fx.ctx.root.join("t");
+    assert_eq!(std::fs::read(root.join("small.txt")).unwrap(), b"after, and longer");
+    assert_eq!(std::fs::read(root.join("sub/large.bin")).unwrap(), vec![2u8; 3 << 20]);
+    assert!(!root.join("gone.txt").exists());
+    assert_eq!(sent.failed.len(), 1, "{:?}", sent.failed);
+    assert_eq!(sent.failed[0].0, "gone.txt");
+    assert_eq!(
+        crate::ranges::ranges_len(&sent.committed.missing),
+        1,
+        "the receiver knows one file never came"
+    );
+}

@@ -63,6 +63,16 @@ impl TestServer {
     }
 
     /// `ferry://127.0.0.1:PORT/path`.
+    /// Waits (bounded) until the server's log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let log = self.root.with_extension("server.log");
+        let deadline = tokio::time::Instant::now() + limit;
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
+            assert!(tokio::time::Instant::now() < deadline, "server never logged {needle:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ferry://{}/{path}", self.addr)
     }
