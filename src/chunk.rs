@@ -23,6 +23,8 @@ pub const MIN_CDC_AVG: u32 = 16 * 1024;
 pub const MAX_CDC_AVG: u32 = 4 * 1024 * 1024;
 /// How much of the file the content-defined chunker looks at per read.
 const CDC_BUFFER: usize = 16 * 1024 * 1024;
+/// Files up to this size are hashed on the calling thread.
+const SMALL_FILE: u64 = 1024 * 1024;
 
 /// Building a manifest failed.
 #[derive(Debug, Error)]
@@ -143,6 +145,9 @@ pub fn chunk_with(file: &File, size: u64, chunking: Chunking) -> std::io::Result
 
 /// Reads `size` bytes, cut as `chunking` says; returns the whole-file digest and the chunk list.
 fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Hash, Vec<ChunkEntry>)> {
+    if size <= SMALL_FILE {
+        return hash_small(file, size, chunking);
+    }
     let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
@@ -177,9 +182,30 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
     })
 }
 
+/// Hashes a small file on the calling thread: for the many small files of a tree, a second thread and a large
+/// buffer would cost more than the hashing.
+fn hash_small(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Hash, Vec<ChunkEntry>)> {
+    let mut whole = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let mut emit = |offset: u64, bytes: &[u8]| {
+        whole.update(bytes);
+        chunks.push(ChunkEntry {
+            offset,
+            len: bytes.len() as u32,
+            hash: *blake3::hash(bytes).as_bytes(),
+        });
+        true
+    };
+    match chunking {
+        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit)?,
+        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit)?,
+    }
+    Ok((*whole.finalize().as_bytes(), chunks))
+}
+
 /// Emits fixed-size chunks; stops early if `emit` returns false.
 fn cut_fixed(file: &File, size: u64, chunk: u32, emit: &mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
-    let mut buf = vec![0u8; chunk.max(1) as usize];
+    let mut buf = vec![0u8; u64::from(chunk.max(1)).min(size) as usize];
     let mut offset = 0u64;
     while offset < size {
         let len = (size - offset).min(u64::from(chunk)) as usize;
@@ -201,7 +227,8 @@ fn cut_cdc(
     buffer: usize,
     emit: &mut dyn FnMut(u64, &[u8]) -> bool,
 ) -> std::io::Result<()> {
-    let mut buf = vec![0u8; buffer.max(2 * max as usize)];
+    // The whole file if it fits: a buffer of at least 2 * max means a chunk is never cut short by its end.
+    let mut buf = vec![0u8; (buffer.max(2 * max as usize) as u64).min(size) as usize];
     let mut base = 0u64; // file offset of buf[0]
     let mut filled = 0usize;
     while base < size {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
-use ferry::wire::{Connection, ErrorCode, Hello, Message, Offer, MAGIC};
+use ferry::wire::{
+    Connection, EntryKind, ErrorCode, FileData, Hello, Message, Offer, Pull, TreeEntry, TreeOffer, MAGIC,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -216,4 +218,133 @@ async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "server closed the stalled connection");
+}
+
+fn file_entry(path: &str, data: &[u8]) -> TreeEntry {
+    TreeEntry {
+        path: path.into(),
+        kind: EntryKind::File {
+            size: data.len() as u64,
+            digest: *blake3::hash(data).as_bytes(),
+            mtime: FileTime::default(),
+            mode: 0o644,
+        },
+    }
+}
+
+fn tree_offer(path: &str, entries: Vec<TreeEntry>) -> Message {
+    Message::TreeOffer(TreeOffer {
+        path: path.into(),
+        entries,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tree_offers_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let link = |path: &str, target: &str| TreeEntry {
+        path: path.into(),
+        kind: EntryKind::Symlink { target: target.into() },
+    };
+    let cases = [
+        (
+            "traversal in an entry",
+            tree_offer("t", vec![file_entry("../escape", b"x")]),
+        ),
+        ("absolute entry", tree_offer("t", vec![file_entry("/etc/passwd", b"x")])),
+        (
+            "traversal in the tree path",
+            tree_offer("../t", vec![file_entry("a", b"x")]),
+        ),
+        ("reserved tree path", tree_offer(".ferry", vec![file_entry("a", b"x")])),
+        (
+            "entries out of order",
+            tree_offer("t", vec![file_entry("b", b"x"), file_entry("a", b"x")]),
+        ),
+        (
+            "duplicate entries",
+            tree_offer("t", vec![file_entry("a", b"x"), file_entry("a", b"y")]),
+        ),
+        ("absolute symlink", tree_offer("t", vec![link("l", "/etc/passwd")])),
+        ("symlink climbing out", tree_offer("t", vec![link("d/l", "../../x")])),
+    ];
+    for (what, offer) in cases {
+        assert_eq!(
+            error_code_after_hello(&server, offer).await,
+            ErrorCode::BadPath,
+            "{what}"
+        );
+    }
+    let too_many = (0..=ferry::MAX_TREE_ENTRIES)
+        .map(|i| file_entry(&format!("{i:08}"), b""))
+        .collect();
+    assert_eq!(
+        error_code_after_hello(&server, tree_offer("t", too_many)).await,
+        ErrorCode::BadManifest
+    );
+    assert!(!server.root.join("t").exists(), "nothing was created");
+    assert!(!dir.path().join("escape").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_data_that_does_not_match_its_entry_ends_the_session_unwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    for (entry, data) in [(0u32, b"too long!".to_vec()), (5, b"hello".to_vec())] {
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+        conn.write_message(&tree_offer("t", vec![file_entry("a.txt", b"hello")]))
+            .await
+            .unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::TreeNeed(_))));
+        conn.write_message(&Message::FileData(FileData { entry, data }))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+            Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::UnexpectedMessage),
+            other => panic!("expected an Error frame, got {other:?}"),
+        }
+    }
+    assert!(!server.root.join("t/a.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_cannot_reach_outside_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, b"outside the root").unwrap();
+    std::os::unix::fs::symlink(&secret, server.root.join("planted")).unwrap();
+    std::os::unix::fs::symlink(dir.path(), server.root.join("planted-dir")).unwrap();
+    let pull_msg = |path: &str| {
+        Message::Pull(Pull {
+            path: path.into(),
+            chunking: Default::default(),
+            window: 1 << 20,
+            links: Default::default(),
+        })
+    };
+    for path in [
+        "../secret.txt",
+        "/etc/passwd",
+        "planted",
+        "planted-dir/secret.txt",
+        ".ferry/state/db",
+    ] {
+        let code = error_code_after_hello(&server, pull_msg(path)).await;
+        assert_eq!(code, ErrorCode::BadPath, "{path:?}");
+    }
+    assert_eq!(
+        error_code_after_hello(&server, pull_msg("nope")).await,
+        ErrorCode::NotFound
+    );
+
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = pull(&server.url("planted"), &out_dir, &dir.path().join("state"), &[]).await;
+    assert_eq!(out.code, 4, "rejected: {}", out.json);
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "nothing was written");
 }

@@ -19,6 +19,9 @@ use crate::manifest::{ChunkEntry, Hash};
 use crate::path::{open_no_follow, resolve_in_root, RemotePath};
 use crate::store::ReceiverStore;
 
+/// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
+/// only means copying them again.
+const REUSE_BATCH: u64 = 64 * 1024 * 1024;
 /// Index entries tried per chunk hash.
 const LOCATIONS_PER_HASH: usize = 2;
 
@@ -219,7 +222,7 @@ impl Copier {
                     self.reused.chunks += 1;
                     self.reused.bytes += u64::from(len);
                 }
-                if writer.batch_full() {
+                if writer.batch_bytes() >= REUSE_BATCH {
                     writer.persist_batch()?;
                 }
             }

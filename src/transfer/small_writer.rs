@@ -99,12 +99,13 @@ impl SmallWriter {
     pub(crate) fn commit_batch(&self, batch: Vec<SmallFile>) -> Result<BatchOutcome, TransferError> {
         let mut outcome = BatchOutcome::default();
         let mut written = Vec::with_capacity(batch.len());
+        let mut temps = Temps(Vec::with_capacity(batch.len()));
         for file in batch {
             if *blake3::hash(&file.data).as_bytes() != file.digest {
                 outcome.rejected.push(file.index);
                 continue;
             }
-            let temp = self.write_temp(&file).map_err(TransferError::Storage)?;
+            let temp = self.write_temp(&file, &mut temps).map_err(TransferError::Storage)?;
             written.push((file, temp));
         }
         if written.is_empty() {
@@ -114,7 +115,9 @@ impl SmallWriter {
         let mut dirs = BTreeSet::new();
         let mut placed = Vec::with_capacity(written.len());
         for (file, temp) in written {
-            match self.place(&file, &temp) {
+            let placement = self.place(&file, &temp);
+            temps.forget(&temp);
+            match placement {
                 Ok(target) => {
                     if let Some(parent) = target.parent() {
                         dirs.insert(parent.to_path_buf());
@@ -163,12 +166,13 @@ impl SmallWriter {
     }
 
     /// Writes the bytes to a fresh, uniquely named temporary file with the file's mode and mtime.
-    fn write_temp(&self, file: &SmallFile) -> std::io::Result<PathBuf> {
+    fn write_temp(&self, file: &SmallFile, temps: &mut Temps) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let temp = self
             .partial_dir
             .join(format!(".ferry-{:016x}.small", rand::random::<u64>()));
         let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        temps.0.push(temp.clone());
         out.write_all(&file.data)?;
         out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o777))?;
         out.set_modified(super::commit::system_time(file.mtime))?;
@@ -183,6 +187,23 @@ impl SmallWriter {
         })?;
         std::fs::rename(temp, &target).map_err(Placement::Failed)?;
         Ok(target)
+    }
+}
+
+/// Temporary files of a batch not yet renamed; removed if the batch stops early (a full disk, say).
+struct Temps(Vec<PathBuf>);
+
+impl Temps {
+    fn forget(&mut self, temp: &Path) {
+        self.0.retain(|t| t != temp);
+    }
+}
+
+impl Drop for Temps {
+    fn drop(&mut self) {
+        for temp in &self.0 {
+            let _ = std::fs::remove_file(temp);
+        }
     }
 }
 

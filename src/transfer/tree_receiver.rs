@@ -29,7 +29,7 @@ use crate::wire::{
 use crate::{MAX_INLINE_FILE, MAX_TREE_ENTRIES};
 
 /// Small files queued between the socket and the disk writer.
-const SMALL_QUEUE: usize = 64;
+const SMALL_QUEUE: usize = 256;
 /// Small files that may fail verification in one session before the sender is considered broken.
 const MAX_REJECTED_FILES: u32 = 64;
 

@@ -195,8 +195,8 @@ impl ChunkWriter {
         }
     }
 
-    /// Whether the current batch has reached the sync size.
-    pub(crate) fn batch_full(&self) -> bool {
-        self.batch_bytes >= self.batch_limit
+    /// Bytes written since the last sync.
+    pub(crate) fn batch_bytes(&self) -> u64 {
+        self.batch_bytes
     }
 }

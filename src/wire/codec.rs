@@ -171,6 +171,48 @@ mod tests {
             Message::Error(ErrorFrame::new(ErrorCode::Busy, "later")),
             Message::Ping(5),
             Message::Pong(5),
+            Message::Pull(Pull {
+                path: "backups/host".into(),
+                chunking: crate::chunk::ChunkSpec::default(),
+                window: 1 << 20,
+                links: crate::tree::LinkPolicy::Record,
+            }),
+            Message::TreeOffer(TreeOffer {
+                path: "backups/host".into(),
+                entries: vec![
+                    TreeEntry {
+                        path: "a".into(),
+                        kind: EntryKind::Dir {
+                            mode: 0o755,
+                            mtime: crate::manifest::FileTime { secs: -1, nanos: 5 },
+                        },
+                    },
+                    TreeEntry {
+                        path: "a/f".into(),
+                        kind: EntryKind::File {
+                            size: 3,
+                            digest: [1; 32],
+                            mtime: crate::manifest::FileTime::default(),
+                            mode: 0o600,
+                        },
+                    },
+                    TreeEntry {
+                        path: "l".into(),
+                        kind: EntryKind::Symlink { target: "a/f".into() },
+                    },
+                ],
+            }),
+            Message::TreeAck(TreeAck {
+                entries: vec![IndexRange { start: 1, count: 1 }],
+                refused: vec![],
+            }),
+            Message::TreeCommitted(TreeCommitted {
+                files_committed: 1,
+                files_unchanged: 2,
+                missing: vec![IndexRange { start: 0, count: 1 }],
+                received_bytes: 3,
+                reused_bytes: 4,
+            }),
         ] {
             round_trip(&msg);
         }
@@ -198,6 +240,20 @@ mod tests {
             (
                 Message::Error(ErrorFrame::new(ErrorCode::BadPath, "x")),
                 "00000010 08000000 0600 00 0100000000000000 78",
+            ),
+            (Message::TreeCommit, "00000004 10000000"),
+            (
+                Message::TreeNeed(TreeNeed {
+                    entries: vec![IndexRange { start: 0, count: 1 }],
+                }),
+                "00000014 0d000000 0100000000000000 00000000 01000000",
+            ),
+            (
+                Message::FileData(FileData {
+                    entry: 1,
+                    data: vec![0xcc],
+                }),
+                "00000011 0e000000 01000000 0100000000000000 cc",
             ),
         ];
         for (msg, golden) in cases {
