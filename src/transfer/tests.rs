@@ -368,3 +368,64 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
         "the receiver knows one file never came"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_receiver_naming_entries_outside_the_offer_is_a_protocol_error_not_a_panic() {
+    use crate::wire::{TreeAck, TreeNeed};
+    let fx = fixture();
+    let src = fx.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello").unwrap();
+    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
+    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let bogus_acks = [
+        TreeAck {
+            entries: vec![],
+            refused: vec![IndexRange { start: 1000, count: 5 }],
+        },
+        TreeAck {
+            entries: vec![IndexRange {
+                start: 0,
+                count: u32::MAX,
+            }],
+            refused: vec![],
+        },
+    ];
+    for ack in bogus_acks {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let liar = tokio::spawn(async move {
+            let mut conn = Connection::new(b, MAX_FRAME);
+            let _offer = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap();
+            let need = TreeNeed {
+                entries: vec![IndexRange { start: 0, count: 1 }],
+            };
+            conn.write_message(&Message::TreeNeed(need)).await.unwrap();
+            let _data = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap();
+            conn.write_message(&Message::TreeAck(ack)).await.unwrap();
+            let _ = conn.read_message().await;
+        });
+        let mut conn = Connection::new(a, MAX_FRAME);
+        let source = super::tree_sender::TreeSource {
+            tree: &tree,
+            store: &store,
+            spec: ChunkSpec::default(),
+        };
+        let mut stats = SendStats::default();
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            super::tree_sender::send_tree(
+                &mut conn,
+                "t",
+                &source,
+                &SendOptions::default(),
+                &mut stats,
+                &mut |_| {},
+            ),
+        )
+        .await
+        .expect("bounded");
+        assert!(matches!(sent, Err(super::TransferError::Unexpected { .. })), "{sent:?}");
+        drop(conn);
+        liar.await.unwrap();
+    }
+}

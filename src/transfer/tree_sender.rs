@@ -287,6 +287,20 @@ impl<'a> SmallFiles<'a> {
         Ok(())
     }
 
+    /// Ranges from the receiver must name entries of the offer, ascending, each once (so walking them is bounded
+    /// by the offer's size).
+    fn check_ranges(&self, ranges: &[IndexRange], what: &'static str) -> Result<(), TransferError> {
+        let count = u32::try_from(self.tree.entries.len()).unwrap_or(u32::MAX);
+        if ranges_within(ranges, count) {
+            Ok(())
+        } else {
+            Err(TransferError::Unexpected {
+                got: what,
+                state: "its ranges lie outside the tree offer",
+            })
+        }
+    }
+
     async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Connection<S>,
@@ -295,19 +309,25 @@ impl<'a> SmallFiles<'a> {
     ) -> Result<(), TransferError> {
         match msg {
             Message::TreeAck(ack) => {
-                stats.files_acked += crate::ranges::ranges_len(&ack.entries);
-                for index in ack.entries.iter().chain(&ack.refused).flat_map(IndexRange::indices) {
+                self.check_ranges(&ack.entries, "TreeAck")?;
+                self.check_ranges(&ack.refused, "TreeAck")?;
+                for index in ack.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
+                        stats.files_acked += 1;
                     }
                 }
                 for index in ack.refused.iter().flat_map(IndexRange::indices) {
-                    self.failed
-                        .push((index, "refused by the receiver (something is in the way)".into()));
+                    if let Some(len) = self.in_flight.remove(&index) {
+                        self.in_flight_bytes -= len;
+                        self.failed
+                            .push((index, "refused by the receiver (something is in the way)".into()));
+                    }
                 }
                 Ok(())
             }
             Message::TreeNeed(need) => {
+                self.check_ranges(&need.entries, "TreeNeed")?;
                 // Files that failed verification on the receiver: send them again.
                 for index in need.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
