@@ -53,9 +53,10 @@ for run in $(seq "$runs"); do
       cp "$work/base.bin" "$work/file.bin"
       "$bin" push "$work/file.bin" "ferry://$addr/f.bin" --state "$work/state" --chunking "$chunking" --json > /dev/null
       cp "$work/$edit.bin" "$work/file.bin"
+      sync # the edit's dirty pages must not compete with the push being timed
       t=$(timed "$bin" push "$work/file.bin" "ferry://$addr/f.bin" --state "$work/state" --chunking "$chunking" --json)
       sent=$(json bytes_sent < "$work/out.json"); reused=$(json bytes_reused < "$work/out.json")
-      stop_server; start_server
+      stop_server; sync; start_server
       fresh=$(timed "$bin" push "$work/file.bin" "ferry://$addr/f.bin" --state "$work/state" --chunking "$chunking" --json)
       stop_server
       echo "$chunking $edit $t $sent $reused $fresh" >> "$work/delta"

@@ -255,6 +255,12 @@ async fn a_tree_pull_restores_everything_and_resumes_after_a_cut() {
     assert_eq!(out.u64("attempts"), 2, "one cut, one reconnect: {}", out.json);
     assert!(out.u64("bytes_received") < total + total / 2, "{}", out.json);
     assert_same_tree(&src, &restore);
+    let leftovers: Vec<_> = std::fs::read_dir(&restore)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().starts_with(".ferry"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial or temporary file left: {leftovers:?}");
 
     let again = pull(&server.url("backups/home"), &restore, &state, &LINKS).await;
     again.assert_ok();
