@@ -137,10 +137,32 @@ pub fn build_manifest(file: &File, path: &Path, spec: ChunkSpec) -> Result<Manif
     })
 }
 
-/// Cuts the first `size` bytes of `file` with exactly these (already validated) parameters; used by a receiver to
-/// find reusable chunks in an older copy. Does not check for concurrent changes: every reused chunk is verified.
-pub fn chunk_with(file: &File, size: u64, chunking: Chunking) -> std::io::Result<Vec<ChunkEntry>> {
-    hash_chunks(file, size, chunking).map(|(_, chunks)| chunks)
+/// Cuts the first `size` bytes of `file` with exactly these (already validated) parameters and returns the chunks
+/// whose hash `keep` accepts; used by a receiver to find reusable chunks in an older copy, so memory follows what
+/// is wanted, not the size of the old file. Does not check for concurrent changes: every reused chunk is verified.
+pub fn chunk_with(
+    file: &File,
+    size: u64,
+    chunking: Chunking,
+    keep: &dyn Fn(&Hash) -> bool,
+) -> std::io::Result<Vec<ChunkEntry>> {
+    let mut kept = Vec::new();
+    let mut emit = |offset: u64, bytes: &[u8]| {
+        let hash = *blake3::hash(bytes).as_bytes();
+        if keep(&hash) {
+            kept.push(ChunkEntry {
+                offset,
+                len: bytes.len() as u32,
+                hash,
+            });
+        }
+        true
+    };
+    match chunking {
+        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit)?,
+        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit)?,
+    }
+    Ok(kept)
 }
 
 /// Reads `size` bytes, cut as `chunking` says; returns the whole-file digest and the chunk list.

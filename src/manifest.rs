@@ -122,7 +122,7 @@ impl Chunking {
         match *self {
             Chunking::Fixed { size } => (crate::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size),
             Chunking::FastCdc { min, avg, max } => {
-                (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
+                (MINIMUM_MIN.max(crate::MIN_CHUNK_SIZE)..=MINIMUM_MAX).contains(&min)
                     && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
                     && (MAXIMUM_MIN..=MAXIMUM_MAX.min(MAX_CHUNK_SIZE)).contains(&max)
                     && min <= avg

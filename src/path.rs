@@ -186,21 +186,55 @@ pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std:
 }
 
 /// Whether a symlink at `link` (a path relative to a tree's directory) with this `target` text resolves inside the
-/// tree: relative, and never climbing above the tree's directory. Checked by both sides of a tree transfer.
+/// tree lexically: relative, and never climbing above the tree's directory. See [`link_walk`] for the full check.
 pub fn link_stays_inside(link: &str, target: &str) -> bool {
+    link_walk(link, target).is_some()
+}
+
+/// The paths (relative to the tree's directory) that following `target` from a symlink at `link` steps into, in
+/// order; `None` if the target is absolute, empty, too long, or climbs above the tree's directory. The walk is only
+/// what the kernel does if none of these paths is itself a symlink: a receiver refuses a link whose walk passes a
+/// symlink (another entry of the offer, or one on disk), so chains like `x/up -> ..` plus `l -> x/up/../..` cannot
+/// leave the tree.
+pub fn link_walk(link: &str, target: &str) -> Option<Vec<String>> {
     if target.is_empty() || target.len() > MAX_PATH_LEN || target.starts_with('/') || target.contains('\0') {
-        return false;
+        return None;
     }
-    let mut depth = link.split('/').count().saturating_sub(1);
+    let mut current: Vec<&str> = link.split('/').collect();
+    current.pop(); // the link's own name: the walk starts in its directory
+    let mut visited = Vec::new();
     for component in target.split('/') {
         match component {
             "" | "." => {}
-            ".." if depth == 0 => return false,
-            ".." => depth -= 1,
-            _ => depth += 1,
+            ".." => {
+                current.pop()?;
+            }
+            name => {
+                current.push(name);
+                visited.push(current.join("/"));
+            }
         }
     }
-    true
+    Some(visited)
+}
+
+/// Creates (if needed) and returns `ROOT/.ferry/partial`, refusing a symlink or non-directory at either level: the
+/// private place for partial and temporary files, which no transferred path can name.
+pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
+    let mut dir = root.to_path_buf();
+    for component in [RESERVED_DIR, "partial"] {
+        dir.push(component);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(io::Error::other(format!("{} is not a directory", dir.display())));
+        }
+    }
+    Ok(dir)
 }
 
 /// Opens `path` for reading, refusing a symlink in its last component (`O_NOFOLLOW`).

@@ -26,7 +26,7 @@ use crate::transfer::sender::{send, SendOptions, SendStats};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, with_keepalive, TransferError};
-use crate::tree::scan;
+use crate::tree::{scan, LinkPolicy};
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, Pull};
 use crate::MAX_FRAME;
 
@@ -224,7 +224,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Message::TreeOffer(offer)) => {
                 let base = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
-                receive_tree(conn, &shared.receiver, offer, Some(base), stop).await?;
+                // The pushing client chose whether to record symlinks; recorded ones are checked to stay inside.
+                receive_tree(conn, &shared.receiver, offer, Some(base), LinkPolicy::Record, stop).await?;
             }
             Ok(Message::Pull(pull)) => serve_pull(conn, shared, pull, stop).await?,
             Ok(Message::Ping(nonce)) => {

@@ -67,7 +67,7 @@ pub fn manifest_for_with(
         mtime: mtime_of(&meta),
         inode: meta.ino(),
         device: meta.dev(),
-        chunking: spec,
+        chunking: spec.for_size(meta.len()),
     };
     if rebuild {
         store.forget_manifests(&key.path)?;

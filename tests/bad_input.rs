@@ -348,3 +348,47 @@ async fn pulls_cannot_reach_outside_the_root() {
     assert_eq!(out.code, 4, "rejected: {}", out.json);
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "nothing was written");
 }
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_of_many_copies_of_a_held_file_is_settled_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let seed = dir.path().join("seed.bin");
+    let data = write_random(&seed, MIB, 42);
+    push(&seed, &server.url("seed.bin"), &dir.path().join("state"), &[])
+        .await
+        .assert_ok();
+
+    // 300 entries whose content the server already holds: settled locally, without any byte sent.
+    let entries = (0..300).map(|i| file_entry(&format!("copy{i:03}"), &data)).collect();
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&tree_offer("copies", entries)).await.unwrap();
+    let need = loop {
+        match conn.read_message().await.unwrap() {
+            Some(Message::Ping(nonce)) => conn.write_message(&Message::Pong(nonce)).await.unwrap(),
+            other => break other,
+        }
+    };
+    let Some(Message::TreeNeed(need)) = need else {
+        panic!("expected TreeNeed, got {need:?}")
+    };
+    assert!(need.entries.is_empty(), "every copy came from the held file");
+    assert_eq!(b3(&server.root.join("copies/copy299")), b3(&seed));
+    let peak = peak_rss_mib(server.child.id());
+    assert!(peak < 128, "server peaked at {peak} MiB settling 300 MiB of copies");
+}

@@ -12,12 +12,14 @@ const CHUNK: u64 = 64 * KIB as u64;
 const WINDOW: u64 = MIB as u64;
 const SMALL: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"];
 
-/// Files whose names mark them as a pull's partial.
+/// Partial files of a pull into `dir`: they live in `dir/.ferry/partial`, which the pull removes when done.
 fn partials_in(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
+    let private = dir.join(".ferry/partial");
+    let hidden = std::fs::read_dir(dir)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".ferry-"))
-        .count()
+        .count();
+    hidden + std::fs::read_dir(private).map_or(0, |d| d.count())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,6 +46,7 @@ async fn a_pulled_file_matches_keeps_its_metadata_and_a_repeat_is_a_no_op() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o640);
     assert_eq!(meta.modified().unwrap(), mtime);
     assert_eq!(partials_in(&out_dir), 0, "no partial left behind");
+    assert!(!out_dir.join(".ferry").exists(), "the private directory is removed once empty");
 
     let again = pull(&server.url("docs/report.pdf"), &pulled, &state, &[]).await;
     again.assert_ok();
@@ -107,7 +110,7 @@ async fn a_killed_pull_reruns_and_fetches_only_the_rest() {
     assert_eq!(
         partials_in(&out_dir),
         1,
-        "the partial survived, hidden next to the destination"
+        "the partial survived, in the destination's private .ferry/partial"
     );
 
     let out = pull(&server.url("vm.qcow2"), &out_dir, &state, &SMALL).await;
@@ -194,4 +197,108 @@ async fn an_older_local_copy_lends_its_chunks_to_a_pull() {
     let (received, reused) = (out.u64("bytes_received"), out.u64("bytes_reused"));
     assert!(received <= 8 * MIB as u64, "received {received} bytes");
     assert_eq!(received + reused, size as u64);
+}
+
+/// A hostile server answers a tree pull with symlink entries that look inside the tree but chain out of it
+/// (`x/up -> ..`, then a link through `x/up/x/up/../..`), one of them named like a pull's partial file.
+async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, tempfile::TempDir) {
+    use ferry::chunk::{build_manifest, ChunkSpec};
+    use ferry::manifest::FileTime;
+    use ferry::transfer::sender::{send, SendOptions, SendStats, Source};
+    use ferry::wire::{Connection, EntryKind, Message, TreeEntry, TreeOffer, Welcome};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("victim.txt"), b"original").unwrap();
+    let payload = dir.path().join("payload");
+    std::fs::write(&payload, b"written by the server\n").unwrap();
+    let file = std::fs::File::open(&payload).unwrap();
+    let manifest = build_manifest(&file, &payload, ChunkSpec::default()).unwrap();
+    let src = Source {
+        file: std::sync::Arc::new(file),
+        manifest: std::sync::Arc::new(manifest),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        let _hello = conn.read_message().await.unwrap();
+        let welcome = Welcome {
+            version: ferry::PROTOCOL_VERSION,
+            agent: "hostile".into(),
+            max_frame: ferry::MAX_FRAME,
+        };
+        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
+        let _pull = conn.read_message().await.unwrap();
+        let t = FileTime {
+            secs: 1_700_000_000,
+            nanos: 0,
+        };
+        let part = format!(
+            ".ferry-{}.part",
+            &ferry::manifest::hex(blake3::hash(b"big").as_bytes())[..32]
+        );
+        let link = |p: &str, to: &str| TreeEntry {
+            path: p.into(),
+            kind: EntryKind::Symlink { target: to.into() },
+        };
+        let entries = vec![
+            link(&part, "x/up/x/up/../../victim.txt"),
+            TreeEntry {
+                path: "big".into(),
+                kind: EntryKind::File {
+                    size: src.manifest.size,
+                    digest: src.manifest.digest,
+                    mtime: t,
+                    mode: 0o644,
+                },
+            },
+            TreeEntry {
+                path: "x".into(),
+                kind: EntryKind::Dir { mode: 0o755, mtime: t },
+            },
+            link("x/up", ".."),
+        ];
+        let offer = Message::TreeOffer(TreeOffer {
+            path: "t".into(),
+            entries,
+        });
+        conn.write_message(&offer).await.unwrap();
+        if let Ok(Some(Message::TreeNeed(_))) = conn.read_message().await {
+            let _ = send(
+                &mut conn,
+                "t/big",
+                &src,
+                &SendOptions::default(),
+                &mut SendStats::default(),
+                &mut |_| {},
+            )
+            .await;
+            let _ = conn.write_message(&Message::TreeCommit).await;
+            let _ = conn.read_message().await;
+        }
+    });
+    let mut args = vec!["--retries", "0"];
+    args.extend(links);
+    let dest = dir.path().join("home/dest"); // dest/../../victim.txt is the victim
+    let out = pull(&format!("ferry://{addr}/t"), &dest, &dir.path().join("state"), &args).await;
+    let _ = server.await;
+    (out, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_cannot_make_a_pull_write_outside_its_destination() {
+    for links in [&[][..], &["--links", "record"][..]] {
+        let (out, dir) = pull_from_a_server_planting_links(links).await;
+        assert_ne!(out.code, 0, "the hostile offer is refused ({links:?}): {}", out.stderr);
+        assert_eq!(
+            std::fs::read(dir.path().join("victim.txt")).unwrap(),
+            b"original",
+            "nothing outside the destination was written ({links:?})"
+        );
+        let big = dir.path().join("home/dest/big");
+        assert!(
+            !big.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()),
+            "no symlink under a final file name"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use super::tree::{pull_root, TreeReport};
 use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Hash;
-use crate::path::RemotePath;
+use crate::path::{private_partial_dir, RemotePath};
 use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
 use crate::transfer::claims::Claims;
@@ -126,6 +126,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         });
         tokio::time::sleep(delay).await;
     };
+    local.tidy();
     Ok(match outcome {
         Outcome::File(committed) => {
             let (ctx, name) = local.file.as_ref().expect("a file was received");
@@ -171,6 +172,15 @@ struct Local {
 }
 
 impl Local {
+    /// After a successful pull: removes the private partial directories if they are empty (best effort).
+    fn tidy(&self) {
+        let contexts = self.file.iter().map(|(ctx, _)| ctx).chain(self.tree.iter());
+        for ctx in contexts {
+            let _ = std::fs::remove_dir(&ctx.partial_dir);
+            let _ = std::fs::remove_dir(ctx.root.join(crate::path::RESERVED_DIR));
+        }
+    }
+
     /// Durable progress so far (chunks and small files), to tell a failed attempt that moved forward.
     fn progress(&self) -> u64 {
         let stats = |ctx: &ReceiverContext| {
@@ -200,12 +210,15 @@ impl Local {
     }
 }
 
-/// A receiver context rooted at `root`, its records scoped by that directory; partials sit hidden in it.
+/// A receiver context rooted at `root`, its records scoped by that directory; partials live in `root/.ferry/partial`,
+/// which no path the server sends can name.
 fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<ReceiverContext, ClientError> {
     let scope = root.display().to_string();
+    let partial_dir = private_partial_dir(&root)
+        .map_err(|e| ClientError::Source(format!("{}: {e}", root.join(crate::path::RESERVED_DIR).display())))?;
     Ok(ReceiverContext {
         store: ReceiverStore::open_scoped(store, &scope)?,
-        partial_dir: root.clone(),
+        partial_dir,
         root,
         claims: Claims::default(),
         stats: Arc::new(ReceiverStats::default()),
@@ -307,7 +320,7 @@ async fn receive_pulled(
             let ctx = local.tree_context(opts.io_timeout).map_err(AttemptError::Local)?;
             let entries = offer.entries.iter().map(|e| e.kind.clone()).collect();
             Ok(Outcome::Tree(
-                receive_tree(conn, ctx, offer, None, stop).await?,
+                receive_tree(conn, ctx, offer, None, opts.links, stop).await?,
                 entries,
             ))
         }

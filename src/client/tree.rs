@@ -72,7 +72,7 @@ impl TreeReport {
             match kind {
                 EntryKind::File { size, .. } => {
                     self.files += 1;
-                    self.bytes_total += size;
+                    self.bytes_total = self.bytes_total.saturating_add(*size);
                 }
                 EntryKind::Dir { .. } => self.dirs += 1,
                 EntryKind::Symlink { .. } => self.symlinks += 1,
@@ -182,4 +182,23 @@ pub(crate) fn pull_root(destination: &Path) -> Result<PathBuf, ClientError> {
     let local = |e: std::io::Error| ClientError::Source(format!("{}: {e}", destination.display()));
     std::fs::create_dir_all(destination).map_err(local)?;
     std::fs::canonicalize(destination).map_err(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_sizes_in_an_offer_do_not_overflow_the_report() {
+        let mut report = TreeReport::default();
+        let huge = EntryKind::File {
+            size: u64::MAX,
+            digest: [0; 32],
+            mtime: crate::manifest::FileTime::default(),
+            mode: 0,
+        };
+        report.count_entries([&huge, &huge].into_iter());
+        assert_eq!(report.bytes_total, u64::MAX);
+        assert_eq!(report.files, 2);
+    }
 }

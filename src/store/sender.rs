@@ -1,7 +1,7 @@
 //! Sender state: the manifest cache and one record per push.
 //!
 //! The cache is keyed by everything that identifies unchanged content without reading it (canonical path, size,
-//! mtime, inode, device, requested chunking), so re-running a push does not rehash an unchanged file. A cached manifest is
+//! mtime, inode, device, effective chunking), so re-running a push does not rehash an unchanged file. A cached manifest is
 //! still only a claim: the sender re-hashes every chunk it reads for sending and drops the cache entry on a mismatch.
 
 use serde::{Deserialize, Serialize};
@@ -26,8 +26,9 @@ pub struct ManifestKey {
     pub inode: u64,
     /// Device number.
     pub device: u64,
-    /// Requested chunking.
-    pub chunking: crate::chunk::ChunkSpec,
+    /// The chunking the request comes to for this file (two requests that clamp to the same parameters share an
+    /// entry).
+    pub chunking: crate::manifest::Chunking,
 }
 
 /// Where a push stands.

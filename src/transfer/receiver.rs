@@ -7,6 +7,7 @@
 //! partial under `.ferry/partial/` on the same filesystem.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,7 +331,10 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         ".ferry-{}.part",
         &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]
     ));
-    let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
+    let partial_len = std::fs::symlink_metadata(&partial)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
     let mut progress = store.progress(key)?.unwrap_or_default();
     let received = match (&record, partial_len) {
         (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
@@ -339,11 +343,13 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     if record.is_some() && received.present() > 0 {
         tracing::info!(path = key, kept = received.present(), "resuming transfer");
     }
+    // Never through a symlink: the partial directory is private, and this holds even if something was planted.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&partial)
         .map_err(TransferError::Storage)?;
     file.set_len(manifest.size).map_err(TransferError::Storage)?;

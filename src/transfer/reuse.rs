@@ -22,6 +22,10 @@ use crate::store::ReceiverStore;
 /// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
 /// only means copying them again.
 const REUSE_BATCH: u64 = 64 * 1024 * 1024;
+/// An older file at the destination is cut for reuse only if it is at most this many times the offered size...
+const SCAN_LIMIT_FACTOR: u64 = 2;
+/// ...plus this much.
+const SCAN_LIMIT_SLACK: u64 = 64 * 1024 * 1024;
 /// Index entries tried per chunk hash.
 const LOCATIONS_PER_HASH: usize = 2;
 
@@ -131,7 +135,9 @@ impl Finder {
         };
         let chunks: Vec<ChunkEntry> = match stored {
             Some(chunks) => chunks,
-            None => match chunk_with(&file, meta.len(), writer.manifest.chunking) {
+            // Cutting an old file costs a full read of it: not for one far larger than what is offered.
+            None if meta.len() > SCAN_LIMIT_FACTOR * writer.manifest.size + SCAN_LIMIT_SLACK => return,
+            None => match chunk_with(&file, meta.len(), writer.manifest.chunking, &|h| wanted.contains_key(h)) {
                 Ok(chunks) => chunks,
                 Err(e) => {
                     tracing::warn!(path = %path, error = %e, "could not read the previous version for reuse");

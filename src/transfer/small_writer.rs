@@ -25,9 +25,9 @@ use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
 
 /// Files per batch.
-const BATCH_FILES: usize = 256;
+pub(crate) const BATCH_FILES: usize = 256;
 /// Bytes per batch.
-const BATCH_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One small file to commit whole.
 pub(crate) struct SmallFile {

@@ -317,7 +317,15 @@ async fn transfer_tree(
             panic!("expected a TreeOffer")
         };
         let base = crate::path::RemotePath::parse(&offer.path).expect("test paths are valid");
-        super::tree_receiver::receive_tree(&mut conn, &ctx, offer, Some(base), &CancellationToken::new()).await
+        super::tree_receiver::receive_tree(
+            &mut conn,
+            &ctx,
+            offer,
+            Some(base),
+            crate::tree::LinkPolicy::Record,
+            &CancellationToken::new(),
+        )
+        .await
     });
     let mut conn = Connection::new(a, MAX_FRAME);
     let source = super::tree_sender::TreeSource {
@@ -428,4 +436,99 @@ async fn a_tree_receiver_naming_entries_outside_the_offer_is_a_protocol_error_no
         drop(conn);
         liar.await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_many_identical_tiny_chunks_takes_linear_time() {
+    use crate::manifest::{ChunkEntry, Chunking, Manifest};
+    let fx = fixture();
+    std::fs::create_dir_all(&fx.ctx.root).unwrap();
+    std::fs::write(fx.ctx.root.join("dst"), b"a").unwrap(); // an older copy holding the one chunk
+    let n: u32 = 200_000;
+    let hash = *blake3::hash(b"a").as_bytes();
+    let manifest = Manifest {
+        size: u64::from(n),
+        digest: *blake3::hash(&vec![b'a'; n as usize]).as_bytes(),
+        chunking: Chunking::Fixed { size: 4096 },
+        mtime: crate::manifest::FileTime::default(),
+        mode: 0o644,
+        chunks: (0..n)
+            .map(|i| ChunkEntry {
+                offset: u64::from(i),
+                len: 1,
+                hash,
+            })
+            .collect(),
+    };
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let receiver = spawn_receiver(&fx, b);
+    let mut conn = Connection::new(a, MAX_FRAME);
+    conn.write_message(&Message::Offer(Offer {
+        path: "dst".into(),
+        manifest,
+    }))
+    .await
+    .unwrap();
+    // Quadratic bookkeeping took minutes here; linear takes a second or two even in a debug build.
+    let need = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match conn.read_message().await.unwrap().unwrap() {
+                Message::Ping(nonce) => conn.write_message(&Message::Pong(nonce)).await.unwrap(),
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("reuse of 200,000 chunks finishes");
+    assert_eq!(need, Message::Need(Need { ranges: vec![] }), "every chunk was reused");
+    drop(conn);
+    let _ = receiver.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_rejecting_small_files_forever_cannot_keep_the_sender_busy() {
+    use crate::wire::TreeNeed;
+    let fx = fixture();
+    let src = fx.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello").unwrap();
+    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
+    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let liar = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let _offer = recv(&mut conn, Duration::from_secs(5), "test").await.unwrap();
+        let again = Message::TreeNeed(TreeNeed {
+            entries: vec![IndexRange { start: 0, count: 1 }],
+        });
+        conn.write_message(&again).await.unwrap();
+        while let Ok(Some(Message::FileData(_))) = conn.read_message().await {
+            if conn.write_message(&again).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let source = super::tree_sender::TreeSource {
+        tree: &tree,
+        store: &store,
+        spec: ChunkSpec::default(),
+    };
+    let mut stats = SendStats::default();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(30),
+        super::tree_sender::send_tree(
+            &mut conn,
+            "t",
+            &source,
+            &SendOptions::default(),
+            &mut stats,
+            &mut |_| {},
+        ),
+    )
+    .await
+    .expect("the sender gives up by itself");
+    assert!(matches!(sent, Err(super::TransferError::Integrity(_))), "{sent:?}");
+    drop(conn);
+    liar.await.unwrap();
 }

@@ -17,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::receiver::{receive, ReceiverContext};
 use super::reuse::open_committed;
-use super::small_writer::{BatchOutcome, SmallFile, SmallWriter};
+use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
 use crate::manifest::FileTime;
-use crate::path::{ensure_dir, link_stays_inside, RemotePath};
+use crate::path::{ensure_dir, link_walk, RemotePath};
 use crate::ranges::encode_runs;
+use crate::tree::LinkPolicy;
 use crate::wire::{
     Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeNeed, TreeOffer,
 };
@@ -46,19 +47,21 @@ struct Tree {
 }
 
 /// Serves one TreeOffer to completion. `base` is the directory (under the context's root) that receives the
-/// tree's entries; `None` puts them directly in the root (a pull into a local directory).
+/// tree's entries; `None` puts them directly in the root (a pull into a local directory). Symlink entries are
+/// placed only if `links` records them; otherwise they count as refused.
 pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     offer: TreeOffer,
     base: Option<RemotePath>,
+    links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeCommitted, TransferError> {
     let tree = validate(offer, base.as_ref())?;
     let (tree, plan) = {
         let ctx = ctx.clone();
         with_keepalive(conn, ctx.idle_timeout, move || {
-            let plan = plan(&ctx, &tree)?;
+            let plan = plan(&ctx, &tree, links, base.as_ref())?;
             Ok((tree, plan))
         })
         .await?
@@ -125,10 +128,20 @@ fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, Transfe
             None => entry.path.clone(),
         };
         keys.push(RemotePath::parse(&key).map_err(|e| refuse(format!("tree entry: {e}")))?);
+    }
+    let links: HashSet<&str> = offer
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Symlink { .. }))
+        .map(|e| e.path.as_str())
+        .collect();
+    for entry in &offer.entries {
         if let EntryKind::Symlink { target } = &entry.kind {
-            if !link_stays_inside(&entry.path, target) {
+            let walk = link_walk(&entry.path, target)
+                .ok_or_else(|| refuse(format!("symlink {:?} -> {target:?} leaves the tree", entry.path)))?;
+            if let Some(through) = walk.iter().find(|step| links.contains(step.as_str())) {
                 return Err(refuse(format!(
-                    "symlink {:?} -> {target:?} leaves the tree",
+                    "symlink {:?} -> {target:?} passes through the symlink {through:?}",
                     entry.path
                 )));
             }
@@ -145,9 +158,15 @@ struct Plan {
     reused_bytes: u64,
 }
 
-/// Creates directories and symlinks, finds unchanged files, and commits empty files and small files whose content
-/// the receiver already holds; returns the files still needed. Blocking.
-fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
+/// Creates directories and symlinks (only if `links` records them), finds unchanged files, and commits empty files
+/// and small files whose content the receiver already holds, in bounded batches; returns the files still needed.
+/// Blocking.
+fn plan(
+    ctx: &ReceiverContext,
+    tree: &Tree,
+    links: LinkPolicy,
+    base: Option<&RemotePath>,
+) -> Result<Plan, TransferError> {
     let mut plan = Plan {
         needed: Vec::new(),
         unchanged: 0,
@@ -155,6 +174,7 @@ fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
         reused_bytes: 0,
     };
     let mut local = Vec::new();
+    let mut local_bytes = 0u64;
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
         match &entry.kind {
@@ -163,8 +183,13 @@ fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
                     plan.settled.refused.push((index, e.to_string()));
                 }
             }
+            EntryKind::Symlink { .. } if links == LinkPolicy::Skip => {
+                plan.settled
+                    .refused
+                    .push((index, "symlinks are not recorded here".into()));
+            }
             EntryKind::Symlink { target } => {
-                if let Err(why) = place_symlink(&ctx.root, key, target) {
+                if let Err(why) = place_symlink(&ctx.root, base, &entry.path, key, target) {
                     plan.settled.refused.push((index, why));
                 }
             }
@@ -177,6 +202,7 @@ fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
             } => match held_content(ctx, size, &digest) {
                 Some(data) => {
                     plan.reused_bytes += size;
+                    local_bytes += size;
                     local.push(SmallFile {
                         index,
                         key: key.clone(),
@@ -190,15 +216,26 @@ fn plan(ctx: &ReceiverContext, tree: &Tree) -> Result<Plan, TransferError> {
                 None => plan.needed.push(index),
             },
         }
+        if local.len() >= BATCH_FILES || local_bytes >= BATCH_BYTES {
+            settle(ctx, std::mem::take(&mut local), &mut plan)?;
+            local_bytes = 0;
+        }
     }
-    if !local.is_empty() {
-        let settled = writer(ctx).commit_batch(local)?;
-        plan.settled.committed.extend(settled.committed);
-        plan.settled.refused.extend(settled.refused);
-        plan.needed.extend(settled.rejected);
-        plan.needed.sort_unstable();
-    }
+    settle(ctx, local, &mut plan)?;
+    plan.needed.sort_unstable();
     Ok(plan)
+}
+
+/// Commits a batch of small files found locally; those whose bytes turned out different are needed after all.
+fn settle(ctx: &ReceiverContext, local: Vec<SmallFile>, plan: &mut Plan) -> Result<(), TransferError> {
+    if local.is_empty() {
+        return Ok(());
+    }
+    let settled = writer(ctx).commit_batch(local)?;
+    plan.settled.committed.extend(settled.committed);
+    plan.settled.refused.extend(settled.refused);
+    plan.needed.extend(settled.rejected);
+    Ok(())
 }
 
 fn writer(ctx: &ReceiverContext) -> SmallWriter {
@@ -252,9 +289,27 @@ fn held_content(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash
     None
 }
 
-/// Makes `key` a symlink to `target` (already checked to stay inside the tree), replacing a file or another
-/// symlink there, atomically; a directory in the way is refused.
-fn place_symlink(root: &Path, key: &RemotePath, target: &str) -> Result<(), String> {
+/// Makes `key` a symlink to `target` (already checked to stay inside the tree and not to pass through another link
+/// of the offer), replacing a file or another symlink there, atomically. Refused: a directory in the way, or a
+/// symlink already on disk anywhere along the target's walk (it could lead out of the tree).
+fn place_symlink(
+    root: &Path,
+    base: Option<&RemotePath>,
+    link: &str,
+    key: &RemotePath,
+    target: &str,
+) -> Result<(), String> {
+    let tree_dir = match base {
+        Some(base) => root.join(base.as_str()),
+        None => root.to_path_buf(),
+    };
+    for step in link_walk(link, target).ok_or_else(|| format!("{key} -> {target:?} leaves the tree"))? {
+        if std::fs::symlink_metadata(tree_dir.join(&step)).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "{key} -> {target:?} passes through the existing symlink {step}"
+            ));
+        }
+    }
     let components: Vec<&str> = key.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
     let dir = match RemotePath::parse(&parents.join("/")) {
@@ -313,6 +368,8 @@ struct Session<'a> {
     summary: TreeCommitted,
     refused: Vec<u32>,
     rejected: u32,
+    /// Files handed to the writer and not yet answered for: a second FileData for one is refused.
+    queued: HashSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -342,6 +399,7 @@ impl<'a> Session<'a> {
             summary,
             refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
             rejected: 0,
+            queued: HashSet::new(),
         }
     }
 
@@ -387,9 +445,9 @@ impl<'a> Session<'a> {
     /// Queues a small file for the writer after checking it is a needed entry of the right size.
     async fn take_file(&mut self, file: FileData) -> Result<(), TransferError> {
         let refuse = |why: String| TransferError::refused(ErrorCode::UnexpectedMessage, why);
-        if !self.pending.contains(&file.entry) {
+        if !self.pending.contains(&file.entry) || !self.queued.insert(file.entry) {
             return Err(refuse(format!(
-                "FileData for entry {}, which is not needed",
+                "FileData for entry {}, which is not needed or already sent",
                 file.entry
             )));
         }
@@ -454,6 +512,9 @@ impl<'a> Session<'a> {
         let idle = self.ctx.idle_timeout;
         for index in batch.committed.iter().chain(batch.refused.iter().map(|(i, _)| i)) {
             self.pending.remove(index);
+        }
+        for index in batch.committed.iter().chain(&batch.rejected) {
+            self.queued.remove(index); // a rejected file may come again
         }
         for (index, why) in &batch.refused {
             tracing::warn!(path = %self.tree.keys[*index as usize], reason = why, "tree file refused");

@@ -24,6 +24,8 @@ use crate::tree::LocalTree;
 use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommitted, TreeOffer};
 use crate::MAX_INLINE_FILE;
 
+/// Small files the receiver may ask for again (failed verification) in one session.
+const MAX_RESENDS: u32 = 64;
 /// Small files read ahead of the socket.
 const READ_AHEAD: usize = 16;
 
@@ -214,6 +216,7 @@ struct SmallFiles<'a> {
     in_flight: HashMap<u32, u64>,
     in_flight_bytes: u64,
     resend: VecDeque<u32>,
+    resends: u32,
     changed: Vec<u32>,
     failed: Vec<(u32, String)>,
 }
@@ -226,6 +229,7 @@ impl<'a> SmallFiles<'a> {
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
             resend: VecDeque::new(),
+            resends: 0,
             changed: Vec::new(),
             failed: Vec::new(),
         }
@@ -328,12 +332,19 @@ impl<'a> SmallFiles<'a> {
             }
             Message::TreeNeed(need) => {
                 self.check_ranges(&need.entries, "TreeNeed")?;
-                // Files that failed verification on the receiver: send them again.
+                // Files that failed verification on the receiver: send them again, a bounded number of times.
                 for index in need.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
                         self.resend.push_back(index);
+                        self.resends += 1;
                     }
+                }
+                if self.resends > MAX_RESENDS {
+                    return Err(TransferError::Integrity(format!(
+                        "the receiver rejected {} small files; giving up on this connection",
+                        self.resends
+                    )));
                 }
                 Ok(())
             }

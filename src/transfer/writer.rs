@@ -175,12 +175,13 @@ impl ChunkWriter {
     }
 
     /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
-    /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`].
+    /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`]. The caller passes
+    /// each missing index at most once per batch (reuse does: every index belongs to exactly one hash).
     pub(crate) fn write_local(&mut self, index: u32, data: &[u8]) -> Result<bool, TransferError> {
         let Some(entry) = self.manifest.chunk(index) else {
             return Ok(false);
         };
-        if self.received.contains(index) || self.batch.contains(&index) {
+        if self.received.contains(index) {
             return Ok(true);
         }
         match verify::write_verified(&self.file, entry, data) {
