@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::path::{RemotePath, RESERVED_DIR};
-use crate::source::{open_for_pull, PullSource};
+use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
@@ -26,7 +26,7 @@ use crate::transfer::sender::{send, SendOptions, SendStats};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, with_keepalive, TransferError};
-use crate::tree::{scan, LinkPolicy};
+use crate::tree::{scan_with, LinkPolicy};
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, Pull};
 use crate::MAX_FRAME;
 
@@ -277,14 +277,26 @@ async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         PullSource::File { source, committed } => (source, committed),
         PullSource::Dir(dir) => {
             let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
+            let (receiver, prefix) = (shared.receiver.store.clone(), path.to_string());
             let tree = with_keepalive(conn, idle, move || {
-                scan(&dir, links, &sender, spec).map_err(|e| TransferError::refused(ErrorCode::Internal, e))
+                // Files this server committed are described by their verified manifests, never rehashed.
+                let lookup = |rel: &str, meta: &std::fs::Metadata| {
+                    committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
+                };
+                scan_with(&dir, links, &sender, spec, Some(&lookup))
+                    .map_err(|e| TransferError::refused(ErrorCode::Internal, e))
             })
             .await?;
+            let receiver = &shared.receiver.store;
+            let recorded = |rel: &str| {
+                let key = format!("{path}/{rel}");
+                receiver.committed_manifest(&key).ok().flatten()
+            };
             let source = TreeSource {
                 tree: &tree,
                 store: &shared.sender,
                 spec,
+                committed: Some(&recorded),
             };
             return tokio::select! {
                 sent = send_tree(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent.map(|_| ()),

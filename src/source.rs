@@ -101,6 +101,18 @@ fn build_stable_manifest(file: &File, canonical: &Path, spec: ChunkSpec) -> Resu
     }
 }
 
+/// The manifest the receiver role committed `key` with, if the file is still the one committed (same size, inode
+/// and mtime): the verified description of its bytes. Store errors count as "not known".
+pub fn committed_if_unchanged(receiver: &ReceiverStore, key: &str, meta: &std::fs::Metadata) -> Option<Manifest> {
+    let done = receiver.committed(key).ok().flatten()?;
+    let unchanged = done.size == meta.len() && done.inode == meta.ino() && done.mtime == mtime_of(meta);
+    if unchanged {
+        receiver.committed_manifest(key).ok().flatten()
+    } else {
+        None
+    }
+}
+
 /// What a Pull names: a file with its manifest, or a directory (a tree).
 pub enum PullSource {
     /// A regular file.
@@ -139,15 +151,7 @@ pub fn open_for_pull(
     }
     let file = open_no_follow(&resolved).map_err(TransferError::SourceIo)?;
     let meta = file.metadata().map_err(TransferError::SourceIo)?;
-    let unchanged = receiver
-        .committed(path.as_str())?
-        .is_some_and(|c| c.size == meta.len() && c.inode == meta.ino() && c.mtime == mtime_of(&meta));
-    let stored = if unchanged {
-        receiver.committed_manifest(path.as_str())?
-    } else {
-        None
-    };
-    let (manifest, committed) = match stored {
+    let (manifest, committed) = match committed_if_unchanged(receiver, path.as_str(), &meta) {
         Some(manifest) => (manifest, true),
         None => {
             let (manifest, _) = manifest_for(sender, &file, &resolved, spec, false).map_err(|e| match e {

@@ -37,6 +37,9 @@ pub struct LocalTree {
     pub entries: Vec<TreeEntry>,
     /// For each entry, the local file to read (files only).
     pub files: Vec<Option<PathBuf>>,
+    /// For each entry, whether it is described by the manifest recorded when the receiver role committed it (a
+    /// server serving a pull): its bytes were verified then, so a mismatch now means damage, not a change.
+    pub committed: Vec<bool>,
     /// Entries left out on purpose (symlinks by policy, special files, names the receiver would refuse).
     pub skipped: Vec<(String, String)>,
     /// Entries that could not be read (vanished, unreadable, kept changing), with the error.
@@ -61,10 +64,25 @@ impl LocalTree {
     }
 }
 
+/// Finds the manifest a file was committed with, given its path in the tree and its current metadata; `None` if
+/// it was not committed or changed since (size, inode, mtime).
+pub type CommittedLookup<'a> = &'a dyn Fn(&str, &std::fs::Metadata) -> Option<crate::manifest::Manifest>;
+
 /// Walks `dir` (which must be a directory), describing every entry; file digests come from `store`'s cache or
 /// are computed (and cached, flushed once at the end).
 pub fn scan(dir: &Path, links: LinkPolicy, store: &SenderStore, spec: ChunkSpec) -> Result<LocalTree, SourceError> {
-    let mut found: Vec<(TreeEntry, Option<PathBuf>)> = Vec::new();
+    scan_with(dir, links, store, spec, None)
+}
+
+/// [`scan`], describing files that `committed` knows by the manifest they were committed with (not rehashed).
+pub fn scan_with(
+    dir: &Path,
+    links: LinkPolicy,
+    store: &SenderStore,
+    spec: ChunkSpec,
+    committed: Option<CommittedLookup<'_>>,
+) -> Result<LocalTree, SourceError> {
+    let mut found: Vec<(TreeEntry, Option<PathBuf>, bool)> = Vec::new();
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     let mut pending = vec![(dir.to_path_buf(), String::new())];
@@ -82,12 +100,12 @@ pub fn scan(dir: &Path, links: LinkPolicy, store: &SenderStore, spec: ChunkSpec)
                 continue;
             }
             let local_path = item.path();
-            match describe(&local_path, &path, links, store, spec) {
-                Ok(Described::Entry(entry, file)) => {
+            match describe(&local_path, &path, links, store, spec, committed) {
+                Ok(Described::Entry(entry, file, verified)) => {
                     if matches!(entry.kind, EntryKind::Dir { .. }) {
                         pending.push((local_path, path.clone()));
                     }
-                    found.push((entry, file));
+                    found.push((entry, file, verified));
                 }
                 Ok(Described::Skip(reason)) => skipped.push((path, reason)),
                 Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
@@ -103,18 +121,27 @@ pub fn scan(dir: &Path, links: LinkPolicy, store: &SenderStore, spec: ChunkSpec)
     }
     store.flush()?;
     found.sort_by(|a, b| a.0.path.as_bytes().cmp(b.0.path.as_bytes()));
-    let (entries, files) = found.into_iter().unzip();
+    let mut entries = Vec::with_capacity(found.len());
+    let mut files = Vec::with_capacity(found.len());
+    let mut verified = Vec::with_capacity(found.len());
+    for (entry, file, committed) in found {
+        entries.push(entry);
+        files.push(file);
+        verified.push(committed);
+    }
     Ok(LocalTree {
         dir: dir.to_path_buf(),
         entries,
         files,
+        committed: verified,
         skipped,
         failed,
     })
 }
 
 enum Described {
-    Entry(TreeEntry, Option<PathBuf>),
+    /// The entry, its local file (files only), and whether it is described by its committed manifest.
+    Entry(TreeEntry, Option<PathBuf>, bool),
     Skip(String),
 }
 
@@ -124,6 +151,7 @@ fn describe(
     links: LinkPolicy,
     store: &SenderStore,
     spec: ChunkSpec,
+    committed: Option<CommittedLookup<'_>>,
 ) -> Result<Described, SourceError> {
     let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", local.display()));
     let meta = std::fs::symlink_metadata(local).map_err(io)?;
@@ -139,6 +167,7 @@ fn describe(
                 mtime: mtime_of(&meta),
             }),
             None,
+            false,
         ));
     }
     if kind.is_symlink() {
@@ -152,13 +181,20 @@ fn describe(
         if !link_stays_inside(path, &target) {
             return Ok(Described::Skip(format!("symlink to {target:?} leaves the tree")));
         }
-        return Ok(Described::Entry(entry(EntryKind::Symlink { target }), None));
+        return Ok(Described::Entry(entry(EntryKind::Symlink { target }), None, false));
     }
     if !kind.is_file() {
         return Ok(Described::Skip("not a regular file, directory or symlink".into()));
     }
-    let file = open_no_follow(local).map_err(io)?;
-    let (manifest, _) = manifest_for_with(store, &file, local, spec, false, false)?;
+    let recorded = committed.and_then(|lookup| lookup(path, &meta));
+    let verified = recorded.is_some();
+    let manifest = match recorded {
+        Some(manifest) => manifest,
+        None => {
+            let file = open_no_follow(local).map_err(io)?;
+            manifest_for_with(store, &file, local, spec, false, false)?.0
+        }
+    };
     Ok(Described::Entry(
         entry(EntryKind::File {
             size: manifest.size,
@@ -167,5 +203,6 @@ fn describe(
             mode: manifest.mode,
         }),
         Some(local.to_path_buf()),
+        verified,
     ))
 }

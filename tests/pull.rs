@@ -46,7 +46,10 @@ async fn a_pulled_file_matches_keeps_its_metadata_and_a_repeat_is_a_no_op() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o640);
     assert_eq!(meta.modified().unwrap(), mtime);
     assert_eq!(partials_in(&out_dir), 0, "no partial left behind");
-    assert!(!out_dir.join(".ferry").exists(), "the private directory is removed once empty");
+    assert!(
+        !out_dir.join(".ferry").exists(),
+        "the private directory is removed once empty"
+    );
 
     let again = pull(&server.url("docs/report.pdf"), &pulled, &state, &[]).await;
     again.assert_ok();
@@ -273,7 +276,7 @@ async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, temp
                 &mut |_| {},
             )
             .await;
-            let _ = conn.write_message(&Message::TreeCommit).await;
+            let _ = conn.write_message(&Message::TreeCommit(Default::default())).await;
             let _ = conn.read_message().await;
         }
     });

@@ -266,3 +266,55 @@ async fn a_tree_pull_restores_everything_and_resumes_after_a_cut() {
     again.assert_ok();
     assert_eq!(again.u64("bytes_received"), 0, "{}", again.json);
 }
+
+/// Flips one byte in place and puts the mtime back, as bit rot would: nothing but the content tells.
+fn rot(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x10], offset).unwrap();
+    drop(file);
+    set_mtime(path, mtime);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_pull_reports_files_damaged_on_the_server_and_never_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("photos");
+    make_tree(&src, 20, 1, 4);
+    push(&src, &server.url("backups/photos"), &state, &LINKS)
+        .await
+        .assert_ok();
+    let stored = server.root.join("backups/photos");
+    rot(&stored.join("d1/s1/f1.dat"), 3);
+    rot(&stored.join("large-0.img"), 2 * MIB as u64 + 7);
+
+    let restore = dir.path().join("restore");
+    let out = pull(&server.url("backups/photos"), &restore, &state, &LINKS).await;
+    assert_eq!(out.code, 5, "integrity exit code: {}\n{}", out.json, out.stderr);
+    assert_eq!(out.json["status"], "partial");
+    let failed: Vec<&str> = out.json["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["d1/s1/f1.dat", "large-0.img"], "{}", out.json);
+    assert!(
+        !restore.join("d1/s1/f1.dat").exists(),
+        "a damaged small file is never written"
+    );
+    assert!(
+        !restore.join("large-0.img").exists(),
+        "a damaged large file is never written"
+    );
+    assert_eq!(
+        b3(&restore.join("d0/s0/f0.dat")),
+        b3(&src.join("d0/s0/f0.dat")),
+        "the rest arrives"
+    );
+}

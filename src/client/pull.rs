@@ -19,10 +19,10 @@ use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
-use crate::transfer::tree_receiver::receive_tree;
+use crate::transfer::tree_receiver::{receive_tree, TreeReceived};
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Committed, Connection, EntryKind, Message, Pull, TreeCommitted};
+use crate::wire::{Committed, Connection, Message, Pull};
 
 /// Bytes the pulling client writes between syncs (and Acks).
 const SYNC_BATCH: u64 = 4 * 1024 * 1024;
@@ -142,7 +142,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
                 duration: started.elapsed(),
             })
         }
-        Outcome::Tree(committed, entries) => {
+        Outcome::Tree(received) => {
             let ctx = local.tree.as_ref().expect("a tree was received");
             let mut report = TreeReport {
                 source: opts.source.to_string(),
@@ -153,9 +153,15 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
                 pulled: true,
                 ..TreeReport::default()
             };
-            report.count_entries(entries.iter());
-            report.files_needed = report.files - committed.files_unchanged;
-            report.committed = committed;
+            report.count_entries(received.entries.iter().map(|e| &e.kind));
+            report.files_needed = report.files.saturating_sub(received.committed.files_unchanged);
+            report.damaged = received.sender_failed.iter().filter(|f| f.damaged).count() as u64;
+            report.failed = received
+                .sender_failed
+                .iter()
+                .map(|f| (received.entries[f.entry as usize].path.clone(), f.reason.clone()))
+                .collect();
+            report.committed = received.committed;
             Pulled::Tree(report)
         }
     })
@@ -253,7 +259,7 @@ fn local_target(destination: &Path, remote: &RemotePath) -> Result<(PathBuf, Rem
 /// What one attempt received.
 enum Outcome {
     File(Committed),
-    Tree(TreeCommitted, Vec<EntryKind>),
+    Tree(TreeReceived),
 }
 
 /// Why an attempt failed: the transfer (maybe retryable), or the local destination (never).
@@ -318,10 +324,8 @@ async fn receive_pulled(
         }
         Message::TreeOffer(offer) if offer.path == remote.as_str() => {
             let ctx = local.tree_context(opts.io_timeout).map_err(AttemptError::Local)?;
-            let entries = offer.entries.iter().map(|e| e.kind.clone()).collect();
             Ok(Outcome::Tree(
                 receive_tree(conn, ctx, offer, None, opts.links, stop).await?,
-                entries,
             ))
         }
         Message::Offer(_) | Message::TreeOffer(_) => Err(TransferError::refused(

@@ -41,6 +41,8 @@ pub struct TreeReport {
     pub skipped: Vec<(String, String)>,
     /// Files that could not be read or sent, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Of those, files that no longer match the digest they were committed with (a pull from a damaged server).
+    pub damaged: u64,
     /// Connection attempts.
     pub attempts: u32,
     /// Wall time.
@@ -55,11 +57,15 @@ impl TreeReport {
         self.failed.is_empty() && self.committed.missing.is_empty()
     }
 
-    /// The process exit code: 0 when complete, else local trouble (unreadable files) or a rejection.
+    /// The process exit code: 0 when complete; else integrity if a file was damaged at rest, local trouble if a
+    /// push could not read files, and a rejection otherwise (files the receiver could not place, or that the
+    /// server could not send).
     pub fn exit_code(&self) -> u8 {
         if self.complete() {
             exit::OK
-        } else if !self.failed.is_empty() {
+        } else if self.damaged > 0 {
+            exit::INTEGRITY
+        } else if !self.failed.is_empty() && !self.pulled {
             exit::LOCAL
         } else {
             exit::REJECTED
@@ -113,6 +119,7 @@ pub async fn push_tree(
         tree: &tree,
         store: &store,
         spec: opts.chunking,
+        committed: None,
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
     let mut stats = SendStats::default();
@@ -137,7 +144,10 @@ pub async fn push_tree(
         });
         tokio::time::sleep(delay).await;
     };
-    report.failed.extend(sent.failed);
+    report.damaged = sent.failed.iter().filter(|f| f.damaged).count() as u64;
+    report
+        .failed
+        .extend(sent.failed.into_iter().map(|f| (f.path, f.reason)));
     report.files_needed = sent.files_needed;
     report.committed = sent.committed;
     report.bytes_transferred = stats.bytes_sent;

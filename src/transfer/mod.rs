@@ -79,6 +79,9 @@ pub enum TransferError {
     /// A newer connection took over this transfer.
     #[error("a newer connection took over this transfer")]
     Superseded,
+    /// Inside a tree, the sender gave up on the current file.
+    #[error("the sender gave up on this file: {0}")]
+    Abandoned(String),
 }
 
 impl TransferError {
@@ -89,7 +92,9 @@ impl TransferError {
                 ErrorCode::FrameTooLarge
             }
             TransferError::Wire(_) => ErrorCode::Malformed,
-            TransferError::Closed(_) | TransferError::Unexpected { .. } => ErrorCode::UnexpectedMessage,
+            TransferError::Closed(_) | TransferError::Unexpected { .. } | TransferError::Abandoned(_) => {
+                ErrorCode::UnexpectedMessage
+            }
             TransferError::Timeout(..) => ErrorCode::Timeout,
             TransferError::Remote(frame) => frame.code,
             TransferError::Refused { code, .. } => *code,
@@ -117,7 +122,8 @@ impl TransferError {
             | TransferError::SourceIo(_)
             | TransferError::Storage(_)
             | TransferError::Store(_)
-            | TransferError::Integrity(_) => false,
+            | TransferError::Integrity(_)
+            | TransferError::Abandoned(_) => false,
         }
     }
 

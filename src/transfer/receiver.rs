@@ -255,6 +255,7 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
             })
         }
         Message::Commit => Ok(Flow::EndOfRound),
+        Message::Abandon(reason) => Err(TransferError::Abandoned(reason)),
         Message::Ping(nonce) => {
             answer_ping(conn, nonce, ctx.idle_timeout).await?;
             Ok(Flow::Continue)
@@ -281,6 +282,7 @@ async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::Commit => return Ok(()),
+            Message::Abandon(reason) => return Err(TransferError::Abandoned(reason)),
             Message::Ping(nonce) => answer_ping(conn, nonce, ctx.idle_timeout).await?,
             other => {
                 return Err(TransferError::Unexpected {

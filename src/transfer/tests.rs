@@ -332,6 +332,7 @@ async fn transfer_tree(
         tree,
         store: sender_store,
         spec: ChunkSpec::default(),
+        committed: None,
     };
     let mut stats = SendStats::default();
     let sent = super::tree_sender::send_tree(
@@ -344,7 +345,7 @@ async fn transfer_tree(
     )
     .await
     .unwrap();
-    assert_eq!(receiver.await.unwrap().unwrap(), sent.committed);
+    assert_eq!(receiver.await.unwrap().unwrap().committed, sent.committed);
     sent
 }
 
@@ -369,7 +370,8 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
     assert_eq!(std::fs::read(root.join("sub/large.bin")).unwrap(), vec![2u8; 3 << 20]);
     assert!(!root.join("gone.txt").exists());
     assert_eq!(sent.failed.len(), 1, "{:?}", sent.failed);
-    assert_eq!(sent.failed[0].0, "gone.txt");
+    assert_eq!(sent.failed[0].path, "gone.txt");
+    assert!(!sent.failed[0].damaged, "vanished, not damaged");
     assert_eq!(
         crate::ranges::ranges_len(&sent.committed.missing),
         1,
@@ -417,6 +419,7 @@ async fn a_tree_receiver_naming_entries_outside_the_offer_is_a_protocol_error_no
             tree: &tree,
             store: &store,
             spec: ChunkSpec::default(),
+            committed: None,
         };
         let mut stats = SendStats::default();
         let sent = tokio::time::timeout(
@@ -513,6 +516,7 @@ async fn a_receiver_rejecting_small_files_forever_cannot_keep_the_sender_busy() 
         tree: &tree,
         store: &store,
         spec: ChunkSpec::default(),
+        committed: None,
     };
     let mut stats = SendStats::default();
     let sent = tokio::time::timeout(
@@ -531,4 +535,34 @@ async fn a_receiver_rejecting_small_files_forever_cannot_keep_the_sender_busy() 
     assert!(matches!(sent, Err(super::TransferError::Integrity(_))), "{sent:?}");
     drop(conn);
     liar.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_found_changed_mid_send_is_abandoned_and_sent_again_in_the_same_session() {
+    let fx = fixture();
+    let src = fx.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let large = src.join("large.bin");
+    std::fs::write(&large, vec![1u8; 3 << 20]).unwrap();
+    std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
+    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
+    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    // Same size, mtime put back: the cached manifest still looks valid, so the change shows only when chunks are
+    // read and re-hashed mid-send.
+    let mtime = std::fs::metadata(&large).unwrap().modified().unwrap();
+    let mut edited = vec![1u8; 3 << 20];
+    edited[(3 << 20) - 10] = 9;
+    std::fs::write(&large, &edited).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&large)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+
+    let sent = transfer_tree(&fx, &tree, &store).await;
+    assert!(sent.failed.is_empty(), "{:?}", sent.failed);
+    assert!(sent.committed.missing.is_empty());
+    assert_eq!(std::fs::read(fx.ctx.root.join("t/large.bin")).unwrap(), edited);
+    assert_eq!(std::fs::read(fx.ctx.root.join("t/small.txt")).unwrap(), b"unchanged");
 }

@@ -25,7 +25,8 @@ use crate::path::{ensure_dir, link_walk, RemotePath};
 use crate::ranges::encode_runs;
 use crate::tree::LinkPolicy;
 use crate::wire::{
-    Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeNeed, TreeOffer,
+    Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeFailure, TreeNeed,
+    TreeOffer,
 };
 use crate::{MAX_INLINE_FILE, MAX_TREE_ENTRIES};
 
@@ -56,7 +57,7 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     base: Option<RemotePath>,
     links: LinkPolicy,
     stop: &CancellationToken,
-) -> Result<TreeCommitted, TransferError> {
+) -> Result<TreeReceived, TransferError> {
     let tree = validate(offer, base.as_ref())?;
     let (tree, plan) = {
         let ctx = ctx.clone();
@@ -79,16 +80,26 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     let mut session = Session::new(ctx, &tree, plan);
     let result = session.run(conn, stop).await;
     session.close_writer(conn, false).await?;
-    result?;
+    let count = tree.offer.entries.len();
+    let sender_failed: Vec<TreeFailure> = result?.into_iter().filter(|f| (f.entry as usize) < count).collect();
+    for failure in &sender_failed {
+        let path = &tree.offer.entries[failure.entry as usize].path;
+        tracing::warn!(
+            path,
+            damaged = failure.damaged,
+            reason = failure.reason,
+            "the sender could not send a file"
+        );
+    }
     let finished = session.summary();
     let dirs = {
         let (root, tree) = (ctx.root.clone(), tree);
         with_keepalive(conn, ctx.idle_timeout, move || {
             apply_dir_metadata(&root, &tree);
-            Ok(())
+            Ok(tree)
         })
     };
-    dirs.await?;
+    let tree = dirs.await?;
     send_within(
         conn,
         &Message::TreeCommitted(finished.clone()),
@@ -96,7 +107,22 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
         "sending TreeCommitted",
     )
     .await?;
-    Ok(finished)
+    Ok(TreeReceived {
+        committed: finished,
+        sender_failed,
+        entries: tree.offer.entries,
+    })
+}
+
+/// What a finished tree reception reports to the caller.
+#[derive(Debug, Clone)]
+pub struct TreeReceived {
+    /// The summary sent to the sender.
+    pub committed: TreeCommitted,
+    /// Files the sender said it could not send (entry indices checked).
+    pub sender_failed: Vec<TreeFailure>,
+    /// The offer's entries, to name them.
+    pub entries: Vec<TreeEntry>,
 }
 
 /// Checks the offer: entry count, strictly ascending paths, valid destination paths, and symlinks that stay
@@ -403,12 +429,12 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Takes messages until TreeCommit.
+    /// Takes messages until TreeCommit; returns the files the sender says it could not send.
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Connection<S>,
         stop: &CancellationToken,
-    ) -> Result<(), TransferError> {
+    ) -> Result<Vec<TreeFailure>, TransferError> {
         loop {
             let idle = self.ctx.idle_timeout;
             let step = tokio::select! {
@@ -424,13 +450,22 @@ impl<'a> Session<'a> {
                     let index = self.offered_entry(&offer.path)?;
                     self.close_writer(conn, true).await?;
                     let key = self.tree.keys[index as usize].clone();
-                    let committed = receive(conn, self.ctx, key, offer.manifest, stop).await?;
-                    self.pending.remove(&index);
-                    self.summary.files_committed += 1;
-                    self.summary.received_bytes += committed.received_bytes;
-                    self.summary.reused_bytes += committed.reused_bytes;
+                    match receive(conn, self.ctx, key, offer.manifest, stop).await {
+                        Ok(committed) => {
+                            self.pending.remove(&index);
+                            self.summary.files_committed += 1;
+                            self.summary.received_bytes += committed.received_bytes;
+                            self.summary.reused_bytes += committed.reused_bytes;
+                        }
+                        Err(TransferError::Abandoned(reason)) => {
+                            // The sender gave up on this file; what arrived stays durable for a later resume.
+                            tracing::warn!(path = %self.tree.keys[index as usize], reason, "file abandoned by the sender");
+                            send_within(conn, &Message::Abandon(String::new()), idle, "confirming Abandon").await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                Step::Message(Message::TreeCommit) => return Ok(()),
+                Step::Message(Message::TreeCommit(commit)) => return Ok(commit.failed),
                 Step::Message(Message::Ping(nonce)) => answer_ping(conn, nonce, idle).await?,
                 Step::Message(other) => {
                     return Err(TransferError::Unexpected {

@@ -16,12 +16,13 @@ use tokio::sync::mpsc;
 use super::sender::{send, SendEvent, SendOptions, SendStats, Source};
 use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
 use crate::chunk::ChunkSpec;
+use crate::manifest::Manifest;
 use crate::path::open_no_follow;
 use crate::ranges::{ranges_within, IndexRange};
 use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
 use crate::store::SenderStore;
 use crate::tree::LocalTree;
-use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommitted, TreeOffer};
+use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommit, TreeCommitted, TreeFailure, TreeOffer};
 use crate::MAX_INLINE_FILE;
 
 /// Small files the receiver may ask for again (failed verification) in one session.
@@ -34,10 +35,23 @@ const READ_AHEAD: usize = 16;
 pub struct TreeSent {
     /// The receiver's summary.
     pub committed: TreeCommitted,
-    /// Files this side could not send, with the reason.
-    pub failed: Vec<(String, String)>,
+    /// Files this side could not send (also told to the receiver in TreeCommit).
+    pub failed: Vec<FileFailure>,
     /// Files the receiver asked for.
     pub files_needed: u64,
+}
+
+/// A file of a tree that could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFailure {
+    /// Its entry index.
+    pub entry: u32,
+    /// Its path in the tree.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+    /// It no longer matches the digest it was committed with: damaged at rest.
+    pub damaged: bool,
 }
 
 /// What the sender of a tree needs besides the connection.
@@ -48,7 +62,12 @@ pub struct TreeSource<'a> {
     pub store: &'a SenderStore,
     /// How large files are cut.
     pub spec: ChunkSpec,
+    /// The committed manifest of an entry marked [`LocalTree::committed`], by its path in the tree.
+    pub committed: Option<RecordedManifest<'a>>,
 }
+
+/// Looks up the manifest a file was committed with, by its path in the tree.
+pub type RecordedManifest<'a> = &'a (dyn Fn(&str) -> Option<Manifest> + Sync);
 
 /// Offers `source.tree` for the directory `remote_dir` and sends what the receiver needs until TreeCommitted.
 pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
@@ -82,17 +101,33 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
     let (small, mut large): (Vec<u32>, Vec<u32>) = needed.iter().partition(|&&i| file_size(tree, i) <= MAX_INLINE_FILE);
     let mut failed = Vec::new();
     let outcome = SmallFiles::new(tree, opts).run(conn, small, stats).await?;
-    for (index, reason) in outcome.failed {
-        report_failure(tree, index, reason, &mut failed, on_event);
+    for failure in outcome.failed {
+        report_failure(tree, failure, &mut failed, on_event);
     }
     large.extend(outcome.changed);
     large.sort_unstable();
     for index in large {
-        if let Err(reason) = send_one(conn, remote_dir, source, index, opts, stats, on_event).await? {
-            report_failure(tree, index, reason, &mut failed, on_event);
+        if let Err(failure) = send_one(conn, remote_dir, source, index, opts, stats, on_event).await? {
+            report_failure(tree, failure, &mut failed, on_event);
         }
     }
-    send_within(conn, &Message::TreeCommit, opts.io_timeout, "sending TreeCommit").await?;
+    let commit = TreeCommit {
+        failed: failed
+            .iter()
+            .map(|f: &FileFailure| TreeFailure {
+                entry: f.entry,
+                damaged: f.damaged,
+                reason: truncated(&f.reason),
+            })
+            .collect(),
+    };
+    send_within(
+        conn,
+        &Message::TreeCommit(commit),
+        opts.io_timeout,
+        "sending TreeCommit",
+    )
+    .await?;
     match recv(conn, opts.io_timeout, "waiting for TreeCommitted").await? {
         Message::TreeCommitted(committed) => Ok(TreeSent {
             committed,
@@ -106,20 +141,36 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A file that could not be sent: entry index, reason, damaged at rest.
+type Failure = (u32, String, bool);
+
 fn report_failure(
     tree: &LocalTree,
-    index: u32,
-    reason: String,
-    failed: &mut Vec<(String, String)>,
+    (entry, reason, damaged): Failure,
+    failed: &mut Vec<FileFailure>,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) {
-    let path = tree.entries[index as usize].path.clone();
-    tracing::warn!(path, reason, "file not sent");
+    let path = tree.entries[entry as usize].path.clone();
+    tracing::warn!(path, reason, damaged, "file not sent");
     on_event(SendEvent::FileFailed {
         path: path.clone(),
         reason: reason.clone(),
     });
-    failed.push((path, reason));
+    failed.push(FileFailure {
+        entry,
+        path,
+        reason,
+        damaged,
+    });
+}
+
+/// At most 1 KiB of `reason`, cut at a character boundary.
+fn truncated(reason: &str) -> String {
+    let mut cut = reason.len().min(1024);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason[..cut].to_string()
 }
 
 /// The file indices a TreeNeed names; anything but ascending runs of file entries is a protocol error.
@@ -146,8 +197,9 @@ fn file_size(tree: &LocalTree, index: u32) -> u64 {
     }
 }
 
-/// Sends one file through its own Offer, re-manifesting it (bounded) if it changes. `Ok(Err(reason))` means this
-/// file failed but the connection is fine.
+/// Sends one file through its own Offer, re-manifesting it (bounded) if it changes. `Ok(Err(failure))` means this
+/// file failed but the connection is fine. A file described by its committed manifest is never re-manifested: a
+/// chunk that no longer matches means it is damaged.
 async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     remote_dir: &str,
@@ -156,10 +208,35 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
     opts: &SendOptions,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
-) -> Result<Result<(), String>, TransferError> {
+) -> Result<Result<(), Failure>, TransferError> {
     let tree = source.tree;
     let local = tree.files[index as usize].clone().expect("needed entries are files");
-    let remote = format!("{remote_dir}/{}", tree.entries[index as usize].path);
+    let entry_path = &tree.entries[index as usize].path;
+    let remote = format!("{remote_dir}/{entry_path}");
+    let recorded = match source.committed {
+        Some(lookup) if tree.committed[index as usize] => lookup(entry_path),
+        _ => None,
+    };
+    if let Some(manifest) = recorded {
+        let file = match open_no_follow(&local) {
+            Ok(file) => file,
+            Err(e) => return Ok(Err((index, e.to_string(), false))),
+        };
+        let committed_source = Source {
+            file: Arc::new(file),
+            manifest: Arc::new(manifest),
+        };
+        let failure = match send(conn, &remote, &committed_source, opts, stats, on_event).await {
+            Ok(_) => return Ok(Ok(())),
+            Err(TransferError::SourceChanged(why)) => {
+                (index, format!("damaged: {why} (it was verified when committed)"), true)
+            }
+            Err(TransferError::SourceIo(e)) => (index, e.to_string(), false),
+            Err(e) => return Err(e),
+        };
+        abandon(conn, &failure.1, opts).await?;
+        return Ok(Err(failure));
+    }
     for attempt in 0..=MAX_SOURCE_CHANGES {
         let (store, spec, path) = (source.store.clone(), source.spec, local.clone());
         let rebuild = attempt > 0;
@@ -169,18 +246,44 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         let file_source = match opened {
             Ok(file_source) => file_source,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err((index, e.to_string(), false))),
         };
         match send(conn, &remote, &file_source, opts, stats, on_event).await {
             Ok(_) => return Ok(Ok(())),
-            Err(TransferError::SourceChanged(_)) => continue,
-            Err(TransferError::SourceIo(e)) => return Ok(Err(e.to_string())),
+            Err(TransferError::SourceChanged(why)) => abandon(conn, &why, opts).await?,
+            Err(TransferError::SourceIo(e)) => {
+                abandon(conn, &e.to_string(), opts).await?;
+                return Ok(Err((index, e.to_string(), false)));
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(Err(format!(
-        "kept changing while it was sent; gave up after {MAX_SOURCE_CHANGES} tries"
-    )))
+    let why = format!("kept changing while it was sent; gave up after {MAX_SOURCE_CHANGES} tries");
+    Ok(Err((index, why, false)))
+}
+
+/// Gives up on the file being sent without ending the session: sends Abandon, then ignores the Acks and Needs
+/// still under way for that file until the receiver echoes Abandon.
+async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    reason: &str,
+    opts: &SendOptions,
+) -> Result<(), TransferError> {
+    let msg = Message::Abandon(truncated(reason));
+    send_within(conn, &msg, opts.io_timeout, "abandoning a file").await?;
+    loop {
+        match next_message(conn, opts.io_timeout, "waiting for Abandon").await? {
+            Message::Abandon(_) => return Ok(()),
+            Message::Ack(_) | Message::Need(_) | Message::Pong(_) => {}
+            Message::Ping(nonce) => answer_ping(conn, nonce, opts.io_timeout).await?,
+            other => {
+                return Err(TransferError::Unexpected {
+                    got: other.name(),
+                    state: "waiting for Abandon",
+                })
+            }
+        }
+    }
 }
 
 fn open_source(store: &SenderStore, path: &Path, spec: ChunkSpec, rebuild: bool) -> Result<Source, SourceError> {
@@ -198,14 +301,14 @@ enum Read {
     Data(u32, Vec<u8>),
     /// It changed since the offer: send it through its own Offer.
     Changed(u32),
-    /// It cannot be read.
-    Failed(u32, String),
+    /// It cannot be read, or (committed, `true`) it no longer matches the digest it was committed with.
+    Failed(u32, String, bool),
 }
 
 /// What the small-file phase left for later.
 struct SmallOutcome {
     changed: Vec<u32>,
-    failed: Vec<(u32, String)>,
+    failed: Vec<Failure>,
 }
 
 /// The small-file phase: FileData within the window, TreeAcks free it, a TreeNeed in between asks again for
@@ -218,7 +321,7 @@ struct SmallFiles<'a> {
     resend: VecDeque<u32>,
     resends: u32,
     changed: Vec<u32>,
-    failed: Vec<(u32, String)>,
+    failed: Vec<Failure>,
 }
 
 impl<'a> SmallFiles<'a> {
@@ -286,7 +389,7 @@ impl<'a> SmallFiles<'a> {
                 self.in_flight_bytes += len;
             }
             Read::Changed(index) => self.changed.push(index),
-            Read::Failed(index, why) => self.failed.push((index, why)),
+            Read::Failed(index, why, damaged) => self.failed.push((index, why, damaged)),
         }
         Ok(())
     }
@@ -325,7 +428,7 @@ impl<'a> SmallFiles<'a> {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
                         self.failed
-                            .push((index, "refused by the receiver (something is in the way)".into()));
+                            .push((index, "refused by the receiver (something is in the way)".into(), false));
                     }
                 }
                 Ok(())
@@ -374,10 +477,10 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
 /// Reads one small file whole and checks it against the offered size and digest.
 fn read_small(tree: &LocalTree, index: u32) -> Read {
     let Some(path) = &tree.files[index as usize] else {
-        return Read::Failed(index, "not a file".into());
+        return Read::Failed(index, "not a file".into(), false);
     };
     let EntryKind::File { size, digest, .. } = tree.entries[index as usize].kind else {
-        return Read::Failed(index, "not a file".into());
+        return Read::Failed(index, "not a file".into(), false);
     };
     let mut data = Vec::with_capacity(size as usize);
     let read = open_no_follow(path).and_then(|file| {
@@ -385,8 +488,14 @@ fn read_small(tree: &LocalTree, index: u32) -> Read {
         file.take(MAX_INLINE_FILE + 1).read_to_end(&mut data)
     });
     match read {
-        Err(e) => Read::Failed(index, e.to_string()),
-        Ok(_) if data.len() as u64 != size || *blake3::hash(&data).as_bytes() != digest => Read::Changed(index),
-        Ok(_) => Read::Data(index, data),
+        Err(e) => Read::Failed(index, e.to_string(), false),
+        Ok(_) if data.len() as u64 == size && *blake3::hash(&data).as_bytes() == digest => Read::Data(index, data),
+        // A committed file was verified when it was committed: a mismatch is damage, not an edit.
+        Ok(_) if tree.committed[index as usize] => Read::Failed(
+            index,
+            "damaged: no longer matches the digest it was committed with".into(),
+            true,
+        ),
+        Ok(_) => Read::Changed(index),
     }
 }

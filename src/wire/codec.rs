@@ -241,7 +241,10 @@ mod tests {
                 Message::Error(ErrorFrame::new(ErrorCode::BadPath, "x")),
                 "00000010 08000000 0600 00 0100000000000000 78",
             ),
-            (Message::TreeCommit, "00000004 10000000"),
+            (
+                Message::TreeCommit(TreeCommit::default()),
+                "0000000c 10000000 0000000000000000",
+            ),
             (
                 Message::TreeNeed(TreeNeed {
                     entries: vec![IndexRange { start: 0, count: 1 }],

@@ -47,10 +47,13 @@ pub enum Message {
     FileData(FileData),
     /// 15: receiver → sender, "these small files are committed".
     TreeAck(TreeAck),
-    /// 16: sender → receiver, "that was every file; finish the tree".
-    TreeCommit,
+    /// 16: sender → receiver, "that was every file I could send; finish the tree".
+    TreeCommit(TreeCommit),
     /// 17: receiver → sender, the tree is finished.
     TreeCommitted(TreeCommitted),
+    /// 18: inside a tree, sender → receiver "I give up on the current file" (with the reason); the receiver keeps
+    /// what is durable and echoes Abandon once it has stopped taking that file's chunks.
+    Abandon(String),
 }
 
 impl Message {
@@ -73,8 +76,9 @@ impl Message {
             Message::TreeNeed(_) => "TreeNeed",
             Message::FileData(_) => "FileData",
             Message::TreeAck(_) => "TreeAck",
-            Message::TreeCommit => "TreeCommit",
+            Message::TreeCommit(_) => "TreeCommit",
             Message::TreeCommitted(_) => "TreeCommitted",
+            Message::Abandon(_) => "Abandon",
         }
     }
 }
@@ -192,6 +196,25 @@ pub struct TreeAck {
     pub entries: Vec<IndexRange>,
     /// Runs of entry indices refused for good.
     pub refused: Vec<IndexRange>,
+}
+
+/// The end of a tree's files, with the ones the sender could not send.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreeCommit {
+    /// Needed files the sender could not send, and why.
+    pub failed: Vec<TreeFailure>,
+}
+
+/// A file of a tree the sender could not send.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreeFailure {
+    /// Index into the TreeOffer's entries.
+    pub entry: u32,
+    /// True if the file no longer matches the digest it was committed with (damaged at rest), not merely
+    /// unreadable or changing.
+    pub damaged: bool,
+    /// Human-readable reason, at most 1 KiB.
+    pub reason: String,
 }
 
 /// The receiver's summary of a finished tree.

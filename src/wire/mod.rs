@@ -12,5 +12,5 @@ pub use codec::CodecError;
 pub use conn::{Connection, WireError};
 pub use message::{
     Ack, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Message, Need, Offer, Pull, TreeAck,
-    TreeCommitted, TreeEntry, TreeNeed, TreeOffer, Welcome, MAGIC,
+    TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
 };
