@@ -374,6 +374,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn latency_holds_every_byte_in_each_direction() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 16];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let one_way = Duration::from_millis(150);
+        let proxy = FaultProxy::start("127.0.0.1:0", upstream, vec![Faults::latency(one_way)])
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        let started = std::time::Instant::now();
+        client.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        assert!(
+            started.elapsed() >= 2 * one_way,
+            "a round trip took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn a_flip_changes_exactly_one_byte() {
         let (upstream, seen) = recording_upstream().await;
         let proxy = FaultProxy::start("127.0.0.1:0", upstream, vec![Faults::flip(70_000)])

@@ -152,7 +152,25 @@ async fn manifests_that_do_not_tile_the_file_are_refused() {
         ),
         manifest(vec![], 10),
     ];
-    for bad in cases {
+    let chunked = |chunking: Chunking| Manifest {
+        chunking,
+        ..manifest(vec![one_chunk(4096)], 4096)
+    };
+    let bad_chunking = [
+        chunked(Chunking::FastCdc { min: 0, avg: 0, max: 0 }),
+        chunked(Chunking::FastCdc {
+            min: 64,
+            avg: 256,
+            max: 1024,
+        }), // within fastcdc's bounds, but chunks under 4 KiB
+        chunked(Chunking::FastCdc {
+            min: 1 << 20,
+            avg: 1 << 16,
+            max: 1 << 22,
+        }), // min > avg
+        chunked(Chunking::Fixed { size: 1 }),
+    ];
+    for bad in cases.into_iter().chain(bad_chunking) {
         assert_eq!(
             error_code_after_hello(&server, offer("x.bin", bad)).await,
             ErrorCode::BadManifest

@@ -82,4 +82,9 @@ async fn chunks_of_any_committed_file_are_reused_and_verified() {
     third.assert_ok();
     assert_eq!(b3(&server.root.join("c/image.raw")), b3(&src));
     assert_eq!(third.u64("bytes_sent"), 8 * MIB as u64, "no damaged byte is reused");
+    assert_eq!(
+        third.u64("bytes_reused"),
+        0,
+        "damaged bytes are not counted as reused either"
+    );
 }

@@ -305,3 +305,47 @@ async fn a_hostile_server_cannot_make_a_pull_write_outside_its_destination() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_for_another_path_than_the_one_pulled_is_refused() {
+    use ferry::chunk::{build_manifest, ChunkSpec};
+    use ferry::wire::{Connection, Message, Offer, Welcome};
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.txt");
+    std::fs::write(&other, b"not what was asked for").unwrap();
+    let file = std::fs::File::open(&other).unwrap();
+    let manifest = build_manifest(&file, &other, ChunkSpec::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        let _hello = conn.read_message().await.unwrap();
+        let welcome = Welcome {
+            version: ferry::PROTOCOL_VERSION,
+            agent: "confused".into(),
+            max_frame: ferry::MAX_FRAME,
+        };
+        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
+        let _pull = conn.read_message().await.unwrap();
+        let offer = Offer {
+            path: "other.txt".into(),
+            manifest,
+        };
+        conn.write_message(&Message::Offer(offer)).await.unwrap();
+        let _ = conn.read_message().await;
+    });
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = pull(
+        &format!("ferry://{addr}/wanted.txt"),
+        &out_dir,
+        &dir.path().join("state"),
+        &["--retries", "0"],
+    )
+    .await;
+    let _ = server.await;
+    assert_ne!(out.code, 0, "{}", out.json);
+    assert!(!out_dir.join("wanted.txt").exists());
+    assert!(!out_dir.join("other.txt").exists());
+}

@@ -34,9 +34,19 @@ fn make_tree(dir: &Path, small: usize, large: usize, seed: u64) -> u64 {
         total += 3 * MIB as u64;
     }
     std::fs::create_dir_all(dir.join("empty/dir")).unwrap();
+    std::fs::create_dir_all(dir.join("private/deep")).unwrap();
+    std::fs::write(dir.join("private/deep/note.txt"), b"keys").unwrap();
+    for (path, mode, secs) in [
+        ("private/deep", 0o750, 1_400_000_000),
+        ("private", 0o700, 1_400_000_100),
+    ] {
+        std::fs::set_permissions(dir.join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+        let when = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        std::fs::File::open(dir.join(path)).unwrap().set_modified(when).unwrap();
+    }
     std::fs::write(dir.join("zero.txt"), b"").unwrap();
     std::os::unix::fs::symlink("d0/s0/f0.dat", dir.join("latest")).unwrap();
-    total
+    total + 4
 }
 
 /// Asserts that `copy` holds exactly the tree at `original`: same entries, kinds, content, permission bits, file
@@ -73,8 +83,10 @@ fn assert_same_tree(original: &Path, copy: &Path) {
         assert_eq!(mx.file_type(), my.file_type(), "{}", rel.display());
         if mx.file_type().is_symlink() {
             assert_eq!(std::fs::read_link(&x).unwrap(), std::fs::read_link(&y).unwrap());
-        } else if mx.is_file() {
-            assert_eq!(b3(&x), b3(&y), "{}", rel.display());
+        } else {
+            if mx.is_file() {
+                assert_eq!(b3(&x), b3(&y), "{}", rel.display());
+            }
             assert_eq!(
                 mx.modified().unwrap(),
                 my.modified().unwrap(),
@@ -158,6 +170,67 @@ async fn a_tree_arrives_whole_and_only_what_changed_is_sent_again() {
         "every byte of the two files sent or reused"
     );
     assert_same_tree(&src, &dest);
+
+    // Someone edits a file on the server: the record no longer matches the disk, so it is sent again.
+    write_random(&dest.join("d2/s2/f2.dat"), 100, 7);
+    let fourth = push(&src, &url, &state, &LINKS).await;
+    fourth.assert_ok();
+    assert_eq!(fourth.u64("files_needed"), 1, "{}", fourth.json);
+    assert_same_tree(&src, &dest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_small_file_is_asked_for_again_within_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    let size = MIB as u64; // the largest file sent whole in FileData
+    write_random(&src.join("thesis.pdf"), size as usize, 8);
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::flip(512 * KIB as u64)])
+        .await
+        .unwrap();
+    let out = push(
+        &src,
+        &format!("ferry://{}/docs", proxy.addr()),
+        &dir.path().join("state"),
+        &[],
+    )
+    .await;
+    out.assert_ok();
+    assert_eq!(proxy.stats().flips.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        out.u64("attempts"),
+        1,
+        "no reconnect: the receiver asked again with TreeNeed"
+    );
+    assert_eq!(
+        out.u64("bytes_sent"),
+        2 * size,
+        "the file was sent exactly twice: {}",
+        out.json
+    );
+    assert_eq!(b3(&server.root.join("docs/thesis.pdf")), b3(&src.join("thesis.pdf")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_the_receiver_cannot_place_are_reported_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"a").unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    std::fs::create_dir_all(server.root.join("t/link/occupied")).unwrap(); // a directory where the link goes
+    let out = push(&src, &server.url("t"), &dir.path().join("state"), &LINKS).await;
+    assert_eq!(out.code, 4, "refused by the receiver: {}", out.json);
+    assert_eq!(out.json["status"], "partial");
+    assert_eq!(out.u64("files_missing"), 1, "{}", out.json);
+    assert_eq!(
+        std::fs::read(server.root.join("t/a.txt")).unwrap(),
+        b"a",
+        "the rest arrived"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

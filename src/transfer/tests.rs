@@ -355,18 +355,21 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
     let src = fx.dir.path().join("src");
     std::fs::create_dir_all(src.join("sub")).unwrap();
     std::fs::write(src.join("small.txt"), b"before").unwrap();
+    std::fs::write(src.join("same-size.txt"), b"before").unwrap();
     std::fs::write(src.join("sub/large.bin"), vec![1u8; 3 << 20]).unwrap();
     std::fs::write(src.join("gone.txt"), b"here at scan time").unwrap();
     let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
     let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
     // Between the scan (the TreeOffer) and the reads: one file grows, one changes, one vanishes.
     std::fs::write(src.join("small.txt"), b"after, and longer").unwrap();
+    std::fs::write(src.join("same-size.txt"), b"BEFORE").unwrap(); // only the digest tells
     std::fs::write(src.join("sub/large.bin"), vec![2u8; 3 << 20]).unwrap();
     std::fs::remove_file(src.join("gone.txt")).unwrap();
 
     let sent = transfer_tree(&fx, &tree, &store).await;
     let root = fx.ctx.root.join("t");
     assert_eq!(std::fs::read(root.join("small.txt")).unwrap(), b"after, and longer");
+    assert_eq!(std::fs::read(root.join("same-size.txt")).unwrap(), b"BEFORE");
     assert_eq!(std::fs::read(root.join("sub/large.bin")).unwrap(), vec![2u8; 3 << 20]);
     assert!(!root.join("gone.txt").exists());
     assert_eq!(sent.failed.len(), 1, "{:?}", sent.failed);
