@@ -202,13 +202,32 @@ async fn an_older_local_copy_lends_its_chunks_to_a_pull() {
     assert_eq!(received + reused, size as u64);
 }
 
+/// A hand-written server: accepts one connection, answers Hello with Welcome, and reads the Pull.
+async fn greet_a_pull(
+    listener: &tokio::net::TcpListener,
+    agent: &str,
+) -> ferry::wire::Connection<tokio::net::TcpStream> {
+    use ferry::wire::{Connection, Message, Welcome};
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    let _hello = conn.read_message().await.unwrap();
+    let welcome = Welcome {
+        version: ferry::PROTOCOL_VERSION,
+        agent: agent.into(),
+        max_frame: ferry::MAX_FRAME,
+    };
+    conn.write_message(&Message::Welcome(welcome)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Pull(_))));
+    conn
+}
+
 /// A hostile server answers a tree pull with symlink entries that look inside the tree but chain out of it
 /// (`x/up -> ..`, then a link through `x/up/x/up/../..`), one of them named like a pull's partial file.
 async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, tempfile::TempDir) {
     use ferry::chunk::{build_manifest, ChunkSpec};
     use ferry::manifest::FileTime;
     use ferry::transfer::sender::{send, SendOptions, SendStats, Source};
-    use ferry::wire::{Connection, EntryKind, Message, TreeEntry, TreeOffer, Welcome};
+    use ferry::wire::{EntryKind, Message, TreeEntry, TreeOffer};
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("victim.txt"), b"original").unwrap();
     let payload = dir.path().join("payload");
@@ -222,16 +241,7 @@ async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, temp
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-        let _hello = conn.read_message().await.unwrap();
-        let welcome = Welcome {
-            version: ferry::PROTOCOL_VERSION,
-            agent: "hostile".into(),
-            max_frame: ferry::MAX_FRAME,
-        };
-        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
-        let _pull = conn.read_message().await.unwrap();
+        let mut conn = greet_a_pull(&listener, "hostile").await;
         let t = FileTime {
             secs: 1_700_000_000,
             nanos: 0,
@@ -309,7 +319,7 @@ async fn a_hostile_server_cannot_make_a_pull_write_outside_its_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_for_another_path_than_the_one_pulled_is_refused() {
     use ferry::chunk::{build_manifest, ChunkSpec};
-    use ferry::wire::{Connection, Message, Offer, Welcome};
+    use ferry::wire::{Message, Offer};
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other.txt");
     std::fs::write(&other, b"not what was asked for").unwrap();
@@ -318,16 +328,7 @@ async fn an_offer_for_another_path_than_the_one_pulled_is_refused() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-        let _hello = conn.read_message().await.unwrap();
-        let welcome = Welcome {
-            version: ferry::PROTOCOL_VERSION,
-            agent: "confused".into(),
-            max_frame: ferry::MAX_FRAME,
-        };
-        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
-        let _pull = conn.read_message().await.unwrap();
+        let mut conn = greet_a_pull(&listener, "confused").await;
         let offer = Offer {
             path: "other.txt".into(),
             manifest,

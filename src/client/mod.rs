@@ -81,14 +81,33 @@ impl Retrier {
         self.attempts
     }
 
-    /// After a retryable failure: the delay before the next attempt, or `None` once `retries` consecutive
-    /// attempts made no progress.
-    fn after_failure(&mut self, progressed: bool) -> Option<Duration> {
+    /// After a retryable failure of the current attempt: announces and sleeps the backoff delay, or returns the
+    /// network failure once `retries` consecutive attempts made no progress.
+    async fn wait_to_retry(
+        &mut self,
+        error: TransferError,
+        progressed: bool,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(), ClientError> {
         if progressed {
             self.failures = 0;
         }
         self.failures += 1;
-        (self.failures <= self.retries).then(|| self.backoff.delay(self.failures))
+        if self.failures > self.retries {
+            return Err(ClientError::Network {
+                attempts: self.attempts,
+                last: error,
+            });
+        }
+        let delay = self.backoff.delay(self.failures);
+        tracing::info!(attempt = self.attempts, ?delay, error = %error, "retrying");
+        on_event(ClientEvent::Retrying {
+            attempt: self.attempts,
+            delay,
+            error: error.to_string(),
+        });
+        tokio::time::sleep(delay).await;
+        Ok(())
     }
 }
 

@@ -112,19 +112,9 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
             Err(AttemptError::Transfer(e)) if !e.is_retryable() => return Err(classify(e)),
             Err(AttemptError::Transfer(e)) => e,
         };
-        let Some(delay) = retrier.after_failure(local.progress() > before) else {
-            return Err(ClientError::Network {
-                attempts: number,
-                last: error,
-            });
-        };
-        tracing::info!(attempt = number, ?delay, error = %error, "retrying");
-        on_event(ClientEvent::Retrying {
-            attempt: number,
-            delay,
-            error: error.to_string(),
-        });
-        tokio::time::sleep(delay).await;
+        retrier
+            .wait_to_retry(error, local.progress() > before, on_event)
+            .await?;
     };
     local.tidy();
     Ok(match outcome {

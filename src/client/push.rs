@@ -128,19 +128,12 @@ pub async fn push(
         if !error.is_retryable() {
             break Err(classify(error));
         }
-        let Some(delay) = retrier.after_failure(run.stats.chunks_acked > acked_before) else {
-            break Err(ClientError::Network {
-                attempts: number,
-                last: error,
-            });
-        };
-        tracing::info!(attempt = number, ?delay, error = %error, "retrying");
-        on_event(ClientEvent::Retrying {
-            attempt: number,
-            delay,
-            error: error.to_string(),
-        });
-        tokio::time::sleep(delay).await;
+        if let Err(gave_up) = retrier
+            .wait_to_retry(error, run.stats.chunks_acked > acked_before, on_event)
+            .await
+        {
+            break Err(gave_up);
+        }
     };
     record.bytes_sent += run.stats.bytes_sent;
     record.state = if outcome.is_ok() {

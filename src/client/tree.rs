@@ -131,18 +131,8 @@ pub async fn push_tree(
             Err(e) if !e.is_retryable() => return Err(classify(e)),
             Err(e) => e,
         };
-        let Some(delay) = retrier.after_failure(stats.chunks_acked + stats.files_acked > before) else {
-            return Err(ClientError::Network {
-                attempts: number,
-                last: error,
-            });
-        };
-        on_event(ClientEvent::Retrying {
-            attempt: number,
-            delay,
-            error: error.to_string(),
-        });
-        tokio::time::sleep(delay).await;
+        let progressed = stats.chunks_acked + stats.files_acked > before;
+        retrier.wait_to_retry(error, progressed, on_event).await?;
     };
     report.damaged = sent.failed.iter().filter(|f| f.damaged).count() as u64;
     report

@@ -303,6 +303,13 @@ async fn an_ack_only_ever_names_chunks_already_recorded_in_the_store() {
     let _ = receiver.await;
 }
 
+/// Walks `src` as a tree sender would, with a sender store of its own.
+fn walk(fx: &Fixture, src: &std::path::Path) -> (crate::store::SenderStore, crate::tree::LocalTree) {
+    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
+    let tree = crate::tree::scan(src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    (store, tree)
+}
+
 /// Runs a walked tree through both tree roles over a pipe.
 async fn transfer_tree(
     fx: &Fixture,
@@ -358,8 +365,7 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
     std::fs::write(src.join("same-size.txt"), b"before").unwrap();
     std::fs::write(src.join("sub/large.bin"), vec![1u8; 3 << 20]).unwrap();
     std::fs::write(src.join("gone.txt"), b"here at scan time").unwrap();
-    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
-    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let (store, tree) = walk(&fx, &src);
     // Between the scan (the TreeOffer) and the reads: one file grows, one changes, one vanishes.
     std::fs::write(src.join("small.txt"), b"after, and longer").unwrap();
     std::fs::write(src.join("same-size.txt"), b"BEFORE").unwrap(); // only the digest tells
@@ -389,8 +395,7 @@ async fn a_tree_receiver_naming_entries_outside_the_offer_is_a_protocol_error_no
     let src = fx.dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a.txt"), b"hello").unwrap();
-    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
-    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let (store, tree) = walk(&fx, &src);
     let bogus_acks = [
         TreeAck {
             entries: vec![],
@@ -498,8 +503,7 @@ async fn a_receiver_rejecting_small_files_forever_cannot_keep_the_sender_busy() 
     let src = fx.dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a.txt"), b"hello").unwrap();
-    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
-    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let (store, tree) = walk(&fx, &src);
     let (a, b) = tokio::io::duplex(64 * 1024);
     let liar = tokio::spawn(async move {
         let mut conn = Connection::new(b, MAX_FRAME);
@@ -548,8 +552,7 @@ async fn a_large_file_found_changed_mid_send_is_abandoned_and_sent_again_in_the_
     let large = src.join("large.bin");
     std::fs::write(&large, vec![1u8; 3 << 20]).unwrap();
     std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
-    let store = crate::store::SenderStore::open(&Store::open(&fx.dir.path().join("sender")).unwrap()).unwrap();
-    let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+    let (store, tree) = walk(&fx, &src);
     // Same size, mtime put back: the cached manifest still looks valid, so the change shows only when chunks are
     // read and re-hashed mid-send.
     let mtime = std::fs::metadata(&large).unwrap().modified().unwrap();
