@@ -310,6 +310,22 @@ fn walk(fx: &Fixture, src: &std::path::Path) -> (crate::store::SenderStore, crat
     (store, tree)
 }
 
+/// Offers `tree` for the directory `t` and sends it over `conn`.
+async fn send_tree_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    tree: &crate::tree::LocalTree,
+    store: &crate::store::SenderStore,
+) -> Result<super::tree_sender::TreeSent, super::TransferError> {
+    let source = super::tree_sender::TreeSource {
+        tree,
+        store,
+        spec: ChunkSpec::default(),
+        committed: None,
+    };
+    let mut stats = SendStats::default();
+    super::tree_sender::send_tree(conn, "t", &source, &SendOptions::default(), &mut stats, &mut |_| {}).await
+}
+
 /// Runs a walked tree through both tree roles over a pipe.
 async fn transfer_tree(
     fx: &Fixture,
@@ -335,23 +351,7 @@ async fn transfer_tree(
         .await
     });
     let mut conn = Connection::new(a, MAX_FRAME);
-    let source = super::tree_sender::TreeSource {
-        tree,
-        store: sender_store,
-        spec: ChunkSpec::default(),
-        committed: None,
-    };
-    let mut stats = SendStats::default();
-    let sent = super::tree_sender::send_tree(
-        &mut conn,
-        "t",
-        &source,
-        &SendOptions::default(),
-        &mut stats,
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
+    let sent = send_tree_over(&mut conn, tree, sender_store).await.unwrap();
     assert_eq!(receiver.await.unwrap().unwrap().committed, sent.committed);
     sent
 }
@@ -423,26 +423,9 @@ async fn a_tree_receiver_naming_entries_outside_the_offer_is_a_protocol_error_no
             let _ = conn.read_message().await;
         });
         let mut conn = Connection::new(a, MAX_FRAME);
-        let source = super::tree_sender::TreeSource {
-            tree: &tree,
-            store: &store,
-            spec: ChunkSpec::default(),
-            committed: None,
-        };
-        let mut stats = SendStats::default();
-        let sent = tokio::time::timeout(
-            Duration::from_secs(10),
-            super::tree_sender::send_tree(
-                &mut conn,
-                "t",
-                &source,
-                &SendOptions::default(),
-                &mut stats,
-                &mut |_| {},
-            ),
-        )
-        .await
-        .expect("bounded");
+        let sent = tokio::time::timeout(Duration::from_secs(10), send_tree_over(&mut conn, &tree, &store))
+            .await
+            .expect("bounded");
         assert!(matches!(sent, Err(super::TransferError::Unexpected { .. })), "{sent:?}");
         drop(conn);
         liar.await.unwrap();
@@ -519,26 +502,9 @@ async fn a_receiver_rejecting_small_files_forever_cannot_keep_the_sender_busy() 
         }
     });
     let mut conn = Connection::new(a, MAX_FRAME);
-    let source = super::tree_sender::TreeSource {
-        tree: &tree,
-        store: &store,
-        spec: ChunkSpec::default(),
-        committed: None,
-    };
-    let mut stats = SendStats::default();
-    let sent = tokio::time::timeout(
-        Duration::from_secs(30),
-        super::tree_sender::send_tree(
-            &mut conn,
-            "t",
-            &source,
-            &SendOptions::default(),
-            &mut stats,
-            &mut |_| {},
-        ),
-    )
-    .await
-    .expect("the sender gives up by itself");
+    let sent = tokio::time::timeout(Duration::from_secs(30), send_tree_over(&mut conn, &tree, &store))
+        .await
+        .expect("the sender gives up by itself");
     assert!(matches!(sent, Err(super::TransferError::Integrity(_))), "{sent:?}");
     drop(conn);
     liar.await.unwrap();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -125,29 +126,21 @@ impl PushOutcome {
     }
 }
 
-/// The `ferry push` command with test-friendly defaults (JSON summary, short retry delay).
+/// `ferry push FILE URL` with test-friendly defaults (JSON summary, short retry delay).
 pub fn push_command(file: &Path, url: &str, state: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(ferry_bin());
-    cmd.arg("push")
-        .arg(file)
-        .arg(url)
-        .arg("--state")
-        .arg(state)
-        .args(["--json", "--retry-delay", "20ms"])
-        .args(extra)
-        .stdin(Stdio::null());
-    if !extra.contains(&"--timeout") {
-        cmd.args(["--timeout", "10s"]);
-    }
-    cmd
+    client_command("push", file.as_os_str(), url.as_ref(), state, extra)
 }
 
-/// The `ferry pull` command with test-friendly defaults (JSON summary, short retry delay).
+/// `ferry pull URL DEST` with test-friendly defaults (JSON summary, short retry delay).
 pub fn pull_command(url: &str, dest: &Path, state: &Path, extra: &[&str]) -> Command {
+    client_command("pull", url.as_ref(), dest.as_os_str(), state, extra)
+}
+
+fn client_command(verb: &str, from: &OsStr, to: &OsStr, state: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(ferry_bin());
-    cmd.arg("pull")
-        .arg(url)
-        .arg(dest)
+    cmd.arg(verb)
+        .arg(from)
+        .arg(to)
         .arg("--state")
         .arg(state)
         .args(["--json", "--retry-delay", "20ms"])
