@@ -49,6 +49,64 @@ pub enum Command {
     Pull(PullArgs),
     /// Show a resumed, verified push through a flaky link (in-process server, temp dir).
     Demo(DemoArgs),
+    /// Expire abandoned transfers and leftover files of a server root (while its server is stopped).
+    Gc(GcArgs),
+}
+
+/// `ferry gc`.
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// The server's root directory.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The server's state directory (default ROOT/.ferry/state).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Expire open transfers without progress, and leftover files untouched, for this long (e.g. 7d, 0s).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `ferry gc`; returns the exit code.
+pub fn gc(args: GcArgs, quiet: bool) -> u8 {
+    if !args.root.join(crate::path::RESERVED_DIR).is_dir() {
+        eprintln!(
+            "ferry: gc: {} is not a ferry server root (no .ferry directory)",
+            args.root.display()
+        );
+        return crate::exit::USAGE;
+    }
+    match crate::gc::collect_offline(&args.root, args.state.as_deref(), args.older_than) {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "ok", "exit_code": 0, "report": report })
+                );
+            } else if !quiet {
+                eprintln!(
+                    "ferry: gc: {} abandoned transfers expired, {} leftover files removed, {} freed",
+                    report.transfers_expired,
+                    report.leftovers_removed,
+                    human(report.bytes_freed)
+                );
+            }
+            crate::exit::OK
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "error", "exit_code": crate::exit::LOCAL, "error": e.to_string() })
+                );
+            }
+            eprintln!("ferry: gc failed: {e}");
+            crate::exit::LOCAL
+        }
+    }
 }
 
 /// `ferry serve`.
@@ -69,6 +127,12 @@ pub struct ServeArgs {
     /// Drop a client silent for this long (e.g. 120s, 5m).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Expire open transfers (and their partial files) that made no progress for this long.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub partial_ttl: Duration,
+    /// How often to sweep for expired transfers and leftover files.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub gc_interval: Duration,
 }
 
 /// `ferry push`.
@@ -171,6 +235,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
         state_dir: args.state,
         max_connections: args.max_connections,
         idle_timeout: args.idle_timeout,
+        partial_ttl: args.partial_ttl,
+        gc_interval: args.gc_interval,
         ..ServerConfig::new(args.root)
     };
     let server = tokio::task::spawn_blocking(move || Server::open(config))
@@ -587,7 +653,8 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(value),
         "m" => Duration::from_secs(value.saturating_mul(60)),
         "h" => Duration::from_secs(value.saturating_mul(3600)),
-        _ => return Err(format!("{raw:?}: unknown duration unit (ms, s, m, h)")),
+        "d" => Duration::from_secs(value.saturating_mul(86_400)),
+        _ => return Err(format!("{raw:?}: unknown duration unit (ms, s, m, h, d)")),
     })
 }
 

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod fault;
+pub mod gc;
 pub mod manifest;
 pub mod path;
 pub mod ranges;

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTERNAL),
             },
+            Command::Gc(args) => ExitCode::from(ferry::cli::gc(args, quiet)),
             Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTEGRITY),

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::gc::{sweep, Expiry, GcReport};
 use crate::path::{RemotePath, RESERVED_DIR};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
@@ -47,6 +48,10 @@ pub struct ServerConfig {
     pub sync_batch: u64,
     /// Chunk bytes all connections together may have queued for their writers.
     pub queue_budget: u64,
+    /// Open transfers without progress for this long are expired, their partial files removed.
+    pub partial_ttl: Duration,
+    /// How often the server sweeps for expired transfers and leftovers.
+    pub gc_interval: Duration,
 }
 
 impl ServerConfig {
@@ -60,6 +65,8 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(120),
             sync_batch: 4 * 1024 * 1024,
             queue_budget: 256 * 1024 * 1024,
+            partial_ttl: Duration::from_secs(7 * 24 * 3600),
+            gc_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -160,6 +167,7 @@ impl Server {
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
+        tracker.spawn(sweep_periodically(self.shared.clone(), shutdown.clone()));
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let result = loop {
             let accepted = tokio::select! {
@@ -198,6 +206,29 @@ impl Server {
         tracker.wait().await;
         self.store.flush()?;
         result
+    }
+}
+
+/// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover
+/// files get at least 10 minutes, far more than a batch of small files takes to write.
+async fn sweep_periodically(shared: Shared, shutdown: CancellationToken) {
+    let expiry = Expiry {
+        transfers: shared.config.partial_ttl,
+        leftovers: shared.config.partial_ttl.max(Duration::from_secs(600)),
+    };
+    loop {
+        let ctx = shared.receiver.clone();
+        let swept = tokio::task::spawn_blocking(move || sweep(&ctx.store, &ctx.partial_dir, expiry, Some(&ctx.claims)));
+        match swept.await {
+            Ok(Ok(report)) if report != GcReport::default() => tracing::info!(?report, "expired abandoned work"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "expiry sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep panicked"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(shared.config.gc_interval) => {}
+        }
     }
 }
 

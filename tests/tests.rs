@@ -6,6 +6,7 @@ mod util;
 mod bad_input;
 mod delta;
 mod faults;
+mod gc;
 mod pull;
 mod push;
 mod tree;

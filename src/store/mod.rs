@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-pub use receiver::{ChunkLocation, CommittedFile, Progress, ReceiverStore, TransferRecord};
+pub use receiver::{ChunkLocation, CommittedFile, OpenTransfer, Progress, ReceiverStore, TransferRecord};
 pub use sender::{ManifestKey, PushRecord, PushState, SenderStore};
 
 /// The store failed.

@@ -61,6 +61,17 @@ pub struct CommittedFile {
     pub committed_at: u64,
 }
 
+/// An open transfer, as listed for expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTransfer {
+    /// Destination path.
+    pub path: String,
+    /// Its partial file.
+    pub partial: String,
+    /// When it was created or last made progress (Unix seconds).
+    pub last_activity: u64,
+}
+
 /// Where a committed chunk lives: the chunk index's answer for a hash.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ChunkLocation {
@@ -125,6 +136,32 @@ impl ReceiverStore {
     pub fn forget_chunk(&self, hash: &Hash, path: &str) -> Result<(), StoreError> {
         self.tree.remove(self.chunk_key(hash, path))?;
         Ok(())
+    }
+
+    /// Every open transfer of this scope with the time it last made progress (Unix seconds).
+    pub fn open_transfers(&self) -> Result<Vec<OpenTransfer>, StoreError> {
+        let prefix = self.key(TRANSFER, b"");
+        let mut open = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            let record: TransferRecord = super::decode(&key, &value)?;
+            let path = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let updated = self.progress(&path)?.map_or(0, |p| p.updated);
+            open.push(OpenTransfer {
+                last_activity: updated.max(record.created),
+                partial: record.partial,
+                path,
+            });
+        }
+        Ok(open)
+    }
+
+    /// Forgets an open transfer (the caller removes its partial file), then flushes.
+    pub fn forget_transfer(&self, path: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(self.key(TRANSFER, path.as_bytes()));
+        batch.remove(self.key(PROGRESS, path.as_bytes()));
+        self.apply(batch)
     }
 
     /// The manifest of the committed file at `path`, if any.

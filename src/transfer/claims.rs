@@ -71,6 +71,28 @@ impl Claims {
             _guard: guard,
         })
     }
+
+    /// Claims `key` only if nobody holds or waits for it, without disturbing anyone (used by expiry, which must
+    /// never take a transfer away from a live session).
+    pub fn try_claim(&self, key: &str) -> Option<Claim> {
+        let mut slots = self.slots.lock().expect("claims lock poisoned");
+        let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
+            lock: Arc::default(),
+            holder: CancellationToken::new(),
+        });
+        let Ok(guard) = slot.lock.clone().try_lock_owned() else {
+            return None;
+        };
+        let superseded = CancellationToken::new();
+        slot.holder = superseded.clone();
+        drop(slots);
+        Some(Claim {
+            claims: self.clone(),
+            key: key.to_string(),
+            superseded,
+            _guard: guard,
+        })
+    }
 }
 
 impl Drop for Claim {
@@ -122,6 +144,18 @@ mod tests {
         drop(second);
         let third = third.await.unwrap().unwrap();
         assert!(!third.superseded.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn try_claim_never_takes_a_held_destination() {
+        let claims = Claims::default();
+        let held = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        assert!(claims.try_claim("a").is_none());
+        assert!(!held.superseded.is_cancelled(), "the holder was not disturbed");
+        drop(held);
+        let expiring = claims.try_claim("a").expect("free now");
+        drop(expiring);
+        assert!(claims.slots.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

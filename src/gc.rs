@@ -1,0 +1,120 @@
+//! Expiry of abandoned work on a receiver: open transfers that made no progress for a while (their partial files
+//! and records), and files left in the private partial directory by a crash (temporaries of small files and
+//! links, partials no record points to).
+//!
+//! A server sweeps periodically and never expires a transfer a session holds (it takes the destination's claim
+//! without disturbing anyone, or skips it); `ferry gc` runs the same sweep while the server is stopped (the state
+//! store's lock guarantees that). Blocking.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::store::{now_secs, ReceiverStore, StoreError};
+use crate::transfer::claims::{Claim, Claims};
+
+/// What a sweep removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// Open transfers expired (records and partial file).
+    pub transfers_expired: u64,
+    /// Leftover files removed from the partial directory.
+    pub leftovers_removed: u64,
+    /// Bytes those files held.
+    pub bytes_freed: u64,
+}
+
+/// How old things must be to go.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    /// Open transfers without progress for this long are expired.
+    pub transfers: Duration,
+    /// Files in the partial directory that no transfer owns, untouched for this long, are removed. A running
+    /// server keeps this well above the time a batch of small files takes to write.
+    pub leftovers: Duration,
+}
+
+/// Expires what `expiry` allows. `claims` is the running server's (None when it is stopped): a held destination
+/// is skipped, and one being expired is claimed meanwhile, so no session starts on it half-way.
+pub fn sweep(
+    store: &ReceiverStore,
+    partial_dir: &Path,
+    expiry: Expiry,
+    claims: Option<&Claims>,
+) -> Result<GcReport, StoreError> {
+    let now = now_secs();
+    let mut report = GcReport::default();
+    let mut owned = HashSet::new();
+    for transfer in store.open_transfers()? {
+        let idle = now.saturating_sub(transfer.last_activity);
+        if idle < expiry.transfers.as_secs() {
+            owned.insert(transfer.partial);
+            continue;
+        }
+        // Held by a session right now: not abandoned after all.
+        let _claim: Option<Claim> = match claims.map(|c| c.try_claim(&transfer.path)) {
+            Some(None) => {
+                owned.insert(transfer.partial);
+                continue;
+            }
+            Some(claim) => claim,
+            None => None,
+        };
+        report.bytes_freed += remove_file(Path::new(&transfer.partial));
+        store.forget_transfer(&transfer.path)?;
+        report.transfers_expired += 1;
+        tracing::info!(path = transfer.path, idle_secs = idle, "expired an abandoned transfer");
+    }
+    let Ok(listing) = std::fs::read_dir(partial_dir) else {
+        return Ok(report);
+    };
+    for item in listing.flatten() {
+        let path = item.path();
+        let ours = item.file_name().to_string_lossy().starts_with(".ferry-");
+        if !ours || owned.contains(&path.display().to_string()) {
+            continue;
+        }
+        let age = std::fs::symlink_metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if age >= expiry.leftovers {
+            report.bytes_freed += remove_file(&path);
+            report.leftovers_removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// `ferry gc`: the same sweep over a stopped server's root, with one age for everything.
+pub fn collect_offline(root: &Path, state: Option<&Path>, older_than: Duration) -> Result<GcReport, StoreError> {
+    let private = root.join(crate::path::RESERVED_DIR);
+    let state = state.map_or_else(|| private.join("state"), Path::to_path_buf);
+    let store = crate::store::Store::open(&state)?;
+    let receiver = ReceiverStore::open(&store)?;
+    let expiry = Expiry {
+        transfers: older_than,
+        leftovers: older_than,
+    };
+    let report = sweep(&receiver, &private.join("partial"), expiry, None)?;
+    store.flush()?;
+    Ok(report)
+}
+
+/// Removes a file (never following a symlink); returns the bytes it held.
+fn remove_file(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() || std::fs::remove_file(path).is_err() {
+        return 0;
+    }
+    if meta.is_file() {
+        meta.len()
+    } else {
+        0
+    }
+}
