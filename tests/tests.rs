@@ -4,6 +4,7 @@
 mod util;
 
 mod bad_input;
+mod campaign;
 mod delta;
 mod faults;
 mod gc;

@@ -84,7 +84,14 @@ pub(crate) fn commit(
         .stats
         .files_committed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(path = %path, size = manifest.size, digest = %hex(&digest), "committed");
+    tracing::info!(
+        path = %path,
+        size = manifest.size,
+        digest = %hex(&digest),
+        received_bytes = writer.progress.received_bytes,
+        reused_bytes = writer.progress.reused_bytes,
+        "committed"
+    );
     Ok(CommitOutcome::Done(Committed {
         size: manifest.size,
         digest,

@@ -32,6 +32,11 @@ impl TestServer {
 
     /// Like [`TestServer::start`] with extra arguments.
     pub fn start_with(root: &Path, extra: &[&str]) -> TestServer {
+        TestServer::start_at(root, "127.0.0.1:0", extra)
+    }
+
+    /// A server listening on `listen` (to restart one on the same port after killing it).
+    pub fn start_at(root: &Path, listen: &str, extra: &[&str]) -> TestServer {
         std::fs::create_dir_all(root).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -39,7 +44,7 @@ impl TestServer {
             .open(root.with_extension("server.log"))
             .unwrap();
         let mut child = Command::new(ferry_bin())
-            .args(["-v", "serve", "--listen", "127.0.0.1:0", "--root"])
+            .args(["-v", "serve", "--listen", listen, "--root"])
             .arg(root)
             .args(extra)
             .stdout(Stdio::piped())
@@ -63,7 +68,6 @@ impl TestServer {
         }
     }
 
-    /// `ferry://127.0.0.1:PORT/path`.
     /// Waits (bounded) until the server's log contains `needle`.
     pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
         let log = self.root.with_extension("server.log");
@@ -74,6 +78,7 @@ impl TestServer {
         }
     }
 
+    /// `ferry://127.0.0.1:PORT/path`.
     pub fn url(&self, path: &str) -> String {
         format!("ferry://{}/{path}", self.addr)
     }

@@ -1,0 +1,126 @@
+//! Kill campaigns: one transfer survives many SIGKILLs of the server (restarted on the same port each time) or of
+//! the client (re-run each time), finishing with the right digest and resending at most a window plus a chunk
+//! per kill.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use crate::util::*;
+
+const CHUNK: u64 = 64 * KIB as u64;
+const WINDOW: u64 = MIB as u64;
+const SMALL: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"];
+const KILLS: u32 = 10;
+
+/// A log line without its colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn free_loopback_port() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_survives_the_server_being_sigkilled_again_and_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let src = dir.path().join("vm.img");
+    let size = 192 * MIB as u64;
+    write_random(&src, size as usize, 41);
+    let addr = free_loopback_port();
+    let mut server = TestServer::start_at(&root, &addr, &[]);
+    let mut args = SMALL.to_vec();
+    args.extend(["--retries", "100", "--timeout", "5s"]);
+    let mut client = push_command(&src, &server.url("vm.img"), &dir.path().join("state"), &args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut kills: u32 = 0;
+    while kills < KILLS && client.try_wait().unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(40..160))).await;
+        server.kill9();
+        kills += 1;
+        server = TestServer::start_at(&root, &addr, &[]);
+    }
+    let output = tokio::task::spawn_blocking(move || client.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or("null")).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{json}");
+    assert_eq!(b3(&root.join("vm.img")), b3(&src));
+    assert!(kills >= 3, "only {kills} kills landed before the push finished");
+    let sent = json["bytes_sent"].as_u64().unwrap();
+    let bound = size + u64::from(kills) * (WINDOW + CHUNK);
+    eprintln!("{kills} server kills: sent {sent} bytes for a {size}-byte file (bound {bound})");
+    assert!(sent <= bound, "sent {sent} bytes, bound {bound}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("home.tar");
+    let size = 128 * MIB as u64;
+    write_random(&src, size as usize, 42);
+    let state = dir.path().join("state");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut kills: u32 = 0;
+    let mut finished = None;
+    while kills < KILLS {
+        let mut client = push_command(&src, &server.url("home.tar"), &state, &SMALL)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(30..150))).await;
+        if client.try_wait().unwrap().is_some() {
+            finished = Some(client.wait_with_output().unwrap()); // it committed before this kill
+            break;
+        }
+        client.kill().unwrap();
+        client.wait().unwrap();
+        kills += 1;
+    }
+    if let Some(output) = finished {
+        assert_eq!(output.status.code(), Some(0));
+    } else {
+        push(&src, &server.url("home.tar"), &state, &SMALL).await.assert_ok();
+    }
+    assert_eq!(b3(&server.root.join("home.tar")), b3(&src));
+    assert!(kills >= 3, "only {kills} kills landed before the push finished");
+    // The server's own count over all runs, from its commit log line (a killed client may miss the reply).
+    server.wait_for_log("committed", Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    let received: u64 = log
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("committed") && l.contains("home.tar"))
+        .and_then(|l| l.split("received_bytes=").nth(1).map(str::to_string))
+        .map(|rest| {
+            rest.chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("the commit log line names received_bytes");
+    let bound = size + u64::from(kills) * (WINDOW + CHUNK);
+    eprintln!("{kills} client kills: the server took in {received} bytes for a {size}-byte file (bound {bound})");
+    assert!(
+        received >= size && received <= bound,
+        "the server took in {received} bytes, bound {bound}"
+    );
+}
