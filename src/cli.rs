@@ -229,6 +229,12 @@ pub struct DemoArgs {
 
 /// Runs `ferry serve` until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
+    // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, reported to the client as NoSpace, not
+    // kill the server with SIGXFSZ.
+    // SAFETY: installs the "ignore" disposition for one signal; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let listener = TcpListener::bind(&args.listen).await.map_err(ServerError::Accept)?;
     let addr = listener.local_addr().map_err(ServerError::Accept)?;
     let config = ServerConfig {

@@ -374,3 +374,41 @@ async fn sigterm_drains_sessions_keeps_progress_and_exits_cleanly() {
         "re-run sent {sent} bytes of {size}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_clear_final_error_and_the_partial_resumes_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start_limited(&root, 6 * MIB as u64);
+    let src = dir.path().join("backup.tar");
+    let size = 12 * MIB as u64;
+    write_random(&src, size as usize, 51);
+    let state = dir.path().join("state");
+
+    let full = push(&src, &server.url("backup.tar"), &state, &SMALL).await;
+    assert_eq!(full.code, 4, "rejected, not retried: {}\n{}", full.json, full.stderr);
+    let error = full.json["error"].as_str().unwrap();
+    assert!(error.contains("NoSpace"), "{error}");
+    assert!(
+        !full.stderr.contains("retrying"),
+        "a full disk is not retried: {}",
+        full.stderr
+    );
+    assert!(!root.join("backup.tar").exists());
+    let partial = std::fs::read_dir(root.join(".ferry/partial"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept >= 4 * MIB as u64, "the chunks that fit were kept ({kept} bytes)");
+
+    server.kill9();
+    let server = TestServer::start(&root); // room again
+    let out = push(&src, &server.url("backup.tar"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&root.join("backup.tar")), b3(&src));
+    let sent = out.u64("bytes_sent");
+    assert!(sent <= size - 4 * MIB as u64, "the resume sent {sent} of {size} bytes");
+}

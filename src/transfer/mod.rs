@@ -98,7 +98,12 @@ impl TransferError {
             TransferError::Timeout(..) => ErrorCode::Timeout,
             TransferError::Remote(frame) => frame.code,
             TransferError::Refused { code, .. } => *code,
-            TransferError::Storage(e) if e.raw_os_error() == Some(28) => ErrorCode::NoSpace,
+            // ENOSPC, EFBIG (a file-size limit), EDQUOT: the receiver cannot store more, retrying will not help.
+            TransferError::Storage(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)) =>
+            {
+                ErrorCode::NoSpace
+            }
             TransferError::Storage(_) => ErrorCode::StorageIo,
             TransferError::Integrity(_) => ErrorCode::IntegrityFailed,
             TransferError::ShuttingDown => ErrorCode::ShuttingDown,

@@ -354,7 +354,12 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         .custom_flags(libc::O_NOFOLLOW)
         .open(&partial)
         .map_err(TransferError::Storage)?;
-    file.set_len(manifest.size).map_err(TransferError::Storage)?;
+    // No preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write
+    // error after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older
+    // offer is cut to size.
+    if file.metadata().map_err(TransferError::Storage)?.len() > manifest.size {
+        file.set_len(manifest.size).map_err(TransferError::Storage)?;
+    }
     let bitmap = received.to_bytes();
     let same_offer = record.as_ref().is_some_and(|r| r.manifest.id() == manifest.id()) && progress.received == bitmap;
     // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost

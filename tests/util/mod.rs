@@ -37,20 +37,47 @@ impl TestServer {
 
     /// A server listening on `listen` (to restart one on the same port after killing it).
     pub fn start_at(root: &Path, listen: &str, extra: &[&str]) -> TestServer {
+        TestServer::spawn(root, listen, extra, None)
+    }
+
+    /// A server whose process may not write files larger than `max_file` bytes (RLIMIT_FSIZE), as on a disk
+    /// that fills up.
+    pub fn start_limited(root: &Path, max_file: u64) -> TestServer {
+        TestServer::spawn(root, "127.0.0.1:0", &[], Some(max_file))
+    }
+
+    fn spawn(root: &Path, listen: &str, extra: &[&str], max_file: Option<u64>) -> TestServer {
         std::fs::create_dir_all(root).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(root.with_extension("server.log"))
             .unwrap();
-        let mut child = Command::new(ferry_bin())
+        let mut command = Command::new(ferry_bin());
+        command
             .args(["-v", "serve", "--listen", listen, "--root"])
             .arg(root)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry serve");
+            .stderr(log);
+        if let Some(limit) = max_file {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec this only calls setrlimit, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn ferry serve");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
