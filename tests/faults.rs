@@ -412,3 +412,29 @@ async fn a_full_disk_is_a_clear_final_error_and_the_partial_resumes_once_there_i
     let sent = out.u64("bytes_sent");
     assert!(sent <= size - 4 * MIB as u64, "the resume sent {sent} of {size} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_pushing_to_one_destination_never_leave_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    write_random(&a, 16 * MIB, 61);
+    write_random(&b, 16 * MIB, 62);
+    let url = server.url("shared.img");
+    let (state_a, state_b) = (dir.path().join("state-a"), dir.path().join("state-b"));
+    // Before the fix these two took the destination from each other forever: bound the wait.
+    let both = async { tokio::join!(push(&a, &url, &state_a, &SMALL), push(&b, &url, &state_b, &SMALL)) };
+    let (first, second) = tokio::time::timeout(Duration::from_secs(90), both)
+        .await
+        .expect("the two pushes take turns and finish");
+    first.assert_ok();
+    second.assert_ok();
+    let landed = b3(&server.root.join("shared.img"));
+    assert!(
+        landed == b3(&a) || landed == b3(&b),
+        "the destination holds one whole source, never a mix"
+    );
+    for out in [&first, &second] {
+        assert_ne!(out.json["digest"], serde_json::Value::Null);
+    }
+}

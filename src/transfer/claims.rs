@@ -1,9 +1,12 @@
-//! One connection per destination at a time, with takeover.
+//! One connection per destination at a time, with takeover by the same sender only.
 //!
-//! A receiver claims a destination before touching its partial file. A new claim for a held destination cancels
-//! the holder (its session drains its writer, persists what it has, and ends with `Superseded`) and waits for it to
-//! let go. A client whose link died without a FIN can therefore reconnect at once instead of waiting for the old
-//! session's idle timeout, and two writers never share a partial file.
+//! A receiver claims a destination before touching its partial file, naming what it will write there (the
+//! manifest's id). A new claim with the same owner for a held destination cancels the holder (its session drains its
+//! writer, persists what it has, and ends with `Superseded`) and waits for it to let go: a client whose link died
+//! without a FIN can reconnect at once instead of waiting for the old session's idle timeout. A claim with another
+//! owner (another client, or a changed source) waits for the holder to finish instead of taking over, so two
+//! clients pushing different files to one destination take turns rather than destroying each other's progress.
+//! Two writers never share a partial file.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,11 +16,27 @@ use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use super::TransferError;
+use crate::manifest::Hash;
 use crate::wire::ErrorCode;
 
 struct Slot {
     lock: Arc<tokio::sync::Mutex<()>>,
     holder: CancellationToken,
+    /// What the holder (or, once it lets go, the newest claimant) writes.
+    owner: Hash,
+    /// The owner of the newest claim made.
+    newest: Hash,
+}
+
+impl Slot {
+    fn new(owner: Hash) -> Self {
+        Slot {
+            lock: Arc::default(),
+            holder: CancellationToken::new(),
+            owner,
+            newest: owner,
+        }
+    }
 }
 
 /// The set of claimed destinations of one server.
@@ -36,16 +55,16 @@ pub struct Claim {
 }
 
 impl Claims {
-    /// Claims `key`, taking it over from a current holder; fails with `Busy` if the holder does not let go within
-    /// `wait`.
-    pub async fn claim(&self, key: &str, wait: Duration) -> Result<Claim, TransferError> {
+    /// Claims `key` for `owner`, taking it over from a holder with the same owner; a holder with another owner is
+    /// left to finish. Fails with `Busy` if the holder does not let go within `wait`.
+    pub async fn claim(&self, key: &str, owner: Hash, wait: Duration) -> Result<Claim, TransferError> {
         let lock = {
             let mut slots = self.slots.lock().expect("claims lock poisoned");
-            let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
-                lock: Arc::default(),
-                holder: CancellationToken::new(),
-            });
-            slot.holder.cancel();
+            let slot = slots.entry(key.to_string()).or_insert_with(|| Slot::new(owner));
+            if slot.owner == owner {
+                slot.holder.cancel();
+            }
+            slot.newest = owner;
             slot.lock.clone()
         };
         let guard = tokio::time::timeout(wait, lock.lock_owned()).await.map_err(|_| {
@@ -55,14 +74,16 @@ impl Claims {
         let mut slots = self.slots.lock().expect("claims lock poisoned");
         let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
             lock: OwnedMutexGuard::mutex(&guard).clone(),
-            holder: CancellationToken::new(),
+            ..Slot::new(owner)
         });
-        // More owners than the map and our guard: a newer claim is already waiting, and it cancelled the previous
-        // holder's token, not ours. Give way to it at once instead of making it wait for Busy.
-        if Arc::strong_count(&slot.lock) > 2 {
+        // More owners of the lock than the map and our guard: a newer claim is already waiting. If it is for the
+        // same content it cancelled the previous holder's token, not ours: give way to it at once instead of making
+        // it wait for Busy.
+        if Arc::strong_count(&slot.lock) > 2 && slot.newest == owner {
             superseded.cancel();
         }
         slot.holder = superseded.clone();
+        slot.owner = owner;
         drop(slots);
         Ok(Claim {
             claims: self.clone(),
@@ -76,10 +97,7 @@ impl Claims {
     /// never take a transfer away from a live session).
     pub fn try_claim(&self, key: &str) -> Option<Claim> {
         let mut slots = self.slots.lock().expect("claims lock poisoned");
-        let slot = slots.entry(key.to_string()).or_insert_with(|| Slot {
-            lock: Arc::default(),
-            holder: CancellationToken::new(),
-        });
+        let slot = slots.entry(key.to_string()).or_insert_with(|| Slot::new([0; 32]));
         let Ok(guard) = slot.lock.clone().try_lock_owned() else {
             return None;
         };
@@ -112,16 +130,37 @@ impl Drop for Claim {
 mod tests {
     use super::*;
 
+    const SAME: Hash = [1; 32];
+    const OTHER: Hash = [2; 32];
+
+    #[tokio::test]
+    async fn a_claim_for_other_content_waits_instead_of_taking_over() {
+        let claims = Claims::default();
+        let first = claims.claim("a", SAME, Duration::from_secs(1)).await.unwrap();
+        let err = claims.claim("a", OTHER, Duration::from_millis(50)).await.err().unwrap();
+        assert_eq!(err.code(), ErrorCode::Busy);
+        assert!(!first.superseded.is_cancelled(), "the holder keeps going");
+        let waiter = {
+            let claims = claims.clone();
+            tokio::spawn(async move { claims.claim("a", OTHER, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!first.superseded.is_cancelled());
+        drop(first); // the holder finishes
+        let second = waiter.await.unwrap().unwrap();
+        assert!(!second.superseded.is_cancelled());
+    }
+
     #[tokio::test]
     async fn a_new_claim_supersedes_the_holder() {
         let claims = Claims::default();
-        let first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let first = claims.claim("a", SAME, Duration::from_secs(1)).await.unwrap();
         let token = first.superseded.clone();
         let releaser = tokio::spawn(async move {
             token.cancelled().await;
             drop(first);
         });
-        let second = claims.claim("a", Duration::from_secs(5)).await.unwrap();
+        let second = claims.claim("a", SAME, Duration::from_secs(5)).await.unwrap();
         releaser.await.unwrap();
         assert!(!second.superseded.is_cancelled());
         drop(second);
@@ -131,11 +170,11 @@ mod tests {
     #[tokio::test]
     async fn the_newest_of_several_waiting_claims_wins() {
         let claims = Claims::default();
-        let first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let first = claims.claim("a", SAME, Duration::from_secs(1)).await.unwrap();
         let (c1, c2) = (claims.clone(), claims.clone());
-        let second = tokio::spawn(async move { c1.claim("a", Duration::from_secs(5)).await });
+        let second = tokio::spawn(async move { c1.claim("a", SAME, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let third = tokio::spawn(async move { c2.claim("a", Duration::from_secs(5)).await });
+        let third = tokio::spawn(async move { c2.claim("a", SAME, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(first.superseded.is_cancelled());
         drop(first);
@@ -149,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn try_claim_never_takes_a_held_destination() {
         let claims = Claims::default();
-        let held = claims.claim("a", Duration::from_secs(1)).await.unwrap();
+        let held = claims.claim("a", SAME, Duration::from_secs(1)).await.unwrap();
         assert!(claims.try_claim("a").is_none());
         assert!(!held.superseded.is_cancelled(), "the holder was not disturbed");
         drop(held);
@@ -161,8 +200,8 @@ mod tests {
     #[tokio::test]
     async fn a_holder_that_does_not_let_go_makes_the_claim_busy() {
         let claims = Claims::default();
-        let _first = claims.claim("a", Duration::from_secs(1)).await.unwrap();
-        let err = claims.claim("a", Duration::from_millis(50)).await.err().unwrap();
+        let _first = claims.claim("a", SAME, Duration::from_secs(1)).await.unwrap();
+        let err = claims.claim("a", SAME, Duration::from_millis(50)).await.err().unwrap();
         assert_eq!(err.code(), ErrorCode::Busy);
     }
 }

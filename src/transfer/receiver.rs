@@ -83,7 +83,10 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
-    let claim = ctx.claims.claim(path.as_str(), Duration::from_secs(10)).await?;
+    let claim = ctx
+        .claims
+        .claim(path.as_str(), manifest.id(), Duration::from_secs(10))
+        .await?;
     let manifest = Arc::new(manifest);
     let plan = {
         let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
