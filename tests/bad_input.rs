@@ -367,18 +367,6 @@ async fn pulls_cannot_reach_outside_the_root() {
     assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "nothing was written");
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_of_many_copies_of_a_held_file_is_settled_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();

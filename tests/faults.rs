@@ -438,3 +438,28 @@ async fn two_clients_pushing_to_one_destination_never_leave_a_corrupt_file() {
         assert_ne!(out.json["digest"], serde_json::Value::Null);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_clients_at_once_all_land_intact_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let mut pushes = Vec::new();
+    for i in 0..32u64 {
+        let src = dir.path().join(format!("client-{i}.bin"));
+        write_random(&src, 4 * MIB, 100 + i);
+        let (url, state) = (
+            server.url(&format!("load/{i}.bin")),
+            dir.path().join(format!("state-{i}")),
+        );
+        pushes.push(tokio::spawn(async move { (push(&src, &url, &state, &[]).await, src) }));
+    }
+    for handle in pushes {
+        let (out, src) = handle.await.unwrap();
+        out.assert_ok();
+        let name = src.file_name().unwrap().to_string_lossy().replace("client-", "");
+        assert_eq!(b3(&server.root.join("load").join(name)), b3(&src));
+    }
+    let peak = peak_rss_mib(server.child.id());
+    eprintln!("32 concurrent 4 MiB pushes: server peak RSS {peak} MiB");
+    assert!(peak < 512, "server peak RSS {peak} MiB");
+}

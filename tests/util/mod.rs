@@ -240,3 +240,15 @@ pub fn b3(path: &Path) -> String {
 
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * 1024;
+
+/// Peak resident memory of a process, from /proc.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
