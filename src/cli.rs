@@ -127,6 +127,9 @@ pub struct ServeArgs {
     /// Drop a client silent for this long (e.g. 120s, 5m).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Refuse files larger than this (e.g. 100GiB); unlimited by default.
+    #[arg(long, value_parser = parse_size)]
+    pub max_file_size: Option<u64>,
     /// Expire open transfers (and their partial files) that made no progress for this long.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub partial_ttl: Duration,
@@ -241,6 +244,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
         state_dir: args.state,
         max_connections: args.max_connections,
         idle_timeout: args.idle_timeout,
+        max_file_size: args.max_file_size.unwrap_or(u64::MAX),
         partial_ttl: args.partial_ttl,
         gc_interval: args.gc_interval,
         ..ServerConfig::new(args.root)

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub sync_batch: u64,
     /// Chunk bytes all connections together may have queued for their writers.
     pub queue_budget: u64,
+    /// Largest file accepted (offers of larger files are refused).
+    pub max_file_size: u64,
     /// Open transfers without progress for this long are expired, their partial files removed.
     pub partial_ttl: Duration,
     /// How often the server sweeps for expired transfers and leftovers.
@@ -65,6 +67,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(120),
             sync_batch: 4 * 1024 * 1024,
             queue_budget: 256 * 1024 * 1024,
+            max_file_size: u64::MAX,
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
         }
@@ -150,6 +153,7 @@ impl Server {
             idle_timeout: config.idle_timeout,
             sync_batch: config.sync_batch,
             queue_budget: Arc::new(Semaphore::new(budget_permits(config.queue_budget))),
+            max_file_size: config.max_file_size,
         };
         let shared = Shared {
             receiver,

@@ -398,3 +398,34 @@ async fn a_tree_of_many_copies_of_a_held_file_is_settled_in_bounded_memory() {
     let peak = peak_rss_mib(server.child.id());
     assert!(peak < 128, "server peaked at {peak} MiB settling 300 MiB of copies");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_over_the_size_limit_are_refused_alone_or_in_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--max-file-size", "1MiB"]);
+    let state = dir.path().join("state");
+    let big = dir.path().join("big.bin");
+    write_random(&big, 2 * MIB, 71);
+    let out = push(&big, &server.url("big.bin"), &state, &[]).await;
+    assert_eq!(out.code, 4, "{}", out.json);
+    assert!(
+        out.json["error"].as_str().unwrap().contains("larger than"),
+        "{}",
+        out.json
+    );
+    assert!(!server.root.join("big.bin").exists());
+
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::copy(&big, tree.join("big.bin")).unwrap();
+    write_random(&tree.join("small.txt"), 1000, 72);
+    let out = push(&tree, &server.url("t"), &state, &[]).await;
+    assert_eq!(out.code, 4, "{}", out.json);
+    assert_eq!(out.u64("files_missing"), 1, "{}", out.json);
+    assert!(!server.root.join("t/big.bin").exists());
+    assert_eq!(
+        b3(&server.root.join("t/small.txt")),
+        b3(&tree.join("small.txt")),
+        "the rest arrived"
+    );
+}

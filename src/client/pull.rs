@@ -221,6 +221,7 @@ fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<Receive
         idle_timeout: io_timeout,
         sync_batch: SYNC_BATCH,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
+        max_file_size: u64::MAX,
     })
 }
 

@@ -55,6 +55,8 @@ pub struct ReceiverContext {
     pub sync_batch: u64,
     /// Server-wide budget of queued chunk bytes, in KiB permits.
     pub queue_budget: Arc<tokio::sync::Semaphore>,
+    /// Largest file accepted; larger offers are refused with `BadManifest`.
+    pub max_file_size: u64,
 }
 
 /// Where a prepared transfer stands.
@@ -83,6 +85,9 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
+    if manifest.size > ctx.max_file_size {
+        return Err(too_large(manifest.size, ctx.max_file_size));
+    }
     let claim = ctx
         .claims
         .claim(path.as_str(), manifest.id(), Duration::from_secs(10))
@@ -106,6 +111,14 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     let reply = Message::Committed(committed.clone());
     send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
     Ok(committed)
+}
+
+/// The refusal of a file larger than this receiver accepts.
+pub(crate) fn too_large(size: u64, limit: u64) -> TransferError {
+    TransferError::refused(
+        ErrorCode::BadManifest,
+        format!("a file of {size} bytes is larger than this receiver accepts ({limit} bytes)"),
+    )
 }
 
 /// Asks for the missing chunks, takes them in, and commits; asks again for whatever is still missing or turned

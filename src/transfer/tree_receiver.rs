@@ -219,6 +219,10 @@ fn plan(
                     plan.settled.refused.push((index, why));
                 }
             }
+            EntryKind::File { size, .. } if *size > ctx.max_file_size => {
+                let why = super::receiver::too_large(*size, ctx.max_file_size).to_string();
+                plan.settled.refused.push((index, why));
+            }
             EntryKind::File { .. } if unchanged(ctx, key, entry)? => plan.unchanged += 1,
             &EntryKind::File {
                 size,
