@@ -41,11 +41,11 @@ pub struct Cli {
 /// ferry's commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Receive files into a root directory.
+    /// Receive pushed files and trees into a root directory, and serve them to pulls.
     Serve(ServeArgs),
-    /// Push a file to a server, resuming whatever it already has.
+    /// Push a file or a directory tree to a server, sending only what it does not already hold.
     Push(PushArgs),
-    /// Pull a file from a server, resuming whatever an earlier run left and reusing an older local copy.
+    /// Pull a file or a directory tree from a server, resuming an earlier run and reusing an older local copy.
     Pull(PullArgs),
     /// Show a resumed, verified push through a flaky link (in-process server, temp dir).
     Demo(DemoArgs),
@@ -141,7 +141,7 @@ pub struct ServeArgs {
 /// `ferry push`.
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    /// The file to send.
+    /// The file or directory to send.
     pub file: PathBuf,
     /// ferry://HOST[:PORT]/REMOTE/PATH (a trailing '/' keeps the local file name).
     pub destination: FerryUrl,
@@ -153,9 +153,10 @@ pub struct PushArgs {
 /// `ferry pull`.
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    /// ferry://HOST[:PORT]/REMOTE/PATH of the file to fetch.
+    /// ferry://HOST[:PORT]/REMOTE/PATH of the file or directory to fetch.
     pub source: FerryUrl,
-    /// Local file to write, or an existing directory to write into under the remote name.
+    /// Local file to write, or an existing directory to write a file into under its remote name; a tree is
+    /// written into this directory (created if missing).
     pub destination: PathBuf,
     /// Options shared with push.
     #[command(flatten)]
