@@ -158,10 +158,7 @@ pub fn chunk_with(
         }
         true
     };
-    match chunking {
-        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit)?,
-        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit)?,
-    }
+    cut(file, size, chunking, &mut emit)?;
     Ok(kept)
 }
 
@@ -194,10 +191,7 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
             buf.extend_from_slice(bytes);
             full_tx.send((offset, buf)).is_ok()
         };
-        let read_result = match chunking {
-            Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit),
-            Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit),
-        };
+        let read_result = cut(file, size, chunking, &mut emit);
         drop(full_tx);
         let chunks = hasher.join().expect("chunk hasher thread panicked");
         read_result.map(|()| (*whole.finalize().as_bytes(), chunks))
@@ -218,11 +212,17 @@ fn hash_small(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Ha
         });
         true
     };
-    match chunking {
-        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, &mut emit)?,
-        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, &mut emit)?,
-    }
+    cut(file, size, chunking, &mut emit)?;
     Ok((*whole.finalize().as_bytes(), chunks))
+}
+
+/// Emits the chunks of the first `size` bytes of `file`, cut as `chunking` says; stops early if `emit` returns
+/// false.
+fn cut(file: &File, size: u64, chunking: Chunking, emit: &mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
+    match chunking {
+        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, emit),
+        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, emit),
+    }
 }
 
 /// Emits fixed-size chunks; stops early if `emit` returns false.

@@ -20,7 +20,6 @@ use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
-use crate::manifest::FileTime;
 use crate::path::{ensure_dir, link_walk, RemotePath};
 use crate::ranges::encode_runs;
 use crate::tree::LinkPolicy;
@@ -374,16 +373,12 @@ fn apply_dir_metadata(root: &Path, tree: &Tree) {
         };
         let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
-            std::fs::File::open(&dir)?.set_modified(system_time(mtime))
+            std::fs::File::open(&dir)?.set_modified(super::commit::system_time(mtime))
         });
         if let Err(e) = applied {
             tracing::warn!(path = %key, error = %e, "could not apply directory metadata");
         }
     }
-}
-
-fn system_time(t: FileTime) -> std::time::SystemTime {
-    super::commit::system_time(t)
 }
 
 /// The reception of one tree's files.

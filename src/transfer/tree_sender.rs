@@ -22,6 +22,7 @@ use crate::ranges::{ranges_within, IndexRange};
 use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
 use crate::store::SenderStore;
 use crate::tree::LocalTree;
+use crate::wire::message::truncate_message;
 use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommit, TreeCommitted, TreeFailure, TreeOffer};
 use crate::MAX_INLINE_FILE;
 
@@ -117,7 +118,7 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
             .map(|f: &FileFailure| TreeFailure {
                 entry: f.entry,
                 damaged: f.damaged,
-                reason: truncated(&f.reason),
+                reason: truncate_message(f.reason.clone()),
             })
             .collect(),
     };
@@ -162,15 +163,6 @@ fn report_failure(
         reason,
         damaged,
     });
-}
-
-/// At most 1 KiB of `reason`, cut at a character boundary.
-fn truncated(reason: &str) -> String {
-    let mut cut = reason.len().min(1024);
-    while !reason.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    reason[..cut].to_string()
 }
 
 /// The file indices a TreeNeed names; anything but ascending runs of file entries is a protocol error.
@@ -269,7 +261,7 @@ async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
     reason: &str,
     opts: &SendOptions,
 ) -> Result<(), TransferError> {
-    let msg = Message::Abandon(truncated(reason));
+    let msg = Message::Abandon(truncate_message(reason.to_string()));
     send_within(conn, &msg, opts.io_timeout, "abandoning a file").await?;
     loop {
         match next_message(conn, opts.io_timeout, "waiting for Abandon").await? {

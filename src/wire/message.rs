@@ -417,21 +417,28 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// Longest human-readable text a message carries (Error, Abandon, TreeFailure), in bytes.
+pub const MAX_MESSAGE_TEXT: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_TEXT`] bytes at a character boundary.
+pub fn truncate_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_TEXT {
+        let mut cut = MAX_MESSAGE_TEXT;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    message
+}
+
 impl ErrorFrame {
     /// An error frame with the code's default retryability.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > 1024 {
-            let mut cut = 1024;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
         ErrorFrame {
             code,
             retryable: code.retryable(),
-            message,
+            message: truncate_message(message.into()),
         }
     }
 }
