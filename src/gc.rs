@@ -6,12 +6,13 @@
 //! without disturbing anyone, or skips it); `ferry gc` runs the same sweep while the server is stopped (the state
 //! store's lock guarantees that). Blocking.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::path::{namespace_of_partial_dir, namespace_partial_dir};
 use crate::store::{now_secs, ReceiverStore, StoreError};
 use crate::transfer::claims::{Claim, Claims};
 
@@ -89,17 +90,36 @@ pub fn sweep(
     Ok(report)
 }
 
-/// `ferry gc`: the same sweep over a stopped server's root, with one age for everything.
+/// `ferry gc`: the same sweep over a stopped server's root and every namespace in it (found from the store's
+/// records and the namespaces' partials directories), with one age for everything.
 pub fn collect_offline(root: &Path, state: Option<&Path>, older_than: Duration) -> Result<GcReport, StoreError> {
     let private = root.join(crate::path::RESERVED_DIR);
     let state = state.map_or_else(|| private.join("state"), Path::to_path_buf);
     let store = crate::store::Store::open(&state)?;
-    let receiver = ReceiverStore::open(&store)?;
+    let partial_dir = private.join("partial");
+    let mut namespaces: BTreeSet<String> = ReceiverStore::scopes_with_transfers(&store)?.into_iter().collect();
+    namespaces.insert(String::new());
+    if let Ok(listing) = std::fs::read_dir(&partial_dir) {
+        let names = listing.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+        namespaces.extend(names.filter_map(|e| namespace_of_partial_dir(&e.file_name().to_string_lossy())));
+    }
     let expiry = Expiry {
         transfers: older_than,
         leftovers: older_than,
     };
-    let report = sweep(&receiver, &private.join("partial"), expiry, None)?;
+    let mut report = GcReport::default();
+    for namespace in namespaces {
+        let receiver = ReceiverStore::open_scoped(&store, &namespace)?;
+        let swept = sweep(
+            &receiver,
+            &namespace_partial_dir(&partial_dir, &namespace),
+            expiry,
+            None,
+        )?;
+        report.transfers_expired += swept.transfers_expired;
+        report.leftovers_removed += swept.leftovers_removed;
+        report.bytes_freed += swept.bytes_freed;
+    }
     store.flush()?;
     Ok(report)
 }

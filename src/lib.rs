@@ -14,9 +14,11 @@
 //! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
 //! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
 
+pub mod auth;
 pub mod chunk;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod fault;
 pub mod gc;
@@ -26,14 +28,16 @@ pub mod ranges;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod tls;
 pub mod transfer;
 pub mod tree;
+pub mod units;
 pub mod url;
 pub mod verify;
 pub mod wire;
 
 /// The protocol version this build speaks (proto-spec.md, "Versioning").
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 7878;
 /// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.
@@ -71,4 +75,6 @@ pub mod exit {
     pub const INTEGRITY: u8 = 5;
     /// Local trouble: the source is unreadable or kept changing, or the state store is unusable.
     pub const LOCAL: u8 = 6;
+    /// The server did not accept the client's token (none, unknown, or wrong), or the TLS peer failed its check.
+    pub const AUTH: u8 = 7;
 }

@@ -21,10 +21,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
             Command::Pull(args) => ExitCode::from(ferry::cli::pull(args, quiet).await),
-            Command::Serve(args) => match ferry::cli::serve(args).await.context("serve") {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e, exit::INTERNAL),
-            },
+            Command::Serve(args) => ExitCode::from(ferry::cli::serve(args).await),
+            Command::Keygen(args) => ExitCode::from(ferry::cli::keygen(args)),
+            Command::Token(args) => ExitCode::from(ferry::cli::token(args)),
             Command::Gc(args) => ExitCode::from(ferry::cli::gc(args, quiet)),
             Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
                 Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,9 @@ pub enum PathError {
     /// Too long as a whole or in one component.
     #[error("path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN} bytes")]
     TooLong,
+    /// A component that names a device on some systems (`CON`, `NUL`, `COM1`, `LPT1`... with any extension).
+    #[error("path {0:?} has a component that is a device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9)")]
+    DeviceName(String),
     /// Under the receiver's private `.ferry/` directory.
     #[error("path {0:?} is inside the reserved {RESERVED_DIR}/ directory")]
     Reserved(String),
@@ -83,6 +86,9 @@ impl RemotePath {
             if component.len() > MAX_COMPONENT_LEN {
                 return Err(PathError::TooLong);
             }
+            if is_device_name(component) {
+                return Err(PathError::DeviceName(raw.to_string()));
+            }
         }
         // Case-insensitive: on a case-folding filesystem `.FERRY` is the same directory.
         if raw
@@ -103,6 +109,20 @@ impl RemotePath {
     /// The path's components, in order.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
+    }
+}
+
+/// Whether `component` is a DOS device name (case-insensitive, with or without an extension, trailing spaces or
+/// dots): such a file cannot be created, or is a device, when the tree is copied to Windows or served over SMB.
+fn is_device_name(component: &str) -> bool {
+    let stem = component.split('.').next().unwrap_or_default().trim_end_matches(' ');
+    let upper = stem.to_ascii_uppercase();
+    match upper.as_str() {
+        "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$" => true,
+        _ => {
+            let (kind, digit) = upper.split_at(upper.len().min(3));
+            matches!(kind, "COM" | "LPT") && digit.len() == 1 && matches!(digit.as_bytes()[0], b'1'..=b'9')
+        }
     }
 }
 
@@ -183,6 +203,35 @@ pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std:
         meta = Some(found);
     }
     Ok((current, meta.expect("a RemotePath has a component")))
+}
+
+/// Longest namespace name, in bytes (its partials directory is named by its hex).
+pub const MAX_NAMESPACE_LEN: usize = 120;
+/// Prefix of a namespace's partials directory inside the server's partials directory.
+const NAMESPACE_DIR_PREFIX: &str = "ns-";
+
+/// The partials directory of namespace `name` inside the server's partials directory `partial_dir`: the directory
+/// itself for the whole root (`""`), else `ns-HEX(name)`, so two namespaces never share a partial file name and a
+/// gc of a stopped server can tell each directory's namespace ([`namespace_of_partial_dir`]).
+pub fn namespace_partial_dir(partial_dir: &Path, name: &str) -> PathBuf {
+    if name.is_empty() {
+        return partial_dir.to_path_buf();
+    }
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    partial_dir.join(format!("{NAMESPACE_DIR_PREFIX}{hex}"))
+}
+
+/// The namespace whose partials directory has this file name, if it is one.
+pub fn namespace_of_partial_dir(file_name: &str) -> Option<String> {
+    let hex = file_name.strip_prefix(NAMESPACE_DIR_PREFIX)?;
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * MAX_NAMESPACE_LEN {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// Whether a symlink at `link` (a path relative to a tree's directory) with this `target` text resolves inside the
@@ -278,7 +327,18 @@ mod tests {
 
     #[test]
     fn normal_paths_parse() {
-        for ok in ["a", "a/b.iso", "backups/host/db.dump", "..a", "a..", ".hidden/x"] {
+        for ok in [
+            "a",
+            "a/b.iso",
+            "backups/host/db.dump",
+            "..a",
+            "a..",
+            ".hidden/x",
+            "console",
+            "com10",
+            "lpt",
+            "nully",
+        ] {
             assert_eq!(RemotePath::parse(ok).unwrap().as_str(), ok);
         }
     }
@@ -301,6 +361,21 @@ mod tests {
             ".ferry",
         ] {
             assert!(RemotePath::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        for device in [
+            "CON",
+            "a/nul",
+            "aux.txt",
+            "docs/Com1.log",
+            "LPT9",
+            "prn.tar.gz",
+            "NUL ",
+            "conin$",
+        ] {
+            assert!(
+                matches!(RemotePath::parse(device), Err(PathError::DeviceName(_))),
+                "{device:?} was accepted"
+            );
         }
         assert!(matches!(RemotePath::parse(&"a/".repeat(3000)), Err(PathError::TooLong)));
         assert!(matches!(RemotePath::parse(&"x".repeat(256)), Err(PathError::TooLong)));

@@ -31,6 +31,7 @@ fn hello(min_version: u16, max_version: u16, magic: [u8; 8]) -> Message {
         min_version,
         max_version,
         agent: "test".into(),
+        client: String::new(),
     })
 }
 

@@ -20,9 +20,11 @@ pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
 pub use tree::{push_tree, TreeReport};
 
+use crate::auth::Token;
 use crate::exit;
 use crate::source::{SourceError, MAX_SOURCE_CHANGES};
 use crate::store::StoreError;
+use crate::tls::{ClientTls, Stream};
 use crate::transfer::sender::SendEvent;
 use crate::transfer::{handshake, TransferError};
 use crate::url::FerryUrl;
@@ -111,20 +113,52 @@ impl Retrier {
     }
 }
 
-/// Connects to `url`'s server and completes the handshake.
+/// How a client proves who it is and protects the link.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The token to answer the server's challenge with (none: connect anonymously).
+    pub token: Option<Token>,
+    /// TLS settings (none: plain TCP).
+    pub tls: Option<ClientTls>,
+}
+
+/// A client's connection to a server.
+pub type ClientConnection = Connection<Stream>;
+
+/// Connects to `url`'s server (TCP, then TLS if configured) and completes the handshake, proving the token if the
+/// server asks. A TLS peer that fails the trust check is refused with `AuthFailed`, never retried.
 async fn connect(
     url: &FerryUrl,
     connect_timeout: Duration,
     io_timeout: Duration,
-) -> Result<Connection<TcpStream>, TransferError> {
-    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
+    access: &Access,
+) -> Result<ClientConnection, TransferError> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
         .await
         .map_err(|_| TransferError::Timeout(connect_timeout, "connecting"))?
         .map_err(|e| TransferError::Wire(e.into()))?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let stream = match &access.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => tokio::time::timeout(io_timeout, tls.connect(&url.host, tcp))
+            .await
+            .map_err(|_| TransferError::Timeout(io_timeout, "in the TLS handshake"))?
+            .map_err(tls_failure)?,
+    };
     let mut conn = Connection::new(stream, MAX_FRAME);
-    handshake::client_hello(&mut conn, io_timeout).await?;
+    handshake::client_hello(&mut conn, io_timeout, access.token.as_ref()).await?;
     Ok(conn)
+}
+
+/// A failed TLS handshake: a certificate the client does not trust (or a peer that does not speak TLS) is
+/// final; a broken connection is retried like any other.
+fn tls_failure(e: std::io::Error) -> TransferError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            TransferError::refused(ErrorCode::AuthFailed, format!("TLS: {e}"))
+        }
+        _ => TransferError::Wire(e.into()),
+    }
 }
 
 /// Progress of a push or pull, for display.
@@ -177,6 +211,9 @@ pub enum ClientError {
     /// The destination URL or path is unusable.
     #[error(transparent)]
     Usage(#[from] crate::url::UrlError),
+    /// A token or TLS setting is unusable.
+    #[error("{0}")]
+    Setup(String),
     /// The source could not be read.
     #[error("{0}")]
     Source(String),
@@ -200,6 +237,9 @@ pub enum ClientError {
     /// Bytes did not verify end to end.
     #[error("{0}")]
     Integrity(TransferError),
+    /// The server did not accept the token, or the server's TLS certificate is not trusted.
+    #[error("authentication: {0}")]
+    Auth(TransferError),
 }
 
 impl From<SourceError> for ClientError {
@@ -216,10 +256,11 @@ impl ClientError {
     /// The process exit code for this failure (README, "Exit codes").
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Usage(_) | ClientError::Setup(_) => exit::USAGE,
             ClientError::Network { .. } => exit::NETWORK,
             ClientError::Rejected(_) => exit::REJECTED,
             ClientError::Integrity(_) => exit::INTEGRITY,
+            ClientError::Auth(_) => exit::AUTH,
             ClientError::Source(_) | ClientError::SourceUnstable(_) | ClientError::Store(_) => exit::LOCAL,
         }
     }
@@ -230,6 +271,8 @@ fn classify(error: TransferError) -> ClientError {
     match &error {
         TransferError::Integrity(_) => ClientError::Integrity(error),
         TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => ClientError::Integrity(error),
+        TransferError::Remote(frame) if frame.code == ErrorCode::AuthFailed => ClientError::Auth(error),
+        TransferError::Refused { code, .. } if *code == ErrorCode::AuthFailed => ClientError::Auth(error),
         TransferError::Remote(_) | TransferError::Refused { .. } => ClientError::Rejected(error),
         TransferError::Store(_)
         | TransferError::SourceIo(_)

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::tree::{pull_root, TreeReport};
@@ -22,7 +21,7 @@ use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::{receive_tree, TreeReceived};
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Committed, Connection, Message, Pull};
+use crate::wire::{Committed, Message, Pull};
 
 /// Bytes the pulling client writes between syncs (and Acks).
 const SYNC_BATCH: u64 = 4 * 1024 * 1024;
@@ -50,6 +49,8 @@ pub struct PullOptions {
     pub io_timeout: Duration,
     /// Time allowed for the TCP connect.
     pub connect_timeout: Duration,
+    /// Token and TLS settings.
+    pub access: super::Access,
     /// Delays between attempts.
     pub backoff: Backoff,
 }
@@ -222,6 +223,8 @@ fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<Receive
         sync_batch: SYNC_BATCH,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
         max_file_size: u64::MAX,
+        max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
+        quota: None,
     })
 }
 
@@ -274,7 +277,7 @@ async fn attempt(
     stop: &CancellationToken,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Outcome, AttemptError> {
-    let mut conn = connect(&opts.source, opts.connect_timeout, opts.io_timeout).await?;
+    let mut conn = connect(&opts.source, opts.connect_timeout, opts.io_timeout, &opts.access).await?;
     on_event(ClientEvent::Connected { attempt: number });
     let result = receive_pulled(&mut conn, opts, remote, local, stop).await;
     match &result {
@@ -291,7 +294,7 @@ async fn attempt(
 }
 
 async fn receive_pulled(
-    conn: &mut Connection<TcpStream>,
+    conn: &mut super::ClientConnection,
     opts: &PullOptions,
     remote: &RemotePath,
     local: &mut Local,

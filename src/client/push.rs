@@ -34,6 +34,8 @@ pub struct PushOptions {
     pub send: SendOptions,
     /// Time allowed for the TCP connect.
     pub connect_timeout: Duration,
+    /// Token and TLS settings.
+    pub access: super::Access,
     /// Delays between attempts.
     pub backoff: Backoff,
     /// For a directory: whether symlinks are recreated or left out.
@@ -176,7 +178,13 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut conn = connect(&opts.destination, opts.connect_timeout, opts.send.io_timeout).await?;
+    let mut conn = connect(
+        &opts.destination,
+        opts.connect_timeout,
+        opts.send.io_timeout,
+        &opts.access,
+    )
+    .await?;
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let result = send(&mut conn, remote_path.as_str(), source, &opts.send, stats, &mut forward).await;

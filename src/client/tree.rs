@@ -164,7 +164,13 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<TreeSent, TransferError> {
-    let mut conn = connect(&opts.destination, opts.connect_timeout, opts.send.io_timeout).await?;
+    let mut conn = connect(
+        &opts.destination,
+        opts.connect_timeout,
+        opts.send.io_timeout,
+        &opts.access,
+    )
+    .await?;
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let result = send_tree(&mut conn, remote_dir, source, &opts.send, stats, &mut forward).await;

@@ -156,6 +156,42 @@ impl ReceiverStore {
         Ok(open)
     }
 
+    /// Bytes this scope holds: the sizes of its committed files plus those of the files it is receiving. What a
+    /// namespace quota limits.
+    pub fn held_bytes(&self) -> Result<u64, StoreError> {
+        let mut held = 0u64;
+        let committed = self.key(FILE, b"");
+        for entry in self.tree.scan_prefix(&committed) {
+            let (key, value) = entry?;
+            let file: CommittedFile = super::decode(&key, &value)?;
+            held = held.saturating_add(file.size);
+        }
+        let open = self.key(TRANSFER, b"");
+        for entry in self.tree.scan_prefix(&open) {
+            let (key, value) = entry?;
+            let record: TransferRecord = super::decode(&key, &value)?;
+            held = held.saturating_add(record.manifest.size);
+        }
+        Ok(held)
+    }
+
+    /// Every scope with an open transfer (for a gc of a stopped server, which does not know its namespaces).
+    pub fn scopes_with_transfers(store: &Store) -> Result<Vec<String>, StoreError> {
+        let tree = store.tree("receiver")?;
+        let prefix = prefixed(TRANSFER, b"");
+        let mut scopes = Vec::new();
+        for entry in tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let rest = &key[prefix.len()..];
+            let scope = rest.split(|&b| b == 0).next().unwrap_or_default();
+            let scope = String::from_utf8_lossy(scope).into_owned();
+            if scopes.last() != Some(&scope) {
+                scopes.push(scope);
+            }
+        }
+        Ok(scopes)
+    }
+
     /// Forgets an open transfer (the caller removes its partial file), then flushes.
     pub fn forget_transfer(&self, path: &str) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();

@@ -1,11 +1,14 @@
-//! Opening a connection: Hello → Welcome, or an Error frame and close (proto-spec.md, "Handshake").
+//! Opening a connection: Hello → [Challenge → Auth →] Welcome, or an Error frame and close (proto-spec.md,
+//! "Handshake" and "Authentication").
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{recv, TransferError};
-use crate::wire::{Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
+use crate::auth::{self, Token};
+use crate::wire::{Auth, Challenge, Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
 use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, PROTOCOL_VERSION};
 
 /// Longest agent string a server accepts in Hello.
@@ -16,19 +19,36 @@ pub fn agent() -> String {
     format!("ferry/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Client side: sends Hello and waits for Welcome.
+/// Client side: sends Hello (naming `token`'s client, if any), answers a Challenge with the token, and waits for
+/// Welcome. A server that challenges a client without a token is refused locally with `AuthFailed`.
 pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
+    token: Option<&Token>,
 ) -> Result<Welcome, TransferError> {
     let hello = Message::Hello(Hello {
         magic: MAGIC,
         min_version: PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
         agent: agent(),
+        client: token.map(|t| t.id.clone()).unwrap_or_default(),
     });
     super::send_within(conn, &hello, timeout, "sending Hello").await?;
-    match recv(conn, timeout, "waiting for Welcome").await? {
+    let mut reply = recv(conn, timeout, "waiting for Welcome").await?;
+    if let Message::Challenge(Challenge { nonce }) = reply {
+        let token = token.ok_or_else(|| {
+            TransferError::refused(
+                ErrorCode::AuthFailed,
+                "the server requires a token (--token-file FILE or FERRY_TOKEN_FILE)",
+            )
+        })?;
+        let auth = Message::Auth(Auth {
+            answer: token.respond(&nonce),
+        });
+        super::send_within(conn, &auth, timeout, "sending Auth").await?;
+        reply = recv(conn, timeout, "waiting for Welcome").await?;
+    }
+    match reply {
         Message::Welcome(welcome) if welcome.version == PROTOCOL_VERSION => {
             conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
             Ok(welcome)
@@ -44,25 +64,33 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Server side: waits for Hello, checks magic and version, answers Welcome, all within `timeout`. Until then
-/// frames are limited to [`HANDSHAKE_MAX_FRAME`], so an unknown peer cannot make the server buffer a large frame.
-/// On a bad Hello the caller sends the returned error's code to the peer.
+/// The tokens a server accepts, by client id; `None` accepts every client unauthenticated.
+pub type Tokens = Option<HashMap<String, Token>>;
+
+/// Server side: waits for Hello, checks magic and version, challenges the client when `tokens` are configured,
+/// and answers Welcome, all within `timeout`. Until then frames are limited to [`HANDSHAKE_MAX_FRAME`] (and
+/// `max_frame` after), so an unknown peer cannot make the server buffer a large frame. Returns the proven client
+/// id (`None` on a server without tokens). On failure the caller sends the returned error's code to the peer.
 pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
-) -> Result<Hello, TransferError> {
+    tokens: &Tokens,
+    max_frame: u32,
+) -> Result<Option<String>, TransferError> {
     conn.set_max_frame(HANDSHAKE_MAX_FRAME);
-    let hello = tokio::time::timeout(timeout, accept_hello(conn, timeout))
+    let client = tokio::time::timeout(timeout, accept_hello(conn, timeout, tokens, max_frame))
         .await
-        .map_err(|_| TransferError::Timeout(timeout, "waiting for Hello"))??;
-    conn.set_max_frame(MAX_FRAME);
-    Ok(hello)
+        .map_err(|_| TransferError::Timeout(timeout, "completing the handshake"))??;
+    conn.set_max_frame(max_frame);
+    Ok(client)
 }
 
 async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
-) -> Result<Hello, TransferError> {
+    tokens: &Tokens,
+    max_frame: u32,
+) -> Result<Option<String>, TransferError> {
     let hello = match super::next_message(conn, timeout, "waiting for Hello").await? {
         Message::Hello(hello) => hello,
         other => {
@@ -75,10 +103,10 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     if hello.magic != MAGIC {
         return Err(TransferError::refused(ErrorCode::BadMagic, "not a ferry client"));
     }
-    if hello.agent.len() > MAX_AGENT_LEN {
+    if hello.agent.len() > MAX_AGENT_LEN || hello.client.len() > MAX_AGENT_LEN {
         return Err(TransferError::refused(
             ErrorCode::Malformed,
-            "agent string longer than 256 bytes",
+            "agent string or client id longer than 256 bytes",
         ));
     }
     if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
@@ -90,11 +118,60 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         ));
     }
+    let client = match tokens {
+        Some(tokens) => Some(authenticate(conn, timeout, tokens, hello.client).await?),
+        None => None,
+    };
     let welcome = Message::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         agent: agent(),
-        max_frame: MAX_FRAME,
+        max_frame,
     });
     super::send_within(conn, &welcome, timeout, "sending Welcome").await?;
-    Ok(hello)
+    Ok(client)
+}
+
+/// Challenges `client` to prove its token. Every failure (no id, unknown id, wrong answer) reads the same to the
+/// peer, so the server does not reveal which client ids exist.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+    tokens: &HashMap<String, Token>,
+    client: String,
+) -> Result<String, TransferError> {
+    let denied = || TransferError::refused(ErrorCode::AuthFailed, "authentication failed");
+    if client.is_empty() {
+        return Err(TransferError::refused(
+            ErrorCode::AuthFailed,
+            "this server requires a token (--token-file FILE or FERRY_TOKEN_FILE)",
+        ));
+    }
+    let nonce = auth::nonce();
+    let challenge = Message::Challenge(Challenge { nonce });
+    super::send_within(conn, &challenge, timeout, "sending Challenge").await?;
+    let answer = match super::next_message(conn, timeout, "waiting for Auth").await? {
+        Message::Auth(Auth { answer }) => answer,
+        other => {
+            return Err(TransferError::Unexpected {
+                got: other.name(),
+                state: "waiting for Auth",
+            })
+        }
+    };
+    match tokens.get(&client) {
+        Some(token) if token.verify(&nonce, &answer) => Ok(client),
+        _ => {
+            tracing::warn!(client = %truncated(&client), "authentication failed");
+            Err(denied())
+        }
+    }
+}
+
+/// A peer-chosen id, cut for logging.
+fn truncated(id: &str) -> &str {
+    let mut cut = id.len().min(auth::MAX_CLIENT_ID);
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &id[..cut]
 }

@@ -57,6 +57,10 @@ pub struct ReceiverContext {
     pub queue_budget: Arc<tokio::sync::Semaphore>,
     /// Largest file accepted; larger offers are refused with `BadManifest`.
     pub max_file_size: u64,
+    /// Most chunks in an accepted manifest; more are refused with `BadManifest`.
+    pub max_manifest_chunks: usize,
+    /// Bytes this root (a namespace) may hold, committed and open together; `None`: unlimited.
+    pub quota: Option<u64>,
 }
 
 /// Where a prepared transfer stands.
@@ -87,6 +91,20 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
     if manifest.size > ctx.max_file_size {
         return Err(too_large(manifest.size, ctx.max_file_size));
+    }
+    if manifest.chunk_count() as usize > ctx.max_manifest_chunks {
+        return Err(TransferError::refused(
+            ErrorCode::BadManifest,
+            format!(
+                "a manifest of {} chunks is more than this receiver accepts ({}); use larger chunks",
+                manifest.chunk_count(),
+                ctx.max_manifest_chunks
+            ),
+        ));
+    }
+    if let Some(quota) = ctx.quota {
+        let (store, key, size) = (ctx.store.clone(), path.to_string(), manifest.size);
+        blocking(move || super::quota::check(&store, quota, &key, size)).await?;
     }
     let claim = ctx
         .claims

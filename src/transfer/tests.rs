@@ -43,6 +43,8 @@ fn fixture() -> Fixture {
         sync_batch: 16 * 1024,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(32 * 1024)),
         max_file_size: u64::MAX,
+        max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
+        quota: None,
     };
     Fixture { dir, ctx }
 }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::quota::Budget;
 use super::receiver::{receive, ReceiverContext};
 use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
@@ -200,6 +201,7 @@ fn plan(
     };
     let mut local = Vec::new();
     let mut local_bytes = 0u64;
+    let mut budget = ctx.quota.map(|quota| Budget::open(&ctx.store, quota)).transpose()?;
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
         match &entry.kind {
@@ -223,6 +225,10 @@ fn plan(
                 plan.settled.refused.push((index, why));
             }
             EntryKind::File { .. } if unchanged(ctx, key, entry)? => plan.unchanged += 1,
+            EntryKind::File { size, .. } if over_quota(&mut budget, ctx, key, *size)? => {
+                let why = format!("{key} ({size} bytes) would take this namespace over its quota");
+                plan.settled.refused.push((index, why));
+            }
             &EntryKind::File {
                 size,
                 digest,
@@ -253,6 +259,24 @@ fn plan(
     settle(ctx, local, &mut plan)?;
     plan.needed.sort_unstable();
     Ok(plan)
+}
+
+/// Whether a changed file of `size` bytes at `key` would take the namespace over its quota (if it has one); if
+/// not, its bytes are counted against the quota for the rest of the tree.
+fn over_quota(
+    budget: &mut Option<Budget>,
+    ctx: &ReceiverContext,
+    key: &RemotePath,
+    size: u64,
+) -> Result<bool, TransferError> {
+    let Some(budget) = budget else {
+        return Ok(false);
+    };
+    match budget.take(&ctx.store, key.as_str(), size) {
+        Ok(()) => Ok(false),
+        Err(TransferError::Refused { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Commits a batch of small files found locally; those whose bytes turned out different are needed after all.

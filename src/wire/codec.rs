@@ -141,7 +141,10 @@ mod tests {
                 min_version: 1,
                 max_version: 1,
                 agent: "ferry/test".into(),
+                client: "alice".into(),
             }),
+            Message::Challenge(Challenge { nonce: [7; 32] }),
+            Message::Auth(Auth { answer: [9; 32] }),
             Message::Welcome(Welcome {
                 version: 1,
                 agent: "ferry/test".into(),
@@ -258,6 +261,14 @@ mod tests {
                 }),
                 "00000011 0e000000 01000000 0100000000000000 cc",
             ),
+            (
+                Message::Challenge(Challenge { nonce: [0x11; 32] }),
+                "00000024 13000000 1111111111111111111111111111111111111111111111111111111111111111",
+            ),
+            (
+                Message::Auth(Auth { answer: [0x22; 32] }),
+                "00000024 14000000 2222222222222222222222222222222222222222222222222222222222222222",
+            ),
         ];
         for (msg, golden) in cases {
             assert_eq!(hexdump(&msg), golden.replace(' ', ""), "{msg:?}");
@@ -296,8 +307,8 @@ mod tests {
         }
 
         #[test]
-        fn agents_round_trip(agent in ".{0,64}", min in any::<u16>(), max in any::<u16>()) {
-            round_trip(&Message::Hello(Hello { magic: MAGIC, min_version: min, max_version: max, agent }));
+        fn agents_round_trip(agent in ".{0,64}", client in ".{0,64}", min in any::<u16>(), max in any::<u16>()) {
+            round_trip(&Message::Hello(Hello { magic: MAGIC, min_version: min, max_version: max, agent, client }));
         }
     }
 }

@@ -54,6 +54,10 @@ pub enum Message {
     /// 18: inside a tree, sender → receiver "I give up on the current file" (with the reason); the receiver keeps
     /// what is durable and echoes Abandon once it has stopped taking that file's chunks.
     Abandon(String),
+    /// 19: server → client after a Hello naming a client: prove you hold its token.
+    Challenge(Challenge),
+    /// 20: client → server, the answer to the Challenge.
+    Auth(Auth),
 }
 
 impl Message {
@@ -79,6 +83,8 @@ impl Message {
             Message::TreeCommit(_) => "TreeCommit",
             Message::TreeCommitted(_) => "TreeCommitted",
             Message::Abandon(_) => "Abandon",
+            Message::Challenge(_) => "Challenge",
+            Message::Auth(_) => "Auth",
         }
     }
 }
@@ -94,6 +100,22 @@ pub struct Hello {
     pub max_version: u16,
     /// e.g. `ferry/0.1.0`; informational, at most 256 bytes.
     pub agent: String,
+    /// The client id of the token the client holds, or empty for none (proto-spec.md, "Authentication").
+    pub client: String,
+}
+
+/// A fresh random nonce the client must answer with its token.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// 32 random bytes, never reused.
+    pub nonce: [u8; 32],
+}
+
+/// The client's answer: keyed BLAKE3 of the nonce and its id under its token's key.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// `keyed_hash(derive_key(context, secret), "ferry-auth-v1\0" ‖ nonce ‖ id)`.
+    pub answer: [u8; 32],
 }
 
 /// The server's answer to an acceptable Hello.
@@ -347,6 +369,12 @@ pub enum ErrorCode {
     NotFound,
     /// 18: the source changed while it was being sent; a retry re-reads it.
     SourceChanged,
+    /// 19: no token, an unknown client or a wrong answer (the server does not say which).
+    AuthFailed,
+    /// 20: the client's grant does not allow this (push or pull).
+    Forbidden,
+    /// 21: the file would take the client's namespace over its quota.
+    QuotaExceeded,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -369,7 +397,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 18] = [
+const CODES: [(u16, ErrorCode); 21] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -388,6 +416,9 @@ const CODES: [(u16, ErrorCode); 18] = [
     (16, ErrorCode::Internal),
     (17, ErrorCode::NotFound),
     (18, ErrorCode::SourceChanged),
+    (19, ErrorCode::AuthFailed),
+    (20, ErrorCode::Forbidden),
+    (21, ErrorCode::QuotaExceeded),
 ];
 
 impl From<u16> for ErrorCode {

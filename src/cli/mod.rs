@@ -3,23 +3,26 @@
 //! `main.rs` parses into [`Cli`] and calls [`serve`], [`push`] or [`demo`]; this module turns library results
 //! into output: a human summary on stderr, or with `--json` exactly one JSON object on stdout.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+mod serve;
+
+pub use serve::{keygen, serve, token, KeygenArgs, ServeArgs, TokenArgs};
+
+use crate::auth::Token;
 use crate::chunk::{ChunkSpec, ChunkingMode};
 use crate::client::{
-    Backoff, ClientError, ClientEvent, PullOptions, PullReport, Pulled, PushOptions, PushReport, TreeReport,
+    Access, Backoff, ClientError, ClientEvent, PullOptions, PullReport, Pulled, PushOptions, PushReport, TreeReport,
 };
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
-use crate::server::{Server, ServerConfig, ServerError};
+use crate::tls::{ClientTls, Trust};
 use crate::transfer::sender::{SendEvent, SendOptions};
 use crate::tree::LinkPolicy;
+use crate::units::{parse_duration, parse_size};
 use crate::url::FerryUrl;
 use crate::{DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW};
 
@@ -51,6 +54,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Expire abandoned transfers and leftover files of a server root (while its server is stopped).
     Gc(GcArgs),
+    /// Make a self-signed TLS certificate and key for `ferry serve`, and print its fingerprint.
+    Keygen(KeygenArgs),
+    /// Make a client token and print it with the [[client]] entry for the server's configuration.
+    Token(TokenArgs),
 }
 
 /// `ferry gc`.
@@ -109,35 +116,6 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
     }
 }
 
-/// `ferry serve`.
-#[derive(Args, Debug)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed on stdout).
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub listen: String,
-    /// Directory that receives the files.
-    #[arg(long)]
-    pub root: PathBuf,
-    /// State directory (default ROOT/.ferry/state).
-    #[arg(long)]
-    pub state: Option<PathBuf>,
-    /// Maximum concurrent connections.
-    #[arg(long, default_value_t = 256)]
-    pub max_connections: usize,
-    /// Drop a client silent for this long (e.g. 120s, 5m).
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// Refuse files larger than this (e.g. 100GiB); unlimited by default.
-    #[arg(long, value_parser = parse_size)]
-    pub max_file_size: Option<u64>,
-    /// Expire open transfers (and their partial files) that made no progress for this long.
-    #[arg(long, default_value = "7d", value_parser = parse_duration)]
-    pub partial_ttl: Duration,
-    /// How often to sweep for expired transfers and leftover files.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    pub gc_interval: Duration,
-}
-
 /// `ferry push`.
 #[derive(Args, Debug)]
 pub struct PushArgs {
@@ -194,6 +172,15 @@ pub struct TransferArgs {
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// File holding this client's token (ID:SECRET, made by `ferry token`), for servers that require one.
+    #[arg(long, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Speak TLS and trust exactly the server certificate with this fingerprint (sha256:HEX, from `ferry keygen`).
+    #[arg(long, conflicts_with = "tls_ca")]
+    pub tls_fingerprint: Option<String>,
+    /// Speak TLS and trust server certificates for the URL's host issued by a CA in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl TransferArgs {
@@ -218,6 +205,26 @@ impl TransferArgs {
     fn state_dir(&self) -> PathBuf {
         self.state.clone().unwrap_or_else(default_state_dir)
     }
+
+    /// The token and TLS settings these flags ask for. Blocking (reads files).
+    fn access(&self) -> Result<Access, String> {
+        let token = match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                Some(text.parse::<Token>().map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+            None => None,
+        };
+        let trust = match (&self.tls_fingerprint, &self.tls_ca) {
+            (Some(print), _) => Some(Trust::pinned(print).map_err(|e| e.to_string())?),
+            (None, Some(ca)) => Some(Trust::CaFile(ca.clone())),
+            (None, None) => None,
+        };
+        let tls = trust
+            .map(|trust| ClientTls::new(&trust).map_err(|e| e.to_string()))
+            .transpose()?;
+        Ok(Access { token, tls })
+    }
 }
 
 /// `ferry demo`.
@@ -231,58 +238,13 @@ pub struct DemoArgs {
     pub chunk_size: u32,
 }
 
-/// Runs `ferry serve` until SIGINT or SIGTERM.
-pub async fn serve(args: ServeArgs) -> Result<(), ServerError> {
-    // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, reported to the client as NoSpace, not
-    // kill the server with SIGXFSZ.
-    // SAFETY: installs the "ignore" disposition for one signal; no handler code runs.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
-    let listener = TcpListener::bind(&args.listen).await.map_err(ServerError::Accept)?;
-    let addr = listener.local_addr().map_err(ServerError::Accept)?;
-    let config = ServerConfig {
-        state_dir: args.state,
-        max_connections: args.max_connections,
-        idle_timeout: args.idle_timeout,
-        max_file_size: args.max_file_size.unwrap_or(u64::MAX),
-        partial_ttl: args.partial_ttl,
-        gc_interval: args.gc_interval,
-        ..ServerConfig::new(args.root)
-    };
-    let server = tokio::task::spawn_blocking(move || Server::open(config))
-        .await
-        .map_err(|e| ServerError::Accept(std::io::Error::other(e)))??;
-    println!("ferry: listening on {addr}");
-    let _ = std::io::stdout().flush();
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
-    server.run(listener, shutdown).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 /// Runs `ferry push`, printing progress and the summary; returns the exit code.
 pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let access = match common.access() {
+        Ok(access) => access,
+        Err(e) => return finish::<PushReport>("push", Err(ClientError::Setup(e)), common.json, quiet),
+    };
     let opts = PushOptions {
         source: args.file.clone(),
         destination: args.destination.clone(),
@@ -295,6 +257,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
             ..SendOptions::default()
         },
         connect_timeout: common.connect_timeout(),
+        access,
         backoff: common.backoff(),
         links: common.links,
     };
@@ -316,6 +279,10 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
 pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let access = match common.access() {
+        Ok(access) => access,
+        Err(e) => return finish::<Pulled>("pull", Err(ClientError::Setup(e)), common.json, quiet),
+    };
     let opts = PullOptions {
         source: args.source.clone(),
         destination: args.destination.clone(),
@@ -325,6 +292,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         retries: common.retries,
         io_timeout: common.timeout,
         connect_timeout: common.connect_timeout(),
+        access,
         backoff: common.backoff(),
         links: common.links,
     };
@@ -623,25 +591,6 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/ferry")
 }
 
-/// Parses `4096`, `256K`, `1M`, `1MiB`, `2G`, `2GiB` (all binary multiples).
-pub fn parse_size(raw: &str) -> Result<u64, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("{raw:?} is not a size like 1MiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{raw:?}: unknown size unit")),
-    };
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{raw:?} is too large"))
-}
-
 fn parse_size_u32(raw: &str) -> Result<u32, String> {
     let size = parse_size(raw)?;
     let size = u32::try_from(size).map_err(|_| format!("{raw:?} is too large"))?;
@@ -651,24 +600,6 @@ fn parse_size_u32(raw: &str) -> Result<u32, String> {
     Ok(size)
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h`, or plain seconds.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like 30s"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(value),
-        "" | "s" => Duration::from_secs(value),
-        "m" => Duration::from_secs(value.saturating_mul(60)),
-        "h" => Duration::from_secs(value.saturating_mul(3600)),
-        "d" => Duration::from_secs(value.saturating_mul(86_400)),
-        _ => return Err(format!("{raw:?}: unknown duration unit (ms, s, m, h, d)")),
-    })
-}
-
 const _: () = assert!(DEFAULT_CHUNK_SIZE == 1 << 20 && DEFAULT_WINDOW == 16 << 20);
 
 #[cfg(test)]
@@ -676,15 +607,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256K"), Ok(256 << 10));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
+    fn chunk_sizes_are_bounded() {
         assert!(parse_size_u32("1K").is_err());
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_size_u32("1MiB"), Ok(1 << 20));
     }
 }

@@ -1,10 +1,17 @@
-//! The server: listener, connection limit, per-connection sessions, and a draining shutdown.
+//! The server: listener, connection limits, TLS, per-connection sessions, and a draining shutdown.
 //!
-//! The server only picks a role: after the handshake, an Offer makes it the receiver, a Pull the sender. Every
-//! session races its
-//! reads against the shutdown token; on shutdown the listener stops, sessions end with `ShuttingDown` after making
-//! their received chunks durable, and [`Server::run`] returns once all of them are gone and the store is flushed.
+//! The server only picks a role: after the handshake (which proves the client's token when clients are configured,
+//! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), both confined to the client's
+//! namespace and permissions. Every session races its reads against the shutdown token; on shutdown the listener
+//! stops, sessions end with `ShuttingDown` after making their received chunks durable, and [`Server::run`] returns
+//! once all of them are gone and the store is flushed.
 
+mod access;
+mod pull;
+
+pub use access::ClientEntry;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,20 +26,22 @@ use tokio_util::task::TaskTracker;
 
 use crate::gc::{sweep, Expiry, GcReport};
 use crate::path::{RemotePath, RESERVED_DIR};
-use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
+use crate::tls::{ServerTls, Stream};
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
-use crate::transfer::sender::{send, SendOptions, SendStats};
 use crate::transfer::tree_receiver::receive_tree;
-use crate::transfer::tree_sender::{send_tree, TreeSource};
-use crate::transfer::{answer_ping, handshake, next_message, tell_peer, with_keepalive, TransferError};
-use crate::tree::{scan_with, LinkPolicy};
-use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, Pull};
-use crate::MAX_FRAME;
+use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
+use crate::tree::LinkPolicy;
+use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
+use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MAX_MANIFEST_CHUNKS};
+use access::Gate;
+
+/// Smallest `max_frame` a server may set: a maximal chunk at the default chunk size (4 MiB) and its header fit.
+pub const MIN_MAX_FRAME: u32 = 5 * 1024 * 1024;
 
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Files are committed under this directory.
     pub root: PathBuf,
@@ -40,6 +49,16 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Maximum concurrent connections; more are refused with `TooManyConnections`.
     pub max_connections: usize,
+    /// Maximum concurrent connections of one client (by client id, or by address when anonymous).
+    pub max_connections_per_client: usize,
+    /// Largest frame body accepted after the handshake (at least [`MIN_MAX_FRAME`], at most [`MAX_FRAME`]).
+    pub max_frame: u32,
+    /// Most chunks in an accepted manifest (at most [`MAX_MANIFEST_CHUNKS`]).
+    pub max_manifest_chunks: usize,
+    /// The clients that may connect; empty: anyone, anonymously, with full access to the root.
+    pub clients: Vec<ClientEntry>,
+    /// TLS identity; `None`: plain TCP.
+    pub tls: Option<ServerTls>,
     /// Time a client has to complete the handshake.
     pub handshake_timeout: Duration,
     /// Maximum silence from a client in the middle of a conversation.
@@ -63,6 +82,11 @@ impl ServerConfig {
             root,
             state_dir: None,
             max_connections: 256,
+            max_connections_per_client: 64,
+            max_frame: MAX_FRAME,
+            max_manifest_chunks: MAX_MANIFEST_CHUNKS,
+            clients: Vec::new(),
+            tls: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             sync_batch: 4 * 1024 * 1024,
@@ -106,19 +130,21 @@ pub enum ServerError {
     /// Accepting connections failed.
     #[error("accepting connections: {0}")]
     Accept(std::io::Error),
+    /// The configuration is inconsistent.
+    #[error("server configuration: {0}")]
+    Config(String),
 }
-
-/// Largest window a pulling client may ask for.
-const MAX_PULL_WINDOW: u64 = 64 * 1024 * 1024;
 
 /// What every session of a server shares.
 #[derive(Clone)]
 struct Shared {
-    /// For Offers (pushes).
-    receiver: ReceiverContext,
+    /// Clients, namespaces (one receiver context each) and connection counts.
+    gate: Gate,
     /// Manifest cache for Pulls.
     sender: SenderStore,
-    config: ServerConfig,
+    /// Server-wide counters.
+    stats: Arc<ReceiverStats>,
+    config: Arc<ServerConfig>,
 }
 
 /// A ready-to-run server.
@@ -128,8 +154,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Creates the root's private directories and opens the store. Blocking.
+    /// Creates the root's private directories and namespaces and opens the store. Blocking.
     pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
+        if !(MIN_MAX_FRAME..=MAX_FRAME).contains(&config.max_frame) {
+            return Err(ServerError::Config(format!(
+                "max_frame must be between {MIN_MAX_FRAME} and {MAX_FRAME} bytes"
+            )));
+        }
+        if config.max_manifest_chunks == 0 || config.max_manifest_chunks > MAX_MANIFEST_CHUNKS {
+            return Err(ServerError::Config(format!(
+                "max_manifest_chunks must be between 1 and {MAX_MANIFEST_CHUNKS}"
+            )));
+        }
         let private = config.root.join(RESERVED_DIR);
         let partial_dir = private.join("partial");
         let state_dir = config.state_dir.clone().unwrap_or_else(|| private.join("state"));
@@ -154,18 +190,22 @@ impl Server {
             sync_batch: config.sync_batch,
             queue_budget: Arc::new(Semaphore::new(budget_permits(config.queue_budget))),
             max_file_size: config.max_file_size,
+            max_manifest_chunks: config.max_manifest_chunks,
+            quota: None,
         };
+        let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;
         let shared = Shared {
-            receiver,
+            gate,
             sender: SenderStore::open(&store)?,
-            config,
+            stats: receiver.stats,
+            config: Arc::new(config),
         };
         Ok(Server { shared, store })
     }
 
     /// The server's counters.
     pub fn stats(&self) -> Arc<ReceiverStats> {
-        self.shared.receiver.stats.clone()
+        self.shared.stats.clone()
     }
 
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
@@ -187,19 +227,22 @@ impl Server {
                 }
                 Err(e) => break Err(ServerError::Accept(e)),
             };
-            self.shared.receiver.stats.connections.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
             let permit = slots.clone().try_acquire_owned().ok();
             let (shared, stop) = (self.shared.clone(), shutdown.child_token());
             tracker.spawn(async move {
                 let _ = stream.set_nodelay(true);
-                let mut conn = Connection::new(stream, MAX_FRAME);
+                let Some(stream) = secure(stream, &shared.config, peer).await else {
+                    return;
+                };
+                let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
                 if permit.is_none() {
                     let busy = ErrorFrame::new(ErrorCode::TooManyConnections, "server is at its connection limit");
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), conn.write_message(&Message::Error(busy))).await;
                     return;
                 }
-                if let Err(e) = serve_connection(&mut conn, &shared, &stop).await {
+                if let Err(e) = serve_connection(&mut conn, &shared, &stop, peer).await {
                     tracing::info!(%peer, error = %e, "session ended with an error");
                     tell_peer(&mut conn, &e).await;
                 }
@@ -221,13 +264,15 @@ async fn sweep_periodically(shared: Shared, shutdown: CancellationToken) {
         leftovers: shared.config.partial_ttl.max(Duration::from_secs(600)),
     };
     loop {
-        let ctx = shared.receiver.clone();
-        let swept = tokio::task::spawn_blocking(move || sweep(&ctx.store, &ctx.partial_dir, expiry, Some(&ctx.claims)));
-        match swept.await {
-            Ok(Ok(report)) if report != GcReport::default() => tracing::info!(?report, "expired abandoned work"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "expiry sweep failed"),
-            Err(e) => tracing::warn!(error = %e, "expiry sweep panicked"),
+        for ctx in shared.gate.contexts().cloned() {
+            let swept =
+                tokio::task::spawn_blocking(move || sweep(&ctx.store, &ctx.partial_dir, expiry, Some(&ctx.claims)));
+            match swept.await {
+                Ok(Ok(report)) if report != GcReport::default() => tracing::info!(?report, "expired abandoned work"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiry sweep failed"),
+                Err(e) => tracing::warn!(error = %e, "expiry sweep panicked"),
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -236,16 +281,50 @@ async fn sweep_periodically(shared: Shared, shutdown: CancellationToken) {
     }
 }
 
-/// Handshake, then serve Offers and Pulls until the client closes the connection.
+/// The TLS handshake when the server has a certificate (bounded by the handshake timeout), else the plain stream.
+/// `None` when the handshake failed; there is nobody to tell.
+async fn secure(tcp: tokio::net::TcpStream, config: &ServerConfig, peer: SocketAddr) -> Option<Stream> {
+    let Some(tls) = &config.tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    match tokio::time::timeout(config.handshake_timeout, tls.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Handshake (and authentication), then serve Offers and Pulls inside the client's namespace until the client
+/// closes the connection.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     shared: &Shared,
     stop: &CancellationToken,
+    peer: SocketAddr,
 ) -> Result<(), TransferError> {
     let config = &shared.config;
-    tokio::select! {
-        hello = handshake::server_accept(conn, config.handshake_timeout) => hello?,
+    let client = tokio::select! {
+        client = handshake::server_accept(conn, config.handshake_timeout, &shared.gate.tokens, config.max_frame) => client?,
         _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
+    };
+    let who = match &client {
+        Some(id) => format!("client {id}"),
+        None => format!("address {}", peer.ip()),
+    };
+    let _slot = shared.gate.admit(who)?;
+    let (grant, ctx) = shared.gate.grant(client);
+    let forbidden = |what: &str| {
+        let who = grant.client.as_deref().unwrap_or("anonymous");
+        TransferError::refused(
+            ErrorCode::Forbidden,
+            format!("client {who} may not {what} on this server"),
+        )
     };
     loop {
         let msg = tokio::select! {
@@ -253,16 +332,18 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
         };
         match msg {
+            Ok(Message::Offer(_) | Message::TreeOffer(_)) if !grant.permissions.push => return Err(forbidden("push")),
+            Ok(Message::Pull(_)) if !grant.permissions.pull => return Err(forbidden("pull")),
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
-                receive(conn, &shared.receiver, path, offer.manifest, stop).await?;
+                receive(conn, ctx, path, offer.manifest, stop).await?;
             }
             Ok(Message::TreeOffer(offer)) => {
                 let base = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 // The pushing client chose whether to record symlinks; recorded ones are checked to stay inside.
-                receive_tree(conn, &shared.receiver, offer, Some(base), LinkPolicy::Record, stop).await?;
+                receive_tree(conn, ctx, offer, Some(base), LinkPolicy::Record, stop).await?;
             }
-            Ok(Message::Pull(pull)) => serve_pull(conn, shared, pull, stop).await?,
+            Ok(Message::Pull(pull)) => pull::serve_pull(conn, shared, ctx, pull, stop).await?,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;
             }
@@ -275,80 +356,6 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Err(TransferError::Closed(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Takes the sender role for a Pull: describes the source (hashing it while pinging the client if needed), then
-/// sends what the client needs. A file whose chunks no longer match the manifest it was committed with is damaged
-/// at rest, which the client hears as `IntegrityFailed`; any other changed source as retryable `SourceChanged`.
-async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    shared: &Shared,
-    pull: Pull,
-    stop: &CancellationToken,
-) -> Result<(), TransferError> {
-    let path = RemotePath::parse(&pull.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
-    let idle = shared.config.idle_timeout;
-    let found = {
-        let (root, receiver, sender) = (
-            shared.receiver.root.clone(),
-            shared.receiver.store.clone(),
-            shared.sender.clone(),
-        );
-        let path = path.clone();
-        with_keepalive(conn, idle, move || {
-            open_for_pull(&root, &path, &receiver, &sender, pull.chunking)
-        })
-        .await?
-    };
-    let opts = SendOptions {
-        io_timeout: idle,
-        window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),
-        ..SendOptions::default()
-    };
-    let mut stats = SendStats::default();
-    let mut ignore = |_| {};
-    let (source, committed) = match found {
-        PullSource::File { source, committed } => (source, committed),
-        PullSource::Dir(dir) => {
-            let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
-            let (receiver, prefix) = (shared.receiver.store.clone(), path.to_string());
-            let tree = with_keepalive(conn, idle, move || {
-                // Files this server committed are described by their verified manifests, never rehashed.
-                let lookup = |rel: &str, meta: &std::fs::Metadata| {
-                    committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
-                };
-                scan_with(&dir, links, &sender, spec, Some(&lookup))
-                    .map_err(|e| TransferError::refused(ErrorCode::Internal, e))
-            })
-            .await?;
-            let receiver = &shared.receiver.store;
-            let recorded = |rel: &str| {
-                let key = format!("{path}/{rel}");
-                receiver.committed_manifest(&key).ok().flatten()
-            };
-            let source = TreeSource {
-                tree: &tree,
-                store: &shared.sender,
-                spec,
-                committed: Some(&recorded),
-            };
-            return tokio::select! {
-                sent = send_tree(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent.map(|_| ()),
-                _ = stop.cancelled() => Err(TransferError::ShuttingDown),
-            };
-        }
-    };
-    let sent = tokio::select! {
-        sent = send(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent,
-        _ = stop.cancelled() => Err(TransferError::ShuttingDown),
-    };
-    match sent {
-        Ok(_) => Ok(()),
-        Err(TransferError::SourceChanged(why)) if committed => Err(TransferError::Integrity(format!(
-            "{path} is damaged on the server: {why} (it was verified when committed)"
-        ))),
-        Err(e) => Err(e),
     }
 }
 

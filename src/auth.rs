@@ -1,0 +1,199 @@
+//! Who a client is and what it may do: per-client tokens, the keyed-BLAKE3 challenge-response that proves one
+//! without sending it, and the grant (namespace and permissions) a server attaches to a proven client.
+//!
+//! A token is `ID:SECRET`, the secret 32 random bytes in hex. The server sends a fresh 32-byte nonce per
+//! connection; the client answers `keyed_hash(derive_key(CONTEXT, secret), DOMAIN ‖ nonce ‖ id)`. The secret never
+//! crosses the wire, and an answer recorded from one connection is useless on the next (another nonce).
+//! proto-spec.md, "Authentication", is the contract.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::RngCore;
+use thiserror::Error;
+
+use crate::manifest::hex;
+
+/// Key-derivation context for token secrets (BLAKE3 `derive_key`).
+const KEY_CONTEXT: &str = "ferry 2026-11 token authentication key";
+/// Domain separation prefix of the authenticated message.
+const DOMAIN: &[u8] = b"ferry-auth-v1\0";
+/// Longest client id, in bytes.
+pub const MAX_CLIENT_ID: usize = 64;
+
+/// A token that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not `ID:HEX`.
+    #[error("a token is ID:SECRET, the secret 64 hex digits (make one with `ferry token ID`)")]
+    Syntax,
+    /// The id has characters outside `[A-Za-z0-9._-]` or is too long.
+    #[error("client id {0:?} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")]
+    BadId(String),
+}
+
+/// A client's credential: its id and 32-byte secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The client id, sent in the clear in Hello.
+    pub id: String,
+    secret: [u8; 32],
+}
+
+impl Token {
+    /// A new token with a random secret.
+    pub fn generate(id: &str) -> Result<Token, TokenError> {
+        check_id(id)?;
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        Ok(Token {
+            id: id.to_string(),
+            secret,
+        })
+    }
+
+    /// A token from its id and hex secret (as a server config holds it).
+    pub fn from_parts(id: &str, secret_hex: &str) -> Result<Token, TokenError> {
+        check_id(id)?;
+        Ok(Token {
+            id: id.to_string(),
+            secret: parse_secret(secret_hex)?,
+        })
+    }
+
+    /// The secret in hex (for a server config).
+    pub fn secret_hex(&self) -> String {
+        hex(&self.secret)
+    }
+
+    /// The answer to `nonce`: proves the secret without revealing it.
+    pub fn respond(&self, nonce: &[u8; 32]) -> [u8; 32] {
+        let key = blake3::derive_key(KEY_CONTEXT, &self.secret);
+        let mut mac = blake3::Hasher::new_keyed(&key);
+        mac.update(DOMAIN);
+        mac.update(nonce);
+        mac.update(self.id.as_bytes());
+        *mac.finalize().as_bytes()
+    }
+
+    /// Whether `answer` is this token's answer to `nonce` (constant-time comparison).
+    pub fn verify(&self, nonce: &[u8; 32], answer: &[u8; 32]) -> bool {
+        blake3::Hash::from(self.respond(nonce)) == blake3::Hash::from(*answer)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({}:<secret>)", self.id)
+    }
+}
+
+impl fmt::Display for Token {
+    /// `ID:SECRET`, the form a token file holds.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.id, hex(&self.secret))
+    }
+}
+
+impl FromStr for Token {
+    type Err = TokenError;
+
+    fn from_str(raw: &str) -> Result<Token, TokenError> {
+        let (id, secret) = raw.trim().rsplit_once(':').ok_or(TokenError::Syntax)?;
+        Token::from_parts(id, secret)
+    }
+}
+
+/// A fresh challenge nonce.
+pub fn nonce() -> [u8; 32] {
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    nonce
+}
+
+/// Checks a client id: 1-64 characters of `[A-Za-z0-9._-]`.
+pub fn check_id(id: &str) -> Result<(), TokenError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || id.len() > MAX_CLIENT_ID || !id.chars().all(allowed) {
+        return Err(TokenError::BadId(id.to_string()));
+    }
+    Ok(())
+}
+
+fn parse_secret(raw: &str) -> Result<[u8; 32], TokenError> {
+    let raw = raw.trim().as_bytes();
+    if raw.len() != 64 {
+        return Err(TokenError::Syntax);
+    }
+    let mut secret = [0u8; 32];
+    for (byte, pair) in secret.iter_mut().zip(raw.chunks(2)) {
+        let text = std::str::from_utf8(pair).map_err(|_| TokenError::Syntax)?;
+        *byte = u8::from_str_radix(text, 16).map_err(|_| TokenError::Syntax)?;
+    }
+    Ok(secret)
+}
+
+/// What a client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Permissions {
+    /// Offer files and trees (write).
+    pub push: bool,
+    /// Pull files and trees (read).
+    pub pull: bool,
+}
+
+impl Permissions {
+    /// Both push and pull: what an unauthenticated loopback server allows.
+    pub const ALL: Permissions = Permissions { push: true, pull: true };
+}
+
+/// What a server grants one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The proven client id, or `None` on a server without tokens.
+    pub client: Option<String>,
+    /// Directory under the root the client is confined to (`""` for the whole root).
+    pub namespace: String,
+    /// What it may do there.
+    pub permissions: Permissions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_depend_on_nonce_secret_and_id() {
+        let token = Token::generate("alice").unwrap();
+        let (n1, n2) = (nonce(), nonce());
+        let answer = token.respond(&n1);
+        assert!(token.verify(&n1, &answer));
+        assert!(
+            !token.verify(&n2, &answer),
+            "a replayed answer must fail on a new nonce"
+        );
+        let other = Token::generate("alice").unwrap();
+        assert!(!other.verify(&n1, &answer));
+        let renamed = Token::from_parts("bob", &token.secret_hex()).unwrap();
+        assert!(!renamed.verify(&n1, &answer), "the id is bound into the answer");
+    }
+
+    #[test]
+    fn token_text_round_trips_and_hides_the_secret_in_debug() {
+        let token = Token::generate("build-box_1.example").unwrap();
+        let parsed: Token = token.to_string().parse().unwrap();
+        assert_eq!(parsed, token);
+        assert!(!format!("{token:?}").contains(&token.secret_hex()));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        assert_eq!("nocolon".parse::<Token>(), Err(TokenError::Syntax));
+        assert_eq!("a:1234".parse::<Token>(), Err(TokenError::Syntax));
+        let zz = format!("a:{}", "zz".repeat(32));
+        assert_eq!(zz.parse::<Token>(), Err(TokenError::Syntax));
+        let bad_id = format!("a b:{}", "00".repeat(32));
+        assert!(matches!(bad_id.parse::<Token>(), Err(TokenError::BadId(_))));
+        assert!(Token::generate(&"x".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! `ferry serve` (flags merged over the configuration file), and the two commands that make credentials:
+//! `ferry keygen` (a self-signed TLS certificate) and `ferry token` (a client token and its config entry).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Token;
+use crate::config::ServerFile;
+use crate::exit;
+use crate::server::{Server, ServerConfig, ServerError};
+use crate::tls::{keygen as make_certificate, ServerTls};
+use crate::units::{parse_duration, parse_size};
+
+/// Default listen address.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+/// `ferry serve`. Every flag overrides the configuration file.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration: listen, root, limits, TLS and clients (README, "Server configuration").
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7878; port 0 picks a free port, printed on stdout).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory that receives the files.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// State directory (default ROOT/.ferry/state).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Listen on a non-loopback address although no client tokens are configured (anyone may push and pull).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// TLS certificate chain (PEM); with --tls-key the server speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Maximum concurrent connections (default 256).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Maximum concurrent connections of one client (by token, or by address when anonymous; default 64).
+    #[arg(long)]
+    pub max_connections_per_client: Option<usize>,
+    /// Drop a client silent for this long (default 120s).
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Time a client has for the TLS handshake and the ferry handshake together (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Refuse files larger than this (e.g. 100GiB); unlimited by default.
+    #[arg(long, value_parser = parse_size)]
+    pub max_file_size: Option<u64>,
+    /// Expire open transfers (and their partial files) that made no progress for this long (default 7d).
+    #[arg(long, value_parser = parse_duration)]
+    pub partial_ttl: Option<Duration>,
+    /// How often to sweep for expired transfers and leftover files (default 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub gc_interval: Option<Duration>,
+}
+
+/// Why `ferry serve` did not run.
+enum ServeFailure {
+    /// The configuration or command line is unusable.
+    Usage(String),
+    /// The server failed.
+    Server(ServerError),
+}
+
+impl From<ServerError> for ServeFailure {
+    fn from(e: ServerError) -> Self {
+        match e {
+            ServerError::Config(message) => ServeFailure::Usage(message),
+            other => ServeFailure::Server(other),
+        }
+    }
+}
+
+/// Runs `ferry serve` until SIGINT or SIGTERM; returns the exit code.
+pub async fn serve(args: ServeArgs) -> u8 {
+    match run(args).await {
+        Ok(()) => exit::OK,
+        Err(ServeFailure::Usage(message)) => {
+            eprintln!("ferry: serve: {message}");
+            exit::USAGE
+        }
+        Err(ServeFailure::Server(e)) => {
+            eprintln!("ferry: serve: {e}");
+            exit::INTERNAL
+        }
+    }
+}
+
+async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
+    // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, reported to the client as NoSpace, not
+    // kill the server with SIGXFSZ.
+    // SAFETY: installs the "ignore" disposition for one signal; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let file = match &args.config {
+        Some(path) => ServerFile::load(path).map_err(|e| ServeFailure::Usage(e.to_string()))?,
+        None => ServerFile::default(),
+    };
+    let (config, listen) = settings(args, file)?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&listen)
+        .await
+        .map_err(|e| ServeFailure::Usage(format!("--listen {listen}: {e}")))?
+        .collect();
+    let listener = TcpListener::bind(addrs.as_slice()).await.map_err(ServerError::Accept)?;
+    let addr = listener.local_addr().map_err(ServerError::Accept)?;
+    let tls = config.tls.as_ref().map(|t| t.fingerprint.clone());
+    let clients = config.clients.len();
+    let server = tokio::task::spawn_blocking(move || Server::open(config))
+        .await
+        .map_err(|e| ServerError::Accept(std::io::Error::other(e)))??;
+    println!("ferry: listening on {addr}");
+    if let Some(fingerprint) = tls {
+        println!("ferry: TLS certificate {fingerprint}");
+    }
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, clients, "serving");
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    Ok(server.run(listener, shutdown).await?)
+}
+
+/// The effective server settings and listen address: defaults, then the file, then the flags. Refuses to expose a
+/// server without clients beyond loopback unless told to.
+fn settings(args: ServeArgs, file: ServerFile) -> Result<(ServerConfig, String), ServeFailure> {
+    let root = args.root.clone().or(file.root.clone()).ok_or_else(|| {
+        ServeFailure::Usage("no root directory: give --root DIR or `root` in the configuration file".into())
+    })?;
+    let mut config = ServerConfig::new(root);
+    file.apply(&mut config).map_err(ServeFailure::Usage)?;
+    config.state_dir = args.state.or(config.state_dir);
+    config.max_connections = args.max_connections.unwrap_or(config.max_connections);
+    config.max_connections_per_client = args
+        .max_connections_per_client
+        .unwrap_or(config.max_connections_per_client);
+    config.idle_timeout = args.idle_timeout.unwrap_or(config.idle_timeout);
+    config.handshake_timeout = args.handshake_timeout.unwrap_or(config.handshake_timeout);
+    config.max_file_size = args.max_file_size.unwrap_or(config.max_file_size);
+    config.partial_ttl = args.partial_ttl.unwrap_or(config.partial_ttl);
+    config.gc_interval = args.gc_interval.unwrap_or(config.gc_interval);
+    let tls_files = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => file.tls.clone(),
+    };
+    if let Some((cert, key)) = tls_files {
+        config.tls = Some(ServerTls::load(&cert, &key).map_err(|e| ServeFailure::Usage(e.to_string()))?);
+    }
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let insecure = args.insecure_no_auth || file.insecure_no_auth;
+    if config.clients.is_empty() && !insecure && !is_loopback(&listen) {
+        return Err(ServeFailure::Usage(format!(
+            "refusing to listen on {listen} without client tokens: anyone could push and pull. Configure \
+             [[client]] entries (see `ferry token`), listen on loopback, or pass --insecure-no-auth"
+        )));
+    }
+    Ok((config, listen))
+}
+
+/// Whether `listen` names only loopback addresses (`127.0.0.0/8`, `::1`, `localhost`).
+fn is_loopback(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    host.eq_ignore_ascii_case("localhost")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `ferry keygen`.
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Where to write the private key (PEM, mode 0600).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// DNS names or IP addresses the certificate is for (repeatable).
+    #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+    pub names: Vec<String>,
+}
+
+/// Makes a self-signed certificate and prints its fingerprint for clients to pin; returns the exit code.
+pub fn keygen(args: KeygenArgs) -> u8 {
+    let made = make_certificate(&args.names)
+        .map_err(|e| e.to_string())
+        .and_then(|(cert, key, print)| {
+            write_new(&args.key, key.as_bytes(), 0o600)?;
+            write_new(&args.cert, cert.as_bytes(), 0o644)?;
+            Ok(print)
+        });
+    match made {
+        Ok(fingerprint) => {
+            println!("{fingerprint}");
+            eprintln!(
+                "ferry: wrote {} and {}; clients connect with --tls-fingerprint {fingerprint}",
+                args.cert.display(),
+                args.key.display()
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("ferry: keygen: {e}");
+            exit::LOCAL
+        }
+    }
+}
+
+/// `ferry token`.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The client id (A-Z, a-z, 0-9, '.', '_', '-'; at most 64).
+    pub id: String,
+    /// The namespace directory to put in the printed [[client]] entry (default: the id).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Write the token (ID:SECRET) to this file (mode 0600) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Makes a client token: prints the server's `[[client]]` entry and the client's token line.
+pub fn token(args: TokenArgs) -> u8 {
+    let token = match Token::generate(&args.id) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("ferry: token: {e}");
+            return exit::USAGE;
+        }
+    };
+    let namespace = args.namespace.unwrap_or_else(|| args.id.clone());
+    let entry = format!(
+        "[[client]]\nid = \"{}\"\nsecret = \"{}\"\nnamespace = \"{namespace}\"\npermissions = [\"push\", \"pull\"]\n",
+        token.id,
+        token.secret_hex()
+    );
+    match &args.out {
+        Some(path) => {
+            if let Err(e) = write_new(path, format!("{token}\n").as_bytes(), 0o600) {
+                eprintln!("ferry: token: {e}");
+                return exit::LOCAL;
+            }
+            eprintln!("ferry: wrote the client's token to {}", path.display());
+        }
+        None => println!("# the client's token file (ferry push --token-file FILE):\n{token}\n"),
+    }
+    println!("# add to the server's configuration:\n{entry}");
+    exit::OK
+}
+
+/// Writes a new file with `mode`, refusing to overwrite one.
+fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_addresses_are_recognised() {
+        for yes in ["127.0.0.1:7878", "127.1.2.3:0", "[::1]:7878", "localhost:7878"] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in ["0.0.0.0:7878", "[::]:7878", "10.0.0.1:7878", "example.com:7878"] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The server's TOML configuration file (`ferry serve --config FILE`): listen address, root, limits, TLS, and the
+//! clients with their tokens, namespaces, permissions and quotas. Command-line flags override it.
+//!
+//! Unknown keys are errors (a typo must not silently drop a limit). Sizes are `"1MiB"`-style strings or plain
+//! integers, durations `"30s"`-style strings. Relative paths are relative to the file's directory. README,
+//! "Server configuration", shows a complete file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::auth::{Permissions, Token};
+use crate::server::{ClientEntry, ServerConfig};
+use crate::units::{parse_duration, parse_size};
+
+/// A configuration file that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or not the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its location.
+        message: String,
+    },
+}
+
+/// A size: `"100GiB"` or a plain number of bytes.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(text) => parse_size(text),
+        }
+    }
+}
+
+/// The file as written.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    root: Option<PathBuf>,
+    state: Option<PathBuf>,
+    #[serde(default)]
+    insecure_no_auth: bool,
+    #[serde(default)]
+    limits: Limits,
+    tls: Option<Tls>,
+    #[serde(default, rename = "client")]
+    clients: Vec<Client>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    max_frame: Option<Size>,
+    max_manifest_chunks: Option<usize>,
+    max_file_size: Option<Size>,
+    idle_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    partial_ttl: Option<String>,
+    gc_interval: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Client {
+    id: String,
+    secret: String,
+    namespace: String,
+    permissions: Vec<Permission>,
+    quota: Option<Size>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Permission {
+    Push,
+    Pull,
+}
+
+/// A parsed server configuration file: everything optional, to be merged under the command line.
+#[derive(Debug, Default)]
+pub struct ServerFile {
+    /// `listen`.
+    pub listen: Option<String>,
+    /// `root`.
+    pub root: Option<PathBuf>,
+    /// `state`.
+    pub state: Option<PathBuf>,
+    /// `insecure_no_auth`: listen on a non-loopback address without clients.
+    pub insecure_no_auth: bool,
+    /// `[tls]` cert and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// `[[client]]` entries.
+    pub clients: Vec<ClientEntry>,
+    limits: Limits,
+}
+
+impl ServerFile {
+    /// Reads and checks `path`. Blocking.
+    pub fn load(path: &Path) -> Result<ServerFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        warn_if_readable_by_others(path);
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses the text of a configuration file whose relative paths are relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<ServerFile, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let clients = file.clients.iter().map(client_entry).collect::<Result<Vec<_>, _>>()?;
+        let limits = file.limits;
+        // Check every limit now, so a bad value is reported before anything starts.
+        apply_limits(&limits, &mut ServerConfig::new(PathBuf::new()))?;
+        Ok(ServerFile {
+            listen: file.listen,
+            root: file.root.map(|p| base.join(p)),
+            state: file.state.map(|p| base.join(p)),
+            insecure_no_auth: file.insecure_no_auth,
+            tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
+            clients,
+            limits,
+        })
+    }
+
+    /// Writes the file's limits and clients into `config`.
+    pub fn apply(&self, config: &mut ServerConfig) -> Result<(), String> {
+        apply_limits(&self.limits, config)?;
+        config.clients = self.clients.clone();
+        if self.state.is_some() {
+            config.state_dir = self.state.clone();
+        }
+        Ok(())
+    }
+}
+
+fn apply_limits(limits: &Limits, config: &mut ServerConfig) -> Result<(), String> {
+    let duration = |raw: &Option<String>, name: &str| -> Result<Option<Duration>, String> {
+        raw.as_deref()
+            .map(|r| parse_duration(r).map_err(|e| format!("limits.{name}: {e}")))
+            .transpose()
+    };
+    let size = |raw: &Option<Size>, name: &str| -> Result<Option<u64>, String> {
+        raw.as_ref()
+            .map(|s| s.bytes().map_err(|e| format!("limits.{name}: {e}")))
+            .transpose()
+    };
+    if let Some(n) = limits.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(n) = limits.max_connections_per_client {
+        config.max_connections_per_client = n;
+    }
+    if let Some(n) = size(&limits.max_frame, "max_frame")? {
+        config.max_frame = u32::try_from(n).map_err(|_| "limits.max_frame: too large".to_string())?;
+    }
+    if let Some(n) = limits.max_manifest_chunks {
+        config.max_manifest_chunks = n;
+    }
+    if let Some(n) = size(&limits.max_file_size, "max_file_size")? {
+        config.max_file_size = n;
+    }
+    if let Some(d) = duration(&limits.idle_timeout, "idle_timeout")? {
+        config.idle_timeout = d;
+    }
+    if let Some(d) = duration(&limits.handshake_timeout, "handshake_timeout")? {
+        config.handshake_timeout = d;
+    }
+    if let Some(d) = duration(&limits.partial_ttl, "partial_ttl")? {
+        config.partial_ttl = d;
+    }
+    if let Some(d) = duration(&limits.gc_interval, "gc_interval")? {
+        config.gc_interval = d;
+    }
+    Ok(())
+}
+
+fn client_entry(client: &Client) -> Result<ClientEntry, String> {
+    let context = |e: &dyn std::fmt::Display| format!("client {:?}: {e}", client.id);
+    let token = Token::from_parts(&client.id, &client.secret).map_err(|e| context(&e))?;
+    if client.namespace.is_empty() {
+        // The whole root is allowed, but only when asked for explicitly as "/".
+        return Err(context(&"namespace must not be empty (use \"/\" for the whole root)"));
+    }
+    let namespace = client.namespace.trim_matches('/').to_string();
+    let permissions = Permissions {
+        push: client.permissions.contains(&Permission::Push),
+        pull: client.permissions.contains(&Permission::Pull),
+    };
+    let quota = client
+        .quota
+        .as_ref()
+        .map(|q| q.bytes().map_err(|e| context(&e)))
+        .transpose()?;
+    Ok(ClientEntry {
+        token,
+        namespace,
+        permissions,
+        quota,
+    })
+}
+
+/// Tokens in a file others can read are as good as published: say so (the server still starts).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                "the server configuration holds client secrets and is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    #[test]
+    fn a_full_file_parses_and_applies() {
+        let text = format!(
+            r#"
+            listen = "0.0.0.0:7878"
+            root = "inbox"
+            [limits]
+            max_connections = 10
+            max_connections_per_client = 2
+            max_frame = "8MiB"
+            max_manifest_chunks = 1000
+            max_file_size = 1048576
+            idle_timeout = "30s"
+            handshake_timeout = "5s"
+            partial_ttl = "2d"
+            gc_interval = "10m"
+            [tls]
+            cert = "c.pem"
+            key = "/etc/k.pem"
+            [[client]]
+            id = "laptop"
+            secret = "{SECRET}"
+            namespace = "laptop/"
+            permissions = ["push", "pull"]
+            quota = "1GiB"
+            [[client]]
+            id = "reader"
+            secret = "{SECRET}"
+            namespace = "/"
+            permissions = ["pull"]
+            "#
+        );
+        let file = ServerFile::parse(&text, Path::new("/cfg")).unwrap();
+        assert_eq!(file.root, Some(PathBuf::from("/cfg/inbox")));
+        assert_eq!(
+            file.tls,
+            Some((PathBuf::from("/cfg/c.pem"), PathBuf::from("/etc/k.pem")))
+        );
+        let mut config = ServerConfig::new(PathBuf::from("/r"));
+        file.apply(&mut config).unwrap();
+        assert_eq!(config.max_connections_per_client, 2);
+        assert_eq!(config.max_frame, 8 << 20);
+        assert_eq!(config.max_file_size, 1 << 20);
+        assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));
+        assert_eq!(config.clients.len(), 2);
+        let laptop = &config.clients[0];
+        assert_eq!((laptop.namespace.as_str(), laptop.quota), ("laptop", Some(1 << 30)));
+        assert_eq!(laptop.permissions, Permissions::ALL);
+        let reader = &config.clients[1];
+        assert_eq!(reader.namespace, "");
+        assert_eq!(
+            reader.permissions,
+            Permissions {
+                push: false,
+                pull: true
+            }
+        );
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        for (text, needle) in [
+            ("limtis = 1", "unknown field"),
+            ("[limits]\nmax_frame = \"8XB\"", "max_frame"),
+            ("[limits]\nidle_timeout = \"soon\"", "idle_timeout"),
+            (
+                "[[client]]\nid = \"a b\"\nsecret = \"00\"\nnamespace = \"a\"\npermissions = []",
+                "client",
+            ),
+            (
+                &format!("[[client]]\nid = \"a\"\nsecret = \"{SECRET}\"\nnamespace = \"a\"\npermissions = [\"write\"]"),
+                "unknown variant",
+            ),
+        ] {
+            let error = ServerFile::parse(text, Path::new(".")).unwrap_err();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+}

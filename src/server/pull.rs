@@ -1,0 +1,88 @@
+//! The sender role of a server: answering a Pull for a file or a tree inside the client's namespace.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::path::RemotePath;
+use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
+use crate::transfer::receiver::ReceiverContext;
+use crate::transfer::sender::{send, SendOptions, SendStats};
+use crate::transfer::tree_sender::{send_tree, TreeSource};
+use crate::transfer::{with_keepalive, TransferError};
+use crate::tree::scan_with;
+use crate::wire::{Connection, ErrorCode, Pull};
+
+/// Largest window a pulling client may ask for.
+const MAX_PULL_WINDOW: u64 = 64 * 1024 * 1024;
+
+/// Takes the sender role for a Pull: describes the source (hashing it while pinging the client if needed), then
+/// sends what the client needs. A file whose chunks no longer match the manifest it was committed with is damaged
+/// at rest, which the client hears as `IntegrityFailed`; any other changed source as retryable `SourceChanged`.
+pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    shared: &Shared,
+    ctx: &ReceiverContext,
+    pull: Pull,
+    stop: &CancellationToken,
+) -> Result<(), TransferError> {
+    let path = RemotePath::parse(&pull.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let idle = shared.config.idle_timeout;
+    let found = {
+        let (root, receiver, sender) = (ctx.root.clone(), ctx.store.clone(), shared.sender.clone());
+        let path = path.clone();
+        with_keepalive(conn, idle, move || {
+            open_for_pull(&root, &path, &receiver, &sender, pull.chunking)
+        })
+        .await?
+    };
+    let opts = SendOptions {
+        io_timeout: idle,
+        window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),
+        ..SendOptions::default()
+    };
+    let mut stats = SendStats::default();
+    let mut ignore = |_| {};
+    let (source, committed) = match found {
+        PullSource::File { source, committed } => (source, committed),
+        PullSource::Dir(dir) => {
+            let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
+            let (receiver, prefix) = (ctx.store.clone(), path.to_string());
+            let tree = with_keepalive(conn, idle, move || {
+                // Files this server committed are described by their verified manifests, never rehashed.
+                let lookup = |rel: &str, meta: &std::fs::Metadata| {
+                    committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
+                };
+                scan_with(&dir, links, &sender, spec, Some(&lookup))
+                    .map_err(|e| TransferError::refused(ErrorCode::Internal, e))
+            })
+            .await?;
+            let receiver = &ctx.store;
+            let recorded = |rel: &str| {
+                let key = format!("{path}/{rel}");
+                receiver.committed_manifest(&key).ok().flatten()
+            };
+            let source = TreeSource {
+                tree: &tree,
+                store: &shared.sender,
+                spec,
+                committed: Some(&recorded),
+            };
+            return tokio::select! {
+                sent = send_tree(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent.map(|_| ()),
+                _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+            };
+        }
+    };
+    let sent = tokio::select! {
+        sent = send(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent,
+        _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+    };
+    match sent {
+        Ok(_) => Ok(()),
+        Err(TransferError::SourceChanged(why)) if committed => Err(TransferError::Integrity(format!(
+            "{path} is damaged on the server: {why} (it was verified when committed)"
+        ))),
+        Err(e) => Err(e),
+    }
+}
