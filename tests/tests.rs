@@ -3,6 +3,7 @@
 
 mod util;
 
+mod access;
 mod bad_input;
 mod campaign;
 mod delta;
@@ -10,4 +11,5 @@ mod faults;
 mod gc;
 mod pull;
 mod push;
+mod tls;
 mod tree;

@@ -1,0 +1,153 @@
+//! TLS: a server with a `ferry keygen` certificate, clients that pin its fingerprint or trust a CA, and every way
+//! the trust check can fail. Resumption works through TLS like through plain TCP.
+
+use std::path::Path;
+use std::process::Command;
+
+use ferry::fault::{FaultProxy, Faults};
+
+use crate::util::*;
+
+const MIB: usize = 1 << 20;
+
+/// Runs `ferry keygen` into `dir`; returns (cert, key, fingerprint).
+fn keygen(dir: &Path) -> (String, String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = Command::new(ferry_bin())
+        .args(["keygen", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let fingerprint = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    (cert.display().to_string(), key.display().to_string(), fingerprint)
+}
+
+#[tokio::test]
+async fn a_pinned_certificate_carries_a_resumed_push_and_a_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, fingerprint) = keygen(dir.path());
+    let server = TestServer::start_with(&dir.path().join("root"), &["--tls-cert", &cert, "--tls-key", &key]);
+    let src = dir.path().join("big.img");
+    write_random(&src, 6 * MIB, 1);
+    // Two cuts through a proxy: every reconnect is a new TLS session, and the push still resumes.
+    let plan = vec![Faults::cut(2 * MIB as u64), Faults::cut(MIB as u64)];
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
+    let url = format!("ferry://{}/big.img", proxy.addr());
+    let tls = [
+        "--tls-fingerprint",
+        fingerprint.as_str(),
+        "--chunk-size",
+        "256KiB",
+        "--window",
+        "1MiB",
+    ];
+    let out = push(&src, &url, &dir.path().join("state"), &tls).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("big.img")), b3(&src));
+    assert_eq!(out.u64("attempts"), 3, "two cuts, three connections");
+    assert!(
+        out.u64("bytes_sent") < 6 * MIB as u64 + 2 * 2 * MIB as u64,
+        "resumed, not restarted: {}",
+        out.json
+    );
+
+    let back = dir.path().join("back.img");
+    pull(&server.url("big.img"), &back, &dir.path().join("state2"), &tls)
+        .await
+        .assert_ok();
+    assert_eq!(b3(&back), b3(&src));
+}
+
+#[tokio::test]
+async fn an_untrusted_or_missing_tls_peer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = keygen(dir.path());
+    let tls_server = TestServer::start_with(&dir.path().join("root"), &["--tls-cert", &cert, "--tls-key", &key]);
+    let plain_server = TestServer::start(&dir.path().join("plain"));
+    let src = dir.path().join("f");
+    write_random(&src, 100_000, 2);
+    let state = dir.path().join("state");
+    let other = format!("sha256:{}", "ab".repeat(32));
+
+    let wrong = push(&src, &tls_server.url("f"), &state, &["--tls-fingerprint", &other]).await;
+    assert_eq!(
+        wrong.code, 7,
+        "a certificate that is not the pinned one: {}",
+        wrong.stderr
+    );
+    assert!(wrong.stderr.contains("not the pinned one"), "{}", wrong.stderr);
+
+    let plain_to_tls = push(&src, &tls_server.url("f"), &state, &["--retries", "0"]).await;
+    assert_ne!(plain_to_tls.code, 0, "a plain client gets nothing from a TLS server");
+    assert!(!tls_server.root.join("f").exists());
+
+    let tls_to_plain = push(
+        &src,
+        &plain_server.url("f"),
+        &state,
+        &["--tls-fingerprint", &other, "--retries", "0"],
+    )
+    .await;
+    assert_eq!(
+        tls_to_plain.code, 7,
+        "a TLS client refuses a plain server: {}",
+        tls_to_plain.stderr
+    );
+    assert!(!plain_server.root.join("f").exists());
+}
+
+/// A CA and a server certificate it signed for 127.0.0.1; returns (ca.pem, cert.pem, key.pem).
+fn issue(dir: &Path, name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = [
+        format!("{name}-ca.pem"),
+        format!("{name}-cert.pem"),
+        format!("{name}-key.pem"),
+    ]
+    .map(|file| dir.join(file).display().to_string());
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], leaf.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    let [ca, cert, key] = paths;
+    (ca, cert, key)
+}
+
+#[tokio::test]
+async fn a_ca_file_trusts_what_that_ca_signed_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = issue(dir.path(), "good");
+    let (stranger_ca, _, _) = issue(dir.path(), "other");
+    let server = TestServer::start_with(&dir.path().join("root"), &["--tls-cert", &cert, "--tls-key", &key]);
+    let src = dir.path().join("f");
+    write_random(&src, 300_000, 3);
+    let state = dir.path().join("state");
+
+    push(&src, &server.url("f"), &state, &["--tls-ca", &ca])
+        .await
+        .assert_ok();
+    assert_eq!(b3(&server.root.join("f")), b3(&src));
+
+    let refused = push(&src, &server.url("g"), &state, &["--tls-ca", &stranger_ca]).await;
+    assert_eq!(refused.code, 7, "{}", refused.stderr);
+    assert!(!server.root.join("g").exists());
+
+    // The certificate is for 127.0.0.1, not for "localhost": the name is checked in CA mode.
+    let by_name = format!("ferry://localhost:{}/h", server.addr.port());
+    let wrong_name = push(&src, &by_name, &state, &["--tls-ca", &ca]).await;
+    assert_eq!(wrong_name.code, 7, "{}", wrong_name.stderr);
+}
