@@ -239,6 +239,30 @@ async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
     assert!(read.is_ok(), "server closed the stalled connection");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_the_handshake_is_dropped_at_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--idle-timeout", "1s"]);
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await;
+    match answer {
+        Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::Timeout),
+        other => panic!("expected a Timeout error frame, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the idle timeout"
+    );
+    assert!(
+        matches!(conn.read_message().await, Ok(None) | Err(_)),
+        "then the server closes"
+    );
+}
+
 fn file_entry(path: &str, data: &[u8]) -> TreeEntry {
     TreeEntry {
         path: path.into(),

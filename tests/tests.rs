@@ -11,5 +11,6 @@ mod faults;
 mod gc;
 mod pull;
 mod push;
+mod replay;
 mod tls;
 mod tree;

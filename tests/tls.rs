@@ -151,3 +151,24 @@ async fn a_ca_file_trusts_what_that_ca_signed_and_nothing_else() {
     let wrong_name = push(&src, &by_name, &state, &["--tls-ca", &ca]).await;
     assert_eq!(wrong_name.code, 7, "{}", wrong_name.stderr);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_the_tls_handshake_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = keygen(dir.path());
+    let args = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--handshake-timeout",
+        "1s",
+    ];
+    let server = TestServer::start_with(&dir.path().join("root"), &args);
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello, then silence
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server closed the stalled TLS handshake");
+}

@@ -208,6 +208,45 @@ impl Server {
         self.shared.stats.clone()
     }
 
+    /// Serves one accepted connection over any byte stream (after TLS, if any): the handshake, then Offers and Pulls
+    /// until the peer closes or `stop` fires; a failure is told to the peer before it is returned. This is what each
+    /// of [`Server::run`]'s sessions does, without the connection limit; the fuzz targets drive it in memory.
+    pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        stop: &CancellationToken,
+    ) -> Result<(), TransferError> {
+        let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
+        let result = serve_connection(&mut conn, &self.shared, stop, peer).await;
+        if let Err(e) = &result {
+            tell_peer(&mut conn, e).await;
+        }
+        result
+    }
+
+    /// Replays `input` (the bytes a client would send, ending with its close) to a session in memory and returns
+    /// what the server answered, or `None` if the session did not end within `limit`. For fuzzing and for
+    /// replaying captured sessions; blocking nothing but the caller's task.
+    pub async fn replay(&self, input: &[u8], limit: Duration) -> Option<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+        let stop = CancellationToken::new();
+        let session = self.serve_stream(server, peer, &stop);
+        let feed = async {
+            // The server may stop reading early (an error); then the rest of the input is moot.
+            let _ = to_server.write_all(input).await;
+            let _ = to_server.shutdown().await;
+        };
+        let mut answer = Vec::new();
+        let drain = from_server.read_to_end(&mut answer);
+        let all = async { tokio::join!(session, feed, drain) };
+        let (_ended, (), _read) = tokio::time::timeout(limit, all).await.ok()?;
+        Some(answer)
+    }
+
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
