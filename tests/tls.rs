@@ -92,9 +92,11 @@ async fn an_untrusted_or_missing_tls_peer_is_refused() {
         &["--tls-fingerprint", &other, "--retries", "0"],
     )
     .await;
-    assert_eq!(
-        tls_to_plain.code, 7,
-        "a TLS client refuses a plain server: {}",
+    // The plain server answers the ClientHello with an Error frame and closes: the client either reads that as
+    // a corrupt TLS record (exit 7) or, if the close reset the connection first, as a network failure (exit 3).
+    assert!(
+        [3, 7].contains(&tls_to_plain.code),
+        "a TLS client gets nothing from a plain server: {}",
         tls_to_plain.stderr
     );
     assert!(!plain_server.root.join("f").exists());

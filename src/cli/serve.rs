@@ -122,11 +122,15 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
     let server = tokio::task::spawn_blocking(move || Server::open(config))
         .await
         .map_err(|e| ServerError::Accept(std::io::Error::other(e)))??;
-    println!("ferry: listening on {addr}");
+    // One write, errors ignored: whoever started the server may stop reading stdout after the first line, and a
+    // closed pipe must not take the server down.
+    let mut banner = format!("ferry: listening on {addr}\n");
     if let Some(fingerprint) = tls {
-        println!("ferry: TLS certificate {fingerprint}");
+        banner.push_str(&format!("ferry: TLS certificate {fingerprint}\n"));
     }
-    let _ = std::io::stdout().flush();
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush());
+    drop(stdout);
     tracing::info!(%addr, clients, "serving");
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

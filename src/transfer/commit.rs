@@ -12,7 +12,7 @@ use super::writer::ChunkWriter;
 use super::TransferError;
 use crate::chunk::mtime_of;
 use crate::manifest::{hex, FileTime, Manifest};
-use crate::path::{resolve_in_root, RemotePath};
+use crate::path::{rename_into, PathError, RemotePath, Replace};
 use crate::store::{now_secs, CommittedFile};
 use crate::verify::digest_file;
 use crate::wire::{Committed, ErrorCode};
@@ -57,15 +57,14 @@ pub(crate) fn commit(
     }
     apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
     writer.file.sync_all().map_err(TransferError::Storage)?;
-    // Re-resolve: a symlink planted on the way since the Offer must not redirect the rename.
-    let checked = resolve_in_root(root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    // Renamed through directory descriptors: a symlink planted on the way since the Offer, even one swapped in
+    // during the rename, cannot redirect it.
+    let (checked, parent) = rename_into(root, path, partial, Replace::File).map_err(|e| match e {
+        PathError::Io { source, .. } => TransferError::Storage(source),
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
     debug_assert_eq!(checked, target);
-    std::fs::rename(partial, &checked).map_err(TransferError::Storage)?;
-    if let Some(parent) = checked.parent() {
-        File::open(parent)
-            .and_then(|dir| dir.sync_all())
-            .map_err(TransferError::Storage)?;
-    }
+    parent.sync_all().map_err(TransferError::Storage)?;
     let meta = std::fs::metadata(&checked).map_err(TransferError::Storage)?;
     use std::os::unix::fs::MetadataExt;
     writer.store.commit(

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::TransferError;
 use crate::chunk::mtime_of;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
-use crate::path::{resolve_in_root, RemotePath};
+use crate::path::{rename_into, RemotePath, Replace};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
 
@@ -179,13 +179,13 @@ impl SmallWriter {
         Ok(temp)
     }
 
-    /// Renames `temp` over the file's destination (re-resolved now, without following symlinks).
+    /// Renames `temp` over the file's destination, through directory descriptors (no symlink is followed, even one
+    /// swapped in meanwhile).
     fn place(&self, file: &SmallFile, temp: &Path) -> Result<PathBuf, Placement> {
-        let target = resolve_in_root(&self.root, &file.key, true).map_err(|e| match e {
+        let (target, _dir) = rename_into(&self.root, &file.key, temp, Replace::File).map_err(|e| match e {
             crate::path::PathError::Io { source, .. } => Placement::Failed(source),
             refused => Placement::Refused(refused.to_string()),
         })?;
-        std::fs::rename(temp, &target).map_err(Placement::Failed)?;
         Ok(target)
     }
 }

@@ -21,7 +21,7 @@ use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
-use crate::path::{ensure_dir, link_walk, RemotePath};
+use crate::path::{ensure_dir, link_walk, rename_into, RemotePath, Replace};
 use crate::ranges::encode_runs;
 use crate::tree::LinkPolicy;
 use crate::wire::{
@@ -381,10 +381,13 @@ fn place_symlink(
     }
     let temp = dir.join(format!(".ferry-{:016x}.link", rand::random::<u64>()));
     std::os::unix::fs::symlink(target, &temp).map_err(|e| e.to_string())?;
-    std::fs::rename(&temp, &path).map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        e.to_string()
-    })
+    match rename_into(root, key, &temp, Replace::FileOrLink) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e.to_string())
+        }
+    }
 }
 
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its

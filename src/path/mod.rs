@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+mod at;
+
+pub use at::{rename_into, Replace};
+
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
 /// Longest accepted component, in bytes.

@@ -1,0 +1,205 @@
+//! Renames into the root that a concurrent symlink swap cannot redirect: directories are walked with `openat`
+//! (`O_NOFOLLOW`), one descriptor per step, and the final `renameat` names a single component relative to the last
+//! directory's descriptor. Checking paths first and renaming by path later (what [`super::resolve_in_root`] alone
+//! allows) leaves a window in which a local user could swap a checked directory for a symlink leading out.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{shown, PathError, RemotePath};
+
+/// What a rename may replace at the final name (a directory never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// Nothing or a regular file; a symlink there is refused (a file never takes a link's place silently).
+    File,
+    /// Also a symlink (placing a recorded link over an older one; `rename` replaces the link, never its target).
+    FileOrLink,
+}
+
+/// Renames `from` to `path` under `root`, creating missing parent directories (each synced into its parent), and
+/// refusing a symlink or a non-directory on the way and a directory (or, unless `replace` allows it, a symlink) at
+/// the final name. Returns the target's path and its opened parent directory (to fsync after the rename). Blocking.
+pub fn rename_into(
+    root: &Path,
+    path: &RemotePath,
+    from: &Path,
+    replace: Replace,
+) -> Result<(PathBuf, File), PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (name, parents) = components.split_last().expect("a RemotePath has a component");
+    let mut shown_path = root.to_path_buf();
+    let io_error = |at: &Path, source| PathError::Io {
+        path: shown(root, at),
+        source,
+    };
+    let mut dir = open_dir(root).map_err(|e| io_error(root, e))?;
+    for component in parents {
+        shown_path.push(component);
+        dir = step(&dir, component).map_err(|e| classify(root, &shown_path, e))?;
+    }
+    shown_path.push(name);
+    let name_c = cstring(name);
+    check_final(&dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
+    let from_c =
+        CString::new(from.as_os_str().as_bytes()).map_err(|_| io_error(from, io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: both strings are NUL-terminated and live across the call; the descriptor is open.
+    let renamed = unsafe { libc::renameat(libc::AT_FDCWD, from_c.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
+    if renamed != 0 {
+        return Err(io_error(&shown_path, io::Error::last_os_error()));
+    }
+    Ok((root.join(path.as_str()), dir))
+}
+
+/// Why a step failed: a symlink, something in the way, or an I/O error.
+enum Refusal {
+    Symlink,
+    InTheWay,
+    Io(io::Error),
+}
+
+fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
+    match refusal {
+        Refusal::Symlink => PathError::Symlink(shown(root, at)),
+        Refusal::InTheWay => PathError::InTheWay(shown(root, at)),
+        Refusal::Io(source) => PathError::Io {
+            path: shown(root, at),
+            source,
+        },
+    }
+}
+
+fn open_dir(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+}
+
+fn cstring(component: &str) -> CString {
+    CString::new(component).expect("RemotePath components hold no NUL")
+}
+
+/// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
+/// it is missing.
+fn step(dir: &File, component: &str) -> Result<File, Refusal> {
+    let name = cstring(component);
+    for _ in 0..2 {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by the File below.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor nothing else owns.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::ENOENT) => {
+                // SAFETY: as above.
+                let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+                if made != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                    return Err(Refusal::Io(io::Error::last_os_error()));
+                }
+                dir.sync_all().map_err(Refusal::Io)?;
+            }
+            Some(libc::ELOOP | libc::ENOTDIR) => return Err(kind_of(dir, &name).unwrap_or(Refusal::InTheWay)),
+            _ => return Err(Refusal::Io(error)),
+        }
+    }
+    Err(Refusal::InTheWay)
+}
+
+/// Refuses a directory at the final name, and a symlink unless `replace` allows it.
+fn check_final(dir: &File, name: &CString, replace: Replace) -> Result<(), Refusal> {
+    match kind_of(dir, name) {
+        Some(refusal @ Refusal::Symlink) if replace == Replace::File => Err(refusal),
+        Some(Refusal::InTheWay) => Err(Refusal::InTheWay),
+        _ => Ok(()),
+    }
+}
+
+/// What `name` in `dir` is, as a refusal: a symlink, a directory (in the way of a file), or `None` (absent or
+/// a regular file).
+fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
+    let found = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
+    if found != 0 {
+        return None;
+    }
+    match stat.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => Some(Refusal::Symlink),
+        libc::S_IFDIR => Some(Refusal::InTheWay),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        (dir, root, outside)
+    }
+
+    #[test]
+    fn renames_into_new_directories() {
+        let (dir, root, _) = setup();
+        let temp = dir.path().join("temp");
+        std::fs::write(&temp, b"x").unwrap();
+        let (target, _) = rename_into(&root, &RemotePath::parse("a/b/c.txt").unwrap(), &temp, Replace::File).unwrap();
+        assert_eq!(target, root.join("a/b/c.txt"));
+        assert_eq!(std::fs::read(&target).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_check_does_not_redirect_the_rename() {
+        let (dir, root, outside) = setup();
+        let path = RemotePath::parse("a/f").unwrap();
+        super::super::resolve_in_root(&root, &path, true).unwrap();
+        // The race: after the path was checked, a local user swaps the checked directory for a symlink out.
+        std::fs::remove_dir(root.join("a")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a")).unwrap();
+        let temp = dir.path().join("temp");
+        std::fs::write(&temp, b"x").unwrap();
+        assert!(matches!(
+            rename_into(&root, &path, &temp, Replace::File),
+            Err(PathError::Symlink(_))
+        ));
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing landed outside the root"
+        );
+        // A symlink at the final name is refused too, and a directory there is in the way.
+        std::os::unix::fs::symlink(outside.join("g"), root.join("g")).unwrap();
+        let final_link = RemotePath::parse("g").unwrap();
+        assert!(matches!(
+            rename_into(&root, &final_link, &temp, Replace::File),
+            Err(PathError::Symlink(_))
+        ));
+        std::fs::create_dir(root.join("d")).unwrap();
+        let final_dir = RemotePath::parse("d").unwrap();
+        assert!(matches!(
+            rename_into(&root, &final_dir, &temp, Replace::File),
+            Err(PathError::InTheWay(_))
+        ));
+        std::fs::write(root.join("file"), b"").unwrap();
+        let through_file = RemotePath::parse("file/x").unwrap();
+        assert!(matches!(
+            rename_into(&root, &through_file, &temp, Replace::File),
+            Err(PathError::InTheWay(_))
+        ));
+    }
+}
