@@ -138,3 +138,47 @@ fn remove_file(path: &Path) -> u64 {
         0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::manifest_of;
+    use crate::store::{Progress, Store, TransferRecord};
+
+    /// A stopped server's gc finds namespaces by their records and their partials directories.
+    #[test]
+    fn offline_gc_covers_every_namespace() {
+        let root = tempfile::tempdir().unwrap();
+        let partials = root.path().join(".ferry/partial");
+        let store = Store::open(&root.path().join(".ferry/state")).unwrap();
+        // An abandoned transfer in namespace "alice".
+        let alice_dir = namespace_partial_dir(&partials, "alice");
+        std::fs::create_dir_all(&alice_dir).unwrap();
+        let partial = alice_dir.join(".ferry-abandoned.part");
+        std::fs::write(&partial, vec![0u8; 1000]).unwrap();
+        let record = TransferRecord {
+            manifest: manifest_of(&[4096]),
+            partial: partial.display().to_string(),
+            created: 0,
+        };
+        let alice = ReceiverStore::open_scoped(&store, "alice").unwrap();
+        alice.begin("big.iso", &record, &Progress::default()).unwrap();
+        // A leftover temporary in namespace "bob", which has no records at all.
+        let bob_dir = namespace_partial_dir(&partials, "team/bob");
+        std::fs::create_dir_all(&bob_dir).unwrap();
+        std::fs::write(bob_dir.join(".ferry-0123.small"), b"left over").unwrap();
+        store.flush().unwrap();
+        drop((alice, store));
+
+        let report = collect_offline(root.path(), None, Duration::ZERO).unwrap();
+        assert_eq!(report.transfers_expired, 1);
+        assert_eq!(report.leftovers_removed, 1);
+        assert_eq!(report.bytes_freed, 1000 + 9);
+        assert!(!partial.exists());
+        assert_eq!(std::fs::read_dir(&bob_dir).unwrap().count(), 0);
+        assert_eq!(
+            namespace_of_partial_dir(&bob_dir.file_name().unwrap().to_string_lossy()).as_deref(),
+            Some("team/bob")
+        );
+    }
+}
