@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# ferry beside rsync (daemon on loopback) and a raw TCP copy (socat to a file + sync), on the same files in one run.
+# Usage: bench/compare.sh [SIZE_MIB=2048] [RUNS=3] [FILES=10000] [OUT=docs/benchmarks.md]
+# Writes a markdown report (medians of RUNS, peak RSS per process) to OUT and prints it. Not run by CI.
+# Needs rsync and socat (installed with apt-get if missing and possible) and /usr/bin/time.
+set -euo pipefail
+size_mib=${1:-2048}
+runs=${2:-3}
+files=${3:-10000}
+out=${4:-docs/benchmarks.md}
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+for tool in rsync socat /usr/bin/time; do
+  if ! command -v "$tool" > /dev/null; then
+    echo "compare: installing $tool" >&2
+    apt-get install -y rsync socat time > /dev/null
+  fi
+done
+cargo build --release --quiet
+bin=$repo/target/release/ferry
+work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-compare.XXXXXX")
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2> /dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
+lo_bytes() { awk '$1 == "lo:" {print $2}' /proc/net/dev; }
+rss_kib() { awk -F': ' '/Maximum resident/ {print $2}' "$1"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# record NAME VALUE: appends a sample for a result.
+record() { echo "$2" >> "$work/results/$1"; }
+result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a"; }
+mkdir -p "$work/results"
+
+echo "compare: generating a ${size_mib} MiB file and ${files} small files" >&2
+head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
+mkdir -p "$work/tree"
+python3 - "$work/tree" "$files" << 'EOF'
+import os, random, sys
+root, count = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+for i in range(count):
+    d = os.path.join(root, f"d{i // 500:03}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05}.bin"), "wb") as f:
+        f.write(rng.randbytes(rng.randint(4096, 65536)))
+EOF
+
+# --- servers --------------------------------------------------------------------------------------------------
+start_ferry() { # start_ferry ROOT [extra args]: starts a fresh ferry server, sets ferry_addr and ferry_pid
+  local root=$1; shift
+  rm -rf "$root"
+  /usr/bin/time -v -o "$work/ferry-server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$root" "$@" > "$work/ferry.out" &
+  ferry_pid=$!
+  pids+=("$ferry_pid")
+  for _ in $(seq 200); do grep -q listening "$work/ferry.out" 2> /dev/null && break; sleep 0.05; done
+  ferry_addr=$(sed -n 's/^ferry: listening on //p' "$work/ferry.out" | head -1)
+}
+stop_ferry() { pkill -INT -P "$ferry_pid" 2> /dev/null || true; wait "$ferry_pid" 2> /dev/null || true; }
+
+rsync_port=$(free_port)
+mkdir -p "$work/rsync-dst"
+cat > "$work/rsyncd.conf" << EOF
+use chroot = no
+uid = $(id -u)
+gid = $(id -g)
+pid file = $work/rsyncd.pid
+[dst]
+  path = $work/rsync-dst
+  read only = no
+EOF
+rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
+pids+=("$!")
+sleep 0.5
+rsync_url="rsync://127.0.0.1:$rsync_port/dst"
+
+# --- 1. fresh push --------------------------------------------------------------------------------------------
+fresh_ferry() {
+  start_ferry "$work/ferry-root"
+  rm -rf "$work/state"; sync
+  local t0; t0=$(now)
+  /usr/bin/time -v -o "$work/ferry-client.time" "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" \
+    --state "$work/state" --json "$@" > "$work/push.json"
+  record fresh_ferry "$(since "$t0")"
+  stop_ferry
+  cmp "$work/src.bin" "$work/ferry-root/src.bin"
+  record rss_client "$(rss_kib "$work/ferry-client.time")"
+  record rss_server "$(rss_kib "$work/ferry-server.time")"
+}
+fresh_socat() {
+  rm -f "$work/socat.bin"; sync
+  local port; port=$(free_port)
+  socat -u "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr" "OPEN:$work/socat.bin,creat,trunc" &
+  local listener=$!
+  sleep 0.2
+  local t0; t0=$(now)
+  socat -u "OPEN:$work/src.bin" "TCP:127.0.0.1:$port"
+  wait "$listener"
+  sync
+  record fresh_socat "$(since "$t0")"
+}
+fresh_rsync() { # fresh_rsync NAME [rsync flags]
+  local name=$1; shift
+  rm -rf "$work/rsync-dst/"*; sync
+  local t0; t0=$(now)
+  /usr/bin/time -v -o "$work/rsync.time" rsync -t "$@" "$work/src.bin" "$rsync_url/src.bin"
+  record "$name" "$(since "$t0")"
+  record "rss_$name" "$(rss_kib "$work/rsync.time")"
+}
+for run in $(seq "$runs"); do
+  echo "compare: fresh push, run $run" >&2
+  fresh_socat
+  fresh_ferry
+  fresh_rsync fresh_rsync
+  fresh_rsync fresh_rsync_fsync --fsync
+done
+
+# --- 2. resume after a kill at 50 % ---------------------------------------------------------------------------
+half=$((size_mib * 1024 * 1024 / 2))
+wait_for_bytes() { # wait_for_bytes DIR BYTES: until the files under DIR hold BYTES (bounded to 10 minutes)
+  for _ in $(seq 12000); do
+    local held; held=$(du -sb "$1" 2> /dev/null | awk '{print $1}')
+    [ "${held:-0}" -ge "$2" ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
+for run in $(seq "$runs"); do
+  echo "compare: resume at 50 %, run $run" >&2
+  start_ferry "$work/ferry-root"
+  rm -rf "$work/state"
+  "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" --state "$work/state" --json > /dev/null 2>&1 &
+  client=$!
+  wait_for_bytes "$work/ferry-root/.ferry/partial" "$half"
+  kill -9 "$client"; wait "$client" 2> /dev/null || true
+  t0=$(now)
+  "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" --state "$work/state" --json > "$work/resume.json"
+  record resume_ferry "$(since "$t0")"
+  stop_ferry
+  cmp "$work/src.bin" "$work/ferry-root/src.bin"
+
+  for mode in partial append; do
+    rm -rf "$work/rsync-dst/"*
+    rsync -t --partial "$work/src.bin" "$rsync_url/src.bin" > /dev/null 2>&1 &
+    client=$!
+    wait_for_bytes "$work/rsync-dst" "$half"
+    kill -9 "$client"; wait "$client" 2> /dev/null || true
+    sleep 0.5 # the daemon keeps the partial file under the final name once it sees the client gone
+    flags=(--partial)
+    [ "$mode" = append ] && flags+=(--append-verify)
+    t0=$(now)
+    rsync -t "${flags[@]}" "$work/src.bin" "$rsync_url/src.bin"
+    record "resume_rsync_$mode" "$(since "$t0")"
+    cmp "$work/src.bin" "$work/rsync-dst/src.bin"
+  done
+done
+
+# --- 3. unchanged re-push, 4. delta ---------------------------------------------------------------------------
+edit_middle() { python3 - "$1" << 'EOF'
+import os, sys
+with open(sys.argv[1], "r+b") as f:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(size // 2)
+    f.write(os.urandom(1 << 20))
+EOF
+}
+insert_near_start() { python3 - "$1" << 'EOF'
+import os, sys
+path = sys.argv[1]
+with open(path, "rb") as f:
+    head = f.read(4096)
+    rest = f.read()
+with open(path + ".new", "wb") as f:
+    f.write(head + os.urandom(100) + rest)
+os.replace(path + ".new", path)
+EOF
+}
+for run in $(seq "$runs"); do
+  echo "compare: re-push and delta, run $run" >&2
+  cp "$work/src.bin" "$work/edit.bin"
+  start_ferry "$work/ferry-root"
+  rm -rf "$work/state" "$work/rsync-dst/"*
+  "$bin" push "$work/edit.bin" "ferry://$ferry_addr/edit.bin" --state "$work/state" --json > /dev/null
+  rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
+  t0=$(now)
+  "$bin" push "$work/edit.bin" "ferry://$ferry_addr/edit.bin" --state "$work/state" --json > /dev/null
+  record noop_ferry "$(since "$t0")"
+  t0=$(now)
+  rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
+  record noop_rsync "$(since "$t0")"
+  for edit in middle insert; do
+    if [ "$edit" = middle ]; then edit_middle "$work/edit.bin"; else insert_near_start "$work/edit.bin"; fi
+    before=$(lo_bytes); t0=$(now)
+    "$bin" push "$work/edit.bin" "ferry://$ferry_addr/edit.bin" --state "$work/state" --json > /dev/null
+    record "delta_${edit}_ferry" "$(since "$t0")"
+    record "wire_${edit}_ferry" "$(($(lo_bytes) - before))"
+    before=$(lo_bytes); t0=$(now)
+    rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
+    record "delta_${edit}_rsync" "$(since "$t0")"
+    record "wire_${edit}_rsync" "$(($(lo_bytes) - before))"
+    cmp "$work/edit.bin" "$work/ferry-root/edit.bin"
+    cmp "$work/edit.bin" "$work/rsync-dst/edit.bin"
+  done
+  stop_ferry
+done
+
+# --- 5. a tree of small files ---------------------------------------------------------------------------------
+for run in $(seq "$runs"); do
+  echo "compare: tree of $files files, run $run" >&2
+  start_ferry "$work/ferry-root"
+  rm -rf "$work/state" "$work/rsync-dst/"*; sync
+  t0=$(now)
+  "$bin" push "$work/tree" "ferry://$ferry_addr/tree" --state "$work/state" --json > /dev/null
+  record tree_fresh_ferry "$(since "$t0")"
+  t0=$(now)
+  "$bin" push "$work/tree" "ferry://$ferry_addr/tree" --state "$work/state" --json > /dev/null
+  record tree_noop_ferry "$(since "$t0")"
+  stop_ferry
+  t0=$(now)
+  rsync -a "$work/tree/" "$rsync_url/tree/"
+  record tree_fresh_rsync "$(since "$t0")"
+  t0=$(now)
+  rsync -a "$work/tree/" "$rsync_url/tree/"
+  record tree_noop_rsync "$(since "$t0")"
+  diff -r "$work/tree" "$work/ferry-root/tree" > /dev/null
+done
+
+# --- report ---------------------------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0 && a != "n/a") printf "%.2f", a/b; else print "n/a" }'; }
+mib() { awk -v b="$1" 'BEGIN{printf "%.2f MiB", b/1048576}'; }
+fresh=$(result fresh_ferry)
+{
+  echo "# Benchmarks"
+  echo
+  echo "Produced by \`bench/compare.sh $size_mib $runs $files\` on $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM,"
+  echo "$(uname -sr), $("$bin" --version), $(rsync --version | head -1 | cut -d' ' -f1-4), $(socat -V 2> /dev/null | awk '/socat version/ {print "socat " $3}' | head -1)."
+  echo "Everything runs over loopback on one machine (client and server share the 2 cores); times are wall-clock"
+  echo "medians of $runs runs, taken in one run of the script, interleaved, so the ratios compare like with like."
+  echo
+  echo "## Fresh push of a ${size_mib} MiB random file"
+  echo
+  echo "| tool | time (s) | vs socat+sync | peak RSS |"
+  echo "|---|---|---|---|"
+  echo "| socat to a file + sync (the disk limit) | $(result fresh_socat) | 1.00 | |"
+  echo "| ferry (fsync before commit) | $fresh | $(ratio "$fresh" "$(result fresh_socat)") | client $(result rss_client) KiB, server $(result rss_server) KiB |"
+  echo "| rsync | $(result fresh_rsync) | $(ratio "$(result fresh_rsync)" "$(result fresh_socat)") | client $(result rss_fresh_rsync) KiB |"
+  echo "| rsync --fsync | $(result fresh_rsync_fsync) | $(ratio "$(result fresh_rsync_fsync)" "$(result fresh_socat)") | client $(result rss_fresh_rsync_fsync) KiB |"
+  echo
+  echo "ferry / rsync --fsync: $(ratio "$fresh" "$(result fresh_rsync_fsync)")."
+  echo
+  echo "## Resume after the transfer was killed at 50 %"
+  echo
+  echo "| tool | time (s) | vs ferry fresh |"
+  echo "|---|---|---|"
+  echo "| ferry | $(result resume_ferry) | $(ratio "$(result resume_ferry)" "$fresh") |"
+  echo "| rsync --partial | $(result resume_rsync_partial) | $(ratio "$(result resume_rsync_partial)" "$fresh") |"
+  echo "| rsync --partial --append-verify | $(result resume_rsync_append) | $(ratio "$(result resume_rsync_append)" "$fresh") |"
+  echo
+  echo "## Re-push of an unchanged file (the nightly no-op)"
+  echo
+  echo "| tool | time (s) |"
+  echo "|---|---|"
+  echo "| ferry | $(result noop_ferry) |"
+  echo "| rsync | $(result noop_rsync) |"
+  echo
+  echo "## Delta"
+  echo
+  echo "Bytes on the wire are loopback bytes in both directions (\`/proc/net/dev\`), protocol overhead included."
+  echo
+  echo "| edit | ferry time (s) | ferry on the wire | rsync time (s) | rsync on the wire |"
+  echo "|---|---|---|---|---|"
+  echo "| 1 MiB changed mid-file | $(result delta_middle_ferry) | $(mib "$(result wire_middle_ferry)") | $(result delta_middle_rsync) | $(mib "$(result wire_middle_rsync)") |"
+  echo "| 100 bytes inserted near the start | $(result delta_insert_ferry) | $(mib "$(result wire_insert_ferry)") | $(result delta_insert_rsync) | $(mib "$(result wire_insert_rsync)") |"
+  echo
+  echo "## A tree of $files files of 4–64 KiB"
+  echo
+  echo "| tool | fresh (s) | no-op (s) |"
+  echo "|---|---|---|"
+  echo "| ferry | $(result tree_fresh_ferry) | $(result tree_noop_ferry) |"
+  echo "| rsync -a | $(result tree_fresh_rsync) | $(result tree_noop_rsync) |"
+} > "$work/report.md"
+mkdir -p "$(dirname "$out")"
+cp "$work/report.md" "$out"
+cat "$out"
