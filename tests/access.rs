@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry::auth::Token;
 use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
 use ferry::transfer::handshake::client_hello;
-use ferry::wire::{Auth, Connection, ErrorCode, Hello, Message, Offer, Pull, MAGIC};
+use ferry::wire::{Auth, Connection, EntryKind, ErrorCode, Hello, Message, Offer, Pull, TreeEntry, TreeOffer, MAGIC};
 use tokio::net::TcpStream;
 
 use crate::util::*;
@@ -441,4 +441,86 @@ async fn ferry_token_output_works_as_printed() {
         std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
+
+fn link_entry(path: &str, target: &str) -> TreeEntry {
+    TreeEntry {
+        path: path.into(),
+        kind: EntryKind::Symlink { target: target.into() },
+    }
+}
+
+fn dir_entry(path: &str) -> TreeEntry {
+    TreeEntry {
+        path: path.into(),
+        kind: EntryKind::Dir {
+            mode: 0o755,
+            mtime: FileTime::default(),
+        },
+    }
+}
+
+/// Found by review: two tree offers could chain links out of the namespace. `l -> d/e/x/../../bob/secret` looks
+/// inside the tree on paper; a later `d/e/x -> ../..` made the `..` after it climb from the tree's directory. A
+/// target with `..` after a name is now refused, so no later link can redirect an earlier one.
+#[tokio::test]
+async fn links_from_two_tree_offers_cannot_chain_out_of_the_namespace() {
+    let alice = Token::generate("alice").unwrap();
+    let bob = Token::generate("bob").unwrap();
+    let all = "[\"push\", \"pull\"]";
+    let site = Site::start(&[(&alice, "alice", all, ""), (&bob, "bob", all, "")], "");
+    let root = site.server.root.clone();
+    std::fs::write(root.join("bob/secret"), b"bob's secret").unwrap();
+
+    let mut conn = connect_as(site.server.addr, &alice).await;
+    let first = vec![link_entry("l", "d/e/x/../../bob/secret")];
+    let offer = Message::TreeOffer(TreeOffer {
+        path: "t".into(),
+        entries: first,
+    });
+    conn.write_message(&offer).await.unwrap();
+    assert_eq!(error_code(&mut conn).await, ErrorCode::BadPath);
+
+    let mut conn = connect_as(site.server.addr, &alice).await;
+    let second = vec![dir_entry("d"), dir_entry("d/e"), link_entry("d/e/x", "../..")];
+    let offer = Message::TreeOffer(TreeOffer {
+        path: "t".into(),
+        entries: second,
+    });
+    conn.write_message(&offer).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::TreeNeed(_))));
+    conn.write_message(&Message::TreeCommit(Default::default()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        conn.read_message().await.unwrap(),
+        Some(Message::TreeCommitted(_))
+    ));
+    assert!(
+        std::fs::symlink_metadata(root.join("alice/t/l")).is_err(),
+        "the first link was never placed"
+    );
+}
+
+/// Found by review: a non-ASCII name made the device-name check panic, killing the session. Such names now travel
+/// like any other, both ways.
+#[tokio::test]
+async fn non_ascii_names_travel_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("café")).unwrap();
+    for name in ["naïve.txt", "a€", "café/ü.md", "日本語.txt", "COMé"] {
+        write_random(&tree.join(name), 5000, name.len() as u64);
+    }
+    push(&tree, &server.url("t"), &dir.path().join("state"), &[])
+        .await
+        .assert_ok();
+    let back = dir.path().join("back");
+    pull(&server.url("t"), &back, &dir.path().join("state2"), &[])
+        .await
+        .assert_ok();
+    for name in ["naïve.txt", "a€", "café/ü.md", "日本語.txt", "COMé"] {
+        assert_eq!(b3(&back.join(name)), b3(&tree.join(name)), "{name}");
+    }
 }

@@ -121,12 +121,10 @@ impl RemotePath {
 fn is_device_name(component: &str) -> bool {
     let stem = component.split('.').next().unwrap_or_default().trim_end_matches(' ');
     let upper = stem.to_ascii_uppercase();
-    match upper.as_str() {
-        "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$" => true,
-        _ => {
-            let (kind, digit) = upper.split_at(upper.len().min(3));
-            matches!(kind, "COM" | "LPT") && digit.len() == 1 && matches!(digit.as_bytes()[0], b'1'..=b'9')
-        }
+    match upper.as_bytes() {
+        b"CON" | b"PRN" | b"AUX" | b"NUL" | b"CONIN$" | b"CONOUT$" => true,
+        [b'C', b'O', b'M', digit] | [b'L', b'P', b'T', digit] => digit.is_ascii_digit() && *digit != b'0',
+        _ => false,
     }
 }
 
@@ -245,10 +243,14 @@ pub fn link_stays_inside(link: &str, target: &str) -> bool {
 }
 
 /// The paths (relative to the tree's directory) that following `target` from a symlink at `link` steps into, in
-/// order; `None` if the target is absolute, empty, too long, or climbs above the tree's directory. The walk is only
-/// what the kernel does if none of these paths is itself a symlink: a receiver refuses a link whose walk passes a
-/// symlink (another entry of the offer, or one on disk), so chains like `x/up -> ..` plus `l -> x/up/../..` cannot
-/// leave the tree.
+/// order; `None` if the target is absolute, empty, too long, climbs above the tree's directory, or has a `..` after
+/// a named component (`a/../b`).
+///
+/// The last rule makes the lexical walk what the kernel does however the tree changes later: a leading `..` climbs
+/// from the link's own directory, which is a real directory, while a `..` after a name climbs from wherever that
+/// name resolves, and a link placed there later (`a -> x/y`) would send it elsewhere: `l -> d/x/../../s` plus a later
+/// `d/x -> ../..` reaches outside the tree. A receiver also refuses a link whose walk passes a symlink (another entry
+/// of the offer, or one on disk).
 pub fn link_walk(link: &str, target: &str) -> Option<Vec<String>> {
     if target.is_empty() || target.len() > MAX_PATH_LEN || target.starts_with('/') || target.contains('\0') {
         return None;
@@ -259,6 +261,7 @@ pub fn link_walk(link: &str, target: &str) -> Option<Vec<String>> {
     for component in target.split('/') {
         match component {
             "" | "." => {}
+            ".." if !visited.is_empty() => return None,
             ".." => {
                 current.pop()?;
             }
@@ -332,6 +335,11 @@ mod tests {
     #[test]
     fn normal_paths_parse() {
         for ok in [
+            "naïve.txt",
+            "a€",
+            "docs/café-ü.md",
+            "日本語/ファイル",
+            "COMé",
             "a",
             "a/b.iso",
             "backups/host/db.dump",

@@ -180,10 +180,12 @@ fn namespace_context(
 
 /// Refuses namespaces of which one contains another (`""` contains every other).
 fn check_no_nesting<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), ServerError> {
-    let names: Vec<&str> = names.collect();
-    for outer in &names {
-        for inner in &names {
-            if outer != inner && (outer.is_empty() || inner.starts_with(&format!("{outer}/"))) {
+    // Compared without case: on a case-insensitive filesystem `Team` and `team/bob` share directories.
+    let names: Vec<(String, &str)> = names.map(|n| (n.to_lowercase(), n)).collect();
+    for (outer_key, outer) in &names {
+        for (inner_key, inner) in &names {
+            let nested = outer_key.is_empty() || inner_key.starts_with(&format!("{outer_key}/"));
+            if outer != inner && (nested || outer_key == inner_key) {
                 return Err(config_error(format!(
                     "namespace {inner:?} lies inside namespace {outer:?}; namespaces must not nest"
                 )));
@@ -218,5 +220,7 @@ mod tests {
         );
         assert!(check_no_nesting(["", "a"].into_iter()).is_err());
         assert!(check_no_nesting(["x/y", "x/y/z", "q"].into_iter()).is_err());
+        assert!(check_no_nesting(["Team", "team/bob"].into_iter()).is_err(), "case-insensitive filesystems");
+        assert!(check_no_nesting(["Team", "team"].into_iter()).is_err());
     }
 }
