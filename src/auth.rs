@@ -2,8 +2,10 @@
 //! without sending it, and the grant (namespace and permissions) a server attaches to a proven client.
 //!
 //! A token is `ID:SECRET`, the secret 32 random bytes in hex. The server sends a fresh 32-byte nonce per
-//! connection; the client answers `keyed_hash(derive_key(CONTEXT, secret), DOMAIN ‖ nonce ‖ id)`. The secret never
-//! crosses the wire, and an answer recorded from one connection is useless on the next (another nonce).
+//! connection; the client answers `keyed_hash(derive_key(CONTEXT, secret), DOMAIN ‖ nonce ‖ binding ‖ id)`, where
+//! `binding` is the TLS session's exporter (or a marker for plain TCP). The secret never crosses the wire, an
+//! answer recorded from one connection is useless on the next (another nonce), and one relayed by a hostile server
+//! into its own TLS session with the real server is useless too (another exporter).
 //! proto-spec.md, "Authentication", is the contract.
 
 use std::fmt;
@@ -66,19 +68,24 @@ impl Token {
         hex(&self.secret)
     }
 
-    /// The answer to `nonce`: proves the secret without revealing it.
-    pub fn respond(&self, nonce: &[u8; 32]) -> [u8; 32] {
+    /// The answer to `nonce` on a connection with this TLS channel `binding` (none for plain TCP): proves the
+    /// secret without revealing it, and only for this nonce and this TLS session.
+    pub fn respond(&self, nonce: &[u8; 32], binding: Option<&[u8; 32]>) -> [u8; 32] {
         let key = blake3::derive_key(KEY_CONTEXT, &self.secret);
         let mut mac = blake3::Hasher::new_keyed(&key);
         mac.update(DOMAIN);
         mac.update(nonce);
+        match binding {
+            Some(binding) => mac.update(&[1]).update(binding),
+            None => mac.update(&[0]),
+        };
         mac.update(self.id.as_bytes());
         *mac.finalize().as_bytes()
     }
 
-    /// Whether `answer` is this token's answer to `nonce` (constant-time comparison).
-    pub fn verify(&self, nonce: &[u8; 32], answer: &[u8; 32]) -> bool {
-        blake3::Hash::from(self.respond(nonce)) == blake3::Hash::from(*answer)
+    /// Whether `answer` is this token's answer to `nonce` on this channel (constant-time comparison).
+    pub fn verify(&self, nonce: &[u8; 32], binding: Option<&[u8; 32]>, answer: &[u8; 32]) -> bool {
+        blake3::Hash::from(self.respond(nonce, binding)) == blake3::Hash::from(*answer)
     }
 }
 
@@ -163,19 +170,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers_depend_on_nonce_secret_and_id() {
+    fn answers_depend_on_nonce_secret_id_and_channel() {
         let token = Token::generate("alice").unwrap();
         let (n1, n2) = (nonce(), nonce());
-        let answer = token.respond(&n1);
-        assert!(token.verify(&n1, &answer));
+        let answer = token.respond(&n1, None);
+        assert!(token.verify(&n1, None, &answer));
         assert!(
-            !token.verify(&n2, &answer),
+            !token.verify(&n2, None, &answer),
             "a replayed answer must fail on a new nonce"
         );
         let other = Token::generate("alice").unwrap();
-        assert!(!other.verify(&n1, &answer));
+        assert!(!other.verify(&n1, None, &answer));
         let renamed = Token::from_parts("bob", &token.secret_hex()).unwrap();
-        assert!(!renamed.verify(&n1, &answer), "the id is bound into the answer");
+        assert!(!renamed.verify(&n1, None, &answer), "the id is bound into the answer");
+        let (tls_a, tls_b) = ([1u8; 32], [2u8; 32]);
+        let bound = token.respond(&n1, Some(&tls_a));
+        assert!(token.verify(&n1, Some(&tls_a), &bound));
+        assert!(
+            !token.verify(&n1, Some(&tls_b), &bound),
+            "an answer relayed into another TLS session fails"
+        );
+        assert!(
+            !token.verify(&n1, None, &bound),
+            "and so does one relayed onto plain TCP"
+        );
     }
 
     #[test]

@@ -52,6 +52,25 @@ pub enum Stream {
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
 }
 
+impl Stream {
+    /// 32 bytes both ends of this TLS session derive alike and no other session shares (RFC 5705 exporter,
+    /// label `EXPORTER-ferry-auth`); `None` for plain TCP. Binding the token answer to it means an answer relayed
+    /// through another TLS session is worthless (proto-spec.md §3a).
+    pub fn channel_binding(&self) -> Option<[u8; 32]> {
+        let Stream::Tls(tls) = self else {
+            return None;
+        };
+        let exported = match tls.as_ref() {
+            tokio_rustls::TlsStream::Client(s) => s.get_ref().1.export_keying_material([0u8; 32], EXPORTER_LABEL, None),
+            tokio_rustls::TlsStream::Server(s) => s.get_ref().1.export_keying_material([0u8; 32], EXPORTER_LABEL, None),
+        };
+        exported.ok()
+    }
+}
+
+/// RFC 5705 exporter label for the token answer's channel binding.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-auth";
+
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {

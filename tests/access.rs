@@ -58,7 +58,7 @@ impl Site {
 async fn connect_as(addr: std::net::SocketAddr, token: &Token) -> Connection<TcpStream> {
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    client_hello(&mut conn, Duration::from_secs(10), Some(token))
+    client_hello(&mut conn, Duration::from_secs(10), Some(token), None)
         .await
         .unwrap();
     conn
@@ -137,7 +137,7 @@ async fn tokens_are_required_proven_and_never_replayable() {
     // A recorded answer is useless on the next connection: the nonce is new.
     let mut first = Connection::new(TcpStream::connect(site.server.addr).await.unwrap(), ferry::MAX_FRAME);
     let nonce = challenge(&mut first, "alice").await;
-    let answer = alice.respond(&nonce);
+    let answer = alice.respond(&nonce, None);
     first.write_message(&Message::Auth(Auth { answer })).await.unwrap();
     assert!(matches!(first.read_message().await.unwrap(), Some(Message::Welcome(_))));
     let mut replay = Connection::new(TcpStream::connect(site.server.addr).await.unwrap(), ferry::MAX_FRAME);
@@ -149,7 +149,7 @@ async fn tokens_are_required_proven_and_never_replayable() {
     // An unknown client reads exactly like a wrong answer.
     let mut stranger = Connection::new(TcpStream::connect(site.server.addr).await.unwrap(), ferry::MAX_FRAME);
     let nonce = challenge(&mut stranger, "mallory").await;
-    let answer = Token::generate("mallory").unwrap().respond(&nonce);
+    let answer = Token::generate("mallory").unwrap().respond(&nonce, None);
     stranger.write_message(&Message::Auth(Auth { answer })).await.unwrap();
     assert_eq!(error_code(&mut stranger).await, ErrorCode::AuthFailed);
 }

@@ -174,3 +174,35 @@ async fn a_client_that_never_finishes_the_tls_handshake_is_dropped() {
     let read = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the server closed the stalled TLS handshake");
 }
+
+/// A token over TLS: the answer is bound to the TLS session (proto-spec.md §3a), and both ends agree on it.
+#[tokio::test]
+async fn a_token_over_tls_is_accepted_and_lands_in_its_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, fingerprint) = keygen(dir.path());
+    let token = ferry::auth::Token::generate("laptop").unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[client]]\nid = \"laptop\"\nsecret = \"{}\"\nnamespace = \"laptop\"\npermissions = [\"push\"]\n",
+            token.secret_hex()
+        ),
+    )
+    .unwrap();
+    let token_file = dir.path().join("laptop.token");
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--config", config.to_str().unwrap()]);
+    let src = dir.path().join("f");
+    write_random(&src, 2 * MIB, 4);
+    let args = [
+        "--tls-fingerprint",
+        fingerprint.as_str(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    push(&src, &server.url("f"), &dir.path().join("state"), &args)
+        .await
+        .assert_ok();
+    assert_eq!(b3(&server.root.join("laptop/f")), b3(&src));
+}

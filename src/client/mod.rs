@@ -145,8 +145,9 @@ async fn connect(
             .map_err(|_| TransferError::Timeout(io_timeout, "in the TLS handshake"))?
             .map_err(tls_failure)?,
     };
+    let binding = stream.channel_binding();
     let mut conn = Connection::new(stream, MAX_FRAME);
-    handshake::client_hello(&mut conn, io_timeout, access.token.as_ref()).await?;
+    handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     Ok(conn)
 }
 

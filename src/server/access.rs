@@ -220,7 +220,10 @@ mod tests {
         );
         assert!(check_no_nesting(["", "a"].into_iter()).is_err());
         assert!(check_no_nesting(["x/y", "x/y/z", "q"].into_iter()).is_err());
-        assert!(check_no_nesting(["Team", "team/bob"].into_iter()).is_err(), "case-insensitive filesystems");
+        assert!(
+            check_no_nesting(["Team", "team/bob"].into_iter()).is_err(),
+            "case-insensitive filesystems"
+        );
         assert!(check_no_nesting(["Team", "team"].into_iter()).is_err());
     }
 }

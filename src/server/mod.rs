@@ -208,7 +208,8 @@ impl Server {
         self.shared.stats.clone()
     }
 
-    /// Serves one accepted connection over any byte stream (after TLS, if any): the handshake, then Offers and Pulls
+    /// Serves one accepted connection over any byte stream (plain; a TLS session's token answers could not be
+    /// bound to it): the handshake, then Offers and Pulls
     /// until the peer closes or `stop` fires; a failure is told to the peer before it is returned. This is what each
     /// of [`Server::run`]'s sessions does, without the connection limit; the fuzz targets drive it in memory.
     pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
@@ -218,7 +219,7 @@ impl Server {
         stop: &CancellationToken,
     ) -> Result<(), TransferError> {
         let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
-        let result = serve_connection(&mut conn, &self.shared, stop, peer).await;
+        let result = serve_connection(&mut conn, &self.shared, stop, peer, None).await;
         if let Err(e) = &result {
             tell_peer(&mut conn, e).await;
         }
@@ -274,6 +275,7 @@ impl Server {
                 let Some(stream) = secure(stream, &shared.config, peer).await else {
                     return;
                 };
+                let binding = stream.channel_binding();
                 let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
                 if permit.is_none() {
                     let busy = ErrorFrame::new(ErrorCode::TooManyConnections, "server is at its connection limit");
@@ -281,7 +283,7 @@ impl Server {
                         tokio::time::timeout(Duration::from_secs(2), conn.write_message(&Message::Error(busy))).await;
                     return;
                 }
-                if let Err(e) = serve_connection(&mut conn, &shared, &stop, peer).await {
+                if let Err(e) = serve_connection(&mut conn, &shared, &stop, peer, binding).await {
                     tracing::info!(%peer, error = %e, "session ended with an error");
                     tell_peer(&mut conn, &e).await;
                 }
@@ -346,10 +348,12 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     stop: &CancellationToken,
     peer: SocketAddr,
+    binding: Option<[u8; 32]>,
 ) -> Result<(), TransferError> {
     let config = &shared.config;
+    let (tokens, binding) = (&shared.gate.tokens, binding.as_ref());
     let client = tokio::select! {
-        client = handshake::server_accept(conn, config.handshake_timeout, &shared.gate.tokens, config.max_frame) => client?,
+        client = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => client?,
         _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
     };
     let who = match &client {

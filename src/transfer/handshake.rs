@@ -25,6 +25,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     token: Option<&Token>,
+    binding: Option<&[u8; 32]>,
 ) -> Result<Welcome, TransferError> {
     let hello = Message::Hello(Hello {
         magic: MAGIC,
@@ -43,7 +44,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
             )
         })?;
         let auth = Message::Auth(Auth {
-            answer: token.respond(&nonce),
+            answer: token.respond(&nonce, binding),
         });
         super::send_within(conn, &auth, timeout, "sending Auth").await?;
         reply = recv(conn, timeout, "waiting for Welcome").await?;
@@ -67,18 +68,19 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
 /// The tokens a server accepts, by client id; `None` accepts every client unauthenticated.
 pub type Tokens = Option<HashMap<String, Token>>;
 
-/// Server side: waits for Hello, checks magic and version, challenges the client when `tokens` are configured,
-/// and answers Welcome, all within `timeout`. Until then frames are limited to [`HANDSHAKE_MAX_FRAME`] (and
+/// Server side: waits for Hello, checks magic and version, challenges the client when `tokens` are configured
+/// (the answer bound to the TLS session's `binding`, if any), and answers Welcome, all within `timeout`. Until then frames are limited to [`HANDSHAKE_MAX_FRAME`] (and
 /// `max_frame` after), so an unknown peer cannot make the server buffer a large frame. Returns the proven client
 /// id (`None` on a server without tokens). On failure the caller sends the returned error's code to the peer.
 pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     tokens: &Tokens,
+    binding: Option<&[u8; 32]>,
     max_frame: u32,
 ) -> Result<Option<String>, TransferError> {
     conn.set_max_frame(HANDSHAKE_MAX_FRAME);
-    let client = tokio::time::timeout(timeout, accept_hello(conn, timeout, tokens, max_frame))
+    let client = tokio::time::timeout(timeout, accept_hello(conn, timeout, tokens, binding, max_frame))
         .await
         .map_err(|_| TransferError::Timeout(timeout, "completing the handshake"))??;
     conn.set_max_frame(max_frame);
@@ -89,6 +91,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     tokens: &Tokens,
+    binding: Option<&[u8; 32]>,
     max_frame: u32,
 ) -> Result<Option<String>, TransferError> {
     let hello = match super::next_message(conn, timeout, "waiting for Hello").await? {
@@ -119,7 +122,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
         ));
     }
     let client = match tokens {
-        Some(tokens) => Some(authenticate(conn, timeout, tokens, hello.client).await?),
+        Some(tokens) => Some(authenticate(conn, timeout, tokens, binding, hello.client).await?),
         None => None,
     };
     let welcome = Message::Welcome(Welcome {
@@ -137,6 +140,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     tokens: &HashMap<String, Token>,
+    binding: Option<&[u8; 32]>,
     client: String,
 ) -> Result<String, TransferError> {
     let denied = || TransferError::refused(ErrorCode::AuthFailed, "authentication failed");
@@ -159,7 +163,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     match tokens.get(&client) {
-        Some(token) if token.verify(&nonce, &answer) => Ok(client),
+        Some(token) if token.verify(&nonce, binding, &answer) => Ok(client),
         _ => {
             tracing::warn!(client = %truncated(&client), "authentication failed");
             Err(denied())
