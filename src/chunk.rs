@@ -1,8 +1,8 @@
 //! File → chunks: cut a file into content-defined (FastCDC) or fixed-size chunks and hash each with BLAKE3, plus
 //! the whole-file digest.
 //!
-//! Runs on blocking threads only (callers use `spawn_blocking`). Reading and hashing overlap: one thread reads,
-//! finds the cut points and feeds the whole-file hasher, a second hashes the chunks, so two cores hash at once. A
+//! Runs on blocking threads only (callers use `spawn_blocking`). Reading and hashing overlap: one thread reads and
+//! finds the cut points, a second hashes the chunks and the whole file, so two cores work at once. A
 //! file that changes while it is being read (size or mtime differ before and after) is reported as
 //! [`ChunkError::SourceChanged`].
 
@@ -21,8 +21,8 @@ use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS, MIN_CHUNK_SIZE};
 pub const MIN_CDC_AVG: u32 = 16 * 1024;
 /// Largest average size of content-defined chunks (fastcdc's bound).
 pub const MAX_CDC_AVG: u32 = 4 * 1024 * 1024;
-/// How much of the file the content-defined chunker looks at per read.
-const CDC_BUFFER: usize = 16 * 1024 * 1024;
+/// How much of the file one read takes (at least twice the largest content-defined chunk, 4 MiB by default).
+const CDC_BUFFER: usize = 8 * 1024 * 1024;
 /// Files up to this size are hashed on the calling thread.
 const SMALL_FILE: u64 = 1024 * 1024;
 
@@ -163,38 +163,39 @@ pub fn chunk_with(
 }
 
 /// Reads `size` bytes, cut as `chunking` says; returns the whole-file digest and the chunk list.
+///
+/// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
+/// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
+/// chunk is copied; at most three buffers exist at once.
 fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Hash, Vec<ChunkEntry>)> {
     if size <= SMALL_FILE {
         return hash_small(file, size, chunking);
     }
-    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(2);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(1);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
+            let mut whole = blake3::Hasher::new();
             let mut chunks = Vec::new();
-            for (offset, buf) in full_rx {
-                chunks.push(ChunkEntry {
-                    offset,
-                    len: buf.len() as u32,
-                    hash: *blake3::hash(&buf).as_bytes(),
-                });
-                let _ = free_tx.send(buf);
+            for batch in full_rx {
+                for &(at, len) in &batch.cuts {
+                    let bytes = &batch.buf[at..at + len];
+                    whole.update(bytes);
+                    chunks.push(ChunkEntry {
+                        offset: batch.base + at as u64,
+                        len: len as u32,
+                        hash: *blake3::hash(bytes).as_bytes(),
+                    });
+                }
+                let _ = free_tx.send(batch.buf);
             }
-            chunks
+            (*whole.finalize().as_bytes(), chunks)
         });
-        let mut whole = blake3::Hasher::new();
-        let mut spare: Vec<Vec<u8>> = (0..3).map(|_| Vec::new()).collect();
-        let mut emit = |offset: u64, bytes: &[u8]| {
-            whole.update(bytes);
-            let mut buf = spare.pop().or_else(|| free_rx.try_recv().ok()).unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(bytes);
-            full_tx.send((offset, buf)).is_ok()
-        };
-        let read_result = cut(file, size, chunking, &mut emit);
+        let recycled = || free_rx.try_recv().unwrap_or_default();
+        let read_result = batches(file, size, chunking, recycled, |batch| full_tx.send(batch).is_ok());
         drop(full_tx);
-        let chunks = hasher.join().expect("chunk hasher thread panicked");
-        read_result.map(|()| (*whole.finalize().as_bytes(), chunks))
+        let (digest, chunks) = hasher.join().expect("chunk hasher thread panicked");
+        read_result.map(|()| (digest, chunks))
     })
 }
 
@@ -216,60 +217,127 @@ fn hash_small(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Ha
     Ok((*whole.finalize().as_bytes(), chunks))
 }
 
-/// Emits the chunks of the first `size` bytes of `file`, cut as `chunking` says; stops early if `emit` returns
-/// false.
+/// A buffer of the file and the chunks cut in it.
+struct Batch {
+    /// Bytes read from the file, starting at `base`.
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    base: u64,
+    /// The chunks found in `buf`: (offset in `buf`, length), in order.
+    cuts: Vec<(usize, usize)>,
+}
+
+/// Emits the chunks of the first `size` bytes of `file`, cut as `chunking` says, one at a time through one reused
+/// buffer; stops early if `emit` returns false.
 fn cut(file: &File, size: u64, chunking: Chunking, emit: &mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
+    let spare = std::cell::Cell::new(Vec::new());
+    batches(
+        file,
+        size,
+        chunking,
+        || spare.take(),
+        |batch| {
+            let more = batch
+                .cuts
+                .iter()
+                .all(|&(at, len)| emit(batch.base + at as u64, &batch.buf[at..at + len]));
+            spare.set(batch.buf);
+            more
+        },
+    )
+}
+
+/// Reads the first `size` bytes of `file` into buffers (from `buffer`, which may hand back a used one or an empty
+/// `Vec`), finds the cut points in each, and hands each filled buffer with its cuts to `take`; stops early if
+/// `take` returns false.
+fn batches(
+    file: &File,
+    size: u64,
+    chunking: Chunking,
+    buffer: impl FnMut() -> Vec<u8>,
+    take: impl FnMut(Batch) -> bool,
+) -> std::io::Result<()> {
     match chunking {
-        Chunking::Fixed { size: chunk } => cut_fixed(file, size, chunk, emit),
-        Chunking::FastCdc { min, avg, max } => cut_cdc(file, size, (min, avg, max), CDC_BUFFER, emit),
+        Chunking::Fixed { size: chunk } => fixed_batches(file, size, chunk, buffer, take),
+        Chunking::FastCdc { min, avg, max } => cdc_batches(file, size, (min, avg, max), CDC_BUFFER, buffer, take),
     }
 }
 
-/// Emits fixed-size chunks; stops early if `emit` returns false.
-fn cut_fixed(file: &File, size: u64, chunk: u32, emit: &mut dyn FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
-    let mut buf = vec![0u8; u64::from(chunk.max(1)).min(size) as usize];
-    let mut offset = 0u64;
-    while offset < size {
-        let len = (size - offset).min(u64::from(chunk)) as usize;
-        file.read_exact_at(&mut buf[..len], offset)?;
-        if !emit(offset, &buf[..len]) {
+/// A buffer of `len` bytes, reusing `buf`'s allocation.
+fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+    buf.resize(len, 0);
+    buf
+}
+
+/// Fixed-size chunks, as many whole chunks per buffer as [`CDC_BUFFER`] holds (at least one).
+fn fixed_batches(
+    file: &File,
+    size: u64,
+    chunk: u32,
+    mut buffer: impl FnMut() -> Vec<u8>,
+    mut take: impl FnMut(Batch) -> bool,
+) -> std::io::Result<()> {
+    let chunk = u64::from(chunk.max(1));
+    let per_batch = (CDC_BUFFER as u64 / chunk).max(1) * chunk;
+    let mut base = 0u64;
+    while base < size {
+        let len = (size - base).min(per_batch) as usize;
+        let mut buf = sized(buffer(), len);
+        file.read_exact_at(&mut buf, base)?;
+        let cuts = (0..len)
+            .step_by(chunk as usize)
+            .map(|at| (at, (len - at).min(chunk as usize)))
+            .collect();
+        if !take(Batch { buf, base, cuts }) {
             break;
         }
-        offset += len as u64;
+        base += len as u64;
     }
     Ok(())
 }
 
-/// Emits content-defined chunks. The chunker runs over a buffer of the file; a chunk is final only if the buffer
-/// held `max` bytes from its start (or the file ended), so the cuts equal those of one pass over the whole file.
-fn cut_cdc(
+/// Content-defined chunks. The chunker runs over a buffer of the file; a chunk is final only if the buffer held
+/// `max` bytes from its start (or the file ended), so the cuts equal those of one pass over the whole file. The
+/// bytes after the last final cut start the next buffer.
+fn cdc_batches(
     file: &File,
     size: u64,
     (min, avg, max): (u32, u32, u32),
-    buffer: usize,
-    emit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    buffer_len: usize,
+    mut buffer: impl FnMut() -> Vec<u8>,
+    mut take: impl FnMut(Batch) -> bool,
 ) -> std::io::Result<()> {
     // The whole file if it fits: a buffer of at least 2 * max means a chunk is never cut short by its end.
-    let mut buf = vec![0u8; (buffer.max(2 * max as usize) as u64).min(size) as usize];
+    let capacity = (buffer_len.max(2 * max as usize) as u64).min(size) as usize;
+    let mut buf = sized(buffer(), capacity);
     let mut base = 0u64; // file offset of buf[0]
     let mut filled = 0usize;
     while base < size {
-        let want = ((size - base) as usize).min(buf.len());
+        let want = ((size - base) as usize).min(capacity);
         file.read_exact_at(&mut buf[filled..want], base + filled as u64)?;
         filled = want;
         let at_end = base + filled as u64 == size;
+        let mut cuts = Vec::new();
         let mut consumed = 0usize;
         for cut in fastcdc::v2020::FastCDC::new(&buf[..filled], min, avg, max) {
             if !at_end && cut.offset + max as usize > filled {
                 break;
             }
-            if !emit(base + cut.offset as u64, &buf[cut.offset..cut.offset + cut.length]) {
-                return Ok(());
-            }
+            cuts.push((cut.offset, cut.length));
             consumed = cut.offset + cut.length;
         }
-        buf.copy_within(consumed..filled, 0);
-        filled -= consumed;
+        let tail = filled - consumed;
+        let mut next = if base + (consumed as u64) < size {
+            sized(buffer(), capacity)
+        } else {
+            Vec::new()
+        };
+        next[..tail].copy_from_slice(&buf[consumed..filled]);
+        if !take(Batch { buf, base, cuts }) {
+            return Ok(());
+        }
+        buf = next;
+        filled = tail;
         base += consumed as u64;
     }
     Ok(())
@@ -322,15 +390,20 @@ mod tests {
             .collect();
         for buffer in [0, 200_000, 1 << 20] {
             let mut got = Vec::new();
-            cut_cdc(
+            let take = |batch: Batch| {
+                for (at, len) in batch.cuts {
+                    assert!(at + len <= batch.buf.len());
+                    got.push((batch.base + at as u64, len));
+                }
+                true
+            };
+            cdc_batches(
                 tmp.as_file(),
                 data.len() as u64,
                 (min, avg, max),
                 buffer,
-                &mut |offset, bytes| {
-                    got.push((offset, bytes.len()));
-                    true
-                },
+                Vec::new,
+                take,
             )
             .unwrap();
             assert_eq!(got, expected, "buffer {buffer}");
