@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use super::{answer_ping, next_message, recv, send_within, TransferError};
+use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
 use crate::wire::{Chunk, Committed, Connection, Message, Offer};
@@ -158,7 +158,10 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         match event {
             Step::Read(chunk) => {
                 let len = chunk.data.len() as u64;
-                send_within(conn, &Message::Chunk(chunk), opts.io_timeout, "sending chunks").await?;
+                conn.write_chunk(chunk.index, &chunk.data, Some(opts.io_timeout))
+                    .await
+                    .map_err(|e| timeout_as(e, "sending chunks"))?;
+                pipeline.recycle(chunk.data);
                 stats.bytes_sent += len;
                 stats.chunks_sent += 1;
             }
@@ -214,6 +217,10 @@ struct Pipeline<'a> {
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
+    /// Chunks the receiver rejected: read again, they are checked against the manifest before they go out.
+    rejected: HashSet<u32>,
+    /// Buffers of sent chunks, reused for the next reads.
+    spare: Vec<Vec<u8>>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -227,6 +234,15 @@ impl<'a> Pipeline<'a> {
             reading_bytes: 0,
             in_flight: HashSet::new(),
             in_flight_bytes: 0,
+            rejected: HashSet::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Takes back the buffer of a chunk that went out.
+    fn recycle(&mut self, data: Vec<u8>) {
+        if self.spare.len() < self.opts.read_ahead {
+            self.spare.push(data);
         }
     }
 
@@ -259,6 +275,7 @@ impl<'a> Pipeline<'a> {
             if self.in_flight.remove(&index) {
                 self.in_flight_bytes -= self.chunk_len(index);
                 stats.chunks_rejected += 1;
+                self.rejected.insert(index);
                 on_event(SendEvent::Rejected { index });
             }
         }
@@ -316,8 +333,11 @@ impl<'a> Pipeline<'a> {
             self.reading_bytes += len;
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
-            self.reads
-                .push_back(tokio::task::spawn_blocking(move || read_chunk(&file, index, &entry)));
+            let check = self.rejected.contains(&index);
+            let buf = self.spare.pop().unwrap_or_default();
+            self.reads.push_back(tokio::task::spawn_blocking(move || {
+                read_chunk(&file, index, &entry, check, buf)
+            }));
         }
     }
 
@@ -355,9 +375,18 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-/// Reads one chunk and checks it still matches the manifest.
-fn read_chunk(file: &File, index: u32, entry: &crate::manifest::ChunkEntry) -> Result<Chunk, TransferError> {
-    let mut data = vec![0u8; entry.len as usize];
+/// Reads one chunk into `buf` (a recycled buffer). A chunk the receiver rejected before is checked against the
+/// manifest first (`check`): if the source changed, resending it would only be rejected again. Other chunks go out
+/// unchecked, since the receiver verifies every chunk before it writes it, and hashing them here too would cost a
+/// second BLAKE3 pass over everything sent.
+fn read_chunk(
+    file: &File,
+    index: u32,
+    entry: &crate::manifest::ChunkEntry,
+    check: bool,
+    mut data: Vec<u8>,
+) -> Result<Chunk, TransferError> {
+    data.resize(entry.len as usize, 0);
     file.read_exact_at(&mut data, entry.offset)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
@@ -366,7 +395,7 @@ fn read_chunk(file: &File, index: u32, entry: &crate::manifest::ChunkEntry) -> R
             )),
             _ => TransferError::SourceIo(e),
         })?;
-    if crate::verify::check_chunk(entry, &data).is_err() {
+    if check && crate::verify::check_chunk(entry, &data).is_err() {
         return Err(TransferError::SourceChanged(format!(
             "chunk {index} at offset {} no longer matches the manifest",
             entry.offset

@@ -112,6 +112,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// Writes a `Chunk` frame straight from `data`: the same bytes as `write_message(&Message::Chunk(..))`, without
+    /// first copying the payload into the write buffer. Not cancel-safe, like [`Connection::write_message_idle`].
+    pub async fn write_chunk(&mut self, index: u32, data: &[u8], idle: Option<Duration>) -> Result<(), WireError> {
+        self.write_buf.clear();
+        codec::encode_chunk_header(index, data.len(), self.max_frame, &mut self.write_buf)?;
+        within(idle, self.stream.write_all(&self.write_buf)).await?;
+        for slice in data.chunks(WRITE_SLICE) {
+            within(idle, self.stream.write_all(slice)).await?;
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
     /// Shuts down the write side, telling the peer no more frames follow.
     pub async fn shutdown(&mut self) -> Result<(), WireError> {
         self.stream.shutdown().await?;
