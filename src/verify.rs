@@ -5,7 +5,6 @@
 //! Blocking functions: call them from blocking threads.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
@@ -57,17 +56,46 @@ pub fn write_verified(file: &File, entry: &ChunkEntry, data: &[u8]) -> Result<()
     })
 }
 
-/// BLAKE3 of a whole file, read sequentially from the start.
+/// BLAKE3 of a whole file, read sequentially from the start (reading and hashing overlap on two threads).
 pub fn digest_file(file: &mut File) -> std::io::Result<Hash> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(*hasher.finalize().as_bytes());
-        }
-        hasher.update(&buf[..n]);
+    use std::io::Seek;
+    use std::os::unix::fs::FileExt;
+    const BUF: usize = 4 << 20;
+    file.rewind()?;
+    let size = file.metadata()?.len();
+    if size <= BUF as u64 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut *file)?;
+        return Ok(*hasher.finalize().as_bytes());
     }
+    // Two threads: one reads (the copy out of the page cache), this one hashes; two buffers go back and forth.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let file = &*file;
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> std::io::Result<()> {
+            let mut offset = 0u64;
+            let mut spare = vec![vec![0u8; BUF], vec![0u8; BUF]];
+            loop {
+                let mut buf = spare
+                    .pop()
+                    .or_else(|| free_rx.recv().ok())
+                    .unwrap_or_else(|| vec![0u8; BUF]);
+                let n = file.read_at(&mut buf, offset)?;
+                if n == 0 || full_tx.send((buf, n)).is_err() {
+                    return Ok(());
+                }
+                offset += n as u64;
+            }
+        });
+        let mut hasher = blake3::Hasher::new();
+        for (buf, n) in full_rx {
+            hasher.update(&buf[..n]);
+            let _ = free_tx.send(buf);
+        }
+        reader.join().expect("digest reader thread panicked")?;
+        Ok(*hasher.finalize().as_bytes())
+    })
 }
 
 #[cfg(test)]
