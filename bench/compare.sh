@@ -231,6 +231,38 @@ for run in $(seq "$runs"); do
   diff -r "$work/tree" "$work/ferry-root/tree" > /dev/null
 done
 
+# --- 6. a link with latency (40 ms round trip) ----------------------------------------------------------------
+lat_mib=$((size_mib < 512 ? size_mib : 512))
+head -c "$((lat_mib * 1024 * 1024))" "$work/src.bin" > "$work/lat.bin"
+cargo build --release --quiet --example delay_proxy
+start_proxy() { # start_proxy UPSTREAM: a proxy adding 20 ms each way; sets proxy_addr and proxy_pid
+  "$repo/target/release/examples/delay_proxy" "$1" 20 > "$work/proxy.out" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  for _ in $(seq 100); do grep -q listening "$work/proxy.out" 2> /dev/null && break; sleep 0.05; done
+  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
+}
+for run in $(seq "$runs"); do
+  echo "compare: ${lat_mib} MiB over a 40 ms round trip, run $run" >&2
+  for window in 16MiB 64MiB; do
+    start_ferry "$work/ferry-root"
+    start_proxy "$ferry_addr"
+    rm -rf "$work/state"
+    t0=$(now)
+    "$bin" push "$work/lat.bin" "ferry://$proxy_addr/lat.bin" --state "$work/state" --window "$window" --json > /dev/null
+    record "lat_ferry_$window" "$(since "$t0")"
+    kill "$proxy_pid"; wait "$proxy_pid" 2> /dev/null || true
+    stop_ferry
+    cmp "$work/lat.bin" "$work/ferry-root/lat.bin"
+  done
+  rm -rf "$work/rsync-dst/"*
+  start_proxy "127.0.0.1:$rsync_port"
+  t0=$(now)
+  rsync -t "$work/lat.bin" "rsync://$proxy_addr/dst/lat.bin"
+  record lat_rsync "$(since "$t0")"
+  kill "$proxy_pid"; wait "$proxy_pid" 2> /dev/null || true
+done
+
 # --- report ---------------------------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0 && a != "n/a") printf "%.2f", a/b; else print "n/a" }'; }
 mib() { awk -v b="$1" 'BEGIN{printf "%.2f MiB", b/1048576}'; }
@@ -284,6 +316,19 @@ fresh=$(result fresh_ferry)
   echo "|---|---|---|"
   echo "| ferry | $(result tree_fresh_ferry) | $(result tree_noop_ferry) |"
   echo "| rsync -a | $(result tree_fresh_rsync) | $(result tree_noop_rsync) |"
+  echo
+  echo "## A ${lat_mib} MiB push over a link with 40 ms round trip"
+  echo
+  echo "Through ferry's delaying proxy (\`examples/delay_proxy.rs\`, 20 ms each way) on loopback."
+  echo
+  echo "| tool | time (s) | MiB/s |"
+  echo "|---|---|---|"
+  for window in 16MiB 64MiB; do
+    t=$(result "lat_ferry_$window")
+    echo "| ferry, 1 stream, --window $window | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
+  done
+  t=$(result lat_rsync)
+  echo "| rsync | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
 } > "$work/report.md"
 mkdir -p "$(dirname "$out")"
 cp "$work/report.md" "$out"

@@ -23,6 +23,7 @@ pub mod demo;
 pub mod fault;
 pub mod gc;
 pub mod manifest;
+pub mod memory;
 pub mod path;
 pub mod ranges;
 pub mod server;

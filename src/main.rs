@@ -8,6 +8,7 @@ use ferry::cli::{Cli, Command};
 use ferry::exit;
 
 fn main() -> ExitCode {
+    ferry::memory::bound_allocator();
     let cli = Cli::parse();
     // The demo narrates on stdout; its injected faults would otherwise show up as warnings too.
     let demo = matches!(cli.command, Command::Demo(_)) && cli.verbose == 0;

@@ -34,7 +34,7 @@ use crate::wire::{Ack, Committed, Connection, ErrorCode, Message, Need};
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
 /// Chunks queued between the socket and the disk writer.
-const WRITE_QUEUE: usize = 8;
+const WRITE_QUEUE: usize = 4;
 
 /// Everything a receiver needs, shared by all sessions of a server.
 #[derive(Clone)]
