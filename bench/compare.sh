@@ -228,6 +228,12 @@ for run in $(seq "$runs"); do
   t0=$(now)
   rsync -a "$work/tree/" "$rsync_url/tree/"
   record tree_noop_rsync "$(since "$t0")"
+  # The same copy made durable, as ferry's is before it answers: rsync -a, then sync.
+  rm -rf "$work/rsync-dst/"*; sync
+  t0=$(now)
+  rsync -a "$work/tree/" "$rsync_url/tree/"
+  sync
+  record tree_fresh_rsync_sync "$(since "$t0")"
   diff -r "$work/tree" "$work/ferry-root/tree" > /dev/null
 done
 
@@ -316,6 +322,7 @@ fresh=$(result fresh_ferry)
   echo "|---|---|---|"
   echo "| ferry | $(result tree_fresh_ferry) | $(result tree_noop_ferry) |"
   echo "| rsync -a | $(result tree_fresh_rsync) | $(result tree_noop_rsync) |"
+  echo "| rsync -a, then sync (durable like ferry) | $(result tree_fresh_rsync_sync) | |"
   echo
   echo "## A ${lat_mib} MiB push over a link with 40 ms round trip"
   echo

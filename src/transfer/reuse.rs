@@ -84,6 +84,9 @@ pub(crate) fn reuse_local(
         buf: Vec::new(),
         reused: Reused::default(),
     };
+    // In manifest order: the partial is written front to back, and an older version mostly read that way too.
+    let mut wanted: Vec<(Hash, Vec<u32>)> = wanted.into_iter().collect();
+    wanted.sort_unstable_by_key(|(_, indices)| indices[0]);
     for (hash, indices) in &wanted {
         let len = writer.manifest.chunks[indices[0] as usize].len;
         let mut places = finder.places.remove(hash).unwrap_or_default();
@@ -198,8 +201,9 @@ struct Copier {
 }
 
 impl Copier {
-    /// Tries `places` in order until one holds bytes hashing to `hash`, then writes them as every chunk in
-    /// `indices`. A place that holds other bytes is skipped (and forgotten, if it came from the index).
+    /// Tries `places` in order until one holds bytes hashing to `hash` (the writer's verification decides, so
+    /// each copy is hashed once), then writes them as every chunk in `indices`. A place that holds other bytes is
+    /// skipped (and forgotten, if it came from the index).
     fn fill(
         &mut self,
         writer: &mut ChunkWriter,
@@ -215,7 +219,9 @@ impl Copier {
                 Place::Partial(offset) => writer.file.read_exact_at(&mut self.buf, offset),
                 Place::File { file, offset } => finder.files[file].read_exact_at(&mut self.buf, offset),
             };
-            if read.is_err() || blake3::hash(&self.buf).as_bytes() != hash {
+            let (first, rest) = indices.split_first().expect("every wanted hash has an index");
+            // The first write verifies the bytes against the manifest; the others are the same bytes.
+            if read.is_err() || !writer.write_local(*first, &self.buf, true)? {
                 if let Place::File { file, .. } = *place {
                     if !finder.paths[file].is_empty() {
                         let _ = self.store.forget_chunk(hash, &finder.paths[file]);
@@ -223,18 +229,28 @@ impl Copier {
                 }
                 continue;
             }
-            for &index in indices {
-                if writer.write_local(index, &self.buf)? {
-                    self.reused.chunks += 1;
-                    self.reused.bytes += u64::from(len);
+            self.count(len);
+            for &index in rest {
+                if writer.write_local(index, &self.buf, false)? {
+                    self.count(len);
                 }
                 if writer.batch_bytes() >= REUSE_BATCH {
                     writer.persist_batch()?;
                 }
             }
+            if writer.batch_bytes() >= REUSE_BATCH {
+                writer.persist_batch()?;
+            }
             return Ok(());
         }
         Ok(())
+    }
+}
+
+impl Copier {
+    fn count(&mut self, len: u32) {
+        self.reused.chunks += 1;
+        self.reused.bytes += u64::from(len);
     }
 }
 

@@ -6,6 +6,7 @@
 //! lost.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -176,15 +177,27 @@ impl ChunkWriter {
 
     /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
     /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`]. The caller passes
-    /// each missing index at most once per batch (reuse does: every index belongs to exactly one hash).
-    pub(crate) fn write_local(&mut self, index: u32, data: &[u8]) -> Result<bool, TransferError> {
+    /// each missing index at most once per batch (reuse does: every index belongs to exactly one hash). `verify`
+    /// may be false only for bytes that just verified as another chunk with the same hash and length.
+    pub(crate) fn write_local(&mut self, index: u32, data: &[u8], verify: bool) -> Result<bool, TransferError> {
         let Some(entry) = self.manifest.chunk(index) else {
             return Ok(false);
         };
         if self.received.contains(index) {
-            return Ok(true);
+            // Already there; the answer still says whether `data` is this chunk, as the caller relies on it.
+            return Ok(!verify || verify::check_chunk(entry, data).is_ok());
         }
-        match verify::write_verified(&self.file, entry, data) {
+        let written = if verify {
+            verify::write_verified(&self.file, entry, data)
+        } else if entry.len as usize != data.len() {
+            return Ok(false);
+        } else {
+            self.file.write_all_at(data, entry.offset).map_err(|source| VerifyError::Io {
+                offset: entry.offset,
+                source,
+            })
+        };
+        match written {
             Ok(()) => {
                 self.batch.push(index);
                 self.batch_bytes += data.len() as u64;
