@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{mtime_of, ChunkSpec};
-use crate::path::{link_stays_inside, open_no_follow, RemotePath};
+use crate::path::{is_temp_name, link_stays_inside, open_no_follow, RemotePath};
 use crate::source::{manifest_for_with, SourceError};
 use crate::store::SenderStore;
 use crate::wire::{EntryKind, TreeEntry};
@@ -94,6 +94,10 @@ pub fn scan_with(
                 skipped.push((item.path().display().to_string(), "name is not UTF-8".into()));
                 continue;
             };
+            if is_temp_name(&name) {
+                // A receiver's temporary (a transfer in progress, or left by a crash), never content.
+                continue;
+            }
             let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             if let Err(e) = RemotePath::parse(&path) {
                 skipped.push((path, e.to_string()));

@@ -207,6 +207,18 @@ pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std:
     Ok((current, meta.expect("a RemotePath has a component")))
 }
 
+/// Whether `name` is a receiver's temporary file, `.ferry-<16 hex>.small` or `.link` (a link is made beside its
+/// destination and renamed into place; a crash may leave one behind).
+pub fn is_temp_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(".ferry-") else {
+        return false;
+    };
+    let Some((hex, kind)) = rest.split_once('.') else {
+        return false;
+    };
+    hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && matches!(kind, "small" | "link")
+}
+
 /// Longest namespace name, in bytes (its partials directory is named by its hex).
 pub const MAX_NAMESPACE_LEN: usize = 120;
 /// Prefix of a namespace's partials directory inside the server's partials directory.
@@ -352,6 +364,21 @@ mod tests {
             "nully",
         ] {
             assert_eq!(RemotePath::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn temporaries_are_recognised_by_their_exact_shape() {
+        assert!(is_temp_name(".ferry-0123456789abcdef.small"));
+        assert!(is_temp_name(".ferry-0123456789abcdef.link"));
+        for not in [
+            ".ferry-0123.small",
+            ".ferry-0123456789abcdef.part",
+            "ferry-0123456789abcdef.small",
+            ".ferry-0123456789abcdeg.small",
+            "notes.small",
+        ] {
+            assert!(!is_temp_name(not), "{not}");
         }
     }
 

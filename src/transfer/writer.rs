@@ -192,10 +192,12 @@ impl ChunkWriter {
         } else if entry.len as usize != data.len() {
             return Ok(false);
         } else {
-            self.file.write_all_at(data, entry.offset).map_err(|source| VerifyError::Io {
-                offset: entry.offset,
-                source,
-            })
+            self.file
+                .write_all_at(data, entry.offset)
+                .map_err(|source| VerifyError::Io {
+                    offset: entry.offset,
+                    source,
+                })
         };
         match written {
             Ok(()) => {
