@@ -98,6 +98,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
         send: SendOptions::default(),
         connect_timeout: Duration::from_secs(5),
         access: Default::default(),
+        streams: 1,
         backoff: Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(1),

@@ -12,5 +12,6 @@ mod gc;
 mod pull;
 mod push;
 mod replay;
+mod streams;
 mod tls;
 mod tree;

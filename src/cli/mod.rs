@@ -123,6 +123,10 @@ pub struct PushArgs {
     pub file: PathBuf,
     /// ferry://HOST[:PORT]/REMOTE/PATH (a trailing '/' keeps the local file name).
     pub destination: FerryUrl,
+    /// TCP connections sharing one file's chunks (1-16): more than one helps on links with high latency, where
+    /// one connection is bound by its window or its TCP buffers. Trees use one connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: u32,
     /// Options shared with pull.
     #[command(flatten)]
     pub common: TransferArgs,
@@ -258,6 +262,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         },
         connect_timeout: common.connect_timeout(),
         access,
+        streams: args.streams,
         backoff: common.backoff(),
         links: common.links,
     };

@@ -225,6 +225,7 @@ fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<Receive
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
+        joins: Default::default(),
     })
 }
 

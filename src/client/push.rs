@@ -12,7 +12,7 @@ use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
 use crate::source::{manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
-use crate::transfer::sender::{send, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
 use crate::wire::Committed;
@@ -36,6 +36,8 @@ pub struct PushOptions {
     pub connect_timeout: Duration,
     /// Token and TLS settings.
     pub access: super::Access,
+    /// TCP connections sharing the transfer of one file (1: just the one that offers it).
+    pub streams: u32,
     /// Delays between attempts.
     pub backoff: Backoff,
     /// For a directory: whether symlinks are recreated or left out.
@@ -187,7 +189,22 @@ async fn attempt(
     .await?;
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-    let result = send(&mut conn, remote_path.as_str(), source, &opts.send, stats, &mut forward).await;
+    let path = remote_path.as_str();
+    let result = if opts.streams > 1 && source.manifest.chunk_count() > 1 {
+        let mut extra = Vec::new();
+        for _ in 1..opts.streams.min(source.manifest.chunk_count()) {
+            let stream = connect(
+                &opts.destination,
+                opts.connect_timeout,
+                opts.send.io_timeout,
+                &opts.access,
+            );
+            extra.push(stream.await?);
+        }
+        send_streams(&mut conn, extra, path, source, &opts.send, stats, &mut forward).await
+    } else {
+        send(&mut conn, path, source, &opts.send, stats, &mut forward).await
+    };
     match &result {
         Ok(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;

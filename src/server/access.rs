@@ -173,6 +173,7 @@ fn namespace_context(
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,
         claims: Claims::default(),
+        joins: Default::default(),
         quota,
         ..base.clone()
     })

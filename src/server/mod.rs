@@ -29,6 +29,7 @@ use crate::path::{RemotePath, RESERVED_DIR};
 use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
 use crate::tls::{ServerTls, Stream};
 use crate::transfer::claims::Claims;
+use crate::transfer::join::serve_join;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
@@ -192,6 +193,7 @@ impl Server {
             max_file_size: config.max_file_size,
             max_manifest_chunks: config.max_manifest_chunks,
             quota: None,
+            joins: Default::default(),
         };
         let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;
         let shared = Shared {
@@ -375,7 +377,9 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
         };
         match msg {
-            Ok(Message::Offer(_) | Message::TreeOffer(_)) if !grant.permissions.push => return Err(forbidden("push")),
+            Ok(Message::Offer(_) | Message::TreeOffer(_) | Message::Join(_)) if !grant.permissions.push => {
+                return Err(forbidden("push"))
+            }
             Ok(Message::Pull(_)) if !grant.permissions.pull => return Err(forbidden("pull")),
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
@@ -387,6 +391,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 receive_tree(conn, ctx, offer, Some(base), LinkPolicy::Record, stop).await?;
             }
             Ok(Message::Pull(pull)) => pull::serve_pull(conn, shared, ctx, pull, stop).await?,
+            Ok(Message::Join(join)) => return serve_join(conn, ctx, join, stop).await,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;
             }

@@ -7,6 +7,7 @@
 pub mod claims;
 mod commit;
 pub mod handshake;
+pub mod join;
 mod quota;
 pub mod receiver;
 mod reuse;

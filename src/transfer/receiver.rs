@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
+use super::join;
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -29,7 +30,7 @@ use crate::path::{resolve_in_root, RemotePath};
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord};
-use crate::wire::{Ack, Committed, Connection, ErrorCode, Message, Need};
+use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
@@ -61,6 +62,8 @@ pub struct ReceiverContext {
     pub max_manifest_chunks: usize,
     /// Bytes this root (a namespace) may hold, committed and open together; `None`: unlimited.
     pub quota: Option<u64>,
+    /// Open transfers that extra streams may join.
+    pub joins: super::join::Joins,
 }
 
 /// Where a prepared transfer stands.
@@ -162,11 +165,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     let missing = chunks - writer.received.present();
     tracing::info!(path = %path, chunks, missing, "offer accepted");
     for _ in 0..MAX_COMMIT_ROUNDS {
-        let need = Message::Need(Need {
-            ranges: writer.received.missing_ranges(),
-        });
-        send_within(conn, &need, ctx.idle_timeout, "sending Need").await?;
-        let (writer_back, result) = receive_chunks(conn, ctx, writer, superseded, stop).await;
+        let (writer_back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
         writer = writer_back;
         result?;
         if writer.received.is_complete() {
@@ -181,29 +180,44 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
 }
 
-/// Runs one round of chunk reception until Commit (Ok) or a failure. Always drains the writer first, so what was
-/// verified is durable before this returns, whatever the outcome.
+/// Runs one round of chunk reception: opens the transfer to joining streams, sends the Need, and takes chunks
+/// until Commit (Ok) or a failure. Always drains the writer first, so what was verified is durable before this
+/// returns, whatever the outcome.
 async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     writer: ChunkWriter,
+    path: &RemotePath,
     superseded: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (ChunkWriter, Result<(), TransferError>) {
     let manifest = writer.manifest.clone();
+    let missing_ranges = writer.received.missing_ranges();
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
+    // Extra streams may join this round until it ends; their events are forwarded to them.
+    let mut opening = Some(ctx.joins.open(path.as_str(), manifest.clone(), chunk_tx.clone()));
+    let routes = opening.as_ref().map(|o| o.routes.clone()).unwrap_or_default();
     let mut chunk_tx = Some(chunk_tx);
-    let mut result = Ok(());
+    // Only now: a client that hears the Need may join at once.
+    let need = Message::Need(Need { ranges: missing_ranges });
+    let mut result = send_within(conn, &need, ctx.idle_timeout, "sending Need").await;
+    if result.is_err() {
+        chunk_tx = None;
+    }
     loop {
+        if chunk_tx.is_none() {
+            opening = None;
+        }
         let step = tokio::select! {
             _ = superseded.cancelled(), if chunk_tx.is_some() => Err(TransferError::Superseded),
             _ = shutdown.cancelled(), if chunk_tx.is_some() => Err(TransferError::ShuttingDown),
-            event = events.recv() => match event {
+            event = events.recv() => match event.map(|e| join::route(&routes, e)) {
                 None => break, // the writer has finished
-                Some(event) if result.is_ok() => answer_writer(conn, ctx, event).await,
-                Some(_) => Ok(Flow::Continue), // already failing: only drain
+                Some(None) => Ok(Flow::Continue), // forwarded to a joined stream
+                Some(Some(event)) if result.is_ok() => answer_writer(conn, ctx, event).await,
+                Some(Some(_)) => Ok(Flow::Continue), // already failing: only drain
             },
             msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => match msg {
                 Ok(msg) => take_message(conn, ctx, &manifest, chunk_tx.as_ref().expect("guarded"), msg).await,
@@ -219,6 +233,7 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    drop(opening);
     let writer = task.await.expect("chunk writer panicked");
     (writer, result)
 }
@@ -238,8 +253,8 @@ async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
     event: WriterEvent,
 ) -> Result<Flow, TransferError> {
     let reply = match event {
-        WriterEvent::Durable(ranges) => Message::Ack(Ack { ranges }),
-        WriterEvent::Rejected(index) => Message::Need(Need {
+        WriterEvent::Durable { ranges, .. } => Message::Ack(Ack { ranges }),
+        WriterEvent::Rejected { index, .. } => Message::Need(Need {
             ranges: vec![IndexRange { start: index, count: 1 }],
         }),
         WriterEvent::Failed(e) => return Err(e),
@@ -258,36 +273,11 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
     msg: Message,
 ) -> Result<Flow, TransferError> {
     match msg {
-        Message::Chunk(chunk) => {
-            let entry = manifest.chunk(chunk.index).ok_or_else(|| {
-                TransferError::refused(
-                    ErrorCode::UnexpectedMessage,
-                    format!("chunk {} is not in the manifest", chunk.index),
-                )
-            })?;
-            if chunk.data.len() != entry.len as usize {
-                let why = format!(
-                    "chunk {} has {} bytes, the manifest says {}",
-                    chunk.index,
-                    chunk.data.len(),
-                    entry.len
-                );
-                return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
-            }
-            let budget = ctx
-                .queue_budget
-                .clone()
-                .acquire_many_owned(entry.len.div_ceil(1024))
-                .await;
-            let budget = budget.map_err(|_| TransferError::ShuttingDown)?;
-            let queued = queue.send(QueuedChunk { chunk, _budget: budget }).await;
-            // A closed queue means the writer stopped; its Failed event follows.
-            Ok(if queued.is_ok() {
-                Flow::Continue
-            } else {
-                Flow::EndOfRound
-            })
-        }
+        Message::Chunk(chunk) => Ok(if queue_chunk(ctx, manifest, queue, chunk, 0).await? {
+            Flow::Continue
+        } else {
+            Flow::EndOfRound // the writer stopped; its Failed event follows
+        }),
         Message::Commit => Ok(Flow::EndOfRound),
         Message::Abandon(reason) => Err(TransferError::Abandoned(reason)),
         Message::Ping(nonce) => {
@@ -299,6 +289,44 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
             state: "receiving chunks",
         }),
     }
+}
+
+/// Checks a chunk against the manifest and queues it for the writer once it holds its share of the server-wide
+/// queue budget, so many connections cannot pile up unbounded chunk memory. False if the writer has stopped.
+pub(crate) async fn queue_chunk(
+    ctx: &ReceiverContext,
+    manifest: &Manifest,
+    queue: &mpsc::Sender<QueuedChunk>,
+    chunk: Chunk,
+    stream: u32,
+) -> Result<bool, TransferError> {
+    let entry = manifest.chunk(chunk.index).ok_or_else(|| {
+        TransferError::refused(
+            ErrorCode::UnexpectedMessage,
+            format!("chunk {} is not in the manifest", chunk.index),
+        )
+    })?;
+    if chunk.data.len() != entry.len as usize {
+        let why = format!(
+            "chunk {} has {} bytes, the manifest says {}",
+            chunk.index,
+            chunk.data.len(),
+            entry.len
+        );
+        return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
+    }
+    let budget = ctx
+        .queue_budget
+        .clone()
+        .acquire_many_owned(entry.len.div_ceil(1024))
+        .await;
+    let budget = budget.map_err(|_| TransferError::ShuttingDown)?;
+    let queued = QueuedChunk {
+        chunk,
+        stream,
+        _budget: budget,
+    };
+    Ok(queue.send(queued).await.is_ok())
 }
 
 /// Waits for the Commit of an offer that needs nothing, giving way to a takeover or a shutdown.

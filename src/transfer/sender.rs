@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
-use crate::wire::{Chunk, Committed, Connection, Message, Offer};
+use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer};
 
 /// Commit rounds (Commit answered by Need) tolerated before the receiver is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
@@ -66,6 +66,17 @@ pub struct SendStats {
     pub chunks_rejected: u64,
     /// Small files of a tree acknowledged as committed.
     pub files_acked: u64,
+}
+
+impl SendStats {
+    /// Adds another stream's counters.
+    pub fn merge(&mut self, other: &SendStats) {
+        self.bytes_sent += other.bytes_sent;
+        self.chunks_sent += other.chunks_sent;
+        self.chunks_acked += other.chunks_acked;
+        self.chunks_rejected += other.chunks_rejected;
+        self.files_acked += other.files_acked;
+    }
 }
 
 /// What the sender saw, for progress display.
@@ -122,25 +133,141 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
+    let needed = offer(conn, path, source, opts).await?;
+    let mut pipeline = Pipeline::new(source, opts);
+    pipeline.need(&needed, false, stats, on_event)?;
+    drive(conn, source, opts, &mut pipeline, true, stats, on_event)
+        .await
+        .map(|committed| committed.expect("a committing drive ends with Committed"))
+}
+
+/// Like [`send`], with the needed chunks spread over `extra` connections as well (already greeted, the same
+/// server): each joins the transfer with `Join` and sends its share in stripes of [`STRIPE`] chunks, and the
+/// offering connection commits once every stream's chunks are acknowledged. A failure on any stream fails the
+/// whole attempt; what was acknowledged is durable and the next attempt resumes from it.
+pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    conn: &mut Connection<S>,
+    extra: Vec<Connection<S>>,
+    path: &str,
+    source: &Source,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Committed, TransferError> {
+    let needed = offer(conn, path, source, opts).await?;
+    let shares = stripes(&needed, extra.len() + 1);
+    let mut streams = tokio::task::JoinSet::new();
+    for (mut stream, share) in extra.into_iter().zip(shares[1..].iter().cloned()) {
+        let (source, opts, path) = (source.clone(), opts.clone(), path.to_string());
+        streams.spawn(async move {
+            let mut stats = SendStats::default();
+            let result = join_and_send(&mut stream, &path, &source, &opts, &share, &mut stats).await;
+            (stats, result)
+        });
+    }
+    let mut pipeline = Pipeline::new(source, opts);
+    pipeline.need(&shares[0], false, stats, on_event)?;
+    let own = drive(conn, source, opts, &mut pipeline, false, stats, on_event).await;
+    let mut failure = own.err();
+    while let Some(joined) = streams.join_next().await {
+        let (their, result) = joined.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))?;
+        stats.merge(&their);
+        failure = failure.or(result.err());
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut pipeline = Pipeline::new(source, opts);
+    drive(conn, source, opts, &mut pipeline, true, stats, on_event)
+        .await
+        .map(|committed| committed.expect("a committing drive ends with Committed"))
+}
+
+/// Chunks per stripe when the needed chunks are spread over several streams: neighbours travel together, so each
+/// stream's writes stay mostly sequential.
+pub const STRIPE: u32 = 4;
+
+/// Spreads `needed` over `streams` shares, stripe by stripe in turn.
+fn stripes(needed: &[IndexRange], streams: usize) -> Vec<Vec<IndexRange>> {
+    let mut shares = vec![Vec::new(); streams];
+    let all: Vec<u32> = needed.iter().flat_map(IndexRange::indices).collect();
+    for (n, stripe) in all.chunks(STRIPE as usize).enumerate() {
+        shares[n % streams].extend(encode_runs(stripe.iter().copied()));
+    }
+    shares
+}
+
+/// An extra stream: joins the transfer of `source` at `path` and sends `share` until all of it is acknowledged.
+async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+    source: &Source,
+    opts: &SendOptions,
+    share: &[IndexRange],
+    stats: &mut SendStats,
+) -> Result<(), TransferError> {
+    let join = Message::Join(Join {
+        path: path.to_string(),
+        manifest_id: source.manifest.id(),
+    });
+    send_within(conn, &join, opts.io_timeout, "sending Join").await?;
+    match recv(conn, opts.io_timeout, "waiting for the Join to be accepted").await? {
+        Message::Need(need) if need.ranges.is_empty() => {}
+        other => {
+            return Err(TransferError::Unexpected {
+                got: other.name(),
+                state: "waiting for the Join to be accepted",
+            })
+        }
+    }
+    let mut ignore = |_| {};
+    let mut pipeline = Pipeline::new(source, opts);
+    pipeline.need(share, false, stats, &mut ignore)?;
+    drive(conn, source, opts, &mut pipeline, false, stats, &mut ignore).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+    Ok(())
+}
+
+/// Sends the Offer and returns the chunks the receiver needs.
+async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+    source: &Source,
+    opts: &SendOptions,
+) -> Result<Vec<IndexRange>, TransferError> {
     let offer = Message::Offer(Offer {
         path: path.to_string(),
         manifest: (*source.manifest).clone(),
     });
     send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
-    let mut pipeline = Pipeline::new(source, opts);
-    let mut phase = Phase::Sending { commits: 0 };
-    let first = recv(conn, opts.io_timeout, "waiting for Need").await?;
-    let Message::Need(need) = first else {
-        return Err(TransferError::Unexpected {
-            got: first.name(),
+    match recv(conn, opts.io_timeout, "waiting for Need").await? {
+        Message::Need(need) => Ok(need.ranges),
+        other => Err(TransferError::Unexpected {
+            got: other.name(),
             state: "waiting for Need",
-        });
-    };
-    pipeline.need(&need.ranges, false, stats, on_event)?;
+        }),
+    }
+}
+
+/// Sends what `pipeline` holds until every chunk is acknowledged; then, if `commit`, sends Commit and whatever
+/// the receiver still needs until it reports Committed (returned).
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    source: &Source,
+    opts: &SendOptions,
+    pipeline: &mut Pipeline<'_>,
+    commit: bool,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Option<Committed>, TransferError> {
+    let mut phase = Phase::Sending { commits: 0 };
     loop {
         pipeline.start_reads();
         if let Phase::Sending { commits } = phase {
             if pipeline.is_idle() {
+                if !commit {
+                    return Ok(None);
+                }
                 if commits >= MAX_COMMIT_ROUNDS {
                     return Err(TransferError::Integrity(format!(
                         "receiver still missing chunks after {commits} commits"
@@ -176,7 +303,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Step::Message(Message::Committed(committed)) if matches!(phase, Phase::Committing { .. }) => {
-                return check_committed(&source.manifest, committed);
+                return check_committed(&source.manifest, committed).map(Some);
             }
             Step::Message(other) => {
                 return Err(TransferError::Unexpected {

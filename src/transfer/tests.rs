@@ -45,6 +45,7 @@ fn fixture() -> Fixture {
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
+        joins: Default::default(),
     };
     Fixture { dir, ctx }
 }

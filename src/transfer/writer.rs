@@ -23,16 +23,28 @@ use crate::wire::Chunk;
 /// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
 pub(crate) struct QueuedChunk {
     pub(crate) chunk: Chunk,
+    /// The connection it came on: 0 for the one that offered the file, others for joined streams.
+    pub(crate) stream: u32,
     pub(crate) _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// What the writer tells the session.
+/// What the writer tells the session; `stream` says on which connection to answer.
 #[derive(Debug)]
 pub(crate) enum WriterEvent {
     /// These chunks are durable: send an Ack.
-    Durable(Vec<IndexRange>),
+    Durable {
+        /// The connection they came on.
+        stream: u32,
+        /// The chunks.
+        ranges: Vec<IndexRange>,
+    },
     /// This chunk failed verification: ask for it again.
-    Rejected(u32),
+    Rejected {
+        /// The connection it came on.
+        stream: u32,
+        /// The chunk.
+        index: u32,
+    },
     /// Storage failed; the writer stopped.
     Failed(TransferError),
 }
@@ -47,7 +59,8 @@ pub(crate) struct ChunkWriter {
     pub(crate) store: ReceiverStore,
     pub(crate) stats: Arc<ReceiverStats>,
     pub(crate) batch_limit: u64,
-    batch: Vec<u32>,
+    /// Chunks written since the last sync, with the stream each came on.
+    batch: Vec<(u32, u32)>,
     batch_bytes: u64,
 }
 
@@ -99,7 +112,7 @@ impl ChunkWriter {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            if !self.accept(queued.chunk, &events)
+            if !self.accept(queued.chunk, queued.stream, &events)
                 || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events))
             {
                 return self;
@@ -110,7 +123,7 @@ impl ChunkWriter {
     }
 
     /// Verifies and writes one chunk; false if storage failed.
-    fn accept(&mut self, chunk: Chunk, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+    fn accept(&mut self, chunk: Chunk, stream: u32, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
         let len = chunk.data.len() as u64;
         self.progress.received_bytes += len;
         self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
@@ -118,12 +131,12 @@ impl ChunkWriter {
             return true; // the session checks indices; unreachable in practice
         };
         if self.received.contains(chunk.index) {
-            self.batch.push(chunk.index); // a duplicate: acknowledge again, write nothing
+            self.batch.push((chunk.index, stream)); // a duplicate: acknowledge again, write nothing
             return true;
         }
         match verify::write_verified(&self.file, entry, &chunk.data) {
             Ok(()) => {
-                self.batch.push(chunk.index);
+                self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
                 true
             }
@@ -131,7 +144,10 @@ impl ChunkWriter {
                 self.progress.rejected_chunks += 1;
                 self.stats.chunks_rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %self.key, index = chunk.index, "chunk failed verification; asking again");
-                let _ = events.send(WriterEvent::Rejected(chunk.index));
+                let _ = events.send(WriterEvent::Rejected {
+                    stream,
+                    index: chunk.index,
+                });
                 true
             }
             Err(VerifyError::Io { source, .. }) => {
@@ -141,12 +157,14 @@ impl ChunkWriter {
         }
     }
 
-    /// Syncs the batch, records it in the store, and reports it durable; false if storage failed.
+    /// Syncs the batch, records it in the store, and reports it durable, to each stream its own chunks; false if
+    /// storage failed.
     fn make_durable(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
         match self.persist_batch() {
-            Ok(ranges) if ranges.is_empty() => true,
-            Ok(ranges) => {
-                let _ = events.send(WriterEvent::Durable(ranges));
+            Ok(durable) => {
+                for (stream, ranges) in durable {
+                    let _ = events.send(WriterEvent::Durable { stream, ranges });
+                }
                 true
             }
             Err(e) => {
@@ -156,14 +174,13 @@ impl ChunkWriter {
         }
     }
 
-    /// Syncs the partial, then marks the batch received in the store; returns the chunks made durable.
-    pub(crate) fn persist_batch(&mut self) -> Result<Vec<IndexRange>, TransferError> {
+    /// Syncs the partial, then marks the batch received in the store; returns the chunks made durable, by stream.
+    pub(crate) fn persist_batch(&mut self) -> Result<Vec<(u32, Vec<IndexRange>)>, TransferError> {
         if self.batch.is_empty() {
             return Ok(Vec::new());
         }
         self.file.sync_data().map_err(TransferError::Storage)?;
-        self.batch.sort_unstable();
-        for &index in &self.batch {
+        for &(index, _) in &self.batch {
             self.received.insert(index);
         }
         self.progress.received = self.received.to_bytes();
@@ -172,7 +189,13 @@ impl ChunkWriter {
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
         self.batch_bytes = 0;
-        Ok(encode_runs(self.batch.drain(..)))
+        self.batch.sort_unstable_by_key(|&(index, stream)| (stream, index));
+        let mut durable: Vec<(u32, Vec<IndexRange>)> = Vec::new();
+        for chunk in self.batch.chunk_by(|a, b| a.1 == b.1) {
+            durable.push((chunk[0].1, encode_runs(chunk.iter().map(|&(index, _)| index))));
+        }
+        self.batch.clear();
+        Ok(durable)
     }
 
     /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
@@ -201,7 +224,7 @@ impl ChunkWriter {
         };
         match written {
             Ok(()) => {
-                self.batch.push(index);
+                self.batch.push((index, 0));
                 self.batch_bytes += data.len() as u64;
                 self.progress.reused_bytes += data.len() as u64;
                 Ok(true)

@@ -58,6 +58,9 @@ pub enum Message {
     Challenge(Challenge),
     /// 20: client → server, the answer to the Challenge.
     Auth(Auth),
+    /// 21: client → server, "this connection carries chunks of the transfer in progress at `path`" (an extra
+    /// stream of a push with `--streams N`); answered with an empty Need.
+    Join(Join),
 }
 
 impl Message {
@@ -85,6 +88,7 @@ impl Message {
             Message::Abandon(_) => "Abandon",
             Message::Challenge(_) => "Challenge",
             Message::Auth(_) => "Auth",
+            Message::Join(_) => "Join",
         }
     }
 }
@@ -109,6 +113,15 @@ pub struct Hello {
 pub struct Challenge {
     /// 32 random bytes, never reused.
     pub nonce: [u8; 32],
+}
+
+/// An extra stream joining the transfer another connection offered.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    /// The destination the offer named.
+    pub path: String,
+    /// `Manifest::id` of the offered manifest: a stream joins only the transfer of the same content.
+    pub manifest_id: [u8; 32],
 }
 
 /// The client's answer: keyed BLAKE3 of the nonce and its id under its token's key.

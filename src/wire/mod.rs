@@ -11,6 +11,6 @@ pub mod message;
 pub use codec::CodecError;
 pub use conn::{Connection, WireError};
 pub use message::{
-    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Message, Need, Offer,
-    Pull, TreeAck, TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
+    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, Message, Need,
+    Offer, Pull, TreeAck, TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
 };

@@ -1,0 +1,84 @@
+//! `--streams N`: several connections share one file's chunks; each chunk crosses once, a stream that breaks
+//! makes the attempt retry and resume, and a Join for nothing in progress is refused.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferry::fault::{FaultProxy, Faults};
+use ferry::wire::{Connection, ErrorCode, Hello, Join, Message, MAGIC};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+const MIB: usize = 1 << 20;
+const SMALL_CHUNKS: [&str; 4] = ["--chunk-size", "256KiB", "--window", "2MiB"];
+
+#[tokio::test]
+async fn four_streams_send_every_chunk_once_and_land_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("big.img");
+    write_random(&src, 12 * MIB + 123, 1);
+    let mut args = SMALL_CHUNKS.to_vec();
+    args.extend(["--streams", "4"]);
+    let out = push(&src, &server.url("big.img"), &dir.path().join("state"), &args).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("big.img")), b3(&src));
+    let size = (12 * MIB + 123) as u64;
+    assert_eq!(out.u64("bytes_sent"), size, "each chunk crossed once: {}", out.json);
+    assert_eq!(out.u64("server_received_bytes"), size, "{}", out.json);
+    assert!(out.u64("chunks") > 16, "enough chunks to spread: {}", out.json);
+}
+
+#[tokio::test]
+async fn a_broken_stream_fails_the_attempt_and_the_next_one_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("big.img");
+    write_random(&src, 16 * MIB, 2);
+    // Connection 1 offers; connection 2, the first extra stream, is cut after 1 MiB; the rest are clean.
+    let plan = vec![Faults::NONE, Faults::cut(MIB as u64)];
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
+    let url = format!("ferry://{}/big.img", proxy.addr());
+    let mut args = SMALL_CHUNKS.to_vec();
+    args.extend(["--streams", "3"]);
+    let out = push(&src, &url, &dir.path().join("state"), &args).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("big.img")), b3(&src));
+    assert_eq!(
+        out.u64("attempts"),
+        2,
+        "the cut stream failed the first attempt: {}",
+        out.json
+    );
+    assert_eq!(proxy.stats().cuts.load(Ordering::Relaxed), 1);
+    // Resumed, not restarted: at most what was in flight on the three streams is sent again.
+    let bound = 16 * MIB as u64 + 3 * (2 * MIB as u64 + MIB as u64);
+    assert!(out.u64("bytes_sent") <= bound, "{} > {bound}", out.u64("bytes_sent"));
+}
+
+#[tokio::test]
+async fn a_join_for_nothing_in_progress_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    let hello = Message::Hello(Hello {
+        magic: MAGIC,
+        min_version: ferry::PROTOCOL_VERSION,
+        max_version: ferry::PROTOCOL_VERSION,
+        agent: "test".into(),
+        client: String::new(),
+    });
+    conn.write_message(&hello).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    let join = Message::Join(Join {
+        path: "nothing.img".into(),
+        manifest_id: [3; 32],
+    });
+    conn.write_message(&join).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::Busy),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+}
