@@ -254,13 +254,16 @@ start_proxy() { # start_proxy UPSTREAM: a proxy adding 20 ms each way; sets prox
 }
 for run in $(seq "$runs"); do
   echo "compare: ${lat_mib} MiB over a 40 ms round trip, run $run" >&2
-  for window in 16MiB 64MiB; do
+  for setting in 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
+    streams=${setting%%:*}
+    window=${setting#*:}
     start_ferry "$work/ferry-root"
     start_proxy "$ferry_addr"
     rm -rf "$work/state"
     t0=$(now)
-    "$bin" push "$work/lat.bin" "ferry://$proxy_addr/lat.bin" --state "$work/state" --window "$window" --json > /dev/null
-    record "lat_ferry_$window" "$(since "$t0")"
+    "$bin" push "$work/lat.bin" "ferry://$proxy_addr/lat.bin" --state "$work/state" --window "$window" \
+      --streams "$streams" --json > /dev/null
+    record "lat_ferry_${streams}_$window" "$(since "$t0")"
     kill "$proxy_pid"; wait "$proxy_pid" 2> /dev/null || true
     stop_ferry
     cmp "$work/lat.bin" "$work/ferry-root/lat.bin"
@@ -334,9 +337,11 @@ fresh=$(result fresh_ferry)
   echo
   echo "| tool | time (s) | MiB/s |"
   echo "|---|---|---|"
-  for window in 16MiB 64MiB; do
-    t=$(result "lat_ferry_$window")
-    echo "| ferry, 1 stream, --window $window | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
+  for setting in 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
+    streams=${setting%%:*}
+    window=${setting#*:}
+    t=$(result "lat_ferry_${streams}_$window")
+    echo "| ferry, --streams $streams, --window $window | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
   done
   t=$(result lat_rsync)
   echo "| rsync | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"

@@ -9,7 +9,7 @@ use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
 use ferry::ranges::IndexRange;
 use ferry::server::{Server, ServerConfig};
 use ferry::wire::codec::encode_frame;
-use ferry::wire::{Ack, Chunk, FileData, Hello, Message, Need, Offer, Pull, TreeCommit, TreeNeed, MAGIC};
+use ferry::wire::{Ack, Chunk, FileData, Hello, Join, Message, Need, Offer, Pull, TreeCommit, TreeNeed, MAGIC};
 use proptest::prelude::*;
 
 fn frame(msg: &Message) -> Vec<u8> {
@@ -74,6 +74,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         })),
         Just(Message::TreeCommit(TreeCommit::default())),
         ".{0,20}".prop_map(Message::Abandon),
+        (path.clone(), any::<u8>()).prop_map(|(path, b)| Message::Join(Join {
+            path,
+            manifest_id: [b; 32]
+        })),
         path.prop_map(|path| Message::Pull(Pull {
             path,
             chunking: Default::default(),

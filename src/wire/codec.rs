@@ -163,6 +163,10 @@ mod tests {
             }),
             Message::Challenge(Challenge { nonce: [7; 32] }),
             Message::Auth(Auth { answer: [9; 32] }),
+            Message::Join(Join {
+                path: "a/b.iso".into(),
+                manifest_id: [5; 32],
+            }),
             Message::Welcome(Welcome {
                 version: 1,
                 agent: "ferry/test".into(),
