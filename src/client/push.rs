@@ -44,6 +44,19 @@ pub struct PushOptions {
     pub links: crate::tree::LinkPolicy,
 }
 
+impl PushOptions {
+    /// A greeted connection to the destination's server.
+    pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
+        connect(
+            &self.destination,
+            self.connect_timeout,
+            self.send.io_timeout,
+            &self.access,
+        )
+        .await
+    }
+}
+
 /// The outcome of a successful push.
 #[derive(Clone, Debug)]
 pub struct PushReport {
@@ -180,26 +193,14 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut conn = connect(
-        &opts.destination,
-        opts.connect_timeout,
-        opts.send.io_timeout,
-        &opts.access,
-    )
-    .await?;
+    let mut conn = opts.connect().await?;
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let path = remote_path.as_str();
     let result = if opts.streams > 1 && source.manifest.chunk_count() > 1 {
         let mut extra = Vec::new();
         for _ in 1..opts.streams.min(source.manifest.chunk_count()) {
-            let stream = connect(
-                &opts.destination,
-                opts.connect_timeout,
-                opts.send.io_timeout,
-                &opts.access,
-            );
-            extra.push(stream.await?);
+            extra.push(opts.connect().await?);
         }
         send_streams(&mut conn, extra, path, source, &opts.send, stats, &mut forward).await
     } else {

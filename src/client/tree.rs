@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{blocking, classify, connect, ClientError, ClientEvent, PushOptions, Retrier};
+use super::{blocking, classify, ClientError, ClientEvent, PushOptions, Retrier};
 use crate::exit;
 use crate::path::RemotePath;
 use crate::store::{SenderStore, Store};
@@ -164,13 +164,7 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<TreeSent, TransferError> {
-    let mut conn = connect(
-        &opts.destination,
-        opts.connect_timeout,
-        opts.send.io_timeout,
-        &opts.access,
-    )
-    .await?;
+    let mut conn = opts.connect().await?;
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let result = send_tree(&mut conn, remote_dir, source, &opts.send, stats, &mut forward).await;

@@ -136,6 +136,19 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let needed = offer(conn, path, source, opts).await?;
     let mut pipeline = Pipeline::new(source, opts);
     pipeline.need(&needed, false, stats, on_event)?;
+    drive(conn, source, opts, &mut pipeline, false, stats, on_event).await?;
+    commit(conn, source, opts, stats, on_event).await
+}
+
+/// Sends Commit, and whatever the receiver still needs, until it reports Committed.
+async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    source: &Source,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Committed, TransferError> {
+    let mut pipeline = Pipeline::new(source, opts);
     drive(conn, source, opts, &mut pipeline, true, stats, on_event)
         .await
         .map(|committed| committed.expect("a committing drive ends with Committed"))
@@ -177,10 +190,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     if let Some(e) = failure {
         return Err(e);
     }
-    let mut pipeline = Pipeline::new(source, opts);
-    drive(conn, source, opts, &mut pipeline, true, stats, on_event)
-        .await
-        .map(|committed| committed.expect("a committing drive ends with Committed"))
+    commit(conn, source, opts, stats, on_event).await
 }
 
 /// Chunks per stripe when the needed chunks are spread over several streams: neighbours travel together, so each
