@@ -28,6 +28,17 @@ async fn four_streams_send_every_chunk_once_and_land_intact() {
     assert_eq!(out.u64("bytes_sent"), size, "each chunk crossed once: {}", out.json);
     assert_eq!(out.u64("server_received_bytes"), size, "{}", out.json);
     assert!(out.u64("chunks") > 16, "enough chunks to spread: {}", out.json);
+
+    // Again, unchanged: nothing is needed, so no stream joins, and the push is a no-op.
+    let again = push(&src, &server.url("big.img"), &dir.path().join("state"), &args).await;
+    again.assert_ok();
+    assert_eq!(again.u64("bytes_sent"), 0, "{}", again.json);
+
+    // A copy under another name: every chunk is reused on the server, nothing crosses.
+    let copy = push(&src, &server.url("copy.img"), &dir.path().join("state"), &args).await;
+    copy.assert_ok();
+    assert_eq!(copy.u64("bytes_sent"), 0, "{}", copy.json);
+    assert_eq!(b3(&server.root.join("copy.img")), b3(&src));
 }
 
 #[tokio::test]

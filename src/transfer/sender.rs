@@ -170,7 +170,13 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let needed = offer(conn, path, source, opts).await?;
     let shares = stripes(&needed, extra.len() + 1);
     let mut streams = tokio::task::JoinSet::new();
-    for (mut stream, share) in extra.into_iter().zip(shares[1..].iter().cloned()) {
+    // A stream with nothing to send stays out: when nothing is needed at all, the receiver is not even taking
+    // chunks (the file is already there) and would refuse the Join.
+    let busy = extra
+        .into_iter()
+        .zip(shares[1..].iter().cloned())
+        .filter(|(_, share)| !share.is_empty());
+    for (mut stream, share) in busy {
         let (source, opts, path) = (source.clone(), opts.clone(), path.to_string());
         streams.spawn(async move {
             let mut stats = SendStats::default();
