@@ -196,20 +196,19 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
-    // Extra streams may join this round until it ends; their events are forwarded to them.
-    let mut opening = Some(ctx.joins.open(path.as_str(), manifest.clone(), chunk_tx.clone()));
-    let routes = opening.as_ref().map(|o| o.routes.clone()).unwrap_or_default();
-    let mut chunk_tx = Some(chunk_tx);
+    // Extra streams may join this round until it ends; their events are forwarded to them. The round is open
+    // while this session takes chunks: its queue handle and the join point close together.
+    let opening = ctx.joins.open(path.as_str(), manifest.clone(), chunk_tx.clone());
+    let routes = opening.routes.clone();
+    let mut round = Some((chunk_tx, opening));
     // Only now: a client that hears the Need may join at once.
     let need = Message::Need(Need { ranges: missing_ranges });
     let mut result = send_within(conn, &need, ctx.idle_timeout, "sending Need").await;
     if result.is_err() {
-        chunk_tx = None;
+        round = None;
     }
     loop {
-        if chunk_tx.is_none() {
-            opening = None;
-        }
+        let chunk_tx = round.as_ref().map(|(tx, _)| tx);
         let step = tokio::select! {
             _ = superseded.cancelled(), if chunk_tx.is_some() => Err(TransferError::Superseded),
             _ = shutdown.cancelled(), if chunk_tx.is_some() => Err(TransferError::ShuttingDown),
@@ -220,20 +219,19 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(Some(_)) => Ok(Flow::Continue), // already failing: only drain
             },
             msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if chunk_tx.is_some() => match msg {
-                Ok(msg) => take_message(conn, ctx, &manifest, chunk_tx.as_ref().expect("guarded"), msg).await,
+                Ok(msg) => take_message(conn, ctx, &manifest, chunk_tx.expect("guarded"), msg).await,
                 Err(e) => Err(e),
             },
         };
         match step {
             Ok(Flow::Continue) => {}
-            Ok(Flow::EndOfRound) => chunk_tx = None,
+            Ok(Flow::EndOfRound) => round = None,
             Err(e) => {
                 result = result.and(Err(e));
-                chunk_tx = None;
+                round = None;
             }
         }
     }
-    drop(opening);
     let writer = task.await.expect("chunk writer panicked");
     (writer, result)
 }
