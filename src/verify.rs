@@ -58,23 +58,58 @@ pub fn write_verified(file: &File, entry: &ChunkEntry, data: &[u8]) -> Result<()
 
 /// BLAKE3 of a whole file, read sequentially from the start (reading and hashing overlap on two threads).
 pub fn digest_file(file: &mut File) -> std::io::Result<Hash> {
-    use std::io::Seek;
+    digest_rest(file, PrefixDigest::default())
+}
+
+/// The whole-file BLAKE3 of the bytes `[0, len)` of a file, hashed as they were written in order, so that the
+/// commit re-reads only what follows. Writes that are not at the prefix's end leave it where it is.
+#[derive(Default)]
+pub struct PrefixDigest {
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl PrefixDigest {
+    /// Feeds `data` written at `offset` if it continues the prefix; false (and nothing hashed) otherwise.
+    pub fn extend(&mut self, offset: u64, data: &[u8]) -> bool {
+        if offset != self.len || data.is_empty() {
+            return false;
+        }
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        true
+    }
+
+    /// Bytes hashed so far, all from offset 0.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing is hashed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Finishes `prefix` with the file's bytes after it, read sequentially (reading and hashing overlap on two
+/// threads), and returns the BLAKE3 of the whole file.
+pub fn digest_rest(file: &File, prefix: PrefixDigest) -> std::io::Result<Hash> {
     use std::os::unix::fs::FileExt;
     const BUF: usize = 4 << 20;
-    file.rewind()?;
+    let PrefixDigest { mut hasher, len: start } = prefix;
     let size = file.metadata()?.len();
-    if size <= BUF as u64 {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(&mut *file)?;
+    if size.saturating_sub(start) <= BUF as u64 {
+        let mut buf = vec![0u8; size.saturating_sub(start) as usize];
+        file.read_exact_at(&mut buf, start)?;
+        hasher.update(&buf);
         return Ok(*hasher.finalize().as_bytes());
     }
     // Two threads: one reads (the copy out of the page cache), this one hashes; two buffers go back and forth.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let file = &*file;
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || -> std::io::Result<()> {
-            let mut offset = 0u64;
+            let mut offset = start;
             let mut spare = vec![vec![0u8; BUF], vec![0u8; BUF]];
             loop {
                 let mut buf = spare
@@ -88,7 +123,6 @@ pub fn digest_file(file: &mut File) -> std::io::Result<Hash> {
                 offset += n as u64;
             }
         });
-        let mut hasher = blake3::Hasher::new();
         for (buf, n) in full_rx {
             hasher.update(&buf[..n]);
             let _ = free_tx.send(buf);
@@ -123,5 +157,24 @@ mod tests {
         assert_eq!(tmp.metadata().unwrap().len(), 0, "nothing reached the file");
         write_verified(&tmp, &entry, &data).unwrap();
         assert_eq!(tmp.metadata().unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn a_prefix_hashed_in_order_plus_the_rest_read_back_is_the_whole_file_digest() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..9_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let whole = *blake3::hash(&data).as_bytes();
+        assert_eq!(digest_file(&mut file).unwrap(), whole);
+        for cut in [0usize, 1, 4096, 4 << 20, 5_000_001, data.len() - 1, data.len()] {
+            let mut prefix = PrefixDigest::default();
+            assert!(!prefix.extend(1, &data[1..cut.max(2)]), "a write past the prefix's end is not hashed");
+            let (first, second) = data[..cut].split_at(cut / 3);
+            prefix.extend(0, first);
+            prefix.extend(first.len() as u64, second);
+            assert_eq!(prefix.len(), cut as u64);
+            assert_eq!(digest_rest(&file, prefix).unwrap(), whole, "cut at {cut}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::chunk::mtime_of;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{rename_into, PathError, RemotePath, Replace};
 use crate::store::{now_secs, CommittedFile};
-use crate::verify::digest_file;
+use crate::verify::digest_rest;
 use crate::wire::{Committed, ErrorCode};
 
 /// How a commit attempt ended.
@@ -34,10 +34,13 @@ pub(crate) fn commit(
     target: &Path,
     path: &RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
-    use std::io::Seek;
     let manifest = writer.manifest.clone();
-    writer.file.rewind().map_err(TransferError::Storage)?;
-    let digest = digest_file(&mut writer.file).map_err(TransferError::Storage)?;
+    // Bytes this writer wrote in order were hashed as they went by (the same bytes a re-read from the page cache
+    // would return); only the rest is read back. The prefix is spent either way: after a damaged commit the next
+    // attempt hashes from the start.
+    let prefix = std::mem::take(&mut writer.prefix);
+    tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
+    let digest = digest_rest(&writer.file, prefix).map_err(TransferError::Storage)?;
     if digest != manifest.digest {
         let damaged = damaged_chunks(&writer.file, &manifest).map_err(TransferError::Storage)?;
         if damaged.is_empty() {

@@ -17,7 +17,7 @@ use crate::manifest::Manifest;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{Progress, ReceiverStore};
-use crate::verify::{self, VerifyError};
+use crate::verify::{self, PrefixDigest, VerifyError};
 use crate::wire::Chunk;
 
 /// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
@@ -62,6 +62,9 @@ pub(crate) struct ChunkWriter {
     /// Chunks written since the last sync, with the stream each came on.
     batch: Vec<(u32, u32)>,
     batch_bytes: u64,
+    /// The whole-file digest of the bytes written in order from offset 0 by this writer, so that the commit
+    /// re-reads only the rest (all of a fresh single-stream push arrives in order).
+    pub(crate) prefix: PrefixDigest,
 }
 
 impl ChunkWriter {
@@ -88,6 +91,7 @@ impl ChunkWriter {
             batch_limit,
             batch: Vec::new(),
             batch_bytes: 0,
+            prefix: PrefixDigest::default(),
         }
     }
 
@@ -136,6 +140,7 @@ impl ChunkWriter {
         }
         match verify::write_verified(&self.file, entry, &chunk.data) {
             Ok(()) => {
+                self.prefix.extend(entry.offset, &chunk.data);
                 self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
                 true
@@ -224,6 +229,7 @@ impl ChunkWriter {
         };
         match written {
             Ok(()) => {
+                self.prefix.extend(entry.offset, data);
                 self.batch.push((index, 0));
                 self.batch_bytes += data.len() as u64;
                 self.progress.reused_bytes += data.len() as u64;
