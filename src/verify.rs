@@ -1,11 +1,13 @@
 //! The one door to disk for received bytes: nothing that does not match its manifest hash is ever written.
 //!
 //! [`write_verified`] checks a chunk's length and BLAKE3 against its [`ChunkEntry`] and only then writes it at the
-//! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest before commit.
+//! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest before commit, and a
+//! [`DigestFollower`] does the same behind the writer while chunks still arrive.
 //! Blocking functions: call them from blocking threads.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
@@ -91,10 +93,103 @@ impl PrefixDigest {
     }
 }
 
+/// A thread that hashes a file from offset 0 as its bytes become complete, behind the writer, so that the
+/// whole-file digest is mostly done when the last chunk lands: at once for a partial that already holds a long
+/// prefix (a resume), and lagging a little behind in-order writes. It reads what the writer wrote back from the
+/// page cache, the same bytes a re-read at commit would see.
+pub struct DigestFollower {
+    shared: Arc<(Mutex<Follow>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<PrefixDigest>>>,
+}
+
+/// What the writer tells the follower.
+#[derive(Default)]
+struct Follow {
+    /// Bytes `[0, ready)` of the file hold their final contents.
+    ready: u64,
+    /// Hash up to `ready` and return.
+    finish: bool,
+    /// Return at once; the digest is not wanted.
+    cancel: bool,
+}
+
+impl DigestFollower {
+    /// Starts following `file`, whose bytes `[0, ready)` are final already.
+    pub fn start(file: File, ready: u64) -> std::io::Result<Self> {
+        let shared = Arc::new((
+            Mutex::new(Follow {
+                ready,
+                ..Follow::default()
+            }),
+            Condvar::new(),
+        ));
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-digest".into())
+            .spawn(move || follow(&file, &theirs))?;
+        Ok(DigestFollower {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Bytes `[0, ready)` are final now (never moves backwards).
+    pub fn advance(&self, ready: u64) {
+        let mut follow = lock(&self.shared.0);
+        if ready > follow.ready {
+            follow.ready = ready;
+            self.shared.1.notify_one();
+        }
+    }
+
+    /// Waits until everything final is hashed and returns the digest of that prefix.
+    pub fn finish(mut self) -> std::io::Result<PrefixDigest> {
+        lock(&self.shared.0).finish = true;
+        self.shared.1.notify_one();
+        let thread = self.thread.take().expect("a follower finishes once");
+        thread.join().unwrap_or_else(|_| Ok(PrefixDigest::default()))
+    }
+}
+
+impl Drop for DigestFollower {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            lock(&self.shared.0).cancel = true;
+            self.shared.1.notify_one();
+        }
+    }
+}
+
+fn lock(follow: &Mutex<Follow>) -> std::sync::MutexGuard<'_, Follow> {
+    follow.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The follower's loop: hash up to `ready` in slices, sleep until it moves, stop on finish or cancel.
+fn follow(file: &File, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<PrefixDigest> {
+    const SLICE: u64 = 4 << 20;
+    let mut prefix = PrefixDigest::default();
+    let mut buf = Vec::new();
+    loop {
+        let target = {
+            let mut follow = lock(&shared.0);
+            while !follow.cancel && !follow.finish && follow.ready <= prefix.len() {
+                follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
+            }
+            if follow.cancel || (follow.finish && follow.ready <= prefix.len()) {
+                return Ok(prefix);
+            }
+            follow.ready
+        };
+        let len = (target - prefix.len()).min(SLICE) as usize;
+        buf.resize(len, 0);
+        file.read_exact_at(&mut buf, prefix.len())?;
+        prefix.extend(prefix.len(), &buf);
+    }
+}
+
 /// Finishes `prefix` with the file's bytes after it, read sequentially (reading and hashing overlap on two
 /// threads), and returns the BLAKE3 of the whole file.
 pub fn digest_rest(file: &File, prefix: PrefixDigest) -> std::io::Result<Hash> {
-    use std::os::unix::fs::FileExt;
     const BUF: usize = 4 << 20;
     let PrefixDigest { mut hasher, len: start } = prefix;
     let size = file.metadata()?.len();
@@ -162,19 +257,45 @@ mod tests {
     #[test]
     fn a_prefix_hashed_in_order_plus_the_rest_read_back_is_the_whole_file_digest() {
         use std::io::Write;
-        let data: Vec<u8> = (0..9_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..9_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();
         let whole = *blake3::hash(&data).as_bytes();
         assert_eq!(digest_file(&mut file).unwrap(), whole);
         for cut in [0usize, 1, 4096, 4 << 20, 5_000_001, data.len() - 1, data.len()] {
             let mut prefix = PrefixDigest::default();
-            assert!(!prefix.extend(1, &data[1..cut.max(2)]), "a write past the prefix's end is not hashed");
+            assert!(
+                !prefix.extend(1, &data[1..cut.max(2)]),
+                "a write past the prefix's end is not hashed"
+            );
             let (first, second) = data[..cut].split_at(cut / 3);
             prefix.extend(0, first);
             prefix.extend(first.len() as u64, second);
             assert_eq!(prefix.len(), cut as u64);
             assert_eq!(digest_rest(&file, prefix).unwrap(), whole, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_follower_hashes_what_becomes_final_and_the_commit_reads_only_the_rest() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..11_000_000u32)
+            .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+            .collect();
+        let whole = *blake3::hash(&data).as_bytes();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data[..3_000_000]).unwrap();
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 3_000_000).unwrap();
+        file.write_all(&data[3_000_000..]).unwrap();
+        for ready in [2_000_000, 6_000_000, 9_999_999] {
+            follower.advance(ready);
+        }
+        let prefix = follower.finish().unwrap();
+        assert_eq!(prefix.len(), 9_999_999, "hashed exactly what was declared final");
+        assert_eq!(digest_rest(&file, prefix).unwrap(), whole);
+        // A follower nobody finishes stops when dropped instead of waiting for bytes forever.
+        drop(DigestFollower::start(file.try_clone().unwrap(), 0).unwrap());
     }
 }

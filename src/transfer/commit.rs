@@ -14,7 +14,7 @@ use crate::chunk::mtime_of;
 use crate::manifest::{hex, FileTime, Manifest};
 use crate::path::{rename_into, PathError, RemotePath, Replace};
 use crate::store::{now_secs, CommittedFile};
-use crate::verify::digest_rest;
+use crate::verify::{digest_rest, PrefixDigest};
 use crate::wire::{Committed, ErrorCode};
 
 /// How a commit attempt ended.
@@ -23,7 +23,7 @@ pub(crate) enum CommitOutcome {
     Done(Committed),
     /// Chunks in the partial no longer match their hashes (damaged on disk after they were written); they are
     /// marked missing again and must be re-sent.
-    Damaged(ChunkWriter),
+    Damaged(Box<ChunkWriter>),
 }
 
 /// Verifies the whole file, applies mode and mtime, syncs, renames it into place, and records it.
@@ -35,10 +35,11 @@ pub(crate) fn commit(
     path: &RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
     let manifest = writer.manifest.clone();
-    // Bytes this writer wrote in order were hashed as they went by (the same bytes a re-read from the page cache
-    // would return); only the rest is read back. The prefix is spent either way: after a damaged commit the next
-    // attempt hashes from the start.
-    let prefix = std::mem::take(&mut writer.prefix);
+    // The follower hashed the file behind the writes (reading back what was written); only the rest is read now.
+    let prefix = match writer.follower.take() {
+        Some(follower) => follower.finish().map_err(TransferError::Storage)?,
+        None => PrefixDigest::default(),
+    };
     tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
     let digest = digest_rest(&writer.file, prefix).map_err(TransferError::Storage)?;
     if digest != manifest.digest {
@@ -56,7 +57,7 @@ pub(crate) fn commit(
         }
         writer.progress.received = writer.received.to_bytes();
         writer.store.save_progress(path.as_str(), &writer.progress)?;
-        return Ok(CommitOutcome::Damaged(writer));
+        return Ok(CommitOutcome::Damaged(Box::new(writer.following())));
     }
     apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
     writer.file.sync_all().map_err(TransferError::Storage)?;

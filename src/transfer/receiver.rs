@@ -172,7 +172,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
             let (partial, target) = (prepared.partial.clone(), prepared.target.clone());
             match commit_with_keepalive(conn, ctx, writer, partial, target, path.clone()).await? {
                 CommitOutcome::Done(committed) => return Ok(committed),
-                CommitOutcome::Damaged(back) => writer = back,
+                CommitOutcome::Damaged(back) => writer = *back,
             }
         }
     }

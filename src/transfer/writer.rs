@@ -17,7 +17,7 @@ use crate::manifest::Manifest;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{Progress, ReceiverStore};
-use crate::verify::{self, PrefixDigest, VerifyError};
+use crate::verify::{self, DigestFollower, VerifyError};
 use crate::wire::Chunk;
 
 /// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
@@ -62,9 +62,13 @@ pub(crate) struct ChunkWriter {
     /// Chunks written since the last sync, with the stream each came on.
     batch: Vec<(u32, u32)>,
     batch_bytes: u64,
-    /// The whole-file digest of the bytes written in order from offset 0 by this writer, so that the commit
-    /// re-reads only the rest (all of a fresh single-stream push arrives in order).
-    pub(crate) prefix: PrefixDigest,
+    /// Hashes the whole file from offset 0 as far as its chunks are written, so the commit has little left to
+    /// read; taken by the commit, and started again after a damaged one.
+    pub(crate) follower: Option<DigestFollower>,
+    /// Chunks whose bytes are in the partial (received, or written and awaiting their sync).
+    written: ChunkSet,
+    /// The first chunk not in `written`: bytes before it are final.
+    contiguous: u32,
 }
 
 impl ChunkWriter {
@@ -91,8 +95,53 @@ impl ChunkWriter {
             batch_limit,
             batch: Vec::new(),
             batch_bytes: 0,
-            prefix: PrefixDigest::default(),
+            follower: None,
+            written: ChunkSet::new(0),
+            contiguous: 0,
         }
+        .following()
+    }
+
+    /// Starts a new digest follower over the chunks received so far (dropping any earlier one).
+    pub(crate) fn following(mut self) -> Self {
+        self.written = self.received.clone();
+        self.contiguous = 0;
+        self.advance_contiguous();
+        let follower = self
+            .file
+            .try_clone()
+            .and_then(|file| DigestFollower::start(file, self.final_bytes()));
+        // Without a follower the commit reads the whole file; slower, never wrong.
+        self.follower = follower
+            .inspect_err(
+                |e| tracing::warn!(path = %self.key, error = %e, "no digest thread; the commit reads the whole file"),
+            )
+            .ok();
+        self
+    }
+
+    /// Records that chunk `index` is written, and tells the follower how far the file is final.
+    fn mark_written(&mut self, index: u32) {
+        self.written.insert(index);
+        if index == self.contiguous {
+            self.advance_contiguous();
+            if let Some(follower) = &self.follower {
+                follower.advance(self.final_bytes());
+            }
+        }
+    }
+
+    fn advance_contiguous(&mut self) {
+        while self.contiguous < self.written.len() && self.written.contains(self.contiguous) {
+            self.contiguous += 1;
+        }
+    }
+
+    /// Bytes from offset 0 whose chunks are all written.
+    fn final_bytes(&self) -> u64 {
+        self.manifest
+            .chunk(self.contiguous)
+            .map_or(self.manifest.size, |entry| entry.offset)
     }
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
@@ -140,7 +189,7 @@ impl ChunkWriter {
         }
         match verify::write_verified(&self.file, entry, &chunk.data) {
             Ok(()) => {
-                self.prefix.extend(entry.offset, &chunk.data);
+                self.mark_written(chunk.index);
                 self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
                 true
@@ -229,7 +278,7 @@ impl ChunkWriter {
         };
         match written {
             Ok(()) => {
-                self.prefix.extend(entry.offset, data);
+                self.mark_written(index);
                 self.batch.push((index, 0));
                 self.batch_bytes += data.len() as u64;
                 self.progress.reused_bytes += data.len() as u64;
