@@ -24,6 +24,7 @@ pub mod fault;
 pub mod gc;
 pub mod manifest;
 pub mod memory;
+pub mod meter;
 pub mod path;
 pub mod ranges;
 pub mod server;

@@ -9,6 +9,7 @@ mod campaign;
 mod delta;
 mod faults;
 mod gc;
+mod output;
 mod pull;
 mod push;
 mod replay;

@@ -4,11 +4,15 @@
 //! into output: a human summary on stderr, or with `--json` exactly one JSON object on stdout.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod output;
 mod serve;
+
+pub use output::{event_json, Mode, Output};
 
 pub use serve::{keygen, serve, token, KeygenArgs, ServeArgs, TokenArgs};
 
@@ -20,7 +24,7 @@ use crate::client::{
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
 use crate::tls::{ClientTls, Trust};
-use crate::transfer::sender::{SendEvent, SendOptions};
+use crate::transfer::sender::SendOptions;
 use crate::tree::LinkPolicy;
 use crate::units::{parse_duration, parse_size};
 use crate::url::FerryUrl;
@@ -173,9 +177,12 @@ pub struct TransferArgs {
     /// For trees: recreate symlinks whose target stays inside the tree (record), or leave them out (skip).
     #[arg(long, value_enum, default_value_t = LinkPolicy::Skip)]
     pub links: LinkPolicy,
-    /// Print one JSON summary object on stdout.
+    /// Print newline-delimited JSON events on stdout, the summary object last (README, "JSON output").
     #[arg(long)]
     pub json: bool,
+    /// How often --json reports progress (0 for never).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub json_progress: Duration,
     /// File holding this client's token (ID:SECRET, made by `ferry token`), for servers that require one.
     #[arg(long, env = "FERRY_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -266,19 +273,28 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         backoff: common.backoff(),
         links: common.links,
     };
-    let show = !quiet && !common.json;
-    let mut progress = |event: ClientEvent| {
-        if show {
-            print_event(&event);
-        }
-    };
-    if args.file.is_dir() {
+    let output = Output::start_with(
+        Mode::pick(common.json, quiet),
+        opts.send.meter.clone(),
+        "push",
+        &args.file.display().to_string(),
+        &args.destination.to_string(),
+        common.json_progress,
+    );
+    let ticker = output.spawn_ticker();
+    let mut progress = |event: ClientEvent| output.event(&event);
+    let code = if args.file.is_dir() {
         let result = crate::client::push_tree(opts, &mut progress).await;
+        drop(ticker);
+        output.finish();
         finish("push", result, common.json, quiet)
     } else {
         let result = crate::client::push(opts, &mut progress).await;
+        drop(ticker);
+        output.finish();
         finish("push", result, common.json, quiet)
-    }
+    };
+    code
 }
 
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
@@ -300,14 +316,21 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         access,
         backoff: common.backoff(),
         links: common.links,
+        meter: Arc::default(),
     };
-    let show = !quiet && !common.json;
-    let mut progress = |event: ClientEvent| {
-        if show {
-            print_event(&event);
-        }
-    };
+    let output = Output::start_with(
+        Mode::pick(common.json, quiet),
+        opts.meter.clone(),
+        "pull",
+        &args.source.to_string(),
+        &args.destination.display().to_string(),
+        common.json_progress,
+    );
+    let ticker = output.spawn_ticker();
+    let mut progress = |event: ClientEvent| output.event(&event);
     let result = crate::client::pull(opts, &mut progress).await;
+    drop(ticker);
+    output.finish();
     finish("pull", result, common.json, quiet)
 }
 
@@ -367,7 +390,9 @@ fn finish<R: Summary>(what: &str, result: Result<R, ClientError>, json: bool, qu
     match result {
         Ok(report) => {
             if json {
-                println!("{}", report.json());
+                let mut summary = report.json();
+                summary["event"] = "summary".into();
+                println!("{summary}");
             } else if !quiet {
                 report.print();
             }
@@ -392,43 +417,6 @@ pub async fn demo(args: DemoArgs) -> Result<(), DemoError> {
     };
     let mut out = std::io::stdout();
     crate::demo::run(opts, &mut out).await
-}
-
-fn print_event(event: &ClientEvent) {
-    match event {
-        ClientEvent::Manifest { chunks, size, cached } => {
-            let how = if *cached { "cached" } else { "hashed" };
-            eprintln!("ferry: manifest {how}: {chunks} chunks, {}", human(*size));
-        }
-        ClientEvent::Connected { attempt } if *attempt > 1 => {
-            eprintln!("ferry: reconnected (attempt {attempt})")
-        }
-        ClientEvent::Connected { .. } => {}
-        ClientEvent::Send(SendEvent::Need { chunks, bytes }) => {
-            eprintln!("ferry: server needs {chunks} chunks ({})", human(*bytes));
-        }
-        ClientEvent::Send(SendEvent::Rejected { index }) => {
-            eprintln!("ferry: chunk {index} was corrupted in transit; re-sending")
-        }
-        ClientEvent::Scanned { files, bytes, skipped } => {
-            eprintln!(
-                "ferry: tree: {files} files ({}), {skipped} entries skipped",
-                human(*bytes)
-            );
-        }
-        ClientEvent::Send(SendEvent::TreeNeed { files, bytes }) => {
-            eprintln!("ferry: server needs {files} files ({})", human(*bytes));
-        }
-        ClientEvent::Send(SendEvent::FileFailed { path, reason }) => {
-            eprintln!("ferry: not sent: {path}: {reason}")
-        }
-        ClientEvent::Retrying { delay, error, .. } => {
-            eprintln!("ferry: {error}; retrying in {delay:.1?}")
-        }
-        ClientEvent::SourceChanged { reason } => {
-            eprintln!("ferry: source changed ({reason}); re-reading it")
-        }
-    }
 }
 
 fn print_report(report: &PushReport) {
@@ -581,7 +569,7 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
 }
 
 fn error_json(error: &ClientError, code: u8) -> serde_json::Value {
-    serde_json::json!({ "status": "error", "exit_code": code, "error": error.to_string() })
+    serde_json::json!({ "event": "summary", "status": "error", "exit_code": code, "error": error.to_string() })
 }
 
 /// `$FERRY_STATE`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.

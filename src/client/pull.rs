@@ -13,6 +13,7 @@ use super::tree::{pull_root, TreeReport};
 use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Hash;
+use crate::meter::Meter;
 use crate::path::{private_partial_dir, RemotePath};
 use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
@@ -53,6 +54,8 @@ pub struct PullOptions {
     pub access: super::Access,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Live progress of the run.
+    pub meter: Arc<Meter>,
 }
 
 /// The outcome of a successful pull.
@@ -100,6 +103,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         destination: opts.destination.clone(),
         file: None,
         tree: None,
+        meter: opts.meter.clone(),
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
     let never = CancellationToken::new();
@@ -166,6 +170,8 @@ struct Local {
     file: Option<(ReceiverContext, RemotePath)>,
     /// For a tree: the context rooted at the destination directory.
     tree: Option<ReceiverContext>,
+    /// Shared by both contexts' stats: the run's live progress.
+    meter: Arc<Meter>,
 }
 
 impl Local {
@@ -193,7 +199,7 @@ impl Local {
     ) -> Result<&(ReceiverContext, RemotePath), ClientError> {
         if self.file.is_none() {
             let (root, name) = local_target(&self.destination, remote)?;
-            self.file = Some((context(&self.store, root, io_timeout)?, name));
+            self.file = Some((context(&self.store, root, io_timeout, self.meter.clone())?, name));
         }
         Ok(self.file.as_ref().expect("just set"))
     }
@@ -201,7 +207,7 @@ impl Local {
     fn tree_context(&mut self, io_timeout: Duration) -> Result<&ReceiverContext, ClientError> {
         if self.tree.is_none() {
             let root = pull_root(&self.destination)?;
-            self.tree = Some(context(&self.store, root, io_timeout)?);
+            self.tree = Some(context(&self.store, root, io_timeout, self.meter.clone())?);
         }
         Ok(self.tree.as_ref().expect("just set"))
     }
@@ -209,7 +215,12 @@ impl Local {
 
 /// A receiver context rooted at `root`, its records scoped by that directory; partials live in `root/.ferry/partial`,
 /// which no path the server sends can name.
-fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<ReceiverContext, ClientError> {
+fn context(
+    store: &Store,
+    root: PathBuf,
+    io_timeout: Duration,
+    meter: Arc<Meter>,
+) -> Result<ReceiverContext, ClientError> {
     let scope = root.display().to_string();
     let partial_dir = private_partial_dir(&root)
         .map_err(|e| ClientError::Source(format!("{}: {e}", root.join(crate::path::RESERVED_DIR).display())))?;
@@ -218,7 +229,10 @@ fn context(store: &Store, root: PathBuf, io_timeout: Duration) -> Result<Receive
         partial_dir,
         root,
         claims: Claims::default(),
-        stats: Arc::new(ReceiverStats::default()),
+        stats: Arc::new(ReceiverStats {
+            meter,
+            ..ReceiverStats::default()
+        }),
         idle_timeout: io_timeout,
         sync_batch: SYNC_BATCH,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
@@ -279,6 +293,7 @@ async fn attempt(
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Outcome, AttemptError> {
     let mut conn = connect(&opts.source, opts.connect_timeout, opts.io_timeout, &opts.access).await?;
+    opts.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let result = receive_pulled(&mut conn, opts, remote, local, stop).await;
     match &result {

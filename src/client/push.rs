@@ -109,6 +109,7 @@ pub async fn push(
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
     let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunking, false).await?;
+    opts.send.meter.expect(manifest.size);
     on_event(ClientEvent::Manifest {
         chunks: manifest.chunk_count(),
         size: manifest.size,
@@ -194,6 +195,7 @@ async fn attempt(
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
     let mut conn = opts.connect().await?;
+    opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let path = remote_path.as_str();

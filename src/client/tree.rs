@@ -165,6 +165,7 @@ async fn attempt(
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<TreeSent, TransferError> {
     let mut conn = opts.connect().await?;
+    opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let result = send_tree(&mut conn, remote_dir, source, &opts.send, stats, &mut forward).await;

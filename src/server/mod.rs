@@ -112,6 +112,8 @@ pub struct ReceiverStats {
     pub chunks_rejected: AtomicU64,
     /// Files committed.
     pub files_committed: AtomicU64,
+    /// Live progress in bytes (what a pulling client displays; a server keeps it as a running total).
+    pub meter: Arc<crate::meter::Meter>,
 }
 
 /// Starting the server failed.

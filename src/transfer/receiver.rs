@@ -163,6 +163,16 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     writer = reuse.await?;
     let chunks = writer.manifest.chunk_count();
     let missing = chunks - writer.received.present();
+    let missing_bytes: u64 = writer
+        .received
+        .missing()
+        .filter_map(|i| writer.manifest.chunk(i))
+        .map(|c| u64::from(c.len))
+        .sum();
+    let meter = &ctx.stats.meter;
+    meter.expect(writer.manifest.size);
+    meter.current(path.as_str());
+    meter.present(writer.manifest.size - missing_bytes.min(writer.manifest.size));
     tracing::info!(path = %path, chunks, missing, "offer accepted");
     for _ in 0..MAX_COMMIT_ROUNDS {
         let (writer_back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
+use crate::meter::Meter;
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
 use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer};
 
@@ -41,6 +42,8 @@ pub struct SendOptions {
     pub read_ahead: usize,
     /// Maximum silence from the receiver (and time for one write) before giving up on the connection.
     pub io_timeout: Duration,
+    /// Live progress, shared by every stream of the run.
+    pub meter: Arc<Meter>,
 }
 
 impl Default for SendOptions {
@@ -49,6 +52,7 @@ impl Default for SendOptions {
             window: crate::DEFAULT_WINDOW,
             read_ahead: 4,
             io_timeout: Duration::from_secs(30),
+            meter: Arc::default(),
         }
     }
 }
@@ -257,7 +261,19 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
     });
     send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
     match recv(conn, opts.io_timeout, "waiting for Need").await? {
-        Message::Need(need) => Ok(need.ranges),
+        Message::Need(need) => {
+            let manifest = &source.manifest;
+            let needed: u64 = need
+                .ranges
+                .iter()
+                .flat_map(IndexRange::indices)
+                .filter_map(|i| manifest.chunk(i))
+                .map(|c| u64::from(c.len))
+                .sum();
+            opts.meter.current(path);
+            opts.meter.present(manifest.size.saturating_sub(needed));
+            Ok(need.ranges)
+        }
         other => Err(TransferError::Unexpected {
             got: other.name(),
             state: "waiting for Need",
@@ -305,6 +321,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| timeout_as(e, "sending chunks"))?;
                 pipeline.recycle(chunk.data);
+                opts.meter.moved(len);
                 stats.bytes_sent += len;
                 stats.chunks_sent += 1;
             }
@@ -417,6 +434,7 @@ impl<'a> Pipeline<'a> {
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 self.in_flight_bytes -= self.chunk_len(index);
+                self.opts.meter.resent();
                 stats.chunks_rejected += 1;
                 self.rejected.insert(index);
                 on_event(SendEvent::Rejected { index });
@@ -442,7 +460,9 @@ impl<'a> Pipeline<'a> {
         self.check_ranges(ranges, "Ack")?;
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
-                self.in_flight_bytes -= self.chunk_len(index);
+                let len = self.chunk_len(index);
+                self.in_flight_bytes -= len;
+                self.opts.meter.durable(len);
                 stats.chunks_acked += 1;
             }
         }

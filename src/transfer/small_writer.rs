@@ -160,6 +160,8 @@ impl SmallWriter {
             self.stats
                 .bytes_received
                 .fetch_add(file.data.len() as u64, Ordering::Relaxed);
+            self.stats.meter.moved(file.data.len() as u64);
+            self.stats.meter.durable(file.data.len() as u64);
             outcome.committed.push(file.index);
         }
         Ok(outcome)

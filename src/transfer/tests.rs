@@ -244,6 +244,7 @@ async fn the_sender_stops_at_the_window_until_acks_arrive() {
         window: 4 * chunk as u64,
         read_ahead: 4,
         io_timeout: Duration::from_millis(300),
+        ..SendOptions::default()
     };
     let mut conn = Connection::new(a, MAX_FRAME);
     let result = send(&mut conn, "w", &src, &opts, &mut SendStats::default(), &mut |_| {}).await;

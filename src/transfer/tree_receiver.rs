@@ -73,6 +73,15 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
         needed = plan.needed.len(),
         "tree offer accepted"
     );
+    let size_of = |i: &u32| match tree.offer.entries.get(*i as usize).map(|e| &e.kind) {
+        Some(EntryKind::File { size, .. }) => *size,
+        _ => 0,
+    };
+    let total: u64 = (0..tree.offer.entries.len() as u32).map(|i| size_of(&i)).sum();
+    let needed: u64 = plan.needed.iter().map(size_of).sum();
+    ctx.stats.meter.expect(total);
+    ctx.stats.meter.present(total.saturating_sub(needed));
+    ctx.stats.meter.current(tree.offer.path.as_str());
     let need = Message::TreeNeed(TreeNeed {
         entries: encode_runs(plan.needed.iter().copied()),
     });

@@ -95,6 +95,10 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let bytes = needed.iter().map(|&i| file_size(tree, i)).sum();
+    let total: u64 = (0..tree.entries.len() as u32).map(|i| file_size(tree, i)).sum();
+    opts.meter.expect(total);
+    opts.meter.present(total.saturating_sub(bytes));
+    opts.meter.current(remote_dir);
     on_event(SendEvent::TreeNeed {
         files: needed.len() as u64,
         bytes,
@@ -376,6 +380,7 @@ impl<'a> SmallFiles<'a> {
                 let len = data.len() as u64;
                 let msg = Message::FileData(FileData { entry: index, data });
                 send_within(conn, &msg, self.opts.io_timeout, "sending small files").await?;
+                self.opts.meter.moved(len);
                 stats.bytes_sent += len;
                 self.in_flight.insert(index, len);
                 self.in_flight_bytes += len;
@@ -413,6 +418,7 @@ impl<'a> SmallFiles<'a> {
                 for index in ack.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
+                        self.opts.meter.durable(len);
                         stats.files_acked += 1;
                     }
                 }

@@ -62,6 +62,8 @@ pub(crate) struct ChunkWriter {
     /// Chunks written since the last sync, with the stream each came on.
     batch: Vec<(u32, u32)>,
     batch_bytes: u64,
+    /// Bytes of the batch that came over the wire (not reused), for the meter once durable.
+    batch_received: u64,
     /// Hashes the whole file from offset 0 as far as its chunks are written, so the commit has little left to
     /// read; taken by the commit, and started again after a damaged one.
     pub(crate) follower: Option<DigestFollower>,
@@ -95,6 +97,7 @@ impl ChunkWriter {
             batch_limit,
             batch: Vec::new(),
             batch_bytes: 0,
+            batch_received: 0,
             follower: None,
             written: ChunkSet::new(0),
             contiguous: 0,
@@ -180,6 +183,7 @@ impl ChunkWriter {
         let len = chunk.data.len() as u64;
         self.progress.received_bytes += len;
         self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
+        self.stats.meter.moved(len);
         let Some(entry) = self.manifest.chunk(chunk.index) else {
             return true; // the session checks indices; unreachable in practice
         };
@@ -192,10 +196,12 @@ impl ChunkWriter {
                 self.mark_written(chunk.index);
                 self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
+                self.batch_received += len;
                 true
             }
             Err(VerifyError::Mismatch { .. }) => {
                 self.progress.rejected_chunks += 1;
+                self.stats.meter.resent();
                 self.stats.chunks_rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %self.key, index = chunk.index, "chunk failed verification; asking again");
                 let _ = events.send(WriterEvent::Rejected {
@@ -242,7 +248,9 @@ impl ChunkWriter {
         self.stats
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
+        self.stats.meter.durable(self.batch_received);
         self.batch_bytes = 0;
+        self.batch_received = 0;
         self.batch.sort_unstable_by_key(|&(index, stream)| (stream, index));
         let mut durable: Vec<(u32, Vec<IndexRange>)> = Vec::new();
         for chunk in self.batch.chunk_by(|a, b| a.1 == b.1) {

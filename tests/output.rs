@@ -1,0 +1,151 @@
+//! What a push or pull shows: the `--json` event stream (schema in README, "JSON output") and plain, unanimated
+//! output when stderr is not a terminal.
+
+use serde_json::Value;
+
+use crate::util::*;
+
+/// Every stdout line of a `--json` run, parsed.
+fn events(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
+fn names(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["event"].as_str().expect("every line names its event"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_is_a_stream_of_events_from_start_to_the_summary_with_progress_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("disk.img");
+    write_random(&src, 24 * MIB, 5);
+    // A small window and a progress event every 5 ms: several progress events even on a fast machine.
+    let cmd = push_command(
+        &src,
+        &server.url("disk.img"),
+        &dir.path().join("state"),
+        &[
+            "--json-progress",
+            "5ms",
+            "--window",
+            "256KiB",
+            "--chunk-size",
+            "64KiB",
+            "--chunking",
+            "fixed",
+        ],
+    );
+    let output = tokio::task::spawn_blocking(move || { cmd }.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events = events(&output.stdout);
+    let names = names(&events);
+    assert_eq!(names.first(), Some(&"start"), "{names:?}");
+    assert_eq!(names.last(), Some(&"summary"), "{names:?}");
+    for expected in ["manifest", "connected", "need", "progress"] {
+        assert!(names.contains(&expected), "no {expected} event in {names:?}");
+    }
+    assert_eq!(names.iter().filter(|n| **n == "summary").count(), 1);
+
+    let start = &events[0];
+    assert_eq!(start["command"], "push");
+    assert_eq!(start["destination"], server.url("disk.img"));
+    let summary = events.last().unwrap();
+    assert_eq!(summary["status"], "ok");
+    assert_eq!(summary["exit_code"], 0);
+    assert_eq!(summary["digest"], b3(&src));
+    assert_eq!(summary["bytes_sent"], 24 * MIB as u64);
+
+    // Progress never runs backwards within an attempt and never passes the total.
+    let mut last_done = 0;
+    for progress in events.iter().filter(|e| e["event"] == "progress") {
+        let done = progress["bytes_done"].as_u64().unwrap();
+        let total = progress["bytes_total"].as_u64().unwrap();
+        assert!(done >= last_done && done <= total.max(done), "{progress}");
+        assert!(total == 0 || total == 24 * MIB as u64, "{progress}");
+        for key in [
+            "bytes_moved",
+            "bytes_held",
+            "chunks_resent",
+            "reconnects",
+            "rate_bytes_per_sec",
+            "elapsed_ms",
+        ] {
+            assert!(progress[key].is_u64(), "{key} missing in {progress}");
+        }
+        last_done = done;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_still_ends_its_json_stream_with_a_summary_naming_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("a.bin");
+    write_random(&src, 64 * KIB, 1);
+    // Nothing listens on this port (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cmd = push_command(
+        &src,
+        &format!("ferry://127.0.0.1:{port}/a.bin"),
+        &dir.path().join("state"),
+        &["--retries", "1"],
+    );
+    let output = tokio::task::spawn_blocking(move || { cmd }.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let events = events(&output.stdout);
+    let names = names(&events);
+    assert_eq!(names.first(), Some(&"start"), "{names:?}");
+    assert!(names.contains(&"retry"), "the retry is reported: {names:?}");
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["status"], "error");
+    assert_eq!(summary["exit_code"], 3);
+    assert!(summary["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_terminal_the_human_output_is_plain_lines_with_no_animation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("b.bin");
+    write_random(&src, 3 * MIB, 2);
+    let output = std::process::Command::new(ferry_bin())
+        .arg("push")
+        .arg(&src)
+        .arg(server.url("b.bin"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ferry: pushed:"), "{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "no redraws or colours in a log: {stderr:?}"
+    );
+    assert!(output.stdout.is_empty(), "stdout stays empty without --json");
+    for line in stderr.lines() {
+        assert!(line.starts_with("ferry: ") || line.starts_with("blake3 "), "{line}");
+    }
+}
