@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ferry beside rsync (daemon on loopback) and a raw TCP copy (socat to a file + sync), on the same files in one run.
 # Usage: bench/compare.sh [SIZE_MIB=2048] [RUNS=3] [FILES=10000] [OUT=docs/benchmarks.md]
-# Writes a markdown report (medians of RUNS, peak RSS per process) to OUT and prints it. Not run by CI.
+# Writes a markdown report (medians of RUNS, peak RSS per process) to OUT, its tables as an SVG bar chart beside it
+# (bench/chart.py), and prints the report. Not run by CI.
 # Needs rsync and socat (installed with apt-get if missing and possible) and /usr/bin/time.
 set -euo pipefail
 size_mib=${1:-2048}
@@ -288,6 +289,8 @@ fresh=$(result fresh_ferry)
   echo "Everything runs over loopback on one machine (client and server share the 2 cores); times are wall-clock"
   echo "medians of $runs runs, taken in one run of the script, interleaved, so the ratios compare like with like."
   echo
+  echo "![The tables below as bars (bench/chart.py)]($(basename "${out%.md}").svg)"
+  echo
   echo "## Fresh push of a ${size_mib} MiB random file"
   echo
   echo "| tool | time (s) | vs socat+sync | peak RSS |"
@@ -348,4 +351,5 @@ fresh=$(result fresh_ferry)
 } > "$work/report.md"
 mkdir -p "$(dirname "$out")"
 cp "$work/report.md" "$out"
+python3 bench/chart.py "$out" "${out%.md}.svg"
 cat "$out"
