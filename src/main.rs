@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(e, exit::INTERNAL),
     };
     let quiet = cli.quiet;
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
             Command::Pull(args) => ExitCode::from(ferry::cli::pull(args, quiet).await),
@@ -31,7 +31,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(e, exit::INTEGRITY),
             },
         }
-    })
+    });
+    // A run stopped by --max-duration may leave a blocking task behind (hashing a large file); do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 fn fail(error: anyhow::Error, code: u8) -> ExitCode {
