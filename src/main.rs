@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(e, exit::INTERNAL),
     };
     let quiet = cli.quiet;
+    let transfer = matches!(cli.command, Command::Push(_) | Command::Pull(_));
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
@@ -32,8 +33,11 @@ fn main() -> ExitCode {
             },
         }
     });
-    // A run stopped by --max-duration may leave a blocking task behind (hashing a large file); do not wait for it.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if transfer {
+        // A run stopped by --max-duration may leave a blocking task behind (hashing a large file); do not wait
+        // for it (dropping the runtime would).
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
     code
 }
 

@@ -88,6 +88,7 @@ async fn bwlimit_holds_a_push_to_the_rate_and_the_summary_is_normal() {
     assert_eq!(out.json["status"], "ok");
     assert_eq!(out.u64("bytes_sent"), 3 * MIB as u64);
     assert!(out.u64("duration_ms") >= 1000, "{}", out.json);
+    assert!(out.u64("rate_bytes_per_sec") <= 5 * MIB as u64 / 2, "{}", out.json);
     assert_eq!(b3(&server.root.join("limited.bin")), b3(&src));
 }
 
@@ -109,9 +110,9 @@ async fn max_duration_stops_a_push_to_a_hung_server_with_exit_9() {
     assert_eq!(out.code, 9, "{}\n{}", out.json, out.stderr);
     assert_eq!(out.json["status"], "error");
     assert_eq!(out.json["exit_code"], 9);
-    assert!(out.stderr.contains("--max-duration"), "{}", out.stderr);
-    // The hung server would hold it for --timeout (60 s); the run stops long before.
-    assert!(started.elapsed() < Duration::from_secs(45), "{:?}", started.elapsed());
+    // Exit 9 comes only from the deadline: the hung server alone would hold each attempt for --timeout (60 s).
+    assert!(out.stderr.contains("--max-duration 1s ran out"), "{}", out.stderr);
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
