@@ -104,6 +104,8 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
             max: Duration::from_secs(1),
         },
         links: Default::default(),
+        bandwidth: None,
+        deadline: None,
     };
     let mut narrate = |event: ClientEvent| {
         let line = match event {

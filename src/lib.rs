@@ -13,6 +13,7 @@
 //!   directions; [`verify`] is the only door through which received bytes reach disk.
 //! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
 //! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
+//! * [`throttle`] holds a run's connections to `--bwlimit`.
 
 pub mod auth;
 pub mod chunk;
@@ -30,6 +31,7 @@ pub mod ranges;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod transfer;
 pub mod tree;
@@ -61,7 +63,8 @@ pub const MAX_INLINE_FILE: u64 = 1024 * 1024;
 /// Default window of unacknowledged chunk bytes.
 pub const DEFAULT_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Process exit codes (README, "Exit codes").
+/// Process exit codes (README, "Exit codes"; each is checked through the binary in tests/exit_codes.rs). Scripts
+/// and cron jobs rely on them: a code never changes meaning, new ones are appended.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
@@ -79,4 +82,8 @@ pub mod exit {
     pub const LOCAL: u8 = 6;
     /// The server did not accept the client's token (none, unknown, or wrong), or the TLS peer failed its check.
     pub const AUTH: u8 = 7;
+    /// Another run holds the client state directory (and `--wait` was not given).
+    pub const ALREADY_RUNNING: u8 = 8;
+    /// `--max-duration` ran out (waiting for the state lock, or transferring); the next run resumes.
+    pub const TIMED_OUT: u8 = 9;
 }

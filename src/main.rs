@@ -18,7 +18,8 @@ fn main() -> ExitCode {
         Err(e) => return fail(e, exit::INTERNAL),
     };
     let quiet = cli.quiet;
-    runtime.block_on(async move {
+    let transfer = matches!(cli.command, Command::Push(_) | Command::Pull(_));
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Push(args) => ExitCode::from(ferry::cli::push(args, quiet).await),
             Command::Pull(args) => ExitCode::from(ferry::cli::pull(args, quiet).await),
@@ -31,7 +32,13 @@ fn main() -> ExitCode {
                 Err(e) => fail(e, exit::INTEGRITY),
             },
         }
-    })
+    });
+    if transfer {
+        // A run stopped by --max-duration may leave a blocking task behind (hashing a large file); do not wait
+        // for it (dropping the runtime would).
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+    code
 }
 
 fn fail(error: anyhow::Error, code: u8) -> ExitCode {

@@ -19,10 +19,13 @@ pub use serve::{keygen, serve, token, KeygenArgs, ServeArgs, TokenArgs};
 use crate::auth::Token;
 use crate::chunk::{ChunkSpec, ChunkingMode};
 use crate::client::{
-    Access, Backoff, ClientError, ClientEvent, PullOptions, PullReport, Pulled, PushOptions, PushReport, TreeReport,
+    Access, Backoff, ClientError, ClientEvent, Deadline, PullOptions, PullReport, Pulled, PushOptions, PushReport,
+    TreeReport,
 };
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
+use crate::store::{LockError, StateLock};
+use crate::throttle::Bandwidth;
 use crate::tls::{ClientTls, Trust};
 use crate::transfer::sender::SendOptions;
 use crate::tree::LinkPolicy;
@@ -192,6 +195,16 @@ pub struct TransferArgs {
     /// Speak TLS and trust server certificates for the URL's host issued by a CA in this PEM file.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// Cap the run's bandwidth, each way, over all its connections, in bytes per second (e.g. 10MiB, 500K/s).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Stop the whole run after this long, retries and --wait included, with exit code 9 (e.g. 90m, 2h); the next
+    /// run resumes.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// When another run holds the state directory, wait for it (up to --max-duration) instead of exiting with 8.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 impl TransferArgs {
@@ -215,6 +228,20 @@ impl TransferArgs {
 
     fn state_dir(&self) -> PathBuf {
         self.state.clone().unwrap_or_else(default_state_dir)
+    }
+
+    fn bandwidth(&self) -> Option<Bandwidth> {
+        self.bwlimit.map(Bandwidth::new)
+    }
+
+    /// The state directory's lock: at once, or with `--wait` as soon as it is free (until the deadline).
+    async fn lock_state(&self, deadline: Option<Deadline>) -> Result<StateLock, LockError> {
+        let dir = self.state_dir();
+        if self.wait {
+            StateLock::wait(&dir, deadline.map(|d| d.at)).await
+        } else {
+            StateLock::try_acquire(&dir)
+        }
     }
 
     /// The token and TLS settings these flags ask for. Blocking (reads files).
@@ -252,9 +279,14 @@ pub struct DemoArgs {
 /// Runs `ferry push`, printing progress and the summary; returns the exit code.
 pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let deadline = common.max_duration.map(Deadline::after);
     let access = match common.access() {
         Ok(access) => access,
         Err(e) => return finish::<PushReport>("push", Err(ClientError::Setup(e)), common.json, quiet),
+    };
+    let _lock = match common.lock_state(deadline).await {
+        Ok(lock) => lock,
+        Err(e) => return finish::<PushReport>("push", Err(e.into()), common.json, quiet),
     };
     let opts = PushOptions {
         source: args.file.clone(),
@@ -272,6 +304,8 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         streams: args.streams,
         backoff: common.backoff(),
         links: common.links,
+        bandwidth: common.bandwidth(),
+        deadline,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -300,9 +334,14 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
 pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let deadline = common.max_duration.map(Deadline::after);
     let access = match common.access() {
         Ok(access) => access,
         Err(e) => return finish::<Pulled>("pull", Err(ClientError::Setup(e)), common.json, quiet),
+    };
+    let _lock = match common.lock_state(deadline).await {
+        Ok(lock) => lock,
+        Err(e) => return finish::<Pulled>("pull", Err(e.into()), common.json, quiet),
     };
     let opts = PullOptions {
         source: args.source.clone(),
@@ -317,6 +356,8 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         backoff: common.backoff(),
         links: common.links,
         meter: Arc::default(),
+        bandwidth: common.bandwidth(),
+        deadline,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -584,6 +625,16 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/ferry")
 }
 
+/// A bandwidth: a size per second, with or without a `/s` suffix (`10MiB`, `500K/s`); zero is refused.
+fn parse_rate(raw: &str) -> Result<u64, String> {
+    let trimmed = raw.trim();
+    let size = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    match parse_size(size)? {
+        0 => Err("a bandwidth limit must be above zero".to_string()),
+        rate => Ok(rate),
+    }
+}
+
 fn parse_size_u32(raw: &str) -> Result<u32, String> {
     let size = parse_size(raw)?;
     let size = u32::try_from(size).map_err(|_| format!("{raw:?} is too large"))?;
@@ -603,5 +654,14 @@ mod tests {
     fn chunk_sizes_are_bounded() {
         assert!(parse_size_u32("1K").is_err());
         assert_eq!(parse_size_u32("1MiB"), Ok(1 << 20));
+    }
+
+    #[test]
+    fn rates_take_an_optional_per_second_suffix() {
+        assert_eq!(parse_rate("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_rate("500K/s"), Ok(500 << 10));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
     }
 }

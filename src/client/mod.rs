@@ -3,18 +3,23 @@
 //!
 //! Within one run, network failures (and retryable server errors) lead to a reconnect after an exponential,
 //! jittered backoff; `retries` bounds consecutive attempts that made no progress, so a long transfer over a link
-//! that drops every few minutes still finishes. Across runs, the receiver's records tell what is missing and the
+//! that drops every few minutes still finishes. A [`Deadline`] (`--max-duration`) bounds the whole run, retries
+//! included: when it passes, the attempt in flight is dropped (a pull's receiver is first asked to stop, so it
+//! drains what it already verified), and the run ends with [`ClientError::TimedOut`]; what the receiver made durable
+//! stays, so the next run resumes. Across runs, the receiver's records tell what is missing and the
 //! sender's manifest cache avoids rehashing an unchanged source.
 
 mod pull;
 mod push;
 mod tree;
 
+use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
 use thiserror::Error;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
@@ -23,7 +28,8 @@ pub use tree::{push_tree, TreeReport};
 use crate::auth::Token;
 use crate::exit;
 use crate::source::{SourceError, MAX_SOURCE_CHANGES};
-use crate::store::StoreError;
+use crate::store::{LockError, StoreError};
+use crate::throttle::{Bandwidth, Throttled};
 use crate::tls::{ClientTls, Stream};
 use crate::transfer::sender::SendEvent;
 use crate::transfer::{handshake, TransferError};
@@ -58,22 +64,63 @@ impl Default for Backoff {
     }
 }
 
+/// When a run bounded by `--max-duration` must end.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    /// The moment the run must stop.
+    pub at: Instant,
+    /// The bound it was given (for messages).
+    pub limit: Duration,
+}
+
+impl Deadline {
+    /// A deadline `limit` from now.
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The error for a run stopped by this deadline.
+    pub fn expired(&self, last: Option<String>) -> ClientError {
+        ClientError::TimedOut {
+            limit: self.limit,
+            last: last.map_or_else(String::new, |e| format!("; last error: {e}")),
+        }
+    }
+}
+
 /// Counts attempts and decides, after a failure, whether and when to try again.
 #[derive(Debug)]
 struct Retrier {
     retries: u32,
     backoff: Backoff,
+    deadline: Option<Deadline>,
     attempts: u32,
     failures: u32,
 }
 
 impl Retrier {
-    fn new(retries: u32, backoff: Backoff) -> Self {
+    fn new(retries: u32, backoff: Backoff, deadline: Option<Deadline>) -> Self {
         Retrier {
             retries,
             backoff,
+            deadline,
             attempts: 0,
             failures: 0,
+        }
+    }
+
+    /// Runs `work`, or gives it up `grace` after the deadline with [`ClientError::TimedOut`].
+    async fn bounded<T>(&self, work: impl Future<Output = T>, grace: Duration) -> Result<T, ClientError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(work.await);
+        };
+        tokio::select! {
+            biased;
+            done = work => Ok(done),
+            () = tokio::time::sleep_until(deadline.at + grace) => Err(deadline.expired(None)),
         }
     }
 
@@ -102,6 +149,9 @@ impl Retrier {
             });
         }
         let delay = self.backoff.delay(self.failures);
+        if let Some(deadline) = self.deadline.filter(|d| Instant::now() + delay >= d.at) {
+            return Err(deadline.expired(Some(error.to_string())));
+        }
         tracing::info!(attempt = self.attempts, ?delay, error = %error, "retrying");
         on_event(ClientEvent::Retrying {
             attempt: self.attempts,
@@ -122,8 +172,8 @@ pub struct Access {
     pub tls: Option<ClientTls>,
 }
 
-/// A client's connection to a server.
-pub type ClientConnection = Connection<Stream>;
+/// A client's connection to a server, held to the run's `--bwlimit` if there is one.
+pub type ClientConnection = Connection<Throttled<Stream>>;
 
 /// Connects to `url`'s server (TCP, then TLS if configured) and completes the handshake, proving the token if the
 /// server asks. A TLS peer that fails the trust check is refused with `AuthFailed`, never retried.
@@ -132,6 +182,7 @@ async fn connect(
     connect_timeout: Duration,
     io_timeout: Duration,
     access: &Access,
+    bandwidth: Option<&Bandwidth>,
 ) -> Result<ClientConnection, TransferError> {
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
         .await
@@ -146,7 +197,7 @@ async fn connect(
             .map_err(tls_failure)?,
     };
     let binding = stream.channel_binding();
-    let mut conn = Connection::new(stream, MAX_FRAME);
+    let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     Ok(conn)
 }
@@ -241,6 +292,17 @@ pub enum ClientError {
     /// The server did not accept the token, or the server's TLS certificate is not trusted.
     #[error("authentication: {0}")]
     Auth(TransferError),
+    /// The client state directory is held by another run, or its lock file is unusable.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// `--max-duration` ran out before the transfer finished.
+    #[error("stopped: --max-duration {limit:?} ran out (what the receiver holds is kept; the next run resumes){last}")]
+    TimedOut {
+        /// The bound.
+        limit: Duration,
+        /// `; last error: ...` when an attempt had failed, else empty.
+        last: String,
+    },
 }
 
 impl From<SourceError> for ClientError {
@@ -263,6 +325,9 @@ impl ClientError {
             ClientError::Integrity(_) => exit::INTEGRITY,
             ClientError::Auth(_) => exit::AUTH,
             ClientError::Source(_) | ClientError::SourceUnstable(_) | ClientError::Store(_) => exit::LOCAL,
+            ClientError::Lock(LockError::Held { .. }) => exit::ALREADY_RUNNING,
+            ClientError::Lock(LockError::StillHeld { .. }) | ClientError::TimedOut { .. } => exit::TIMED_OUT,
+            ClientError::Lock(LockError::Io { .. }) => exit::LOCAL,
         }
     }
 }
@@ -289,4 +354,53 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ClientError::Source(format!("internal: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_cuts_an_attempt_short_and_refuses_a_retry_past_it() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let retrier = Retrier::new(10, Backoff::default(), Some(deadline));
+        let started = Instant::now();
+        let quick = retrier.bounded(async { 7 }, Duration::ZERO).await;
+        assert!(matches!(quick, Ok(7)));
+        let slow = retrier.bounded(tokio::time::sleep(Duration::from_secs(60)), Duration::ZERO);
+        let cut = slow.await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(cut.exit_code(), exit::TIMED_OUT);
+
+        let late = Backoff {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+        };
+        let mut retrier = Retrier::new(10, late, Some(Deadline::after(Duration::from_secs(3))));
+        retrier.start();
+        let error = TransferError::Timeout(Duration::from_secs(1), "connecting");
+        let gave_up = retrier.wait_to_retry(error, false, &mut |_| {}).await.unwrap_err();
+        assert_eq!(gave_up.exit_code(), exit::TIMED_OUT);
+        assert!(gave_up.to_string().contains("last error"), "{gave_up}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "no sleep towards a retry that cannot happen"
+        );
+    }
+
+    #[test]
+    fn lock_failures_have_their_exit_codes() {
+        let held = ClientError::Lock(LockError::Held {
+            dir: "state".into(),
+            holder: "pid 1: ferry push".into(),
+        });
+        assert_eq!(held.exit_code(), exit::ALREADY_RUNNING);
+        let waited = ClientError::Lock(LockError::StillHeld {
+            dir: "state".into(),
+            holder: "pid 1: ferry push".into(),
+            waited: Duration::from_secs(1),
+        });
+        assert_eq!(waited.exit_code(), exit::TIMED_OUT);
+    }
 }

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::tree::{pull_root, TreeReport};
-use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
+use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Hash;
 use crate::meter::Meter;
 use crate::path::{private_partial_dir, RemotePath};
 use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
+use crate::throttle::Bandwidth;
 use crate::transfer::claims::Claims;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::{receive_tree, TreeReceived};
@@ -28,6 +29,8 @@ use crate::wire::{Committed, Message, Pull};
 const SYNC_BATCH: u64 = 4 * 1024 * 1024;
 /// Chunk bytes the pulling client may have queued for its writer.
 const QUEUE_BUDGET: usize = 64 * 1024;
+/// After the deadline, how long the receiver may take to drain what it already verified before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// What to pull where, and how.
 #[derive(Clone, Debug)]
@@ -56,6 +59,10 @@ pub struct PullOptions {
     pub backoff: Backoff,
     /// Live progress of the run.
     pub meter: Arc<Meter>,
+    /// Bandwidth cap (`--bwlimit`).
+    pub bandwidth: Option<Bandwidth>,
+    /// When the whole run must stop (`--max-duration`).
+    pub deadline: Option<Deadline>,
 }
 
 /// The outcome of a successful pull.
@@ -105,14 +112,26 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         tree: None,
         meter: opts.meter.clone(),
     };
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
-    let never = CancellationToken::new();
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    // At the deadline the receiver is asked to stop (it drains what it verified), then given STOP_GRACE.
+    let stop = CancellationToken::new();
+    let _stopper = opts.deadline.map(|deadline| {
+        let stop = stop.clone();
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.at).await;
+            stop.cancel();
+        }))
+    });
     let outcome = loop {
         let number = retrier.start();
         let before = local.progress();
-        let result = attempt(&opts, number, &remote, &mut local, &never, on_event).await;
+        let receiving = attempt(&opts, number, &remote, &mut local, &stop, on_event);
+        let result = retrier.bounded(receiving, STOP_GRACE).await?;
         let error = match result {
             Ok(outcome) => break outcome,
+            Err(_) if stop.is_cancelled() => {
+                return Err(opts.deadline.expect("only a deadline stops a pull").expired(None))
+            }
             Err(AttemptError::Local(e)) => return Err(e),
             Err(AttemptError::Transfer(e)) if !e.is_retryable() => return Err(classify(e)),
             Err(AttemptError::Transfer(e)) => e,
@@ -292,7 +311,14 @@ async fn attempt(
     stop: &CancellationToken,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Outcome, AttemptError> {
-    let mut conn = connect(&opts.source, opts.connect_timeout, opts.io_timeout, &opts.access).await?;
+    let mut conn = connect(
+        &opts.source,
+        opts.connect_timeout,
+        opts.io_timeout,
+        &opts.access,
+        opts.bandwidth.as_ref(),
+    )
+    .await?;
     opts.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let result = receive_pulled(&mut conn, opts, remote, local, stop).await;

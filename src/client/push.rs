@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Retrier};
+use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
 use crate::source::{manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
+use crate::throttle::Bandwidth;
 use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
@@ -42,6 +43,10 @@ pub struct PushOptions {
     pub backoff: Backoff,
     /// For a directory: whether symlinks are recreated or left out.
     pub links: crate::tree::LinkPolicy,
+    /// Bandwidth cap shared by all of the run's connections (`--bwlimit`).
+    pub bandwidth: Option<Bandwidth>,
+    /// When the whole run must stop (`--max-duration`).
+    pub deadline: Option<Deadline>,
 }
 
 impl PushOptions {
@@ -52,6 +57,7 @@ impl PushOptions {
             self.connect_timeout,
             self.send.io_timeout,
             &self.access,
+            self.bandwidth.as_ref(),
         )
         .await
     }
@@ -108,7 +114,13 @@ pub async fn push(
         let dir = opts.state_dir.clone();
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
-    let (manifest, manifest_cached) = load_manifest(&store, &file, &canonical, opts.chunking, false).await?;
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let (manifest, manifest_cached) = retrier
+        .bounded(
+            load_manifest(&store, &file, &canonical, opts.chunking, false),
+            Duration::ZERO,
+        )
+        .await??;
     opts.send.meter.expect(manifest.size);
     on_event(ClientEvent::Manifest {
         chunks: manifest.chunk_count(),
@@ -121,14 +133,14 @@ pub async fn push(
         manifest: Arc::new(manifest),
     };
     let mut run = Run::default();
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
     let outcome = loop {
         let number = retrier.start();
         let acked_before = run.stats.chunks_acked;
-        let result = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event).await;
-        let error = match result {
-            Ok(committed) => break Ok(committed),
-            Err(e) => e,
+        let sending = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event);
+        let error = match retrier.bounded(sending, Duration::ZERO).await {
+            Ok(Ok(committed)) => break Ok(committed),
+            Ok(Err(e)) => e,
+            Err(timed_out) => break Err(timed_out),
         };
         if let TransferError::SourceChanged(reason) = &error {
             run.source_changes += 1;
@@ -136,10 +148,10 @@ pub async fn push(
             if run.source_changes > MAX_SOURCE_CHANGES {
                 break Err(ClientError::SourceUnstable(canonical.display().to_string()));
             }
-            let rebuilt = load_manifest(&store, &source.file, &canonical, opts.chunking, true).await;
-            match rebuilt {
-                Ok((manifest, _)) => source.manifest = Arc::new(manifest),
-                Err(e) => break Err(e),
+            let rebuilding = load_manifest(&store, &source.file, &canonical, opts.chunking, true);
+            match retrier.bounded(rebuilding, Duration::ZERO).await {
+                Ok(Ok((manifest, _))) => source.manifest = Arc::new(manifest),
+                Ok(Err(e)) | Err(e) => break Err(e),
             }
             continue;
         }

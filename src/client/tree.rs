@@ -101,7 +101,8 @@ pub async fn push_tree(
     };
     let dir = std::fs::canonicalize(&opts.source)
         .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
-    let (store, tree) = scan_local(&opts, &dir).await?;
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let (store, tree) = retrier.bounded(scan_local(&opts, &dir), Duration::ZERO).await??;
     on_event(ClientEvent::Scanned {
         files: tree.file_count() as u64,
         bytes: tree.total_bytes(),
@@ -121,12 +122,12 @@ pub async fn push_tree(
         spec: opts.chunking,
         committed: None,
     };
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone());
     let mut stats = SendStats::default();
     let sent = loop {
         let number = retrier.start();
         let before = stats.chunks_acked + stats.files_acked;
-        let error = match attempt(&opts, number, &remote_dir, &source, &mut stats, on_event).await {
+        let sending = attempt(&opts, number, &remote_dir, &source, &mut stats, on_event);
+        let error = match retrier.bounded(sending, Duration::ZERO).await? {
             Ok(sent) => break sent,
             Err(e) if !e.is_retryable() => return Err(classify(e)),
             Err(e) => e,

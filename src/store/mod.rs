@@ -3,8 +3,9 @@
 //! [`Store`] opens the database; [`ReceiverStore`] holds transfer records, received-chunk bitmaps and committed
 //! file records; [`SenderStore`] holds the manifest cache and push records. Every write that a later step relies
 //! on (a chunk mark before its Ack, a commit record) is flushed before the call returns. sled is synchronous: call
-//! these from blocking threads.
+//! these from blocking threads. [`StateLock`] keeps a client state directory to one run at a time.
 
+mod lock;
 mod receiver;
 mod sender;
 
@@ -13,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
+pub use lock::{LockError, StateLock, LOCK_FILE};
 pub use receiver::{ChunkLocation, CommittedFile, OpenTransfer, Progress, ReceiverStore, TransferRecord};
 pub use sender::{ManifestKey, PushRecord, PushState, SenderStore};
 

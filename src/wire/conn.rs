@@ -96,15 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn write_message_idle(&mut self, msg: &Message, idle: Option<Duration>) -> Result<(), WireError> {
         self.write_buf.clear();
         codec::encode_frame(msg, self.max_frame, &mut self.write_buf)?;
-        let mut written = 0;
-        while written < self.write_buf.len() {
-            let end = (written + WRITE_SLICE).min(self.write_buf.len());
-            let n = within(idle, self.stream.write(&self.write_buf[written..end])).await?;
-            if n == 0 {
-                return Err(WireError::Io(std::io::ErrorKind::WriteZero.into()));
-            }
-            written += n;
-        }
+        write_sliced(&mut self.stream, &self.write_buf, idle).await?;
         self.stream.flush().await?;
         if self.write_buf.capacity() > 4 * 1024 * 1024 && !matches!(msg, Message::Chunk(_)) {
             self.write_buf = Vec::new();
@@ -117,10 +109,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn write_chunk(&mut self, index: u32, data: &[u8], idle: Option<Duration>) -> Result<(), WireError> {
         self.write_buf.clear();
         codec::encode_chunk_header(index, data.len(), self.max_frame, &mut self.write_buf)?;
-        within(idle, self.stream.write_all(&self.write_buf)).await?;
-        for slice in data.chunks(WRITE_SLICE) {
-            within(idle, self.stream.write_all(slice)).await?;
-        }
+        write_sliced(&mut self.stream, &self.write_buf, idle).await?;
+        write_sliced(&mut self.stream, data, idle).await?;
         self.stream.flush().await?;
         Ok(())
     }
@@ -137,6 +127,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.read_buf = BytesMut::with_capacity(64 * 1024);
         }
     }
+}
+
+/// Writes all of `bytes` in calls of at most [`WRITE_SLICE`], each of which must make progress within `idle` (a
+/// slow link, or a `--bwlimit`, that keeps taking bytes is never cut off).
+async fn write_sliced<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    idle: Option<Duration>,
+) -> Result<(), WireError> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let end = (written + WRITE_SLICE).min(bytes.len());
+        let n = within(idle, stream.write(&bytes[written..end])).await?;
+        if n == 0 {
+            return Err(WireError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        written += n;
+    }
+    Ok(())
 }
 
 /// Runs one socket call, failing with [`WireError::Idle`] if it makes no progress within `idle`.
