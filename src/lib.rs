@@ -13,6 +13,8 @@
 //!   directions; [`verify`] is the only door through which received bytes reach disk.
 //! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
 //! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
+//! * [`config`] reads the server's and the client's TOML files; [`settings`] resolves a push's or pull's settings
+//!   (flags over the client file's remote and defaults) and `NAME:PATH` locations.
 
 pub mod auth;
 pub mod chunk;
@@ -27,6 +29,7 @@ pub mod memory;
 pub mod path;
 pub mod ranges;
 pub mod server;
+pub mod settings;
 pub mod source;
 pub mod store;
 pub mod tls;
