@@ -158,8 +158,9 @@ pub struct TransferArgs {
     /// $XDG_CONFIG_HOME/ferry/config.toml or ~/.config/ferry/config.toml, which may be missing).
     #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
     pub client_config: Option<PathBuf>,
-    /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
-    #[arg(long)]
+    /// Client state directory (default: the client configuration's `state`, else $XDG_STATE_HOME/ferry or
+    /// ~/.local/state/ferry). $FERRY_STATE counts as this flag.
+    #[arg(long, env = "FERRY_STATE")]
     pub state: Option<PathBuf>,
     /// How to cut files: content-defined chunks (cdc, the default: only the chunks around an edit change) or
     /// fixed-size.
