@@ -198,6 +198,27 @@ fn configuration_mistakes_are_usage_errors() {
     assert!(stderr.contains("unknown remote \"nope\""), "{stderr}");
     assert!(stdout.contains("\"exit_code\":2"), "{stdout}");
 
+    // $XDG_CONFIG_HOME/ferry/config.toml is the default file when it is set.
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("ferry")).unwrap();
+    std::fs::write(
+        xdg.join("ferry/config.toml"),
+        "[remote.x]\nurl = \"ferry://127.0.0.1:1/b\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = output(
+        ferry(dir.path())
+            .env("XDG_CONFIG_HOME", &xdg)
+            .arg("push")
+            .arg(&file)
+            .arg("y:f"),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no [remote.y] section in") && stderr.contains("xdg/ferry/config.toml"),
+        "{stderr}"
+    );
+
     // No file at all: a remote name cannot mean anything.
     let (code, _, stderr) = output(ferry(dir.path()).args(["pull", "x:f"]).arg(dir.path().join("out")));
     assert_eq!(code, 2, "{stderr}");

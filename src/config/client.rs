@@ -213,10 +213,11 @@ pub fn valid_remote_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// `$XDG_CONFIG_HOME/ferry/config.toml`, else `~/.config/ferry/config.toml` (`None` without either variable).
+/// `$XDG_CONFIG_HOME/ferry/config.toml`, else `~/.config/ferry/config.toml` (`None` without either variable). A
+/// relative `$XDG_CONFIG_HOME` is ignored, as the XDG base directory specification says.
 pub fn default_path() -> Option<PathBuf> {
-    match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir).join("ferry/config.toml")),
+    match std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => Some(dir.join("ferry/config.toml")),
         _ => home().map(|home| home.join(".config/ferry/config.toml")),
     }
 }
@@ -256,11 +257,17 @@ fn profile(section: &Section, paths: &Paths) -> Result<Profile, String> {
             .transpose()
     };
     let path = |raw: &Option<PathBuf>, key: &str| raw.as_deref().map(|p| paths.resolve(p, key)).transpose();
-    let chunk_size = match &section.chunk_size {
-        Some(Size::Bytes(n)) => Some(parse_chunk_size(&n.to_string()).map_err(|e| format!("chunk_size: {e}"))?),
-        Some(Size::Text(text)) => Some(parse_chunk_size(text).map_err(|e| format!("chunk_size: {e}"))?),
-        None => None,
-    };
+    let chunk_size = section
+        .chunk_size
+        .as_ref()
+        .map(|size| {
+            let text = match size {
+                Size::Bytes(n) => n.to_string(),
+                Size::Text(text) => text.clone(),
+            };
+            parse_chunk_size(&text).map_err(|e| format!("chunk_size: {e}"))
+        })
+        .transpose()?;
     if let Some(streams) = section.streams {
         if !(1..=MAX_STREAMS).contains(&streams) {
             return Err(format!("streams: must be between 1 and {MAX_STREAMS}, got {streams}"));
