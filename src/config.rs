@@ -1,5 +1,7 @@
-//! The server's TOML configuration file (`ferry serve --config FILE`): listen address, root, limits, TLS, and the
-//! clients with their tokens, namespaces, permissions and quotas. Command-line flags override it.
+//! The TOML configuration files. This module owns the server's (`ferry serve --config FILE`): listen address,
+//! root, limits, TLS, and the clients with their tokens, namespaces, permissions and quotas; command-line flags
+//! override it, and [`EffectiveServer`] prints the merged result back in the same schema
+//! (`ferry serve --print-config`). [`ClientFile`] is the client's file of defaults and named remotes.
 //!
 //! Unknown keys are errors (a typo must not silently drop a limit). Sizes are `"1MiB"`-style strings or plain
 //! integers, durations `"30s"`-style strings. Relative paths are relative to the file's directory. README,
@@ -14,6 +16,12 @@ use thiserror::Error;
 use crate::auth::{Permissions, Token};
 use crate::server::{ClientEntry, ServerConfig};
 use crate::units::{parse_duration, parse_size};
+
+mod client;
+mod render;
+
+pub use client::{default_path, valid_remote_name, ClientFile, Profile, Remote, TlsChoice, MAX_STREAMS};
+pub use render::EffectiveServer;
 
 /// A configuration file that cannot be used.
 #[derive(Debug, Error)]
@@ -34,6 +42,22 @@ pub enum ConfigError {
         /// What is wrong, with its location.
         message: String,
     },
+    /// `NAME:PATH` names a remote the client's configuration does not define.
+    #[error("unknown remote {name:?}: {}", remote_hint(.name, .file.as_deref()))]
+    UnknownRemote {
+        /// The name as given.
+        name: String,
+        /// The file searched, if there was one.
+        file: Option<PathBuf>,
+    },
+}
+
+/// Where an unknown remote was looked for.
+fn remote_hint(name: &str, file: Option<&Path>) -> String {
+    match file {
+        Some(path) => format!("no [remote.{name}] section in {}", path.display()),
+        None => "no client configuration file (README, \"Client configuration\")".to_string(),
+    }
 }
 
 /// A size: `"100GiB"` or a plain number of bytes.

@@ -14,6 +14,8 @@
 //! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
 //! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
 //! * [`throttle`] holds a run's connections to `--bwlimit`.
+//! * [`config`] reads the server's and the client's TOML files; [`settings`] resolves a push's or pull's settings
+//!   (flags over the client file's remote and defaults) and `NAME:PATH` locations.
 
 pub mod auth;
 pub mod chunk;
@@ -29,6 +31,7 @@ pub mod meter;
 pub mod path;
 pub mod ranges;
 pub mod server;
+pub mod settings;
 pub mod source;
 pub mod store;
 pub mod throttle;

@@ -27,6 +27,8 @@ fn main() -> ExitCode {
             Command::Keygen(args) => ExitCode::from(ferry::cli::keygen(args)),
             Command::Token(args) => ExitCode::from(ferry::cli::token(args)),
             Command::Gc(args) => ExitCode::from(ferry::cli::gc(args, quiet)),
+            Command::Completions(args) => ExitCode::from(ferry::cli::completions(args)),
+            Command::Man(args) => ExitCode::from(ferry::cli::man(args)),
             Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTEGRITY),

@@ -37,9 +37,25 @@ impl FromStr for FerryUrl {
     type Err = UrlError;
 
     fn from_str(raw: &str) -> Result<Self, UrlError> {
+        FerryUrl::parse(raw, false)
+    }
+}
+
+impl FerryUrl {
+    /// Parses the base URL of a configured remote, `ferry://HOST[:PORT][/BASE]`: unlike a destination it may
+    /// name no path (the client's whole namespace).
+    pub fn parse_base(raw: &str) -> Result<FerryUrl, UrlError> {
+        FerryUrl::parse(raw, true)
+    }
+
+    fn parse(raw: &str, base: bool) -> Result<FerryUrl, UrlError> {
         let syntax = || UrlError::Syntax(raw.to_string());
         let rest = raw.strip_prefix("ferry://").ok_or_else(syntax)?;
-        let (authority, path) = rest.split_once('/').ok_or_else(syntax)?;
+        let (authority, path) = match rest.split_once('/') {
+            Some(split) => split,
+            None if base => (rest, ""),
+            None => return Err(syntax()),
+        };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(syntax)?;
             let port = match after.strip_prefix(':') {
@@ -55,7 +71,7 @@ impl FromStr for FerryUrl {
             }
         };
         let port = port.map_or(Ok(DEFAULT_PORT), |p| p.parse().map_err(|_| syntax()))?;
-        if host.is_empty() || path.is_empty() {
+        if host.is_empty() || (path.is_empty() && !base) {
             return Err(syntax());
         }
         Ok(FerryUrl {
@@ -127,6 +143,9 @@ mod tests {
                 "{bad}"
             );
         }
+        let base = FerryUrl::parse_base("ferry://backup.example").unwrap();
+        assert_eq!((base.port, base.path.as_str()), (DEFAULT_PORT, ""));
+        assert!(FerryUrl::parse_base("ferry://:1/x").is_err());
         let traversal: FerryUrl = "ferry://h/../etc/passwd".parse().unwrap();
         assert!(traversal.remote_path_for(Path::new("f")).is_err());
     }

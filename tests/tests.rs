@@ -6,6 +6,7 @@ mod util;
 mod access;
 mod bad_input;
 mod campaign;
+mod config;
 mod cron;
 mod delta;
 mod exit_codes;

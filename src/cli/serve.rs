@@ -1,5 +1,6 @@
-//! `ferry serve` (flags merged over the configuration file), and the two commands that make credentials:
-//! `ferry keygen` (a self-signed TLS certificate) and `ferry token` (a client token and its config entry).
+//! `ferry serve` (flags merged over the configuration file; `--print-config` shows the result), and the two
+//! commands that make credentials: `ferry keygen` (a self-signed TLS certificate) and `ferry token` (a client token
+//! and its config entry).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Token;
-use crate::config::ServerFile;
+use crate::config::{EffectiveServer, ServerFile};
 use crate::exit;
 use crate::server::{Server, ServerConfig, ServerError};
 use crate::tls::{keygen as make_certificate, ServerTls};
@@ -65,6 +66,10 @@ pub struct ServeArgs {
     /// How often to sweep for expired transfers and leftover files (default 1h).
     #[arg(long, value_parser = parse_duration)]
     pub gc_interval: Option<Duration>,
+    /// Print the effective configuration (defaults, then --config, then flags) as TOML on stdout and exit without
+    /// listening. Client secrets are hidden.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Why `ferry serve` did not run.
@@ -106,11 +111,26 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    let insecure_flag = args.insecure_no_auth;
     let file = match &args.config {
         Some(path) => ServerFile::load(path).map_err(|e| ServeFailure::Usage(e.to_string()))?,
         None => ServerFile::default(),
     };
-    let (config, listen) = settings(args, file)?;
+    let print = args.print_config;
+    let (config, listen, tls_files) = settings(args, &file)?;
+    if print {
+        let effective = EffectiveServer {
+            config: &config,
+            listen: &listen,
+            insecure_no_auth: file.insecure_no_auth || insecure_flag,
+            tls: tls_files.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
+        };
+        let mut stdout = std::io::stdout().lock();
+        return stdout
+            .write_all(effective.to_toml().as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|e| ServeFailure::Server(ServerError::Accept(e)));
+    }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&listen)
         .await
         .map_err(|e| ServeFailure::Usage(format!("--listen {listen}: {e}")))?
@@ -142,9 +162,12 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
     Ok(server.run(listener, shutdown).await?)
 }
 
-/// The effective server settings and listen address: defaults, then the file, then the flags. Refuses to expose a
-/// server without clients beyond loopback unless told to.
-fn settings(args: ServeArgs, file: ServerFile) -> Result<(ServerConfig, String), ServeFailure> {
+/// The certificate and key files of a TLS server.
+type TlsFiles = Option<(PathBuf, PathBuf)>;
+
+/// The effective server settings, listen address and TLS files: defaults, then the file, then the flags. Refuses
+/// to expose a server without clients beyond loopback unless told to.
+fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String, TlsFiles), ServeFailure> {
     let root = args.root.clone().or(file.root.clone()).ok_or_else(|| {
         ServeFailure::Usage("no root directory: give --root DIR or `root` in the configuration file".into())
     })?;
@@ -164,12 +187,12 @@ fn settings(args: ServeArgs, file: ServerFile) -> Result<(ServerConfig, String),
         (Some(cert), Some(key)) => Some((cert, key)),
         _ => file.tls.clone(),
     };
-    if let Some((cert, key)) = tls_files {
-        config.tls = Some(ServerTls::load(&cert, &key).map_err(|e| ServeFailure::Usage(e.to_string()))?);
+    if let Some((cert, key)) = &tls_files {
+        config.tls = Some(ServerTls::load(cert, key).map_err(|e| ServeFailure::Usage(e.to_string()))?);
     }
     let listen = args
         .listen
-        .or(file.listen)
+        .or(file.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let insecure = args.insecure_no_auth || file.insecure_no_auth;
     if config.clients.is_empty() && !insecure && !is_loopback(&listen) {
@@ -178,7 +201,7 @@ fn settings(args: ServeArgs, file: ServerFile) -> Result<(ServerConfig, String),
              [[client]] entries (see `ferry token`), listen on loopback, or pass --insecure-no-auth"
         )));
     }
-    Ok((config, listen))
+    Ok((config, listen, tls_files))
 }
 
 /// Whether `listen` names only loopback addresses (`127.0.0.0/8`, `::1`, `localhost`).
