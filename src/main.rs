@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             Command::Keygen(args) => ExitCode::from(ferry::cli::keygen(args)),
             Command::Token(args) => ExitCode::from(ferry::cli::token(args)),
             Command::Gc(args) => ExitCode::from(ferry::cli::gc(args, quiet)),
+            Command::Status(args) => ExitCode::from(ferry::cli::status(args).await),
             Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTEGRITY),

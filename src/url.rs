@@ -37,9 +37,24 @@ impl FromStr for FerryUrl {
     type Err = UrlError;
 
     fn from_str(raw: &str) -> Result<Self, UrlError> {
+        FerryUrl::parse(raw, true)
+    }
+}
+
+impl FerryUrl {
+    /// Parses `ferry://HOST[:PORT][/PATH]`, a server whose path may be missing or empty (for `ferry status`).
+    pub fn server(raw: &str) -> Result<FerryUrl, UrlError> {
+        FerryUrl::parse(raw, false)
+    }
+
+    fn parse(raw: &str, need_path: bool) -> Result<FerryUrl, UrlError> {
         let syntax = || UrlError::Syntax(raw.to_string());
         let rest = raw.strip_prefix("ferry://").ok_or_else(syntax)?;
-        let (authority, path) = rest.split_once('/').ok_or_else(syntax)?;
+        let (authority, path) = match rest.split_once('/') {
+            Some(split) => split,
+            None if !need_path => (rest, ""),
+            None => return Err(syntax()),
+        };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(syntax)?;
             let port = match after.strip_prefix(':') {
@@ -55,7 +70,7 @@ impl FromStr for FerryUrl {
             }
         };
         let port = port.map_or(Ok(DEFAULT_PORT), |p| p.parse().map_err(|_| syntax()))?;
-        if host.is_empty() || path.is_empty() {
+        if host.is_empty() || (need_path && path.is_empty()) {
             return Err(syntax());
         }
         Ok(FerryUrl {
@@ -64,9 +79,7 @@ impl FromStr for FerryUrl {
             path: path.to_string(),
         })
     }
-}
 
-impl FerryUrl {
     /// `host:port`, with brackets around an IPv6 address.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -129,5 +142,19 @@ mod tests {
         }
         let traversal: FerryUrl = "ferry://h/../etc/passwd".parse().unwrap();
         assert!(traversal.remote_path_for(Path::new("f")).is_err());
+    }
+
+    #[test]
+    fn a_server_url_may_leave_out_the_path() {
+        let bare = FerryUrl::server("ferry://backup.example:7000").unwrap();
+        assert_eq!(
+            (bare.host.as_str(), bare.port, bare.path.as_str()),
+            ("backup.example", 7000, "")
+        );
+        assert_eq!(FerryUrl::server("ferry://h/").unwrap().path, "");
+        assert_eq!(FerryUrl::server("ferry://[::1]/in").unwrap().path, "in");
+        for bad in ["ferry://", "ferry://:7/", "h:7", "ferry://h:x"] {
+            assert!(FerryUrl::server(bad).is_err(), "{bad}");
+        }
     }
 }

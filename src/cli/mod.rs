@@ -9,8 +9,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod serve;
+mod status;
 
 pub use serve::{keygen, serve, token, KeygenArgs, ServeArgs, TokenArgs};
+pub use status::{status, StatusArgs};
 
 use crate::auth::Token;
 use crate::chunk::{ChunkSpec, ChunkingMode};
@@ -58,6 +60,8 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Make a client token and print it with the [[client]] entry for the server's configuration.
     Token(TokenArgs),
+    /// List this client's transfers (done, failed, interrupted), or with --server its partial uploads there.
+    Status(StatusArgs),
 }
 
 /// `ferry gc`.
@@ -212,23 +216,36 @@ impl TransferArgs {
 
     /// The token and TLS settings these flags ask for. Blocking (reads files).
     fn access(&self) -> Result<Access, String> {
-        let token = match &self.token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                Some(text.parse::<Token>().map_err(|e| format!("{}: {e}", path.display()))?)
-            }
-            None => None,
-        };
-        let trust = match (&self.tls_fingerprint, &self.tls_ca) {
-            (Some(print), _) => Some(Trust::pinned(print).map_err(|e| e.to_string())?),
-            (None, Some(ca)) => Some(Trust::CaFile(ca.clone())),
-            (None, None) => None,
-        };
-        let tls = trust
-            .map(|trust| ClientTls::new(&trust).map_err(|e| e.to_string()))
-            .transpose()?;
-        Ok(Access { token, tls })
+        access_from(
+            self.token_file.as_deref(),
+            self.tls_fingerprint.as_deref(),
+            self.tls_ca.as_deref(),
+        )
     }
+}
+
+/// The token and TLS settings of `--token-file`, `--tls-fingerprint` and `--tls-ca`. Blocking (reads files).
+fn access_from(
+    token_file: Option<&std::path::Path>,
+    tls_fingerprint: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<Access, String> {
+    let token = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some(text.parse::<Token>().map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let trust = match (tls_fingerprint, tls_ca) {
+        (Some(print), _) => Some(Trust::pinned(print).map_err(|e| e.to_string())?),
+        (None, Some(ca)) => Some(Trust::CaFile(ca.to_path_buf())),
+        (None, None) => None,
+    };
+    let tls = trust
+        .map(|trust| ClientTls::new(&trust).map_err(|e| e.to_string()))
+        .transpose()?;
+    Ok(Access { token, tls })
 }
 
 /// `ferry demo`.

@@ -7,6 +7,7 @@
 //! once all of them are gone and the store is flushed.
 
 mod access;
+mod partials;
 mod pull;
 
 pub use access::ClientEntry;
@@ -354,10 +355,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), TransferError> {
     let config = &shared.config;
     let (tokens, binding) = (&shared.gate.tokens, binding.as_ref());
-    let client = tokio::select! {
-        client = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => client?,
+    let accepted = tokio::select! {
+        accepted = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => accepted?,
         _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
     };
+    let (client, version) = (accepted.client, accepted.version);
     let who = match &client {
         Some(id) => format!("client {id}"),
         None => format!("address {}", peer.ip()),
@@ -381,6 +383,14 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(forbidden("push"))
             }
             Ok(Message::Pull(_)) if !grant.permissions.pull => return Err(forbidden("pull")),
+            Ok(Message::ListPartials) if version < crate::PARTIALS_VERSION => {
+                return Err(TransferError::Unexpected {
+                    got: "ListPartials",
+                    state: "speaking protocol version 3",
+                })
+            }
+            Ok(Message::ListPartials) if !grant.permissions.push => return Err(forbidden("list partial uploads")),
+            Ok(Message::ListPartials) => partials::list_partials(conn, ctx).await?,
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, ctx, path, offer.manifest, stop).await?;
