@@ -12,6 +12,7 @@ mod gc;
 mod pull;
 mod push;
 mod replay;
+mod status;
 mod streams;
 mod tls;
 mod tree;
