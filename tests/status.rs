@@ -95,7 +95,12 @@ async fn a_done_and_a_failed_push_are_listed_with_state_bytes_and_error() {
     let (code, table, _) = status(&state, &[]).await;
     assert_eq!(code, 0);
     assert!(table.starts_with("STATE"), "{table}");
-    let line = |name: &str| table.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{table}"));
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{table}"))
+    };
     assert!(line("/good.bin").starts_with("done"), "{table}");
     assert!(line("/good.bin").contains("300.0 KiB / 300.0 KiB"), "{table}");
     assert!(line("/lost.bin").starts_with("failed"), "{table}");
@@ -147,9 +152,13 @@ async fn each_client_sees_only_its_own_interrupted_pushes_on_the_server() {
     // Alice's push is killed while its link stalls after 1 MiB.
     let a = site.dir.join("a.bin");
     write_random(&a, size as usize, 1);
-    let stall = FaultProxy::start("127.0.0.1:0", site.server.addr, vec![Faults::stall(MIB as u64 + 4 * KIB as u64)])
-        .await
-        .unwrap();
+    let stall = FaultProxy::start(
+        "127.0.0.1:0",
+        site.server.addr,
+        vec![Faults::stall(MIB as u64 + 4 * KIB as u64)],
+    )
+    .await
+    .unwrap();
     let alice_token = site.token_file(&alice);
     let mut args = SMALL.to_vec();
     args.extend(["--token-file", &alice_token]);
@@ -187,7 +196,10 @@ async fn each_client_sees_only_its_own_interrupted_pushes_on_the_server() {
     for (listed, path) in [(&mine, "a.bin"), (&theirs, "b.bin")] {
         let entries = listed["partials"].as_array().unwrap();
         assert_eq!(entries.len(), 1, "only the caller's own partials: {listed}");
-        assert_eq!((listed["total"].as_u64(), &listed["truncated"]), (Some(1), &Value::Bool(false)));
+        assert_eq!(
+            (listed["total"].as_u64(), &listed["truncated"]),
+            (Some(1), &Value::Bool(false))
+        );
         assert_eq!(entries[0]["path"], path);
         assert_eq!(entries[0]["size"], size);
         let received = entries[0]["received"].as_u64().unwrap();
@@ -201,7 +213,10 @@ async fn each_client_sees_only_its_own_interrupted_pushes_on_the_server() {
     let alice_local = status_json(&site.state("alice"), &[]).await;
     assert_eq!(alice_local["transfers"][0]["state"], "interrupted", "{alice_local}");
     let bob_local = status_json(&site.state("bob"), &["--failed"]).await;
-    assert!(bob_local["transfers"][0]["destination"].as_str().unwrap().ends_with("/b.bin"));
+    assert!(bob_local["transfers"][0]["destination"]
+        .as_str()
+        .unwrap()
+        .ends_with("/b.bin"));
 
     // Human output names the partial; a client without push may not list.
     let url = format!("ferry://{}", site.server.addr);
@@ -213,4 +228,100 @@ async fn each_client_sees_only_its_own_interrupted_pushes_on_the_server() {
     assert_eq!(code, i32::from(ferry::exit::REJECTED), "{stderr}");
     assert!(stderr.contains("may not list partial uploads"), "{stderr}");
     drop(stall);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_three_and_four_meet_and_listing_needs_four() {
+    use ferry::wire::{Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
+    use tokio::net::{TcpListener, TcpStream};
+
+    // A version-3 client is served as before, and cannot list (version 3 has no ListPartials).
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
+    let hello = |version| {
+        Message::Hello(Hello {
+            magic: MAGIC,
+            min_version: 3,
+            max_version: version,
+            agent: "test".into(),
+            client: String::new(),
+        })
+    };
+    conn.write_message(&hello(3)).await.unwrap();
+    match conn.read_message().await.unwrap() {
+        Some(Message::Welcome(welcome)) => assert_eq!(welcome.version, 3),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    conn.write_message(&Message::ListPartials).await.unwrap();
+    match conn.read_message().await.unwrap() {
+        Some(Message::Error(frame)) => assert_eq!(frame.code, ErrorCode::UnexpectedMessage),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+    // A client offering 3..=4 gets 4, and its list.
+    let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
+    conn.write_message(&hello(4)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(w)) if w.version == 4));
+    conn.write_message(&Message::ListPartials).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Partials(p)) if p.entries.is_empty()));
+
+    // Against a server that speaks only version 3, `status --server` stops before sending anything it
+    // cannot decode, and says why.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let old_server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        let _hello = conn.read_message().await.unwrap();
+        let welcome = Welcome {
+            version: 3,
+            agent: "ferry/0.old".into(),
+            max_frame: ferry::MAX_FRAME,
+        };
+        conn.write_message(&Message::Welcome(welcome)).await.unwrap();
+        conn.read_message().await.ok().flatten()
+    });
+    let (code, _, stderr) = status(&dir.path().join("state"), &["--server", &format!("ferry://{addr}")]).await;
+    assert_eq!(code, i32::from(ferry::exit::REJECTED), "{stderr}");
+    assert!(stderr.contains("speaks protocol version 3"), "{stderr}");
+    assert_eq!(
+        old_server.await.unwrap(),
+        None,
+        "the client closed without sending ListPartials"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_pull_is_listed_with_its_durable_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let size = 3 * MIB as u64;
+    write_random(&server.root.join("big.bin"), size as usize, 5);
+    let proxy = FaultProxy::start(
+        "127.0.0.1:0",
+        server.addr,
+        vec![Faults::cut(2 * MIB as u64).downstream()],
+    )
+    .await
+    .unwrap();
+    let (state, dest) = (dir.path().join("state"), dir.path().join("big.bin"));
+    let mut args = SMALL.to_vec();
+    args.extend(["--retries", "0"]);
+    let out = pull(&format!("ferry://{}/big.bin", proxy.addr()), &dest, &state, &args).await;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+
+    let listed = status_json(&state, &["--active"]).await;
+    let transfers = listed["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 1, "{listed}");
+    let pulled = &transfers[0];
+    assert_eq!(
+        (&pulled["kind"], &pulled["state"]),
+        (&Value::from("pull"), &Value::from("interrupted"))
+    );
+    assert_eq!(pulled["source"], Value::Null);
+    assert_eq!(pulled["size"], size);
+    let expected = dir.path().canonicalize().unwrap().join("big.bin");
+    assert_eq!(pulled["destination"], expected.display().to_string());
+    let bytes = pulled["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < size, "{bytes} of {size} durable");
 }

@@ -21,8 +21,8 @@ pub struct StatusArgs {
     /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// List your partial (uncommitted) uploads on this server instead: ferry://HOST[:PORT][/PATH] (a path keeps
-    /// only the partials at or under it).
+    /// List your partial (uncommitted) uploads on this server instead: ferry://HOST or ferry://HOST:PORT,
+    /// optionally with a /PATH that keeps only the partials at or under it.
     #[arg(long, value_parser = parse_server)]
     pub server: Option<FerryUrl>,
     /// Only failed transfers.

@@ -1,8 +1,8 @@
 //! The server: listener, connection limits, TLS, per-connection sessions, and a draining shutdown.
 //!
 //! The server only picks a role: after the handshake (which proves the client's token when clients are configured,
-//! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), both confined to the client's
-//! namespace and permissions. Every session races its reads against the shutdown token; on shutdown the listener
+//! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), and a ListPartials lists the open
+//! transfers ([`partials`]), all confined to the client's namespace and permissions. Every session races its reads against the shutdown token; on shutdown the listener
 //! stops, sessions end with `ShuttingDown` after making their received chunks durable, and [`Server::run`] returns
 //! once all of them are gone and the store is flushed.
 
@@ -344,8 +344,8 @@ async fn secure(tcp: tokio::net::TcpStream, config: &ServerConfig, peer: SocketA
     }
 }
 
-/// Handshake (and authentication), then serve Offers and Pulls inside the client's namespace until the client
-/// closes the connection.
+/// Handshake (and authentication), then serve Offers, Pulls and ListPartials inside the client's namespace until
+/// the client closes the connection.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     shared: &Shared,
