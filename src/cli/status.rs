@@ -207,8 +207,8 @@ fn transfer_table(transfers: &[TransferStatus], now: u64) -> String {
                 direction_name(t.direction).to_string(),
                 format!("{} / {}", human(t.bytes), human(t.size)),
                 age(now, t.updated),
-                t.destination.clone(),
-                t.last_error.clone().unwrap_or_default(),
+                printable(&t.destination),
+                printable(t.last_error.as_deref().unwrap_or_default()),
             ]
         })
         .collect();
@@ -229,7 +229,7 @@ fn partials_table(partials: &Partials, server: &str, now: u64) -> String {
         .map(|e| {
             let percent = (e.received.saturating_mul(100)).checked_div(e.size).unwrap_or(100);
             [
-                e.path.clone(),
+                printable(&e.path),
                 format!("{} / {}", human(e.received), human(e.size)),
                 format!("{percent}%"),
                 age(now, e.created),
@@ -247,6 +247,12 @@ fn partials_table(partials: &Partials, server: &str, now: u64) -> String {
         ));
     }
     out
+}
+
+/// `text` with control characters shown as `?`: a path or an error message from the network never drives the
+/// terminal.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// Left-aligned columns separated by two spaces; trailing blanks trimmed.
@@ -341,6 +347,7 @@ mod tests {
         let table = partials_table(&partials, "ferry://h:1", 0);
         assert!(table.contains("big.iso  1.0 MiB / 4.0 MiB  25%"), "{table}");
         assert!(table.contains("showing 1 of 2"), "{table}");
+        assert_eq!(printable("a\x1b[2Jb\n"), "a?[2Jb?");
         assert_eq!(
             partials_table(&Partials::default(), "ferry://h:1", 0),
             "no partial transfers of yours on ferry://h:1\n"

@@ -10,9 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{classify, connect_welcomed, Access, ClientError};
-use crate::store::{PushRecord, PushState};
-use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
-use crate::transfer::{next_message, send_within, TransferError};
+use crate::store::{PushRecord, PushState, ReceiverStore, SenderStore, Store, StoreError};
+use crate::transfer::{recv, send_within, TransferError};
 use crate::url::FerryUrl;
 use crate::wire::{ErrorCode, Message, Partials};
 
@@ -155,15 +154,7 @@ pub async fn server_partials(opts: &StatusOptions) -> Result<Partials, ClientErr
     send_within(&mut conn, &Message::ListPartials, idle, "sending ListPartials")
         .await
         .map_err(failed)?;
-    let reply = loop {
-        match next_message(&mut conn, idle, "waiting for Partials")
-            .await
-            .map_err(failed)?
-        {
-            Message::Ping(_) => continue,
-            other => break other,
-        }
-    };
+    let reply = recv(&mut conn, idle, "waiting for Partials").await.map_err(failed)?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
     let mut partials = match reply {
         Message::Partials(partials) => partials,
