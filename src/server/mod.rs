@@ -2,9 +2,9 @@
 //!
 //! The server only picks a role: after the handshake (which proves the client's token when clients are configured,
 //! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), and a ListPartials lists the open
-//! transfers ([`partials`]), all confined to the client's namespace and permissions. Every session races its reads against the shutdown token; on shutdown the listener
-//! stops, sessions end with `ShuttingDown` after making their received chunks durable, and [`Server::run`] returns
-//! once all of them are gone and the store is flushed.
+//! transfers ([`partials`]), all confined to the client's namespace and permissions. Every session races its reads
+//! against the shutdown token; on shutdown the listener stops, sessions end with `ShuttingDown` after making their
+//! received chunks durable, and [`Server::run`] returns once all of them are gone and the store is flushed.
 
 mod access;
 mod partials;
