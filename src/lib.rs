@@ -43,8 +43,17 @@ pub mod url;
 pub mod verify;
 pub mod wire;
 
-/// The protocol version this build speaks (proto-spec.md, "Versioning").
-pub const PROTOCOL_VERSION: u16 = 3;
+/// The newest protocol version this build speaks (proto-spec.md, "Versioning").
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this build speaks: version 4 only added `ListPartials`/`Partials`, so a server
+/// serves version-3 clients unchanged and a client can still push to and pull from a version-3 server.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// The first protocol version with `ListPartials` and `Partials`.
+pub const PARTIALS_VERSION: u16 = 4;
+/// Most entries in one `Partials` reply.
+pub const MAX_LISTED_PARTIALS: usize = 10_000;
+/// Most encoded entry bytes in one `Partials` reply (below the smallest `max_frame` a server may set).
+pub const MAX_PARTIALS_BYTES: usize = 4 * 1024 * 1024;
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 7878;
 /// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             Command::Gc(args) => ExitCode::from(ferry::cli::gc(args, quiet)),
             Command::Completions(args) => ExitCode::from(ferry::cli::completions(args)),
             Command::Man(args) => ExitCode::from(ferry::cli::man(args)),
+            Command::Status(args) => ExitCode::from(ferry::cli::status(args).await),
             Command::Demo(args) => match ferry::cli::demo(args).await.context("demo") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e, exit::INTEGRITY),

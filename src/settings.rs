@@ -217,25 +217,30 @@ impl Settings {
 
     /// The token and TLS settings. Blocking (reads files).
     pub fn access(&self) -> Result<Access, SettingsError> {
-        let token = match &self.token_file {
-            Some(path) => {
-                let failed = |message: String| SettingsError::TokenFile {
-                    path: path.clone(),
-                    message,
-                };
-                let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
-                Some(text.parse::<Token>().map_err(|e| failed(e.to_string()))?)
-            }
-            None => None,
-        };
-        let trust = match &self.tls {
-            Some(TlsChoice::Fingerprint(print)) => Some(Trust::pinned(print)?),
-            Some(TlsChoice::Ca(ca)) => Some(Trust::CaFile(ca.clone())),
-            None => None,
-        };
-        let tls = trust.map(|trust| ClientTls::new(&trust)).transpose()?;
-        Ok(Access { token, tls })
+        access_for(self.token_file.as_deref(), self.tls.as_ref())
     }
+}
+
+/// The token (read from `token_file`) and TLS trust that a connection presents. Blocking (reads files).
+pub fn access_for(token_file: Option<&std::path::Path>, tls: Option<&TlsChoice>) -> Result<Access, SettingsError> {
+    let token = match token_file {
+        Some(path) => {
+            let failed = |message: String| SettingsError::TokenFile {
+                path: path.to_path_buf(),
+                message,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+            Some(text.parse::<Token>().map_err(|e| failed(e.to_string()))?)
+        }
+        None => None,
+    };
+    let trust = match tls {
+        Some(TlsChoice::Fingerprint(print)) => Some(Trust::pinned(print)?),
+        Some(TlsChoice::Ca(ca)) => Some(Trust::CaFile(ca.clone())),
+        None => None,
+    };
+    let tls = trust.map(|trust| ClientTls::new(&trust)).transpose()?;
+    Ok(Access { token, tls })
 }
 
 #[cfg(test)]

@@ -48,6 +48,11 @@ impl FerryUrl {
         FerryUrl::parse(raw, true)
     }
 
+    /// Parses `ferry://HOST[:PORT][/PATH]`, a server whose path may be missing or empty (for `ferry status`).
+    pub fn server(raw: &str) -> Result<FerryUrl, UrlError> {
+        FerryUrl::parse(raw, true)
+    }
+
     fn parse(raw: &str, base: bool) -> Result<FerryUrl, UrlError> {
         let syntax = || UrlError::Syntax(raw.to_string());
         let rest = raw.strip_prefix("ferry://").ok_or_else(syntax)?;
@@ -80,9 +85,7 @@ impl FerryUrl {
             path: path.to_string(),
         })
     }
-}
 
-impl FerryUrl {
     /// `host:port`, with brackets around an IPv6 address.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -148,5 +151,19 @@ mod tests {
         assert!(FerryUrl::parse_base("ferry://:1/x").is_err());
         let traversal: FerryUrl = "ferry://h/../etc/passwd".parse().unwrap();
         assert!(traversal.remote_path_for(Path::new("f")).is_err());
+    }
+
+    #[test]
+    fn a_server_url_may_leave_out_the_path() {
+        let bare = FerryUrl::server("ferry://backup.example:7000").unwrap();
+        assert_eq!(
+            (bare.host.as_str(), bare.port, bare.path.as_str()),
+            ("backup.example", 7000, "")
+        );
+        assert_eq!(FerryUrl::server("ferry://h/").unwrap().path, "");
+        assert_eq!(FerryUrl::server("ferry://[::1]/in").unwrap().path, "in");
+        for bad in ["ferry://", "ferry://:7/", "h:7", "ferry://h:x"] {
+            assert!(FerryUrl::server(bad).is_err(), "{bad}");
+        }
     }
 }

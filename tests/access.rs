@@ -14,14 +14,14 @@ use tokio::net::TcpStream;
 use crate::util::*;
 
 /// A server whose configuration has `clients` (TOML `[[client]]` bodies) and `limits`.
-struct Site {
+pub(crate) struct Site {
     _dir: tempfile::TempDir,
-    dir: PathBuf,
-    server: TestServer,
+    pub(crate) dir: PathBuf,
+    pub(crate) server: TestServer,
 }
 
 impl Site {
-    fn start(clients: &[(&Token, &str, &str, &str)], limits: &str) -> Site {
+    pub(crate) fn start(clients: &[(&Token, &str, &str, &str)], limits: &str) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         let mut config = format!("[limits]\n{limits}\n");
@@ -43,13 +43,13 @@ impl Site {
     }
 
     /// Writes `token` to a file and returns the client flag for it.
-    fn token_file(&self, token: &Token) -> String {
+    pub(crate) fn token_file(&self, token: &Token) -> String {
         let path = self.dir.join(format!("{}.token", token.id));
         std::fs::write(&path, format!("{token}\n")).unwrap();
         path.display().to_string()
     }
 
-    fn state(&self, name: &str) -> PathBuf {
+    pub(crate) fn state(&self, name: &str) -> PathBuf {
         self.dir.join(format!("state-{name}"))
     }
 }

@@ -73,6 +73,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             entries: vec![IndexRange { start, count }]
         })),
         Just(Message::TreeCommit(TreeCommit::default())),
+        Just(Message::ListPartials),
         ".{0,20}".prop_map(Message::Abandon),
         (path.clone(), any::<u8>()).prop_map(|(path, b)| Message::Join(Join {
             path,

@@ -16,6 +16,7 @@ mod output;
 mod pull;
 mod push;
 mod replay;
+mod status;
 mod streams;
 mod tls;
 mod tree;

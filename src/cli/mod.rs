@@ -12,10 +12,12 @@ use clap::{Args, Parser, Subcommand};
 mod generate;
 mod output;
 mod serve;
+mod status;
 
 pub use generate::{completions, man, CompletionsArgs, ManArgs};
 pub use output::{event_json, Mode, Output};
 pub use serve::{keygen, serve, token, KeygenArgs, ServeArgs, TokenArgs};
+pub use status::{status, StatusArgs};
 
 use crate::chunk::ChunkingMode;
 use crate::client::{
@@ -68,6 +70,8 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print ferry's man page (roff) on stdout, or write one page per command into a directory.
     Man(ManArgs),
+    /// List this client's transfers (done, failed, interrupted), or with --server its partial uploads there.
+    Status(StatusArgs),
 }
 
 /// `ferry gc`.
@@ -253,6 +257,20 @@ impl TransferArgs {
         let settings = crate::settings::resolve(&file, remote, self.flags(streams), default_state_dir);
         Ok((url, settings))
     }
+}
+
+/// The token and TLS settings of `--token-file`, `--tls-fingerprint` and `--tls-ca`. Blocking (reads files).
+fn access_from(
+    token_file: Option<&std::path::Path>,
+    tls_fingerprint: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<crate::client::Access, String> {
+    let tls = match (tls_fingerprint, tls_ca) {
+        (Some(print), _) => Some(TlsChoice::Fingerprint(print.to_string())),
+        (None, Some(ca)) => Some(TlsChoice::Ca(ca.to_path_buf())),
+        (None, None) => None,
+    };
+    crate::settings::access_for(token_file, tls.as_ref()).map_err(|e| e.to_string())
 }
 
 /// `ferry demo`.

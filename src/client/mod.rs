@@ -11,6 +11,7 @@
 
 mod pull;
 mod push;
+mod status;
 mod tree;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 
 pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
+pub use status::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
 pub use tree::{push_tree, TreeReport};
 
 use crate::auth::Token;
@@ -184,6 +186,19 @@ async fn connect(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<ClientConnection, TransferError> {
+    Ok(connect_welcomed(url, connect_timeout, io_timeout, access, bandwidth)
+        .await?
+        .0)
+}
+
+/// Like [`connect`], also returning the server's Welcome (its protocol version says which messages it knows).
+async fn connect_welcomed(
+    url: &FerryUrl,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    access: &Access,
+    bandwidth: Option<&Bandwidth>,
+) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
         .await
         .map_err(|_| TransferError::Timeout(connect_timeout, "connecting"))?
@@ -198,8 +213,8 @@ async fn connect(
     };
     let binding = stream.channel_binding();
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
-    handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
-    Ok(conn)
+    let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
+    Ok((conn, welcome))
 }
 
 /// A failed TLS handshake: a certificate the client does not trust (or a peer that does not speak TLS) is

@@ -1,12 +1,13 @@
 //! The server: listener, connection limits, TLS, per-connection sessions, and a draining shutdown.
 //!
 //! The server only picks a role: after the handshake (which proves the client's token when clients are configured,
-//! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), both confined to the client's
-//! namespace and permissions. Every session races its reads against the shutdown token; on shutdown the listener
-//! stops, sessions end with `ShuttingDown` after making their received chunks durable, and [`Server::run`] returns
-//! once all of them are gone and the store is flushed.
+//! see [`access`]), an Offer makes it the receiver, a Pull the sender ([`pull`]), and a ListPartials lists the open
+//! transfers ([`partials`]), all confined to the client's namespace and permissions. Every session races its reads
+//! against the shutdown token; on shutdown the listener stops, sessions end with `ShuttingDown` after making their
+//! received chunks durable, and [`Server::run`] returns once all of them are gone and the store is flushed.
 
 mod access;
+mod partials;
 mod pull;
 
 pub use access::ClientEntry;
@@ -345,8 +346,8 @@ async fn secure(tcp: tokio::net::TcpStream, config: &ServerConfig, peer: SocketA
     }
 }
 
-/// Handshake (and authentication), then serve Offers and Pulls inside the client's namespace until the client
-/// closes the connection.
+/// Handshake (and authentication), then serve Offers, Pulls and ListPartials inside the client's namespace until
+/// the client closes the connection.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     shared: &Shared,
@@ -356,10 +357,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), TransferError> {
     let config = &shared.config;
     let (tokens, binding) = (&shared.gate.tokens, binding.as_ref());
-    let client = tokio::select! {
-        client = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => client?,
+    let accepted = tokio::select! {
+        accepted = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => accepted?,
         _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
     };
+    let (client, version) = (accepted.client, accepted.version);
     let who = match &client {
         Some(id) => format!("client {id}"),
         None => format!("address {}", peer.ip()),
@@ -383,6 +385,14 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(forbidden("push"))
             }
             Ok(Message::Pull(_)) if !grant.permissions.pull => return Err(forbidden("pull")),
+            Ok(Message::ListPartials) if version < crate::PARTIALS_VERSION => {
+                return Err(TransferError::Unexpected {
+                    got: "ListPartials",
+                    state: "speaking protocol version 3",
+                })
+            }
+            Ok(Message::ListPartials) if !grant.permissions.push => return Err(forbidden("list partial uploads")),
+            Ok(Message::ListPartials) => partials::list_partials(conn, ctx).await?,
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, ctx, path, offer.manifest, stop).await?;

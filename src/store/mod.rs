@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 pub use lock::{LockError, StateLock, LOCK_FILE};
-pub use receiver::{ChunkLocation, CommittedFile, OpenTransfer, Progress, ReceiverStore, TransferRecord};
+pub use receiver::{
+    ChunkLocation, CommittedFile, OpenTransfer, PartialTransfer, Progress, ReceiverStore, TransferRecord,
+};
 pub use sender::{ManifestKey, PushRecord, PushState, SenderStore};
 
 /// The store failed.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{get, now_secs, prefixed, Store, StoreError};
 use crate::manifest::{FileTime, Hash, Manifest};
+use crate::ranges::ChunkSet;
 use crate::wire::codec::encode_record;
 
 const TRANSFER: &str = "transfer";
@@ -70,6 +71,21 @@ pub struct OpenTransfer {
     pub partial: String,
     /// When it was created or last made progress (Unix seconds).
     pub last_activity: u64,
+}
+
+/// An open transfer with what of it is durable, as listed by `ferry status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialTransfer {
+    /// Destination path, relative to the scope's root.
+    pub path: String,
+    /// Size of the file being received.
+    pub size: u64,
+    /// Bytes of the chunks marked durable in the partial (received or reused).
+    pub durable_bytes: u64,
+    /// When the transfer was first offered (Unix seconds).
+    pub created: u64,
+    /// When it last made progress (Unix seconds; at least `created`).
+    pub updated: u64,
 }
 
 /// Where a committed chunk lives: the chunk index's answer for a hash.
@@ -154,6 +170,30 @@ impl ReceiverStore {
             });
         }
         Ok(open)
+    }
+
+    /// The first `limit` open transfers of this scope in path order, with the number of all of them.
+    pub fn partials(&self, limit: usize) -> Result<(Vec<PartialTransfer>, u64), StoreError> {
+        let prefix = self.key(TRANSFER, b"");
+        let (mut listed, mut total) = (Vec::new(), 0u64);
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            total += 1;
+            if listed.len() >= limit {
+                continue;
+            }
+            let record: TransferRecord = super::decode(&key, &value)?;
+            let path = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let progress = self.progress(&path)?.unwrap_or_default();
+            listed.push(PartialTransfer {
+                durable_bytes: durable_bytes(&record.manifest, &progress.received),
+                size: record.manifest.size,
+                created: record.created,
+                updated: progress.updated.max(record.created),
+                path,
+            });
+        }
+        Ok((listed, total))
     }
 
     /// Bytes this scope holds: the sizes of its committed files plus those of the files it is receiving. What a
@@ -277,5 +317,61 @@ impl ReceiverStore {
     pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch)?;
         self.store.flush()
+    }
+}
+
+/// The bytes of `manifest`'s chunks that the bitmap `received` marks (0 for a bitmap that does not fit it).
+fn durable_bytes(manifest: &Manifest, received: &[u8]) -> u64 {
+    let Some(set) = ChunkSet::from_bytes(manifest.chunk_count(), received) else {
+        return 0;
+    };
+    (0..manifest.chunk_count())
+        .filter(|&i| set.contains(i))
+        .filter_map(|i| manifest.chunks.get(i as usize))
+        .map(|chunk| u64::from(chunk.len))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::manifest_of;
+
+    #[test]
+    fn partials_count_durable_chunk_bytes_and_stop_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mine = ReceiverStore::open_scoped(&store, "mine").unwrap();
+        let other = ReceiverStore::open_scoped(&store, "other").unwrap();
+        let manifest = manifest_of(&[4096, 4096, 5]);
+        let mut set = ChunkSet::new(3);
+        set.insert(1);
+        set.insert(2);
+        for (store, path) in [(&mine, "a/one"), (&mine, "b/two"), (&other, "c")] {
+            let record = TransferRecord {
+                manifest: manifest.clone(),
+                partial: format!("{path}.part"),
+                created: 100,
+            };
+            let progress = Progress {
+                received: set.to_bytes(),
+                ..Progress::default()
+            };
+            store.begin(path, &record, &progress).unwrap();
+        }
+        let (listed, total) = mine.partials(10).unwrap();
+        assert_eq!(total, 2, "only this scope's transfers");
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].path, "a/one");
+        assert_eq!(listed[0].size, 8197);
+        assert_eq!(listed[0].durable_bytes, 4096 + 5);
+        assert_eq!(listed[0].created, 100);
+        let (first, total) = mine.partials(1).unwrap();
+        assert_eq!((first.len(), total), (1, 2));
+        assert_eq!(
+            durable_bytes(&manifest, &[1, 2, 3]),
+            0,
+            "a bitmap that does not fit counts nothing"
+        );
     }
 }

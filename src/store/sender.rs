@@ -117,6 +117,17 @@ impl SenderStore {
         get(&self.tree, &push_key(source, destination))
     }
 
+    /// Every push record, ordered by destination and then source (for `ferry status`).
+    pub fn push_records(&self) -> Result<Vec<PushRecord>, StoreError> {
+        let prefix = prefixed(PUSH, b"");
+        let mut records = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            records.push(super::decode(&key, &value)?);
+        }
+        Ok(records)
+    }
+
     /// Stores a push record (stamping its update time) and flushes.
     pub fn save_push(&self, record: &PushRecord) -> Result<(), StoreError> {
         let mut record = record.clone();
@@ -129,4 +140,42 @@ impl SenderStore {
 
 fn push_key(source: &str, destination: &str) -> Vec<u8> {
     prefixed(PUSH, format!("{destination}\0{source}").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(source: &str, destination: &str, state: PushState) -> PushRecord {
+        PushRecord {
+            source: source.into(),
+            destination: destination.into(),
+            state,
+            size: 10,
+            bytes_sent: 4,
+            last_error: (state == PushState::Failed).then(|| "gave up".into()),
+            started: 1,
+            updated: 1,
+        }
+    }
+
+    #[test]
+    fn push_records_list_every_push_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(dir.path()).unwrap()).unwrap();
+        assert!(store.push_records().unwrap().is_empty());
+        store
+            .save_push(&record("/a", "ferry://h:1/a", PushState::Done))
+            .unwrap();
+        store
+            .save_push(&record("/b", "ferry://h:1/b", PushState::InProgress))
+            .unwrap();
+        store
+            .save_push(&record("/b", "ferry://h:1/b", PushState::Failed))
+            .unwrap();
+        let listed = store.push_records().unwrap();
+        let states: Vec<_> = listed.iter().map(|r| (r.source.as_str(), r.state)).collect();
+        assert_eq!(states, [("/a", PushState::Done), ("/b", PushState::Failed)]);
+        assert!(listed[1].updated >= listed[1].started, "saving stamps the update time");
+    }
 }

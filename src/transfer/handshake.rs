@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{recv, TransferError};
 use crate::auth::{self, Token};
 use crate::wire::{Auth, Challenge, Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
-use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, PROTOCOL_VERSION};
+use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Longest agent string a server accepts in Hello.
 pub const MAX_AGENT_LEN: usize = 256;
@@ -20,7 +20,8 @@ pub fn agent() -> String {
 }
 
 /// Client side: sends Hello (naming `token`'s client, if any), answers a Challenge with the token, and waits for
-/// Welcome. A server that challenges a client without a token is refused locally with `AuthFailed`.
+/// Welcome, whose `version` (one of [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]) says which messages the
+/// server understands. A server that challenges a client without a token is refused locally with `AuthFailed`.
 pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
@@ -29,7 +30,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Welcome, TransferError> {
     let hello = Message::Hello(Hello {
         magic: MAGIC,
-        min_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
         agent: agent(),
         client: token.map(|t| t.id.clone()).unwrap_or_default(),
@@ -50,7 +51,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
         reply = recv(conn, timeout, "waiting for Welcome").await?;
     }
     match reply {
-        Message::Welcome(welcome) if welcome.version == PROTOCOL_VERSION => {
+        Message::Welcome(welcome) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.version) => {
             conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
             Ok(welcome)
         }
@@ -68,23 +69,38 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
 /// The tokens a server accepts, by client id; `None` accepts every client unauthenticated.
 pub type Tokens = Option<HashMap<String, Token>>;
 
+/// A client the server's handshake accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The proven client id (`None` on a server without tokens).
+    pub client: Option<String>,
+    /// The protocol version both sides speak on this connection.
+    pub version: u16,
+}
+
+/// The highest version in both `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` and the client's `min..=max`.
+fn common_version(min: u16, max: u16) -> Option<u16> {
+    let version = max.min(PROTOCOL_VERSION);
+    (version >= min.max(MIN_PROTOCOL_VERSION)).then_some(version)
+}
+
 /// Server side: waits for Hello, checks magic and version, challenges the client when `tokens` are configured
 /// (the answer bound to the TLS session's `binding`, if any), and answers Welcome, all within `timeout`. Until then frames are limited to [`HANDSHAKE_MAX_FRAME`] (and
 /// `max_frame` after), so an unknown peer cannot make the server buffer a large frame. Returns the proven client
-/// id (`None` on a server without tokens). On failure the caller sends the returned error's code to the peer.
+/// id and the version chosen. On failure the caller sends the returned error's code to the peer.
 pub async fn server_accept<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     timeout: Duration,
     tokens: &Tokens,
     binding: Option<&[u8; 32]>,
     max_frame: u32,
-) -> Result<Option<String>, TransferError> {
+) -> Result<Accepted, TransferError> {
     conn.set_max_frame(HANDSHAKE_MAX_FRAME);
-    let client = tokio::time::timeout(timeout, accept_hello(conn, timeout, tokens, binding, max_frame))
+    let accepted = tokio::time::timeout(timeout, accept_hello(conn, timeout, tokens, binding, max_frame))
         .await
         .map_err(|_| TransferError::Timeout(timeout, "completing the handshake"))??;
     conn.set_max_frame(max_frame);
-    Ok(client)
+    Ok(accepted)
 }
 
 async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
@@ -93,7 +109,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     tokens: &Tokens,
     binding: Option<&[u8; 32]>,
     max_frame: u32,
-) -> Result<Option<String>, TransferError> {
+) -> Result<Accepted, TransferError> {
     let hello = match super::next_message(conn, timeout, "waiting for Hello").await? {
         Message::Hello(hello) => hello,
         other => {
@@ -112,26 +128,26 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
             "agent string or client id longer than 256 bytes",
         ));
     }
-    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
+    let Some(version) = common_version(hello.min_version, hello.max_version) else {
         return Err(TransferError::refused(
             ErrorCode::VersionMismatch,
             format!(
-                "client speaks protocol versions {}..={}, this server speaks {PROTOCOL_VERSION}",
+                "client speaks protocol versions {}..={}, this server speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
                 hello.min_version, hello.max_version
             ),
         ));
-    }
+    };
     let client = match tokens {
         Some(tokens) => Some(authenticate(conn, timeout, tokens, binding, hello.client).await?),
         None => None,
     };
     let welcome = Message::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
+        version,
         agent: agent(),
         max_frame,
     });
     super::send_within(conn, &welcome, timeout, "sending Welcome").await?;
-    Ok(client)
+    Ok(Accepted { client, version })
 }
 
 /// Challenges `client` to prove its token. Every failure (no id, unknown id, wrong answer) reads the same to the
@@ -178,4 +194,22 @@ fn truncated(id: &str) -> &str {
         cut -= 1;
     }
     &id[..cut]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highest_common_version_is_chosen() {
+        assert_eq!(
+            common_version(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            Some(PROTOCOL_VERSION)
+        );
+        assert_eq!(common_version(3, 3), Some(3), "a version-3 client is still served");
+        assert_eq!(common_version(1, 99), Some(PROTOCOL_VERSION));
+        assert_eq!(common_version(1, 2), None);
+        assert_eq!(common_version(PROTOCOL_VERSION + 1, 99), None);
+        assert_eq!(common_version(4, 3), None, "an empty range has nothing in common");
+    }
 }

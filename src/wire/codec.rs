@@ -167,6 +167,18 @@ mod tests {
                 path: "a/b.iso".into(),
                 manifest_id: [5; 32],
             }),
+            Message::ListPartials,
+            Message::Partials(Partials {
+                entries: vec![PartialEntry {
+                    path: "in/big.iso".into(),
+                    size: 9,
+                    received: 4,
+                    created: 1,
+                    updated: 2,
+                }],
+                total: 3,
+                truncated: true,
+            }),
             Message::Welcome(Welcome {
                 version: 1,
                 agent: "ferry/test".into(),
@@ -290,6 +302,22 @@ mod tests {
             (
                 Message::Auth(Auth { answer: [0x22; 32] }),
                 "00000024 14000000 2222222222222222222222222222222222222222222222222222222222222222",
+            ),
+            (Message::ListPartials, "00000004 16000000"),
+            (
+                Message::Partials(Partials {
+                    entries: vec![PartialEntry {
+                        path: "a".into(),
+                        size: 2,
+                        received: 1,
+                        created: 3,
+                        updated: 4,
+                    }],
+                    total: 1,
+                    truncated: false,
+                }),
+                "0000003e 17000000 0100000000000000 0100000000000000 61 0200000000000000 0100000000000000 \
+                 0300000000000000 0400000000000000 0100000000000000 00",
             ),
         ];
         for (msg, golden) in cases {

@@ -61,6 +61,10 @@ pub enum Message {
     /// 21: client → server, "this connection carries chunks of the transfer in progress at `path`" (an extra
     /// stream of a push with `--streams N`); answered with an empty Need.
     Join(Join),
+    /// 22: client → server (protocol version 4), "list my open transfers"; answered with Partials.
+    ListPartials,
+    /// 23: server → client, the open (uncommitted) transfers of the caller's namespace.
+    Partials(Partials),
 }
 
 impl Message {
@@ -89,6 +93,8 @@ impl Message {
             Message::Challenge(_) => "Challenge",
             Message::Auth(_) => "Auth",
             Message::Join(_) => "Join",
+            Message::ListPartials => "ListPartials",
+            Message::Partials(_) => "Partials",
         }
     }
 }
@@ -122,6 +128,32 @@ pub struct Join {
     pub path: String,
     /// `Manifest::id` of the offered manifest: a stream joins only the transfer of the same content.
     pub manifest_id: [u8; 32],
+}
+
+/// The open transfers of a namespace, at most `MAX_LISTED_PARTIALS` of them (proto-spec.md §13).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Partials {
+    /// Open transfers, ordered by path (byte order).
+    pub entries: Vec<PartialEntry>,
+    /// Open transfers in the namespace, listed or not.
+    pub total: u64,
+    /// True if `entries` stops short of `total` (the entry or byte cap was reached).
+    pub truncated: bool,
+}
+
+/// One open transfer: a partial file waiting for the rest of its chunks.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PartialEntry {
+    /// Destination path, relative to the namespace, `/`-separated.
+    pub path: String,
+    /// Size of the file being received.
+    pub size: u64,
+    /// Bytes of the chunks durably in the partial (received or reused).
+    pub received: u64,
+    /// When the transfer was first offered (Unix seconds).
+    pub created: u64,
+    /// When it last made progress (Unix seconds; at least `created`).
+    pub updated: u64,
 }
 
 /// The client's answer: keyed BLAKE3 of the nonce and its id under its token's key.
