@@ -119,7 +119,7 @@ async fn a_store_held_by_a_running_ferry_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
     let held = ferry::store::Store::open(dir.path()).unwrap();
     let (code, stdout, stderr) = status(dir.path(), &["--json"]).await;
-    assert_eq!(code, i32::from(ferry::exit::LOCAL), "{stderr}");
+    assert_eq!(code, i32::from(ferry::exit::ALREADY_RUNNING), "{stderr}");
     assert!(stderr.contains("a ferry push or pull is running"), "{stderr}");
     let json: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["status"], "error");

@@ -74,7 +74,7 @@ async fn local(args: &StatusArgs) -> u8 {
                  that run ends (sled admits one process)",
                 dir.display()
             );
-            return fail(args.json, crate::exit::LOCAL, &message);
+            return fail(args.json, crate::exit::ALREADY_RUNNING, &message);
         }
         Ok(Err(e)) => return fail(args.json, crate::exit::LOCAL, &e.to_string()),
         Err(e) => return fail(args.json, crate::exit::INTERNAL, &e.to_string()),
