@@ -325,3 +325,24 @@ async fn an_unfinished_pull_is_listed_with_its_durable_bytes() {
     let bytes = pulled["bytes"].as_u64().unwrap();
     assert!(bytes > 0 && bytes < size, "{bytes} of {size} durable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_push_is_listed_as_one_push_of_the_tree_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let tree = dir.path().join("photos");
+    std::fs::create_dir_all(tree.join("2026")).unwrap();
+    write_random(&tree.join("2026/a.jpg"), 40 * KIB, 1);
+    write_random(&tree.join("b.raw"), 2 * MIB, 2);
+    push(&tree, &server.url("backups/photos/"), &state, &[])
+        .await
+        .assert_ok();
+    let listed = status_json(&state, &[]).await;
+    let record = by_destination(&listed["transfers"], "/backups/photos");
+    assert_eq!(record["kind"], "push");
+    assert_eq!(record["state"], "done");
+    assert_eq!(record["size"], (2 * MIB + 40 * KIB) as u64);
+    assert_eq!(record["bytes"], (2 * MIB + 40 * KIB) as u64, "{record}");
+    assert!(record["last_error"].is_null(), "{record}");
+}

@@ -241,7 +241,8 @@ async fn load_manifest(
     blocking(move || Ok(manifest_for(&store, &file, &canonical, chunking, rebuild)?)).await
 }
 
-async fn start_record(
+/// Records a push as in progress (keeping the bytes and start time of earlier runs of the same push).
+pub(super) async fn start_record(
     store: &SenderStore,
     canonical: &Path,
     destination: &FerryUrl,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::{blocking, classify, ClientError, ClientEvent, PushOptions, Retrier};
 use crate::exit;
 use crate::path::RemotePath;
-use crate::store::{SenderStore, Store};
+use crate::store::{PushState, SenderStore, Store};
 use crate::transfer::sender::{SendEvent, SendStats};
 use crate::transfer::tree_sender::{send_tree, TreeSent, TreeSource};
 use crate::transfer::{tell_peer, TransferError};
@@ -122,19 +122,41 @@ pub async fn push_tree(
         spec: opts.chunking,
         committed: None,
     };
+    let mut record = super::push::start_record(&store, &dir, &destination, tree.total_bytes()).await?;
     let mut stats = SendStats::default();
-    let sent = loop {
+    let outcome = loop {
         let number = retrier.start();
         let before = stats.chunks_acked + stats.files_acked;
         let sending = attempt(&opts, number, &remote_dir, &source, &mut stats, on_event);
-        let error = match retrier.bounded(sending, Duration::ZERO).await? {
-            Ok(sent) => break sent,
-            Err(e) if !e.is_retryable() => return Err(classify(e)),
-            Err(e) => e,
+        let error = match retrier.bounded(sending, Duration::ZERO).await {
+            Err(out_of_time) => break Err(out_of_time),
+            Ok(Ok(sent)) => break Ok(sent),
+            Ok(Err(e)) if !e.is_retryable() => break Err(classify(e)),
+            Ok(Err(e)) => e,
         };
         let progressed = stats.chunks_acked + stats.files_acked > before;
-        retrier.wait_to_retry(error, progressed, on_event).await?;
+        if let Err(gave_up) = retrier.wait_to_retry(error, progressed, on_event).await {
+            break Err(gave_up);
+        }
     };
+    // For `ferry status`: a tree is one push record, its bytes the tree's file bytes.
+    record.bytes_sent += stats.bytes_sent;
+    record.state = match &outcome {
+        Ok(sent) if sent.failed.is_empty() && sent.committed.missing.is_empty() => PushState::Done,
+        _ => PushState::Failed,
+    };
+    record.last_error = match &outcome {
+        Ok(sent) if record.state == PushState::Failed => Some(format!(
+            "{} files not sent, {} not placed",
+            sent.failed.len(),
+            crate::ranges::ranges_len(&sent.committed.missing)
+        )),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    let save = store.clone();
+    blocking(move || Ok(save.save_push(&record)?)).await?;
+    let sent = outcome?;
     report.damaged = sent.failed.iter().filter(|f| f.damaged).count() as u64;
     report
         .failed
