@@ -161,6 +161,36 @@ pub struct PullArgs {
     pub common: TransferArgs,
 }
 
+/// How a client proves who it is and whom it trusts: push, pull and `status --server`.
+#[derive(Args, Debug)]
+pub struct AccessArgs {
+    /// File holding this client's token (ID:SECRET, made by `ferry token`), for servers that require one.
+    #[arg(long, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Speak TLS and trust exactly the server certificate with this fingerprint (sha256:HEX, from `ferry keygen`).
+    #[arg(long, conflicts_with = "tls_ca")]
+    pub tls_fingerprint: Option<String>,
+    /// Speak TLS and trust server certificates for the URL's host issued by a CA in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl AccessArgs {
+    /// The TLS choice these flags make, if any.
+    fn tls(&self) -> Option<TlsChoice> {
+        match (&self.tls_fingerprint, &self.tls_ca) {
+            (Some(print), _) => Some(TlsChoice::Fingerprint(print.clone())),
+            (None, Some(ca)) => Some(TlsChoice::Ca(ca.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// The token and TLS settings of these flags, without a client configuration file. Blocking (reads files).
+    fn resolve(&self) -> Result<crate::client::Access, String> {
+        crate::settings::access_for(self.token_file.as_deref(), self.tls().as_ref()).map_err(|e| e.to_string())
+    }
+}
+
 /// Options of both push and pull. Those left out come from the client configuration (the remote's section, then
 /// `[defaults]`), else from the built-in defaults in [`crate::settings`].
 #[derive(Args, Debug)]
@@ -203,15 +233,9 @@ pub struct TransferArgs {
     /// How often --json reports progress (0 for never).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub json_progress: Duration,
-    /// File holding this client's token (ID:SECRET, made by `ferry token`), for servers that require one.
-    #[arg(long, env = "FERRY_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Speak TLS and trust exactly the server certificate with this fingerprint (sha256:HEX, from `ferry keygen`).
-    #[arg(long, conflicts_with = "tls_ca")]
-    pub tls_fingerprint: Option<String>,
-    /// Speak TLS and trust server certificates for the URL's host issued by a CA in this PEM file.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    /// Token and TLS.
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Cap the run's bandwidth, each way, over all its connections, in bytes per second (e.g. 10MiB, 500K/s).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
@@ -227,11 +251,7 @@ pub struct TransferArgs {
 impl TransferArgs {
     /// The command line as the top layer of settings (push adds `streams`).
     fn flags(&self, streams: Option<u32>) -> Profile {
-        let tls = match (&self.tls_fingerprint, &self.tls_ca) {
-            (Some(print), _) => Some(TlsChoice::Fingerprint(print.clone())),
-            (None, Some(ca)) => Some(TlsChoice::Ca(ca.clone())),
-            (None, None) => None,
-        };
+        let tls = self.access.tls();
         Profile {
             state: self.state.clone(),
             window: self.window,
@@ -242,7 +262,7 @@ impl TransferArgs {
             chunk_size: self.chunk_size,
             links: self.links,
             streams,
-            token_file: self.token_file.clone(),
+            token_file: self.access.token_file.clone(),
             tls,
             bwlimit: self.bwlimit,
             max_duration: self.max_duration,
@@ -257,20 +277,6 @@ impl TransferArgs {
         let settings = crate::settings::resolve(&file, remote, self.flags(streams), default_state_dir);
         Ok((url, settings))
     }
-}
-
-/// The token and TLS settings of `--token-file`, `--tls-fingerprint` and `--tls-ca`. Blocking (reads files).
-fn access_from(
-    token_file: Option<&std::path::Path>,
-    tls_fingerprint: Option<&str>,
-    tls_ca: Option<&std::path::Path>,
-) -> Result<crate::client::Access, String> {
-    let tls = match (tls_fingerprint, tls_ca) {
-        (Some(print), _) => Some(TlsChoice::Fingerprint(print.to_string())),
-        (None, Some(ca)) => Some(TlsChoice::Ca(ca.to_path_buf())),
-        (None, None) => None,
-    };
-    crate::settings::access_for(token_file, tls.as_ref()).map_err(|e| e.to_string())
 }
 
 /// `ferry demo`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{access_from, default_state_dir};
+use super::{default_state_dir, AccessArgs};
 use crate::client::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
 use crate::demo::human;
 use crate::store::{now_secs, StoreError};
@@ -34,15 +34,9 @@ pub struct StatusArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
-    /// With --server: file holding this client's token (ID:SECRET).
-    #[arg(long, env = "FERRY_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// With --server: speak TLS and trust exactly the certificate with this fingerprint (sha256:HEX).
-    #[arg(long, conflicts_with = "tls_ca")]
-    pub tls_fingerprint: Option<String>,
-    /// With --server: speak TLS and trust certificates for the URL's host issued by a CA in this PEM file.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    /// With --server: token and TLS, as for push.
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// With --server: give up when the server does not answer for this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -99,11 +93,7 @@ async fn local(args: &StatusArgs) -> u8 {
 }
 
 async fn remote(args: &StatusArgs, server: FerryUrl) -> u8 {
-    let access = match access_from(
-        args.token_file.as_deref(),
-        args.tls_fingerprint.as_deref(),
-        args.tls_ca.as_deref(),
-    ) {
+    let access = match args.access.resolve() {
         Ok(access) => access,
         Err(e) => return fail(args.json, crate::exit::USAGE, &e),
     };
