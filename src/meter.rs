@@ -18,7 +18,24 @@ pub struct Meter {
     attempts: AtomicU64,
     /// Set when an attempt starts: the next report of what the receiver holds replaces `done` instead of adding.
     stale: AtomicBool,
-    current: Mutex<String>,
+    /// A tree is moving (the display shows a total beside the file bars).
+    tree: AtomicBool,
+    /// The file moving through its own Offer now, and how much of it the receiver holds.
+    file: Mutex<FileMeter>,
+    file_done: AtomicU64,
+    /// What the receiver held of the file before the current one when that one started (its final count).
+    previous_done: AtomicU64,
+}
+
+/// The file of the moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileMeter {
+    /// Its path.
+    pub name: String,
+    /// Its size.
+    pub size: u64,
+    /// Counts files started, so a display can tell a new file (or a new attempt at one) from the last.
+    pub seq: u64,
 }
 
 /// A consistent-enough reading of a [`Meter`].
@@ -36,8 +53,14 @@ pub struct Snapshot {
     pub resent: u64,
     /// Connection attempts so far (1 for a run without a reconnect).
     pub attempts: u64,
-    /// The file moving now (for trees), if any.
-    pub current: String,
+    /// The file moving now, if any.
+    pub file: FileMeter,
+    /// Bytes of that file the receiver holds durably.
+    pub file_done: u64,
+    /// The same for the file before it, when it ended.
+    pub previous_done: u64,
+    /// A tree is moving.
+    pub tree: bool,
 }
 
 impl Meter {
@@ -77,11 +100,33 @@ impl Meter {
         self.resent.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Names the file moving now.
-    pub fn current(&self, path: &str) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.clear();
-        current.push_str(path);
+    /// A tree's transfer starts: `total` bytes in its files, `present` of them already on the receiver.
+    pub fn tree(&self, total: u64, present: u64) {
+        self.tree.store(true, Ordering::Relaxed);
+        self.expect(total);
+        self.present(present);
+    }
+
+    /// A file of `size` bytes starts moving through its own Offer; the receiver holds `present` of them already.
+    pub fn file(&self, name: &str, size: u64, present: u64) {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        file.name.clear();
+        file.name.push_str(name);
+        file.size = size;
+        file.seq += 1;
+        let previous = self.file_done.swap(present, Ordering::Relaxed);
+        self.previous_done.store(previous, Ordering::Relaxed);
+        drop(file);
+        if !self.tree.load(Ordering::Relaxed) {
+            self.expect(size);
+        }
+        self.present(present);
+    }
+
+    /// `bytes` more of the current file were made durable on the receiver.
+    pub fn file_durable(&self, bytes: u64) {
+        self.file_done.fetch_add(bytes, Ordering::Relaxed);
+        self.durable(bytes);
     }
 
     /// Reads every counter.
@@ -94,7 +139,10 @@ impl Meter {
             moved: self.moved.load(Ordering::Relaxed),
             resent: self.resent.load(Ordering::Relaxed),
             attempts: self.attempts.load(Ordering::Relaxed),
-            current: self.current.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            file: self.file.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            file_done: self.file_done.load(Ordering::Relaxed),
+            previous_done: self.previous_done.load(Ordering::Relaxed),
+            tree: self.tree.load(Ordering::Relaxed),
         }
     }
 }
@@ -121,5 +169,25 @@ mod tests {
         meter.durable(40);
         let snap = meter.snapshot();
         assert_eq!((snap.total, snap.done, snap.held, snap.attempts), (100, 100, 60, 2));
+    }
+
+    #[test]
+    fn files_of_a_tree_count_towards_the_total_and_each_starts_its_own_count() {
+        let meter = Meter::default();
+        meter.attempt();
+        meter.tree(100, 30);
+        meter.durable(10); // small files
+        meter.file("big.iso", 50, 20);
+        meter.file_durable(30);
+        let snap = meter.snapshot();
+        assert!(snap.tree);
+        assert_eq!((snap.total, snap.done, snap.held), (100, 90, 50));
+        assert_eq!(
+            (snap.file.name.as_str(), snap.file.size, snap.file_done, snap.file.seq),
+            ("big.iso", 50, 50, 1)
+        );
+        meter.file("next.iso", 10, 0);
+        let snap = meter.snapshot();
+        assert_eq!((snap.file_done, snap.file.seq, snap.previous_done), (0, 2, 50));
     }
 }

@@ -76,6 +76,9 @@ async fn json_is_a_stream_of_events_from_start_to_the_summary_with_progress_betw
         let total = progress["bytes_total"].as_u64().unwrap();
         assert!(done >= last_done && done <= total.max(done), "{progress}");
         assert!(total == 0 || total == 24 * MIB as u64, "{progress}");
+        if progress["file"] == "disk.img" {
+            assert_eq!(progress["file_size"], 24 * MIB as u64, "{progress}");
+        }
         for key in [
             "bytes_moved",
             "bytes_held",
@@ -148,4 +151,43 @@ async fn without_a_terminal_the_human_output_is_plain_lines_with_no_animation() 
     for line in stderr.lines() {
         assert!(line.starts_with("ferry: ") || line.starts_with("blake3 "), "{line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_a_tree_gets_a_bar_per_large_file_and_a_total() {
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` (to give ferry a terminal) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    write_random(&tree.join("small.txt"), 10 * KIB, 1);
+    write_random(&tree.join("big-one.img"), 2 * MIB, 2);
+    write_random(&tree.join("big-two.img"), 2 * MIB, 3);
+    // --bwlimit keeps the run above a second, so the 10 Hz display draws several frames.
+    let command = format!(
+        "{} push {} {} --state {} --bwlimit 2MiB",
+        ferry_bin(),
+        tree.display(),
+        server.url("t/"),
+        dir.path().join("state").display()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let screen = strip_ansi(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(output.status.code(), Some(0), "{screen}");
+    for needle in ["big-one.img [", "big-two.img [", "total [", "ferry: tree "] {
+        assert!(screen.contains(needle), "no {needle:?} on the terminal: {screen}");
+    }
+    assert_eq!(b3(&server.root.join("t/big-two.img")), b3(&tree.join("big-two.img")));
 }

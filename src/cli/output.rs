@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::client::ClientEvent;
@@ -57,7 +57,7 @@ pub struct Output {
     mode: Mode,
     json_every: Duration,
     meter: Arc<Meter>,
-    bar: Option<ProgressBar>,
+    bars: Option<Bars>,
     started: Instant,
     rate: Mutex<Rate>,
 }
@@ -77,15 +77,7 @@ impl Output {
         destination: &str,
         json_every: Duration,
     ) -> Arc<Output> {
-        let bar = (mode == Mode::Bars).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
-            let style = ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {percent:>3}% {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-            bar.set_style(style);
-            bar.set_prefix(short_name(source));
-            bar
-        });
+        let bars = (mode == Mode::Bars).then(|| Bars::new(source));
         if mode == Mode::Json {
             emit(json!({
                 "event": "start",
@@ -99,7 +91,7 @@ impl Output {
             mode,
             json_every,
             meter,
-            bar,
+            bars,
             started: Instant::now(),
             rate: Mutex::new(Rate::default()),
         })
@@ -128,19 +120,8 @@ impl Output {
     fn tick(&self) {
         let snap = self.meter.snapshot();
         let (rate, eta) = self.rate(&snap);
-        match (&self.bar, self.mode) {
-            (Some(bar), _) if snap.total == 0 && snap.attempts == 0 => {
-                bar.set_length(1);
-                bar.set_message("reading the source and hashing its chunks");
-            }
-            (Some(bar), _) => {
-                bar.set_length(snap.total.max(snap.done).max(1));
-                bar.set_position(snap.done);
-                if !snap.current.is_empty() {
-                    bar.set_prefix(short_name(&snap.current));
-                }
-                bar.set_message(bar_message(&snap, rate, eta));
-            }
+        match (&self.bars, self.mode) {
+            (Some(bars), _) => bars.draw(&snap, rate, eta),
             (None, Mode::Json) => emit(progress_json(&snap, rate, eta, self.started.elapsed())),
             _ => {}
         }
@@ -163,8 +144,8 @@ impl Output {
             Mode::Lines => print_event(event),
             Mode::Bars => {
                 if let Some(line) = event_line(event).filter(|_| notable(event)) {
-                    if let Some(bar) = &self.bar {
-                        bar.suspend(|| eprintln!("{line}"));
+                    if let Some(bars) = &self.bars {
+                        bars.multi.suspend(|| eprintln!("{line}"));
                     }
                 }
             }
@@ -173,10 +154,101 @@ impl Output {
 
     /// Removes the bar, so the summary prints on a clean line.
     pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+        if let Some(bars) = &self.bars {
+            bars.finish(&self.meter.snapshot());
         }
     }
+}
+
+/// The terminal display: one bar for a single file; for a tree, a bar per file that goes through its own Offer
+/// (finished bars stay, a log of the large files) above a bar for the whole tree.
+struct Bars {
+    multi: MultiProgress,
+    /// The single file, or the tree's total.
+    main: ProgressBar,
+    /// The file bar of a tree, and the file count it belongs to.
+    file: Mutex<Option<(u64, ProgressBar)>>,
+}
+
+impl Bars {
+    fn new(source: &str) -> Bars {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let main = multi.add(ProgressBar::new(1).with_style(bar_style()));
+        main.set_prefix(short_name(source));
+        Bars {
+            multi,
+            main,
+            file: Mutex::new(None),
+        }
+    }
+
+    fn draw(&self, snap: &Snapshot, rate: u64, eta: Option<Duration>) {
+        if snap.total == 0 && snap.attempts == 0 {
+            self.main.set_message("reading the source and hashing its chunks");
+            return;
+        }
+        if snap.tree {
+            self.main.set_prefix("total");
+            self.draw_file(snap);
+        } else if !snap.file.name.is_empty() {
+            self.main.set_prefix(short_name(&snap.file.name));
+        }
+        self.main.set_length(snap.total.max(snap.done).max(1));
+        self.main.set_position(snap.done);
+        self.main.set_message(bar_message(snap, rate, eta));
+    }
+
+    /// A tree's current large file: a new bar when a new file starts, the last one finished where it stopped.
+    fn draw_file(&self, snap: &Snapshot) {
+        if snap.file.seq == 0 {
+            return;
+        }
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.as_ref().map_or(true, |(seq, _)| *seq != snap.file.seq) {
+            if let Some((seq, done)) = file.take() {
+                // The file just before this one ended with `previous_done`; an older one, where it was last seen.
+                let held = if seq + 1 == snap.file.seq {
+                    snap.previous_done
+                } else {
+                    done.position()
+                };
+                let size = done.length().unwrap_or(held);
+                done.set_position(held.min(size));
+                done.abandon_with_message(format!("{} / {}", human(held), human(size)));
+            }
+            let bar = self
+                .multi
+                .insert_before(&self.main, ProgressBar::new(snap.file.size.max(1)));
+            bar.set_style(bar_style());
+            bar.set_prefix(short_name(&snap.file.name));
+            *file = Some((snap.file.seq, bar));
+        }
+        if let Some((_, bar)) = file.as_ref() {
+            bar.set_position(snap.file_done.min(snap.file.size));
+            bar.set_message(format!("{} / {}", human(snap.file_done), human(snap.file.size)));
+        }
+    }
+
+    /// Leaves each file bar at its last count and clears the main bar for the summary.
+    fn finish(&self, snap: &Snapshot) {
+        if let Some((seq, bar)) = self.file.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let held = if seq == snap.file.seq {
+                snap.file_done
+            } else {
+                bar.position()
+            };
+            let size = bar.length().unwrap_or(held);
+            bar.set_position(held.min(size));
+            bar.abandon_with_message(format!("{} / {}", human(held), human(size)));
+        }
+        self.main.finish_and_clear();
+    }
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>24.bold} [{bar:30}] {percent:>3}% {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// The task that redraws; stops when dropped.
@@ -270,7 +342,9 @@ fn progress_json(snap: &Snapshot, rate: u64, eta: Option<Duration>, elapsed: Dur
         "rate_bytes_per_sec": rate,
         "eta_secs": eta.map(|d| d.as_secs()),
         "elapsed_ms": elapsed.as_millis() as u64,
-        "file": snap.current,
+        "file": snap.file.name,
+        "file_size": snap.file.size,
+        "file_done": snap.file_done,
     })
 }
 

@@ -170,9 +170,8 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|c| u64::from(c.len))
         .sum();
     let meter = &ctx.stats.meter;
-    meter.expect(writer.manifest.size);
-    meter.current(path.as_str());
-    meter.present(writer.manifest.size - missing_bytes.min(writer.manifest.size));
+    let size = writer.manifest.size;
+    meter.file(path.as_str(), size, size - missing_bytes.min(size));
     tracing::info!(path = %path, chunks, missing, "offer accepted");
     for _ in 0..MAX_COMMIT_ROUNDS {
         let (writer_back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;

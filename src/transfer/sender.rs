@@ -270,8 +270,8 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
                 .filter_map(|i| manifest.chunk(i))
                 .map(|c| u64::from(c.len))
                 .sum();
-            opts.meter.current(path);
-            opts.meter.present(manifest.size.saturating_sub(needed));
+            opts.meter
+                .file(path, manifest.size, manifest.size.saturating_sub(needed));
             Ok(need.ranges)
         }
         other => Err(TransferError::Unexpected {
@@ -462,7 +462,7 @@ impl<'a> Pipeline<'a> {
             if self.in_flight.remove(&index) {
                 let len = self.chunk_len(index);
                 self.in_flight_bytes -= len;
-                self.opts.meter.durable(len);
+                self.opts.meter.file_durable(len);
                 stats.chunks_acked += 1;
             }
         }

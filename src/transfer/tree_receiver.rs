@@ -79,9 +79,7 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let total: u64 = (0..tree.offer.entries.len() as u32).map(|i| size_of(&i)).sum();
     let needed: u64 = plan.needed.iter().map(size_of).sum();
-    ctx.stats.meter.expect(total);
-    ctx.stats.meter.present(total.saturating_sub(needed));
-    ctx.stats.meter.current(tree.offer.path.as_str());
+    ctx.stats.meter.tree(total, total.saturating_sub(needed));
     let need = Message::TreeNeed(TreeNeed {
         entries: encode_runs(plan.needed.iter().copied()),
     });

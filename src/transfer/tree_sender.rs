@@ -96,9 +96,7 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let bytes = needed.iter().map(|&i| file_size(tree, i)).sum();
     let total: u64 = (0..tree.entries.len() as u32).map(|i| file_size(tree, i)).sum();
-    opts.meter.expect(total);
-    opts.meter.present(total.saturating_sub(bytes));
-    opts.meter.current(remote_dir);
+    opts.meter.tree(total, total.saturating_sub(bytes));
     on_event(SendEvent::TreeNeed {
         files: needed.len() as u64,
         bytes,

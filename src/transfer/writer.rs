@@ -248,7 +248,7 @@ impl ChunkWriter {
         self.stats
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-        self.stats.meter.durable(self.batch_received);
+        self.stats.meter.file_durable(self.batch_received);
         self.batch_bytes = 0;
         self.batch_received = 0;
         self.batch.sort_unstable_by_key(|&(index, stream)| (stream, index));

@@ -252,3 +252,18 @@ pub fn peak_rss_mib(pid: u32) -> u64 {
         .unwrap();
     kib / 1024
 }
+
+/// Terminal output without its escape sequences (colours, cursor moves, line clears).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+        } else if chars.next() == Some('[') {
+            // Parameters, then one final byte in '@'..='~'.
+            chars.by_ref().find(|c| ('@'..='~').contains(c));
+        }
+    }
+    out
+}
