@@ -1,6 +1,6 @@
-//! The receiver's disk pipeline for the small files of a tree, on a blocking thread, one batch at a time:
-//! verify → write each to its own temporary file → one `syncfs` → rename each into place → sync the directories
-//! → record the batch in sled (one flush) → TreeAck.
+//! The receiver's disk pipeline for the small files of a tree, on two blocking threads, batch by batch:
+//! verify → write each to its own temporary file (one thread) → one `syncfs` → rename each into place → sync the
+//! directories → record the batch in sled (one flush) → TreeAck (the other thread, one batch behind).
 //!
 //! Batching the sync and the store flush is what lets 10,000 small files cost a few hundred syncs instead of
 //! 30,000. The crash-safety order is that of a single file (proto-spec.md, "Crash safety"): a final name only ever
@@ -69,52 +69,80 @@ pub(crate) struct SmallWriter {
 
 impl SmallWriter {
     /// Takes files from `files` in batches until the channel closes; reports each batch, or the storage failure
-    /// that stopped it.
+    /// that stopped it, in order. Two threads overlap the work: this one verifies and writes batch N+1 into
+    /// temporaries while another syncs, renames and records batch N.
     pub(crate) fn run(
         self,
         mut files: mpsc::Receiver<SmallFile>,
         events: mpsc::UnboundedSender<Result<BatchOutcome, TransferError>>,
     ) {
-        while let Some(first) = files.blocking_recv() {
-            let mut batch = vec![first];
-            let mut bytes = batch[0].data.len() as u64;
-            while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
-                match files.try_recv() {
-                    Ok(file) => {
-                        bytes += file.data.len() as u64;
-                        batch.push(file);
+        let (written_tx, written_rx) = std::sync::mpsc::sync_channel::<Result<Written, TransferError>>(1);
+        std::thread::scope(|scope| {
+            let settler = scope.spawn(|| {
+                for written in written_rx {
+                    let outcome = written.and_then(|written| self.settle_batch(written));
+                    let failed = outcome.is_err();
+                    if events.send(outcome).is_err() || failed {
+                        return;
                     }
-                    Err(_) => break,
+                }
+            });
+            while let Some(first) = files.blocking_recv() {
+                let batch = next_batch(first, &mut files);
+                let written = self.write_batch(batch);
+                let failed = written.is_err();
+                if written_tx.send(written).is_err() || failed {
+                    break;
                 }
             }
-            let outcome = self.commit_batch(batch);
-            let failed = outcome.is_err();
-            if events.send(outcome).is_err() || failed {
-                return;
-            }
-        }
+            drop(written_tx);
+            let _ = settler.join();
+        });
     }
 
     /// Verifies, writes, syncs, renames and records `batch`.
     pub(crate) fn commit_batch(&self, batch: Vec<SmallFile>) -> Result<BatchOutcome, TransferError> {
-        let mut outcome = BatchOutcome::default();
-        let mut written = Vec::with_capacity(batch.len());
-        let mut temps = Temps(Vec::with_capacity(batch.len()));
-        for file in batch {
+        let written = self.write_batch(batch)?;
+        self.settle_batch(written)
+    }
+
+    /// Verifies each file and writes it to a temporary; the bytes (and their share of the queue budget) are let go.
+    fn write_batch(&self, batch: Vec<SmallFile>) -> Result<Written, TransferError> {
+        let mut written = Written {
+            outcome: BatchOutcome::default(),
+            files: Vec::with_capacity(batch.len()),
+            temps: Temps(Vec::with_capacity(batch.len())),
+        };
+        for mut file in batch {
             if *blake3::hash(&file.data).as_bytes() != file.digest {
-                outcome.rejected.push(file.index);
+                written.outcome.rejected.push(file.index);
                 continue;
             }
-            let temp = self.write_temp(&file, &mut temps).map_err(TransferError::Storage)?;
-            written.push((file, temp));
+            let temp = self
+                .write_temp(&file, &mut written.temps)
+                .map_err(TransferError::Storage)?;
+            let len = file.data.len() as u64;
+            file.data = Vec::new();
+            file._budget = None;
+            written.files.push((file, len, temp));
         }
-        if written.is_empty() {
+        Ok(written)
+    }
+
+    /// Syncs a written batch, renames each file into place, syncs the directories and records the batch.
+    fn settle_batch(&self, written: Written) -> Result<BatchOutcome, TransferError> {
+        let Written {
+            mut outcome,
+            files,
+            mut temps,
+        } = written;
+        if files.is_empty() {
             return Ok(outcome);
         }
-        sync_filesystem(&self.partial_dir, written.iter().map(|(_, temp)| temp.as_path()))?;
+        sync_filesystem(&self.partial_dir, files.iter().map(|(_, _, temp)| temp.as_path()))?;
         let mut dirs = BTreeSet::new();
-        let mut placed = Vec::with_capacity(written.len());
-        for (file, temp) in written {
+        let mut placed = Vec::with_capacity(files.len());
+        for (file, len, temp) in files {
             let placement = self.place(&file, &temp);
             temps.forget(&temp);
             match placement {
@@ -122,7 +150,7 @@ impl SmallWriter {
                     if let Some(parent) = target.parent() {
                         dirs.insert(parent.to_path_buf());
                     }
-                    placed.push((file, target));
+                    placed.push((file, len, target));
                 }
                 Err(Placement::Refused(why)) => {
                     let _ = std::fs::remove_file(&temp);
@@ -140,9 +168,9 @@ impl SmallWriter {
                 .map_err(TransferError::Storage)?;
         }
         let mut records = sled::Batch::default();
-        for (file, target) in &placed {
+        for (file, len, target) in &placed {
             let meta = std::fs::symlink_metadata(target).map_err(TransferError::Storage)?;
-            let manifest = whole_file_manifest(file);
+            let manifest = whole_file_manifest(file, *len);
             let record = CommittedFile {
                 manifest_id: manifest.id(),
                 size: manifest.size,
@@ -155,13 +183,11 @@ impl SmallWriter {
                 .commit_into(&mut records, file.key.as_str(), &record, &manifest)?;
         }
         self.store.apply(records)?;
-        for (file, _) in placed {
+        for (file, len, _) in placed {
             self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .bytes_received
-                .fetch_add(file.data.len() as u64, Ordering::Relaxed);
-            self.stats.meter.moved(file.data.len() as u64);
-            self.stats.meter.durable(file.data.len() as u64);
+            self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
+            self.stats.meter.moved(len);
+            self.stats.meter.durable(len);
             outcome.committed.push(file.index);
         }
         Ok(outcome)
@@ -192,6 +218,30 @@ impl SmallWriter {
     }
 }
 
+/// A batch verified and written to temporaries, waiting for its sync: each file (its bytes let go), its length,
+/// and its temporary.
+struct Written {
+    outcome: BatchOutcome,
+    files: Vec<(SmallFile, u64, PathBuf)>,
+    temps: Temps,
+}
+
+/// Up to [`BATCH_FILES`] files or [`BATCH_BYTES`] bytes: `first` and whatever else is already queued.
+fn next_batch(first: SmallFile, files: &mut mpsc::Receiver<SmallFile>) -> Vec<SmallFile> {
+    let mut bytes = first.data.len() as u64;
+    let mut batch = vec![first];
+    while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
+        match files.try_recv() {
+            Ok(file) => {
+                bytes += file.data.len() as u64;
+                batch.push(file);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// Temporary files of a batch not yet renamed; removed if the batch stops early (a full disk, say).
 struct Temps(Vec<PathBuf>);
 
@@ -216,8 +266,7 @@ enum Placement {
 
 /// The manifest recorded for a file committed whole: one chunk (none if empty), so its content joins the chunk
 /// index like any other.
-pub(crate) fn whole_file_manifest(file: &SmallFile) -> Manifest {
-    let size = file.data.len() as u64;
+pub(crate) fn whole_file_manifest(file: &SmallFile, size: u64) -> Manifest {
     let chunks = if size == 0 {
         Vec::new()
     } else {
