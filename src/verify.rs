@@ -1,8 +1,11 @@
 //! The one door to disk for received bytes: nothing that does not match its manifest hash is ever written.
 //!
 //! [`write_verified`] checks a chunk's length and BLAKE3 against its [`ChunkEntry`] and only then writes it at the
-//! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest before commit, and a
-//! [`DigestFollower`] does the same behind the writer while chunks still arrive.
+//! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest, and a
+//! [`DigestFollower`] does the same behind the writer while chunks still arrive: each byte is read back from the
+//! file once, soon after it became final (for a resumed partial, when the session opens), not all again at the
+//! commit. So the commit proves the file's bytes as they were read back then; later damage to a byte the
+//! follower already read is not seen by this commit (the next push of the same file, or a pull, checks again).
 //! Blocking functions: call them from blocking threads.
 
 use std::fs::File;
@@ -166,7 +169,7 @@ fn lock(follow: &Mutex<Follow>) -> std::sync::MutexGuard<'_, Follow> {
 
 /// The follower's loop: hash up to `ready` in slices, sleep until it moves, stop on finish or cancel.
 fn follow(file: &File, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<PrefixDigest> {
-    const SLICE: u64 = 4 << 20;
+    const SLICE: u64 = 1 << 20;
     let mut prefix = PrefixDigest::default();
     let mut buf = Vec::new();
     loop {

@@ -191,3 +191,25 @@ async fn on_a_terminal_a_tree_gets_a_bar_per_large_file_and_a_total() {
     }
     assert_eq!(b3(&server.root.join("t/big-two.img")), b3(&tree.join("big-two.img")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_with_quiet_prints_the_summary_alone_for_cron_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("c.bin");
+    write_random(&src, 2 * MIB, 4);
+    let cmd = push_command(
+        &src,
+        &server.url("c.bin"),
+        &dir.path().join("state"),
+        &["-q", "--json-progress", "5ms"],
+    );
+    let output = tokio::task::spawn_blocking(move || { cmd }.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let events = events(&output.stdout);
+    assert_eq!(names(&events), ["summary"], "one line per run");
+    assert_eq!(events[0]["digest"], b3(&src));
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+}

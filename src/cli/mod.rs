@@ -1,7 +1,8 @@
 //! The command line: argument types, value parsers, and what each command prints.
 //!
 //! `main.rs` parses into [`Cli`] and calls [`serve`], [`push`] or [`demo`]; this module turns library results
-//! into output: a human summary on stderr, or with `--json` exactly one JSON object on stdout.
+//! into output: progress and a human summary on stderr ([`output`]), or with `--json` JSON events on stdout, the
+//! summary object last (with `-q`, the summary alone).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -333,12 +334,12 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let mut progress = |event: ClientEvent| output.event(&event);
     if args.file.is_dir() {
         let result = crate::client::push_tree(opts, &mut progress).await;
-        drop(ticker);
+        stop(ticker).await;
         output.finish();
         finish("push", result, common.json, quiet)
     } else {
         let result = crate::client::push(opts, &mut progress).await;
-        drop(ticker);
+        stop(ticker).await;
         output.finish();
         finish("push", result, common.json, quiet)
     }
@@ -383,7 +384,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let ticker = output.spawn_ticker();
     let mut progress = |event: ClientEvent| output.event(&event);
     let result = crate::client::pull(opts, &mut progress).await;
-    drop(ticker);
+    stop(ticker).await;
     output.finish();
     finish("pull", result, common.json, quiet)
 }
@@ -472,7 +473,7 @@ fn finish<R: Summary>(what: &str, result: Result<R, ClientError>, json: bool, qu
             if json {
                 println!("{}", error_json(&e, code));
             }
-            eprintln!("ferry: {what} failed: {e}");
+            eprintln!("ferry: {what} failed: {}", printable(&e.to_string()));
             code
         }
     }
@@ -641,6 +642,22 @@ fn error_json(error: &ClientError, code: u8) -> serde_json::Value {
     serde_json::json!({ "event": "summary", "status": "error", "exit_code": code, "error": error.to_string() })
 }
 
+/// Stops a display's ticker, if it has one, before the summary prints.
+async fn stop(ticker: Option<output::Ticker>) {
+    if let Some(ticker) = ticker {
+        ticker.stop().await;
+    }
+}
+
+/// `text` safe to print on a terminal: control characters and bidirectional overrides (which a peer could send
+/// to move the cursor or disguise a name) become '?'.
+pub(crate) fn printable(text: &str) -> String {
+    let hostile = |c: char| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    text.chars().map(|c| if hostile(c) { '?' } else { c }).collect()
+}
+
 /// `$FERRY_STATE`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
 pub fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FERRY_STATE") {
@@ -693,5 +710,12 @@ mod tests {
         assert_eq!(parse_rate("4096"), Ok(4096));
         assert!(parse_rate("0").is_err());
         assert!(parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn text_from_a_peer_cannot_drive_the_terminal() {
+        assert_eq!(printable("ok\u{1b}[2Jdone\r\n"), "ok?[2Jdone??");
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil?txt.exe");
+        assert_eq!(printable("naïve ünïcode"), "naïve ünïcode");
     }
 }

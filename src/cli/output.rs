@@ -6,6 +6,7 @@
 //! - **lines** (stderr is not a terminal: a log, a pipe): the same events as plain lines, nothing animated;
 //! - **json** (`--json`): newline-delimited JSON events on stdout, a `progress` event every `--json-progress`
 //!   (default [`JSON_PROGRESS_EVERY`]; 0 for none), and the summary object last (README, "JSON output");
+//! - **json summary** (`--json -q`): the summary object alone, one line per run (cron logs);
 //! - **quiet** (`-q`): nothing but errors.
 
 use std::io::IsTerminal;
@@ -36,6 +37,8 @@ pub enum Mode {
     Lines,
     /// JSON events on stdout.
     Json,
+    /// Only the JSON summary (`--json -q`, for cron logs).
+    JsonSummary,
     /// Errors only.
     Quiet,
 }
@@ -44,7 +47,8 @@ impl Mode {
     /// The mode for these flags and this process's stderr.
     pub fn pick(json: bool, quiet: bool) -> Mode {
         match (json, quiet) {
-            (true, _) => Mode::Json,
+            (true, false) => Mode::Json,
+            (true, true) => Mode::JsonSummary,
             (false, true) => Mode::Quiet,
             _ if std::io::stderr().is_terminal() => Mode::Bars,
             _ => Mode::Lines,
@@ -102,10 +106,10 @@ impl Output {
         let every = match self.mode {
             Mode::Bars => BAR_EVERY,
             Mode::Json if !self.json_every.is_zero() => self.json_every,
-            Mode::Json | Mode::Lines | Mode::Quiet => return None,
+            Mode::Json | Mode::JsonSummary | Mode::Lines | Mode::Quiet => return None,
         };
         let output = self.clone();
-        Some(Ticker(tokio::spawn(async move {
+        Some(Ticker(Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             tick.tick().await;
@@ -113,7 +117,7 @@ impl Output {
                 tick.tick().await;
                 output.tick();
             }
-        })))
+        }))))
     }
 
     /// One redraw or progress event.
@@ -139,7 +143,7 @@ impl Output {
     /// Shows one event of the run.
     pub fn event(&self, event: &ClientEvent) {
         match self.mode {
-            Mode::Quiet => {}
+            Mode::Quiet | Mode::JsonSummary => {}
             Mode::Json => emit(event_json(event)),
             Mode::Lines => print_event(event),
             Mode::Bars => {
@@ -251,12 +255,25 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-/// The task that redraws; stops when dropped.
-pub struct Ticker(tokio::task::JoinHandle<()>);
+/// The task that redraws; stops when dropped, or (waiting until it has) with [`Ticker::stop`].
+pub struct Ticker(Option<tokio::task::JoinHandle<()>>);
+
+impl Ticker {
+    /// Stops the task and waits until it has: a tick already printing finishes first, so nothing follows the
+    /// summary.
+    pub async fn stop(mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
     }
 }
 
@@ -386,8 +403,12 @@ pub fn event_json(event: &ClientEvent) -> Value {
     }
 }
 
-/// One event as a human line, if it has one.
+/// One event as a human line, if it has one (peer text made safe for a terminal).
 fn event_line(event: &ClientEvent) -> Option<String> {
+    event_text(event).map(|line| super::printable(&line))
+}
+
+fn event_text(event: &ClientEvent) -> Option<String> {
     Some(match event {
         ClientEvent::Manifest { chunks, size, cached } => {
             let how = if *cached { "cached" } else { "hashed" };

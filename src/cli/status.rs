@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{default_state_dir, AccessArgs};
+use super::{default_state_dir, printable, AccessArgs};
 use crate::client::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
 use crate::demo::human;
 use crate::store::{now_secs, StoreError};
@@ -128,7 +128,7 @@ fn fail(json: bool, code: u8, message: &str) -> u8 {
             serde_json::json!({ "status": "error", "exit_code": code, "error": message })
         );
     }
-    eprintln!("ferry: status: {message}");
+    eprintln!("ferry: status: {}", printable(message));
     code
 }
 
@@ -230,19 +230,14 @@ fn partials_table(partials: &Partials, server: &str, now: u64) -> String {
     let mut out = table(["PATH", "RECEIVED", "DONE", "CREATED", "UPDATED"], &rows);
     if partials.truncated {
         out.push_str(&format!(
-            "(showing {} of {} partial transfers; the server lists at most {})\n",
+            "(showing {} of {} partial transfers; the server lists at most {} in one reply, fewer when their paths \
+             are long)\n",
             partials.entries.len(),
             partials.total,
             crate::MAX_LISTED_PARTIALS
         ));
     }
     out
-}
-
-/// `text` with control characters shown as `?`: a path or an error message from the network never drives the
-/// terminal.
-fn printable(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// Left-aligned columns separated by two spaces; trailing blanks trimmed.

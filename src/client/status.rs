@@ -154,7 +154,11 @@ pub async fn server_partials(opts: &StatusOptions) -> Result<Partials, ClientErr
     send_within(&mut conn, &Message::ListPartials, idle, "sending ListPartials")
         .await
         .map_err(failed)?;
-    let reply = recv(&mut conn, idle, "waiting for Partials").await.map_err(failed)?;
+    // recv answers Pings while it waits; the whole wait is bounded too, so a peer that only pings cannot hold it.
+    let reply = tokio::time::timeout(idle, recv(&mut conn, idle, "waiting for Partials"))
+        .await
+        .map_err(|_| failed(TransferError::Timeout(idle, "waiting for Partials")))?
+        .map_err(failed)?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
     let mut partials = match reply {
         Message::Partials(partials) => partials,

@@ -392,7 +392,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 })
             }
             Ok(Message::ListPartials) if !grant.permissions.push => return Err(forbidden("list partial uploads")),
-            Ok(Message::ListPartials) => partials::list_partials(conn, ctx).await?,
+            // One listing per connection: the scan is not free, and a client wanting another reconnects.
+            Ok(Message::ListPartials) => return partials::list_partials(conn, ctx).await,
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, ctx, path, offer.manifest, stop).await?;

@@ -21,7 +21,8 @@ use crate::wire::{Committed, ErrorCode};
 pub(crate) enum CommitOutcome {
     /// The file is in place.
     Done(Committed),
-    /// Chunks in the partial no longer match their hashes (damaged on disk after they were written); they are
+    /// Chunks in the partial no longer match their hashes when read back (damaged on disk after they were
+    /// written, before the digest thread read them, or a partial that was damaged between sessions); they are
     /// marked missing again and must be re-sent.
     Damaged(Box<ChunkWriter>),
 }

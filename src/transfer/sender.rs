@@ -263,12 +263,23 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
     match recv(conn, opts.io_timeout, "waiting for Need").await? {
         Message::Need(need) => {
             let manifest = &source.manifest;
+            // Checked before anything walks them: a hostile receiver's ranges could name 2^32 chunks each.
+            if !ranges_within(&need.ranges, manifest.chunk_count()) {
+                return Err(TransferError::Unexpected {
+                    got: "Need",
+                    state: "its ranges lie outside the manifest",
+                });
+            }
             let needed: u64 = need
                 .ranges
                 .iter()
-                .flat_map(IndexRange::indices)
-                .filter_map(|i| manifest.chunk(i))
-                .map(|c| u64::from(c.len))
+                .map(|r| {
+                    let (start, end) = (r.start as usize, r.indices().end as usize);
+                    manifest.chunks[start..end]
+                        .iter()
+                        .map(|c| u64::from(c.len))
+                        .sum::<u64>()
+                })
                 .sum();
             opts.meter
                 .file(path, manifest.size, manifest.size.saturating_sub(needed));

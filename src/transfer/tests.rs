@@ -218,6 +218,44 @@ async fn a_receiver_that_never_commits_cannot_keep_the_sender_looping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_need_naming_four_billion_chunks_is_refused_before_anything_walks_it() {
+    let fx = fixture();
+    let src = source(fx.dir.path(), b"twelve bytes");
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let hostile_receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        if let Ok(Some(Message::Offer(_))) = conn.read_message().await {
+            let huge = IndexRange {
+                start: 0,
+                count: u32::MAX,
+            };
+            let _ = conn
+                .write_message(&Message::Need(Need {
+                    ranges: vec![huge; 1000],
+                }))
+                .await;
+        }
+        conn
+    });
+    // On its own task, so that if the sender did walk the ranges (a synchronous loop of hours), the timeout below
+    // still fires on the other worker and fails the test.
+    let sending = tokio::spawn(async move {
+        let mut conn = Connection::new(a, MAX_FRAME);
+        let (opts, mut stats) = (SendOptions::default(), SendStats::default());
+        send(&mut conn, "z", &src, &opts, &mut stats, &mut |_| {}).await
+    });
+    let result = tokio::time::timeout(Duration::from_secs(20), sending)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    assert!(
+        matches!(result, Err(super::TransferError::Unexpected { got: "Need", .. })),
+        "{result:?}"
+    );
+    drop(hostile_receiver.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sender_stops_at_the_window_until_acks_arrive() {
     let fx = fixture();
     let chunk = MIN_CHUNK_SIZE as usize;

@@ -77,8 +77,9 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
         Some(EntryKind::File { size, .. }) => *size,
         _ => 0,
     };
-    let total: u64 = (0..tree.offer.entries.len() as u32).map(|i| size_of(&i)).sum();
-    let needed: u64 = plan.needed.iter().map(size_of).sum();
+    // Sizes come from the peer: added without overflow.
+    let total = (0..tree.offer.entries.len() as u32).fold(0u64, |sum, i| sum.saturating_add(size_of(&i)));
+    let needed = plan.needed.iter().fold(0u64, |sum, i| sum.saturating_add(size_of(i)));
     ctx.stats.meter.tree(total, total.saturating_sub(needed));
     let need = Message::TreeNeed(TreeNeed {
         entries: encode_runs(plan.needed.iter().copied()),

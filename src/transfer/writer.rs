@@ -187,8 +187,10 @@ impl ChunkWriter {
         let Some(entry) = self.manifest.chunk(chunk.index) else {
             return true; // the session checks indices; unreachable in practice
         };
-        if self.received.contains(chunk.index) {
-            self.batch.push((chunk.index, stream)); // a duplicate: acknowledge again, write nothing
+        if self.received.contains(chunk.index) || self.written.contains(chunk.index) {
+            // A duplicate (already durable, or written and awaiting this batch's sync): acknowledge it with the
+            // batch, write and count nothing.
+            self.batch.push((chunk.index, stream));
             return true;
         }
         match verify::write_verified(&self.file, entry, &chunk.data) {
