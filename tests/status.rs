@@ -346,3 +346,49 @@ async fn a_tree_push_is_listed_as_one_push_of_the_tree_bytes() {
     assert_eq!(record["bytes"], (2 * MIB + 40 * KIB) as u64, "{record}");
     assert!(record["last_error"].is_null(), "{record}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_client_prunes_finished_records_and_manifests_of_gone_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let (kept, gone) = (dir.path().join("kept.bin"), dir.path().join("gone.bin"));
+    write_random(&kept, 200 * KIB, 1);
+    write_random(&gone, 200 * KIB, 2);
+    push(&kept, &server.url("kept.bin"), &state, &[]).await.assert_ok();
+    push(&gone, &server.url("gone.bin"), &state, &[]).await.assert_ok();
+    std::fs::remove_file(&gone).unwrap();
+    let gc = |extra: &'static [&'static str]| {
+        let state = state.clone();
+        async move {
+            let output = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(ferry_bin())
+                    .args(["gc", "--client", "--json", "--state"])
+                    .arg(&state)
+                    .args(extra)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            let json: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            (output.status.code(), json)
+        }
+    };
+    // Recent records stay; only the manifest of the deleted file goes.
+    let (code, json) = gc(&[]).await;
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["report"]["records_removed"], 0, "{json}");
+    assert_eq!(json["report"]["manifests_removed"], 1, "{json}");
+    let (code, json) = gc(&["--older-than", "0s"]).await;
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["report"]["records_removed"], 2, "{json}");
+    assert_eq!(status_json(&state, &[]).await["transfers"], serde_json::json!([]));
+    // The kept file's manifest survived: its next push does not read the file again.
+    let again = push(&kept, &server.url("kept.bin"), &state, &[]).await;
+    again.assert_ok();
+    assert_eq!(again.json["manifest_cached"], true, "{}", again.json);
+    // A running push (its lock held) makes gc wait its turn: exit 8.
+    let _held = ferry::store::StateLock::try_acquire(&state).unwrap();
+    assert_eq!(gc(&[]).await.0, Some(i32::from(ferry::exit::ALREADY_RUNNING)));
+}

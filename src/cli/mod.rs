@@ -61,7 +61,8 @@ pub enum Command {
     Pull(PullArgs),
     /// Show a resumed, verified push through a flaky link (in-process server, temp dir).
     Demo(DemoArgs),
-    /// Expire abandoned transfers and leftover files of a server root (while its server is stopped).
+    /// Expire abandoned transfers and leftover files of a server root (while its server is stopped), or with
+    /// --client prune this client's state.
     Gc(GcArgs),
     /// Make a self-signed TLS certificate and key for `ferry serve`, and print its fingerprint.
     Keygen(KeygenArgs),
@@ -79,12 +80,17 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct GcArgs {
     /// The server's root directory.
+    #[arg(long, required_unless_present = "client", conflicts_with = "client")]
+    pub root: Option<PathBuf>,
+    /// Prune this client's state instead: records of pushes that ended (done or failed) longer ago than
+    /// --older-than, and cached manifests of files that are gone or changed. Interrupted pushes are kept.
     #[arg(long)]
-    pub root: PathBuf,
-    /// The server's state directory (default ROOT/.ferry/state).
+    pub client: bool,
+    /// The server's state directory (default ROOT/.ferry/state); with --client, the client's (default as for push).
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// Expire open transfers without progress, and leftover files untouched, for this long (e.g. 7d, 0s).
+    /// Expire open transfers without progress, and leftover files untouched, for this long (e.g. 7d, 0s); with
+    /// --client, the age of finished push records to drop.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub older_than: Duration,
     /// Print the report as one JSON object on stdout.
@@ -94,14 +100,17 @@ pub struct GcArgs {
 
 /// Runs `ferry gc`; returns the exit code.
 pub fn gc(args: GcArgs, quiet: bool) -> u8 {
-    if !args.root.join(crate::path::RESERVED_DIR).is_dir() {
+    let Some(root) = args.root.as_deref() else {
+        return client_gc(&args, quiet);
+    };
+    if !root.join(crate::path::RESERVED_DIR).is_dir() {
         eprintln!(
             "ferry: gc: {} is not a ferry server root (no .ferry directory)",
-            args.root.display()
+            root.display()
         );
         return crate::exit::USAGE;
     }
-    match crate::gc::collect_offline(&args.root, args.state.as_deref(), args.older_than) {
+    match crate::gc::collect_offline(root, args.state.as_deref(), args.older_than) {
         Ok(report) => {
             if args.json {
                 println!(
@@ -127,6 +136,47 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
             }
             eprintln!("ferry: gc failed: {e}");
             crate::exit::LOCAL
+        }
+    }
+}
+
+/// `ferry gc --client`: prunes the client's state under its lock (a running push or pull makes it exit 8).
+fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
+    let dir = args.state.clone().unwrap_or_else(default_state_dir);
+    let pruned = StateLock::try_acquire(&dir)
+        .map_err(ClientError::from)
+        .and_then(|_lock| {
+            let store = crate::store::SenderStore::open(&crate::store::Store::open(&dir)?)?;
+            let now = crate::store::now_secs();
+            Ok(store.prune(args.older_than.as_secs(), now)?)
+        });
+    match pruned {
+        Ok(pruned) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "ok", "exit_code": 0, "state": dir.display().to_string(), "report": pruned })
+                );
+            } else if !quiet {
+                eprintln!(
+                    "ferry: gc: {} finished push records and {} stale cached manifests removed from {}",
+                    pruned.records_removed,
+                    pruned.manifests_removed,
+                    dir.display()
+                );
+            }
+            crate::exit::OK
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "error", "exit_code": code, "error": e.to_string() })
+                );
+            }
+            eprintln!("ferry: gc failed: {}", printable(&e.to_string()));
+            code
         }
     }
 }

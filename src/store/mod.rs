@@ -18,7 +18,7 @@ pub use lock::{LockError, StateLock, LOCK_FILE};
 pub use receiver::{
     ChunkLocation, CommittedFile, OpenTransfer, PartialTransfer, Progress, ReceiverStore, TransferRecord,
 };
-pub use sender::{ManifestKey, PushRecord, PushState, SenderStore};
+pub use sender::{ManifestKey, Pruned, PushRecord, PushState, SenderStore};
 
 /// The store failed.
 #[derive(Debug, Error)]

@@ -138,6 +138,56 @@ impl SenderStore {
     }
 }
 
+/// What [`SenderStore::prune`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Finished (done or failed) push records not updated for the given age.
+    pub records_removed: u64,
+    /// Cached manifests of source files that are gone or no longer match (size, mtime, inode or device).
+    pub manifests_removed: u64,
+}
+
+impl SenderStore {
+    /// Removes push records that ended (done or failed) more than `older_than` seconds before `now`, and cached
+    /// manifests that can never be used again because their source file is gone or changed; flushes. Interrupted
+    /// pushes are kept (the next run resumes them). Blocking (one `stat` per cached manifest).
+    pub fn prune(&self, older_than: u64, now: u64) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        for record in self.push_records()? {
+            let ended = record.state != PushState::InProgress;
+            if ended && record.updated.saturating_add(older_than) <= now {
+                self.tree.remove(push_key(&record.source, &record.destination))?;
+                pruned.records_removed += 1;
+            }
+        }
+        for entry in self.tree.scan_prefix(prefixed(MANIFEST, b"")) {
+            let (key, _) = entry?;
+            let encoded = &key[MANIFEST.len() + 1..];
+            let stale = match crate::wire::codec::decode_record::<ManifestKey>(encoded) {
+                Ok(manifest_key) => !still_matches(&manifest_key),
+                Err(_) => true, // unreadable: it can never be found again either
+            };
+            if stale {
+                self.tree.remove(key)?;
+                pruned.manifests_removed += 1;
+            }
+        }
+        self.store.flush()?;
+        Ok(pruned)
+    }
+}
+
+/// Whether the file a cache entry describes is still there, unchanged as far as the cache can tell.
+fn still_matches(key: &ManifestKey) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&key.path).is_ok_and(|meta| {
+        meta.len() == key.size
+            && crate::chunk::mtime_of(&meta) == key.mtime
+            && meta.ino() == key.inode
+            && meta.dev() == key.device
+    })
+}
+
 fn push_key(source: &str, destination: &str) -> Vec<u8> {
     prefixed(PUSH, format!("{destination}\0{source}").as_bytes())
 }
@@ -177,5 +227,63 @@ mod tests {
         let states: Vec<_> = listed.iter().map(|r| (r.source.as_str(), r.state)).collect();
         assert_eq!(states, [("/a", PushState::Done), ("/b", PushState::Failed)]);
         assert!(listed[1].updated >= listed[1].started, "saving stamps the update time");
+    }
+
+    #[test]
+    fn prune_drops_old_finished_records_and_manifests_of_gone_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        for (source, state, updated) in [
+            ("/a", PushState::Done, 100),
+            ("/b", PushState::Failed, 100),
+            ("/c", PushState::InProgress, 100),
+            ("/d", PushState::Done, 950),
+        ] {
+            let mut rec = record(source, "ferry://h/x", state);
+            rec.updated = updated;
+            store
+                .tree
+                .insert(push_key(&rec.source, &rec.destination), encode_record(&rec))
+                .unwrap();
+        }
+        let kept = dir.path().join("kept.bin");
+        std::fs::write(&kept, b"still here").unwrap();
+        let meta = std::fs::metadata(&kept).unwrap();
+        let manifest = crate::chunk::build_manifest(
+            &std::fs::File::open(&kept).unwrap(),
+            &kept,
+            crate::chunk::ChunkSpec {
+                mode: crate::chunk::ChunkingMode::Fixed,
+                size: 4096,
+            },
+        )
+        .unwrap();
+        let key = |path: &std::path::Path| ManifestKey {
+            path: path.display().to_string(),
+            size: meta.len(),
+            mtime: crate::chunk::mtime_of(&meta),
+            inode: std::os::unix::fs::MetadataExt::ino(&meta),
+            device: std::os::unix::fs::MetadataExt::dev(&meta),
+            chunking: manifest.chunking,
+        };
+        store.cache_manifest(&key(&kept), &manifest, false).unwrap();
+        store
+            .cache_manifest(&key(&dir.path().join("gone.bin")), &manifest, false)
+            .unwrap();
+
+        let pruned = store.prune(500, 1000).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                records_removed: 2,
+                manifests_removed: 1
+            }
+        );
+        let left: Vec<_> = store.push_records().unwrap().into_iter().map(|r| r.source).collect();
+        assert_eq!(left, ["/c", "/d"], "interrupted and recent records stay");
+        assert!(
+            store.cached_manifest(&key(&kept)).unwrap().is_some(),
+            "a live file keeps its manifest"
+        );
     }
 }
