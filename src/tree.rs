@@ -66,7 +66,7 @@ impl LocalTree {
 
 /// Finds the manifest a file was committed with, given its path in the tree and its current metadata; `None` if
 /// it was not committed or changed since (size, inode, mtime).
-pub type CommittedLookup<'a> = &'a dyn Fn(&str, &std::fs::Metadata) -> Option<crate::manifest::Manifest>;
+pub type CommittedLookup<'a> = &'a (dyn Fn(&str, &std::fs::Metadata) -> Option<crate::manifest::Manifest> + Sync);
 
 /// Walks `dir` (which must be a directory), describing every entry; file digests come from `store`'s cache or
 /// are computed (and cached, flushed once at the end).
@@ -85,6 +85,9 @@ pub fn scan_with(
     let mut found: Vec<(TreeEntry, Option<PathBuf>, bool)> = Vec::new();
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
+    // Regular files are only listed during the walk, and described (read and hashed, or found in the manifest
+    // cache) afterwards by several threads: that is where a fresh scan spends its time.
+    let mut regular: Vec<(PathBuf, String)> = Vec::new();
     let mut pending = vec![(dir.to_path_buf(), String::new())];
     while let Some((local, rel)) = pending.pop() {
         let listing = std::fs::read_dir(&local).map_err(|e| SourceError::Io(format!("{}: {e}", local.display())))?;
@@ -104,6 +107,13 @@ pub fn scan_with(
                 continue;
             }
             let local_path = item.path();
+            if item.file_type().is_ok_and(|t| t.is_file()) {
+                regular.push((local_path, path));
+                if found.len() + regular.len() > MAX_TREE_ENTRIES {
+                    return Err(too_many(dir));
+                }
+                continue;
+            }
             match describe(&local_path, &path, links, store, spec, committed) {
                 Ok(Described::Entry(entry, file, verified)) => {
                     if matches!(entry.kind, EntryKind::Dir { .. }) {
@@ -115,12 +125,20 @@ pub fn scan_with(
                 Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
                 Err(e) => failed.push((path, e.to_string())),
             }
-            if found.len() > MAX_TREE_ENTRIES {
-                return Err(SourceError::Io(format!(
-                    "{} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately",
-                    dir.display()
-                )));
+            if found.len() + regular.len() > MAX_TREE_ENTRIES {
+                return Err(too_many(dir));
             }
+        }
+    }
+    for ((_, path), described) in regular
+        .iter()
+        .zip(describe_all(&regular, links, store, spec, committed))
+    {
+        match described {
+            Ok(Described::Entry(entry, file, verified)) => found.push((entry, file, verified)),
+            Ok(Described::Skip(reason)) => skipped.push((path.clone(), reason)),
+            Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
+            Err(e) => failed.push((path.clone(), e.to_string())),
         }
     }
     store.flush()?;
@@ -141,6 +159,46 @@ pub fn scan_with(
         skipped,
         failed,
     })
+}
+
+fn too_many(dir: &Path) -> SourceError {
+    SourceError::Io(format!(
+        "{} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately",
+        dir.display()
+    ))
+}
+
+/// [`describe`]s every file of `files`, on up to four threads; results in the order of `files`.
+fn describe_all(
+    files: &[(PathBuf, String)],
+    links: LinkPolicy,
+    store: &SenderStore,
+    spec: ChunkSpec,
+    committed: Option<CommittedLookup<'_>>,
+) -> Vec<Result<Described, SourceError>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some((local, path)) = files.get(index) else {
+                return done;
+            };
+            done.push((index, describe(local, path, links, store, spec, committed)));
+        }
+    };
+    let mut results: Vec<(usize, Result<Described, SourceError>)> = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(work)).collect();
+        let mut all = work();
+        for helper in helpers {
+            all.extend(helper.join().expect("tree scan thread panicked"));
+        }
+        all
+    });
+    results.sort_unstable_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, result)| result).collect()
 }
 
 enum Described {
