@@ -143,6 +143,19 @@ impl Manifest {
         self.chunks.get(index as usize)
     }
 
+    /// Total length of the chunks `ranges` name, walking slices (not indices); parts outside the manifest count
+    /// nothing, so a peer's ranges cost at most the chunks that exist.
+    pub fn ranges_bytes(&self, ranges: &[crate::ranges::IndexRange]) -> u64 {
+        ranges
+            .iter()
+            .map(|range| {
+                let start = (range.start as usize).min(self.chunks.len());
+                let end = (range.indices().end as usize).clamp(start, self.chunks.len());
+                self.chunks[start..end].iter().map(|c| u64::from(c.len)).sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Checks the chunks tile `0..size` exactly and respect the protocol limits.
     pub fn validate(&self) -> Result<(), ManifestError> {
         if !self.chunking.is_valid() {
@@ -271,5 +284,15 @@ pub(crate) mod tests {
         assert_eq!(a.id(), b.id());
         b.chunks[1].hash[0] ^= 1;
         assert_ne!(a.id(), b.id());
+    }
+
+    #[test]
+    fn ranges_bytes_sums_the_named_chunks_and_nothing_outside_the_manifest() {
+        use crate::ranges::IndexRange;
+        let m = manifest_of(&[10, 20, 30, 40]);
+        let r = |start, count| IndexRange { start, count };
+        assert_eq!(m.ranges_bytes(&[r(0, 1), r(2, 2)]), 80);
+        assert_eq!(m.ranges_bytes(&[]), 0);
+        assert_eq!(m.ranges_bytes(&[r(3, u32::MAX), r(9, 5)]), 40, "clamped, and cheap");
     }
 }

@@ -216,9 +216,7 @@ impl Bars {
                 } else {
                     done.position()
                 };
-                let size = done.length().unwrap_or(held);
-                done.set_position(held.min(size));
-                done.abandon_with_message(format!("{} / {}", human(held), human(size)));
+                leave(&done, held);
             }
             let bar = self
                 .multi
@@ -241,12 +239,17 @@ impl Bars {
             } else {
                 bar.position()
             };
-            let size = bar.length().unwrap_or(held);
-            bar.set_position(held.min(size));
-            bar.abandon_with_message(format!("{} / {}", human(held), human(size)));
+            leave(&bar, held);
         }
         self.main.finish_and_clear();
     }
+}
+
+/// Leaves a file bar on screen at its final count, `held` bytes of its length.
+fn leave(bar: &ProgressBar, held: u64) {
+    let size = bar.length().unwrap_or(held);
+    bar.set_position(held.min(size));
+    bar.abandon_with_message(format!("{} / {}", human(held), human(size)));
 }
 
 fn bar_style() -> ProgressStyle {

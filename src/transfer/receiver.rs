@@ -163,12 +163,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     writer = reuse.await?;
     let chunks = writer.manifest.chunk_count();
     let missing = chunks - writer.received.present();
-    let missing_bytes: u64 = writer
-        .received
-        .missing()
-        .filter_map(|i| writer.manifest.chunk(i))
-        .map(|c| u64::from(c.len))
-        .sum();
+    let missing_bytes = writer.manifest.ranges_bytes(&writer.received.missing_ranges());
     let meter = &ctx.stats.meter;
     let size = writer.manifest.size;
     meter.file(path.as_str(), size, size - missing_bytes.min(size));

@@ -270,17 +270,7 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
                     state: "its ranges lie outside the manifest",
                 });
             }
-            let needed: u64 = need
-                .ranges
-                .iter()
-                .map(|r| {
-                    let (start, end) = (r.start as usize, r.indices().end as usize);
-                    manifest.chunks[start..end]
-                        .iter()
-                        .map(|c| u64::from(c.len))
-                        .sum::<u64>()
-                })
-                .sum();
+            let needed = manifest.ranges_bytes(&need.ranges);
             opts.meter
                 .file(path, manifest.size, manifest.size.saturating_sub(needed));
             Ok(need.ranges)
@@ -432,11 +422,7 @@ impl<'a> Pipeline<'a> {
     ) -> Result<(), TransferError> {
         self.check_ranges(ranges, "Need")?;
         if !resend {
-            let bytes = ranges
-                .iter()
-                .flat_map(IndexRange::indices)
-                .map(|i| self.chunk_len(i))
-                .sum();
+            let bytes = self.source.manifest.ranges_bytes(ranges);
             on_event(SendEvent::Need {
                 chunks: ranges_len(ranges),
                 bytes,
