@@ -46,6 +46,7 @@ fn fixture() -> Fixture {
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
         joins: Default::default(),
+        policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
     };
     Fixture { dir, ctx }
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::quota::Budget;
-use super::receiver::{receive, ReceiverContext};
+use super::receiver::{receive, ReceiverContext, Reuse};
 use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -58,7 +58,12 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    let tree = validate(offer, base.as_ref())?;
+    let mut tree = validate(offer, base.as_ref())?;
+    for entry in &mut tree.offer.entries {
+        if let EntryKind::File { mode, .. } | EntryKind::Dir { mode, .. } = &mut entry.kind {
+            *mode &= ctx.policy.mode_mask;
+        }
+    }
     let (tree, plan) = {
         let ctx = ctx.clone();
         with_keepalive(conn, ctx.idle_timeout, move || {
@@ -100,10 +105,13 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
         );
     }
     let finished = session.summary();
+    let created = std::mem::take(&mut session.created_dirs);
     let dirs = {
         let (root, tree) = (ctx.root.clone(), tree);
+        // A pulling client leaves directories that existed before the tree came as they were (proto-spec.md §11).
+        let only = (!ctx.policy.existing_dirs).then_some(created);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            apply_dir_metadata(&root, &tree);
+            apply_dir_metadata(&root, &tree, only.as_ref());
             Ok(tree)
         })
     };
@@ -187,6 +195,8 @@ fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, Transfe
 /// What the plan settled and what it needs.
 struct Plan {
     needed: Vec<u32>,
+    /// Directory entries this tree created (they did not exist before).
+    created_dirs: HashSet<u32>,
     unchanged: u64,
     settled: BatchOutcome,
     reused_bytes: u64,
@@ -203,6 +213,7 @@ fn plan(
 ) -> Result<Plan, TransferError> {
     let mut plan = Plan {
         needed: Vec::new(),
+        created_dirs: HashSet::new(),
         unchanged: 0,
         settled: BatchOutcome::default(),
         reused_bytes: 0,
@@ -214,8 +225,13 @@ fn plan(
         let index = index as u32;
         match &entry.kind {
             EntryKind::Dir { .. } => {
-                if let Err(e) = ensure_dir(&ctx.root, key) {
-                    plan.settled.refused.push((index, e.to_string()));
+                let existed = std::fs::symlink_metadata(ctx.root.join(key.as_str())).is_ok();
+                match ensure_dir(&ctx.root, key) {
+                    Ok(_) if !existed => {
+                        plan.created_dirs.insert(index);
+                    }
+                    Ok(_) => {}
+                    Err(e) => plan.settled.refused.push((index, e.to_string())),
                 }
             }
             EntryKind::Symlink { .. } if links == LinkPolicy::Skip => {
@@ -242,7 +258,10 @@ fn plan(
                 digest,
                 mtime,
                 mode,
-            } => match held_content(ctx, size, &digest) {
+            } => match (size == 0 || ctx.policy.reuse == Reuse::Full)
+                .then(|| held_content(ctx, size, &digest))
+                .flatten()
+            {
                 Some(data) => {
                     plan.reused_bytes += size;
                     local_bytes += size;
@@ -398,14 +417,18 @@ fn place_symlink(
     }
 }
 
-/// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
-/// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
-fn apply_dir_metadata(root: &Path, tree: &Tree) {
+/// Applies the mode and mtime of every directory entry (or only of the entries in `only`), deepest first (so a
+/// child's changes do not bump its parent's mtime afterwards). Best effort: a failure is logged, not fatal.
+/// Blocking.
+fn apply_dir_metadata(root: &Path, tree: &Tree, only: Option<&HashSet<u32>>) {
     use std::os::unix::fs::PermissionsExt;
-    for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
+    for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate().rev() {
         let EntryKind::Dir { mode, mtime } = entry.kind else {
             continue;
         };
+        if only.is_some_and(|created| !created.contains(&(index as u32))) {
+            continue;
+        }
         let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
             std::fs::File::open(&dir)?.set_modified(super::commit::system_time(mtime))
@@ -430,6 +453,8 @@ struct Session<'a> {
     rejected: u32,
     /// Files handed to the writer and not yet answered for: a second FileData for one is refused.
     queued: HashSet<u32>,
+    /// Directory entries this tree created.
+    created_dirs: HashSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -460,6 +485,7 @@ impl<'a> Session<'a> {
             refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
             rejected: 0,
             queued: HashSet::new(),
+            created_dirs: plan.created_dirs,
         }
     }
 
