@@ -109,7 +109,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         store,
         destination: opts.destination.clone(),
         expect: expected_kind(&opts.destination, &opts.source.path),
-        source: format!("{}/{remote}", opts.source.authority()),
+        source: remote.to_string(),
         policy: ReceiverPolicy::pulling_client(process_umask()),
         file: None,
         tree: None,
@@ -190,7 +190,8 @@ struct Local {
     destination: PathBuf,
     /// What the client is prepared to receive (said in the Pull from version 5, checked here always).
     expect: PullKind,
-    /// Server and remote path, recorded with a pulled tree's root so that a later pull of it may update it.
+    /// The remote path, recorded with a pulled tree's root so that a later pull of it (from any server, as the
+    /// same tree may be reached under several names) may update it.
     source: String,
     /// The receiver policy of a pulling client: in-place reuse only, modes masked by the umask.
     policy: ReceiverPolicy,

@@ -76,9 +76,6 @@ pub struct ReceiverPolicy {
     /// Permission bits kept from an offered mode (files and directories): `0o777` on a server, `0o777 & !umask`
     /// on a pulling client.
     pub mode_mask: u32,
-    /// Whether a tree's directory modes and mtimes are applied to directories that existed before the tree
-    /// arrived (a server: yes; a pulling client: only to directories the pull created).
-    pub existing_dirs: bool,
 }
 
 impl ReceiverPolicy {
@@ -86,7 +83,6 @@ impl ReceiverPolicy {
     pub const SERVER: ReceiverPolicy = ReceiverPolicy {
         reuse: Reuse::Full,
         mode_mask: 0o777,
-        existing_dirs: true,
     };
 
     /// A server receiving from a client without the pull permission: it must not learn content it cannot read.
@@ -103,7 +99,6 @@ impl ReceiverPolicy {
         ReceiverPolicy {
             reuse: Reuse::InPlace,
             mode_mask: 0o777 & !umask,
-            existing_dirs: false,
         }
     }
 }

@@ -105,13 +105,10 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
         );
     }
     let finished = session.summary();
-    let created = std::mem::take(&mut session.created_dirs);
     let dirs = {
         let (root, tree) = (ctx.root.clone(), tree);
-        // A pulling client leaves directories that existed before the tree came as they were (proto-spec.md §11).
-        let only = (!ctx.policy.existing_dirs).then_some(created);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            apply_dir_metadata(&root, &tree, only.as_ref());
+            apply_dir_metadata(&root, &tree);
             Ok(tree)
         })
     };
@@ -195,8 +192,6 @@ fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, Transfe
 /// What the plan settled and what it needs.
 struct Plan {
     needed: Vec<u32>,
-    /// Directory entries this tree created (they did not exist before).
-    created_dirs: HashSet<u32>,
     unchanged: u64,
     settled: BatchOutcome,
     reused_bytes: u64,
@@ -213,7 +208,6 @@ fn plan(
 ) -> Result<Plan, TransferError> {
     let mut plan = Plan {
         needed: Vec::new(),
-        created_dirs: HashSet::new(),
         unchanged: 0,
         settled: BatchOutcome::default(),
         reused_bytes: 0,
@@ -225,13 +219,8 @@ fn plan(
         let index = index as u32;
         match &entry.kind {
             EntryKind::Dir { .. } => {
-                let existed = std::fs::symlink_metadata(ctx.root.join(key.as_str())).is_ok();
-                match ensure_dir(&ctx.root, key) {
-                    Ok(_) if !existed => {
-                        plan.created_dirs.insert(index);
-                    }
-                    Ok(_) => {}
-                    Err(e) => plan.settled.refused.push((index, e.to_string())),
+                if let Err(e) = ensure_dir(&ctx.root, key) {
+                    plan.settled.refused.push((index, e.to_string()));
                 }
             }
             EntryKind::Symlink { .. } if links == LinkPolicy::Skip => {
@@ -417,18 +406,14 @@ fn place_symlink(
     }
 }
 
-/// Applies the mode and mtime of every directory entry (or only of the entries in `only`), deepest first (so a
-/// child's changes do not bump its parent's mtime afterwards). Best effort: a failure is logged, not fatal.
-/// Blocking.
-fn apply_dir_metadata(root: &Path, tree: &Tree, only: Option<&HashSet<u32>>) {
+/// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
+/// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
+fn apply_dir_metadata(root: &Path, tree: &Tree) {
     use std::os::unix::fs::PermissionsExt;
-    for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate().rev() {
+    for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
         let EntryKind::Dir { mode, mtime } = entry.kind else {
             continue;
         };
-        if only.is_some_and(|created| !created.contains(&(index as u32))) {
-            continue;
-        }
         let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
             std::fs::File::open(&dir)?.set_modified(super::commit::system_time(mtime))
@@ -453,8 +438,6 @@ struct Session<'a> {
     rejected: u32,
     /// Files handed to the writer and not yet answered for: a second FileData for one is refused.
     queued: HashSet<u32>,
-    /// Directory entries this tree created.
-    created_dirs: HashSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -485,7 +468,6 @@ impl<'a> Session<'a> {
             refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
             rejected: 0,
             queued: HashSet::new(),
-            created_dirs: plan.created_dirs,
         }
     }
 
