@@ -206,7 +206,7 @@ async fn a_tree_is_never_merged_into_a_directory_holding_other_things() {
     let url = format!("ferry://{addr}/nightly/db.dump");
     let out = pull(&url, &home, &dir.path().join("state"), &["--retries", "0"]).await;
     server.await.unwrap();
-    assert_ne!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.code, 6, "a local refusal: {}", out.stderr);
     assert!(out.stderr.contains("refusing to pull the tree"), "{}", out.stderr);
     assert_home_untouched(&home);
     let names: Vec<_> = std::fs::read_dir(home.join("db.dump"))
@@ -333,6 +333,47 @@ async fn a_pulling_clients_need_does_not_reveal_which_guess_it_holds() {
             count: 10_000
         }]),
         "every guess is asked for"
+    );
+    assert_eq!(std::fs::read(&secret).unwrap(), SECRET);
+}
+
+/// The local copy lends its chunks in place once per version: after a first offer (a wrong guess) opened a
+/// transfer, a second offer guessing right, at the right offset, is not answered from the local copy either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulling_client_answers_only_one_in_place_guess_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, SECRET).unwrap();
+    let mut offers = vec![
+        guessing_manifest(&[b"password=hunter2-0036\n".to_vec()]),
+        guessing_manifest(&[SECRET.to_vec()]),
+    ]
+    .into_iter();
+    let (addr, server) = fake_server(5, 2, move |msg| match msg {
+        Message::Pull(_) | Message::PullExpecting(_) => Some(vec![Message::Offer(Offer {
+            path: "secret.txt".into(),
+            manifest: offers.next().unwrap(),
+        })]),
+        Message::Need(_) => Some(vec![Message::Error(ErrorFrame::new(ErrorCode::Busy, "try again"))]),
+        _ => None,
+    })
+    .await;
+    let url = format!("ferry://{addr}/secret.txt");
+    let out = pull(&url, &secret, &dir.path().join("state"), &["--retries", "1"]).await;
+    let seen = server.await.unwrap();
+    assert_ne!(out.code, 0);
+    let needs: Vec<_> = seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Need(need) => Some(need.ranges.clone()),
+            _ => None,
+        })
+        .collect();
+    let all = vec![IndexRange { start: 0, count: 1 }];
+    assert_eq!(
+        needs,
+        [all.clone(), all],
+        "neither guess is answered from the local copy"
     );
     assert_eq!(std::fs::read(&secret).unwrap(), SECRET);
 }
