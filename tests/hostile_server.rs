@@ -576,9 +576,22 @@ async fn the_server_refuses_the_kind_a_client_does_not_expect() {
         },
         expect: PullKind::Tree,
     };
-    conn.write_message(&Message::PullExpecting(request)).await.unwrap();
+    conn.write_message(&Message::PullExpecting(request.clone()))
+        .await
+        .unwrap();
     match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
         Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::UnexpectedMessage),
         other => panic!("expected UnexpectedMessage, got {other:?}"),
+    }
+
+    // A version-4 client's plain Pull is still served (a Pull means "a file or a tree").
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello).await.unwrap();
+    assert!(matches!(conn.read_message().await, Ok(Some(Message::Welcome(w))) if w.version == 4));
+    conn.write_message(&Message::Pull(request.pull)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::TreeOffer(offer)))) => assert_eq!(offer.path, "photos"),
+        other => panic!("expected a TreeOffer, got {other:?}"),
     }
 }
