@@ -348,6 +348,33 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// proto-spec.md §11: a Pull's chunk size is clamped, never refused; 0 means the smallest.
+    #[test]
+    fn requested_chunk_sizes_are_clamped_to_the_protocol_bounds() {
+        let spec = |mode, size| ChunkSpec { mode, size };
+        assert_eq!(
+            spec(ChunkingMode::Fixed, 0).for_size(1 << 20),
+            Chunking::Fixed { size: MIN_CHUNK_SIZE }
+        );
+        assert_eq!(
+            spec(ChunkingMode::Fixed, u32::MAX).for_size(1 << 20),
+            Chunking::Fixed { size: MAX_CHUNK_SIZE }
+        );
+        let smallest = MIN_CDC_AVG;
+        assert_eq!(
+            spec(ChunkingMode::Cdc, 0).for_size(1 << 20),
+            Chunking::FastCdc {
+                min: smallest / 4,
+                avg: smallest,
+                max: smallest * 4
+            }
+        );
+        assert!(matches!(
+            spec(ChunkingMode::Cdc, u32::MAX).for_size(1 << 20),
+            Chunking::FastCdc { avg: MAX_CDC_AVG, .. }
+        ));
+    }
+
     #[test]
     fn manifests_tile_and_match_b3sum_for_interesting_sizes() {
         let chunk = MIN_CHUNK_SIZE;

@@ -88,3 +88,29 @@ async fn chunks_of_any_committed_file_are_reused_and_verified() {
         "damaged bytes are not counted as reused either"
     );
 }
+
+/// Issue 13, §4 Reuse: a fresh offer whose manifest repeats a chunk asks for it once and fills the copies from it,
+/// in a push and in a pull: sixteen copies of one 1 MiB block cost one block on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_blocks_of_one_offer_cross_the_wire_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let block = dir.path().join("block");
+    let one = write_random(&block, MIB, 31);
+    let src = dir.path().join("image.raw");
+    std::fs::write(&src, one.repeat(16)).unwrap();
+    let fixed = ["--chunking", "fixed", "--chunk-size", "1MiB"];
+    let pushed = push(&src, &server.url("image.raw"), &dir.path().join("state"), &fixed).await;
+    pushed.assert_ok();
+    assert_eq!(pushed.u64("bytes_sent"), MIB as u64, "one copy sent");
+    assert_eq!(pushed.u64("bytes_reused"), 15 * MIB as u64, "fifteen filled locally");
+    assert_eq!(b3(&server.root.join("image.raw")), b3(&src));
+
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let pulled = pull(&server.url("image.raw"), &out, &dir.path().join("pull-state"), &fixed).await;
+    pulled.assert_ok();
+    assert_eq!(pulled.u64("bytes_received"), MIB as u64, "one copy received");
+    assert_eq!(pulled.u64("bytes_reused"), 15 * MIB as u64);
+    assert_eq!(b3(&out.join("image.raw")), b3(&src));
+}

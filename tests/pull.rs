@@ -217,7 +217,10 @@ async fn greet_a_pull(
         max_frame: ferry::MAX_FRAME,
     };
     conn.write_message(&Message::Welcome(welcome)).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Pull(_))));
+    assert!(matches!(
+        conn.read_message().await.unwrap(),
+        Some(Message::Pull(_) | Message::PullExpecting(_))
+    ));
     conn
 }
 

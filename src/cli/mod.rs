@@ -547,8 +547,8 @@ fn print_report(report: &PushReport) {
     };
     eprintln!(
         "ferry: {what}: {} -> {} ({}, sent {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
-        report.source,
-        report.destination,
+        printable(&report.source),
+        printable(&report.destination),
         human(report.size),
         human(report.sent.bytes_sent),
         human(report.committed.reused_bytes),
@@ -592,8 +592,8 @@ fn print_pull(report: &PullReport) {
     };
     eprintln!(
         "ferry: {what}: {} -> {} ({}, received {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
-        report.source,
-        report.destination,
+        printable(&report.source),
+        printable(&report.destination),
         human(report.size),
         human(report.bytes_received),
         human(report.committed.reused_bytes),
@@ -627,8 +627,8 @@ fn print_tree(report: &TreeReport) {
     let verb = if report.pulled { "received" } else { "sent" };
     eprintln!(
         "ferry: tree {} -> {}: {} files ({}), {} needed, {} committed, {} unchanged; {verb} {}, reused {}; {} attempt(s), {:.2?}",
-        report.source,
-        report.destination,
+        printable(&report.source),
+        printable(&report.destination),
         report.files,
         human(report.bytes_total),
         report.files_needed,
@@ -639,11 +639,12 @@ fn print_tree(report: &TreeReport) {
         report.attempts,
         report.duration,
     );
+    // Paths and reasons may come from the peer (a pulled tree's entries, a server's TreeFailure reasons).
     for (path, reason) in &report.skipped {
-        eprintln!("ferry: skipped {path}: {reason}");
+        eprintln!("ferry: skipped {}: {}", printable(path), printable(reason));
     }
     for (path, reason) in &report.failed {
-        eprintln!("ferry: FAILED {path}: {reason}");
+        eprintln!("ferry: FAILED {}: {}", printable(path), printable(reason));
     }
     if !report.committed.missing.is_empty() {
         eprintln!(

@@ -154,7 +154,8 @@ impl Retrier {
         if let Some(deadline) = self.deadline.filter(|d| Instant::now() + delay >= d.at) {
             return Err(deadline.expired(Some(error.to_string())));
         }
-        tracing::info!(attempt = self.attempts, ?delay, error = %error, "retrying");
+        // Debug-formatted: the error may carry a server's text, which must reach the log escaped.
+        tracing::info!(attempt = self.attempts, ?delay, error = ?error.to_string(), "retrying");
         on_event(ClientEvent::Retrying {
             attempt: self.attempts,
             delay,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::tree::{pull_root, TreeReport};
-use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
+use super::tree::TreeReport;
+use super::{blocking, classify, connect_welcomed, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Hash;
 use crate::meter::Meter;
@@ -19,11 +19,11 @@ use crate::server::ReceiverStats;
 use crate::store::{ReceiverStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::claims::Claims;
-use crate::transfer::receiver::{receive, ReceiverContext};
+use crate::transfer::receiver::{receive, ReceiverContext, ReceiverPolicy};
 use crate::transfer::tree_receiver::{receive_tree, TreeReceived};
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Committed, Message, Pull};
+use crate::wire::{Committed, ErrorCode, Message, Pull, PullExpecting, PullKind};
 
 /// Bytes the pulling client writes between syncs (and Acks).
 const SYNC_BATCH: u64 = 4 * 1024 * 1024;
@@ -108,6 +108,9 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
     let mut local = Local {
         store,
         destination: opts.destination.clone(),
+        expect: expected_kind(&opts.destination, &opts.source.path),
+        source: remote.to_string(),
+        policy: ReceiverPolicy::pulling_client(process_umask()),
         file: None,
         tree: None,
         meter: opts.meter.clone(),
@@ -185,6 +188,13 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
 struct Local {
     store: Store,
     destination: PathBuf,
+    /// What the client is prepared to receive (said in the Pull from version 5, checked here always).
+    expect: PullKind,
+    /// The remote path, recorded with a pulled tree's root so that a later pull of it (from any server, as the
+    /// same tree may be reached under several names) may update it.
+    source: String,
+    /// The receiver policy of a pulling client: in-place reuse only, modes masked by the umask.
+    policy: ReceiverPolicy,
     /// For a file: the context (rooted at the destination's directory) and the file name.
     file: Option<(ReceiverContext, RemotePath)>,
     /// For a tree: the context rooted at the destination directory.
@@ -218,15 +228,16 @@ impl Local {
     ) -> Result<&(ReceiverContext, RemotePath), ClientError> {
         if self.file.is_none() {
             let (root, name) = local_target(&self.destination, remote)?;
-            self.file = Some((context(&self.store, root, io_timeout, self.meter.clone())?, name));
+            let ctx = context(&self.store, root, io_timeout, self.meter.clone(), self.policy)?;
+            self.file = Some((ctx, name));
         }
         Ok(self.file.as_ref().expect("just set"))
     }
 
-    fn tree_context(&mut self, io_timeout: Duration) -> Result<&ReceiverContext, ClientError> {
+    fn tree_context(&mut self, remote: &RemotePath, io_timeout: Duration) -> Result<&ReceiverContext, ClientError> {
         if self.tree.is_none() {
-            let root = pull_root(&self.destination)?;
-            self.tree = Some(context(&self.store, root, io_timeout, self.meter.clone())?);
+            let root = tree_root(&self.store, &self.destination, remote, &self.source)?;
+            self.tree = Some(context(&self.store, root, io_timeout, self.meter.clone(), self.policy)?);
         }
         Ok(self.tree.as_ref().expect("just set"))
     }
@@ -239,6 +250,7 @@ fn context(
     root: PathBuf,
     io_timeout: Duration,
     meter: Arc<Meter>,
+    policy: ReceiverPolicy,
 ) -> Result<ReceiverContext, ClientError> {
     let scope = root.display().to_string();
     let partial_dir = private_partial_dir(&root)
@@ -259,7 +271,78 @@ fn context(
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
         joins: Default::default(),
+        policy,
     })
+}
+
+/// What the client expects from the command line alone: a tree if the remote path ends in `/`, a file if the
+/// destination is an existing non-directory (a tree could not go there), else either.
+fn expected_kind(destination: &Path, remote: &str) -> PullKind {
+    if remote.ends_with('/') {
+        PullKind::Tree
+    } else if std::fs::metadata(destination).is_ok_and(|m| !m.is_dir()) {
+        PullKind::File
+    } else {
+        PullKind::Any
+    }
+}
+
+/// The process's umask, read without changing it (`umask(2)` can only set it, which would race other threads).
+fn process_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Umask:"))
+        .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
+        .unwrap_or(0o022)
+}
+
+/// The local directory a pulled tree goes into (proto-spec.md §11): the destination itself if it is missing (then
+/// created), empty, or the root of an earlier pull of the same `source`; otherwise, if it is a directory, the
+/// remote's own name inside it under the same conditions. Anything else is refused before a byte is written: a
+/// server answering a pull with a tree cannot unpack it over a directory that holds other things.
+fn tree_root(store: &Store, destination: &Path, remote: &RemotePath, source: &str) -> Result<PathBuf, ClientError> {
+    if let Some(root) = tree_root_at(store, destination, source)? {
+        return Ok(root);
+    }
+    let name = remote.components().last().expect("a RemotePath has a component");
+    let inner = destination.join(name);
+    tree_root_at(store, &inner, source)?.ok_or_else(|| {
+        ClientError::Source(format!(
+            "{}: refusing to pull the tree {remote} here: the directory holds other files and no earlier pull of \
+             this tree; pull it into a new or empty directory",
+            inner.display()
+        ))
+    })
+}
+
+/// `dir` as the root of the tree from `source`, recorded as such: if it is missing (created), an empty directory
+/// (a leftover `.ferry` aside), or already the root of that tree. `None` for a directory holding other things.
+fn tree_root_at(store: &Store, dir: &Path, source: &str) -> Result<Option<PathBuf>, ClientError> {
+    let local = |e: std::io::Error| ClientError::Source(format!("{}: {e}", dir.display()));
+    let fresh = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(local)?;
+            true
+        }
+        Err(e) => return Err(local(e)),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(ClientError::Source(format!(
+                "{}: not a directory; a tree cannot be pulled there",
+                dir.display()
+            )))
+        }
+        Ok(_) => std::fs::read_dir(dir)
+            .map_err(local)?
+            .all(|entry| entry.is_ok_and(|e| e.file_name() == crate::path::RESERVED_DIR)),
+    };
+    let root = std::fs::canonicalize(dir).map_err(local)?;
+    let records = ReceiverStore::open_scoped(store, &root.display().to_string())?;
+    if !fresh && records.tree_source()?.as_deref() != Some(source) {
+        return Ok(None);
+    }
+    records.set_tree_source(source)?;
+    Ok(Some(root))
 }
 
 /// The canonical local directory and the file name in it: `destination` itself, or the remote file's name
@@ -311,7 +394,7 @@ async fn attempt(
     stop: &CancellationToken,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Outcome, AttemptError> {
-    let mut conn = connect(
+    let (mut conn, welcome) = connect_welcomed(
         &opts.source,
         opts.connect_timeout,
         opts.io_timeout,
@@ -321,7 +404,7 @@ async fn attempt(
     .await?;
     opts.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
-    let result = receive_pulled(&mut conn, opts, remote, local, stop).await;
+    let result = receive_pulled(&mut conn, welcome.version, opts, remote, local, stop).await;
     match &result {
         Ok(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -335,21 +418,47 @@ async fn attempt(
     result
 }
 
+/// Sends the Pull (saying what kind of source is expected, from version 5 on) and receives what comes. A source
+/// of the kind the client does not expect is refused with `WrongKind` before anything is written, whatever the
+/// server's version.
 async fn receive_pulled(
     conn: &mut super::ClientConnection,
+    version: u16,
     opts: &PullOptions,
     remote: &RemotePath,
     local: &mut Local,
     stop: &CancellationToken,
 ) -> Result<Outcome, AttemptError> {
-    let request = Message::Pull(Pull {
+    let pull = Pull {
         path: remote.to_string(),
         chunking: opts.chunking,
         window: opts.window,
         links: opts.links,
-    });
+    };
+    let request = if version >= crate::PULL_KIND_VERSION {
+        Message::PullExpecting(PullExpecting {
+            pull,
+            expect: local.expect,
+        })
+    } else {
+        Message::Pull(pull)
+    };
     send_within(conn, &request, opts.io_timeout, "sending Pull").await?;
-    match recv(conn, opts.io_timeout, "waiting for the Offer").await? {
+    let offered = recv(conn, opts.io_timeout, "waiting for the Offer").await?;
+    let tree = matches!(offered, Message::TreeOffer(_));
+    if matches!(offered, Message::Offer(_) | Message::TreeOffer(_)) && !local.expect.accepts(tree) {
+        let (got, wanted) = if tree {
+            ("a tree", "a file")
+        } else {
+            ("a file", "a tree")
+        };
+        return Err(TransferError::refused(
+            ErrorCode::WrongKind,
+            format!("asked for {wanted} at {remote}, the server offered {got}; nothing was written"),
+        )
+        .into());
+    }
+    match offered {
         Message::Offer(offer) if offer.path == remote.as_str() => {
             let (ctx, name) = local
                 .file_context(remote, opts.io_timeout)
@@ -359,13 +468,15 @@ async fn receive_pulled(
             ))
         }
         Message::TreeOffer(offer) if offer.path == remote.as_str() => {
-            let ctx = local.tree_context(opts.io_timeout).map_err(AttemptError::Local)?;
+            let ctx = local
+                .tree_context(remote, opts.io_timeout)
+                .map_err(AttemptError::Local)?;
             Ok(Outcome::Tree(
                 receive_tree(conn, ctx, offer, None, opts.links, stop).await?,
             ))
         }
         Message::Offer(_) | Message::TreeOffer(_) => Err(TransferError::refused(
-            crate::wire::ErrorCode::UnexpectedMessage,
+            ErrorCode::UnexpectedMessage,
             format!("asked for {remote}, the server offered another path"),
         )
         .into()),

@@ -2,7 +2,7 @@
 //! carries the whole tree; a cut link or a killed run resumes by offering the tree again, and the receiver skips
 //! every file it already committed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{blocking, classify, ClientError, ClientEvent, PushOptions, Retrier};
@@ -199,13 +199,6 @@ async fn attempt(
         Err(e) => tell_peer(&mut conn, e).await,
     }
     result
-}
-
-/// The local directory a pulled tree goes into: created if missing, then canonical.
-pub(crate) fn pull_root(destination: &Path) -> Result<PathBuf, ClientError> {
-    let local = |e: std::io::Error| ClientError::Source(format!("{}: {e}", destination.display()));
-    std::fs::create_dir_all(destination).map_err(local)?;
-    std::fs::canonicalize(destination).map_err(local)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
 use crate::tree::LinkPolicy;
-use crate::wire::{Connection, ErrorCode, ErrorFrame, Message};
+use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, PullExpecting, PullKind};
 use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MAX_MANIFEST_CHUNKS};
 use access::Gate;
 
@@ -197,6 +197,7 @@ impl Server {
             max_manifest_chunks: config.max_manifest_chunks,
             quota: None,
             joins: Default::default(),
+            policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
         };
         let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;
         let shared = Shared {
@@ -368,6 +369,18 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let _slot = shared.gate.admit(who)?;
     let (grant, ctx) = shared.gate.grant(client);
+    // A client that may not read the namespace must not learn its content from what a Need leaves out
+    // (proto-spec.md §4, "Reuse"): no chunk index, and the file at the destination only in place.
+    let unread;
+    let ctx = if grant.permissions.pull {
+        ctx
+    } else {
+        unread = ReceiverContext {
+            policy: ctx.policy.without_read(),
+            ..ctx.clone()
+        };
+        &unread
+    };
     let forbidden = |what: &str| {
         let who = grant.client.as_deref().unwrap_or("anonymous");
         TransferError::refused(
@@ -384,7 +397,15 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Message::Offer(_) | Message::TreeOffer(_) | Message::Join(_)) if !grant.permissions.push => {
                 return Err(forbidden("push"))
             }
-            Ok(Message::Pull(_)) if !grant.permissions.pull => return Err(forbidden("pull")),
+            Ok(Message::Pull(_) | Message::PullExpecting(_)) if !grant.permissions.pull => {
+                return Err(forbidden("pull"))
+            }
+            Ok(Message::PullExpecting(_)) if version < crate::PULL_KIND_VERSION => {
+                return Err(TransferError::Unexpected {
+                    got: "PullExpecting",
+                    state: "speaking protocol version 3 or 4",
+                })
+            }
             Ok(Message::ListPartials) if version < crate::PARTIALS_VERSION => {
                 return Err(TransferError::Unexpected {
                     got: "ListPartials",
@@ -403,7 +424,10 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 // The pushing client chose whether to record symlinks; recorded ones are checked to stay inside.
                 receive_tree(conn, ctx, offer, Some(base), LinkPolicy::Record, stop).await?;
             }
-            Ok(Message::Pull(pull)) => pull::serve_pull(conn, shared, ctx, pull, stop).await?,
+            Ok(Message::Pull(pull)) => pull::serve_pull(conn, shared, ctx, pull, PullKind::Any, stop).await?,
+            Ok(Message::PullExpecting(PullExpecting { pull, expect })) => {
+                pull::serve_pull(conn, shared, ctx, pull, expect, stop).await?
+            }
             Ok(Message::Join(join)) => return serve_join(conn, ctx, join, stop).await,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;

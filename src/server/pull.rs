@@ -11,12 +11,13 @@ use crate::transfer::sender::{send, SendOptions, SendStats};
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{with_keepalive, TransferError};
 use crate::tree::scan_with;
-use crate::wire::{Connection, ErrorCode, Pull};
+use crate::wire::{Connection, ErrorCode, Pull, PullKind};
 
 /// Largest window a pulling client may ask for.
 const MAX_PULL_WINDOW: u64 = 64 * 1024 * 1024;
 
-/// Takes the sender role for a Pull: describes the source (hashing it while pinging the client if needed), then
+/// Takes the sender role for a Pull (refusing a source of the kind the client does not `expect` with
+/// `WrongKind`): describes the source (hashing it while pinging the client if needed), then
 /// sends what the client needs. A file whose chunks no longer match the manifest it was committed with is damaged
 /// at rest, which the client hears as `IntegrityFailed`; any other changed source as retryable `SourceChanged`.
 pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
@@ -24,6 +25,7 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     ctx: &ReceiverContext,
     pull: Pull,
+    expect: PullKind,
     stop: &CancellationToken,
 ) -> Result<(), TransferError> {
     let path = RemotePath::parse(&pull.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
@@ -36,6 +38,19 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await?
     };
+    let is_tree = matches!(found, PullSource::Dir(_));
+    if !expect.accepts(is_tree) {
+        let (is, asked) = if is_tree {
+            ("a directory", "a file")
+        } else {
+            ("a file", "a tree")
+        };
+        return Err(TransferError::refused(
+            ErrorCode::WrongKind,
+            format!("{path} is {is}; the client asked for {asked}"),
+        ));
+    }
+    // Windows below the minimum are raised to it, above the maximum cut to it (proto-spec.md §11).
     let opts = SendOptions {
         io_timeout: idle,
         window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),

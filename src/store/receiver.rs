@@ -18,6 +18,7 @@ const PROGRESS: &str = "progress";
 const FILE: &str = "file";
 const FILE_MANIFEST: &str = "fmanifest";
 const CHUNK: &str = "chunk";
+const TREE_SOURCE: &str = "treesrc";
 
 /// An open (uncommitted) transfer.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -238,6 +239,18 @@ impl ReceiverStore {
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
         self.apply(batch)
+    }
+
+    /// The source of the tree a pulling client placed in this scope's root (proto-spec.md §11), if any.
+    pub fn tree_source(&self) -> Result<Option<String>, StoreError> {
+        get(&self.tree, &self.key(TREE_SOURCE, b""))
+    }
+
+    /// Records that this scope's root holds the tree pulled from `source`, then flushes.
+    pub fn set_tree_source(&self, source: &str) -> Result<(), StoreError> {
+        self.tree
+            .insert(self.key(TREE_SOURCE, b""), encode_record(&source.to_string()))?;
+        self.store.flush()
     }
 
     /// The manifest of the committed file at `path`, if any.

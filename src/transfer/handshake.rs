@@ -207,6 +207,7 @@ mod tests {
             Some(PROTOCOL_VERSION)
         );
         assert_eq!(common_version(3, 3), Some(3), "a version-3 client is still served");
+        assert_eq!(common_version(3, 4), Some(4), "a version-4 client is served version 4");
         assert_eq!(common_version(1, 99), Some(PROTOCOL_VERSION));
         assert_eq!(common_version(1, 2), None);
         assert_eq!(common_version(PROTOCOL_VERSION + 1, 99), None);

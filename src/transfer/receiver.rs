@@ -64,6 +64,61 @@ pub struct ReceiverContext {
     pub quota: Option<u64>,
     /// Open transfers that extra streams may join.
     pub joins: super::join::Joins,
+    /// What this receiver may take from local copies and apply from the offer (proto-spec.md §4 "Reuse", §11).
+    pub policy: ReceiverPolicy,
+}
+
+/// How far a receiver trusts its sender with what it already holds, and with its metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiverPolicy {
+    /// Which local bytes may fill chunks (and so shape the Need the sender sees).
+    pub reuse: Reuse,
+    /// Permission bits kept from an offered mode (files and directories): `0o777` on a server, `0o777 & !umask`
+    /// on a pulling client.
+    pub mode_mask: u32,
+}
+
+impl ReceiverPolicy {
+    /// A server receiving from a client that may also read (pull) the namespace.
+    pub const SERVER: ReceiverPolicy = ReceiverPolicy {
+        reuse: Reuse::Full,
+        mode_mask: 0o777,
+    };
+
+    /// A server receiving from a client without the pull permission: it must not learn content it cannot read.
+    pub fn without_read(self) -> ReceiverPolicy {
+        ReceiverPolicy {
+            reuse: Reuse::InPlace,
+            ..self
+        }
+    }
+
+    /// A pulling client whose process umask is `umask`: the server must not learn what the client holds, and
+    /// cannot loosen the client's permissions.
+    pub fn pulling_client(umask: u32) -> ReceiverPolicy {
+        ReceiverPolicy {
+            reuse: Reuse::InPlace,
+            mode_mask: 0o777 & !umask,
+        }
+    }
+}
+
+impl Default for ReceiverPolicy {
+    fn default() -> Self {
+        ReceiverPolicy::SERVER
+    }
+}
+
+/// Which local bytes a receiver may copy instead of asking for them (proto-spec.md §4, "Reuse"). A reused chunk
+/// is left out of the Need, so what is reusable is what a sender can learn from a Need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Repeats within the offer, any chunk of the file now at the destination, and the chunk index over every
+    /// committed file of the scope (a sender that may read all of them anyway).
+    Full,
+    /// Repeats within the offer, and a chunk of the file now at the destination only at the same offset with the
+    /// same length, only when no transfer to that path is open (once per version of the file); no chunk index.
+    InPlace,
 }
 
 /// Where a prepared transfer stands.
@@ -78,6 +133,8 @@ struct Prepared {
     target: PathBuf,
     partial: PathBuf,
     writer: ChunkWriter,
+    /// No transfer to this path was open before this offer.
+    fresh: bool,
 }
 
 /// Serves one offered `manifest` for `path` (under the context's root) to completion: Need, chunks, Commit,
@@ -92,6 +149,8 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
+    let mut manifest = manifest;
+    manifest.mode &= ctx.policy.mode_mask;
     if manifest.size > ctx.max_file_size {
         return Err(too_large(manifest.size, ctx.max_file_size));
     }
@@ -155,8 +214,9 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     let mut writer = prepared.writer;
     let reuse = {
         let (root, target, path) = (ctx.root.clone(), prepared.target.clone(), path.clone());
+        let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            let reused = reuse_local(&mut writer, &root, &target, &path);
+            let reused = reuse_local(&mut writer, &root, &target, &path, rule, fresh);
             reused.map(|_| writer)
         })
     };
@@ -190,13 +250,13 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
-    writer: ChunkWriter,
+    mut writer: ChunkWriter,
     path: &RemotePath,
     superseded: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (ChunkWriter, Result<(), TransferError>) {
     let manifest = writer.manifest.clone();
-    let missing_ranges = writer.received.missing_ranges();
+    let missing_ranges = writer.needed_ranges();
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
@@ -452,6 +512,7 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         target,
         partial,
         writer,
+        fresh: record.is_none(),
     })))
 }
 

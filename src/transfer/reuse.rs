@@ -6,12 +6,18 @@
 //! commit, else it is cut with the offer's chunking), then the chunk index over every committed file of the scope.
 //! Every reused chunk goes through the same verify-then-write door as a received one, so a stale index entry or an
 //! edited file can cost a lookup, never a wrong byte; a stale index entry is dropped.
+//!
+//! What is reused shapes the Need, which the sender sees; so a sender that may not read what the receiver holds
+//! gets [`Reuse::InPlace`] (proto-spec.md §4, "Reuse"): the previous version lends only the chunk at the same
+//! offset with the same length, only to the first offer for the path (no open transfer yet), and the chunk index
+//! is not consulted. Such a sender learns at most one yes/no per offered chunk, once per version of the file.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::receiver::Reuse;
 use super::writer::ChunkWriter;
 use super::TransferError;
 use crate::chunk::{chunk_with, mtime_of};
@@ -47,12 +53,15 @@ pub(crate) struct Reused {
     pub(crate) bytes: u64,
 }
 
-/// Fills the missing chunks of `writer` from local copies and makes them durable. Blocking.
+/// Fills the missing chunks of `writer` from local copies allowed by `rule` and makes them durable; `fresh` says
+/// that no transfer to `path` was open before this offer. Blocking.
 pub(crate) fn reuse_local(
     writer: &mut ChunkWriter,
     root: &Path,
     target: &Path,
     path: &RemotePath,
+    rule: Reuse,
+    fresh: bool,
 ) -> Result<Reused, TransferError> {
     let mut wanted: HashMap<Hash, Vec<u32>> = HashMap::new();
     for index in writer.received.missing() {
@@ -78,7 +87,11 @@ pub(crate) fn reuse_local(
                 .push(Place::Partial(chunk.offset));
         }
     }
-    finder.add_previous_version(&writer.store, path, target, writer, &wanted);
+    match rule {
+        Reuse::Full => finder.add_previous_version(&writer.store, path, target, writer, &wanted),
+        Reuse::InPlace if fresh => finder.add_in_place(target, writer, &wanted),
+        Reuse::InPlace => {}
+    }
     let mut copier = Copier {
         store: writer.store.clone(),
         buf: Vec::new(),
@@ -90,7 +103,7 @@ pub(crate) fn reuse_local(
     for (hash, indices) in &wanted {
         let len = writer.manifest.chunks[indices[0] as usize].len;
         let mut places = finder.places.remove(hash).unwrap_or_default();
-        if places.is_empty() {
+        if places.is_empty() && rule == Reuse::Full {
             places = finder.indexed(&writer.store, root, path, hash, len);
         }
         copier.fill(writer, &finder, hash, len, indices, &places)?;
@@ -158,6 +171,33 @@ impl Finder {
                     offset: chunk.offset,
                 };
                 self.places.entry(chunk.hash).or_default().push(place);
+            }
+        }
+    }
+
+    /// Adds the file now at the destination as a place for each wanted chunk at that chunk's own offset (its
+    /// length is checked by the verification), never elsewhere in the file.
+    fn add_in_place(&mut self, target: &Path, writer: &ChunkWriter, wanted: &HashMap<Hash, Vec<u32>>) {
+        let Ok(file) = open_no_follow(target) else {
+            return;
+        };
+        let Ok(meta) = file.metadata() else { return };
+        if !meta.is_file() || meta.len() == 0 {
+            return;
+        }
+        let number = self.files.len();
+        self.files.push(file);
+        self.paths.push(String::new());
+        for (hash, indices) in wanted {
+            for &index in indices {
+                let chunk = &writer.manifest.chunks[index as usize];
+                if chunk.offset.saturating_add(u64::from(chunk.len)) <= meta.len() {
+                    let place = Place::File {
+                        file: number,
+                        offset: chunk.offset,
+                    };
+                    self.places.entry(*hash).or_default().push(place);
+                }
             }
         }
     }

@@ -46,6 +46,7 @@ fn fixture() -> Fixture {
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
         joins: Default::default(),
+        policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
     };
     Fixture { dir, ctx }
 }
@@ -98,7 +99,7 @@ async fn both_roles_complete_a_transfer_then_recognise_the_same_file() {
         .into_iter()
         .enumerate()
     {
-        let data: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+        let data: Vec<u8> = (0..size).map(|b| ((b * 7 + i) % 251) as u8).collect(); // no two chunks alike
         let src = source(fx.dir.path(), &data);
         let path = format!("dir/file-{size}");
         let (committed, stats) = transfer(&fx, &src, &path).await;
@@ -115,7 +116,7 @@ async fn both_roles_complete_a_transfer_then_recognise_the_same_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
     let fx = fixture();
-    let data = vec![0x5a; 3 * MIN_CHUNK_SIZE as usize];
+    let data: Vec<u8> = (0..3 * MIN_CHUNK_SIZE as usize).map(|i| (i % 251) as u8).collect();
     let src = source(fx.dir.path(), &data);
     let (a, b) = tokio::io::duplex(256 * 1024);
     let receiver = spawn_receiver(&fx, b);
@@ -153,6 +154,60 @@ async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
         on_disk.iter().all(|&b| b == 0),
         "nothing of the corrupt chunk reached the partial file"
     );
+}
+
+/// proto-spec.md §4 "Reuse": of the missing chunks with one hash only the first is asked for; its copies are
+/// written from its verified bytes (not before: a corrupt first copy fills nothing), never acknowledged, and counted
+/// as reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_chunks_are_asked_for_once_and_filled_from_the_first_copy() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let block: Vec<u8> = (0..chunk).map(|i| (i % 253) as u8).collect();
+    let mut data = block.repeat(3);
+    data.extend(std::iter::repeat_n(9u8, chunk));
+    let src = source(fx.dir.path(), &data);
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let receiver = spawn_receiver(&fx, b);
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let offer = Offer {
+        path: "rep".into(),
+        manifest: (*src.manifest).clone(),
+    };
+    conn.write_message(&Message::Offer(offer)).await.unwrap();
+    let first_and_last = vec![IndexRange { start: 0, count: 1 }, IndexRange { start: 3, count: 1 }];
+    assert_eq!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(Need { ranges: first_and_last })
+    );
+    let mut bad = block.clone();
+    bad[3] ^= 1;
+    conn.write_message(&Message::Chunk(Chunk { index: 0, data: bad }))
+        .await
+        .unwrap();
+    let again = vec![IndexRange { start: 0, count: 1 }];
+    assert_eq!(
+        recv(&mut conn, Duration::from_secs(5), "t").await.unwrap(),
+        Message::Need(Need { ranges: again })
+    );
+    for (index, bytes) in [(0, block.clone()), (3, data[3 * chunk..].to_vec())] {
+        conn.write_message(&Message::Chunk(Chunk { index, data: bytes }))
+            .await
+            .unwrap();
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        match recv(&mut conn, Duration::from_secs(5), "t").await.unwrap() {
+            Message::Ack(ack) => acked.extend(ack.ranges.iter().flat_map(|r| r.start..r.start + r.count)),
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+    }
+    assert_eq!(acked, [0, 3], "only chunks that came over the wire are acknowledged");
+    conn.write_message(&Message::Commit).await.unwrap();
+    let committed = receiver.await.unwrap().unwrap();
+    assert_eq!(committed.reused_bytes, 2 * chunk as u64);
+    assert_eq!(committed.rejected_chunks, 1);
+    assert_eq!(std::fs::read(fx.ctx.root.join("rep")).unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

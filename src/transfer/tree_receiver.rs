@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::quota::Budget;
-use super::receiver::{receive, ReceiverContext};
+use super::receiver::{receive, ReceiverContext, Reuse};
 use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -58,7 +58,12 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    let tree = validate(offer, base.as_ref())?;
+    let mut tree = validate(offer, base.as_ref())?;
+    for entry in &mut tree.offer.entries {
+        if let EntryKind::File { mode, .. } | EntryKind::Dir { mode, .. } = &mut entry.kind {
+            *mode &= ctx.policy.mode_mask;
+        }
+    }
     let (tree, plan) = {
         let ctx = ctx.clone();
         with_keepalive(conn, ctx.idle_timeout, move || {
@@ -242,7 +247,10 @@ fn plan(
                 digest,
                 mtime,
                 mode,
-            } => match held_content(ctx, size, &digest) {
+            } => match (size == 0 || ctx.policy.reuse == Reuse::Full)
+                .then(|| held_content(ctx, size, &digest))
+                .flatten()
+            {
                 Some(data) => {
                     plan.reused_bytes += size;
                     local_bytes += size;

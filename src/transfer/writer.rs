@@ -5,6 +5,8 @@
 //! dies, the session drops the channel and the writer still syncs and marks what it has, so nothing verified is
 //! lost.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::TransferError;
-use crate::manifest::Manifest;
+use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::store::{Progress, ReceiverStore};
@@ -71,6 +73,11 @@ pub(crate) struct ChunkWriter {
     written: ChunkSet,
     /// The first chunk not in `written`: bytes before it are final.
     contiguous: u32,
+    /// For this round, later copies of a needed chunk (by the index of its first copy): they are not asked for,
+    /// but written from the first copy's verified bytes in the same batch (proto-spec.md §4, "Reuse").
+    repeats: HashMap<u32, Vec<u32>>,
+    /// Repeats written in this batch: made durable with it, never acknowledged.
+    silent: Vec<u32>,
 }
 
 impl ChunkWriter {
@@ -101,6 +108,8 @@ impl ChunkWriter {
             follower: None,
             written: ChunkSet::new(0),
             contiguous: 0,
+            repeats: HashMap::new(),
+            silent: Vec::new(),
         }
         .following()
     }
@@ -199,7 +208,7 @@ impl ChunkWriter {
                 self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
                 self.batch_received += len;
-                true
+                self.fill_repeats(chunk.index, &chunk.data, events)
             }
             Err(VerifyError::Mismatch { .. }) => {
                 self.progress.rejected_chunks += 1;
@@ -217,6 +226,51 @@ impl ChunkWriter {
                 false
             }
         }
+    }
+
+    /// The chunks to ask for this round: every missing chunk except later copies of a missing chunk's hash, which
+    /// [`ChunkWriter::accept`] fills from the first copy's verified bytes. Remembers those copies for the round.
+    pub(crate) fn needed_ranges(&mut self) -> Vec<IndexRange> {
+        let manifest = self.manifest.clone();
+        let mut first: HashMap<&Hash, u32> = HashMap::new();
+        let mut needed = Vec::new();
+        self.repeats.clear();
+        for index in self.received.missing() {
+            match first.entry(&manifest.chunks[index as usize].hash) {
+                Entry::Occupied(seen) => self.repeats.entry(*seen.get()).or_default().push(index),
+                Entry::Vacant(slot) => {
+                    slot.insert(index);
+                    needed.push(index);
+                }
+            }
+        }
+        encode_runs(needed)
+    }
+
+    /// Writes the verified bytes of chunk `index` as each of its later copies, into the same batch: they become
+    /// durable (and count as reused) with it, and are not acknowledged, since the sender never sends them.
+    fn fill_repeats(&mut self, index: u32, data: &[u8], events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        let Some(copies) = self.repeats.remove(&index) else {
+            return true;
+        };
+        for copy in copies {
+            let Some(entry) = self.manifest.chunk(copy) else {
+                continue;
+            };
+            if self.received.contains(copy) || self.written.contains(copy) {
+                continue;
+            }
+            if let Err(source) = self.file.write_all_at(data, entry.offset) {
+                let _ = events.send(WriterEvent::Failed(TransferError::Storage(source)));
+                return false;
+            }
+            self.mark_written(copy);
+            self.silent.push(copy);
+            self.batch_bytes += data.len() as u64;
+            self.batch_received += data.len() as u64;
+            self.progress.reused_bytes += data.len() as u64;
+        }
+        true
     }
 
     /// Syncs the batch, records it in the store, and reports it durable, to each stream its own chunks; false if
@@ -238,11 +292,14 @@ impl ChunkWriter {
 
     /// Syncs the partial, then marks the batch received in the store; returns the chunks made durable, by stream.
     pub(crate) fn persist_batch(&mut self) -> Result<Vec<(u32, Vec<IndexRange>)>, TransferError> {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() && self.silent.is_empty() {
             return Ok(Vec::new());
         }
         self.file.sync_data().map_err(TransferError::Storage)?;
         for &(index, _) in &self.batch {
+            self.received.insert(index);
+        }
+        for index in self.silent.drain(..) {
             self.received.insert(index);
         }
         self.progress.received = self.received.to_bytes();

@@ -319,6 +319,25 @@ mod tests {
                 "0000003e 17000000 0100000000000000 0100000000000000 61 0200000000000000 0100000000000000 \
                  0300000000000000 0400000000000000 0100000000000000 00",
             ),
+            (
+                Message::PullExpecting(PullExpecting {
+                    pull: Pull {
+                        path: "a".into(),
+                        chunking: crate::chunk::ChunkSpec {
+                            mode: crate::chunk::ChunkingMode::Fixed,
+                            size: 4096,
+                        },
+                        window: 65536,
+                        links: crate::tree::LinkPolicy::Skip,
+                    },
+                    expect: PullKind::Tree,
+                }),
+                "00000025 18000000 0100000000000000 61 01000000 00100000 0000010000000000 00000000 02000000",
+            ),
+            (
+                Message::Error(ErrorFrame::new(ErrorCode::WrongKind, "x")),
+                "00000010 08000000 1c00 00 0100000000000000 78",
+            ),
         ];
         for (msg, golden) in cases {
             assert_eq!(hexdump(&msg), golden.replace(' ', ""), "{msg:?}");

@@ -65,6 +65,9 @@ pub enum Message {
     ListPartials,
     /// 23: server → client, the open (uncommitted) transfers of the caller's namespace.
     Partials(Partials),
+    /// 24: client → server (protocol version 5), a Pull that says whether the client expects a file, a tree or
+    /// either; the server refuses the other kind with `WrongKind` instead of sending it.
+    PullExpecting(PullExpecting),
 }
 
 impl Message {
@@ -95,6 +98,7 @@ impl Message {
             Message::Join(_) => "Join",
             Message::ListPartials => "ListPartials",
             Message::Partials(_) => "Partials",
+            Message::PullExpecting(_) => "PullExpecting",
         }
     }
 }
@@ -312,6 +316,38 @@ pub struct Pull {
     pub links: crate::tree::LinkPolicy,
 }
 
+/// A version-5 Pull: the fields of [`Pull`], then the kind of source the client expects (proto-spec.md §11).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PullExpecting {
+    /// The request, encoded exactly as a [`Pull`]'s fields.
+    pub pull: Pull,
+    /// What the client is prepared to receive.
+    pub expect: PullKind,
+}
+
+/// What a pulling client is prepared to receive (encoded as a `u32` variant index).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullKind {
+    /// 0: a file or a tree.
+    #[default]
+    Any,
+    /// 1: a regular file only: a directory is refused with `WrongKind`.
+    File,
+    /// 2: a directory tree only: a file is refused with `WrongKind`.
+    Tree,
+}
+
+impl PullKind {
+    /// Whether a source that is a tree (`true`) or a file (`false`) is what the client expects.
+    pub fn accepts(self, tree: bool) -> bool {
+        match self {
+            PullKind::Any => true,
+            PullKind::File => !tree,
+            PullKind::Tree => tree,
+        }
+    }
+}
+
 /// Chunks the receiver still needs, run-length encoded.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Need {
@@ -420,6 +456,8 @@ pub enum ErrorCode {
     Forbidden,
     /// 21: the file would take the client's namespace over its quota.
     QuotaExceeded,
+    /// 28: the pulled path is a directory and the client expects a file, or the reverse (proto-spec.md §11).
+    WrongKind,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -442,7 +480,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 21] = [
+const CODES: [(u16, ErrorCode); 22] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -464,6 +502,7 @@ const CODES: [(u16, ErrorCode); 21] = [
     (19, ErrorCode::AuthFailed),
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
+    (28, ErrorCode::WrongKind),
 ];
 
 impl From<u16> for ErrorCode {

@@ -12,6 +12,6 @@ pub use codec::CodecError;
 pub use conn::{Connection, WireError};
 pub use message::{
     Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, Message, Need,
-    Offer, PartialEntry, Partials, Pull, TreeAck, TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed,
-    TreeOffer, Welcome, MAGIC,
+    Offer, PartialEntry, Partials, Pull, PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry,
+    TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
 };
