@@ -420,6 +420,8 @@ pub enum ErrorCode {
     Forbidden,
     /// 21: the file would take the client's namespace over its quota.
     QuotaExceeded,
+    /// 22: a `Join` names a manifest id that no transfer open at its path has (proto-spec.md §4, "Streams").
+    UnknownTransfer,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -442,7 +444,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 21] = [
+const CODES: [(u16, ErrorCode); 22] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -464,6 +466,7 @@ const CODES: [(u16, ErrorCode); 21] = [
     (19, ErrorCode::AuthFailed),
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
+    (22, ErrorCode::UnknownTransfer),
 ];
 
 impl From<u16> for ErrorCode {
