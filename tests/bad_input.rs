@@ -205,6 +205,108 @@ async fn traversal_absolute_and_reserved_paths_are_refused() {
     assert_eq!(out.code, 2, "the client refuses '..' itself, as a usage error");
 }
 
+/// Reads the file at `components` below `root` through `openat`, one component per call.
+fn read_at(root: &std::path::Path, components: &[String]) -> Vec<u8> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut dir = std::fs::File::open(root).unwrap();
+    for (n, component) in components.iter().enumerate() {
+        let name = std::ffi::CString::new(component.as_str()).unwrap();
+        let flags = if n + 1 < components.len() { libc::O_DIRECTORY } else { 0 };
+        // SAFETY: `name` is NUL-terminated; the descriptor is owned by the File below.
+        let fd = unsafe {
+            libc::openat(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                name.as_ptr(),
+                libc::O_RDONLY | flags,
+            )
+        };
+        assert!(fd >= 0, "openat {component}: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        dir = unsafe { std::fs::File::from_raw_fd(fd) };
+    }
+    let mut data = Vec::new();
+    dir.read_to_end(&mut data).unwrap();
+    data
+}
+
+/// proto-spec.md §7/§10: the path limit is the protocol's (4096 bytes), not the server's root plus the path. A path
+/// of exactly 4096 bytes lands under a root that is itself ~1.6 KiB deep (root + path > PATH_MAX), and one byte
+/// more is refused with a message that keeps its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_of_the_protocol_maximum_lands_under_a_deep_root_and_one_byte_more_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = dir.path().to_path_buf();
+    for n in 0..8 {
+        root.push(format!("{n}{}", "d".repeat(199)));
+    }
+    let server = TestServer::start(&root);
+    let components: Vec<String> = (0..17).map(|n| format!("{:x}{}", n % 16, "p".repeat(239))).collect();
+    let longest = components.join("/");
+    assert_eq!(longest.len(), ferry::path::MAX_PATH_LEN);
+    assert!(
+        root.as_os_str().len() + 1 + longest.len() > 4096,
+        "beyond the OS limit as one path"
+    );
+
+    let src = dir.path().join("f");
+    let data = write_random(&src, 5000, 9);
+    let state = dir.path().join("state");
+    let out = push(&src, &server.url(&longest), &state, &[]).await;
+    out.assert_ok();
+    // Read it back one directory at a time: the whole path is too long for a single system call.
+    assert_eq!(
+        read_at(&root, &components),
+        data,
+        "the file landed intact at the full path"
+    );
+
+    let too_long = format!("{longest}x");
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&offer(&too_long, manifest(vec![], 0)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => {
+            assert_eq!(frame.code, ErrorCode::BadPath);
+            assert!(
+                frame
+                    .message
+                    .contains("4097 bytes, over the protocol limit of 4096 bytes"),
+                "{}",
+                frame.message
+            );
+            assert!(frame.message.len() < 1024, "not cut: {}", frame.message);
+        }
+        other => panic!("expected BadPath, got {other:?}"),
+    }
+    // A component over 255 bytes deep inside a long path is named by its position.
+    let long_component = format!("{}/{}/f", components[..3].join("/"), "c".repeat(256));
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&offer(&long_component, manifest(vec![], 0)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => {
+            assert_eq!(frame.code, ErrorCode::BadPath);
+            assert!(
+                frame
+                    .message
+                    .contains("component 4 is 256 bytes, over the limit of 255 bytes"),
+                "{}",
+                frame.message
+            );
+        }
+        other => panic!("expected BadPath, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_planted_inside_the_root_are_not_followed() {
     let dir = tempfile::tempdir().unwrap();

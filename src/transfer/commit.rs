@@ -70,7 +70,9 @@ pub(crate) fn commit(
     })?;
     debug_assert_eq!(checked, target);
     parent.sync_all().map_err(TransferError::Storage)?;
-    let meta = std::fs::metadata(&checked).map_err(TransferError::Storage)?;
+    // The renamed partial's own descriptor: no path lookup, so a destination path near the protocol's limit under a
+    // deep root works (proto-spec.md §7).
+    let meta = writer.file.metadata().map_err(TransferError::Storage)?;
     use std::os::unix::fs::MetadataExt;
     writer.store.commit(
         path.as_str(),
