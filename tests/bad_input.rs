@@ -307,6 +307,119 @@ async fn a_path_of_the_protocol_maximum_lands_under_a_deep_root_and_one_byte_mor
     }
 }
 
+/// A greeted raw connection.
+async fn greeted(server: &TestServer) -> Connection<TcpStream> {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn
+}
+
+/// The next message that is not an Ack (Acks of a batch may come in any number).
+async fn next_reply(conn: &mut Connection<TcpStream>) -> Message {
+    tokio::time::timeout(Duration::from_secs(20), conn.read_message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("no close")
+}
+
+/// proto-spec.md §4/§8, once "left undefined": a chunk already durable (so not in the current Need) is
+/// acknowledged again and neither written nor counted; `received_bytes` counts each durable chunk once; a receiver
+/// takes exactly 8 commit rounds (the first Need opens round 1) and answers the 8th Commit that still leaves chunks
+/// missing with `Error{UnexpectedMessage}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_acknowledged_again_and_commit_rounds_stop_after_eight() {
+    use ferry::wire::Chunk;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    // Two files of two 5000-byte chunks each, with no content in common (nothing to reuse between them).
+    let files = [[vec![1u8; 5000], vec![2u8; 5000]], [vec![3u8; 5000], vec![4u8; 5000]]];
+    let two_chunks = |parts: &[Vec<u8>; 2]| Manifest {
+        size: 10_000,
+        digest: *blake3::hash(&parts.concat()).as_bytes(),
+        chunking: Chunking::Fixed { size: 5000 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks: (0..2)
+            .map(|i| ChunkEntry {
+                offset: 5000 * i as u64,
+                len: 5000,
+                hash: *blake3::hash(&parts[i]).as_bytes(),
+            })
+            .collect(),
+    };
+    let chunk = |parts: &[Vec<u8>; 2], i: usize| {
+        Message::Chunk(Chunk {
+            index: i as u32,
+            data: parts[i].clone(),
+        })
+    };
+    let ack0 = |m: &Message| matches!(m, Message::Ack(a) if a.ranges.len() == 1 && a.ranges[0].start == 0);
+
+    // Round 1 (the Need after the Offer) to round 8 (the Need after the 7th Commit); the 8th Commit completes.
+    let mut conn = greeted(&server).await;
+    let parts = &files[0];
+    conn.write_message(&offer("rounds.bin", two_chunks(parts)))
+        .await
+        .unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Need(n) if n.ranges.len() == 1 && n.ranges[0].count == 2));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await), "a duplicate is acknowledged again");
+    for round in 2..=8 {
+        conn.write_message(&Message::Commit).await.unwrap();
+        let need = next_reply(&mut conn).await;
+        assert!(
+            matches!(&need, Message::Need(n) if n.ranges.len() == 1 && n.ranges[0].start == 1),
+            "round {round}: {need:?}"
+        );
+    }
+    conn.write_message(&chunk(parts, 1)).await.unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Ack(_)));
+    conn.write_message(&Message::Commit).await.unwrap();
+    match next_reply(&mut conn).await {
+        Message::Committed(c) => {
+            assert_eq!(
+                (c.received_bytes, c.reused_bytes, c.rejected_chunks),
+                (10_000, 0, 0),
+                "{c:?}"
+            );
+        }
+        other => panic!("the 8th Commit completes: {other:?}"),
+    }
+    assert_eq!(std::fs::read(server.root.join("rounds.bin")).unwrap(), parts.concat());
+
+    // The same with chunk 1 never sent: the 8th Commit is refused.
+    let mut conn = greeted(&server).await;
+    let parts = &files[1];
+    conn.write_message(&offer("never.bin", two_chunks(parts)))
+        .await
+        .unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Need(_)));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await));
+    for round in 2..=8 {
+        conn.write_message(&Message::Commit).await.unwrap();
+        assert!(matches!(next_reply(&mut conn).await, Message::Need(_)), "round {round}");
+    }
+    conn.write_message(&Message::Commit).await.unwrap();
+    match next_reply(&mut conn).await {
+        Message::Error(frame) => {
+            assert_eq!(
+                (frame.code, frame.retryable),
+                (ErrorCode::UnexpectedMessage, false),
+                "{}",
+                frame.message
+            );
+            assert!(frame.message.contains("8 commit rounds"), "{}", frame.message);
+        }
+        other => panic!("expected UnexpectedMessage after the 8th Commit, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_planted_inside_the_root_are_not_followed() {
     let dir = tempfile::tempdir().unwrap();

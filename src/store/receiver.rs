@@ -35,7 +35,8 @@ pub struct TransferRecord {
 pub struct Progress {
     /// The received-chunk bitmap (`ChunkSet::to_bytes`).
     pub received: Vec<u8>,
-    /// Chunk payload bytes taken in over all connections, duplicates included.
+    /// Bytes of chunks received over the wire and made durable, over all connections, each chunk once per time it
+    /// was marked (duplicates and rejected chunks excluded).
     pub received_bytes: u64,
     /// Chunks that failed verification over all connections.
     pub rejected_chunks: u32,
