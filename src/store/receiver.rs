@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{get, now_secs, prefixed, Store, StoreError};
+use super::{get, now_secs, prefixed, RecordBatch, Store, StoreError};
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::ranges::ChunkSet;
 use crate::wire::codec::encode_record;
@@ -235,7 +235,7 @@ impl ReceiverStore {
 
     /// Forgets an open transfer (the caller removes its partial file), then flushes.
     pub fn forget_transfer(&self, path: &str) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = RecordBatch::default();
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
         self.apply(batch)
@@ -282,16 +282,15 @@ impl ReceiverStore {
     /// Replaces the open transfer with its committed-file record and manifest, and moves the chunk index from the
     /// previous version of `path` to this one, atomically; then flushes.
     pub fn commit(&self, path: &str, file: &CommittedFile, manifest: &Manifest) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = RecordBatch::default();
         self.commit_into(&mut batch, path, file, manifest)?;
-        self.tree.apply_batch(batch)?;
-        self.store.flush()
+        self.apply(batch)
     }
 
     /// Adds the writes of [`ReceiverStore::commit`] to `batch` (several small files share one batch and flush).
     pub fn commit_into(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut RecordBatch,
         path: &str,
         file: &CommittedFile,
         manifest: &Manifest,
@@ -315,8 +314,8 @@ impl ReceiverStore {
     }
 
     /// Applies a batch built with [`ReceiverStore::commit_into`] and flushes.
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch)?;
+    pub fn apply(&self, batch: RecordBatch) -> Result<(), StoreError> {
+        self.tree.apply_batch(batch.0)?;
         self.store.flush()
     }
 }
