@@ -260,6 +260,21 @@ async fn a_path_of_the_protocol_maximum_lands_under_a_deep_root_and_one_byte_mor
         data,
         "the file landed intact at the full path"
     );
+    let again = push(&src, &server.url(&longest), &state, &[]).await;
+    again.assert_ok();
+    assert_eq!(
+        again.json["already_present"], true,
+        "found committed at the long path: {}",
+        again.json
+    );
+    // Serving a Pull opens the file by its full path, past PATH_MAX here: refused, and the message says why.
+    let pulled = pull(&server.url(&longest), &dir.path().join("back"), &state, &[]).await;
+    assert_eq!(pulled.code, i32::from(ferry::exit::REJECTED), "{}", pulled.stderr);
+    assert!(
+        pulled.stderr.contains("operating-system path limit"),
+        "{}",
+        pulled.stderr
+    );
 
     let too_long = format!("{longest}x");
     let stream = TcpStream::connect(server.addr).await.unwrap();

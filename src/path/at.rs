@@ -68,6 +68,25 @@ pub(super) fn walk(root: &Path, components: &[&str], create: bool) -> Result<Fil
     Ok(dir)
 }
 
+/// The metadata of what is at `path` under `root` (a symlink's own, never its target's), found through directory
+/// descriptors like [`walk`], so the root's depth does not count against the OS path limit. Blocking.
+pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metadata, PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (name, parents) = components.split_last().expect("a RemotePath has a component");
+    let dir = walk(root, parents, false)?;
+    let name_c = cstring(name);
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name_c` is NUL-terminated; the returned descriptor is owned by the File below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name_c.as_ptr(), flags) };
+    let shown_path = root.join(path.as_str());
+    if fd < 0 {
+        return Err(classify(root, &shown_path, Refusal::Io(io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.metadata().map_err(|e| classify(root, &shown_path, Refusal::Io(e)))
+}
+
 /// Refuses a symlink or a directory at `name` inside `dir` (`shown` names it in the error).
 pub(super) fn check_file_name(root: &Path, shown: &Path, dir: &File, name: &str) -> Result<(), PathError> {
     check_final(dir, &cstring(name), Replace::File).map_err(|e| classify(root, shown, e))

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 mod at;
 
-pub use at::{rename_into, Replace};
+pub use at::{metadata_in_root, rename_into, Replace};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;

@@ -389,7 +389,7 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
-        if let Some(done) = already_present(store, key, &target, &manifest)? {
+        if let Some(done) = already_present(store, key, &ctx.root, path, &manifest)? {
             return Ok(Plan::AlreadyPresent(done));
         }
     }
@@ -476,17 +476,19 @@ fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) 
     set
 }
 
-/// The Committed reply if `target` still holds exactly the file `manifest` describes, as committed earlier.
+/// The Committed reply if `path` under `root` still holds exactly the file `manifest` describes, as committed
+/// earlier.
 fn already_present(
     store: &ReceiverStore,
     key: &str,
-    target: &Path,
+    root: &Path,
+    path: &RemotePath,
     manifest: &Manifest,
 ) -> Result<Option<Committed>, TransferError> {
     let Some(done) = store.committed(key)? else {
         return Ok(None);
     };
-    let Ok(meta) = std::fs::symlink_metadata(target) else {
+    let Ok(meta) = crate::path::metadata_in_root(root, path) else {
         return Ok(None);
     };
     use std::os::unix::fs::MetadataExt;
