@@ -96,6 +96,9 @@ pub(crate) fn commit(
         digest = %hex(&digest),
         received_bytes = writer.progress.received_bytes,
         reused_bytes = writer.progress.reused_bytes,
+        // Chunk payload this process took in over the wire for all transfers, duplicates and rejects included (what
+        // received_bytes no longer counts): the campaign tests bound re-sends with it.
+        wire_bytes_since_start = writer.stats.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
         "committed"
     );
     Ok(CommitOutcome::Done(Committed {
