@@ -215,7 +215,7 @@ pub fn valid_remote_name(name: &str) -> bool {
 
 /// `$XDG_CONFIG_HOME/ferry/config.toml`, else `~/.config/ferry/config.toml` (`None` without a usable one: the file
 /// is optional). An empty or relative `$XDG_CONFIG_HOME` is ignored, as the XDG base directory specification says
-/// ([`super::xdg`]).
+/// (`config::xdg`).
 pub fn default_path() -> Option<PathBuf> {
     super::xdg::ferry_dir(super::xdg::BaseDir::Config)
         .ok()

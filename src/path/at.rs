@@ -69,7 +69,7 @@ pub(super) fn walk(root: &Path, components: &[&str], create: bool) -> Result<Fil
 }
 
 /// The metadata of what is at `path` under `root` (a symlink's own, never its target's), found through directory
-/// descriptors like [`walk`], so the root's depth does not count against the OS path limit. Blocking.
+/// descriptors (`openat`), so the root's depth does not count against the OS path limit. Blocking.
 pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metadata, PathError> {
     let components: Vec<&str> = path.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");

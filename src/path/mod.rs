@@ -78,7 +78,7 @@ pub enum PathError {
     #[error("{} does not exist", clip(.0))]
     NotFound(String),
     /// The filesystem failed while resolving.
-    #[error("resolving {}: {}", if .path.is_empty() { "the root".to_string() } else { clip(.path) }, os_reason(.source))]
+    #[error("resolving {}: {}", shown_or_root(.path), os_reason(.source))]
     Io {
         /// Where it failed (relative to the root; empty: the root itself).
         path: String,
@@ -90,7 +90,7 @@ pub enum PathError {
 /// Longest quoted path in a [`PathError`] message, in bytes; longer ones keep their start and end.
 const SHOWN_PATH: usize = 200;
 
-/// `path` quoted, with its middle replaced by `…` when it is longer than [`SHOWN_PATH`] bytes (cut at character
+/// `path` quoted, with its middle replaced by `…` when it is longer than `SHOWN_PATH` (200) bytes (cut at character
 /// boundaries), so that an error message stays short and its reason is never cut off.
 pub fn clip(path: &str) -> String {
     if path.len() <= SHOWN_PATH {
@@ -105,6 +105,15 @@ pub fn clip(path: &str) -> String {
         tail += 1;
     }
     format!("{:?}…{:?} ({} bytes)", &path[..head], &path[tail..], path.len())
+}
+
+/// A clipped path, or "the root" for the empty one.
+fn shown_or_root(path: &str) -> String {
+    if path.is_empty() {
+        "the root".to_string()
+    } else {
+        clip(path)
+    }
 }
 
 /// An OS error, saying so when it is the operating system's own path-length limit (not the protocol's).
@@ -211,9 +220,9 @@ impl std::fmt::Display for RemotePath {
 }
 
 /// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. The walk goes
-/// through directory descriptors ([`at::walk`]): symlinks and non-directories on the way are refused, and so is a
-/// final component that is a symlink or a directory; no system call sees more than one component, so the root's
-/// depth does not count against [`MAX_PATH_LEN`]. Blocking.
+/// through directory descriptors (`openat`, `O_NOFOLLOW`): symlinks and non-directories on the way are refused, and
+/// so is a final component that is a symlink or a directory; no system call sees more than one component, so the
+/// root's depth does not count against [`MAX_PATH_LEN`]. Blocking.
 pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
     let (file_name, parents) = components.split_last().expect("a RemotePath has a component");
@@ -452,6 +461,30 @@ mod tests {
             RemotePath::parse(&format!("a/{}", "x".repeat(256))),
             Err(PathError::ComponentTooLong { index: 2, len: 256, .. })
         ));
+    }
+
+    /// proto-spec.md §7: a long path in a message is shortened in the middle, at character boundaries, and the
+    /// reason after it survives the 1 KiB cut of an Error frame.
+    #[test]
+    fn messages_clip_long_paths_and_keep_the_reason() {
+        let long = format!("{}/{}", "é".repeat(1500), "z".repeat(200));
+        let text = PathError::Symlink(long.clone()).to_string();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(
+            text.ends_with("is a symlink; ferry does not follow symlinks inside its root"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("({} bytes)", long.len())), "{text}");
+        assert!(
+            text.starts_with("\"éé") && text.contains("zz\""),
+            "start and end kept: {text}"
+        );
+        assert_eq!(clip("short/path"), "\"short/path\"");
+        let io = PathError::Io {
+            path: long,
+            source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        };
+        assert!(io.to_string().contains("operating-system path limit"), "{io}");
     }
 
     #[test]
