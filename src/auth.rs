@@ -196,6 +196,37 @@ mod tests {
         );
     }
 
+    /// proto-spec.md §3a and its golden example: a fixed secret, nonce, TLS binding and id, and the answers, with
+    /// the computation spelled out with BLAKE3 alone.
+    #[test]
+    fn the_answer_computation_is_pinned() {
+        let secret = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        let token = Token::from_parts("alice", secret).unwrap();
+        let nonce = [0x11u8; 32];
+        let binding = [0x22u8; 32];
+        let secret_bytes: Vec<u8> = (0u8..32).collect();
+        let key = blake3::derive_key("ferry 2026-11 token authentication key", &secret_bytes);
+        let mut message = b"ferry-auth-v1\0".to_vec();
+        message.extend_from_slice(&nonce);
+        message.push(1);
+        message.extend_from_slice(&binding);
+        message.extend_from_slice(b"alice");
+        let over_tls = token.respond(&nonce, Some(&binding));
+        assert_eq!(over_tls, *blake3::keyed_hash(&key, &message).as_bytes());
+        assert_eq!(
+            hex(&key),
+            "d34c4e6f60204a5f07b1f59b70007360cedff79b81e9005b3ba8c8bb229ae6c9"
+        );
+        assert_eq!(
+            hex(&over_tls),
+            "3cf447b1b6715d904b70608d615cb5e6e55d1fd4dee1e77e039fb3384246c713"
+        );
+        assert_eq!(
+            hex(&token.respond(&nonce, None)),
+            "8e814fa419c871626f5d16023bfbde3632caa4e09f03f0f93d372bbe2c4e9e55"
+        );
+    }
+
     #[test]
     fn token_text_round_trips_and_hides_the_secret_in_debug() {
         let token = Token::generate("build-box_1.example").unwrap();

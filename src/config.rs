@@ -19,9 +19,11 @@ use crate::units::{parse_duration, parse_size};
 
 mod client;
 mod render;
+mod xdg;
 
 pub use client::{default_path, valid_remote_name, ClientFile, Profile, Remote, TlsChoice, MAX_STREAMS};
 pub use render::EffectiveServer;
+pub use xdg::{ferry_dir, BaseDir, NoBaseDir};
 
 /// A configuration file that cannot be used.
 #[derive(Debug, Error)]

@@ -275,6 +275,52 @@ pub(crate) mod tests {
         assert!(matches!(huge_chunk.validate(), Err(ManifestError::BadLength { .. })));
     }
 
+    /// proto-spec.md §4 "Manifest id" and its golden example in §9: the bytes hashed, spelled out, and the id.
+    #[test]
+    fn manifest_id_is_pinned() {
+        let chunk = |offset: u64, bytes: &[u8]| ChunkEntry {
+            offset,
+            len: bytes.len() as u32,
+            hash: *blake3::hash(bytes).as_bytes(),
+        };
+        let manifest = Manifest {
+            size: 11,
+            digest: *blake3::hash(b"hello world").as_bytes(),
+            chunking: Chunking::Fixed { size: 4096 },
+            mtime: FileTime { secs: 1, nanos: 2 },
+            mode: 0o644,
+            chunks: vec![chunk(0, b"hello "), chunk(6, b"world")],
+        };
+        let mut spelled = b"ferry manifest v1".to_vec();
+        spelled.extend_from_slice(&11u64.to_le_bytes());
+        spelled.extend_from_slice(blake3::hash(b"hello world").as_bytes());
+        for (offset, bytes) in [(0u64, &b"hello "[..]), (6, &b"world"[..])] {
+            spelled.extend_from_slice(&offset.to_le_bytes());
+            spelled.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            spelled.extend_from_slice(blake3::hash(bytes).as_bytes());
+        }
+        assert_eq!(
+            spelled.len(),
+            17 + 8 + 32 + 2 * 44,
+            "prefix, size, digest, 44 bytes per chunk"
+        );
+        assert_eq!(manifest.id(), *blake3::hash(&spelled).as_bytes());
+        assert_eq!(
+            hex(&manifest.id()),
+            "c6e1783a576ef95a697db955b3a8af34756c3fdde821ff476140353627ca69fb"
+        );
+        let empty = Manifest {
+            size: 0,
+            digest: *blake3::hash(b"").as_bytes(),
+            chunks: vec![],
+            ..manifest
+        };
+        assert_eq!(
+            hex(&empty.id()),
+            "37b40b25b52671856c5edce329b9936b003ff459df437abeac131e58f0f8bdfc"
+        );
+    }
+
     #[test]
     fn id_changes_with_content_not_metadata() {
         let a = manifest_of(&[10, 10]);

@@ -63,6 +63,9 @@ pub enum SettingsError {
     /// The TLS settings are unusable.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// No state directory was given and none can be derived from the environment (XDG rules).
+    #[error(transparent)]
+    StateDir(#[from] crate::config::NoBaseDir),
 }
 
 /// Where a push goes or a pull comes from, as written on the command line.

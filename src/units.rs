@@ -55,7 +55,7 @@ pub fn parse_chunk_size(raw: &str) -> Result<u32, String> {
 /// Writes a size the way [`parse_size`] reads it: the largest binary unit that divides it (`24MiB`, `1000`).
 pub fn format_size(bytes: u64) -> String {
     for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if bytes != 0 && bytes % (1 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
@@ -66,12 +66,12 @@ pub fn format_size(bytes: u64) -> String {
 /// Sub-millisecond parts are dropped.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis % 1000 != 0 {
+    if !millis.is_multiple_of(1000) {
         return format!("{millis}ms");
     }
     let secs = duration.as_secs();
     for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs != 0 && secs % len == 0 {
+        if secs != 0 && secs.is_multiple_of(len) {
             return format!("{}{unit}", secs / len);
         }
     }

@@ -205,6 +205,236 @@ async fn traversal_absolute_and_reserved_paths_are_refused() {
     assert_eq!(out.code, 2, "the client refuses '..' itself, as a usage error");
 }
 
+/// Reads the file at `components` below `root` through `openat`, one component per call.
+fn read_at(root: &std::path::Path, components: &[String]) -> Vec<u8> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut dir = std::fs::File::open(root).unwrap();
+    for (n, component) in components.iter().enumerate() {
+        let name = std::ffi::CString::new(component.as_str()).unwrap();
+        let flags = if n + 1 < components.len() { libc::O_DIRECTORY } else { 0 };
+        // SAFETY: `name` is NUL-terminated; the descriptor is owned by the File below.
+        let fd = unsafe {
+            libc::openat(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                name.as_ptr(),
+                libc::O_RDONLY | flags,
+            )
+        };
+        assert!(fd >= 0, "openat {component}: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        dir = unsafe { std::fs::File::from_raw_fd(fd) };
+    }
+    let mut data = Vec::new();
+    dir.read_to_end(&mut data).unwrap();
+    data
+}
+
+/// proto-spec.md §7/§10: the path limit is the protocol's (4096 bytes), not the server's root plus the path. A path
+/// of exactly 4096 bytes lands under a root that is itself ~1.6 KiB deep (root + path > PATH_MAX), and one byte
+/// more is refused with a message that keeps its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_of_the_protocol_maximum_lands_under_a_deep_root_and_one_byte_more_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = dir.path().to_path_buf();
+    for n in 0..8 {
+        root.push(format!("{n}{}", "d".repeat(199)));
+    }
+    let server = TestServer::start(&root);
+    let components: Vec<String> = (0..17).map(|n| format!("{:x}{}", n % 16, "p".repeat(239))).collect();
+    let longest = components.join("/");
+    assert_eq!(longest.len(), ferry::path::MAX_PATH_LEN);
+    assert!(
+        root.as_os_str().len() + 1 + longest.len() > 4096,
+        "beyond the OS limit as one path"
+    );
+
+    let src = dir.path().join("f");
+    let data = write_random(&src, 5000, 9);
+    let state = dir.path().join("state");
+    let out = push(&src, &server.url(&longest), &state, &[]).await;
+    out.assert_ok();
+    // Read it back one directory at a time: the whole path is too long for a single system call.
+    assert_eq!(
+        read_at(&root, &components),
+        data,
+        "the file landed intact at the full path"
+    );
+    let again = push(&src, &server.url(&longest), &state, &[]).await;
+    again.assert_ok();
+    assert_eq!(
+        again.json["already_present"], true,
+        "found committed at the long path: {}",
+        again.json
+    );
+    // Serving a Pull opens the file by its full path, past PATH_MAX here: refused, and the message says why.
+    let pulled = pull(&server.url(&longest), &dir.path().join("back"), &state, &[]).await;
+    assert_eq!(pulled.code, i32::from(ferry::exit::REJECTED), "{}", pulled.stderr);
+    assert!(
+        pulled.stderr.contains("operating-system path limit"),
+        "{}",
+        pulled.stderr
+    );
+
+    let too_long = format!("{longest}x");
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&offer(&too_long, manifest(vec![], 0)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => {
+            assert_eq!(frame.code, ErrorCode::BadPath);
+            assert!(
+                frame
+                    .message
+                    .contains("4097 bytes, over the protocol limit of 4096 bytes"),
+                "{}",
+                frame.message
+            );
+            assert!(frame.message.len() < 1024, "not cut: {}", frame.message);
+        }
+        other => panic!("expected BadPath, got {other:?}"),
+    }
+    // A component over 255 bytes deep inside a long path is named by its position.
+    let long_component = format!("{}/{}/f", components[..3].join("/"), "c".repeat(256));
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn.write_message(&offer(&long_component, manifest(vec![], 0)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(frame)))) => {
+            assert_eq!(frame.code, ErrorCode::BadPath);
+            assert!(
+                frame
+                    .message
+                    .contains("component 4 is 256 bytes, over the limit of 255 bytes"),
+                "{}",
+                frame.message
+            );
+        }
+        other => panic!("expected BadPath, got {other:?}"),
+    }
+}
+
+/// A greeted raw connection.
+async fn greeted(server: &TestServer) -> Connection<TcpStream> {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn
+}
+
+/// The next message that is not an Ack (Acks of a batch may come in any number).
+async fn next_reply(conn: &mut Connection<TcpStream>) -> Message {
+    tokio::time::timeout(Duration::from_secs(20), conn.read_message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("no close")
+}
+
+/// proto-spec.md §4/§8, once "left undefined": a chunk already durable (so not in the current Need) is
+/// acknowledged again and neither written nor counted; `received_bytes` counts each durable chunk once; a receiver
+/// takes exactly 8 commit rounds (the first Need opens round 1) and answers the 8th Commit that still leaves chunks
+/// missing with `Error{UnexpectedMessage}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_acknowledged_again_and_commit_rounds_stop_after_eight() {
+    use ferry::wire::Chunk;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    // Two files of two 5000-byte chunks each, with no content in common (nothing to reuse between them).
+    let files = [[vec![1u8; 5000], vec![2u8; 5000]], [vec![3u8; 5000], vec![4u8; 5000]]];
+    let two_chunks = |parts: &[Vec<u8>; 2]| Manifest {
+        size: 10_000,
+        digest: *blake3::hash(&parts.concat()).as_bytes(),
+        chunking: Chunking::Fixed { size: 5000 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks: (0..2)
+            .map(|i| ChunkEntry {
+                offset: 5000 * i as u64,
+                len: 5000,
+                hash: *blake3::hash(&parts[i]).as_bytes(),
+            })
+            .collect(),
+    };
+    let chunk = |parts: &[Vec<u8>; 2], i: usize| {
+        Message::Chunk(Chunk {
+            index: i as u32,
+            data: parts[i].clone(),
+        })
+    };
+    let ack0 = |m: &Message| matches!(m, Message::Ack(a) if a.ranges.len() == 1 && a.ranges[0].start == 0);
+
+    // Round 1 (the Need after the Offer) to round 8 (the Need after the 7th Commit); the 8th Commit completes.
+    let mut conn = greeted(&server).await;
+    let parts = &files[0];
+    conn.write_message(&offer("rounds.bin", two_chunks(parts)))
+        .await
+        .unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Need(n) if n.ranges.len() == 1 && n.ranges[0].count == 2));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await), "a duplicate is acknowledged again");
+    for round in 2..=8 {
+        conn.write_message(&Message::Commit).await.unwrap();
+        let need = next_reply(&mut conn).await;
+        assert!(
+            matches!(&need, Message::Need(n) if n.ranges.len() == 1 && n.ranges[0].start == 1),
+            "round {round}: {need:?}"
+        );
+    }
+    conn.write_message(&chunk(parts, 1)).await.unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Ack(_)));
+    conn.write_message(&Message::Commit).await.unwrap();
+    match next_reply(&mut conn).await {
+        Message::Committed(c) => {
+            assert_eq!(
+                (c.received_bytes, c.reused_bytes, c.rejected_chunks),
+                (10_000, 0, 0),
+                "{c:?}"
+            );
+        }
+        other => panic!("the 8th Commit completes: {other:?}"),
+    }
+    assert_eq!(std::fs::read(server.root.join("rounds.bin")).unwrap(), parts.concat());
+
+    // The same with chunk 1 never sent: the 8th Commit is refused.
+    let mut conn = greeted(&server).await;
+    let parts = &files[1];
+    conn.write_message(&offer("never.bin", two_chunks(parts)))
+        .await
+        .unwrap();
+    assert!(matches!(next_reply(&mut conn).await, Message::Need(_)));
+    conn.write_message(&chunk(parts, 0)).await.unwrap();
+    assert!(ack0(&next_reply(&mut conn).await));
+    for round in 2..=8 {
+        conn.write_message(&Message::Commit).await.unwrap();
+        assert!(matches!(next_reply(&mut conn).await, Message::Need(_)), "round {round}");
+    }
+    conn.write_message(&Message::Commit).await.unwrap();
+    match next_reply(&mut conn).await {
+        Message::Error(frame) => {
+            assert_eq!(
+                (frame.code, frame.retryable),
+                (ErrorCode::UnexpectedMessage, false),
+                "{}",
+                frame.message
+            );
+            assert!(frame.message.contains("8 commit rounds"), "{}", frame.message);
+        }
+        other => panic!("expected UnexpectedMessage after the 8th Commit, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symlinks_planted_inside_the_root_are_not_followed() {
     let dir = tempfile::tempdir().unwrap();

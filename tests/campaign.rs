@@ -87,14 +87,15 @@ async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
     }
     assert_eq!(b3(&server.root.join("home.tar")), b3(&src));
     assert!(kills >= 3, "only {kills} kills landed before the push finished");
-    // The server's own count over all runs, from its commit log line (a killed client may miss the reply).
+    // The server's own count over all runs, from its commit log line (a killed client may miss the reply): the chunk
+    // bytes it took in over the wire (`received_bytes` counts each durable chunk once, so it is the size).
     server.wait_for_log("committed", Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
     let received: u64 = log
         .lines()
         .map(strip_ansi)
         .find(|l| l.contains("committed") && l.contains("home.tar"))
-        .and_then(|l| l.split("received_bytes=").nth(1).map(str::to_string))
+        .and_then(|l| l.split("wire_bytes_since_start=").nth(1).map(str::to_string))
         .map(|rest| {
             rest.chars()
                 .skip_while(|c| !c.is_ascii_digit())
@@ -102,7 +103,7 @@ async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
                 .collect::<String>()
         })
         .and_then(|n| n.parse().ok())
-        .expect("the commit log line names received_bytes");
+        .expect("the commit log line names wire_bytes_since_start");
     let bound = size + u64::from(kills) * (WINDOW + CHUNK);
     eprintln!("{kills} client kills: the server took in {received} bytes for a {size}-byte file (bound {bound})");
     assert!(

@@ -312,3 +312,47 @@ fn completions_and_man_pages_are_generated() {
         assert!(page.contains(".TH"), "{name}");
     }
 }
+
+/// XDG base directories: an empty `$XDG_STATE_HOME` falls back to `$HOME/.local/state/ferry` (it used to make
+/// `./ferry` in the current directory), and with a relative one and no `$HOME` the push stops with a usage error
+/// naming both variables instead of writing state under `./.local/state/ferry`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_directory_follows_the_xdg_rules_and_never_lands_in_the_current_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("f.bin");
+    write_random(&src, 10_000, 5);
+    let (home, cwd) = (dir.path().join("home"), dir.path().join("cwd"));
+    std::fs::create_dir_all(&cwd).unwrap();
+    let url = server.url("f.bin");
+
+    let mut push = ferry(&home);
+    push.current_dir(&cwd)
+        .env("XDG_STATE_HOME", "")
+        .args(["push", src.to_str().unwrap(), &url, "--json", "-q"]);
+    let (code, stdout, stderr) = output(&mut push);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(home.join(".local/state/ferry").is_dir(), "state under $HOME");
+    assert_eq!(
+        std::fs::read_dir(&cwd).unwrap().count(),
+        0,
+        "nothing in the current directory"
+    );
+
+    let mut push = ferry(&home);
+    push.current_dir(&cwd)
+        .env_remove("HOME")
+        .env("XDG_STATE_HOME", "relative/state")
+        .args(["push", src.to_str().unwrap(), &url, "--json", "-q"]);
+    let (code, stdout, stderr) = output(&mut push);
+    assert_eq!(code, i32::from(ferry::exit::USAGE), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("$XDG_STATE_HOME is relative and $HOME is unset") && stdout.contains("--state"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&cwd).unwrap().count(),
+        0,
+        "nothing in the current directory"
+    );
+}

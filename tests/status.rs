@@ -291,6 +291,73 @@ async fn versions_three_and_four_meet_and_listing_needs_four() {
     );
 }
 
+/// proto-spec.md §13: after `Partials` the connection stays in its state, so a second `ListPartials` and then an
+/// `Offer` on the same connection are served.
+#[tokio::test]
+async fn list_partials_twice_then_an_offer_on_one_connection() {
+    use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
+    use ferry::wire::{Connection, Hello, Message, Offer, MAGIC};
+    use tokio::net::TcpStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
+    let hello = Message::Hello(Hello {
+        magic: MAGIC,
+        min_version: 3,
+        max_version: 4,
+        agent: "test".into(),
+        client: String::new(),
+    });
+    conn.write_message(&hello).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(w)) if w.version == 4));
+    let data = b"listed, then pushed";
+    let hash = *blake3::hash(data).as_bytes();
+    let manifest = Manifest {
+        size: data.len() as u64,
+        digest: hash,
+        chunking: Chunking::Fixed { size: 4096 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks: vec![ChunkEntry {
+            offset: 0,
+            len: data.len() as u32,
+            hash,
+        }],
+    };
+    for round in 0..2 {
+        conn.write_message(&Message::ListPartials).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await;
+        assert!(
+            matches!(&answer, Ok(Ok(Some(Message::Partials(p)))) if p.entries.is_empty() && p.total == 0),
+            "listing {round}: {answer:?}"
+        );
+    }
+    let offer = Message::Offer(Offer {
+        path: "after-listing.txt".into(),
+        manifest,
+    });
+    conn.write_message(&offer).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await;
+    assert!(
+        matches!(&answer, Ok(Ok(Some(Message::Need(n)))) if n.ranges.len() == 1),
+        "the Offer after two listings: {answer:?}"
+    );
+    conn.write_message(&Message::Chunk(ferry::wire::Chunk {
+        index: 0,
+        data: data.to_vec(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Ack(_))));
+    conn.write_message(&Message::Commit).await.unwrap();
+    assert!(matches!(
+        conn.read_message().await.unwrap(),
+        Some(Message::Committed(_))
+    ));
+    assert_eq!(std::fs::read(server.root.join("after-listing.txt")).unwrap(), data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_pull_is_listed_with_its_durable_bytes() {
     let dir = tempfile::tempdir().unwrap();

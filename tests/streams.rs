@@ -68,10 +68,8 @@ async fn a_broken_stream_fails_the_attempt_and_the_next_one_resumes() {
     assert!(out.u64("bytes_sent") <= bound, "{} > {bound}", out.u64("bytes_sent"));
 }
 
-#[tokio::test]
-async fn a_join_for_nothing_in_progress_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("root"));
+/// A greeted connection to `server`.
+async fn greeted(server: &TestServer) -> Connection<TcpStream> {
     let stream = TcpStream::connect(server.addr).await.unwrap();
     let mut conn = Connection::new(stream, ferry::MAX_FRAME);
     let hello = Message::Hello(Hello {
@@ -83,13 +81,107 @@ async fn a_join_for_nothing_in_progress_is_refused() {
     });
     conn.write_message(&hello).await.unwrap();
     assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn
+}
+
+/// Sends `Join{path, id}` on a fresh connection and returns the answer.
+async fn join(server: &TestServer, path: &str, manifest_id: [u8; 32]) -> (Connection<TcpStream>, Message) {
+    let mut conn = greeted(server).await;
     let join = Message::Join(Join {
-        path: "nothing.img".into(),
-        manifest_id: [3; 32],
+        path: path.into(),
+        manifest_id,
     });
     conn.write_message(&join).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
-        Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::Busy),
-        other => panic!("expected Busy, got {other:?}"),
+        Ok(Ok(Some(answer))) => (conn, answer),
+        other => panic!("no answer to Join: {other:?}"),
+    }
+}
+
+fn error_of(answer: &Message) -> (ErrorCode, bool) {
+    match answer {
+        Message::Error(frame) => (frame.code, frame.retryable),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+/// proto-spec.md §4 "Streams": a Join for a path with no open transfer, or with another manifest id than the open
+/// transfer's, is `UnknownTransfer` (22, not retryable); the right id joins while the round is open (16 times; the
+/// 17th is `TooManyConnections`) and is `Busy` (retryable) once the transfer is between rounds.
+#[tokio::test]
+async fn a_join_with_an_unknown_manifest_id_is_told_so_and_a_known_one_between_rounds_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let (_, answer) = join(&server, "nothing.img", [3; 32]).await;
+    assert_eq!(
+        error_of(&answer),
+        (ErrorCode::UnknownTransfer, false),
+        "nothing open at the path"
+    );
+
+    let data = vec![7u8; 10_000];
+    let manifest = ferry::manifest::Manifest {
+        size: data.len() as u64,
+        digest: *blake3::hash(&data).as_bytes(),
+        chunking: ferry::manifest::Chunking::Fixed { size: 16384 },
+        mtime: ferry::manifest::FileTime::default(),
+        mode: 0o644,
+        chunks: vec![ferry::manifest::ChunkEntry {
+            offset: 0,
+            len: data.len() as u32,
+            hash: *blake3::hash(&data).as_bytes(),
+        }],
+    };
+    let id = manifest.id();
+    let mut offering = greeted(&server).await;
+    let offer = Message::Offer(ferry::wire::Offer {
+        path: "open.img".into(),
+        manifest,
+    });
+    offering.write_message(&offer).await.unwrap();
+    assert!(matches!(offering.read_message().await.unwrap(), Some(Message::Need(_))));
+
+    let mut wrong = id;
+    wrong[0] ^= 1;
+    let (_, answer) = join(&server, "open.img", wrong).await;
+    assert_eq!(
+        error_of(&answer),
+        (ErrorCode::UnknownTransfer, false),
+        "another manifest id"
+    );
+    let mut joined = Vec::new();
+    for n in 1..=16 {
+        let (conn, answer) = join(&server, "open.img", id).await;
+        assert!(
+            matches!(&answer, Message::Need(n) if n.ranges.is_empty()),
+            "Join {n}: {answer:?}"
+        );
+        joined.push(conn);
+    }
+    let (_, answer) = join(&server, "open.img", id).await;
+    assert_eq!(
+        error_of(&answer),
+        (ErrorCode::TooManyConnections, true),
+        "the 17th Join"
+    );
+
+    // The offering connection goes away: the transfer stays open (its record) but takes no chunks until it is
+    // offered again.
+    drop(offering);
+    drop(joined);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, answer) = join(&server, "open.img", id).await;
+        if let Message::Error(frame) = &answer {
+            assert_eq!(
+                (frame.code, frame.retryable),
+                (ErrorCode::Busy, true),
+                "{}",
+                frame.message
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the round never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -142,7 +142,13 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
 
 /// `ferry gc --client`: prunes the client's state under its lock (a running push or pull makes it exit 8).
 fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
-    let dir = args.state.clone().unwrap_or_else(default_state_dir);
+    let dir = match args.state.clone().map_or_else(default_state_dir, Ok) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("ferry: gc: {e}");
+            return crate::exit::USAGE;
+        }
+    };
     let pruned = StateLock::try_acquire(&dir)
         .map_err(ClientError::from)
         .and_then(|_lock| {
@@ -325,8 +331,18 @@ impl TransferArgs {
     fn resolve(&self, location: &Location, streams: Option<u32>) -> Result<(FerryUrl, Settings), SettingsError> {
         let file = ClientFile::locate(self.client_config.as_deref())?;
         let (url, remote) = location.resolve(&file)?;
-        let settings = crate::settings::resolve(&file, remote, self.flags(streams), default_state_dir);
-        Ok((url, settings))
+        let mut no_state_dir = None;
+        let default_state = || {
+            default_state_dir().unwrap_or_else(|e| {
+                no_state_dir = Some(e);
+                PathBuf::new()
+            })
+        };
+        let settings = crate::settings::resolve(&file, remote, self.flags(streams), default_state);
+        match no_state_dir {
+            Some(e) => Err(SettingsError::StateDir(e)),
+            None => Ok((url, settings)),
+        }
     }
 }
 
@@ -709,16 +725,13 @@ pub(crate) fn printable(text: &str) -> String {
     text.chars().map(|c| if hostile(c) { '?' } else { c }).collect()
 }
 
-/// `$FERRY_STATE`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FERRY_STATE") {
-        return dir.into();
+/// `$FERRY_STATE` (if not empty), else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`, by the XDG rules of
+/// [`crate::config::ferry_dir`] (empty or relative values ignored); an error when none is usable.
+pub fn default_state_dir() -> Result<PathBuf, crate::config::NoBaseDir> {
+    if let Some(dir) = std::env::var_os("FERRY_STATE").filter(|d| !d.is_empty()) {
+        return Ok(dir.into());
     }
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(dir).join("ferry");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".local/state/ferry")
+    crate::config::ferry_dir(crate::config::BaseDir::State)
 }
 
 // The help texts above spell out the built-in defaults.

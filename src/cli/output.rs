@@ -208,7 +208,7 @@ impl Bars {
             return;
         }
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if file.as_ref().map_or(true, |(seq, _)| *seq != snap.file.seq) {
+        if file.as_ref().is_none_or(|(seq, _)| *seq != snap.file.seq) {
             if let Some((seq, done)) = file.take() {
                 // The file just before this one ended with `previous_done`; an older one, where it was last seen.
                 let held = if seq + 1 == snap.file.seq {

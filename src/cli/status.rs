@@ -55,7 +55,10 @@ pub async fn status(args: StatusArgs) -> u8 {
 }
 
 async fn local(args: &StatusArgs) -> u8 {
-    let dir = args.state.clone().unwrap_or_else(default_state_dir);
+    let dir = match args.state.clone().map_or_else(default_state_dir, Ok) {
+        Ok(dir) => dir,
+        Err(e) => return fail(args.json, crate::exit::USAGE, &e.to_string()),
+    };
     let read = {
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || local_transfers(&dir)).await

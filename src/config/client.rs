@@ -213,13 +213,13 @@ pub fn valid_remote_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// `$XDG_CONFIG_HOME/ferry/config.toml`, else `~/.config/ferry/config.toml` (`None` without either variable). A
-/// relative `$XDG_CONFIG_HOME` is ignored, as the XDG base directory specification says.
+/// `$XDG_CONFIG_HOME/ferry/config.toml`, else `~/.config/ferry/config.toml` (`None` without a usable one: the file
+/// is optional). An empty or relative `$XDG_CONFIG_HOME` is ignored, as the XDG base directory specification says
+/// (`config::xdg`).
 pub fn default_path() -> Option<PathBuf> {
-    match std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from) {
-        Some(dir) if dir.is_absolute() => Some(dir.join("ferry/config.toml")),
-        _ => home().map(|home| home.join(".config/ferry/config.toml")),
-    }
+    super::xdg::ferry_dir(super::xdg::BaseDir::Config)
+        .ok()
+        .map(|dir| dir.join("config.toml"))
 }
 
 fn home() -> Option<PathBuf> {

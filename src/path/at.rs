@@ -37,11 +37,8 @@ pub fn rename_into(
         path: shown(root, at),
         source,
     };
-    let mut dir = open_dir(root).map_err(|e| io_error(root, e))?;
-    for component in parents {
-        shown_path.push(component);
-        dir = step(&dir, component).map_err(|e| classify(root, &shown_path, e))?;
-    }
+    let dir = walk(root, parents, true)?;
+    shown_path.extend(parents);
     shown_path.push(name);
     let name_c = cstring(name);
     check_final(&dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
@@ -53,6 +50,46 @@ pub fn rename_into(
         return Err(io_error(&shown_path, io::Error::last_os_error()));
     }
     Ok((root.join(path.as_str()), dir))
+}
+
+/// Walks `components` below `root` as directories through descriptors (`openat` with `O_NOFOLLOW`, creating missing
+/// ones when `create`, each synced into its parent) and returns the last one's descriptor. No system call gets more
+/// than one component, so a path of `MAX_PATH_LEN` bytes resolves however deep `root` lies (proto-spec.md §7).
+pub(super) fn walk(root: &Path, components: &[&str], create: bool) -> Result<File, PathError> {
+    let mut shown_path = root.to_path_buf();
+    let mut dir = open_dir(root).map_err(|source| PathError::Io {
+        path: String::new(),
+        source,
+    })?;
+    for component in components {
+        shown_path.push(component);
+        dir = step(&dir, component, create).map_err(|e| classify(root, &shown_path, e))?;
+    }
+    Ok(dir)
+}
+
+/// The metadata of what is at `path` under `root` (a symlink's own, never its target's), found through directory
+/// descriptors (`openat`), so the root's depth does not count against the OS path limit. Blocking.
+pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metadata, PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (name, parents) = components.split_last().expect("a RemotePath has a component");
+    let dir = walk(root, parents, false)?;
+    let name_c = cstring(name);
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name_c` is NUL-terminated; the returned descriptor is owned by the File below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name_c.as_ptr(), flags) };
+    let shown_path = root.join(path.as_str());
+    if fd < 0 {
+        return Err(classify(root, &shown_path, Refusal::Io(io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.metadata().map_err(|e| classify(root, &shown_path, Refusal::Io(e)))
+}
+
+/// Refuses a symlink or a directory at `name` inside `dir` (`shown` names it in the error).
+pub(super) fn check_file_name(root: &Path, shown: &Path, dir: &File, name: &str) -> Result<(), PathError> {
+    check_final(dir, &cstring(name), Replace::File).map_err(|e| classify(root, shown, e))
 }
 
 /// Why a step failed: a symlink, something in the way, or an I/O error.
@@ -86,8 +123,8 @@ fn cstring(component: &str) -> CString {
 }
 
 /// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
-/// it is missing.
-fn step(dir: &File, component: &str) -> Result<File, Refusal> {
+/// it is missing and `create` is set.
+fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
     let name = cstring(component);
     for _ in 0..2 {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -99,7 +136,7 @@ fn step(dir: &File, component: &str) -> Result<File, Refusal> {
         }
         let error = io::Error::last_os_error();
         match error.raw_os_error() {
-            Some(libc::ENOENT) => {
+            Some(libc::ENOENT) if create => {
                 // SAFETY: as above.
                 let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
                 if made != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {

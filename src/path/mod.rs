@@ -12,7 +12,7 @@ use thiserror::Error;
 
 mod at;
 
-pub use at::{rename_into, Replace};
+pub use at::{metadata_in_root, rename_into, Replace};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
@@ -21,47 +21,107 @@ pub const MAX_COMPONENT_LEN: usize = 255;
 /// The receiver's private directory under its root (partials, state).
 pub const RESERVED_DIR: &str = ".ferry";
 
-/// Why a path was refused.
+/// Why a path was refused. Every message names the component that failed and why; a path quoted in it is
+/// shortened in the middle ([`clip`]) so the reason survives the 1 KiB limit of an Error frame (proto-spec.md §7).
 #[derive(Debug, Error)]
 pub enum PathError {
     /// Empty path, or one naming a directory (trailing `/`).
-    #[error("path {0:?} does not name a file")]
+    #[error("path {} does not name a file (empty, or ends in '/')", clip(.0))]
     NotAFile(String),
     /// Leading `/`.
-    #[error("path {0:?} is absolute; destination paths are relative to the server root")]
+    #[error("path {} is absolute; destination paths are relative to the server root", clip(.0))]
     Absolute(String),
     /// A `.`, `..` or empty component.
-    #[error("path {0:?} has a '.', '..' or empty component")]
-    NotNormal(String),
+    #[error("component {index} of path {} is {what}", clip(.path))]
+    NotNormal {
+        /// The path.
+        path: String,
+        /// 1-based position of the component.
+        index: usize,
+        /// `"empty"`, `"'.'"` or `"'..'"`.
+        what: &'static str,
+    },
     /// NUL or another control character.
-    #[error("path {0:?} contains a control character")]
+    #[error("path {} contains a control character", clip(.0))]
     ControlCharacter(String),
-    /// Too long as a whole or in one component.
-    #[error("path is longer than {MAX_PATH_LEN} bytes or has a component over {MAX_COMPONENT_LEN} bytes")]
-    TooLong,
+    /// The whole path is longer than [`MAX_PATH_LEN`] bytes.
+    #[error("path is {len} bytes, over the protocol limit of {MAX_PATH_LEN} bytes (starts {})", clip(.start))]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// Its first bytes.
+        start: String,
+    },
+    /// One component is longer than [`MAX_COMPONENT_LEN`] bytes.
+    #[error("component {index} is {len} bytes, over the limit of {MAX_COMPONENT_LEN} bytes (starts {})", clip(.start))]
+    ComponentTooLong {
+        /// 1-based position of the component.
+        index: usize,
+        /// Its length in bytes.
+        len: usize,
+        /// Its first bytes.
+        start: String,
+    },
     /// A component that names a device on some systems (`CON`, `NUL`, `COM1`, `LPT1`... with any extension).
-    #[error("path {0:?} has a component that is a device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9)")]
+    #[error("component {} is a device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9)", clip(.0))]
     DeviceName(String),
     /// Under the receiver's private `.ferry/` directory.
-    #[error("path {0:?} is inside the reserved {RESERVED_DIR}/ directory")]
+    #[error("path {} is inside the reserved {RESERVED_DIR}/ directory", clip(.0))]
     Reserved(String),
     /// A component on the way is a symlink.
-    #[error("{0} is a symlink; ferry does not follow symlinks inside its root")]
+    #[error("{} is a symlink; ferry does not follow symlinks inside its root", clip(.0))]
     Symlink(String),
     /// A component on the way exists and is not a directory, or the target is a directory.
-    #[error("{0} is in the way (not a directory, or a directory where the file should go)")]
+    #[error("{} is in the way (not a directory, or a directory where the file should go)", clip(.0))]
     InTheWay(String),
     /// Nothing exists at the path.
-    #[error("{0} does not exist")]
+    #[error("{} does not exist", clip(.0))]
     NotFound(String),
     /// The filesystem failed while resolving.
-    #[error("resolving {path}: {source}")]
+    #[error("resolving {}: {}", shown_or_root(.path), os_reason(.source))]
     Io {
-        /// Where it failed.
+        /// Where it failed (relative to the root; empty: the root itself).
         path: String,
         /// The underlying error.
         source: io::Error,
     },
+}
+
+/// Longest quoted path in a [`PathError`] message, in bytes; longer ones keep their start and end.
+const SHOWN_PATH: usize = 200;
+
+/// `path` quoted, with its middle replaced by `…` when it is longer than `SHOWN_PATH` (200) bytes (cut at character
+/// boundaries), so that an error message stays short and its reason is never cut off.
+pub fn clip(path: &str) -> String {
+    if path.len() <= SHOWN_PATH {
+        return format!("{path:?}");
+    }
+    let mut head = SHOWN_PATH / 2;
+    while !path.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = path.len() - SHOWN_PATH / 2;
+    while !path.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{:?}…{:?} ({} bytes)", &path[..head], &path[tail..], path.len())
+}
+
+/// A clipped path, or "the root" for the empty one.
+fn shown_or_root(path: &str) -> String {
+    if path.is_empty() {
+        "the root".to_string()
+    } else {
+        clip(path)
+    }
+}
+
+/// An OS error, saying so when it is the operating system's own path-length limit (not the protocol's).
+fn os_reason(error: &io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::ENAMETOOLONG) => format!("{error}: this server's operating-system path limit is exceeded"),
+        _ => error.to_string(),
+    }
 }
 
 /// A validated destination path relative to a root.
@@ -72,7 +132,14 @@ impl RemotePath {
     /// Validates `raw` as a destination path.
     pub fn parse(raw: &str) -> Result<RemotePath, PathError> {
         if raw.len() > MAX_PATH_LEN {
-            return Err(PathError::TooLong);
+            let mut cut = 64;
+            while !raw.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            return Err(PathError::TooLong {
+                len: raw.len(),
+                start: raw[..cut].to_string(),
+            });
         }
         if raw.chars().any(char::is_control) {
             return Err(PathError::ControlCharacter(raw.to_string()));
@@ -83,15 +150,33 @@ impl RemotePath {
         if raw.is_empty() || raw.ends_with('/') {
             return Err(PathError::NotAFile(raw.to_string()));
         }
-        for component in raw.split('/') {
-            if component.is_empty() || component == "." || component == ".." {
-                return Err(PathError::NotNormal(raw.to_string()));
+        for (n, component) in raw.split('/').enumerate() {
+            let what = match component {
+                "" => Some("empty"),
+                "." => Some("'.'"),
+                ".." => Some("'..'"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(PathError::NotNormal {
+                    path: raw.to_string(),
+                    index: n + 1,
+                    what,
+                });
             }
             if component.len() > MAX_COMPONENT_LEN {
-                return Err(PathError::TooLong);
+                let mut cut = 64;
+                while !component.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                return Err(PathError::ComponentTooLong {
+                    index: n + 1,
+                    len: component.len(),
+                    start: component[..cut].to_string(),
+                });
             }
             if is_device_name(component) {
-                return Err(PathError::DeviceName(raw.to_string()));
+                return Err(PathError::DeviceName(component.to_string()));
             }
         }
         // Case-insensitive: on a case-folding filesystem `.FERRY` is the same directory.
@@ -134,52 +219,25 @@ impl std::fmt::Display for RemotePath {
     }
 }
 
-/// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. Every existing
-/// component is checked with `symlink_metadata`: symlinks and non-directories on the way are refused, and so is a
-/// final component that is a symlink or a directory. Blocking.
+/// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. The walk goes
+/// through directory descriptors (`openat`, `O_NOFOLLOW`): symlinks and non-directories on the way are refused, and
+/// so is a final component that is a symlink or a directory; no system call sees more than one component, so the
+/// root's depth does not count against [`MAX_PATH_LEN`]. Blocking.
 pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
     let (file_name, parents) = components.split_last().expect("a RemotePath has a component");
-    let mut current = walk_dirs(root, parents, create_parents)?;
-    current.push(file_name);
-    match std::fs::symlink_metadata(&current) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(PathError::Symlink(shown(root, &current))),
-        Ok(meta) if meta.is_dir() => Err(PathError::InTheWay(shown(root, &current))),
-        Ok(_) => Ok(current),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(current),
-        Err(e) => Err(PathError::Io {
-            path: shown(root, &current),
-            source: e,
-        }),
-    }
+    let dir = at::walk(root, parents, create_parents)?;
+    let target = root.join(path.as_str());
+    at::check_file_name(root, &target, &dir, file_name)?;
+    Ok(target)
 }
 
 /// Resolves the directory `path` under `root`, creating it and its parents as needed, refusing symlinks and
 /// non-directories on the way. Blocking.
 pub fn ensure_dir(root: &Path, path: &RemotePath) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
-    walk_dirs(root, &components, true)
-}
-
-/// Walks `components` below `root` as directories (creating missing ones if `create`); returns the last one.
-fn walk_dirs(root: &Path, components: &[&str], create: bool) -> Result<PathBuf, PathError> {
-    let mut current = root.to_path_buf();
-    for component in components {
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => create_dir(root, &current)?,
-            Err(e) => {
-                return Err(PathError::Io {
-                    path: shown(root, &current),
-                    source: e,
-                })
-            }
-        }
-    }
-    Ok(current)
+    at::walk(root, &components, true)?;
+    Ok(root.join(path.as_str()))
 }
 
 /// Resolves an existing `path` under `root` for reading (a Pull): every component must exist and none may be a
@@ -314,27 +372,6 @@ pub fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Creates one directory (a concurrent creator is fine, a symlink planted meanwhile is not) and syncs its parent,
-/// so the new entry survives a crash together with the file committed below it.
-fn create_dir(root: &Path, dir: &Path) -> Result<(), PathError> {
-    let io = |source| PathError::Io {
-        path: shown(root, dir),
-        source,
-    };
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(dir).map_err(io)?;
-            if !meta.is_dir() {
-                return Err(PathError::InTheWay(shown(root, dir)));
-            }
-        }
-        Err(e) => return Err(io(e)),
-    }
-    let parent = dir.parent().unwrap_or(root);
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)
-}
-
 /// A path as the peer should see it: relative to the root, never revealing the server's layout.
 fn shown(root: &Path, path: &Path) -> String {
     path.strip_prefix(root).unwrap_or(path).display().to_string()
@@ -416,8 +453,38 @@ mod tests {
                 "{device:?} was accepted"
             );
         }
-        assert!(matches!(RemotePath::parse(&"a/".repeat(3000)), Err(PathError::TooLong)));
-        assert!(matches!(RemotePath::parse(&"x".repeat(256)), Err(PathError::TooLong)));
+        assert!(matches!(
+            RemotePath::parse(&"a/".repeat(3000)),
+            Err(PathError::TooLong { len: 6000, .. })
+        ));
+        assert!(matches!(
+            RemotePath::parse(&format!("a/{}", "x".repeat(256))),
+            Err(PathError::ComponentTooLong { index: 2, len: 256, .. })
+        ));
+    }
+
+    /// proto-spec.md §7: a long path in a message is shortened in the middle, at character boundaries, and the
+    /// reason after it survives the 1 KiB cut of an Error frame.
+    #[test]
+    fn messages_clip_long_paths_and_keep_the_reason() {
+        let long = format!("{}/{}", "é".repeat(1500), "z".repeat(200));
+        let text = PathError::Symlink(long.clone()).to_string();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(
+            text.ends_with("is a symlink; ferry does not follow symlinks inside its root"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("({} bytes)", long.len())), "{text}");
+        assert!(
+            text.starts_with("\"éé") && text.contains("zz\""),
+            "start and end kept: {text}"
+        );
+        assert_eq!(clip("short/path"), "\"short/path\"");
+        let io = PathError::Io {
+            path: long,
+            source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        };
+        assert!(io.to_string().contains("operating-system path limit"), "{io}");
     }
 
     #[test]

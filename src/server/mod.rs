@@ -413,8 +413,9 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 })
             }
             Ok(Message::ListPartials) if !grant.permissions.push => return Err(forbidden("list partial uploads")),
-            // One listing per connection: the scan is not free, and a client wanting another reconnects.
-            Ok(Message::ListPartials) => return partials::list_partials(conn, ctx).await,
+            // proto-spec.md §13: the connection stays in its state; another request may follow. A listing costs one
+            // bounded store scan, no more than the reconnect a client would otherwise make.
+            Ok(Message::ListPartials) => partials::list_partials(conn, ctx).await?,
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, ctx, path, offer.manifest, stop).await?;

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{get, now_secs, prefixed, Store, StoreError};
+use super::{get, now_secs, prefixed, RecordBatch, Store, StoreError};
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::ranges::ChunkSet;
 use crate::wire::codec::encode_record;
@@ -36,7 +36,8 @@ pub struct TransferRecord {
 pub struct Progress {
     /// The received-chunk bitmap (`ChunkSet::to_bytes`).
     pub received: Vec<u8>,
-    /// Chunk payload bytes taken in over all connections, duplicates included.
+    /// Bytes of chunks received over the wire and made durable, over all connections, each chunk once per time it
+    /// was marked (duplicates and rejected chunks excluded).
     pub received_bytes: u64,
     /// Chunks that failed verification over all connections.
     pub rejected_chunks: u32,
@@ -235,7 +236,7 @@ impl ReceiverStore {
 
     /// Forgets an open transfer (the caller removes its partial file), then flushes.
     pub fn forget_transfer(&self, path: &str) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = RecordBatch::default();
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
         self.apply(batch)
@@ -294,16 +295,15 @@ impl ReceiverStore {
     /// Replaces the open transfer with its committed-file record and manifest, and moves the chunk index from the
     /// previous version of `path` to this one, atomically; then flushes.
     pub fn commit(&self, path: &str, file: &CommittedFile, manifest: &Manifest) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = RecordBatch::default();
         self.commit_into(&mut batch, path, file, manifest)?;
-        self.tree.apply_batch(batch)?;
-        self.store.flush()
+        self.apply(batch)
     }
 
     /// Adds the writes of [`ReceiverStore::commit`] to `batch` (several small files share one batch and flush).
     pub fn commit_into(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut RecordBatch,
         path: &str,
         file: &CommittedFile,
         manifest: &Manifest,
@@ -327,8 +327,8 @@ impl ReceiverStore {
     }
 
     /// Applies a batch built with [`ReceiverStore::commit_into`] and flushes.
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch)?;
+    pub fn apply(&self, batch: RecordBatch) -> Result<(), StoreError> {
+        self.tree.apply_batch(batch.0)?;
         self.store.flush()
     }
 }

@@ -70,7 +70,9 @@ pub(crate) fn commit(
     })?;
     debug_assert_eq!(checked, target);
     parent.sync_all().map_err(TransferError::Storage)?;
-    let meta = std::fs::metadata(&checked).map_err(TransferError::Storage)?;
+    // The renamed partial's own descriptor: no path lookup, so a destination path near the protocol's limit under a
+    // deep root works (proto-spec.md §7).
+    let meta = writer.file.metadata().map_err(TransferError::Storage)?;
     use std::os::unix::fs::MetadataExt;
     writer.store.commit(
         path.as_str(),
@@ -94,6 +96,9 @@ pub(crate) fn commit(
         digest = %hex(&digest),
         received_bytes = writer.progress.received_bytes,
         reused_bytes = writer.progress.reused_bytes,
+        // Chunk payload this process took in over the wire for all transfers, duplicates and rejects included (what
+        // received_bytes no longer counts): the campaign tests bound re-sends with it.
+        wire_bytes_since_start = writer.stats.bytes_received.load(std::sync::atomic::Ordering::Relaxed),
         "committed"
     );
     Ok(CommitOutcome::Done(Committed {

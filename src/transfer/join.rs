@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::receiver::{queue_chunk, ReceiverContext};
 use super::writer::{QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, TransferError};
-use crate::manifest::{Hash, Manifest};
+use crate::manifest::{hex, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::IndexRange;
 use crate::wire::{Ack, Connection, ErrorCode, Join, Message, Need};
@@ -102,19 +102,16 @@ impl Joins {
         }
     }
 
-    /// Joins the round open at `key` if it receives the manifest `manifest_id`.
-    fn join(&self, key: &str, manifest_id: &Hash) -> Result<Joined, TransferError> {
+    /// Joins the round open at `key` if it receives the manifest `manifest_id`. `Ok(None)`: no round is open at
+    /// `key` right now.
+    fn join(&self, key: &str, manifest_id: &Hash) -> Result<Option<Joined>, TransferError> {
         let mut points = self.lock();
-        let point = points
-            .get_mut(key)
-            .filter(|p| p.manifest_id == *manifest_id)
-            .ok_or_else(|| {
-                // Retryable: the offering connection may be between rounds, or about to be taken over.
-                TransferError::refused(
-                    ErrorCode::Busy,
-                    format!("no transfer of this content is open for joining at {key}"),
-                )
-            })?;
+        let Some(point) = points.get_mut(key) else {
+            return Ok(None);
+        };
+        if point.manifest_id != *manifest_id {
+            return Err(unknown_transfer(key, manifest_id));
+        }
         if point.next > MAX_JOINED {
             return Err(TransferError::refused(
                 ErrorCode::TooManyConnections,
@@ -129,14 +126,47 @@ impl Joins {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(stream, events_tx);
-        Ok(Joined {
+        Ok(Some(Joined {
             stream,
             manifest: point.manifest.clone(),
             chunks: point.chunks.clone(),
             events,
             round_over: point.round_over.clone(),
-        })
+        }))
     }
+}
+
+/// `UnknownTransfer` (not retryable): no transfer open at `key` receives the manifest `manifest_id`.
+fn unknown_transfer(key: &str, manifest_id: &Hash) -> TransferError {
+    TransferError::refused(
+        ErrorCode::UnknownTransfer,
+        format!(
+            "no transfer open at {key} has manifest id {} (proto-spec.md §4, \"Manifest id\")",
+            hex(manifest_id)
+        ),
+    )
+}
+
+/// Joins the round open at `key`; when none is open right now, tells a transfer that exists but is between rounds
+/// (`Busy`, retryable: the retry joins the next round) from one that does not exist (`UnknownTransfer`), by the
+/// open-transfer record. The record is written before the offering connection's first Need, so a client that
+/// joins after that Need (as §4 requires) never meets `UnknownTransfer` for its own transfer.
+async fn join_open(ctx: &ReceiverContext, key: &str, manifest_id: &Hash) -> Result<Joined, TransferError> {
+    if let Some(joined) = ctx.joins.join(key, manifest_id)? {
+        return Ok(joined);
+    }
+    let (store, path) = (ctx.store.clone(), key.to_string());
+    let record = tokio::task::spawn_blocking(move || store.transfer(&path))
+        .await
+        .map_err(|e| TransferError::Storage(std::io::Error::other(e)))??;
+    if record.is_some_and(|r| r.manifest.id() == *manifest_id) {
+        // The offering connection may be between rounds, or about to be taken over.
+        return Err(TransferError::refused(
+            ErrorCode::Busy,
+            format!("the transfer at {key} is not taking chunks right now"),
+        ));
+    }
+    Err(unknown_transfer(key, manifest_id))
 }
 
 /// Hands a writer event to the joined stream it belongs to; returns it if it is the offering stream's own.
@@ -169,7 +199,7 @@ pub async fn serve_join<S: AsyncRead + AsyncWrite + Unpin>(
         chunks,
         mut events,
         round_over,
-    } = ctx.joins.join(path.as_str(), &join.manifest_id)?;
+    } = join_open(ctx, path.as_str(), &join.manifest_id).await?;
     let joined_ack = Message::Need(Need { ranges: vec![] });
     send_within(conn, &joined_ack, ctx.idle_timeout, "answering Join").await?;
     tracing::debug!(path = %path, stream, "stream joined");

@@ -240,7 +240,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let why = "chunks still missing after repeated commits";
+    let why = format!("chunks still missing or damaged after {MAX_COMMIT_ROUNDS} commit rounds");
     Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
 }
 
@@ -449,14 +449,11 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
-        if let Some(done) = already_present(store, key, &target, &manifest)? {
+        if let Some(done) = already_present(store, key, &ctx.root, path, &manifest)? {
             return Ok(Plan::AlreadyPresent(done));
         }
     }
-    let partial = ctx.partial_dir.join(format!(
-        ".ferry-{}.part",
-        &hex(blake3::hash(key.as_bytes()).as_bytes())[..32]
-    ));
+    let partial = ctx.partial_dir.join(partial_file_name(key));
     let partial_len = std::fs::symlink_metadata(&partial)
         .ok()
         .filter(|m| m.is_file())
@@ -516,6 +513,12 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     })))
 }
 
+/// The partial file's name for the destination `key` (proto-spec.md §8): `.ferry-` + the first 32 hex digits (16
+/// bytes) of BLAKE3 over the key's UTF-8 bytes + `.part`.
+pub(crate) fn partial_file_name(key: &str) -> String {
+    format!(".ferry-{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32])
+}
+
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose
 /// offset, length and hash equal a received chunk of the old offer (they sit at the same place in the partial).
 fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) -> ChunkSet {
@@ -534,17 +537,19 @@ fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) 
     set
 }
 
-/// The Committed reply if `target` still holds exactly the file `manifest` describes, as committed earlier.
+/// The Committed reply if `path` under `root` still holds exactly the file `manifest` describes, as committed
+/// earlier.
 fn already_present(
     store: &ReceiverStore,
     key: &str,
-    target: &Path,
+    root: &Path,
+    path: &RemotePath,
     manifest: &Manifest,
 ) -> Result<Option<Committed>, TransferError> {
     let Some(done) = store.committed(key)? else {
         return Ok(None);
     };
-    let Ok(meta) = std::fs::symlink_metadata(target) else {
+    let Ok(meta) = crate::path::metadata_in_root(root, path) else {
         return Ok(None);
     };
     use std::os::unix::fs::MetadataExt;
@@ -567,6 +572,19 @@ fn already_present(
 mod tests {
     use super::*;
     use crate::manifest::tests::manifest_of;
+
+    /// proto-spec.md §8: the `<id>` of `.ferry-<id>.part`.
+    #[test]
+    fn the_partial_name_is_pinned() {
+        assert_eq!(
+            partial_file_name("a/b.iso"),
+            ".ferry-d3572167d018d49f0a4b8574ebcc5538.part"
+        );
+        assert_eq!(
+            partial_file_name("a/b.iso"),
+            format!(".ferry-{}.part", &blake3::hash(b"a/b.iso").to_hex()[..32])
+        );
+    }
 
     #[test]
     fn only_chunks_equal_in_place_and_received_are_carried_over() {

@@ -167,7 +167,7 @@ impl SmallWriter {
                 .and_then(|d| d.sync_all())
                 .map_err(TransferError::Storage)?;
         }
-        let mut records = sled::Batch::default();
+        let mut records = crate::store::RecordBatch::default();
         for (file, len, target) in &placed {
             let meta = std::fs::symlink_metadata(target).map_err(TransferError::Storage)?;
             let manifest = whole_file_manifest(file, *len);

@@ -156,8 +156,8 @@ fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, Transfe
     for entry in &offer.entries {
         if previous.is_some_and(|p| p.as_bytes() >= entry.path.as_bytes()) {
             return Err(refuse(format!(
-                "tree entries are not strictly ascending at {:?}",
-                entry.path
+                "tree entries are not strictly ascending (sorted by path bytes, no duplicates) at {}",
+                crate::path::clip(&entry.path)
             )));
         }
         previous = Some(&entry.path);

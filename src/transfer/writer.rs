@@ -190,7 +190,6 @@ impl ChunkWriter {
     /// Verifies and writes one chunk; false if storage failed.
     fn accept(&mut self, chunk: Chunk, stream: u32, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
         let len = chunk.data.len() as u64;
-        self.progress.received_bytes += len;
         self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
         self.stats.meter.moved(len);
         let Some(entry) = self.manifest.chunk(chunk.index) else {
@@ -303,6 +302,10 @@ impl ChunkWriter {
             self.received.insert(index);
         }
         self.progress.received = self.received.to_bytes();
+        // proto-spec.md §2 `Committed.received_bytes`: chunks that came over the wire, once each, when made durable
+        // (duplicates and rejected chunks are not counted), so received + reused is the file size for a fresh
+        // transfer.
+        self.progress.received_bytes += self.batch_received;
         self.store.save_progress(&self.key, &self.progress)?;
         self.stats
             .chunks_durable

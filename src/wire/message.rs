@@ -456,6 +456,8 @@ pub enum ErrorCode {
     Forbidden,
     /// 21: the file would take the client's namespace over its quota.
     QuotaExceeded,
+    /// 22: a `Join` names a manifest id that no transfer open at its path has (proto-spec.md §4, "Streams").
+    UnknownTransfer,
     /// 28: the pulled path is a directory and the client expects a file, or the reverse (proto-spec.md §11).
     WrongKind,
     /// Any other value, from a newer peer.
@@ -480,7 +482,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 22] = [
+const CODES: [(u16, ErrorCode); 23] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -502,6 +504,7 @@ const CODES: [(u16, ErrorCode); 22] = [
     (19, ErrorCode::AuthFailed),
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
+    (22, ErrorCode::UnknownTransfer),
     (28, ErrorCode::WrongKind),
 ];
 
