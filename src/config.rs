@@ -98,6 +98,10 @@ struct File {
 struct Limits {
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    max_preauth_connections: Option<usize>,
+    max_preauth_per_address: Option<usize>,
+    frame_budget: Option<Size>,
+    min_frame_rate: Option<Size>,
     max_frame: Option<Size>,
     max_manifest_chunks: Option<usize>,
     max_file_size: Option<Size>,
@@ -209,6 +213,18 @@ fn apply_limits(limits: &Limits, config: &mut ServerConfig) -> Result<(), String
     }
     if let Some(n) = limits.max_connections_per_client {
         config.max_connections_per_client = n;
+    }
+    if let Some(n) = limits.max_preauth_connections {
+        config.max_preauth_connections = n;
+    }
+    if let Some(n) = limits.max_preauth_per_address {
+        config.max_preauth_per_address = n;
+    }
+    if let Some(n) = size(&limits.frame_budget, "frame_budget")? {
+        config.frame_budget = n;
+    }
+    if let Some(n) = size(&limits.min_frame_rate, "min_frame_rate")? {
+        config.min_frame_rate = n;
     }
     if let Some(n) = size(&limits.max_frame, "max_frame")? {
         config.max_frame = u32::try_from(n).map_err(|_| "limits.max_frame: too large".to_string())?;

@@ -45,6 +45,10 @@ struct File {
 struct Limits {
     max_connections: usize,
     max_connections_per_client: usize,
+    max_preauth_connections: usize,
+    max_preauth_per_address: usize,
+    frame_budget: String,
+    min_frame_rate: String,
     max_frame: String,
     max_manifest_chunks: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +92,10 @@ impl EffectiveServer<'_> {
             limits: Limits {
                 max_connections: config.max_connections,
                 max_connections_per_client: config.max_connections_per_client,
+                max_preauth_connections: config.max_preauth_connections,
+                max_preauth_per_address: config.max_preauth_per_address,
+                frame_budget: format_size(config.frame_budget),
+                min_frame_rate: format_size(config.min_frame_rate),
                 max_frame: format_size(u64::from(config.max_frame)),
                 max_manifest_chunks: config.max_manifest_chunks,
                 max_file_size: (config.max_file_size != u64::MAX).then(|| format_size(config.max_file_size)),

@@ -420,6 +420,10 @@ pub enum ErrorCode {
     Forbidden,
     /// 21: the file would take the client's namespace over its quota.
     QuotaExceeded,
+    /// 25: this server speaks only TLS; the client connected without it.
+    TlsRequired,
+    /// 26: the server's memory budget for frames stayed spent; retry later.
+    Overloaded,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -438,11 +442,12 @@ impl ErrorCode {
                 | ErrorCode::Internal
                 | ErrorCode::Malformed
                 | ErrorCode::SourceChanged
+                | ErrorCode::Overloaded
         )
     }
 }
 
-const CODES: [(u16, ErrorCode); 21] = [
+const CODES: [(u16, ErrorCode); 23] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -464,6 +469,8 @@ const CODES: [(u16, ErrorCode); 21] = [
     (19, ErrorCode::AuthFailed),
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
+    (25, ErrorCode::TlsRequired),
+    (26, ErrorCode::Overloaded),
 ];
 
 impl From<u16> for ErrorCode {

@@ -1,0 +1,145 @@
+//! Connections that have not finished the handshake yet (proto-spec.md §3, §10 "pre-auth connections").
+//!
+//! They live in a pool of their own, apart from the authenticated connection slots, so that anonymous peers who
+//! open connections and say nothing can never keep a token holder out: at most `max_per_address` of them per source
+//! address (more are closed at once, without a task), at most `max_total` in all (a newcomer evicts the oldest),
+//! and each gets one deadline for the TLS handshake and the ferry handshake together. Only a connection that
+//! completed the handshake takes one of the server's `max_connections` slots.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+/// The pool of connections still in their handshake.
+#[derive(Debug)]
+pub(super) struct PreAuthPool {
+    max_total: usize,
+    max_per_address: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    /// By id, which grows with time: the first entry is the oldest.
+    open: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+impl State {
+    fn forget(&mut self, id: u64) {
+        let Some((addr, _)) = self.open.remove(&id) else {
+            return;
+        };
+        if let Some(count) = self.per_address.get_mut(&addr) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_address.remove(&addr);
+            }
+        }
+    }
+}
+
+/// One connection's place in the pool; freed on drop.
+#[derive(Debug)]
+pub(super) struct PreAuthTicket {
+    pool: Arc<PreAuthPool>,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl PreAuthTicket {
+    /// Fires when a newer connection took this one's place.
+    pub fn evicted(&self) -> &CancellationToken {
+        &self.evicted
+    }
+}
+
+impl Drop for PreAuthTicket {
+    fn drop(&mut self) {
+        self.pool.lock().forget(self.id);
+    }
+}
+
+impl PreAuthPool {
+    /// A pool of `max_total` connections, `max_per_address` of them per source address (both at least 1).
+    pub fn new(max_total: usize, max_per_address: usize) -> Arc<PreAuthPool> {
+        Arc::new(PreAuthPool {
+            max_total: max_total.max(1),
+            max_per_address: max_per_address.max(1),
+            state: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection from `addr`, evicting the oldest connection when the pool is full; `None` when
+    /// `addr` already has its share of connections in their handshake.
+    pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Option<PreAuthTicket> {
+        let mut state = self.lock();
+        if state.per_address.get(&addr).copied().unwrap_or(0) >= self.max_per_address {
+            return None;
+        }
+        while state.open.len() >= self.max_total {
+            let Some((&oldest, (_, token))) = state.open.iter().next() else {
+                break;
+            };
+            token.cancel();
+            state.forget(oldest);
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let evicted = CancellationToken::new();
+        state.open.insert(id, (addr, evicted.clone()));
+        *state.per_address.entry(addr).or_default() += 1;
+        Some(PreAuthTicket {
+            pool: self.clone(),
+            id,
+            evicted,
+        })
+    }
+
+    /// Connections in their handshake now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_gets_its_share_and_a_full_pool_evicts_the_oldest() {
+        let pool = PreAuthPool::new(4, 2);
+        let (a, b, c) = (
+            IpAddr::from([127, 0, 0, 2]),
+            IpAddr::from([127, 0, 0, 3]),
+            IpAddr::from([127, 0, 0, 1]),
+        );
+        let a1 = pool.admit(a).unwrap();
+        let a2 = pool.admit(a).unwrap();
+        assert!(pool.admit(a).is_none(), "a third from one address is refused");
+        let b1 = pool.admit(b).unwrap();
+        let b2 = pool.admit(b).unwrap();
+        assert_eq!(pool.len(), 4);
+        // The pool is full: a newcomer from another address takes the oldest's place.
+        let c1 = pool.admit(c).unwrap();
+        assert!(a1.evicted().is_cancelled());
+        assert!(!a2.evicted().is_cancelled() && !b1.evicted().is_cancelled());
+        assert_eq!(pool.len(), 4);
+        // The evicted one's address share is free again at once, and dropping it later changes nothing.
+        let a3 = pool.admit(a).unwrap();
+        assert!(a2.evicted().is_cancelled(), "the next oldest made room");
+        drop(a1);
+        assert_eq!(pool.len(), 4);
+        drop((a2, a3, b1, b2, c1));
+        assert_eq!(pool.len(), 0);
+        assert!(pool.lock().per_address.is_empty());
+    }
+}
