@@ -120,6 +120,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.limits = Some(limits);
     }
 
+    /// The underlying stream; bytes already read into the buffer (none between a peer's frames that were all
+    /// read) are dropped.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
     /// Read access to the underlying stream.
     pub fn get_ref(&self) -> &S {
         &self.stream
