@@ -303,6 +303,10 @@ mod tests {
             [limits]
             max_connections = 10
             max_connections_per_client = 2
+            max_preauth_connections = 20
+            max_preauth_per_address = 3
+            frame_budget = "32MiB"
+            min_frame_rate = "4KiB"
             max_frame = "8MiB"
             max_manifest_chunks = 1000
             max_file_size = 1048576
@@ -335,6 +339,11 @@ mod tests {
         let mut config = ServerConfig::new(PathBuf::from("/r"));
         file.apply(&mut config).unwrap();
         assert_eq!(config.max_connections_per_client, 2);
+        assert_eq!(
+            (config.max_preauth_connections, config.max_preauth_per_address),
+            (20, 3)
+        );
+        assert_eq!((config.frame_budget, config.min_frame_rate), (32 << 20, 4096));
         assert_eq!(config.max_frame, 8 << 20);
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));

@@ -183,6 +183,18 @@ mod tests {
         assert_eq!(reread.max_file_size, 1 << 30);
         assert_eq!(reread.max_frame, config.max_frame);
         assert_eq!(reread.idle_timeout, config.idle_timeout);
+        assert_eq!(
+            (
+                reread.frame_budget,
+                reread.min_frame_rate,
+                reread.max_preauth_per_address
+            ),
+            (
+                config.frame_budget,
+                config.min_frame_rate,
+                config.max_preauth_per_address
+            )
+        );
         assert_eq!(again.root, Some(PathBuf::from("/srv")));
         assert_eq!(again.state, Some(PathBuf::from("/srv/.ferry/state")));
         assert_eq!(reread.clients[0].namespace, "");
