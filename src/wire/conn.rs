@@ -163,6 +163,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.read_buf.reserve(total - self.read_buf.len());
                 rest = Some(total - self.read_buf.len());
             }
+            // A partial frame left in the buffer starts its clock when the caller reads again, not while the caller
+            // was busy elsewhere (a commit, a full write queue).
+            if self.frame_started.is_none() && !self.read_buf.is_empty() {
+                self.frame_started = Some(Instant::now());
+            }
             let limit = self.read_limit(idle)?;
             let n = match (rest, &self.grant) {
                 // A budgeted frame is read to its end and no further, so its buffer can go once it is decoded.
@@ -243,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// A frame was decoded: its budget goes back, and the buffer that held a big one is freed with it.
     fn frame_done(&mut self) {
-        self.frame_started = (!self.read_buf.is_empty()).then(Instant::now);
+        self.frame_started = None;
         if self.grant.take().is_some() {
             let mut fresh = BytesMut::with_capacity(READ_BUF.max(self.read_buf.len()));
             fresh.extend_from_slice(&self.read_buf);
@@ -539,5 +544,31 @@ mod tests {
             conn.read_message().await,
             Err(WireError::Codec(CodecError::FrameTooLarge { .. }))
         ));
+    }
+
+    /// The rate clock of a partial frame left in the buffer runs only while the caller reads: a session busy for
+    /// longer than the grace (a long commit) does not find its next frame late.
+    #[tokio::test(start_paused = true)]
+    async fn a_leftover_partial_frame_is_timed_from_the_next_read() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::MAX_FRAME);
+        conn.set_read_limits(limits(
+            &FrameBudget::new(crate::MAX_FRAME as u64 * 2),
+            1000,
+            Duration::from_secs(1),
+        ));
+        let mut bytes = Vec::new();
+        codec::encode_frame(&Message::Ping(1), crate::MAX_FRAME, &mut bytes).unwrap();
+        codec::encode_frame(&Message::Ping(2), crate::MAX_FRAME, &mut bytes).unwrap();
+        b.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        assert!(matches!(conn.read_message().await, Ok(Some(Message::Ping(1)))));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let rest = bytes[bytes.len() - 1..].to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            b.write_all(&rest).await.unwrap();
+            b
+        });
+        assert!(matches!(conn.read_message().await, Ok(Some(Message::Ping(2)))));
     }
 }
