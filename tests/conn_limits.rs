@@ -374,3 +374,44 @@ async fn tls_and_plain_mismatches_fail_at_once_with_exit_7() {
     assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
     serving.abort();
 }
+
+/// The TLS handshake and the ferry handshake share one deadline from accept: a client slow to start TLS has that
+/// much less time for Hello.
+#[tokio::test]
+async fn one_deadline_covers_tls_and_the_ferry_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new(ferry_bin())
+        .args(["keygen", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let fingerprint = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    let args = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--handshake-timeout",
+        "3s",
+    ];
+    let server = TestServer::start_with(&dir.path().join("root"), &args);
+    let trust = ferry::tls::Trust::pinned(&fingerprint).unwrap();
+    let tls = ferry::tls::ClientTls::new(&trust).unwrap();
+    let started = Instant::now();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    // 2 s before the ClientHello, then a quick TLS handshake, then no Hello.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut stream = tls.connect("127.0.0.1", tcp).await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut sink)).await;
+    let closed = started.elapsed();
+    // One 3 s deadline; before the fix the ferry handshake got its own 3 s after TLS (5 s in all).
+    assert!(
+        closed >= Duration::from_millis(2500) && closed < Duration::from_millis(4500),
+        "closed after {closed:?}"
+    );
+}
