@@ -52,7 +52,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub max_connections_per_client: Option<usize>,
     /// Maximum connections still in their handshake, apart from --max-connections (default 64; a newcomer beyond
-    /// it evicts the oldest).
+    /// it evicts the oldest of the address that has the most).
     #[arg(long)]
     pub max_preauth_connections: Option<usize>,
     /// Maximum connections in their handshake from one source address (default 8; more are closed at once).

@@ -56,7 +56,7 @@ pub struct ServerConfig {
     /// Maximum concurrent connections past the handshake; more are refused with `TooManyConnections`.
     pub max_connections: usize,
     /// Maximum connections still in their handshake (TLS included), in a pool apart from `max_connections`; a
-    /// newcomer beyond it evicts the oldest.
+    /// newcomer beyond it evicts the oldest of the source address that has the most.
     pub max_preauth_connections: usize,
     /// Maximum connections in their handshake from one source address; more are closed at once.
     pub max_preauth_per_address: usize,

@@ -2,7 +2,8 @@
 //!
 //! They live in a pool of their own, apart from the authenticated connection slots, so that anonymous peers who
 //! open connections and say nothing can never keep a token holder out: at most `max_per_address` of them per source
-//! address (more are closed at once, without a task), at most `max_total` in all (a newcomer evicts the oldest),
+//! address (more are closed at once, without a task), at most `max_total` in all (a newcomer evicts the oldest
+//! connection of the address that has the most),
 //! and each gets one deadline for the TLS handshake and the ferry handshake together. Only a connection that
 //! completed the handshake takes one of the server's `max_connections` slots.
 
@@ -29,6 +30,16 @@ struct State {
 }
 
 impl State {
+    /// The connection a newcomer evicts: the oldest of the address with the most connections in their handshake,
+    /// so a client with one connection is not pushed out by a source that holds many.
+    fn victim(&self) -> Option<u64> {
+        let most = self.per_address.values().copied().max()?;
+        self.open
+            .iter()
+            .find(|(_, (addr, _))| self.per_address.get(addr) == Some(&most))
+            .map(|(&id, _)| id)
+    }
+
     fn forget(&mut self, id: u64) {
         let Some((addr, _)) = self.open.remove(&id) else {
             return;
@@ -77,7 +88,8 @@ impl PreAuthPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A place for a new connection from `addr`, evicting the oldest connection when the pool is full; `None` when
+    /// A place for a new connection from `addr`, evicting the oldest connection of the busiest address when the
+    /// pool is full; `None` when
     /// `addr` already has its share of connections in their handshake.
     pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Option<PreAuthTicket> {
         let mut state = self.lock();
@@ -85,11 +97,13 @@ impl PreAuthPool {
             return None;
         }
         while state.open.len() >= self.max_total {
-            let Some((&oldest, (_, token))) = state.open.iter().next() else {
+            let Some(victim) = state.victim() else {
                 break;
             };
-            token.cancel();
-            state.forget(oldest);
+            if let Some((_, token)) = state.open.get(&victim) {
+                token.cancel();
+            }
+            state.forget(victim);
         }
         let id = state.next_id;
         state.next_id += 1;
@@ -115,30 +129,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_address_gets_its_share_and_a_full_pool_evicts_the_oldest() {
-        let pool = PreAuthPool::new(4, 2);
+    fn each_address_gets_its_share_and_a_full_pool_evicts_from_the_busiest_address() {
+        let pool = PreAuthPool::new(4, 3);
         let (a, b, c) = (
             IpAddr::from([127, 0, 0, 2]),
             IpAddr::from([127, 0, 0, 3]),
             IpAddr::from([127, 0, 0, 1]),
         );
+        let c1 = pool.admit(c).unwrap();
         let a1 = pool.admit(a).unwrap();
         let a2 = pool.admit(a).unwrap();
-        assert!(pool.admit(a).is_none(), "a third from one address is refused");
-        let b1 = pool.admit(b).unwrap();
-        let b2 = pool.admit(b).unwrap();
-        assert_eq!(pool.len(), 4);
-        // The pool is full: a newcomer from another address takes the oldest's place.
-        let c1 = pool.admit(c).unwrap();
-        assert!(a1.evicted().is_cancelled());
-        assert!(!a2.evicted().is_cancelled() && !b1.evicted().is_cancelled());
-        assert_eq!(pool.len(), 4);
-        // The evicted one's address share is free again at once, and dropping it later changes nothing.
         let a3 = pool.admit(a).unwrap();
-        assert!(a2.evicted().is_cancelled(), "the next oldest made room");
-        drop(a1);
+        assert!(pool.admit(a).is_none(), "a fourth from one address is refused");
         assert_eq!(pool.len(), 4);
-        drop((a2, a3, b1, b2, c1));
+        // The pool is full: a newcomer evicts the oldest of the busiest address (a), not the older c1.
+        let b1 = pool.admit(b).unwrap();
+        assert!(a1.evicted().is_cancelled());
+        assert!(!c1.evicted().is_cancelled() && !a2.evicted().is_cancelled());
+        let b2 = pool.admit(b).unwrap();
+        assert!(a2.evicted().is_cancelled(), "a still has the most");
+        // Now a, b and c hold 1, 2 and 1: b is the busiest.
+        let b3 = pool.admit(c).unwrap();
+        assert!(b1.evicted().is_cancelled() && !c1.evicted().is_cancelled() && !a3.evicted().is_cancelled());
+        assert_eq!(pool.len(), 4);
+        // Evicted places are free at once; dropping an evicted ticket later changes nothing.
+        drop((a1, a2, b1));
+        assert_eq!(pool.len(), 4);
+        drop((a3, b2, b3, c1));
         assert_eq!(pool.len(), 0);
         assert!(pool.lock().per_address.is_empty());
     }
