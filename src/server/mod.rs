@@ -319,40 +319,63 @@ impl Server {
                 refuse_at_once(&stream, self.shared.config.tls.is_some());
                 continue;
             };
-            let (shared, stop, slots) = (self.shared.clone(), shutdown.child_token(), slots.clone());
-            tracker.spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-                let opened = tokio::select! {
-                    opened = open_session(stream, &shared, &stop, peer, deadline) => opened,
-                    () = ticket.evicted().cancelled() => {
-                        tracing::debug!(%peer, "evicted before completing the handshake");
-                        None
-                    }
-                };
-                drop(ticket);
-                let Some((mut conn, accepted)) = opened else {
-                    return;
-                };
-                // Only a connection that completed the handshake takes one of the server's slots.
-                let Ok(permit) = slots.try_acquire_owned() else {
-                    let busy =
-                        TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
-                    tell_peer(&mut conn, &busy).await;
-                    return;
-                };
-                if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
-                    tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
-                    tell_peer(&mut conn, &e).await;
-                }
-                drop(permit);
-            });
+            let deadline = tokio::time::Instant::now() + self.shared.config.handshake_timeout;
+            let accepted = NewConnection {
+                stream,
+                peer,
+                ticket,
+                deadline,
+            };
+            let session = serve_accepted(accepted, self.shared.clone(), shutdown.child_token(), slots.clone());
+            tracker.spawn(session);
         };
         tracker.close();
         tracker.wait().await;
         self.store.flush()?;
         result
     }
+}
+
+/// A connection just accepted, with its place in the pre-auth pool and its handshake deadline.
+struct NewConnection {
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ticket: preauth::PreAuthTicket,
+    deadline: tokio::time::Instant,
+}
+
+/// One accepted connection's life: the handshake in the pre-auth pool (by its deadline, unless evicted), then one
+/// of the server's `slots` and the session.
+async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: CancellationToken, slots: Arc<Semaphore>) {
+    let NewConnection {
+        stream,
+        peer,
+        ticket,
+        deadline,
+    } = accepted;
+    let _ = stream.set_nodelay(true);
+    let opened = tokio::select! {
+        opened = open_session(stream, &shared, &stop, peer, deadline) => opened,
+        () = ticket.evicted().cancelled() => {
+            tracing::debug!(%peer, "evicted before completing the handshake");
+            None
+        }
+    };
+    drop(ticket);
+    let Some((mut conn, accepted)) = opened else {
+        return;
+    };
+    // Only a connection that completed the handshake takes one of the server's slots.
+    let Ok(permit) = slots.try_acquire_owned() else {
+        let busy = TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
+        tell_peer(&mut conn, &busy).await;
+        return;
+    };
+    if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
+        tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
+        tell_peer(&mut conn, &e).await;
+    }
+    drop(permit);
 }
 
 /// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover
