@@ -419,3 +419,30 @@ async fn one_deadline_covers_tls_and_the_ferry_handshake() {
         "closed after {closed:?}"
     );
 }
+
+/// A stalled big frame that holds the whole frame budget is evicted when an honest client needs room: the push
+/// lands, and the staller is told `Overloaded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_frame_holding_the_budget_is_evicted_for_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--frame-budget", "25MiB", "--min-frame-rate", "0"];
+    let server = TestServer::start_with(&dir.path().join("root"), &args);
+    let mut staller = greeted(server.addr).await.into_inner();
+    const FRAME: usize = 24 * MIB;
+    let mut frame = vec![0u8; 4 + FRAME - 1];
+    frame[..4].copy_from_slice(&(FRAME as u32).to_be_bytes());
+    staller.write_all(&frame).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let file = dir.path().join("f.bin");
+    write_random(&file, 4 * MIB, 5);
+    let started = Instant::now();
+    let args = ["--chunking", "fixed", "--chunk-size", "1MiB", "--max-duration", "20s"];
+    push(&file, &server.url("f.bin"), &dir.path().join("state"), &args)
+        .await
+        .assert_ok();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), staller.read_to_end(&mut answer)).await;
+    let code = answer.get(8..10).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    assert_eq!(code, Some(u16::from(ErrorCode::Overloaded)), "{answer:?}");
+}
