@@ -166,6 +166,7 @@ async fn stalled_big_frames_stay_within_the_frame_budget() {
     }
     tokio::time::sleep(Duration::from_secs(7)).await;
     let peak = peak_rss_mib(pid);
+    eprintln!("server peak RSS {peak} MiB (at start {baseline} MiB) under 12 stalled 20 MiB frames");
     assert!(
         peak < baseline + 90,
         "server peak RSS {peak} MiB (baseline {baseline} MiB) with a 25 MiB frame budget"
