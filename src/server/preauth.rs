@@ -2,10 +2,10 @@
 //!
 //! They live in a pool of their own, apart from the authenticated connection slots, so that anonymous peers who
 //! open connections and say nothing can never keep a token holder out: at most `max_per_address` of them per source
-//! address (more are closed at once, without a task), at most `max_total` in all (a newcomer evicts the oldest
-//! connection of the address that has the most),
-//! and each gets one deadline for the TLS handshake and the ferry handshake together. Only a connection that
-//! completed the handshake takes one of the server's `max_connections` slots.
+//! (an IPv4 address, or an IPv6 /64; more are closed at once, without a task), at most `max_total` in all (a
+//! newcomer evicts the oldest connection of the source that has the most), and each gets one deadline for the TLS
+//! handshake and the ferry handshake together. Only a connection that completed the handshake takes one of the
+//! server's `max_connections` slots.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -92,6 +92,7 @@ impl PreAuthPool {
     /// pool is full; `None` when
     /// `addr` already has its share of connections in their handshake.
     pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Option<PreAuthTicket> {
+        let addr = source(addr);
         let mut state = self.lock();
         if state.per_address.get(&addr).copied().unwrap_or(0) >= self.max_per_address {
             return None;
@@ -121,6 +122,18 @@ impl PreAuthPool {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().open.len()
+    }
+}
+
+/// The source a connection is counted under: its IPv4 address, or the /64 network of an IPv6 address (one host
+/// commonly holds a whole /64).
+fn source(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -158,5 +171,24 @@ mod tests {
         drop((a3, b2, b3, c1));
         assert_eq!(pool.len(), 0);
         assert!(pool.lock().per_address.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_network_counts_as_one_source() {
+        let pool = PreAuthPool::new(10, 2);
+        let host = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        let held = (pool.admit(host(1)).unwrap(), pool.admit(host(2)).unwrap());
+        assert!(pool.admit(host(3)).is_none(), "the same /64");
+        assert!(pool.admit(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1])).is_some());
+        let mapped = IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 2]);
+        let v4 = (
+            pool.admit(IpAddr::from([127, 0, 0, 2])).unwrap(),
+            pool.admit(mapped).unwrap(),
+        );
+        assert!(
+            pool.admit(IpAddr::from([127, 0, 0, 2])).is_none(),
+            "v4-mapped is the v4 address"
+        );
+        drop((held, v4));
     }
 }
