@@ -165,9 +165,40 @@ pub struct Grant {
     pub permissions: Permissions,
 }
 
+/// The permission bits of a secret file (a token, a TLS key) that let its group or others read or write it;
+/// `None` when only the owner can, or the file's mode cannot be read.
+pub fn exposed_mode(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o066 != 0).then_some(mode)
+}
+
+/// Logs a warning when `path`, which holds `what` (a secret), is readable or writable by its group or others.
+pub fn warn_if_exposed(path: &std::path::Path, what: &str) {
+    if let Some(mode) = exposed_mode(path) {
+        tracing::warn!(
+            "{what} {} is accessible to other users (mode {mode:03o}); run chmod 600 on it",
+            path.display()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_files_open_to_others_are_flagged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "x").unwrap();
+        for (mode, exposed) in [(0o600, None), (0o400, None), (0o640, Some(0o640)), (0o604, Some(0o604))] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(exposed_mode(&file), exposed, "{mode:o}");
+        }
+        assert_eq!(exposed_mode(&dir.path().join("missing")), None);
+    }
 
     #[test]
     fn answers_depend_on_nonce_secret_id_and_channel() {

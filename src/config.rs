@@ -100,6 +100,10 @@ struct File {
 struct Limits {
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    max_preauth_connections: Option<usize>,
+    max_preauth_per_address: Option<usize>,
+    frame_budget: Option<Size>,
+    min_frame_rate: Option<Size>,
     max_frame: Option<Size>,
     max_manifest_chunks: Option<usize>,
     max_file_size: Option<Size>,
@@ -212,6 +216,18 @@ fn apply_limits(limits: &Limits, config: &mut ServerConfig) -> Result<(), String
     if let Some(n) = limits.max_connections_per_client {
         config.max_connections_per_client = n;
     }
+    if let Some(n) = limits.max_preauth_connections {
+        config.max_preauth_connections = n;
+    }
+    if let Some(n) = limits.max_preauth_per_address {
+        config.max_preauth_per_address = n;
+    }
+    if let Some(n) = size(&limits.frame_budget, "frame_budget")? {
+        config.frame_budget = n;
+    }
+    if let Some(n) = size(&limits.min_frame_rate, "min_frame_rate")? {
+        config.min_frame_rate = n;
+    }
     if let Some(n) = size(&limits.max_frame, "max_frame")? {
         config.max_frame = u32::try_from(n).map_err(|_| "limits.max_frame: too large".to_string())?;
     }
@@ -289,6 +305,10 @@ mod tests {
             [limits]
             max_connections = 10
             max_connections_per_client = 2
+            max_preauth_connections = 20
+            max_preauth_per_address = 3
+            frame_budget = "32MiB"
+            min_frame_rate = "4KiB"
             max_frame = "8MiB"
             max_manifest_chunks = 1000
             max_file_size = 1048576
@@ -321,6 +341,11 @@ mod tests {
         let mut config = ServerConfig::new(PathBuf::from("/r"));
         file.apply(&mut config).unwrap();
         assert_eq!(config.max_connections_per_client, 2);
+        assert_eq!(
+            (config.max_preauth_connections, config.max_preauth_per_address),
+            (20, 3)
+        );
+        assert_eq!((config.frame_budget, config.min_frame_rate), (32 << 20, 4096));
         assert_eq!(config.max_frame, 8 << 20);
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));

@@ -95,7 +95,8 @@ pub mod exit {
     pub const INTEGRITY: u8 = 5;
     /// Local trouble: the source is unreadable or kept changing, or the state store is unusable.
     pub const LOCAL: u8 = 6;
-    /// The server did not accept the client's token (none, unknown, or wrong), or the TLS peer failed its check.
+    /// The server did not accept the client's token (none, unknown, or wrong), the TLS peer failed its check, or one
+    /// side speaks TLS and the other does not.
     pub const AUTH: u8 = 7;
     /// Another run holds the client state directory (and `--wait` was not given).
     pub const ALREADY_RUNNING: u8 = 8;

@@ -233,6 +233,7 @@ pub fn access_for(token_file: Option<&std::path::Path>, tls: Option<&TlsChoice>)
                 message,
             };
             let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+            crate::auth::warn_if_exposed(path, "token file");
             Some(text.parse::<Token>().map_err(|e| failed(e.to_string()))?)
         }
         None => None,

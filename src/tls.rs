@@ -119,7 +119,9 @@ impl ServerTls {
     /// Loads a PEM certificate chain and private key. Blocking.
     pub fn load(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
         let chain = read_certs(cert)?;
-        let key = read_key(key)?;
+        let key_path = key;
+        let key = read_key(key_path)?;
+        crate::auth::warn_if_exposed(key_path, "TLS private key");
         let fingerprint = fingerprint(&chain[0]);
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?

@@ -76,16 +76,17 @@ fn one_chunk(len: u32) -> ChunkEntry {
 
 /// One round of hostile connections, each answered with the right error code.
 async fn attack_round(server: &TestServer) {
+    // A first frame that is not a ferry Hello, whatever it is, is BadMagic (proto-spec.md §3).
     assert_eq!(
         error_code_for_raw(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
-        ErrorCode::FrameTooLarge
+        ErrorCode::BadMagic
     );
     assert_eq!(
         error_code_for_raw(server, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await,
-        ErrorCode::FrameTooLarge
+        ErrorCode::BadMagic
     );
     let undecodable = [0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
-    assert_eq!(error_code_for_raw(server, &undecodable).await, ErrorCode::Malformed);
+    assert_eq!(error_code_for_raw(server, &undecodable).await, ErrorCode::BadMagic);
     let mut bad_magic = Vec::new();
     ferry::wire::codec::encode_frame(&hello(V, V, *b"NOTFERRY"), ferry::MAX_FRAME, &mut bad_magic).unwrap();
     assert_eq!(error_code_for_raw(server, &bad_magic).await, ErrorCode::BadMagic);

@@ -7,6 +7,7 @@ mod access;
 mod bad_input;
 mod campaign;
 mod config;
+mod conn_limits;
 mod cron;
 mod delta;
 mod exit_codes;

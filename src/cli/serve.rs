@@ -51,6 +51,20 @@ pub struct ServeArgs {
     /// Maximum concurrent connections of one client (by token, or by address when anonymous; default 64).
     #[arg(long)]
     pub max_connections_per_client: Option<usize>,
+    /// Maximum connections still in their handshake, apart from --max-connections (default 64; a newcomer beyond
+    /// it evicts the oldest of the address that has the most).
+    #[arg(long)]
+    pub max_preauth_connections: Option<usize>,
+    /// Maximum connections in their handshake from one source address (default 8; more are closed at once).
+    #[arg(long)]
+    pub max_preauth_per_address: Option<usize>,
+    /// Bytes of large frames all connections together may be receiving at once (default 64MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub frame_budget: Option<u64>,
+    /// Minimum average rate of a frame once it started, in bytes per second, after a grace of the idle timeout
+    /// (at most 10s); 0 disables it (default 16KiB).
+    #[arg(long, value_parser = parse_size)]
+    pub min_frame_rate: Option<u64>,
     /// Drop a client silent for this long (default 120s).
     #[arg(long, value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
@@ -178,6 +192,10 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
     config.max_connections_per_client = args
         .max_connections_per_client
         .unwrap_or(config.max_connections_per_client);
+    config.max_preauth_connections = args.max_preauth_connections.unwrap_or(config.max_preauth_connections);
+    config.max_preauth_per_address = args.max_preauth_per_address.unwrap_or(config.max_preauth_per_address);
+    config.frame_budget = args.frame_budget.unwrap_or(config.frame_budget);
+    config.min_frame_rate = args.min_frame_rate.unwrap_or(config.min_frame_rate);
     config.idle_timeout = args.idle_timeout.unwrap_or(config.idle_timeout);
     config.handshake_timeout = args.handshake_timeout.unwrap_or(config.handshake_timeout);
     config.max_file_size = args.max_file_size.unwrap_or(config.max_file_size);

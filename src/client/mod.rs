@@ -36,7 +36,7 @@ use crate::tls::{ClientTls, Stream};
 use crate::transfer::sender::SendEvent;
 use crate::transfer::{handshake, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Connection, ErrorCode};
+use crate::wire::{Connection, ErrorCode, ErrorFrame};
 use crate::MAX_FRAME;
 
 /// Exponential backoff with jitter between reconnects.
@@ -221,12 +221,31 @@ async fn connect_welcomed(
 /// A failed TLS handshake: a certificate the client does not trust (or a peer that does not speak TLS) is
 /// final; a broken connection is retried like any other.
 fn tls_failure(e: std::io::Error) -> TransferError {
+    if answered_without_tls(&e) {
+        return TransferError::refused(
+            ErrorCode::AuthFailed,
+            "the server does not speak TLS (it answered with plain bytes); connect without --tls-fingerprint/--tls-ca, \
+             or check the port",
+        );
+    }
     match e.kind() {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
             TransferError::refused(ErrorCode::AuthFailed, format!("TLS: {e}"))
         }
         _ => TransferError::Wire(e.into()),
     }
+}
+
+/// Whether rustls gave up because the peer's reply is not a TLS record at all (a ferry Error frame starts with a
+/// zero byte, which is no TLS content type).
+fn answered_without_tls(e: &std::io::Error) -> bool {
+    use rustls::{Error, InvalidMessage};
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()),
+        Some(Error::InvalidMessage(
+            InvalidMessage::InvalidContentType | InvalidMessage::UnknownProtocolVersion
+        ))
+    )
 }
 
 /// Progress of a push or pull, for display.
@@ -355,6 +374,15 @@ fn classify(error: TransferError) -> ClientError {
         TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => ClientError::Integrity(error),
         TransferError::Remote(frame) if frame.code == ErrorCode::AuthFailed => ClientError::Auth(error),
         TransferError::Refused { code, .. } if *code == ErrorCode::AuthFailed => ClientError::Auth(error),
+        // A plain client at a TLS server: as final as a TLS peer that fails its check.
+        TransferError::Remote(ErrorFrame {
+            code: ErrorCode::TlsRequired,
+            ..
+        })
+        | TransferError::Refused {
+            code: ErrorCode::TlsRequired,
+            ..
+        } => ClientError::Auth(error),
         TransferError::Remote(_) | TransferError::Refused { .. } => ClientError::Rejected(error),
         TransferError::Store(_)
         | TransferError::SourceIo(_)

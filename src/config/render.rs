@@ -45,6 +45,10 @@ struct File {
 struct Limits {
     max_connections: usize,
     max_connections_per_client: usize,
+    max_preauth_connections: usize,
+    max_preauth_per_address: usize,
+    frame_budget: String,
+    min_frame_rate: String,
     max_frame: String,
     max_manifest_chunks: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +92,10 @@ impl EffectiveServer<'_> {
             limits: Limits {
                 max_connections: config.max_connections,
                 max_connections_per_client: config.max_connections_per_client,
+                max_preauth_connections: config.max_preauth_connections,
+                max_preauth_per_address: config.max_preauth_per_address,
+                frame_budget: format_size(config.frame_budget),
+                min_frame_rate: format_size(config.min_frame_rate),
                 max_frame: format_size(u64::from(config.max_frame)),
                 max_manifest_chunks: config.max_manifest_chunks,
                 max_file_size: (config.max_file_size != u64::MAX).then(|| format_size(config.max_file_size)),
@@ -175,6 +183,18 @@ mod tests {
         assert_eq!(reread.max_file_size, 1 << 30);
         assert_eq!(reread.max_frame, config.max_frame);
         assert_eq!(reread.idle_timeout, config.idle_timeout);
+        assert_eq!(
+            (
+                reread.frame_budget,
+                reread.min_frame_rate,
+                reread.max_preauth_per_address
+            ),
+            (
+                config.frame_budget,
+                config.min_frame_rate,
+                config.max_preauth_per_address
+            )
+        );
         assert_eq!(again.root, Some(PathBuf::from("/srv")));
         assert_eq!(again.state, Some(PathBuf::from("/srv/.ferry/state")));
         assert_eq!(reread.clients[0].namespace, "");

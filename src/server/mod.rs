@@ -8,6 +8,7 @@
 
 mod access;
 mod partials;
+mod preauth;
 mod pull;
 
 pub use access::ClientEntry;
@@ -30,14 +31,17 @@ use crate::path::{RemotePath, RESERVED_DIR};
 use crate::store::{ReceiverStore, SenderStore, Store, StoreError};
 use crate::tls::{ServerTls, Stream};
 use crate::transfer::claims::Claims;
+use crate::transfer::handshake::Accepted;
 use crate::transfer::join::serve_join;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
 use crate::tree::LinkPolicy;
-use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, PullExpecting, PullKind};
+use crate::wire::codec::LEN_PREFIX;
+use crate::wire::{Connection, ErrorCode, ErrorFrame, FrameBudget, Message, PullExpecting, PullKind, ReadLimits};
 use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MAX_MANIFEST_CHUNKS};
 use access::Gate;
+use preauth::PreAuthPool;
 
 /// Smallest `max_frame` a server may set: a maximal chunk at the default chunk size (4 MiB) and its header fit.
 pub const MIN_MAX_FRAME: u32 = 5 * 1024 * 1024;
@@ -49,8 +53,18 @@ pub struct ServerConfig {
     pub root: PathBuf,
     /// Where the sled store lives (default `ROOT/.ferry/state`).
     pub state_dir: Option<PathBuf>,
-    /// Maximum concurrent connections; more are refused with `TooManyConnections`.
+    /// Maximum concurrent connections past the handshake; more are refused with `TooManyConnections`.
     pub max_connections: usize,
+    /// Maximum connections still in their handshake (TLS included), in a pool apart from `max_connections`; a
+    /// newcomer beyond it evicts the oldest of the source address that has the most.
+    pub max_preauth_connections: usize,
+    /// Maximum connections in their handshake from one source address; more are closed at once.
+    pub max_preauth_per_address: usize,
+    /// Bytes of frame bodies (above 64 KiB each) all connections may buffer at once (at least `max_frame`).
+    pub frame_budget: u64,
+    /// Once a frame has started, its bytes must arrive at this average rate (bytes per second) after a grace
+    /// of `min(idle_timeout, 10 s)`; 0: no minimum.
+    pub min_frame_rate: u64,
     /// Maximum concurrent connections of one client (by client id, or by address when anonymous).
     pub max_connections_per_client: usize,
     /// Largest frame body accepted after the handshake (at least [`MIN_MAX_FRAME`], at most [`MAX_FRAME`]).
@@ -84,6 +98,10 @@ impl ServerConfig {
             root,
             state_dir: None,
             max_connections: 256,
+            max_preauth_connections: 64,
+            max_preauth_per_address: 8,
+            frame_budget: 64 * 1024 * 1024,
+            min_frame_rate: 16 * 1024,
             max_connections_per_client: 64,
             max_frame: MAX_FRAME,
             max_manifest_chunks: MAX_MANIFEST_CHUNKS,
@@ -139,9 +157,14 @@ pub enum ServerError {
     Config(String),
 }
 
+/// Most grace a frame gets before its minimum rate applies.
+const MAX_FRAME_GRACE: Duration = Duration::from_secs(10);
+
 /// What every session of a server shares.
 #[derive(Clone)]
 struct Shared {
+    /// Frame bodies being buffered, server-wide.
+    frames: Arc<FrameBudget>,
     /// Clients, namespaces (one receiver context each) and connection counts.
     gate: Gate,
     /// Manifest cache for Pulls.
@@ -168,6 +191,12 @@ impl Server {
         if config.max_manifest_chunks == 0 || config.max_manifest_chunks > MAX_MANIFEST_CHUNKS {
             return Err(ServerError::Config(format!(
                 "max_manifest_chunks must be between 1 and {MAX_MANIFEST_CHUNKS}"
+            )));
+        }
+        if config.frame_budget < u64::from(config.max_frame) + LEN_PREFIX as u64 {
+            return Err(ServerError::Config(format!(
+                "frame_budget must hold at least one frame of max_frame ({} bytes)",
+                config.max_frame
             )));
         }
         let private = config.root.join(RESERVED_DIR);
@@ -201,6 +230,7 @@ impl Server {
         };
         let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;
         let shared = Shared {
+            frames: FrameBudget::new(config.frame_budget),
             gate,
             sender: SenderStore::open(&store)?,
             stats: receiver.stats,
@@ -214,6 +244,11 @@ impl Server {
         self.shared.stats.clone()
     }
 
+    /// The server-wide budget of frame bytes being buffered (its `in_use` is a live gauge).
+    pub fn frame_budget(&self) -> Arc<FrameBudget> {
+        self.shared.frames.clone()
+    }
+
     /// Serves one accepted connection over any byte stream (plain; a TLS session's token answers could not be
     /// bound to it): the handshake, then Offers and Pulls
     /// until the peer closes or `stop` fires; a failure is told to the peer before it is returned. This is what each
@@ -225,7 +260,12 @@ impl Server {
         stop: &CancellationToken,
     ) -> Result<(), TransferError> {
         let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
-        let result = serve_connection(&mut conn, &self.shared, stop, peer, None).await;
+        conn.set_read_limits(self.shared.read_limits());
+        let deadline = tokio::time::Instant::now() + self.shared.config.handshake_timeout;
+        let result = match handshake_by(&mut conn, &self.shared, stop, None, deadline).await {
+            Ok(accepted) => serve_session(&mut conn, &self.shared, stop, peer, accepted).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
             tell_peer(&mut conn, e).await;
         }
@@ -259,6 +299,8 @@ impl Server {
         let tracker = TaskTracker::new();
         tracker.spawn(sweep_periodically(self.shared.clone(), shutdown.clone()));
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let config = &self.shared.config;
+        let preauth = PreAuthPool::new(config.max_preauth_connections, config.max_preauth_per_address);
         let result = loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -274,33 +316,67 @@ impl Server {
                 Err(e) => break Err(ServerError::Accept(e)),
             };
             self.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-            let permit = slots.clone().try_acquire_owned().ok();
-            let (shared, stop) = (self.shared.clone(), shutdown.child_token());
-            tracker.spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let Some(stream) = secure(stream, &shared.config, peer).await else {
-                    return;
-                };
-                let binding = stream.channel_binding();
-                let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
-                if permit.is_none() {
-                    let busy = ErrorFrame::new(ErrorCode::TooManyConnections, "server is at its connection limit");
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), conn.write_message(&Message::Error(busy))).await;
-                    return;
-                }
-                if let Err(e) = serve_connection(&mut conn, &shared, &stop, peer, binding).await {
-                    tracing::info!(%peer, error = %e, "session ended with an error");
-                    tell_peer(&mut conn, &e).await;
-                }
-                drop(permit);
-            });
+            let Some(ticket) = preauth.admit(peer.ip()) else {
+                refuse_at_once(&stream, self.shared.config.tls.is_some());
+                continue;
+            };
+            let deadline = tokio::time::Instant::now() + self.shared.config.handshake_timeout;
+            let accepted = NewConnection {
+                stream,
+                peer,
+                ticket,
+                deadline,
+            };
+            let session = serve_accepted(accepted, self.shared.clone(), shutdown.child_token(), slots.clone());
+            tracker.spawn(session);
         };
         tracker.close();
         tracker.wait().await;
         self.store.flush()?;
         result
     }
+}
+
+/// A connection just accepted, with its place in the pre-auth pool and its handshake deadline.
+struct NewConnection {
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ticket: preauth::PreAuthTicket,
+    deadline: tokio::time::Instant,
+}
+
+/// One accepted connection's life: the handshake in the pre-auth pool (by its deadline, unless evicted), then one
+/// of the server's `slots` and the session.
+async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: CancellationToken, slots: Arc<Semaphore>) {
+    let NewConnection {
+        stream,
+        peer,
+        ticket,
+        deadline,
+    } = accepted;
+    let _ = stream.set_nodelay(true);
+    let opened = tokio::select! {
+        opened = open_session(stream, &shared, &stop, peer, deadline) => opened,
+        () = ticket.evicted().cancelled() => {
+            tracing::debug!(%peer, "evicted before completing the handshake");
+            None
+        }
+    };
+    drop(ticket);
+    let Some((mut conn, accepted)) = opened else {
+        return;
+    };
+    // Only a connection that completed the handshake takes one of the server's slots.
+    let Ok(permit) = slots.try_acquire_owned() else {
+        let busy = TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
+        tell_peer(&mut conn, &busy).await;
+        return;
+    };
+    if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
+        tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
+        tell_peer(&mut conn, &e).await;
+    }
+    drop(permit);
 }
 
 /// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover
@@ -328,13 +404,108 @@ async fn sweep_periodically(shared: Shared, shutdown: CancellationToken) {
     }
 }
 
-/// The TLS handshake when the server has a certificate (bounded by the handshake timeout), else the plain stream.
-/// `None` when the handshake failed; there is nobody to tell.
-async fn secure(tcp: tokio::net::TcpStream, config: &ServerConfig, peer: SocketAddr) -> Option<Stream> {
+impl Shared {
+    /// What a client may make the server buffer, and how slowly it may send a frame.
+    fn read_limits(&self) -> ReadLimits {
+        ReadLimits {
+            budget: self.frames.clone(),
+            budget_wait: self.config.idle_timeout,
+            min_rate: self.config.min_frame_rate,
+            grace: self.config.idle_timeout.min(MAX_FRAME_GRACE),
+        }
+    }
+}
+
+/// Closes a connection whose address already has its share of handshakes in progress, without a task: a plain
+/// client is told `TooManyConnections` if the socket takes the frame at once (a TLS client could not read it).
+fn refuse_at_once(tcp: &tokio::net::TcpStream, tls: bool) {
+    if tls {
+        return;
+    }
+    let busy = ErrorFrame::new(
+        ErrorCode::TooManyConnections,
+        "too many connections from this address are in their handshake",
+    );
+    let mut frame = Vec::new();
+    if crate::wire::codec::encode_frame(&Message::Error(busy), HANDSHAKE_MAX_FRAME, &mut frame).is_ok() {
+        let _ = tcp.try_write(&frame);
+    }
+}
+
+/// The TLS handshake (if configured) and the ferry handshake, all by `deadline`. `None` when either failed (the
+/// peer was told why where it can read it).
+async fn open_session(
+    tcp: tokio::net::TcpStream,
+    shared: &Shared,
+    stop: &CancellationToken,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<(Connection<Stream>, Accepted)> {
+    let stream = secure(tcp, &shared.config, peer, deadline).await?;
+    let binding = stream.channel_binding();
+    let mut conn = Connection::new(stream, HANDSHAKE_MAX_FRAME);
+    conn.set_read_limits(shared.read_limits());
+    match handshake_by(&mut conn, shared, stop, binding, deadline).await {
+        Ok(accepted) => Some((conn, accepted)),
+        Err(e) => {
+            tracing::info!(%peer, error = %printable(&e.to_string()), "handshake failed");
+            tell_peer(&mut conn, &e).await;
+            conn.drain(deadline.min(tokio::time::Instant::now() + LINGER)).await;
+            None
+        }
+    }
+}
+
+/// How long a refused peer's remaining bytes are read and dropped after the Error frame, so that closing does not
+/// reset the connection before the peer has read why.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The ferry handshake (and authentication), to be completed by `deadline`.
+async fn handshake_by<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    shared: &Shared,
+    stop: &CancellationToken,
+    binding: Option<[u8; 32]>,
+    deadline: tokio::time::Instant,
+) -> Result<Accepted, TransferError> {
+    let config = &shared.config;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let accept = handshake::server_accept(conn, left, &shared.gate.tokens, binding.as_ref(), config.max_frame);
+    tokio::select! {
+        accepted = accept => accepted,
+        _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+    }
+}
+
+/// The TLS handshake when the server has a certificate (by `deadline`, the ferry handshake's too), else the
+/// plain stream. A peer whose first byte does not open a TLS handshake record is told in a plain ferry Error
+/// frame (`TlsRequired`) that this server speaks only TLS. `None` when the handshake failed.
+async fn secure(
+    tcp: tokio::net::TcpStream,
+    config: &ServerConfig,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<Stream> {
     let Some(tls) = &config.tls else {
         return Some(Stream::Plain(tcp));
     };
-    match tokio::time::timeout(config.handshake_timeout, tls.accept(tcp)).await {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            tracing::info!(%peer, "a plain client reached this TLS server");
+            let mut conn = Connection::new(Stream::Plain(tcp), HANDSHAKE_MAX_FRAME);
+            let refusal = TransferError::refused(
+                ErrorCode::TlsRequired,
+                "this server speaks only TLS; connect with --tls-fingerprint or --tls-ca",
+            );
+            tell_peer(&mut conn, &refusal).await;
+            conn.drain(deadline.min(tokio::time::Instant::now() + LINGER)).await;
+            return None;
+        }
+        Ok(Ok(1)) => {}
+        _ => return None,
+    }
+    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "TLS handshake failed");
@@ -347,21 +518,18 @@ async fn secure(tcp: tokio::net::TcpStream, config: &ServerConfig, peer: SocketA
     }
 }
 
-/// Handshake (and authentication), then serve Offers, Pulls and ListPartials inside the client's namespace until
-/// the client closes the connection.
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+/// The first byte of a TLS ClientHello: the record type "handshake".
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Serves Offers, Pulls and ListPartials inside the client's namespace until the client closes the connection.
+async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     shared: &Shared,
     stop: &CancellationToken,
     peer: SocketAddr,
-    binding: Option<[u8; 32]>,
+    accepted: Accepted,
 ) -> Result<(), TransferError> {
     let config = &shared.config;
-    let (tokens, binding) = (&shared.gate.tokens, binding.as_ref());
-    let accepted = tokio::select! {
-        accepted = handshake::server_accept(conn, config.handshake_timeout, tokens, binding, config.max_frame) => accepted?,
-        _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
-    };
     let (client, version) = (accepted.client, accepted.version);
     let who = match &client {
         Some(id) => format!("client {id}"),
@@ -443,6 +611,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `text` safe for a log line: control characters (newlines, terminal escapes) become '?'.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// The queue budget in KiB permits; never less than one maximal chunk, so every chunk can be queued.

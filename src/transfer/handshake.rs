@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{recv, TransferError};
 use crate::auth::{self, Token};
-use crate::wire::{Auth, Challenge, Connection, ErrorCode, Hello, Message, Welcome, MAGIC};
+use crate::wire::{Auth, Challenge, Connection, ErrorCode, Hello, Message, Welcome, WireError, MAGIC};
 use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Longest agent string a server accepts in Hello.
@@ -36,7 +36,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
         client: token.map(|t| t.id.clone()).unwrap_or_default(),
     });
     super::send_within(conn, &hello, timeout, "sending Hello").await?;
-    let mut reply = recv(conn, timeout, "waiting for Welcome").await?;
+    let mut reply = recv(conn, timeout, "waiting for Welcome").await.map_err(tls_server)?;
     if let Message::Challenge(Challenge { nonce }) = reply {
         let token = token.ok_or_else(|| {
             TransferError::refused(
@@ -63,6 +63,18 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
             got: other.name(),
             state: "waiting for Welcome",
         }),
+    }
+}
+
+/// A TLS record where the server's first frame was due: the server speaks TLS and this client does not. Final,
+/// like a failed TLS trust check (the client exits 7).
+fn tls_server(error: TransferError) -> TransferError {
+    match error {
+        TransferError::Wire(WireError::TlsRecord) => TransferError::refused(
+            ErrorCode::TlsRequired,
+            "the server speaks TLS; use --tls-fingerprint or --tls-ca",
+        ),
+        other => other,
     }
 }
 
@@ -110,15 +122,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     binding: Option<&[u8; 32]>,
     max_frame: u32,
 ) -> Result<Accepted, TransferError> {
-    let hello = match super::next_message(conn, timeout, "waiting for Hello").await? {
-        Message::Hello(hello) => hello,
-        other => {
-            return Err(TransferError::Unexpected {
-                got: other.name(),
-                state: "waiting for Hello",
-            })
-        }
-    };
+    let hello = first_hello(conn, timeout).await?;
     if hello.magic != MAGIC {
         return Err(TransferError::refused(ErrorCode::BadMagic, "not a ferry client"));
     }
@@ -150,6 +154,29 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Accepted { client, version })
 }
 
+/// The client's first frame, which must be a decodable `Hello` (proto-spec.md §3): anything else (another message,
+/// an undecodable or oversized frame, an HTTP request, a TLS ClientHello) is `BadMagic`.
+async fn first_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+) -> Result<Hello, TransferError> {
+    let not_ferry = |why: String| TransferError::refused(ErrorCode::BadMagic, why);
+    match super::next_message(conn, timeout, "waiting for Hello").await {
+        Ok(Message::Hello(hello)) => Ok(hello),
+        Ok(other) => Err(not_ferry(format!(
+            "the first frame must be Hello, not {}",
+            other.name()
+        ))),
+        Err(TransferError::Wire(WireError::TlsRecord)) => Err(not_ferry(
+            "this server does not speak TLS; connect without --tls-fingerprint/--tls-ca".into(),
+        )),
+        Err(TransferError::Wire(WireError::Codec(e))) => {
+            Err(not_ferry(format!("the first frame is not a ferry Hello: {e}")))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Challenges `client` to prove its token. Every failure (no id, unknown id, wrong answer) reads the same to the
 /// peer, so the server does not reveal which client ids exist.
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
@@ -166,6 +193,11 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             "this server requires a token (--token-file FILE or FERRY_TOKEN_FILE)",
         ));
     }
+    if auth::check_id(&client).is_err() {
+        // Not the shape of any configured id (§3a): refused like an unknown one, and never logged raw.
+        tracing::warn!(client = ?truncated(&client), "authentication failed: malformed client id");
+        return Err(denied());
+    }
     let nonce = auth::nonce();
     let challenge = Message::Challenge(Challenge { nonce });
     super::send_within(conn, &challenge, timeout, "sending Challenge").await?;
@@ -181,7 +213,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     match tokens.get(&client) {
         Some(token) if token.verify(&nonce, binding, &answer) => Ok(client),
         _ => {
-            tracing::warn!(client = %truncated(&client), "authentication failed");
+            tracing::warn!(client = %client, "authentication failed");
             Err(denied())
         }
     }

@@ -93,6 +93,9 @@ impl TransferError {
             TransferError::Wire(WireError::Codec(crate::wire::CodecError::FrameTooLarge { .. })) => {
                 ErrorCode::FrameTooLarge
             }
+            TransferError::Wire(WireError::TooSlow { .. }) => ErrorCode::Timeout,
+            TransferError::Wire(WireError::Overloaded(_)) => ErrorCode::Overloaded,
+            TransferError::Wire(WireError::TlsRecord) => ErrorCode::BadMagic,
             TransferError::Wire(_) => ErrorCode::Malformed,
             TransferError::Closed(_) | TransferError::Unexpected { .. } | TransferError::Abandoned(_) => {
                 ErrorCode::UnexpectedMessage

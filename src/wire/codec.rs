@@ -89,6 +89,12 @@ pub fn frame_len(buf: &[u8], max_frame: u32) -> Result<Option<usize>, CodecError
     Ok(Some(len as usize))
 }
 
+/// Whether `buf` starts like a TLS record (content type 20..=23, major version 3), which no ferry frame prefix
+/// within any frame limit does: a TLS client meeting a plain server, or a plain client meeting a TLS server.
+pub fn looks_like_tls(buf: &[u8]) -> bool {
+    matches!(buf, [20..=23, 3, ..])
+}
+
 /// Decodes the first frame in `buf`. `Ok(None)` means "not enough bytes yet"; on success also returns how many
 /// bytes the frame used.
 pub fn decode_frame(buf: &[u8], max_frame: u32) -> Result<Option<(Message, usize)>, CodecError> {

@@ -3,13 +3,20 @@
 //! [`Connection::read_message`] is cancel-safe (bytes already read stay in the buffer), so sessions can race it
 //! against timers and shutdown in `select!`. A clean end of stream between frames is `Ok(None)`; one inside a frame
 //! is [`WireError::Truncated`].
+//!
+//! A server also sets [`ReadLimits`]: big frame bodies are counted against a shared [`FrameBudget`] before they
+//! are buffered, and every frame must keep a minimum average rate once it has started (proto-spec.md §1, §10), so
+//! neither stalled partial frames nor byte-trickling can pin memory or a connection for long.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
+use super::budget::{FrameBudget, FrameGrant, SMALL_FRAME};
 use super::codec::{self, CodecError, LEN_PREFIX};
 use super::message::Message;
 
@@ -28,6 +35,51 @@ pub enum WireError {
     /// No byte moved for this long.
     #[error("no progress for {0:?}")]
     Idle(Duration),
+    /// A frame arrived more slowly than the minimum rate allows ([`ReadLimits::min_rate`]).
+    #[error("a frame of {len} bytes arrived slower than {min_rate} bytes/s after {grace:?} (only {received} bytes in {elapsed:?})")]
+    TooSlow {
+        /// The frame's body length, or 0 while its prefix was incomplete.
+        len: usize,
+        /// Bytes of it received.
+        received: usize,
+        /// Time since it started.
+        elapsed: Duration,
+        /// The rate required.
+        min_rate: u64,
+        /// The time every frame gets regardless of rate.
+        grace: Duration,
+    },
+    /// The frame memory budget stayed spent, or this connection's partial frame was evicted for a newcomer.
+    #[error("the server's frame memory budget is exhausted ({0})")]
+    Overloaded(&'static str),
+    /// The peer's first bytes are a TLS record: it speaks TLS where plain ferry frames were expected.
+    #[error("the peer speaks TLS")]
+    TlsRecord,
+}
+
+/// What a server allows a peer while it reads frames.
+#[derive(Clone, Debug)]
+pub struct ReadLimits {
+    /// Bodies larger than [`SMALL_FRAME`] are counted here before they are buffered.
+    pub budget: Arc<FrameBudget>,
+    /// How long a frame may wait for room in the budget before the connection fails with
+    /// [`WireError::Overloaded`].
+    pub budget_wait: Duration,
+    /// Once a frame has started, its bytes must arrive at this average rate (bytes per second) after `grace`:
+    /// by `grace + received / min_rate` after its first byte the next byte must be there. 0: no minimum.
+    pub min_rate: u64,
+    /// Time every frame gets regardless of its rate.
+    pub grace: Duration,
+}
+
+impl ReadLimits {
+    /// When the frame that started at `started`, with `received` bytes so far, must have its next byte.
+    fn frame_deadline(&self, started: Instant, received: usize) -> Option<Instant> {
+        (self.min_rate > 0).then(|| {
+            let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+            started + self.grace + earned
+        })
+    }
 }
 
 /// Bytes handed to the socket per write call, so a write deadline measures progress, not frame size.
@@ -39,17 +91,44 @@ pub struct Connection<S> {
     read_buf: BytesMut,
     write_buf: Vec<u8>,
     max_frame: u32,
+    limits: Option<ReadLimits>,
+    /// When the frame being read started (its first byte, or its budget grant for a big one).
+    frame_started: Option<Instant>,
+    /// The budget the frame being read holds.
+    grant: Option<FrameGrant>,
 }
+
+/// Capacity of a fresh read buffer: a whole small frame fits.
+const READ_BUF: usize = SMALL_FRAME + LEN_PREFIX;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Wraps `stream`; frames larger than `max_frame` body bytes are refused in both directions.
     pub fn new(stream: S, max_frame: u32) -> Self {
         Connection {
             stream,
-            read_buf: BytesMut::with_capacity(64 * 1024),
+            read_buf: BytesMut::with_capacity(READ_BUF),
             write_buf: Vec::new(),
             max_frame,
+            limits: None,
+            frame_started: None,
+            grant: None,
         }
+    }
+
+    /// Bounds what the peer can make this side buffer, and how slowly it may send a frame.
+    pub fn set_read_limits(&mut self, limits: ReadLimits) {
+        self.limits = Some(limits);
+    }
+
+    /// The underlying stream; bytes already read into the buffer (none between a peer's frames that were all
+    /// read) are dropped.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    /// Read access to the underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
     }
 
     /// Changes the frame limit (e.g. raised after the handshake).
@@ -63,19 +142,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Like [`Connection::read_message`], failing with [`WireError::Idle`] when no byte arrives for `idle`. The
-    /// deadline restarts with every byte, so a slow link moving a large frame is not cut off. Cancel-safe.
+    /// deadline restarts with every byte, so a slow link moving a large frame is not cut off (unless
+    /// [`ReadLimits`] set a minimum rate). Cancel-safe.
     pub async fn read_message_idle(&mut self, idle: Option<Duration>) -> Result<Option<Message>, WireError> {
         loop {
-            if let Some((msg, used)) = codec::decode_frame(&self.read_buf, self.max_frame)? {
+            if let Some((msg, used)) =
+                codec::decode_frame(&self.read_buf, self.max_frame).map_err(|e| self.explain(e))?
+            {
                 self.read_buf.advance(used);
-                self.shrink_read_buf();
+                self.frame_done();
                 return Ok(Some(msg));
             }
-            if let Some(len) = codec::frame_len(&self.read_buf, self.max_frame)? {
+            let mut rest = None;
+            if let Some(len) = codec::frame_len(&self.read_buf, self.max_frame).map_err(|e| self.explain(e))? {
                 // The length passed the limit check, so reserving it is bounded.
-                self.read_buf.reserve(LEN_PREFIX + len - self.read_buf.len());
+                let total = LEN_PREFIX + len;
+                if len > SMALL_FRAME {
+                    self.admit(total, idle).await?;
+                }
+                self.read_buf.reserve(total - self.read_buf.len());
+                rest = Some(total - self.read_buf.len());
             }
-            let n = within(idle, self.stream.read_buf(&mut self.read_buf)).await?;
+            // A partial frame left in the buffer starts its clock when the caller reads again, not while the caller
+            // was busy elsewhere (a commit, a full write queue).
+            if self.frame_started.is_none() && !self.read_buf.is_empty() {
+                self.frame_started = Some(Instant::now());
+            }
+            let limit = self.read_limit(idle)?;
+            let n = match (rest, &self.grant) {
+                // A budgeted frame is read to its end and no further, so its buffer can go once it is decoded.
+                (Some(rest), Some(_)) => {
+                    let stream = (&mut self.stream).take(rest as u64);
+                    read_within(limit, stream, &mut self.read_buf).await?
+                }
+                _ => read_within(limit, &mut self.stream, &mut self.read_buf).await?,
+            };
             if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -83,7 +184,86 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Err(WireError::Truncated)
                 };
             }
+            self.frame_started.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// Takes budget for a frame of `total` bytes (once per frame); its rate clock starts when it is granted.
+    async fn admit(&mut self, total: usize, idle: Option<Duration>) -> Result<(), WireError> {
+        let Some(limits) = &self.limits else {
+            return Ok(());
+        };
+        if self.grant.is_some() {
+            return Ok(());
+        }
+        let wait = idle.map_or(limits.budget_wait, |idle| idle.min(limits.budget_wait));
+        let grant = limits
+            .budget
+            .acquire(total as u64, wait)
+            .await
+            .ok_or(WireError::Overloaded("no room for this frame"))?;
+        self.grant = Some(grant);
+        self.frame_started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// How long the next read may take: the idle limit, or less if the frame's minimum rate says so.
+    fn read_limit(&self, idle: Option<Duration>) -> Result<ReadLimit, WireError> {
+        let frame = self
+            .limits
+            .as_ref()
+            .zip(self.frame_started)
+            .and_then(|(limits, started)| {
+                let deadline = limits.frame_deadline(started, self.read_buf.len())?;
+                Some((limits, started, deadline))
+            });
+        let Some((limits, started, deadline)) = frame else {
+            return Ok(ReadLimit::idle(idle, self.evicted()));
+        };
+        let now = Instant::now();
+        let slow = WireError::TooSlow {
+            len: codec::frame_len(&self.read_buf, u32::MAX).ok().flatten().unwrap_or(0),
+            received: self.read_buf.len(),
+            elapsed: now - started,
+            min_rate: limits.min_rate,
+            grace: limits.grace,
+        };
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(slow);
+        }
+        Ok(match idle {
+            Some(idle) if idle <= left => ReadLimit::idle(Some(idle), self.evicted()),
+            _ => ReadLimit {
+                limit: Some(left),
+                slow: Some(slow),
+                evicted: self.evicted(),
+            },
+        })
+    }
+
+    fn evicted(&self) -> Option<tokio_util::sync::CancellationToken> {
+        self.grant.as_ref().map(|g| g.evicted().clone())
+    }
+
+    /// A frame was decoded: its budget goes back, and the buffer that held a big one is freed with it.
+    fn frame_done(&mut self) {
+        self.frame_started = None;
+        if self.grant.take().is_some() {
+            let mut fresh = BytesMut::with_capacity(READ_BUF.max(self.read_buf.len()));
+            fresh.extend_from_slice(&self.read_buf);
+            self.read_buf = fresh;
+        } else {
+            self.shrink_read_buf();
+        }
+    }
+
+    /// A codec error, recognising a TLS record where a frame prefix was expected.
+    fn explain(&self, error: CodecError) -> WireError {
+        if matches!(error, CodecError::FrameTooLarge { .. }) && codec::looks_like_tls(&self.read_buf) {
+            return WireError::TlsRecord;
+        }
+        WireError::Codec(error)
     }
 
     /// Writes one message and flushes it.
@@ -113,6 +293,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         write_sliced(&mut self.stream, data, idle).await?;
         self.stream.flush().await?;
         Ok(())
+    }
+
+    /// Reads and drops whatever the peer still sends, until it closes, 1 MiB has passed, or `until`; so that closing
+    /// after an Error frame does not reset the connection before the peer has read the frame.
+    pub async fn drain(&mut self, until: Instant) {
+        let mut left = 1024 * 1024usize;
+        let mut sink = [0u8; 8192];
+        while left > 0 {
+            match tokio::time::timeout_at(until, self.stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => return,
+            }
+        }
     }
 
     /// Shuts down the write side, telling the peer no more frames follow.
@@ -146,6 +339,52 @@ async fn write_sliced<S: AsyncWrite + Unpin>(
         written += n;
     }
     Ok(())
+}
+
+/// The bounds of one read: a time limit (an idle limit, or the frame's rate deadline with the error it gives) and
+/// the eviction of the frame's budget.
+struct ReadLimit {
+    limit: Option<Duration>,
+    slow: Option<WireError>,
+    evicted: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl ReadLimit {
+    fn idle(idle: Option<Duration>, evicted: Option<tokio_util::sync::CancellationToken>) -> ReadLimit {
+        ReadLimit {
+            limit: idle,
+            slow: None,
+            evicted,
+        }
+    }
+}
+
+/// One read into `buf` within `bounds`.
+async fn read_within<R: AsyncRead + Unpin>(
+    bounds: ReadLimit,
+    mut reader: R,
+    buf: &mut BytesMut,
+) -> Result<usize, WireError> {
+    let ReadLimit { limit, slow, evicted } = bounds;
+    let evicted = async {
+        match &evicted {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let read = async {
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, reader.read_buf(buf))
+                .await
+                .map_err(|_| slow.unwrap_or(WireError::Idle(limit)))?
+                .map_err(WireError::Io),
+            None => reader.read_buf(buf).await.map_err(WireError::Io),
+        }
+    };
+    tokio::select! {
+        read = read => read,
+        () = evicted => Err(WireError::Overloaded("this connection's partial frame was evicted for another")),
+    }
 }
 
 /// Runs one socket call, failing with [`WireError::Idle`] if it makes no progress within `idle`.
@@ -211,5 +450,125 @@ mod tests {
         assert!(matches!(write, Err(WireError::Idle(_))));
         let read = conn.read_message_idle(Some(Duration::from_millis(500))).await;
         assert!(matches!(read, Err(WireError::Idle(_))));
+    }
+
+    fn limits(budget: &Arc<FrameBudget>, min_rate: u64, grace: Duration) -> ReadLimits {
+        ReadLimits {
+            budget: budget.clone(),
+            budget_wait: Duration::from_secs(5),
+            min_rate,
+            grace,
+        }
+    }
+
+    /// A frame trickled a byte at a time is cut once it falls behind the minimum rate, although every byte would
+    /// reset an idle deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_frame_is_cut_at_its_rate_deadline() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::MAX_FRAME);
+        let budget = FrameBudget::new(crate::MAX_FRAME as u64 * 2);
+        conn.set_read_limits(limits(&budget, 100, Duration::from_secs(2)));
+        let trickle = tokio::spawn(async move {
+            b.write_all(&1000u32.to_be_bytes()).await.unwrap();
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if b.write_all(&[0]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let read = conn.read_message_idle(Some(Duration::from_secs(1))).await;
+        let cut = started.elapsed();
+        assert!(matches!(read, Err(WireError::TooSlow { .. })), "{read:?}");
+        // 2 s of grace plus 1/100 s per byte received (4 + ~8 bytes).
+        assert!(cut >= Duration::from_secs(2) && cut < Duration::from_secs(3), "{cut:?}");
+        trickle.abort();
+    }
+
+    /// Big frames take their bytes from the shared budget before they are buffered and give them back once
+    /// decoded; a frame that finds the budget spent waits without buffering.
+    #[tokio::test(start_paused = true)]
+    async fn big_frames_are_buffered_within_the_budget() {
+        let frame = |fill: u8| {
+            let mut bytes = Vec::new();
+            let chunk = Message::Chunk(Chunk {
+                index: 0,
+                data: vec![fill; 200 * 1024],
+            });
+            codec::encode_frame(&chunk, crate::MAX_FRAME, &mut bytes).unwrap();
+            bytes
+        };
+        let whole = frame(1).len() as u64;
+        let budget = FrameBudget::new(whole);
+        let (a1, mut b1) = tokio::io::duplex(1 << 20);
+        let (a2, mut b2) = tokio::io::duplex(1 << 20);
+        let mut first = Connection::new(a1, crate::MAX_FRAME);
+        let mut second = Connection::new(a2, crate::MAX_FRAME);
+        first.set_read_limits(limits(&budget, 0, Duration::from_secs(1)));
+        second.set_read_limits(limits(&budget, 0, Duration::from_secs(1)));
+        let (f1, f2) = (frame(1), frame(2));
+        b1.write_all(&f1[..f1.len() - 1]).await.unwrap();
+        b2.write_all(&f2).await.unwrap();
+        let stalled = tokio::time::timeout(Duration::from_millis(100), first.read_message()).await;
+        assert!(stalled.is_err(), "the first frame is still partial");
+        assert_eq!(budget.in_use(), whole, "its bytes are counted");
+        let waiting = tokio::time::timeout(Duration::from_millis(100), second.read_message()).await;
+        assert!(waiting.is_err(), "no room: the second frame waits");
+        assert!(
+            second.read_buf.len() <= LEN_PREFIX + SMALL_FRAME,
+            "and is not buffered meanwhile"
+        );
+        b1.write_all(&f1[f1.len() - 1..]).await.unwrap();
+        assert!(matches!(first.read_message().await, Ok(Some(Message::Chunk(_)))));
+        assert_eq!(budget.in_use(), 0);
+        assert!(
+            first.read_buf.capacity() <= READ_BUF,
+            "the big buffer went with its budget"
+        );
+        assert!(matches!(second.read_message().await, Ok(Some(Message::Chunk(c))) if c.data[0] == 2));
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tls_record_is_recognised_where_a_frame_was_due() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::HANDSHAKE_MAX_FRAME);
+        b.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]).await.unwrap();
+        assert!(matches!(conn.read_message().await, Err(WireError::TlsRecord)));
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::HANDSHAKE_MAX_FRAME);
+        b.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(
+            conn.read_message().await,
+            Err(WireError::Codec(CodecError::FrameTooLarge { .. }))
+        ));
+    }
+
+    /// The rate clock of a partial frame left in the buffer runs only while the caller reads: a session busy for
+    /// longer than the grace (a long commit) does not find its next frame late.
+    #[tokio::test(start_paused = true)]
+    async fn a_leftover_partial_frame_is_timed_from_the_next_read() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::MAX_FRAME);
+        conn.set_read_limits(limits(
+            &FrameBudget::new(crate::MAX_FRAME as u64 * 2),
+            1000,
+            Duration::from_secs(1),
+        ));
+        let mut bytes = Vec::new();
+        codec::encode_frame(&Message::Ping(1), crate::MAX_FRAME, &mut bytes).unwrap();
+        codec::encode_frame(&Message::Ping(2), crate::MAX_FRAME, &mut bytes).unwrap();
+        b.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        assert!(matches!(conn.read_message().await, Ok(Some(Message::Ping(1)))));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let rest = bytes[bytes.len() - 1..].to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            b.write_all(&rest).await.unwrap();
+            b
+        });
+        assert!(matches!(conn.read_message().await, Ok(Some(Message::Ping(2)))));
     }
 }

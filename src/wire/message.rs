@@ -458,6 +458,10 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// 22: a `Join` names a manifest id that no transfer open at its path has (proto-spec.md §4, "Streams").
     UnknownTransfer,
+    /// 25: this server speaks only TLS; the client connected without it.
+    TlsRequired,
+    /// 26: the server's memory budget for frames stayed spent; retry later.
+    Overloaded,
     /// 28: the pulled path is a directory and the client expects a file, or the reverse (proto-spec.md §11).
     WrongKind,
     /// Any other value, from a newer peer.
@@ -478,11 +482,12 @@ impl ErrorCode {
                 | ErrorCode::Internal
                 | ErrorCode::Malformed
                 | ErrorCode::SourceChanged
+                | ErrorCode::Overloaded
         )
     }
 }
 
-const CODES: [(u16, ErrorCode); 23] = [
+const CODES: [(u16, ErrorCode); 25] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -505,6 +510,8 @@ const CODES: [(u16, ErrorCode); 23] = [
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
     (22, ErrorCode::UnknownTransfer),
+    (25, ErrorCode::TlsRequired),
+    (26, ErrorCode::Overloaded),
     (28, ErrorCode::WrongKind),
 ];
 

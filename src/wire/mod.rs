@@ -4,12 +4,14 @@
 //! messages into bytes and back (and the only bincode user), and [`conn`] owns a socket and its read buffer.
 //! Sessions above this module see messages only.
 
+pub mod budget;
 pub mod codec;
 pub mod conn;
 pub mod message;
 
+pub use budget::FrameBudget;
 pub use codec::CodecError;
-pub use conn::{Connection, WireError};
+pub use conn::{Connection, ReadLimits, WireError};
 pub use message::{
     Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, Message, Need,
     Offer, PartialEntry, Partials, Pull, PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry,
