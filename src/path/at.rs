@@ -40,7 +40,7 @@ pub fn rename_into(
     let mut dir = open_dir(root).map_err(|e| io_error(root, e))?;
     for component in parents {
         shown_path.push(component);
-        dir = step(&dir, component).map_err(|e| classify(root, &shown_path, e))?;
+        dir = step(&dir, component, true).map_err(|e| classify(root, &shown_path, e))?;
     }
     shown_path.push(name);
     let name_c = cstring(name);
@@ -56,13 +56,13 @@ pub fn rename_into(
 }
 
 /// Why a step failed: a symlink, something in the way, or an I/O error.
-enum Refusal {
+pub(super) enum Refusal {
     Symlink,
     InTheWay,
     Io(io::Error),
 }
 
-fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
+pub(super) fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     match refusal {
         Refusal::Symlink => PathError::Symlink(shown(root, at)),
         Refusal::InTheWay => PathError::InTheWay(shown(root, at)),
@@ -73,7 +73,7 @@ fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     }
 }
 
-fn open_dir(path: &Path) -> io::Result<File> {
+pub(super) fn open_dir(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -81,13 +81,13 @@ fn open_dir(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-fn cstring(component: &str) -> CString {
+pub(super) fn cstring(component: &str) -> CString {
     CString::new(component).expect("RemotePath components hold no NUL")
 }
 
 /// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
-/// it is missing.
-fn step(dir: &File, component: &str) -> Result<File, Refusal> {
+/// it is missing and `create` is set.
+pub(super) fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
     let name = cstring(component);
     for _ in 0..2 {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -99,6 +99,7 @@ fn step(dir: &File, component: &str) -> Result<File, Refusal> {
         }
         let error = io::Error::last_os_error();
         match error.raw_os_error() {
+            Some(libc::ENOENT) if !create => return Err(Refusal::Io(error)),
             Some(libc::ENOENT) => {
                 // SAFETY: as above.
                 let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
@@ -125,7 +126,7 @@ fn check_final(dir: &File, name: &CString, replace: Replace) -> Result<(), Refus
 
 /// What `name` in `dir` is, as a refusal: a symlink, a directory (in the way of a file), or `None` (absent or
 /// a regular file).
-fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
+pub(super) fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.

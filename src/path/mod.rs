@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 mod at;
+mod beneath;
 
 pub use at::{rename_into, Replace};
+pub use beneath::{entry_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
