@@ -30,6 +30,36 @@ pub fn rename_into(
     from: &Path,
     replace: Replace,
 ) -> Result<(PathBuf, File), PathError> {
+    let from_c = CString::new(from.as_os_str().as_bytes()).map_err(|_| PathError::Io {
+        path: shown(root, from),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    rename_at(root, path, libc::AT_FDCWD, &from_c, replace)
+}
+
+/// [`rename_into`] for the entry `from_name` of the directory `from_dir`: the source is named relative to a
+/// descriptor too, so neither side of the rename can be redirected by a swapped path. Blocking.
+pub fn rename_into_from(
+    root: &Path,
+    path: &RemotePath,
+    from_dir: &File,
+    from_name: &str,
+    replace: Replace,
+) -> Result<(PathBuf, File), PathError> {
+    let from_c = CString::new(from_name).map_err(|_| PathError::Io {
+        path: from_name.to_string(),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    rename_at(root, path, from_dir.as_raw_fd(), &from_c, replace)
+}
+
+fn rename_at(
+    root: &Path,
+    path: &RemotePath,
+    from_dir: libc::c_int,
+    from: &CString,
+    replace: Replace,
+) -> Result<(PathBuf, File), PathError> {
     let components: Vec<&str> = path.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
     let mut shown_path = root.to_path_buf();
@@ -45,10 +75,8 @@ pub fn rename_into(
     shown_path.push(name);
     let name_c = cstring(name);
     check_final(&dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
-    let from_c =
-        CString::new(from.as_os_str().as_bytes()).map_err(|_| io_error(from, io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: both strings are NUL-terminated and live across the call; the descriptor is open.
-    let renamed = unsafe { libc::renameat(libc::AT_FDCWD, from_c.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
+    // SAFETY: both strings are NUL-terminated and live across the call; the descriptors are open.
+    let renamed = unsafe { libc::renameat(from_dir, from.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
     if renamed != 0 {
         return Err(io_error(&shown_path, io::Error::last_os_error()));
     }

@@ -13,7 +13,7 @@ use thiserror::Error;
 mod at;
 mod beneath;
 
-pub use at::{rename_into, Replace};
+pub use at::{rename_into, rename_into_from, Replace};
 pub use beneath::{entry_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry};
 
 /// Longest accepted path, in bytes.
@@ -288,13 +288,17 @@ pub fn link_walk(link: &str, target: &str) -> Option<Vec<String>> {
     Some(visited)
 }
 
-/// Creates (if needed) and returns `ROOT/.ferry/partial`, refusing a symlink or non-directory at either level: the
-/// private place for partial and temporary files, which no transferred path can name.
+/// Creates (if needed, mode 0700) and returns `ROOT/.ferry/partial`, refusing a symlink or non-directory at either
+/// level, and a directory that is not owned by this process's user or that others may write to: in a shared
+/// destination directory another user could otherwise pre-create it and swap a verified partial for their own
+/// file before it is renamed into place. The private place for partial and temporary files, which no transferred
+/// path can name.
 pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let mut dir = root.to_path_buf();
     for component in [RESERVED_DIR, "partial"] {
         dir.push(component);
-        match std::fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -302,6 +306,22 @@ pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
         let meta = std::fs::symlink_metadata(&dir)?;
         if !meta.is_dir() {
             return Err(io::Error::other(format!("{} is not a directory", dir.display())));
+        }
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(io::Error::other(format!(
+                "{} belongs to uid {}, not to this user (uid {me}); refusing to keep partial files there",
+                dir.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(io::Error::other(format!(
+                "{} can be written by other users (mode {:o}); refusing to keep partial files there",
+                dir.display(),
+                meta.mode() & 0o7777
+            )));
         }
     }
     Ok(dir)
@@ -420,6 +440,27 @@ mod tests {
         }
         assert!(matches!(RemotePath::parse(&"a/".repeat(3000)), Err(PathError::TooLong)));
         assert!(matches!(RemotePath::parse(&"x".repeat(256)), Err(PathError::TooLong)));
+    }
+
+    /// Issue 12 item 9: a partial directory pre-created by another user, or one others may write to, is refused.
+    #[test]
+    fn a_foreign_or_shared_partial_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let made = private_partial_dir(root.path()).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "created private: {mode:o}");
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_partial_dir(root.path()).unwrap_err();
+        assert!(err.to_string().contains("can be written by other users"), "{err}");
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o700)).unwrap();
+        private_partial_dir(root.path()).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(root.path().join(RESERVED_DIR), Some(65534), Some(65534)).unwrap();
+            let err = private_partial_dir(root.path()).unwrap_err();
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
     }
 
     #[test]

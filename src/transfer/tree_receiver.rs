@@ -21,7 +21,7 @@ use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
-use crate::path::{ensure_dir, link_walk, open_dir_beneath, rename_into, RemotePath, Replace};
+use crate::path::{ensure_dir, entry_at, link_walk, open_dir_beneath, rename_into_from, Entry, RemotePath, Replace};
 use crate::ranges::encode_runs;
 use crate::tree::LinkPolicy;
 use crate::wire::{
@@ -373,26 +373,28 @@ fn place_symlink(
     }
     let components: Vec<&str> = key.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
-    let dir = match RemotePath::parse(&parents.join("/")) {
-        Ok(parent) => ensure_dir(root, &parent).map_err(|e| e.to_string())?,
-        Err(_) => root.to_path_buf(), // no parent: the root itself
-    };
-    let path = dir.join(name);
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.is_dir() => return Err(format!("{key} is a directory")),
-        Ok(meta)
-            if meta.file_type().is_symlink() && std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target) =>
-        {
-            return Ok(());
-        }
+    // The link is made and renamed relative to the directory the no-follow walk opened, never by path.
+    let dir = open_dir_beneath(root, parents, true).map_err(|e| e.to_string())?;
+    match entry_at(&dir, std::ffi::OsStr::new(name)) {
+        Ok(Entry::Dir(_)) => return Err(format!("{key} is a directory")),
+        Ok(Entry::Symlink(existing)) if existing.as_os_str() == target => return Ok(()),
         _ => {}
     }
-    let temp = dir.join(format!(".ferry-{:016x}.link", rand::random::<u64>()));
-    std::os::unix::fs::symlink(target, &temp).map_err(|e| e.to_string())?;
-    match rename_into(root, key, &temp, Replace::FileOrLink) {
+    let temp = format!(".ferry-{:016x}.link", rand::random::<u64>());
+    let (target_c, temp_c) = match (std::ffi::CString::new(target), std::ffi::CString::new(temp.as_str())) {
+        (Ok(t), Ok(n)) => (t, n),
+        _ => return Err(format!("{key} -> {target:?} holds a NUL")),
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: both strings are NUL-terminated and the descriptor is open.
+    if unsafe { libc::symlinkat(target_c.as_ptr(), dir.as_raw_fd(), temp_c.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    match rename_into_from(root, key, &dir, &temp, Replace::FileOrLink) {
         Ok(_) => Ok(()),
         Err(e) => {
-            let _ = std::fs::remove_file(&temp);
+            // SAFETY: as above.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), temp_c.as_ptr(), 0) };
             Err(e.to_string())
         }
     }
