@@ -11,6 +11,7 @@ mod cron;
 mod delta;
 mod exit_codes;
 mod faults;
+mod fs_attacks;
 mod gc;
 mod output;
 mod pull;

@@ -357,6 +357,17 @@ fn create_dir(root: &Path, dir: &Path) -> Result<(), PathError> {
     std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)
 }
 
+/// `text` with every mention of `root` taken out (paths under it shown relative to it, the root itself as `.`):
+/// what a server tells a client names paths inside the client's namespace, never where the server keeps them.
+pub fn hide_root(root: &Path, text: &str) -> String {
+    let root = root.display().to_string();
+    let root = root.trim_end_matches('/');
+    if root.is_empty() {
+        return text.to_string();
+    }
+    text.replace(&format!("{root}/"), "").replace(root, ".")
+}
+
 /// A path as the peer should see it: relative to the root, never revealing the server's layout.
 fn shown(root: &Path, path: &Path) -> String {
     path.strip_prefix(root).unwrap_or(path).display().to_string()
