@@ -453,6 +453,21 @@ mod tests {
         assert!(matches!(RemotePath::parse(&"x".repeat(256)), Err(PathError::TooLong)));
     }
 
+    /// Issue 12 item 14: what a server tells a client never shows where its root is.
+    #[test]
+    fn the_root_is_hidden_from_texts_told_to_a_peer() {
+        let root = Path::new("/srv/ferry/root/alice");
+        assert_eq!(
+            hide_root(root, "/srv/ferry/root/alice/pub/x: Permission denied"),
+            "pub/x: Permission denied"
+        );
+        assert_eq!(
+            hide_root(root, "/srv/ferry/root/alice has more than 3 entries"),
+            ". has more than 3 entries"
+        );
+        assert_eq!(hide_root(Path::new("/srv/r/"), "in /srv/r/a and /srv/r"), "in a and .");
+    }
+
     /// Issue 12 item 9: a partial directory pre-created by another user, or one others may write to, is refused.
     #[test]
     fn a_foreign_or_shared_partial_directory_is_refused() {
