@@ -2,7 +2,7 @@
 //!
 //! A [`RemotePath`] is relative, `/`-separated and normalised: no empty, `.` or `..` components, no NUL, not
 //! absolute, nothing under the reserved `.ferry/` directory, and within length limits (proto-spec.md, "Paths").
-//! [`resolve_in_root`] walks the components with `symlink_metadata`, so a symlink anywhere on the way (planted
+//! [`resolve_in_root`] walks the components with directory descriptors, so a symlink anywhere on the way (planted
 //! inside the root or not) is refused rather than followed.
 
 use std::io;
@@ -136,9 +136,10 @@ impl std::fmt::Display for RemotePath {
     }
 }
 
-/// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. Every existing
-/// component is checked with `symlink_metadata`: symlinks and non-directories on the way are refused, and so is a
-/// final component that is a symlink or a directory. Blocking.
+/// Resolves `path` under `root`, creating missing parent directories when `create_parents` is set. The parents are
+/// walked with descriptors (no symlink followed, nothing created outside the root); symlinks and non-directories on
+/// the way are refused, and so is a final component that is a symlink or a directory. The returned path is a
+/// check, not a capability: writes through it must walk again ([`rename_into`], [`open_dir_beneath`]). Blocking.
 pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> Result<PathBuf, PathError> {
     let components: Vec<&str> = path.components().collect();
     let (file_name, parents) = components.split_last().expect("a RemotePath has a component");
@@ -164,49 +165,11 @@ pub fn ensure_dir(root: &Path, path: &RemotePath) -> Result<PathBuf, PathError> 
 }
 
 /// Walks `components` below `root` as directories (creating missing ones if `create`); returns the last one.
+/// The walk is made with descriptors (`openat`, `O_NOFOLLOW`, `mkdirat`; see [`open_dir_beneath`]), so a directory
+/// swapped for a symlink during it is refused and nothing is created outside the root.
 fn walk_dirs(root: &Path, components: &[&str], create: bool) -> Result<PathBuf, PathError> {
-    let mut current = root.to_path_buf();
-    for component in components {
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => return Err(PathError::Symlink(shown(root, &current))),
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(PathError::InTheWay(shown(root, &current))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => create_dir(root, &current)?,
-            Err(e) => {
-                return Err(PathError::Io {
-                    path: shown(root, &current),
-                    source: e,
-                })
-            }
-        }
-    }
-    Ok(current)
-}
-
-/// Resolves an existing `path` under `root` for reading (a Pull): every component must exist and none may be a
-/// symlink; the last may be a file or a directory.
-pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std::fs::Metadata), PathError> {
-    let mut current = root.to_path_buf();
-    let mut meta = None;
-    for component in path.components() {
-        if meta.as_ref().is_some_and(|m: &std::fs::Metadata| !m.is_dir()) {
-            return Err(PathError::InTheWay(shown(root, &current)));
-        }
-        current.push(component);
-        let found = std::fs::symlink_metadata(&current).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => PathError::NotFound(path.to_string()),
-            _ => PathError::Io {
-                path: shown(root, &current),
-                source: e,
-            },
-        })?;
-        if found.file_type().is_symlink() {
-            return Err(PathError::Symlink(shown(root, &current)));
-        }
-        meta = Some(found);
-    }
-    Ok((current, meta.expect("a RemotePath has a component")))
+    open_dir_beneath(root, components, create)?;
+    Ok(components.iter().fold(root.to_path_buf(), |dir, c| dir.join(c)))
 }
 
 /// Whether `name` is a receiver's temporary file, `.ferry-<16 hex>.small` or `.link` (a link is made beside its
@@ -334,27 +297,6 @@ pub fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-}
-
-/// Creates one directory (a concurrent creator is fine, a symlink planted meanwhile is not) and syncs its parent,
-/// so the new entry survives a crash together with the file committed below it.
-fn create_dir(root: &Path, dir: &Path) -> Result<(), PathError> {
-    let io = |source| PathError::Io {
-        path: shown(root, dir),
-        source,
-    };
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(dir).map_err(io)?;
-            if !meta.is_dir() {
-                return Err(PathError::InTheWay(shown(root, dir)));
-            }
-        }
-        Err(e) => return Err(io(e)),
-    }
-    let parent = dir.parent().unwrap_or(root);
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// `text` with every mention of `root` taken out (paths under it shown relative to it, the root itself as `.`):
