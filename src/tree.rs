@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{mtime_of, ChunkSpec};
 use crate::path::{
-    entry_at, hide_root, is_temp_name, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath, Entry,
-    RemotePath,
+    entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
+    Entry, Kind, RemotePath,
 };
 use crate::source::{manifest_for_with, SourceError};
 use crate::store::SenderStore;
@@ -194,6 +194,14 @@ pub fn scan_beneath(
                 tree.skipped.push((path, e.to_string()));
                 continue;
             }
+            // A regular file is only looked at here; it is opened (through the walk) when it is described.
+            if matches!(kind_at(&dir, OsStr::new(&name)), Ok(Kind::File)) {
+                regular.push(path);
+                if found.len() + regular.len() > MAX_TREE_ENTRIES {
+                    return Err(too_many(&label));
+                }
+                continue;
+            }
             match entry_at(&dir, OsStr::new(&name)) {
                 Ok(Entry::File(_)) => regular.push(path),
                 Ok(Entry::Dir(child)) => match child.metadata() {
@@ -224,9 +232,7 @@ pub fn scan_beneath(
                 Err(e) => tree.failed.push((path, e.to_string())),
             }
             if found.len() + regular.len() > MAX_TREE_ENTRIES {
-                return Err(SourceError::Io(format!(
-                    "{label} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately"
-                )));
+                return Err(too_many(&label));
             }
         }
     }
@@ -264,6 +270,13 @@ impl LocalTree {
         components.extend(rel.split('/'));
         open_file_beneath(&self.base, &components)
     }
+}
+
+/// The error for a tree with too many entries; `label` names the tree as the reader may see it.
+fn too_many(label: &str) -> SourceError {
+    SourceError::Io(format!(
+        "{label} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately"
+    ))
 }
 
 /// The entry for a symlink at `path`, or why it is left out.

@@ -74,16 +74,45 @@ fn refusal(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     }
 }
 
-/// Opens `name` inside `dir` without following it: a regular file or a directory is opened (and checked to be the
-/// very inode that was looked at), a symlink is read, anything else is left unopened. Blocking.
-pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
+/// What an entry of a directory is, looked at without following or opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symlink.
+    Symlink,
+    /// A device, FIFO or socket.
+    Other,
+}
+
+/// What `name` inside `dir` is (`fstatat` with `AT_SYMLINK_NOFOLLOW`), without opening it. Blocking.
+pub fn kind_at(dir: &File, name: &OsStr) -> io::Result<Kind> {
     let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(match stat_at(dir, &name)?.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        _ => Kind::Other,
+    })
+}
+
+fn stat_at(dir: &File, name: &CStr) -> io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
     if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(stat)
+}
+
+/// Opens `name` inside `dir` without following it: a regular file or a directory is opened (and checked to be the
+/// very inode that was looked at), a symlink is read, anything else is left unopened. Blocking.
+pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
+    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let stat = stat_at(dir, &name)?;
     let base = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     let (flags, is_dir) = match stat.st_mode & libc::S_IFMT {
         // O_NONBLOCK: were a FIFO swapped in after the look, opening it must not hang.

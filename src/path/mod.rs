@@ -14,7 +14,7 @@ mod at;
 mod beneath;
 
 pub use at::{rename_into, rename_into_from, Replace};
-pub use beneath::{entry_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry};
+pub use beneath::{entry_at, kind_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry, Kind};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
