@@ -173,12 +173,28 @@ pub fn scan_beneath(
             }
         };
         let io = |e: &dyn std::fmt::Display| SourceError::Io(format!("{}: {e}", shown(&rel)));
-        let dir = tree.open_dir(&rel).map_err(|e| io(&e))?;
-        let names = list_dir(&dir).map_err(|e| io(&e))?;
+        let listed = tree
+            .open_dir(&rel)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| list_dir(&dir).map(|names| (dir, names)).map_err(|e| e.to_string()));
+        let (dir, names) = match listed {
+            Ok(listed) => listed,
+            Err(e) if rel.is_empty() => return Err(io(&e)),
+            // A subdirectory that vanished or was swapped for a symlink since it was seen: that part fails.
+            Err(e) => {
+                tree.failed.push((rel.clone(), e));
+                continue;
+            }
+        };
         for name in names {
             let Some(name) = name.to_str().map(str::to_string) else {
-                tree.skipped
-                    .push((shown(&name.to_string_lossy()), "name is not UTF-8".into()));
+                let lossy = name.to_string_lossy();
+                let path = if rel.is_empty() {
+                    lossy.to_string()
+                } else {
+                    format!("{rel}/{lossy}")
+                };
+                tree.skipped.push((path, "name is not UTF-8".into()));
                 continue;
             };
             if is_temp_name(&name) {
@@ -368,4 +384,51 @@ fn describe(
         },
     };
     Ok((entry, verified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// A scan below a base (a server's namespace) offers what is inside, leaves out what it must, and never names
+    /// the base in what it reports (issue 12 item 14).
+    #[test]
+    fn a_scan_beneath_a_base_reports_paths_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("root/alice");
+        let tree_dir = base.join("pub");
+        std::fs::create_dir_all(tree_dir.join("sub")).unwrap();
+        std::fs::write(tree_dir.join("a.txt"), b"a").unwrap();
+        std::fs::write(tree_dir.join("sub/b.txt"), b"bb").unwrap();
+        std::os::unix::fs::symlink("/etc", tree_dir.join("link")).unwrap();
+        std::fs::write(tree_dir.join(std::ffi::OsStr::from_bytes(b"bad\xff")), b"x").unwrap();
+        let store = SenderStore::open(&crate::store::Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let within = RemotePath::parse("pub").unwrap();
+        let tree = scan_beneath(
+            &base,
+            Some(&within),
+            LinkPolicy::Record,
+            &store,
+            ChunkSpec::default(),
+            None,
+        )
+        .unwrap();
+        let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a.txt", "sub", "sub/b.txt"]);
+        let mut skipped: Vec<&str> = tree.skipped.iter().map(|(p, _)| p.as_str()).collect();
+        skipped.sort_unstable();
+        assert_eq!(skipped, ["bad\u{fffd}", "link"]);
+        let base_text = dir.path().display().to_string();
+        for (path, why) in tree.skipped.iter().chain(&tree.failed) {
+            assert!(!path.contains(&base_text) && !why.contains(&base_text), "{path}: {why}");
+        }
+        let index = paths.iter().position(|p| *p == "sub/b.txt").unwrap() as u32;
+        assert_eq!(std::io::read_to_string(tree.open_file(index).unwrap()).unwrap(), "bb");
+        // Swapped for a symlink after the scan: opening the file again refuses it, naming the namespace path.
+        std::fs::rename(tree_dir.join("sub"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), tree_dir.join("sub")).unwrap();
+        let refused = tree.open_file(index).unwrap_err().to_string();
+        assert!(refused.starts_with("pub/sub is a symlink"), "{refused}");
+    }
 }
