@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
 use crate::manifest::Manifest;
-use crate::path::{open_no_follow, resolve_existing, PathError, RemotePath};
+use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
 use crate::store::{ManifestKey, ReceiverStore, SenderStore, StoreError};
 use crate::transfer::sender::Source;
 use crate::transfer::TransferError;
@@ -136,27 +136,33 @@ pub fn open_for_pull(
     sender: &SenderStore,
     spec: ChunkSpec,
 ) -> Result<PullSource, TransferError> {
-    let (resolved, meta) = resolve_existing(root, path).map_err(|e| match e {
+    let refused = |e: PathError| match e {
         PathError::NotFound(_) => TransferError::refused(ErrorCode::NotFound, e),
         other => TransferError::refused(ErrorCode::BadPath, other),
-    })?;
-    if meta.is_dir() {
-        return Ok(PullSource::Dir(resolved));
-    }
-    if !meta.is_file() {
-        return Err(TransferError::refused(
-            ErrorCode::NotFound,
-            format!("{path} is not a regular file"),
-        ));
-    }
-    let file = open_no_follow(&resolved).map_err(TransferError::SourceIo)?;
+    };
+    let resolved = root.join(path.as_str());
+    // Opened through the no-follow walk from the root: what is described is what is sent, and no directory
+    // swapped for a symlink on the way can lead the read out of the root.
+    let components: Vec<&str> = path.components().collect();
+    let file = match open_beneath(root, &components).map_err(refused)? {
+        Entry::Dir(_) => return Ok(PullSource::Dir(resolved)),
+        Entry::File(file) => file,
+        Entry::Symlink(_) => return Err(refused(PathError::Symlink(path.to_string()))),
+        Entry::Other => {
+            return Err(TransferError::refused(
+                ErrorCode::NotFound,
+                format!("{path} is not a regular file"),
+            ))
+        }
+    };
     let meta = file.metadata().map_err(TransferError::SourceIo)?;
     let (manifest, committed) = match committed_if_unchanged(receiver, path.as_str(), &meta) {
         Some(manifest) => (manifest, true),
         None => {
             let (manifest, _) = manifest_for(sender, &file, &resolved, spec, false).map_err(|e| match e {
                 SourceError::Store(e) => TransferError::Store(e),
-                other => TransferError::refused(ErrorCode::Internal, other),
+                // Its text names the file by its full path: told to the client relative to the namespace.
+                other => TransferError::refused(ErrorCode::Internal, hide_root(root, &other.to_string())),
             })?;
             (manifest, false)
         }

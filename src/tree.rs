@@ -6,13 +6,17 @@
 //! then only those that stay inside the tree); [`LocalTree::failed`] for files that vanished, could not be read or
 //! kept changing while they were read. Blocking.
 
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{mtime_of, ChunkSpec};
-use crate::path::{is_temp_name, link_stays_inside, open_no_follow, RemotePath};
+use crate::path::{
+    entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
+    Entry, Kind, RemotePath,
+};
 use crate::source::{manifest_for_with, SourceError};
 use crate::store::SenderStore;
 use crate::wire::{EntryKind, TreeEntry};
@@ -33,6 +37,10 @@ pub enum LinkPolicy {
 pub struct LocalTree {
     /// The directory walked.
     pub dir: PathBuf,
+    /// Where every open starts: the directory walked, or the root it lies in (a server's namespace).
+    pub base: PathBuf,
+    /// Components from [`LocalTree::base`] down to the directory walked (none when they are the same).
+    pub within: Vec<String>,
     /// Entries sorted by path (byte order).
     pub entries: Vec<TreeEntry>,
     /// For each entry, the local file to read (files only).
@@ -47,6 +55,25 @@ pub struct LocalTree {
 }
 
 impl LocalTree {
+    /// Opens the file of entry `index` for reading, walking from [`LocalTree::base`] with `openat` and
+    /// `O_NOFOLLOW` per component: a directory swapped for a symlink since the scan is refused, never followed
+    /// out of the tree. Errors name the entry relative to the base. Blocking.
+    pub fn open_file(&self, index: u32) -> Result<std::fs::File, crate::path::PathError> {
+        self.file_at(index).open()
+    }
+
+    /// Where file entry `index` lies below the base, to open it later (on another thread) like
+    /// [`LocalTree::open_file`] does.
+    pub fn file_at(&self, index: u32) -> FileBeneath {
+        let entry = &self.entries[index as usize];
+        let mut components = self.within.clone();
+        components.extend(entry.path.split('/').map(str::to_string));
+        FileBeneath {
+            base: self.base.clone(),
+            components,
+        }
+    }
+
     /// Number of file entries.
     pub fn file_count(&self) -> usize {
         self.files.iter().filter(|f| f.is_some()).count()
@@ -61,6 +88,23 @@ impl LocalTree {
                 _ => 0,
             })
             .sum()
+    }
+}
+
+/// A file of a tree as a base directory and the components below it, opened without following symlinks.
+#[derive(Debug, Clone)]
+pub struct FileBeneath {
+    /// Where the walk starts.
+    pub base: PathBuf,
+    /// The components walked, the last one the file.
+    pub components: Vec<String>,
+}
+
+impl FileBeneath {
+    /// Opens the file for reading: `openat` with `O_NOFOLLOW` per component from the base. Blocking.
+    pub fn open(&self) -> Result<std::fs::File, crate::path::PathError> {
+        let components: Vec<&str> = self.components.iter().map(String::as_str).collect();
+        open_file_beneath(&self.base, &components)
     }
 }
 
@@ -82,100 +126,203 @@ pub fn scan_with(
     spec: ChunkSpec,
     committed: Option<CommittedLookup<'_>>,
 ) -> Result<LocalTree, SourceError> {
+    scan_beneath(dir, None, links, store, spec, committed)
+}
+
+/// [`scan_with`] of the directory `within` below `base` (the directory `base` itself if `None`). Every directory,
+/// file and link is reached from `base` by `openat` with `O_NOFOLLOW` per component, so a directory swapped for a
+/// symlink during the scan (or later, when files are opened to be sent: [`LocalTree::open_file`]) is refused
+/// rather than followed out. Messages name paths relative to `base` when `within` is given (a server never shows
+/// a client where its root is), else relative to `base` prefixed by it.
+pub fn scan_beneath(
+    base: &Path,
+    within: Option<&RemotePath>,
+    links: LinkPolicy,
+    store: &SenderStore,
+    spec: ChunkSpec,
+    committed: Option<CommittedLookup<'_>>,
+) -> Result<LocalTree, SourceError> {
+    let within: Vec<String> = within.map_or_else(Vec::new, |w| w.components().map(str::to_string).collect());
+    let label = if within.is_empty() {
+        base.display().to_string()
+    } else {
+        within.join("/")
+    };
+    let dir = within.iter().fold(base.to_path_buf(), |dir, c| dir.join(c));
+    let mut tree = LocalTree {
+        dir,
+        base: base.to_path_buf(),
+        within,
+        entries: Vec::new(),
+        files: Vec::new(),
+        committed: Vec::new(),
+        skipped: Vec::new(),
+        failed: Vec::new(),
+    };
     let mut found: Vec<(TreeEntry, Option<PathBuf>, bool)> = Vec::new();
-    let mut skipped = Vec::new();
-    let mut failed = Vec::new();
     // Regular files are only listed during the walk, and described (read and hashed, or found in the manifest
     // cache) afterwards by several threads: that is where a fresh scan spends its time.
-    let mut regular: Vec<(PathBuf, String)> = Vec::new();
-    let mut pending = vec![(dir.to_path_buf(), String::new())];
-    while let Some((local, rel)) = pending.pop() {
-        let listing = std::fs::read_dir(&local).map_err(|e| SourceError::Io(format!("{}: {e}", local.display())))?;
-        for item in listing {
-            let item = item.map_err(|e| SourceError::Io(format!("{}: {e}", local.display())))?;
-            let Some(name) = item.file_name().to_str().map(str::to_string) else {
-                skipped.push((item.path().display().to_string(), "name is not UTF-8".into()));
+    let mut regular: Vec<String> = Vec::new();
+    let mut pending = vec![String::new()];
+    while let Some(rel) = pending.pop() {
+        let shown = |rel: &str| {
+            if rel.is_empty() {
+                label.clone()
+            } else {
+                format!("{label}/{rel}")
+            }
+        };
+        let io = |e: &dyn std::fmt::Display| SourceError::Io(format!("{}: {e}", shown(&rel)));
+        let listed = tree
+            .open_dir(&rel)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| list_dir(&dir).map(|names| (dir, names)).map_err(|e| e.to_string()));
+        let (dir, names) = match listed {
+            Ok(listed) => listed,
+            Err(e) if rel.is_empty() => return Err(io(&e)),
+            // A subdirectory that vanished or was swapped for a symlink since it was seen: that part fails.
+            Err(e) => {
+                tree.failed.push((rel.clone(), e));
+                continue;
+            }
+        };
+        for name in names {
+            let Some(name) = name.to_str().map(str::to_string) else {
+                let lossy = name.to_string_lossy();
+                let path = if rel.is_empty() {
+                    lossy.to_string()
+                } else {
+                    format!("{rel}/{lossy}")
+                };
+                tree.skipped.push((path, "name is not UTF-8".into()));
                 continue;
             };
             if is_temp_name(&name) {
                 // A receiver's temporary (a transfer in progress, or left by a crash), never content.
                 continue;
             }
-            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             if let Err(e) = RemotePath::parse(&path) {
-                skipped.push((path, e.to_string()));
+                tree.skipped.push((path, e.to_string()));
                 continue;
             }
-            let local_path = item.path();
-            if item.file_type().is_ok_and(|t| t.is_file()) {
-                regular.push((local_path, path));
+            // A regular file is only looked at here; it is opened (through the walk) when it is described.
+            if matches!(kind_at(&dir, OsStr::new(&name)), Ok(Kind::File)) {
+                regular.push(path);
                 if found.len() + regular.len() > MAX_TREE_ENTRIES {
-                    return Err(too_many(dir));
+                    return Err(too_many(&label));
                 }
                 continue;
             }
-            match describe(&local_path, &path, links, store, spec, committed) {
-                Ok(Described::Entry(entry, file, verified)) => {
-                    if matches!(entry.kind, EntryKind::Dir { .. }) {
-                        pending.push((local_path, path.clone()));
+            match entry_at(&dir, OsStr::new(&name)) {
+                Ok(Entry::File(_)) => regular.push(path),
+                Ok(Entry::Dir(child)) => match child.metadata() {
+                    Ok(meta) => {
+                        let kind = EntryKind::Dir {
+                            mode: meta.mode() & 0o7777,
+                            mtime: mtime_of(&meta),
+                        };
+                        found.push((
+                            TreeEntry {
+                                path: path.clone(),
+                                kind,
+                            },
+                            None,
+                            false,
+                        ));
+                        pending.push(path);
                     }
-                    found.push((entry, file, verified));
-                }
-                Ok(Described::Skip(reason)) => skipped.push((path, reason)),
-                Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
-                Err(e) => failed.push((path, e.to_string())),
+                    Err(e) => tree.failed.push((path, e.to_string())),
+                },
+                Ok(Entry::Symlink(target)) => match link_entry(&path, target, links) {
+                    Ok(entry) => found.push((entry, None, false)),
+                    Err(reason) => tree.skipped.push((path, reason)),
+                },
+                Ok(Entry::Other) => tree
+                    .skipped
+                    .push((path, "not a regular file, directory or symlink".into())),
+                Err(e) => tree.failed.push((path, e.to_string())),
             }
             if found.len() + regular.len() > MAX_TREE_ENTRIES {
-                return Err(too_many(dir));
+                return Err(too_many(&label));
             }
         }
     }
-    for ((_, path), described) in regular
+    for (path, described) in regular
         .iter()
-        .zip(describe_all(&regular, links, store, spec, committed))
+        .zip(describe_all(&tree, &regular, store, spec, committed))
     {
         match described {
-            Ok(Described::Entry(entry, file, verified)) => found.push((entry, file, verified)),
-            Ok(Described::Skip(reason)) => skipped.push((path.clone(), reason)),
+            Ok((entry, verified)) => found.push((entry, Some(tree.dir.join(path)), verified)),
             Err(SourceError::Store(e)) => return Err(SourceError::Store(e)),
-            Err(e) => failed.push((path.clone(), e.to_string())),
+            Err(e) => tree.failed.push((path.clone(), e.to_string())),
         }
     }
     store.flush()?;
     found.sort_by(|a, b| a.0.path.as_bytes().cmp(b.0.path.as_bytes()));
-    let mut entries = Vec::with_capacity(found.len());
-    let mut files = Vec::with_capacity(found.len());
-    let mut verified = Vec::with_capacity(found.len());
     for (entry, file, committed) in found {
-        entries.push(entry);
-        files.push(file);
-        verified.push(committed);
+        tree.entries.push(entry);
+        tree.files.push(file);
+        tree.committed.push(committed);
     }
-    Ok(LocalTree {
-        dir: dir.to_path_buf(),
-        entries,
-        files,
-        committed: verified,
-        skipped,
-        failed,
-    })
+    Ok(tree)
 }
 
-fn too_many(dir: &Path) -> SourceError {
+impl LocalTree {
+    /// Opens the directory `rel` (relative to the tree's directory) through the no-follow walk from the base.
+    fn open_dir(&self, rel: &str) -> Result<std::fs::File, crate::path::PathError> {
+        let mut components: Vec<&str> = self.within.iter().map(String::as_str).collect();
+        components.extend(rel.split('/').filter(|c| !c.is_empty()));
+        open_dir_beneath(&self.base, &components, false)
+    }
+
+    /// Opens the file `rel` (relative to the tree's directory) through the no-follow walk from the base.
+    fn open_rel(&self, rel: &str) -> Result<std::fs::File, crate::path::PathError> {
+        let mut components: Vec<&str> = self.within.iter().map(String::as_str).collect();
+        components.extend(rel.split('/'));
+        open_file_beneath(&self.base, &components)
+    }
+}
+
+/// The error for a tree with too many entries; `label` names the tree as the reader may see it.
+fn too_many(label: &str) -> SourceError {
     SourceError::Io(format!(
-        "{} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately",
-        dir.display()
+        "{label} has more than {MAX_TREE_ENTRIES} entries; push its subdirectories separately"
     ))
 }
 
+/// The entry for a symlink at `path`, or why it is left out.
+fn link_entry(path: &str, target: PathBuf, links: LinkPolicy) -> Result<TreeEntry, String> {
+    if links == LinkPolicy::Skip {
+        return Err("symlink (use --links record to recreate it)".into());
+    }
+    let Some(target) = target.to_str().map(str::to_string) else {
+        return Err("symlink target is not UTF-8".into());
+    };
+    if !link_stays_inside(path, &target) {
+        return Err(format!("symlink to {target:?} leaves the tree"));
+    }
+    Ok(TreeEntry {
+        path: path.to_string(),
+        kind: EntryKind::Symlink { target },
+    })
+}
+
+/// A file's entry, and whether it is described by its committed manifest; or why it could not be.
+type Described = Result<(TreeEntry, bool), SourceError>;
+
 /// [`describe`]s every file of `files`, on up to four threads; results in the order of `files`.
 fn describe_all(
-    files: &[(PathBuf, String)],
-    links: LinkPolicy,
+    tree: &LocalTree,
+    files: &[String],
     store: &SenderStore,
     spec: ChunkSpec,
     committed: Option<CommittedLookup<'_>>,
-) -> Vec<Result<Described, SourceError>> {
+) -> Vec<Described> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
     let next = AtomicUsize::new(0);
@@ -183,13 +330,13 @@ fn describe_all(
         let mut done = Vec::new();
         loop {
             let index = next.fetch_add(1, Ordering::Relaxed);
-            let Some((local, path)) = files.get(index) else {
+            let Some(path) = files.get(index) else {
                 return done;
             };
-            done.push((index, describe(local, path, links, store, spec, committed)));
+            done.push((index, describe(tree, path, store, spec, committed)));
         }
     };
-    let mut results: Vec<(usize, Result<Described, SourceError>)> = std::thread::scope(|scope| {
+    let mut results: Vec<(usize, Described)> = std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(work)).collect();
         let mut all = work();
         for helper in helpers {
@@ -201,70 +348,87 @@ fn describe_all(
     results.into_iter().map(|(_, result)| result).collect()
 }
 
-enum Described {
-    /// The entry, its local file (files only), and whether it is described by its committed manifest.
-    Entry(TreeEntry, Option<PathBuf>, bool),
-    Skip(String),
-}
-
+/// The entry of the regular file `path` (relative to the tree's directory), opened through the no-follow walk;
+/// and whether it is described by its committed manifest.
 fn describe(
-    local: &Path,
+    tree: &LocalTree,
     path: &str,
-    links: LinkPolicy,
     store: &SenderStore,
     spec: ChunkSpec,
     committed: Option<CommittedLookup<'_>>,
-) -> Result<Described, SourceError> {
-    let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", local.display()));
-    let meta = std::fs::symlink_metadata(local).map_err(io)?;
-    let kind = meta.file_type();
-    let entry = |kind| TreeEntry {
-        path: path.to_string(),
-        kind,
-    };
-    if kind.is_dir() {
-        return Ok(Described::Entry(
-            entry(EntryKind::Dir {
-                mode: meta.mode() & 0o7777,
-                mtime: mtime_of(&meta),
-            }),
-            None,
-            false,
-        ));
-    }
-    if kind.is_symlink() {
-        if links == LinkPolicy::Skip {
-            return Ok(Described::Skip("symlink (use --links record to recreate it)".into()));
-        }
-        let target = std::fs::read_link(local).map_err(io)?;
-        let Some(target) = target.to_str().map(str::to_string) else {
-            return Ok(Described::Skip("symlink target is not UTF-8".into()));
-        };
-        if !link_stays_inside(path, &target) {
-            return Ok(Described::Skip(format!("symlink to {target:?} leaves the tree")));
-        }
-        return Ok(Described::Entry(entry(EntryKind::Symlink { target }), None, false));
-    }
-    if !kind.is_file() {
-        return Ok(Described::Skip("not a regular file, directory or symlink".into()));
-    }
+) -> Described {
+    let file = tree.open_rel(path).map_err(|e| SourceError::Io(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| SourceError::Io(format!("{path}: {e}")))?;
     let recorded = committed.and_then(|lookup| lookup(path, &meta));
     let verified = recorded.is_some();
     let manifest = match recorded {
         Some(manifest) => manifest,
+        // The cache is keyed by the full local path; its errors name it, so they are retold relative to the base.
         None => {
-            let file = open_no_follow(local).map_err(io)?;
-            manifest_for_with(store, &file, local, spec, false, false)?.0
+            manifest_for_with(store, &file, &tree.dir.join(path), spec, false, false)
+                .map_err(|e| match e {
+                    SourceError::Io(why) => SourceError::Io(hide_root(&tree.base, &why)),
+                    SourceError::Unstable(why) => SourceError::Unstable(hide_root(&tree.base, &why)),
+                    other => other,
+                })?
+                .0
         }
     };
-    Ok(Described::Entry(
-        entry(EntryKind::File {
+    let entry = TreeEntry {
+        path: path.to_string(),
+        kind: EntryKind::File {
             size: manifest.size,
             digest: manifest.digest,
             mtime: manifest.mtime,
             mode: manifest.mode,
-        }),
-        Some(local.to_path_buf()),
-        verified,
-    ))
+        },
+    };
+    Ok((entry, verified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// A scan below a base (a server's namespace) offers what is inside, leaves out what it must, and never names
+    /// the base in what it reports (issue 12 item 14).
+    #[test]
+    fn a_scan_beneath_a_base_reports_paths_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("root/alice");
+        let tree_dir = base.join("pub");
+        std::fs::create_dir_all(tree_dir.join("sub")).unwrap();
+        std::fs::write(tree_dir.join("a.txt"), b"a").unwrap();
+        std::fs::write(tree_dir.join("sub/b.txt"), b"bb").unwrap();
+        std::os::unix::fs::symlink("/etc", tree_dir.join("link")).unwrap();
+        std::fs::write(tree_dir.join(std::ffi::OsStr::from_bytes(b"bad\xff")), b"x").unwrap();
+        let store = SenderStore::open(&crate::store::Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let within = RemotePath::parse("pub").unwrap();
+        let tree = scan_beneath(
+            &base,
+            Some(&within),
+            LinkPolicy::Record,
+            &store,
+            ChunkSpec::default(),
+            None,
+        )
+        .unwrap();
+        let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a.txt", "sub", "sub/b.txt"]);
+        let mut skipped: Vec<&str> = tree.skipped.iter().map(|(p, _)| p.as_str()).collect();
+        skipped.sort_unstable();
+        assert_eq!(skipped, ["bad\u{fffd}", "link"]);
+        let base_text = dir.path().display().to_string();
+        for (path, why) in tree.skipped.iter().chain(&tree.failed) {
+            assert!(!path.contains(&base_text) && !why.contains(&base_text), "{path}: {why}");
+        }
+        let index = paths.iter().position(|p| *p == "sub/b.txt").unwrap() as u32;
+        assert_eq!(std::io::read_to_string(tree.open_file(index).unwrap()).unwrap(), "bb");
+        // Swapped for a symlink after the scan: opening the file again refuses it, naming the namespace path.
+        std::fs::rename(tree_dir.join("sub"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), tree_dir.join("sub")).unwrap();
+        let refused = tree.open_file(index).unwrap_err().to_string();
+        assert!(refused.starts_with("pub/sub is a symlink"), "{refused}");
+    }
 }

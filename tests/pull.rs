@@ -353,3 +353,32 @@ async fn an_offer_for_another_path_than_the_one_pulled_is_refused() {
     assert!(!out_dir.join("wanted.txt").exists());
     assert!(!out_dir.join("other.txt").exists());
 }
+
+/// Issue 12 item 9: in a shared destination directory another user pre-creates `.ferry/partial` (mode 777, or
+/// owned by them) to swap their own file over the verified partial. The pull refuses that directory, writes
+/// nothing under the final name, and a private partial directory works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_refuses_a_partial_directory_others_can_write_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let data = write_random(&server.root.join("report.pdf"), 3 * MIB, 91);
+    let shared = dir.path().join("shared");
+    let planted = shared.join(".ferry/partial");
+    std::fs::create_dir_all(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let state = dir.path().join("state");
+
+    let out = pull(&server.url("report.pdf"), &shared, &state, &[]).await;
+    assert_ne!(out.code, 0, "refused: {}", out.json);
+    assert!(out.stderr.contains("can be written by other users"), "{}", out.stderr);
+    assert!(!shared.join("report.pdf").exists(), "nothing under the final name");
+    assert_eq!(
+        std::fs::read_dir(&planted).unwrap().count(),
+        0,
+        "no partial in the planted directory"
+    );
+
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o700)).unwrap();
+    pull(&server.url("report.pdf"), &shared, &state, &[]).await.assert_ok();
+    assert_eq!(std::fs::read(shared.join("report.pdf")).unwrap(), data);
+}

@@ -30,6 +30,36 @@ pub fn rename_into(
     from: &Path,
     replace: Replace,
 ) -> Result<(PathBuf, File), PathError> {
+    let from_c = CString::new(from.as_os_str().as_bytes()).map_err(|_| PathError::Io {
+        path: shown(root, from),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    rename_at(root, path, libc::AT_FDCWD, &from_c, replace)
+}
+
+/// [`rename_into`] for the entry `from_name` of the directory `from_dir`: the source is named relative to a
+/// descriptor too, so neither side of the rename can be redirected by a swapped path. Blocking.
+pub fn rename_into_from(
+    root: &Path,
+    path: &RemotePath,
+    from_dir: &File,
+    from_name: &str,
+    replace: Replace,
+) -> Result<(PathBuf, File), PathError> {
+    let from_c = CString::new(from_name).map_err(|_| PathError::Io {
+        path: from_name.to_string(),
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    rename_at(root, path, from_dir.as_raw_fd(), &from_c, replace)
+}
+
+fn rename_at(
+    root: &Path,
+    path: &RemotePath,
+    from_dir: libc::c_int,
+    from: &CString,
+    replace: Replace,
+) -> Result<(PathBuf, File), PathError> {
     let components: Vec<&str> = path.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
     let mut shown_path = root.to_path_buf();
@@ -42,10 +72,8 @@ pub fn rename_into(
     shown_path.push(name);
     let name_c = cstring(name);
     check_final(&dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
-    let from_c =
-        CString::new(from.as_os_str().as_bytes()).map_err(|_| io_error(from, io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: both strings are NUL-terminated and live across the call; the descriptor is open.
-    let renamed = unsafe { libc::renameat(libc::AT_FDCWD, from_c.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
+    // SAFETY: both strings are NUL-terminated and live across the call; the descriptors are open.
+    let renamed = unsafe { libc::renameat(from_dir, from.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
     if renamed != 0 {
         return Err(io_error(&shown_path, io::Error::last_os_error()));
     }
@@ -93,13 +121,13 @@ pub(super) fn check_file_name(root: &Path, shown: &Path, dir: &File, name: &str)
 }
 
 /// Why a step failed: a symlink, something in the way, or an I/O error.
-enum Refusal {
+pub(super) enum Refusal {
     Symlink,
     InTheWay,
     Io(io::Error),
 }
 
-fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
+pub(super) fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     match refusal {
         Refusal::Symlink => PathError::Symlink(shown(root, at)),
         Refusal::InTheWay => PathError::InTheWay(shown(root, at)),
@@ -110,7 +138,7 @@ fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     }
 }
 
-fn open_dir(path: &Path) -> io::Result<File> {
+pub(super) fn open_dir(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -118,13 +146,13 @@ fn open_dir(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-fn cstring(component: &str) -> CString {
+pub(super) fn cstring(component: &str) -> CString {
     CString::new(component).expect("RemotePath components hold no NUL")
 }
 
 /// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
 /// it is missing and `create` is set.
-fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
+pub(super) fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
     let name = cstring(component);
     for _ in 0..2 {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -162,7 +190,7 @@ fn check_final(dir: &File, name: &CString, replace: Replace) -> Result<(), Refus
 
 /// What `name` in `dir` is, as a refusal: a symlink, a directory (in the way of a file), or `None` (absent or
 /// a regular file).
-fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
+pub(super) fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.

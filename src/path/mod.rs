@@ -2,7 +2,7 @@
 //!
 //! A [`RemotePath`] is relative, `/`-separated and normalised: no empty, `.` or `..` components, no NUL, not
 //! absolute, nothing under the reserved `.ferry/` directory, and within length limits (proto-spec.md, "Paths").
-//! [`resolve_in_root`] walks the components with `symlink_metadata`, so a symlink anywhere on the way (planted
+//! [`resolve_in_root`] walks the components with directory descriptors, so a symlink anywhere on the way (planted
 //! inside the root or not) is refused rather than followed.
 
 use std::io;
@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 mod at;
+mod beneath;
 
-pub use at::{metadata_in_root, rename_into, Replace};
+pub use at::{metadata_in_root, rename_into, rename_into_from, Replace};
+pub use beneath::{entry_at, kind_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry, Kind};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
@@ -240,31 +242,6 @@ pub fn ensure_dir(root: &Path, path: &RemotePath) -> Result<PathBuf, PathError> 
     Ok(root.join(path.as_str()))
 }
 
-/// Resolves an existing `path` under `root` for reading (a Pull): every component must exist and none may be a
-/// symlink; the last may be a file or a directory.
-pub fn resolve_existing(root: &Path, path: &RemotePath) -> Result<(PathBuf, std::fs::Metadata), PathError> {
-    let mut current = root.to_path_buf();
-    let mut meta = None;
-    for component in path.components() {
-        if meta.as_ref().is_some_and(|m: &std::fs::Metadata| !m.is_dir()) {
-            return Err(PathError::InTheWay(shown(root, &current)));
-        }
-        current.push(component);
-        let found = std::fs::symlink_metadata(&current).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => PathError::NotFound(path.to_string()),
-            _ => PathError::Io {
-                path: shown(root, &current),
-                source: e,
-            },
-        })?;
-        if found.file_type().is_symlink() {
-            return Err(PathError::Symlink(shown(root, &current)));
-        }
-        meta = Some(found);
-    }
-    Ok((current, meta.expect("a RemotePath has a component")))
-}
-
 /// Whether `name` is a receiver's temporary file, `.ferry-<16 hex>.small` or `.link` (a link is made beside its
 /// destination and renamed into place; a crash may leave one behind).
 pub fn is_temp_name(name: &str) -> bool {
@@ -344,13 +321,17 @@ pub fn link_walk(link: &str, target: &str) -> Option<Vec<String>> {
     Some(visited)
 }
 
-/// Creates (if needed) and returns `ROOT/.ferry/partial`, refusing a symlink or non-directory at either level: the
-/// private place for partial and temporary files, which no transferred path can name.
+/// Creates (if needed, mode 0700) and returns `ROOT/.ferry/partial`, refusing a symlink or non-directory at either
+/// level, and a directory that is not owned by this process's user or that others may write to: in a shared
+/// destination directory another user could otherwise pre-create it and swap a verified partial for their own
+/// file before it is renamed into place. The private place for partial and temporary files, which no transferred
+/// path can name.
 pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let mut dir = root.to_path_buf();
     for component in [RESERVED_DIR, "partial"] {
         dir.push(component);
-        match std::fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -358,6 +339,22 @@ pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
         let meta = std::fs::symlink_metadata(&dir)?;
         if !meta.is_dir() {
             return Err(io::Error::other(format!("{} is not a directory", dir.display())));
+        }
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(io::Error::other(format!(
+                "{} belongs to uid {}, not to this user (uid {me}); refusing to keep partial files there",
+                dir.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(io::Error::other(format!(
+                "{} can be written by other users (mode {:o}); refusing to keep partial files there",
+                dir.display(),
+                meta.mode() & 0o7777
+            )));
         }
     }
     Ok(dir)
@@ -370,6 +367,17 @@ pub fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// `text` with every mention of `root` taken out (paths under it shown relative to it, the root itself as `.`):
+/// what a server tells a client names paths inside the client's namespace, never where the server keeps them.
+pub fn hide_root(root: &Path, text: &str) -> String {
+    let root = root.display().to_string();
+    let root = root.trim_end_matches('/');
+    if root.is_empty() {
+        return text.to_string();
+    }
+    text.replace(&format!("{root}/"), "").replace(root, ".")
 }
 
 /// A path as the peer should see it: relative to the root, never revealing the server's layout.
@@ -485,6 +493,42 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
         };
         assert!(io.to_string().contains("operating-system path limit"), "{io}");
+    }
+
+    /// Issue 12 item 14: what a server tells a client never shows where its root is.
+    #[test]
+    fn the_root_is_hidden_from_texts_told_to_a_peer() {
+        let root = Path::new("/srv/ferry/root/alice");
+        assert_eq!(
+            hide_root(root, "/srv/ferry/root/alice/pub/x: Permission denied"),
+            "pub/x: Permission denied"
+        );
+        assert_eq!(
+            hide_root(root, "/srv/ferry/root/alice has more than 3 entries"),
+            ". has more than 3 entries"
+        );
+        assert_eq!(hide_root(Path::new("/srv/r/"), "in /srv/r/a and /srv/r"), "in a and .");
+    }
+
+    /// Issue 12 item 9: a partial directory pre-created by another user, or one others may write to, is refused.
+    #[test]
+    fn a_foreign_or_shared_partial_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let made = private_partial_dir(root.path()).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "created private: {mode:o}");
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_partial_dir(root.path()).unwrap_err();
+        assert!(err.to_string().contains("can be written by other users"), "{err}");
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o700)).unwrap();
+        private_partial_dir(root.path()).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(root.path().join(RESERVED_DIR), Some(65534), Some(65534)).unwrap();
+            let err = private_partial_dir(root.path()).unwrap_err();
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
     }
 
     #[test]

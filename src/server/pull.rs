@@ -4,13 +4,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::path::RemotePath;
+use crate::path::{hide_root, RemotePath};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::transfer::receiver::ReceiverContext;
 use crate::transfer::sender::{send, SendOptions, SendStats};
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{with_keepalive, TransferError};
-use crate::tree::scan_with;
+use crate::tree::scan_beneath;
 use crate::wire::{Connection, ErrorCode, Pull, PullKind};
 
 /// Largest window a pulling client may ask for.
@@ -60,16 +60,18 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ignore = |_| {};
     let (source, committed) = match found {
         PullSource::File { source, committed } => (source, committed),
-        PullSource::Dir(dir) => {
+        PullSource::Dir(_) => {
             let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
-            let (receiver, prefix) = (ctx.store.clone(), path.to_string());
+            let (receiver, prefix, root, within) =
+                (ctx.store.clone(), path.to_string(), ctx.root.clone(), path.clone());
             let tree = with_keepalive(conn, idle, move || {
                 // Files this server committed are described by their verified manifests, never rehashed.
                 let lookup = |rel: &str, meta: &std::fs::Metadata| {
                     committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
                 };
-                scan_with(&dir, links, &sender, spec, Some(&lookup))
-                    .map_err(|e| TransferError::refused(ErrorCode::Internal, e))
+                // Walked from the namespace root without following symlinks; messages name namespace paths only.
+                scan_beneath(&root, Some(&within), links, &sender, spec, Some(&lookup))
+                    .map_err(|e| TransferError::refused(ErrorCode::Internal, hide_root(&root, &e.to_string())))
             })
             .await?;
             let receiver = &ctx.store;

@@ -454,10 +454,7 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         }
     }
     let partial = ctx.partial_dir.join(partial_file_name(key));
-    let partial_len = std::fs::symlink_metadata(&partial)
-        .ok()
-        .filter(|m| m.is_file())
-        .map(|m| m.len());
+    let partial_len = existing_partial(&partial)?;
     let mut progress = store.progress(key)?.unwrap_or_default();
     let received = match (&record, partial_len) {
         (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
@@ -466,15 +463,15 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     if record.is_some() && received.present() > 0 {
         tracing::info!(path = key, kept = received.present(), "resuming transfer");
     }
-    // Never through a symlink: the partial directory is private, and this holds even if something was planted.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&partial)
-        .map_err(TransferError::Storage)?;
+    // Never through a symlink, and a new partial is created exclusively (O_EXCL): a file someone else placed at
+    // that name in the meantime is refused, not adopted.
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+    match partial_len {
+        Some(_) => options.create(false),
+        None => options.create_new(true),
+    };
+    let file = options.open(&partial).map_err(TransferError::Storage)?;
     // No preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write
     // error after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older
     // offer is cut to size.
@@ -517,6 +514,26 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
 /// bytes) of BLAKE3 over the key's UTF-8 bytes + `.part`.
 pub(crate) fn partial_file_name(key: &str) -> String {
     format!(".ferry-{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32])
+}
+
+/// The length of the partial file already at `partial`, if it is a regular file of this process's user; anything
+/// else there (a symlink, a stranger's file) is removed, so the partial is then created afresh and exclusively.
+fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(partial) else {
+        return Ok(None);
+    };
+    // SAFETY: geteuid has no preconditions.
+    let mine = meta.uid() == unsafe { libc::geteuid() };
+    if meta.is_file() && mine {
+        return Ok(Some(meta.len()));
+    }
+    tracing::warn!(partial = %partial.display(), "removing a partial file this process did not create");
+    match std::fs::remove_file(partial) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TransferError::Storage(e)),
+    }
 }
 
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose

@@ -378,8 +378,6 @@ struct Pipeline<'a> {
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
-    /// Chunks the receiver rejected: read again, they are checked against the manifest before they go out.
-    rejected: HashSet<u32>,
     /// Buffers of sent chunks, reused for the next reads.
     spare: Vec<Vec<u8>>,
 }
@@ -395,7 +393,6 @@ impl<'a> Pipeline<'a> {
             reading_bytes: 0,
             in_flight: HashSet::new(),
             in_flight_bytes: 0,
-            rejected: HashSet::new(),
             spare: Vec::new(),
         }
     }
@@ -433,7 +430,6 @@ impl<'a> Pipeline<'a> {
                 self.in_flight_bytes -= self.chunk_len(index);
                 self.opts.meter.resent();
                 stats.chunks_rejected += 1;
-                self.rejected.insert(index);
                 on_event(SendEvent::Rejected { index });
             }
         }
@@ -493,10 +489,9 @@ impl<'a> Pipeline<'a> {
             self.reading_bytes += len;
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
-            let check = self.rejected.contains(&index);
             let buf = self.spare.pop().unwrap_or_default();
             self.reads.push_back(tokio::task::spawn_blocking(move || {
-                read_chunk(&file, index, &entry, check, buf)
+                read_chunk(&file, index, &entry, buf)
             }));
         }
     }
@@ -535,15 +530,14 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-/// Reads one chunk into `buf` (a recycled buffer). A chunk the receiver rejected before is checked against the
-/// manifest first (`check`): if the source changed, resending it would only be rejected again. Other chunks go out
-/// unchecked, since the receiver verifies every chunk before it writes it, and hashing them here too would cost a
-/// second BLAKE3 pass over everything sent.
+/// Reads one chunk into `buf` (a recycled buffer) and checks it against the manifest before it may go out
+/// (proto-spec.md §4, "every chunk is re-hashed before it is sent"): a chunk that no longer matches means the
+/// source changed, or, for a file the server committed, that it is damaged at rest; either way its bytes never
+/// leave this side (the caller turns the error into `SourceChanged`, `IntegrityFailed` or a tree's Abandon).
 fn read_chunk(
     file: &File,
     index: u32,
     entry: &crate::manifest::ChunkEntry,
-    check: bool,
     mut data: Vec<u8>,
 ) -> Result<Chunk, TransferError> {
     data.resize(entry.len as usize, 0);
@@ -555,7 +549,7 @@ fn read_chunk(
             )),
             _ => TransferError::SourceIo(e),
         })?;
-    if check && crate::verify::check_chunk(entry, &data).is_err() {
+    if crate::verify::check_chunk(entry, &data).is_err() {
         return Err(TransferError::SourceChanged(format!(
             "chunk {index} at offset {} no longer matches the manifest",
             entry.offset

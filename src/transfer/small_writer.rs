@@ -7,7 +7,7 @@
 //! holds verified, synced bytes; the record follows the rename; the Ack follows the record. Temporary names are
 //! unique, so two sessions writing the same path never share a temporary file: the last rename wins, whole.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::TransferError;
 use crate::chunk::mtime_of;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
-use crate::path::{rename_into, RemotePath, Replace};
+use crate::path::RemotePath;
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
 
@@ -118,13 +118,13 @@ impl SmallWriter {
                 written.outcome.rejected.push(file.index);
                 continue;
             }
-            let temp = self
+            let (temp, meta) = self
                 .write_temp(&file, &mut written.temps)
                 .map_err(TransferError::Storage)?;
             let len = file.data.len() as u64;
             file.data = Vec::new();
             file._budget = None;
-            written.files.push((file, len, temp));
+            written.files.push((file, len, temp, meta));
         }
         Ok(written)
     }
@@ -139,18 +139,19 @@ impl SmallWriter {
         if files.is_empty() {
             return Ok(outcome);
         }
-        sync_filesystem(&self.partial_dir, files.iter().map(|(_, _, temp)| temp.as_path()))?;
-        let mut dirs = BTreeSet::new();
+        sync_filesystem(&self.partial_dir, files.iter().map(|(_, _, temp, _)| temp.as_path()))?;
+        // Each destination directory as the rename's walk opened it, synced through that descriptor.
+        let mut dirs = BTreeMap::new();
         let mut placed = Vec::with_capacity(files.len());
-        for (file, len, temp) in files {
-            let placement = self.place(&file, &temp);
+        for (file, len, temp, meta) in files {
+            let placement = self.place(&file, &temp, &meta);
             temps.forget(&temp);
             match placement {
-                Ok(target) => {
+                Ok((target, dir)) => {
                     if let Some(parent) = target.parent() {
-                        dirs.insert(parent.to_path_buf());
+                        dirs.entry(parent.to_path_buf()).or_insert(dir);
                     }
-                    placed.push((file, len, target));
+                    placed.push((file, len, meta));
                 }
                 Err(Placement::Refused(why)) => {
                     let _ = std::fs::remove_file(&temp);
@@ -162,20 +163,17 @@ impl SmallWriter {
                 }
             }
         }
-        for dir in dirs {
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(TransferError::Storage)?;
+        for dir in dirs.values() {
+            dir.sync_all().map_err(TransferError::Storage)?;
         }
         let mut records = crate::store::RecordBatch::default();
-        for (file, len, target) in &placed {
-            let meta = std::fs::symlink_metadata(target).map_err(TransferError::Storage)?;
+        for (file, len, meta) in &placed {
             let manifest = whole_file_manifest(file, *len);
             let record = CommittedFile {
                 manifest_id: manifest.id(),
                 size: manifest.size,
                 digest: file.digest,
-                mtime: mtime_of(&meta),
+                mtime: mtime_of(meta),
                 inode: meta.ino(),
                 committed_at: now_secs(),
             };
@@ -193,8 +191,9 @@ impl SmallWriter {
         Ok(outcome)
     }
 
-    /// Writes the bytes to a fresh, uniquely named temporary file with the file's mode and mtime.
-    fn write_temp(&self, file: &SmallFile, temps: &mut Temps) -> std::io::Result<PathBuf> {
+    /// Writes the bytes to a fresh, uniquely named temporary file with the file's mode and mtime; returns it and
+    /// its metadata (the inode the rename must move, and the mtime recorded).
+    fn write_temp(&self, file: &SmallFile, temps: &mut Temps) -> std::io::Result<(PathBuf, std::fs::Metadata)> {
         use std::os::unix::fs::PermissionsExt;
         let temp = self
             .partial_dir
@@ -204,17 +203,17 @@ impl SmallWriter {
         out.write_all(&file.data)?;
         out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o777))?;
         out.set_modified(super::commit::system_time(file.mtime))?;
-        Ok(temp)
+        let meta = out.metadata()?;
+        Ok((temp, meta))
     }
 
-    /// Renames `temp` over the file's destination, through directory descriptors (no symlink is followed, even one
-    /// swapped in meanwhile).
-    fn place(&self, file: &SmallFile, temp: &Path) -> Result<PathBuf, Placement> {
-        let (target, _dir) = rename_into(&self.root, &file.key, temp, Replace::File).map_err(|e| match e {
-            crate::path::PathError::Io { source, .. } => Placement::Failed(source),
+    /// Renames `temp` over the file's destination, through directory descriptors on both sides (no symlink is
+    /// followed, even one swapped in meanwhile), checking that the name renamed is the temporary written (`meta`).
+    fn place(&self, file: &SmallFile, temp: &Path, meta: &std::fs::Metadata) -> Result<(PathBuf, File), Placement> {
+        super::commit::rename_verified(&self.root, &file.key, temp, meta).map_err(|e| match e {
+            TransferError::Storage(source) => Placement::Failed(source),
             refused => Placement::Refused(refused.to_string()),
-        })?;
-        Ok(target)
+        })
     }
 }
 
@@ -222,7 +221,7 @@ impl SmallWriter {
 /// and its temporary.
 struct Written {
     outcome: BatchOutcome,
-    files: Vec<(SmallFile, u64, PathBuf)>,
+    files: Vec<(SmallFile, u64, PathBuf, std::fs::Metadata)>,
     temps: Temps,
 }
 

@@ -21,7 +21,7 @@ use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::chunk::mtime_of;
-use crate::path::{ensure_dir, link_walk, rename_into, RemotePath, Replace};
+use crate::path::{ensure_dir, entry_at, link_walk, open_dir_beneath, rename_into_from, Entry, RemotePath, Replace};
 use crate::ranges::encode_runs;
 use crate::tree::LinkPolicy;
 use crate::wire::{
@@ -381,26 +381,28 @@ fn place_symlink(
     }
     let components: Vec<&str> = key.components().collect();
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
-    let dir = match RemotePath::parse(&parents.join("/")) {
-        Ok(parent) => ensure_dir(root, &parent).map_err(|e| e.to_string())?,
-        Err(_) => root.to_path_buf(), // no parent: the root itself
-    };
-    let path = dir.join(name);
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.is_dir() => return Err(format!("{key} is a directory")),
-        Ok(meta)
-            if meta.file_type().is_symlink() && std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target) =>
-        {
-            return Ok(());
-        }
+    // The link is made and renamed relative to the directory the no-follow walk opened, never by path.
+    let dir = open_dir_beneath(root, parents, true).map_err(|e| e.to_string())?;
+    match entry_at(&dir, std::ffi::OsStr::new(name)) {
+        Ok(Entry::Dir(_)) => return Err(format!("{key} is a directory")),
+        Ok(Entry::Symlink(existing)) if existing.as_os_str() == target => return Ok(()),
         _ => {}
     }
-    let temp = dir.join(format!(".ferry-{:016x}.link", rand::random::<u64>()));
-    std::os::unix::fs::symlink(target, &temp).map_err(|e| e.to_string())?;
-    match rename_into(root, key, &temp, Replace::FileOrLink) {
+    let temp = format!(".ferry-{:016x}.link", rand::random::<u64>());
+    let (target_c, temp_c) = match (std::ffi::CString::new(target), std::ffi::CString::new(temp.as_str())) {
+        (Ok(t), Ok(n)) => (t, n),
+        _ => return Err(format!("{key} -> {target:?} holds a NUL")),
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: both strings are NUL-terminated and the descriptor is open.
+    if unsafe { libc::symlinkat(target_c.as_ptr(), dir.as_raw_fd(), temp_c.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    match rename_into_from(root, key, &dir, &temp, Replace::FileOrLink) {
         Ok(_) => Ok(()),
         Err(e) => {
-            let _ = std::fs::remove_file(&temp);
+            // SAFETY: as above.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), temp_c.as_ptr(), 0) };
             Err(e.to_string())
         }
     }
@@ -409,15 +411,26 @@ fn place_symlink(
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
 /// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
 fn apply_dir_metadata(root: &Path, tree: &Tree) {
+    apply_dir_metadata_with(root, tree, &mut |_| {});
+}
+
+/// [`apply_dir_metadata`], calling `opened` between opening each directory and changing it (a test swaps the
+/// path for a symlink there). Mode and times go through the descriptor the no-follow walk opened (`fchmod`,
+/// `futimens`), never by path: a directory swapped for a symlink afterwards cannot redirect them out of the root.
+fn apply_dir_metadata_with(root: &Path, tree: &Tree, opened: &mut dyn FnMut(&RemotePath)) {
     use std::os::unix::fs::PermissionsExt;
     for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
         let EntryKind::Dir { mode, mtime } = entry.kind else {
             continue;
         };
-        let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
-            std::fs::File::open(&dir)?.set_modified(super::commit::system_time(mtime))
-        });
+        let components: Vec<&str> = key.components().collect();
+        let applied = open_dir_beneath(root, &components, true)
+            .map_err(std::io::Error::other)
+            .and_then(|dir| {
+                opened(key);
+                dir.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+                dir.set_modified(super::commit::system_time(mtime))
+            });
         if let Err(e) = applied {
             tracing::warn!(path = %key, error = %e, "could not apply directory metadata");
         }
@@ -680,4 +693,50 @@ fn sorted(indices: impl IntoIterator<Item = u32>) -> Vec<u32> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::FileTime;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 12 item 7: `pub/d` is swapped for a symlink to an outside file between the walk that opened it and
+    /// the mode change; the outside file keeps its mode, and the directory that was opened gets it.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_it_was_opened_keeps_its_mode_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("pub/d")).unwrap();
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, b"private").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let offer = TreeOffer {
+            path: "pub".into(),
+            entries: vec![TreeEntry {
+                path: "d".into(),
+                kind: EntryKind::Dir {
+                    mode: 0o777,
+                    mtime: FileTime {
+                        secs: 1_000_000,
+                        nanos: 0,
+                    },
+                },
+            }],
+        };
+        let tree = validate(offer, Some(&RemotePath::parse("pub").unwrap())).unwrap();
+        let moved = dir.path().join("moved");
+        apply_dir_metadata_with(&root, &tree, &mut |key| {
+            assert_eq!(key.as_str(), "pub/d");
+            std::fs::rename(root.join("pub/d"), &moved).unwrap();
+            std::os::unix::fs::symlink(&outside, root.join("pub/d")).unwrap();
+        });
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&outside), 0o600, "the outside file's mode is unchanged");
+        assert_eq!(mode(&moved), 0o777, "the directory that was walked to got the mode");
+        assert_eq!(mtime_of(&std::fs::metadata(&moved).unwrap()).secs, 1_000_000);
+        // Swapped before the walk: the walk refuses the symlink and nothing is changed.
+        apply_dir_metadata(&root, &tree);
+        assert_eq!(mode(&outside), 0o600);
+    }
 }

@@ -17,11 +17,11 @@ use super::sender::{send, SendEvent, SendOptions, SendStats, Source};
 use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Manifest;
-use crate::path::open_no_follow;
+use crate::path::hide_root;
 use crate::ranges::{ranges_within, IndexRange};
 use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
 use crate::store::SenderStore;
-use crate::tree::LocalTree;
+use crate::tree::{FileBeneath, LocalTree};
 use crate::wire::message::truncate_message;
 use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommit, TreeCommitted, TreeFailure, TreeOffer};
 use crate::MAX_INLINE_FILE;
@@ -154,6 +154,8 @@ fn report_failure(
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) {
     let path = tree.entries[entry as usize].path.clone();
+    // Told to the receiver: paths relative to where the tree's walk starts, never the sender's own layout.
+    let reason = hide_root(&tree.base, &reason);
     tracing::warn!(path, reason, damaged, "file not sent");
     on_event(SendEvent::FileFailed {
         path: path.clone(),
@@ -212,7 +214,7 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
         _ => None,
     };
     if let Some(manifest) = recorded {
-        let file = match open_no_follow(&local) {
+        let file = match tree.open_file(index) {
             Ok(file) => file,
             Err(e) => return Ok(Err((index, e.to_string(), false))),
         };
@@ -232,10 +234,10 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Err(failure));
     }
     for attempt in 0..=MAX_SOURCE_CHANGES {
-        let (store, spec, path) = (source.store.clone(), source.spec, local.clone());
+        let (store, spec, at, path) = (source.store.clone(), source.spec, tree.file_at(index), local.clone());
         let rebuild = attempt > 0;
         let opened = with_keepalive(conn, opts.io_timeout, move || {
-            Ok(open_source(&store, &path, spec, rebuild))
+            Ok(open_source(&store, &at, &path, spec, rebuild))
         })
         .await?;
         let file_source = match opened {
@@ -280,8 +282,16 @@ async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn open_source(store: &SenderStore, path: &Path, spec: ChunkSpec, rebuild: bool) -> Result<Source, SourceError> {
-    let file = open_no_follow(path).map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
+/// Opens a file of the tree through the no-follow walk from its base and describes it (`path`: its full local
+/// path, the manifest cache's key).
+fn open_source(
+    store: &SenderStore,
+    at: &FileBeneath,
+    path: &Path,
+    spec: ChunkSpec,
+    rebuild: bool,
+) -> Result<Source, SourceError> {
+    let file = at.open().map_err(|e| SourceError::Io(e.to_string()))?;
     let (manifest, _) = manifest_for(store, &file, path, spec, rebuild)?;
     Ok(Source {
         file: Arc::new(file),
@@ -472,17 +482,18 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
 
 /// Reads one small file whole and checks it against the offered size and digest.
 fn read_small(tree: &LocalTree, index: u32) -> Read {
-    let Some(path) = &tree.files[index as usize] else {
-        return Read::Failed(index, "not a file".into(), false);
-    };
     let EntryKind::File { size, digest, .. } = tree.entries[index as usize].kind else {
         return Read::Failed(index, "not a file".into(), false);
     };
-    let mut data = Vec::with_capacity(size as usize);
-    let read = open_no_follow(path).and_then(|file| {
+    let file = match tree.open_file(index) {
+        Ok(file) => file,
+        Err(e) => return Read::Failed(index, e.to_string(), false),
+    };
+    let mut data = Vec::with_capacity(size.min(MAX_INLINE_FILE) as usize);
+    let read = {
         use std::io::Read as _;
         file.take(MAX_INLINE_FILE + 1).read_to_end(&mut data)
-    });
+    };
     match read {
         Err(e) => Read::Failed(index, e.to_string(), false),
         Ok(_) if data.len() as u64 == size && *blake3::hash(&data).as_bytes() == digest => Read::Data(index, data),

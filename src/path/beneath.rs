@@ -1,0 +1,229 @@
+//! Opens beneath a root that a concurrent symlink swap cannot redirect (proto-spec.md §7, "Paths"): every
+//! component is opened with `openat` relative to the previous directory's descriptor, with `O_NOFOLLOW`, so a
+//! directory swapped for a symlink between a check and a use is refused instead of followed out of the root.
+//!
+//! The sender reads every file it sends through these descriptors (a Pull, a tree's files), and the receiver
+//! applies directory modes and times through the descriptor it walked to (`fchmod`, `futimens`), never by path.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::at::{classify, open_dir, step, Refusal};
+use super::{shown, PathError};
+
+/// An entry opened inside a directory without following a symlink.
+#[derive(Debug)]
+pub enum Entry {
+    /// A regular file, open for reading.
+    File(File),
+    /// A directory, open for reading (to list it, or to change its mode and times through the descriptor).
+    Dir(File),
+    /// A symlink, never followed, with its target text.
+    Symlink(PathBuf),
+    /// Anything else (a device, FIFO or socket): never opened.
+    Other,
+}
+
+/// Opens the directory `components` below `root` (the root itself if empty), one `openat` with `O_NOFOLLOW` per
+/// component; missing directories are created (and synced into their parent) if `create`. A symlink or a
+/// non-directory on the way is refused. Blocking.
+pub fn open_dir_beneath(root: &Path, components: &[&str], create: bool) -> Result<File, PathError> {
+    let mut shown_path = root.to_path_buf();
+    let mut dir = open_dir(root).map_err(|source| PathError::Io {
+        path: ".".into(),
+        source,
+    })?;
+    for component in components {
+        shown_path.push(component);
+        dir = step(&dir, component, create).map_err(|e| refusal(root, &shown_path, e))?;
+    }
+    Ok(dir)
+}
+
+/// Opens the existing entry `components` (at least one) below `root` without following a symlink anywhere on the
+/// way or at the end. Blocking.
+pub fn open_beneath(root: &Path, components: &[&str]) -> Result<Entry, PathError> {
+    let Some((name, parents)) = components.split_last() else {
+        return open_dir_beneath(root, &[], false).map(Entry::Dir);
+    };
+    let dir = open_dir_beneath(root, parents, false)?;
+    entry_at(&dir, OsStr::new(name)).map_err(|e| refusal(root, &root.join(components.join("/")), Refusal::Io(e)))
+}
+
+/// Opens the regular file `components` below `root` for reading, refusing a symlink anywhere on the way or at the
+/// end, and anything that is not a regular file. Blocking.
+pub fn open_file_beneath(root: &Path, components: &[&str]) -> Result<File, PathError> {
+    let at = || shown(root, &root.join(components.join("/")));
+    match open_beneath(root, components)? {
+        Entry::File(file) => Ok(file),
+        Entry::Symlink(_) => Err(PathError::Symlink(at())),
+        Entry::Dir(_) | Entry::Other => Err(PathError::InTheWay(at())),
+    }
+}
+
+fn refusal(root: &Path, at: &Path, refusal: Refusal) -> PathError {
+    match refusal {
+        Refusal::Io(e) if e.kind() == io::ErrorKind::NotFound => PathError::NotFound(shown(root, at)),
+        Refusal::Io(e) if e.raw_os_error() == Some(libc::ELOOP) => PathError::Symlink(shown(root, at)),
+        other => classify(root, at, other),
+    }
+}
+
+/// What an entry of a directory is, looked at without following or opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symlink.
+    Symlink,
+    /// A device, FIFO or socket.
+    Other,
+}
+
+/// What `name` inside `dir` is (`fstatat` with `AT_SYMLINK_NOFOLLOW`), without opening it. Blocking.
+pub fn kind_at(dir: &File, name: &OsStr) -> io::Result<Kind> {
+    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(match stat_at(dir, &name)?.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        _ => Kind::Other,
+    })
+}
+
+fn stat_at(dir: &File, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat)
+}
+
+/// Opens `name` inside `dir` without following it: a regular file or a directory is opened (and checked to be the
+/// very inode that was looked at), a symlink is read, anything else is left unopened. Blocking.
+pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
+    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let stat = stat_at(dir, &name)?;
+    let base = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let (flags, is_dir) = match stat.st_mode & libc::S_IFMT {
+        // O_NONBLOCK: were a FIFO swapped in after the look, opening it must not hang.
+        libc::S_IFREG => (base | libc::O_NONBLOCK, false),
+        libc::S_IFDIR => (base | libc::O_DIRECTORY, true),
+        libc::S_IFLNK => return read_link_at(dir, &name).map(Entry::Symlink),
+        _ => return Ok(Entry::Other),
+    };
+    // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by the File below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let meta = file.metadata()?;
+    if meta.ino() != stat.st_ino || meta.dev() != stat.st_dev {
+        return Err(io::Error::other("it was replaced while it was being opened"));
+    }
+    Ok(if is_dir { Entry::Dir(file) } else { Entry::File(file) })
+}
+
+/// The target of the symlink `name` inside `dir`.
+fn read_link_at(dir: &File, name: &CStr) -> io::Result<PathBuf> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is valid for `buf.len()` bytes and `name` is NUL-terminated.
+    let len = unsafe { libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize >= buf.len() {
+        return Err(io::Error::other("symlink target too long"));
+    }
+    buf.truncate(len as usize);
+    Ok(PathBuf::from(OsString::from_vec(buf)))
+}
+
+/// The names in the directory `dir` (without `.` and `..`), in no particular order. Blocking.
+pub fn list_dir(dir: &File) -> io::Result<Vec<OsString>> {
+    // A fresh open of the same directory: the listing gets its own position, and the stream owns its descriptor.
+    // SAFETY: the literal is NUL-terminated; "." is never a symlink.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh directory descriptor; on success the stream owns it.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let error = io::Error::last_os_error();
+        // SAFETY: the stream did not take the descriptor.
+        unsafe { libc::close(fd) };
+        return Err(error);
+    }
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; readdir reports an error only through it.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `stream` is an open directory stream.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            let error = io::Error::last_os_error();
+            break if error.raw_os_error().unwrap_or(0) == 0 {
+                Ok(())
+            } else {
+                Err(error)
+            };
+        }
+        // SAFETY: readdir returns a valid entry whose name is NUL-terminated, valid until the next call.
+        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name.to_vec()));
+        }
+    };
+    // SAFETY: the stream is open and closed once.
+    unsafe { libc::closedir(stream) };
+    result.map(|()| names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_is_not_walked_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+        std::fs::create_dir_all(root.join("pub/d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("pub/d/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"secret").unwrap();
+        let file = open_file_beneath(&root, &["pub", "d", "f"]).unwrap();
+        assert_eq!(std::io::read_to_string(file).unwrap(), "inside");
+        std::fs::rename(root.join("pub/d"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("pub/d")).unwrap();
+        assert!(matches!(
+            open_file_beneath(&root, &["pub", "d", "f"]),
+            Err(PathError::Symlink(p)) if p == "pub/d"
+        ));
+        assert!(matches!(open_beneath(&root, &["pub", "d"]), Ok(Entry::Symlink(_))));
+        assert!(matches!(
+            open_file_beneath(&root, &["pub", "nope"]),
+            Err(PathError::NotFound(p)) if p == "pub/nope"
+        ));
+        let mut names = list_dir(&open_dir_beneath(&root, &["pub"], false).unwrap()).unwrap();
+        names.sort();
+        assert_eq!(names, vec![OsString::from("d")]);
+    }
+}
