@@ -429,6 +429,6 @@ mod tests {
         std::fs::rename(tree_dir.join("sub"), dir.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("moved"), tree_dir.join("sub")).unwrap();
         let refused = tree.open_file(index).unwrap_err().to_string();
-        assert!(refused.starts_with("pub/sub is a symlink"), "{refused}");
+        assert!(refused.starts_with("\"pub/sub\" is a symlink"), "{refused}");
     }
 }

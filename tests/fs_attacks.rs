@@ -116,7 +116,7 @@ async fn a_directory_swapped_for_a_symlink_after_the_tree_offer_sends_nothing_fr
     }
     let symlink_refused = failed
         .iter()
-        .filter(|f| f.reason.contains("pub/d is a symlink"))
+        .filter(|f| f.reason.contains("\"pub/d\" is a symlink"))
         .count();
     assert_eq!(symlink_refused, 2, "{failed:?}");
 }
