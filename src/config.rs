@@ -101,6 +101,8 @@ struct Limits {
     max_frame: Option<Size>,
     max_manifest_chunks: Option<usize>,
     max_file_size: Option<Size>,
+    max_open_transfers: Option<u64>,
+    max_manifest_bytes: Option<Size>,
     idle_timeout: Option<String>,
     handshake_timeout: Option<String>,
     partial_ttl: Option<String>,
@@ -219,6 +221,12 @@ fn apply_limits(limits: &Limits, config: &mut ServerConfig) -> Result<(), String
     if let Some(n) = size(&limits.max_file_size, "max_file_size")? {
         config.max_file_size = n;
     }
+    if let Some(n) = limits.max_open_transfers {
+        config.namespace_limits.max_open_transfers = n;
+    }
+    if let Some(n) = size(&limits.max_manifest_bytes, "max_manifest_bytes")? {
+        config.namespace_limits.max_manifest_bytes = n;
+    }
     if let Some(d) = duration(&limits.idle_timeout, "idle_timeout")? {
         config.idle_timeout = d;
     }
@@ -290,6 +298,8 @@ mod tests {
             max_frame = "8MiB"
             max_manifest_chunks = 1000
             max_file_size = 1048576
+            max_open_transfers = 12
+            max_manifest_bytes = "3MiB"
             idle_timeout = "30s"
             handshake_timeout = "5s"
             partial_ttl = "2d"
@@ -319,6 +329,8 @@ mod tests {
         let mut config = ServerConfig::new(PathBuf::from("/r"));
         file.apply(&mut config).unwrap();
         assert_eq!(config.max_connections_per_client, 2);
+        assert_eq!(config.namespace_limits.max_open_transfers, 12);
+        assert_eq!(config.namespace_limits.max_manifest_bytes, 3 << 20);
         assert_eq!(config.max_frame, 8 << 20);
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));

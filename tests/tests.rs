@@ -12,6 +12,7 @@ mod delta;
 mod exit_codes;
 mod faults;
 mod gc;
+mod limits;
 mod output;
 mod pull;
 mod push;

@@ -49,6 +49,8 @@ struct Limits {
     max_manifest_chunks: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_file_size: Option<String>,
+    max_open_transfers: u64,
+    max_manifest_bytes: String,
     idle_timeout: String,
     handshake_timeout: String,
     partial_ttl: String,
@@ -91,6 +93,8 @@ impl EffectiveServer<'_> {
                 max_frame: format_size(u64::from(config.max_frame)),
                 max_manifest_chunks: config.max_manifest_chunks,
                 max_file_size: (config.max_file_size != u64::MAX).then(|| format_size(config.max_file_size)),
+                max_open_transfers: config.namespace_limits.max_open_transfers,
+                max_manifest_bytes: format_size(config.namespace_limits.max_manifest_bytes),
                 idle_timeout: format_duration(config.idle_timeout),
                 handshake_timeout: format_duration(config.handshake_timeout),
                 partial_ttl: format_duration(config.partial_ttl),

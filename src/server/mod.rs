@@ -69,8 +69,10 @@ pub struct ServerConfig {
     pub sync_batch: u64,
     /// Chunk bytes all connections together may have queued for their writers.
     pub queue_budget: u64,
-    /// Largest file accepted (offers of larger files are refused).
+    /// Largest file accepted (offers of larger files are refused with `BadManifest`).
     pub max_file_size: u64,
+    /// Open transfers and stored manifest bytes each namespace may keep.
+    pub namespace_limits: crate::transfer::quota::NamespaceLimits,
     /// Open transfers without progress for this long are expired, their partial files removed.
     pub partial_ttl: Duration,
     /// How often the server sweeps for expired transfers and leftovers.
@@ -94,6 +96,7 @@ impl ServerConfig {
             sync_batch: 4 * 1024 * 1024,
             queue_budget: 256 * 1024 * 1024,
             max_file_size: u64::MAX,
+            namespace_limits: Default::default(),
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
         }
@@ -196,6 +199,8 @@ impl Server {
             max_file_size: config.max_file_size,
             max_manifest_chunks: config.max_manifest_chunks,
             quota: None,
+            limits: config.namespace_limits,
+            admission: Default::default(),
             joins: Default::default(),
         };
         let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;

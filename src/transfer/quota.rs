@@ -1,12 +1,132 @@
-//! Namespace quotas: the bytes a receiver root may hold, committed files and open transfers together.
+//! Namespace limits: the bytes a receiver root may hold (its quota: committed files, open transfers and their
+//! manifests together), how many transfers it may keep open, and how many bytes their manifests may take in the
+//! store (proto-spec.md §3a and §10).
 //!
-//! Checked when a file is offered, against the records in the store: a file that replaces a committed one (or
-//! resumes an open transfer) at the same path is counted once. Sessions of one namespace running at the same time
-//! are each checked against what is recorded, so together they can overshoot by what they have in flight.
+//! Checked when a file is offered, against the small records of the store (sizes, never manifests): a file that
+//! replaces a committed one (or an open transfer) at the same path is counted once. The check and the write of the
+//! transfer's record happen under the namespace's [`Admission`] lock, so offers arriving together are counted one
+//! after another and cannot all fit the same free space.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::TransferError;
 use crate::store::ReceiverStore;
 use crate::wire::ErrorCode;
+
+/// Default for [`NamespaceLimits::max_open_transfers`].
+pub const DEFAULT_MAX_OPEN_TRANSFERS: u64 = 1024;
+/// Default for [`NamespaceLimits::max_manifest_bytes`]: about three maximal manifests (500,000 chunks each).
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What one namespace may keep open on a receiver, besides its byte quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceLimits {
+    /// Most open (uncommitted) transfers; an Offer for another path beyond it gets `TooManyTransfers`.
+    pub max_open_transfers: u64,
+    /// Most bytes the records of open transfers (their manifests, mostly) may take in the store together.
+    pub max_manifest_bytes: u64,
+}
+
+impl NamespaceLimits {
+    /// A server's defaults.
+    pub const DEFAULT: NamespaceLimits = NamespaceLimits {
+        max_open_transfers: DEFAULT_MAX_OPEN_TRANSFERS,
+        max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+    };
+    /// No limits (a pulling client receiving into its own directory).
+    pub const UNLIMITED: NamespaceLimits = NamespaceLimits {
+        max_open_transfers: u64::MAX,
+        max_manifest_bytes: u64::MAX,
+    };
+}
+
+impl Default for NamespaceLimits {
+    fn default() -> Self {
+        NamespaceLimits::DEFAULT
+    }
+}
+
+/// Serialises the admission of transfers in one namespace: whoever holds it checks the records and writes its own
+/// before letting go. One per namespace (cloning shares it).
+#[derive(Clone, Default)]
+pub struct Admission(Arc<Mutex<()>>);
+
+impl Admission {
+    /// Waits for the namespace's turn. Blocking.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A transfer to be opened (or re-opened with another manifest) at `path`.
+pub(crate) struct NewTransfer<'a> {
+    /// Destination key.
+    pub path: &'a str,
+    /// File size.
+    pub size: u64,
+    /// Encoded bytes of its record (the manifest, mostly).
+    pub record_bytes: u64,
+}
+
+/// Checks that opening `new` keeps the namespace within `quota` and `limits`; what is open at the same path is
+/// replaced, a committed file there counted once. Call under the namespace's [`Admission`] lock and write the
+/// record before letting it go. Blocking.
+pub(crate) fn admit(
+    store: &ReceiverStore,
+    quota: Option<u64>,
+    limits: &NamespaceLimits,
+    new: &NewTransfer<'_>,
+) -> Result<(), TransferError> {
+    let usage = store.usage()?;
+    let open = store.summary(new.path)?;
+    let (open_count, open_bytes) = open
+        .as_ref()
+        .map_or((0, 0), |s| (1, s.size.saturating_add(s.manifest_bytes)));
+    let transfers = usage.open_transfers.saturating_sub(open_count) + 1;
+    if transfers > limits.max_open_transfers {
+        return Err(TransferError::refused(
+            ErrorCode::TooManyTransfers,
+            format!(
+                "this namespace already has {} open transfers, the limit is {}: finish them (ferry status \
+                 --server lists them) or let them expire",
+                usage.open_transfers, limits.max_open_transfers
+            ),
+        ));
+    }
+    let open_manifest = open.as_ref().map_or(0, |s| s.manifest_bytes);
+    let manifests = usage
+        .manifest_bytes
+        .saturating_sub(open_manifest)
+        .saturating_add(new.record_bytes);
+    if manifests > limits.max_manifest_bytes {
+        return Err(TransferError::refused(
+            ErrorCode::TooManyTransfers,
+            format!(
+                "the manifests of this namespace's open transfers would take {manifests} bytes, the limit is {}: \
+                 finish them or let them expire",
+                limits.max_manifest_bytes
+            ),
+        ));
+    }
+    if let Some(quota) = quota {
+        let replaced = store.committed(new.path)?.map_or(0, |f| f.size);
+        let after = usage
+            .held_bytes()
+            .saturating_sub(replaced.saturating_add(open_bytes))
+            .saturating_add(new.size.saturating_add(new.record_bytes));
+        if after > quota {
+            return Err(over_quota(new.path, new.size, after, quota));
+        }
+    }
+    Ok(())
+}
+
+fn over_quota(path: &str, size: u64, after: u64, quota: u64) -> TransferError {
+    TransferError::refused(
+        ErrorCode::QuotaExceeded,
+        format!("{path} ({size} bytes) would bring this namespace to {after} bytes, over its quota of {quota} bytes"),
+    )
+}
 
 /// What a namespace may still take, tracked across the files of one offer (a tree).
 pub(crate) struct Budget {
@@ -26,26 +146,17 @@ impl Budget {
     /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken). Blocking.
     pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64) -> Result<(), TransferError> {
         let replaced = store.committed(path)?.map_or(0, |f| f.size);
-        let resumed = store.transfer(path)?.map_or(0, |t| t.manifest.size);
+        let resumed = store
+            .summary(path)?
+            .map_or(0, |t| t.size.saturating_add(t.manifest_bytes));
         let after = self
             .held
             .saturating_sub(replaced.saturating_add(resumed))
             .saturating_add(size);
         if after > self.quota {
-            return Err(TransferError::refused(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "{path} ({size} bytes) would bring this namespace to {after} bytes, over its quota of {} bytes",
-                    self.quota
-                ),
-            ));
+            return Err(over_quota(path, size, after, self.quota));
         }
         self.held = after;
         Ok(())
     }
-}
-
-/// Whether one file of `size` bytes at `path` fits the quota. Blocking.
-pub(crate) fn check(store: &ReceiverStore, quota: u64, path: &str, size: u64) -> Result<(), TransferError> {
-    Budget::open(store, quota)?.take(store, path, size)
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
+use super::quota::{admit, NewTransfer};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -62,6 +63,10 @@ pub struct ReceiverContext {
     pub max_manifest_chunks: usize,
     /// Bytes this root (a namespace) may hold, committed and open together; `None`: unlimited.
     pub quota: Option<u64>,
+    /// Open transfers and stored manifest bytes this root (a namespace) may keep.
+    pub limits: super::quota::NamespaceLimits,
+    /// Serialises the admission of transfers in this namespace (one per namespace).
+    pub admission: super::quota::Admission,
     /// Open transfers that extra streams may join.
     pub joins: super::join::Joins,
 }
@@ -104,10 +109,6 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 ctx.max_manifest_chunks
             ),
         ));
-    }
-    if let Some(quota) = ctx.quota {
-        let (store, key, size) = (ctx.store.clone(), path.to_string(), manifest.size);
-        blocking(move || super::quota::check(&store, quota, &key, size)).await?;
     }
     let claim = ctx
         .claims
@@ -409,26 +410,14 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     if record.is_some() && received.present() > 0 {
         tracing::info!(path = key, kept = received.present(), "resuming transfer");
     }
-    // Never through a symlink: the partial directory is private, and this holds even if something was planted.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&partial)
-        .map_err(TransferError::Storage)?;
-    // No preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write
-    // error after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older
-    // offer is cut to size.
-    if file.metadata().map_err(TransferError::Storage)?.len() > manifest.size {
-        file.set_len(manifest.size).map_err(TransferError::Storage)?;
-    }
     let bitmap = received.to_bytes();
     let same_offer = record.as_ref().is_some_and(|r| r.manifest.id() == manifest.id()) && progress.received == bitmap;
     // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost
-    // work proportional to the file, not to what is missing.
-    if !same_offer {
+    // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
+    // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
+    let file = if same_offer {
+        open_partial(&partial, manifest.size)?
+    } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
         let new_record = TransferRecord {
@@ -436,8 +425,18 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
             partial: partial.display().to_string(),
             created,
         };
-        store.begin(key, &new_record, &progress)?;
-    }
+        let encoded = crate::wire::codec::encode_record(&new_record);
+        let _turn = ctx.admission.lock();
+        let new = NewTransfer {
+            path: key,
+            size: manifest.size,
+            record_bytes: encoded.len() as u64,
+        };
+        admit(store, ctx.quota, &ctx.limits, &new)?;
+        let file = open_partial(&partial, manifest.size)?;
+        store.begin_encoded(key, &new_record, &encoded, &progress)?;
+        file
+    };
     let writer = ChunkWriter::new(
         key.to_string(),
         file,
@@ -453,6 +452,25 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         partial,
         writer,
     })))
+}
+
+/// Opens (or creates) the partial file, never through a symlink: the partial directory is private, and this holds
+/// even if something was planted. No preallocation: chunks extend the file as they land, so a size limit or a full
+/// disk shows up as a write error after the chunks that fit are durable (kept for a resume), not up front. A
+/// longer partial from an older offer is cut to `size`.
+fn open_partial(partial: &Path, size: u64) -> Result<std::fs::File, TransferError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(TransferError::Storage)?;
+    if file.metadata().map_err(TransferError::Storage)?.len() > size {
+        file.set_len(size).map_err(TransferError::Storage)?;
+    }
+    Ok(file)
 }
 
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose

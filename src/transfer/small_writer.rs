@@ -167,6 +167,14 @@ impl SmallWriter {
                 .and_then(|d| d.sync_all())
                 .map_err(TransferError::Storage)?;
         }
+        // A file committed whole over an open transfer replaces it: its records go in the batch, its partial
+        // after the batch (it no longer counts against the quota, so it must not stay on disk).
+        let mut replaced = Vec::new();
+        for (file, _, _) in &placed {
+            if let Some(open) = self.store.summary(file.key.as_str())? {
+                replaced.push(open.partial);
+            }
+        }
         let mut records = sled::Batch::default();
         for (file, len, target) in &placed {
             let meta = std::fs::symlink_metadata(target).map_err(TransferError::Storage)?;
@@ -183,6 +191,9 @@ impl SmallWriter {
                 .commit_into(&mut records, file.key.as_str(), &record, &manifest)?;
         }
         self.store.apply(records)?;
+        for partial in replaced {
+            remove_partial(Path::new(&partial));
+        }
         for (file, len, _) in placed {
             self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
@@ -285,6 +296,16 @@ pub(crate) fn whole_file_manifest(file: &SmallFile, size: u64) -> Manifest {
         mtime: file.mtime,
         mode: file.mode,
         chunks,
+    }
+}
+
+/// Removes the partial file of a replaced transfer, never following a symlink (best effort: a leftover is
+/// collected by the expiry sweep).
+fn remove_partial(partial: &Path) {
+    if std::fs::symlink_metadata(partial).is_ok_and(|m| m.is_file()) {
+        if let Err(e) = std::fs::remove_file(partial) {
+            tracing::warn!(partial = %partial.display(), error = %e, "could not remove a replaced partial");
+        }
     }
 }
 

@@ -45,6 +45,8 @@ fn fixture() -> Fixture {
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
+        limits: Default::default(),
+        admission: Default::default(),
         joins: Default::default(),
     };
     Fixture { dir, ctx }
@@ -480,19 +482,26 @@ async fn reusing_many_identical_tiny_chunks_takes_linear_time() {
     use crate::manifest::{ChunkEntry, Chunking, Manifest};
     let fx = fixture();
     std::fs::create_dir_all(&fx.ctx.root).unwrap();
-    std::fs::write(fx.ctx.root.join("dst"), b"a").unwrap(); // an older copy holding the one chunk
-    let n: u32 = 200_000;
-    let hash = *blake3::hash(b"a").as_bytes();
+    // Chunks of the smallest length a manifest may use (§5), all the same: an older copy holds the one chunk.
+    let len = MIN_CHUNK_SIZE;
+    let block = vec![b'a'; len as usize];
+    std::fs::write(fx.ctx.root.join("dst"), &block).unwrap();
+    let n: u32 = 40_000;
+    let hash = *blake3::hash(&block).as_bytes();
+    let mut whole = blake3::Hasher::new();
+    for _ in 0..n {
+        whole.update(&block);
+    }
     let manifest = Manifest {
-        size: u64::from(n),
-        digest: *blake3::hash(&vec![b'a'; n as usize]).as_bytes(),
-        chunking: Chunking::Fixed { size: 4096 },
+        size: u64::from(n) * u64::from(len),
+        digest: *whole.finalize().as_bytes(),
+        chunking: Chunking::Fixed { size: len },
         mtime: crate::manifest::FileTime::default(),
         mode: 0o644,
         chunks: (0..n)
             .map(|i| ChunkEntry {
-                offset: u64::from(i),
-                len: 1,
+                offset: u64::from(i) * u64::from(len),
+                len,
                 hash,
             })
             .collect(),
@@ -516,7 +525,7 @@ async fn reusing_many_identical_tiny_chunks_takes_linear_time() {
         }
     })
     .await
-    .expect("reuse of 200,000 chunks finishes");
+    .expect("reuse of 40,000 chunks finishes");
     assert_eq!(need, Message::Need(Need { ranges: vec![] }), "every chunk was reused");
     drop(conn);
     let _ = receiver.await;

@@ -71,6 +71,8 @@ pub(crate) struct ChunkWriter {
     written: ChunkSet,
     /// The first chunk not in `written`: bytes before it are final.
     contiguous: u32,
+    /// Bytes of the chunks in `received`, kept in the transfer's summary record.
+    durable_bytes: u64,
 }
 
 impl ChunkWriter {
@@ -101,8 +103,28 @@ impl ChunkWriter {
             follower: None,
             written: ChunkSet::new(0),
             contiguous: 0,
+            durable_bytes: 0,
         }
+        .recounted()
         .following()
+    }
+
+    /// Counts the bytes of the received chunks again (after chunks were taken out of `received`).
+    pub(crate) fn recounted(mut self) -> Self {
+        self.durable_bytes = (0..self.received.len())
+            .filter(|&i| self.received.contains(i))
+            .filter_map(|i| self.manifest.chunk(i))
+            .map(|c| u64::from(c.len))
+            .sum();
+        self
+    }
+
+    /// Records the progress (bitmap and counters) in the store and flushes.
+    pub(crate) fn save_progress(&mut self) -> Result<(), TransferError> {
+        self.progress.received = self.received.to_bytes();
+        self.store
+            .save_progress(&self.key, &self.progress, self.durable_bytes)?;
+        Ok(())
     }
 
     /// Starts a new digest follower over the chunks received so far (dropping any earlier one).
@@ -243,10 +265,12 @@ impl ChunkWriter {
         }
         self.file.sync_data().map_err(TransferError::Storage)?;
         for &(index, _) in &self.batch {
-            self.received.insert(index);
+            if !self.received.contains(index) {
+                self.durable_bytes += self.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
+                self.received.insert(index);
+            }
         }
-        self.progress.received = self.received.to_bytes();
-        self.store.save_progress(&self.key, &self.progress)?;
+        self.save_progress()?;
         self.stats
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);

@@ -420,6 +420,9 @@ pub enum ErrorCode {
     Forbidden,
     /// 21: the file would take the client's namespace over its quota.
     QuotaExceeded,
+    /// 23: the namespace already has as many open transfers, or as many stored manifest bytes, as the server
+    /// allows; finishing or expiring some makes room.
+    TooManyTransfers,
     /// Any other value, from a newer peer.
     Unknown(u16),
 }
@@ -442,7 +445,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 21] = [
+const CODES: [(u16, ErrorCode); 22] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -464,6 +467,7 @@ const CODES: [(u16, ErrorCode); 21] = [
     (19, ErrorCode::AuthFailed),
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
+    (23, ErrorCode::TooManyTransfers),
 ];
 
 impl From<u16> for ErrorCode {

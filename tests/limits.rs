@@ -1,0 +1,193 @@
+//! What a namespace may keep open on a server (proto-spec.md §5, §10, README "Security"): a cap on open transfers
+//! and on the bytes their manifests take, a minimum chunk length so a manifest costs about 1 % of its file, and
+//! quota reservations counted one offer after another. Offers come over the raw protocol, as an attacker sends
+//! them: an Offer, then nothing.
+
+use std::time::Duration;
+
+use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
+use ferry::wire::{Connection, ErrorCode, ErrorFrame, Hello, Message, Offer, MAGIC};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// A connection past the handshake.
+async fn connect(server: &TestServer) -> Connection<TcpStream> {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    conn.write_message(&Message::Hello(Hello {
+        magic: MAGIC,
+        min_version: ferry::MIN_PROTOCOL_VERSION,
+        max_version: ferry::PROTOCOL_VERSION,
+        agent: "limits-test".into(),
+        client: String::new(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    conn
+}
+
+/// Offers `manifest` at `path` on a fresh connection and returns the answer (a Need, or an Error); the
+/// connection is then dropped without a byte of data, as a flood would.
+async fn offer(server: &TestServer, path: &str, manifest: Manifest) -> Message {
+    let mut conn = connect(server).await;
+    conn.write_message(&Message::Offer(Offer {
+        path: path.into(),
+        manifest,
+    }))
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), conn.read_message())
+        .await
+        .expect("the server answers an offer")
+        .unwrap()
+        .expect("an answer, not a close")
+}
+
+/// A manifest of `count` chunks of `len` bytes (dummy hashes: no data is ever sent).
+fn manifest(count: u32, len: u32, seed: u8) -> Manifest {
+    let chunks = (0..count)
+        .map(|i| ChunkEntry {
+            offset: u64::from(i) * u64::from(len),
+            len,
+            hash: [seed; 32],
+        })
+        .collect();
+    Manifest {
+        size: u64::from(count) * u64::from(len),
+        digest: [seed; 32],
+        chunking: Chunking::Fixed { size: 4096.max(len) },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks,
+    }
+}
+
+fn refusal(answer: Message) -> ErrorFrame {
+    match answer {
+        Message::Error(frame) => frame,
+        other => panic!("expected a refusal, got {}", other.name()),
+    }
+}
+
+fn is_need(answer: &Message) -> bool {
+    matches!(answer, Message::Need(_))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_beyond_the_open_transfer_cap_are_refused_with_their_own_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--max-open-transfers", "3"]);
+    for i in 0..3 {
+        let answer = offer(&server, &format!("flood/p{i}"), manifest(8, 4096, i)).await;
+        assert!(is_need(&answer), "offer {i} is admitted: {}", answer.name());
+    }
+    let refused = refusal(offer(&server, "flood/p3", manifest(8, 4096, 3)).await);
+    assert_eq!(refused.code, ErrorCode::TooManyTransfers);
+    assert_eq!(u16::from(refused.code), 23, "code 23 on the wire (proto-spec.md §9)");
+    assert!(!refused.retryable, "{refused:?}");
+    assert!(refused.message.contains("3 open transfers"), "{}", refused.message);
+    // Another manifest for a path already open replaces that transfer: not one more.
+    assert!(is_need(&offer(&server, "flood/p0", manifest(9, 4096, 7)).await));
+
+    // What a client sees: ferry push of a new file is rejected (exit 4) with the reason; one to an open path
+    // (a resume) still goes through.
+    let state = dir.path().join("state");
+    let file = dir.path().join("f.bin");
+    write_random(&file, 100 * KIB, 3);
+    let out = push(&file, &server.url("flood/new.bin"), &state, &[]).await;
+    assert_eq!(out.code, 4, "{}", out.json);
+    assert!(
+        out.json["error"].as_str().unwrap().contains("open transfers"),
+        "{}",
+        out.json
+    );
+    push(&file, &server.url("flood/p1"), &state, &[]).await.assert_ok();
+    assert_eq!(b3(&server.root.join("flood/p1")), b3(&file));
+    // Committing freed a place.
+    push(&file, &server.url("flood/new.bin"), &state, &[]).await.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_beyond_the_stored_manifest_budget_or_in_tiny_chunks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--max-manifest-bytes", "1MiB"]);
+    // 20,000 chunks: about 880 KB of manifest for an 80 MiB file.
+    assert!(is_need(&offer(&server, "a", manifest(20_000, 4096, 1)).await));
+    let refused = refusal(offer(&server, "b", manifest(20_000, 4096, 2)).await);
+    assert_eq!(refused.code, ErrorCode::TooManyTransfers);
+    assert!(refused.message.contains("manifests"), "{}", refused.message);
+    // A small one still fits beside it.
+    assert!(is_need(&offer(&server, "c", manifest(10, 4096, 3)).await));
+
+    // A large file cut into 1-byte chunks (100,000 chunks, 4.4 MB of manifest for 100 KB) is refused outright,
+    // and so is one short chunk in the middle; only the last chunk may be short.
+    let tiny = refusal(offer(&server, "tiny", manifest(100_000, 1, 4)).await);
+    assert_eq!(tiny.code, ErrorCode::BadManifest);
+    assert!(tiny.message.contains("at least 4096 bytes"), "{}", tiny.message);
+    let mut middle = manifest(3, 4096, 5);
+    middle.chunks[1].len = 4095;
+    middle.chunks[2].offset -= 1;
+    middle.size -= 1;
+    assert_eq!(
+        refusal(offer(&server, "middle", middle).await).code,
+        ErrorCode::BadManifest
+    );
+    let mut last = manifest(3, 4096, 6);
+    last.chunks[2].len = 1;
+    last.size -= 4095;
+    assert!(
+        is_need(&offer(&server, "last", last).await),
+        "a short last chunk is fine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_offers_cannot_all_take_the_same_free_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    let secret = "07".repeat(32);
+    std::fs::write(
+        &config,
+        format!(
+            "[[client]]\nid = \"alice\"\nsecret = \"{secret}\"\nnamespace = \"alice\"\npermissions = [\"push\"]\n\
+             quota = \"10MiB\"\n"
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--config", config.to_str().unwrap()]);
+    let token = ferry::auth::Token::from_parts("alice", &secret).unwrap();
+    // 40 offers of 5 MiB at once: the namespace has room for one (5 MiB plus its manifest, twice, is over 10 MiB).
+    let offers = (0..40u8).map(|i| {
+        let (addr, token) = (server.addr, token.clone());
+        tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+            ferry::transfer::handshake::client_hello(&mut conn, Duration::from_secs(30), Some(&token), None)
+                .await
+                .unwrap();
+            let manifest = manifest(5 * 256, 4096, i);
+            conn.write_message(&Message::Offer(Offer {
+                path: format!("p{i}"),
+                manifest,
+            }))
+            .await
+            .unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(60), conn.read_message()).await;
+            let answer = answer.expect("answered").unwrap().expect("an answer");
+            // Hold the connection until every offer was answered, as a real flood would.
+            (answer, conn)
+        })
+    });
+    let mut answers = Vec::new();
+    for handle in offers.collect::<Vec<_>>() {
+        answers.push(handle.await.unwrap());
+    }
+    let admitted = answers.iter().filter(|(a, _)| is_need(a)).count();
+    let over_quota = answers
+        .iter()
+        .filter(|(a, _)| matches!(a, Message::Error(f) if f.code == ErrorCode::QuotaExceeded))
+        .count();
+    assert_eq!((admitted, over_quota), (1, 39), "one admitted, the others over quota");
+}
