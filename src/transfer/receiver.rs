@@ -72,14 +72,14 @@ pub struct ReceiverContext {
 }
 
 /// Where a prepared transfer stands.
-enum Plan {
+pub(super) enum Plan {
     /// The exact file is already committed at the destination.
     AlreadyPresent(Committed),
     /// Chunks to receive (possibly none) into the partial.
     Receive(Box<Prepared>),
 }
 
-struct Prepared {
+pub(super) struct Prepared {
     target: PathBuf,
     partial: PathBuf,
     writer: ChunkWriter,
@@ -384,7 +384,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
-fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) -> Result<Plan, TransferError> {
+pub(super) fn prepare(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    manifest: Arc<Manifest>,
+) -> Result<Plan, TransferError> {
     let key = path.as_str();
     let target = resolve_in_root(&ctx.root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
     let store = &ctx.store;

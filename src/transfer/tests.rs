@@ -590,3 +590,91 @@ async fn a_large_file_found_changed_mid_send_is_abandoned_and_sent_again_in_the_
     assert_eq!(std::fs::read(fx.ctx.root.join("t/large.bin")).unwrap(), edited);
     assert_eq!(std::fs::read(fx.ctx.root.join("t/small.txt")).unwrap(), b"unchanged");
 }
+
+/// Offer A passed the quota check and has not yet recorded its transfer when offer B arrives: B waits for A's
+/// record and is counted after it (proto-spec.md §3a), so two 5 MiB files cannot both fit 10 MiB of free quota.
+#[test]
+fn offers_in_one_namespace_are_admitted_one_after_another() {
+    use super::quota::{admit, NewTransfer};
+    use crate::manifest::tests::manifest_of;
+    use crate::path::RemotePath;
+    use crate::store::{Progress, TransferRecord};
+    let mut fx = fixture();
+    std::fs::create_dir_all(&fx.ctx.root).unwrap();
+    fx.ctx.quota = Some(10 << 20);
+    let five_mib = manifest_of(&[1 << 20; 5]);
+    let record = TransferRecord {
+        manifest: five_mib.clone(),
+        partial: "a.part".into(),
+        created: 1,
+    };
+    let record_bytes = crate::wire::codec::encode_record(&record).len() as u64;
+    let turn = fx.ctx.admission.lock();
+    let a = NewTransfer {
+        path: "a",
+        size: five_mib.size,
+        record_bytes,
+    };
+    admit(&fx.ctx.store, fx.ctx.quota, &fx.ctx.limits, &a).unwrap();
+    let ctx = fx.ctx.clone();
+    let b = std::thread::spawn(move || {
+        let path = RemotePath::parse("b").unwrap();
+        super::receiver::prepare(&ctx, &path, Arc::new(five_mib)).map(|_| ())
+    });
+    // Without the lock, B would be admitted now against a namespace that does not show A yet.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!b.is_finished(), "B waits for A's turn");
+    fx.ctx.store.begin("a", &record, &Progress::default()).unwrap();
+    drop(turn);
+    match b.join().unwrap() {
+        Err(super::TransferError::Refused { code, .. }) => assert_eq!(code, crate::wire::ErrorCode::QuotaExceeded),
+        other => panic!("B must be over quota, got {:?}", other.err()),
+    }
+    assert!(fx.ctx.store.summary("b").unwrap().is_none());
+    assert!(
+        !fx.ctx.partial_dir.read_dir().unwrap().any(|e| e.is_ok()),
+        "no partial for B"
+    );
+}
+
+/// A small file of a tree committed at a path with an open transfer replaces that transfer: its records and its
+/// partial file go, so the partial no longer sits on disk uncounted by the quota.
+#[test]
+fn a_small_file_committed_over_an_open_transfer_removes_its_partial() {
+    use super::small_writer::{SmallFile, SmallWriter};
+    use crate::manifest::tests::manifest_of;
+    use crate::path::RemotePath;
+    use crate::store::{Progress, TransferRecord};
+    let fx = fixture();
+    std::fs::create_dir_all(fx.ctx.root.join("x")).unwrap();
+    let partial = fx.ctx.partial_dir.join(".ferry-open.part");
+    std::fs::write(&partial, vec![7u8; 9 * 4096]).unwrap();
+    let record = TransferRecord {
+        manifest: manifest_of(&[4096; 9]),
+        partial: partial.display().to_string(),
+        created: 1,
+    };
+    fx.ctx.store.begin("x/p", &record, &Progress::default()).unwrap();
+    let writer = SmallWriter {
+        root: fx.ctx.root.clone(),
+        partial_dir: fx.ctx.partial_dir.clone(),
+        store: fx.ctx.store.clone(),
+        stats: fx.ctx.stats.clone(),
+    };
+    let data = b"1".to_vec();
+    let outcome = writer
+        .commit_batch(vec![SmallFile {
+            index: 0,
+            key: RemotePath::parse("x/p").unwrap(),
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+            mtime: crate::manifest::FileTime::default(),
+            mode: 0o644,
+            _budget: None,
+        }])
+        .unwrap();
+    assert_eq!(outcome.committed, vec![0]);
+    assert!(!partial.exists(), "the replaced transfer's partial is gone");
+    assert!(fx.ctx.store.transfer("x/p").unwrap().is_none());
+    assert_eq!(fx.ctx.store.held_bytes().unwrap(), 1, "only the committed byte is held");
+}
