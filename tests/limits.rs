@@ -191,3 +191,56 @@ async fn concurrent_offers_cannot_all_take_the_same_free_quota() {
         .count();
     assert_eq!((admitted, over_quota), (1, 39), "one admitted, the others over quota");
 }
+
+/// Every entry of the root (files, directories, symlinks), the private `.ferry/` left out.
+fn count_entries(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != ".ferry")
+        .map(|e| {
+            let is_dir = e.file_type().unwrap().is_dir();
+            1 + if is_dir { count_entries(&e.path()) } else { 0 }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_cannot_create_more_entries_than_the_namespace_and_tree_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(
+        &dir.path().join("root"),
+        &["--max-namespace-entries", "50", "--max-tree-entries", "100"],
+    );
+    let state = dir.path().join("state");
+    // 40 directories with an empty file each: 80 entries and no bytes, which a byte quota never saw.
+    let tree = dir.path().join("t");
+    for i in 0..40 {
+        std::fs::create_dir_all(tree.join(format!("d{i:02}"))).unwrap();
+        std::fs::write(tree.join(format!("d{i:02}/f")), b"").unwrap();
+    }
+    let out = push(&tree, &server.url("t"), &state, &[]).await;
+    assert_eq!(out.code, 4, "{}", out.json);
+    assert!(out.u64("files_missing") > 0, "{}", out.json);
+    let created = count_entries(&server.root);
+    assert!(created <= 50, "{created} entries created, the budget is 50");
+    assert!(created >= 45, "the budget was used, not refused wholesale: {created}");
+    // Pushing it again creates nothing more: what exists costs nothing, the rest is still over budget.
+    let again = push(&tree, &server.url("t"), &state, &[]).await;
+    assert_eq!(again.code, 4, "{}", again.json);
+    assert_eq!(count_entries(&server.root), created);
+    // A tree of more entries than one tree may have is refused whole.
+    let wide = dir.path().join("wide");
+    std::fs::create_dir(&wide).unwrap();
+    for i in 0..101 {
+        std::fs::write(wide.join(format!("f{i}")), b"").unwrap();
+    }
+    let out = push(&wide, &server.url("wide"), &state, &[]).await;
+    assert_eq!(out.code, 4, "{}", out.json);
+    assert!(
+        out.json["error"].as_str().unwrap().contains("the limit is 100"),
+        "{}",
+        out.json
+    );
+    assert!(!server.root.join("wide").exists());
+}

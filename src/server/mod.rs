@@ -168,6 +168,13 @@ impl Server {
                 "max_frame must be between {MIN_MAX_FRAME} and {MAX_FRAME} bytes"
             )));
         }
+        let tree_entries = config.namespace_limits.max_tree_entries;
+        if tree_entries == 0 || tree_entries > crate::MAX_TREE_ENTRIES {
+            return Err(ServerError::Config(format!(
+                "max_tree_entries must be between 1 and {}",
+                crate::MAX_TREE_ENTRIES
+            )));
+        }
         if config.max_manifest_chunks == 0 || config.max_manifest_chunks > MAX_MANIFEST_CHUNKS {
             return Err(ServerError::Config(format!(
                 "max_manifest_chunks must be between 1 and {MAX_MANIFEST_CHUNKS}"

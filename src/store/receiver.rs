@@ -23,6 +23,8 @@ const SUMMARY: &str = "tsummary";
 /// Marks a scope whose open transfers all have a summary (stores written before summaries existed are migrated
 /// once, when the scope is opened).
 const MIGRATED: &str = "migrated";
+/// Directories and symlinks trees created in a scope (a count: files are counted by their own records).
+const TREE_INODES: &str = "tinodes";
 
 /// An open (uncommitted) transfer.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct Usage {
     pub open_transfers: u64,
     /// Stored bytes of the open transfers' manifests.
     pub manifest_bytes: u64,
+    /// Directories and symlinks created by trees.
+    pub tree_inodes: u64,
 }
 
 impl Usage {
@@ -74,6 +78,14 @@ impl Usage {
         self.committed_bytes
             .saturating_add(self.open_bytes)
             .saturating_add(self.manifest_bytes)
+    }
+
+    /// Entries (inodes) counted against a namespace's entry budget: committed files, open transfers, and the
+    /// directories and symlinks trees created.
+    pub fn entries(&self) -> u64 {
+        self.committed_files
+            .saturating_add(self.open_transfers)
+            .saturating_add(self.tree_inodes)
     }
 }
 
@@ -282,7 +294,24 @@ impl ReceiverStore {
             usage.manifest_bytes = usage.manifest_bytes.saturating_add(summary.manifest_bytes);
             usage.open_transfers += 1;
         }
+        usage.tree_inodes = self.tree_inodes()?;
         Ok(usage)
+    }
+
+    /// Directories and symlinks trees created in this scope.
+    fn tree_inodes(&self) -> Result<u64, StoreError> {
+        Ok(get(&self.tree, &self.key(TREE_INODES, b""))?.unwrap_or(0u64))
+    }
+
+    /// Counts `created` more directories and symlinks made by a tree, and flushes. The caller serialises these
+    /// (the namespace's admission lock): it reads, adds and writes.
+    pub fn add_tree_inodes(&self, created: u64) -> Result<(), StoreError> {
+        if created == 0 {
+            return Ok(());
+        }
+        let total = self.tree_inodes()?.saturating_add(created);
+        self.tree.insert(self.key(TREE_INODES, b""), encode_record(&total))?;
+        self.store.flush()
     }
 
     /// Bytes this scope holds as a quota counts them ([`Usage::held_bytes`]).

@@ -1,15 +1,19 @@
 //! Namespace limits: the bytes a receiver root may hold (its quota: committed files, open transfers and their
-//! manifests together), how many transfers it may keep open, and how many bytes their manifests may take in the
-//! store (proto-spec.md §3a and §10).
+//! manifests together), how many transfers it may keep open, how many bytes their manifests may take in the
+//! store, and how many entries (inodes: files, directories, symlinks) it and one tree may create (proto-spec.md
+//! §3a and §10).
 //!
 //! Checked when a file is offered, against the small records of the store (sizes, never manifests): a file that
 //! replaces a committed one (or an open transfer) at the same path is counted once. The check and the write of the
 //! transfer's record happen under the namespace's [`Admission`] lock, so offers arriving together are counted one
 //! after another and cannot all fit the same free space.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::TransferError;
+use crate::path::RemotePath;
 use crate::store::ReceiverStore;
 use crate::wire::ErrorCode;
 
@@ -17,6 +21,8 @@ use crate::wire::ErrorCode;
 pub const DEFAULT_MAX_OPEN_TRANSFERS: u64 = 1024;
 /// Default for [`NamespaceLimits::max_manifest_bytes`]: about three maximal manifests (500,000 chunks each).
 pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// Default for [`NamespaceLimits::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
 
 /// What one namespace may keep open on a receiver, besides its byte quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +31,11 @@ pub struct NamespaceLimits {
     pub max_open_transfers: u64,
     /// Most bytes the records of open transfers (their manifests, mostly) may take in the store together.
     pub max_manifest_bytes: u64,
+    /// Most entries (inodes) the namespace may hold: committed files, open transfers, and the directories and
+    /// symlinks trees created. What would go beyond is refused with `QuotaExceeded`.
+    pub max_entries: u64,
+    /// Most entries in one TreeOffer (at most [`crate::MAX_TREE_ENTRIES`]); a larger one is `BadManifest`.
+    pub max_tree_entries: usize,
 }
 
 impl NamespaceLimits {
@@ -32,11 +43,15 @@ impl NamespaceLimits {
     pub const DEFAULT: NamespaceLimits = NamespaceLimits {
         max_open_transfers: DEFAULT_MAX_OPEN_TRANSFERS,
         max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+        max_entries: DEFAULT_MAX_ENTRIES,
+        max_tree_entries: crate::MAX_TREE_ENTRIES,
     };
     /// No limits (a pulling client receiving into its own directory).
     pub const UNLIMITED: NamespaceLimits = NamespaceLimits {
         max_open_transfers: u64::MAX,
         max_manifest_bytes: u64::MAX,
+        max_entries: u64::MAX,
+        max_tree_entries: crate::MAX_TREE_ENTRIES,
     };
 }
 
@@ -108,8 +123,12 @@ pub(crate) fn admit(
             ),
         ));
     }
+    let committed = store.committed(new.path)?;
+    if committed.is_none() && open.is_none() && usage.entries() >= limits.max_entries {
+        return Err(over_entries(new.path, limits.max_entries));
+    }
     if let Some(quota) = quota {
-        let replaced = store.committed(new.path)?.map_or(0, |f| f.size);
+        let replaced = committed.map_or(0, |f| f.size);
         let after = usage
             .held_bytes()
             .saturating_sub(replaced.saturating_add(open_bytes))
@@ -119,6 +138,13 @@ pub(crate) fn admit(
         }
     }
     Ok(())
+}
+
+fn over_entries(path: &str, limit: u64) -> TransferError {
+    TransferError::refused(
+        ErrorCode::QuotaExceeded,
+        format!("{path} would take this namespace over its budget of {limit} entries (files, directories, links)"),
+    )
 }
 
 fn over_quota(path: &str, size: u64, after: u64, quota: u64) -> TransferError {
@@ -159,4 +185,74 @@ impl Budget {
         self.held = after;
         Ok(())
     }
+}
+
+/// The entries (inodes) a namespace may still create, tracked across the entries of one tree: what placing an
+/// entry creates is counted (its missing parent directories, once each, and the entry itself if nothing is at its
+/// path yet); what already exists costs nothing.
+pub(crate) struct EntryBudget {
+    left: u64,
+    limit: u64,
+    /// Directories this tree counted (BLAKE3 of their path, truncated: no collisions to craft).
+    counted: HashSet<[u8; 16]>,
+    /// Directories and symlinks counted: recorded for the namespace when the tree is planned.
+    dirs_and_links: u64,
+}
+
+impl EntryBudget {
+    /// Reads what the namespace holds now. Blocking.
+    pub fn open(store: &ReceiverStore, limit: u64) -> Result<EntryBudget, TransferError> {
+        Ok(EntryBudget {
+            left: limit.saturating_sub(store.usage()?.entries()),
+            limit,
+            counted: HashSet::new(),
+            dirs_and_links: 0,
+        })
+    }
+
+    /// Takes what placing `key` (a file unless `dir_or_link`) under `root` creates, or refuses it with the reason
+    /// (nothing taken). Blocking: a `stat` per missing component.
+    pub fn take(&mut self, root: &Path, key: &RemotePath, dir_or_link: bool) -> Result<(), String> {
+        let components: Vec<&str> = key.components().collect();
+        let mut missing = Vec::new();
+        // The parents, deepest first, up to one that exists or was counted already.
+        for depth in (1..components.len()).rev() {
+            let parent = components[..depth].join("/");
+            let id = path_id(&parent);
+            if self.counted.contains(&id) || std::fs::symlink_metadata(root.join(&parent)).is_ok() {
+                break;
+            }
+            missing.push(id);
+        }
+        let id = path_id(key.as_str());
+        let itself = !self.counted.contains(&id) && std::fs::symlink_metadata(root.join(key.as_str())).is_err();
+        let cost = missing.len() as u64 + u64::from(itself);
+        if cost > self.left {
+            return Err(format!(
+                "{key} would take this namespace over its budget of {} entries (files, directories, links)",
+                self.limit
+            ));
+        }
+        self.left -= cost;
+        self.dirs_and_links += missing.len() as u64 + u64::from(itself && dir_or_link);
+        self.counted.extend(missing);
+        if itself && dir_or_link {
+            self.counted.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Records the directories and symlinks this tree counted against the namespace. Blocking.
+    pub fn finish(self, store: &ReceiverStore, admission: &Admission) -> Result<(), TransferError> {
+        let _turn = admission.lock();
+        store.add_tree_inodes(self.dirs_and_links)?;
+        Ok(())
+    }
+}
+
+fn path_id(path: &str) -> [u8; 16] {
+    let hash = blake3::hash(path.as_bytes());
+    let mut id = [0; 16];
+    id.copy_from_slice(&hash.as_bytes()[..16]);
+    id
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::quota::Budget;
+use super::quota::{Budget, EntryBudget};
 use super::receiver::{receive, ReceiverContext};
 use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
@@ -58,7 +58,7 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    let tree = validate(offer, base.as_ref())?;
+    let tree = validate(offer, base.as_ref(), ctx.limits.max_tree_entries.min(MAX_TREE_ENTRIES))?;
     let (tree, plan) = {
         let ctx = ctx.clone();
         with_keepalive(conn, ctx.idle_timeout, move || {
@@ -133,17 +133,14 @@ pub struct TreeReceived {
     pub entries: Vec<TreeEntry>,
 }
 
-/// Checks the offer: entry count, strictly ascending paths, valid destination paths, and symlinks that stay
-/// inside the tree.
-fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, TransferError> {
+/// Checks the offer: entry count (at most `max_entries`), strictly ascending paths, valid destination paths, and
+/// symlinks that stay inside the tree.
+fn validate(offer: TreeOffer, base: Option<&RemotePath>, max_entries: usize) -> Result<Tree, TransferError> {
     let refuse = |why: String| TransferError::refused(ErrorCode::BadPath, why);
-    if offer.entries.len() > MAX_TREE_ENTRIES {
+    if offer.entries.len() > max_entries {
         return Err(TransferError::refused(
             ErrorCode::BadManifest,
-            format!(
-                "tree has {} entries, the limit is {MAX_TREE_ENTRIES}",
-                offer.entries.len()
-            ),
+            format!("tree has {} entries, the limit is {max_entries}", offer.entries.len()),
         ));
     }
     let mut keys = Vec::with_capacity(offer.entries.len());
@@ -210,8 +207,26 @@ fn plan(
     let mut local = Vec::new();
     let mut local_bytes = 0u64;
     let mut budget = ctx.quota.map(|quota| Budget::open(&ctx.store, quota)).transpose()?;
+    let limited = ctx.limits.max_entries != u64::MAX;
+    let mut entries = limited
+        .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries))
+        .transpose()?;
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
+        // What placing the entry creates counts against the namespace's entry budget (unchanged files create
+        // nothing, and cost nothing).
+        let creates = match &entry.kind {
+            EntryKind::Dir { .. } => true,
+            EntryKind::Symlink { .. } => links == LinkPolicy::Record,
+            EntryKind::File { size, .. } => *size <= ctx.max_file_size && !unchanged(ctx, key, entry)?,
+        };
+        if let (true, Some(entries)) = (creates, entries.as_mut()) {
+            let dir_or_link = !matches!(entry.kind, EntryKind::File { .. });
+            if let Err(why) = entries.take(&ctx.root, key, dir_or_link) {
+                plan.settled.refused.push((index, why));
+                continue;
+            }
+        }
         match &entry.kind {
             EntryKind::Dir { .. } => {
                 if let Err(e) = ensure_dir(&ctx.root, key) {
@@ -265,6 +280,9 @@ fn plan(
         }
     }
     settle(ctx, local, &mut plan)?;
+    if let Some(entries) = entries {
+        entries.finish(&ctx.store, &ctx.admission)?;
+    }
     plan.needed.sort_unstable();
     Ok(plan)
 }
@@ -399,14 +417,20 @@ fn place_symlink(
 }
 
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
-/// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
+/// parent's mtime afterwards). Only directories that exist are touched: one refused at planning (over the entry
+/// budget, say) is not created here. Best effort: a failure is logged, not fatal. Blocking.
 fn apply_dir_metadata(root: &Path, tree: &Tree) {
     use std::os::unix::fs::PermissionsExt;
     for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
         let EntryKind::Dir { mode, mtime } = entry.kind else {
             continue;
         };
-        let applied = ensure_dir(root, key).map_err(std::io::Error::other).and_then(|dir| {
+        let existing = crate::path::resolve_existing(root, key).map_err(std::io::Error::other);
+        let existing = existing.and_then(|(dir, meta)| match meta.is_dir() {
+            true => Ok(dir),
+            false => Err(std::io::Error::other(format!("{key} is not a directory"))),
+        });
+        let applied = existing.and_then(|dir| {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o777))?;
             std::fs::File::open(&dir)?.set_modified(super::commit::system_time(mtime))
         });
