@@ -244,3 +244,81 @@ async fn trees_cannot_create_more_entries_than_the_namespace_and_tree_budgets() 
     );
     assert!(!server.root.join("wide").exists());
 }
+
+/// The `.part` files in the server's partial directory.
+fn partials(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(root.join(".ferry/partial"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "part"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_file_committed_over_an_open_transfer_leaves_no_partial_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    // Upload most of a file to x/p and never commit it.
+    let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<ChunkEntry> = data
+        .chunks(4096)
+        .enumerate()
+        .map(|(i, bytes)| ChunkEntry {
+            offset: i as u64 * 4096,
+            len: 4096,
+            hash: *blake3::hash(bytes).as_bytes(),
+        })
+        .collect();
+    let manifest = Manifest {
+        size: data.len() as u64,
+        digest: *blake3::hash(&data).as_bytes(),
+        chunking: Chunking::Fixed { size: 4096 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+        chunks,
+    };
+    let mut conn = connect(&server).await;
+    conn.write_message(&Message::Offer(Offer {
+        path: "x/p".into(),
+        manifest,
+    }))
+    .await
+    .unwrap();
+    assert!(is_need(&conn.read_message().await.unwrap().unwrap()));
+    for (index, bytes) in data.chunks(4096).enumerate().take(2) {
+        let chunk = ferry::wire::Chunk {
+            index: index as u32,
+            data: bytes.to_vec(),
+        };
+        conn.write_message(&Message::Chunk(chunk)).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+            Ok(Ok(Some(Message::Ack(ack)))) => acked += ack.ranges.iter().map(|r| r.count).sum::<u32>(),
+            other => panic!("expected Acks, got {other:?}"),
+        }
+    }
+    drop(conn);
+    assert_eq!(partials(&server.root).len(), 1, "the open transfer's partial");
+    // Now a tree commits a small file at that very path.
+    let tree = dir.path().join("x");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("p"), b"1").unwrap();
+    push(&tree, &server.url("x"), &dir.path().join("state"), &[])
+        .await
+        .assert_ok();
+    assert_eq!(std::fs::read(server.root.join("x/p")).unwrap(), b"1");
+    assert!(
+        partials(&server.root).is_empty(),
+        "the replaced transfer's partial is removed, not left uncounted"
+    );
+    // Nor is it still listed as open.
+    let mut conn = connect(&server).await;
+    conn.write_message(&Message::ListPartials).await.unwrap();
+    match conn.read_message().await.unwrap() {
+        Some(Message::Partials(listed)) => assert_eq!(listed.total, 0, "{listed:?}"),
+        other => panic!("expected Partials, got {other:?}"),
+    }
+}

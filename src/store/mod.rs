@@ -17,7 +17,7 @@ use thiserror::Error;
 pub use lock::{LockError, StateLock, LOCK_FILE};
 pub use receiver::{
     ChunkLocation, CommittedFile, OpenTransfer, PartialTransfer, Progress, ReceiverStore, TransferRecord,
-    TransferSummary, Usage,
+    TransferRecordRef, TransferSummary, Usage,
 };
 pub use sender::{ManifestKey, Pruned, PushRecord, PushState, SenderStore};
 

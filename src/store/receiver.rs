@@ -37,6 +37,28 @@ pub struct TransferRecord {
     pub created: u64,
 }
 
+/// A [`TransferRecord`] borrowed from its parts: encodes to the same bytes, without copying a large manifest.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct TransferRecordRef<'a> {
+    /// The manifest being received.
+    pub manifest: &'a Manifest,
+    /// File name of the partial under the partials directory.
+    pub partial: &'a str,
+    /// When the transfer was first offered (Unix seconds).
+    pub created: u64,
+}
+
+impl TransferRecord {
+    /// This record, borrowed.
+    pub fn as_ref(&self) -> TransferRecordRef<'_> {
+        TransferRecordRef {
+            manifest: &self.manifest,
+            partial: &self.partial,
+            created: self.created,
+        }
+    }
+}
+
 /// The small record kept beside every open transfer, so that listing partials, expiring them and checking quotas
 /// never decode a manifest (which may hold 500,000 chunks).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -200,7 +222,7 @@ impl ReceiverStore {
             }
             let record: TransferRecord = super::decode(&key, &value)?;
             let progress: Progress = get(&self.tree, &self.key(PROGRESS, path))?.unwrap_or_default();
-            let summary = summarize(&record, value.len(), &progress);
+            let summary = summarize(record.as_ref(), value.len(), &progress);
             self.tree.insert(self.key(SUMMARY, path), encode_record(&summary))?;
             migrated += 1;
         }
@@ -382,7 +404,7 @@ impl ReceiverStore {
 
     /// Records a (re)started transfer, its summary and its initial progress atomically, then flushes.
     pub fn begin(&self, path: &str, record: &TransferRecord, progress: &Progress) -> Result<(), StoreError> {
-        self.begin_encoded(path, record, &encode_record(record), progress)
+        self.begin_encoded(path, record.as_ref(), &encode_record(record), progress)
     }
 
     /// [`ReceiverStore::begin`] with the record already encoded (by `wire::codec::encode_record`), so a caller that
@@ -390,7 +412,7 @@ impl ReceiverStore {
     pub fn begin_encoded(
         &self,
         path: &str,
-        record: &TransferRecord,
+        record: TransferRecordRef<'_>,
         encoded: &[u8],
         progress: &Progress,
     ) -> Result<(), StoreError> {
@@ -463,13 +485,13 @@ impl ReceiverStore {
 }
 
 /// The summary of a transfer whose record takes `record_len` bytes.
-fn summarize(record: &TransferRecord, record_len: usize, progress: &Progress) -> TransferSummary {
+fn summarize(record: TransferRecordRef<'_>, record_len: usize, progress: &Progress) -> TransferSummary {
     TransferSummary {
         size: record.manifest.size,
         manifest_bytes: record_len as u64,
-        partial: record.partial.clone(),
+        partial: record.partial.to_string(),
         created: record.created,
-        durable_bytes: durable_bytes(&record.manifest, &progress.received),
+        durable_bytes: durable_bytes(record.manifest, &progress.received),
         updated: progress.updated,
     }
 }
@@ -549,6 +571,11 @@ mod tests {
         };
         ns.begin("big", &record, &progress).unwrap();
         let manifest_bytes = encode_record(&record).len() as u64;
+        assert_eq!(
+            encode_record(&record.as_ref()),
+            encode_record(&record),
+            "the borrowed form encodes the same"
+        );
         // Damage the record: anything that decoded it would now fail.
         ns.tree.insert(ns.key(TRANSFER, b"big"), &b"not a record"[..]).unwrap();
         let usage = ns.usage().unwrap();

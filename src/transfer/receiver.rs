@@ -30,7 +30,7 @@ use crate::manifest::{hex, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
-use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord};
+use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
@@ -424,9 +424,11 @@ pub(super) fn prepare(
     } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
-        let new_record = TransferRecord {
-            manifest: (*manifest).clone(),
-            partial: partial.display().to_string(),
+        let partial_name = partial.display().to_string();
+        // Borrowed: a manifest of 500,000 chunks is not copied just to be encoded.
+        let new_record = TransferRecordRef {
+            manifest: &manifest,
+            partial: &partial_name,
             created,
         };
         let encoded = crate::wire::codec::encode_record(&new_record);
@@ -438,7 +440,7 @@ pub(super) fn prepare(
         };
         admit(store, ctx.quota, &ctx.limits, &new)?;
         let file = open_partial(&partial, manifest.size)?;
-        store.begin_encoded(key, &new_record, &encoded, &progress)?;
+        store.begin_encoded(key, new_record, &encoded, &progress)?;
         file
     };
     let writer = ChunkWriter::new(
