@@ -302,14 +302,31 @@ impl ReceiverStore {
     /// What this scope holds: its committed files, and its open transfers with their manifests' stored bytes.
     /// What namespace quotas and limits check; reads only small records.
     pub fn usage(&self) -> Result<Usage, StoreError> {
-        let mut usage = Usage::default();
+        let (committed_bytes, committed_files) = self.committed_usage()?;
+        Ok(Usage {
+            committed_bytes,
+            committed_files,
+            ..self.open_usage()?
+        })
+    }
+
+    /// The sizes and number of the committed files: a scan of every committed record of the scope.
+    pub fn committed_usage(&self) -> Result<(u64, u64), StoreError> {
+        let (mut bytes, mut files) = (0u64, 0u64);
         let committed = self.key(FILE, b"");
         for entry in self.tree.scan_prefix(&committed) {
             let (key, value) = entry?;
             let file: CommittedFile = super::decode(&key, &value)?;
-            usage.committed_bytes = usage.committed_bytes.saturating_add(file.size);
-            usage.committed_files += 1;
+            bytes = bytes.saturating_add(file.size);
+            files += 1;
         }
+        Ok((bytes, files))
+    }
+
+    /// [`ReceiverStore::usage`] without the committed files (left at zero): open transfers and tree entries only,
+    /// a scan bounded by the number of open transfers.
+    pub fn open_usage(&self) -> Result<Usage, StoreError> {
+        let mut usage = Usage::default();
         for entry in self.summaries() {
             let (_, summary) = entry?;
             usage.open_bytes = usage.open_bytes.saturating_add(summary.size);

@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::TransferError;
 use crate::path::RemotePath;
@@ -61,14 +62,25 @@ impl Default for NamespaceLimits {
     }
 }
 
+/// How long a count of a namespace's committed files serves the entry budget before it is counted again (a
+/// quota, which needs exact bytes, always counts afresh).
+const COMMITTED_COUNT_TTL: Duration = Duration::from_secs(30);
+
 /// Serialises the admission of transfers in one namespace: whoever holds it checks the records and writes its own
 /// before letting go. One per namespace (cloning shares it).
 #[derive(Clone, Default)]
-pub struct Admission(Arc<Mutex<()>>);
+pub struct Admission(Arc<Mutex<Counted>>);
+
+/// What the admission lock remembers between offers.
+#[derive(Default)]
+pub(crate) struct Counted {
+    /// The number of committed files, and when it was counted.
+    committed_files: Option<(Instant, u64)>,
+}
 
 impl Admission {
     /// Waits for the namespace's turn. Blocking.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Counted> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -84,15 +96,34 @@ pub(crate) struct NewTransfer<'a> {
 }
 
 /// Checks that opening `new` keeps the namespace within `quota` and `limits`; what is open at the same path is
-/// replaced, a committed file there counted once. Call under the namespace's [`Admission`] lock and write the
-/// record before letting it go. Blocking.
+/// replaced, a committed file there counted once. Call with the namespace's [`Admission`] lock held (`counted`)
+/// and write the record before letting it go. Reads the open transfers' summaries; the committed files only for a
+/// quota (every time) or for the entry budget (at most every [`COMMITTED_COUNT_TTL`]). Blocking.
 pub(crate) fn admit(
     store: &ReceiverStore,
     quota: Option<u64>,
     limits: &NamespaceLimits,
     new: &NewTransfer<'_>,
+    counted: &mut Counted,
 ) -> Result<(), TransferError> {
-    let usage = store.usage()?;
+    if quota.is_none() && *limits == NamespaceLimits::UNLIMITED {
+        return Ok(());
+    }
+    let mut usage = store.open_usage()?;
+    if quota.is_some() {
+        let (bytes, files) = store.committed_usage()?;
+        (usage.committed_bytes, usage.committed_files) = (bytes, files);
+        counted.committed_files = Some((Instant::now(), files));
+    } else if limits.max_entries != u64::MAX {
+        usage.committed_files = match counted.committed_files {
+            Some((at, files)) if at.elapsed() < COMMITTED_COUNT_TTL => files,
+            _ => {
+                let (_, files) = store.committed_usage()?;
+                counted.committed_files = Some((Instant::now(), files));
+                files
+            }
+        };
+    }
     let open = store.summary(new.path)?;
     let (open_count, open_bytes) = open
         .as_ref()

@@ -432,13 +432,13 @@ pub(super) fn prepare(
             created,
         };
         let encoded = crate::wire::codec::encode_record(&new_record);
-        let _turn = ctx.admission.lock();
+        let mut turn = ctx.admission.lock();
         let new = NewTransfer {
             path: key,
             size: manifest.size,
             record_bytes: encoded.len() as u64,
         };
-        admit(store, ctx.quota, &ctx.limits, &new)?;
+        admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
         let file = open_partial(&partial, manifest.size)?;
         store.begin_encoded(key, new_record, &encoded, &progress)?;
         file

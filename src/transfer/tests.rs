@@ -609,13 +609,13 @@ fn offers_in_one_namespace_are_admitted_one_after_another() {
         created: 1,
     };
     let record_bytes = crate::wire::codec::encode_record(&record).len() as u64;
-    let turn = fx.ctx.admission.lock();
+    let mut turn = fx.ctx.admission.lock();
     let a = NewTransfer {
         path: "a",
         size: five_mib.size,
         record_bytes,
     };
-    admit(&fx.ctx.store, fx.ctx.quota, &fx.ctx.limits, &a).unwrap();
+    admit(&fx.ctx.store, fx.ctx.quota, &fx.ctx.limits, &a, &mut turn).unwrap();
     let ctx = fx.ctx.clone();
     let b = std::thread::spawn(move || {
         let path = RemotePath::parse("b").unwrap();
