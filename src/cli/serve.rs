@@ -64,7 +64,7 @@ pub struct ServeArgs {
     /// 1024).
     #[arg(long)]
     pub max_open_transfers: Option<u64>,
-    /// Most bytes the manifests of a namespace's open transfers may take in the state store (default 64MiB).
+    /// Most bytes the manifests of a namespace's open transfers may take in the state store (default 32MiB).
     #[arg(long, value_parser = parse_size)]
     pub max_manifest_bytes: Option<u64>,
     /// Most entries (files, directories, symlinks) per namespace; what goes beyond is refused with QuotaExceeded

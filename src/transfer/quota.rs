@@ -20,8 +20,10 @@ use crate::wire::ErrorCode;
 
 /// Default for [`NamespaceLimits::max_open_transfers`].
 pub const DEFAULT_MAX_OPEN_TRANSFERS: u64 = 1024;
-/// Default for [`NamespaceLimits::max_manifest_bytes`]: about three maximal manifests (500,000 chunks each).
-pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// Default for [`NamespaceLimits::max_manifest_bytes`]: one maximal manifest (500,000 chunks, 22 MB) and room
+/// beside it. The store keeps what it holds in memory too, so this bounds a namespace's share of the server's
+/// memory as well as of its disk.
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
 /// Default for [`NamespaceLimits::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
 

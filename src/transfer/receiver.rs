@@ -431,16 +431,20 @@ pub(super) fn prepare(
             partial: &partial_name,
             created,
         };
-        let encoded = crate::wire::codec::encode_record(&new_record);
         let mut turn = ctx.admission.lock();
         let new = NewTransfer {
             path: key,
             size: manifest.size,
-            record_bytes: encoded.len() as u64,
+            record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
         admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
         let file = open_partial(&partial, manifest.size)?;
-        store.begin_encoded(key, new_record, &encoded, &progress)?;
+        store.begin_encoded(
+            key,
+            new_record,
+            &crate::wire::codec::encode_record(&new_record),
+            &progress,
+        )?;
         file
     };
     let writer = ChunkWriter::new(
