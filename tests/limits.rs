@@ -112,7 +112,10 @@ async fn offers_beyond_the_open_transfer_cap_are_refused_with_their_own_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_beyond_the_stored_manifest_budget_or_in_tiny_chunks_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(&dir.path().join("root"), &["--max-manifest-bytes", "1MiB"]);
+    let server = TestServer::start_with(
+        &dir.path().join("root"),
+        &["--max-manifest-bytes", "1MiB", "--max-file-size", "100MiB"],
+    );
     // 20,000 chunks: about 880 KB of manifest for an 80 MiB file.
     assert!(is_need(&offer(&server, "a", manifest(20_000, 4096, 1)).await));
     let refused = refusal(offer(&server, "b", manifest(20_000, 4096, 2)).await);
@@ -140,6 +143,26 @@ async fn manifests_beyond_the_stored_manifest_budget_or_in_tiny_chunks_are_refus
     assert!(
         is_need(&offer(&server, "last", last).await),
         "a short last chunk is fine"
+    );
+
+    // The chunking bounds of proto-spec.md §5, as the server applies them.
+    let chunked = |min, avg, max| Manifest {
+        chunking: Chunking::FastCdc { min, avg, max },
+        ..manifest(1, 4096, 7)
+    };
+    assert!(is_need(&offer(&server, "cdc-ok", chunked(4096, 4096, 4096)).await));
+    for (min, avg, max) in [(4095, 8192, 32768), (2048, 8192, 32768), (64, 256, 1024)] {
+        let refused = refusal(offer(&server, "cdc-bad", chunked(min, avg, max)).await);
+        assert_eq!(refused.code, ErrorCode::BadManifest, "{min}/{avg}/{max}");
+    }
+    // A file over --max-file-size: BadManifest, the one error for it (§5), before any other limit is looked at.
+    let too_big = refusal(offer(&server, "big", manifest(30_000, 4096, 8)).await);
+    assert_eq!(too_big.code, ErrorCode::BadManifest);
+    assert!(!too_big.retryable);
+    assert!(
+        too_big.message.contains("larger than this receiver accepts"),
+        "{}",
+        too_big.message
     );
 }
 
