@@ -215,10 +215,14 @@ fn plan(
         let index = index as u32;
         // What placing the entry creates counts against the namespace's entry budget (unchanged files create
         // nothing, and cost nothing).
+        let is_unchanged = match entry.kind {
+            EntryKind::File { size, .. } if size <= ctx.max_file_size => unchanged(ctx, key, entry)?,
+            _ => false,
+        };
         let creates = match &entry.kind {
             EntryKind::Dir { .. } => true,
             EntryKind::Symlink { .. } => links == LinkPolicy::Record,
-            EntryKind::File { size, .. } => *size <= ctx.max_file_size && !unchanged(ctx, key, entry)?,
+            EntryKind::File { size, .. } => *size <= ctx.max_file_size && !is_unchanged,
         };
         if let (true, Some(entries)) = (creates, entries.as_mut()) {
             let dir_or_link = !matches!(entry.kind, EntryKind::File { .. });
@@ -247,7 +251,7 @@ fn plan(
                 let why = super::receiver::too_large(*size, ctx.max_file_size).to_string();
                 plan.settled.refused.push((index, why));
             }
-            EntryKind::File { .. } if unchanged(ctx, key, entry)? => plan.unchanged += 1,
+            EntryKind::File { .. } if is_unchanged => plan.unchanged += 1,
             EntryKind::File { size, .. } if over_quota(&mut budget, ctx, key, *size)? => {
                 let why = format!("{key} ({size} bytes) would take this namespace over its quota");
                 plan.settled.refused.push((index, why));
