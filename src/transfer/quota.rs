@@ -6,7 +6,9 @@
 //! Checked when a file is offered, against the small records of the store (sizes, never manifests): a file that
 //! replaces a committed one (or an open transfer) at the same path is counted once. The check and the write of the
 //! transfer's record happen under the namespace's [`Admission`] lock, so offers arriving together are counted one
-//! after another and cannot all fit the same free space.
+//! after another and cannot all fit the same free space. A tree's small files are budgeted from what the namespace
+//! held when the tree was planned ([`Budget`]): a tree and other offers running at the same moment can still
+//! overshoot by the tree's small files in flight (its large files are admitted one by one like any offer).
 
 use std::collections::HashSet;
 use std::path::Path;
