@@ -6,9 +6,9 @@
 //! Checked when a file is offered, against the small records of the store (sizes, never manifests): a file that
 //! replaces a committed one (or an open transfer) at the same path is counted once. The check and the write of the
 //! transfer's record happen under the namespace's [`Admission`] lock, so offers arriving together are counted one
-//! after another and cannot all fit the same free space. A tree's small files are budgeted from what the namespace
-//! held when the tree was planned ([`Budget`]): a tree and other offers running at the same moment can still
-//! overshoot by the tree's small files in flight (its large files are admitted one by one like any offer).
+//! after another and cannot all fit the same free space. A tree's small files have no record until they are
+//! committed, so its [`Budget`] reserves their bytes in the lock's memory until then: offers count them, and the
+//! tree counts what was admitted since it was planned (its large files are admitted one by one like any offer).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -80,6 +80,10 @@ pub struct Admission(Arc<Mutex<Counted>>);
 pub(crate) struct Counted {
     /// The number of committed files, and when it was counted.
     committed_files: Option<(Instant, u64)>,
+    /// Bytes trees reserved for small files not committed yet (no record shows them).
+    reserved: u64,
+    /// Bytes admitted or reserved so far, ever growing: a tree's budget adds what grew since it last looked.
+    admitted: u64,
 }
 
 impl Admission {
@@ -114,6 +118,7 @@ pub(crate) fn admit(
         return Ok(());
     }
     let mut usage = store.open_usage()?;
+    usage.open_bytes = usage.open_bytes.saturating_add(counted.reserved);
     if quota.is_some() {
         let (bytes, files) = store.committed_usage()?;
         (usage.committed_bytes, usage.committed_files) = (bytes, files);
@@ -172,6 +177,9 @@ pub(crate) fn admit(
             return Err(over_quota(new.path, new.size, after, quota));
         }
     }
+    counted.admitted = counted
+        .admitted
+        .saturating_add(new.size.saturating_add(new.record_bytes));
     Ok(())
 }
 
@@ -189,36 +197,73 @@ fn over_quota(path: &str, size: u64, after: u64, quota: u64) -> TransferError {
     )
 }
 
-/// What a namespace may still take, tracked across the files of one offer (a tree).
+/// What a namespace may still take, tracked across the files of one offer (a tree). Small files (sent whole, with
+/// no record until committed) stay reserved in the namespace's [`Admission`] until [`Budget::release`]d or the
+/// budget is dropped.
 pub(crate) struct Budget {
     quota: u64,
     held: u64,
+    admission: Admission,
+    /// `Counted::admitted` when this budget last looked.
+    seen: u64,
+    /// Bytes this budget reserved and has not released.
+    reserved: u64,
 }
 
 impl Budget {
-    /// Reads what the namespace holds now. Blocking.
-    pub fn open(store: &ReceiverStore, quota: u64) -> Result<Budget, TransferError> {
+    /// Reads what the namespace holds now, reservations of other trees included. Blocking.
+    pub fn open(store: &ReceiverStore, quota: u64, admission: &Admission) -> Result<Budget, TransferError> {
+        let counted = admission.lock();
         Ok(Budget {
             quota,
-            held: store.held_bytes()?,
+            held: store.held_bytes()?.saturating_add(counted.reserved),
+            seen: counted.admitted,
+            admission: admission.clone(),
+            reserved: 0,
         })
     }
 
-    /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken). Blocking.
-    pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64) -> Result<(), TransferError> {
+    /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken); the bytes of a
+    /// `small` file stay reserved until released. Blocking.
+    pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64, small: bool) -> Result<(), TransferError> {
         let replaced = store.committed(path)?.map_or(0, |f| f.size);
         let resumed = store
             .summary(path)?
             .map_or(0, |t| t.size.saturating_add(t.manifest_bytes));
+        let mut counted = self.admission.lock();
+        // What others admitted or reserved since this budget last looked.
+        self.held = self.held.saturating_add(counted.admitted.saturating_sub(self.seen));
         let after = self
             .held
             .saturating_sub(replaced.saturating_add(resumed))
             .saturating_add(size);
         if after > self.quota {
+            self.seen = counted.admitted;
             return Err(over_quota(path, size, after, self.quota));
         }
         self.held = after;
+        if small {
+            counted.reserved = counted.reserved.saturating_add(size);
+            counted.admitted = counted.admitted.saturating_add(size);
+            self.reserved = self.reserved.saturating_add(size);
+        }
+        self.seen = counted.admitted;
         Ok(())
+    }
+
+    /// Lets go of `size` reserved bytes: the file was committed (its record counts now) or will not come.
+    pub fn release(&mut self, size: u64) {
+        let size = size.min(self.reserved);
+        self.reserved -= size;
+        let mut counted = self.admission.lock();
+        counted.reserved = counted.reserved.saturating_sub(size);
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        let rest = self.reserved;
+        self.release(rest);
     }
 }
 

@@ -678,3 +678,64 @@ fn a_small_file_committed_over_an_open_transfer_removes_its_partial() {
     assert!(fx.ctx.store.transfer("x/p").unwrap().is_none());
     assert_eq!(fx.ctx.store.held_bytes().unwrap(), 1, "only the committed byte is held");
 }
+
+/// A tree's small files have no record until they are committed: the tree reserves them, so an offer arriving
+/// meanwhile counts them; and the tree counts what was admitted after it was planned (proto-spec.md §3a).
+#[test]
+fn a_trees_small_files_and_concurrent_offers_count_each_other() {
+    use super::quota::{admit, Budget, NewTransfer};
+    let mut fx = fixture();
+    std::fs::create_dir_all(&fx.ctx.root).unwrap();
+    let quota = 10 << 20;
+    fx.ctx.quota = Some(quota);
+    let (store, limits) = (&fx.ctx.store, fx.ctx.limits);
+    let offer = |path, size| NewTransfer {
+        path,
+        size,
+        record_bytes: 100,
+    };
+    let code = |result: Result<(), super::TransferError>| match result {
+        Err(super::TransferError::Refused { code, .. }) => Some(code),
+        _ => None,
+    };
+    let mut tree = Budget::open(store, quota, &fx.ctx.admission).unwrap();
+    for i in 0..6 {
+        tree.take(store, &format!("t/f{i}"), 1 << 20, true).unwrap();
+    }
+    let big = admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("big", 5 << 20),
+        &mut fx.ctx.admission.lock(),
+    );
+    assert_eq!(
+        code(big),
+        Some(crate::wire::ErrorCode::QuotaExceeded),
+        "6 MiB reserved + 5 MiB"
+    );
+    admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("mid", 3 << 20),
+        &mut fx.ctx.admission.lock(),
+    )
+    .unwrap();
+    let more = tree.take(store, "t/g", 2 << 20, true);
+    assert_eq!(
+        code(more),
+        Some(crate::wire::ErrorCode::QuotaExceeded),
+        "the tree sees the 3 MiB admitted since"
+    );
+    tree.release(1 << 20); // one small file committed: its record counts now, not the reservation
+    drop(tree); // the session ended: the rest of its reservations go
+    admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("big", 5 << 20),
+        &mut fx.ctx.admission.lock(),
+    )
+    .expect("nothing reserved any more (and no record was written in this test)");
+}

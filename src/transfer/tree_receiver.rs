@@ -187,6 +187,8 @@ struct Plan {
     unchanged: u64,
     settled: BatchOutcome,
     reused_bytes: u64,
+    /// The quota budget, holding the reservations of the small files still to come.
+    budget: Option<Budget>,
 }
 
 /// Creates directories and symlinks (only if `links` records them), finds unchanged files, and commits empty files
@@ -203,10 +205,14 @@ fn plan(
         unchanged: 0,
         settled: BatchOutcome::default(),
         reused_bytes: 0,
+        budget: None,
     };
     let mut local = Vec::new();
     let mut local_bytes = 0u64;
-    let mut budget = ctx.quota.map(|quota| Budget::open(&ctx.store, quota)).transpose()?;
+    plan.budget = ctx
+        .quota
+        .map(|quota| Budget::open(&ctx.store, quota, &ctx.admission))
+        .transpose()?;
     let limited = ctx.limits.max_entries != u64::MAX;
     let mut entries = limited
         .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries))
@@ -252,7 +258,7 @@ fn plan(
                 plan.settled.refused.push((index, why));
             }
             EntryKind::File { .. } if is_unchanged => plan.unchanged += 1,
-            EntryKind::File { size, .. } if over_quota(&mut budget, ctx, key, *size)? => {
+            EntryKind::File { size, .. } if over_quota(&mut plan.budget, ctx, key, *size)? => {
                 let why = format!("{key} ({size} bytes) would take this namespace over its quota");
                 plan.settled.refused.push((index, why));
             }
@@ -302,7 +308,7 @@ fn over_quota(
     let Some(budget) = budget else {
         return Ok(false);
     };
-    match budget.take(&ctx.store, key.as_str(), size) {
+    match budget.take(&ctx.store, key.as_str(), size, size <= MAX_INLINE_FILE) {
         Ok(()) => Ok(false),
         Err(TransferError::Refused { .. }) => Ok(true),
         Err(e) => Err(e),
@@ -314,7 +320,12 @@ fn settle(ctx: &ReceiverContext, local: Vec<SmallFile>, plan: &mut Plan) -> Resu
     if local.is_empty() {
         return Ok(());
     }
+    let sizes: HashMap<u32, u64> = local.iter().map(|f| (f.index, f.data.len() as u64)).collect();
     let settled = writer(ctx).commit_batch(local)?;
+    if let Some(budget) = plan.budget.as_mut() {
+        let done = settled.committed.iter().chain(settled.refused.iter().map(|(i, _)| i));
+        done.filter_map(|i| sizes.get(i)).for_each(|&size| budget.release(size));
+    }
     plan.settled.committed.extend(settled.committed);
     plan.settled.refused.extend(settled.refused);
     plan.needed.extend(settled.rejected);
@@ -458,6 +469,10 @@ struct Session<'a> {
     rejected: u32,
     /// Files handed to the writer and not yet answered for: a second FileData for one is refused.
     queued: HashSet<u32>,
+    /// The quota budget: the reservations of needed small files, released as each is settled.
+    budget: Option<Budget>,
+    /// Files whose reservation was released (once each).
+    released: HashSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -488,6 +503,8 @@ impl<'a> Session<'a> {
             refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
             rejected: 0,
             queued: HashSet::new(),
+            budget: plan.budget,
+            released: HashSet::new(),
         }
     }
 
@@ -510,6 +527,8 @@ impl<'a> Session<'a> {
                 Step::Message(Message::FileData(data)) => self.take_file(data).await?,
                 Step::Message(Message::Offer(offer)) => {
                     let index = self.offered_entry(&offer.path)?;
+                    // Its own Offer is admitted like any other: its reservation (if any) is not counted twice.
+                    self.release(index);
                     self.close_writer(conn, true).await?;
                     let key = self.tree.keys[index as usize].clone();
                     match receive(conn, self.ctx, key, offer.manifest, stop).await {
@@ -589,6 +608,21 @@ impl<'a> Session<'a> {
             .map_err(|_| TransferError::Storage(std::io::Error::other("small-file writer stopped")))
     }
 
+    /// Lets go of the quota reservation of file `index` (committed, refused, or sent through its own Offer).
+    fn release(&mut self, index: u32) {
+        if self.budget.is_none() || !self.released.insert(index) {
+            return;
+        }
+        if let (Some(budget), Some(EntryKind::File { size, .. })) = (
+            self.budget.as_mut(),
+            self.tree.offer.entries.get(index as usize).map(|e| &e.kind),
+        ) {
+            if *size <= MAX_INLINE_FILE {
+                budget.release(*size);
+            }
+        }
+    }
+
     /// The needed entry an Offer inside the tree is for.
     fn offered_entry(&self, path: &str) -> Result<u32, TransferError> {
         self.by_offer_path
@@ -618,6 +652,9 @@ impl<'a> Session<'a> {
             self.refused.push(*index);
         }
         self.summary.files_committed += batch.committed.len() as u64;
+        for index in batch.committed.iter().chain(batch.refused.iter().map(|(i, _)| i)) {
+            self.release(*index);
+        }
         if !batch.committed.is_empty() || !batch.refused.is_empty() {
             let ack = Message::TreeAck(TreeAck {
                 entries: encode_runs(batch.committed),
