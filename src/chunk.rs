@@ -408,6 +408,26 @@ mod tests {
         (tmp, data)
     }
 
+    /// Whatever a user asks for, the sender cuts manifests a receiver accepts (proto-spec.md §5): every chunk but
+    /// the last at least 4 KiB, and chunking parameters within bounds.
+    #[test]
+    fn every_requested_chunking_passes_the_receivers_checks() {
+        let (tmp, _) = random_file(2 * 1024 * 1024 + 77, 11);
+        for mode in [ChunkingMode::Cdc, ChunkingMode::Fixed] {
+            for size in [1, 100, 4095, MIN_CHUNK_SIZE, 16 * 1024, 1 << 20, u32::MAX] {
+                let manifest = build_manifest(tmp.as_file(), tmp.path(), ChunkSpec { mode, size }).unwrap();
+                manifest.validate().unwrap_or_else(|e| panic!("{mode:?} {size}: {e}"));
+            }
+        }
+        // Growing to fit the chunk limit keeps the parameters valid, for any file size.
+        for size in [0, 1, 1 << 30, 1 << 40, u64::MAX / 2] {
+            for mode in [ChunkingMode::Cdc, ChunkingMode::Fixed] {
+                let chunking = ChunkSpec { mode, size: 1 }.for_size(size);
+                assert!(chunking.is_valid(), "{chunking:?} for {size}");
+            }
+        }
+    }
+
     #[test]
     fn buffered_cdc_cuts_equal_one_pass_over_the_whole_file() {
         let (tmp, data) = random_file(3 * 1024 * 1024 + 123, 7);

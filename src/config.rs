@@ -107,6 +107,10 @@ struct Limits {
     max_frame: Option<Size>,
     max_manifest_chunks: Option<usize>,
     max_file_size: Option<Size>,
+    max_open_transfers: Option<u64>,
+    max_manifest_bytes: Option<Size>,
+    max_namespace_entries: Option<u64>,
+    max_tree_entries: Option<usize>,
     idle_timeout: Option<String>,
     handshake_timeout: Option<String>,
     partial_ttl: Option<String>,
@@ -237,6 +241,18 @@ fn apply_limits(limits: &Limits, config: &mut ServerConfig) -> Result<(), String
     if let Some(n) = size(&limits.max_file_size, "max_file_size")? {
         config.max_file_size = n;
     }
+    if let Some(n) = limits.max_open_transfers {
+        config.namespace_limits.max_open_transfers = n;
+    }
+    if let Some(n) = size(&limits.max_manifest_bytes, "max_manifest_bytes")? {
+        config.namespace_limits.max_manifest_bytes = n;
+    }
+    if let Some(n) = limits.max_namespace_entries {
+        config.namespace_limits.max_entries = n;
+    }
+    if let Some(n) = limits.max_tree_entries {
+        config.namespace_limits.max_tree_entries = n;
+    }
     if let Some(d) = duration(&limits.idle_timeout, "idle_timeout")? {
         config.idle_timeout = d;
     }
@@ -312,6 +328,10 @@ mod tests {
             max_frame = "8MiB"
             max_manifest_chunks = 1000
             max_file_size = 1048576
+            max_open_transfers = 12
+            max_manifest_bytes = "3MiB"
+            max_namespace_entries = 5000
+            max_tree_entries = 700
             idle_timeout = "30s"
             handshake_timeout = "5s"
             partial_ttl = "2d"
@@ -346,6 +366,10 @@ mod tests {
             (20, 3)
         );
         assert_eq!((config.frame_budget, config.min_frame_rate), (32 << 20, 4096));
+        assert_eq!(config.namespace_limits.max_open_transfers, 12);
+        assert_eq!(config.namespace_limits.max_manifest_bytes, 3 << 20);
+        assert_eq!(config.namespace_limits.max_entries, 5000);
+        assert_eq!(config.namespace_limits.max_tree_entries, 700);
         assert_eq!(config.max_frame, 8 << 20);
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));

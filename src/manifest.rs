@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS};
+use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS, MIN_CHUNK_SIZE};
 
 /// A BLAKE3 hash.
 pub type Hash = [u8; 32];
@@ -101,6 +101,17 @@ pub enum ManifestError {
         /// The limit.
         max: u32,
     },
+    /// A chunk other than the last is shorter than [`MIN_CHUNK_SIZE`]: tiny chunks would make the manifest (44
+    /// bytes a chunk) cost more than about 1 % of the file, and a sync each.
+    #[error("chunk {index} has length {len}; every chunk but the last must have at least {min} bytes")]
+    ChunkTooSmall {
+        /// Index of the offending chunk.
+        index: usize,
+        /// Its length.
+        len: u32,
+        /// The minimum.
+        min: u32,
+    },
     /// The chunking parameters are out of bounds.
     #[error("chunking parameters {0:?} are out of bounds")]
     BadChunking(Chunking),
@@ -115,18 +126,24 @@ pub enum ManifestError {
 }
 
 impl Chunking {
-    /// Whether the parameters are within the protocol bounds (a peer's claim is checked before anything chunks a
-    /// file with it).
+    /// Whether the parameters are within the protocol bounds (proto-spec.md §5; a peer's claim is checked before
+    /// anything chunks a file with it): `Fixed.size` in 4 KiB ..= 16 MiB; `FastCdc` with
+    /// `4 KiB ≤ min ≤ avg ≤ max`, `min ≤ 1 MiB`, `avg ≤ 4 MiB`, `max ≤ 16 MiB` (within fastcdc's own bounds).
     pub fn is_valid(&self) -> bool {
-        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        use fastcdc::v2020::{AVERAGE_MAX, MAXIMUM_MAX, MINIMUM_MAX};
+        const _: () = assert!(
+            MIN_CHUNK_SIZE >= fastcdc::v2020::MAXIMUM_MIN,
+            "fastcdc's lower bounds are implied"
+        );
         match *self {
-            Chunking::Fixed { size } => (crate::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size),
+            Chunking::Fixed { size } => (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size),
             Chunking::FastCdc { min, avg, max } => {
-                (MINIMUM_MIN.max(crate::MIN_CHUNK_SIZE)..=MINIMUM_MAX).contains(&min)
-                    && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
-                    && (MAXIMUM_MIN..=MAXIMUM_MAX.min(MAX_CHUNK_SIZE)).contains(&max)
+                MIN_CHUNK_SIZE <= min
                     && min <= avg
                     && avg <= max
+                    && min <= MINIMUM_MAX
+                    && avg <= AVERAGE_MAX
+                    && max <= MAXIMUM_MAX.min(MAX_CHUNK_SIZE)
             }
         }
     }
@@ -156,7 +173,8 @@ impl Manifest {
             .sum()
     }
 
-    /// Checks the chunks tile `0..size` exactly and respect the protocol limits.
+    /// Checks the chunks tile `0..size` exactly and respect the protocol limits (proto-spec.md §5), every chunk but
+    /// the last of at least [`MIN_CHUNK_SIZE`] bytes.
     pub fn validate(&self) -> Result<(), ManifestError> {
         if !self.chunking.is_valid() {
             return Err(ManifestError::BadChunking(self.chunking));
@@ -189,6 +207,16 @@ impl Manifest {
             return Err(ManifestError::SizeMismatch {
                 covered: expected,
                 size: self.size,
+            });
+        }
+        // Only the last chunk may be short: the manifest then costs at most 44 bytes per 4 KiB of file (about
+        // 1 %), and a receiver syncs at most once per 4 KiB.
+        let all_but_last = &self.chunks[..self.chunks.len().saturating_sub(1)];
+        if let Some(index) = all_but_last.iter().position(|c| c.len < MIN_CHUNK_SIZE) {
+            return Err(ManifestError::ChunkTooSmall {
+                index,
+                len: self.chunks[index].len,
+                min: MIN_CHUNK_SIZE,
             });
         }
         Ok(())
@@ -319,6 +347,59 @@ pub(crate) mod tests {
             hex(&empty.id()),
             "37b40b25b52671856c5edce329b9936b003ff459df437abeac131e58f0f8bdfc"
         );
+    }
+
+    #[test]
+    fn only_the_last_chunk_may_be_shorter_than_the_minimum() {
+        assert_eq!(manifest_of(&[4096, 4096, 1]).validate(), Ok(()));
+        assert_eq!(manifest_of(&[5000, 4096]).validate(), Ok(()));
+        assert_eq!(
+            manifest_of(&[4096, 4095, 4096]).validate(),
+            Err(ManifestError::ChunkTooSmall {
+                index: 1,
+                len: 4095,
+                min: 4096
+            })
+        );
+        // The flood of proto-spec.md §10's example: a large file in 1-byte chunks.
+        let tiny = manifest_of(&vec![1; 100_000]);
+        assert!(matches!(
+            tiny.validate(),
+            Err(ManifestError::ChunkTooSmall { index: 0, .. })
+        ));
+    }
+
+    /// The bounds of proto-spec.md §5, value by value: the edges are accepted, one step beyond is refused.
+    #[test]
+    fn chunking_bounds_match_the_spec() {
+        let cdc = |min, avg, max| Chunking::FastCdc { min, avg, max };
+        let fixed = |size| Chunking::Fixed { size };
+        const K: u32 = 1024;
+        const M: u32 = 1024 * 1024;
+        for ok in [
+            fixed(4 * K),
+            fixed(16 * M),
+            cdc(4 * K, 4 * K, 4 * K),
+            cdc(4 * K, 16 * K, 64 * K),
+            cdc(256 * K, M, 4 * M),
+            cdc(M, 4 * M, 16 * M),
+        ] {
+            assert!(ok.is_valid(), "{ok:?} should be accepted");
+        }
+        for bad in [
+            fixed(4 * K - 1),
+            fixed(16 * M + 1),
+            cdc(64, 256, 1024),
+            cdc(2048, 8192, 32768),
+            cdc(4095, 8192, 32768),
+            cdc(M + 1, 2 * M, 4 * M),
+            cdc(4 * K, 4 * M + 1, 8 * M),
+            cdc(4 * K, 16 * K, 16 * M + 1),
+            cdc(8 * K, 4 * K, 16 * K),
+            cdc(4 * K, 16 * K, 8 * K),
+        ] {
+            assert!(!bad.is_valid(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

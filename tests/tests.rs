@@ -15,6 +15,7 @@ mod faults;
 mod fs_attacks;
 mod gc;
 mod hostile_server;
+mod limits;
 mod output;
 mod pull;
 mod push;

@@ -74,6 +74,20 @@ pub struct ServeArgs {
     /// Refuse files larger than this (e.g. 100GiB); unlimited by default.
     #[arg(long, value_parser = parse_size)]
     pub max_file_size: Option<u64>,
+    /// Most open (uncommitted) transfers per namespace; an offer for another path gets TooManyTransfers (default
+    /// 1024).
+    #[arg(long)]
+    pub max_open_transfers: Option<u64>,
+    /// Most bytes the manifests of a namespace's open transfers may take in the state store (default 32MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub max_manifest_bytes: Option<u64>,
+    /// Most entries (files, directories, symlinks) per namespace; what goes beyond is refused with QuotaExceeded
+    /// (default 1000000).
+    #[arg(long)]
+    pub max_namespace_entries: Option<u64>,
+    /// Most entries in one pushed tree; a larger tree is refused with BadManifest (default and maximum 200000).
+    #[arg(long)]
+    pub max_tree_entries: Option<usize>,
     /// Expire open transfers (and their partial files) that made no progress for this long (default 7d).
     #[arg(long, value_parser = parse_duration)]
     pub partial_ttl: Option<Duration>,
@@ -199,6 +213,11 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
     config.idle_timeout = args.idle_timeout.unwrap_or(config.idle_timeout);
     config.handshake_timeout = args.handshake_timeout.unwrap_or(config.handshake_timeout);
     config.max_file_size = args.max_file_size.unwrap_or(config.max_file_size);
+    let limits = &mut config.namespace_limits;
+    limits.max_open_transfers = args.max_open_transfers.unwrap_or(limits.max_open_transfers);
+    limits.max_manifest_bytes = args.max_manifest_bytes.unwrap_or(limits.max_manifest_bytes);
+    limits.max_entries = args.max_namespace_entries.unwrap_or(limits.max_entries);
+    limits.max_tree_entries = args.max_tree_entries.unwrap_or(limits.max_tree_entries);
     config.partial_ttl = args.partial_ttl.unwrap_or(config.partial_ttl);
     config.gc_interval = args.gc_interval.unwrap_or(config.gc_interval);
     let tls_files = match (args.tls_cert, args.tls_key) {

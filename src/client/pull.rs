@@ -270,6 +270,8 @@ fn context(
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
+        limits: crate::transfer::quota::NamespaceLimits::UNLIMITED,
+        admission: Default::default(),
         joins: Default::default(),
         policy,
     })

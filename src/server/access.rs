@@ -174,6 +174,7 @@ fn namespace_context(
         store: ReceiverStore::open_scoped(store, name)?,
         claims: Claims::default(),
         joins: Default::default(),
+        admission: Default::default(),
         quota,
         ..base.clone()
     })

@@ -83,8 +83,10 @@ pub struct ServerConfig {
     pub sync_batch: u64,
     /// Chunk bytes all connections together may have queued for their writers.
     pub queue_budget: u64,
-    /// Largest file accepted (offers of larger files are refused).
+    /// Largest file accepted (offers of larger files are refused with `BadManifest`).
     pub max_file_size: u64,
+    /// Open transfers and stored manifest bytes each namespace may keep.
+    pub namespace_limits: crate::transfer::quota::NamespaceLimits,
     /// Open transfers without progress for this long are expired, their partial files removed.
     pub partial_ttl: Duration,
     /// How often the server sweeps for expired transfers and leftovers.
@@ -112,6 +114,7 @@ impl ServerConfig {
             sync_batch: 4 * 1024 * 1024,
             queue_budget: 256 * 1024 * 1024,
             max_file_size: u64::MAX,
+            namespace_limits: Default::default(),
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
         }
@@ -188,6 +191,13 @@ impl Server {
                 "max_frame must be between {MIN_MAX_FRAME} and {MAX_FRAME} bytes"
             )));
         }
+        let tree_entries = config.namespace_limits.max_tree_entries;
+        if tree_entries == 0 || tree_entries > crate::MAX_TREE_ENTRIES {
+            return Err(ServerError::Config(format!(
+                "max_tree_entries must be between 1 and {}",
+                crate::MAX_TREE_ENTRIES
+            )));
+        }
         if config.max_manifest_chunks == 0 || config.max_manifest_chunks > MAX_MANIFEST_CHUNKS {
             return Err(ServerError::Config(format!(
                 "max_manifest_chunks must be between 1 and {MAX_MANIFEST_CHUNKS}"
@@ -225,6 +235,8 @@ impl Server {
             max_file_size: config.max_file_size,
             max_manifest_chunks: config.max_manifest_chunks,
             quota: None,
+            limits: config.namespace_limits,
+            admission: Default::default(),
             joins: Default::default(),
             policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
         };

@@ -19,6 +19,13 @@ const FILE: &str = "file";
 const FILE_MANIFEST: &str = "fmanifest";
 const CHUNK: &str = "chunk";
 const TREE_SOURCE: &str = "treesrc";
+/// The small record of an open transfer ([`TransferSummary`]): what listing and quotas read, never the manifest.
+const SUMMARY: &str = "tsummary";
+/// Marks a scope whose open transfers all have a summary (stores written before summaries existed are migrated
+/// once, when the scope is opened).
+const MIGRATED: &str = "migrated";
+/// Directories and symlinks trees created in a scope (a count: files are counted by their own records).
+const TREE_INODES: &str = "tinodes";
 
 /// An open (uncommitted) transfer.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -29,6 +36,80 @@ pub struct TransferRecord {
     pub partial: String,
     /// When the transfer was first offered (Unix seconds).
     pub created: u64,
+}
+
+/// A [`TransferRecord`] borrowed from its parts: encodes to the same bytes, without copying a large manifest.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct TransferRecordRef<'a> {
+    /// The manifest being received.
+    pub manifest: &'a Manifest,
+    /// File name of the partial under the partials directory.
+    pub partial: &'a str,
+    /// When the transfer was first offered (Unix seconds).
+    pub created: u64,
+}
+
+impl TransferRecord {
+    /// This record, borrowed.
+    pub fn as_ref(&self) -> TransferRecordRef<'_> {
+        TransferRecordRef {
+            manifest: &self.manifest,
+            partial: &self.partial,
+            created: self.created,
+        }
+    }
+}
+
+/// The small record kept beside every open transfer, so that listing partials, expiring them and checking quotas
+/// never decode a manifest (which may hold 500,000 chunks).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TransferSummary {
+    /// Size of the file being received.
+    pub size: u64,
+    /// Encoded bytes of the transfer's record (its manifest, mostly): what it costs the store.
+    pub manifest_bytes: u64,
+    /// Path of the partial file.
+    pub partial: String,
+    /// When the transfer was first offered (Unix seconds).
+    pub created: u64,
+    /// Bytes of the chunks marked durable (received or reused).
+    pub durable_bytes: u64,
+    /// When it last made progress (Unix seconds).
+    pub updated: u64,
+}
+
+/// What a scope holds, summed from small records only (committed files and open-transfer summaries).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sizes of the committed files.
+    pub committed_bytes: u64,
+    /// Number of committed files.
+    pub committed_files: u64,
+    /// Sizes of the files being received.
+    pub open_bytes: u64,
+    /// Number of open transfers.
+    pub open_transfers: u64,
+    /// Stored bytes of the open transfers' manifests.
+    pub manifest_bytes: u64,
+    /// Directories and symlinks created by trees.
+    pub tree_inodes: u64,
+}
+
+impl Usage {
+    /// Bytes counted against a quota: committed files, files being received and their manifests.
+    pub fn held_bytes(&self) -> u64 {
+        self.committed_bytes
+            .saturating_add(self.open_bytes)
+            .saturating_add(self.manifest_bytes)
+    }
+
+    /// Entries (inodes) counted against a namespace's entry budget: committed files, open transfers, and the
+    /// directories and symlinks trees created.
+    pub fn entries(&self) -> u64 {
+        self.committed_files
+            .saturating_add(self.open_transfers)
+            .saturating_add(self.tree_inodes)
+    }
 }
 
 /// What of a transfer is durably on disk.
@@ -117,11 +198,41 @@ impl ReceiverStore {
 
     /// Opens the receiver's records of `scope` (no NUL inside).
     pub fn open_scoped(store: &Store, scope: &str) -> Result<ReceiverStore, StoreError> {
-        Ok(ReceiverStore {
+        let opened = ReceiverStore {
             store: store.clone(),
             tree: store.tree("receiver")?,
             scope: scope.as_bytes().to_vec(),
-        })
+        };
+        opened.migrate_summaries()?;
+        Ok(opened)
+    }
+
+    /// Gives every open transfer written before summaries existed its [`TransferSummary`], once per scope (one
+    /// record decoded at a time).
+    fn migrate_summaries(&self) -> Result<(), StoreError> {
+        let marker = self.key(MIGRATED, b"summaries");
+        if self.tree.contains_key(&marker)? {
+            return Ok(());
+        }
+        let prefix = self.key(TRANSFER, b"");
+        let mut migrated = 0u64;
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            let path = &key[prefix.len()..];
+            if self.tree.contains_key(self.key(SUMMARY, path))? {
+                continue;
+            }
+            let record: TransferRecord = super::decode(&key, &value)?;
+            let progress: Progress = get(&self.tree, &self.key(PROGRESS, path))?.unwrap_or_default();
+            let summary = summarize(record.as_ref(), value.len(), &progress);
+            self.tree.insert(self.key(SUMMARY, path), encode_record(&summary))?;
+            migrated += 1;
+        }
+        self.tree.insert(marker, &[][..])?;
+        if migrated > 0 {
+            tracing::info!(transfers = migrated, "recorded the sizes of open transfers");
+        }
+        self.store.flush()
     }
 
     fn key(&self, kind: &str, path: &[u8]) -> Vec<u8> {
@@ -158,16 +269,12 @@ impl ReceiverStore {
 
     /// Every open transfer of this scope with the time it last made progress (Unix seconds).
     pub fn open_transfers(&self) -> Result<Vec<OpenTransfer>, StoreError> {
-        let prefix = self.key(TRANSFER, b"");
         let mut open = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (key, value) = entry?;
-            let record: TransferRecord = super::decode(&key, &value)?;
-            let path = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let updated = self.progress(&path)?.map_or(0, |p| p.updated);
+        for entry in self.summaries() {
+            let (path, summary) = entry?;
             open.push(OpenTransfer {
-                last_activity: updated.max(record.created),
-                partial: record.partial,
+                last_activity: summary.updated.max(summary.created),
+                partial: summary.partial,
                 path,
             });
         }
@@ -176,45 +283,96 @@ impl ReceiverStore {
 
     /// The first `limit` open transfers of this scope in path order, with the number of all of them.
     pub fn partials(&self, limit: usize) -> Result<(Vec<PartialTransfer>, u64), StoreError> {
-        let prefix = self.key(TRANSFER, b"");
         let (mut listed, mut total) = (Vec::new(), 0u64);
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (key, value) = entry?;
+        for entry in self.summaries() {
+            let (path, summary) = entry?;
             total += 1;
             if listed.len() >= limit {
                 continue;
             }
-            let record: TransferRecord = super::decode(&key, &value)?;
-            let path = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let progress = self.progress(&path)?.unwrap_or_default();
             listed.push(PartialTransfer {
-                durable_bytes: durable_bytes(&record.manifest, &progress.received),
-                size: record.manifest.size,
-                created: record.created,
-                updated: progress.updated.max(record.created),
+                durable_bytes: summary.durable_bytes.min(summary.size),
+                size: summary.size,
+                created: summary.created,
+                updated: summary.updated.max(summary.created),
                 path,
             });
         }
         Ok((listed, total))
     }
 
-    /// Bytes this scope holds: the sizes of its committed files plus those of the files it is receiving. What a
-    /// namespace quota limits.
-    pub fn held_bytes(&self) -> Result<u64, StoreError> {
-        let mut held = 0u64;
+    /// What this scope holds: its committed files, and its open transfers with their manifests' stored bytes.
+    /// What namespace quotas and limits check; reads only small records.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let (committed_bytes, committed_files) = self.committed_usage()?;
+        Ok(Usage {
+            committed_bytes,
+            committed_files,
+            ..self.open_usage()?
+        })
+    }
+
+    /// The sizes and number of the committed files: a scan of every committed record of the scope.
+    pub fn committed_usage(&self) -> Result<(u64, u64), StoreError> {
+        let (mut bytes, mut files) = (0u64, 0u64);
         let committed = self.key(FILE, b"");
         for entry in self.tree.scan_prefix(&committed) {
             let (key, value) = entry?;
             let file: CommittedFile = super::decode(&key, &value)?;
-            held = held.saturating_add(file.size);
+            bytes = bytes.saturating_add(file.size);
+            files += 1;
         }
-        let open = self.key(TRANSFER, b"");
-        for entry in self.tree.scan_prefix(&open) {
+        Ok((bytes, files))
+    }
+
+    /// [`ReceiverStore::usage`] without the committed files (left at zero): open transfers and tree entries only,
+    /// a scan bounded by the number of open transfers.
+    pub fn open_usage(&self) -> Result<Usage, StoreError> {
+        let mut usage = Usage::default();
+        for entry in self.summaries() {
+            let (_, summary) = entry?;
+            usage.open_bytes = usage.open_bytes.saturating_add(summary.size);
+            usage.manifest_bytes = usage.manifest_bytes.saturating_add(summary.manifest_bytes);
+            usage.open_transfers += 1;
+        }
+        usage.tree_inodes = self.tree_inodes()?;
+        Ok(usage)
+    }
+
+    /// Directories and symlinks trees created in this scope.
+    fn tree_inodes(&self) -> Result<u64, StoreError> {
+        Ok(get(&self.tree, &self.key(TREE_INODES, b""))?.unwrap_or(0u64))
+    }
+
+    /// Counts `created` more directories and symlinks made by a tree, and flushes. The caller serialises these
+    /// (the namespace's admission lock): it reads, adds and writes.
+    pub fn add_tree_inodes(&self, created: u64) -> Result<(), StoreError> {
+        if created == 0 {
+            return Ok(());
+        }
+        let total = self.tree_inodes()?.saturating_add(created);
+        self.tree.insert(self.key(TREE_INODES, b""), encode_record(&total))?;
+        self.store.flush()
+    }
+
+    /// Bytes this scope holds as a quota counts them ([`Usage::held_bytes`]).
+    pub fn held_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.usage()?.held_bytes())
+    }
+
+    /// The summary of every open transfer of this scope, in path order.
+    fn summaries(&self) -> impl Iterator<Item = Result<(String, TransferSummary), StoreError>> + '_ {
+        let prefix = self.key(SUMMARY, b"");
+        self.tree.scan_prefix(&prefix).map(move |entry| {
             let (key, value) = entry?;
-            let record: TransferRecord = super::decode(&key, &value)?;
-            held = held.saturating_add(record.manifest.size);
-        }
-        Ok(held)
+            let summary: TransferSummary = super::decode(&key, &value)?;
+            Ok((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), summary))
+        })
+    }
+
+    /// The summary of the open transfer to `path`, if any.
+    pub fn summary(&self, path: &str) -> Result<Option<TransferSummary>, StoreError> {
+        get(&self.tree, &self.key(SUMMARY, path.as_bytes()))
     }
 
     /// Every scope with an open transfer (for a gc of a stopped server, which does not know its namespaces).
@@ -239,6 +397,7 @@ impl ReceiverStore {
         let mut batch = RecordBatch::default();
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
+        batch.remove(self.key(SUMMARY, path.as_bytes()));
         self.apply(batch)
     }
 
@@ -274,21 +433,42 @@ impl ReceiverStore {
         get(&self.tree, &self.key(FILE, path.as_bytes()))
     }
 
-    /// Records a (re)started transfer and its initial progress atomically, then flushes.
+    /// Records a (re)started transfer, its summary and its initial progress atomically, then flushes.
     pub fn begin(&self, path: &str, record: &TransferRecord, progress: &Progress) -> Result<(), StoreError> {
+        self.begin_encoded(path, record.as_ref(), &encode_record(record), progress)
+    }
+
+    /// [`ReceiverStore::begin`] with the record already encoded (by `wire::codec::encode_record`), so a caller that
+    /// checked its length against a limit does not encode it twice.
+    pub fn begin_encoded(
+        &self,
+        path: &str,
+        record: TransferRecordRef<'_>,
+        encoded: &[u8],
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
+        let summary = summarize(record, encoded.len(), progress);
         let mut batch = sled::Batch::default();
-        batch.insert(self.key(TRANSFER, path.as_bytes()), encode_record(record));
+        batch.insert(self.key(TRANSFER, path.as_bytes()), encoded);
         batch.insert(self.key(PROGRESS, path.as_bytes()), encode_record(progress));
+        batch.insert(self.key(SUMMARY, path.as_bytes()), encode_record(&summary));
         self.tree.apply_batch(batch)?;
         self.store.flush()
     }
 
-    /// Records progress and flushes; the caller synced the chunk bytes before.
-    pub fn save_progress(&self, path: &str, progress: &Progress) -> Result<(), StoreError> {
+    /// Records progress (with `durable_bytes`, the bytes of the chunks it marks) and flushes; the caller synced
+    /// the chunk bytes before.
+    pub fn save_progress(&self, path: &str, progress: &Progress, durable_bytes: u64) -> Result<(), StoreError> {
         let mut progress = progress.clone();
         progress.updated = now_secs();
-        self.tree
-            .insert(self.key(PROGRESS, path.as_bytes()), encode_record(&progress))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(self.key(PROGRESS, path.as_bytes()), encode_record(&progress));
+        if let Some(mut summary) = self.summary(path)? {
+            summary.durable_bytes = durable_bytes;
+            summary.updated = progress.updated;
+            batch.insert(self.key(SUMMARY, path.as_bytes()), encode_record(&summary));
+        }
+        self.tree.apply_batch(batch)?;
         self.store.flush()
     }
 
@@ -315,6 +495,7 @@ impl ReceiverStore {
         }
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
+        batch.remove(self.key(SUMMARY, path.as_bytes()));
         batch.insert(self.key(FILE, path.as_bytes()), encode_record(file));
         batch.insert(self.key(FILE_MANIFEST, path.as_bytes()), encode_record(manifest));
         for chunk in &manifest.chunks {
@@ -330,6 +511,18 @@ impl ReceiverStore {
     pub fn apply(&self, batch: RecordBatch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch.0)?;
         self.store.flush()
+    }
+}
+
+/// The summary of a transfer whose record takes `record_len` bytes.
+fn summarize(record: TransferRecordRef<'_>, record_len: usize, progress: &Progress) -> TransferSummary {
+    TransferSummary {
+        size: record.manifest.size,
+        manifest_bytes: record_len as u64,
+        partial: record.partial.to_string(),
+        created: record.created,
+        durable_bytes: durable_bytes(record.manifest, &progress.received),
+        updated: progress.updated,
     }
 }
 
@@ -386,5 +579,80 @@ mod tests {
             0,
             "a bitmap that does not fit counts nothing"
         );
+    }
+
+    /// Listing, expiry and quotas read the small summary, never the transfer's record: they work even when the
+    /// record (the manifest) could not be decoded at all.
+    #[test]
+    fn listing_and_usage_never_decode_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ns = ReceiverStore::open_scoped(&store, "ns").unwrap();
+        let record = TransferRecord {
+            manifest: manifest_of(&[4096, 4096, 5]),
+            partial: "/p/.ferry-x.part".into(),
+            created: 50,
+        };
+        let mut set = ChunkSet::new(3);
+        set.insert(0);
+        let progress = Progress {
+            received: set.to_bytes(),
+            ..Progress::default()
+        };
+        ns.begin("big", &record, &progress).unwrap();
+        let manifest_bytes = encode_record(&record).len() as u64;
+        assert_eq!(
+            encode_record(&record.as_ref()),
+            encode_record(&record),
+            "the borrowed form encodes the same"
+        );
+        // Damage the record: anything that decoded it would now fail.
+        ns.tree.insert(ns.key(TRANSFER, b"big"), &b"not a record"[..]).unwrap();
+        let usage = ns.usage().unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                open_bytes: 8197,
+                open_transfers: 1,
+                manifest_bytes,
+                ..Usage::default()
+            }
+        );
+        assert_eq!(ns.held_bytes().unwrap(), 8197 + manifest_bytes);
+        let (listed, total) = ns.partials(10).unwrap();
+        assert_eq!((listed[0].size, listed[0].durable_bytes, total), (8197, 4096, 1));
+        ns.save_progress("big", &Progress::default(), 8192).unwrap();
+        assert_eq!(ns.partials(10).unwrap().0[0].durable_bytes, 8192);
+        let open = ns.open_transfers().unwrap();
+        assert_eq!(
+            (open[0].partial.as_str(), open[0].path.as_str()),
+            ("/p/.ferry-x.part", "big")
+        );
+        ns.forget_transfer("big").unwrap();
+        assert_eq!(ns.usage().unwrap(), Usage::default());
+    }
+
+    /// A store written before summaries existed gets them once, when the scope is opened.
+    #[test]
+    fn open_transfers_of_an_older_store_get_their_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ns = ReceiverStore::open_scoped(&store, "old").unwrap();
+        let record = TransferRecord {
+            manifest: manifest_of(&[4096, 10]),
+            partial: "p".into(),
+            created: 9,
+        };
+        // As an older version wrote it: record and progress, no summary, no marker.
+        ns.tree.insert(ns.key(TRANSFER, b"f"), encode_record(&record)).unwrap();
+        ns.tree
+            .insert(ns.key(PROGRESS, b"f"), encode_record(&Progress::default()))
+            .unwrap();
+        ns.tree.remove(ns.key(MIGRATED, b"summaries")).unwrap();
+        assert_eq!(ns.usage().unwrap().open_transfers, 0, "not summarised yet");
+        let reopened = ReceiverStore::open_scoped(&store, "old").unwrap();
+        let summary = reopened.summary("f").unwrap().expect("summarised");
+        assert_eq!((summary.size, summary.created, summary.durable_bytes), (4106, 9, 0));
+        assert_eq!(reopened.usage().unwrap().open_transfers, 1);
     }
 }

@@ -12,6 +12,11 @@ use crate::wire::codec::encode_record;
 
 const MANIFEST: &str = "manifest";
 const PUSH: &str = "push";
+/// Per source path: the cache keys of its manifests, oldest first.
+const CACHE_ORDER: &str = "morder";
+/// Most manifests cached per source file (one per chunking): a server asked for ever new chunk sizes keeps the
+/// last few, so its cache stays bounded per file while clients that alternate between a few sizes still hit it.
+pub const MAX_CACHED_CHUNKINGS: usize = 4;
 
 /// Identifies a source file's content without reading it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -84,12 +89,30 @@ impl SenderStore {
         get(&self.tree, &prefixed(MANIFEST, &encode_record(key)))
     }
 
-    /// Caches `manifest` under `key`, replacing older entries for the same path; flushes if `flush` (a tree scan
-    /// flushes once at the end instead: the cache is only an optimisation).
+    /// Caches `manifest` under `key`. Entries of the same path for other content (the file changed) are dropped;
+    /// of those for the same content with other chunkings the newest [`MAX_CACHED_CHUNKINGS`] stay. Flushes if
+    /// `flush` (a tree scan flushes once at the end instead: the cache is only an optimisation).
     pub fn cache_manifest(&self, key: &ManifestKey, manifest: &Manifest, flush: bool) -> Result<(), StoreError> {
-        self.forget_manifests(&key.path)?;
-        self.tree
-            .insert(prefixed(MANIFEST, &encode_record(key)), encode_record(manifest))?;
+        let path = encode_record(&key.path);
+        let order_key = prefixed(CACHE_ORDER, &path);
+        // The order is only an optimisation too: an unreadable one starts afresh.
+        let mut order: Vec<Vec<u8>> = get(&self.tree, &order_key).ok().flatten().unwrap_or_default();
+        let new = encode_record(key);
+        order.retain(|old| {
+            *old != new
+                && crate::wire::codec::decode_record::<ManifestKey>(old).is_ok_and(|old| same_content(&old, key))
+        });
+        order.push(new.clone());
+        let evict = order.len().saturating_sub(MAX_CACHED_CHUNKINGS);
+        order.drain(..evict);
+        for entry in self.tree.scan_prefix(prefixed(MANIFEST, &path)) {
+            let (cached, _) = entry?;
+            if !order.iter().any(|kept| *kept == cached[MANIFEST.len() + 1..]) {
+                self.tree.remove(cached)?;
+            }
+        }
+        self.tree.insert(prefixed(MANIFEST, &new), encode_record(manifest))?;
+        self.tree.insert(order_key, encode_record(&order))?;
         if flush {
             self.store.flush()?;
         }
@@ -104,11 +127,12 @@ impl SenderStore {
     /// Drops every cached manifest of `path` (the source turned out to differ from its cache entry).
     pub fn forget_manifests(&self, path: &str) -> Result<(), StoreError> {
         // The key starts with the encoded path (u64 length + bytes), so a prefix scan finds every entry of it.
-        let prefix = prefixed(MANIFEST, &encode_record(&path.to_string()));
-        for entry in self.tree.scan_prefix(&prefix) {
+        let path = encode_record(&path.to_string());
+        for entry in self.tree.scan_prefix(prefixed(MANIFEST, &path)) {
             let (key, _) = entry?;
             self.tree.remove(key)?;
         }
+        self.tree.remove(prefixed(CACHE_ORDER, &path))?;
         Ok(())
     }
 
@@ -175,6 +199,11 @@ impl SenderStore {
         self.store.flush()?;
         Ok(pruned)
     }
+}
+
+/// Whether two cache keys describe the same content of the same file (their chunkings may differ).
+fn same_content(a: &ManifestKey, b: &ManifestKey) -> bool {
+    (a.path.as_str(), a.size, a.mtime, a.inode, a.device) == (b.path.as_str(), b.size, b.mtime, b.inode, b.device)
 }
 
 /// Whether the file a cache entry describes is still there, unchanged as far as the cache can tell.
@@ -285,5 +314,61 @@ mod tests {
             store.cached_manifest(&key(&kept)).unwrap().is_some(),
             "a live file keeps its manifest"
         );
+    }
+
+    /// A server asked for one chunking after another keeps the newest few manifests of the file, not one per
+    /// chunking ever asked for; a changed file drops them all.
+    #[test]
+    fn the_manifest_cache_keeps_the_last_chunkings_of_a_file() {
+        use crate::manifest::tests::manifest_of;
+        use crate::manifest::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let key = |size: u32, mtime: i64| ManifestKey {
+            path: "/data/big".into(),
+            size: 10,
+            mtime: FileTime { secs: mtime, nanos: 0 },
+            inode: 1,
+            device: 2,
+            chunking: Chunking::Fixed { size },
+        };
+        let other_file = ManifestKey {
+            path: "/data/big2".into(),
+            ..key(4096, 1)
+        };
+        store.cache_manifest(&other_file, &manifest_of(&[10]), true).unwrap();
+        let sizes: Vec<u32> = (0..20).map(|i| 4096 + i).collect();
+        for &size in &sizes {
+            store.cache_manifest(&key(size, 1), &manifest_of(&[10]), true).unwrap();
+        }
+        let cached: Vec<u32> = sizes
+            .iter()
+            .copied()
+            .filter(|&size| store.cached_manifest(&key(size, 1)).unwrap().is_some())
+            .collect();
+        assert_eq!(
+            cached,
+            sizes[sizes.len() - MAX_CACHED_CHUNKINGS..].to_vec(),
+            "the newest ones"
+        );
+        let entries = store.tree.scan_prefix(prefixed(MANIFEST, b"")).count();
+        assert_eq!(
+            entries,
+            MAX_CACHED_CHUNKINGS + 1,
+            "bounded per file; the other file keeps its own"
+        );
+        // Asking again for a cached chunking does not grow the cache.
+        store
+            .cache_manifest(&key(4096 + 19, 1), &manifest_of(&[10]), true)
+            .unwrap();
+        assert_eq!(
+            store.tree.scan_prefix(prefixed(MANIFEST, b"")).count(),
+            MAX_CACHED_CHUNKINGS + 1
+        );
+        // The file changed: its older manifests go.
+        store.cache_manifest(&key(4096, 2), &manifest_of(&[10]), true).unwrap();
+        assert!(store.cached_manifest(&key(4096 + 19, 1)).unwrap().is_none());
+        assert_eq!(store.tree.scan_prefix(prefixed(MANIFEST, b"")).count(), 2);
+        assert!(store.cached_manifest(&other_file).unwrap().is_some());
     }
 }

@@ -56,8 +56,8 @@ pub(crate) fn commit(
         for index in damaged {
             writer.received.remove(index);
         }
-        writer.progress.received = writer.received.to_bytes();
-        writer.store.save_progress(path.as_str(), &writer.progress)?;
+        let mut writer = writer.recounted();
+        writer.save_progress()?;
         return Ok(CommitOutcome::Damaged(Box::new(writer.following())));
     }
     apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;

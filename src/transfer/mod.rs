@@ -8,7 +8,7 @@ pub mod claims;
 mod commit;
 pub mod handshake;
 pub mod join;
-mod quota;
+pub mod quota;
 pub mod receiver;
 mod reuse;
 pub mod sender;

@@ -1,51 +1,338 @@
-//! Namespace quotas: the bytes a receiver root may hold, committed files and open transfers together.
+//! Namespace limits: the bytes a receiver root may hold (its quota: committed files, open transfers and their
+//! manifests together), how many transfers it may keep open, how many bytes their manifests may take in the
+//! store, and how many entries (inodes: files, directories, symlinks) it and one tree may create (proto-spec.md
+//! §3a and §10).
 //!
-//! Checked when a file is offered, against the records in the store: a file that replaces a committed one (or
-//! resumes an open transfer) at the same path is counted once. Sessions of one namespace running at the same time
-//! are each checked against what is recorded, so together they can overshoot by what they have in flight.
+//! Checked when a file is offered, against the small records of the store (sizes, never manifests): a file that
+//! replaces a committed one (or an open transfer) at the same path is counted once. The check and the write of the
+//! transfer's record happen under the namespace's [`Admission`] lock, so offers arriving together are counted one
+//! after another and cannot all fit the same free space. A tree's small files have no record until they are
+//! committed, so its [`Budget`] reserves their bytes in the lock's memory until then: offers count them, and the
+//! tree counts what was admitted since it was planned (its large files are admitted one by one like any offer).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::TransferError;
+use crate::path::RemotePath;
 use crate::store::ReceiverStore;
 use crate::wire::ErrorCode;
 
-/// What a namespace may still take, tracked across the files of one offer (a tree).
+/// Default for [`NamespaceLimits::max_open_transfers`].
+pub const DEFAULT_MAX_OPEN_TRANSFERS: u64 = 1024;
+/// Default for [`NamespaceLimits::max_manifest_bytes`]: one maximal manifest (500,000 chunks, 22 MB) and room
+/// beside it. The store keeps what it holds in memory too, so this bounds a namespace's share of the server's
+/// memory as well as of its disk.
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
+/// Default for [`NamespaceLimits::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+
+/// What one namespace may keep open on a receiver, besides its byte quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceLimits {
+    /// Most open (uncommitted) transfers; an Offer for another path beyond it gets `TooManyTransfers`.
+    pub max_open_transfers: u64,
+    /// Most bytes the records of open transfers (their manifests, mostly) may take in the store together.
+    pub max_manifest_bytes: u64,
+    /// Most entries (inodes) the namespace may hold: committed files, open transfers, and the directories and
+    /// symlinks trees created. What would go beyond is refused with `QuotaExceeded`.
+    pub max_entries: u64,
+    /// Most entries in one TreeOffer (at most [`crate::MAX_TREE_ENTRIES`]); a larger one is `BadManifest`.
+    pub max_tree_entries: usize,
+}
+
+impl NamespaceLimits {
+    /// A server's defaults.
+    pub const DEFAULT: NamespaceLimits = NamespaceLimits {
+        max_open_transfers: DEFAULT_MAX_OPEN_TRANSFERS,
+        max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+        max_entries: DEFAULT_MAX_ENTRIES,
+        max_tree_entries: crate::MAX_TREE_ENTRIES,
+    };
+    /// No limits (a pulling client receiving into its own directory).
+    pub const UNLIMITED: NamespaceLimits = NamespaceLimits {
+        max_open_transfers: u64::MAX,
+        max_manifest_bytes: u64::MAX,
+        max_entries: u64::MAX,
+        max_tree_entries: crate::MAX_TREE_ENTRIES,
+    };
+}
+
+impl Default for NamespaceLimits {
+    fn default() -> Self {
+        NamespaceLimits::DEFAULT
+    }
+}
+
+/// How long a count of a namespace's committed files serves the entry budget before it is counted again (a
+/// quota, which needs exact bytes, always counts afresh).
+const COMMITTED_COUNT_TTL: Duration = Duration::from_secs(30);
+
+/// Serialises the admission of transfers in one namespace: whoever holds it checks the records and writes its own
+/// before letting go. One per namespace (cloning shares it).
+#[derive(Clone, Default)]
+pub struct Admission(Arc<Mutex<Counted>>);
+
+/// What the admission lock remembers between offers.
+#[derive(Default)]
+pub(crate) struct Counted {
+    /// The number of committed files, and when it was counted.
+    committed_files: Option<(Instant, u64)>,
+    /// Bytes trees reserved for small files not committed yet (no record shows them).
+    reserved: u64,
+    /// Bytes admitted or reserved so far, ever growing: a tree's budget adds what grew since it last looked.
+    admitted: u64,
+}
+
+impl Admission {
+    /// Waits for the namespace's turn. Blocking.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Counted> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A transfer to be opened (or re-opened with another manifest) at `path`.
+pub(crate) struct NewTransfer<'a> {
+    /// Destination key.
+    pub path: &'a str,
+    /// File size.
+    pub size: u64,
+    /// Encoded bytes of its record (the manifest, mostly).
+    pub record_bytes: u64,
+}
+
+/// Checks that opening `new` keeps the namespace within `quota` and `limits`; what is open at the same path is
+/// replaced, a committed file there counted once. Call with the namespace's [`Admission`] lock held (`counted`)
+/// and write the record before letting it go. Reads the open transfers' summaries; the committed files only for a
+/// quota (every time) or for the entry budget (at most every [`COMMITTED_COUNT_TTL`]). Blocking.
+pub(crate) fn admit(
+    store: &ReceiverStore,
+    quota: Option<u64>,
+    limits: &NamespaceLimits,
+    new: &NewTransfer<'_>,
+    counted: &mut Counted,
+) -> Result<(), TransferError> {
+    if quota.is_none() && *limits == NamespaceLimits::UNLIMITED {
+        return Ok(());
+    }
+    let mut usage = store.open_usage()?;
+    usage.open_bytes = usage.open_bytes.saturating_add(counted.reserved);
+    if quota.is_some() {
+        let (bytes, files) = store.committed_usage()?;
+        (usage.committed_bytes, usage.committed_files) = (bytes, files);
+        counted.committed_files = Some((Instant::now(), files));
+    } else if limits.max_entries != u64::MAX {
+        usage.committed_files = match counted.committed_files {
+            Some((at, files)) if at.elapsed() < COMMITTED_COUNT_TTL => files,
+            _ => {
+                let (_, files) = store.committed_usage()?;
+                counted.committed_files = Some((Instant::now(), files));
+                files
+            }
+        };
+    }
+    let open = store.summary(new.path)?;
+    let (open_count, open_bytes) = open
+        .as_ref()
+        .map_or((0, 0), |s| (1, s.size.saturating_add(s.manifest_bytes)));
+    let transfers = usage.open_transfers.saturating_sub(open_count) + 1;
+    if transfers > limits.max_open_transfers {
+        return Err(TransferError::refused(
+            ErrorCode::TooManyTransfers,
+            format!(
+                "this namespace already has {} open transfers, the limit is {}: finish them (ferry status \
+                 --server lists them) or let them expire",
+                usage.open_transfers, limits.max_open_transfers
+            ),
+        ));
+    }
+    let open_manifest = open.as_ref().map_or(0, |s| s.manifest_bytes);
+    let manifests = usage
+        .manifest_bytes
+        .saturating_sub(open_manifest)
+        .saturating_add(new.record_bytes);
+    if manifests > limits.max_manifest_bytes {
+        return Err(TransferError::refused(
+            ErrorCode::TooManyTransfers,
+            format!(
+                "the manifests of this namespace's open transfers would take {manifests} bytes, the limit is {}: \
+                 finish them or let them expire",
+                limits.max_manifest_bytes
+            ),
+        ));
+    }
+    let committed = store.committed(new.path)?;
+    if committed.is_none() && open.is_none() && usage.entries() >= limits.max_entries {
+        return Err(over_entries(new.path, limits.max_entries));
+    }
+    if let Some(quota) = quota {
+        let replaced = committed.map_or(0, |f| f.size);
+        let after = usage
+            .held_bytes()
+            .saturating_sub(replaced.saturating_add(open_bytes))
+            .saturating_add(new.size.saturating_add(new.record_bytes));
+        if after > quota {
+            return Err(over_quota(new.path, new.size, after, quota));
+        }
+    }
+    counted.admitted = counted
+        .admitted
+        .saturating_add(new.size.saturating_add(new.record_bytes));
+    Ok(())
+}
+
+fn over_entries(path: &str, limit: u64) -> TransferError {
+    TransferError::refused(
+        ErrorCode::QuotaExceeded,
+        format!("{path} would take this namespace over its budget of {limit} entries (files, directories, links)"),
+    )
+}
+
+fn over_quota(path: &str, size: u64, after: u64, quota: u64) -> TransferError {
+    TransferError::refused(
+        ErrorCode::QuotaExceeded,
+        format!("{path} ({size} bytes) would bring this namespace to {after} bytes, over its quota of {quota} bytes"),
+    )
+}
+
+/// What a namespace may still take, tracked across the files of one offer (a tree). Small files (sent whole, with
+/// no record until committed) stay reserved in the namespace's [`Admission`] until [`Budget::release`]d or the
+/// budget is dropped.
 pub(crate) struct Budget {
     quota: u64,
     held: u64,
+    admission: Admission,
+    /// `Counted::admitted` when this budget last looked.
+    seen: u64,
+    /// Bytes this budget reserved and has not released.
+    reserved: u64,
 }
 
 impl Budget {
-    /// Reads what the namespace holds now. Blocking.
-    pub fn open(store: &ReceiverStore, quota: u64) -> Result<Budget, TransferError> {
+    /// Reads what the namespace holds now, reservations of other trees included. Blocking.
+    pub fn open(store: &ReceiverStore, quota: u64, admission: &Admission) -> Result<Budget, TransferError> {
+        let counted = admission.lock();
         Ok(Budget {
             quota,
-            held: store.held_bytes()?,
+            held: store.held_bytes()?.saturating_add(counted.reserved),
+            seen: counted.admitted,
+            admission: admission.clone(),
+            reserved: 0,
         })
     }
 
-    /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken). Blocking.
-    pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64) -> Result<(), TransferError> {
+    /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken); the bytes of a
+    /// `small` file stay reserved until released. Blocking.
+    pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64, small: bool) -> Result<(), TransferError> {
         let replaced = store.committed(path)?.map_or(0, |f| f.size);
-        let resumed = store.transfer(path)?.map_or(0, |t| t.manifest.size);
+        let resumed = store
+            .summary(path)?
+            .map_or(0, |t| t.size.saturating_add(t.manifest_bytes));
+        let mut counted = self.admission.lock();
+        // What others admitted or reserved since this budget last looked.
+        self.held = self.held.saturating_add(counted.admitted.saturating_sub(self.seen));
         let after = self
             .held
             .saturating_sub(replaced.saturating_add(resumed))
             .saturating_add(size);
         if after > self.quota {
-            return Err(TransferError::refused(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "{path} ({size} bytes) would bring this namespace to {after} bytes, over its quota of {} bytes",
-                    self.quota
-                ),
-            ));
+            self.seen = counted.admitted;
+            return Err(over_quota(path, size, after, self.quota));
         }
         self.held = after;
+        if small {
+            counted.reserved = counted.reserved.saturating_add(size);
+            counted.admitted = counted.admitted.saturating_add(size);
+            self.reserved = self.reserved.saturating_add(size);
+        }
+        self.seen = counted.admitted;
+        Ok(())
+    }
+
+    /// Lets go of `size` reserved bytes: the file was committed (its record counts now) or will not come.
+    pub fn release(&mut self, size: u64) {
+        let size = size.min(self.reserved);
+        self.reserved -= size;
+        let mut counted = self.admission.lock();
+        counted.reserved = counted.reserved.saturating_sub(size);
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        let rest = self.reserved;
+        self.release(rest);
+    }
+}
+
+/// The entries (inodes) a namespace may still create, tracked across the entries of one tree: what placing an
+/// entry creates is counted (its missing parent directories, once each, and the entry itself if nothing is at its
+/// path yet); what already exists costs nothing.
+pub(crate) struct EntryBudget {
+    left: u64,
+    limit: u64,
+    /// Directories this tree counted (BLAKE3 of their path, truncated: no collisions to craft).
+    counted: HashSet<[u8; 16]>,
+    /// Directories and symlinks counted: recorded for the namespace when the tree is planned.
+    dirs_and_links: u64,
+}
+
+impl EntryBudget {
+    /// Reads what the namespace holds now. Blocking.
+    pub fn open(store: &ReceiverStore, limit: u64) -> Result<EntryBudget, TransferError> {
+        Ok(EntryBudget {
+            left: limit.saturating_sub(store.usage()?.entries()),
+            limit,
+            counted: HashSet::new(),
+            dirs_and_links: 0,
+        })
+    }
+
+    /// Takes what placing `key` (a file unless `dir_or_link`) under `root` creates, or refuses it with the reason
+    /// (nothing taken). Blocking: a `stat` per missing component.
+    pub fn take(&mut self, root: &Path, key: &RemotePath, dir_or_link: bool) -> Result<(), String> {
+        let components: Vec<&str> = key.components().collect();
+        let mut missing = Vec::new();
+        // The parents, deepest first, up to one that exists or was counted already.
+        for depth in (1..components.len()).rev() {
+            let parent = components[..depth].join("/");
+            let id = path_id(&parent);
+            if self.counted.contains(&id) || std::fs::symlink_metadata(root.join(&parent)).is_ok() {
+                break;
+            }
+            missing.push(id);
+        }
+        let id = path_id(key.as_str());
+        let itself = !self.counted.contains(&id) && std::fs::symlink_metadata(root.join(key.as_str())).is_err();
+        let cost = missing.len() as u64 + u64::from(itself);
+        if cost > self.left {
+            return Err(format!(
+                "{key} would take this namespace over its budget of {} entries (files, directories, links)",
+                self.limit
+            ));
+        }
+        self.left -= cost;
+        self.dirs_and_links += missing.len() as u64 + u64::from(itself && dir_or_link);
+        self.counted.extend(missing);
+        if itself && dir_or_link {
+            self.counted.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Records the directories and symlinks this tree counted against the namespace. Blocking.
+    pub fn finish(self, store: &ReceiverStore, admission: &Admission) -> Result<(), TransferError> {
+        let _turn = admission.lock();
+        store.add_tree_inodes(self.dirs_and_links)?;
         Ok(())
     }
 }
 
-/// Whether one file of `size` bytes at `path` fits the quota. Blocking.
-pub(crate) fn check(store: &ReceiverStore, quota: u64, path: &str, size: u64) -> Result<(), TransferError> {
-    Budget::open(store, quota)?.take(store, path, size)
+fn path_id(path: &str) -> [u8; 16] {
+    let hash = blake3::hash(path.as_bytes());
+    let mut id = [0; 16];
+    id.copy_from_slice(&hash.as_bytes()[..16]);
+    id
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
+use super::quota::{admit, NewTransfer};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -29,7 +30,7 @@ use crate::manifest::{hex, Manifest};
 use crate::path::{resolve_in_root, RemotePath};
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
-use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord};
+use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
@@ -62,6 +63,10 @@ pub struct ReceiverContext {
     pub max_manifest_chunks: usize,
     /// Bytes this root (a namespace) may hold, committed and open together; `None`: unlimited.
     pub quota: Option<u64>,
+    /// Open transfers and stored manifest bytes this root (a namespace) may keep.
+    pub limits: super::quota::NamespaceLimits,
+    /// Serialises the admission of transfers in this namespace (one per namespace).
+    pub admission: super::quota::Admission,
     /// Open transfers that extra streams may join.
     pub joins: super::join::Joins,
     /// What this receiver may take from local copies and apply from the offer (proto-spec.md §4 "Reuse", §11).
@@ -122,14 +127,14 @@ pub enum Reuse {
 }
 
 /// Where a prepared transfer stands.
-enum Plan {
+pub(super) enum Plan {
     /// The exact file is already committed at the destination.
     AlreadyPresent(Committed),
     /// Chunks to receive (possibly none) into the partial.
     Receive(Box<Prepared>),
 }
 
-struct Prepared {
+pub(super) struct Prepared {
     target: PathBuf,
     partial: PathBuf,
     writer: ChunkWriter,
@@ -163,10 +168,6 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 ctx.max_manifest_chunks
             ),
         ));
-    }
-    if let Some(quota) = ctx.quota {
-        let (store, key, size) = (ctx.store.clone(), path.to_string(), manifest.size);
-        blocking(move || super::quota::check(&store, quota, &key, size)).await?;
     }
     let claim = ctx
         .claims
@@ -443,7 +444,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
-fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) -> Result<Plan, TransferError> {
+pub(super) fn prepare(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    manifest: Arc<Manifest>,
+) -> Result<Plan, TransferError> {
     let key = path.as_str();
     let target = resolve_in_root(&ctx.root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
     let store = &ctx.store;
@@ -463,35 +468,39 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
     if record.is_some() && received.present() > 0 {
         tracing::info!(path = key, kept = received.present(), "resuming transfer");
     }
-    // Never through a symlink, and a new partial is created exclusively (O_EXCL): a file someone else placed at
-    // that name in the meantime is refused, not adopted.
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
-    match partial_len {
-        Some(_) => options.create(false),
-        None => options.create_new(true),
-    };
-    let file = options.open(&partial).map_err(TransferError::Storage)?;
-    // No preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write
-    // error after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older
-    // offer is cut to size.
-    if file.metadata().map_err(TransferError::Storage)?.len() > manifest.size {
-        file.set_len(manifest.size).map_err(TransferError::Storage)?;
-    }
     let bitmap = received.to_bytes();
     let same_offer = record.as_ref().is_some_and(|r| r.manifest.id() == manifest.id()) && progress.received == bitmap;
     // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost
-    // work proportional to the file, not to what is missing.
-    if !same_offer {
+    // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
+    // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
+    let file = if same_offer {
+        open_partial(&partial, manifest.size, partial_len.is_some())?
+    } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
-        let new_record = TransferRecord {
-            manifest: (*manifest).clone(),
-            partial: partial.display().to_string(),
+        let partial_name = partial.display().to_string();
+        // Borrowed: a manifest of 500,000 chunks is not copied just to be encoded.
+        let new_record = TransferRecordRef {
+            manifest: &manifest,
+            partial: &partial_name,
             created,
         };
-        store.begin(key, &new_record, &progress)?;
-    }
+        let mut turn = ctx.admission.lock();
+        let new = NewTransfer {
+            path: key,
+            size: manifest.size,
+            record_bytes: crate::wire::codec::encoded_record_len(&new_record),
+        };
+        admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
+        let file = open_partial(&partial, manifest.size, partial_len.is_some())?;
+        store.begin_encoded(
+            key,
+            new_record,
+            &crate::wire::codec::encode_record(&new_record),
+            &progress,
+        )?;
+        file
+    };
     let writer = ChunkWriter::new(
         key.to_string(),
         file,
@@ -534,6 +543,26 @@ fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(TransferError::Storage(e)),
     }
+}
+
+/// Opens (or creates) the partial file, never through a symlink; a new partial (`exists` false) is created
+/// exclusively (`O_EXCL`), so a file someone else placed at that name in the meantime is refused, not adopted. No
+/// preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write error
+/// after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older offer
+/// is cut to `size`.
+fn open_partial(partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+    if exists {
+        options.create(false);
+    } else {
+        options.create_new(true);
+    }
+    let file = options.open(partial).map_err(TransferError::Storage)?;
+    if file.metadata().map_err(TransferError::Storage)?.len() > size {
+        file.set_len(size).map_err(TransferError::Storage)?;
+    }
+    Ok(file)
 }
 
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose

@@ -166,6 +166,14 @@ impl SmallWriter {
         for dir in dirs.values() {
             dir.sync_all().map_err(TransferError::Storage)?;
         }
+        // A file committed whole over an open transfer replaces it: its records go in the batch, its partial
+        // after the batch (it no longer counts against the quota, so it must not stay on disk).
+        let mut replaced = Vec::new();
+        for (file, _, _) in &placed {
+            if let Some(open) = self.store.summary(file.key.as_str())? {
+                replaced.push(open.partial);
+            }
+        }
         let mut records = crate::store::RecordBatch::default();
         for (file, len, meta) in &placed {
             let manifest = whole_file_manifest(file, *len);
@@ -181,6 +189,9 @@ impl SmallWriter {
                 .commit_into(&mut records, file.key.as_str(), &record, &manifest)?;
         }
         self.store.apply(records)?;
+        for partial in replaced {
+            remove_partial(Path::new(&partial));
+        }
         for (file, len, _) in placed {
             self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
@@ -284,6 +295,16 @@ pub(crate) fn whole_file_manifest(file: &SmallFile, size: u64) -> Manifest {
         mtime: file.mtime,
         mode: file.mode,
         chunks,
+    }
+}
+
+/// Removes the partial file of a replaced transfer, never following a symlink (best effort: a leftover is
+/// collected by the expiry sweep).
+fn remove_partial(partial: &Path) {
+    if std::fs::symlink_metadata(partial).is_ok_and(|m| m.is_file()) {
+        if let Err(e) = std::fs::remove_file(partial) {
+            tracing::warn!(partial = %partial.display(), error = %e, "could not remove a replaced partial");
+        }
     }
 }
 

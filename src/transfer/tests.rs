@@ -45,6 +45,8 @@ fn fixture() -> Fixture {
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,
+        limits: Default::default(),
+        admission: Default::default(),
         joins: Default::default(),
         policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
     };
@@ -535,19 +537,26 @@ async fn reusing_many_identical_tiny_chunks_takes_linear_time() {
     use crate::manifest::{ChunkEntry, Chunking, Manifest};
     let fx = fixture();
     std::fs::create_dir_all(&fx.ctx.root).unwrap();
-    std::fs::write(fx.ctx.root.join("dst"), b"a").unwrap(); // an older copy holding the one chunk
-    let n: u32 = 200_000;
-    let hash = *blake3::hash(b"a").as_bytes();
+    // Chunks of the smallest length a manifest may use (§5), all the same: an older copy holds the one chunk.
+    let len = MIN_CHUNK_SIZE;
+    let block = vec![b'a'; len as usize];
+    std::fs::write(fx.ctx.root.join("dst"), &block).unwrap();
+    let n: u32 = 40_000;
+    let hash = *blake3::hash(&block).as_bytes();
+    let mut whole = blake3::Hasher::new();
+    for _ in 0..n {
+        whole.update(&block);
+    }
     let manifest = Manifest {
-        size: u64::from(n),
-        digest: *blake3::hash(&vec![b'a'; n as usize]).as_bytes(),
-        chunking: Chunking::Fixed { size: 4096 },
+        size: u64::from(n) * u64::from(len),
+        digest: *whole.finalize().as_bytes(),
+        chunking: Chunking::Fixed { size: len },
         mtime: crate::manifest::FileTime::default(),
         mode: 0o644,
         chunks: (0..n)
             .map(|i| ChunkEntry {
-                offset: u64::from(i),
-                len: 1,
+                offset: u64::from(i) * u64::from(len),
+                len,
                 hash,
             })
             .collect(),
@@ -571,7 +580,7 @@ async fn reusing_many_identical_tiny_chunks_takes_linear_time() {
         }
     })
     .await
-    .expect("reuse of 200,000 chunks finishes");
+    .expect("reuse of 40,000 chunks finishes");
     assert_eq!(need, Message::Need(Need { ranges: vec![] }), "every chunk was reused");
     drop(conn);
     let _ = receiver.await;
@@ -635,4 +644,153 @@ async fn a_large_file_found_changed_mid_send_is_abandoned_and_sent_again_in_the_
     assert!(sent.committed.missing.is_empty());
     assert_eq!(std::fs::read(fx.ctx.root.join("t/large.bin")).unwrap(), edited);
     assert_eq!(std::fs::read(fx.ctx.root.join("t/small.txt")).unwrap(), b"unchanged");
+}
+
+/// Offer A passed the quota check and has not yet recorded its transfer when offer B arrives: B waits for A's
+/// record and is counted after it (proto-spec.md §3a), so two 5 MiB files cannot both fit 10 MiB of free quota.
+#[test]
+fn offers_in_one_namespace_are_admitted_one_after_another() {
+    use super::quota::{admit, NewTransfer};
+    use crate::manifest::tests::manifest_of;
+    use crate::path::RemotePath;
+    use crate::store::{Progress, TransferRecord};
+    let mut fx = fixture();
+    std::fs::create_dir_all(&fx.ctx.root).unwrap();
+    fx.ctx.quota = Some(10 << 20);
+    let five_mib = manifest_of(&[1 << 20; 5]);
+    let record = TransferRecord {
+        manifest: five_mib.clone(),
+        partial: "a.part".into(),
+        created: 1,
+    };
+    let record_bytes = crate::wire::codec::encode_record(&record).len() as u64;
+    let mut turn = fx.ctx.admission.lock();
+    let a = NewTransfer {
+        path: "a",
+        size: five_mib.size,
+        record_bytes,
+    };
+    admit(&fx.ctx.store, fx.ctx.quota, &fx.ctx.limits, &a, &mut turn).unwrap();
+    let ctx = fx.ctx.clone();
+    let b = std::thread::spawn(move || {
+        let path = RemotePath::parse("b").unwrap();
+        super::receiver::prepare(&ctx, &path, Arc::new(five_mib)).map(|_| ())
+    });
+    // Without the lock, B would be admitted now against a namespace that does not show A yet.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!b.is_finished(), "B waits for A's turn");
+    fx.ctx.store.begin("a", &record, &Progress::default()).unwrap();
+    drop(turn);
+    match b.join().unwrap() {
+        Err(super::TransferError::Refused { code, .. }) => assert_eq!(code, crate::wire::ErrorCode::QuotaExceeded),
+        other => panic!("B must be over quota, got {:?}", other.err()),
+    }
+    assert!(fx.ctx.store.summary("b").unwrap().is_none());
+    assert!(
+        !fx.ctx.partial_dir.read_dir().unwrap().any(|e| e.is_ok()),
+        "no partial for B"
+    );
+}
+
+/// A small file of a tree committed at a path with an open transfer replaces that transfer: its records and its
+/// partial file go, so the partial no longer sits on disk uncounted by the quota.
+#[test]
+fn a_small_file_committed_over_an_open_transfer_removes_its_partial() {
+    use super::small_writer::{SmallFile, SmallWriter};
+    use crate::manifest::tests::manifest_of;
+    use crate::path::RemotePath;
+    use crate::store::{Progress, TransferRecord};
+    let fx = fixture();
+    std::fs::create_dir_all(fx.ctx.root.join("x")).unwrap();
+    let partial = fx.ctx.partial_dir.join(".ferry-open.part");
+    std::fs::write(&partial, vec![7u8; 9 * 4096]).unwrap();
+    let record = TransferRecord {
+        manifest: manifest_of(&[4096; 9]),
+        partial: partial.display().to_string(),
+        created: 1,
+    };
+    fx.ctx.store.begin("x/p", &record, &Progress::default()).unwrap();
+    let writer = SmallWriter {
+        root: fx.ctx.root.clone(),
+        partial_dir: fx.ctx.partial_dir.clone(),
+        store: fx.ctx.store.clone(),
+        stats: fx.ctx.stats.clone(),
+    };
+    let data = b"1".to_vec();
+    let outcome = writer
+        .commit_batch(vec![SmallFile {
+            index: 0,
+            key: RemotePath::parse("x/p").unwrap(),
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+            mtime: crate::manifest::FileTime::default(),
+            mode: 0o644,
+            _budget: None,
+        }])
+        .unwrap();
+    assert_eq!(outcome.committed, vec![0]);
+    assert!(!partial.exists(), "the replaced transfer's partial is gone");
+    assert!(fx.ctx.store.transfer("x/p").unwrap().is_none());
+    assert_eq!(fx.ctx.store.held_bytes().unwrap(), 1, "only the committed byte is held");
+}
+
+/// A tree's small files have no record until they are committed: the tree reserves them, so an offer arriving
+/// meanwhile counts them; and the tree counts what was admitted after it was planned (proto-spec.md §3a).
+#[test]
+fn a_trees_small_files_and_concurrent_offers_count_each_other() {
+    use super::quota::{admit, Budget, NewTransfer};
+    let mut fx = fixture();
+    std::fs::create_dir_all(&fx.ctx.root).unwrap();
+    let quota = 10 << 20;
+    fx.ctx.quota = Some(quota);
+    let (store, limits) = (&fx.ctx.store, fx.ctx.limits);
+    let offer = |path, size| NewTransfer {
+        path,
+        size,
+        record_bytes: 100,
+    };
+    let code = |result: Result<(), super::TransferError>| match result {
+        Err(super::TransferError::Refused { code, .. }) => Some(code),
+        _ => None,
+    };
+    let mut tree = Budget::open(store, quota, &fx.ctx.admission).unwrap();
+    for i in 0..6 {
+        tree.take(store, &format!("t/f{i}"), 1 << 20, true).unwrap();
+    }
+    let big = admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("big", 5 << 20),
+        &mut fx.ctx.admission.lock(),
+    );
+    assert_eq!(
+        code(big),
+        Some(crate::wire::ErrorCode::QuotaExceeded),
+        "6 MiB reserved + 5 MiB"
+    );
+    admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("mid", 3 << 20),
+        &mut fx.ctx.admission.lock(),
+    )
+    .unwrap();
+    let more = tree.take(store, "t/g", 2 << 20, true);
+    assert_eq!(
+        code(more),
+        Some(crate::wire::ErrorCode::QuotaExceeded),
+        "the tree sees the 3 MiB admitted since"
+    );
+    tree.release(1 << 20); // one small file committed: its record counts now, not the reservation
+    drop(tree); // the session ended: the rest of its reservations go
+    admit(
+        store,
+        Some(quota),
+        &limits,
+        &offer("big", 5 << 20),
+        &mut fx.ctx.admission.lock(),
+    )
+    .expect("nothing reserved any more (and no record was written in this test)");
 }

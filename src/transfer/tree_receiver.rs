@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::quota::Budget;
+use super::quota::{Budget, EntryBudget};
 use super::receiver::{receive, ReceiverContext, Reuse};
 use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
@@ -58,7 +58,7 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    let mut tree = validate(offer, base.as_ref())?;
+    let mut tree = validate(offer, base.as_ref(), ctx.limits.max_tree_entries.min(MAX_TREE_ENTRIES))?;
     for entry in &mut tree.offer.entries {
         if let EntryKind::File { mode, .. } | EntryKind::Dir { mode, .. } = &mut entry.kind {
             *mode &= ctx.policy.mode_mask;
@@ -138,17 +138,14 @@ pub struct TreeReceived {
     pub entries: Vec<TreeEntry>,
 }
 
-/// Checks the offer: entry count, strictly ascending paths, valid destination paths, and symlinks that stay
-/// inside the tree.
-fn validate(offer: TreeOffer, base: Option<&RemotePath>) -> Result<Tree, TransferError> {
+/// Checks the offer: entry count (at most `max_entries`), strictly ascending paths, valid destination paths, and
+/// symlinks that stay inside the tree.
+fn validate(offer: TreeOffer, base: Option<&RemotePath>, max_entries: usize) -> Result<Tree, TransferError> {
     let refuse = |why: String| TransferError::refused(ErrorCode::BadPath, why);
-    if offer.entries.len() > MAX_TREE_ENTRIES {
+    if offer.entries.len() > max_entries {
         return Err(TransferError::refused(
             ErrorCode::BadManifest,
-            format!(
-                "tree has {} entries, the limit is {MAX_TREE_ENTRIES}",
-                offer.entries.len()
-            ),
+            format!("tree has {} entries, the limit is {max_entries}", offer.entries.len()),
         ));
     }
     let mut keys = Vec::with_capacity(offer.entries.len());
@@ -195,6 +192,8 @@ struct Plan {
     unchanged: u64,
     settled: BatchOutcome,
     reused_bytes: u64,
+    /// The quota budget, holding the reservations of the small files still to come.
+    budget: Option<Budget>,
 }
 
 /// Creates directories and symlinks (only if `links` records them), finds unchanged files, and commits empty files
@@ -211,12 +210,38 @@ fn plan(
         unchanged: 0,
         settled: BatchOutcome::default(),
         reused_bytes: 0,
+        budget: None,
     };
     let mut local = Vec::new();
     let mut local_bytes = 0u64;
-    let mut budget = ctx.quota.map(|quota| Budget::open(&ctx.store, quota)).transpose()?;
+    plan.budget = ctx
+        .quota
+        .map(|quota| Budget::open(&ctx.store, quota, &ctx.admission))
+        .transpose()?;
+    let limited = ctx.limits.max_entries != u64::MAX;
+    let mut entries = limited
+        .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries))
+        .transpose()?;
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
+        // What placing the entry creates counts against the namespace's entry budget (unchanged files create
+        // nothing, and cost nothing).
+        let is_unchanged = match entry.kind {
+            EntryKind::File { size, .. } if size <= ctx.max_file_size => unchanged(ctx, key, entry)?,
+            _ => false,
+        };
+        let creates = match &entry.kind {
+            EntryKind::Dir { .. } => true,
+            EntryKind::Symlink { .. } => links == LinkPolicy::Record,
+            EntryKind::File { size, .. } => *size <= ctx.max_file_size && !is_unchanged,
+        };
+        if let (true, Some(entries)) = (creates, entries.as_mut()) {
+            let dir_or_link = !matches!(entry.kind, EntryKind::File { .. });
+            if let Err(why) = entries.take(&ctx.root, key, dir_or_link) {
+                plan.settled.refused.push((index, why));
+                continue;
+            }
+        }
         match &entry.kind {
             EntryKind::Dir { .. } => {
                 if let Err(e) = ensure_dir(&ctx.root, key) {
@@ -237,8 +262,8 @@ fn plan(
                 let why = super::receiver::too_large(*size, ctx.max_file_size).to_string();
                 plan.settled.refused.push((index, why));
             }
-            EntryKind::File { .. } if unchanged(ctx, key, entry)? => plan.unchanged += 1,
-            EntryKind::File { size, .. } if over_quota(&mut budget, ctx, key, *size)? => {
+            EntryKind::File { .. } if is_unchanged => plan.unchanged += 1,
+            EntryKind::File { size, .. } if over_quota(&mut plan.budget, ctx, key, *size)? => {
                 let why = format!("{key} ({size} bytes) would take this namespace over its quota");
                 plan.settled.refused.push((index, why));
             }
@@ -273,6 +298,9 @@ fn plan(
         }
     }
     settle(ctx, local, &mut plan)?;
+    if let Some(entries) = entries {
+        entries.finish(&ctx.store, &ctx.admission)?;
+    }
     plan.needed.sort_unstable();
     Ok(plan)
 }
@@ -288,7 +316,7 @@ fn over_quota(
     let Some(budget) = budget else {
         return Ok(false);
     };
-    match budget.take(&ctx.store, key.as_str(), size) {
+    match budget.take(&ctx.store, key.as_str(), size, size <= MAX_INLINE_FILE) {
         Ok(()) => Ok(false),
         Err(TransferError::Refused { .. }) => Ok(true),
         Err(e) => Err(e),
@@ -300,7 +328,12 @@ fn settle(ctx: &ReceiverContext, local: Vec<SmallFile>, plan: &mut Plan) -> Resu
     if local.is_empty() {
         return Ok(());
     }
+    let sizes: HashMap<u32, u64> = local.iter().map(|f| (f.index, f.data.len() as u64)).collect();
     let settled = writer(ctx).commit_batch(local)?;
+    if let Some(budget) = plan.budget.as_mut() {
+        let done = settled.committed.iter().chain(settled.refused.iter().map(|(i, _)| i));
+        done.filter_map(|i| sizes.get(i)).for_each(|&size| budget.release(size));
+    }
     plan.settled.committed.extend(settled.committed);
     plan.settled.refused.extend(settled.refused);
     plan.needed.extend(settled.rejected);
@@ -409,7 +442,8 @@ fn place_symlink(
 }
 
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
-/// parent's mtime afterwards). Best effort: a failure is logged, not fatal. Blocking.
+/// parent's mtime afterwards). Only directories that exist are touched: one refused at planning (over the entry
+/// budget, say) is not created here. Best effort: a failure is logged, not fatal. Blocking.
 fn apply_dir_metadata(root: &Path, tree: &Tree) {
     apply_dir_metadata_with(root, tree, &mut |_| {});
 }
@@ -424,7 +458,7 @@ fn apply_dir_metadata_with(root: &Path, tree: &Tree, opened: &mut dyn FnMut(&Rem
             continue;
         };
         let components: Vec<&str> = key.components().collect();
-        let applied = open_dir_beneath(root, &components, true)
+        let applied = open_dir_beneath(root, &components, false)
             .map_err(std::io::Error::other)
             .and_then(|dir| {
                 opened(key);
@@ -451,6 +485,10 @@ struct Session<'a> {
     rejected: u32,
     /// Files handed to the writer and not yet answered for: a second FileData for one is refused.
     queued: HashSet<u32>,
+    /// The quota budget: the reservations of needed small files, released as each is settled.
+    budget: Option<Budget>,
+    /// Files whose reservation was released (once each).
+    released: HashSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -481,6 +519,8 @@ impl<'a> Session<'a> {
             refused: plan.settled.refused.iter().map(|(i, _)| *i).collect(),
             rejected: 0,
             queued: HashSet::new(),
+            budget: plan.budget,
+            released: HashSet::new(),
         }
     }
 
@@ -503,6 +543,8 @@ impl<'a> Session<'a> {
                 Step::Message(Message::FileData(data)) => self.take_file(data).await?,
                 Step::Message(Message::Offer(offer)) => {
                     let index = self.offered_entry(&offer.path)?;
+                    // Its own Offer is admitted like any other: its reservation (if any) is not counted twice.
+                    self.release(index);
                     self.close_writer(conn, true).await?;
                     let key = self.tree.keys[index as usize].clone();
                     match receive(conn, self.ctx, key, offer.manifest, stop).await {
@@ -582,6 +624,21 @@ impl<'a> Session<'a> {
             .map_err(|_| TransferError::Storage(std::io::Error::other("small-file writer stopped")))
     }
 
+    /// Lets go of the quota reservation of file `index` (committed, refused, or sent through its own Offer).
+    fn release(&mut self, index: u32) {
+        if self.budget.is_none() || !self.released.insert(index) {
+            return;
+        }
+        if let (Some(budget), Some(EntryKind::File { size, .. })) = (
+            self.budget.as_mut(),
+            self.tree.offer.entries.get(index as usize).map(|e| &e.kind),
+        ) {
+            if *size <= MAX_INLINE_FILE {
+                budget.release(*size);
+            }
+        }
+    }
+
     /// The needed entry an Offer inside the tree is for.
     fn offered_entry(&self, path: &str) -> Result<u32, TransferError> {
         self.by_offer_path
@@ -611,6 +668,9 @@ impl<'a> Session<'a> {
             self.refused.push(*index);
         }
         self.summary.files_committed += batch.committed.len() as u64;
+        for index in batch.committed.iter().chain(batch.refused.iter().map(|(i, _)| i)) {
+            self.release(*index);
+        }
         if !batch.committed.is_empty() || !batch.refused.is_empty() {
             let ack = Message::TreeAck(TreeAck {
                 entries: encode_runs(batch.committed),
@@ -724,7 +784,7 @@ mod tests {
                 },
             }],
         };
-        let tree = validate(offer, Some(&RemotePath::parse("pub").unwrap())).unwrap();
+        let tree = validate(offer, Some(&RemotePath::parse("pub").unwrap()), MAX_TREE_ENTRIES).unwrap();
         let moved = dir.path().join("moved");
         apply_dir_metadata_with(&root, &tree, &mut |key| {
             assert_eq!(key.as_str(), "pub/d");

@@ -119,6 +119,16 @@ pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
         .expect("in-memory records always serialize")
 }
 
+/// The length [`encode_record`] would produce, computed without encoding (a limit is checked before a large record
+/// is copied).
+pub fn encoded_record_len<T: Serialize>(record: &T) -> u64 {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .serialized_size(record)
+        .expect("in-memory records always serialize")
+}
+
 /// Decodes a store record, refusing anything larger than `limit` bytes of input.
 pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     options(bytes.len() as u64)

@@ -458,6 +458,9 @@ pub enum ErrorCode {
     QuotaExceeded,
     /// 22: a `Join` names a manifest id that no transfer open at its path has (proto-spec.md §4, "Streams").
     UnknownTransfer,
+    /// 23: the namespace already has as many open transfers, or as many stored manifest bytes, as the server
+    /// allows; finishing or expiring some makes room.
+    TooManyTransfers,
     /// 25: this server speaks only TLS; the client connected without it.
     TlsRequired,
     /// 26: the server's memory budget for frames stayed spent; retry later.
@@ -487,7 +490,7 @@ impl ErrorCode {
     }
 }
 
-const CODES: [(u16, ErrorCode); 25] = [
+const CODES: [(u16, ErrorCode); 26] = [
     (1, ErrorCode::Malformed),
     (2, ErrorCode::FrameTooLarge),
     (3, ErrorCode::BadMagic),
@@ -510,6 +513,7 @@ const CODES: [(u16, ErrorCode); 25] = [
     (20, ErrorCode::Forbidden),
     (21, ErrorCode::QuotaExceeded),
     (22, ErrorCode::UnknownTransfer),
+    (23, ErrorCode::TooManyTransfers),
     (25, ErrorCode::TlsRequired),
     (26, ErrorCode::Overloaded),
     (28, ErrorCode::WrongKind),
