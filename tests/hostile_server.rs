@@ -292,12 +292,23 @@ fn guessing_manifest(guesses: &[Vec<u8>]) -> Manifest {
     }
 }
 
-const SECRET: &[u8] = b"password=hunter2-0037\n";
+/// One guessable line padded to a 4 KiB block: a receiver takes no chunk under 4 KiB but a file's last
+/// (proto-spec.md §5), so a guess is a block, not a line.
+fn block(line: &str) -> Vec<u8> {
+    let mut bytes = line.as_bytes().to_vec();
+    bytes.resize(4096, b'#');
+    bytes
+}
 
-/// Ten thousand one-line guesses of the same length as the secret; guess 37 is right.
+/// The secret the client holds: guess 37 of [`guesses`].
+fn secret_bytes() -> Vec<u8> {
+    block("password=hunter2-0037\n")
+}
+
+/// Ten thousand guesses of the same length as the secret; guess 37 is right.
 fn guesses() -> Vec<Vec<u8>> {
     (0..10_000)
-        .map(|i| format!("password=hunter2-{i:04}\n").into_bytes())
+        .map(|i| block(&format!("password=hunter2-{i:04}\n")))
         .collect()
 }
 
@@ -307,7 +318,7 @@ fn guesses() -> Vec<Vec<u8>> {
 async fn a_pulling_clients_need_does_not_reveal_which_guess_it_holds() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret.txt");
-    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::write(&secret, secret_bytes()).unwrap();
     let manifest = guessing_manifest(&guesses());
     let (addr, server) = fake_server(5, 1, move |msg| match msg {
         Message::Pull(_) | Message::PullExpecting(_) => Some(vec![Message::Offer(Offer {
@@ -334,7 +345,7 @@ async fn a_pulling_clients_need_does_not_reveal_which_guess_it_holds() {
         }]),
         "every guess is asked for"
     );
-    assert_eq!(std::fs::read(&secret).unwrap(), SECRET);
+    assert_eq!(std::fs::read(&secret).unwrap(), secret_bytes());
 }
 
 /// The local copy lends its chunks in place once per version: after a first offer (a wrong guess) opened a
@@ -343,10 +354,10 @@ async fn a_pulling_clients_need_does_not_reveal_which_guess_it_holds() {
 async fn a_pulling_client_answers_only_one_in_place_guess_per_version() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret.txt");
-    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::write(&secret, secret_bytes()).unwrap();
     let mut offers = vec![
-        guessing_manifest(&[b"password=hunter2-0036\n".to_vec()]),
-        guessing_manifest(&[SECRET.to_vec()]),
+        guessing_manifest(&[block("password=hunter2-0036\n")]),
+        guessing_manifest(&[secret_bytes()]),
     ]
     .into_iter();
     let (addr, server) = fake_server(5, 2, move |msg| match msg {
@@ -375,7 +386,7 @@ async fn a_pulling_client_answers_only_one_in_place_guess_per_version() {
         [all.clone(), all],
         "neither guess is answered from the local copy"
     );
-    assert_eq!(std::fs::read(&secret).unwrap(), SECRET);
+    assert_eq!(std::fs::read(&secret).unwrap(), secret_bytes());
 }
 
 /// Issue 12 item 11b: a push-only client sharing a namespace offers probe files; the chunk index must not lend

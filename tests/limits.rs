@@ -179,7 +179,11 @@ async fn concurrent_offers_cannot_all_take_the_same_free_quota() {
         ),
     )
     .unwrap();
-    let server = TestServer::start_with(&dir.path().join("root"), &["--config", config.to_str().unwrap()]);
+    // All 40 connections come from 127.0.0.1: let them all be in their handshake at once (proto-spec.md §3).
+    let server = TestServer::start_with(
+        &dir.path().join("root"),
+        &["--config", config.to_str().unwrap(), "--max-preauth-per-address", "64"],
+    );
     let token = ferry::auth::Token::from_parts("alice", &secret).unwrap();
     // 40 offers of 5 MiB at once: the namespace has room for one (5 MiB plus its manifest, twice, is over 10 MiB).
     let offers = (0..40u8).map(|i| {
