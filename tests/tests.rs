@@ -14,6 +14,7 @@ mod exit_codes;
 mod faults;
 mod gc;
 mod hostile_server;
+mod ops;
 mod output;
 mod pull;
 mod push;

@@ -1,0 +1,110 @@
+//! Operator experience (issue 16) through the real binary: `--max-duration` under `--bwlimit`, the cron JSON log,
+//! named refusals in a tree, and a server that cannot write its destination.
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// `--max-duration 1s --bwlimit 1MiB` on a 6 MiB one-stream push (the README's cron line, scaled down) stops on
+/// time with exit 9. The old throttle handed out the few bytes each microsecond earned in a busy loop that never
+/// waited on a timer, so the deadline went unnoticed: the run took the full ~6 s and then exited 9 anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_stops_a_bandwidth_limited_push_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("big.bin");
+    write_random(&src, 6 * MIB, 16);
+    for (name, streams) in [("one.bin", "1"), ("two.bin", "2")] {
+        let started = Instant::now();
+        let out = push(
+            &src,
+            &server.url(name),
+            &dir.path().join(format!("state-{streams}")),
+            &["--max-duration", "1s", "--bwlimit", "1MiB", "--streams", streams],
+        )
+        .await;
+        let elapsed = started.elapsed();
+        assert_eq!(out.code, 9, "--streams {streams}: {}\n{}", out.json, out.stderr);
+        // 1 s of budget plus process start, hashing and a loaded machine; the whole file needs 6 s at the cap.
+        assert!(
+            elapsed < Duration::from_millis(4000),
+            "--streams {streams} took {elapsed:?}"
+        );
+        assert!(!dir.path().join("root").join(name).exists());
+    }
+}
+
+/// The README's cron recipe, run literally (`ferry push --json -q … >> LOG 2>&1`) for a success, a failure, a bad
+/// destination and an unknown flag: the log holds exactly one line per run and every line is a JSON summary with
+/// the time, source and destination. The old binary wrote `ferry: push failed: …` after a failure's summary and no
+/// JSON at all for a command line clap refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cron_log_gets_one_json_line_per_run_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("nightly.bin");
+    write_random(&src, 100_000, 7);
+    let state = dir.path().join("state");
+    let log_path = dir.path().join("ferry.log");
+    let missing = dir.path().join("missing.bin");
+    let url = server.url("backup/nightly.bin");
+    let runs: [(Vec<&std::ffi::OsStr>, i32, &str); 4] = [
+        (vec![src.as_os_str(), url.as_ref()], 0, "ok"),
+        (vec![missing.as_os_str(), url.as_ref()], 6, "error"),
+        (vec![src.as_os_str(), "http://x/".as_ref()], 2, "error"),
+        (
+            vec!["--no-such-flag".as_ref(), src.as_os_str(), url.as_ref()],
+            2,
+            "error",
+        ),
+    ];
+    for (args, code, _) in &runs {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut cmd = std::process::Command::new(ferry_bin());
+        cmd.args(["push", "--json", "-q", "--retry-delay", "20ms", "--state"])
+            .arg(&state)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(log.try_clone().unwrap())
+            .stdout(log);
+        let status = tokio::task::spawn_blocking(move || cmd.status().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(*code), "{args:?}");
+    }
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), runs.len(), "one line per run:\n{text}");
+    for (line, (args, code, status)) in lines.iter().zip(&runs) {
+        let summary: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(summary["event"], "summary", "{line}");
+        assert_eq!(summary["status"], *status, "{args:?}: {line}");
+        assert_eq!(summary["exit_code"], *code, "{line}");
+        assert_eq!(summary["command"], "push", "{line}");
+        let time = summary["time"].as_str().unwrap_or_else(|| panic!("no time: {line}"));
+        assert!(
+            time.len() == 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{time}"
+        );
+        assert!(
+            summary.get("source").is_some() && summary.get("destination").is_some(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[1].contains("missing.bin"),
+        "a failed run names its source: {}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains("backup/nightly.bin"),
+        "and its destination: {}",
+        lines[1]
+    );
+    assert!(lines[2].contains("http://x/"), "{}", lines[2]);
+}
