@@ -108,3 +108,64 @@ async fn the_cron_log_gets_one_json_line_per_run_and_nothing_else() {
     );
     assert!(lines[2].contains("http://x/"), "{}", lines[2]);
 }
+
+/// Every entry of a tree the receiver does not place is named, with a reason, in the JSON summary (`refused`) and
+/// in the text summary (`REFUSED path: reason`); exit 4. A large file with a directory in its way is refused at
+/// plan time instead of ending the whole session. The old client printed only `1 files could not be placed on the
+/// receiver` with `"failed":[]`, and a blocked large file failed the whole tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tree_entries_are_named_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("ok.txt"), b"fine").unwrap();
+    std::fs::write(src.join("small.txt"), b"blocked").unwrap();
+    write_random(&src.join("large.bin"), 2 * MIB, 3);
+    std::os::unix::fs::symlink("ok.txt", src.join("link")).unwrap();
+    for blocked in ["small.txt", "large.bin", "link"] {
+        std::fs::create_dir_all(server.root.join("t").join(blocked).join("occupied")).unwrap();
+    }
+    let state = dir.path().join("state");
+    let out = push(&src, &server.url("t"), &state, &["--links", "record"]).await;
+    assert_eq!(out.code, 4, "{}\n{}", out.json, out.stderr);
+    assert_eq!(out.json["failed"], serde_json::json!([]), "{}", out.json);
+    let mut refused: Vec<(String, String)> = out.json["refused"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no refused list: {}", out.json))
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    refused.sort();
+    let paths: Vec<&str> = refused.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["large.bin", "link", "small.txt"], "{}", out.json);
+    assert!(refused.iter().all(|(_, why)| why.contains("receiver")), "{refused:?}");
+    assert_eq!(
+        std::fs::read(server.root.join("t/ok.txt")).unwrap(),
+        b"fine",
+        "the rest arrived"
+    );
+
+    // The text summary names them too.
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["push", "--links", "record", "--retry-delay", "20ms", "--state"])
+        .arg(&state)
+        .arg(&src)
+        .arg(server.url("t"));
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    for path in ["large.bin", "link", "small.txt"] {
+        assert!(
+            stderr.contains(&format!("REFUSED {path}: ")),
+            "{path} not named:\n{stderr}"
+        );
+    }
+}

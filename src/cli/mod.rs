@@ -777,11 +777,12 @@ fn print_tree(report: &TreeReport) {
     for (path, reason) in &report.failed {
         eprintln!("ferry: FAILED {}: {}", printable(path), printable(reason));
     }
-    if !report.committed.missing.is_empty() {
-        eprintln!(
-            "ferry: {} files could not be placed on the receiver",
-            crate::ranges::ranges_len(&report.committed.missing)
-        );
+    for (path, reason) in &report.refused {
+        eprintln!("ferry: REFUSED {}: {}", printable(path), printable(reason));
+    }
+    let missing = crate::ranges::ranges_len(&report.committed.missing);
+    if missing > 0 {
+        eprintln!("ferry: {missing} entries could not be placed on the receiver");
     }
 }
 
@@ -811,6 +812,7 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
         "bytes_reused": report.committed.reused_bytes,
         "skipped": pairs(&report.skipped),
         "failed": pairs(&report.failed),
+        "refused": pairs(&report.refused),
         "attempts": report.attempts,
         "duration_ms": report.duration.as_millis() as u64,
         "rate_bytes_per_sec": if secs > 0.0 { (report.bytes_transferred as f64 / secs) as u64 } else { 0 },
