@@ -169,3 +169,96 @@ async fn refused_tree_entries_are_named_with_a_reason() {
         );
     }
 }
+
+/// Makes a directory unwritable even for root (tests may run as root, who ignores mode bits): `chattr +i` where
+/// root may set it, else mode 0555. Undone on drop so the temporary directory can be removed.
+struct ReadOnlyDir(std::path::PathBuf, bool);
+
+impl ReadOnlyDir {
+    fn new(path: &std::path::Path) -> Option<ReadOnlyDir> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(path).unwrap();
+        let immutable = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        // Whether this process really cannot write there now (root without chattr can).
+        let probe = path.join(".probe");
+        if std::fs::write(&probe, b"").is_ok() {
+            let _ = std::fs::remove_file(&probe);
+            let _ = ReadOnlyDir(path.to_path_buf(), immutable);
+            return None;
+        }
+        Some(ReadOnlyDir(path.to_path_buf(), immutable))
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if self.1 {
+            let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// A server whose destination directory it may not write refuses the Offer at once, non-retryably, naming the
+/// remote path, and logs it: exit 4 after one attempt, nothing uploaded. The old server took the whole file, then
+/// failed the commit with a retryable `StorageIo: Permission denied` and the client retried until it gave up (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_destination_is_refused_before_the_upload_and_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let Some(_locked) = ReadOnlyDir::new(&server.root.join("ro")) else {
+        eprintln!("skipped: this process can write a read-only directory (root without chattr)");
+        return;
+    };
+    let src = dir.path().join("data.bin");
+    write_random(&src, 3 * MIB, 4);
+    let state = dir.path().join("state");
+    for remote in ["ro/data.bin", "ro/sub/data.bin"] {
+        let started = Instant::now();
+        let out = push(&src, &server.url(remote), &state, &["--retries", "5"]).await;
+        assert_eq!(out.code, 4, "{remote}: {}\n{}", out.json, out.stderr);
+        let error = out.json["error"].as_str().unwrap_or_default();
+        assert!(error.contains(remote) && error.contains("StorageIo"), "{error}");
+        assert!(error.contains("not retryable"), "{error}");
+        assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{remote}: {:?}",
+            started.elapsed()
+        );
+        // The server's log says so too (its fields may carry colour codes, so the pieces are matched apart).
+        server
+            .wait_for_log("cannot write the destination", Duration::from_secs(10))
+            .await;
+        server
+            .wait_for_log(&format!("\"{remote}\""), Duration::from_secs(10))
+            .await;
+    }
+    // Nothing was uploaded: no partial holds the file's bytes.
+    let partials: u64 = walk_sizes(&server.root.join(".ferry"));
+    assert!(partials < MIB as u64, "{partials} bytes under .ferry");
+}
+
+/// Total size of the regular files under `dir`.
+fn walk_sizes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walk_sizes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}

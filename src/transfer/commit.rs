@@ -65,7 +65,7 @@ pub(crate) fn commit(
     // Renamed through directory descriptors: a symlink planted on the way since the Offer, even one swapped in
     // during the rename, cannot redirect it.
     let (checked, parent) = rename_into(root, path, partial, Replace::File).map_err(|e| match e {
-        PathError::Io { source, .. } => TransferError::Storage(source),
+        PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
         refused => TransferError::refused(ErrorCode::BadPath, refused),
     })?;
     debug_assert_eq!(checked, target);

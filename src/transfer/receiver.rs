@@ -445,7 +445,19 @@ async fn blocking<T: Send + 'static>(
 /// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
 fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) -> Result<Plan, TransferError> {
     let key = path.as_str();
-    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| match e {
+        // A parent that cannot be created: as final as a directory that cannot be written (below).
+        crate::path::PathError::Io { source, .. } if super::is_permission_error(&source) => {
+            super::unwritable(path.as_str(), source)
+        }
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
+    // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
+    // after the whole upload (proto-spec.md §9, StorageIo).
+    crate::path::check_writable(&ctx.root, path).map_err(|e| match e {
+        crate::path::PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
@@ -474,7 +486,7 @@ fn prepare(ctx: &ReceiverContext, path: &RemotePath, manifest: Arc<Manifest>) ->
         .truncate(false)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&partial)
-        .map_err(TransferError::Storage)?;
+        .map_err(|e| super::unwritable(&format!("{key} (its partial file in .ferry/)"), e))?;
     // No preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write
     // error after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older
     // offer is cut to size.
