@@ -262,3 +262,37 @@ fn walk_sizes(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// A server that is not there is named: every retry line and the final error say `cannot reach 127.0.0.1:PORT`
+/// and what a refused connection means, the first failure shows at once (before any retry), and the run stays a
+/// network failure (exit 3) after its retries. The old client printed only `network I/O: Connection refused`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_named_in_every_retry_and_the_final_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f.bin");
+    write_random(&src, 1000, 9);
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["push", "--retries", "2", "--retry-delay", "20ms", "--state"])
+        .arg(dir.path().join("state"))
+        .arg(&src)
+        .arg(format!("ferry://{addr}/f.bin"))
+        .stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let retries: Vec<&str> = stderr.lines().filter(|l| l.contains("retrying in")).collect();
+    assert_eq!(retries.len(), 2, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    for line in retries.iter().chain([&last]) {
+        assert!(line.contains(&format!("cannot reach {addr}")), "{line}");
+        assert!(line.contains("nothing listens"), "{line}");
+    }
+    assert!(last.contains("push failed: gave up after 3 attempts"), "{last}");
+}

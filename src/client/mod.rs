@@ -200,10 +200,7 @@ async fn connect_welcomed(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
-        .await
-        .map_err(|_| TransferError::Timeout(connect_timeout, "connecting"))?
-        .map_err(|e| TransferError::Wire(e.into()))?;
+    let tcp = dial(url, connect_timeout).await?;
     let _ = tcp.set_nodelay(true);
     let stream = match &access.tls {
         None => Stream::Plain(tcp),
@@ -216,6 +213,42 @@ async fn connect_welcomed(
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     Ok((conn, welcome))
+}
+
+/// Resolves `url`'s host and opens a TCP connection to it within `connect_timeout`. A failure names `HOST:PORT`
+/// and says what it means (no such host, nothing listening, no answer); it stays retryable (README,
+/// "Troubleshooting": a link or a server that is down at the start of a cron run may be back a few seconds later;
+/// `--retries 0` fails at once).
+async fn dial(url: &FerryUrl, connect_timeout: Duration) -> Result<TcpStream, TransferError> {
+    let addr = url.authority();
+    let unreachable = |reason: String| TransferError::Unreachable {
+        addr: addr.clone(),
+        reason,
+    };
+    let connecting = async {
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map_err(|e| unreachable(format!("no such host ({e}); check the name in the URL")))?
+            .collect();
+        if resolved.is_empty() {
+            return Err(unreachable(
+                "the name has no addresses; check the name in the URL".into(),
+            ));
+        }
+        TcpStream::connect(&resolved[..]).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => unreachable(
+                "connection refused: nothing listens on that port (is `ferry serve` running on that host and port?)"
+                    .into(),
+            ),
+            _ => unreachable(e.to_string()),
+        })
+    };
+    match tokio::time::timeout(connect_timeout, connecting).await {
+        Ok(done) => done,
+        Err(_) => Err(unreachable(format!(
+            "no answer within {connect_timeout:?} (the host is down, or a firewall drops the connection)"
+        ))),
+    }
 }
 
 /// A failed TLS handshake: a certificate the client does not trust (or a peer that does not speak TLS) is

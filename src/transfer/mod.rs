@@ -69,6 +69,14 @@ pub enum TransferError {
     /// The receiver's storage failed.
     #[error("storage: {0}")]
     Storage(std::io::Error),
+    /// The server could not be reached at all (no connection was made): where, and why in words.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// `HOST:PORT` as dialled.
+        addr: String,
+        /// What happened and what it means.
+        reason: String,
+    },
     /// The receiver's storage failed at a destination it names (relative to the root).
     #[error("the receiver cannot write {path}: {source}")]
     StorageAt {
@@ -109,6 +117,8 @@ impl TransferError {
                 ErrorCode::UnexpectedMessage
             }
             TransferError::Timeout(..) => ErrorCode::Timeout,
+            // Never sent: there is no connection to send it on.
+            TransferError::Unreachable { .. } => ErrorCode::Timeout,
             TransferError::Remote(frame) => frame.code,
             TransferError::Refused { code, .. } => *code,
             // ENOSPC, EFBIG (a file-size limit), EDQUOT: the receiver cannot store more, retrying will not help.
@@ -132,6 +142,7 @@ impl TransferError {
             TransferError::Wire(_)
             | TransferError::Closed(_)
             | TransferError::Timeout(..)
+            | TransferError::Unreachable { .. }
             | TransferError::Unexpected { .. } => true,
             TransferError::Remote(frame) => frame.retryable,
             TransferError::Refused { code, .. } => code.retryable(),
@@ -161,6 +172,7 @@ impl TransferError {
         !matches!(
             self,
             TransferError::Remote(_)
+                | TransferError::Unreachable { .. }
                 | TransferError::Closed(_)
                 | TransferError::Wire(WireError::Io(_) | WireError::Truncated)
         )
