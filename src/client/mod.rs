@@ -84,6 +84,12 @@ impl Deadline {
         }
     }
 
+    /// How long past the deadline a run whose bytes are all durable may take to commit: a tenth of the bound,
+    /// at least 1 s and at most 60 s.
+    pub fn commit_grace(&self) -> Duration {
+        (self.limit / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     /// The error for a run stopped by this deadline.
     pub fn expired(&self, last: Option<String>) -> ClientError {
         ClientError::TimedOut {
@@ -123,6 +129,38 @@ impl Retrier {
             biased;
             done = work => Ok(done),
             () = tokio::time::sleep_until(deadline.at + grace) => Err(deadline.expired(None)),
+        }
+    }
+
+    /// Like [`Retrier::bounded`] with no grace, except that when the deadline passes while `finishing()` says the
+    /// attempt only has its commit left (every byte durable on the receiver), it gets [`Deadline::commit_grace`]
+    /// more to finish: a night's upload is not thrown away for the last second of a commit.
+    async fn bounded_or_finishing<T>(
+        &self,
+        work: impl Future<Output = T>,
+        finishing: impl Fn() -> bool,
+    ) -> Result<T, ClientError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(work.await);
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            done = &mut work => return Ok(done),
+            () = tokio::time::sleep_until(deadline.at) => {}
+        }
+        if !finishing() {
+            return Err(deadline.expired(None));
+        }
+        let grace = deadline.commit_grace();
+        tracing::info!(
+            ?grace,
+            "--max-duration ran out with only the commit left; letting it finish"
+        );
+        tokio::select! {
+            biased;
+            done = &mut work => Ok(done),
+            () = tokio::time::sleep(grace) => Err(deadline.expired(None)),
         }
     }
 
@@ -464,6 +502,37 @@ mod tests {
             Duration::from_secs(5),
             "no sleep towards a retry that cannot happen"
         );
+    }
+
+    /// A deadline that passes while only the commit is left grants the commit a grace (a tenth of the bound, at
+    /// least 1 s); one that passes mid-upload stops at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_lets_a_commit_in_progress_finish_within_its_grace() {
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let commit = async {
+            tokio::time::sleep(Duration::from_millis(5500)).await;
+            "committed"
+        };
+        assert!(matches!(
+            retrier.bounded_or_finishing(commit, || true).await,
+            Ok("committed")
+        ));
+        assert_eq!(started.elapsed(), Duration::from_millis(5500));
+
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let uploading = tokio::time::sleep(Duration::from_secs(60));
+        let cut = retrier.bounded_or_finishing(uploading, || false).await.unwrap_err();
+        assert_eq!(cut.exit_code(), exit::TIMED_OUT);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let stuck = tokio::time::sleep(Duration::from_secs(60));
+        let cut = retrier.bounded_or_finishing(stuck, || true).await.unwrap_err();
+        assert_eq!(cut.exit_code(), exit::TIMED_OUT);
+        assert_eq!(started.elapsed(), Duration::from_secs(6), "the grace is bounded");
     }
 
     #[test]
