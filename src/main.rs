@@ -9,7 +9,11 @@ use ferry::exit;
 
 fn main() -> ExitCode {
     ferry::memory::bound_allocator();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(ferry::cli::argument_error(e, &args)),
+    };
     // The demo narrates on stdout; its injected faults would otherwise show up as warnings too.
     let demo = matches!(cli.command, Command::Demo(_)) && cli.verbose == 0;
     init_tracing(cli.verbose, cli.quiet || demo);

@@ -32,6 +32,10 @@ struct Bucket {
     burst: Duration,
     /// When the bytes granted so far would have finished at exactly `rate`.
     tat: Instant,
+    /// The smallest grant worth a write (a quarter of the burst): a writer waits for this much rather than
+    /// trickling out the few bytes that each microsecond earns. Without it a sender on a fast socket never waits
+    /// on a timer, and so never yields to one (a `--max-duration` deadline went unnoticed for the whole upload).
+    min_grant: u64,
 }
 
 impl Bucket {
@@ -41,11 +45,13 @@ impl Bucket {
             rate,
             burst: Duration::from_secs_f64(burst_bytes as f64 / rate as f64),
             tat: now,
+            min_grant: burst_bytes / 4,
         }
     }
 
-    /// Bytes that may go now (at least 1), or how long to wait before any may.
-    fn allowance(&self, now: Instant) -> Result<u64, Duration> {
+    /// Bytes that may go now for a caller that wants `want` of them: at least `want` or a quarter of the burst
+    /// (whichever is smaller), or how long to wait until that much may.
+    fn allowance(&self, now: Instant, want: u64) -> Result<u64, Duration> {
         let tat = self.tat.max(now);
         let horizon = now + self.burst;
         if tat >= horizon {
@@ -53,8 +59,9 @@ impl Bucket {
             return Err(tat - horizon + self.burst / 2);
         }
         let bytes = ((horizon - tat).as_secs_f64() * self.rate as f64) as u64;
-        if bytes == 0 {
-            Err(self.cost(1))
+        let floor = want.min(self.min_grant).max(1);
+        if bytes < floor {
+            Err(self.cost(floor - bytes).max(Duration::from_micros(100)))
         } else {
             Ok(bytes)
         }
@@ -128,10 +135,12 @@ impl<S> Throttled<S> {
     }
 }
 
-/// Waits (registering the waker) until the bucket allows some bytes; returns how many, or `None` when unlimited.
+/// Waits (registering the waker) until the bucket allows a useful share of `want` bytes (see
+/// [`Bucket::allowance`]); returns how many may go, or `None` when unlimited.
 fn poll_allowance(
     limit: &Option<Bandwidth>,
     direction: Direction,
+    want: usize,
     wait: &mut Option<Pin<Box<Sleep>>>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<u64>> {
@@ -148,7 +157,7 @@ fn poll_allowance(
             *wait = None;
         }
         let now = Instant::now();
-        match bucket.lock().expect("bucket lock").allowance(now) {
+        match bucket.lock().expect("bucket lock").allowance(now, want as u64) {
             Ok(bytes) => return Poll::Ready(Some(bytes)),
             Err(delay) => *wait = Some(Box::pin(tokio::time::sleep_until(now + delay))),
         }
@@ -168,7 +177,8 @@ fn charge(limit: &Option<Bandwidth>, direction: Direction, bytes: usize) {
 impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(poll_allowance(&this.limit, Direction::Down, &mut this.read_wait, cx));
+        // A read waits only while the bucket is in debt (what arrives is not the reader's to size).
+        ready!(poll_allowance(&this.limit, Direction::Down, 1, &mut this.read_wait, cx));
         // A read takes what the socket has and is charged afterwards: the bucket goes into debt and the next read
         // waits it off, so the average holds without splitting the caller's buffer.
         let before = buf.filled().len();
@@ -181,7 +191,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let allowed = ready!(poll_allowance(&this.limit, Direction::Up, &mut this.write_wait, cx));
+        let allowed = ready!(poll_allowance(
+            &this.limit,
+            Direction::Up,
+            buf.len(),
+            &mut this.write_wait,
+            cx
+        ));
         let len = allowed.map_or(buf.len(), |bytes| buf.len().min(bytes as usize));
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..len]))?;
         charge(&this.limit, Direction::Up, written);
@@ -291,10 +307,31 @@ mod tests {
     #[test]
     fn the_burst_is_a_tenth_of_a_second_within_bounds() {
         let now = Instant::now();
-        let burst = |rate: u64| Bucket::new(rate, now).allowance(now).unwrap();
+        let burst = |rate: u64| Bucket::new(rate, now).allowance(now, u64::MAX).unwrap();
         // Float rounding may lose the last byte.
         assert!(burst(2 * MIB).abs_diff(2 * MIB / 10) <= 1);
         assert!(burst(1024).abs_diff(MIN_BURST) <= 1);
         assert!(burst(1024 * MIB).abs_diff(MAX_BURST) <= 1);
+    }
+
+    /// A writer that spent the burst is not handed the handful of bytes each microsecond earns: it waits for a
+    /// quarter of the burst (or all it wants, if less), so it waits on a timer and lets other futures (the run's
+    /// deadline) be polled. The old bucket granted 5-byte writes in a busy loop.
+    #[test]
+    fn a_spent_bucket_grants_no_trickle() {
+        let now = Instant::now();
+        let mut bucket = Bucket::new(5 * MIB, now);
+        let burst = bucket.allowance(now, u64::MAX).unwrap();
+        bucket.charge(burst, now);
+        let soon = now + Duration::from_micros(10);
+        let wait = bucket.allowance(soon, u64::MAX).unwrap_err();
+        assert!(wait >= Duration::from_millis(5), "{wait:?}");
+        // A small write (a frame header) needs only its own bytes.
+        assert!(bucket.allowance(soon, 5).is_ok());
+        // After the wait, a quarter of the burst may go at once.
+        let granted = bucket
+            .allowance(soon + wait + Duration::from_millis(1), u64::MAX)
+            .unwrap();
+        assert!(granted >= burst / 4 - 1, "{granted} of {burst}");
     }
 }

@@ -16,6 +16,7 @@ mod fs_attacks;
 mod gc;
 mod hostile_server;
 mod limits;
+mod ops;
 mod output;
 mod pull;
 mod push;

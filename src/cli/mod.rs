@@ -360,14 +360,21 @@ pub struct DemoArgs {
 /// Runs `ferry push`, printing progress and the summary; returns the exit code.
 pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let job = Job {
+        what: "push",
+        source: args.file.display().to_string(),
+        destination: args.destination.to_string(),
+        json: common.json,
+        quiet,
+    };
     let (destination, settings, access) = match setup(common, &args.destination, args.streams) {
         Ok(setup) => setup,
-        Err(e) => return finish::<PushReport>("push", Err(e), common.json, quiet),
+        Err(e) => return finish::<PushReport>(&job, Err(e)),
     };
     let deadline = settings.max_duration.map(Deadline::after);
     let _lock = match lock_state(&settings, common.wait, deadline).await {
         Ok(lock) => lock,
-        Err(e) => return finish::<PushReport>("push", Err(e.into()), common.json, quiet),
+        Err(e) => return finish::<PushReport>(&job, Err(e.into())),
     };
     let opts = PushOptions {
         source: args.file.clone(),
@@ -402,26 +409,33 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         let result = crate::client::push_tree(opts, &mut progress).await;
         stop(ticker).await;
         output.finish();
-        finish("push", result, common.json, quiet)
+        finish(&job, result)
     } else {
         let result = crate::client::push(opts, &mut progress).await;
         stop(ticker).await;
         output.finish();
-        finish("push", result, common.json, quiet)
+        finish(&job, result)
     }
 }
 
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
 pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let common = &args.common;
+    let job = Job {
+        what: "pull",
+        source: args.source.to_string(),
+        destination: args.destination.display().to_string(),
+        json: common.json,
+        quiet,
+    };
     let (source, settings, access) = match setup(common, &args.source, None) {
         Ok(setup) => setup,
-        Err(e) => return finish::<Pulled>("pull", Err(e), common.json, quiet),
+        Err(e) => return finish::<Pulled>(&job, Err(e)),
     };
     let deadline = settings.max_duration.map(Deadline::after);
     let _lock = match lock_state(&settings, common.wait, deadline).await {
         Ok(lock) => lock,
-        Err(e) => return finish::<Pulled>("pull", Err(e.into()), common.json, quiet),
+        Err(e) => return finish::<Pulled>(&job, Err(e.into())),
     };
     let opts = PullOptions {
         source,
@@ -452,7 +466,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let result = crate::client::pull(opts, &mut progress).await;
     stop(ticker).await;
     output.finish();
-    finish("pull", result, common.json, quiet)
+    finish(&job, result)
 }
 
 /// The URL, settings and credentials of a push or pull; a bad configuration, location, token or TLS setting is a
@@ -522,27 +536,128 @@ impl Summary for TreeReport {
 }
 
 /// Prints the outcome (the JSON summary, or a human line unless quiet) and returns the exit code.
-fn finish<R: Summary>(what: &str, result: Result<R, ClientError>, json: bool, quiet: bool) -> u8 {
+fn finish<R: Summary>(job: &Job, result: Result<R, ClientError>) -> u8 {
     match result {
         Ok(report) => {
-            if json {
-                let mut summary = report.json();
-                summary["event"] = "summary".into();
-                println!("{summary}");
-            } else if !quiet {
+            if job.json {
+                println!("{}", job.stamp(report.json()));
+            } else if !job.quiet {
                 report.print();
             }
             report.exit_code()
         }
         Err(e) => {
             let code = e.exit_code();
-            if json {
-                println!("{}", error_json(&e, code));
+            if job.json {
+                println!("{}", job.stamp(error_json(&e, code)));
             }
-            eprintln!("ferry: {what} failed: {}", printable(&e.to_string()));
+            // The cron recipe (`--json -q … >> log 2>&1`) wants one JSON line per run and nothing else.
+            if !(job.json && job.quiet) {
+                eprintln!("ferry: {} failed: {}", job.what, printable(&e.to_string()));
+            }
             code
         }
     }
+}
+
+/// What a push or pull was asked to do, as given on the command line: the frame of its summary.
+struct Job {
+    what: &'static str,
+    source: String,
+    destination: String,
+    json: bool,
+    quiet: bool,
+}
+
+impl Job {
+    /// `summary` marked as the run's summary, with the time it ended and (unless the report already names them
+    /// resolved) the source and destination as given, so a log of nightly runs can be matched to dates and jobs.
+    fn stamp(&self, mut summary: serde_json::Value) -> serde_json::Value {
+        summary["event"] = "summary".into();
+        summary["command"] = self.what.into();
+        summary["time"] = utc_timestamp(std::time::SystemTime::now()).into();
+        if summary.get("source").is_none_or(serde_json::Value::is_null) {
+            summary["source"] = self.source.clone().into();
+        }
+        if summary.get("destination").is_none_or(serde_json::Value::is_null) {
+            summary["destination"] = self.destination.clone().into();
+        }
+        summary
+    }
+}
+
+/// `time` as RFC 3339 in UTC with whole seconds (`2026-12-01T23:59:07Z`).
+pub fn utc_timestamp(time: std::time::SystemTime) -> String {
+    let secs = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01 (never negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// A command line clap refused (or `--help`/`--version`, which it prints and exits 0). A refused push or pull
+/// with `--json` still prints its one JSON summary on stdout (exit 2), so a cron log gets a line for every run;
+/// with `-q` too, clap's message is not repeated on stderr. Returns the exit code.
+pub fn argument_error(error: clap::Error, args: &[std::ffi::OsString]) -> u8 {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return crate::exit::OK;
+    }
+    let words: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
+    let verb = words.iter().find(|w| !w.starts_with('-')).copied();
+    let what = match verb {
+        Some("push") => "push",
+        Some("pull") => "pull",
+        _ => "",
+    };
+    let json = !what.is_empty() && words.contains(&"--json");
+    let quiet = words
+        .iter()
+        .any(|w| *w == "--quiet" || (w.starts_with('-') && !w.starts_with("--") && w.contains('q')));
+    if json {
+        let kind = error.kind();
+        let text = error.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        let message = first.strip_prefix("error: ").unwrap_or(first);
+        let job = Job {
+            what,
+            source: String::new(),
+            destination: String::new(),
+            json,
+            quiet,
+        };
+        let mut summary = job.stamp(serde_json::json!({
+            "status": "error",
+            "exit_code": crate::exit::USAGE,
+            "error": message,
+            "error_kind": kind.as_str().unwrap_or("usage"),
+        }));
+        // The arguments were not understood, so there is no source or destination to name.
+        summary["source"] = serde_json::Value::Null;
+        summary["destination"] = serde_json::Value::Null;
+        println!("{summary}");
+    }
+    if !(json && quiet) {
+        let _ = error.print();
+    }
+    crate::exit::USAGE
 }
 
 /// Runs `ferry demo`.
@@ -662,11 +777,12 @@ fn print_tree(report: &TreeReport) {
     for (path, reason) in &report.failed {
         eprintln!("ferry: FAILED {}: {}", printable(path), printable(reason));
     }
-    if !report.committed.missing.is_empty() {
-        eprintln!(
-            "ferry: {} files could not be placed on the receiver",
-            crate::ranges::ranges_len(&report.committed.missing)
-        );
+    for (path, reason) in &report.refused {
+        eprintln!("ferry: REFUSED {}: {}", printable(path), printable(reason));
+    }
+    let missing = crate::ranges::ranges_len(&report.committed.missing);
+    if missing > 0 {
+        eprintln!("ferry: {missing} entries could not be placed on the receiver");
     }
 }
 
@@ -696,6 +812,7 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
         "bytes_reused": report.committed.reused_bytes,
         "skipped": pairs(&report.skipped),
         "failed": pairs(&report.failed),
+        "refused": pairs(&report.refused),
         "attempts": report.attempts,
         "duration_ms": report.duration.as_millis() as u64,
         "rate_bytes_per_sec": if secs > 0.0 { (report.bytes_transferred as f64 / secs) as u64 } else { 0 },

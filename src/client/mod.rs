@@ -84,6 +84,12 @@ impl Deadline {
         }
     }
 
+    /// How long past the deadline a run whose bytes are all durable may take to commit: a tenth of the bound,
+    /// at least 1 s and at most 60 s.
+    pub fn commit_grace(&self) -> Duration {
+        (self.limit / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     /// The error for a run stopped by this deadline.
     pub fn expired(&self, last: Option<String>) -> ClientError {
         ClientError::TimedOut {
@@ -123,6 +129,38 @@ impl Retrier {
             biased;
             done = work => Ok(done),
             () = tokio::time::sleep_until(deadline.at + grace) => Err(deadline.expired(None)),
+        }
+    }
+
+    /// Like [`Retrier::bounded`] with no grace, except that when the deadline passes while `finishing()` says the
+    /// attempt only has its commit left (every byte durable on the receiver), it gets [`Deadline::commit_grace`]
+    /// more to finish: a night's upload is not thrown away for the last second of a commit.
+    async fn bounded_or_finishing<T>(
+        &self,
+        work: impl Future<Output = T>,
+        finishing: impl Fn() -> bool,
+    ) -> Result<T, ClientError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(work.await);
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            done = &mut work => return Ok(done),
+            () = tokio::time::sleep_until(deadline.at) => {}
+        }
+        if !finishing() {
+            return Err(deadline.expired(None));
+        }
+        let grace = deadline.commit_grace();
+        tracing::info!(
+            ?grace,
+            "--max-duration ran out with only the commit left; letting it finish"
+        );
+        tokio::select! {
+            biased;
+            done = &mut work => Ok(done),
+            () = tokio::time::sleep(grace) => Err(deadline.expired(None)),
         }
     }
 
@@ -200,10 +238,7 @@ async fn connect_welcomed(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(url.authority()))
-        .await
-        .map_err(|_| TransferError::Timeout(connect_timeout, "connecting"))?
-        .map_err(|e| TransferError::Wire(e.into()))?;
+    let tcp = dial(url, connect_timeout).await?;
     let _ = tcp.set_nodelay(true);
     let stream = match &access.tls {
         None => Stream::Plain(tcp),
@@ -216,6 +251,42 @@ async fn connect_welcomed(
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     Ok((conn, welcome))
+}
+
+/// Resolves `url`'s host and opens a TCP connection to it within `connect_timeout`. A failure names `HOST:PORT`
+/// and says what it means (no such host, nothing listening, no answer); it stays retryable (README,
+/// "Troubleshooting": a link or a server that is down at the start of a cron run may be back a few seconds later;
+/// `--retries 0` fails at once).
+async fn dial(url: &FerryUrl, connect_timeout: Duration) -> Result<TcpStream, TransferError> {
+    let addr = url.authority();
+    let unreachable = |reason: String| TransferError::Unreachable {
+        addr: addr.clone(),
+        reason,
+    };
+    let connecting = async {
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map_err(|e| unreachable(format!("no such host ({e}); check the name in the URL")))?
+            .collect();
+        if resolved.is_empty() {
+            return Err(unreachable(
+                "the name has no addresses; check the name in the URL".into(),
+            ));
+        }
+        TcpStream::connect(&resolved[..]).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => unreachable(
+                "connection refused: nothing listens on that port (is `ferry serve` running on that host and port?)"
+                    .into(),
+            ),
+            _ => unreachable(e.to_string()),
+        })
+    };
+    match tokio::time::timeout(connect_timeout, connecting).await {
+        Ok(done) => done,
+        Err(_) => Err(unreachable(format!(
+            "no answer within {connect_timeout:?} (the host is down, or a firewall drops the connection)"
+        ))),
+    }
 }
 
 /// A failed TLS handshake: a certificate the client does not trust (or a peer that does not speak TLS) is
@@ -431,6 +502,37 @@ mod tests {
             Duration::from_secs(5),
             "no sleep towards a retry that cannot happen"
         );
+    }
+
+    /// A deadline that passes while only the commit is left grants the commit a grace (a tenth of the bound, at
+    /// least 1 s); one that passes mid-upload stops at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_lets_a_commit_in_progress_finish_within_its_grace() {
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let commit = async {
+            tokio::time::sleep(Duration::from_millis(5500)).await;
+            "committed"
+        };
+        assert!(matches!(
+            retrier.bounded_or_finishing(commit, || true).await,
+            Ok("committed")
+        ));
+        assert_eq!(started.elapsed(), Duration::from_millis(5500));
+
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let uploading = tokio::time::sleep(Duration::from_secs(60));
+        let cut = retrier.bounded_or_finishing(uploading, || false).await.unwrap_err();
+        assert_eq!(cut.exit_code(), exit::TIMED_OUT);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        let retrier = Retrier::new(10, Backoff::default(), Some(Deadline::after(Duration::from_secs(5))));
+        let started = Instant::now();
+        let stuck = tokio::time::sleep(Duration::from_secs(60));
+        let cut = retrier.bounded_or_finishing(stuck, || true).await.unwrap_err();
+        assert_eq!(cut.exit_code(), exit::TIMED_OUT);
+        assert_eq!(started.elapsed(), Duration::from_secs(6), "the grace is bounded");
     }
 
     #[test]

@@ -137,7 +137,12 @@ pub async fn push(
         let number = retrier.start();
         let acked_before = run.stats.chunks_acked;
         let sending = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event);
-        let error = match retrier.bounded(sending, Duration::ZERO).await {
+        let meter = opts.send.meter.clone();
+        let only_commit_left = move || {
+            let snap = meter.snapshot();
+            snap.total > 0 && snap.done >= snap.total
+        };
+        let error = match retrier.bounded_or_finishing(sending, only_commit_left).await {
             Ok(Ok(committed)) => break Ok(committed),
             Ok(Err(e)) => e,
             Err(timed_out) => break Err(timed_out),

@@ -41,6 +41,8 @@ pub struct TreeReport {
     pub skipped: Vec<(String, String)>,
     /// Files that could not be read or sent, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Entries the receiver did not place (listed in its `missing`), with the reason when this side knows it.
+    pub refused: Vec<(String, String)>,
     /// Of those, files that no longer match the digest they were committed with (a pull from a damaged server).
     pub damaged: u64,
     /// Connection attempts.
@@ -158,15 +160,45 @@ pub async fn push_tree(
     blocking(move || Ok(save.save_push(&record)?)).await?;
     let sent = outcome?;
     report.damaged = sent.failed.iter().filter(|f| f.damaged).count() as u64;
-    report
-        .failed
-        .extend(sent.failed.into_iter().map(|f| (f.path, f.reason)));
+    let missing = missing_entries(&sent.committed.missing, tree.entries.len());
+    for failure in sent.failed {
+        // A file the receiver refused (a TreeAck's `refused`) is not a local failure: it goes with the refused.
+        if missing.contains(&failure.entry) {
+            report.refused.push((failure.path, failure.reason));
+        } else {
+            report.failed.push((failure.path, failure.reason));
+        }
+    }
+    let named: std::collections::HashSet<&str> = report.refused.iter().map(|(p, _)| p.as_str()).collect();
+    let unnamed: Vec<(String, String)> = missing
+        .iter()
+        .map(|&i| &tree.entries[i as usize].path)
+        .filter(|path| !named.contains(path.as_str()))
+        .map(|path| (path.clone(), REFUSED_BY_RECEIVER.to_string()))
+        .collect();
+    report.refused.extend(unnamed);
     report.files_needed = sent.files_needed;
     report.committed = sent.committed;
     report.bytes_transferred = stats.bytes_sent;
     report.attempts = retrier.attempts;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Why a file the receiver left out (TreeCommitted's `missing`) did not land, when the wire carries no reason
+/// (proto-spec.md §12: `missing` and `TreeAck.refused` are indices only; the server logs each refusal with its
+/// reason).
+pub const REFUSED_BY_RECEIVER: &str =
+    "not placed by the receiver (refused: something in the way, over the size limit or quota, or symlinks not recorded; the server's log names the reason)";
+
+/// The entry indices of `missing` (the receiver's runs) that name entries of the offer, ascending; indices past
+/// the offer (a confused receiver) are ignored, so the walk is bounded by the tree, not by the peer's counts.
+fn missing_entries(missing: &[crate::ranges::IndexRange], entries: usize) -> std::collections::BTreeSet<u32> {
+    let limit = u32::try_from(entries).unwrap_or(u32::MAX);
+    missing
+        .iter()
+        .flat_map(|run| run.start.min(limit)..run.start.saturating_add(run.count).min(limit))
+        .collect()
 }
 
 async fn scan_local(opts: &PushOptions, dir: &Path) -> Result<(SenderStore, LocalTree), ClientError> {
@@ -217,5 +249,13 @@ mod tests {
         report.count_entries([&huge, &huge].into_iter());
         assert_eq!(report.bytes_total, u64::MAX);
         assert_eq!(report.files, 2);
+    }
+
+    #[test]
+    fn missing_runs_are_walked_within_the_offer_only() {
+        let run = |start, count| crate::ranges::IndexRange { start, count };
+        let got = missing_entries(&[run(1, 2), run(5, u32::MAX)], 7);
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), [1, 2, 5, 6]);
+        assert!(missing_entries(&[run(u32::MAX, u32::MAX)], 3).is_empty());
     }
 }

@@ -115,6 +115,19 @@ pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metad
     file.metadata().map_err(|e| classify(root, &shown_path, Refusal::Io(e)))
 }
 
+/// Whether the directory `parents` under `root` may be written (see [`super::check_writable`]). Blocking.
+pub(super) fn check_writable(root: &Path, parents: &[&str]) -> Result<(), PathError> {
+    let dir = walk(root, parents, false)?;
+    let here = cstring(".");
+    // SAFETY: `here` is NUL-terminated and the descriptor is open for the call.
+    if unsafe { libc::faccessat(dir.as_raw_fd(), here.as_ptr(), libc::W_OK | libc::X_OK, 0) } != 0 {
+        let mut shown_path = root.to_path_buf();
+        shown_path.extend(parents);
+        return Err(classify(root, &shown_path, Refusal::Io(io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
 /// Refuses a symlink or a directory at `name` inside `dir` (`shown` names it in the error).
 pub(super) fn check_file_name(root: &Path, shown: &Path, dir: &File, name: &str) -> Result<(), PathError> {
     check_final(dir, &cstring(name), Replace::File).map_err(|e| classify(root, shown, e))

@@ -234,6 +234,15 @@ pub fn resolve_in_root(root: &Path, path: &RemotePath, create_parents: bool) -> 
     Ok(target)
 }
 
+/// Checks that this process may create `path`'s file in its (existing) parent directory under `root`: the parent
+/// must be writable, so an upload is not refused only at its commit. `faccessat` answers for permissions, an
+/// immutable directory (EPERM) and a read-only filesystem (EROFS) alike. Blocking.
+pub fn check_writable(root: &Path, path: &RemotePath) -> Result<(), PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (_, parents) = components.split_last().expect("a RemotePath has a component");
+    at::check_writable(root, parents)
+}
+
 /// Resolves the directory `path` under `root`, creating it and its parents as needed, refusing symlinks and
 /// non-directories on the way. Blocking.
 pub fn ensure_dir(root: &Path, path: &RemotePath) -> Result<PathBuf, PathError> {

@@ -130,7 +130,7 @@ pub(crate) fn rename_verified(
         return Err(swapped());
     }
     let (checked, parent) = rename_into_from(root, path, &partial_dir, name, Replace::File).map_err(|e| match e {
-        PathError::Io { source, .. } => TransferError::Storage(source),
+        PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
         refused => TransferError::refused(ErrorCode::BadPath, refused),
     })?;
     let final_name = path.components().last().expect("a RemotePath has a component");

@@ -69,6 +69,22 @@ pub enum TransferError {
     /// The receiver's storage failed.
     #[error("storage: {0}")]
     Storage(std::io::Error),
+    /// The server could not be reached at all (no connection was made): where, and why in words.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// `HOST:PORT` as dialled.
+        addr: String,
+        /// What happened and what it means.
+        reason: String,
+    },
+    /// The receiver's storage failed at a destination it names (relative to the root).
+    #[error("the receiver cannot write {path}: {source}")]
+    StorageAt {
+        /// The remote path (or what of it failed).
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -101,15 +117,17 @@ impl TransferError {
                 ErrorCode::UnexpectedMessage
             }
             TransferError::Timeout(..) => ErrorCode::Timeout,
+            // Never sent: there is no connection to send it on.
+            TransferError::Unreachable { .. } => ErrorCode::Timeout,
             TransferError::Remote(frame) => frame.code,
             TransferError::Refused { code, .. } => *code,
             // ENOSPC, EFBIG (a file-size limit), EDQUOT: the receiver cannot store more, retrying will not help.
-            TransferError::Storage(e)
+            TransferError::Storage(e) | TransferError::StorageAt { source: e, .. }
                 if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)) =>
             {
                 ErrorCode::NoSpace
             }
-            TransferError::Storage(_) => ErrorCode::StorageIo,
+            TransferError::Storage(_) | TransferError::StorageAt { .. } => ErrorCode::StorageIo,
             TransferError::Integrity(_) => ErrorCode::IntegrityFailed,
             TransferError::ShuttingDown => ErrorCode::ShuttingDown,
             TransferError::Superseded => ErrorCode::Superseded,
@@ -124,6 +142,7 @@ impl TransferError {
             TransferError::Wire(_)
             | TransferError::Closed(_)
             | TransferError::Timeout(..)
+            | TransferError::Unreachable { .. }
             | TransferError::Unexpected { .. } => true,
             TransferError::Remote(frame) => frame.retryable,
             TransferError::Refused { code, .. } => code.retryable(),
@@ -131,10 +150,21 @@ impl TransferError {
             TransferError::SourceChanged(_)
             | TransferError::SourceIo(_)
             | TransferError::Storage(_)
+            | TransferError::StorageAt { .. }
             | TransferError::Store(_)
             | TransferError::Integrity(_)
             | TransferError::Abandoned(_) => false,
         }
+    }
+
+    /// Whether the peer is told it may retry (the Error frame's `retryable`): the code's rule (proto-spec.md §9),
+    /// except that a storage error no retry can fix (permission denied, a read-only filesystem) is final.
+    pub fn peer_may_retry(&self) -> bool {
+        let permanent = match self {
+            TransferError::Storage(e) | TransferError::StorageAt { source: e, .. } => is_permission_error(e),
+            _ => false,
+        };
+        self.code().retryable() && !permanent
     }
 
     /// Whether the peer should be told about this error (it did not come from the peer or from a dead link).
@@ -142,6 +172,7 @@ impl TransferError {
         !matches!(
             self,
             TransferError::Remote(_)
+                | TransferError::Unreachable { .. }
                 | TransferError::Closed(_)
                 | TransferError::Wire(WireError::Io(_) | WireError::Truncated)
         )
@@ -153,6 +184,22 @@ impl TransferError {
             code,
             message: message.to_string(),
         }
+    }
+}
+
+/// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will
+/// not change that.
+pub fn is_permission_error(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS))
+}
+
+/// A storage failure at `path`, logged on this side (the operator of a server that cannot write its destination
+/// learns it from its log, not from the client's report).
+pub fn unwritable(path: &str, source: std::io::Error) -> TransferError {
+    tracing::warn!(path, error = %source, "cannot write the destination");
+    TransferError::StorageAt {
+        path: path.to_string(),
+        source,
     }
 }
 
@@ -215,7 +262,9 @@ pub async fn tell_peer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<
     if !err.worth_telling_peer() {
         return;
     }
-    let frame = Message::Error(ErrorFrame::new(err.code(), err.to_string()));
+    let mut frame = ErrorFrame::new(err.code(), err.to_string());
+    frame.retryable = err.peer_may_retry();
+    let frame = Message::Error(frame);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         conn.write_message(&frame).await?;
         conn.shutdown().await
@@ -257,5 +306,26 @@ pub async fn with_keepalive<S: AsyncRead + AsyncWrite + Unpin, T: Send + 'static
                 pinging = send_within(conn, &Message::Ping(nonce), idle, "working locally").await.is_ok();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod storage_error_tests {
+    use super::*;
+
+    /// A receiver that may not write (EACCES, EPERM, EROFS) tells the peer not to retry; other storage trouble
+    /// (EIO) stays retryable, a full disk is NoSpace; the remote path is in the message.
+    #[test]
+    fn permission_errors_are_final_and_name_the_path() {
+        let err = |code| std::io::Error::from_raw_os_error(code);
+        for code in [libc::EACCES, libc::EPERM, libc::EROFS] {
+            let e = unwritable("photos/a.jpg", err(code));
+            assert_eq!(e.code(), ErrorCode::StorageIo);
+            assert!(!e.peer_may_retry(), "{e}");
+            assert!(e.to_string().contains("photos/a.jpg"), "{e}");
+        }
+        assert!(TransferError::Storage(err(libc::EIO)).peer_may_retry());
+        assert!(!TransferError::Storage(err(libc::EACCES)).peer_may_retry());
+        assert_eq!(unwritable("x", err(libc::ENOSPC)).code(), ErrorCode::NoSpace);
     }
 }

@@ -450,7 +450,19 @@ pub(super) fn prepare(
     manifest: Arc<Manifest>,
 ) -> Result<Plan, TransferError> {
     let key = path.as_str();
-    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| match e {
+        // A parent that cannot be created: as final as a directory that cannot be written (below).
+        crate::path::PathError::Io { source, .. } if super::is_permission_error(&source) => {
+            super::unwritable(path.as_str(), source)
+        }
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
+    // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
+    // after the whole upload (proto-spec.md §9, StorageIo).
+    crate::path::check_writable(&ctx.root, path).map_err(|e| match e {
+        crate::path::PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
@@ -474,7 +486,7 @@ pub(super) fn prepare(
     // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
     // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
     let file = if same_offer {
-        open_partial(&partial, manifest.size, partial_len.is_some())?
+        open_partial(key, &partial, manifest.size, partial_len.is_some())?
     } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
@@ -492,7 +504,7 @@ pub(super) fn prepare(
             record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
         admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
-        let file = open_partial(&partial, manifest.size, partial_len.is_some())?;
+        let file = open_partial(key, &partial, manifest.size, partial_len.is_some())?;
         store.begin_encoded(
             key,
             new_record,
@@ -549,8 +561,8 @@ fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
 /// exclusively (`O_EXCL`), so a file someone else placed at that name in the meantime is refused, not adopted. No
 /// preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write error
 /// after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older offer
-/// is cut to `size`.
-fn open_partial(partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
+/// is cut to `size`. An error opening it names `key`, the destination.
+fn open_partial(key: &str, partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
     if exists {
@@ -558,7 +570,9 @@ fn open_partial(partial: &Path, size: u64, exists: bool) -> Result<std::fs::File
     } else {
         options.create_new(true);
     }
-    let file = options.open(partial).map_err(TransferError::Storage)?;
+    let file = options
+        .open(partial)
+        .map_err(|e| super::unwritable(&format!("{key} (its partial file in .ferry/)"), e))?;
     if file.metadata().map_err(TransferError::Storage)?.len() > size {
         file.set_len(size).map_err(TransferError::Storage)?;
     }

@@ -289,6 +289,16 @@ fn plan(
                         _budget: None,
                     });
                 }
+                // A large file goes through its own Offer, whose refusal would end the whole tree's session: refuse
+                // it here when something is in the way, so the rest of the tree still lands (small files meet
+                // the same check in the writer).
+                None if size > crate::MAX_INLINE_FILE => match blocked(ctx, key) {
+                    Some(why) => {
+                        tracing::warn!(path = %key, reason = %why, "tree file refused");
+                        plan.settled.refused.push((index, why));
+                    }
+                    None => plan.needed.push(index),
+                },
                 None => plan.needed.push(index),
             },
         }
@@ -303,6 +313,15 @@ fn plan(
     }
     plan.needed.sort_unstable();
     Ok(plan)
+}
+
+/// Why a file cannot be placed at `key` (a symlink or a directory at its name, or a non-directory among its
+/// parents), if that is already known; other trouble (a parent not made yet) is left to the file's Offer.
+fn blocked(ctx: &ReceiverContext, key: &RemotePath) -> Option<String> {
+    match crate::path::resolve_in_root(&ctx.root, key, false) {
+        Err(e @ (crate::path::PathError::InTheWay(_) | crate::path::PathError::Symlink(_))) => Some(e.to_string()),
+        _ => None,
+    }
 }
 
 /// Whether a changed file of `size` bytes at `key` would take the namespace over its quota (if it has one); if
