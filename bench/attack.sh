@@ -53,7 +53,7 @@ kill -INT "$server_pid"; wait "$server_pid" || true
 # Under attack: all three attacks for $seconds, the legitimate push once the attack has run a third of that.
 start_server
 base_rss=$(rss_kib "$server_pid")
-"$attack" "$addr" --slots 300 --trickle 64 --trickle-frame 25165824 --flood 60 \
+"$attack" "$addr" --slots 300 --trickle 64 --trickle-frame 25165824 --flood 60 --flood-chunks 500000 \
   --token-file "$work/attacker.token" --seconds "$seconds" > "$work/attack.out" 2>&1 &
 attack_pid=$!
 sleep "$((seconds / 3))"

@@ -58,7 +58,7 @@ pub struct ServeArgs {
     /// Maximum connections in their handshake from one source address (default 8; more are closed at once).
     #[arg(long)]
     pub max_preauth_per_address: Option<usize>,
-    /// Bytes of large frames all connections together may be receiving at once (default 64MiB).
+    /// Bytes of large frames all connections together may be receiving at once (default 32MiB).
     #[arg(long, value_parser = parse_size)]
     pub frame_budget: Option<u64>,
     /// Minimum average rate of a frame once it started, in bytes per second, after a grace of the idle timeout

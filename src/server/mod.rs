@@ -102,7 +102,7 @@ impl ServerConfig {
             max_connections: 256,
             max_preauth_connections: 64,
             max_preauth_per_address: 8,
-            frame_budget: 64 * 1024 * 1024,
+            frame_budget: 32 * 1024 * 1024,
             min_frame_rate: 16 * 1024,
             max_connections_per_client: 64,
             max_frame: MAX_FRAME,

@@ -96,6 +96,9 @@ pub struct Connection<S> {
     frame_started: Option<Instant>,
     /// The budget the frame being read holds.
     grant: Option<FrameGrant>,
+    /// The budget of the last big frame decoded: its message (an `Offer` of a large manifest, say) lives on in the
+    /// caller's hands, so its bytes stay counted until the caller comes back for the next frame.
+    decoded: Option<FrameGrant>,
 }
 
 /// Capacity of a fresh read buffer: a whole small frame fits.
@@ -112,6 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             limits: None,
             frame_started: None,
             grant: None,
+            decoded: None,
         }
     }
 
@@ -145,6 +149,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// deadline restarts with every byte, so a slow link moving a large frame is not cut off (unless
     /// [`ReadLimits`] set a minimum rate). Cancel-safe.
     pub async fn read_message_idle(&mut self, idle: Option<Duration>) -> Result<Option<Message>, WireError> {
+        // The caller is done with the message it read last: what it held goes back to the budget.
+        self.decoded = None;
         loop {
             if let Some((msg, used)) =
                 codec::decode_frame(&self.read_buf, self.max_frame).map_err(|e| self.explain(e))?
@@ -246,10 +252,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.grant.as_ref().map(|g| g.evicted().clone())
     }
 
-    /// A frame was decoded: its budget goes back, and the buffer that held a big one is freed with it.
+    /// A frame was decoded: the buffer that held a big one is freed, and its budget moves to the decoded message
+    /// until the caller reads again (a decoded manifest costs about what its frame did, so offers waiting for their
+    /// turn cannot pile up decoded manifests beyond the budget either).
     fn frame_done(&mut self) {
         self.frame_started = None;
-        if self.grant.take().is_some() {
+        if let Some(grant) = self.grant.take() {
+            self.decoded = Some(grant);
             let mut fresh = BytesMut::with_capacity(READ_BUF.max(self.read_buf.len()));
             fresh.extend_from_slice(&self.read_buf);
             self.read_buf = fresh;
@@ -522,13 +531,26 @@ mod tests {
         );
         b1.write_all(&f1[f1.len() - 1..]).await.unwrap();
         assert!(matches!(first.read_message().await, Ok(Some(Message::Chunk(_)))));
-        assert_eq!(budget.in_use(), 0);
+        assert_eq!(
+            budget.in_use(),
+            whole,
+            "the decoded message counts until its reader comes back for the next frame"
+        );
+        let nothing_more = tokio::time::timeout(Duration::from_millis(10), first.read_message()).await;
+        assert!(nothing_more.is_err());
+        assert_eq!(
+            budget.in_use(),
+            0,
+            "coming back (even a read that is cancelled) gives it back"
+        );
         assert!(
             first.read_buf.capacity() <= READ_BUF,
             "the big buffer went with its budget"
         );
         assert!(matches!(second.read_message().await, Ok(Some(Message::Chunk(c))) if c.data[0] == 2));
-        assert_eq!(budget.in_use(), 0);
+        assert_eq!(budget.in_use(), whole, "now the second reader's message is held");
+        drop(second);
+        assert_eq!(budget.in_use(), 0, "and a connection that ends gives everything back");
     }
 
     #[tokio::test]
