@@ -151,7 +151,7 @@ pub(super) fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     }
 }
 
-pub(super) fn open_dir(path: &Path) -> io::Result<File> {
+fn open_dir(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -165,7 +165,7 @@ pub(super) fn cstring(component: &str) -> CString {
 
 /// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
 /// it is missing and `create` is set.
-pub(super) fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
+fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
     let name = cstring(component);
     for _ in 0..2 {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;

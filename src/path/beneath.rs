@@ -13,7 +13,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::at::{classify, open_dir, step, Refusal};
+use super::at::{classify, Refusal};
 use super::{shown, PathError};
 
 /// An entry opened inside a directory without following a symlink.
@@ -33,16 +33,13 @@ pub enum Entry {
 /// component; missing directories are created (and synced into their parent) if `create`. A symlink or a
 /// non-directory on the way is refused. Blocking.
 pub fn open_dir_beneath(root: &Path, components: &[&str], create: bool) -> Result<File, PathError> {
-    let mut shown_path = root.to_path_buf();
-    let mut dir = open_dir(root).map_err(|source| PathError::Io {
-        path: ".".into(),
-        source,
-    })?;
-    for component in components {
-        shown_path.push(component);
-        dir = step(&dir, component, create).map_err(|e| refusal(root, &shown_path, e))?;
-    }
-    Ok(dir)
+    // The one descriptor walk (path/at.rs) serves the receiver's resolution and these opens alike; here a missing
+    // component is `NotFound` (a Pull of a path that is not there) rather than an I/O error.
+    super::at::walk(root, components, create).map_err(|e| match e {
+        PathError::Io { path, source } if source.kind() == io::ErrorKind::NotFound => PathError::NotFound(path),
+        PathError::Io { path, source } if source.raw_os_error() == Some(libc::ELOOP) => PathError::Symlink(path),
+        other => other,
+    })
 }
 
 /// Opens the existing entry `components` (at least one) below `root` without following a symlink anywhere on the
