@@ -160,10 +160,10 @@ pub struct PartialEntry {
     pub updated: u64,
 }
 
-/// The client's answer: keyed BLAKE3 of the nonce and its id under its token's key.
+/// The client's answer: keyed BLAKE3 of the nonce, the channel binding and its id under its token's key.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Auth {
-    /// `keyed_hash(derive_key(context, secret), "ferry-auth-v1\0" ‖ nonce ‖ id)`.
+    /// `keyed_hash(derive_key(context, secret), "ferry-auth-v1\0" ‖ nonce ‖ binding ‖ id)` (proto-spec.md §3a).
     pub answer: [u8; 32],
 }
 
@@ -388,7 +388,8 @@ pub struct Committed {
     pub size: u64,
     /// Whole-file BLAKE3 as verified by the receiver.
     pub digest: Hash,
-    /// Chunk payload bytes the receiver took in for this transfer, over all connections (duplicates included).
+    /// Chunk payload bytes that came over the wire for this transfer, counted once each when made durable, over
+    /// all connections (duplicates, rejected chunks and repeats filled locally are not counted; proto-spec.md §4).
     pub received_bytes: u64,
     /// Chunks that failed verification and were asked for again, over all connections.
     pub rejected_chunks: u32,
