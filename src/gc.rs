@@ -57,6 +57,11 @@ pub fn sweep(
         // Held by a session right now: not abandoned after all.
         let _claim: Option<Claim> = match claims.map(|c| c.try_claim(&transfer.path)) {
             Some(None) => {
+                tracing::info!(
+                    path = transfer.path,
+                    idle_secs = idle,
+                    "kept an idle transfer a session holds"
+                );
                 owned.insert(transfer.partial);
                 continue;
             }

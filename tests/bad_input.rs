@@ -108,28 +108,44 @@ async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
     let state = dir.path().join("state");
     let url = server.url("during.bin");
     let done = std::sync::atomic::AtomicBool::new(false);
+    // 32 MiB at 8 MiB/s keeps the transfer open for at least 4 s, long enough for many attack rounds.
+    let args = [
+        "--chunking",
+        "fixed",
+        "--chunk-size",
+        "64KiB",
+        "--window",
+        "1MiB",
+        "--bwlimit",
+        "8MiB",
+    ];
     let pushing = async {
-        let out = push(
-            &src,
-            &url,
-            &state,
-            &["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"],
-        )
-        .await;
+        let out = push(&src, &url, &state, &args).await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         out
     };
+    let partials = server.root.join(".ferry/partial");
+    let in_progress = || {
+        std::fs::read_dir(&partials).is_ok_and(|mut d| d.next().is_some()) && !server.root.join("during.bin").exists()
+    };
     let attacks = async {
-        let mut rounds_during_push = 0;
+        // Rounds that began and ended while the server held the partial file: the transfer was under way.
+        let mut rounds_during_transfer = 0;
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let began = in_progress();
             attack_round(&server).await;
-            rounds_during_push += 1;
+            if began && in_progress() {
+                rounds_during_transfer += 1;
+            }
+            if !began {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
         }
-        rounds_during_push
+        rounds_during_transfer
     };
     let (out, rounds) = tokio::join!(pushing, attacks);
     out.assert_ok();
-    assert!(rounds >= 1, "the attacks overlapped the push");
+    assert!(rounds >= 1, "no attack round overlapped the transfer");
     assert_eq!(b3(&server.root.join("during.bin")), b3(&src));
     // Still serving after all that.
     attack_round(&server).await;
@@ -460,12 +476,19 @@ async fn symlinks_planted_inside_the_root_are_not_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("root"));
+    let server = TestServer::start_with(&dir.path().join("root"), &["--handshake-timeout", "1s"]);
+    let started = std::time::Instant::now(); // before the server's clock starts at accept
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(&[0, 0, 1, 0]).await.unwrap(); // promises 256 bytes, sends none
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "server closed the stalled connection");
+    // A server that closes at once fails here; only the handshake timeout (1 s) may close it.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the handshake timeout",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,7 +106,10 @@ async fn the_server_sweeps_abandoned_transfers_but_not_live_ones() {
     tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
         .await
         .expect("the push reached the stall");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A sweep that found the transfer idle past its TTL but held by the session says so; then it is still there.
+    server
+        .wait_for_log("kept an idle transfer a session holds", Duration::from_secs(30))
+        .await;
     assert_eq!(partials(&root).len(), 1, "a live session's partial survives the sweeps");
     client.kill().unwrap();
     client.wait().unwrap();

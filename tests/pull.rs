@@ -97,13 +97,35 @@ async fn a_killed_pull_reruns_and_fetches_only_the_rest() {
     let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at).downstream()])
         .await
         .unwrap();
-    let mut client = pull_command(&format!("ferry://{}/vm.qcow2", proxy.addr()), &out_dir, &state, &SMALL)
+    let mut args = SMALL.to_vec();
+    args.extend(["--json-progress", "20ms"]);
+    let mut client = pull_command(&format!("ferry://{}/vm.qcow2", proxy.addr()), &out_dir, &state, &args)
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     tokio::time::timeout(Duration::from_secs(60), proxy.stalled(1))
         .await
         .expect("the pull reached the stall");
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the client make what it holds durable
+    // Let the client make what it holds durable: it holds every chunk that crossed before the stall, so its own
+    // progress (bytes_done counts bytes synced and recorded) reaches at least stall_at - (window + chunk), the
+    // most a cut may cost.
+    let durable = stall_at - (WINDOW + CHUNK);
+    let stdout = client.stdout.take().unwrap();
+    let reached = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| {
+                let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                event["event"] == "progress" && event["bytes_done"].as_u64().unwrap_or(0) >= durable
+            })
+    });
+    let reached = tokio::time::timeout(Duration::from_secs(60), reached).await;
+    assert!(
+        matches!(reached, Ok(Ok(true))),
+        "the client never reported {durable} bytes durable"
+    );
     client.kill().unwrap();
     client.wait().unwrap();
     assert!(

@@ -12,6 +12,11 @@ use crate::util::*;
 
 const MIB: usize = 1 << 20;
 const SMALL_CHUNKS: [&str; 4] = ["--chunk-size", "256KiB", "--window", "2MiB"];
+/// [`SMALL_CHUNKS`] with fixed chunks, so that no chunk is larger than [`CHUNK`].
+const FIXED_SMALL_CHUNKS: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "256KiB", "--window", "2MiB"];
+/// The chunk size and window of [`FIXED_SMALL_CHUNKS`].
+const CHUNK: u64 = 256 * 1024;
+const WINDOW: u64 = 2 * 1024 * 1024;
 
 #[tokio::test]
 async fn four_streams_send_every_chunk_once_and_land_intact() {
@@ -46,12 +51,16 @@ async fn a_broken_stream_fails_the_attempt_and_the_next_one_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
     let src = dir.path().join("big.img");
-    write_random(&src, 16 * MIB, 2);
-    // Connection 1 offers; connection 2, the first extra stream, is cut after 1 MiB; the rest are clean.
-    let plan = vec![Faults::NONE, Faults::cut(MIB as u64)];
+    let size = 40 * MIB as u64;
+    write_random(&src, size as usize, 2);
+    // Connection 1 offers; connection 2, the first extra stream, is cut after 7 MiB (of the ~13 MiB a third of
+    // the file is); the rest are clean.
+    let cut_at = 7 * MIB as u64;
+    let plan = vec![Faults::NONE, Faults::cut(cut_at)];
     let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
     let url = format!("ferry://{}/big.img", proxy.addr());
-    let mut args = SMALL_CHUNKS.to_vec();
+    let streams = 3;
+    let mut args = FIXED_SMALL_CHUNKS.to_vec();
     args.extend(["--streams", "3"]);
     let out = push(&src, &url, &dir.path().join("state"), &args).await;
     out.assert_ok();
@@ -63,9 +72,16 @@ async fn a_broken_stream_fails_the_attempt_and_the_next_one_resumes() {
         out.json
     );
     assert_eq!(proxy.stats().cuts.load(Ordering::Relaxed), 1);
-    // Resumed, not restarted: at most what was in flight on the three streams is sent again.
-    let bound = 16 * MIB as u64 + 3 * (2 * MIB as u64 + MIB as u64);
-    assert!(out.u64("bytes_sent") <= bound, "{} > {bound}", out.u64("bytes_sent"));
+    // Resumed, not restarted: at most what was in flight on the three streams, window + chunk each (6.75 MiB), is
+    // sent again. A restart sends again at least what crossed the cut stream, 7 MiB, and fails this.
+    let bound = size + streams * (WINDOW + CHUNK);
+    assert!(bound < size + cut_at, "the bound tells a restart apart");
+    assert!(
+        out.u64("bytes_sent") <= bound,
+        "{} > {bound}: {}",
+        out.u64("bytes_sent"),
+        out.json
+    );
 }
 
 /// A greeted connection to `server`.

@@ -34,12 +34,16 @@ async fn a_pinned_certificate_carries_a_resumed_push_and_a_pull() {
     let src = dir.path().join("big.img");
     write_random(&src, 6 * MIB, 1);
     // Two cuts through a proxy: every reconnect is a new TLS session, and the push still resumes.
-    let plan = vec![Faults::cut(2 * MIB as u64), Faults::cut(MIB as u64)];
+    let (first_cut, second_cut) = (3 * MIB as u64, 2 * MIB as u64);
+    let plan = vec![Faults::cut(first_cut), Faults::cut(second_cut)];
     let proxy = FaultProxy::start("127.0.0.1:0", server.addr, plan).await.unwrap();
     let url = format!("ferry://{}/big.img", proxy.addr());
+    let (chunk, window) = (256 * KIB as u64, MIB as u64);
     let tls = [
         "--tls-fingerprint",
         fingerprint.as_str(),
+        "--chunking",
+        "fixed",
         "--chunk-size",
         "256KiB",
         "--window",
@@ -49,9 +53,15 @@ async fn a_pinned_certificate_carries_a_resumed_push_and_a_pull() {
     out.assert_ok();
     assert_eq!(b3(&server.root.join("big.img")), b3(&src));
     assert_eq!(out.u64("attempts"), 3, "two cuts, three connections");
+    // Resumed, not restarted: each cut costs at most what was in flight, window + chunk (8.5 MiB in all). A
+    // restart would send what crossed before each cut again: 6 + 3 + 2 = 11 MiB.
+    let size = 6 * MIB as u64;
+    let bound = size + 2 * (window + chunk);
+    assert!(bound < size + first_cut + second_cut, "the bound tells a restart apart");
     assert!(
-        out.u64("bytes_sent") < 6 * MIB as u64 + 2 * 2 * MIB as u64,
-        "resumed, not restarted: {}",
+        out.u64("bytes_sent") <= bound,
+        "resumed, not restarted: {} > {bound}: {}",
+        out.u64("bytes_sent"),
         out.json
     );
 
@@ -168,11 +178,64 @@ async fn a_client_that_never_finishes_the_tls_handshake_is_dropped() {
         "1s",
     ];
     let server = TestServer::start_with(&dir.path().join("root"), &args);
+    let started = std::time::Instant::now(); // before the server's clock starts at accept
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello, then silence
     let mut buf = Vec::new();
     let read = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the server closed the stalled TLS handshake");
+    // A server that closes at once fails here; only the handshake timeout (1 s) may close it.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "closed after {:?}, before the handshake timeout",
+        started.elapsed()
+    );
+}
+
+/// Silence after a complete TLS and ferry handshake: the idle timeout ends the session with `Error{Timeout}`, not
+/// before it is due, and then the server closes.
+#[tokio::test]
+async fn a_client_silent_after_the_ferry_handshake_under_tls_is_dropped_at_the_idle_timeout() {
+    use ferry::wire::{Connection, ErrorCode, Hello, Message, MAGIC};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, fingerprint) = keygen(dir.path());
+    let args = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--idle-timeout",
+        "1s",
+    ];
+    let server = TestServer::start_with(&dir.path().join("root"), &args);
+    let tls = ferry::tls::ClientTls::new(&ferry::tls::Trust::pinned(&fingerprint).unwrap()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let stream = tls.connect("127.0.0.1", tcp).await.unwrap();
+    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+    let hello = Message::Hello(Hello {
+        magic: MAGIC,
+        min_version: ferry::PROTOCOL_VERSION,
+        max_version: ferry::PROTOCOL_VERSION,
+        agent: "silent".into(),
+        client: String::new(),
+    });
+    conn.write_message(&hello).await.unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read_message()).await;
+    match answer {
+        Ok(Ok(Some(Message::Error(frame)))) => assert_eq!(frame.code, ErrorCode::Timeout, "{}", frame.message),
+        other => panic!("expected a Timeout error frame, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "dropped after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+    assert!(
+        matches!(conn.read_message().await, Ok(None) | Err(_)),
+        "then the server closes"
+    );
 }
 
 /// A token over TLS: the answer is bound to the TLS session (proto-spec.md §3a), and both ends agree on it.

@@ -124,16 +124,28 @@ impl TestServer {
         None
     }
 
-    /// SIGKILL, no chance to flush anything.
+    /// SIGKILL, no chance to flush anything. Panics if the server had already exited by itself (a crash the test
+    /// would otherwise take for its own kill) or if it did not die of this SIGKILL.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(status) = self.child.try_wait().expect("wait for ferry serve") {
+            panic!("the server exited by itself before it was killed: {status}");
+        }
+        self.child.kill().expect("SIGKILL ferry serve");
+        let status = self.child.wait().expect("reap ferry serve");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "the server did not die of the SIGKILL but {status}"
+        );
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.kill9();
+        // No assertion here: a drop during a panic must not panic again.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -266,4 +278,43 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Runs a ferry command with `--json` to completion like [`run`], and also returns how many bytes the process read
+/// through read(2)-family calls (`rchar` of `/proc/PID/io`, threads included), read while it is a zombie, after it
+/// exited and before it is reaped. Measures what a run read from disk, whatever it reports about itself.
+pub async fn run_counting_reads(mut cmd: Command) -> (PushOutcome, u64) {
+    let (output, rchar) = tokio::task::spawn_blocking(move || {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ferry");
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter; WNOWAIT leaves the child a zombie, still ours.
+        let waited = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
+        let io = std::fs::read_to_string(format!("/proc/{}/io", child.id())).unwrap();
+        let rchar = io
+            .lines()
+            .find_map(|l| l.strip_prefix("rchar:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("rchar in /proc/PID/io");
+        (child.wait_with_output().expect("reap ferry"), rchar)
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = stdout
+        .lines()
+        .last()
+        .map_or(Value::Null, |l| serde_json::from_str(l).unwrap_or(Value::Null));
+    let outcome = PushOutcome {
+        code: output.status.code().unwrap_or(-1),
+        json,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    (outcome, rchar)
 }
