@@ -102,4 +102,7 @@ pub mod exit {
     pub const ALREADY_RUNNING: u8 = 8;
     /// `--max-duration` ran out (waiting for the state lock, or transferring); the next run resumes.
     pub const TIMED_OUT: u8 = 9;
+    /// A push or pull was stopped by SIGINT (Ctrl-C), 128 + 2 as a shell reports a SIGINT death; what the receiver
+    /// made durable is kept and the next run resumes.
+    pub const INTERRUPTED: u8 = 130;
 }
