@@ -78,8 +78,8 @@ pub const MAX_INLINE_FILE: u64 = 1024 * 1024;
 /// Default window of unacknowledged chunk bytes.
 pub const DEFAULT_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Process exit codes (README, "Exit codes"; each is checked through the binary in tests/exit_codes.rs). Scripts
-/// and cron jobs rely on them: a code never changes meaning, new ones are appended.
+/// Process exit codes (README, "Exit codes"; each is checked through the binary in tests/exit_codes.rs, 130 in
+/// tests/msgs.rs). Scripts and cron jobs rely on them: a code never changes meaning, new ones are appended.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
