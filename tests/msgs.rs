@@ -165,3 +165,51 @@ async fn sigint_ends_a_push_with_130_a_message_and_the_summary() {
         assert_eq!(b3(&server.root.join("big.bin")), b3(&src));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_ends_a_pull_with_130_and_the_summary() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    write_random(&server.root.join("big.bin"), 4 * MIB, 8);
+    let dest = dir.path().join("big.bin");
+    let state = dir.path().join("state");
+    let extra = ["--chunking", "fixed", "--chunk-size", "64KiB", "--bwlimit", "1MiB"];
+    let mut child = pull_command(&server.url("big.bin"), &dest, &state, &extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry pull");
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut seen = String::new();
+        // The "connected" event comes from inside the transfer, after the SIGINT handler is in place.
+        while !seen.contains("\"event\":\"connected\"") {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "pull ended early: {seen}");
+            seen.push_str(&line);
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        reader.read_to_string(&mut seen).unwrap();
+        seen
+    })
+    .await
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{lines}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&summary["event"], &summary["exit_code"]),
+        (&"summary".into(), &130.into()),
+        "{summary}"
+    );
+    assert!(stderr.contains("ferry: pull interrupted"), "{stderr}");
+    pull(&server.url("big.bin"), &dest, &state, &[]).await.assert_ok();
+    assert_eq!(b3(&dest), b3(&server.root.join("big.bin")));
+}
