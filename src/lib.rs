@@ -78,8 +78,8 @@ pub const MAX_INLINE_FILE: u64 = 1024 * 1024;
 /// Default window of unacknowledged chunk bytes.
 pub const DEFAULT_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Process exit codes (README, "Exit codes"; each is checked through the binary in tests/exit_codes.rs). Scripts
-/// and cron jobs rely on them: a code never changes meaning, new ones are appended.
+/// Process exit codes (README, "Exit codes"; each is checked through the binary in tests/exit_codes.rs, 130 in
+/// tests/msgs.rs). Scripts and cron jobs rely on them: a code never changes meaning, new ones are appended.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
@@ -102,4 +102,7 @@ pub mod exit {
     pub const ALREADY_RUNNING: u8 = 8;
     /// `--max-duration` ran out (waiting for the state lock, or transferring); the next run resumes.
     pub const TIMED_OUT: u8 = 9;
+    /// A push or pull was stopped by SIGINT (Ctrl-C), 128 + 2 as a shell reports a SIGINT death; what the receiver
+    /// made durable is kept and the next run resumes.
+    pub const INTERRUPTED: u8 = 130;
 }

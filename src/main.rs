@@ -1,5 +1,6 @@
 //! The `ferry` binary: parse arguments, set up logging, run the command, map the outcome to an exit code.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -65,5 +66,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: journald, log files and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

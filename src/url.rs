@@ -14,6 +14,17 @@ pub enum UrlError {
     /// Not of the form `ferry://HOST[:PORT]/PATH`.
     #[error("{0:?} is not a ferry URL (ferry://HOST[:PORT]/REMOTE/PATH)")]
     Syntax(String),
+    /// A destination URL that names a server but no remote path.
+    #[error("{0:?} has no remote path (ferry://HOST[:PORT]/REMOTE/PATH)")]
+    NoPath(String),
+    /// The port is not a number from 1 to 65535.
+    #[error("{url:?}: port {port} is out of range (a port is a number from 1 to 65535)")]
+    BadPort {
+        /// The URL as given.
+        url: String,
+        /// The port as written.
+        port: String,
+    },
     /// The remote path is refused.
     #[error("remote path: {0}")]
     Path(#[from] crate::path::PathError),
@@ -59,7 +70,7 @@ impl FerryUrl {
         let (authority, path) = match rest.split_once('/') {
             Some(split) => split,
             None if base => (rest, ""),
-            None => return Err(syntax()),
+            None => return Err(UrlError::NoPath(raw.to_string())),
         };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(syntax)?;
@@ -75,9 +86,19 @@ impl FerryUrl {
                 None => (authority, None),
             }
         };
-        let port = port.map_or(Ok(DEFAULT_PORT), |p| p.parse().map_err(|_| syntax()))?;
-        if host.is_empty() || (path.is_empty() && !base) {
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some("") => return Err(syntax()),
+            Some(p) => parse_port(p).ok_or_else(|| UrlError::BadPort {
+                url: raw.to_string(),
+                port: p.to_string(),
+            })?,
+        };
+        if host.is_empty() {
             return Err(syntax());
+        }
+        if path.is_empty() && !base {
+            return Err(UrlError::NoPath(raw.to_string()));
         }
         Ok(FerryUrl {
             host: host.to_string(),
@@ -106,6 +127,14 @@ impl FerryUrl {
         } else {
             Ok(RemotePath::parse(&self.path)?)
         }
+    }
+}
+
+/// A port written as digits from 1 to 65535; `None` for anything else.
+fn parse_port(p: &str) -> Option<u16> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => None,
+        Ok(port) => Some(port),
     }
 }
 
@@ -165,5 +194,34 @@ mod tests {
         for bad in ["ferry://", "ferry://:7/", "h:7", "ferry://h:x"] {
             assert!(FerryUrl::server(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_real_problem() {
+        for no_path in ["ferry://h:44547/", "ferry://h:44547", "ferry://h/"] {
+            let err = no_path.parse::<FerryUrl>().unwrap_err();
+            assert!(matches!(err, UrlError::NoPath(_)), "{no_path}: {err:?}");
+            assert!(err.to_string().contains("has no remote path"), "{err}");
+        }
+        for (bad_port, port) in [
+            ("ferry://h:99999/x", "99999"),
+            ("ferry://h:0/x", "0"),
+            ("ferry://h:x/y", "x"),
+            ("ferry://[::1]:70000/y", "70000"),
+        ] {
+            let err = bad_port.parse::<FerryUrl>().unwrap_err();
+            assert!(
+                matches!(&err, UrlError::BadPort { port: p, .. } if p == port),
+                "{bad_port}: {err:?}"
+            );
+            assert!(
+                err.to_string().contains(&format!("port {port} is out of range")),
+                "{err}"
+            );
+        }
+        let err = FerryUrl::server("ferry://h:99999").unwrap_err();
+        assert!(matches!(err, UrlError::BadPort { .. }), "{err:?}");
+        let err = "http://h/x".parse::<FerryUrl>().unwrap_err();
+        assert!(matches!(err, UrlError::Syntax(_)), "{err:?}");
     }
 }

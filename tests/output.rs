@@ -150,9 +150,14 @@ async fn without_a_terminal_the_human_output_is_plain_lines_with_no_animation() 
         !stderr.contains('\r') && !stderr.contains('\x1b'),
         "no redraws or colours in a log: {stderr:?}"
     );
-    assert!(output.stdout.is_empty(), "stdout stays empty without --json");
+    // Without --json, stdout carries only the result: the digest of what was committed.
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("blake3 {}\n", b3(&src)),
+        "stdout is the digest line"
+    );
     for line in stderr.lines() {
-        assert!(line.starts_with("ferry: ") || line.starts_with("blake3 "), "{line}");
+        assert!(line.starts_with("ferry: "), "{line}");
     }
 }
 

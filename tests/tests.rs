@@ -16,6 +16,7 @@ mod fs_attacks;
 mod gc;
 mod hostile_server;
 mod limits;
+mod msgs;
 mod ops;
 mod output;
 mod pull;

@@ -175,13 +175,20 @@ fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
         }
         Err(e) => {
             let code = e.exit_code();
+            // gc has no --wait (it is quick and safe to rerun), so the lock's usual advice does not apply.
+            let message = match &e {
+                ClientError::Lock(LockError::Held { dir, holder }) => {
+                    format!("another ferry run ({holder}) holds {dir}; run gc --client again once it has finished")
+                }
+                other => other.to_string(),
+            };
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({ "status": "error", "exit_code": code, "error": e.to_string() })
+                    serde_json::json!({ "status": "error", "exit_code": code, "error": message })
                 );
             }
-            eprintln!("ferry: gc failed: {}", printable(&e.to_string()));
+            eprintln!("ferry: gc failed: {}", printable(&message));
             code
         }
     }
@@ -406,12 +413,12 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let ticker = output.spawn_ticker();
     let mut progress = |event: ClientEvent| output.event(&event);
     if args.file.is_dir() {
-        let result = crate::client::push_tree(opts, &mut progress).await;
+        let result = interruptible(crate::client::push_tree(opts, &mut progress)).await;
         stop(ticker).await;
         output.finish();
         finish(&job, result)
     } else {
-        let result = crate::client::push(opts, &mut progress).await;
+        let result = interruptible(crate::client::push(opts, &mut progress)).await;
         stop(ticker).await;
         output.finish();
         finish(&job, result)
@@ -463,7 +470,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     );
     let ticker = output.spawn_ticker();
     let mut progress = |event: ClientEvent| output.event(&event);
-    let result = crate::client::pull(opts, &mut progress).await;
+    let result = interruptible(crate::client::pull(opts, &mut progress)).await;
     stop(ticker).await;
     output.finish();
     finish(&job, result)
@@ -552,7 +559,11 @@ fn finish<R: Summary>(job: &Job, result: Result<R, ClientError>) -> u8 {
                 println!("{}", job.stamp(error_json(&e, code)));
             }
             // The cron recipe (`--json -q … >> log 2>&1`) wants one JSON line per run and nothing else.
-            if !(job.json && job.quiet) {
+            if matches!(e, ClientError::Interrupted) {
+                if !job.quiet {
+                    eprintln!("ferry: {} {e}", job.what);
+                }
+            } else if !(job.json && job.quiet) {
                 eprintln!("ferry: {} failed: {}", job.what, printable(&e.to_string()));
             }
             code
@@ -677,7 +688,7 @@ fn print_report(report: &PushReport) {
         "pushed"
     };
     eprintln!(
-        "ferry: {what}: {} -> {} ({}, sent {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
+        "ferry: {what}: {} -> {} ({}, sent {}, reused {}, {} attempt(s), {:.2?})",
         printable(&report.source),
         printable(&report.destination),
         human(report.size),
@@ -685,8 +696,9 @@ fn print_report(report: &PushReport) {
         human(report.committed.reused_bytes),
         report.attempts,
         report.duration,
-        hex(&report.digest)
     );
+    // The digest is the run's result, not a message: stdout (`digest=$(ferry push …)`), like the --json summary.
+    println!("blake3 {}", hex(&report.digest));
 }
 
 /// The one-line JSON summary of a successful push.
@@ -722,7 +734,7 @@ fn print_pull(report: &PullReport) {
         "pulled"
     };
     eprintln!(
-        "ferry: {what}: {} -> {} ({}, received {}, reused {}, {} attempt(s), {:.2?})\nblake3 {}",
+        "ferry: {what}: {} -> {} ({}, received {}, reused {}, {} attempt(s), {:.2?})",
         printable(&report.source),
         printable(&report.destination),
         human(report.size),
@@ -730,8 +742,9 @@ fn print_pull(report: &PullReport) {
         human(report.committed.reused_bytes),
         report.attempts,
         report.duration,
-        hex(&report.digest)
     );
+    // The digest is the run's result, not a message: stdout (`digest=$(ferry push …)`), like the --json summary.
+    println!("blake3 {}", hex(&report.digest));
 }
 
 /// The one-line JSON summary of a successful pull.
@@ -824,6 +837,20 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
 
 fn error_json(error: &ClientError, code: u8) -> serde_json::Value {
     serde_json::json!({ "event": "summary", "status": "error", "exit_code": code, "error": error.to_string() })
+}
+
+/// Runs a push or pull until it ends or SIGINT (Ctrl-C) arrives; then it is dropped (what the receiver made
+/// durable stays, as after a kill) and the run ends with [`ClientError::Interrupted`] (exit 130) and its summary.
+async fn interruptible<R>(work: impl std::future::Future<Output = Result<R, ClientError>>) -> Result<R, ClientError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered before the work starts, so a SIGINT from the first moment on is caught.
+    let Ok(mut sigint) = signal(SignalKind::interrupt()) else {
+        return work.await;
+    };
+    tokio::select! {
+        result = work => result,
+        _ = sigint.recv() => Err(ClientError::Interrupted),
+    }
 }
 
 /// Stops a display's ticker, if it has one, before the summary prints.

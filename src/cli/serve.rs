@@ -163,7 +163,11 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
         .await
         .map_err(|e| ServeFailure::Usage(format!("--listen {listen}: {e}")))?
         .collect();
-    let listener = TcpListener::bind(addrs.as_slice()).await.map_err(ServerError::Accept)?;
+    // A listen address that cannot be bound (in use, not on this host, a privileged port) is a settings problem,
+    // not an internal error: exit 2 with the address named.
+    let listener = TcpListener::bind(addrs.as_slice())
+        .await
+        .map_err(|e| ServeFailure::Usage(bind_failure(&listen, &e)))?;
     let addr = listener.local_addr().map_err(ServerError::Accept)?;
     let tls = config.tls.as_ref().map(|t| t.fingerprint.clone());
     let clients = config.clients.len();
@@ -231,6 +235,7 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
         .listen
         .or(file.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    check_listen_port(&listen).map_err(ServeFailure::Usage)?;
     let insecure = args.insecure_no_auth || file.insecure_no_auth;
     if config.clients.is_empty() && !insecure && !is_loopback(&listen) {
         return Err(ServeFailure::Usage(format!(
@@ -239,6 +244,42 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
         )));
     }
     Ok((config, listen, tls_files))
+}
+
+/// Why `listen` could not be bound, in words a user can act on.
+fn bind_failure(listen: &str, e: &std::io::Error) -> String {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => " (another server is listening there; stop it or choose another port)",
+        std::io::ErrorKind::AddrNotAvailable => " (no interface of this host has that address)",
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    };
+    format!("cannot listen on {listen}: {e}{hint}")
+}
+
+/// Refuses a listen address without a usable port (`127.0.0.1`, `[::1]`, `host:99999`), naming that problem
+/// rather than letting a later check misread it.
+fn check_listen_port(listen: &str) -> Result<(), String> {
+    if listen.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bare = listen.trim_start_matches('[').trim_end_matches(']');
+    let port = if bare.parse::<std::net::IpAddr>().is_ok() {
+        None
+    } else {
+        listen.rsplit_once(':').map(|(_, port)| port)
+    };
+    match port {
+        None => Err(format!(
+            "listen address {listen} has no port: write HOST:PORT (e.g. {DEFAULT_LISTEN}, [::1]:7878)"
+        )),
+        Some(port) => match port.parse::<u16>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "listen address {listen}: port {port} is out of range (a port is a number from 0 to 65535)"
+            )),
+        },
+    }
 }
 
 /// Whether `listen` names only loopback addresses (`127.0.0.0/8`, `::1`, `localhost`).
@@ -362,6 +403,19 @@ fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listen_address_without_a_port_is_named_as_such() {
+        for ok in ["127.0.0.1:7878", "[::1]:0", "localhost:7000", "0.0.0.0:1"] {
+            assert_eq!(check_listen_port(ok), Ok(()), "{ok}");
+        }
+        for no_port in ["127.0.0.1", "::1", "[::1]", "localhost", "0.0.0.0"] {
+            let err = check_listen_port(no_port).unwrap_err();
+            assert!(err.contains("has no port"), "{no_port}: {err}");
+        }
+        let err = check_listen_port("127.0.0.1:99999").unwrap_err();
+        assert!(err.contains("port 99999 is out of range"), "{err}");
+    }
 
     #[test]
     fn loopback_addresses_are_recognised() {

@@ -409,6 +409,9 @@ pub enum ClientError {
         /// `; last error: ...` when an attempt had failed, else empty.
         last: String,
     },
+    /// SIGINT (Ctrl-C) stopped the run.
+    #[error("interrupted (what the receiver holds is kept; the next run resumes)")]
+    Interrupted,
 }
 
 impl From<SourceError> for ClientError {
@@ -434,6 +437,7 @@ impl ClientError {
             ClientError::Lock(LockError::Held { .. }) => exit::ALREADY_RUNNING,
             ClientError::Lock(LockError::StillHeld { .. }) | ClientError::TimedOut { .. } => exit::TIMED_OUT,
             ClientError::Lock(LockError::Io { .. }) => exit::LOCAL,
+            ClientError::Interrupted => exit::INTERRUPTED,
         }
     }
 }
