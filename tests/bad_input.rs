@@ -37,13 +37,15 @@ fn hello(min_version: u16, max_version: u16, magic: [u8; 8]) -> Message {
 
 /// Greets the server properly, then sends `msg` and returns the answer's error code.
 async fn error_code_after_hello(server: &TestServer, msg: Message) -> ErrorCode {
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
+    error_after_hello(server, msg).await.code
+}
+
+/// The Error frame the server answers `msg` with on a fresh, greeted connection.
+async fn error_after_hello(server: &TestServer, msg: Message) -> ferry::wire::ErrorFrame {
+    let mut conn = greeted(server.addr).await;
     conn.write_message(&msg).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
-        Ok(Ok(Some(Message::Error(frame)))) => frame.code,
+        Ok(Ok(Some(Message::Error(frame)))) => frame,
         other => panic!("expected an Error frame, got {other:?}"),
     }
 }
@@ -292,58 +294,27 @@ async fn a_path_of_the_protocol_maximum_lands_under_a_deep_root_and_one_byte_mor
     assert_eq!(std::fs::read(&back).unwrap(), data, "pulled back intact");
 
     let too_long = format!("{longest}x");
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
-    conn.write_message(&offer(&too_long, manifest(vec![], 0)))
-        .await
-        .unwrap();
-    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
-        Ok(Ok(Some(Message::Error(frame)))) => {
-            assert_eq!(frame.code, ErrorCode::BadPath);
-            assert!(
-                frame
-                    .message
-                    .contains("4097 bytes, over the protocol limit of 4096 bytes"),
-                "{}",
-                frame.message
-            );
-            assert!(frame.message.len() < 1024, "not cut: {}", frame.message);
-        }
-        other => panic!("expected BadPath, got {other:?}"),
-    }
+    let frame = error_after_hello(&server, offer(&too_long, manifest(vec![], 0))).await;
+    assert_eq!(frame.code, ErrorCode::BadPath);
+    assert!(
+        frame
+            .message
+            .contains("4097 bytes, over the protocol limit of 4096 bytes"),
+        "{}",
+        frame.message
+    );
+    assert!(frame.message.len() < 1024, "not cut: {}", frame.message);
     // A component over 255 bytes deep inside a long path is named by its position.
     let long_component = format!("{}/{}/f", components[..3].join("/"), "c".repeat(256));
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
-    conn.write_message(&offer(&long_component, manifest(vec![], 0)))
-        .await
-        .unwrap();
-    match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
-        Ok(Ok(Some(Message::Error(frame)))) => {
-            assert_eq!(frame.code, ErrorCode::BadPath);
-            assert!(
-                frame
-                    .message
-                    .contains("component 4 is 256 bytes, over the limit of 255 bytes"),
-                "{}",
-                frame.message
-            );
-        }
-        other => panic!("expected BadPath, got {other:?}"),
-    }
-}
-
-/// A greeted raw connection.
-async fn greeted(server: &TestServer) -> Connection<TcpStream> {
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    conn.write_message(&hello(V, V, MAGIC)).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
-    conn
+    let frame = error_after_hello(&server, offer(&long_component, manifest(vec![], 0))).await;
+    assert_eq!(frame.code, ErrorCode::BadPath);
+    assert!(
+        frame
+            .message
+            .contains("component 4 is 256 bytes, over the limit of 255 bytes"),
+        "{}",
+        frame.message
+    );
 }
 
 /// The next message that is not an Ack (Acks of a batch may come in any number).
@@ -389,7 +360,7 @@ async fn duplicates_are_acknowledged_again_and_commit_rounds_stop_after_eight() 
     let ack0 = |m: &Message| matches!(m, Message::Ack(a) if a.ranges.len() == 1 && a.ranges[0].start == 0);
 
     // Round 1 (the Need after the Offer) to round 8 (the Need after the 7th Commit); the 8th Commit completes.
-    let mut conn = greeted(&server).await;
+    let mut conn = greeted(server.addr).await;
     let parts = &files[0];
     conn.write_message(&offer("rounds.bin", two_chunks(parts)))
         .await
@@ -423,7 +394,7 @@ async fn duplicates_are_acknowledged_again_and_commit_rounds_stop_after_eight() 
     assert_eq!(std::fs::read(server.root.join("rounds.bin")).unwrap(), parts.concat());
 
     // The same with chunk 1 never sent: the 8th Commit is refused.
-    let mut conn = greeted(&server).await;
+    let mut conn = greeted(server.addr).await;
     let parts = &files[1];
     conn.write_message(&offer("never.bin", two_chunks(parts)))
         .await

@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ferry::auth::Token;
-use ferry::transfer::handshake::client_hello;
 use ferry::wire::{Connection, ErrorCode, Hello, Message, MAGIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -20,16 +19,6 @@ async fn connect_from(from: [u8; 4], server: SocketAddr) -> std::io::Result<TcpS
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::from(from), 0))?;
     socket.connect(server).await
-}
-
-/// Connects anonymously and completes the handshake.
-async fn greeted(server: SocketAddr) -> Connection<TcpStream> {
-    let stream = TcpStream::connect(server).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    client_hello(&mut conn, Duration::from_secs(10), None, None)
-        .await
-        .unwrap();
-    conn
 }
 
 /// Reads until the server closes (or 20 s pass); the code of the Error frame it sent, if any.
@@ -214,17 +203,9 @@ async fn a_hostile_client_id_reaches_the_log_escaped() {
 async fn secret_files_readable_by_others_are_warned_about() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new(ferry_bin())
-        .args(["keygen", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    let (cert, key, _) = keygen(dir.path());
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let args = ["--tls-cert", &cert, "--tls-key", &key];
     let server = TestServer::start_with(&dir.path().join("root"), &args);
     server.wait_for_log("TLS private key", Duration::from_secs(10)).await;
 
@@ -312,17 +293,8 @@ async fn a_first_frame_that_is_not_hello_is_bad_magic() {
 #[tokio::test]
 async fn tls_and_plain_mismatches_fail_at_once_with_exit_7() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new(ferry_bin())
-        .args(["keygen", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let fingerprint = String::from_utf8_lossy(&made.stdout).trim().to_string();
-    let args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let (cert, key, fingerprint) = keygen(dir.path());
+    let args = ["--tls-cert", &cert, "--tls-key", &key];
     let tls_server = TestServer::start_with(&dir.path().join("tls"), &args);
     let plain_server = TestServer::start(&dir.path().join("plain"));
     let src = dir.path().join("f");
@@ -385,24 +357,8 @@ async fn tls_and_plain_mismatches_fail_at_once_with_exit_7() {
 #[tokio::test]
 async fn one_deadline_covers_tls_and_the_ferry_handshake() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new(ferry_bin())
-        .args(["keygen", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let fingerprint = String::from_utf8_lossy(&made.stdout).trim().to_string();
-    let args = [
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--handshake-timeout",
-        "3s",
-    ];
+    let (cert, key, fingerprint) = keygen(dir.path());
+    let args = ["--tls-cert", &cert, "--tls-key", &key, "--handshake-timeout", "3s"];
     let server = TestServer::start_with(&dir.path().join("root"), &args);
     let trust = ferry::tls::Trust::pinned(&fingerprint).unwrap();
     let tls = ferry::tls::ClientTls::new(&trust).unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry::manifest::Manifest;
 use ferry::ranges::IndexRange;
-use ferry::wire::{Connection, EntryKind, ErrorCode, Hello, Message, Need, Pull, TreeFailure, TreeNeed, MAGIC};
+use ferry::wire::{Connection, EntryKind, ErrorCode, Message, Need, Pull, TreeFailure, TreeNeed};
 use tokio::net::TcpStream;
 
 use crate::util::*;
@@ -17,17 +17,7 @@ const FRAME_WAIT: Duration = Duration::from_secs(20);
 
 /// Connects, says Hello, and sends a Pull for `path`.
 async fn pull_raw(server: &TestServer, path: &str) -> Connection<TcpStream> {
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    let hello = Message::Hello(Hello {
-        magic: MAGIC,
-        min_version: ferry::PROTOCOL_VERSION,
-        max_version: ferry::PROTOCOL_VERSION,
-        agent: "fs-attacks".into(),
-        client: String::new(),
-    });
-    conn.write_message(&hello).await.unwrap();
-    assert!(matches!(next(&mut conn).await, Some(Message::Welcome(_))));
+    let mut conn = greeted(server.addr).await;
     let pull = Message::Pull(Pull {
         path: path.into(),
         chunking: Default::default(),

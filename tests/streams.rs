@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry::fault::{FaultProxy, Faults};
-use ferry::wire::{Connection, ErrorCode, Hello, Join, Message, MAGIC};
+use ferry::wire::{Connection, ErrorCode, Join, Message};
 use tokio::net::TcpStream;
 
 use crate::util::*;
@@ -84,25 +84,9 @@ async fn a_broken_stream_fails_the_attempt_and_the_next_one_resumes() {
     );
 }
 
-/// A greeted connection to `server`.
-async fn greeted(server: &TestServer) -> Connection<TcpStream> {
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    let hello = Message::Hello(Hello {
-        magic: MAGIC,
-        min_version: ferry::PROTOCOL_VERSION,
-        max_version: ferry::PROTOCOL_VERSION,
-        agent: "test".into(),
-        client: String::new(),
-    });
-    conn.write_message(&hello).await.unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(_))));
-    conn
-}
-
 /// Sends `Join{path, id}` on a fresh connection and returns the answer.
 async fn join(server: &TestServer, path: &str, manifest_id: [u8; 32]) -> (Connection<TcpStream>, Message) {
-    let mut conn = greeted(server).await;
+    let mut conn = greeted(server.addr).await;
     let join = Message::Join(Join {
         path: path.into(),
         manifest_id,
@@ -149,7 +133,7 @@ async fn a_join_with_an_unknown_manifest_id_is_told_so_and_a_known_one_between_r
         }],
     };
     let id = manifest.id();
-    let mut offering = greeted(&server).await;
+    let mut offering = greeted(server.addr).await;
     let offer = Message::Offer(ferry::wire::Offer {
         path: "open.img".into(),
         manifest,

@@ -2,29 +2,12 @@
 //! the trust check can fail. Resumption works through TLS like through plain TCP.
 
 use std::path::Path;
-use std::process::Command;
 
 use ferry::fault::{FaultProxy, Faults};
 
 use crate::util::*;
 
 const MIB: usize = 1 << 20;
-
-/// Runs `ferry keygen` into `dir`; returns (cert, key, fingerprint).
-fn keygen(dir: &Path) -> (String, String, String) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let output = Command::new(ferry_bin())
-        .args(["keygen", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let fingerprint = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
-    (cert.display().to_string(), key.display().to_string(), fingerprint)
-}
 
 #[tokio::test]
 async fn a_pinned_certificate_carries_a_resumed_push_and_a_pull() {

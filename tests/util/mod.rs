@@ -318,3 +318,30 @@ pub async fn run_counting_reads(mut cmd: Command) -> (PushOutcome, u64) {
     };
     (outcome, rchar)
 }
+
+/// Runs `ferry keygen` into `dir`; returns (cert, key, fingerprint).
+pub fn keygen(dir: &std::path::Path) -> (String, String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = std::process::Command::new(ferry_bin())
+        .args(["keygen", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let fingerprint = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    (cert.display().to_string(), key.display().to_string(), fingerprint)
+}
+
+/// A raw connection to `server` that has completed the handshake through the library's own client side (no token,
+/// the highest common version), for tests that then speak frames by hand.
+pub async fn greeted(server: SocketAddr) -> ferry::wire::Connection<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(server).await.unwrap();
+    let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
+    ferry::transfer::handshake::client_hello(&mut conn, Duration::from_secs(10), None, None)
+        .await
+        .unwrap();
+    conn
+}
