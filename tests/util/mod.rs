@@ -211,6 +211,11 @@ pub async fn run(mut cmd: Command) -> PushOutcome {
     let output = tokio::task::spawn_blocking(move || cmd.output().expect("run ferry"))
         .await
         .unwrap();
+    outcome(&output)
+}
+
+/// A finished run's exit code, stderr, and its last stdout line parsed as the JSON summary.
+fn outcome(output: &std::process::Output) -> PushOutcome {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let json = stdout
         .lines()
@@ -306,17 +311,7 @@ pub async fn run_counting_reads(mut cmd: Command) -> (PushOutcome, u64) {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json = stdout
-        .lines()
-        .last()
-        .map_or(Value::Null, |l| serde_json::from_str(l).unwrap_or(Value::Null));
-    let outcome = PushOutcome {
-        code: output.status.code().unwrap_or(-1),
-        json,
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    (outcome, rchar)
+    (outcome(&output), rchar)
 }
 
 /// Runs `ferry keygen` into `dir`; returns (cert, key, fingerprint).
