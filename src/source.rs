@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -18,7 +18,7 @@ use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
 use crate::store::{ManifestKey, ReceiverStore, SenderStore, StoreError};
 use crate::transfer::sender::Source;
 use crate::transfer::TransferError;
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, PullKind};
 
 /// Times a changing source is re-read before the sender gives up on it.
 pub const MAX_SOURCE_CHANGES: u32 = 3;
@@ -124,17 +124,35 @@ pub enum PullSource {
         committed: bool,
     },
     /// A directory.
-    Dir(PathBuf),
+    Dir,
+}
+
+/// `Error{WrongKind}` unless a source that is a tree (`is_tree`) or a file is what the client expects.
+fn check_kind(path: &RemotePath, is_tree: bool, expect: PullKind) -> Result<(), TransferError> {
+    if expect.accepts(is_tree) {
+        return Ok(());
+    }
+    let (is, asked) = if is_tree {
+        ("a directory", "a file")
+    } else {
+        ("a file", "a tree")
+    };
+    Err(TransferError::refused(
+        ErrorCode::WrongKind,
+        format!("{path} is {is}; the client asked for {asked}"),
+    ))
 }
 
 /// Resolves a Pull's `path` under `root` (no symlinks) and describes it. A file committed by a push and unchanged
-/// since keeps the manifest recorded at commit; any other file is read (or found in the sender's cache).
+/// since keeps the manifest recorded at commit; any other file is read (or found in the sender's cache). A source of
+/// the kind `expect` rules out is `WrongKind` before anything is read.
 pub fn open_for_pull(
     root: &Path,
     path: &RemotePath,
     receiver: &ReceiverStore,
     sender: &SenderStore,
     spec: ChunkSpec,
+    expect: PullKind,
 ) -> Result<PullSource, TransferError> {
     let refused = |e: PathError| match e {
         PathError::NotFound(_) => TransferError::refused(ErrorCode::NotFound, e),
@@ -144,8 +162,11 @@ pub fn open_for_pull(
     // Opened through the no-follow walk from the root: what is described is what is sent, and no directory
     // swapped for a symlink on the way can lead the read out of the root.
     let components: Vec<&str> = path.components().collect();
-    let file = match open_beneath(root, &components).map_err(refused)? {
-        Entry::Dir(_) => return Ok(PullSource::Dir(resolved)),
+    let entry = open_beneath(root, &components).map_err(refused)?;
+    // The kind is checked before a file is hashed, so a wrong guess is answered at once (proto-spec.md §11).
+    check_kind(path, matches!(entry, Entry::Dir(_)), expect)?;
+    let file = match entry {
+        Entry::Dir(_) => return Ok(PullSource::Dir),
         Entry::File(file) => file,
         Entry::Symlink(_) => return Err(refused(PathError::Symlink(path.to_string()))),
         Entry::Other => {

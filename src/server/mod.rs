@@ -256,11 +256,6 @@ impl Server {
         self.shared.stats.clone()
     }
 
-    /// The server-wide budget of frame bytes being buffered (its `in_use` is a live gauge).
-    pub fn frame_budget(&self) -> Arc<FrameBudget> {
-        self.shared.frames.clone()
-    }
-
     /// Serves one accepted connection over any byte stream (plain; a TLS session's token answers could not be
     /// bound to it): the handshake, then Offers and Pulls
     /// until the peer closes or `stop` fires; a failure is told to the peer before it is returned. This is what each

@@ -4,7 +4,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::path::{hide_root, open_beneath, Entry, RemotePath};
+use crate::path::{hide_root, RemotePath};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::transfer::receiver::ReceiverContext;
 use crate::transfer::sender::{send, SendOptions, SendStats};
@@ -34,16 +34,10 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         let (root, receiver, sender) = (ctx.root.clone(), ctx.store.clone(), shared.sender.clone());
         let path = path.clone();
         with_keepalive(conn, idle, move || {
-            // The kind is checked before a file is hashed, so a wrong guess is answered at once (proto-spec.md §11).
-            if let Ok(entry) = open_beneath(&root, &path.components().collect::<Vec<_>>()) {
-                check_kind(&path, matches!(entry, Entry::Dir(_)), expect)?;
-            }
-            open_for_pull(&root, &path, &receiver, &sender, pull.chunking)
+            open_for_pull(&root, &path, &receiver, &sender, pull.chunking, expect)
         })
         .await?
     };
-    // Again on what was opened: the path may have changed kind in between.
-    check_kind(&path, matches!(found, PullSource::Dir(_)), expect)?;
     // Windows below the minimum are raised to it, above the maximum cut to it (proto-spec.md §11).
     let opts = SendOptions {
         io_timeout: idle,
@@ -54,7 +48,7 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ignore = |_| {};
     let (source, committed) = match found {
         PullSource::File { source, committed } => (source, committed),
-        PullSource::Dir(_) => {
+        PullSource::Dir => {
             let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
             let (receiver, prefix, root, within) =
                 (ctx.store.clone(), path.to_string(), ctx.root.clone(), path.clone());
@@ -96,20 +90,4 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         ))),
         Err(e) => Err(e),
     }
-}
-
-/// `Error{WrongKind}` unless a source that is a tree (`is_tree`) or a file is what the client expects.
-fn check_kind(path: &RemotePath, is_tree: bool, expect: PullKind) -> Result<(), TransferError> {
-    if expect.accepts(is_tree) {
-        return Ok(());
-    }
-    let (is, asked) = if is_tree {
-        ("a directory", "a file")
-    } else {
-        ("a file", "a tree")
-    };
-    Err(TransferError::refused(
-        ErrorCode::WrongKind,
-        format!("{path} is {is}; the client asked for {asked}"),
-    ))
 }

@@ -130,11 +130,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.stream
     }
 
-    /// Read access to the underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
     /// Changes the frame limit (e.g. raised after the handshake).
     pub fn set_max_frame(&mut self, max_frame: u32) {
         self.max_frame = max_frame;
