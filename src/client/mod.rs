@@ -36,7 +36,7 @@ use crate::tls::{ClientTls, Stream};
 use crate::transfer::sender::SendEvent;
 use crate::transfer::{handshake, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::{Connection, ErrorCode, ErrorFrame};
+use crate::wire::{Connection, ErrorCode};
 use crate::MAX_FRAME;
 
 /// Exponential backoff with jitter between reconnects.
@@ -447,15 +447,12 @@ fn classify(error: TransferError) -> ClientError {
     match &error {
         TransferError::Integrity(_) => ClientError::Integrity(error),
         TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed => ClientError::Integrity(error),
-        TransferError::Remote(frame) if frame.code == ErrorCode::AuthFailed => ClientError::Auth(error),
-        TransferError::Refused { code, .. } if *code == ErrorCode::AuthFailed => ClientError::Auth(error),
-        // A plain client at a TLS server: as final as a TLS peer that fails its check.
-        TransferError::Remote(ErrorFrame {
-            code: ErrorCode::TlsRequired,
-            ..
-        })
-        | TransferError::Refused {
-            code: ErrorCode::TlsRequired,
+        // A plain client at a TLS server is as final as a refused token or a TLS peer that fails its check.
+        TransferError::Remote(frame) if matches!(frame.code, ErrorCode::AuthFailed | ErrorCode::TlsRequired) => {
+            ClientError::Auth(error)
+        }
+        TransferError::Refused {
+            code: ErrorCode::AuthFailed | ErrorCode::TlsRequired,
             ..
         } => ClientError::Auth(error),
         TransferError::Remote(_) | TransferError::Refused { .. } => ClientError::Rejected(error),

@@ -222,7 +222,9 @@ impl SmallWriter {
     /// followed, even one swapped in meanwhile), checking that the name renamed is the temporary written (`meta`).
     fn place(&self, file: &SmallFile, temp: &Path, meta: &std::fs::Metadata) -> Result<(PathBuf, File), Placement> {
         super::commit::rename_verified(&self.root, &file.key, temp, meta).map_err(|e| match e {
-            TransferError::Storage(source) => Placement::Failed(source),
+            // An I/O error on the rename (a full disk, EIO) fails the batch as before; rename_verified names the
+            // destination in it (StorageAt) since the receiver learnt to say which path it cannot write.
+            TransferError::Storage(source) | TransferError::StorageAt { source, .. } => Placement::Failed(source),
             refused => Placement::Refused(refused.to_string()),
         })
     }

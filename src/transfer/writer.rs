@@ -360,16 +360,11 @@ impl ChunkWriter {
         self.file.sync_data().map_err(TransferError::Storage)?;
         self.last_sync = Some(Instant::now());
         self.syncs += 1;
-        for &(index, _) in &self.batch {
-            if !self.received.contains(index) {
+        // The batch's chunks and the repeats written from them become durable together; each counts once.
+        let silent = std::mem::take(&mut self.silent);
+        for index in self.batch.iter().map(|&(index, _)| index).chain(silent) {
+            if self.received.insert(index) {
                 self.durable_bytes += self.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
-                self.received.insert(index);
-            }
-        }
-        for index in self.silent.drain(..) {
-            if !self.received.contains(index) {
-                self.durable_bytes += self.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
-                self.received.insert(index);
             }
         }
         // proto-spec.md §2 `Committed.received_bytes`: chunks that came over the wire, once each, when made durable
