@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::receiver::Reuse;
-use super::writer::ChunkWriter;
+use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
 use crate::chunk::{chunk_with, mtime_of};
 use crate::manifest::{ChunkEntry, Hash};
@@ -108,62 +108,6 @@ pub(crate) fn reuse_local(
         tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
     }
     Ok(copier.reused)
-}
-
-/// The missing chunks of an offer grouped by hash: one list of `(hash, index)` sorted by hash, then index, instead
-/// of a map of vectors, so an offer of 500,000 chunks costs about 36 bytes a chunk here (a map of vectors cost
-/// over a hundred, on a path any authenticated client can reach with an offer it never sends data for).
-struct Wanted {
-    by_hash: Vec<(Hash, u32)>,
-}
-
-impl Wanted {
-    /// The chunks `writer` still misses.
-    fn missing_from(writer: &ChunkWriter) -> Wanted {
-        let mut by_hash: Vec<(Hash, u32)> = writer
-            .received
-            .missing()
-            .map(|index| (writer.manifest.chunks[index as usize].hash, index))
-            .collect();
-        by_hash.sort_unstable();
-        Wanted { by_hash }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
-
-    /// Whether some missing chunk has `hash`.
-    fn contains(&self, hash: &Hash) -> bool {
-        let at = self.by_hash.partition_point(|(h, _)| h < hash);
-        self.by_hash.get(at).is_some_and(|(h, _)| h == hash)
-    }
-
-    /// The runs of equal hashes, ordered by their first (lowest) index: the partial is written front to back, and
-    /// an older version mostly read that way too.
-    fn groups_in_file_order(&self) -> Vec<std::ops::Range<usize>> {
-        let mut groups: Vec<std::ops::Range<usize>> = self
-            .by_hash
-            .chunk_by(|a, b| a.0 == b.0)
-            .scan(0, |start, run| {
-                let range = *start..*start + run.len();
-                *start = range.end;
-                Some(range)
-            })
-            .collect();
-        groups.sort_unstable_by_key(|group| self.by_hash[group.start].1);
-        groups
-    }
-
-    /// The hash of a group.
-    fn hash(&self, group: &std::ops::Range<usize>) -> Hash {
-        self.by_hash[group.start].0
-    }
-
-    /// The indices of a group, ascending.
-    fn indices(&self, group: &std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
-        self.by_hash[group.clone()].iter().map(|&(_, index)| index)
-    }
 }
 
 /// Opened source files and the places of wanted chunks in them.
