@@ -340,10 +340,12 @@ fn tree_root_at(store: &Store, dir: &Path, source: &str) -> Result<Option<PathBu
     };
     let root = std::fs::canonicalize(dir).map_err(local)?;
     let records = ReceiverStore::open_scoped(store, &root.display().to_string())?;
-    if !fresh && records.tree_source()?.as_deref() != Some(source) {
+    if fresh {
+        records.set_tree_source(source)?;
+    } else if records.tree_source()?.as_deref() != Some(source) {
         return Ok(None);
     }
-    records.set_tree_source(source)?;
+    // A directory already recorded for this source keeps its record: no write and flush on every pull.
     Ok(Some(root))
 }
 
