@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use thiserror::Error;
@@ -293,7 +294,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_file(path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
@@ -304,9 +305,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_file(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| TlsError::Pem(format!("{}: {e}", path.display())))?
-        .ok_or_else(|| TlsError::Pem(format!("{} holds no PEM private key", path.display())))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::Pem(format!("{} holds no PEM private key", path.display())),
+        e => TlsError::Pem(format!("{}: {e}", path.display())),
+    })
 }
 
 #[cfg(test)]
@@ -339,5 +341,27 @@ mod tests {
         let server = ServerTls::load(&dir.path().join("c.pem"), &dir.path().join("k.pem")).unwrap();
         assert_eq!(server.fingerprint, print);
         assert!(matches!(Trust::pinned(&print), Ok(Trust::Pinned(_))));
+    }
+
+    #[test]
+    fn pem_files_with_the_wrong_or_broken_sections_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = keygen(&["localhost".into()]).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        // Swapped files: a certificate where the key belongs and the other way round.
+        std::fs::write(&c, &key).unwrap();
+        std::fs::write(&k, &cert).unwrap();
+        let swapped = ServerTls::load(&c, &k).err().unwrap().to_string();
+        assert!(swapped.contains("holds no PEM certificate"), "{swapped}");
+        std::fs::write(&c, &cert).unwrap();
+        let no_key = ServerTls::load(&c, &k).err().unwrap().to_string();
+        assert!(no_key.contains("holds no PEM private key"), "{no_key}");
+        // Both sections in one file serve as either, as with rustls-pemfile.
+        std::fs::write(&c, format!("{key}{cert}")).unwrap();
+        assert!(ServerTls::load(&c, &c).is_ok());
+        // A section without its END line is a parse error naming the file.
+        std::fs::write(&k, key.lines().take(3).collect::<Vec<_>>().join("\n")).unwrap();
+        let broken = ServerTls::load(&c, &k).err().unwrap().to_string();
+        assert!(broken.contains("k.pem") && !broken.contains("holds no"), "{broken}");
     }
 }
