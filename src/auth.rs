@@ -11,7 +11,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rand::RngCore;
 use thiserror::Error;
 
 use crate::manifest::hex;
@@ -47,7 +46,7 @@ impl Token {
     pub fn generate(id: &str) -> Result<Token, TokenError> {
         check_id(id)?;
         let mut secret = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut secret);
+        crate::random::fill(&mut secret);
         Ok(Token {
             id: id.to_string(),
             secret,
@@ -114,7 +113,7 @@ impl FromStr for Token {
 /// A fresh challenge nonce.
 pub fn nonce() -> [u8; 32] {
     let mut nonce = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    crate::random::fill(&mut nonce);
     nonce
 }
 

@@ -400,9 +400,11 @@ mod tests {
     }
 
     fn random_file(len: usize, seed: u64) -> (tempfile::NamedTempFile, Vec<u8>) {
-        use rand::{RngCore, SeedableRng};
         let mut data = vec![0u8; len];
-        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut data);
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.write_all(&data).unwrap();
         (tmp, data)

@@ -29,6 +29,7 @@ pub mod manifest;
 pub mod memory;
 pub mod meter;
 pub mod path;
+pub mod random;
 pub mod ranges;
 pub mod server;
 pub mod settings;

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry::fault::FaultProxy;
-use rand::{Rng, SeedableRng};
 
 use crate::util::*;
 
@@ -61,11 +60,11 @@ async fn a_push_survives_the_server_being_sigkilled_again_and_again() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut rng = Seeded::new(7);
     let mut kills: u32 = 0;
     while kills < KILLS {
         let from = proxy.stats().bytes_up.load(Ordering::Relaxed);
-        let bytes = rng.gen_range(PROGRESS);
+        let bytes = rng.in_range(PROGRESS);
         let over = || {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!("the server exited by itself mid-campaign: {status}");
@@ -112,7 +111,7 @@ async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
     let size = 128 * MIB as u64;
     write_random(&src, size as usize, 42);
     let state = dir.path().join("state");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut rng = Seeded::new(8);
     let mut kills: u32 = 0;
     let mut finished = None;
     while kills < KILLS {
@@ -121,7 +120,7 @@ async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
             .spawn()
             .unwrap();
         let from = proxy.stats().bytes_up.load(Ordering::Relaxed);
-        let bytes = rng.gen_range(PROGRESS);
+        let bytes = rng.in_range(PROGRESS);
         if !progress(&proxy, from, bytes, || client.try_wait().unwrap().is_some()).await {
             finished = Some(client.wait_with_output().unwrap()); // it committed before this kill
             break;

@@ -17,7 +17,6 @@ mod tree;
 use std::future::Future;
 use std::time::Duration;
 
-use rand::Rng;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -53,7 +52,7 @@ impl Backoff {
     /// random factor in `[0.5, 1.0]` so that many clients cut at once do not reconnect in lockstep.
     pub fn delay(&self, failures: u32) -> Duration {
         let exp = self.initial.saturating_mul(1 << failures.saturating_sub(1).min(16));
-        exp.min(self.max).mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+        exp.min(self.max).mul_f64(crate::random::unit_between(0.5, 1.0))
     }
 }
 

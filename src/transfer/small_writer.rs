@@ -208,7 +208,7 @@ impl SmallWriter {
         use std::os::unix::fs::PermissionsExt;
         let temp = self
             .partial_dir
-            .join(format!(".ferry-{:016x}.small", rand::random::<u64>()));
+            .join(format!(".ferry-{:016x}.small", crate::random::u64()));
         let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
         temps.0.push(temp.clone());
         out.write_all(&file.data)?;

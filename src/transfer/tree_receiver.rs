@@ -440,7 +440,7 @@ fn place_symlink(
         Ok(Entry::Symlink(existing)) if existing.as_os_str() == target => return Ok(()),
         _ => {}
     }
-    let temp = format!(".ferry-{:016x}.link", rand::random::<u64>());
+    let temp = format!(".ferry-{:016x}.link", crate::random::u64());
     let (target_c, temp_c) = match (std::ffi::CString::new(target), std::ffi::CString::new(temp.as_str())) {
         (Ok(t), Ok(n)) => (t, n),
         _ => return Err(format!("{key} -> {target:?} holds a NUL")),

@@ -240,6 +240,24 @@ pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// A deterministic sequence of numbers from a seed (BLAKE3's output stream), for tests that vary where things
+/// happen but must replay the same way.
+pub struct Seeded(blake3::OutputReader);
+
+impl Seeded {
+    /// The sequence for `seed`.
+    pub fn new(seed: u64) -> Seeded {
+        Seeded(blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof())
+    }
+
+    /// The next number in `range` (which must not be empty).
+    pub fn in_range(&mut self, range: std::ops::Range<u64>) -> u64 {
+        let mut bytes = [0u8; 8];
+        self.0.fill(&mut bytes);
+        range.start + u64::from_le_bytes(bytes) % (range.end - range.start)
+    }
+}
+
 /// Sets a file's modification time.
 pub fn set_mtime(path: &Path, mtime: std::time::SystemTime) {
     std::fs::File::options()
