@@ -3,12 +3,15 @@
 //! directory's descriptor. Checking paths first and renaming by path later (what [`super::resolve_in_root`] alone
 //! allows) leaves a window in which a local user could swap a checked directory for a symlink leading out.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use super::{shown, PathError, RemotePath};
 
@@ -34,7 +37,7 @@ pub fn rename_into(
         path: shown(root, from),
         source: io::ErrorKind::InvalidInput.into(),
     })?;
-    rename_at(root, path, libc::AT_FDCWD, &from_c, replace)
+    rename_at(root, path, rustix::fs::CWD, &from_c, replace)
 }
 
 /// [`rename_into`] for the entry `from_name` of the directory `from_dir`: the source is named relative to a
@@ -50,14 +53,14 @@ pub fn rename_into_from(
         path: from_name.to_string(),
         source: io::ErrorKind::InvalidInput.into(),
     })?;
-    rename_at(root, path, from_dir.as_raw_fd(), &from_c, replace)
+    rename_at(root, path, from_dir.as_fd(), &from_c, replace)
 }
 
 fn rename_at(
     root: &Path,
     path: &RemotePath,
-    from_dir: libc::c_int,
-    from: &CString,
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
     replace: Replace,
 ) -> Result<(PathBuf, File), PathError> {
     let components: Vec<&str> = path.components().collect();
@@ -72,11 +75,7 @@ fn rename_at(
     shown_path.push(name);
     let name_c = cstring(name);
     check_final(&dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
-    // SAFETY: both strings are NUL-terminated and live across the call; the descriptors are open.
-    let renamed = unsafe { libc::renameat(from_dir, from.as_ptr(), dir.as_raw_fd(), name_c.as_ptr()) };
-    if renamed != 0 {
-        return Err(io_error(&shown_path, io::Error::last_os_error()));
-    }
+    rustix::fs::renameat(from_dir, from, &dir, &name_c).map_err(|e| io_error(&shown_path, e.into()))?;
     Ok((root.join(path.as_str()), dir))
 }
 
@@ -103,29 +102,23 @@ pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metad
     let (name, parents) = components.split_last().expect("a RemotePath has a component");
     let dir = walk(root, parents, false)?;
     let name_c = cstring(name);
-    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `name_c` is NUL-terminated; the returned descriptor is owned by the File below.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name_c.as_ptr(), flags) };
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let shown_path = root.join(path.as_str());
-    if fd < 0 {
-        return Err(classify(root, &shown_path, Refusal::Io(io::Error::last_os_error())));
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = rustix::fs::openat(&dir, &name_c, flags, Mode::empty())
+        .map(File::from)
+        .map_err(|e| classify(root, &shown_path, Refusal::Io(e.into())))?;
     file.metadata().map_err(|e| classify(root, &shown_path, Refusal::Io(e)))
 }
 
 /// Whether the directory `parents` under `root` may be written (see [`super::check_writable`]). Blocking.
 pub(super) fn check_writable(root: &Path, parents: &[&str]) -> Result<(), PathError> {
     let dir = walk(root, parents, false)?;
-    let here = cstring(".");
-    // SAFETY: `here` is NUL-terminated and the descriptor is open for the call.
-    if unsafe { libc::faccessat(dir.as_raw_fd(), here.as_ptr(), libc::W_OK | libc::X_OK, 0) } != 0 {
+    let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+    rustix::fs::accessat(&dir, c".", access, AtFlags::empty()).map_err(|e| {
         let mut shown_path = root.to_path_buf();
         shown_path.extend(parents);
-        return Err(classify(root, &shown_path, Refusal::Io(io::Error::last_os_error())));
-    }
-    Ok(())
+        classify(root, &shown_path, Refusal::Io(e.into()))
+    })
 }
 
 /// Refuses a symlink or a directory at `name` inside `dir` (`shown` names it in the error).
@@ -152,11 +145,8 @@ pub(super) fn classify(root: &Path, at: &Path, refusal: Refusal) -> PathError {
 }
 
 fn open_dir(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(path)
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(path, flags, Mode::empty())?.into())
 }
 
 pub(super) fn cstring(component: &str) -> CString {
@@ -168,25 +158,18 @@ pub(super) fn cstring(component: &str) -> CString {
 fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
     let name = cstring(component);
     for _ in 0..2 {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by the File below.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor nothing else owns.
-            return Ok(unsafe { File::from_raw_fd(fd) });
-        }
-        let error = io::Error::last_os_error();
-        match error.raw_os_error() {
-            Some(libc::ENOENT) if create => {
-                // SAFETY: as above.
-                let made = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
-                if made != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-                    return Err(Refusal::Io(io::Error::last_os_error()));
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(dir, &name, flags, Mode::empty()) {
+            Ok(fd) => return Ok(fd.into()),
+            Err(Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(dir, &name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(Refusal::Io(e.into())),
                 }
                 dir.sync_all().map_err(Refusal::Io)?;
             }
-            Some(libc::ELOOP | libc::ENOTDIR) => return Err(kind_of(dir, &name).unwrap_or(Refusal::InTheWay)),
-            _ => return Err(Refusal::Io(error)),
+            Err(Errno::LOOP | Errno::NOTDIR) => return Err(kind_of(dir, &name).unwrap_or(Refusal::InTheWay)),
+            Err(e) => return Err(Refusal::Io(e.into())),
         }
     }
     Err(Refusal::InTheWay)
@@ -204,16 +187,10 @@ fn check_final(dir: &File, name: &CString, replace: Replace) -> Result<(), Refus
 /// What `name` in `dir` is, as a refusal: a symlink, a directory (in the way of a file), or `None` (absent or
 /// a regular file).
 pub(super) fn kind_of(dir: &File, name: &CString) -> Option<Refusal> {
-    // SAFETY: an all-zero stat is a valid value to be overwritten.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
-    let found = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
-    if found != 0 {
-        return None;
-    }
-    match stat.st_mode & libc::S_IFMT {
-        libc::S_IFLNK => Some(Refusal::Symlink),
-        libc::S_IFDIR => Some(Refusal::InTheWay),
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Symlink => Some(Refusal::Symlink),
+        FileType::Directory => Some(Refusal::InTheWay),
         _ => None,
     }
 }

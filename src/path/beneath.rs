@@ -5,13 +5,15 @@
 //! The sender reads every file it sends through these descriptors (a Pull, a tree's files), and the receiver
 //! applies directory modes and times through the descriptor it walked to (`fchmod`, `futimens`), never by path.
 
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
 
 use super::at::{classify, Refusal};
 use super::{shown, PathError};
@@ -37,7 +39,9 @@ pub fn open_dir_beneath(root: &Path, components: &[&str], create: bool) -> Resul
     // component is `NotFound` (a Pull of a path that is not there) rather than an I/O error.
     super::at::walk(root, components, create).map_err(|e| match e {
         PathError::Io { path, source } if source.kind() == io::ErrorKind::NotFound => PathError::NotFound(path),
-        PathError::Io { path, source } if source.raw_os_error() == Some(libc::ELOOP) => PathError::Symlink(path),
+        PathError::Io { path, source } if source.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => {
+            PathError::Symlink(path)
+        }
         other => other,
     })
 }
@@ -66,7 +70,7 @@ pub fn open_file_beneath(root: &Path, components: &[&str]) -> Result<File, PathE
 fn refusal(root: &Path, at: &Path, refusal: Refusal) -> PathError {
     match refusal {
         Refusal::Io(e) if e.kind() == io::ErrorKind::NotFound => PathError::NotFound(shown(root, at)),
-        Refusal::Io(e) if e.raw_os_error() == Some(libc::ELOOP) => PathError::Symlink(shown(root, at)),
+        Refusal::Io(e) if e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => PathError::Symlink(shown(root, at)),
         other => classify(root, at, other),
     }
 }
@@ -86,45 +90,32 @@ pub enum Kind {
 
 /// What `name` inside `dir` is (`fstatat` with `AT_SYMLINK_NOFOLLOW`), without opening it. Blocking.
 pub fn kind_at(dir: &File, name: &OsStr) -> io::Result<Kind> {
-    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    Ok(match stat_at(dir, &name)?.st_mode & libc::S_IFMT {
-        libc::S_IFREG => Kind::File,
-        libc::S_IFDIR => Kind::Dir,
-        libc::S_IFLNK => Kind::Symlink,
+    Ok(match FileType::from_raw_mode(stat_at(dir, name)?.st_mode) {
+        FileType::RegularFile => Kind::File,
+        FileType::Directory => Kind::Dir,
+        FileType::Symlink => Kind::Symlink,
         _ => Kind::Other,
     })
 }
 
-fn stat_at(dir: &File, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: an all-zero stat is a valid value to be overwritten.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
-    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat)
+/// `fstatat` without following a symlink; a name holding a NUL is `InvalidInput`.
+fn stat_at(dir: &File, name: &OsStr) -> io::Result<Stat> {
+    Ok(rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?)
 }
 
 /// Opens `name` inside `dir` without following it: a regular file or a directory is opened (and checked to be the
 /// very inode that was looked at), a symlink is read, anything else is left unopened. Blocking.
 pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
-    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let stat = stat_at(dir, &name)?;
-    let base = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    let (flags, is_dir) = match stat.st_mode & libc::S_IFMT {
+    let stat = stat_at(dir, name)?;
+    let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let (flags, is_dir) = match FileType::from_raw_mode(stat.st_mode) {
         // O_NONBLOCK: were a FIFO swapped in after the look, opening it must not hang.
-        libc::S_IFREG => (base | libc::O_NONBLOCK, false),
-        libc::S_IFDIR => (base | libc::O_DIRECTORY, true),
-        libc::S_IFLNK => return read_link_at(dir, &name).map(Entry::Symlink),
+        FileType::RegularFile => (base | OFlags::NONBLOCK, false),
+        FileType::Directory => (base | OFlags::DIRECTORY, true),
+        FileType::Symlink => return read_link_at(dir, name).map(Entry::Symlink),
         _ => return Ok(Entry::Other),
     };
-    // SAFETY: `name` is NUL-terminated; the returned descriptor is owned by the File below.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
     let meta = file.metadata()?;
     if meta.ino() != stat.st_ino || meta.dev() != stat.st_dev {
         return Err(io::Error::other("it was replaced while it was being opened"));
@@ -133,65 +124,23 @@ pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
 }
 
 /// The target of the symlink `name` inside `dir`.
-fn read_link_at(dir: &File, name: &CStr) -> io::Result<PathBuf> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `buf` is valid for `buf.len()` bytes and `name` is NUL-terminated.
-    let len = unsafe { libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if len < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if len as usize >= buf.len() {
-        return Err(io::Error::other("symlink target too long"));
-    }
-    buf.truncate(len as usize);
-    Ok(PathBuf::from(OsString::from_vec(buf)))
+fn read_link_at(dir: &File, name: &OsStr) -> io::Result<PathBuf> {
+    let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+    Ok(PathBuf::from(OsString::from_vec(target.into_bytes())))
 }
 
 /// The names in the directory `dir` (without `.` and `..`), in no particular order. Blocking.
 pub fn list_dir(dir: &File) -> io::Result<Vec<OsString>> {
-    // A fresh open of the same directory: the listing gets its own position, and the stream owns its descriptor.
-    // SAFETY: the literal is NUL-terminated; "." is never a symlink.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh directory descriptor; on success the stream owns it.
-    let stream = unsafe { libc::fdopendir(fd) };
-    if stream.is_null() {
-        let error = io::Error::last_os_error();
-        // SAFETY: the stream did not take the descriptor.
-        unsafe { libc::close(fd) };
-        return Err(error);
-    }
+    // `read_from` opens the same directory afresh (`openat(dir, ".")`): the listing gets its own position.
+    let mut stream = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
-    let result = loop {
-        // SAFETY: errno is thread-local; readdir reports an error only through it.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `stream` is an open directory stream.
-        let entry = unsafe { libc::readdir(stream) };
-        if entry.is_null() {
-            let error = io::Error::last_os_error();
-            break if error.raw_os_error().unwrap_or(0) == 0 {
-                Ok(())
-            } else {
-                Err(error)
-            };
-        }
-        // SAFETY: readdir returns a valid entry whose name is NUL-terminated, valid until the next call.
-        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+    while let Some(entry) = stream.read() {
+        let name = entry?.file_name().to_bytes().to_vec();
         if name != b"." && name != b".." {
-            names.push(OsString::from_vec(name.to_vec()));
+            names.push(OsString::from_vec(name));
         }
-    };
-    // SAFETY: the stream is open and closed once.
-    unsafe { libc::closedir(stream) };
-    result.map(|()| names)
+    }
+    Ok(names)
 }
 
 #[cfg(test)]

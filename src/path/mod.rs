@@ -349,8 +349,7 @@ pub fn private_partial_dir(root: &Path) -> io::Result<PathBuf> {
         if !meta.is_dir() {
             return Err(io::Error::other(format!("{} is not a directory", dir.display())));
         }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = rustix::process::geteuid().as_raw();
         if meta.uid() != me {
             return Err(io::Error::other(format!(
                 "{} belongs to uid {}, not to this user (uid {me}); refusing to keep partial files there",
@@ -532,8 +531,7 @@ mod tests {
         assert!(err.to_string().contains("can be written by other users"), "{err}");
         std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o700)).unwrap();
         private_partial_dir(root.path()).unwrap();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             std::os::unix::fs::chown(root.path().join(RESERVED_DIR), Some(65534), Some(65534)).unwrap();
             let err = private_partial_dir(root.path()).unwrap_err();
             assert!(err.to_string().contains("belongs to uid 65534"), "{err}");

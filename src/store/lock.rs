@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -75,16 +74,15 @@ impl StateLock {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on a descriptor this function owns; it touches no memory.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
                 return Err(LockError::Held {
                     dir: dir.display().to_string(),
                     holder: holder(&mut file),
-                });
+                })
             }
-            return Err(io(error));
+            Err(e) => return Err(io(e.into())),
         }
         let note = format!("{}\n{}\n", std::process::id(), command_line());
         file.set_len(0)

@@ -441,20 +441,15 @@ fn place_symlink(
         _ => {}
     }
     let temp = format!(".ferry-{:016x}.link", crate::random::u64());
-    let (target_c, temp_c) = match (std::ffi::CString::new(target), std::ffi::CString::new(temp.as_str())) {
-        (Ok(t), Ok(n)) => (t, n),
-        _ => return Err(format!("{key} -> {target:?} holds a NUL")),
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: both strings are NUL-terminated and the descriptor is open.
-    if unsafe { libc::symlinkat(target_c.as_ptr(), dir.as_raw_fd(), temp_c.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
+    if target.contains('\0') {
+        return Err(format!("{key} -> {target:?} holds a NUL"));
     }
+    rustix::fs::symlinkat(target, &dir, temp.as_str()).map_err(|e| std::io::Error::from(e).to_string())?;
     match rename_into_from(root, key, &dir, &temp, Replace::FileOrLink) {
         Ok(_) => Ok(()),
         Err(e) => {
-            // SAFETY: as above.
-            unsafe { libc::unlinkat(dir.as_raw_fd(), temp_c.as_ptr(), 0) };
+            // Best effort: the temporary link is only clutter, and gc removes `.ferry-*` leftovers too.
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), rustix::fs::AtFlags::empty());
             Err(e.to_string())
         }
     }
