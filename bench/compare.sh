@@ -350,6 +350,11 @@ fresh=$(result fresh_ferry)
   echo "| rsync | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
 } > "$work/report.md"
 mkdir -p "$(dirname "$out")"
+# Hand-written notes below the marker line of an existing report (figures of other scripts, earlier runs) are kept.
+marker='<!-- Below: notes kept by bench/compare.sh when it rewrites the report above. -->'
+if [ -f "$out" ] && grep -qxF "$marker" "$out"; then
+  { echo; awk -v m="$marker" 'kept || $0 == m { kept = 1; print }' "$out"; } >> "$work/report.md"
+fi
 cp "$work/report.md" "$out"
 python3 bench/chart.py "$out" "${out%.md}.svg"
 cat "$out"
