@@ -106,4 +106,72 @@ pub mod exit {
     /// A push or pull was stopped by SIGINT (Ctrl-C), 128 + 2 as a shell reports a SIGINT death; what the receiver
     /// made durable is kept and the next run resumes.
     pub const INTERRUPTED: u8 = 130;
+
+    /// Every exit code above with its meaning, in order. The man pages' EXIT STATUS is generated from it, and tests
+    /// hold it to these constants and to the README's table.
+    pub const TABLE: [(u8, &str); 11] = [
+        (
+            OK,
+            "success: the file, or every file of the tree, is committed and verified on the receiver",
+        ),
+        (INTERNAL, "internal error"),
+        (
+            USAGE,
+            "usage: bad arguments, URL or remote path, an unusable client configuration or unknown remote; for \
+             serve, a bad configuration or a listen address that cannot be used",
+        ),
+        (
+            NETWORK,
+            "network: gave up after --retries attempts without progress (or the server stayed busy)",
+        ),
+        (
+            REJECTED,
+            "rejected by the server: bad path, bad manifest, disk full, over quota, not permitted, version \
+             mismatch, a pulled path that does not exist; for a tree, files the receiver could not place",
+        ),
+        (
+            INTEGRITY,
+            "integrity failure: the committed file does not match the source digest, or a pulled file is damaged \
+             on the server",
+        ),
+        (
+            LOCAL,
+            "local: the source is unreadable or kept changing, the client state store is unusable, or (trees) \
+             some files could not be read",
+        ),
+        (
+            AUTH,
+            "authentication: the token was refused, the server's TLS certificate failed its check, or one side \
+             speaks TLS and the other does not",
+        ),
+        (
+            ALREADY_RUNNING,
+            "already running: another run holds the client state directory (and --wait was not given)",
+        ),
+        (TIMED_OUT, "timed out: --max-duration ran out; the next run resumes"),
+        (
+            INTERRUPTED,
+            "interrupted: SIGINT stopped a push or pull; what the receiver made durable is kept and the next run \
+             resumes",
+        ),
+    ];
+
+    #[cfg(test)]
+    mod tests {
+        /// The table names every `pub const NAME: u8` of this module, each once, in the order they are defined
+        /// (read from this very source file, so a new code cannot be left out of the table).
+        #[test]
+        fn the_table_holds_every_exit_code_constant() {
+            let source = include_str!("lib.rs");
+            let module = &source[source.find("pub mod exit {").unwrap()..];
+            let module = &module[..module.find("pub const TABLE").unwrap()];
+            let defined: Vec<u8> = module
+                .lines()
+                .filter_map(|line| line.trim().strip_prefix("pub const ")?.split_once(": u8 = "))
+                .map(|(_, value)| value.trim_end_matches(';').parse().unwrap())
+                .collect();
+            let table: Vec<u8> = super::TABLE.iter().map(|(code, _)| *code).collect();
+            assert_eq!(table, defined);
+        }
+    }
 }

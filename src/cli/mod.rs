@@ -42,7 +42,7 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// No output except errors (and the --json summary).
+    /// No output except errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// The command.
@@ -291,7 +291,8 @@ pub struct TransferArgs {
     /// default).
     #[arg(long, value_enum)]
     pub links: Option<LinkPolicy>,
-    /// Print newline-delimited JSON events on stdout, the summary object last (README, "JSON output").
+    /// Print newline-delimited JSON events on stdout, the summary object last (README, "JSON output"); with -q,
+    /// the summary line alone.
     #[arg(long)]
     pub json: bool,
     /// How often --json reports progress (0 for never).
