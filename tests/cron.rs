@@ -233,3 +233,138 @@ async fn a_pull_stopped_by_max_duration_is_resumed_by_the_next_run() {
     );
     assert_eq!(b3(&dest), b3(&server.root.join("big.bin")));
 }
+
+/// The crontab line of the README's "Job 2" recipe (the one line of its ```cron block that is not a comment).
+fn readme_cron_line() -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let block = &readme[readme.find("```cron\n").expect("README has a ```cron block") + 8..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<&str> = block
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(lines.len(), 1, "one crontab line: {block}");
+    lines[0].to_string()
+}
+
+/// The README's recipe as `sh -c` runs it for cron, with its placeholders pointed at this test: the `ferry`
+/// binary, the token file, the fingerprint, the source, the server's address and the log. Every other word (the
+/// flags, `>>`, `2>&1`) stays as the README has it.
+fn cron_command(line: &str, server: &str, token: &Path, print: &str, source: &Path, log: &Path) -> String {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // Five schedule fields, then the command; cron hands the rest of the line to sh, where `%` would be special.
+    let words = &fields[5..];
+    assert!(!line.contains('%'), "cron turns % into a newline: {line}");
+    assert_eq!(words[0], "ferry", "{line}");
+    let quote = |p: &Path| format!("'{}'", p.display());
+    let url_at = words
+        .iter()
+        .position(|w| w.starts_with("ferry://"))
+        .expect("a ferry:// URL");
+    let mut out = Vec::new();
+    for (i, word) in words.iter().enumerate() {
+        let previous = if i > 0 { words[i - 1] } else { "" };
+        out.push(match (i, previous) {
+            (0, _) => quote(Path::new(ferry_bin())),
+            (_, "--token-file") => quote(token),
+            (_, "--tls-fingerprint") => print.to_string(),
+            (_, ">>") => quote(log),
+            _ if i + 1 == url_at => quote(source),
+            _ if i == url_at => {
+                let path = word
+                    .trim_start_matches("ferry://")
+                    .split_once('/')
+                    .map_or("", |(_, p)| p);
+                format!("ferry://{server}/{path}")
+            }
+            _ => word.to_string(),
+        });
+    }
+    out.join(" ")
+}
+
+/// issue 16, "Done when": the README's cron line, run literally through `sh -c` as cron would (no terminal, no
+/// input, a fresh HOME), once against a missing source (exit 6) and twice against a real tree over TLS with a
+/// token (exit 0, then an unchanged re-run): the log holds exactly one line per run, every line a JSON summary with
+/// its time, source and destination. The recipe is read from README.md, so the two cannot drift apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_cron_recipe_logs_one_json_line_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, print) = keygen(dir.path());
+    let token = ferry::auth::Token::generate("laptop").unwrap();
+    let config = dir.path().join("server.toml");
+    let client = format!(
+        "[[client]]\nid = \"laptop\"\nsecret = \"{}\"\nnamespace = \"laptop\"\npermissions = [\"push\"]\n",
+        token.secret_hex()
+    );
+    std::fs::write(&config, format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{client}")).unwrap();
+    let token_file = dir.path().join("laptop.token");
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let server = TestServer::start_with(&dir.path().join("root"), &["--config", config.to_str().unwrap()]);
+    let source = dir.path().join("backup");
+    std::fs::create_dir_all(source.join("db")).unwrap();
+    let data = write_random(&source.join("db/nightly.dump"), 300 * KIB, 9);
+    let log = dir.path().join("ferry-backup.jsonl");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let line = readme_cron_line();
+    let missing = dir.path().join("not-there");
+    let runs = [(&missing, 6), (&source, 0), (&source, 0)];
+    for (src, code) in runs {
+        let command = cron_command(&line, &server.addr.to_string(), &token_file, &print, src, &log);
+        let mut sh = std::process::Command::new("/bin/sh");
+        sh.arg("-c")
+            .arg(&command)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let status = tokio::task::spawn_blocking(move || sh.status().unwrap()).await.unwrap();
+        assert_eq!(status.code(), Some(code), "{command}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), runs.len(), "one line per run:\n{text}");
+    for (line, (src, code)) in lines.iter().zip(runs) {
+        let summary: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(summary["event"], "summary", "{line}");
+        assert_eq!(summary["exit_code"], code, "{line}");
+        assert!(summary["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+        assert!(
+            summary["destination"].as_str().is_some_and(|d| d.contains("laptop")),
+            "{line}"
+        );
+        let shown = src.file_name().unwrap().to_str().unwrap();
+        assert!(summary["source"].as_str().is_some_and(|s| s.contains(shown)), "{line}");
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(lines[2]).unwrap()["bytes_sent"],
+        0,
+        "{}",
+        lines[2]
+    );
+    // Wherever the tree lands under the client's namespace, the file arrived whole.
+    let landed = find_file(&server.root.join("laptop"), "nightly.dump").expect("the dump landed");
+    assert_eq!(std::fs::read(landed).unwrap(), data);
+}
+
+/// The first file called `name` under `dir` (depth first; `.ferry` skipped).
+fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let path = entry.ok()?.path();
+        if path.file_name().is_some_and(|n| n == ".ferry") {
+            continue;
+        }
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
