@@ -80,9 +80,14 @@ fn man_pages_have_exit_status_examples_and_only_existing_references() {
                 "{name} refers to {reference}(1), which `ferry man --out` did not write"
             );
         }
-        let quiet = page.find("\\-\\-quiet").map(|at| &page[at..]).unwrap_or("");
+        // The -q entry of OPTIONS (the synopsis names it too), up to the next option.
+        let options = section(&page, "OPTIONS").unwrap_or_else(|| panic!("{name}: no OPTIONS"));
+        let at = options
+            .find("\\fB\\-\\-quiet\\fR\n")
+            .unwrap_or_else(|| panic!("{name}: no -q"));
+        let quiet = &options[at..];
         let quiet = &quiet[..quiet.find("\n.TP").unwrap_or(quiet.len())];
-        if !page.contains("\\fB\\-\\-json\\fR") {
+        if !options.contains("\\fB\\-\\-json\\fR") {
             assert!(!quiet.contains("json"), "{name}: -q mentions --json: {quiet}");
         }
     }
