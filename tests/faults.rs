@@ -156,7 +156,7 @@ async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
 
 /// Starts `ferry push` of `src` through a proxy that stalls after `stall_at` bytes, and waits for the stall. The
 /// proxy is returned so that the stalled link stays open as long as the caller keeps it.
-/// proto-spec.md / README "Reliability": a state store sled refuses to open after a crash (here its `conf`
+/// proto-spec.md / docs/testing.md "Reliability figures": a state store sled refuses to open after a crash (here its `conf`
 /// overwritten, which sled 0.34 reports as Corruption) is moved aside with a warning naming both directories, on the
 /// server and on the client; the server starts and serves, and the interrupted push completes verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! "Arbitrary input never panics" for the whole server session, in CI: proptest feeds a real server (temp root,
 //! in memory, no socket) a valid Hello followed by arbitrary bytes, or by a sequence of well-formed messages in
 //! arbitrary order, and checks that it answers and ends. cargo-fuzz runs the same entry point unbounded
-//! (fuzz/, README "Fuzzing").
+//! (fuzz/, docs/testing.md "Fuzzing").
 
 use std::time::Duration;
 
