@@ -115,6 +115,14 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         tree: None,
         meter: opts.meter.clone(),
     };
+    let _published = super::running::Publisher::start(
+        &opts.state_dir,
+        "pull",
+        opts.source.to_string(),
+        opts.destination.display().to_string(),
+        opts.meter.clone(),
+        None,
+    );
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
     // At the deadline the receiver is asked to stop (it drains what it verified), then given STOP_GRACE.
     let stop = CancellationToken::new();

@@ -125,6 +125,7 @@ pub async fn push_tree(
         committed: None,
     };
     let mut record = super::push::start_record(&store, &dir, &destination, tree.total_bytes()).await?;
+    let _published = super::push::publish_push(&opts, &store, &record);
     let mut stats = SendStats::default();
     let outcome = loop {
         let number = retrier.start();
@@ -156,8 +157,7 @@ pub async fn push_tree(
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
     };
-    let save = store.clone();
-    blocking(move || Ok(save.save_push(&record)?)).await?;
+    super::push::save_push(&store, record, opts.send.meter.snapshot().done).await?;
     let sent = outcome?;
     report.damaged = sent.failed.iter().filter(|f| f.damaged).count() as u64;
     let missing = missing_entries(&sent.committed.missing, tree.entries.len());
