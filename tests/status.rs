@@ -412,7 +412,7 @@ async fn a_tree_push_is_listed_as_one_push_of_the_tree_bytes() {
     std::fs::create_dir_all(tree.join("2026")).unwrap();
     write_random(&tree.join("2026/a.jpg"), 40 * KIB, 1);
     write_random(&tree.join("b.raw"), 2 * MIB, 2);
-    push(&tree, &server.url("backups/photos/"), &state, &[])
+    push(&tree, &server.url("backups/photos"), &state, &[])
         .await
         .assert_ok();
     let listed = status_json(&state, &[]).await;

@@ -10,6 +10,7 @@ mod config;
 mod conn_limits;
 mod cron;
 mod delta;
+mod directories;
 mod exit_codes;
 mod faults;
 mod fs_attacks;

@@ -334,6 +334,11 @@ pub struct TransferArgs {
     /// When another run holds the state directory, wait for it (up to --max-duration) instead of exiting with 8.
     #[arg(long)]
     pub wait: bool,
+    /// For trees only: once the tree has landed completely, delete what the destination directory holds beyond
+    /// it (files, symlinks and directories under it, never outside it), and list what was deleted. A push needs a
+    /// server speaking protocol version 6. Without it, trees are only added to.
+    #[arg(long)]
+    pub delete: bool,
 }
 
 impl TransferArgs {
@@ -396,6 +401,13 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         Ok(setup) => setup,
         Err(e) => return finish::<PushReport>(&job, Err(e)),
     };
+    if common.delete && !args.file.is_dir() {
+        let refused = ClientError::Setup(format!(
+            "--delete applies to directory pushes only; {} is not a directory",
+            args.file.display()
+        ));
+        return finish::<PushReport>(&job, Err(refused));
+    }
     let deadline = settings.max_duration.map(Deadline::after);
     let _lock = match lock_state(&settings, common.wait, deadline).await {
         Ok(lock) => lock,
@@ -419,6 +431,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         links: settings.links,
         bandwidth: settings.bwlimit.map(Bandwidth::new),
         deadline,
+        delete: common.delete,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -477,6 +490,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         meter: Arc::default(),
         bandwidth: settings.bwlimit.map(Bandwidth::new),
         deadline,
+        delete: common.delete,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -815,6 +829,26 @@ fn print_tree(report: &TreeReport) {
     if missing > 0 {
         eprintln!("ferry: {missing} entries could not be placed on the receiver");
     }
+    if let Some(deletion) = &report.deletion {
+        print_deletion(deletion);
+    }
+}
+
+/// What `--delete` did, one line per deleted entry (paths may come from the peer).
+fn print_deletion(deletion: &crate::client::Deletion) {
+    if let Some(reason) = &deletion.skipped {
+        eprintln!("ferry: --delete: {}", printable(reason));
+    }
+    for path in &deletion.removed {
+        eprintln!("ferry: deleted {}", printable(path));
+    }
+    let unlisted = deletion.total.saturating_sub(deletion.removed.len() as u64);
+    if unlisted > 0 {
+        eprintln!("ferry: deleted {unlisted} more entries (too many to list)");
+    }
+    for (path, reason) in &deletion.failed {
+        eprintln!("ferry: could not delete {}: {}", printable(path), printable(reason));
+    }
 }
 
 /// The one-line JSON summary of a tree push or pull.
@@ -850,6 +884,15 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
     });
     let key = if report.pulled { "bytes_received" } else { "bytes_sent" };
     summary[key] = report.bytes_transferred.into();
+    summary["deleted"] = match &report.deletion {
+        None => serde_json::Value::Null,
+        Some(d) => serde_json::json!({
+            "paths": d.removed,
+            "total": d.total,
+            "failed": pairs(&d.failed),
+            "skipped": d.skipped,
+        }),
+    };
     summary
 }
 

@@ -27,7 +27,7 @@ pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
 pub use running::{read_running, Running, PROGRESS_FILE, PUBLISH_EVERY};
 pub use status::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
-pub use tree::{push_tree, TreeReport};
+pub use tree::{push_tree, tree_destination, Deletion, TreeReport};
 
 use crate::auth::Token;
 use crate::exit;

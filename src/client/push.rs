@@ -48,12 +48,28 @@ pub struct PushOptions {
     pub bandwidth: Option<Bandwidth>,
     /// When the whole run must stop (`--max-duration`).
     pub deadline: Option<Deadline>,
+    /// For a directory: remove what the remote tree holds beyond the source (`--delete`, protocol version 6).
+    pub delete: bool,
 }
 
 impl PushOptions {
     /// A greeted connection to the destination's server.
     pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
         connect(
+            &self.destination,
+            self.connect_timeout,
+            self.send.io_timeout,
+            &self.access,
+            self.bandwidth.as_ref(),
+        )
+        .await
+    }
+
+    /// Like [`PushOptions::connect`], also returning the server's Welcome.
+    pub(super) async fn connect_welcomed(
+        &self,
+    ) -> Result<(super::ClientConnection, crate::wire::Welcome), TransferError> {
+        super::connect_welcomed(
             &self.destination,
             self.connect_timeout,
             self.send.io_timeout,
