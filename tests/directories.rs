@@ -233,17 +233,19 @@ async fn a_pull_names_the_symlinks_it_leaves_out_and_delete_removes_local_extras
     assert!(!restore.join("extra.txt").exists() && !restore.join("d/more").exists());
 }
 
-/// The server takes TreePrune only on a version-6 connection and only right after the tree it names; a version-5
-/// client is served as before.
+/// The server takes TreePrune only on a version-6 connection and only right after the tree it names: after the
+/// same (empty) tree, a version-5 connection gets `UnexpectedMessage` and nothing is removed; a version-6 one gets
+/// the removal; a TreePrune with no tree before it is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_prune_needs_version_6_and_a_tree_just_committed() {
-    use ferry::wire::{Connection, ErrorCode, Hello, Message, TreePrune, MAGIC};
+    use ferry::wire::{Connection, ErrorCode, Hello, Message, TreeCommit, TreeOffer, TreePrune, MAGIC};
     use tokio::net::TcpStream;
 
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
     tree(&server.root, &[("bk/keep.txt", "k")]);
-    for version in [5, 6] {
+    let prune = || Message::TreePrune(TreePrune { path: "bk".into() });
+    let connect = |version: u16| async move {
         let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
         let hello = Hello {
             magic: MAGIC,
@@ -257,15 +259,71 @@ async fn tree_prune_needs_version_6_and_a_tree_just_committed() {
             Some(Message::Welcome(welcome)) => assert_eq!(welcome.version, version),
             other => panic!("expected Welcome, got {other:?}"),
         }
-        let prune = Message::TreePrune(TreePrune { path: "bk".into() });
-        conn.write_message(&prune).await.unwrap();
-        match conn.read_message().await.unwrap() {
-            Some(Message::Error(frame)) => assert_eq!(frame.code, ErrorCode::UnexpectedMessage, "{frame:?}"),
-            other => panic!("version {version}: expected an Error, got {other:?}"),
+        conn
+    };
+    let expect_unexpected = |reply: Option<Message>| match reply {
+        Some(Message::Error(frame)) => assert_eq!(frame.code, ErrorCode::UnexpectedMessage, "{frame:?}"),
+        other => panic!("expected an Error, got {other:?}"),
+    };
+    // No tree before it.
+    let mut conn = connect(6).await;
+    conn.write_message(&prune()).await.unwrap();
+    expect_unexpected(conn.read_message().await.unwrap());
+
+    for version in [5, 6] {
+        let mut conn = connect(version).await;
+        let offer = TreeOffer {
+            path: "bk".into(),
+            entries: Vec::new(),
+        };
+        conn.write_message(&Message::TreeOffer(offer)).await.unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::TreeNeed(_))));
+        let commit = TreeCommit { failed: Vec::new() };
+        conn.write_message(&Message::TreeCommit(commit)).await.unwrap();
+        assert!(matches!(
+            conn.read_message().await.unwrap(),
+            Some(Message::TreeCommitted(_))
+        ));
+        conn.write_message(&prune()).await.unwrap();
+        let reply = conn.read_message().await.unwrap();
+        if version == 5 {
+            expect_unexpected(reply);
+            assert!(
+                server.root.join("bk/keep.txt").exists(),
+                "a refused TreePrune removes nothing"
+            );
+        } else {
+            match reply {
+                Some(Message::TreePruned(pruned)) => {
+                    assert_eq!((pruned.removed, pruned.total), (vec!["keep.txt".to_string()], 1));
+                }
+                other => panic!("expected TreePruned, got {other:?}"),
+            }
+            assert!(!server.root.join("bk/keep.txt").exists());
         }
     }
+}
+
+/// A tree that did not land completely deletes nothing: a file the receiver refused (a directory in its way) must
+/// not make `--delete` take anything else, and the summary says why nothing went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_an_incomplete_tree_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, local) = (dir.path().join("state"), dir.path().join("local"));
+    tree(&local, &[("t/a.txt", "a"), ("t/blocked", "b")]);
+    let server = TestServer::start(&dir.path().join("root"));
+    tree(&server.root, &[("bk/t/blocked/inside", "i"), ("bk/t/extra.txt", "e")]);
+    let source = local.join("t").display().to_string();
+    let pushed = push_as_given(&source, &server.url("bk/"), &state, &["--delete"]).await;
+    assert_eq!(pushed.code, i32::from(ferry::exit::REJECTED), "{}", pushed.json);
+    let skipped = pushed.json["deleted"]["skipped"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", pushed.json));
+    assert!(skipped.contains("nothing deleted"), "{skipped}");
+    assert_eq!(pushed.json["deleted"]["total"], 0);
+    assert!(server.root.join("bk/t/extra.txt").exists() && server.root.join("bk/t/blocked/inside").exists());
     assert!(
-        server.root.join("bk/keep.txt").exists(),
-        "a refused TreePrune removes nothing"
+        server.root.join("bk/t/a.txt").exists(),
+        "the rest of the tree still landed"
     );
 }
