@@ -327,3 +327,30 @@ async fn delete_after_an_incomplete_tree_removes_nothing() {
         "the rest of the tree still landed"
     );
 }
+
+/// What `--delete` removes stops counting against the namespace's quota: its committed records go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_free_their_quota() {
+    let alice = ferry::auth::Token::generate("alice").unwrap();
+    let site = crate::access::Site::start(&[(&alice, "alice", "[\"push\"]", "quota = \"300KiB\"")], "");
+    let token = site.token_file(&alice);
+    let state = site.state("alice");
+    let local = site.dir.join("local");
+    std::fs::create_dir_all(local.join("t")).unwrap();
+    write_random(&local.join("t/a.bin"), 200 * KIB, 1);
+    let source = local.join("t").display().to_string();
+    let url = site.server.url("bk/");
+    let flags = ["--token-file", token.as_str()];
+    push_as_given(&source, &url, &state, &flags).await.assert_ok();
+
+    std::fs::remove_file(local.join("t/a.bin")).unwrap();
+    let pruned = push_as_given(&source, &url, &state, &[&flags[..], &["--delete"]].concat()).await;
+    pruned.assert_ok();
+    assert_eq!(deleted_paths(&pruned), ["a.bin"]);
+
+    // 200 KiB more fits in 300 KiB only if the deleted 200 KiB no longer count.
+    write_random(&local.join("t/b.bin"), 200 * KIB, 2);
+    let refilled = push_as_given(&source, &url, &state, &flags).await;
+    refilled.assert_ok();
+    assert_eq!(refilled.json["files_committed"], 1, "{}", refilled.json);
+}

@@ -193,7 +193,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
                 skip_symlinks(&mut report, &received.entries);
             }
             if opts.delete {
-                report.deletion = Some(delete_local(&report, ctx.root.clone(), received.entries).await?);
+                report.deletion = Some(delete_local(&report, ctx, received.entries).await?);
             }
             Pulled::Tree(report)
         }
@@ -223,14 +223,19 @@ fn skip_symlinks(report: &mut TreeReport, entries: &[crate::wire::TreeEntry]) {
 /// completely.
 async fn delete_local(
     report: &TreeReport,
-    root: std::path::PathBuf,
+    ctx: &ReceiverContext,
     entries: Vec<crate::wire::TreeEntry>,
 ) -> Result<super::Deletion, ClientError> {
     if !(report.failed.is_empty() && report.committed.missing.is_empty()) {
         return Ok(super::Deletion::skipped(super::tree::NOT_DELETING));
     }
+    let (root, store) = (ctx.root.clone(), ctx.store.clone());
     blocking(move || {
-        crate::transfer::prune::prune(&root, &[], &entries)
+        use crate::transfer::prune::{prune, Forget};
+        let mut forget = Forget::new(&store, String::new());
+        let pruned = prune(&root, &[], &entries, &mut |path| forget.file(path));
+        forget.flush();
+        pruned
             .map(super::Deletion::from_report)
             .map_err(|e| ClientError::Source(format!("--delete: {e}")))
     })

@@ -26,6 +26,7 @@ use super::{send_within, with_keepalive, TransferError};
 use crate::path::{
     entry_at, is_temp_name, kind_at, list_dir, open_dir_beneath, Entry, Kind, PathError, RemotePath, RESERVED_DIR,
 };
+use crate::store::ReceiverStore;
 use crate::wire::{Connection, EntryKind, ErrorCode, Message, PruneFailure, TreeEntry, TreePrune, TreePruned};
 
 /// Most bytes of removed paths a report names; the rest are only counted (a reply must fit in a frame).
@@ -70,8 +71,14 @@ enum Held {
 }
 
 /// Removes everything under the directory `base` (components below `root`; empty: `root` itself) that is not one
-/// of `entries` (paths relative to `base`). Blocking.
-pub fn prune(root: &Path, base: &[&str], entries: &[TreeEntry]) -> Result<PruneReport, PathError> {
+/// of `entries` (paths relative to `base`); `removed_file` hears of every regular file removed (its path relative
+/// to `base`), so the caller can forget its records. Blocking.
+pub fn prune(
+    root: &Path,
+    base: &[&str],
+    entries: &[TreeEntry],
+    removed_file: &mut dyn FnMut(&str),
+) -> Result<PruneReport, PathError> {
     let held: HashMap<&str, Held> = entries
         .iter()
         .map(|e| {
@@ -83,9 +90,13 @@ pub fn prune(root: &Path, base: &[&str], entries: &[TreeEntry]) -> Result<PruneR
         })
         .collect();
     let dir = open_dir_beneath(root, base, false)?;
-    let mut report = PruneReport::default();
-    walk(&dir, "", &held, &mut report);
-    Ok(report)
+    let mut walker = Walker {
+        held,
+        report: PruneReport::default(),
+        removed_file,
+    };
+    walker.walk(&dir, "");
+    Ok(walker.report)
 }
 
 /// Serves a TreePrune (proto-spec.md §12, "Deleting"): `tree` is the tree this connection committed last, its
@@ -102,11 +113,14 @@ pub async fn serve_prune<S: AsyncRead + AsyncWrite + Unpin>(
             state: "not right after the TreeCommitted of the tree it names",
         });
     };
-    let root = ctx.root.clone();
+    let (root, store) = (ctx.root.clone(), ctx.store.clone());
     let shown = base.to_string();
     let report = with_keepalive(conn, ctx.idle_timeout, move || {
         let components: Vec<&str> = base.as_str().split('/').collect();
-        prune(&root, &components, &entries).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))
+        let mut forget = Forget::new(&store, format!("{base}/"));
+        let report = prune(&root, &components, &entries, &mut |path| forget.file(path));
+        forget.flush();
+        report.map_err(|e| TransferError::refused(ErrorCode::BadPath, e))
     })
     .await?;
     for path in &report.removed {
@@ -136,6 +150,48 @@ pub async fn serve_prune<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
+/// Forgets the store records of removed files in batches, so quota and entry budgets stop counting them. A store
+/// failure is logged: the files are gone either way, and records of missing files are never served or reused
+/// unchecked.
+pub struct Forget<'a> {
+    store: &'a ReceiverStore,
+    prefix: String,
+    pending: Vec<String>,
+}
+
+impl<'a> Forget<'a> {
+    /// Batches for `store`; `prefix` turns a path relative to the tree into the store's path ("" or ending in '/').
+    pub fn new(store: &'a ReceiverStore, prefix: String) -> Forget<'a> {
+        Forget {
+            store,
+            prefix,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The file at `path` (relative to the tree) was removed.
+    pub fn file(&mut self, path: &str) {
+        self.pending.push(format!("{}{path}", self.prefix));
+        if self.pending.len() >= FORGET_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Forgets what is pending.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.forget_committed(&self.pending) {
+            tracing::warn!(error = %e, "forgetting the records of removed files failed");
+        }
+        self.pending.clear();
+    }
+}
+
+/// Removed files forgotten per store batch.
+const FORGET_BATCH: usize = 1024;
+
 /// A reason cut to 1 KiB (on a character boundary).
 fn clip_reason(mut reason: String) -> String {
     if reason.len() > 1024 {
@@ -148,61 +204,78 @@ fn clip_reason(mut reason: String) -> String {
     reason
 }
 
-/// Prunes one directory level: `prefix` is its path relative to the tree ("" or ending in '/').
-fn walk(dir: &File, prefix: &str, held: &HashMap<&str, Held>, report: &mut PruneReport) {
-    let mut names = match list_dir(dir) {
-        Ok(names) => names,
-        Err(e) => return report.failed(display(prefix, OsStr::new("")), e),
-    };
-    names.sort();
-    for name in names {
-        let path = display(prefix, &name);
-        if name.as_bytes() == RESERVED_DIR.as_bytes() || name.to_str().is_some_and(is_temp_name) {
-            continue;
-        }
-        match name.to_str().and_then(|n| held.get(format!("{prefix}{n}").as_str())) {
-            Some(Held::Dir) => match entry_at(dir, &name) {
-                Ok(Entry::Dir(inner)) => walk(&inner, &format!("{path}/"), held, report),
-                // Not a directory here: the tree's placement refused or kept it; not ours to remove.
-                Ok(_) => {}
-                Err(e) => report.failed(path, e),
-            },
-            Some(Held::Other) => {}
-            None => remove(dir, &name, path, report),
-        }
-    }
+/// One pruning walk: what the tree holds, what was done, and who hears of removed files.
+struct Walker<'a> {
+    held: HashMap<&'a str, Held>,
+    report: PruneReport,
+    removed_file: &'a mut dyn FnMut(&str),
 }
 
-/// Removes `name` from `dir`: a directory with all its content, anything else with one `unlinkat`.
-fn remove(dir: &File, name: &OsStr, path: String, report: &mut PruneReport) {
-    let kind = match kind_at(dir, name) {
-        Ok(kind) => kind,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-        Err(e) => return report.failed(path, e),
-    };
-    if kind == Kind::Dir {
-        match entry_at(dir, name) {
-            Ok(Entry::Dir(inner)) => empty(&inner, &path, report),
-            Ok(_) => return report.failed(path, "it was replaced while it was being removed"),
-            Err(e) => return report.failed(path, e),
+impl Walker<'_> {
+    /// Prunes one directory level: `prefix` is its path relative to the tree ("" or ending in '/').
+    fn walk(&mut self, dir: &File, prefix: &str) {
+        let mut names = match list_dir(dir) {
+            Ok(names) => names,
+            Err(e) => return self.report.failed(display(prefix, OsStr::new("")), e),
+        };
+        names.sort();
+        for name in names {
+            let path = display(prefix, &name);
+            if name.as_bytes() == RESERVED_DIR.as_bytes() || name.to_str().is_some_and(is_temp_name) {
+                continue;
+            }
+            let held = name
+                .to_str()
+                .and_then(|n| self.held.get(format!("{prefix}{n}").as_str()).copied());
+            match held {
+                Some(Held::Dir) => match entry_at(dir, &name) {
+                    Ok(Entry::Dir(inner)) => self.walk(&inner, &format!("{path}/")),
+                    // Not a directory here: the tree's placement refused or kept it; not ours to remove.
+                    Ok(_) => {}
+                    Err(e) => self.report.failed(path, e),
+                },
+                Some(Held::Other) => {}
+                None => self.remove(dir, &name, path),
+            }
         }
     }
-    match unlink_at(dir, name, kind == Kind::Dir) {
-        Ok(()) => report.removed(path),
-        Err(e) => report.failed(path, e),
-    }
-}
 
-/// Removes everything inside the directory `dir` (at `path`).
-fn empty(dir: &File, path: &str, report: &mut PruneReport) {
-    let mut names = match list_dir(dir) {
-        Ok(names) => names,
-        Err(e) => return report.failed(path.to_string(), e),
-    };
-    names.sort();
-    for name in names {
-        let inner = display(&format!("{path}/"), &name);
-        remove(dir, &name, inner, report);
+    /// Removes `name` from `dir`: a directory with all its content, anything else with one `unlinkat`.
+    fn remove(&mut self, dir: &File, name: &OsStr, path: String) {
+        let kind = match kind_at(dir, name) {
+            Ok(kind) => kind,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => return self.report.failed(path, e),
+        };
+        if kind == Kind::Dir {
+            match entry_at(dir, name) {
+                Ok(Entry::Dir(inner)) => self.empty(&inner, &path),
+                Ok(_) => return self.report.failed(path, "it was replaced while it was being removed"),
+                Err(e) => return self.report.failed(path, e),
+            }
+        }
+        match unlink_at(dir, name, kind == Kind::Dir) {
+            Ok(()) => {
+                if kind == Kind::File {
+                    (self.removed_file)(&path);
+                }
+                self.report.removed(path)
+            }
+            Err(e) => self.report.failed(path, e),
+        }
+    }
+
+    /// Removes everything inside the directory `dir` (at `path`).
+    fn empty(&mut self, dir: &File, path: &str) {
+        let mut names = match list_dir(dir) {
+            Ok(names) => names,
+            Err(e) => return self.report.failed(path.to_string(), e),
+        };
+        names.sort();
+        for name in names {
+            let inner = display(&format!("{path}/"), &name);
+            self.remove(dir, &name, inner);
+        }
     }
 }
 
@@ -274,7 +347,8 @@ mod tests {
             entry("keep/b.txt", false),
             entry("keep/sub", true),
         ];
-        let report = prune(r, &["bk"], &entries).unwrap();
+        let mut files = Vec::new();
+        let report = prune(r, &["bk"], &entries, &mut |p| files.push(p.to_string())).unwrap();
         assert_eq!(
             report.removed,
             [
@@ -287,6 +361,11 @@ mod tests {
             ]
         );
         assert_eq!(report.total, 6);
+        assert_eq!(
+            files,
+            ["extra.txt", "gone/deep/x", "keep/sub/old.txt"],
+            "regular files only"
+        );
         assert!(report.failed.is_empty(), "{:?}", report.failed);
         for kept in [
             "bk/a.txt",
@@ -308,12 +387,12 @@ mod tests {
         std::fs::create_dir_all(r.join("outside")).unwrap();
         std::fs::write(r.join("outside/precious"), b"x").unwrap();
         std::os::unix::fs::symlink(r.join("outside"), r.join("bk/keep")).unwrap();
-        let report = prune(r, &["bk"], &[entry("keep", true)]).unwrap();
+        let report = prune(r, &["bk"], &[entry("keep", true)], &mut |_| {}).unwrap();
         assert!(report.removed.is_empty(), "{report:?}");
         assert!(r.join("outside/precious").exists());
         // The base itself a symlink: refused.
         std::os::unix::fs::symlink(r.join("outside"), r.join("via")).unwrap();
-        assert!(prune(r, &["via"], &[]).is_err());
+        assert!(prune(r, &["via"], &[], &mut |_| {}).is_err());
         assert!(r.join("outside/precious").exists());
     }
 }
