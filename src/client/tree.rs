@@ -278,12 +278,14 @@ enum Delete {
     Refrain,
 }
 
-/// The remote directory a pushed tree goes into, rsync's way: `SRC/` (a trailing slash on the local directory)
-/// puts its content into the destination; `SRC` into `DEST/` (a trailing slash on the remote path) puts the
+/// The remote directory a pushed tree goes into, rsync's way: `SRC/` (a trailing slash on the local directory, or
+/// `.` as its last component) puts its content into the destination; `SRC` into `DEST/` (a trailing slash on the remote path) puts the
 /// directory itself there, as `DEST/<name of SRC>`; `SRC` into `DEST` makes `DEST` the tree's directory.
 pub fn tree_destination(source: &Path, destination: &str) -> Result<String, ClientError> {
     use std::os::unix::ffi::OsStrExt;
-    let contents = source.as_os_str().as_bytes().ends_with(b"/");
+    // `DIR/`, and `.` or `DIR/.` (the directory's own entry), mean its content, as with rsync and cp.
+    let raw = source.as_os_str().as_bytes();
+    let contents = raw.ends_with(b"/") || raw == b"." || raw.ends_with(b"/.");
     let dir = if !contents && destination.ends_with('/') {
         let canonical =
             std::fs::canonicalize(source).map_err(|e| ClientError::Source(format!("{}: {e}", source.display())))?;
@@ -395,6 +397,21 @@ mod tests {
         report.count_entries([&huge, &huge].into_iter());
         assert_eq!(report.bytes_total, u64::MAX);
         assert_eq!(report.files, 2);
+    }
+
+    #[test]
+    fn a_trailing_slash_or_dot_pushes_the_content_and_a_remote_slash_keeps_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let photos = dir.path().join("photos");
+        std::fs::create_dir(&photos).unwrap();
+        let given = |suffix: &str| std::path::PathBuf::from(format!("{}{suffix}", photos.display()));
+        let dest = |source: &Path, remote: &str| tree_destination(source, remote).unwrap();
+        assert_eq!(dest(&given(""), "bk/"), "bk/photos");
+        assert_eq!(dest(&given("/"), "bk/"), "bk");
+        assert_eq!(dest(&given("/."), "bk/"), "bk");
+        assert_eq!(dest(&given(""), "bk/pics"), "bk/pics");
+        assert_eq!(dest(&given("/"), "bk/pics/"), "bk/pics");
+        assert_eq!(dest(Path::new("."), "bk/"), "bk");
     }
 
     #[test]
