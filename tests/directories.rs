@@ -231,6 +231,18 @@ async fn a_pull_names_the_symlinks_it_leaves_out_and_delete_removes_local_extras
     assert_eq!(deleted, ["d/more", "d/more/c.txt", "extra.txt"], "{}", pulled.json);
     assert!(restore.join("a.txt").exists() && restore.join("d/b.txt").exists());
     assert!(!restore.join("extra.txt").exists() && !restore.join("d/more").exists());
+
+    // A file pull has nothing to delete, and says so.
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["pull", &server.url("bk/t/a.txt")])
+        .arg(dir.path().join("a.txt"))
+        .arg("--delete")
+        .arg("--state")
+        .arg(&state);
+    let output = cmd.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("--delete applies to trees"), "{stderr}");
 }
 
 /// The server takes TreePrune only on a version-6 connection and only right after the tree it names: after the

@@ -505,6 +505,9 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let result = interruptible(crate::client::pull(opts, &mut progress)).await;
     stop(ticker).await;
     output.finish();
+    if common.delete && !quiet && matches!(result, Ok(Pulled::File(_))) {
+        eprintln!("ferry: --delete applies to trees; the pull fetched a file and deleted nothing");
+    }
     finish(&job, result)
 }
 
