@@ -106,6 +106,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
         links: Default::default(),
         bandwidth: None,
         deadline: None,
+        delete: false,
     };
     let mut narrate = |event: ClientEvent| {
         let line = match event {

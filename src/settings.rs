@@ -4,7 +4,7 @@
 //! It also resolves where the transfer goes: a `ferry://` URL as given, or `NAME:PATH`, which means `PATH` under
 //! the base URL of `[remote.NAME]` and brings that remote's settings along.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -110,8 +110,31 @@ impl std::fmt::Display for Location {
 }
 
 impl Location {
+    /// Parses where `ferry status --server` looks: `ferry://HOST[:PORT][/PATH]` (the path may be missing) or
+    /// `NAME:[PATH]` under a configured remote.
+    pub fn parse_server(raw: &str) -> Result<Location, SettingsError> {
+        if raw.starts_with("ferry://") {
+            return Ok(Location::Url(FerryUrl::server(raw)?));
+        }
+        raw.parse()
+    }
+
     /// The URL this location means, and the remote it names (if any).
     pub fn resolve<'a>(&self, file: &'a ClientFile) -> Result<(FerryUrl, Option<&'a Remote>), SettingsError> {
+        self.resolve_in(file, false)
+    }
+
+    /// Like [`Location::resolve`], but the URL may name no path: a server (and the caller's whole namespace) for
+    /// `ferry status --server`, so `NAME:` works for a remote whose url has no base path.
+    pub fn resolve_server<'a>(&self, file: &'a ClientFile) -> Result<(FerryUrl, Option<&'a Remote>), SettingsError> {
+        self.resolve_in(file, true)
+    }
+
+    fn resolve_in<'a>(
+        &self,
+        file: &'a ClientFile,
+        bare: bool,
+    ) -> Result<(FerryUrl, Option<&'a Remote>), SettingsError> {
         match self {
             Location::Url(url) => Ok((url.clone(), None)),
             Location::Remote { name, path } => {
@@ -122,7 +145,7 @@ impl Location {
                     (true, false) => path.clone(),
                     (false, false) => format!("{base}/{}", path.trim_start_matches('/')),
                 };
-                if joined.is_empty() {
+                if joined.is_empty() && !bare {
                     return Err(SettingsError::NoPath(format!("{name}:")));
                 }
                 let url = FerryUrl {
@@ -164,6 +187,55 @@ pub struct Settings {
     pub bwlimit: Option<u64>,
     /// Bound on a whole run, retries included (`--max-duration`).
     pub max_duration: Option<Duration>,
+}
+
+/// What a client command (push, pull, `status`, `gc --client`) brings to [`resolve_command`].
+#[derive(Debug, Default)]
+pub struct Request<'a> {
+    /// `--client-config` (or `$FERRY_CONFIG`, which clap folds into it): this file must exist.
+    pub config: Option<&'a Path>,
+    /// Where the command goes, if anywhere.
+    pub location: Option<&'a Location>,
+    /// The location may name a server without a path (`ferry status --server`).
+    pub bare: bool,
+    /// The command line's values.
+    pub flags: Profile,
+}
+
+/// The one settings resolver of every client command: reads the client configuration (`request.config`, else the
+/// XDG default, which may be missing), resolves the location (a `NAME:` brings its remote's section), and merges
+/// the flags over `$FERRY_STATE` over the remote's section over `[defaults]` over the built-in defaults. Returns
+/// the URL (if a location was given) and the settings. Blocking (reads the file).
+pub fn resolve_command(request: Request<'_>) -> Result<(Option<FerryUrl>, Settings), SettingsError> {
+    let file = ClientFile::locate(request.config)?;
+    let (url, remote) = match request.location {
+        Some(location) if request.bare => {
+            let (url, remote) = location.resolve_server(&file)?;
+            (Some(url), remote)
+        }
+        Some(location) => {
+            let (url, remote) = location.resolve(&file)?;
+            (Some(url), remote)
+        }
+        None => (None, None),
+    };
+    let mut flags = request.flags;
+    if flags.state.is_none() {
+        flags.state = std::env::var_os("FERRY_STATE")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+    }
+    let mut no_state_dir = None;
+    let settings = resolve(&file, remote, flags, || {
+        crate::config::ferry_dir(crate::config::BaseDir::State).unwrap_or_else(|e| {
+            no_state_dir = Some(e);
+            PathBuf::new()
+        })
+    });
+    match no_state_dir {
+        Some(e) => Err(SettingsError::StateDir(e)),
+        None => Ok((url, settings)),
+    }
 }
 
 /// Resolves the settings: `flags` over the remote's section over `[defaults]` over the built-in defaults.
@@ -249,8 +321,6 @@ pub fn access_for(token_file: Option<&std::path::Path>, tls: Option<&TlsChoice>)
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     const FILE: &str = r#"

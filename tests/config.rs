@@ -162,6 +162,66 @@ async fn flags_override_the_file() {
     }
 }
 
+/// `status`, `gc --client` and `status --server` resolve their settings like push: the `[defaults] state` of the
+/// configuration file (gc once pruned the XDG default store instead), and `--server NAME:` brings the remote's
+/// URL, base path and token; an unknown remote is a usage error that names it.
+#[tokio::test]
+async fn status_and_gc_use_the_same_settings_as_push() {
+    let site = Site::start();
+    let file = site.dir.join("s.bin");
+    write_random(&file, 64 * KIB, 3);
+    let mut push = site.ferry();
+    push.arg("push").arg(&file).args(["x:s.bin", "--json"]);
+    run(push).await.assert_ok();
+    let from_defaults = site.home.join("state-from-defaults");
+    assert!(from_defaults.is_dir());
+
+    let (code, stdout, stderr) = output(site.ferry().args(["status", "--json"]));
+    assert_eq!(code, 0, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let transfers = listed["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 1, "status reads the [defaults] state: {listed}");
+    assert!(transfers[0]["destination"].as_str().unwrap().ends_with("/base/s.bin"));
+    assert!(
+        !site.home.join(".local/state/ferry").exists(),
+        "nothing looked at the XDG default"
+    );
+
+    let (code, stdout, stderr) = output(site.ferry().args(["gc", "--client", "--json", "--older-than", "0s"]));
+    assert_eq!(code, 0, "{stderr}");
+    let pruned: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(pruned["state"], from_defaults.display().to_string(), "{pruned}");
+    assert_eq!(pruned["report"]["records_removed"], 1, "{pruned}");
+    // $FERRY_STATE beats the file, as for push.
+    let env_state = site.dir.join("env-state");
+    let (code, stdout, _) = output(
+        site.ferry()
+            .env("FERRY_STATE", &env_state)
+            .args(["gc", "--client", "--json"]),
+    );
+    assert_eq!(code, 0);
+    let pruned: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(pruned["state"], env_state.display().to_string(), "{pruned}");
+
+    // The server requires a token, which only [remote.x] has: `x:` must bring it along.
+    let (code, stdout, stderr) = output(site.ferry().args(["status", "--server", "x:", "--json"]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let partials: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        partials["server"],
+        format!("ferry://{}", site.server.addr),
+        "{partials}"
+    );
+    assert!(partials["partials"].as_array().unwrap().is_empty(), "{partials}");
+    let by_url = format!("ferry://{}", site.server.addr);
+    let (code, _, stderr) = output(site.ferry().args(["status", "--server", &by_url]));
+    assert_eq!(code, 7, "the same server by URL gets no token: {stderr}");
+    let (code, stdout, stderr) = output(site.ferry().args(["status", "--server", "nope:", "--json"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unknown remote \"nope\""), "{stderr}");
+    assert!(stdout.contains("\"exit_code\":2"), "{stdout}");
+}
+
 #[test]
 fn configuration_mistakes_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -179,7 +179,7 @@ async fn on_a_terminal_a_tree_gets_a_bar_per_large_file_and_a_total() {
         "{} push {} {} --state {} --bwlimit 2MiB",
         ferry_bin(),
         tree.display(),
-        server.url("t/"),
+        server.url("t"),
         dir.path().join("state").display()
     );
     let output = tokio::task::spawn_blocking(move || {

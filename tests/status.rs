@@ -118,9 +118,19 @@ async fn a_done_and_a_failed_push_are_listed_with_state_bytes_and_error() {
 async fn a_store_held_by_a_running_ferry_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
     let held = ferry::store::Store::open(dir.path()).unwrap();
+    // A progress file left by a killed run (its pid cannot exist: above the kernel's pid_max limit) is not taken
+    // for the holder's.
+    std::fs::write(
+        dir.path().join(ferry::client::PROGRESS_FILE),
+        r#"{"pid":8388608,"kind":"push","source":"/a","destination":"ferry://h:1/a","size":9,"done":1,"moved":1,"attempts":1,"started":1,"updated":1}"#,
+    )
+    .unwrap();
     let (code, stdout, stderr) = status(dir.path(), &["--json"]).await;
     assert_eq!(code, i32::from(ferry::exit::ALREADY_RUNNING), "{stderr}");
-    assert!(stderr.contains("a ferry push or pull is running"), "{stderr}");
+    assert!(
+        stderr.contains("a ferry run holds the state directory") && stderr.contains("published no progress"),
+        "{stderr}"
+    );
     let json: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["status"], "error");
     drop(held);
@@ -402,7 +412,7 @@ async fn a_tree_push_is_listed_as_one_push_of_the_tree_bytes() {
     std::fs::create_dir_all(tree.join("2026")).unwrap();
     write_random(&tree.join("2026/a.jpg"), 40 * KIB, 1);
     write_random(&tree.join("b.raw"), 2 * MIB, 2);
-    push(&tree, &server.url("backups/photos/"), &state, &[])
+    push(&tree, &server.url("backups/photos"), &state, &[])
         .await
         .assert_ok();
     let listed = status_json(&state, &[]).await;
@@ -468,4 +478,84 @@ async fn gc_client_prunes_finished_records_and_manifests_of_gone_files() {
     // A running push (its lock held) makes gc wait its turn: exit 8.
     let _held = ferry::store::StateLock::try_acquire(&state).unwrap();
     assert_eq!(gc(&[]).await.0, Some(i32::from(ferry::exit::ALREADY_RUNNING)));
+}
+
+/// `ferry status` while a push runs (the store is held by sled) reads the run's progress file: exit 0, the
+/// transfer `running` with what the receiver acknowledged. After the push is SIGKILLed, the store is readable
+/// again and the interrupted push shows the bytes the receiver acknowledged: more than zero, and no more than the
+/// server really holds durably (its own partial listing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_running_push_and_what_an_interrupted_one_left_acknowledged() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let server = TestServer::start(&dir.path().join("root"));
+    let file = dir.path().join("slow.bin");
+    let size = 16 * MIB;
+    write_random(&file, size, 7);
+    let mut extra = SMALL.to_vec();
+    extra.extend(["--bwlimit", "1MiB", "--json-progress", "100ms"]);
+    let mut client = push_command(&file, &server.url("slow.bin"), &state, &extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // 16 s at 1 MiB/s: the push is still running while status looks, however loaded the machine (it is killed
+    // long before the end). Wait for the client's own report that the receiver acknowledged something.
+    let stdout = client.stdout.take().unwrap();
+    let acked = tokio::task::spawn_blocking(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+            if event["event"] == "progress" && event["bytes_done"].as_u64().unwrap_or(0) > 0 {
+                return event["bytes_done"].as_u64().unwrap();
+            }
+        }
+        panic!("the push ended without reporting progress");
+    })
+    .await
+    .unwrap();
+    assert!(acked < size as u64, "the push is still running");
+
+    // The progress file follows within a publishing interval: poll (bounded) for it to show progress.
+    let mut running = Value::Null;
+    for _ in 0..100 {
+        let listed = status_json(&state, &[]).await;
+        let transfers = listed["transfers"].as_array().unwrap().clone();
+        assert_eq!(transfers.len(), 1, "{listed}");
+        if transfers[0]["acked"].as_u64().unwrap_or(0) > 0 {
+            running = transfers[0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(running["state"], "running", "{running}");
+    assert_eq!(running["kind"], "push");
+    assert_eq!(running["size"], size as u64);
+    assert!(
+        running["destination"].as_str().unwrap().ends_with("/slow.bin"),
+        "{running}"
+    );
+    assert!(running["acked"].as_u64().unwrap() < size as u64, "{running}");
+    let (code, table, _) = status(&state, &["--active"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.starts_with("running  push")),
+        "{table}"
+    );
+
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let listed = status_json(&state, &[]).await;
+    let interrupted = &listed["transfers"][0];
+    assert_eq!(interrupted["state"], "interrupted", "{listed}");
+    let acked = interrupted["acked"].as_u64().unwrap();
+    let url = format!("ferry://{}", server.addr);
+    let on_server = status_json(&state, &["--server", &url]).await;
+    let received = on_server["partials"][0]["received"].as_u64().unwrap();
+    assert!(
+        acked > 0 && acked <= received,
+        "acknowledged {acked} of the {received} bytes the server holds: {listed}"
+    );
+    let (_, table, _) = status(&state, &[]).await;
+    assert!(!table.contains("0 B / 16.0 MiB"), "{table}");
 }

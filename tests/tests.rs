@@ -10,6 +10,7 @@ mod config;
 mod conn_limits;
 mod cron;
 mod delta;
+mod directories;
 mod docs;
 mod exit_codes;
 mod faults;

@@ -157,7 +157,7 @@ async fn a_tree_arrives_whole_and_only_what_changed_is_sent_again() {
     let src = dir.path().join("home");
     let total = make_tree(&src, 300, 2, 1);
     std::os::unix::fs::symlink("/etc/passwd", src.join("escape")).unwrap();
-    let url = server.url("backups/laptop/");
+    let url = server.url("backups/laptop");
     let dest = server.root.join("backups/laptop");
 
     let first = push(&src, &url, &state, &LINKS).await;

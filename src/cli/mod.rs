@@ -24,10 +24,10 @@ use crate::chunk::ChunkingMode;
 use crate::client::{
     ClientError, ClientEvent, Deadline, PullOptions, PullReport, Pulled, PushOptions, PushReport, TreeReport,
 };
-use crate::config::{ClientFile, Profile, TlsChoice};
+use crate::config::{Profile, TlsChoice};
 use crate::demo::{human, DemoError, DemoOptions};
 use crate::manifest::hex;
-use crate::settings::{Location, Settings, SettingsError};
+use crate::settings::{Location, Request, Settings, SettingsError};
 use crate::store::{LockError, StateLock};
 use crate::throttle::Bandwidth;
 use crate::transfer::sender::SendOptions;
@@ -86,9 +86,13 @@ pub struct GcArgs {
     /// --older-than, and cached manifests of files that are gone or changed. Interrupted pushes are kept.
     #[arg(long)]
     pub client: bool,
-    /// The server's state directory (default ROOT/.ferry/state); with --client, the client's (default as for push).
+    /// The server's state directory (default ROOT/.ferry/state); with --client, the client's (default as for push:
+    /// $FERRY_STATE, else the client configuration's `state`, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// With --client: the client configuration file whose `state` applies (default as for push); ignored with --root.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub client_config: Option<PathBuf>,
     /// Expire open transfers without progress, and leftover files untouched, for this long (e.g. 7d, 0s); with
     /// --client, the age of finished push records to drop.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
@@ -142,10 +146,16 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
 
 /// `ferry gc --client`: prunes the client's state under its lock (a running push or pull makes it exit 8).
 fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
-    let dir = match args.state.clone().map_or_else(default_state_dir, Ok) {
+    let dir = match client_state_dir(args.client_config.as_deref(), args.state.clone()) {
         Ok(dir) => dir,
         Err(e) => {
-            eprintln!("ferry: gc: {e}");
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "error", "exit_code": crate::exit::USAGE, "error": e.to_string() })
+                );
+            }
+            eprintln!("ferry: gc: {}", printable(&e.to_string()));
             return crate::exit::USAGE;
         }
     };
@@ -192,6 +202,25 @@ fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
             code
         }
     }
+}
+
+/// The client state directory of a command that goes nowhere (`status`, `gc --client`), resolved like a push's:
+/// `--state`, else `$FERRY_STATE`, else the client configuration's `[defaults] state`, else the XDG default.
+/// Blocking (reads the configuration file).
+pub(crate) fn client_state_dir(
+    config: Option<&std::path::Path>,
+    state: Option<PathBuf>,
+) -> Result<PathBuf, SettingsError> {
+    let flags = Profile {
+        state,
+        ..Profile::default()
+    };
+    let (_, settings) = crate::settings::resolve_command(Request {
+        config,
+        flags,
+        ..Request::default()
+    })?;
+    Ok(settings.state_dir)
 }
 
 /// `ferry push`.
@@ -241,17 +270,12 @@ pub struct AccessArgs {
 
 impl AccessArgs {
     /// The TLS choice these flags make, if any.
-    fn tls(&self) -> Option<TlsChoice> {
+    pub(crate) fn tls(&self) -> Option<TlsChoice> {
         match (&self.tls_fingerprint, &self.tls_ca) {
             (Some(print), _) => Some(TlsChoice::Fingerprint(print.clone())),
             (None, Some(ca)) => Some(TlsChoice::Ca(ca.clone())),
             (None, None) => None,
         }
-    }
-
-    /// The token and TLS settings of these flags, without a client configuration file. Blocking (reads files).
-    fn resolve(&self) -> Result<crate::client::Access, String> {
-        crate::settings::access_for(self.token_file.as_deref(), self.tls().as_ref()).map_err(|e| e.to_string())
     }
 }
 
@@ -311,6 +335,11 @@ pub struct TransferArgs {
     /// When another run holds the state directory, wait for it (up to --max-duration) instead of exiting with 8.
     #[arg(long)]
     pub wait: bool,
+    /// For trees only: once the tree has landed completely, delete what the destination directory holds beyond
+    /// it (files, symlinks and directories under it, never outside it), and list what was deleted. A push needs a
+    /// server speaking protocol version 6. Without it, trees are only added to.
+    #[arg(long)]
+    pub delete: bool,
 }
 
 impl TransferArgs {
@@ -334,23 +363,17 @@ impl TransferArgs {
         }
     }
 
-    /// Reads the client configuration and resolves `location` and the settings: flags over the remote's section
-    /// over `[defaults]` over the built-in defaults. Blocking (reads the file).
+    /// Reads the client configuration and resolves `location` and the settings through the one resolver of
+    /// every client command ([`crate::settings::resolve_command`]). Blocking (reads the file).
     fn resolve(&self, location: &Location, streams: Option<u32>) -> Result<(FerryUrl, Settings), SettingsError> {
-        let file = ClientFile::locate(self.client_config.as_deref())?;
-        let (url, remote) = location.resolve(&file)?;
-        let mut no_state_dir = None;
-        let default_state = || {
-            default_state_dir().unwrap_or_else(|e| {
-                no_state_dir = Some(e);
-                PathBuf::new()
-            })
-        };
-        let settings = crate::settings::resolve(&file, remote, self.flags(streams), default_state);
-        match no_state_dir {
-            Some(e) => Err(SettingsError::StateDir(e)),
-            None => Ok((url, settings)),
-        }
+        let (url, settings) = crate::settings::resolve_command(Request {
+            config: self.client_config.as_deref(),
+            location: Some(location),
+            bare: false,
+            flags: self.flags(streams),
+        })?;
+        let url = url.expect("a location was given, so it resolves to a URL");
+        Ok((url, settings))
     }
 }
 
@@ -379,6 +402,13 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         Ok(setup) => setup,
         Err(e) => return finish::<PushReport>(&job, Err(e)),
     };
+    if common.delete && !args.file.is_dir() {
+        let refused = ClientError::Setup(format!(
+            "--delete applies to directory pushes only; {} is not a directory",
+            args.file.display()
+        ));
+        return finish::<PushReport>(&job, Err(refused));
+    }
     let deadline = settings.max_duration.map(Deadline::after);
     let _lock = match lock_state(&settings, common.wait, deadline).await {
         Ok(lock) => lock,
@@ -402,6 +432,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         links: settings.links,
         bandwidth: settings.bwlimit.map(Bandwidth::new),
         deadline,
+        delete: common.delete,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -460,6 +491,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         meter: Arc::default(),
         bandwidth: settings.bwlimit.map(Bandwidth::new),
         deadline,
+        delete: common.delete,
     };
     let output = Output::start_with(
         Mode::pick(common.json, quiet),
@@ -474,6 +506,9 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let result = interruptible(crate::client::pull(opts, &mut progress)).await;
     stop(ticker).await;
     output.finish();
+    if common.delete && !quiet && matches!(result, Ok(Pulled::File(_))) {
+        eprintln!("ferry: --delete applies to trees; the pull fetched a file and deleted nothing");
+    }
     finish(&job, result)
 }
 
@@ -798,6 +833,26 @@ fn print_tree(report: &TreeReport) {
     if missing > 0 {
         eprintln!("ferry: {missing} entries could not be placed on the receiver");
     }
+    if let Some(deletion) = &report.deletion {
+        print_deletion(deletion);
+    }
+}
+
+/// What `--delete` did, one line per deleted entry (paths may come from the peer).
+fn print_deletion(deletion: &crate::client::Deletion) {
+    if let Some(reason) = &deletion.skipped {
+        eprintln!("ferry: --delete: {}", printable(reason));
+    }
+    for path in &deletion.removed {
+        eprintln!("ferry: deleted {}", printable(path));
+    }
+    let unlisted = deletion.total.saturating_sub(deletion.removed.len() as u64);
+    if unlisted > 0 {
+        eprintln!("ferry: deleted {unlisted} more entries (too many to list)");
+    }
+    for (path, reason) in &deletion.failed {
+        eprintln!("ferry: could not delete {}: {}", printable(path), printable(reason));
+    }
 }
 
 /// The one-line JSON summary of a tree push or pull.
@@ -833,6 +888,15 @@ pub fn tree_json(report: &TreeReport) -> serde_json::Value {
     });
     let key = if report.pulled { "bytes_received" } else { "bytes_sent" };
     summary[key] = report.bytes_transferred.into();
+    summary["deleted"] = match &report.deletion {
+        None => serde_json::Value::Null,
+        Some(d) => serde_json::json!({
+            "paths": d.removed,
+            "total": d.total,
+            "failed": pairs(&d.failed),
+            "skipped": d.skipped,
+        }),
+    };
     summary
 }
 
@@ -868,15 +932,6 @@ pub(crate) fn printable(text: &str) -> String {
         c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     text.chars().map(|c| if hostile(c) { '?' } else { c }).collect()
-}
-
-/// `$FERRY_STATE` (if not empty), else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`, by the XDG rules of
-/// [`crate::config::ferry_dir`] (empty or relative values ignored); an error when none is usable.
-pub fn default_state_dir() -> Result<PathBuf, crate::config::NoBaseDir> {
-    if let Some(dir) = std::env::var_os("FERRY_STATE").filter(|d| !d.is_empty()) {
-        return Ok(dir.into());
-    }
-    crate::config::ferry_dir(crate::config::BaseDir::State)
 }
 
 // The help texts above spell out the built-in defaults.

@@ -7,24 +7,33 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{default_state_dir, printable, AccessArgs};
-use crate::client::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
+use super::{client_state_dir, printable, AccessArgs};
+use crate::client::{
+    local_transfers, read_running, server_partials, Direction, StatusOptions, TransferState, TransferStatus,
+};
+use crate::config::Profile;
 use crate::demo::human;
+use crate::settings::{Location, Request};
 use crate::store::{now_secs, StoreError};
 use crate::units::parse_duration;
-use crate::url::FerryUrl;
 use crate::wire::Partials;
 
 /// `ferry status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Client state directory (default $FERRY_STATE, else $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
+    /// Client state directory (default as for push: $FERRY_STATE, else the client configuration's `state`, else
+    /// $XDG_STATE_HOME/ferry or ~/.local/state/ferry).
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// List your partial (uncommitted) uploads on this server instead: ferry://HOST or ferry://HOST:PORT,
-    /// optionally with a /PATH that keeps only the partials at or under it.
+    /// Client configuration file (default as for push: $FERRY_CONFIG, else $XDG_CONFIG_HOME/ferry/config.toml or
+    /// ~/.config/ferry/config.toml, which may be missing): its `state`, and for --server NAME: its remotes.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub client_config: Option<PathBuf>,
+    /// List your partial (uncommitted) uploads on this server instead: ferry://HOST[:PORT][/PATH], or NAME:[PATH]
+    /// under a remote of the client configuration (with its token and TLS settings); a path keeps only the
+    /// partials at or under it.
     #[arg(long, value_parser = parse_server)]
-    pub server: Option<FerryUrl>,
+    pub server: Option<Location>,
     /// Only failed transfers.
     #[arg(long, conflicts_with_all = ["active", "server"])]
     pub failed: bool,
@@ -42,8 +51,8 @@ pub struct StatusArgs {
     pub timeout: Duration,
 }
 
-fn parse_server(raw: &str) -> Result<FerryUrl, String> {
-    FerryUrl::server(raw).map_err(|e| e.to_string())
+fn parse_server(raw: &str) -> Result<Location, String> {
+    Location::parse_server(raw).map_err(|e| e.to_string())
 }
 
 /// Runs `ferry status`; returns the exit code.
@@ -55,7 +64,7 @@ pub async fn status(args: StatusArgs) -> u8 {
 }
 
 async fn local(args: &StatusArgs) -> u8 {
-    let dir = match args.state.clone().map_or_else(default_state_dir, Ok) {
+    let dir = match client_state_dir(args.client_config.as_deref(), args.state.clone()) {
         Ok(dir) => dir,
         Err(e) => return fail(args.json, crate::exit::USAGE, &e.to_string()),
     };
@@ -65,20 +74,24 @@ async fn local(args: &StatusArgs) -> u8 {
     };
     let mut transfers = match read {
         Ok(Ok(transfers)) => transfers,
-        Ok(Err(StoreError::Locked(_))) => {
-            let message = format!(
-                "a ferry push or pull is running with the state directory {}; its store can be read only when \
-                 that run ends (sled admits one process)",
-                dir.display()
-            );
-            return fail(args.json, crate::exit::ALREADY_RUNNING, &message);
-        }
+        Ok(Err(StoreError::Locked(_))) => match read_running(&dir) {
+            // The records stay unreadable until the run ends; what it is doing is in its progress file.
+            Some(running) => vec![TransferStatus::from(running)],
+            None => {
+                let message = format!(
+                    "a ferry run holds the state directory {} and has published no progress (it is starting, or \
+                     it is not a push or pull); its records can be read when it ends (sled admits one process)",
+                    dir.display()
+                );
+                return fail(args.json, crate::exit::ALREADY_RUNNING, &message);
+            }
+        },
         Ok(Err(e)) => return fail(args.json, crate::exit::LOCAL, &e.to_string()),
         Err(e) => return fail(args.json, crate::exit::INTERNAL, &e.to_string()),
     };
     transfers.retain(|t| match (args.failed, args.active) {
         (true, _) => t.state == TransferState::Failed,
-        (_, true) => t.state == TransferState::Interrupted,
+        (_, true) => matches!(t.state, TransferState::Interrupted | TransferState::Running),
         _ => true,
     });
     if args.json {
@@ -95,10 +108,30 @@ async fn local(args: &StatusArgs) -> u8 {
     crate::exit::OK
 }
 
-async fn remote(args: &StatusArgs, server: FerryUrl) -> u8 {
-    let access = match args.access.resolve() {
-        Ok(access) => access,
-        Err(e) => return fail(args.json, crate::exit::USAGE, &e),
+async fn remote(args: &StatusArgs, server: Location) -> u8 {
+    let flags = Profile {
+        state: args.state.clone(),
+        token_file: args.access.token_file.clone(),
+        tls: args.access.tls(),
+        ..Profile::default()
+    };
+    let resolved = crate::settings::resolve_command(Request {
+        config: args.client_config.as_deref(),
+        location: Some(&server),
+        bare: true,
+        flags,
+    })
+    .and_then(|(url, settings)| Ok((url, settings.access()?)));
+    let (server, access) = match resolved {
+        Ok((Some(url), access)) => (url, access),
+        Ok((None, _)) => {
+            return fail(
+                args.json,
+                crate::exit::INTERNAL,
+                "the server location resolved to no URL",
+            )
+        }
+        Err(e) => return fail(args.json, crate::exit::USAGE, &e.to_string()),
     };
     let opts = StatusOptions {
         server,
@@ -140,6 +173,7 @@ fn state_name(state: TransferState) -> &'static str {
         TransferState::Done => "done",
         TransferState::Failed => "failed",
         TransferState::Interrupted => "interrupted",
+        TransferState::Running => "running",
     }
 }
 
@@ -159,6 +193,7 @@ pub fn transfer_json(t: &TransferStatus) -> serde_json::Value {
         "destination": t.destination,
         "size": t.size,
         "bytes": t.bytes,
+        "acked": t.acked,
         "last_error": t.last_error,
         "started": t.started,
         "updated": t.updated,
@@ -198,7 +233,7 @@ fn transfer_table(transfers: &[TransferStatus], now: u64) -> String {
             [
                 state_name(t.state).to_string(),
                 direction_name(t.direction).to_string(),
-                format!("{} / {}", human(t.bytes), human(t.size)),
+                format!("{} / {}", human(t.acked.unwrap_or(t.bytes)), human(t.size)),
                 age(now, t.updated),
                 printable(&t.destination),
                 printable(t.last_error.as_deref().unwrap_or_default()),
@@ -304,6 +339,7 @@ mod tests {
             destination: "ferry://h:1/a".into(),
             size: 2048,
             bytes: 1024,
+            acked: None,
             last_error: Some("gave up after 1 attempts: connection refused".into()),
             started: 10,
             updated: 1000 - 180,

@@ -11,6 +11,7 @@
 
 mod pull;
 mod push;
+mod running;
 mod status;
 mod tree;
 
@@ -23,8 +24,9 @@ use tokio::time::Instant;
 
 pub use pull::{pull, PullOptions, PullReport, Pulled};
 pub use push::{push, PushOptions, PushReport};
+pub use running::{read_running, Running, PROGRESS_FILE, PUBLISH_EVERY};
 pub use status::{local_transfers, server_partials, Direction, StatusOptions, TransferState, TransferStatus};
-pub use tree::{push_tree, TreeReport};
+pub use tree::{push_tree, tree_destination, Deletion, TreeReport};
 
 use crate::auth::Token;
 use crate::exit;

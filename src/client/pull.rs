@@ -63,6 +63,8 @@ pub struct PullOptions {
     pub bandwidth: Option<Bandwidth>,
     /// When the whole run must stop (`--max-duration`).
     pub deadline: Option<Deadline>,
+    /// For a tree: once it landed completely, remove local entries it does not hold (`--delete`).
+    pub delete: bool,
 }
 
 /// The outcome of a successful pull.
@@ -115,6 +117,14 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         tree: None,
         meter: opts.meter.clone(),
     };
+    let _published = super::running::Publisher::start(
+        &opts.state_dir,
+        "pull",
+        opts.source.to_string(),
+        opts.destination.display().to_string(),
+        opts.meter.clone(),
+        None,
+    );
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
     // At the deadline the receiver is asked to stop (it drains what it verified), then given STOP_GRACE.
     let stop = CancellationToken::new();
@@ -179,9 +189,57 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
                 .map(|f| (received.entries[f.entry as usize].path.clone(), f.reason.clone()))
                 .collect();
             report.committed = received.committed;
+            if opts.links == crate::tree::LinkPolicy::Skip {
+                skip_symlinks(&mut report, &received.entries);
+            }
+            if opts.delete {
+                report.deletion = Some(delete_local(&report, ctx, received.entries).await?);
+            }
             Pulled::Tree(report)
         }
     })
+}
+
+/// Why a pulled symlink is not recreated without `--links record`.
+pub const SYMLINK_SKIPPED: &str =
+    "symlink not recreated (pull with --links record to recreate symlinks that stay inside the tree)";
+
+/// Symlinks of a pulled tree left out by `--links skip` (the default): named as skipped, not as entries the
+/// receiver failed to place.
+fn skip_symlinks(report: &mut TreeReport, entries: &[crate::wire::TreeEntry]) {
+    let missing = super::tree::missing_entries(&report.committed.missing, entries.len());
+    let (links, others): (Vec<u32>, Vec<u32>) = missing
+        .into_iter()
+        .partition(|&i| matches!(entries[i as usize].kind, crate::wire::EntryKind::Symlink { .. }));
+    for i in links {
+        report
+            .skipped
+            .push((entries[i as usize].path.clone(), SYMLINK_SKIPPED.to_string()));
+    }
+    report.committed.missing = crate::ranges::encode_runs(others);
+}
+
+/// `--delete` after a tree pull: removes what the local directory holds beyond the tree, if the tree landed
+/// completely.
+async fn delete_local(
+    report: &TreeReport,
+    ctx: &ReceiverContext,
+    entries: Vec<crate::wire::TreeEntry>,
+) -> Result<super::Deletion, ClientError> {
+    if !(report.failed.is_empty() && report.committed.missing.is_empty()) {
+        return Ok(super::Deletion::skipped(super::tree::NOT_DELETING));
+    }
+    let (root, store) = (ctx.root.clone(), ctx.store.clone());
+    blocking(move || {
+        use crate::transfer::prune::{prune, Forget};
+        let mut forget = Forget::new(&store, String::new());
+        let pruned = prune(&root, &[], &entries, &mut |path| forget.file(path));
+        forget.flush();
+        pruned
+            .map(super::Deletion::from_report)
+            .map_err(|e| ClientError::Source(format!("--delete: {e}")))
+    })
+    .await
 }
 
 /// The receiving side of a pull, set up once the server has said whether it sends a file or a tree.
@@ -437,7 +495,9 @@ async fn receive_pulled(
         path: remote.to_string(),
         chunking: opts.chunking,
         window: opts.window,
-        links: opts.links,
+        // Symlinks are always asked for, so that those left out locally (`--links skip`) can be named; the
+        // receiver below places them only if `opts.links` records them.
+        links: crate::tree::LinkPolicy::Record,
     };
     let request = if version >= crate::PULL_KIND_VERSION {
         Message::PullExpecting(PullExpecting {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::running::{AckRecord, Publisher};
 use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
@@ -47,12 +48,28 @@ pub struct PushOptions {
     pub bandwidth: Option<Bandwidth>,
     /// When the whole run must stop (`--max-duration`).
     pub deadline: Option<Deadline>,
+    /// For a directory: remove what the remote tree holds beyond the source (`--delete`, protocol version 6).
+    pub delete: bool,
 }
 
 impl PushOptions {
     /// A greeted connection to the destination's server.
     pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
         connect(
+            &self.destination,
+            self.connect_timeout,
+            self.send.io_timeout,
+            &self.access,
+            self.bandwidth.as_ref(),
+        )
+        .await
+    }
+
+    /// Like [`PushOptions::connect`], also returning the server's Welcome.
+    pub(super) async fn connect_welcomed(
+        &self,
+    ) -> Result<(super::ClientConnection, crate::wire::Welcome), TransferError> {
+        super::connect_welcomed(
             &self.destination,
             self.connect_timeout,
             self.send.io_timeout,
@@ -128,6 +145,7 @@ pub async fn push(
         cached: manifest_cached,
     });
     let mut record = start_record(&store, &canonical, &destination, manifest.size).await?;
+    let _published = publish_push(&opts, &store, &record);
     let mut source = Source {
         file,
         manifest: Arc::new(manifest),
@@ -177,8 +195,7 @@ pub async fn push(
         PushState::Failed
     };
     record.last_error = outcome.as_ref().err().map(|e| e.to_string());
-    let save = store.clone();
-    blocking(move || Ok(save.save_push(&record)?)).await?;
+    save_push(&store, record, opts.send.meter.snapshot().done).await?;
     let committed = outcome?;
     Ok(PushReport {
         source: canonical.display().to_string(),
@@ -244,6 +261,35 @@ async fn load_manifest(
 ) -> Result<(Manifest, bool), ClientError> {
     let (store, file, canonical) = (store.clone(), file.clone(), canonical.to_path_buf());
     blocking(move || Ok(manifest_for(&store, &file, &canonical, chunking, rebuild)?)).await
+}
+
+/// Publishes a push's progress for `ferry status` (and records what the receiver acknowledged) until dropped.
+pub(super) fn publish_push(opts: &PushOptions, store: &SenderStore, record: &PushRecord) -> Publisher {
+    let ack = AckRecord {
+        store: store.clone(),
+        source: record.source.clone(),
+        destination: record.destination.clone(),
+    };
+    Publisher::start(
+        &opts.state_dir,
+        "push",
+        record.source.clone(),
+        record.destination.clone(),
+        opts.send.meter.clone(),
+        Some(ack),
+    )
+}
+
+/// Saves a push's final record, and what the receiver held durably at the end (`done`, if it said anything).
+pub(super) async fn save_push(store: &SenderStore, record: PushRecord, done: u64) -> Result<(), ClientError> {
+    let store = store.clone();
+    blocking(move || {
+        if done > 0 {
+            store.save_acked(&record.source, &record.destination, done)?;
+        }
+        Ok(store.save_push(&record)?)
+    })
+    .await
 }
 
 /// Records a push as in progress (keeping the bytes and start time of earlier runs of the same push).

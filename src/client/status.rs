@@ -3,8 +3,10 @@
 //! Locally, push records say what became of every push (done, failed, or interrupted), and the receiver records
 //! of pulls say which pulled files are still partial and how much of them is durable. Pulls keep no record once
 //! committed or failed, so only unfinished pulls are listed. sled lets one process open a store: while a push or
-//! pull runs, [`local_transfers`] fails with [`StoreError::Locked`]; conversely, whenever it succeeds, no ferry is
-//! running with that store, so a push still marked in progress was interrupted (killed, or the machine stopped).
+//! pull runs, [`local_transfers`] fails with [`StoreError::Locked`] and the run's progress file
+//! ([`super::read_running`]) says what it is doing; conversely, whenever it succeeds, no ferry is running with that
+//! store, so a push still marked in progress was interrupted (killed, or the machine stopped). A push records what
+//! the receiver acknowledged while it runs, so an interrupted one shows how much the receiver holds.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,6 +35,8 @@ pub enum TransferState {
     Failed,
     /// Started and not finished, and no ferry is working on it now: re-running the same command resumes it.
     Interrupted,
+    /// Moving now, in the ferry run that holds the state directory (as its progress file says).
+    Running,
 }
 
 /// One transfer known to the client's store.
@@ -48,8 +52,12 @@ pub struct TransferStatus {
     pub destination: String,
     /// File size.
     pub size: u64,
-    /// A push: chunk bytes sent over all finished runs. A pull: bytes durably in the local partial.
+    /// A push: chunk bytes sent over all finished runs. A pull: bytes durably in the local partial. A running
+    /// transfer: payload bytes moved in this run.
     pub bytes: u64,
+    /// Bytes the receiver holds durably, as it last acknowledged (a push's record, a running transfer's progress,
+    /// a pull's local partial); `None` for a push recorded before ferry kept this figure.
+    pub acked: Option<u64>,
     /// Why a failed push failed.
     pub last_error: Option<String>,
     /// When it started (Unix seconds).
@@ -71,6 +79,7 @@ impl From<PushRecord> for TransferStatus {
             destination: record.destination,
             size: record.size,
             bytes: record.bytes_sent,
+            acked: None,
             last_error: record.last_error,
             started: record.started,
             updated: record.updated,
@@ -86,11 +95,18 @@ pub fn local_transfers(state_dir: &Path) -> Result<Vec<TransferStatus>, StoreErr
         return Ok(Vec::new());
     }
     let store = Store::open(state_dir)?;
-    let mut listed: Vec<TransferStatus> = SenderStore::open(&store)?
-        .push_records()?
-        .into_iter()
-        .map(TransferStatus::from)
-        .collect();
+    let sender = SenderStore::open(&store)?;
+    let mut listed = Vec::new();
+    for record in sender.push_records()? {
+        let acked = match record.state {
+            PushState::Done => Some(record.size),
+            _ => sender.acked(&record.source, &record.destination)?,
+        };
+        let mut status = TransferStatus::from(record);
+        // A source that shrank since: the receiver cannot hold more of it than its size.
+        status.acked = acked.map(|a| a.min(status.size));
+        listed.push(status);
+    }
     for scope in ReceiverStore::scopes_with_transfers(&store)? {
         let (partials, _) = ReceiverStore::open_scoped(&store, &scope)?.partials(usize::MAX)?;
         listed.extend(partials.into_iter().map(|partial| TransferStatus {
@@ -100,6 +116,7 @@ pub fn local_transfers(state_dir: &Path) -> Result<Vec<TransferStatus>, StoreErr
             destination: Path::new(&scope).join(&partial.path).display().to_string(),
             size: partial.size,
             bytes: partial.durable_bytes,
+            acked: Some(partial.durable_bytes),
             last_error: None,
             started: partial.created,
             updated: partial.updated,
@@ -111,6 +128,27 @@ pub fn local_transfers(state_dir: &Path) -> Result<Vec<TransferStatus>, StoreErr
             .then_with(|| a.destination.cmp(&b.destination))
     });
     Ok(listed)
+}
+
+impl From<super::Running> for TransferStatus {
+    fn from(running: super::Running) -> Self {
+        TransferStatus {
+            direction: if running.kind == "pull" {
+                Direction::Pull
+            } else {
+                Direction::Push
+            },
+            state: TransferState::Running,
+            source: Some(running.source),
+            destination: running.destination,
+            size: running.size,
+            bytes: running.moved,
+            acked: Some(running.done.min(running.size)),
+            last_error: None,
+            started: running.started,
+            updated: running.updated,
+        }
+    }
 }
 
 /// How to reach a server for [`server_partials`].

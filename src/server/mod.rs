@@ -33,6 +33,7 @@ use crate::tls::{ServerTls, Stream};
 use crate::transfer::claims::Claims;
 use crate::transfer::handshake::Accepted;
 use crate::transfer::join::serve_join;
+use crate::transfer::prune::serve_prune;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::receive_tree;
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
@@ -563,6 +564,8 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             format!("client {who} may not {what} on this server"),
         )
     };
+    // The tree this connection committed last, for a TreePrune right after it (protocol version 6).
+    let mut last_tree = None;
     loop {
         let msg = tokio::select! {
             msg = next_message(conn, config.idle_timeout, "waiting for an Offer") => msg,
@@ -598,8 +601,19 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Message::TreeOffer(offer)) => {
                 let base = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 // The pushing client chose whether to record symlinks; recorded ones are checked to stay inside.
-                receive_tree(conn, ctx, offer, Some(base), LinkPolicy::Record, stop).await?;
+                let received = receive_tree(conn, ctx, offer, Some(base.clone()), LinkPolicy::Record, stop).await?;
+                if version >= crate::PRUNE_VERSION {
+                    last_tree = Some((base, received.entries));
+                }
+                continue;
             }
+            Ok(Message::TreePrune(_)) if version < crate::PRUNE_VERSION => {
+                return Err(TransferError::Unexpected {
+                    got: "TreePrune",
+                    state: "speaking protocol version 5 or older",
+                })
+            }
+            Ok(Message::TreePrune(request)) => serve_prune(conn, ctx, last_tree.take(), request).await?,
             Ok(Message::Pull(pull)) => pull::serve_pull(conn, shared, ctx, pull, PullKind::Any, stop).await?,
             Ok(Message::PullExpecting(PullExpecting { pull, expect })) => {
                 pull::serve_pull(conn, shared, ctx, pull, expect, stop).await?
@@ -607,6 +621,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Message::Join(join)) => return serve_join(conn, ctx, join, stop).await,
             Ok(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, config.idle_timeout).await?;
+                continue;
             }
             Ok(other) => {
                 return Err(TransferError::Unexpected {
@@ -617,6 +632,8 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             Err(TransferError::Closed(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
+        // Any other request in between: a TreePrune no longer follows its tree.
+        last_tree = None;
     }
 }
 

@@ -507,6 +507,23 @@ impl ReceiverStore {
         Ok(())
     }
 
+    /// Forgets the committed files at `paths` (removed from disk by `--delete`): their records, manifests and
+    /// chunk-index entries, in one batch, then flushes; quota and entry budgets stop counting them. Paths without a
+    /// record are skipped.
+    pub fn forget_committed(&self, paths: &[String]) -> Result<(), StoreError> {
+        let mut batch = RecordBatch::default();
+        for path in paths {
+            if let Some(old) = self.committed_manifest(path)? {
+                for chunk in &old.chunks {
+                    batch.remove(self.chunk_key(&chunk.hash, path));
+                }
+            }
+            batch.remove(self.key(FILE, path.as_bytes()));
+            batch.remove(self.key(FILE_MANIFEST, path.as_bytes()));
+        }
+        self.apply(batch)
+    }
+
     /// Applies a batch built with [`ReceiverStore::commit_into`] and flushes.
     pub fn apply(&self, batch: RecordBatch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch.0)?;

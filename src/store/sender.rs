@@ -12,6 +12,9 @@ use crate::wire::codec::encode_record;
 
 const MANIFEST: &str = "manifest";
 const PUSH: &str = "push";
+/// Per push (same key as its record): the bytes the receiver last acknowledged as durable. Kept apart from
+/// [`PushRecord`] so records written by earlier versions still decode.
+const ACKED: &str = "acked";
 /// Per source path: the cache keys of its manifests, oldest first.
 const CACHE_ORDER: &str = "morder";
 /// Most manifests cached per source file (one per chunking): a server asked for ever new chunk sizes keeps the
@@ -152,6 +155,20 @@ impl SenderStore {
         Ok(records)
     }
 
+    /// What the receiver last acknowledged as durable for the push of `source` to `destination` (its own bytes
+    /// plus what it held before), as recorded while the push ran; `None` if never recorded.
+    pub fn acked(&self, source: &str, destination: &str) -> Result<Option<u64>, StoreError> {
+        get(&self.tree, &acked_key(source, destination))
+    }
+
+    /// Records that the receiver holds `bytes` of the push of `source` to `destination` durably, and flushes: a
+    /// push killed right after still shows what the receiver acknowledged.
+    pub fn save_acked(&self, source: &str, destination: &str, bytes: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(acked_key(source, destination), encode_record(&bytes))?;
+        self.store.flush()
+    }
+
     /// Stores a push record (stamping its update time) and flushes.
     pub fn save_push(&self, record: &PushRecord) -> Result<(), StoreError> {
         let mut record = record.clone();
@@ -181,6 +198,7 @@ impl SenderStore {
             let ended = record.state != PushState::InProgress;
             if ended && record.updated.saturating_add(older_than) <= now {
                 self.tree.remove(push_key(&record.source, &record.destination))?;
+                self.tree.remove(acked_key(&record.source, &record.destination))?;
                 pruned.records_removed += 1;
             }
         }
@@ -219,6 +237,10 @@ fn still_matches(key: &ManifestKey) -> bool {
 
 fn push_key(source: &str, destination: &str) -> Vec<u8> {
     prefixed(PUSH, format!("{destination}\0{source}").as_bytes())
+}
+
+fn acked_key(source: &str, destination: &str) -> Vec<u8> {
+    prefixed(ACKED, format!("{destination}\0{source}").as_bytes())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod claims;
 mod commit;
 pub mod handshake;
 pub mod join;
+pub mod prune;
 pub mod quota;
 pub mod receiver;
 mod reuse;

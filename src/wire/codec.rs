@@ -354,6 +354,22 @@ mod tests {
                 Message::Error(ErrorFrame::new(ErrorCode::WrongKind, "x")),
                 "00000010 08000000 1c00 00 0100000000000000 78",
             ),
+            (
+                Message::TreePrune(crate::wire::TreePrune { path: "a".into() }),
+                "0000000d 1c000000 0100000000000000 61",
+            ),
+            (
+                Message::TreePruned(crate::wire::TreePruned {
+                    removed: vec!["a".into()],
+                    total: 1,
+                    failed: vec![crate::wire::PruneFailure {
+                        path: "b".into(),
+                        reason: "c".into(),
+                    }],
+                }),
+                "00000037 1d000000 0100000000000000 0100000000000000 61 0100000000000000 0100000000000000 \
+                 0100000000000000 62 0100000000000000 63",
+            ),
         ];
         for (msg, golden) in cases {
             assert_eq!(hexdump(&msg), golden.replace(' ', ""), "{msg:?}");

@@ -68,6 +68,17 @@ pub enum Message {
     /// 24: client → server (protocol version 5), a Pull that says whether the client expects a file, a tree or
     /// either; the server refuses the other kind with `WrongKind` instead of sending it.
     PullExpecting(PullExpecting),
+    /// 25: reserved (another message of protocol version 6); never sent, refused as unexpected.
+    Reserved25,
+    /// 26: reserved (another message of protocol version 6); never sent, refused as unexpected.
+    Reserved26,
+    /// 27: reserved (another message of protocol version 6); never sent, refused as unexpected.
+    Reserved27,
+    /// 28: client → server (protocol version 6), right after the TreeCommitted of a tree push: "remove under the
+    /// tree's directory everything the tree does not hold" (`--delete`); answered with TreePruned.
+    TreePrune(TreePrune),
+    /// 29: server → client, what TreePrune removed.
+    TreePruned(TreePruned),
 }
 
 impl Message {
@@ -99,6 +110,11 @@ impl Message {
             Message::ListPartials => "ListPartials",
             Message::Partials(_) => "Partials",
             Message::PullExpecting(_) => "PullExpecting",
+            Message::Reserved25 => "Reserved25",
+            Message::Reserved26 => "Reserved26",
+            Message::Reserved27 => "Reserved27",
+            Message::TreePrune(_) => "TreePrune",
+            Message::TreePruned(_) => "TreePruned",
         }
     }
 }
@@ -285,6 +301,33 @@ pub struct TreeFailure {
     /// unreadable or changing.
     pub damaged: bool,
     /// Human-readable reason, at most 1 KiB.
+    pub reason: String,
+}
+
+/// `--delete` for the tree just committed on this connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TreePrune {
+    /// The tree's directory: the `path` of the TreeOffer just committed.
+    pub path: String,
+}
+
+/// What a TreePrune removed under the tree's directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreePruned {
+    /// Removed entries, relative to the tree's directory (a directory after its content); at most 1 MiB of names.
+    pub removed: Vec<String>,
+    /// How many entries were removed in all (more than `removed` lists when the names did not fit).
+    pub total: u64,
+    /// Entries that could not be removed, with the reason (at most 1,000).
+    pub failed: Vec<PruneFailure>,
+}
+
+/// An entry a TreePrune could not remove.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PruneFailure {
+    /// The entry, relative to the tree's directory.
+    pub path: String,
+    /// Why (at most 1 KiB).
     pub reason: String,
 }
 

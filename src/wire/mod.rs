@@ -14,6 +14,6 @@ pub use codec::CodecError;
 pub use conn::{Connection, ReadLimits, WireError};
 pub use message::{
     Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, Message, Need,
-    Offer, PartialEntry, Partials, Pull, PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry,
-    TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
+    Offer, PartialEntry, Partials, PruneFailure, Pull, PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted,
+    TreeEntry, TreeFailure, TreeNeed, TreeOffer, TreePrune, TreePruned, Welcome, MAGIC,
 };
