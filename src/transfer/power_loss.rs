@@ -358,18 +358,21 @@ impl Case {
         let volume = SimVolume::default();
         let store = Store::open(state.path()).map_err(|e| format!("seed {}: store: {e}", self.seed))?;
         let ctx = context(&store, &volume, self.sync_batch, state.path());
+        let first = |e| format!("seed {} ({:?}), before the power loss: {e}", self.seed, self.variant);
         match (self.variant, &self.old) {
-            (Variant::Resume, _) => interrupted_push(&ctx, &self.new, self.delivered).await?,
-            (Variant::Changed, Some(old)) => interrupted_push(&ctx, old, self.delivered).await?,
+            (Variant::Resume, _) => interrupted_push(&ctx, &self.new, self.delivered).await.map_err(first)?,
+            (Variant::Changed, Some(old)) => interrupted_push(&ctx, old, self.delivered).await.map_err(first)?,
             (Variant::RePush, Some(old)) => {
-                let (done, _) = push(&ctx, old).await?;
+                let (done, _) = push(&ctx, old).await.map_err(first)?;
                 done.map_err(|e| format!("seed {}: the first push failed: {e}", self.seed))?;
             }
             _ => {}
         }
         volume.crash_at(volume.ops() + self.crash_after);
         // It may fail (the power went) or complete (the power goes after it ended): either way, what follows holds.
-        let (_outcome, _) = push(&ctx, &self.new).await?;
+        let (_outcome, _) = push(&ctx, &self.new)
+            .await
+            .map_err(|e| self.fail("the push", &volume, e))?;
         let crashed_in = volume.crashed_in();
         volume.crash(&mut StdRng::seed_from_u64(self.crash_seed));
         store.flush().map_err(|e| e.to_string())?;
@@ -380,7 +383,9 @@ impl Case {
         volume.reboot();
         let ctx = context(&store, &volume, self.sync_batch, state.path());
         let recorded = self.check_after_crash(&ctx, &volume)?;
-        let (resumed, asked) = push(&ctx, &self.new).await?;
+        let (resumed, asked) = push(&ctx, &self.new)
+            .await
+            .map_err(|e| self.fail("resuming", &volume, e))?;
         resumed.map_err(|e| self.fail("resuming", &volume, e))?;
         self.check_not_asked_again(recorded.as_ref(), &asked, &volume)?;
         let at_name = volume.final_file(KEY);
@@ -491,7 +496,7 @@ async fn reopen(dir: &std::path::Path) -> Result<Store, crate::store::StoreError
     let mut tries = 0;
     loop {
         match Store::open(dir) {
-            Err(crate::store::StoreError::Locked(_)) if tries < 500 => {
+            Err(crate::store::StoreError::Locked(_)) if tries < 3000 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
