@@ -10,7 +10,8 @@
 //! * [`chunk`] cuts a file and hashes it off the async runtime; [`manifest`] is the explicit chunk list.
 //! * [`wire`] frames messages (u32 length + bincode), checks lengths before allocating.
 //! * [`transfer`] holds the two roles, [`transfer::sender`] and [`transfer::receiver`], written once for both
-//!   directions; [`verify`] is the only door through which received bytes reach disk.
+//!   directions; [`verify`] is the only door through which received bytes reach disk, and [`storage`] the seam
+//!   through which the receiver reaches its disk (a local directory; a simulated one in the power-loss tests).
 //! * [`store`] keeps progress in sled on both sides; [`server`] and [`client`] only pick a role.
 //! * [`fault`] is the fault-injecting proxy behind `ferry demo` and the tests.
 //! * [`throttle`] holds a run's connections to `--bwlimit`.
@@ -34,6 +35,7 @@ pub mod ranges;
 pub mod server;
 pub mod settings;
 pub mod source;
+pub mod storage;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -9,12 +9,12 @@
 //! Blocking functions: call them from blocking threads.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
 use crate::manifest::{ChunkEntry, Hash};
+use crate::storage::{PartialFile, ReadAt};
 
 /// A chunk failed verification or could not be written.
 #[derive(Debug, Error)]
@@ -53,9 +53,9 @@ pub fn check_chunk(entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
 }
 
 /// Verifies `data` against `entry` and, only if it matches, writes it at `entry.offset` in `file`.
-pub fn write_verified(file: &File, entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
+pub fn write_verified<F: PartialFile + ?Sized>(file: &F, entry: &ChunkEntry, data: &[u8]) -> Result<(), VerifyError> {
     check_chunk(entry, data)?;
-    file.write_all_at(data, entry.offset).map_err(|source| VerifyError::Io {
+    file.write_at(data, entry.offset).map_err(|source| VerifyError::Io {
         offset: entry.offset,
         source,
     })
@@ -118,7 +118,7 @@ struct Follow {
 
 impl DigestFollower {
     /// Starts following `file`, whose bytes `[0, ready)` are final already.
-    pub fn start(file: File, ready: u64) -> std::io::Result<Self> {
+    pub fn start<R: ReadAt + 'static>(file: R, ready: u64) -> std::io::Result<Self> {
         let shared = Arc::new((
             Mutex::new(Follow {
                 ready,
@@ -168,7 +168,7 @@ fn lock(follow: &Mutex<Follow>) -> std::sync::MutexGuard<'_, Follow> {
 }
 
 /// The follower's loop: hash up to `ready` in slices, sleep until it moves, stop on finish or cancel.
-fn follow(file: &File, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<PrefixDigest> {
+fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<PrefixDigest> {
     const SLICE: u64 = 1 << 20;
     let mut prefix = PrefixDigest::default();
     let mut buf = Vec::new();
@@ -192,10 +192,10 @@ fn follow(file: &File, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<Pre
 
 /// Finishes `prefix` with the file's bytes after it, read sequentially (reading and hashing overlap on two
 /// threads), and returns the BLAKE3 of the whole file.
-pub fn digest_rest(file: &File, prefix: PrefixDigest) -> std::io::Result<Hash> {
+pub fn digest_rest<R: ReadAt + ?Sized>(file: &R, prefix: PrefixDigest) -> std::io::Result<Hash> {
     const BUF: usize = 4 << 20;
     let PrefixDigest { mut hasher, len: start } = prefix;
-    let size = file.metadata()?.len();
+    let size = file.size()?;
     if size.saturating_sub(start) <= BUF as u64 {
         let mut buf = vec![0u8; size.saturating_sub(start) as usize];
         file.read_exact_at(&mut buf, start)?;

@@ -315,6 +315,7 @@ fn context(
         .map_err(|e| ClientError::Source(format!("{}: {e}", root.join(crate::path::RESERVED_DIR).display())))?;
     Ok(ReceiverContext {
         store: ReceiverStore::open_scoped(store, &scope)?,
+        volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
         partial_dir,
         root,
         claims: Claims::default(),

@@ -169,6 +169,8 @@ fn namespace_context(
     };
     create_dir(&partial_dir)?;
     Ok(ReceiverContext {
+        // Its own volume, never the base's: a namespace's files live only under its own directory.
+        volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
         root,
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,

@@ -224,9 +224,11 @@ impl Server {
             source,
         })?;
         let store = Store::open(&state_dir)?;
+        let partial_dir = partial_dir.canonicalize().unwrap_or(partial_dir);
         let receiver = ReceiverContext {
+            volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
             root,
-            partial_dir: partial_dir.canonicalize().unwrap_or(partial_dir),
+            partial_dir,
             store: ReceiverStore::open(&store)?,
             claims: Claims::default(),
             stats: Arc::default(),

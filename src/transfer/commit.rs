@@ -6,16 +6,15 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::time::Duration;
 
 use super::writer::ChunkWriter;
 use super::TransferError;
-use crate::chunk::mtime_of;
-use crate::manifest::{hex, FileTime, Manifest};
-use crate::path::{rename_into_from, PathError, RemotePath, Replace};
+use crate::manifest::{hex, Manifest};
+use crate::path::RemotePath;
+use crate::storage::{PartialFile, Volume};
 use crate::store::{now_secs, CommittedFile};
 use crate::verify::{digest_rest, PrefixDigest};
-use crate::wire::{Committed, ErrorCode};
+use crate::wire::Committed;
 
 /// How a commit attempt ended.
 pub(crate) enum CommitOutcome {
@@ -30,9 +29,7 @@ pub(crate) enum CommitOutcome {
 /// Verifies the whole file, applies mode and mtime, syncs, renames it into place, and records it.
 pub(crate) fn commit(
     mut writer: ChunkWriter,
-    root: &Path,
-    partial: &Path,
-    target: &Path,
+    volume: &dyn Volume,
     path: &RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
     let manifest = writer.manifest.clone();
@@ -42,9 +39,9 @@ pub(crate) fn commit(
         None => PrefixDigest::default(),
     };
     tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
-    let digest = digest_rest(&writer.file, prefix).map_err(TransferError::Storage)?;
+    let digest = digest_rest(&*writer.file, prefix).map_err(TransferError::Storage)?;
     if digest != manifest.digest {
-        let damaged = damaged_chunks(&writer.file, &manifest).map_err(TransferError::Storage)?;
+        let damaged = damaged_chunks(&*writer.file, &manifest).map_err(TransferError::Storage)?;
         if damaged.is_empty() {
             return Err(TransferError::Integrity(format!(
                 "every chunk matches its hash but the file hashes to {}, not the manifest's {}",
@@ -60,23 +57,24 @@ pub(crate) fn commit(
         writer.save_progress()?;
         return Ok(CommitOutcome::Damaged(Box::new(writer.following())));
     }
-    apply_metadata(&writer.file, &manifest).map_err(TransferError::Storage)?;
+    writer
+        .file
+        .set_metadata(manifest.mode, manifest.mtime)
+        .map_err(TransferError::Storage)?;
     writer.file.sync_all().map_err(TransferError::Storage)?;
-    let meta = writer.file.metadata().map_err(TransferError::Storage)?;
+    let verified = writer.file.identity().map_err(TransferError::Storage)?;
     // Renamed through directory descriptors on both sides: a symlink planted on the way since the Offer, even one
     // swapped in during the rename, cannot redirect it; and the file renamed is checked to be the one just hashed.
-    let (checked, parent) = rename_verified(root, path, partial, &meta)?;
-    debug_assert_eq!(checked, target);
-    parent.sync_all().map_err(TransferError::Storage)?;
-    use std::os::unix::fs::MetadataExt;
+    let parent = volume.place(&writer.key, path, &verified)?;
+    parent.sync().map_err(TransferError::Storage)?;
     writer.store.commit(
         path.as_str(),
         &CommittedFile {
             manifest_id: manifest.id(),
             size: manifest.size,
             digest,
-            mtime: mtime_of(&meta),
-            inode: meta.ino(),
+            mtime: verified.mtime,
+            inode: verified.ino,
             committed_at: now_secs(),
         },
         &manifest,
@@ -106,9 +104,8 @@ pub(crate) fn commit(
     }))
 }
 
-/// Renames the partial (by name, relative to its directory's descriptor) to `path` under `root`, checking before
-/// and after that the name holds the very inode whose digest was verified (`verified`): a partial swapped by
-/// someone else who can write in the partial directory is refused, and never left under the final name.
+/// Renames `partial` to `path` under `root` after checking it is the `verified` file (the local volume's
+/// [`crate::storage::local::rename_verified`]), for the small files of a tree, which do not go through the seam.
 pub(crate) fn rename_verified(
     root: &Path,
     path: &RemotePath,
@@ -116,57 +113,16 @@ pub(crate) fn rename_verified(
     verified: &std::fs::Metadata,
 ) -> Result<(std::path::PathBuf, File), TransferError> {
     use std::os::unix::fs::MetadataExt;
-    let (Some(dir), Some(name)) = (partial.parent(), partial.file_name().and_then(|n| n.to_str())) else {
-        return Err(TransferError::Storage(std::io::Error::other(
-            "partial file has no name",
-        )));
-    };
-    let swapped = || TransferError::Integrity(format!("the partial file of {path} was replaced after it was verified"));
-    let same = |entry: std::io::Result<Option<(u64, u64)>>| {
-        entry.is_ok_and(|found| found == Some((verified.dev(), verified.ino())))
-    };
-    let partial_dir = File::open(dir).map_err(TransferError::Storage)?;
-    if !same(inode_at(&partial_dir, name)) {
-        return Err(swapped());
-    }
-    let (checked, parent) = rename_into_from(root, path, &partial_dir, name, Replace::File).map_err(|e| match e {
-        PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
-        refused => TransferError::refused(ErrorCode::BadPath, refused),
-    })?;
-    let final_name = path.components().last().expect("a RemotePath has a component");
-    if !same(inode_at(&parent, final_name)) {
-        // Swapped in the instant between the check and the rename: take the stranger's file away again.
-        if let Ok(c_name) = std::ffi::CString::new(final_name) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: the name is NUL-terminated and the descriptor is open.
-            unsafe { libc::unlinkat(parent.as_raw_fd(), c_name.as_ptr(), 0) };
-        }
-        return Err(swapped());
-    }
-    Ok((checked, parent))
-}
-
-/// The (device, inode) of the entry `name` in `dir`, not following a symlink; `None` if absent.
-fn inode_at(dir: &File, name: &str) -> std::io::Result<Option<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let name = std::ffi::CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: an all-zero stat is a valid value to be overwritten.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
-    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return if error.kind() == std::io::ErrorKind::NotFound {
-            Ok(None)
-        } else {
-            Err(error)
-        };
-    }
-    Ok(Some((stat.st_dev, stat.st_ino)))
+    Ok(crate::storage::local::rename_verified(
+        root,
+        path,
+        partial,
+        (verified.dev(), verified.ino()),
+    )?)
 }
 
 /// Indices of chunks whose bytes in `file` no longer match the manifest.
-fn damaged_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<u32>> {
-    use std::os::unix::fs::FileExt;
+fn damaged_chunks(file: &dyn PartialFile, manifest: &Manifest) -> std::io::Result<Vec<u32>> {
     let mut buf = Vec::new();
     let mut damaged = Vec::new();
     for (index, entry) in manifest.chunks.iter().enumerate() {
@@ -179,49 +135,7 @@ fn damaged_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<u32>>
     Ok(damaged)
 }
 
-/// Applies the manifest's permission bits (`& 0o777`) and mtime to the partial.
-fn apply_metadata(file: &File, manifest: &Manifest) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(manifest.mode & 0o777))?;
-    file.set_modified(system_time(manifest.mtime))
-}
-
-pub(crate) fn system_time(t: FileTime) -> std::time::SystemTime {
-    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
-    if t.secs >= 0 {
-        std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
-    } else {
-        std::time::UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 12 item 9: the partial whose digest was verified is swapped for another file before the rename; the
-    /// rename is refused and nothing lands under the final name.
-    #[test]
-    fn a_partial_swapped_after_it_was_verified_is_not_renamed_into_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let (root, partials) = (dir.path().join("root"), dir.path().join("root/.ferry/partial"));
-        std::fs::create_dir_all(&partials).unwrap();
-        let partial = partials.join(".ferry-0123.part");
-        std::fs::write(&partial, b"verified bytes").unwrap();
-        let hashed = File::open(&partial).unwrap(); // the receiver's descriptor: its inode stays allocated
-        let verified = hashed.metadata().unwrap();
-        // Someone else's file takes the partial's name.
-        std::fs::remove_file(&partial).unwrap();
-        std::fs::write(&partial, b"attacker bytes").unwrap();
-        let path = RemotePath::parse("dest.bin").unwrap();
-        assert!(matches!(
-            rename_verified(&root, &path, &partial, &verified),
-            Err(TransferError::Integrity(_))
-        ));
-        assert!(!root.join("dest.bin").exists(), "nothing under the final name");
-        // The genuine file renames.
-        let genuine = File::open(&partial).unwrap().metadata().unwrap();
-        let (target, _) = rename_verified(&root, &path, &partial, &genuine).unwrap();
-        assert_eq!(std::fs::read(target).unwrap(), b"attacker bytes");
-    }
+/// A manifest's mtime as a `SystemTime` (the tree receiver's small files and directories).
+pub(crate) fn system_time(t: crate::manifest::FileTime) -> std::time::SystemTime {
+    crate::storage::local::system_time(t)
 }

@@ -19,6 +19,8 @@ pub mod tree_sender;
 mod writer;
 
 #[cfg(test)]
+mod power_loss;
+#[cfg(test)]
 mod tests;
 
 use std::time::Duration;
@@ -26,6 +28,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::storage::StorageError;
 use crate::store::StoreError;
 use crate::wire::{Connection, ErrorCode, ErrorFrame, Message, WireError};
 
@@ -188,10 +191,17 @@ impl TransferError {
     }
 }
 
-/// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will
-/// not change that.
-pub fn is_permission_error(error: &std::io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS))
+pub use crate::storage::is_permission_error;
+
+impl From<StorageError> for TransferError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::Io(e) => TransferError::Storage(e),
+            StorageError::At { path, source } => unwritable(&path, source),
+            StorageError::BadPath(refused) => TransferError::refused(ErrorCode::BadPath, refused),
+            StorageError::Replaced(_) => TransferError::Integrity(error.to_string()),
+        }
+    }
 }
 
 /// A storage failure at `path`, logged on this side (the operator of a server that cannot write its destination

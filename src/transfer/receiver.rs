@@ -6,9 +6,7 @@
 //! written; the final name only ever holds a file whose whole-file digest was verified, renamed atomically from a
 //! partial under `.ferry/partial/` on the same filesystem.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,13 +21,13 @@ use super::quota::{admit, NewTransfer};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
-use crate::chunk::mtime_of;
 #[cfg(test)]
 use crate::manifest::ChunkEntry;
-use crate::manifest::{hex, Manifest};
-use crate::path::{resolve_in_root, RemotePath};
+use crate::manifest::Manifest;
+use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
+use crate::storage::Volume;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
@@ -45,6 +43,9 @@ pub struct ReceiverContext {
     pub root: PathBuf,
     /// Partial files live here (same filesystem as `root`).
     pub partial_dir: PathBuf,
+    /// Where the big-file receiver keeps its partials and commits files: a [`crate::storage::LocalVolume`] over
+    /// `root` and `partial_dir` (the tree receiver's small files still use those two directly).
+    pub volume: Arc<dyn Volume>,
     /// Durable records.
     pub store: ReceiverStore,
     /// One session per destination.
@@ -135,8 +136,6 @@ pub(super) enum Plan {
 }
 
 pub(super) struct Prepared {
-    target: PathBuf,
-    partial: PathBuf,
     writer: ChunkWriter,
     /// No transfer to this path was open before this offer.
     fresh: bool,
@@ -214,10 +213,10 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Committed, TransferError> {
     let mut writer = prepared.writer;
     let reuse = {
-        let (root, target, path) = (ctx.root.clone(), prepared.target.clone(), path.clone());
+        let (volume, path) = (ctx.volume.clone(), path.clone());
         let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            let reused = reuse_local(&mut writer, &root, &target, &path, rule, fresh);
+            let reused = reuse_local(&mut writer, &*volume, &path, rule, fresh);
             reused.map(|_| writer)
         })
     };
@@ -234,8 +233,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
         writer = writer_back;
         result?;
         if writer.received.is_complete() {
-            let (partial, target) = (prepared.partial.clone(), prepared.target.clone());
-            match commit_with_keepalive(conn, ctx, writer, partial, target, path.clone()).await? {
+            match commit_with_keepalive(conn, ctx, writer, path.clone()).await? {
                 CommitOutcome::Done(committed) => return Ok(committed),
                 CommitOutcome::Damaged(back) => writer = *back,
             }
@@ -424,15 +422,10 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     writer: ChunkWriter,
-    partial: PathBuf,
-    target: PathBuf,
     path: RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
-    let root = ctx.root.clone();
-    with_keepalive(conn, ctx.idle_timeout, move || {
-        commit(writer, &root, &partial, &target, &path)
-    })
-    .await
+    let volume = ctx.volume.clone();
+    with_keepalive(conn, ctx.idle_timeout, move || commit(writer, &*volume, &path)).await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -450,28 +443,18 @@ pub(super) fn prepare(
     manifest: Arc<Manifest>,
 ) -> Result<Plan, TransferError> {
     let key = path.as_str();
-    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| match e {
-        // A parent that cannot be created: as final as a directory that cannot be written (below).
-        crate::path::PathError::Io { source, .. } if super::is_permission_error(&source) => {
-            super::unwritable(path.as_str(), source)
-        }
-        refused => TransferError::refused(ErrorCode::BadPath, refused),
-    })?;
-    // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
-    // after the whole upload (proto-spec.md §9, StorageIo).
-    crate::path::check_writable(&ctx.root, path).map_err(|e| match e {
-        crate::path::PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
-        refused => TransferError::refused(ErrorCode::BadPath, refused),
-    })?;
+    let volume = &*ctx.volume;
+    // Before a byte is sent: a destination this receiver may not write would fail only at the commit, after the
+    // whole upload (proto-spec.md §9, StorageIo).
+    volume.prepare_destination(path)?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
-        if let Some(done) = already_present(store, key, &ctx.root, path, &manifest)? {
+        if let Some(done) = already_present(store, key, volume, path, &manifest)? {
             return Ok(Plan::AlreadyPresent(done));
         }
     }
-    let partial = ctx.partial_dir.join(partial_file_name(key));
-    let partial_len = existing_partial(&partial)?;
+    let partial_len = volume.partial_len(key)?;
     let mut progress = store.progress(key)?.unwrap_or_default();
     let received = match (&record, partial_len) {
         (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
@@ -486,11 +469,11 @@ pub(super) fn prepare(
     // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
     // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
     let file = if same_offer {
-        open_partial(key, &partial, manifest.size, partial_len.is_some())?
+        volume.open_partial(key, manifest.size, partial_len.is_some())?
     } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
-        let partial_name = partial.display().to_string();
+        let partial_name = volume.partial_location(key);
         // Borrowed: a manifest of 500,000 chunks is not copied just to be encoded.
         let new_record = TransferRecordRef {
             manifest: &manifest,
@@ -504,7 +487,7 @@ pub(super) fn prepare(
             record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
         admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
-        let file = open_partial(key, &partial, manifest.size, partial_len.is_some())?;
+        let file = volume.open_partial(key, manifest.size, partial_len.is_some())?;
         store.begin_encoded(
             key,
             new_record,
@@ -524,59 +507,9 @@ pub(super) fn prepare(
         ctx.sync_batch,
     );
     Ok(Plan::Receive(Box::new(Prepared {
-        target,
-        partial,
         writer,
         fresh: record.is_none(),
     })))
-}
-
-/// The partial file's name for the destination `key` (proto-spec.md §8): `.ferry-` + the first 32 hex digits (16
-/// bytes) of BLAKE3 over the key's UTF-8 bytes + `.part`.
-pub(crate) fn partial_file_name(key: &str) -> String {
-    format!(".ferry-{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32])
-}
-
-/// The length of the partial file already at `partial`, if it is a regular file of this process's user; anything
-/// else there (a symlink, a stranger's file) is removed, so the partial is then created afresh and exclusively.
-fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(partial) else {
-        return Ok(None);
-    };
-    // SAFETY: geteuid has no preconditions.
-    let mine = meta.uid() == unsafe { libc::geteuid() };
-    if meta.is_file() && mine {
-        return Ok(Some(meta.len()));
-    }
-    tracing::warn!(partial = %partial.display(), "removing a partial file this process did not create");
-    match std::fs::remove_file(partial) {
-        Ok(()) => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(TransferError::Storage(e)),
-    }
-}
-
-/// Opens (or creates) the partial file, never through a symlink; a new partial (`exists` false) is created
-/// exclusively (`O_EXCL`), so a file someone else placed at that name in the meantime is refused, not adopted. No
-/// preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write error
-/// after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older offer
-/// is cut to `size`. An error opening it names `key`, the destination.
-fn open_partial(key: &str, partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
-    if exists {
-        options.create(false);
-    } else {
-        options.create_new(true);
-    }
-    let file = options
-        .open(partial)
-        .map_err(|e| super::unwritable(&format!("{key} (its partial file in .ferry/)"), e))?;
-    if file.metadata().map_err(TransferError::Storage)?.len() > size {
-        file.set_len(size).map_err(TransferError::Storage)?;
-    }
-    Ok(file)
 }
 
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose
@@ -597,27 +530,26 @@ fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) 
     set
 }
 
-/// The Committed reply if `path` under `root` still holds exactly the file `manifest` describes, as committed
+/// The Committed reply if `path` on `volume` still holds exactly the file `manifest` describes, as committed
 /// earlier.
 fn already_present(
     store: &ReceiverStore,
     key: &str,
-    root: &Path,
+    volume: &dyn Volume,
     path: &RemotePath,
     manifest: &Manifest,
 ) -> Result<Option<Committed>, TransferError> {
     let Some(done) = store.committed(key)? else {
         return Ok(None);
     };
-    let Ok(meta) = crate::path::metadata_in_root(root, path) else {
+    let Some(now) = volume.stat_final(path) else {
         return Ok(None);
     };
-    use std::os::unix::fs::MetadataExt;
     let unchanged = done.manifest_id == manifest.id()
-        && meta.is_file()
-        && meta.len() == done.size
-        && meta.ino() == done.inode
-        && mtime_of(&meta) == done.mtime;
+        && now.is_file
+        && now.len == done.size
+        && now.ino == done.inode
+        && now.mtime == done.mtime;
     Ok(unchanged.then_some(Committed {
         size: done.size,
         digest: done.digest,
@@ -632,19 +564,6 @@ fn already_present(
 mod tests {
     use super::*;
     use crate::manifest::tests::manifest_of;
-
-    /// proto-spec.md §8: the `<id>` of `.ferry-<id>.part`.
-    #[test]
-    fn the_partial_name_is_pinned() {
-        assert_eq!(
-            partial_file_name("a/b.iso"),
-            ".ferry-d3572167d018d49f0a4b8574ebcc5538.part"
-        );
-        assert_eq!(
-            partial_file_name("a/b.iso"),
-            format!(".ferry-{}.part", &blake3::hash(b"a/b.iso").to_hex()[..32])
-        );
-    }
 
     #[test]
     fn only_chunks_equal_in_place_and_received_are_carried_over() {

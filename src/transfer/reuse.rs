@@ -14,15 +14,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
-use crate::chunk::{chunk_with, mtime_of};
 use crate::manifest::{ChunkEntry, Hash};
-use crate::path::{open_no_follow, resolve_in_root, RemotePath};
+use crate::path::RemotePath;
+use crate::storage::{FinalFile, ReadAt, Volume};
 use crate::store::ReceiverStore;
 
 /// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
@@ -53,12 +52,11 @@ pub(crate) struct Reused {
     pub(crate) bytes: u64,
 }
 
-/// Fills the missing chunks of `writer` from local copies allowed by `rule` and makes them durable; `fresh` says
-/// that no transfer to `path` was open before this offer. Blocking.
+/// Fills the missing chunks of `writer` from local copies on `volume` allowed by `rule` and makes them durable;
+/// `fresh` says that no transfer to `path` was open before this offer. Blocking.
 pub(crate) fn reuse_local(
     writer: &mut ChunkWriter,
-    root: &Path,
-    target: &Path,
+    volume: &dyn Volume,
     path: &RemotePath,
     rule: Reuse,
     fresh: bool,
@@ -82,8 +80,8 @@ pub(crate) fn reuse_local(
         }
     }
     match rule {
-        Reuse::Full => finder.add_previous_version(&writer.store, path, target, writer, &wanted),
-        Reuse::InPlace if fresh => finder.add_in_place(target, writer, &wanted),
+        Reuse::Full => finder.add_previous_version(&writer.store, path, volume, writer, &wanted),
+        Reuse::InPlace if fresh => finder.add_in_place(volume, path, writer, &wanted),
         Reuse::InPlace => {}
     }
     let mut copier = Copier {
@@ -99,7 +97,7 @@ pub(crate) fn reuse_local(
         let len = writer.manifest.chunks[indices[0] as usize].len;
         let mut places = finder.places.remove(&hash).unwrap_or_default();
         if places.is_empty() && rule == Reuse::Full {
-            places = finder.indexed(&writer.store, root, path, &hash, len);
+            places = finder.indexed(&writer.store, volume, path, &hash, len);
         }
         copier.fill(writer, &finder, &hash, len, &indices, &places)?;
     }
@@ -113,7 +111,7 @@ pub(crate) fn reuse_local(
 /// Opened source files and the places of wanted chunks in them.
 struct Finder {
     places: HashMap<Hash, Vec<Place>>,
-    files: Vec<File>,
+    files: Vec<Box<dyn FinalFile>>,
     /// Relative path of each opened file (empty for the destination's previous version).
     paths: Vec<String>,
 }
@@ -125,20 +123,19 @@ impl Finder {
         &mut self,
         store: &ReceiverStore,
         path: &RemotePath,
-        target: &Path,
+        volume: &dyn Volume,
         writer: &ChunkWriter,
         wanted: &Wanted,
     ) {
-        let Ok(file) = open_no_follow(target) else {
+        let Some(file) = volume.open_final(path) else {
             return;
         };
-        let Ok(meta) = file.metadata() else { return };
-        if !meta.is_file() || meta.len() == 0 {
+        let Ok(meta) = file.identity() else { return };
+        if !meta.is_file || meta.len == 0 {
             return;
         }
         let committed = store.committed(path.as_str()).ok().flatten();
-        let unchanged =
-            committed.is_some_and(|c| c.size == meta.len() && c.inode == meta.ino() && c.mtime == mtime_of(&meta));
+        let unchanged = committed.is_some_and(|c| c.size == meta.len && c.inode == meta.ino && c.mtime == meta.mtime);
         let stored = if unchanged {
             store.committed_manifest(path.as_str()).ok().flatten().map(|m| m.chunks)
         } else {
@@ -147,8 +144,8 @@ impl Finder {
         let chunks: Vec<ChunkEntry> = match stored {
             Some(chunks) => chunks,
             // Cutting an old file costs a full read of it: not for one far larger than what is offered.
-            None if meta.len() > SCAN_LIMIT_FACTOR * writer.manifest.size + SCAN_LIMIT_SLACK => return,
-            None => match chunk_with(&file, meta.len(), writer.manifest.chunking, &|h| wanted.contains(h)) {
+            None if meta.len > SCAN_LIMIT_FACTOR * writer.manifest.size + SCAN_LIMIT_SLACK => return,
+            None => match file.cut(meta.len, writer.manifest.chunking, &|h| wanted.contains(h)) {
                 Ok(chunks) => chunks,
                 Err(e) => {
                     tracing::warn!(path = %path, error = %e, "could not read the previous version for reuse");
@@ -172,12 +169,12 @@ impl Finder {
 
     /// Adds the file now at the destination as a place for each wanted chunk at that chunk's own offset (its
     /// length is checked by the verification), never elsewhere in the file.
-    fn add_in_place(&mut self, target: &Path, writer: &ChunkWriter, wanted: &Wanted) {
-        let Ok(file) = open_no_follow(target) else {
+    fn add_in_place(&mut self, volume: &dyn Volume, path: &RemotePath, writer: &ChunkWriter, wanted: &Wanted) {
+        let Some(file) = volume.open_final(path) else {
             return;
         };
-        let Ok(meta) = file.metadata() else { return };
-        if !meta.is_file() || meta.len() == 0 {
+        let Ok(meta) = file.identity() else { return };
+        if !meta.is_file || meta.len == 0 {
             return;
         }
         let number = self.files.len();
@@ -185,7 +182,7 @@ impl Finder {
         self.paths.push(String::new());
         for &(hash, index) in &wanted.by_hash {
             let chunk = &writer.manifest.chunks[index as usize];
-            if chunk.offset.saturating_add(u64::from(chunk.len)) <= meta.len() {
+            if chunk.offset.saturating_add(u64::from(chunk.len)) <= meta.len {
                 let place = Place::File {
                     file: number,
                     offset: chunk.offset,
@@ -196,7 +193,14 @@ impl Finder {
     }
 
     /// Places the chunk index knows for `hash` in other committed files, opening them as needed.
-    fn indexed(&mut self, store: &ReceiverStore, root: &Path, own: &RemotePath, hash: &Hash, len: u32) -> Vec<Place> {
+    fn indexed(
+        &mut self,
+        store: &ReceiverStore,
+        volume: &dyn Volume,
+        own: &RemotePath,
+        hash: &Hash,
+        len: u32,
+    ) -> Vec<Place> {
         let Ok(locations) = store.chunk_locations(hash, LOCATIONS_PER_HASH + 1) else {
             return Vec::new();
         };
@@ -205,7 +209,10 @@ impl Finder {
             let number = match self.paths.iter().position(|p| *p == location.path) {
                 Some(number) => number,
                 None => {
-                    let Some(file) = open_committed(root, &location.path) else {
+                    let opened = RemotePath::parse(&location.path)
+                        .ok()
+                        .and_then(|p| volume.open_final(&p));
+                    let Some(file) = opened else {
                         let _ = store.forget_chunk(hash, &location.path);
                         continue;
                     };
@@ -287,10 +294,8 @@ impl Copier {
     }
 }
 
-/// Opens a committed file named by the index, inside `root` and without following symlinks.
+/// Opens a committed file named by the index, inside `root` and without following symlinks (the tree receiver's
+/// reuse, which does not go through the storage seam yet).
 pub(crate) fn open_committed(root: &Path, path: &str) -> Option<File> {
-    let path = RemotePath::parse(path).ok()?;
-    let resolved: PathBuf = resolve_in_root(root, &path, false).ok()?;
-    let file = open_no_follow(&resolved).ok()?;
-    file.metadata().ok()?.is_file().then_some(file)
+    crate::storage::local::open_committed(root, path)
 }

@@ -34,6 +34,7 @@ fn fixture() -> Fixture {
     std::fs::create_dir_all(&partial_dir).unwrap();
     let store = Store::open(&dir.path().join("state")).unwrap();
     let ctx = ReceiverContext {
+        volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
         root,
         partial_dir,
         store: ReceiverStore::open(&store).unwrap(),

@@ -6,8 +6,6 @@
 //! lost.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +16,7 @@ use super::TransferError;
 use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
+use crate::storage::Partial;
 use crate::store::{Progress, ReceiverStore};
 use crate::verify::{self, DigestFollower, VerifyError};
 use crate::wire::Chunk;
@@ -60,7 +59,7 @@ pub(crate) enum WriterEvent {
 /// Owns the partial file and the received-chunk set of one transfer while chunks arrive.
 pub(crate) struct ChunkWriter {
     pub(crate) key: String,
-    pub(crate) file: File,
+    pub(crate) file: Partial,
     pub(crate) manifest: Arc<Manifest>,
     pub(crate) received: ChunkSet,
     pub(crate) progress: Progress,
@@ -99,7 +98,7 @@ impl ChunkWriter {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         key: String,
-        file: File,
+        file: Partial,
         manifest: Arc<Manifest>,
         received: ChunkSet,
         progress: Progress,
@@ -156,10 +155,7 @@ impl ChunkWriter {
         self.written = self.received.clone();
         self.contiguous = 0;
         self.advance_contiguous();
-        let follower = self
-            .file
-            .try_clone()
-            .and_then(|file| DigestFollower::start(file, self.final_bytes()));
+        let follower = DigestFollower::start(self.file.clone(), self.final_bytes());
         // Without a follower the commit reads the whole file; slower, never wrong.
         self.follower = follower
             .inspect_err(
@@ -262,7 +258,7 @@ impl ChunkWriter {
             self.batch.push((chunk.index, stream));
             return true;
         }
-        match verify::write_verified(&self.file, entry, &chunk.data) {
+        match verify::write_verified(&*self.file, entry, &chunk.data) {
             Ok(()) => {
                 self.mark_written(chunk.index);
                 self.batch.push((chunk.index, stream));
@@ -320,7 +316,7 @@ impl ChunkWriter {
             if self.received.contains(copy) || self.written.contains(copy) {
                 continue;
             }
-            if let Err(source) = self.file.write_all_at(data, entry.offset) {
+            if let Err(source) = self.file.write_at(data, entry.offset) {
                 let _ = events.send(WriterEvent::Failed(TransferError::Storage(source)));
                 return false;
             }
@@ -400,12 +396,12 @@ impl ChunkWriter {
             return Ok(!verify || verify::check_chunk(entry, data).is_ok());
         }
         let written = if verify {
-            verify::write_verified(&self.file, entry, data)
+            verify::write_verified(&*self.file, entry, data)
         } else if entry.len as usize != data.len() {
             return Ok(false);
         } else {
             self.file
-                .write_all_at(data, entry.offset)
+                .write_at(data, entry.offset)
                 .map_err(|source| VerifyError::Io {
                     offset: entry.offset,
                     source,
@@ -517,7 +513,7 @@ mod tests {
             mode: 0o644,
             chunks,
         };
-        let file = File::options()
+        let file = std::fs::File::options()
             .read(true)
             .write(true)
             .create(true)
@@ -526,7 +522,7 @@ mod tests {
             .unwrap();
         let writer = ChunkWriter::new(
             "k".into(),
-            file,
+            Arc::new(file),
             Arc::new(manifest),
             ChunkSet::new(n),
             Progress::default(),

@@ -1,0 +1,311 @@
+//! [`LocalVolume`]: the receiver's files in a local directory, the default. Committed files live under the root;
+//! each transfer's partial is `.ferry-<id>.part` in the partial directory (proto-spec.md §8), on the same
+//! filesystem, so the commit is one `rename`.
+//!
+//! Promises: a partial is never opened through a symlink and a new one is created exclusively (`O_EXCL`); a rename
+//! into place walks directory descriptors on both sides (no symlink on the way can redirect it, even one swapped in
+//! during the rename), and the file renamed is checked before and after to be the very inode that was verified.
+//! Durability is the kernel's: `fdatasync`, `fsync`, and the destination directory's `fsync` after the rename.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{is_permission_error, Directory, FinalFile, Identity, Partial, PartialFile, StorageError, Volume};
+use crate::chunk::{chunk_with, mtime_of};
+use crate::manifest::{hex, ChunkEntry, Chunking, FileTime, Hash};
+use crate::path::{
+    check_writable, metadata_in_root, open_no_follow, rename_into_from, resolve_in_root, PathError, RemotePath, Replace,
+};
+
+/// Files under `root`, partials in `partial_dir` (same filesystem).
+#[derive(Debug, Clone)]
+pub struct LocalVolume {
+    root: PathBuf,
+    partial_dir: PathBuf,
+}
+
+impl LocalVolume {
+    /// A volume committing under `root`, with partials in `partial_dir`.
+    pub fn new(root: PathBuf, partial_dir: PathBuf) -> Self {
+        LocalVolume { root, partial_dir }
+    }
+
+    /// The same, shared, as a receiver context holds it.
+    pub fn shared(root: PathBuf, partial_dir: PathBuf) -> Arc<dyn Volume> {
+        Arc::new(Self::new(root, partial_dir))
+    }
+
+    fn partial_path(&self, key: &str) -> PathBuf {
+        self.partial_dir.join(partial_file_name(key))
+    }
+}
+
+/// The partial file's name for the destination `key` (proto-spec.md §8): `.ferry-` + the first 32 hex digits (16
+/// bytes) of BLAKE3 over the key's UTF-8 bytes + `.part`.
+pub fn partial_file_name(key: &str) -> String {
+    format!(".ferry-{}.part", &hex(blake3::hash(key.as_bytes()).as_bytes())[..32])
+}
+
+impl Volume for LocalVolume {
+    fn prepare_destination(&self, path: &RemotePath) -> Result<(), StorageError> {
+        let at = |source| StorageError::At {
+            path: path.as_str().to_string(),
+            source,
+        };
+        resolve_in_root(&self.root, path, true).map_err(|e| match e {
+            // A parent that cannot be created: as final as a directory that cannot be written (below).
+            PathError::Io { source, .. } if is_permission_error(&source) => at(source),
+            refused => StorageError::BadPath(refused),
+        })?;
+        // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
+        // after the whole upload (proto-spec.md §9, StorageIo).
+        check_writable(&self.root, path).map_err(|e| match e {
+            PathError::Io { source, .. } => at(source),
+            refused => StorageError::BadPath(refused),
+        })
+    }
+
+    fn partial_location(&self, key: &str) -> String {
+        self.partial_path(key).display().to_string()
+    }
+
+    fn partial_len(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        existing_partial(&self.partial_path(key))
+    }
+
+    fn open_partial(&self, key: &str, size: u64, exists: bool) -> Result<Partial, StorageError> {
+        Ok(Arc::new(open_partial(key, &self.partial_path(key), size, exists)?))
+    }
+
+    fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {
+        let (_, parent) = rename_verified(&self.root, path, &self.partial_path(key), (verified.dev, verified.ino))?;
+        Ok(Box::new(parent))
+    }
+
+    fn stat_final(&self, path: &RemotePath) -> Option<Identity> {
+        metadata_in_root(&self.root, path).ok().map(|meta| identity(&meta))
+    }
+
+    fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>> {
+        open_committed(&self.root, path.as_str()).map(|file| Box::new(file) as Box<dyn FinalFile>)
+    }
+}
+
+fn identity(meta: &std::fs::Metadata) -> Identity {
+    Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        len: meta.len(),
+        mtime: mtime_of(meta),
+        is_file: meta.is_file(),
+    }
+}
+
+impl PartialFile for File {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(data, offset)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+
+    fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+        self.set_modified(system_time(mtime))
+    }
+
+    fn identity(&self) -> io::Result<Identity> {
+        Ok(identity(&self.metadata()?))
+    }
+}
+
+impl FinalFile for File {
+    fn identity(&self) -> io::Result<Identity> {
+        Ok(identity(&self.metadata()?))
+    }
+
+    fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>> {
+        chunk_with(self, size, chunking, keep)
+    }
+}
+
+impl Directory for File {
+    fn sync(&self) -> io::Result<()> {
+        self.sync_all()
+    }
+}
+
+/// A manifest's mtime as a `SystemTime`.
+pub fn system_time(t: FileTime) -> std::time::SystemTime {
+    use std::time::Duration;
+    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+    if t.secs >= 0 {
+        std::time::UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
+    } else {
+        std::time::UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos
+    }
+}
+
+/// The length of the partial file already at `partial`, if it is a regular file of this process's user; anything
+/// else there (a symlink, a stranger's file) is removed, so the partial is then created afresh and exclusively.
+fn existing_partial(partial: &Path) -> Result<Option<u64>, StorageError> {
+    let Ok(meta) = std::fs::symlink_metadata(partial) else {
+        return Ok(None);
+    };
+    // SAFETY: geteuid has no preconditions.
+    let mine = meta.uid() == unsafe { libc::geteuid() };
+    if meta.is_file() && mine {
+        return Ok(Some(meta.len()));
+    }
+    tracing::warn!(partial = %partial.display(), "removing a partial file this process did not create");
+    match std::fs::remove_file(partial) {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::Io(e)),
+    }
+}
+
+/// Opens (or creates) the partial file, never through a symlink; a new partial (`exists` false) is created
+/// exclusively (`O_EXCL`), so a file someone else placed at that name in the meantime is refused, not adopted. No
+/// preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write error
+/// after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older offer
+/// is cut to `size`. An error opening it names `key`, the destination.
+fn open_partial(key: &str, partial: &Path, size: u64, exists: bool) -> Result<File, StorageError> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
+    if exists {
+        options.create(false);
+    } else {
+        options.create_new(true);
+    }
+    let file = options.open(partial).map_err(|source| StorageError::At {
+        path: format!("{key} (its partial file in .ferry/)"),
+        source,
+    })?;
+    if file.metadata()?.len() > size {
+        file.set_len(size)?;
+    }
+    Ok(file)
+}
+
+/// Renames the partial (by name, relative to its directory's descriptor) to `path` under `root`, checking before
+/// and after that the name holds the very inode whose digest was verified (`verified`: device and inode): a
+/// partial swapped by someone else who can write in the partial directory is refused, and never left under the
+/// final name. Returns the destination and its opened parent directory (to sync).
+pub fn rename_verified(
+    root: &Path,
+    path: &RemotePath,
+    partial: &Path,
+    verified: (u64, u64),
+) -> Result<(PathBuf, File), StorageError> {
+    let (Some(dir), Some(name)) = (partial.parent(), partial.file_name().and_then(|n| n.to_str())) else {
+        return Err(StorageError::Io(io::Error::other("partial file has no name")));
+    };
+    let swapped = || StorageError::Replaced(path.to_string());
+    let same = |entry: io::Result<Option<(u64, u64)>>| entry.is_ok_and(|found| found == Some(verified));
+    let partial_dir = File::open(dir)?;
+    if !same(inode_at(&partial_dir, name)) {
+        return Err(swapped());
+    }
+    let (checked, parent) = rename_into_from(root, path, &partial_dir, name, Replace::File).map_err(|e| match e {
+        PathError::Io { source, .. } => StorageError::At {
+            path: path.as_str().to_string(),
+            source,
+        },
+        refused => StorageError::BadPath(refused),
+    })?;
+    let final_name = path.components().last().expect("a RemotePath has a component");
+    if !same(inode_at(&parent, final_name)) {
+        // Swapped in the instant between the check and the rename: take the stranger's file away again.
+        if let Ok(c_name) = std::ffi::CString::new(final_name) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the name is NUL-terminated and the descriptor is open.
+            unsafe { libc::unlinkat(parent.as_raw_fd(), c_name.as_ptr(), 0) };
+        }
+        return Err(swapped());
+    }
+    Ok((checked, parent))
+}
+
+/// The (device, inode) of the entry `name` in `dir`, not following a symlink; `None` if absent.
+fn inode_at(dir: &File, name: &str) -> io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::NotFound {
+            Ok(None)
+        } else {
+            Err(error)
+        };
+    }
+    Ok(Some((stat.st_dev, stat.st_ino)))
+}
+
+/// Opens a committed file named by the index, inside `root` and without following symlinks.
+pub fn open_committed(root: &Path, path: &str) -> Option<File> {
+    let path = RemotePath::parse(path).ok()?;
+    let resolved: PathBuf = resolve_in_root(root, &path, false).ok()?;
+    let file = open_no_follow(&resolved).ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// proto-spec.md §8: the `<id>` of `.ferry-<id>.part`.
+    #[test]
+    fn the_partial_name_is_pinned() {
+        assert_eq!(
+            partial_file_name("a/b.iso"),
+            ".ferry-d3572167d018d49f0a4b8574ebcc5538.part"
+        );
+        assert_eq!(
+            partial_file_name("a/b.iso"),
+            format!(".ferry-{}.part", &blake3::hash(b"a/b.iso").to_hex()[..32])
+        );
+    }
+
+    /// Issue 12 item 9: the partial whose digest was verified is swapped for another file before the rename; the
+    /// rename is refused and nothing lands under the final name.
+    #[test]
+    fn a_partial_swapped_after_it_was_verified_is_not_renamed_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, partials) = (dir.path().join("root"), dir.path().join("root/.ferry/partial"));
+        std::fs::create_dir_all(&partials).unwrap();
+        let partial = partials.join(".ferry-0123.part");
+        std::fs::write(&partial, b"verified bytes").unwrap();
+        let hashed = File::open(&partial).unwrap(); // the receiver's descriptor: its inode stays allocated
+        let verified = hashed.metadata().unwrap();
+        // Someone else's file takes the partial's name.
+        std::fs::remove_file(&partial).unwrap();
+        std::fs::write(&partial, b"attacker bytes").unwrap();
+        let path = RemotePath::parse("dest.bin").unwrap();
+        assert!(matches!(
+            rename_verified(&root, &path, &partial, (verified.dev(), verified.ino())),
+            Err(StorageError::Replaced(_))
+        ));
+        assert!(!root.join("dest.bin").exists(), "nothing under the final name");
+        // The genuine file renames.
+        let genuine = File::open(&partial).unwrap().metadata().unwrap();
+        let (target, _) = rename_verified(&root, &path, &partial, (genuine.dev(), genuine.ino())).unwrap();
+        assert_eq!(std::fs::read(target).unwrap(), b"attacker bytes");
+    }
+}

@@ -1,0 +1,186 @@
+//! The receiver's storage seam: every byte and every name the big-file receiver touches goes through here.
+//!
+//! The engine (`transfer::receiver`, `writer`, `reuse`, `commit`) speaks in transfers and destinations: it asks a
+//! [`Volume`] to prepare a destination, to open (or resume) the partial of a key, for the file committed at a path,
+//! and to put a verified partial in place; it writes, reads and syncs the partial through its [`PartialFile`]
+//! handle. The order in which it calls them is the crash-safety contract (proto-spec.md §8, docs/storage.md):
+//!
+//! 1. [`PartialFile::write_at`] verified chunks, then [`PartialFile::sync_data`], and only then the store records
+//!    them received (and the sender hears an Ack);
+//! 2. at commit: [`PartialFile::set_metadata`], [`PartialFile::sync_all`], [`Volume::place`] (the atomic rename),
+//!    [`Directory::sync`] (the rename made durable), and only then the store records the file committed.
+//!
+//! Two implementations: [`LocalVolume`] (plain files under the root, partials in `.ferry/partial/`), and, for tests,
+//! `sim::SimVolume`, a simulated disk that loses or tears every write not yet synced when it "loses power", so a
+//! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small-file
+//! path does not go through the seam yet.
+
+pub mod local;
+#[cfg(test)]
+pub(crate) mod sim;
+
+use std::io;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
+use crate::path::{PathError, RemotePath};
+
+pub use local::LocalVolume;
+
+/// Positional reads, for the digest follower, the commit's verification and reuse.
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; 0 at the end of the file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Fills `buf` from `offset`, failing with `UnexpectedEof` at the end of the file.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The file's current length in bytes.
+    fn size(&self) -> io::Result<u64>;
+}
+
+impl ReadAt for std::fs::File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+}
+
+/// Which file a name holds, and what the store records of it at commit: a file renamed into place must be the one
+/// whose digest was verified (same device and inode), and a committed file is "unchanged" while its inode, size and
+/// mtime are those recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Modification time.
+    pub mtime: FileTime,
+    /// A regular file (not a directory, symlink or device).
+    pub is_file: bool,
+}
+
+/// The partial file of one transfer, open for the engine. Writes are not durable until [`PartialFile::sync_data`]
+/// (bytes and length) or [`PartialFile::sync_all`] (also mode and mtime) returns.
+pub trait PartialFile: ReadAt {
+    /// Writes all of `data` at `offset`, extending the file if needed.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Cuts or extends the file to `len`.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the bytes and the length written so far durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Makes bytes, length, mode and mtime durable (`fsync`).
+    fn sync_all(&self) -> io::Result<()>;
+    /// Sets the permission bits (`mode & 0o777`) and the mtime the manifest asks for.
+    fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()>;
+    /// Device, inode, length and mtime as they are now.
+    fn identity(&self) -> io::Result<Identity>;
+}
+
+/// An open partial, shared by the writer and its digest follower.
+pub type Partial = Arc<dyn PartialFile>;
+
+/// A committed file opened for reading (reuse of its chunks).
+pub trait FinalFile: ReadAt {
+    /// Device, inode, length and mtime.
+    fn identity(&self) -> io::Result<Identity>;
+    /// The chunks of the first `size` bytes, cut with exactly `chunking`, whose hash `keep` accepts.
+    fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>>;
+}
+
+/// The directory a rename landed in: syncing it makes the rename durable.
+pub trait Directory: Send {
+    /// Makes the entries of this directory durable (`fsync` of the directory).
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Where the engine's files live. Keys are destination paths (`RemotePath::as_str`); each key has at most one
+/// partial. Every method is blocking: call from blocking threads.
+pub trait Volume: Send + Sync + std::fmt::Debug {
+    /// Checks `path` as a destination before anything is received: its parent directories exist (created if
+    /// missing, never through a symlink) and may be written.
+    fn prepare_destination(&self, path: &RemotePath) -> Result<(), StorageError>;
+    /// Where the partial of `key` lives, in the words of this volume, as recorded in the transfer's record.
+    fn partial_location(&self, key: &str) -> String;
+    /// The length of the partial of `key`, if one this process created is there; anything else at its name is
+    /// removed, so the partial is then created afresh and exclusively.
+    fn partial_len(&self, key: &str) -> Result<Option<u64>, StorageError>;
+    /// Opens the partial of `key`; `exists` false creates it exclusively (a file that appeared meanwhile is
+    /// refused, not adopted). A longer partial is cut to `size`.
+    fn open_partial(&self, key: &str, size: u64, exists: bool) -> Result<Partial, StorageError>;
+    /// Renames the partial of `key` to `path` atomically, replacing a file there (never a directory or symlink),
+    /// after checking that the partial's name still holds the `verified` file, and after the rename that the final
+    /// name does. Returns the destination's directory, which the caller syncs to make the rename durable.
+    fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError>;
+    /// What is at `path` now (not following a symlink), if anything.
+    fn stat_final(&self, path: &RemotePath) -> Option<Identity>;
+    /// The regular file at `path` (never through a symlink), opened for reading.
+    fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>>;
+}
+
+/// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will
+/// not change that.
+pub fn is_permission_error(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS))
+}
+
+/// The storage seam failed.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// Reading, writing or syncing failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The destination (or what of it is named) cannot be written.
+    #[error("the receiver cannot write {path}: {source}")]
+    At {
+        /// The remote path, or the part of it that failed.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The destination path cannot be used (a symlink or a file on the way, a directory at the name).
+    #[error(transparent)]
+    BadPath(PathError),
+    /// The partial was replaced by another file after it was verified.
+    #[error("the partial file of {0} was replaced after it was verified")]
+    Replaced(String),
+}
