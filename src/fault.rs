@@ -3,7 +3,10 @@
 //! Connection number `i` (in accept order) gets `plan[i]`; connections past the end of the plan pass through
 //! untouched. Faults apply to one direction (client → server unless [`Faults::downstream`] says server → client,
 //! as a pull's data flows), counted in bytes from the start of that connection: cut the connection after N bytes,
-//! flip one byte at an offset, or stall (stop forwarding both ways, keeping the sockets open) after N bytes. Everything listens and connects on the addresses it is given; tests use loopback.
+//! flip one byte at an offset, or stall (stop forwarding both ways, keeping the sockets open) after N bytes. A
+//! [`FrameFlip`] follows the framing instead (proto-spec.md §1) and flips a byte of the Nth frame of one message
+//! kind: its length prefix, its tag, or a field of its body (a Chunk's index, a Need's or an Ack's ranges).
+//! Everything listens and connects on the addresses it is given; tests use loopback.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +30,33 @@ pub struct Faults {
     pub downstream: bool,
     /// Hold every byte this long in each direction (a link with latency); replaces the other faults.
     pub delay: Option<std::time::Duration>,
+    /// Flip a byte of one frame, found by its message tag (plain TCP only; not combined with a cut or a stall).
+    pub frame_flip: Option<FrameFlip>,
+}
+
+/// Where in a frame a [`FrameFlip`] lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FramePart {
+    /// The low byte of the big-endian length prefix: the body seems a little longer or shorter.
+    LengthPrefix,
+    /// The low byte of the message tag.
+    Tag,
+    /// The body byte this many bytes after the tag (a Chunk's index is at 0; a Need's or an Ack's first range
+    /// starts at 8, after the u64 count: its `start` at 8, its `count` at 12).
+    Field(u32),
+}
+
+/// Flip bits of one frame: the `nth` (0-based) frame whose tag is `tag`, in the faulted direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameFlip {
+    /// The message tag (proto-spec.md §2: 3 Need, 4 Chunk, 5 Ack, ...).
+    pub tag: u32,
+    /// Which frame of that tag, counted from the connection's start.
+    pub nth: u32,
+    /// Where in it.
+    pub part: FramePart,
+    /// The bits flipped (XOR mask).
+    pub xor: u8,
 }
 
 impl Faults {
@@ -37,6 +67,7 @@ impl Faults {
         stall_after: None,
         downstream: false,
         delay: None,
+        frame_flip: None,
     };
 
     /// Cut after `bytes`.
@@ -59,6 +90,14 @@ impl Faults {
     pub fn stall(bytes: u64) -> Faults {
         Faults {
             stall_after: Some(bytes),
+            ..Faults::NONE
+        }
+    }
+
+    /// Flip `xor` into `part` of the `nth` frame tagged `tag`.
+    pub fn flip_frame(tag: u32, nth: u32, part: FramePart, xor: u8) -> Faults {
+        Faults {
+            frame_flip: Some(FrameFlip { tag, nth, part, xor }),
             ..Faults::NONE
         }
     }
@@ -215,6 +254,7 @@ impl Link {
             .min();
         let mut buf = vec![0u8; 64 * 1024];
         let mut forwarded = 0u64;
+        let mut frames = self.faults.frame_flip.map(FrameFlipper::new);
         loop {
             if limit == Some(forwarded) {
                 if self.faults.stall_after == Some(forwarded) {
@@ -236,12 +276,128 @@ impl Link {
                     self.stats.flips.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if to.write_all(&buf[..n]).await.is_err() {
+            let out = match &mut frames {
+                Some(flipper) => {
+                    let out = flipper.pass(&buf[..n]);
+                    if flipper.take_flipped() {
+                        self.stats.flips.fetch_add(1, Ordering::Relaxed);
+                    }
+                    out
+                }
+                None => buf[..n].to_vec(),
+            };
+            if to.write_all(&out).await.is_err() {
                 return;
             }
-            forwarded += n as u64;
-            self.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+            forwarded += out.len() as u64;
+            self.stats.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
         }
+    }
+}
+
+/// Follows the frames of one direction and flips the byte a [`FrameFlip`] names. A frame's first 8 bytes (length
+/// prefix and tag) are held back until all have arrived, so that the prefix can still be changed once the tag says
+/// which frame it is. After the flip the rest passes untouched.
+struct FrameFlipper {
+    flip: FrameFlip,
+    /// Frames of the flip's tag seen so far.
+    seen: u32,
+    /// The current frame's header bytes received so far (while `body_left` is 0).
+    header: Vec<u8>,
+    /// Body bytes of the current frame after its tag still to pass.
+    body_left: u64,
+    /// Offset, in the bytes still to pass, of the body byte to flip.
+    flip_in: Option<u64>,
+    /// Whether the flip happened (and tracking stopped).
+    done: bool,
+    /// Set when the flip happens, until [`FrameFlipper::take_flipped`].
+    flipped: bool,
+}
+
+/// Bytes of a frame's length prefix and tag.
+const FRAME_HEADER: usize = 8;
+
+impl FrameFlipper {
+    fn new(flip: FrameFlip) -> FrameFlipper {
+        FrameFlipper {
+            flip,
+            seen: 0,
+            header: Vec::with_capacity(FRAME_HEADER),
+            body_left: 0,
+            flip_in: None,
+            done: false,
+            flipped: false,
+        }
+    }
+
+    /// The bytes to forward for `input` (an incomplete header at its end is kept for the next call).
+    fn pass(&mut self, mut input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len() + FRAME_HEADER);
+        while !input.is_empty() {
+            if self.done {
+                out.extend_from_slice(input);
+                break;
+            }
+            if self.body_left == 0 {
+                let take = (FRAME_HEADER - self.header.len()).min(input.len());
+                self.header.extend_from_slice(&input[..take]);
+                input = &input[take..];
+                if self.header.len() == FRAME_HEADER {
+                    self.start_frame(&mut out);
+                }
+                continue;
+            }
+            let take = (self.body_left.min(input.len() as u64)) as usize;
+            let start = out.len();
+            out.extend_from_slice(&input[..take]);
+            if let Some(at) = self.flip_in {
+                if at < take as u64 {
+                    out[start + at as usize] ^= self.flip.xor;
+                    self.finish();
+                } else {
+                    self.flip_in = Some(at - take as u64);
+                }
+            }
+            self.body_left -= take as u64;
+            input = &input[take..];
+        }
+        out
+    }
+
+    /// A whole header is in: decides whether this is the frame to flip, and forwards the header.
+    fn start_frame(&mut self, out: &mut Vec<u8>) {
+        let mut header = std::mem::take(&mut self.header);
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+        let tag = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        self.body_left = u64::from(len).saturating_sub(4);
+        if tag == self.flip.tag {
+            if self.seen == self.flip.nth {
+                match self.flip.part {
+                    FramePart::LengthPrefix => header[3] ^= self.flip.xor,
+                    FramePart::Tag => header[4] ^= self.flip.xor,
+                    FramePart::Field(at) if u64::from(at) < self.body_left => self.flip_in = Some(u64::from(at)),
+                    FramePart::Field(_) => {}
+                }
+                if self.flip_in.is_none() {
+                    self.finish();
+                }
+            }
+            self.seen += 1;
+        }
+        out.extend_from_slice(&header);
+        self.header = header;
+        self.header.clear();
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.flipped = true;
+        self.flip_in = None;
+    }
+
+    /// Whether the flip happened since the last call.
+    fn take_flipped(&mut self) -> bool {
+        std::mem::take(&mut self.flipped)
     }
 }
 
@@ -401,6 +557,89 @@ mod tests {
             "a round trip took {:?}",
             started.elapsed()
         );
+    }
+
+    /// Two frames of one tag, then one of another, fed in pieces as small as one byte: the flip lands on the
+    /// named byte of the named frame only, whatever the pieces, and nothing is lost or added.
+    #[test]
+    fn a_frame_flip_finds_its_frame_across_any_split() {
+        use crate::ranges::IndexRange;
+        use crate::wire::codec::encode_frame;
+        use crate::wire::{Chunk, Message, Need};
+        let mut stream = Vec::new();
+        for msg in [
+            Message::Chunk(Chunk {
+                index: 7,
+                data: vec![0; 10],
+            }),
+            Message::Need(Need {
+                ranges: vec![IndexRange { start: 2, count: 3 }],
+            }),
+            Message::Chunk(Chunk {
+                index: 8,
+                data: vec![0; 3],
+            }),
+        ] {
+            encode_frame(&msg, crate::MAX_FRAME, &mut stream).unwrap();
+        }
+        let second_chunk = stream.len() - (8 + 4 + 8 + 3);
+        let need = 4 + 26;
+        let cases = [
+            (
+                FrameFlip {
+                    tag: 4,
+                    nth: 1,
+                    part: FramePart::LengthPrefix,
+                    xor: 1,
+                },
+                second_chunk + 3,
+            ),
+            (
+                FrameFlip {
+                    tag: 4,
+                    nth: 1,
+                    part: FramePart::Tag,
+                    xor: 1,
+                },
+                second_chunk + 4,
+            ),
+            (
+                FrameFlip {
+                    tag: 4,
+                    nth: 1,
+                    part: FramePart::Field(0),
+                    xor: 1,
+                },
+                second_chunk + 8,
+            ),
+            (
+                FrameFlip {
+                    tag: 3,
+                    nth: 0,
+                    part: FramePart::Field(12),
+                    xor: 2,
+                },
+                need + 8 + 12,
+            ),
+        ];
+        for (flip, at) in cases {
+            for piece in [1, 2, 3, 7, 64] {
+                let mut flipper = FrameFlipper::new(flip);
+                let out: Vec<u8> = stream.chunks(piece).flat_map(|p| flipper.pass(p)).collect();
+                let changed: Vec<usize> = (0..stream.len()).filter(|&i| out[i] != stream[i]).collect();
+                assert_eq!(out.len(), stream.len(), "{flip:?} in pieces of {piece}");
+                assert_eq!(changed, vec![at], "{flip:?} in pieces of {piece}");
+                assert_eq!(out[at], stream[at] ^ flip.xor);
+            }
+        }
+        let mut beyond = FrameFlipper::new(FrameFlip {
+            tag: 4,
+            nth: 2,
+            part: FramePart::Tag,
+            xor: 1,
+        });
+        assert_eq!(beyond.pass(&stream), stream, "no third Chunk, no flip");
+        assert!(!beyond.take_flipped());
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ mod cron;
 mod delta;
 mod exit_codes;
 mod faults;
+mod frame_faults;
 mod fs_attacks;
 mod gc;
 mod hostile_server;
