@@ -32,6 +32,8 @@ pub mod path;
 pub mod ranges;
 pub mod server;
 pub mod settings;
+#[cfg(test)]
+mod soak;
 pub mod source;
 pub mod store;
 pub mod throttle;

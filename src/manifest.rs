@@ -457,13 +457,31 @@ pub(crate) mod tests {
             m in arb_valid_manifest(),
             mutation in arb_mutation(),
         ) {
-            prop_assert_eq!(m.validate(), Ok(()));
-            let mut bad = m.clone();
-            if let Some(expected) = mutate(&mut bad, &mutation) {
-                let result = bad.validate();
-                prop_assert!(result.as_ref().is_err_and(expected), "{:?} gave {:?}", mutation, result);
-            }
+            check_mutation(m, mutation)?;
         }
+    }
+
+    /// `m` validates, and `mutation` of it is refused with the error that names it.
+    fn check_mutation(m: Manifest, mutation: Mutation) -> Result<(), TestCaseError> {
+        prop_assert_eq!(m.validate(), Ok(()));
+        let mut bad = m.clone();
+        if let Some(expected) = mutate(&mut bad, &mutation) {
+            let result = bad.validate();
+            prop_assert!(result.as_ref().is_err_and(expected), "{:?} gave {:?}", mutation, result);
+        }
+        Ok(())
+    }
+
+    /// The same property for a time budget (`.ci/run`, README "Fuzzing").
+    #[test]
+    #[ignore = "a time-boxed soak; .ci/run runs it"]
+    fn soak_manifest_validate() {
+        let strategy = (arb_valid_manifest(), arb_mutation());
+        assert!(
+            crate::soak::soak("Manifest::validate", strategy, |(m, mutation)| check_mutation(
+                m, mutation
+            )) > 0
+        );
     }
 
     #[test]

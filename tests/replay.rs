@@ -628,3 +628,57 @@ fn arbitrary_bytes_after_hello_never_panic_the_server() {
         })
         .unwrap();
 }
+
+/// The scripted sessions for a time budget from a fresh seed, printed first (`.ci/run`, README "Fuzzing"):
+/// `FERRY_SOAK_SECS` (default 10) and `FERRY_SOAK_SEED` (64 hex digits, to replay) as for the library's soaks.
+#[test]
+#[ignore = "a time-boxed soak; .ci/run runs it"]
+fn soak_server_sessions() {
+    let secs: u64 = std::env::var("FERRY_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let seed: [u8; 32] = match std::env::var("FERRY_SOAK_SEED") {
+        Ok(hex) => (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("FERRY_SOAK_SEED is 64 hex digits"))
+            .collect::<Vec<u8>>()
+            .try_into()
+            .unwrap(),
+        Err(_) => rand::random(),
+    };
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    eprintln!("soak server sessions: {secs} s from seed {hex} (replay: FERRY_SOAK_SEED={hex})");
+    let config = Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let created = Created::default();
+    let rt = runtime();
+    let strategy = (arb_script(), any::<bool>());
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut cases = 0u64;
+    while std::time::Instant::now() < deadline {
+        // A runner per batch (one runs its cases once), seeded from the soak's seed and the batch number.
+        let batch_seed = blake3::Hasher::new()
+            .update(&seed)
+            .update(&cases.to_le_bytes())
+            .finalize();
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, batch_seed.as_bytes());
+        TestRunner::new_with_rng(config.clone(), rng)
+            .run(&strategy, |(script, anonymous)| {
+                let site = Site::new(if anonymous { Access::Anonymous } else { Access::Alice });
+                let before = snapshot(site.dir.path());
+                let input: Vec<u8> = script.iter().flat_map(frame).collect();
+                prop_assert!(rt.block_on(session(&site, &input)), "the session hung");
+                check_confined(&site, &before, &created)
+            })
+            .unwrap_or_else(|failure| panic!("soak failed (seed {hex}): {failure}"));
+        cases += 32;
+    }
+    eprintln!(
+        "soak server sessions: {cases} sessions, {} files, {} symlinks committed, no failure",
+        created.files.load(Ordering::Relaxed),
+        created.links.load(Ordering::Relaxed)
+    );
+}

@@ -555,19 +555,38 @@ mod tests {
         /// under it, lexically), none of them `..`.
         #[test]
         fn parse_accepts_exactly_the_reference_paths_and_they_stay_relative(raw in arb_path()) {
-            let parsed = RemotePath::parse(&raw);
-            prop_assert_eq!(parsed.is_ok(), reference_accepts(&raw), "{:?}: {:?}", raw, parsed);
-            if let Ok(path) = parsed {
-                prop_assert_eq!(path.as_str(), raw.as_str());
-                prop_assert_eq!(RemotePath::parse(path.as_str()).unwrap(), path.clone());
-                let std_path = Path::new(path.as_str());
-                prop_assert!(std_path.is_relative());
-                prop_assert!(std_path.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{:?}", raw);
-                prop_assert_eq!(std_path.components().count(), path.components().count());
-                prop_assert!(Path::new("/srv/root").join(std_path).starts_with("/srv/root"));
-                prop_assert!(path.as_str().len() <= MAX_PATH_LEN && !path.as_str().contains('\0'));
-            }
+            check_parse(&raw)?;
         }
+    }
+
+    /// `parse` against the reference, and what an accepted path must be.
+    fn check_parse(raw: &str) -> Result<(), TestCaseError> {
+        let parsed = RemotePath::parse(raw);
+        prop_assert_eq!(parsed.is_ok(), reference_accepts(raw), "{:?}: {:?}", raw, parsed);
+        if let Ok(path) = parsed {
+            prop_assert_eq!(path.as_str(), raw);
+            prop_assert_eq!(RemotePath::parse(path.as_str()).unwrap(), path.clone());
+            let std_path = Path::new(path.as_str());
+            prop_assert!(std_path.is_relative());
+            prop_assert!(
+                std_path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{:?}",
+                raw
+            );
+            prop_assert_eq!(std_path.components().count(), path.components().count());
+            prop_assert!(Path::new("/srv/root").join(std_path).starts_with("/srv/root"));
+            prop_assert!(path.as_str().len() <= MAX_PATH_LEN && !path.as_str().contains('\0'));
+        }
+        Ok(())
+    }
+
+    /// The same property for a time budget (`.ci/run`, README "Fuzzing").
+    #[test]
+    #[ignore = "a time-boxed soak; .ci/run runs it"]
+    fn soak_remote_path_parse() {
+        assert!(crate::soak::soak("RemotePath::parse", arb_path(), |raw| check_parse(&raw)) > 0);
     }
 
     /// proto-spec.md §7: a long path in a message is shortened in the middle, at character boundaries, and the

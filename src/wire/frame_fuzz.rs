@@ -399,6 +399,17 @@ proptest! {
     }
 }
 
+/// The damaged-body property for a time budget (`.ci/run`, README "Fuzzing").
+#[test]
+#[ignore = "a time-boxed soak; .ci/run runs it"]
+fn soak_frame_decoder() {
+    let strategy = (arb_message(), proptest::collection::vec(arb_mutation(), 1..4));
+    let cases = crate::soak::soak("frame decoder", strategy, |(msg, mutations)| {
+        check_decoder(&damaged_frame(&msg, &mutations))
+    });
+    assert!(cases > 0);
+}
+
 /// A Vec or byte length claimed far beyond the frame is refused without an allocation of that size, for each
 /// message with a length-prefixed field right after its tag.
 #[test]
