@@ -34,6 +34,8 @@ pub mod random;
 pub mod ranges;
 pub mod server;
 pub mod settings;
+#[cfg(test)]
+mod soak;
 pub mod source;
 pub mod storage;
 pub mod store;

@@ -246,6 +246,7 @@ pub fn hex(hash: &Hash) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A manifest of `lens` chunks with dummy hashes.
     pub(crate) fn manifest_of(lens: &[u32]) -> Manifest {
@@ -301,6 +302,196 @@ pub(crate) mod tests {
         huge_chunk.chunks[0].len = MAX_CHUNK_SIZE + 1;
         huge_chunk.size = u64::from(MAX_CHUNK_SIZE) + 1;
         assert!(matches!(huge_chunk.validate(), Err(ManifestError::BadLength { .. })));
+    }
+
+    /// A manifest that tiles its file: every chunk but the last of 4 KiB ..= 16 MiB (mostly near the minimum,
+    /// sometimes the maximum), the last of 1 byte ..= 16 MiB, offsets laid end to end, size their sum.
+    fn arb_valid_manifest() -> impl Strategy<Value = Manifest> {
+        let full = prop_oneof![8 => MIN_CHUNK_SIZE..MIN_CHUNK_SIZE + 2000, 1 => Just(MAX_CHUNK_SIZE)];
+        let last = prop_oneof![8 => 1u32..MIN_CHUNK_SIZE + 2000, 1 => Just(MAX_CHUNK_SIZE)];
+        let chunking = prop_oneof![
+            (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).prop_map(|size| Chunking::Fixed { size }),
+            Just(Chunking::FastCdc {
+                min: 4096,
+                avg: 16384,
+                max: 65536
+            }),
+        ];
+        (
+            proptest::collection::vec(full, 0..12),
+            proptest::option::of(last),
+            chunking,
+        )
+            .prop_map(|(mut lens, last, chunking)| {
+                lens.extend(last);
+                Manifest {
+                    chunking,
+                    ..manifest_of(&lens)
+                }
+            })
+    }
+
+    /// One change that breaks exactly one rule of [`Manifest::validate`], with a position or amount.
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        /// Chunk `i` (not the first) starts `d` bytes after the end of the previous one.
+        Gap(usize, u64),
+        /// Chunk `i` (not the first) starts `d` bytes before the end of the previous one.
+        Overlap(usize, u64),
+        /// The declared size is off by `d` (up or down).
+        WrongSize(i64),
+        /// Chunk `i`, not the last, is shortened below 4 KiB (the rest re-tiled).
+        SmallChunk(usize, u32),
+        /// Chunk `i` grows beyond 16 MiB (the rest re-tiled).
+        Oversize(usize, u32),
+        /// Chunk `i` is empty (the rest re-tiled).
+        Empty(usize),
+        /// Chunk `i` is dropped, the size kept: one chunk fewer than the file needs.
+        Dropped(usize),
+        /// Chunk `i` is repeated after itself, the size kept: one chunk more.
+        Repeated(usize),
+        /// Out-of-bounds chunking parameters.
+        BadChunking(Chunking),
+    }
+
+    fn arb_mutation() -> impl Strategy<Value = Mutation> {
+        let i = any::<prop::sample::Index>();
+        prop_oneof![
+            (i.clone(), 1u64..=1 << 20).prop_map(|(i, d)| Mutation::Gap(i.index(usize::MAX), d)),
+            (i.clone(), 1u64..=8192).prop_map(|(i, d)| Mutation::Overlap(i.index(usize::MAX), d)),
+            prop_oneof![i64::MIN..0, 1..=i64::MAX, -5i64..0, 1i64..5].prop_map(Mutation::WrongSize),
+            (i.clone(), 1u32..MIN_CHUNK_SIZE).prop_map(|(i, len)| Mutation::SmallChunk(i.index(usize::MAX), len)),
+            (i.clone(), MAX_CHUNK_SIZE + 1..=u32::MAX)
+                .prop_map(|(i, len)| Mutation::Oversize(i.index(usize::MAX), len)),
+            i.clone().prop_map(|i| Mutation::Empty(i.index(usize::MAX))),
+            i.clone().prop_map(|i| Mutation::Dropped(i.index(usize::MAX))),
+            i.prop_map(|i| Mutation::Repeated(i.index(usize::MAX))),
+            prop_oneof![
+                (0..MIN_CHUNK_SIZE).prop_map(|size| Chunking::Fixed { size }),
+                (MAX_CHUNK_SIZE + 1..=u32::MAX).prop_map(|size| Chunking::Fixed { size }),
+                (0..MIN_CHUNK_SIZE).prop_map(|min| Chunking::FastCdc {
+                    min,
+                    avg: 16384,
+                    max: 65536
+                }),
+                (65537..=u32::MAX).prop_map(|avg| Chunking::FastCdc {
+                    min: 4096,
+                    avg,
+                    max: 65536
+                }),
+            ]
+            .prop_map(Mutation::BadChunking),
+        ]
+    }
+
+    /// Lays chunk offsets end to end again from chunk `from` on and sets the size to their sum, so that only the
+    /// rule a mutation meant to break is broken.
+    fn retile(m: &mut Manifest) {
+        let mut offset = 0;
+        for chunk in &mut m.chunks {
+            chunk.offset = offset;
+            offset += u64::from(chunk.len);
+        }
+        m.size = offset;
+    }
+
+    /// Applies `mutation` to `m` (indices taken modulo what the mutation needs) and returns the error it must
+    /// cause, or `None` if the manifest has too few chunks for it.
+    fn mutate(m: &mut Manifest, mutation: &Mutation) -> Option<fn(&ManifestError) -> bool> {
+        let n = m.chunks.len();
+        match *mutation {
+            Mutation::Gap(i, d) => {
+                let i = 1 + i.checked_rem(n.checked_sub(1)?)?;
+                m.chunks[i].offset += d;
+                Some(|e| matches!(e, ManifestError::Gap { .. }))
+            }
+            Mutation::Overlap(i, d) => {
+                let i = 1 + i.checked_rem(n.checked_sub(1)?)?;
+                m.chunks[i].offset -= d.min(m.chunks[i].offset);
+                Some(|e| matches!(e, ManifestError::Gap { .. }))
+            }
+            Mutation::WrongSize(d) => {
+                m.size = m.size.checked_add_signed(d).unwrap_or(if d < 0 { u64::MAX } else { 0 });
+                Some(|e| matches!(e, ManifestError::SizeMismatch { .. }))
+            }
+            Mutation::SmallChunk(i, len) => {
+                let i = i.checked_rem(n.checked_sub(1)?)?;
+                m.chunks[i].len = len;
+                retile(m);
+                Some(|e| matches!(e, ManifestError::ChunkTooSmall { .. }))
+            }
+            Mutation::Oversize(i, len) => {
+                m.chunks[i.checked_rem(n)?].len = len;
+                retile(m);
+                Some(|e| matches!(e, ManifestError::BadLength { .. }))
+            }
+            Mutation::Empty(i) => {
+                m.chunks[i.checked_rem(n)?].len = 0;
+                retile(m);
+                Some(|e| matches!(e, ManifestError::BadLength { .. }))
+            }
+            Mutation::Dropped(i) => {
+                m.chunks.remove(i.checked_rem(n)?);
+                Some(|e| matches!(e, ManifestError::Gap { .. } | ManifestError::SizeMismatch { .. }))
+            }
+            Mutation::Repeated(i) => {
+                let i = i.checked_rem(n)?;
+                m.chunks.insert(i + 1, m.chunks[i]);
+                Some(|e| matches!(e, ManifestError::Gap { .. } | ManifestError::SizeMismatch { .. }))
+            }
+            Mutation::BadChunking(chunking) => {
+                m.chunking = chunking;
+                Some(|e| matches!(e, ManifestError::BadChunking(_)))
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        /// Every manifest that tiles its file within the limits is accepted, and each single mutation of one
+        /// (gap, overlap, wrong size, a short chunk not last, an oversize or empty chunk, a chunk too few or too
+        /// many, bad chunking) is refused with the error that names it.
+        #[test]
+        fn tiling_manifests_are_accepted_and_every_single_mutation_is_refused(
+            m in arb_valid_manifest(),
+            mutation in arb_mutation(),
+        ) {
+            check_mutation(m, mutation)?;
+        }
+    }
+
+    /// `m` validates, and `mutation` of it is refused with the error that names it.
+    fn check_mutation(m: Manifest, mutation: Mutation) -> Result<(), TestCaseError> {
+        prop_assert_eq!(m.validate(), Ok(()));
+        let mut bad = m.clone();
+        if let Some(expected) = mutate(&mut bad, &mutation) {
+            let result = bad.validate();
+            prop_assert!(result.as_ref().is_err_and(expected), "{:?} gave {:?}", mutation, result);
+        }
+        Ok(())
+    }
+
+    /// The same property for a time budget (`.ci/run`, docs/testing.md "Fuzzing").
+    #[test]
+    #[ignore = "a time-boxed soak; .ci/run runs it"]
+    fn soak_manifest_validate() {
+        let strategy = (arb_valid_manifest(), arb_mutation());
+        assert!(
+            crate::soak::soak("Manifest::validate", strategy, |(m, mutation)| check_mutation(
+                m, mutation
+            )) > 0
+        );
+    }
+
+    #[test]
+    fn one_chunk_more_than_the_limit_is_refused() {
+        let at_limit = manifest_of(&vec![MIN_CHUNK_SIZE; MAX_MANIFEST_CHUNKS]);
+        assert_eq!(at_limit.validate(), Ok(()));
+        let over = manifest_of(&vec![MIN_CHUNK_SIZE; MAX_MANIFEST_CHUNKS + 1]);
+        assert!(
+            matches!(over.validate(), Err(ManifestError::TooManyChunks { count, .. }) if count == MAX_MANIFEST_CHUNKS + 1)
+        );
     }
 
     /// proto-spec.md §4 "Manifest id" and its golden example in §9: the bytes hashed, spelled out, and the id.

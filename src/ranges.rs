@@ -158,6 +158,7 @@ impl ChunkSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn runs_encode_consecutive_indices() {
@@ -201,6 +202,95 @@ mod tests {
             }
         }
         assert!(ChunkSet::from_bytes(65, &[0u8; 8]).is_none());
+    }
+
+    /// The reference for [`ranges_within`], written another way: walk every index of every range over a bitmap of
+    /// the manifest's chunks; refuse an empty range, an index outside the manifest, an index visited before, and an
+    /// index not above every index visited so far (ascending). Only for small `chunk_count`s (it walks indices).
+    fn naive_within(ranges: &[IndexRange], chunk_count: u32) -> bool {
+        let mut visited = vec![false; chunk_count as usize];
+        let mut highest: Option<u64> = None;
+        for r in ranges {
+            if r.count == 0 {
+                return false;
+            }
+            for index in u64::from(r.start)..u64::from(r.start) + u64::from(r.count) {
+                if index >= u64::from(chunk_count) || visited[index as usize] || highest.is_some_and(|h| index <= h) {
+                    return false;
+                }
+                visited[index as usize] = true;
+                highest = Some(index);
+            }
+        }
+        true
+    }
+
+    /// A range with small or huge (near `u32::MAX`) start and count, so that overflow is exercised too.
+    fn arb_range() -> impl Strategy<Value = IndexRange> {
+        let value = prop_oneof![8 => 0u32..80, 1 => (u32::MAX - 3)..=u32::MAX];
+        (value.clone(), value).prop_map(|(start, count)| IndexRange { start, count })
+    }
+
+    /// Ranges that are nearly valid: each starts a little before, at or after the previous one's end and is short
+    /// (sometimes empty), with a chunk count near where they end, so that one broken rule decides the answer.
+    fn arb_near_valid() -> impl Strategy<Value = (Vec<IndexRange>, u32)> {
+        let steps = proptest::collection::vec((-2i64..4, prop_oneof![1 => Just(0u32), 6 => 1u32..6]), 0..6);
+        (steps, -2i64..3).prop_map(|(steps, slack)| {
+            let mut end = 0i64;
+            let ranges: Vec<IndexRange> = steps
+                .into_iter()
+                .map(|(gap, count)| {
+                    let start = (end + gap).max(0);
+                    end = start + i64::from(count);
+                    IndexRange {
+                        start: start as u32,
+                        count,
+                    }
+                })
+                .collect();
+            (ranges, (end + slack).max(0) as u32)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        /// `ranges_within` agrees with the bitmap walk on every input the walk can afford (a huge range is refused
+        /// by both before the walk reaches it: it leaves any manifest of under 80 chunks).
+        #[test]
+        fn ranges_within_agrees_with_a_bitmap_walk(ranges in proptest::collection::vec(arb_range(), 0..6),
+                                                   chunk_count in 0u32..80) {
+            prop_assert_eq!(ranges_within(&ranges, chunk_count), naive_within(&ranges, chunk_count), "{:?} in {}", ranges, chunk_count);
+        }
+
+        /// The same on nearly valid ranges, where a single empty, overlapping, descending or overhanging range is
+        /// what decides.
+        #[test]
+        fn ranges_within_agrees_with_a_bitmap_walk_on_nearly_valid_ranges((ranges, chunk_count) in arb_near_valid()) {
+            prop_assert_eq!(ranges_within(&ranges, chunk_count), naive_within(&ranges, chunk_count), "{:?} in {}", ranges, chunk_count);
+        }
+
+        /// Runs encoded from any bitmap are accepted, cover exactly its missing chunks once each, and count them.
+        #[test]
+        fn missing_runs_of_any_bitmap_are_within_and_cover_it(present in proptest::collection::vec(any::<bool>(), 0..300)) {
+            let len = present.len() as u32;
+            let mut set = ChunkSet::new(len);
+            for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+                set.insert(i as u32);
+            }
+            let runs = set.missing_ranges();
+            prop_assert!(ranges_within(&runs, len));
+            prop_assert!(naive_within(&runs, len));
+            let mut covered = vec![false; present.len()];
+            for index in runs.iter().flat_map(IndexRange::indices) {
+                prop_assert!(!covered[index as usize], "index {} twice", index);
+                covered[index as usize] = true;
+            }
+            let missing: Vec<bool> = present.iter().map(|p| !p).collect();
+            prop_assert_eq!(covered, missing);
+            prop_assert_eq!(ranges_len(&runs), u64::from(len - set.present()));
+            prop_assert!(runs.windows(2).all(|w| w[0].end() < Some(w[1].start)), "runs are maximal: {:?}", runs);
+        }
     }
 
     #[test]

@@ -106,9 +106,15 @@ async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
     let src = dir.path().join("during.bin");
-    write_random(&src, 32 * MIB, 9);
+    let size = 32 * MIB as u64;
+    write_random(&src, size as usize, 9);
     let state = dir.path().join("state");
-    let url = server.url("during.bin");
+    // The push goes through a pass-through proxy that counts its bytes; the attacks go to the server directly.
+    let proxy = ferry::fault::FaultProxy::start("127.0.0.1:0", server.addr, vec![])
+        .await
+        .unwrap();
+    let pushed = || proxy.stats().bytes_up.load(std::sync::atomic::Ordering::Relaxed);
+    let url = format!("ferry://{}/during.bin", proxy.addr());
     let done = std::sync::atomic::AtomicBool::new(false);
     // 32 MiB at 8 MiB/s keeps the transfer open for at least 4 s, long enough for many attack rounds.
     let args = [
@@ -131,12 +137,14 @@ async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
         std::fs::read_dir(&partials).is_ok_and(|mut d| d.next().is_some()) && !server.root.join("during.bin").exists()
     };
     let attacks = async {
-        // Rounds that began and ended while the server held the partial file: the transfer was under way.
+        // Rounds answered while the push was under way: they began and ended while the server held the partial, and
+        // the push's bytes kept flowing meanwhile (a server that served one connection at a time would answer
+        // them only after the push, or hold the push up while it answered them).
         let mut rounds_during_transfer = 0;
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            let began = in_progress();
+            let (began, bytes_before) = (in_progress(), pushed());
             attack_round(&server).await;
-            if began && in_progress() {
+            if began && in_progress() && pushed() > bytes_before {
                 rounds_during_transfer += 1;
             }
             if !began {
@@ -147,8 +155,14 @@ async fn garbage_and_oversized_frames_are_refused_while_a_push_succeeds() {
     };
     let (out, rounds) = tokio::join!(pushing, attacks);
     out.assert_ok();
-    assert!(rounds >= 1, "no attack round overlapped the transfer");
+    assert!(
+        rounds >= 3,
+        "only {rounds} attack rounds were answered while the push went on"
+    );
     assert_eq!(b3(&server.root.join("during.bin")), b3(&src));
+    // The attacks cost the push nothing: one connection, every byte sent once.
+    assert_eq!(out.u64("attempts"), 1, "{}", out.json);
+    assert_eq!(out.u64("bytes_sent"), size, "{}", out.json);
     // Still serving after all that.
     attack_round(&server).await;
     push(&src, &server.url("after.bin"), &state, &[]).await.assert_ok();

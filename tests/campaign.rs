@@ -56,19 +56,19 @@ async fn a_push_survives_the_server_being_sigkilled_again_and_again() {
     let mut args = SMALL.to_vec();
     args.extend(["--retries", "100", "--timeout", "5s"]);
     let url = format!("ferry://{}/vm.img", proxy.addr());
-    let mut client = push_command(&src, &url, &dir.path().join("state"), &args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = KillOnDrop::new(
+        push_command(&src, &url, &dir.path().join("state"), &args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut rng = Seeded::new(7);
     let mut kills: u32 = 0;
     while kills < KILLS {
         let from = proxy.stats().bytes_up.load(Ordering::Relaxed);
         let bytes = rng.in_range(PROGRESS);
         let over = || {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("the server exited by itself mid-campaign: {status}");
-            }
+            server.assert_alive(); // a crash fails the campaign at once, not after the progress bound
             client.try_wait().unwrap().is_some()
         };
         if !progress(&proxy, from, bytes, over).await {
@@ -82,9 +82,8 @@ async fn a_push_survives_the_server_being_sigkilled_again_and_again() {
         kills += 1;
         server = TestServer::start_at(&root, &addr, &[]);
     }
-    let output = tokio::task::spawn_blocking(move || client.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    // Bounded, and failing at once if the last server crashes: the client would retry against it for many minutes.
+    let output = client.wait_with_output(&mut server, Duration::from_secs(300)).await;
     let json: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or("null")).unwrap();
     assert_eq!(output.status.code(), Some(0), "{json}");
@@ -115,14 +114,21 @@ async fn a_push_survives_the_client_being_sigkilled_again_and_again() {
     let mut kills: u32 = 0;
     let mut finished = None;
     while kills < KILLS {
-        let mut client = push_command(&src, &url, &state, &SMALL)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut client = KillOnDrop::new(
+            push_command(&src, &url, &state, &SMALL)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let from = proxy.stats().bytes_up.load(Ordering::Relaxed);
         let bytes = rng.in_range(PROGRESS);
-        if !progress(&proxy, from, bytes, || client.try_wait().unwrap().is_some()).await {
-            finished = Some(client.wait_with_output().unwrap()); // it committed before this kill
+        let over = || {
+            server.assert_alive();
+            client.try_wait().unwrap().is_some()
+        };
+        if !progress(&proxy, from, bytes, over).await {
+            // it committed before this kill
+            finished = Some(client.wait_with_output(&mut server, Duration::from_secs(60)).await);
             break;
         }
         client.kill().unwrap();

@@ -14,6 +14,7 @@ mod directories;
 mod docs;
 mod exit_codes;
 mod faults;
+mod frame_faults;
 mod fs_attacks;
 mod gc;
 mod hostile_server;

@@ -396,6 +396,7 @@ fn shown(root: &Path, path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn normal_paths_parse() {
@@ -477,6 +478,114 @@ mod tests {
             RemotePath::parse(&format!("a/{}", "x".repeat(256))),
             Err(PathError::ComponentTooLong { index: 2, len: 256, .. })
         ));
+    }
+
+    /// The reference for [`RemotePath::parse`], written from proto-spec.md's "Paths" rules rather than from the
+    /// parser: at most 4096 bytes, no control character, not absolute, and `/`-separated components that are each
+    /// non-empty, not `.` or `..`, at most 255 bytes, not a DOS device name (the part before the first `.`, trailing
+    /// spaces dropped), and not, first, the reserved `.ferry` in any case.
+    fn reference_accepts(raw: &str) -> bool {
+        const DEVICES: [&str; 24] = [
+            "CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7",
+            "COM8", "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+        ];
+        let device = |c: &str| {
+            let stem = c.split('.').next().unwrap_or("").trim_end_matches(' ');
+            DEVICES.iter().any(|d| d.eq_ignore_ascii_case(stem))
+        };
+        let components: Vec<&str> = raw.split('/').collect();
+        raw.len() <= 4096
+            && !raw.chars().any(|c| c.is_control())
+            && components
+                .iter()
+                .all(|c| !c.is_empty() && *c != "." && *c != ".." && c.len() <= 255 && !device(c))
+            && !components[0].eq_ignore_ascii_case(".ferry")
+    }
+
+    /// Components a hostile or careless peer might send, valid and not.
+    fn arb_component() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-zA-Z0-9_.-]{1,12}",
+            2 => Just("..".to_string()),
+            1 => Just(".".to_string()),
+            1 => Just(String::new()),
+            1 => prop::sample::select(vec![".ferry", ".FeRrY", "con", "Nul.txt", "com1 ", "COM0", "lpt9.a.b", "conout$"])
+                .prop_map(str::to_string),
+            1 => prop::sample::select(vec!["a\0b", "\n", "\u{7f}", "\u{85}", "é", "日本", "a\\b", " "])
+                .prop_map(str::to_string),
+            1 => (250usize..260).prop_map(|n| "x".repeat(n)),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// Paths built from those components, sometimes with a leading or trailing `/`, sometimes long enough to pass
+    /// the 4096-byte limit.
+    fn arb_path() -> impl Strategy<Value = String> {
+        let joined = (
+            any::<bool>(),
+            proptest::collection::vec(arb_component(), 1..8),
+            any::<bool>(),
+        )
+            .prop_map(|(lead, parts, trail)| {
+                format!(
+                    "{}{}{}",
+                    if lead { "/" } else { "" },
+                    parts.join("/"),
+                    if trail { "/" } else { "" }
+                )
+            });
+        let long = (1usize..4, 4000usize..4200).prop_map(|(width, total)| {
+            let part = "d".repeat(width);
+            let mut path = part.clone();
+            while path.len() + 1 + width <= total {
+                path.push('/');
+                path.push_str(&part);
+            }
+            path
+        });
+        prop_oneof![8 => joined, 1 => long, 1 => any::<String>()]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// `parse` accepts exactly what the reference accepts; what it accepts is returned unchanged, parses again
+        /// to the same value, and is a relative path of normal components only (so joined to a root it stays
+        /// under it, lexically), none of them `..`.
+        #[test]
+        fn parse_accepts_exactly_the_reference_paths_and_they_stay_relative(raw in arb_path()) {
+            check_parse(&raw)?;
+        }
+    }
+
+    /// `parse` against the reference, and what an accepted path must be.
+    fn check_parse(raw: &str) -> Result<(), TestCaseError> {
+        let parsed = RemotePath::parse(raw);
+        prop_assert_eq!(parsed.is_ok(), reference_accepts(raw), "{:?}: {:?}", raw, parsed);
+        if let Ok(path) = parsed {
+            prop_assert_eq!(path.as_str(), raw);
+            prop_assert_eq!(RemotePath::parse(path.as_str()).unwrap(), path.clone());
+            let std_path = Path::new(path.as_str());
+            prop_assert!(std_path.is_relative());
+            prop_assert!(
+                std_path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{:?}",
+                raw
+            );
+            prop_assert_eq!(std_path.components().count(), path.components().count());
+            prop_assert!(Path::new("/srv/root").join(std_path).starts_with("/srv/root"));
+            prop_assert!(path.as_str().len() <= MAX_PATH_LEN && !path.as_str().contains('\0'));
+        }
+        Ok(())
+    }
+
+    /// The same property for a time budget (`.ci/run`, docs/testing.md "Fuzzing").
+    #[test]
+    #[ignore = "a time-boxed soak; .ci/run runs it"]
+    fn soak_remote_path_parse() {
+        assert!(crate::soak::soak("RemotePath::parse", arb_path(), |raw| check_parse(&raw)) > 0);
     }
 
     /// proto-spec.md §7: a long path in a message is shortened in the middle, at character boundaries, and the

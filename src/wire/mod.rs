@@ -7,6 +7,8 @@
 pub mod budget;
 pub mod codec;
 pub mod conn;
+#[cfg(test)]
+mod frame_fuzz;
 pub mod message;
 
 pub use budget::FrameBudget;

@@ -124,12 +124,23 @@ impl TestServer {
         None
     }
 
-    /// SIGKILL, no chance to flush anything. Panics if the server had already exited by itself (a crash the test
-    /// would otherwise take for its own kill) or if it did not die of this SIGKILL.
-    pub fn kill9(&mut self) {
+    /// Panics, saying why, if the server crashed by itself: its process exited, or a task of it panicked (tokio
+    /// keeps the process up, so only the log shows it; each reconnect may meet the same panic, and a test waiting
+    /// for progress would wait out its whole bound instead of failing).
+    pub fn assert_alive(&mut self) {
         if let Some(status) = self.child.try_wait().expect("wait for ferry serve") {
-            panic!("the server exited by itself before it was killed: {status}");
+            panic!("the server exited by itself: {status}");
         }
+        let log = std::fs::read_to_string(self.root.with_extension("server.log")).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("panicked")) {
+            panic!("the server panicked: {line}");
+        }
+    }
+
+    /// SIGKILL, no chance to flush anything. Panics if the server had already crashed by itself (exited, or a task
+    /// panicked: a crash the test would otherwise take for its own kill) or if it did not die of this SIGKILL.
+    pub fn kill9(&mut self) {
+        self.assert_alive();
         self.child.kill().expect("SIGKILL ferry serve");
         let status = self.child.wait().expect("reap ferry serve");
         use std::os::unix::process::ExitStatusExt;
@@ -146,6 +157,55 @@ impl Drop for TestServer {
         // No assertion here: a drop during a panic must not panic again.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A child process (a `ferry push` a test runs in the background) SIGKILLed and reaped when dropped, so a test that
+/// fails leaves no client behind retrying for minutes and holding the test's output open.
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    /// Takes charge of `child`.
+    pub fn new(child: Child) -> KillOnDrop {
+        KillOnDrop(Some(child))
+    }
+
+    /// Waits for the child to exit, checking `server` every 50 ms: panics at once if the server crashed by itself
+    /// (the client would otherwise retry against it for as long as its retries last), and after `limit`.
+    pub async fn wait_with_output(mut self, server: &mut TestServer, limit: Duration) -> std::process::Output {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.try_wait().expect("wait for the client").is_none() {
+            server.assert_alive();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the client did not finish within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let child = self.0.take().expect("a child");
+        child.wait_with_output().expect("reap the client")
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a child")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a child")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -3,7 +3,10 @@
 //! Connection number `i` (in accept order) gets `plan[i]`; connections past the end of the plan pass through
 //! untouched. Faults apply to one direction (client → server unless [`Faults::downstream`] says server → client,
 //! as a pull's data flows), counted in bytes from the start of that connection: cut the connection after N bytes,
-//! flip one byte at an offset, or stall (stop forwarding both ways, keeping the sockets open) after N bytes. Everything listens and connects on the addresses it is given; tests use loopback.
+//! flip one byte at an offset, or stall (stop forwarding both ways, keeping the sockets open) after N bytes. A
+//! [`FrameFlip`] follows the framing instead (proto-spec.md §1) and flips a byte of the Nth frame of one message
+//! kind: its length prefix, its tag, or a field of its body (a Chunk's index, a Need's or an Ack's ranges).
+//! Everything listens and connects on the addresses it is given; tests use loopback.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+mod frames;
+
+use frames::FrameFlipper;
 
 /// Faults for one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,6 +34,33 @@ pub struct Faults {
     pub downstream: bool,
     /// Hold every byte this long in each direction (a link with latency); replaces the other faults.
     pub delay: Option<std::time::Duration>,
+    /// Flip a byte of one frame, found by its message tag (plain TCP only; not combined with a cut or a stall).
+    pub frame_flip: Option<FrameFlip>,
+}
+
+/// Where in a frame a [`FrameFlip`] lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FramePart {
+    /// The low byte of the big-endian length prefix: the body seems a little longer or shorter.
+    LengthPrefix,
+    /// The low byte of the message tag.
+    Tag,
+    /// The body byte this many bytes after the tag (a Chunk's index is at 0; a Need's or an Ack's first range
+    /// starts at 8, after the u64 count: its `start` at 8, its `count` at 12).
+    Field(u32),
+}
+
+/// Flip bits of one frame: the `nth` (0-based) frame whose tag is `tag`, in the faulted direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameFlip {
+    /// The message tag (proto-spec.md §2: 3 Need, 4 Chunk, 5 Ack, ...).
+    pub tag: u32,
+    /// Which frame of that tag, counted from the connection's start.
+    pub nth: u32,
+    /// Where in it.
+    pub part: FramePart,
+    /// The bits flipped (XOR mask).
+    pub xor: u8,
 }
 
 impl Faults {
@@ -37,6 +71,7 @@ impl Faults {
         stall_after: None,
         downstream: false,
         delay: None,
+        frame_flip: None,
     };
 
     /// Cut after `bytes`.
@@ -59,6 +94,14 @@ impl Faults {
     pub fn stall(bytes: u64) -> Faults {
         Faults {
             stall_after: Some(bytes),
+            ..Faults::NONE
+        }
+    }
+
+    /// Flip `xor` into `part` of the `nth` frame tagged `tag`.
+    pub fn flip_frame(tag: u32, nth: u32, part: FramePart, xor: u8) -> Faults {
+        Faults {
+            frame_flip: Some(FrameFlip { tag, nth, part, xor }),
             ..Faults::NONE
         }
     }
@@ -215,6 +258,7 @@ impl Link {
             .min();
         let mut buf = vec![0u8; 64 * 1024];
         let mut forwarded = 0u64;
+        let mut frames = self.faults.frame_flip.map(FrameFlipper::new);
         loop {
             if limit == Some(forwarded) {
                 if self.faults.stall_after == Some(forwarded) {
@@ -236,11 +280,21 @@ impl Link {
                     self.stats.flips.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if to.write_all(&buf[..n]).await.is_err() {
+            let out = match &mut frames {
+                Some(flipper) => {
+                    let out = flipper.pass(&buf[..n]);
+                    if flipper.take_flipped() {
+                        self.stats.flips.fetch_add(1, Ordering::Relaxed);
+                    }
+                    out
+                }
+                None => buf[..n].to_vec(),
+            };
+            if to.write_all(&out).await.is_err() {
                 return;
             }
-            forwarded += n as u64;
-            self.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+            forwarded += out.len() as u64;
+            self.stats.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
         }
     }
 }
