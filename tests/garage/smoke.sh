@@ -64,7 +64,8 @@ step "SIGKILL node 3; quorum is 2 of 3"
 $S3 put "$B" smoke/after-kill "$WORK/a" || fail "PUT with 2 of 3 nodes failed"
 $S3 get "$B" smoke/after-kill | cmp -s - "$WORK/a" || fail "GET with 2 of 3 nodes differs"
 $S3 get "$B" smoke/a | cmp -s - "$WORK/a" || fail "an object written before the kill does not read back"
-$S3 list "$B" smoke/ | grep -qx smoke/after-kill || fail "LIST with 2 of 3 nodes misses smoke/after-kill"
+listing=$($S3 list "$B" smoke/) || fail "LIST with 2 of 3 nodes failed"
+grep -qx smoke/after-kill <<<"$listing" || fail "LIST with 2 of 3 nodes misses smoke/after-kill"
 
 step "SIGKILL node 2 as well: no write quorum, a PUT must fail"
 "$HERE/cluster.sh" kill "$DIR" 2
