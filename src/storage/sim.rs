@@ -25,8 +25,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rand::Rng;
-
 use super::local::partial_file_name;
 use super::{Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
@@ -182,7 +180,7 @@ impl Disk {
         }
     }
 
-    fn lose_power(&mut self, rng: &mut impl Rng) {
+    fn lose_power(&mut self, rng: &mut SimRng) {
         self.crashed = true;
         let kept = rng.gen_range(0..=self.pending_names.len());
         if kept > 0 {
@@ -252,7 +250,7 @@ impl SimVolume {
 
     /// Loses power now (if the armed crash did not already stop the volume): every unsynced change is dropped,
     /// kept or torn as the module docs say.
-    pub(crate) fn crash(&self, rng: &mut impl Rng) {
+    pub(crate) fn crash(&self, rng: &mut SimRng) {
         self.lock().lose_power(rng);
     }
 
@@ -534,10 +532,106 @@ impl Directory for SimDir {
     }
 }
 
+/// A small seeded generator (SplitMix64) for the simulation: the same seed gives the same crash, on every machine.
+pub(crate) struct SimRng(u64);
+
+impl SimRng {
+    /// A generator whose whole sequence follows from `seed`.
+    pub(crate) fn seed_from_u64(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `bound` (which is at least 1), without modulo bias worth speaking of for test sizes.
+    fn below(&mut self, bound: u64) -> u64 {
+        ((self.next_u64() as u128 * bound as u128) >> 64) as u64
+    }
+
+    /// A value in `range` (`a..b` or `a..=b`, not empty).
+    pub(crate) fn gen_range<T, R: SimRange<T>>(&mut self, range: R) -> T {
+        range.pick(self)
+    }
+
+    /// True with probability `p`.
+    pub(crate) fn gen_bool(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// True with probability `numerator / denominator`.
+    pub(crate) fn gen_ratio(&mut self, numerator: u32, denominator: u32) -> bool {
+        self.below(u64::from(denominator)) < u64::from(numerator)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
+        for piece in buf.chunks_mut(8) {
+            let bytes = self.next_u64().to_le_bytes();
+            piece.copy_from_slice(&bytes[..piece.len()]);
+        }
+    }
+}
+
+/// A range [`SimRng::gen_range`] can pick from.
+pub(crate) trait SimRange<T> {
+    /// One value of the range.
+    fn pick(self, rng: &mut SimRng) -> T;
+}
+
+/// An integer type [`SimRng::gen_range`] can pick.
+pub(crate) trait SimInt: Copy + PartialOrd {
+    /// The value as 64 bits (two's complement for negative ones, so differences wrap right).
+    fn bits(self) -> u64;
+    /// The value back from 64 bits.
+    fn from_bits(bits: u64) -> Self;
+}
+
+macro_rules! sim_ints {
+    ($($t:ty),*) => {$(
+        impl SimInt for $t {
+            fn bits(self) -> u64 {
+                self as u64
+            }
+            fn from_bits(bits: u64) -> Self {
+                bits as $t
+            }
+        }
+    )*};
+}
+sim_ints!(usize, u64, u32, i32);
+
+impl<T: SimInt> SimRange<T> for std::ops::Range<T> {
+    fn pick(self, rng: &mut SimRng) -> T {
+        assert!(self.start < self.end, "empty range");
+        let span = self.end.bits().wrapping_sub(self.start.bits());
+        T::from_bits(self.start.bits().wrapping_add(rng.below(span)))
+    }
+}
+
+impl<T: SimInt> SimRange<T> for std::ops::RangeInclusive<T> {
+    fn pick(self, rng: &mut SimRng) -> T {
+        let (start, end) = self.into_inner();
+        assert!(start <= end, "empty range");
+        let span = end.bits().wrapping_sub(start.bits());
+        let offset = if span == u64::MAX {
+            rng.next_u64()
+        } else {
+            rng.below(span + 1)
+        };
+        T::from_bits(start.bits().wrapping_add(offset))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn path(p: &str) -> RemotePath {
         RemotePath::parse(p).unwrap()
@@ -550,7 +644,7 @@ mod tests {
     fn only_what_was_synced_is_sure_to_survive() {
         let mut lost_unsynced = false;
         for seed in 0..64 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut rng = SimRng::seed_from_u64(seed);
             let volume = SimVolume::default();
             let partial = volume.open_partial("a", 0, false).unwrap();
             partial.write_at(&[1; 1024], 0).unwrap();
@@ -569,7 +663,7 @@ mod tests {
         let mut rename_lost = false;
         let mut rename_kept_after_sync = true;
         for seed in 0..64 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut rng = SimRng::seed_from_u64(seed);
             let volume = SimVolume::default();
             let partial = volume.open_partial("b", 0, false).unwrap();
             partial.write_at(b"data", 0).unwrap();

@@ -19,8 +19,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::io::DuplexStream;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +30,7 @@ use crate::chunk::{build_manifest, ChunkSpec, ChunkingMode};
 use crate::manifest::{FileTime, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
-use crate::storage::sim::{Meta, SimVolume};
+use crate::storage::sim::{Meta, SimRng, SimVolume};
 use crate::store::{ReceiverStore, Store};
 use crate::wire::{Chunk, Committed, Connection, Message, Offer};
 use crate::MAX_FRAME;
@@ -97,7 +95,7 @@ struct Case {
 }
 
 /// A case's source bytes: `n` chunks of `chunk` bytes (the last possibly shorter), some repeating others.
-fn random_bytes(rng: &mut StdRng, chunk: usize, n: usize) -> Vec<u8> {
+fn random_bytes(rng: &mut SimRng, chunk: usize, n: usize) -> Vec<u8> {
     let size = (n - 1) * chunk + rng.gen_range(1..=chunk);
     let mut bytes = vec![0u8; size];
     rng.fill(&mut bytes[..]);
@@ -111,7 +109,7 @@ fn random_bytes(rng: &mut StdRng, chunk: usize, n: usize) -> Vec<u8> {
 }
 
 /// A changed version of `old`: some chunks edited, and the length often changed.
-fn changed(rng: &mut StdRng, old: &[u8], chunk: usize) -> Vec<u8> {
+fn changed(rng: &mut SimRng, old: &[u8], chunk: usize) -> Vec<u8> {
     let mut new = old.to_vec();
     let chunks = new.len().div_ceil(chunk);
     let mut edited = false;
@@ -160,7 +158,7 @@ fn version(dir: &std::path::Path, name: &str, bytes: Vec<u8>, chunk: u32, mode: 
 
 impl Case {
     fn generate(seed: u64) -> Case {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SimRng::seed_from_u64(seed);
         let chunk = [4096usize, 8192, 16384][rng.gen_range(0..3)];
         let n = rng.gen_range(32..=128);
         let variant = [Variant::Fresh, Variant::Resume, Variant::Changed, Variant::RePush][rng.gen_range(0..4)];
@@ -188,7 +186,7 @@ impl Case {
             delivered: rng.gen_range(0..=n),
             sync_batch: batch_chunks * chunk as u64,
             crash_after: rng.gen_range(1..=estimate),
-            crash_seed: rng.gen(),
+            crash_seed: rng.next_u64(),
             old,
             new,
             _dir: dir,
@@ -374,7 +372,7 @@ impl Case {
             .await
             .map_err(|e| self.fail("the push", &volume, e))?;
         let crashed_in = volume.crashed_in();
-        volume.crash(&mut StdRng::seed_from_u64(self.crash_seed));
+        volume.crash(&mut SimRng::seed_from_u64(self.crash_seed));
         store.flush().map_err(|e| e.to_string())?;
         drop((ctx, store));
         let store = reopen(state.path())
