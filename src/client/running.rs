@@ -166,12 +166,13 @@ pub fn read_running(state_dir: &Path) -> Option<Running> {
 
 /// Whether a process with this pid exists (signal 0 checks without sending anything).
 fn alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
         return false;
     };
-    // SAFETY: kill with signal 0 only checks that the process exists; it touches no memory.
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    matches!(
+        rustix::process::test_kill_process(pid),
+        Ok(()) | Err(rustix::io::Errno::PERM)
+    )
 }
 
 #[cfg(test)]

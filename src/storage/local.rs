@@ -165,8 +165,7 @@ fn existing_partial(partial: &Path) -> Result<Option<u64>, StorageError> {
     let Ok(meta) = std::fs::symlink_metadata(partial) else {
         return Ok(None);
     };
-    // SAFETY: geteuid has no preconditions.
-    let mine = meta.uid() == unsafe { libc::geteuid() };
+    let mine = meta.uid() == rustix::process::geteuid().as_raw();
     if meta.is_file() && mine {
         return Ok(Some(meta.len()));
     }
@@ -230,11 +229,7 @@ pub fn rename_verified(
     let final_name = path.components().last().expect("a RemotePath has a component");
     if !same(inode_at(&parent, final_name)) {
         // Swapped in the instant between the check and the rename: take the stranger's file away again.
-        if let Ok(c_name) = std::ffi::CString::new(final_name) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: the name is NUL-terminated and the descriptor is open.
-            unsafe { libc::unlinkat(parent.as_raw_fd(), c_name.as_ptr(), 0) };
-        }
+        let _ = rustix::fs::unlinkat(&parent, final_name, rustix::fs::AtFlags::empty());
         return Err(swapped());
     }
     Ok((checked, parent))
@@ -242,20 +237,11 @@ pub fn rename_verified(
 
 /// The (device, inode) of the entry `name` in `dir`, not following a symlink; `None` if absent.
 fn inode_at(dir: &File, name: &str) -> io::Result<Option<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let name = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: an all-zero stat is a valid value to be overwritten.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `stat` is a valid out-pointer.
-    if unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        let error = io::Error::last_os_error();
-        return if error.kind() == io::ErrorKind::NotFound {
-            Ok(None)
-        } else {
-            Err(error)
-        };
+    match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => Ok(Some((stat.st_dev, stat.st_ino))),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(error) => Err(error.into()),
     }
-    Ok(Some((stat.st_dev, stat.st_ino)))
 }
 
 /// Opens a committed file named by the index, inside `root` and without following symlinks.

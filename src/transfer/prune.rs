@@ -12,10 +12,9 @@
 //! flight are never removed. A failure to remove one entry is reported and the walk goes on.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -282,13 +281,12 @@ impl Walker<'_> {
 /// `unlinkat(dir, name)`, with `AT_REMOVEDIR` for a directory. Never follows a symlink (unlinkat removes the
 /// link itself).
 fn unlink_at(dir: &File, name: &OsStr, is_dir: bool) -> io::Result<()> {
-    let name = CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: `name` is NUL-terminated and `dir` a live descriptor; unlinkat touches no memory of ours.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = if is_dir {
+        rustix::fs::AtFlags::REMOVEDIR
+    } else {
+        rustix::fs::AtFlags::empty()
+    };
+    Ok(rustix::fs::unlinkat(dir, name, flags)?)
 }
 
 /// `prefix` + `name` as text (a name that is not UTF-8 shown with replacement characters).
