@@ -42,7 +42,14 @@ pub(crate) fn commit(
         None => PrefixDigest::default(),
     };
     tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
-    let digest = digest_rest(&writer.file, prefix).map_err(TransferError::Storage)?;
+    let resumed = prefix.len();
+    let mut digest = digest_rest(&writer.file, prefix).map_err(TransferError::Storage)?;
+    if digest != manifest.digest && resumed > 0 {
+        // The prefix's state came from what was read back earlier (or recorded by an earlier session): before
+        // blaming chunks on disk, hash the whole file as it is now.
+        tracing::warn!(path = %path, "whole-file digest differs; hashing the whole partial again");
+        digest = digest_rest(&writer.file, PrefixDigest::default()).map_err(TransferError::Storage)?;
+    }
     if digest != manifest.digest {
         let damaged = damaged_chunks(&writer.file, &manifest).map_err(TransferError::Storage)?;
         if damaged.is_empty() {
@@ -147,7 +154,7 @@ pub(crate) fn rename_verified(
 }
 
 /// The (device, inode) of the entry `name` in `dir`, not following a symlink; `None` if absent.
-fn inode_at(dir: &File, name: &str) -> std::io::Result<Option<(u64, u64)>> {
+pub(crate) fn inode_at(dir: &File, name: &str) -> std::io::Result<Option<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let name = std::ffi::CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: an all-zero stat is a valid value to be overwritten.
