@@ -71,7 +71,8 @@ EOF
 start_ferry() { # start_ferry ROOT [extra args]: starts a fresh ferry server, sets ferry_addr and ferry_pid
   local root=$1; shift
   rm -rf "$root"
-  /usr/bin/time -v -o "$work/ferry-server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$root" "$@" > "$work/ferry.out" &
+  /usr/bin/time -v -o "$work/ferry-server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$root" "$@" \
+    > "$work/ferry.out" 2>> "${FERRY_SERVER_LOG:-/dev/null}" &
   ferry_pid=$!
   pids+=("$ferry_pid")
   for _ in $(seq 1200); do grep -q listening "$work/ferry.out" 2> /dev/null && break; sleep 0.05; done
@@ -103,8 +104,14 @@ fresh_ferry() {
   local server written t0; server=$(server_pid); written=$(write_bytes "$server")
   t0=$(now)
   first_mib "$work/ferry-root" "$t0" "$work/ttfb"
-  /usr/bin/time -v -o "$work/ferry-client.time" "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" \
-    --state "$work/state" --json "$@" > "$work/push.json"
+  if ! /usr/bin/time -v -o "$work/ferry-client.time" "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" \
+    --state "$work/state" --json "$@" > "$work/push.json"; then
+    echo "compare: the fresh push failed; server at $ferry_addr:" >&2
+    cat "$work/ferry.out" "$work/ferry-server.time" >&2 || true
+    kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
+    stop_ferry
+    return 0
+  fi
   record fresh_ferry "$(since "$t0")"
   kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
   [ -s "$work/ttfb" ] && record ttfb_ferry "$(cat "$work/ttfb")"; rm -f "$work/ttfb"
