@@ -34,6 +34,20 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
 lo_bytes() { awk '$1 == "lo:" {print $2}' /proc/net/dev; }
 rss_kib() { awk -F': ' '/Maximum resident/ {print $2}' "$1"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# write_bytes PID: bytes the process (and its reaped children) caused to be written to storage (/proc/PID/io).
+write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
+# server_pid: the ferry server process itself (start_ferry runs it under /usr/bin/time).
+server_pid() { pgrep -P "$ferry_pid" -x ferry || echo "$ferry_pid"; }
+# first_mib DIR T0 OUT: in the background, writes to OUT the seconds from T0 until the files under DIR first hold
+# 1 MiB (the receiver's time to first byte, at a 20 ms resolution); stop it with kill once the run is over.
+first_mib() {
+  ( for _ in $(seq 30000); do
+      held=$(du -sb "$1" 2> /dev/null | awk '{print $1}')
+      if [ "${held:-0}" -ge 1048576 ]; then since "$2" > "$3"; exit 0; fi
+      sleep 0.02
+    done ) &
+  watcher=$!
+}
 # record NAME VALUE: appends a sample for a result.
 record() { echo "$2" >> "$work/results/$1"; }
 result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a"; }
@@ -57,10 +71,11 @@ EOF
 start_ferry() { # start_ferry ROOT [extra args]: starts a fresh ferry server, sets ferry_addr and ferry_pid
   local root=$1; shift
   rm -rf "$root"
-  /usr/bin/time -v -o "$work/ferry-server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$root" "$@" > "$work/ferry.out" &
+  /usr/bin/time -v -o "$work/ferry-server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$root" "$@" \
+    > "$work/ferry.out" 2>> "${FERRY_SERVER_LOG:-/dev/null}" &
   ferry_pid=$!
   pids+=("$ferry_pid")
-  for _ in $(seq 200); do grep -q listening "$work/ferry.out" 2> /dev/null && break; sleep 0.05; done
+  for _ in $(seq 1200); do grep -q listening "$work/ferry.out" 2> /dev/null && break; sleep 0.05; done
   ferry_addr=$(sed -n 's/^ferry: listening on //p' "$work/ferry.out" | head -1)
 }
 stop_ferry() { pkill -INT -P "$ferry_pid" 2> /dev/null || true; wait "$ferry_pid" 2> /dev/null || true; }
@@ -77,7 +92,8 @@ pid file = $work/rsyncd.pid
   read only = no
 EOF
 rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
-pids+=("$!")
+rsync_pid=$!
+pids+=("$rsync_pid")
 sleep 0.5
 rsync_url="rsync://127.0.0.1:$rsync_port/dst"
 
@@ -85,10 +101,21 @@ rsync_url="rsync://127.0.0.1:$rsync_port/dst"
 fresh_ferry() {
   start_ferry "$work/ferry-root"
   rm -rf "$work/state"; sync
-  local t0; t0=$(now)
-  /usr/bin/time -v -o "$work/ferry-client.time" "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" \
-    --state "$work/state" --json "$@" > "$work/push.json"
+  local server written t0; server=$(server_pid); written=$(write_bytes "$server")
+  t0=$(now)
+  first_mib "$work/ferry-root" "$t0" "$work/ttfb"
+  if ! /usr/bin/time -v -o "$work/ferry-client.time" "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" \
+    --state "$work/state" --json "$@" > "$work/push.json"; then
+    echo "compare: the fresh push failed; server at $ferry_addr:" >&2
+    cat "$work/ferry.out" "$work/ferry-server.time" >&2 || true
+    kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
+    stop_ferry
+    return 0
+  fi
   record fresh_ferry "$(since "$t0")"
+  kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
+  [ -s "$work/ttfb" ] && record ttfb_ferry "$(cat "$work/ttfb")"; rm -f "$work/ttfb"
+  record disk_fresh_ferry "$(($(write_bytes "$server") - written))"
   stop_ferry
   cmp "$work/src.bin" "$work/ferry-root/src.bin"
   record rss_client "$(rss_kib "$work/ferry-client.time")"
@@ -109,9 +136,15 @@ fresh_socat() {
 fresh_rsync() { # fresh_rsync NAME [rsync flags]
   local name=$1; shift
   rm -rf "$work/rsync-dst/"*; sync
-  local t0; t0=$(now)
+  local written t0; written=$(write_bytes "$rsync_pid")
+  t0=$(now)
+  first_mib "$work/rsync-dst" "$t0" "$work/ttfb"
   /usr/bin/time -v -o "$work/rsync.time" rsync -t "$@" "$work/src.bin" "$rsync_url/src.bin"
   record "$name" "$(since "$t0")"
+  kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
+  [ -s "$work/ttfb" ] && record "ttfb_$name" "$(cat "$work/ttfb")"; rm -f "$work/ttfb"
+  sleep 0.2 # the daemon reaps its child, whose writes then count as its own
+  record "disk_$name" "$(($(write_bytes "$rsync_pid") - written))"
   record "rss_$name" "$(rss_kib "$work/rsync.time")"
 }
 for run in $(seq "$runs"); do
@@ -139,10 +172,15 @@ for run in $(seq "$runs"); do
   "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" --state "$work/state" --json > /dev/null 2>&1 &
   client=$!
   wait_for_bytes "$work/ferry-root/.ferry/partial" "$half"
-  kill -9 "$client"; wait "$client" 2> /dev/null || true
+  kill -9 "$client" 2> /dev/null || true; wait "$client" 2> /dev/null || true
+  server=$(server_pid)
+  sleep 0.5 # the server makes durable what it has once it sees the client gone
+  written=$(write_bytes "$server"); read_before=$(awk '/^rchar/ {print $2}' "/proc/$server/io")
   t0=$(now)
   "$bin" push "$work/src.bin" "ferry://$ferry_addr/src.bin" --state "$work/state" --json > "$work/resume.json"
   record resume_ferry "$(since "$t0")"
+  record disk_resume_ferry "$(($(write_bytes "$server") - written))"
+  record read_resume_ferry "$(($(awk '/^rchar/ {print $2}' "/proc/$server/io") - read_before))"
   stop_ferry
   cmp "$work/src.bin" "$work/ferry-root/src.bin"
 
@@ -151,7 +189,7 @@ for run in $(seq "$runs"); do
     rsync -t --partial "$work/src.bin" "$rsync_url/src.bin" > /dev/null 2>&1 &
     client=$!
     wait_for_bytes "$work/rsync-dst" "$half"
-    kill -9 "$client"; wait "$client" 2> /dev/null || true
+    kill -9 "$client" 2> /dev/null || true; wait "$client" 2> /dev/null || true
     sleep 0.5 # the daemon keeps the partial file under the final name once it sees the client gone
     flags=(--partial)
     [ "$mode" = append ] && flags+=(--append-verify)
@@ -219,9 +257,11 @@ for run in $(seq "$runs"); do
   echo "compare: tree of $files files, run $run" >&2
   start_ferry "$work/tree-ferry-$run"
   rm -rf "$work/state"; sync
+  server=$(server_pid); written=$(write_bytes "$server")
   t0=$(now)
   "$bin" push "$work/tree" "ferry://$ferry_addr/tree" --state "$work/state" --json > /dev/null
   record tree_fresh_ferry "$(since "$t0")"
+  record disk_tree_ferry "$(($(write_bytes "$server") - written))"
   t0=$(now)
   "$bin" push "$work/tree" "ferry://$ferry_addr/tree" --state "$work/state" --json > /dev/null
   record tree_noop_ferry "$(since "$t0")"
@@ -236,10 +276,13 @@ for run in $(seq "$runs"); do
   record tree_noop_rsync "$(since "$t0")"
   # The same copy made durable, as ferry's is before it answers: rsync -a, then sync.
   sync
+  written=$(write_bytes "$rsync_pid")
   t0=$(now)
   rsync -a "$work/tree/" "$rsync_url/tree-sync-$run/"
   sync
   record tree_fresh_rsync_sync "$(since "$t0")"
+  sleep 0.2
+  record disk_tree_rsync "$(($(write_bytes "$rsync_pid") - written))"
 done
 
 # --- 6. a link with latency (40 ms round trip) ----------------------------------------------------------------
@@ -255,19 +298,24 @@ start_proxy() { # start_proxy UPSTREAM: a proxy adding 20 ms each way; sets prox
 }
 for run in $(seq "$runs"); do
   echo "compare: ${lat_mib} MiB over a 40 ms round trip, run $run" >&2
-  for setting in 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
+  for setting in 1:default 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
     streams=${setting%%:*}
     window=${setting#*:}
+    flags=(--streams "$streams")
+    [ "$window" = default ] || flags+=(--window "$window")
     start_ferry "$work/ferry-root"
     start_proxy "$ferry_addr"
     rm -rf "$work/state"
     t0=$(now)
-    "$bin" push "$work/lat.bin" "ferry://$proxy_addr/lat.bin" --state "$work/state" --window "$window" \
-      --streams "$streams" --json > /dev/null
-    record "lat_ferry_${streams}_$window" "$(since "$t0")"
-    kill "$proxy_pid"; wait "$proxy_pid" 2> /dev/null || true
+    # A failed setting is reported as n/a instead of losing the whole report.
+    if "$bin" push "$work/lat.bin" "ferry://$proxy_addr/lat.bin" --state "$work/state" "${flags[@]}" --json > /dev/null; then
+      record "lat_ferry_${streams}_$window" "$(since "$t0")"
+    else
+      echo "compare: the push with $setting failed (server ${ferry_addr:-not started}, proxy ${proxy_addr:-not started})" >&2
+    fi
+    kill "$proxy_pid" 2> /dev/null || true; wait "$proxy_pid" 2> /dev/null || true
     stop_ferry
-    cmp "$work/lat.bin" "$work/ferry-root/lat.bin"
+    [ ! -e "$work/ferry-root/lat.bin" ] || cmp "$work/lat.bin" "$work/ferry-root/lat.bin"
   done
   rm -rf "$work/rsync-dst/"*
   start_proxy "127.0.0.1:$rsync_port"
@@ -279,7 +327,7 @@ done
 
 # --- report ---------------------------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0 && a != "n/a") printf "%.2f", a/b; else print "n/a" }'; }
-mib() { awk -v b="$1" 'BEGIN{printf "%.2f MiB", b/1048576}'; }
+mib() { if [ "$1" = n/a ]; then echo n/a; else awk -v b="$1" 'BEGIN{printf "%.2f MiB", b/1048576}'; fi; }
 fresh=$(result fresh_ferry)
 {
   echo "# Benchmarks"
@@ -293,16 +341,23 @@ fresh=$(result fresh_ferry)
   echo
   echo "## Fresh push of a ${size_mib} MiB random file"
   echo
-  echo "| tool | time (s) | vs socat+sync | peak RSS |"
-  echo "|---|---|---|---|"
-  echo "| socat to a file + sync (the disk limit) | $(result fresh_socat) | 1.00 | |"
-  echo "| ferry (fsync before commit) | $fresh | $(ratio "$fresh" "$(result fresh_socat)") | client $(result rss_client) KiB, server $(result rss_server) KiB |"
-  echo "| rsync | $(result fresh_rsync) | $(ratio "$(result fresh_rsync)" "$(result fresh_socat)") | client $(result rss_fresh_rsync) KiB |"
-  echo "| rsync --fsync | $(result fresh_rsync_fsync) | $(ratio "$(result fresh_rsync_fsync)" "$(result fresh_socat)") | client $(result rss_fresh_rsync_fsync) KiB |"
+  echo "Receiver writes: bytes the receiving process caused to be written to storage (\`/proc/PID/io\` write_bytes of"
+  echo "the ferry server or the rsync daemon, its reaped children included). First MiB: seconds until the receiver's"
+  echo "directory first held 1 MiB (polled every 20 ms)."
+  echo
+  echo "| tool | time (s) | vs socat+sync | receiver writes | first MiB (s) | peak RSS |"
+  echo "|---|---|---|---|---|---|"
+  echo "| socat to a file + sync (the disk limit) | $(result fresh_socat) | 1.00 | | | |"
+  echo "| ferry (fsync before commit) | $fresh | $(ratio "$fresh" "$(result fresh_socat)") | $(mib "$(result disk_fresh_ferry)") | $(result ttfb_ferry) | client $(result rss_client) KiB, server $(result rss_server) KiB |"
+  echo "| rsync | $(result fresh_rsync) | $(ratio "$(result fresh_rsync)" "$(result fresh_socat)") | $(mib "$(result disk_fresh_rsync)") | $(result ttfb_fresh_rsync) | client $(result rss_fresh_rsync) KiB |"
+  echo "| rsync --fsync | $(result fresh_rsync_fsync) | $(ratio "$(result fresh_rsync_fsync)" "$(result fresh_socat)") | $(mib "$(result disk_fresh_rsync_fsync)") | $(result ttfb_fresh_rsync_fsync) | client $(result rss_fresh_rsync_fsync) KiB |"
   echo
   echo "ferry / rsync --fsync: $(ratio "$fresh" "$(result fresh_rsync_fsync)")."
   echo
   echo "## Resume after the transfer was killed at 50 %"
+  echo
+  echo "ferry's server during the resume: $(mib "$(result disk_resume_ferry)") written, $(mib "$(result read_resume_ferry)") read (\`rchar\`)."
+  echo "ferry / rsync --partial --append-verify: $(ratio "$(result resume_ferry)" "$(result resume_rsync_append)")."
   echo
   echo "| tool | time (s) | vs ferry fresh |"
   echo "|---|---|---|"
@@ -328,11 +383,13 @@ fresh=$(result fresh_ferry)
   echo
   echo "## A tree of $files files of 4–64 KiB"
   echo
-  echo "| tool | fresh (s) | no-op (s) |"
-  echo "|---|---|---|"
-  echo "| ferry | $(result tree_fresh_ferry) | $(result tree_noop_ferry) |"
-  echo "| rsync -a | $(result tree_fresh_rsync) | $(result tree_noop_rsync) |"
-  echo "| rsync -a, then sync (durable like ferry) | $(result tree_fresh_rsync_sync) | |"
+  echo "| tool | fresh (s) | no-op (s) | receiver writes (fresh) |"
+  echo "|---|---|---|---|"
+  echo "| ferry | $(result tree_fresh_ferry) | $(result tree_noop_ferry) | $(mib "$(result disk_tree_ferry)") |"
+  echo "| rsync -a | $(result tree_fresh_rsync) | $(result tree_noop_rsync) | |"
+  echo "| rsync -a, then sync (durable like ferry) | $(result tree_fresh_rsync_sync) | | $(mib "$(result disk_tree_rsync)") |"
+  echo
+  echo "ferry / (rsync -a, then sync), fresh: $(ratio "$(result tree_fresh_ferry)" "$(result tree_fresh_rsync_sync)"); no-op, ferry / rsync: $(ratio "$(result tree_noop_ferry)" "$(result tree_noop_rsync)")."
   echo
   echo "## A ${lat_mib} MiB push over a link with 40 ms round trip"
   echo
@@ -340,14 +397,19 @@ fresh=$(result fresh_ferry)
   echo
   echo "| tool | time (s) | MiB/s |"
   echo "|---|---|---|"
-  for setting in 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
+  for setting in 1:default 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do
     streams=${setting%%:*}
     window=${setting#*:}
     t=$(result "lat_ferry_${streams}_$window")
-    echo "| ferry, --streams $streams, --window $window | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
+    label="--streams $streams, --window $window"
+    [ "$window" = default ] && label="default flags (window sized from the bandwidth-delay product)"
+    echo "| ferry, $label | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
   done
   t=$(result lat_rsync)
   echo "| rsync | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
+  echo
+  echo "ferry with default flags / rsync: $(ratio "$(result lat_ferry_1_default)" "$t")."
+
 } > "$work/report.md"
 mkdir -p "$(dirname "$out")"
 # Hand-written notes below the marker line of an existing report (figures of other scripts, earlier runs) are kept.

@@ -167,8 +167,10 @@ pub struct Settings {
     pub chunking: ChunkingMode,
     /// Chunk size, or the cdc average.
     pub chunk_size: u32,
-    /// Unacknowledged bytes in flight.
+    /// Unacknowledged bytes in flight (where the window starts, unless `window_set`).
     pub window: u64,
+    /// A layer set the window: it stays as set instead of growing to the measured bandwidth-delay product.
+    pub window_set: bool,
     /// Consecutive failed attempts without progress before giving up.
     pub retries: u32,
     /// Give up on a connection when no byte moves for this long.
@@ -256,6 +258,7 @@ pub fn resolve(
         chunking: p.chunking.unwrap_or(DEFAULT_CHUNKING),
         chunk_size: p.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
         window: p.window.unwrap_or(DEFAULT_WINDOW),
+        window_set: p.window.is_some(),
         retries: p.retries.unwrap_or(DEFAULT_RETRIES),
         timeout: p.timeout.unwrap_or(DEFAULT_TIMEOUT),
         retry_delay: p.retry_delay.unwrap_or(DEFAULT_RETRY_DELAY),

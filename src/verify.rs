@@ -68,31 +68,158 @@ pub fn digest_file(file: &mut File) -> std::io::Result<Hash> {
 
 /// The whole-file BLAKE3 of the bytes `[0, len)` of a file, hashed as they were written in order, so that the
 /// commit re-reads only what follows. Writes that are not at the prefix's end leave it where it is.
-#[derive(Default)]
+///
+/// It is kept as BLAKE3's own tree state (blake3's `hazmat` module): the chaining values of the complete subtrees
+/// of 1 KiB chunks that tile the prefix, and the last, possibly partial, chunk. The chaining values alone
+/// ([`PrefixDigest::stacked`]) are what a receiver records beside its progress, so that a resumed transfer goes on
+/// hashing where the last one stopped instead of reading the durable prefix again.
+#[derive(Default, Clone)]
 pub struct PrefixDigest {
-    hasher: blake3::Hasher,
-    len: u64,
+    /// Chaining values of complete subtrees covering `[0, stacked)`, lazily merged as `blake3::Hasher` keeps them.
+    stack: Vec<ChainingValue>,
+    /// Bytes the stack covers: a multiple of [`blake3::CHUNK_LEN`].
+    stacked: u64,
+    /// The bytes after `stacked`: at most one chunk, and never empty once anything was hashed (the last chunk must
+    /// stay unhashed until the end is known, since it may be the root).
+    last: Vec<u8>,
 }
+
+/// The chaining value of a chunk or subtree of BLAKE3's tree.
+pub type ChainingValue = [u8; 32];
+
+/// A prefix digest cut down to its complete subtrees: what may be recorded and later resumed with
+/// [`PrefixDigest::resume`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackedPrefix {
+    /// Bytes covered, from offset 0 (a multiple of 1 KiB).
+    pub len: u64,
+    /// The chaining values, bottom of the stack first.
+    pub stack: Vec<ChainingValue>,
+}
+
+/// Most chaining values a prefix of up to 2^64 bytes stacks (one per level, plus the one not merged yet).
+const MAX_STACK: usize = 56;
 
 impl PrefixDigest {
     /// Feeds `data` written at `offset` if it continues the prefix; false (and nothing hashed) otherwise.
-    pub fn extend(&mut self, offset: u64, data: &[u8]) -> bool {
-        if offset != self.len || data.is_empty() {
+    pub fn extend(&mut self, offset: u64, mut data: &[u8]) -> bool {
+        if offset != self.len() || data.is_empty() {
             return false;
         }
-        self.hasher.update(data);
-        self.len += data.len() as u64;
+        const CHUNK: usize = blake3::CHUNK_LEN;
+        // Complete the held chunk first; it is hashed only once more bytes follow it.
+        if self.last.len() < CHUNK {
+            let take = (CHUNK - self.last.len()).min(data.len());
+            self.last.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        if data.is_empty() {
+            return true;
+        }
+        let held = std::mem::take(&mut self.last);
+        self.push_subtree(&held);
+        // Whole subtrees, as large as alignment allows, keeping at least one byte back as the new last chunk.
+        while data.len() > CHUNK {
+            let chunks = ((data.len() - 1) / CHUNK) as u64;
+            let mut len = (1u64 << (63 - chunks.leading_zeros())) * CHUNK as u64;
+            if let Some(max) = blake3::hazmat::max_subtree_len(self.stacked) {
+                len = len.min(max);
+            }
+            let (subtree, rest) = data.split_at(len as usize);
+            self.push_subtree(subtree);
+            data = rest;
+        }
+        self.last.extend_from_slice(data);
         true
+    }
+
+    /// Hashes one complete, aligned subtree at `stacked` and pushes its chaining value (merging first what the
+    /// chunks before it complete, as `blake3::Hasher` does).
+    fn push_subtree(&mut self, subtree: &[u8]) {
+        use blake3::hazmat::HasherExt;
+        let cv = blake3::Hasher::new()
+            .set_input_offset(self.stacked)
+            .update(subtree)
+            .finalize_non_root();
+        self.merge_to(self.stacked);
+        self.stack.push(cv);
+        self.stacked += subtree.len() as u64;
+    }
+
+    /// Merges the top of the stack until it holds one value per set bit of the chunk count of `len` bytes.
+    fn merge_to(&mut self, len: u64) {
+        let keep = (len / blake3::CHUNK_LEN as u64).count_ones() as usize;
+        while self.stack.len() > keep {
+            let right = self.stack.pop().expect("longer than keep");
+            let left = self.stack.pop().expect("longer than keep");
+            self.stack.push(blake3::hazmat::merge_subtrees_non_root(
+                &left,
+                &right,
+                blake3::hazmat::Mode::Hash,
+            ));
+        }
     }
 
     /// Bytes hashed so far, all from offset 0.
     pub fn len(&self) -> u64 {
-        self.len
+        self.stacked + self.last.len() as u64
     }
 
     /// True when nothing is hashed yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// The complete subtrees hashed so far (all but the last chunk).
+    pub fn stacked(&self) -> StackedPrefix {
+        StackedPrefix {
+            len: self.stacked,
+            stack: self.stack.clone(),
+        }
+    }
+
+    /// Goes on from a recorded [`StackedPrefix`]; `None` if it cannot be one (not a whole number of chunks, an
+    /// impossible number of chaining values).
+    pub fn resume(prefix: StackedPrefix) -> Option<PrefixDigest> {
+        let chunks = prefix.len / blake3::CHUNK_LEN as u64;
+        let fits = prefix.len.is_multiple_of(blake3::CHUNK_LEN as u64)
+            && prefix.stack.len() >= chunks.count_ones() as usize
+            && prefix.stack.len() <= MAX_STACK
+            && (prefix.len == 0) == prefix.stack.is_empty();
+        fits.then(|| PrefixDigest {
+            stack: prefix.stack,
+            stacked: prefix.len,
+            last: Vec::new(),
+        })
+    }
+
+    /// The BLAKE3 of everything fed: the last chunk is the root if it is the only one, else it is merged with the
+    /// stack from the top, the bottom merge being the root.
+    pub fn finalize(mut self) -> Hash {
+        use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
+        if self.stack.is_empty() {
+            return *blake3::hash(&self.last).as_bytes();
+        }
+        let mut right = if self.last.is_empty() {
+            // Only a resumed prefix that ended the file exactly: its top value is the right-most subtree.
+            match self.stack.pop() {
+                Some(top) if !self.stack.is_empty() => top,
+                // A single subtree hashed as non-root cannot be the root; never recorded so (see `resume` callers).
+                _ => return [0; 32],
+            }
+        } else {
+            self.merge_to(self.stacked);
+            blake3::Hasher::new()
+                .set_input_offset(self.stacked)
+                .update(&self.last)
+                .finalize_non_root()
+        };
+        while self.stack.len() > 1 {
+            let left = self.stack.pop().expect("more than one");
+            right = merge_subtrees_non_root(&left, &right, Mode::Hash);
+        }
+        let bottom = self.stack.pop().expect("not empty");
+        *merge_subtrees_root(&bottom, &right, Mode::Hash).as_bytes()
     }
 }
 
@@ -114,11 +241,19 @@ struct Follow {
     finish: bool,
     /// Return at once; the digest is not wanted.
     cancel: bool,
+    /// What the follower has hashed, published after each slice.
+    hashed: Option<StackedPrefix>,
 }
 
 impl DigestFollower {
     /// Starts following `file`, whose bytes `[0, ready)` are final already.
     pub fn start<R: ReadAt + 'static>(file: R, ready: u64) -> std::io::Result<Self> {
+        Self::start_from(file, ready, PrefixDigest::default())
+    }
+
+    /// Starts following `file` from `seed`, a digest of its first `seed.len()` bytes (recorded by an earlier
+    /// session), so those bytes are not read again; bytes `[0, ready)` are final already.
+    pub fn start_from<R: ReadAt + 'static>(file: R, ready: u64, seed: PrefixDigest) -> std::io::Result<Self> {
         let shared = Arc::new((
             Mutex::new(Follow {
                 ready,
@@ -129,11 +264,17 @@ impl DigestFollower {
         let theirs = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-digest".into())
-            .spawn(move || follow(&file, &theirs))?;
+            .spawn(move || follow(&file, &theirs, seed))?;
         Ok(DigestFollower {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// The complete subtrees hashed so far: they cover only bytes read back after they were written, so once the
+    /// file is synced, they describe durable bytes and may be recorded.
+    pub fn hashed(&self) -> Option<StackedPrefix> {
+        lock(&self.shared.0).hashed.clone()
     }
 
     /// Bytes `[0, ready)` are final now (never moves backwards).
@@ -168,13 +309,14 @@ fn lock(follow: &Mutex<Follow>) -> std::sync::MutexGuard<'_, Follow> {
 }
 
 /// The follower's loop: hash up to `ready` in slices, sleep until it moves, stop on finish or cancel.
-fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar)) -> std::io::Result<PrefixDigest> {
+fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDigest) -> std::io::Result<PrefixDigest> {
     const SLICE: u64 = 1 << 20;
-    let mut prefix = PrefixDigest::default();
+    let mut prefix = seed;
     let mut buf = Vec::new();
     loop {
         let target = {
             let mut follow = lock(&shared.0);
+            follow.hashed = Some(prefix.stacked());
             while !follow.cancel && !follow.finish && follow.ready <= prefix.len() {
                 follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
             }
@@ -192,15 +334,15 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar)) -> std::io::Resu
 
 /// Finishes `prefix` with the file's bytes after it, read sequentially (reading and hashing overlap on two
 /// threads), and returns the BLAKE3 of the whole file.
-pub fn digest_rest<R: ReadAt + ?Sized>(file: &R, prefix: PrefixDigest) -> std::io::Result<Hash> {
+pub fn digest_rest<R: ReadAt + ?Sized>(file: &R, mut prefix: PrefixDigest) -> std::io::Result<Hash> {
     const BUF: usize = 4 << 20;
-    let PrefixDigest { mut hasher, len: start } = prefix;
+    let start = prefix.len();
     let size = file.size()?;
     if size.saturating_sub(start) <= BUF as u64 {
         let mut buf = vec![0u8; size.saturating_sub(start) as usize];
         file.read_exact_at(&mut buf, start)?;
-        hasher.update(&buf);
-        return Ok(*hasher.finalize().as_bytes());
+        prefix.extend(start, &buf);
+        return Ok(prefix.finalize());
     }
     // Two threads: one reads (the copy out of the page cache), this one hashes; two buffers go back and forth.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
@@ -222,11 +364,11 @@ pub fn digest_rest<R: ReadAt + ?Sized>(file: &R, prefix: PrefixDigest) -> std::i
             }
         });
         for (buf, n) in full_rx {
-            hasher.update(&buf[..n]);
+            prefix.extend(prefix.len(), &buf[..n]);
             let _ = free_tx.send(buf);
         }
         reader.join().expect("digest reader thread panicked")?;
-        Ok(*hasher.finalize().as_bytes())
+        Ok(prefix.finalize())
     })
 }
 
@@ -279,6 +421,110 @@ mod tests {
             assert_eq!(prefix.len(), cut as u64);
             assert_eq!(digest_rest(&file, prefix).unwrap(), whole, "cut at {cut}");
         }
+    }
+
+    /// Sizes around BLAKE3's chunk (1 KiB) and subtree boundaries, and odd ones.
+    const SIZES: [usize; 16] = [
+        0,
+        1,
+        1023,
+        1024,
+        1025,
+        2048,
+        3072,
+        3073,
+        4095,
+        4096,
+        4097,
+        65_536,
+        65_537,
+        100_000,
+        1 << 20,
+        1_234_567,
+    ];
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect()
+    }
+
+    /// Fed in pieces of any size (1 byte, odd, chunk-sized, large), the tree state gives `blake3::hash`.
+    #[test]
+    fn a_prefix_fed_in_any_pieces_is_the_whole_file_digest() {
+        for size in SIZES {
+            let data = data(size);
+            for piece in [1usize, 7, 1000, 1024, 1025, 4096, 65_536, 1 << 20] {
+                if piece == 1 && size > 70_000 {
+                    continue;
+                }
+                let mut prefix = PrefixDigest::default();
+                for (n, part) in data.chunks(piece).enumerate() {
+                    assert!(prefix.extend((n * piece) as u64, part));
+                }
+                assert_eq!(prefix.len(), size as u64);
+                assert_eq!(
+                    prefix.finalize(),
+                    *blake3::hash(&data).as_bytes(),
+                    "size {size}, pieces of {piece}"
+                );
+            }
+        }
+    }
+
+    /// What a receiver records (the complete subtrees) and resumes from, plus the rest, gives `blake3::hash`, for
+    /// every cut; the recorded part never reaches the end of the data (the last chunk is held back).
+    #[test]
+    fn a_recorded_prefix_resumed_with_the_rest_is_the_whole_file_digest() {
+        for size in SIZES {
+            let data = data(size);
+            for cut in [
+                0usize,
+                1,
+                1024,
+                1025,
+                2049,
+                4096,
+                5000,
+                65_536,
+                size / 2,
+                size.saturating_sub(1),
+                size,
+            ] {
+                let cut = cut.min(size);
+                let mut first = PrefixDigest::default();
+                first.extend(0, &data[..cut]);
+                let recorded = first.stacked();
+                assert!(recorded.len < size as u64 || size == 0, "size {size} cut {cut}");
+                assert_eq!(recorded.len % 1024, 0);
+                let mut resumed = PrefixDigest::resume(recorded.clone()).expect("a recorded prefix resumes");
+                resumed.extend(recorded.len, &data[recorded.len as usize..]);
+                assert_eq!(
+                    resumed.finalize(),
+                    *blake3::hash(&data).as_bytes(),
+                    "size {size}, cut {cut}"
+                );
+                // And through digest_rest, reading the rest from a file.
+                let mut file = tempfile::tempfile().unwrap();
+                std::io::Write::write_all(&mut file, &data).unwrap();
+                let resumed = PrefixDigest::resume(recorded).unwrap();
+                assert_eq!(digest_rest(&file, resumed).unwrap(), *blake3::hash(&data).as_bytes());
+            }
+        }
+    }
+
+    /// A recorded state that cannot be one is refused, not trusted: a length off the chunk grid, or too few
+    /// chaining values for its length.
+    #[test]
+    fn an_impossible_recorded_prefix_is_refused() {
+        let cv = [7u8; 32];
+        let bad = |len, stack: Vec<ChainingValue>| PrefixDigest::resume(StackedPrefix { len, stack }).is_none();
+        assert!(bad(1000, vec![cv]));
+        assert!(bad(3 * 1024, vec![cv]), "three chunks need two subtrees");
+        assert!(bad(1024, vec![]));
+        assert!(bad(0, vec![cv]));
+        assert!(bad(1024, vec![cv; MAX_STACK + 1]));
+        assert!(!bad(3 * 1024, vec![cv; 2]));
     }
 
     #[test]

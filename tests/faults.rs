@@ -363,8 +363,13 @@ async fn chunks_damaged_in_the_partial_on_disk_are_found_at_commit_and_resent() 
     let src = dir.path().join("archive.tar");
     write_random(&src, 4 * MIB, 11);
     interrupted_push(&server, &src, &state, 2 * MIB as u64).await;
+    // The interrupted session recorded the digest state of its durable prefix before it ended.
+    server
+        .wait_for_log("session ended with an error", Duration::from_secs(30))
+        .await;
 
-    // Bit rot in a chunk the server already acknowledged.
+    // A byte changed behind the server's back, in a chunk the server already acknowledged (inside the prefix
+    // whose digest state was recorded).
     let partial_dir = server.root.join(".ferry/partial");
     let partial = std::fs::read_dir(&partial_dir).unwrap().next().unwrap().unwrap().path();
     flip_byte_in_place(&partial, 1000);
@@ -376,11 +381,85 @@ async fn chunks_damaged_in_the_partial_on_disk_are_found_at_commit_and_resent() 
         b3(&src),
         "the damaged byte was repaired before commit"
     );
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    assert!(
+        log.contains("the recorded digest state no longer describes the partial"),
+        "the changed partial voided the recorded digest state"
+    );
+    assert!(!log.contains("the durable prefix is not read again"));
     let sent = out.u64("bytes_sent");
     assert!(
         sent <= 2 * MIB as u64 + WINDOW + 2 * CHUNK,
         "only missing and damaged chunks were sent: {sent}"
     );
+}
+
+/// A resume goes on hashing from the digest state the server recorded with the durable prefix (issue 14 §3): the
+/// server does not read that prefix again, and the file it renames into place still hashes to the manifest's
+/// digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_does_not_read_the_durable_prefix_again_and_still_commits_a_verified_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("backup.img");
+    write_random(&src, 4 * MIB + 12_345, 21);
+    interrupted_push(&server, &src, &state, 2 * MIB as u64).await;
+    server
+        .wait_for_log("session ended with an error", Duration::from_secs(30))
+        .await;
+
+    let out = push(&src, &server.url("backup.img"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("backup.img")), b3(&src));
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("the durable prefix is not read again"))
+        .unwrap_or_else(|| panic!("the resume read the prefix again:\n{log}"));
+    let bytes: u64 = resumed
+        .split("bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the line says how many bytes");
+    assert!(bytes >= MIB as u64, "{bytes} bytes of the prefix trusted: {resumed}");
+}
+
+/// A server killed (SIGKILL) in the middle of a transfer may leave a recorded digest state older than the
+/// partial's last writes: after the restart the state is not trusted blindly, and the resumed file is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_the_server_was_killed_commits_a_verified_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start(&root);
+    let state = dir.path().join("state");
+    let src = dir.path().join("vm.qcow2");
+    write_random(&src, 6 * MIB, 22);
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(3 * MIB as u64)])
+        .await
+        .unwrap();
+    let url = format!("ferry://{}/vm.qcow2", proxy.addr());
+    let mut args = SMALL.to_vec();
+    args.extend(["--retries", "0", "--timeout", "2s"]);
+    let pushing = {
+        let (src, state) = (src.clone(), state.clone());
+        tokio::spawn(async move { push(&src, &url, &state, &args).await })
+    };
+    // Killed once some chunks are durable (their Acks flowed before the stall).
+    let partial_dir = root.join(".ferry/partial");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&partial_dir).map_or(0, |d| d.count()) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no partial appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.wait_for_log("offer accepted", Duration::from_secs(30)).await;
+    server.kill9();
+    let _ = pushing.await;
+    let server = TestServer::start(&root);
+    let out = push(&src, &server.url("vm.qcow2"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("vm.qcow2")), b3(&src));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,6 +302,56 @@ async fn an_interrupted_tree_push_resumes_and_skips_what_already_arrived() {
     assert_same_tree(&src, &dest);
 }
 
+/// A server killed (SIGKILL) while a tree's small files are being batched leaves only whole, verified files under
+/// final names (each batch is written to temporaries, synced, then renamed); after a restart a second push
+/// completes the tree, and no temporary shows anywhere in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_tree_leaves_only_whole_files_and_a_re_push_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start(&root);
+    let state = dir.path().join("state");
+    let src = dir.path().join("photos");
+    make_tree(&src, 1500, 0, 9);
+    let url = server.url("photos");
+    let pushing = {
+        let (src, state) = (src.clone(), state.clone());
+        tokio::spawn(async move { push(&src, &url, &state, &["--retries", "0", "--links", "record"]).await })
+    };
+    // Killed as soon as the first batch is in place, while later ones are on their way.
+    let dest = root.join("photos");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while files_matching(&src, &dest).0 == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no file was ever committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill9();
+    let _ = pushing.await;
+    let mut pending = vec![dest.clone()];
+    while let Some(at) = pending.pop() {
+        for item in std::fs::read_dir(&at).unwrap() {
+            let path = item.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() {
+                let original = src.join(path.strip_prefix(&dest).unwrap());
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    std::fs::read(&original).unwrap_or_default(),
+                    "{} under its final name is not the whole file",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    let server = TestServer::start(&root);
+    let out = push(&src, &server.url("photos"), &state, &LINKS).await;
+    out.assert_ok();
+    assert_same_tree(&src, &dest);
+}
+
 /// A one-connection proxy that forwards the server's frames up to and including the first `TreeNeed`, then holds
 /// back everything else the server says until `release` is notified. Counts the bytes the client sends in `up`.
 async fn gate_after_tree_need(

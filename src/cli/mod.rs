@@ -299,7 +299,8 @@ pub struct TransferArgs {
     /// Bounded to 4KiB..16MiB (cdc: 16KiB..4MiB). Default 1MiB.
     #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<u32>,
-    /// Unacknowledged bytes in flight (default 16MiB).
+    /// Unacknowledged bytes in flight. Default for push: 16MiB, growing to twice the measured bandwidth-delay
+    /// product (at most 256MiB); a window set here (or in the configuration) stays as set. Pull: 16MiB.
     #[arg(long, value_parser = parse_size)]
     pub window: Option<u64>,
     /// Consecutive failed attempts without progress before giving up (default 10).
@@ -422,6 +423,7 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
         retries: settings.retries,
         send: SendOptions {
             window: settings.window,
+            size_window: !settings.window_set,
             io_timeout: settings.timeout,
             ..SendOptions::default()
         },

@@ -56,6 +56,42 @@ pub fn rename_into_from(
     rename_at(root, path, from_dir.as_fd(), &from_c, replace)
 }
 
+/// The parent directory of `path` under `root`, opened by the same no-follow descriptor walk as
+/// [`rename_into_from`] (missing directories created, each synced into its parent): a batch of files bound for one
+/// directory walks to it once and renames each with [`rename_into_opened`]. Blocking.
+pub fn open_parent_dir(root: &Path, path: &RemotePath) -> Result<File, PathError> {
+    let components: Vec<&str> = path.components().collect();
+    let (_, parents) = components.split_last().expect("a RemotePath has a component");
+    walk(root, parents, true)
+}
+
+/// [`rename_into_from`] into `dir`, the parent of `path` as [`open_parent_dir`] opened it: renames the entry
+/// `from_name` of `from_dir` to `path`'s last component there, refusing a directory (or, unless `replace` allows
+/// it, a symlink) at that name. Both sides are named relative to descriptors. Blocking.
+pub fn rename_into_opened(
+    root: &Path,
+    path: &RemotePath,
+    dir: &File,
+    from_dir: &File,
+    from_name: &str,
+    replace: Replace,
+) -> Result<(), PathError> {
+    let shown_path = root.join(path.as_str());
+    let name = path.components().last().expect("a RemotePath has a component");
+    let (from_c, name_c) = match CString::new(from_name) {
+        Ok(from_c) => (from_c, cstring(name)),
+        Err(_) => {
+            return Err(PathError::Io {
+                path: from_name.to_string(),
+                source: io::ErrorKind::InvalidInput.into(),
+            })
+        }
+    };
+    check_final(dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
+    rustix::fs::renameat(from_dir, &from_c, dir, &name_c)
+        .map_err(|e| classify(root, &shown_path, Refusal::Io(e.into())))
+}
+
 fn rename_at(
     root: &Path,
     path: &RemotePath,

@@ -42,6 +42,8 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     let opts = SendOptions {
         io_timeout: idle,
         window: pull.window.clamp(crate::MIN_CHUNK_SIZE.into(), MAX_PULL_WINDOW),
+        // The window a pulling client asked for is the window (proto-spec.md §11).
+        size_window: false,
         ..SendOptions::default()
     };
     let mut stats = SendStats::default();

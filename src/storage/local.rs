@@ -13,7 +13,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{is_permission_error, Directory, FinalFile, Identity, Partial, PartialFile, StorageError, Volume};
+use super::{
+    is_permission_error, ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, StorageError, Volume,
+};
 use crate::chunk::{chunk_with, mtime_of};
 use crate::manifest::{hex, ChunkEntry, Chunking, FileTime, Hash};
 use crate::path::{
@@ -130,6 +132,19 @@ impl PartialFile for File {
     fn identity(&self) -> io::Result<Identity> {
         Ok(identity(&self.metadata()?))
     }
+
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.metadata()?;
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        Ok(ChangeStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        })
+    }
 }
 
 impl FinalFile for File {
@@ -236,7 +251,7 @@ pub fn rename_verified(
 }
 
 /// The (device, inode) of the entry `name` in `dir`, not following a symlink; `None` if absent.
-fn inode_at(dir: &File, name: &str) -> io::Result<Option<(u64, u64)>> {
+pub(crate) fn inode_at(dir: &File, name: &str) -> io::Result<Option<(u64, u64)>> {
     match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) => Ok(Some((stat.st_dev, stat.st_ino))),
         Err(rustix::io::Errno::NOENT) => Ok(None),

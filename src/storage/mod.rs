@@ -114,6 +114,25 @@ pub trait PartialFile: ReadAt {
     fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()>;
     /// Device, inode, length and mtime as they are now.
     fn identity(&self) -> io::Result<Identity>;
+    /// What identifies the file's contents without reading them, as it is now; the change time moves with every
+    /// change to the file and cannot be set by anyone.
+    fn change_stamp(&self) -> io::Result<ChangeStamp>;
+}
+
+/// A partial's identity and change times ([`PartialFile::change_stamp`]): a recorded digest state is trusted only
+/// while the partial's stamp is the one recorded with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Change time, nanoseconds since the epoch (a change counter on the simulated disk).
+    pub ctime_ns: i128,
 }
 
 /// An open partial, shared by the writer and its digest follower.

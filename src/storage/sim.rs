@@ -26,7 +26,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::local::partial_file_name;
-use super::{Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
+use super::{ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
 use crate::path::RemotePath;
 
@@ -68,6 +68,8 @@ struct SimFile {
     data: Vec<u8>,
     meta: Option<Meta>,
     pending: Vec<Pending>,
+    /// Changes made to the file so far: its change time.
+    changes: u64,
 }
 
 /// An unsynced change to the names.
@@ -427,6 +429,7 @@ impl SimHandle {
         let file = disk.file(self.ino);
         apply(&mut file.data, &change, usize::MAX);
         file.pending.push(change);
+        file.changes += 1;
         Ok(())
     }
 }
@@ -479,11 +482,27 @@ impl PartialFile for SimHandle {
     fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()> {
         let mut disk = self.lock();
         disk.tick(self.boot, "set mode and mtime")?;
-        disk.file(self.ino).meta = Some(Meta {
+        let file = disk.file(self.ino);
+        file.meta = Some(Meta {
             mode: mode & 0o777,
             mtime,
         });
+        file.changes += 1;
         Ok(())
+    }
+
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        let mut disk = self.lock();
+        disk.alive(self.boot)?;
+        let file = disk.file(self.ino);
+        let mtime = file.meta.map(|m| m.mtime).unwrap_or_default();
+        Ok(ChangeStamp {
+            dev: 1,
+            ino: self.ino,
+            size: file.data.len() as u64,
+            mtime_ns: i128::from(mtime.secs) * 1_000_000_000 + i128::from(mtime.nanos),
+            ctime_ns: i128::from(file.changes),
+        })
     }
 
     fn identity(&self) -> io::Result<Identity> {

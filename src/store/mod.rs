@@ -20,8 +20,8 @@ use thiserror::Error;
 
 pub use lock::{LockError, StateLock, LOCK_FILE};
 pub use receiver::{
-    ChunkLocation, CommittedFile, OpenTransfer, PartialTransfer, Progress, ReceiverStore, TransferRecord,
-    TransferRecordRef, TransferSummary, Usage,
+    ChunkLocation, CommittedFile, FileStamp, OpenTransfer, PartialTransfer, PrefixRecord, Progress, ReceiverStore,
+    TransferRecord, TransferRecordRef, TransferSummary, Usage,
 };
 pub use sender::{ManifestKey, Pruned, PushRecord, PushState, SenderStore};
 

@@ -24,6 +24,8 @@ const SUMMARY: &str = "tsummary";
 /// Marks a scope whose open transfers all have a summary (stores written before summaries existed are migrated
 /// once, when the scope is opened).
 const MIGRATED: &str = "migrated";
+/// The whole-file digest state of an open transfer's durable prefix ([`PrefixRecord`]).
+const DIGEST_PREFIX: &str = "dprefix";
 /// Directories and symlinks trees created in a scope (a count: files are counted by their own records).
 const TREE_INODES: &str = "tinodes";
 
@@ -126,6 +128,75 @@ pub struct Progress {
     pub reused_bytes: u64,
     /// Last update (Unix seconds).
     pub updated: u64,
+}
+
+/// The state of the whole-file BLAKE3 over the first `len` bytes of an open transfer's partial file (the chaining
+/// values of its complete subtrees, `verify::StackedPrefix`), recorded with the progress once those bytes were
+/// durable, so that a resumed transfer does not read them again to verify the file. It is bound to the manifest
+/// and to the partial file as it was when recorded ([`FileStamp`]): any change to the file since (a write, even a
+/// byte flipped by someone else through the filesystem) makes it void, and the prefix is read again.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PrefixRecord {
+    /// `Manifest::id` of the transfer's manifest.
+    pub manifest_id: Hash,
+    /// The partial file when the record was made.
+    pub partial: FileStamp,
+    /// Bytes covered, from offset 0.
+    pub len: u64,
+    /// The chaining values, bottom of BLAKE3's subtree stack first.
+    pub stack: Vec<Hash>,
+}
+
+/// What identifies a file's contents without reading them: device, inode, size, modification and change times
+/// (nanoseconds), and the time the stamp was taken (coarse clock). The change time cannot be set by anyone: a
+/// write after the stamp gives a different one, provided the clock moved past it before the stamp was taken
+/// ([`FileStamp::settled`]; Linux ≥ 6.13 also guarantees it by fine-grained timestamps once the time is read).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Change time, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+    /// When the stamp was taken (`CLOCK_REALTIME_COARSE`, the clock file times come from), nanoseconds.
+    pub taken_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file whose identity and change times are `stamp` (just read), taken now.
+    pub fn of(stamp: &crate::storage::ChangeStamp) -> FileStamp {
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        // SAFETY: an all-zero timespec is valid, and clock_gettime only writes it.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid clock id and out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+        FileStamp {
+            dev: stamp.dev,
+            ino: stamp.ino,
+            size: stamp.size,
+            mtime_ns: stamp.mtime_ns,
+            ctime_ns: stamp.ctime_ns,
+            taken_ns: ns(now.tv_sec, now.tv_nsec),
+        }
+    }
+
+    /// Whether the clock had moved past the change time when the stamp was taken: only then does any later change
+    /// to the file show as a different change time on every kernel.
+    pub fn settled(&self) -> bool {
+        self.taken_ns > self.ctime_ns
+    }
+
+    /// Whether `now` (a stamp of the same file taken later) shows the file unchanged since this stamp.
+    pub fn unchanged_at(&self, now: &FileStamp) -> bool {
+        self.settled()
+            && (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+                == (now.dev, now.ino, now.size, now.mtime_ns, now.ctime_ns)
+    }
 }
 
 /// A file that was verified and renamed into place.
@@ -398,6 +469,7 @@ impl ReceiverStore {
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
         batch.remove(self.key(SUMMARY, path.as_bytes()));
+        batch.remove(self.key(DIGEST_PREFIX, path.as_bytes()));
         self.apply(batch)
     }
 
@@ -426,6 +498,11 @@ impl ReceiverStore {
     /// The progress of the open transfer to `path`, if any.
     pub fn progress(&self, path: &str) -> Result<Option<Progress>, StoreError> {
         get(&self.tree, &self.key(PROGRESS, path.as_bytes()))
+    }
+
+    /// The digest state recorded for the open transfer to `path`, if any (check its binding before use).
+    pub fn digest_prefix(&self, path: &str) -> Result<Option<PrefixRecord>, StoreError> {
+        get(&self.tree, &self.key(DIGEST_PREFIX, path.as_bytes()))
     }
 
     /// The committed file at `path`, if any.
@@ -457,12 +534,28 @@ impl ReceiverStore {
     }
 
     /// Records progress (with `durable_bytes`, the bytes of the chunks it marks) and flushes; the caller synced
-    /// the chunk bytes before.
+    /// the chunk bytes before. A digest state recorded for the transfer is dropped.
     pub fn save_progress(&self, path: &str, progress: &Progress, durable_bytes: u64) -> Result<(), StoreError> {
+        self.save_progress_with(path, progress, durable_bytes, None)
+    }
+
+    /// [`ReceiverStore::save_progress`], recording `prefix` (or dropping the one recorded, if `None`) in the same
+    /// atomic write; the caller made the bytes it covers durable before.
+    pub fn save_progress_with(
+        &self,
+        path: &str,
+        progress: &Progress,
+        durable_bytes: u64,
+        prefix: Option<&PrefixRecord>,
+    ) -> Result<(), StoreError> {
         let mut progress = progress.clone();
         progress.updated = now_secs();
         let mut batch = sled::Batch::default();
         batch.insert(self.key(PROGRESS, path.as_bytes()), encode_record(&progress));
+        match prefix {
+            Some(prefix) => batch.insert(self.key(DIGEST_PREFIX, path.as_bytes()), encode_record(prefix)),
+            None => batch.remove(self.key(DIGEST_PREFIX, path.as_bytes())),
+        }
         if let Some(mut summary) = self.summary(path)? {
             summary.durable_bytes = durable_bytes;
             summary.updated = progress.updated;
@@ -496,6 +589,7 @@ impl ReceiverStore {
         batch.remove(self.key(TRANSFER, path.as_bytes()));
         batch.remove(self.key(PROGRESS, path.as_bytes()));
         batch.remove(self.key(SUMMARY, path.as_bytes()));
+        batch.remove(self.key(DIGEST_PREFIX, path.as_bytes()));
         batch.insert(self.key(FILE, path.as_bytes()), encode_record(file));
         batch.insert(self.key(FILE_MANIFEST, path.as_bytes()), encode_record(manifest));
         for chunk in &manifest.chunks {

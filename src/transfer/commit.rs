@@ -4,9 +4,6 @@
 //! The order is proto-spec.md's "Crash safety": the final name only ever holds a file whose whole-file BLAKE3 was
 //! verified and synced, and the store records it as committed only after the rename is durable.
 
-use std::fs::File;
-use std::path::Path;
-
 use super::writer::ChunkWriter;
 use super::TransferError;
 use crate::manifest::{hex, Manifest};
@@ -39,7 +36,14 @@ pub(crate) fn commit(
         None => PrefixDigest::default(),
     };
     tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
-    let digest = digest_rest(&*writer.file, prefix).map_err(TransferError::Storage)?;
+    let resumed = prefix.len();
+    let mut digest = digest_rest(&*writer.file, prefix).map_err(TransferError::Storage)?;
+    if digest != manifest.digest && resumed > 0 {
+        // The prefix's state came from what was read back earlier (or recorded by an earlier session): before
+        // blaming chunks on disk, hash the whole file as it is now.
+        tracing::warn!(path = %path, "whole-file digest differs; hashing the whole partial again");
+        digest = digest_rest(&*writer.file, PrefixDigest::default()).map_err(TransferError::Storage)?;
+    }
     if digest != manifest.digest {
         let damaged = damaged_chunks(&*writer.file, &manifest).map_err(TransferError::Storage)?;
         if damaged.is_empty() {
@@ -102,23 +106,6 @@ pub(crate) fn commit(
         reused_bytes: writer.progress.reused_bytes,
         already_present: false,
     }))
-}
-
-/// Renames `partial` to `path` under `root` after checking it is the `verified` file (the local volume's
-/// [`crate::storage::local::rename_verified`]), for the small files of a tree, which do not go through the seam.
-pub(crate) fn rename_verified(
-    root: &Path,
-    path: &RemotePath,
-    partial: &Path,
-    verified: &std::fs::Metadata,
-) -> Result<(std::path::PathBuf, File), TransferError> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(crate::storage::local::rename_verified(
-        root,
-        path,
-        partial,
-        (verified.dev(), verified.ino()),
-    )?)
 }
 
 /// Indices of chunks whose bytes in `file` no longer match the manifest.

@@ -16,6 +16,7 @@ pub mod sender;
 mod small_writer;
 pub mod tree_receiver;
 pub mod tree_sender;
+pub mod window;
 mod writer;
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
+use super::window::Window;
 use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::meter::Meter;
@@ -36,8 +37,11 @@ pub struct Source {
 /// Tuning of the sender.
 #[derive(Clone, Debug)]
 pub struct SendOptions {
-    /// Maximum chunk bytes sent but not yet acknowledged.
+    /// Maximum chunk bytes sent but not yet acknowledged; with `size_window`, where the window starts.
     pub window: u64,
+    /// Grow the window to twice the measured bandwidth-delay product (up to
+    /// [`AUTO_WINDOW_CAP`](super::window::AUTO_WINDOW_CAP)); false keeps `window` as set (the user chose it).
+    pub size_window: bool,
     /// Maximum chunk reads running ahead of the socket.
     pub read_ahead: usize,
     /// Maximum silence from the receiver (and time for one write) before giving up on the connection.
@@ -50,6 +54,7 @@ impl Default for SendOptions {
     fn default() -> Self {
         SendOptions {
             window: crate::DEFAULT_WINDOW,
+            size_window: true,
             read_ahead: 4,
             io_timeout: Duration::from_secs(30),
             meter: Arc::default(),
@@ -378,6 +383,8 @@ struct Pipeline<'a> {
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
+    /// How many bytes may be in flight (fixed, or sized from the measured bandwidth-delay product).
+    window: Window,
     /// Buffers of sent chunks, reused for the next reads.
     spare: Vec<Vec<u8>>,
 }
@@ -393,6 +400,11 @@ impl<'a> Pipeline<'a> {
             reading_bytes: 0,
             in_flight: HashSet::new(),
             in_flight_bytes: 0,
+            window: if opts.size_window {
+                Window::sized(opts.window)
+            } else {
+                Window::fixed(opts.window)
+            },
             spare: Vec::new(),
         }
     }
@@ -428,6 +440,7 @@ impl<'a> Pipeline<'a> {
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 self.in_flight_bytes -= self.chunk_len(index);
+                self.window.forget(index);
                 self.opts.meter.resent();
                 stats.chunks_rejected += 1;
                 on_event(SendEvent::Rejected { index });
@@ -451,10 +464,12 @@ impl<'a> Pipeline<'a> {
 
     fn ack(&mut self, ranges: &[IndexRange], stats: &mut SendStats) -> Result<(), TransferError> {
         self.check_ranges(ranges, "Ack")?;
+        let now = std::time::Instant::now();
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 let len = self.chunk_len(index);
                 self.in_flight_bytes -= len;
+                self.window.acked(index, len, now);
                 self.opts.meter.file_durable(len);
                 stats.chunks_acked += 1;
             }
@@ -482,7 +497,7 @@ impl<'a> Pipeline<'a> {
             };
             let len = self.chunk_len(index);
             let committed = self.in_flight_bytes + self.reading_bytes;
-            if committed > 0 && committed + len > self.opts.window {
+            if committed > 0 && committed + len > self.window.bytes() {
                 return;
             }
             self.pop_pending();
@@ -521,6 +536,7 @@ impl<'a> Pipeline<'a> {
         self.reading_bytes -= len;
         if self.in_flight.insert(chunk.index) {
             self.in_flight_bytes += len;
+            self.window.sent(chunk.index, std::time::Instant::now());
         }
         Ok(chunk)
     }

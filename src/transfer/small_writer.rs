@@ -20,9 +20,10 @@ use tokio::sync::mpsc;
 use super::TransferError;
 use crate::chunk::mtime_of;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
-use crate::path::RemotePath;
+use crate::path::{open_parent_dir, rename_into_opened, RemotePath, Replace};
 use crate::server::ReceiverStats;
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
+use crate::wire::ErrorCode;
 
 /// Files per batch.
 pub(crate) const BATCH_FILES: usize = 256;
@@ -76,13 +77,21 @@ impl SmallWriter {
         mut files: mpsc::Receiver<SmallFile>,
         events: mpsc::UnboundedSender<Result<BatchOutcome, TransferError>>,
     ) {
-        let (written_tx, written_rx) = std::sync::mpsc::sync_channel::<Result<Written, TransferError>>(1);
+        let (written_tx, written_rx) = std::sync::mpsc::sync_channel::<Result<Written, TransferError>>(WRITTEN_AHEAD);
         std::thread::scope(|scope| {
-            let settler = scope.spawn(|| {
-                for written in written_rx {
-                    let outcome = written.and_then(|written| self.settle_batch(written));
-                    let failed = outcome.is_err();
-                    if events.send(outcome).is_err() || failed {
+            let (this, events) = (&self, &events);
+            let settler = scope.spawn(move || {
+                while let Ok(written) = written_rx.recv() {
+                    let (group, failure) = group_commit(written, &written_rx);
+                    let outcome = group.and_then(|written| this.settle_batch(written));
+                    let failed = outcome.is_err() || failure.is_some();
+                    if events.send(outcome).is_err() {
+                        return;
+                    }
+                    if let Some(e) = failure {
+                        let _ = events.send(Err(e));
+                    }
+                    if failed {
                         return;
                     }
                 }
@@ -140,19 +149,16 @@ impl SmallWriter {
             return Ok(outcome);
         }
         sync_filesystem(&self.partial_dir, files.iter().map(|(_, _, temp, _)| temp.as_path()))?;
-        // Each destination directory as the rename's walk opened it, synced through that descriptor.
-        let mut dirs = BTreeMap::new();
+        let partial_dir = File::open(&self.partial_dir).map_err(TransferError::Storage)?;
+        // Each destination directory walked once per batch (no-follow descriptor walk), renamed into through that
+        // descriptor and synced through it after the renames.
+        let mut dirs: BTreeMap<String, File> = BTreeMap::new();
         let mut placed = Vec::with_capacity(files.len());
         for (file, len, temp, meta) in files {
-            let placement = self.place(&file, &temp, &meta);
-            temps.forget(&temp);
-            match placement {
-                Ok((target, dir)) => {
-                    if let Some(parent) = target.parent() {
-                        dirs.entry(parent.to_path_buf()).or_insert(dir);
-                    }
-                    placed.push((file, len, meta));
-                }
+            // On an early return, the temporaries not placed yet are removed (those renamed are gone from their
+            // unique names, so removing those names does nothing).
+            match self.place(&file, &temp, &meta, &partial_dir, &mut dirs) {
+                Ok(()) => placed.push((file, len, meta)),
                 Err(Placement::Refused(why)) => {
                     let _ = std::fs::remove_file(&temp);
                     outcome.refused.push((file.index, why));
@@ -163,6 +169,7 @@ impl SmallWriter {
                 }
             }
         }
+        temps.0.clear();
         for dir in dirs.values() {
             dir.sync_all().map_err(TransferError::Storage)?;
         }
@@ -218,15 +225,55 @@ impl SmallWriter {
         Ok((temp, meta))
     }
 
-    /// Renames `temp` over the file's destination, through directory descriptors on both sides (no symlink is
-    /// followed, even one swapped in meanwhile), checking that the name renamed is the temporary written (`meta`).
-    fn place(&self, file: &SmallFile, temp: &Path, meta: &std::fs::Metadata) -> Result<(PathBuf, File), Placement> {
-        super::commit::rename_verified(&self.root, &file.key, temp, meta).map_err(|e| match e {
-            // An I/O error on the rename (a full disk, EIO) fails the batch as before; rename_verified names the
-            // destination in it (StorageAt) since the receiver learnt to say which path it cannot write.
-            TransferError::Storage(source) | TransferError::StorageAt { source, .. } => Placement::Failed(source),
-            refused => Placement::Refused(refused.to_string()),
-        })
+    /// Renames `temp` (in `partial_dir`) over the file's destination, through directory descriptors on both sides
+    /// (no symlink is followed, even one swapped in meanwhile), checking before and after the rename that the name
+    /// holds the temporary written (`meta`), as a single file's commit does (`storage::local::rename_verified`). The
+    /// destination's directory is walked once per batch and kept in `dirs`.
+    fn place(
+        &self,
+        file: &SmallFile,
+        temp: &Path,
+        meta: &std::fs::Metadata,
+        partial_dir: &File,
+        dirs: &mut BTreeMap<String, File>,
+    ) -> Result<(), Placement> {
+        use std::os::unix::fs::MetadataExt;
+        let refused = |e: crate::path::PathError| match e {
+            // An I/O error on the walk or the rename (a full disk, EIO) fails the batch.
+            crate::path::PathError::Io { source, .. } => Placement::Failed(source),
+            refused => Placement::Refused(TransferError::refused(ErrorCode::BadPath, refused).to_string()),
+        };
+        let swapped = || {
+            Placement::Refused(format!(
+                "the temporary file of {} was replaced after it was verified",
+                file.key
+            ))
+        };
+        let verified = Some((meta.dev(), meta.ino()));
+        let name = temp.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if !crate::storage::local::inode_at(partial_dir, name).is_ok_and(|found| found == verified) {
+            return Err(swapped());
+        }
+        let key = file.key.as_str();
+        let parent = key.rsplit_once('/').map_or("", |(parent, _)| parent);
+        let dir = match dirs.entry(parent.to_string()) {
+            std::collections::btree_map::Entry::Occupied(dir) => dir.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(open_parent_dir(&self.root, &file.key).map_err(refused)?)
+            }
+        };
+        rename_into_opened(&self.root, &file.key, dir, partial_dir, name, Replace::File).map_err(refused)?;
+        let final_name = file.key.components().last().expect("a RemotePath has a component");
+        if !crate::storage::local::inode_at(dir, final_name).is_ok_and(|found| found == verified) {
+            // Swapped in the instant between the check and the rename: take the stranger's file away again.
+            if let Ok(c_name) = std::ffi::CString::new(final_name) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: the name is NUL-terminated and the descriptor is open.
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c_name.as_ptr(), 0) };
+            }
+            return Err(swapped());
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +283,40 @@ struct Written {
     outcome: BatchOutcome,
     files: Vec<(SmallFile, u64, PathBuf, std::fs::Metadata)>,
     temps: Temps,
+}
+
+impl Written {
+    /// Adds a later batch to this one, to be synced, renamed and recorded together.
+    fn absorb(&mut self, other: Written) {
+        let Written { outcome, files, temps } = other;
+        self.outcome.committed.extend(outcome.committed);
+        self.outcome.refused.extend(outcome.refused);
+        self.outcome.rejected.extend(outcome.rejected);
+        self.files.extend(files);
+        self.temps.absorb(temps);
+    }
+}
+
+/// Batches written while the settling thread was busy, at most: they share its next sync.
+const WRITTEN_AHEAD: usize = 8;
+
+/// Group commit: `first` and every batch already written behind it, merged, so that one `syncfs`, one store flush
+/// and one walk per directory serve them all (the slower the disk, the larger the group). A write failure that
+/// came after the merged batches is returned beside them, to report once they are settled.
+fn group_commit(
+    first: Result<Written, TransferError>,
+    written: &std::sync::mpsc::Receiver<Result<Written, TransferError>>,
+) -> (Result<Written, TransferError>, Option<TransferError>) {
+    let Ok(mut group) = first else {
+        return (first, None);
+    };
+    while let Ok(next) = written.try_recv() {
+        match next {
+            Ok(more) => group.absorb(more),
+            Err(e) => return (Ok(group), Some(e)),
+        }
+    }
+    (Ok(group), None)
 }
 
 /// Up to [`BATCH_FILES`] files or [`BATCH_BYTES`] bytes: `first` and whatever else is already queued.
@@ -258,8 +339,8 @@ fn next_batch(first: SmallFile, files: &mut mpsc::Receiver<SmallFile>) -> Vec<Sm
 struct Temps(Vec<PathBuf>);
 
 impl Temps {
-    fn forget(&mut self, temp: &Path) {
-        self.0.retain(|t| t != temp);
+    fn absorb(&mut self, mut other: Temps) {
+        self.0.append(&mut other.0);
     }
 }
 

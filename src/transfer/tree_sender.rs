@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::sender::{send, SendEvent, SendOptions, SendStats, Source};
+use super::window::Window;
 use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Manifest;
@@ -30,6 +31,10 @@ use crate::MAX_INLINE_FILE;
 const MAX_RESENDS: u32 = 64;
 /// Small files read ahead of the socket.
 const READ_AHEAD: usize = 16;
+/// Where the window of small files starts unless the user set one: the receiver acknowledges them a batch at a
+/// time, after the batch's sync, so a window of about one batch would keep its disk idle while this side waits
+/// for the Ack; a few batches keep the next ones coming meanwhile.
+const TREE_WINDOW: u64 = 64 * 1024 * 1024;
 
 /// How a tree send ended.
 #[derive(Debug, Clone, Default)]
@@ -322,6 +327,8 @@ struct SmallFiles<'a> {
     opts: &'a SendOptions,
     in_flight: HashMap<u32, u64>,
     in_flight_bytes: u64,
+    /// How many bytes may be in flight.
+    window: Window,
     resend: VecDeque<u32>,
     resends: u32,
     changed: Vec<u32>,
@@ -335,6 +342,11 @@ impl<'a> SmallFiles<'a> {
             opts,
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
+            window: if opts.size_window {
+                Window::sized(opts.window.max(TREE_WINDOW))
+            } else {
+                Window::fixed(opts.window)
+            },
             resend: VecDeque::new(),
             resends: 0,
             changed: Vec::new(),
@@ -354,7 +366,7 @@ impl<'a> SmallFiles<'a> {
             if reader_done && self.in_flight.is_empty() && self.resend.is_empty() {
                 break;
             }
-            let room = self.in_flight.is_empty() || self.in_flight_bytes < self.opts.window;
+            let room = self.in_flight.is_empty() || self.in_flight_bytes < self.window.bytes();
             if room {
                 if let Some(index) = self.resend.pop_front() {
                     let read = read_small(self.tree, index);
@@ -392,6 +404,7 @@ impl<'a> SmallFiles<'a> {
                 stats.bytes_sent += len;
                 self.in_flight.insert(index, len);
                 self.in_flight_bytes += len;
+                self.window.sent(index, std::time::Instant::now());
             }
             Read::Changed(index) => self.changed.push(index),
             Read::Failed(index, why, damaged) => self.failed.push((index, why, damaged)),
@@ -423,9 +436,11 @@ impl<'a> SmallFiles<'a> {
             Message::TreeAck(ack) => {
                 self.check_ranges(&ack.entries, "TreeAck")?;
                 self.check_ranges(&ack.refused, "TreeAck")?;
+                let now = std::time::Instant::now();
                 for index in ack.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
+                        self.window.acked(index, len, now);
                         self.opts.meter.durable(len);
                         stats.files_acked += 1;
                     }
@@ -433,6 +448,7 @@ impl<'a> SmallFiles<'a> {
                 for index in ack.refused.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
+                        self.window.forget(index);
                         self.failed
                             .push((index, "refused by the receiver (something is in the way)".into(), false));
                     }
@@ -445,6 +461,7 @@ impl<'a> SmallFiles<'a> {
                 for index in need.entries.iter().flat_map(IndexRange::indices) {
                     if let Some(len) = self.in_flight.remove(&index) {
                         self.in_flight_bytes -= len;
+                        self.window.forget(index);
                         self.resend.push_back(index);
                         self.resends += 1;
                     }

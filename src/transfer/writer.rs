@@ -17,8 +17,8 @@ use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::storage::Partial;
-use crate::store::{Progress, ReceiverStore};
-use crate::verify::{self, DigestFollower, VerifyError};
+use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
+use crate::verify::{self, DigestFollower, PrefixDigest, StackedPrefix, VerifyError};
 use crate::wire::Chunk;
 
 /// When the queue runs dry, a batch at least this large is synced at once...
@@ -89,6 +89,8 @@ pub(crate) struct ChunkWriter {
     durable_bytes: u64,
     /// When the partial was last synced.
     last_sync: Option<Instant>,
+    /// The manifest's id, once computed (it binds the recorded digest state).
+    manifest_id: Option<Hash>,
     /// Syncs of the partial so far.
     pub(crate) syncs: u64,
 }
@@ -126,6 +128,7 @@ impl ChunkWriter {
             silent: Vec::new(),
             durable_bytes: 0,
             last_sync: None,
+            manifest_id: None,
             syncs: 0,
         }
         .recounted()
@@ -142,20 +145,63 @@ impl ChunkWriter {
         self
     }
 
-    /// Records the progress (bitmap and counters) in the store and flushes.
+    /// Records the progress (bitmap and counters) in the store and flushes; any digest state recorded for the
+    /// partial is dropped.
     pub(crate) fn save_progress(&mut self) -> Result<(), TransferError> {
+        self.save_progress_with(None)
+    }
+
+    /// Records the progress with `hashed`, the follower's digest state taken before the sync that made the bytes
+    /// it covers durable, bound to the manifest and to the partial file as it is now (`None`: dropped).
+    fn save_progress_with(&mut self, hashed: Option<StackedPrefix>) -> Result<(), TransferError> {
         self.progress.received = self.received.to_bytes();
+        let record = match (hashed, self.file.change_stamp()) {
+            (Some(hashed), Ok(meta)) if hashed.len > 0 => Some(PrefixRecord {
+                manifest_id: self.manifest_id(),
+                partial: FileStamp::of(&meta),
+                len: hashed.len,
+                stack: hashed.stack,
+            }),
+            _ => None,
+        };
         self.store
-            .save_progress(&self.key, &self.progress, self.durable_bytes)?;
+            .save_progress_with(&self.key, &self.progress, self.durable_bytes, record.as_ref())?;
         Ok(())
     }
 
-    /// Starts a new digest follower over the chunks received so far (dropping any earlier one).
+    /// The manifest's id (computed once).
+    fn manifest_id(&mut self) -> Hash {
+        *self.manifest_id.get_or_insert_with(|| self.manifest.id())
+    }
+
+    /// The digest state recorded for this partial, if it still describes it: the same manifest, the file unchanged
+    /// since (same inode, size, times), and no further than the chunks known durable from offset 0.
+    fn recorded_prefix(&mut self) -> Option<PrefixDigest> {
+        let record = self.store.digest_prefix(&self.key).ok().flatten()?;
+        let now = FileStamp::of(&self.file.change_stamp().ok()?);
+        let bound = record.manifest_id == self.manifest_id()
+            && record.partial.unchanged_at(&now)
+            && record.len <= self.final_bytes();
+        if !bound {
+            tracing::info!(path = %self.key, "the recorded digest state no longer describes the partial; reading it again");
+            return None;
+        }
+        tracing::info!(path = %self.key, bytes = record.len, "the durable prefix is not read again");
+        PrefixDigest::resume(StackedPrefix {
+            len: record.len,
+            stack: record.stack,
+        })
+    }
+
+    /// Starts a new digest follower over the chunks received so far (dropping any earlier one), from the digest
+    /// state recorded for the durable prefix if it still holds.
     pub(crate) fn following(mut self) -> Self {
         self.written = self.received.clone();
         self.contiguous = 0;
         self.advance_contiguous();
-        let follower = DigestFollower::start(self.file.clone(), self.final_bytes());
+        self.follower = None;
+        let seed = self.recorded_prefix().unwrap_or_default();
+        let follower = DigestFollower::start_from(self.file.clone(), self.final_bytes(), seed);
         // Without a follower the commit reads the whole file; slower, never wrong.
         self.follower = follower
             .inspect_err(
@@ -212,8 +258,37 @@ impl ChunkWriter {
                 return self;
             }
         }
-        self.make_durable(&events);
+        if self.make_durable(&events) {
+            self.settle_prefix();
+        }
         self
+    }
+
+    /// The session ended with chunks still missing (a resume will follow): lets the follower catch up with the
+    /// durable prefix (bounded) and records its state once more, stamped after the clock moved past the file's
+    /// last change (see `FileStamp::settled`), so that the resume can trust it and reads none of that prefix.
+    /// One short wait per interrupted session.
+    fn settle_prefix(&mut self) {
+        const PATIENCE: Duration = Duration::from_secs(2);
+        if self.received.is_complete() {
+            return;
+        }
+        let Some(follower) = &self.follower else {
+            return;
+        };
+        let durable = self.final_bytes();
+        let started = Instant::now();
+        let mut hashed = follower.hashed();
+        while hashed.as_ref().map_or(0, |h| h.len) + blake3::CHUNK_LEN as u64 * 2 < durable
+            && started.elapsed() < PATIENCE
+        {
+            std::thread::sleep(Duration::from_millis(2));
+            hashed = follower.hashed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = self.save_progress_with(hashed) {
+            tracing::warn!(path = %self.key, error = %e, "could not record the digest state again");
+        }
     }
 
     /// The queue ran dry: syncs the batch now if that is due, else waits for more chunks until it is; then waits
@@ -232,7 +307,9 @@ impl ChunkWriter {
                     Ok(queued) => return Some(queued),
                     Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
                     Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.make_durable(events);
+                        if self.make_durable(events) {
+                            self.settle_prefix();
+                        }
                         return None;
                     }
                 }
@@ -241,7 +318,11 @@ impl ChunkWriter {
         if !self.make_durable(events) {
             return None;
         }
-        chunks.blocking_recv()
+        let next = chunks.blocking_recv();
+        if next.is_none() {
+            self.settle_prefix();
+        }
+        next
     }
 
     /// Verifies and writes one chunk; false if storage failed.
@@ -352,6 +433,8 @@ impl ChunkWriter {
         if self.batch.is_empty() && self.silent.is_empty() {
             return Ok(Vec::new());
         }
+        // Taken before the sync: it covers only bytes written before it, so durable after it.
+        let hashed = self.follower.as_ref().and_then(DigestFollower::hashed);
         self.file.sync_data().map_err(TransferError::Storage)?;
         self.last_sync = Some(Instant::now());
         self.syncs += 1;
@@ -366,7 +449,7 @@ impl ChunkWriter {
         // (duplicates, rejected chunks and repeats filled from a first copy are not counted), so received + reused
         // is the file size for a fresh transfer.
         self.progress.received_bytes += self.batch_received - self.batch_repeated;
-        self.save_progress()?;
+        self.save_progress_with(hashed)?;
         self.stats
             .chunks_durable
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);

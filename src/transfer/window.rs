@@ -1,0 +1,225 @@
+//! The sender's byte window (proto-spec.md §6, "Flow control"): how many chunk bytes may be sent and not yet
+//! acknowledged. A window the user set stays as set. The default one starts at [`crate::DEFAULT_WINDOW`] and grows
+//! to twice the measured bandwidth-delay product, up to [`AUTO_WINDOW_CAP`], so that one stream on a long round
+//! trip is not window-bound (16 MiB per 40 ms round trip is 400 MiB/s at best, and an Ack also waits for the
+//! receiver's sync).
+//!
+//! The product is measured, not assumed: the delay is the shortest time seen from a chunk going out to its Ack
+//! (a round trip plus the receiver's write and sync, without queueing), the bandwidth the best rate at which Acks
+//! arrived over one such delay. While the window is the limit, each round's rate is about window ÷ delay, so the
+//! target (2 × rate × shortest delay) doubles the window per round until the link or the receiver is the limit;
+//! then queueing stretches the delay the rate is measured over, the rate stops growing, and so does the window.
+//! It never shrinks within a transfer: a larger window than needed costs nothing on this side (no data is kept
+//! for chunks in flight) and the receiver bounds its own memory by reading the socket only as its budget allows.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The most the window grows to by itself: in flight, these bytes sit in socket buffers and the receiver's queue
+/// (both bounded by their owners), and are what a dropped connection may cost in re-sends.
+pub const AUTO_WINDOW_CAP: u64 = 256 * 1024 * 1024;
+
+/// Chunks whose send time is remembered at most (the shortest-delay sample needs only some of them).
+const TRACKED: usize = 1 << 16;
+
+/// The window of one sender, fixed or sized from what it measures.
+#[derive(Debug)]
+pub(crate) struct Window {
+    /// The window now.
+    bytes: u64,
+    /// Measuring and growing (the user did not set a window).
+    auto: bool,
+    /// When each chunk in flight went out, by index.
+    sent_at: HashMap<u32, Instant>,
+    /// The shortest send-to-Ack delay seen.
+    min_delay: Option<Duration>,
+    /// The current rate sample: when it started and the bytes acknowledged since.
+    sample: Option<(Instant, u64)>,
+    /// The best rate seen, in bytes per second.
+    best_rate: f64,
+}
+
+impl Window {
+    /// A window of `bytes` that stays as it is.
+    pub(crate) fn fixed(bytes: u64) -> Self {
+        Window {
+            bytes,
+            auto: false,
+            sent_at: HashMap::new(),
+            min_delay: None,
+            sample: None,
+            best_rate: 0.0,
+        }
+    }
+
+    /// A window starting at `bytes` that grows to twice the measured bandwidth-delay product, up to
+    /// [`AUTO_WINDOW_CAP`] (or `bytes`, if that is larger).
+    pub(crate) fn sized(bytes: u64) -> Self {
+        Window {
+            auto: true,
+            ..Window::fixed(bytes)
+        }
+    }
+
+    /// The bytes that may be in flight now.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Chunk `index` went out at `now`.
+    pub(crate) fn sent(&mut self, index: u32, now: Instant) {
+        if self.auto && self.sent_at.len() < TRACKED {
+            self.sent_at.insert(index, now);
+        }
+    }
+
+    /// Chunk `index` left the window without an Ack (rejected, to be sent again): no delay sample.
+    pub(crate) fn forget(&mut self, index: u32) {
+        self.sent_at.remove(&index);
+    }
+
+    /// Chunk `index` of `len` bytes was acknowledged at `now`.
+    pub(crate) fn acked(&mut self, index: u32, len: u64, now: Instant) {
+        if !self.auto {
+            return;
+        }
+        if let Some(sent) = self.sent_at.remove(&index) {
+            let delay = now.saturating_duration_since(sent);
+            if self.min_delay.is_none_or(|d| delay < d) {
+                self.min_delay = Some(delay);
+            }
+        }
+        let Some(min_delay) = self.min_delay else {
+            return;
+        };
+        let (start, bytes) = self.sample.get_or_insert((now, 0));
+        *bytes += len;
+        let elapsed = now.saturating_duration_since(*start);
+        // A rate over less than one delay would count a burst of Acks as bandwidth.
+        if elapsed < min_delay || elapsed.is_zero() {
+            return;
+        }
+        let rate = *bytes as f64 / elapsed.as_secs_f64();
+        self.sample = Some((now, 0));
+        if rate > self.best_rate {
+            self.best_rate = rate;
+            self.grow(min_delay);
+        }
+    }
+
+    /// Sets the window to twice the bandwidth-delay product if that is larger, within the cap.
+    fn grow(&mut self, min_delay: Duration) {
+        let product = self.best_rate * min_delay.as_secs_f64();
+        let target = (2.0 * product).min(AUTO_WINDOW_CAP as f64) as u64;
+        if target > self.bytes {
+            tracing::debug!(
+                window = target,
+                rate = self.best_rate as u64,
+                delay_us = min_delay.as_micros() as u64,
+                "window grows to twice the bandwidth-delay product"
+            );
+            self.bytes = target;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// A sender on a simulated link of `rate` bytes/s and `delay` from send to Ack, sending `chunk`-byte chunks as
+    /// the window allows for `duration`; returns the window at the end and the bytes acknowledged.
+    fn simulate(mut window: Window, rate: f64, delay: Duration, chunk: u64, duration: Duration) -> (u64, u64) {
+        let start = Instant::now();
+        let per_chunk = Duration::from_secs_f64(chunk as f64 / rate);
+        let mut in_flight: std::collections::VecDeque<(u32, Instant)> = Default::default();
+        let (mut now, mut next, mut link_free, mut acked) = (start, 0u32, start, 0u64);
+        while now < start + duration {
+            // Send while the window allows: each chunk leaves the link one serialisation time after the last.
+            while (in_flight.len() as u64 + 1) * chunk <= window.bytes() {
+                window.sent(next, now);
+                link_free = link_free.max(now) + per_chunk;
+                in_flight.push_back((next, link_free + delay));
+                next += 1;
+            }
+            // Then wait for the oldest Ack.
+            let (index, at) = in_flight.pop_front().expect("a window holds at least one chunk");
+            now = now.max(at);
+            window.acked(index, chunk, now);
+            acked += chunk;
+        }
+        (window.bytes(), acked)
+    }
+
+    #[test]
+    fn a_fixed_window_never_moves() {
+        let (bytes, _) = simulate(
+            Window::fixed(16 * MIB),
+            500.0 * MIB as f64,
+            Duration::from_millis(60),
+            MIB,
+            Duration::from_secs(2),
+        );
+        assert_eq!(bytes, 16 * MIB);
+    }
+
+    /// 500 MiB/s with 60 ms from send to Ack: the product is 30 MiB, more than the default window. The window grows
+    /// past the product (so the link, not the window, is the limit) and no further than twice it (plus one round's
+    /// measuring slack), and the throughput of the last second is near the link's.
+    #[test]
+    fn a_long_round_trip_grows_the_window_to_cover_the_bandwidth_delay_product() {
+        let (rate, delay) = (500.0 * MIB as f64, Duration::from_millis(60));
+        let product = (rate * delay.as_secs_f64()) as u64;
+        let (bytes, _) = simulate(Window::sized(16 * MIB), rate, delay, MIB, Duration::from_secs(2));
+        assert!(bytes >= product + MIB, "window {bytes} below the product {product}");
+        assert!(
+            bytes <= 2 * product + 4 * MIB,
+            "window {bytes} above twice the product {product}"
+        );
+        let fixed = simulate(Window::fixed(16 * MIB), rate, delay, MIB, Duration::from_secs(2)).1;
+        let sized = simulate(Window::sized(16 * MIB), rate, delay, MIB, Duration::from_secs(2)).1;
+        assert!(sized as f64 > 1.5 * fixed as f64, "sized moved {sized}, fixed {fixed}");
+    }
+
+    /// A short round trip needs no more than the default window: it stays where it started.
+    #[test]
+    fn a_short_round_trip_keeps_the_default_window() {
+        let (bytes, _) = simulate(
+            Window::sized(16 * MIB),
+            500.0 * MIB as f64,
+            Duration::from_millis(2),
+            MIB,
+            Duration::from_secs(1),
+        );
+        assert_eq!(bytes, 16 * MIB);
+    }
+
+    /// A huge product (10 GiB/s over 1 s) stops at the cap.
+    #[test]
+    fn the_window_never_grows_past_the_cap() {
+        let (bytes, _) = simulate(
+            Window::sized(16 * MIB),
+            10240.0 * MIB as f64,
+            Duration::from_secs(1),
+            4 * MIB,
+            Duration::from_secs(20),
+        );
+        assert_eq!(bytes, AUTO_WINDOW_CAP);
+    }
+
+    /// A rejected chunk's send time is forgotten: its later Ack (after a resend) gives no delay sample of its own.
+    #[test]
+    fn a_rejected_chunk_gives_no_delay_sample() {
+        let mut window = Window::sized(MIB);
+        let start = Instant::now();
+        window.sent(0, start);
+        window.forget(0);
+        window.acked(0, MIB, start + Duration::from_secs(5));
+        assert_eq!(window.min_delay, None);
+        window.sent(1, start);
+        window.acked(1, MIB, start + Duration::from_millis(10));
+        assert_eq!(window.min_delay, Some(Duration::from_millis(10)));
+    }
+}
