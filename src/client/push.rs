@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
+use super::{blocking, classify, connect, connect_welcomed, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
-use crate::source::{manifest_for, MAX_SOURCE_CHANGES};
+use crate::source::{cache_streamed_manifest, cached_manifest_for, manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::stream_send::{send_streamed, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
 use crate::wire::Committed;
@@ -53,6 +54,18 @@ impl PushOptions {
     /// A greeted connection to the destination's server.
     pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
         connect(
+            &self.destination,
+            self.connect_timeout,
+            self.send.io_timeout,
+            &self.access,
+            self.bandwidth.as_ref(),
+        )
+        .await
+    }
+
+    /// Like [`PushOptions::connect`], with the server's Welcome (its version says whether it takes streamed offers).
+    async fn connect_welcomed(&self) -> Result<(super::ClientConnection, crate::wire::Welcome), TransferError> {
+        connect_welcomed(
             &self.destination,
             self.connect_timeout,
             self.send.io_timeout,
@@ -115,6 +128,20 @@ pub async fn push(
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let mut run = Run::default();
+    if opts.streams <= 1 {
+        let first = Streamed {
+            opts: &opts,
+            store: &store,
+            file: &file,
+            canonical: &canonical,
+            remote_path: &remote_path,
+            destination: &destination,
+        };
+        if let Some(report) = first.push(&mut retrier, &mut run, started, on_event).await? {
+            return Ok(report);
+        }
+    }
     let (manifest, manifest_cached) = retrier
         .bounded(
             load_manifest(&store, &file, &canonical, opts.chunking, false),
@@ -132,7 +159,6 @@ pub async fn push(
         file,
         manifest: Arc::new(manifest),
     };
-    let mut run = Run::default();
     let outcome = loop {
         let number = retrier.start();
         let acked_before = run.stats.chunks_acked;
@@ -270,4 +296,120 @@ pub(super) async fn start_record(
         Ok(record)
     })
     .await
+}
+
+/// The first attempt of a push whose manifest is not cached, offered streamed (proto-spec.md §4, "Streamed
+/// offer") to a server that speaks protocol version 6: the file is read once, and its chunks travel while the rest
+/// is still being hashed. Any failure leaves what the server made durable in its record; the run then goes on with
+/// whole offers (the manifest built, or taken from the cache this attempt filled), which resume from it.
+struct Streamed<'a> {
+    opts: &'a PushOptions,
+    store: &'a SenderStore,
+    file: &'a Arc<File>,
+    canonical: &'a Path,
+    remote_path: &'a RemotePath,
+    destination: &'a FerryUrl,
+}
+
+impl Streamed<'_> {
+    /// The report if the streamed attempt committed the file; `None` to go on with whole offers.
+    async fn push(
+        &self,
+        retrier: &mut Retrier,
+        run: &mut Run,
+        started: Instant,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<Option<PushReport>, ClientError> {
+        let opts = self.opts;
+        let cached = {
+            let (store, file, canonical, spec) = (
+                self.store.clone(),
+                self.file.clone(),
+                self.canonical.to_path_buf(),
+                opts.chunking,
+            );
+            blocking(move || Ok(cached_manifest_for(&store, &file, &canonical, spec)?)).await?
+        };
+        if cached.is_some() {
+            return Ok(None);
+        }
+        let source = StreamSource::of(self.file.clone(), opts.chunking)
+            .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
+        let number = retrier.start();
+        let (mut conn, welcome) = match opts.connect_welcomed().await {
+            Ok(greeted) => greeted,
+            Err(e) => return self.after_failure(e, retrier, run, on_event).await.map(|()| None),
+        };
+        if welcome.version < crate::STREAMED_OFFER_VERSION {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+            return Ok(None);
+        }
+        opts.send.meter.expect(source.size);
+        opts.send.meter.attempt();
+        on_event(ClientEvent::Connected { attempt: number });
+        let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+        let path = self.remote_path.as_str();
+        let sent = send_streamed(&mut conn, path, &source, &opts.send, &mut run.stats, &mut forward).await;
+        let (committed, manifest) = match sent {
+            Ok(done) => done,
+            Err(e) => {
+                tell_peer(&mut conn, &e).await;
+                return self.after_failure(e, retrier, run, on_event).await.map(|()| None);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+        on_event(ClientEvent::Manifest {
+            chunks: manifest.chunk_count(),
+            size: manifest.size,
+            cached: false,
+        });
+        let manifest = Arc::new(manifest);
+        let (store, file, canonical, spec, cached) = (
+            self.store.clone(),
+            self.file.clone(),
+            self.canonical.to_path_buf(),
+            opts.chunking,
+            manifest.clone(),
+        );
+        blocking(move || Ok(cache_streamed_manifest(&store, &file, &canonical, spec, &cached)?)).await?;
+        let mut record = start_record(self.store, self.canonical, self.destination, manifest.size).await?;
+        record.bytes_sent += run.stats.bytes_sent;
+        record.state = PushState::Done;
+        let save = self.store.clone();
+        blocking(move || Ok(save.save_push(&record)?)).await?;
+        Ok(Some(PushReport {
+            source: self.canonical.display().to_string(),
+            destination: self.destination.to_string(),
+            size: manifest.size,
+            digest: manifest.digest,
+            chunks: manifest.chunk_count(),
+            sent: std::mem::take(&mut run.stats),
+            attempts: retrier.attempts,
+            manifest_cached: false,
+            source_changes: run.source_changes,
+            committed,
+            duration: started.elapsed(),
+        }))
+    }
+
+    /// A failed streamed attempt: a changed source is counted (the whole offer that follows reads it again), a
+    /// retryable failure waits its turn like any attempt; anything else ends the run.
+    async fn after_failure(
+        &self,
+        error: TransferError,
+        retrier: &mut Retrier,
+        run: &mut Run,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(), ClientError> {
+        if let TransferError::SourceChanged(reason) = &error {
+            run.source_changes += 1;
+            on_event(ClientEvent::SourceChanged { reason: reason.clone() });
+            return Ok(());
+        }
+        if !error.is_retryable() {
+            return Err(classify(error));
+        }
+        let progressed = run.stats.chunks_acked > 0;
+        retrier.wait_to_retry(error, progressed, on_event).await
+    }
 }

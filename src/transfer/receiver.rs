@@ -34,9 +34,9 @@ use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRe
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
-const MAX_COMMIT_ROUNDS: u32 = 8;
+pub(super) const MAX_COMMIT_ROUNDS: u32 = 8;
 /// Chunks queued between the socket and the disk writer.
-const WRITE_QUEUE: usize = 4;
+pub(super) const WRITE_QUEUE: usize = 4;
 
 /// Everything a receiver needs, shared by all sessions of a server.
 #[derive(Clone)]
@@ -248,7 +248,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 /// Runs one round of chunk reception: opens the transfer to joining streams, sends the Need, and takes chunks
 /// until Commit (Ok) or a failure. Always drains the writer first, so what was verified is durable before this
 /// returns, whatever the outcome.
-async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut writer: ChunkWriter,
@@ -302,7 +302,7 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What the reception loop does after one step.
-enum Flow {
+pub(super) enum Flow {
     /// Keep receiving.
     Continue,
     /// Stop taking chunks (Commit arrived, or the writer stopped); drain the writer.
@@ -310,7 +310,7 @@ enum Flow {
 }
 
 /// Tells the sender what the writer did: Ack for durable chunks, Need for rejected ones.
-async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     event: WriterEvent,
@@ -420,7 +420,7 @@ async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Commits on a blocking thread while pinging the sender, since verifying a large file can take a while.
-async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     writer: ChunkWriter,
@@ -435,7 +435,7 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, TransferError> {
     tokio::task::spawn_blocking(f)
@@ -450,19 +450,7 @@ pub(super) fn prepare(
     manifest: Arc<Manifest>,
 ) -> Result<Plan, TransferError> {
     let key = path.as_str();
-    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| match e {
-        // A parent that cannot be created: as final as a directory that cannot be written (below).
-        crate::path::PathError::Io { source, .. } if super::is_permission_error(&source) => {
-            super::unwritable(path.as_str(), source)
-        }
-        refused => TransferError::refused(ErrorCode::BadPath, refused),
-    })?;
-    // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
-    // after the whole upload (proto-spec.md §9, StorageIo).
-    crate::path::check_writable(&ctx.root, path).map_err(|e| match e {
-        crate::path::PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
-        refused => TransferError::refused(ErrorCode::BadPath, refused),
-    })?;
+    let target = destination(ctx, path)?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
@@ -531,6 +519,24 @@ pub(super) fn prepare(
     })))
 }
 
+/// Resolves `path` inside the root (creating its parents) and checks that the receiver may write there.
+pub(super) fn destination(ctx: &ReceiverContext, path: &RemotePath) -> Result<PathBuf, TransferError> {
+    let target = resolve_in_root(&ctx.root, path, true).map_err(|e| match e {
+        // A parent that cannot be created: as final as a directory that cannot be written (below).
+        crate::path::PathError::Io { source, .. } if super::is_permission_error(&source) => {
+            super::unwritable(path.as_str(), source)
+        }
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
+    // Before a byte is sent: a destination directory this server may not write would fail only at the commit,
+    // after the whole upload (proto-spec.md §9, StorageIo).
+    crate::path::check_writable(&ctx.root, path).map_err(|e| match e {
+        crate::path::PathError::Io { source, .. } => super::unwritable(path.as_str(), source),
+        refused => TransferError::refused(ErrorCode::BadPath, refused),
+    })?;
+    Ok(target)
+}
+
 /// The partial file's name for the destination `key` (proto-spec.md §8): `.ferry-` + the first 32 hex digits (16
 /// bytes) of BLAKE3 over the key's UTF-8 bytes + `.part`.
 pub(crate) fn partial_file_name(key: &str) -> String {
@@ -539,7 +545,7 @@ pub(crate) fn partial_file_name(key: &str) -> String {
 
 /// The length of the partial file already at `partial`, if it is a regular file of this process's user; anything
 /// else there (a symlink, a stranger's file) is removed, so the partial is then created afresh and exclusively.
-fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
+pub(super) fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::symlink_metadata(partial) else {
         return Ok(None);
@@ -562,7 +568,7 @@ fn existing_partial(partial: &Path) -> Result<Option<u64>, TransferError> {
 /// preallocation: chunks extend the file as they land, so a size limit or a full disk shows up as a write error
 /// after the chunks that fit are durable (kept for a resume), not up front. A longer partial from an older offer
 /// is cut to `size`. An error opening it names `key`, the destination.
-fn open_partial(key: &str, partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
+pub(super) fn open_partial(key: &str, partial: &Path, size: u64, exists: bool) -> Result<std::fs::File, TransferError> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).custom_flags(libc::O_NOFOLLOW);
     if exists {

@@ -13,7 +13,7 @@ pub use budget::FrameBudget;
 pub use codec::CodecError;
 pub use conn::{Connection, ReadLimits, WireError};
 pub use message::{
-    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, Message, Need,
-    Offer, PartialEntry, Partials, Pull, PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry,
-    TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
+    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, ManifestEnd,
+    ManifestPiece, Message, Need, Offer, OfferStart, PartialEntry, Partials, Pull, PullExpecting, PullKind, TreeAck,
+    TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer, Welcome, MAGIC,
 };
