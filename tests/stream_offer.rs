@@ -367,7 +367,7 @@ async fn malformed_streams_are_refused_and_nothing_is_written() {
     }
     // The same stream, well formed, lands.
     let mut conn = greeted(server.addr).await;
-    let whole: Vec<u8> = (0..3).flat_map(|i| block(i)).collect();
+    let whole: Vec<u8> = (0..3).flat_map(block).collect();
     conn.write_message(&Message::OfferStart(start_of("bad/none", size)))
         .await
         .unwrap();
