@@ -129,6 +129,9 @@ pub async fn push(
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
     let mut run = Run::default();
+    // A connection to a server that speaks version 5 or older, greeted by the streamed attempt: the first whole
+    // offer goes on it.
+    let mut greeted = None;
     if opts.streams <= 1 {
         let first = Streamed {
             opts: &opts,
@@ -138,8 +141,9 @@ pub async fn push(
             remote_path: &remote_path,
             destination: &destination,
         };
-        if let Some(report) = first.push(&mut retrier, &mut run, started, on_event).await? {
-            return Ok(report);
+        match first.push(&mut retrier, &mut run, started, on_event).await? {
+            First::Done(report) => return Ok(report),
+            First::Whole(conn) => greeted = conn,
         }
     }
     let (manifest, manifest_cached) = retrier
@@ -162,7 +166,15 @@ pub async fn push(
     let outcome = loop {
         let number = retrier.start();
         let acked_before = run.stats.chunks_acked;
-        let sending = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event);
+        let sending = attempt(
+            &opts,
+            greeted.take(),
+            number,
+            &remote_path,
+            &source,
+            &mut run.stats,
+            on_event,
+        );
         let meter = opts.send.meter.clone();
         let only_commit_left = move || {
             let snap = meter.snapshot();
@@ -231,13 +243,17 @@ struct Run {
 /// One connection: connect, handshake, send.
 async fn attempt(
     opts: &PushOptions,
+    greeted: Option<super::ClientConnection>,
     number: u32,
     remote_path: &RemotePath,
     source: &Source,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut conn = opts.connect().await?;
+    let mut conn = match greeted {
+        Some(conn) => conn,
+        None => opts.connect().await?,
+    };
     opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
@@ -311,73 +327,71 @@ struct Streamed<'a> {
     destination: &'a FerryUrl,
 }
 
+/// What the streamed first attempt left to do.
+enum First {
+    /// The file is committed.
+    Done(PushReport),
+    /// Go on with whole offers; on this connection first, if the server speaks version 5 or older.
+    Whole(Option<super::ClientConnection>),
+}
+
 impl Streamed<'_> {
-    /// The report if the streamed attempt committed the file; `None` to go on with whole offers.
+    /// The report if the streamed attempt committed the file, else what the whole offers start from.
     async fn push(
         &self,
         retrier: &mut Retrier,
         run: &mut Run,
         started: Instant,
         on_event: &mut (dyn FnMut(ClientEvent) + Send),
-    ) -> Result<Option<PushReport>, ClientError> {
+    ) -> Result<First, ClientError> {
         let opts = self.opts;
         let cached = {
-            let (store, file, canonical, spec) = (
-                self.store.clone(),
-                self.file.clone(),
-                self.canonical.to_path_buf(),
-                opts.chunking,
-            );
+            let (store, file, canonical) = (self.store.clone(), self.file.clone(), self.canonical.to_path_buf());
+            let spec = opts.chunking;
             blocking(move || Ok(cached_manifest_for(&store, &file, &canonical, spec)?)).await?
         };
         if cached.is_some() {
-            return Ok(None);
+            return Ok(First::Whole(None));
         }
         let source = StreamSource::of(self.file.clone(), opts.chunking)
             .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
-        let number = retrier.start();
-        let (mut conn, welcome) = match opts.connect_welcomed().await {
-            Ok(greeted) => greeted,
-            Err(e) => return self.after_failure(e, retrier, run, on_event).await.map(|()| None),
-        };
-        if welcome.version < crate::STREAMED_OFFER_VERSION {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
-            return Ok(None);
-        }
-        opts.send.meter.expect(source.size);
-        opts.send.meter.attempt();
-        on_event(ClientEvent::Connected { attempt: number });
-        let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-        let path = self.remote_path.as_str();
-        let sent = send_streamed(&mut conn, path, &source, &opts.send, &mut run.stats, &mut forward).await;
-        let (committed, manifest) = match sent {
-            Ok(done) => done,
-            Err(e) => {
-                tell_peer(&mut conn, &e).await;
-                return self.after_failure(e, retrier, run, on_event).await.map(|()| None);
+        let conn = match retrier.bounded(opts.connect_welcomed(), Duration::ZERO).await? {
+            Ok((conn, welcome)) if welcome.version < crate::STREAMED_OFFER_VERSION => {
+                return Ok(First::Whole(Some(conn)))
             }
+            Ok((conn, _)) => Ok(conn),
+            Err(e) => Err(e),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
-        on_event(ClientEvent::Manifest {
-            chunks: manifest.chunk_count(),
-            size: manifest.size,
-            cached: false,
-        });
-        let manifest = Arc::new(manifest);
-        let (store, file, canonical, spec, cached) = (
-            self.store.clone(),
-            self.file.clone(),
-            self.canonical.to_path_buf(),
-            opts.chunking,
-            manifest.clone(),
-        );
-        blocking(move || Ok(cache_streamed_manifest(&store, &file, &canonical, spec, &cached)?)).await?;
-        let mut record = start_record(self.store, self.canonical, self.destination, manifest.size).await?;
+        let mut record = start_record(self.store, self.canonical, self.destination, source.size).await?;
+        let number = retrier.start();
+        let attempt = async {
+            let mut conn = conn?;
+            self.attempt(&mut conn, &source, number, run, on_event).await
+        };
+        let meter = opts.send.meter.clone();
+        let only_commit_left = move || {
+            let snap = meter.snapshot();
+            snap.total > 0 && snap.done >= snap.total
+        };
+        let outcome = match retrier.bounded_or_finishing(attempt, only_commit_left).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => match self.after_failure(e, retrier, run, on_event).await {
+                Ok(()) => return Ok(First::Whole(None)),
+                Err(e) => Err(e),
+            },
+            Err(timed_out) => Err(timed_out),
+        };
         record.bytes_sent += run.stats.bytes_sent;
-        record.state = PushState::Done;
+        record.state = if outcome.is_ok() {
+            PushState::Done
+        } else {
+            PushState::Failed
+        };
+        record.last_error = outcome.as_ref().err().map(|e| e.to_string());
         let save = self.store.clone();
         blocking(move || Ok(save.save_push(&record)?)).await?;
-        Ok(Some(PushReport {
+        let (committed, manifest) = outcome?;
+        Ok(First::Done(PushReport {
             source: self.canonical.display().to_string(),
             destination: self.destination.to_string(),
             size: manifest.size,
@@ -390,6 +404,51 @@ impl Streamed<'_> {
             committed,
             duration: started.elapsed(),
         }))
+    }
+
+    /// One streamed attempt on `conn`, greeted by a server that speaks version 6.
+    async fn attempt(
+        &self,
+        conn: &mut super::ClientConnection,
+        source: &StreamSource,
+        number: u32,
+        run: &mut Run,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(Committed, Manifest), TransferError> {
+        let opts = self.opts;
+        opts.send.meter.expect(source.size);
+        opts.send.meter.attempt();
+        on_event(ClientEvent::Connected { attempt: number });
+        // Cached as soon as it is hashed: a later attempt (or run) offers it whole and resumes.
+        let (store, file, canonical, spec) = (
+            self.store.clone(),
+            self.file.clone(),
+            self.canonical.to_path_buf(),
+            opts.chunking,
+        );
+        let on_hashed = Box::new(move |manifest: &Manifest| {
+            if let Err(e) = cache_streamed_manifest(&store, &file, &canonical, spec, manifest) {
+                tracing::warn!(error = %e, "could not cache the manifest");
+            }
+        });
+        let path = self.remote_path.as_str();
+        let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+        let sent = send_streamed(conn, path, source, &opts.send, &mut run.stats, &mut forward, on_hashed).await;
+        match sent {
+            Ok((committed, manifest)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+                on_event(ClientEvent::Manifest {
+                    chunks: manifest.chunk_count(),
+                    size: manifest.size,
+                    cached: false,
+                });
+                Ok((committed, manifest))
+            }
+            Err(e) => {
+                tell_peer(conn, &e).await;
+                Err(e)
+            }
+        }
     }
 
     /// A failed streamed attempt: a changed source is counted (the whole offer that follows reads it again), a

@@ -171,7 +171,14 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let claim = ctx
         .claims
-        .claim(path.as_str(), manifest.id(), Duration::from_secs(10))
+        .claim_as(
+            path.as_str(),
+            (
+                manifest.id(),
+                super::claims::file_identity(manifest.size, manifest.mtime),
+            ),
+            Duration::from_secs(10),
+        )
         .await?;
     let manifest = Arc::new(manifest);
     let plan = {

@@ -411,6 +411,11 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// Bytes of the chunks `ranges` name, within the manifest known so far.
+    pub(super) fn ranges_bytes(&self, ranges: &[IndexRange]) -> u64 {
+        self.source.manifest.ranges_bytes(ranges)
+    }
+
     fn chunk_len(&self, index: u32) -> u64 {
         self.source.manifest.chunk(index).map_or(0, |c| u64::from(c.len))
     }

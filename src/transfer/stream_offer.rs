@@ -11,6 +11,8 @@
 //! destination already holds a file, whose chunks local reuse could fill, the receiver instead gathers the whole
 //! manifest and serves it as a whole `Offer` (the deferred answer of §4).
 
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +41,6 @@ fn bad(e: PieceError) -> TransferError {
     TransferError::refused(ErrorCode::BadManifest, e)
 }
 
-/// The claim id of a streamed offer until its manifest id is known: the same file offered again (a resume after a
-/// dead link) takes over; another file for the path waits (§4, "Takeover").
-fn start_id(start: &OfferStart) -> Hash {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"ferry streamed offer v1");
-    hasher.update(&start.size.to_le_bytes());
-    hasher.update(&start.mtime.secs.to_le_bytes());
-    hasher.update(&start.mtime.nanos.to_le_bytes());
-    *hasher.finalize().as_bytes()
-}
-
 /// Serves a streamed offer for `path` to completion (Committed sent).
 pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -71,14 +62,17 @@ pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     if occupied {
         return deferred(conn, ctx, path, streamed, stop).await;
     }
+    let identity = super::claims::file_identity(start.size, start.mtime);
     let claim = ctx
         .claims
-        .claim(path.as_str(), start_id(&start), Duration::from_secs(10))
+        .claim_as(path.as_str(), (identity, identity), Duration::from_secs(10))
         .await?;
     let session = {
         let (ctx, path) = (ctx.clone(), path.clone());
         blocking(move || open_streamed(&ctx, &path, streamed)).await?
     };
+    ctx.stats.meter.file(path.as_str(), start.size, 0);
+    tracing::info!(path = %path, size = start.size, "offer accepted (streamed)");
     let committed = stream_rounds(conn, ctx, session, &path, &claim.superseded, stop).await?;
     let reply = Message::Committed(committed.clone());
     send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
@@ -133,6 +127,8 @@ struct Streaming {
     target: PathBuf,
     partial: PathBuf,
     created: u64,
+    /// The first announced chunk of each hash: later copies are filled from it, never asked for.
+    first_of: HashMap<Hash, u32>,
 }
 
 /// Opens the transfer of a streamed offer: checks and creates the destination's directories, admits the file
@@ -176,6 +172,7 @@ fn open_streamed(
         target,
         partial,
         created,
+        first_of: HashMap::new(),
     };
     record_so_far(ctx, &mut session)?;
     if let Some((_, set)) = &session.old {
@@ -230,8 +227,41 @@ fn take_piece(
     };
     session.writer.extend(manifest, &carried);
     record_so_far(ctx, session)?;
-    let writer = &session.writer;
-    Ok(encode_runs(added.filter(|&index| !writer.received.contains(index))))
+    let mut needed = Vec::new();
+    for index in added {
+        let hash = session.writer.manifest.chunks[index as usize].hash;
+        let first = *session.first_of.entry(hash).or_insert(index);
+        if session.writer.received.contains(index) || first == index {
+            if !session.writer.received.contains(index) {
+                needed.push(index);
+            }
+            continue;
+        }
+        fill_repeat(&mut session.writer, first, index)?;
+    }
+    // Copies filled from durable chunks: synced and marked now, never acknowledged (the sender never sent them).
+    session.writer.persist_batch()?;
+    Ok(encode_runs(needed))
+}
+
+/// Chunk `copy` repeats chunk `first` (same hash, announced earlier): written from the partial now if `first` is
+/// durable, else when `first` arrives (proto-spec.md §4, "Repeats within an offer"). Blocking.
+fn fill_repeat(writer: &mut ChunkWriter, first: u32, copy: u32) -> Result<(), TransferError> {
+    if !writer.received.contains(first) {
+        writer.expect_repeat(first, copy);
+        return Ok(());
+    }
+    let entry = writer.manifest.chunks[first as usize];
+    let mut data = vec![0; entry.len as usize];
+    writer
+        .file
+        .read_exact_at(&mut data, entry.offset)
+        .map_err(TransferError::Storage)?;
+    if !writer.write_local(copy, &data, true)? {
+        // The durable first copy no longer verifies (damaged at rest): the commit's check finds it; ask later.
+        writer.expect_repeat(first, copy);
+    }
+    Ok(())
 }
 
 /// How a round of a streamed offer ended.

@@ -69,8 +69,12 @@ enum Stage {
     Settled,
 }
 
+/// Called on the hashing thread with the whole manifest once the file is hashed (and unchanged): the sender caches
+/// it there, so a later attempt offers it whole even if this one is cut before Committed.
+pub type OnHashed = Box<dyn FnOnce(&Manifest) + Send>;
+
 /// Offers `source` for `path` streamed and sends whatever the receiver needs until it reports Committed. Returns
-/// the report and the whole manifest (for the sender's cache and for later attempts, which offer it whole).
+/// the report and the whole manifest (for later attempts, which offer it whole).
 pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: &str,
@@ -78,6 +82,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     opts: &SendOptions,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
+    on_hashed: OnHashed,
 ) -> Result<(Committed, Manifest), TransferError> {
     let start = Message::OfferStart(OfferStart {
         path: path.to_string(),
@@ -88,7 +93,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     });
     send_within(conn, &start, opts.io_timeout, "sending OfferStart").await?;
     opts.meter.file(path, source.size, 0);
-    let (entries, mut hashing) = start_hashing(source);
+    let (entries, mut hashing) = start_hashing(source, on_hashed);
     let mut manifest = Manifest {
         size: source.size,
         digest: [0; 32],
@@ -110,6 +115,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut pipeline = Pipeline::new(&whole, opts);
     let mut stage = Stage::Hashing;
+    let mut needed = (0u64, 0u64);
     loop {
         pipeline.start_reads();
         if flow.piece_due(manifest.chunk_count(), pipeline.is_starved()) {
@@ -141,7 +147,17 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             msg = next_message(conn, opts.io_timeout, "waiting for Need or Ack") => {
-                stage = take_message(conn, opts, &mut pipeline, stage, msg?, stats, on_event).await?;
+                let msg = msg?;
+                if let Message::Need(need) = &msg {
+                    needed.0 += crate::ranges::ranges_len(&need.ranges);
+                    needed.1 += pipeline.ranges_bytes(&need.ranges);
+                }
+                let before = stage;
+                stage = take_message(conn, opts, &mut pipeline, stage, msg, stats, on_event).await?;
+                if before == Stage::Echoed && stage == Stage::Settled {
+                    // One progress line for the whole offer, as for the Need answering an Offer.
+                    on_event(SendEvent::Need { chunks: needed.0, bytes: needed.1 });
+                }
             }
             entry = flow.entries.recv(), if !flow.hashed_all => flow.gather(entry),
             done = &mut hashing, if flow.hashed_all && flow.digest.is_none() => {
@@ -251,6 +267,7 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
 /// and the task ends with the whole-file digest, or `SourceChanged` if size or mtime moved meanwhile.
 fn start_hashing(
     source: &StreamSource,
+    on_hashed: OnHashed,
 ) -> (
     mpsc::UnboundedReceiver<ChunkEntry>,
     tokio::task::JoinHandle<Result<Hash, TransferError>>,
@@ -258,7 +275,9 @@ fn start_hashing(
     let (tx, rx) = mpsc::unbounded_channel();
     let source = source.clone();
     let task = tokio::task::spawn_blocking(move || {
+        let mut chunks = Vec::new();
         let digest = stream_chunks(&source.file, source.size, source.chunking, &mut |entry| {
+            chunks.push(entry);
             tx.send(entry).is_ok()
         });
         let digest = digest.map_err(|e| match e.kind() {
@@ -273,6 +292,14 @@ fn start_hashing(
                 "the file changed while it was being hashed".into(),
             ));
         }
+        on_hashed(&Manifest {
+            size: source.size,
+            digest,
+            chunking: source.chunking,
+            mtime: source.mtime,
+            mode: source.mode,
+            chunks,
+        });
         Ok(digest)
     });
     (rx, task)

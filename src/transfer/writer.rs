@@ -215,6 +215,12 @@ impl ChunkWriter {
         }
     }
 
+    /// Makes chunk `copy` a later copy of chunk `first`, which is still to arrive: when `first` verifies, its bytes
+    /// are written as `copy` in the same batch (proto-spec.md §4, "Repeats within an offer"). For streamed pieces.
+    pub(crate) fn expect_repeat(&mut self, first: u32, copy: u32) {
+        self.repeats.entry(first).or_default().push(copy);
+    }
+
     /// Replaces the manifest by the same chunks with their digest, once a streamed manifest ended.
     pub(crate) fn finish_manifest(&mut self, manifest: Arc<Manifest>) {
         debug_assert_eq!(manifest.chunks, self.manifest.chunks);
