@@ -73,8 +73,9 @@ async fn chunks_land_before_the_source_is_read_through() {
     );
 }
 
-/// A streamed push cut at half (the client SIGKILLed) resumes: the next run, streamed again since the manifest
-/// never made it to the cache, keeps every durable chunk it offers again and sends about the other half.
+/// A streamed push cut at half (the client SIGKILLed) resumes: a run from another client state (no cached
+/// manifest, so streamed again) keeps, piece by piece, every durable chunk it offers again and sends about the
+/// other half.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_push_cut_at_half_resends_only_the_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,8 +98,9 @@ async fn a_streamed_push_cut_at_half_resends_only_the_rest() {
     client.kill().unwrap();
     let _ = client.wait();
     assert!(half, "the first run never got half way");
-    let out = push(&source, &url, &state, &[]).await;
+    let out = push(&source, &url, &dir.path().join("state2"), &[]).await;
     out.assert_ok();
+    assert_eq!(out.json["manifest_cached"], false, "streamed again");
     assert_eq!(b3(&source), b3(&server.root.join("half.bin")));
     let sent = out.u64("bytes_sent");
     // At most the half not yet written, the last batch not yet synced (4 MiB) and a window in flight (16 MiB).
