@@ -13,7 +13,7 @@ size_mib=${3:-2048}
 runs=${4:-3}
 work=$(mktemp -d)
 server_pid=
-trap '[ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "$server_pid" ] && kill "$(pgrep -P "$server_pid")" 2>/dev/null; rm -rf "$work"' EXIT
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -55,7 +55,8 @@ if client.returncode != 0:
     sys.exit("push failed")
 print("%.3f %.3f" % (first if first is not None else total, total))
 EOF
-  kill -INT "$server_pid"; wait "$server_pid" || true
+  # The server runs under /usr/bin/time, which ignores SIGINT: signal its child (by parent pid).
+  kill -INT "$(pgrep -P "$server_pid")"; wait "$server_pid" || true
   server_pid=
   cmp "$work/src.bin" "$work/root/src.bin"
 }
