@@ -26,8 +26,9 @@ push_once() {
   /usr/bin/time -v -o "$work/server.time" "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" \
     > "$work/server.out" &
   server_pid=$!
-  for _ in $(seq 200); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
+  for _ in $(seq 600); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   local addr; addr=$(sed -n 's/^ferry: listening on //p' "$work/server.out")
+  [ -n "$addr" ] || { echo "the server did not start" >&2; exit 1; }
   python3 - "$bin" "$work" "$addr" <<'EOF'
 import os, subprocess, sys, time
 bin, work, addr = sys.argv[1:4]

@@ -181,14 +181,16 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
 ///
 /// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
 /// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
-/// chunk is copied; at most three buffers exist at once.
+/// chunk is copied; at most two buffers exist at once.
 pub fn stream_chunks(
     file: &File,
     size: u64,
     chunking: Chunking,
     sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
 ) -> std::io::Result<Hash> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(1);
+    // A rendezvous: the reader fills one buffer while the hasher hashes the other, never a third (a streamed
+    // offer hashes while it sends, so these buffers add to the sender's read-ahead).
+    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(0);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
