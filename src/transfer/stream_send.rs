@@ -26,6 +26,9 @@ use crate::wire::{Committed, Connection, ManifestEnd, ManifestPiece, Message, Of
 /// piece (so a slow disk does not make one piece per chunk).
 const PIECE_WAIT: Duration = Duration::from_millis(10);
 
+/// Chunk reads running ahead of the socket while the file is also being hashed.
+const STREAM_READ_AHEAD: usize = 2;
+
 /// A file to offer streamed: what `OfferStart` says about it.
 #[derive(Clone)]
 pub struct StreamSource {
@@ -91,6 +94,12 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         mtime: source.mtime,
         mode: source.mode,
     });
+    // Two reads ahead, not four: the hashing thread's two buffers are live at the same time (memory, §6).
+    let streaming = SendOptions {
+        read_ahead: opts.read_ahead.min(STREAM_READ_AHEAD),
+        ..opts.clone()
+    };
+    let opts = &streaming;
     send_within(conn, &start, opts.io_timeout, "sending OfferStart").await?;
     opts.meter.file(path, source.size, 0);
     let (entries, mut hashing) = start_hashing(source, on_hashed);
