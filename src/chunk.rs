@@ -163,39 +163,61 @@ pub fn chunk_with(
 }
 
 /// Reads `size` bytes, cut as `chunking` says; returns the whole-file digest and the chunk list.
-///
-/// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
-/// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
-/// chunk is copied; at most three buffers exist at once.
 fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(Hash, Vec<ChunkEntry>)> {
     if size <= SMALL_FILE {
         return hash_small(file, size, chunking);
     }
-    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(1);
+    let mut chunks = Vec::new();
+    let digest = stream_chunks(file, size, chunking, &mut |entry| {
+        chunks.push(entry);
+        true
+    })?;
+    Ok((digest, chunks))
+}
+
+/// Reads `size` bytes once, cut as `chunking` says, hands every chunk to `sink` as soon as it is hashed (in file
+/// order), and returns the whole-file digest: the one read a streamed offer (proto-spec.md §4) and a whole
+/// manifest both come from. Stops reading early, with an `Interrupted` error, if `sink` returns false.
+///
+/// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
+/// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
+/// chunk is copied; at most two buffers exist at once.
+pub fn stream_chunks(
+    file: &File,
+    size: u64,
+    chunking: Chunking,
+    sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
+) -> std::io::Result<Hash> {
+    // A rendezvous: the reader fills one buffer while the hasher hashes the other, never a third (a streamed
+    // offer hashes while it sends, so these buffers add to the sender's read-ahead).
+    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(0);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
             let mut whole = blake3::Hasher::new();
-            let mut chunks = Vec::new();
             for batch in full_rx {
                 for &(at, len) in &batch.cuts {
                     let bytes = &batch.buf[at..at + len];
                     whole.update(bytes);
-                    chunks.push(ChunkEntry {
+                    let entry = ChunkEntry {
                         offset: batch.base + at as u64,
                         len: len as u32,
                         hash: *blake3::hash(bytes).as_bytes(),
-                    });
+                    };
+                    if !sink(entry) {
+                        return None;
+                    }
                 }
                 let _ = free_tx.send(batch.buf);
             }
-            (*whole.finalize().as_bytes(), chunks)
+            Some(*whole.finalize().as_bytes())
         });
         let recycled = || free_rx.try_recv().unwrap_or_default();
         let read_result = batches(file, size, chunking, recycled, |batch| full_tx.send(batch).is_ok());
         drop(full_tx);
-        let (digest, chunks) = hasher.join().expect("chunk hasher thread panicked");
-        read_result.map(|()| (digest, chunks))
+        let digest = hasher.join().expect("chunk hasher thread panicked");
+        read_result?;
+        digest.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::Interrupted, "the chunk consumer stopped"))
     })
 }
 

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod fault;
 pub mod gc;
 pub mod manifest;
+pub mod manifest_stream;
 pub mod memory;
 pub mod meter;
 pub mod path;
@@ -50,9 +51,9 @@ pub mod wire;
 
 /// The newest protocol version this build speaks (proto-spec.md, "Versioning").
 pub const PROTOCOL_VERSION: u16 = 6;
-/// The oldest protocol version this build speaks: versions 4 to 6 only added messages (`ListPartials`/`Partials`,
-/// then `PullExpecting`, then `TreePrune`/`TreePruned`), so a server serves version-3 and 4 clients unchanged and a client can still push to and
-/// pull from version-3 and 4 servers.
+/// The oldest protocol version this build speaks: versions 4, 5 and 6 only added messages (`ListPartials`/`Partials`,
+/// then `PullExpecting`, then the streamed offer and `TreePrune`/`TreePruned`), so a server serves version-3 to 5
+/// clients unchanged and a client can still push to and pull from version-3 to 5 servers.
 pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// The first protocol version with `ListPartials` and `Partials`.
 pub const PARTIALS_VERSION: u16 = 4;
@@ -60,6 +61,8 @@ pub const PARTIALS_VERSION: u16 = 4;
 pub const PULL_KIND_VERSION: u16 = 5;
 /// The first protocol version with `TreePrune`/`TreePruned` (`ferry push DIR --delete`).
 pub const PRUNE_VERSION: u16 = 6;
+/// The first protocol version with streamed offers (`OfferStart`, `ManifestPiece`, `ManifestEnd`).
+pub const STREAMED_OFFER_VERSION: u16 = 6;
 /// Most entries in one `Partials` reply.
 pub const MAX_LISTED_PARTIALS: usize = 10_000;
 /// Most encoded entry bytes in one `Partials` reply (below the smallest `max_frame` a server may set).

@@ -94,6 +94,15 @@ impl ChunkSet {
         Some(set)
     }
 
+    /// Makes room for chunks up to `len` (a streamed manifest grew, proto-spec.md §4); the new chunks are absent.
+    /// A smaller `len` changes nothing.
+    pub fn grow(&mut self, len: u32) {
+        if len > self.len {
+            self.words.resize((len as usize).div_ceil(64), 0);
+            self.len = len;
+        }
+    }
+
     /// The bitmap as little-endian 64-bit words.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.words.iter().flat_map(|w| w.to_le_bytes()).collect()

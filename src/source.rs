@@ -61,14 +61,7 @@ pub fn manifest_for_with(
     let meta = file
         .metadata()
         .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
-    let key = ManifestKey {
-        path: canonical.display().to_string(),
-        size: meta.len(),
-        mtime: mtime_of(&meta),
-        inode: meta.ino(),
-        device: meta.dev(),
-        chunking: spec.for_size(meta.len()),
-    };
+    let key = manifest_key(canonical, &meta, spec);
     if rebuild {
         store.forget_manifests(&key.path)?;
     } else if let Some(manifest) = store.cached_manifest(&key)? {
@@ -84,6 +77,51 @@ pub fn manifest_for_with(
     };
     store.cache_manifest(&key, &manifest, flush)?;
     Ok((manifest, false))
+}
+
+/// The cached manifest of the open `file` (at `canonical`) cut as `spec` asks, if its identity is unchanged; never
+/// reads the file. A push without one offers the file streamed (proto-spec.md §4).
+pub fn cached_manifest_for(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+) -> Result<Option<Manifest>, SourceError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
+    let key = manifest_key(canonical, &meta, spec);
+    Ok(store
+        .cached_manifest(&key)?
+        .filter(|m| m.size == meta.len() && m.validate().is_ok()))
+}
+
+/// Caches `manifest`, built by a streamed offer from the open `file`, if the file is still as it was hashed.
+pub fn cache_streamed_manifest(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+    manifest: &Manifest,
+) -> Result<(), SourceError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
+    if meta.len() == manifest.size && mtime_of(&meta) == manifest.mtime {
+        store.cache_manifest(&manifest_key(canonical, &meta, spec), manifest, true)?;
+    }
+    Ok(())
+}
+
+fn manifest_key(canonical: &Path, meta: &std::fs::Metadata, spec: ChunkSpec) -> ManifestKey {
+    ManifestKey {
+        path: canonical.display().to_string(),
+        size: meta.len(),
+        mtime: mtime_of(meta),
+        inode: meta.ino(),
+        device: meta.dev(),
+        chunking: spec.for_size(meta.len()),
+    }
 }
 
 /// Builds a manifest, trying again (bounded) if the file changes while it is read.

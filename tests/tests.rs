@@ -26,6 +26,7 @@ mod pull;
 mod push;
 mod replay;
 mod status;
+mod stream_offer;
 mod streams;
 mod tls;
 mod tree;

@@ -11,10 +11,11 @@ use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Dead
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
-use crate::source::{manifest_for, MAX_SOURCE_CHANGES};
+use crate::source::{cache_streamed_manifest, cached_manifest_for, manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::stream_send::{send_streamed, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
 use crate::wire::Committed;
@@ -132,6 +133,24 @@ pub async fn push(
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
     let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let mut run = Run::default();
+    // A connection to a server that speaks version 5 or older, greeted by the streamed attempt: the first whole
+    // offer goes on it.
+    let mut greeted = None;
+    if opts.streams <= 1 {
+        let first = Streamed {
+            opts: &opts,
+            store: &store,
+            file: &file,
+            canonical: &canonical,
+            remote_path: &remote_path,
+            destination: &destination,
+        };
+        match first.push(&mut retrier, &mut run, started, on_event).await? {
+            First::Done(report) => return Ok(report),
+            First::Whole(conn) => greeted = conn,
+        }
+    }
     let (manifest, manifest_cached) = retrier
         .bounded(
             load_manifest(&store, &file, &canonical, opts.chunking, false),
@@ -150,11 +169,18 @@ pub async fn push(
         file,
         manifest: Arc::new(manifest),
     };
-    let mut run = Run::default();
     let outcome = loop {
         let number = retrier.start();
         let acked_before = run.stats.chunks_acked;
-        let sending = attempt(&opts, number, &remote_path, &source, &mut run.stats, on_event);
+        let sending = attempt(
+            &opts,
+            greeted.take(),
+            number,
+            &remote_path,
+            &source,
+            &mut run.stats,
+            on_event,
+        );
         let meter = opts.send.meter.clone();
         let only_commit_left = move || {
             let snap = meter.snapshot();
@@ -222,13 +248,17 @@ struct Run {
 /// One connection: connect, handshake, send.
 async fn attempt(
     opts: &PushOptions,
+    greeted: Option<super::ClientConnection>,
     number: u32,
     remote_path: &RemotePath,
     source: &Source,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut conn = opts.connect().await?;
+    let mut conn = match greeted {
+        Some(conn) => conn,
+        None => opts.connect().await?,
+    };
     opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
@@ -316,4 +346,163 @@ pub(super) async fn start_record(
         Ok(record)
     })
     .await
+}
+
+/// The first attempt of a push whose manifest is not cached, offered streamed (proto-spec.md §4, "Streamed
+/// offer") to a server that speaks protocol version 6: the file is read once, and its chunks travel while the rest
+/// is still being hashed. Any failure leaves what the server made durable in its record; the run then goes on with
+/// whole offers (the manifest built, or taken from the cache this attempt filled), which resume from it.
+struct Streamed<'a> {
+    opts: &'a PushOptions,
+    store: &'a SenderStore,
+    file: &'a Arc<File>,
+    canonical: &'a Path,
+    remote_path: &'a RemotePath,
+    destination: &'a FerryUrl,
+}
+
+/// What the streamed first attempt left to do.
+enum First {
+    /// The file is committed.
+    Done(PushReport),
+    /// Go on with whole offers; on this connection first, if the server speaks version 5 or older.
+    Whole(Option<super::ClientConnection>),
+}
+
+impl Streamed<'_> {
+    /// The report if the streamed attempt committed the file, else what the whole offers start from.
+    async fn push(
+        &self,
+        retrier: &mut Retrier,
+        run: &mut Run,
+        started: Instant,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<First, ClientError> {
+        let opts = self.opts;
+        let cached = {
+            let (store, file, canonical) = (self.store.clone(), self.file.clone(), self.canonical.to_path_buf());
+            let spec = opts.chunking;
+            blocking(move || Ok(cached_manifest_for(&store, &file, &canonical, spec)?)).await?
+        };
+        if cached.is_some() {
+            return Ok(First::Whole(None));
+        }
+        let source = StreamSource::of(self.file.clone(), opts.chunking)
+            .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
+        let conn = match retrier.bounded(opts.connect_welcomed(), Duration::ZERO).await? {
+            Ok((conn, welcome)) if welcome.version < crate::STREAMED_OFFER_VERSION => {
+                return Ok(First::Whole(Some(conn)))
+            }
+            Ok((conn, _)) => Ok(conn),
+            Err(e) => Err(e),
+        };
+        let mut record = start_record(self.store, self.canonical, self.destination, source.size).await?;
+        let number = retrier.start();
+        let attempt = async {
+            let mut conn = conn?;
+            self.attempt(&mut conn, &source, number, run, on_event).await
+        };
+        let meter = opts.send.meter.clone();
+        let only_commit_left = move || {
+            let snap = meter.snapshot();
+            snap.total > 0 && snap.done >= snap.total
+        };
+        let outcome = match retrier.bounded_or_finishing(attempt, only_commit_left).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => match self.after_failure(e, retrier, run, on_event).await {
+                Ok(()) => return Ok(First::Whole(None)),
+                Err(e) => Err(e),
+            },
+            Err(timed_out) => Err(timed_out),
+        };
+        record.bytes_sent += run.stats.bytes_sent;
+        record.state = if outcome.is_ok() {
+            PushState::Done
+        } else {
+            PushState::Failed
+        };
+        record.last_error = outcome.as_ref().err().map(|e| e.to_string());
+        let save = self.store.clone();
+        blocking(move || Ok(save.save_push(&record)?)).await?;
+        let (committed, manifest) = outcome?;
+        Ok(First::Done(PushReport {
+            source: self.canonical.display().to_string(),
+            destination: self.destination.to_string(),
+            size: manifest.size,
+            digest: manifest.digest,
+            chunks: manifest.chunk_count(),
+            sent: std::mem::take(&mut run.stats),
+            attempts: retrier.attempts,
+            manifest_cached: false,
+            source_changes: run.source_changes,
+            committed,
+            duration: started.elapsed(),
+        }))
+    }
+
+    /// One streamed attempt on `conn`, greeted by a server that speaks version 6.
+    async fn attempt(
+        &self,
+        conn: &mut super::ClientConnection,
+        source: &StreamSource,
+        number: u32,
+        run: &mut Run,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(Committed, Manifest), TransferError> {
+        let opts = self.opts;
+        opts.send.meter.expect(source.size);
+        opts.send.meter.attempt();
+        on_event(ClientEvent::Connected { attempt: number });
+        // Cached as soon as it is hashed: a later attempt (or run) offers it whole and resumes.
+        let (store, file, canonical, spec) = (
+            self.store.clone(),
+            self.file.clone(),
+            self.canonical.to_path_buf(),
+            opts.chunking,
+        );
+        let on_hashed = Box::new(move |manifest: &Manifest| {
+            if let Err(e) = cache_streamed_manifest(&store, &file, &canonical, spec, manifest) {
+                tracing::warn!(error = %e, "could not cache the manifest");
+            }
+        });
+        let path = self.remote_path.as_str();
+        let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+        let sent = send_streamed(conn, path, source, &opts.send, &mut run.stats, &mut forward, on_hashed).await;
+        match sent {
+            Ok((committed, manifest)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+                on_event(ClientEvent::Manifest {
+                    chunks: manifest.chunk_count(),
+                    size: manifest.size,
+                    cached: false,
+                });
+                Ok((committed, manifest))
+            }
+            Err(e) => {
+                tell_peer(conn, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A failed streamed attempt: a changed source is counted (the whole offer that follows reads it again), a
+    /// retryable failure waits its turn like any attempt; anything else ends the run.
+    async fn after_failure(
+        &self,
+        error: TransferError,
+        retrier: &mut Retrier,
+        run: &mut Run,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(), ClientError> {
+        if let TransferError::SourceChanged(reason) = &error {
+            run.source_changes += 1;
+            on_event(ClientEvent::SourceChanged { reason: reason.clone() });
+            return Ok(());
+        }
+        if !error.is_retryable() {
+            return Err(classify(error));
+        }
+        let progressed = run.stats.chunks_acked > 0;
+        retrier.wait_to_retry(error, progressed, on_event).await
+    }
 }

@@ -574,7 +574,9 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
         };
         match msg {
-            Ok(Message::Offer(_) | Message::TreeOffer(_) | Message::Join(_)) if !grant.permissions.push => {
+            Ok(Message::Offer(_) | Message::OfferStart(_) | Message::TreeOffer(_) | Message::Join(_))
+                if !grant.permissions.push =>
+            {
                 return Err(forbidden("push"))
             }
             Ok(Message::Pull(_) | Message::PullExpecting(_)) if !grant.permissions.pull => {
@@ -584,6 +586,12 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(TransferError::Unexpected {
                     got: "PullExpecting",
                     state: "speaking protocol version 3 or 4",
+                })
+            }
+            Ok(Message::OfferStart(_)) if version < crate::STREAMED_OFFER_VERSION => {
+                return Err(TransferError::Unexpected {
+                    got: "OfferStart",
+                    state: "speaking protocol version 5 or older",
                 })
             }
             Ok(Message::ListPartials) if version < crate::PARTIALS_VERSION => {
@@ -599,6 +607,10 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Message::Offer(offer)) => {
                 let path = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
                 receive(conn, ctx, path, offer.manifest, stop).await?;
+            }
+            Ok(Message::OfferStart(start)) => {
+                let path = RemotePath::parse(&start.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;
+                crate::transfer::stream_offer::receive_streamed(conn, ctx, path, start, stop).await?;
             }
             Ok(Message::TreeOffer(offer)) => {
                 let base = RemotePath::parse(&offer.path).map_err(|e| TransferError::refused(ErrorCode::BadPath, e))?;

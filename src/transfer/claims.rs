@@ -22,14 +22,15 @@ use crate::wire::ErrorCode;
 struct Slot {
     lock: Arc<tokio::sync::Mutex<()>>,
     holder: CancellationToken,
-    /// What the holder (or, once it lets go, the newest claimant) writes.
-    owner: Hash,
+    /// What the holder (or, once it lets go, the newest claimant) writes: its manifest id, and its file identity
+    /// ([`file_identity`]), which a streamed offer claims with before its manifest id is known.
+    owner: (Hash, Hash),
     /// The owner of the newest claim made.
-    newest: Hash,
+    newest: (Hash, Hash),
 }
 
 impl Slot {
-    fn new(owner: Hash) -> Self {
+    fn new(owner: (Hash, Hash)) -> Self {
         Slot {
             lock: Arc::default(),
             holder: CancellationToken::new(),
@@ -37,6 +38,23 @@ impl Slot {
             newest: owner,
         }
     }
+}
+
+/// Whether a claim by `new` is the same content as `held`: the same manifest id, or the same file identity.
+fn same(new: (Hash, Hash), held: (Hash, Hash)) -> bool {
+    new.0 == held.0 || new.1 == held.1
+}
+
+/// The identity of an offered file before its manifest id is known (proto-spec.md §4, "Streamed offer",
+/// Takeover): BLAKE3 of `"ferry streamed offer v1"`, size (u64), mtime seconds (i64) and nanoseconds (u32), little
+/// endian. A streamed offer claims its path with it as both ids; a whole offer with its manifest id and this.
+pub fn file_identity(size: u64, mtime: crate::manifest::FileTime) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"ferry streamed offer v1");
+    hasher.update(&size.to_le_bytes());
+    hasher.update(&mtime.secs.to_le_bytes());
+    hasher.update(&mtime.nanos.to_le_bytes());
+    *hasher.finalize().as_bytes()
 }
 
 /// The set of claimed destinations of one server.
@@ -58,10 +76,15 @@ impl Claims {
     /// Claims `key` for `owner`, taking it over from a holder with the same owner; a holder with another owner is
     /// left to finish. Fails with `Busy` if the holder does not let go within `wait`.
     pub async fn claim(&self, key: &str, owner: Hash, wait: Duration) -> Result<Claim, TransferError> {
+        self.claim_as(key, (owner, owner), wait).await
+    }
+
+    /// [`Claims::claim`] by a manifest id and a [`file_identity`] (`owner`): a holder with either takes over.
+    pub async fn claim_as(&self, key: &str, owner: (Hash, Hash), wait: Duration) -> Result<Claim, TransferError> {
         let lock = {
             let mut slots = self.slots.lock().expect("claims lock poisoned");
             let slot = slots.entry(key.to_string()).or_insert_with(|| Slot::new(owner));
-            if slot.owner == owner {
+            if same(owner, slot.owner) {
                 slot.holder.cancel();
             }
             slot.newest = owner;
@@ -79,7 +102,7 @@ impl Claims {
         // More owners of the lock than the map and our guard: a newer claim is already waiting. If it is for the
         // same content it cancelled the previous holder's token, not ours: give way to it at once instead of making
         // it wait for Busy.
-        if Arc::strong_count(&slot.lock) > 2 && slot.newest == owner {
+        if Arc::strong_count(&slot.lock) > 2 && same(slot.newest, owner) {
             superseded.cancel();
         }
         slot.holder = superseded.clone();
@@ -97,7 +120,9 @@ impl Claims {
     /// never take a transfer away from a live session).
     pub fn try_claim(&self, key: &str) -> Option<Claim> {
         let mut slots = self.slots.lock().expect("claims lock poisoned");
-        let slot = slots.entry(key.to_string()).or_insert_with(|| Slot::new([0; 32]));
+        let slot = slots
+            .entry(key.to_string())
+            .or_insert_with(|| Slot::new(([0; 32], [0; 32])));
         let Ok(guard) = slot.lock.clone().try_lock_owned() else {
             return None;
         };

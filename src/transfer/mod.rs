@@ -14,6 +14,8 @@ pub mod receiver;
 mod reuse;
 pub mod sender;
 mod small_writer;
+pub mod stream_offer;
+pub mod stream_send;
 pub mod tree_receiver;
 pub mod tree_sender;
 pub mod window;

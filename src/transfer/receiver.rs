@@ -32,9 +32,9 @@ use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRe
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
-const MAX_COMMIT_ROUNDS: u32 = 8;
+pub(super) const MAX_COMMIT_ROUNDS: u32 = 8;
 /// Chunks queued between the socket and the disk writer.
-const WRITE_QUEUE: usize = 4;
+pub(super) const WRITE_QUEUE: usize = 4;
 
 /// Everything a receiver needs, shared by all sessions of a server.
 #[derive(Clone)]
@@ -170,7 +170,14 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let claim = ctx
         .claims
-        .claim(path.as_str(), manifest.id(), Duration::from_secs(10))
+        .claim_as(
+            path.as_str(),
+            (
+                manifest.id(),
+                super::claims::file_identity(manifest.size, manifest.mtime),
+            ),
+            Duration::from_secs(10),
+        )
         .await?;
     let manifest = Arc::new(manifest);
     let plan = {
@@ -246,7 +253,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 /// Runs one round of chunk reception: opens the transfer to joining streams, sends the Need, and takes chunks
 /// until Commit (Ok) or a failure. Always drains the writer first, so what was verified is durable before this
 /// returns, whatever the outcome.
-async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut writer: ChunkWriter,
@@ -300,7 +307,7 @@ async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What the reception loop does after one step.
-enum Flow {
+pub(super) enum Flow {
     /// Keep receiving.
     Continue,
     /// Stop taking chunks (Commit arrived, or the writer stopped); drain the writer.
@@ -308,7 +315,7 @@ enum Flow {
 }
 
 /// Tells the sender what the writer did: Ack for durable chunks, Need for rejected ones.
-async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn answer_writer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     event: WriterEvent,
@@ -418,7 +425,7 @@ async fn expect_commit<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Commits on a blocking thread while pinging the sender, since verifying a large file can take a while.
-async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     writer: ChunkWriter,
@@ -428,7 +435,7 @@ async fn commit_with_keepalive<S: AsyncRead + AsyncWrite + Unpin>(
     with_keepalive(conn, ctx.idle_timeout, move || commit(writer, &*volume, &path)).await
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, TransferError> {
     tokio::task::spawn_blocking(f)

@@ -150,7 +150,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Sends Commit, and whatever the receiver still needs, until it reports Committed.
-async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     source: &Source,
     opts: &SendOptions,
@@ -359,7 +359,7 @@ enum Step {
     Read(Chunk),
 }
 
-fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committed, TransferError> {
+pub(super) fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committed, TransferError> {
     if committed.digest != manifest.digest || committed.size != manifest.size {
         return Err(TransferError::Integrity(format!(
             "receiver committed {} ({} bytes), expected {} ({} bytes)",
@@ -373,8 +373,9 @@ fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committe
 }
 
 /// Chunks to send, reads in progress, and chunks in flight.
-struct Pipeline<'a> {
-    source: &'a Source,
+pub(super) struct Pipeline<'a> {
+    /// The source, with the manifest as far as it is known (a streamed offer's grows, [`Pipeline::extend`]).
+    source: Source,
     opts: &'a SendOptions,
     pending: VecDeque<IndexRange>,
     /// The chunks in `pending`, so a repeated Need cannot queue a chunk twice.
@@ -390,9 +391,9 @@ struct Pipeline<'a> {
 }
 
 impl<'a> Pipeline<'a> {
-    fn new(source: &'a Source, opts: &'a SendOptions) -> Self {
+    pub(super) fn new(source: &Source, opts: &'a SendOptions) -> Self {
         Pipeline {
-            source,
+            source: source.clone(),
             opts,
             pending: VecDeque::new(),
             queued: ChunkSet::new(source.manifest.chunk_count()),
@@ -409,11 +410,22 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// Takes a grown manifest of a streamed offer: the same chunks as before, and more.
+    pub(super) fn extend(&mut self, manifest: Arc<Manifest>) {
+        self.queued.grow(manifest.chunk_count());
+        self.source.manifest = manifest;
+    }
+
     /// Takes back the buffer of a chunk that went out.
-    fn recycle(&mut self, data: Vec<u8>) {
+    pub(super) fn recycle(&mut self, data: Vec<u8>) {
         if self.spare.len() < self.opts.read_ahead {
             self.spare.push(data);
         }
+    }
+
+    /// Bytes of the chunks `ranges` name, within the manifest known so far.
+    pub(super) fn ranges_bytes(&self, ranges: &[IndexRange]) -> u64 {
+        self.source.manifest.ranges_bytes(ranges)
     }
 
     fn chunk_len(&self, index: u32) -> u64 {
@@ -422,7 +434,7 @@ impl<'a> Pipeline<'a> {
 
     /// Queues the chunks in `ranges`. A Need for chunks in flight (`resend`) means they were rejected: they leave
     /// the window and go to the front of the queue.
-    fn need(
+    pub(super) fn need(
         &mut self,
         ranges: &[IndexRange],
         resend: bool,
@@ -462,7 +474,7 @@ impl<'a> Pipeline<'a> {
         Ok(())
     }
 
-    fn ack(&mut self, ranges: &[IndexRange], stats: &mut SendStats) -> Result<(), TransferError> {
+    pub(super) fn ack(&mut self, ranges: &[IndexRange], stats: &mut SendStats) -> Result<(), TransferError> {
         self.check_ranges(ranges, "Ack")?;
         let now = std::time::Instant::now();
         for index in ranges.iter().flat_map(IndexRange::indices) {
@@ -490,7 +502,7 @@ impl<'a> Pipeline<'a> {
 
     /// Starts reads while the window and the read-ahead allow (always at least one, so a window smaller than a
     /// chunk still makes progress).
-    fn start_reads(&mut self) {
+    pub(super) fn start_reads(&mut self) {
         while self.reads.len() < self.opts.read_ahead {
             let Some(index) = self.pending.front().map(|r| r.start) else {
                 return;
@@ -522,12 +534,12 @@ impl<'a> Pipeline<'a> {
         }
     }
 
-    fn has_reads(&self) -> bool {
+    pub(super) fn has_reads(&self) -> bool {
         !self.reads.is_empty()
     }
 
     /// The oldest read, once finished. Cancel-safe: the read stays queued if the caller stops waiting.
-    async fn next_read(&mut self) -> Result<Chunk, TransferError> {
+    pub(super) async fn next_read(&mut self) -> Result<Chunk, TransferError> {
         let handle = self.reads.front_mut().expect("guarded by has_reads");
         let result = handle.await;
         self.reads.pop_front();
@@ -541,8 +553,13 @@ impl<'a> Pipeline<'a> {
         Ok(chunk)
     }
 
-    fn is_idle(&self) -> bool {
+    pub(super) fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.reads.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Whether nothing is queued or being read: the socket would wait for more chunks to be announced.
+    pub(super) fn is_starved(&self) -> bool {
+        self.pending.is_empty() && self.reads.is_empty()
     }
 }
 

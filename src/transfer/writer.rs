@@ -228,11 +228,45 @@ impl ChunkWriter {
         }
     }
 
-    /// Bytes from offset 0 whose chunks are all written.
+    /// Bytes from offset 0 whose chunks are all written. For a streamed manifest still arriving, that is at most
+    /// the end of its last announced chunk; for a whole manifest the end of the last chunk is its size.
     fn final_bytes(&self) -> u64 {
+        let announced_end = self.manifest.chunks.last().map_or(0, |c| c.offset + u64::from(c.len));
         self.manifest
             .chunk(self.contiguous)
-            .map_or(self.manifest.size, |entry| entry.offset)
+            .map_or(announced_end, |entry| entry.offset)
+    }
+
+    /// Takes the next pieces of a streamed manifest (proto-spec.md §4, "Streamed offer"): `manifest` holds every
+    /// chunk announced so far (the earlier ones unchanged), and `carried` those of the new chunks already durable
+    /// in the partial (resume). Call between rounds, never while [`ChunkWriter::run`] has the writer.
+    pub(crate) fn extend(&mut self, manifest: Arc<Manifest>, carried: &[u32]) {
+        let count = manifest.chunk_count();
+        self.manifest = manifest;
+        self.received.grow(count);
+        self.written.grow(count);
+        for &index in carried {
+            if self.received.insert(index) {
+                self.durable_bytes += self.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
+            }
+            self.written.insert(index);
+        }
+        self.advance_contiguous();
+        if let Some(follower) = &self.follower {
+            follower.advance(self.final_bytes());
+        }
+    }
+
+    /// Makes chunk `copy` a later copy of chunk `first`, which is still to arrive: when `first` verifies, its bytes
+    /// are written as `copy` in the same batch (proto-spec.md §4, "Repeats within an offer"). For streamed pieces.
+    pub(crate) fn expect_repeat(&mut self, first: u32, copy: u32) {
+        self.repeats.entry(first).or_default().push(copy);
+    }
+
+    /// Replaces the manifest by the same chunks with their digest, once a streamed manifest ended.
+    pub(crate) fn finish_manifest(&mut self, manifest: Arc<Manifest>) {
+        debug_assert_eq!(manifest.chunks, self.manifest.chunks);
+        self.manifest = manifest;
     }
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns

@@ -355,6 +355,33 @@ mod tests {
                 "00000010 08000000 1c00 00 0100000000000000 78",
             ),
             (
+                Message::OfferStart(OfferStart {
+                    path: "a".into(),
+                    size: 5,
+                    chunking: crate::manifest::Chunking::Fixed { size: 4096 },
+                    mtime: crate::manifest::FileTime { secs: 1, nanos: 2 },
+                    mode: 0o644,
+                }),
+                "0000002d 19000000 0100000000000000 61 0500000000000000 00000000 00100000 0100000000000000 \
+                 02000000 a4010000",
+            ),
+            (
+                Message::ManifestPiece(ManifestPiece {
+                    first_index: 1,
+                    chunks: vec![crate::manifest::ChunkEntry {
+                        offset: 4096,
+                        len: 5,
+                        hash: [0x33; 32],
+                    }],
+                }),
+                "0000003c 1a000000 01000000 0100000000000000 0010000000000000 05000000 \
+                 3333333333333333333333333333333333333333333333333333333333333333",
+            ),
+            (
+                Message::ManifestEnd(ManifestEnd { digest: [0x44; 32] }),
+                "00000024 1b000000 4444444444444444444444444444444444444444444444444444444444444444",
+            ),
+            (
                 Message::TreePrune(crate::wire::TreePrune { path: "a".into() }),
                 "0000000d 1c000000 0100000000000000 61",
             ),

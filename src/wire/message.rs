@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkSpec;
-use crate::manifest::{FileTime, Hash, Manifest};
+use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::ranges::IndexRange;
 
 /// The first eight bytes of every Hello: `FERRY`, NUL, CR, LF (catches text protocols and line-ending mangling).
@@ -68,12 +68,15 @@ pub enum Message {
     /// 24: client → server (protocol version 5), a Pull that says whether the client expects a file, a tree or
     /// either; the server refuses the other kind with `WrongKind` instead of sending it.
     PullExpecting(PullExpecting),
-    /// 25: reserved (another message of protocol version 6); never sent, refused as unexpected.
-    Reserved25,
-    /// 26: reserved (another message of protocol version 6); never sent, refused as unexpected.
-    Reserved26,
-    /// 27: reserved (another message of protocol version 6); never sent, refused as unexpected.
-    Reserved27,
+    /// 25: sender → receiver (protocol version 6), the start of a streamed offer: the file's path, size and
+    /// metadata; its chunks follow in ManifestPieces while the sender is still hashing (proto-spec.md §4,
+    /// "Streamed offer").
+    OfferStart(OfferStart),
+    /// 26: sender → receiver (protocol version 6), the next chunks of a streamed offer's manifest.
+    ManifestPiece(ManifestPiece),
+    /// 27: sender → receiver (protocol version 6), the end of a streamed manifest with the whole-file digest;
+    /// echoed back by the receiver once it has answered every piece.
+    ManifestEnd(ManifestEnd),
     /// 28: client → server (protocol version 6), right after the TreeCommitted of a tree push: "remove under the
     /// tree's directory everything the tree does not hold" (`--delete`); answered with TreePruned.
     TreePrune(TreePrune),
@@ -110,9 +113,9 @@ impl Message {
             Message::ListPartials => "ListPartials",
             Message::Partials(_) => "Partials",
             Message::PullExpecting(_) => "PullExpecting",
-            Message::Reserved25 => "Reserved25",
-            Message::Reserved26 => "Reserved26",
-            Message::Reserved27 => "Reserved27",
+            Message::OfferStart(_) => "OfferStart",
+            Message::ManifestPiece(_) => "ManifestPiece",
+            Message::ManifestEnd(_) => "ManifestEnd",
             Message::TreePrune(_) => "TreePrune",
             Message::TreePruned(_) => "TreePruned",
         }
@@ -201,6 +204,38 @@ pub struct Offer {
     pub path: String,
     /// The file's chunks and digest.
     pub manifest: Manifest,
+}
+
+/// The start of a streamed offer (proto-spec.md §4, "Streamed offer"): everything of a [`Manifest`] but its
+/// chunks and digest, which follow in [`ManifestPiece`]s and the [`ManifestEnd`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct OfferStart {
+    /// Destination, relative to the receiver's root, `/`-separated.
+    pub path: String,
+    /// File size in bytes: the pieces must tile exactly this much.
+    pub size: u64,
+    /// How the sender cuts the file (the receiver uses it only to cut an older copy, §5).
+    pub chunking: Chunking,
+    /// Applied to the committed file.
+    pub mtime: FileTime,
+    /// `st_mode & 0o7777`; the receiver applies `mode & 0o777` (and its own mask).
+    pub mode: u32,
+}
+
+/// The next chunks of a streamed manifest: `chunks[k]` is chunk `first_index + k`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ManifestPiece {
+    /// Index of the piece's first chunk: the number of chunks announced before it.
+    pub first_index: u32,
+    /// At least one and at most `MAX_PIECE_CHUNKS` chunks, continuing the tiling where the previous piece ended.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// The end of a streamed manifest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEnd {
+    /// BLAKE3 of the whole file.
+    pub digest: Hash,
 }
 
 /// A directory tree offered for transfer to `path`.

@@ -1,0 +1,447 @@
+//! The receiver's side of a streamed offer (proto-spec.md §4, "Streamed offer", protocol version 6): admit the
+//! file on `OfferStart`, check each `ManifestPiece` as it arrives ([`StreamedManifest`]), answer it with a `Need`
+//! for its missing chunks, take those chunks while later pieces are still on their way, and commit as for a whole
+//! offer once `ManifestEnd` gave the digest.
+//!
+//! Guarantees, beside those of [`super::receiver`]: a chunk is taken only for an announced index (any other is
+//! `UnexpectedMessage`), and a piece is refused (`BadManifest`) before any of its chunks could be asked for, so
+//! nothing is written for a part of a manifest that breaks §5. The transfer record holds the pieces received so
+//! far, written before their `Need` (and so before any of their chunks is marked): after a crash or a cut, the
+//! next offer of the path keeps every durable chunk whose offset, length and hash it offers again. Where the
+//! destination already holds a file, whose chunks local reuse could fill, the receiver instead gathers the whole
+//! manifest and serves it as a whole `Offer` (the deferred answer of §4).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::commit::CommitOutcome;
+use super::quota::{admit, NewTransfer};
+use super::receiver::{
+    answer_writer, blocking, commit_with_keepalive, queue_chunk, receive, receive_chunks, too_large, ReceiverContext,
+    MAX_COMMIT_ROUNDS, WRITE_QUEUE,
+};
+use super::writer::ChunkWriter;
+use super::{answer_ping, next_message, send_within, TransferError};
+use crate::manifest::{Hash, Manifest};
+use crate::manifest_stream::{PieceError, StreamedManifest};
+use crate::path::RemotePath;
+use crate::ranges::{encode_runs, ChunkSet, IndexRange};
+use crate::store::{now_secs, TransferRecordRef};
+use crate::wire::{Committed, Connection, ErrorCode, ManifestEnd, ManifestPiece, Message, Need, OfferStart};
+
+/// A refused piece or end.
+fn bad(e: PieceError) -> TransferError {
+    TransferError::refused(ErrorCode::BadManifest, e)
+}
+
+/// Serves a streamed offer for `path` to completion (Committed sent).
+pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    path: RemotePath,
+    start: OfferStart,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    if start.size > ctx.max_file_size {
+        return Err(too_large(start.size, ctx.max_file_size));
+    }
+    let mode = start.mode & ctx.policy.mode_mask;
+    let streamed =
+        StreamedManifest::start(start.size, start.chunking, start.mtime, mode, ctx.max_manifest_chunks).map_err(bad)?;
+    let occupied = {
+        let (root, path) = (ctx.root.clone(), path.clone());
+        blocking(move || Ok(crate::path::metadata_in_root(&root, &path).is_ok())).await?
+    };
+    if occupied {
+        return deferred(conn, ctx, path, streamed, stop).await;
+    }
+    let identity = super::claims::file_identity(start.size, start.mtime);
+    let claim = ctx
+        .claims
+        .claim_as(path.as_str(), (identity, identity), Duration::from_secs(10))
+        .await?;
+    let session = {
+        let (ctx, path) = (ctx.clone(), path.clone());
+        blocking(move || open_streamed(&ctx, &path, streamed)).await?
+    };
+    ctx.stats.meter.file(path.as_str(), start.size, 0);
+    tracing::info!(path = %path, size = start.size, "offer accepted (streamed)");
+    let committed = stream_rounds(conn, ctx, session, &path, &claim.superseded, stop).await?;
+    let reply = Message::Committed(committed.clone());
+    send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
+    Ok(committed)
+}
+
+/// The deferred answer: gathers every piece, then echoes `ManifestEnd` and serves the whole manifest like an
+/// `Offer` (whose first `Need` follows the echo).
+async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    path: RemotePath,
+    mut streamed: StreamedManifest,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
+            msg = next_message(conn, ctx.idle_timeout, "receiving a streamed manifest") => msg?,
+        };
+        match msg {
+            Message::ManifestPiece(piece) => {
+                streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
+            }
+            Message::ManifestEnd(end) => {
+                let manifest = streamed.finish(end.digest).map_err(bad)?;
+                let echo = Message::ManifestEnd(end);
+                send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
+                return receive(conn, ctx, path, manifest, stop).await;
+            }
+            Message::Ping(nonce) => answer_ping(conn, nonce, ctx.idle_timeout).await?,
+            Message::Chunk(chunk) => {
+                let why = format!("chunk {} is not in the manifest announced so far", chunk.index);
+                return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
+            }
+            other => {
+                return Err(TransferError::Unexpected {
+                    got: other.name(),
+                    state: "receiving a streamed manifest",
+                })
+            }
+        }
+    }
+}
+
+/// An open streamed transfer between rounds.
+struct Streaming {
+    writer: ChunkWriter,
+    streamed: StreamedManifest,
+    /// The manifest and durable chunks of the transfer this offer replaced, for carrying chunks over piece by piece.
+    old: Option<(Manifest, ChunkSet)>,
+    created: u64,
+    /// The first announced chunk of each hash: later copies are filled from it, never asked for.
+    first_of: HashMap<Hash, u32>,
+}
+
+/// Opens the transfer of a streamed offer: checks and creates the destination's directories, admits the file
+/// against the namespace's quota, opens the partial and records the (empty) manifest. Blocking.
+fn open_streamed(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    streamed: StreamedManifest,
+) -> Result<Streaming, TransferError> {
+    let key = path.as_str();
+    let volume = &*ctx.volume;
+    // Before a byte is sent: a destination this receiver may not write would fail only at the commit, after the
+    // whole upload (proto-spec.md §9, StorageIo).
+    volume.prepare_destination(path)?;
+    let store = &ctx.store;
+    let record = store.transfer(key)?;
+    let partial_len = volume.partial_len(key)?;
+    let mut progress = store.progress(key)?.unwrap_or_default();
+    let old = match (record.as_ref(), partial_len) {
+        (Some(old), Some(_)) => {
+            ChunkSet::from_bytes(old.manifest.chunk_count(), &progress.received).map(|set| (old.manifest.clone(), set))
+        }
+        _ => None,
+    };
+    let created = record.as_ref().map_or_else(now_secs, |r| r.created);
+    progress.received = ChunkSet::new(0).to_bytes();
+    let manifest = Arc::new(streamed.so_far().clone());
+    let file = volume.open_partial(key, manifest.size, partial_len.is_some())?;
+    let writer = ChunkWriter::new(
+        key.to_string(),
+        file,
+        manifest,
+        ChunkSet::new(0),
+        progress,
+        store.clone(),
+        ctx.stats.clone(),
+        ctx.sync_batch,
+    );
+    let mut session = Streaming {
+        writer,
+        streamed,
+        old,
+        created,
+        first_of: HashMap::new(),
+    };
+    record_so_far(ctx, &mut session)?;
+    if let Some((_, set)) = &session.old {
+        tracing::info!(path = key, durable = set.present(), "resuming a streamed transfer");
+    }
+    Ok(session)
+}
+
+/// Writes the transfer record with every piece so far and the received bitmap, admitted against the namespace's
+/// quota and limits (the record grows with each piece). Blocking.
+fn record_so_far(ctx: &ReceiverContext, session: &mut Streaming) -> Result<(), TransferError> {
+    let writer = &mut session.writer;
+    writer.progress.received = writer.received.to_bytes();
+    let partial_name = ctx.volume.partial_location(&writer.key);
+    let record = TransferRecordRef {
+        manifest: &writer.manifest,
+        partial: &partial_name,
+        created: session.created,
+    };
+    let encoded = crate::wire::codec::encode_record(&record);
+    let mut turn = ctx.admission.lock();
+    let new = NewTransfer {
+        path: &writer.key,
+        size: writer.manifest.size,
+        record_bytes: encoded.len() as u64,
+    };
+    admit(&ctx.store, ctx.quota, &ctx.limits, &new, &mut turn)?;
+    ctx.store
+        .begin_encoded(&writer.key, record, &encoded, &writer.progress)?;
+    Ok(())
+}
+
+/// Takes one piece: checks it, carries over the chunks of the replaced transfer it offers again, records it, and
+/// returns the chunks to ask for. Blocking; the writer is between rounds.
+fn take_piece(
+    ctx: &ReceiverContext,
+    session: &mut Streaming,
+    piece: &ManifestPiece,
+) -> Result<Vec<IndexRange>, TransferError> {
+    let added = session.streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
+    let manifest = Arc::new(session.streamed.so_far().clone());
+    let carried: Vec<u32> = match &session.old {
+        Some((old, set)) => added
+            .clone()
+            .filter(|&index| {
+                let chunk = &manifest.chunks[index as usize];
+                let found = old.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
+                found.is_ok_and(|at| old.chunks[at] == *chunk && set.contains(at as u32))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    session.writer.extend(manifest, &carried);
+    record_so_far(ctx, session)?;
+    let mut needed = Vec::new();
+    for index in added {
+        let hash = session.writer.manifest.chunks[index as usize].hash;
+        let first = *session.first_of.entry(hash).or_insert(index);
+        if session.writer.received.contains(index) || first == index {
+            if !session.writer.received.contains(index) {
+                needed.push(index);
+            }
+            continue;
+        }
+        fill_repeat(&mut session.writer, first, index)?;
+    }
+    // Copies filled from durable chunks: synced and marked now, never acknowledged (the sender never sent them).
+    session.writer.persist_batch()?;
+    Ok(encode_runs(needed))
+}
+
+/// Chunk `copy` repeats chunk `first` (same hash, announced earlier): written from the partial now if `first` is
+/// durable, else when `first` arrives (proto-spec.md §4, "Repeats within an offer"). Blocking.
+fn fill_repeat(writer: &mut ChunkWriter, first: u32, copy: u32) -> Result<(), TransferError> {
+    if !writer.received.contains(first) {
+        writer.expect_repeat(first, copy);
+        return Ok(());
+    }
+    let entry = writer.manifest.chunks[first as usize];
+    let mut data = vec![0; entry.len as usize];
+    writer
+        .file
+        .read_exact_at(&mut data, entry.offset)
+        .map_err(TransferError::Storage)?;
+    if !writer.write_local(copy, &data, true)? {
+        // The durable first copy no longer verifies (damaged at rest): the commit's check finds it; ask later.
+        writer.expect_repeat(first, copy);
+    }
+    Ok(())
+}
+
+/// How a round of a streamed offer ended.
+enum RoundEnd {
+    /// The next piece arrived.
+    Piece(ManifestPiece),
+    /// The manifest ended.
+    End(ManifestEnd),
+    /// The sender committed.
+    Commit,
+}
+
+/// Runs the pieces of a streamed offer, one round each, then the commit rounds of §4.
+async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    mut session: Streaming,
+    path: &RemotePath,
+    superseded: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    let mut need = None;
+    let mut ended = false;
+    loop {
+        let (writer, end) = round(conn, ctx, session.writer, need.take(), superseded, stop).await;
+        session.writer = writer;
+        match end? {
+            RoundEnd::Piece(_) if ended => {
+                return Err(TransferError::Unexpected {
+                    got: "ManifestPiece",
+                    state: "the manifest ended",
+                })
+            }
+            RoundEnd::Piece(piece) => {
+                let (ctx2, mut moved) = (ctx.clone(), session);
+                let (back, ranges) = blocking(move || {
+                    let ranges = take_piece(&ctx2, &mut moved, &piece);
+                    Ok((moved, ranges))
+                })
+                .await?;
+                session = back;
+                need = Some(ranges?);
+            }
+            RoundEnd::End(end) if !ended => {
+                let manifest = session.streamed.finish(end.digest).map_err(bad)?;
+                session.writer.finish_manifest(Arc::new(manifest));
+                let echo = Message::ManifestEnd(end);
+                send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
+                // Every announced chunk was asked for with its piece: the Need after the echo asks for nothing.
+                need = Some(Vec::new());
+                ended = true;
+            }
+            RoundEnd::End(_) => {
+                return Err(TransferError::Unexpected {
+                    got: "ManifestEnd",
+                    state: "the manifest ended",
+                })
+            }
+            RoundEnd::Commit if ended => break,
+            RoundEnd::Commit => {
+                let why = "Commit before ManifestEnd: the streamed manifest is not complete";
+                return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
+            }
+        }
+    }
+    commit_rounds(conn, ctx, session, path, superseded, stop).await
+}
+
+/// Commits, asking again for chunks missing or damaged, for at most [`MAX_COMMIT_ROUNDS`] rounds in all (the
+/// streamed one was the first).
+async fn commit_rounds<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    session: Streaming,
+    path: &RemotePath,
+    superseded: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    let mut writer = session.writer;
+    for round in 1..=MAX_COMMIT_ROUNDS {
+        if writer.received.is_complete() {
+            match commit_with_keepalive(conn, ctx, writer, path.clone()).await? {
+                CommitOutcome::Done(committed) => return Ok(committed),
+                CommitOutcome::Damaged(back) => writer = *back,
+            }
+        }
+        if round == MAX_COMMIT_ROUNDS {
+            break;
+        }
+        let (back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
+        writer = back;
+        result?;
+    }
+    let why = format!("chunks still missing or damaged after {MAX_COMMIT_ROUNDS} commit rounds");
+    Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
+}
+
+/// One round of a streamed offer: sends `need` (if any), then takes chunks of the announced part until the next
+/// piece, the end of the manifest, or Commit arrives. Always drains the writer first, so what was verified is
+/// durable before this returns, whatever the outcome.
+async fn round<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    writer: ChunkWriter,
+    need: Option<Vec<IndexRange>>,
+    superseded: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> (ChunkWriter, Result<RoundEnd, TransferError>) {
+    let manifest = writer.manifest.clone();
+    let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
+    let mut queue = Some(chunk_tx);
+    let mut result: Result<Option<RoundEnd>, TransferError> = Ok(None);
+    if let Some(ranges) = need {
+        if let Err(e) = send_within(conn, &Message::Need(Need { ranges }), ctx.idle_timeout, "sending Need").await {
+            result = Err(e);
+            queue = None;
+        }
+    }
+    loop {
+        let taking = queue.is_some();
+        let step = tokio::select! {
+            _ = superseded.cancelled(), if taking => Err(TransferError::Superseded),
+            _ = shutdown.cancelled(), if taking => Err(TransferError::ShuttingDown),
+            event = events.recv() => match event {
+                None => break, // the writer has finished
+                Some(event) if result.is_ok() => answer_writer(conn, ctx, event).await.map(|_| None),
+                Some(_) => Ok(None), // already failing: only drain
+            },
+            msg = next_message(conn, ctx.idle_timeout, "receiving chunks"), if taking => match msg {
+                Ok(msg) => take_message(conn, ctx, &manifest, queue.as_ref().expect("guarded"), msg).await,
+                Err(e) => Err(e),
+            },
+        };
+        match step {
+            Ok(None) => {}
+            Ok(Some(Step::WriterStopped)) => queue = None,
+            Ok(Some(Step::End(end))) => {
+                result = result.map(|_| Some(end));
+                queue = None;
+            }
+            Err(e) => {
+                result = result.and(Err(e));
+                queue = None;
+            }
+        }
+    }
+    let writer = task.await.expect("chunk writer panicked");
+    let result = result.and_then(|end| end.ok_or(TransferError::Closed("receiving chunks")));
+    (writer, result)
+}
+
+/// What one message did to a round.
+enum Step {
+    /// The round ends.
+    End(RoundEnd),
+    /// The writer stopped (its Failed event follows).
+    WriterStopped,
+}
+
+/// Handles one message from the sender while chunks of a streamed offer arrive.
+async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    manifest: &Manifest,
+    queue: &mpsc::Sender<super::writer::QueuedChunk>,
+    msg: Message,
+) -> Result<Option<Step>, TransferError> {
+    match msg {
+        Message::Chunk(chunk) => {
+            Ok((!queue_chunk(ctx, manifest, queue, chunk, 0).await?).then_some(Step::WriterStopped))
+        }
+        Message::ManifestPiece(piece) => Ok(Some(Step::End(RoundEnd::Piece(piece)))),
+        Message::ManifestEnd(end) => Ok(Some(Step::End(RoundEnd::End(end)))),
+        Message::Commit => Ok(Some(Step::End(RoundEnd::Commit))),
+        Message::Abandon(reason) => Err(TransferError::Abandoned(reason)),
+        Message::Ping(nonce) => {
+            answer_ping(conn, nonce, ctx.idle_timeout).await?;
+            Ok(None)
+        }
+        other => Err(TransferError::Unexpected {
+            got: other.name(),
+            state: "receiving a streamed offer",
+        }),
+    }
+}

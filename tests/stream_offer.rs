@@ -1,0 +1,399 @@
+//! The streamed offer (proto-spec.md §4, "Streamed offer", protocol version 6): chunks travel while the sender is
+//! still hashing, a cut streamed push resumes, version-5 peers keep the whole offer both ways, and a hostile stream
+//! of pieces is refused with the right code before anything is written.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry::manifest::{ChunkEntry, Chunking, FileTime};
+use ferry::wire::{Chunk, ErrorCode, ManifestEnd, ManifestPiece, Message, OfferStart};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::util::{b3, greeted, push, push_command, write_random, TestServer};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Bytes held by the partial files under `root`'s `.ferry/partial`.
+fn partial_bytes(root: &Path) -> u64 {
+    let Ok(dir) = std::fs::read_dir(root.join(".ferry/partial")) else {
+        return 0;
+    };
+    dir.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+}
+
+/// `rchar` of a running process: every byte it read so far.
+fn rchar(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Polls `done` every 20 ms for at most `limit`.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The first chunks land on the server while the client has not yet read its source through even once: the
+/// manifest is streamed, not built before the first byte goes out. A sparse 64 GiB source takes the client tens of
+/// seconds to read (it is all zeros, so its content-defined chunks are the largest), and the server must hold bytes
+/// of it long before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_land_before_the_source_is_read_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("sparse.img");
+    let size = 64 * 1024 * MIB;
+    std::fs::File::create(&source).unwrap().set_len(size).unwrap();
+    let mut client = push_command(&source, &server.url("sparse.img"), &dir.path().join("state"), &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = server.root.clone();
+    let landed = tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(60), || partial_bytes(&root) > 0))
+        .await
+        .unwrap();
+    let read = rchar(client.id());
+    client.kill().unwrap();
+    let _ = client.wait();
+    assert!(landed, "no chunk reached the server");
+    assert!(
+        read < size,
+        "the client had read {read} bytes of {size} when the first chunk landed"
+    );
+}
+
+/// A streamed push cut at half (the client SIGKILLed) resumes: a run from another client state (no cached
+/// manifest, so streamed again) keeps, piece by piece, every durable chunk it offers again and sends about the
+/// other half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_push_cut_at_half_resends_only_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("half.bin");
+    let size = 48 * MIB;
+    write_random(&source, size as usize, 5);
+    let state = dir.path().join("state");
+    let url = server.url("half.bin");
+    let mut client = push_command(&source, &url, &state, &["--bwlimit", "8M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = server.root.clone();
+    let half =
+        tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(120), || partial_bytes(&root) >= size / 2))
+            .await
+            .unwrap();
+    client.kill().unwrap();
+    let _ = client.wait();
+    assert!(half, "the first run never got half way");
+    let out = push(&source, &url, &dir.path().join("state2"), &[]).await;
+    out.assert_ok();
+    assert_eq!(out.json["manifest_cached"], false, "streamed again");
+    assert_eq!(b3(&source), b3(&server.root.join("half.bin")));
+    let sent = out.u64("bytes_sent");
+    // At most the half not yet written, the last batch not yet synced (4 MiB) and a window in flight (16 MiB).
+    assert!(sent <= size / 2 + 20 * MIB, "the resume sent {sent} of {size} bytes");
+}
+
+/// A source that changes while it is hashed for a streamed offer: the attempt fails with SourceChanged, nothing
+/// of it is committed, and the run goes on to push the file as it is now, verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_changed_while_streamed_is_pushed_again_as_it_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("moving.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(64 * 1024 * MIB)
+        .unwrap();
+    let url = server.url("moving.img");
+    let child = push_command(&source, &url, &dir.path().join("state"), &["--timeout", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let root = server.root.clone();
+    let landed = tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(60), || partial_bytes(&root) > 0))
+        .await
+        .unwrap();
+    assert!(landed, "no chunk reached the server");
+    // Still being hashed (see chunks_land_before_the_source_is_read_through): cut it to 3 MiB of new bytes.
+    let now = write_random(&source, 3 * MIB as usize, 9);
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("source_changed"), "{stdout}");
+    assert_eq!(std::fs::read(server.root.join("moving.img")).unwrap(), now);
+}
+
+/// A version-6 client pushing through a relay that makes the server pick version 5 (as an older server would)
+/// offers the file whole: a streamed offer on that connection would be refused and the push would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_five_server_gets_a_whole_offer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let upstream = server.addr;
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                let mut len = [0u8; 4];
+                client.read_exact(&mut len).await.unwrap();
+                let mut hello = vec![0u8; u32::from_be_bytes(len) as usize];
+                client.read_exact(&mut hello).await.unwrap();
+                // Hello: tag (4 bytes), magic (8), min_version (2), then max_version (2).
+                hello[14..16].copy_from_slice(&5u16.to_le_bytes());
+                let mut server = TcpStream::connect(upstream).await.unwrap();
+                server.write_all(&len).await.unwrap();
+                server.write_all(&hello).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let source = dir.path().join("old.bin");
+    write_random(&source, 3 * MIB as usize + 17, 6);
+    let url = format!("ferry://{relay_addr}/old.bin");
+    push(&source, &url, &dir.path().join("state"), &["--retries", "0"])
+        .await
+        .assert_ok();
+    assert_eq!(b3(&source), b3(&server.root.join("old.bin")));
+}
+
+/// A version-5 client cannot send OfferStart (the server refuses it as unexpected), and its whole Offer is served
+/// as before.
+#[tokio::test]
+async fn a_version_five_client_keeps_the_whole_offer() {
+    use ferry::wire::{Connection, Hello, Offer, MAGIC};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let hello = Message::Hello(Hello {
+        magic: MAGIC,
+        min_version: 3,
+        max_version: 5,
+        agent: "ferry/v5".into(),
+        client: String::new(),
+    });
+    let data = b"offered whole by a version-5 client".to_vec();
+    let hash = *blake3::hash(&data).as_bytes();
+    let start = start_of("v5/streamed", data.len() as u64);
+    for streamed in [true, false] {
+        let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
+        conn.write_message(&hello).await.unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(w)) if w.version == 5));
+        if streamed {
+            conn.write_message(&Message::OfferStart(start.clone())).await.unwrap();
+            assert_eq!(error_code(&mut conn).await, ErrorCode::UnexpectedMessage);
+            continue;
+        }
+        let manifest = ferry::manifest::Manifest {
+            size: data.len() as u64,
+            digest: hash,
+            chunking: Chunking::Fixed { size: 4096 },
+            mtime: FileTime::default(),
+            mode: 0o644,
+            chunks: vec![ChunkEntry {
+                offset: 0,
+                len: data.len() as u32,
+                hash,
+            }],
+        };
+        let offer = Offer {
+            path: "v5/whole".into(),
+            manifest,
+        };
+        conn.write_message(&Message::Offer(offer)).await.unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Need(_))));
+        conn.write_message(&Message::Chunk(Chunk {
+            index: 0,
+            data: data.clone(),
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Ack(_))));
+        conn.write_message(&Message::Commit).await.unwrap();
+        assert!(matches!(
+            conn.read_message().await.unwrap(),
+            Some(Message::Committed(_))
+        ));
+    }
+    assert_eq!(std::fs::read(server.root.join("v5/whole")).unwrap(), data);
+    assert!(!server.root.join("v5/streamed").exists());
+}
+
+fn start_of(path: &str, size: u64) -> OfferStart {
+    OfferStart {
+        path: path.into(),
+        size,
+        chunking: Chunking::Fixed { size: 4096 },
+        mtime: FileTime::default(),
+        mode: 0o644,
+    }
+}
+
+/// Reads until an Error frame (skipping Needs, Acks and echoes) and returns its code.
+async fn error_code(conn: &mut ferry::wire::Connection<TcpStream>) -> ErrorCode {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await {
+            Ok(Ok(Some(Message::Error(frame)))) => return frame.code,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    }
+}
+
+/// A hostile streamed offer: each malformed stream is refused with its code, and nothing lands at its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_streams_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let block = |i: u8| vec![i; 4096];
+    let entry = |i: u8, offset: u64, len: u32| ChunkEntry {
+        offset,
+        len,
+        hash: *blake3::hash(&block(i)[..len as usize]).as_bytes(),
+    };
+    let piece = |first_index, chunks| Message::ManifestPiece(ManifestPiece { first_index, chunks });
+    let chunk = |index: u32| {
+        Message::Chunk(Chunk {
+            index,
+            data: block(index as u8),
+        })
+    };
+    let size = 3 * 4096;
+    let cases: Vec<(&str, Vec<Message>, ErrorCode)> = vec![
+        (
+            "overlap",
+            vec![piece(0, vec![entry(0, 0, 4096)]), piece(1, vec![entry(1, 4000, 4096)])],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "gap",
+            vec![piece(0, vec![entry(0, 0, 4096), entry(1, 8192, 4096)])],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "index-overlap",
+            vec![piece(0, vec![entry(0, 0, 4096)]), piece(0, vec![entry(1, 4096, 4096)])],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "past-size",
+            vec![piece(
+                0,
+                vec![
+                    entry(0, 0, 4096),
+                    entry(1, 4096, 4096),
+                    entry(2, 8192, 4096),
+                    entry(3, 12288, 4096),
+                ],
+            )],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "too-many",
+            vec![piece(
+                0,
+                vec![entry(0, 0, 4096); ferry::manifest_stream::MAX_PIECE_CHUNKS + 1],
+            )],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "short-end",
+            vec![
+                piece(0, vec![entry(0, 0, 4096)]),
+                Message::ManifestEnd(ManifestEnd { digest: [0; 32] }),
+            ],
+            ErrorCode::BadManifest,
+        ),
+        (
+            "unannounced-chunk",
+            vec![piece(0, vec![entry(0, 0, 4096)]), chunk(1)],
+            ErrorCode::UnexpectedMessage,
+        ),
+        (
+            "no-end",
+            vec![
+                piece(0, vec![entry(0, 0, 4096), entry(1, 4096, 4096), entry(2, 8192, 4096)]),
+                chunk(0),
+                chunk(1),
+                chunk(2),
+                Message::Commit,
+            ],
+            ErrorCode::UnexpectedMessage,
+        ),
+        (
+            "wrong-digest",
+            vec![
+                piece(0, vec![entry(0, 0, 4096), entry(1, 4096, 4096), entry(2, 8192, 4096)]),
+                Message::ManifestEnd(ManifestEnd { digest: [7; 32] }),
+                chunk(0),
+                chunk(1),
+                chunk(2),
+                Message::Commit,
+            ],
+            ErrorCode::IntegrityFailed,
+        ),
+    ];
+    for (name, messages, code) in cases {
+        let path = format!("bad/{name}");
+        let mut conn = greeted(server.addr).await;
+        conn.write_message(&Message::OfferStart(start_of(&path, size)))
+            .await
+            .unwrap();
+        for msg in &messages {
+            if conn.write_message(msg).await.is_err() {
+                break; // refused already
+            }
+        }
+        assert_eq!(error_code(&mut conn).await, code, "{name}");
+        assert!(!server.root.join(&path).exists(), "{name}: something landed");
+    }
+    // The same stream, well formed, lands.
+    let mut conn = greeted(server.addr).await;
+    let whole: Vec<u8> = (0..3).flat_map(block).collect();
+    conn.write_message(&Message::OfferStart(start_of("bad/none", size)))
+        .await
+        .unwrap();
+    conn.write_message(&piece(0, vec![entry(0, 0, 4096)])).await.unwrap();
+    conn.write_message(&piece(1, vec![entry(1, 4096, 4096), entry(2, 8192, 4096)]))
+        .await
+        .unwrap();
+    let digest = *blake3::hash(&whole).as_bytes();
+    conn.write_message(&Message::ManifestEnd(ManifestEnd { digest }))
+        .await
+        .unwrap();
+    for index in 0..3 {
+        conn.write_message(&chunk(index)).await.unwrap();
+    }
+    conn.write_message(&Message::Commit).await.unwrap();
+    loop {
+        match conn.read_message().await.unwrap() {
+            Some(Message::Committed(done)) => {
+                assert_eq!(done.digest, digest);
+                break;
+            }
+            Some(Message::Need(_) | Message::Ack(_) | Message::ManifestEnd(_)) => {}
+            other => panic!("expected Committed, got {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read(server.root.join("bad/none")).unwrap(), whole);
+}
