@@ -21,7 +21,9 @@ const NEED: u32 = 3;
 const CHUNK_TAG: u32 = 4;
 const ACK: u32 = 5;
 
-/// Pushes a `SIZE`-byte file through a proxy whose first connection carries `fault`; checks that the push landed
+/// Pushes a `SIZE`-byte file through a proxy whose first connection carries `fault`, as a whole offer (its manifest
+/// cached by an earlier push of the same file to another server, so the first Need answers the whole manifest: a
+/// streamed offer's Needs answer pieces, proto-spec.md §4); checks that the push landed
 /// verified, that the fault was applied once, and that what was re-sent stays within one cut's cost (window +
 /// chunk, derived as the cut tests derive it), with every chunk counted once as received. Returns the summary.
 async fn push_through(fault: Faults, seed: u64) -> PushOutcome {
@@ -29,12 +31,18 @@ async fn push_through(fault: Faults, seed: u64) -> PushOutcome {
     let server = TestServer::start(&dir.path().join("root"));
     let src = dir.path().join("data.bin");
     write_random(&src, SIZE as usize, seed);
+    let state = dir.path().join("state");
+    let elsewhere = TestServer::start(&dir.path().join("elsewhere"));
+    push(&src, &format!("ferry://{}/data.bin", elsewhere.addr), &state, &SMALL)
+        .await
+        .assert_ok();
     let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![fault])
         .await
         .unwrap();
     let url = format!("ferry://{}/data.bin", proxy.addr());
-    let out = push(&src, &url, &dir.path().join("state"), &SMALL).await;
+    let out = push(&src, &url, &state, &SMALL).await;
     out.assert_ok();
+    assert!(out.json["manifest_cached"] == true, "a whole offer: {}", out.json);
     eprintln!("{fault:?}: {}", out.json);
     assert_eq!(
         proxy.stats().flips.load(Ordering::Relaxed),

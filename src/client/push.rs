@@ -397,6 +397,7 @@ impl Streamed<'_> {
             Err(e) => Err(e),
         };
         let mut record = start_record(self.store, self.canonical, self.destination, source.size).await?;
+        let _published = publish_push(opts, self.store, &record);
         let number = retrier.start();
         let attempt = async {
             let mut conn = conn?;
@@ -422,8 +423,7 @@ impl Streamed<'_> {
             PushState::Failed
         };
         record.last_error = outcome.as_ref().err().map(|e| e.to_string());
-        let save = self.store.clone();
-        blocking(move || Ok(save.save_push(&record)?)).await?;
+        save_push(self.store, record, opts.send.meter.snapshot().done).await?;
         let (committed, manifest) = outcome?;
         Ok(First::Done(PushReport {
             source: self.canonical.display().to_string(),

@@ -174,14 +174,15 @@ impl ChunkWriter {
         *self.manifest_id.get_or_insert_with(|| self.manifest.id())
     }
 
-    /// The digest state recorded for this partial, if it still describes it: the same manifest, the file unchanged
-    /// since (same inode, size, times), and no further than the chunks known durable from offset 0.
+    /// The digest state recorded for this partial, if it still describes it: the file unchanged since (same inode,
+    /// size, times), and no further than the chunks known durable from offset 0. The state hashes the partial's
+    /// bytes as they were read back, so it holds for whatever manifest is offered now (a streamed offer's pieces
+    /// so far, the whole manifest of the resume): a chunk of `[0, len)` that the new offer does not carry over is not
+    /// received, which the length check catches, and the whole-file digest is still checked at commit.
     fn recorded_prefix(&mut self) -> Option<PrefixDigest> {
         let record = self.store.digest_prefix(&self.key).ok().flatten()?;
         let now = FileStamp::of(&self.file.change_stamp().ok()?);
-        let bound = record.manifest_id == self.manifest_id()
-            && record.partial.unchanged_at(&now)
-            && record.len <= self.final_bytes();
+        let bound = record.partial.unchanged_at(&now) && record.len <= self.final_bytes();
         if !bound {
             tracing::info!(path = %self.key, "the recorded digest state no longer describes the partial; reading it again");
             return None;
@@ -243,6 +244,7 @@ impl ChunkWriter {
     pub(crate) fn extend(&mut self, manifest: Arc<Manifest>, carried: &[u32]) {
         let count = manifest.chunk_count();
         self.manifest = manifest;
+        self.manifest_id = None;
         self.received.grow(count);
         self.written.grow(count);
         for &index in carried {
@@ -267,6 +269,7 @@ impl ChunkWriter {
     pub(crate) fn finish_manifest(&mut self, manifest: Arc<Manifest>) {
         debug_assert_eq!(manifest.chunks, self.manifest.chunks);
         self.manifest = manifest;
+        self.manifest_id = None;
     }
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns

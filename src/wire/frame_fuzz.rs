@@ -99,16 +99,23 @@ fn time() -> impl Strategy<Value = FileTime> {
     (any::<i64>(), any::<u32>()).prop_map(|(secs, nanos)| FileTime { secs, nanos })
 }
 
-fn manifest() -> impl Strategy<Value = Manifest> {
-    let entry = (any::<u64>(), any::<u32>(), hash()).prop_map(|(offset, len, hash)| ChunkEntry { offset, len, hash });
-    let chunking = prop_oneof![
+fn chunk_entry() -> impl Strategy<Value = ChunkEntry> {
+    (any::<u64>(), any::<u32>(), hash()).prop_map(|(offset, len, hash)| ChunkEntry { offset, len, hash })
+}
+
+fn chunking() -> impl Strategy<Value = Chunking> {
+    prop_oneof![
         any::<u32>().prop_map(|size| Chunking::Fixed { size }),
         (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(min, avg, max)| Chunking::FastCdc { min, avg, max }),
-    ];
+    ]
+}
+
+fn manifest() -> impl Strategy<Value = Manifest> {
+    let entry = chunk_entry();
     (
         any::<u64>(),
         hash(),
-        chunking,
+        chunking(),
         time(),
         any::<u32>(),
         proptest::collection::vec(entry, 0..4),
@@ -255,11 +262,33 @@ pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
             prop_oneof![Just(PullKind::Any), Just(PullKind::File), Just(PullKind::Tree)]
         )
             .prop_map(|(pull, expect)| Message::PullExpecting(PullExpecting { pull, expect })),
+        (text(), any::<u64>(), chunking(), time(), any::<u32>()).prop_map(|(path, size, chunking, mtime, mode)| {
+            Message::OfferStart(OfferStart {
+                path,
+                size,
+                chunking,
+                mtime,
+                mode,
+            })
+        }),
+        (any::<u32>(), proptest::collection::vec(chunk_entry(), 0..4))
+            .prop_map(|(first_index, chunks)| Message::ManifestPiece(ManifestPiece { first_index, chunks })),
+        hash().prop_map(|digest| Message::ManifestEnd(ManifestEnd { digest })),
+        text().prop_map(|path| Message::TreePrune(TreePrune { path })),
+        (
+            proptest::collection::vec(text(), 0..3),
+            any::<u64>(),
+            proptest::collection::vec(
+                (text(), text()).prop_map(|(path, reason)| PruneFailure { path, reason }),
+                0..3
+            )
+        )
+            .prop_map(|(removed, total, failed)| Message::TreePruned(TreePruned { removed, total, failed })),
     ]
 }
 
 /// Highest valid tag (the last variant of [`Message`]).
-const LAST_TAG: u32 = 24;
+const LAST_TAG: u32 = 29;
 
 /// One change to a frame's body (after the prefix); positions are taken modulo the body's length.
 #[derive(Clone, Debug)]
