@@ -171,10 +171,7 @@ impl FileStamp {
     /// The stamp of the file whose identity and change times are `stamp` (just read), taken now.
     pub fn of(stamp: &crate::storage::ChangeStamp) -> FileStamp {
         let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
-        // SAFETY: an all-zero timespec is valid, and clock_gettime only writes it.
-        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid clock id and out-pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
         FileStamp {
             dev: stamp.dev,
             ino: stamp.ino,

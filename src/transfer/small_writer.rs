@@ -266,11 +266,7 @@ impl SmallWriter {
         let final_name = file.key.components().last().expect("a RemotePath has a component");
         if !crate::storage::local::inode_at(dir, final_name).is_ok_and(|found| found == verified) {
             // Swapped in the instant between the check and the rename: take the stranger's file away again.
-            if let Ok(c_name) = std::ffi::CString::new(final_name) {
-                use std::os::fd::AsRawFd;
-                // SAFETY: the name is NUL-terminated and the descriptor is open.
-                unsafe { libc::unlinkat(dir.as_raw_fd(), c_name.as_ptr(), 0) };
-            }
+            let _ = rustix::fs::unlinkat(dir, final_name, rustix::fs::AtFlags::empty());
             return Err(swapped());
         }
         Ok(())
@@ -393,10 +389,8 @@ fn remove_partial(partial: &Path) {
 
 /// Makes the temporary files durable: one `syncfs` of their filesystem, or an `fdatasync` each where that fails.
 fn sync_filesystem<'a>(dir: &Path, temps: impl Iterator<Item = &'a Path>) -> Result<(), TransferError> {
-    use std::os::fd::AsRawFd;
     let handle = File::open(dir).map_err(TransferError::Storage)?;
-    // SAFETY: syncfs only reads the descriptor, which `handle` keeps open for the duration of the call.
-    if unsafe { libc::syncfs(handle.as_raw_fd()) } == 0 {
+    if rustix::fs::syncfs(&handle).is_ok() {
         return Ok(());
     }
     for temp in temps {
