@@ -321,16 +321,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             read = pipeline.next_read(), if pipeline.has_reads() => Step::Read(read?),
         };
         match event {
-            Step::Read(chunk) => {
-                let len = chunk.data.len() as u64;
-                conn.write_chunk(chunk.index, &chunk.data, Some(opts.io_timeout))
-                    .await
-                    .map_err(|e| timeout_as(e, "sending chunks"))?;
-                pipeline.recycle(chunk.data);
-                opts.meter.moved(len);
-                stats.bytes_sent += len;
-                stats.chunks_sent += 1;
-            }
+            Step::Read(chunk) => pipeline.send_read(conn, chunk, stats).await?,
             Step::Message(Message::Ack(ack)) => pipeline.ack(&ack.ranges, stats)?,
             Step::Message(Message::Ping(nonce)) => {
                 answer_ping(conn, nonce, opts.io_timeout).await?;
@@ -414,6 +405,24 @@ impl<'a> Pipeline<'a> {
     pub(super) fn extend(&mut self, manifest: Arc<Manifest>) {
         self.queued.grow(manifest.chunk_count());
         self.source.manifest = manifest;
+    }
+
+    /// Sends `chunk` (read for sending by [`Pipeline::next_read`]), counts it, and takes its buffer back.
+    pub(super) async fn send_read<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        chunk: Chunk,
+        stats: &mut SendStats,
+    ) -> Result<(), TransferError> {
+        let len = chunk.data.len() as u64;
+        conn.write_chunk(chunk.index, &chunk.data, Some(self.opts.io_timeout))
+            .await
+            .map_err(|e| timeout_as(e, "sending chunks"))?;
+        self.recycle(chunk.data);
+        self.opts.meter.moved(len);
+        stats.bytes_sent += len;
+        stats.chunks_sent += 1;
+        Ok(())
     }
 
     /// Takes back the buffer of a chunk that went out.

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::sender::{commit, Pipeline, SendEvent, SendOptions, SendStats, Source};
-use super::{answer_ping, next_message, send_within, timeout_as, TransferError};
+use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::{mtime_of, stream_chunks};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::manifest_stream::{piece_target, MAX_PIECE_CHUNKS};
@@ -173,17 +173,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
                 let digest = done.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
                 flow.digest = Some(digest);
             }
-            read = pipeline.next_read(), if pipeline.has_reads() => {
-                let chunk = read?;
-                let len = chunk.data.len() as u64;
-                conn.write_chunk(chunk.index, &chunk.data, Some(opts.io_timeout))
-                    .await
-                    .map_err(|e| timeout_as(e, "sending chunks"))?;
-                pipeline.recycle(chunk.data);
-                opts.meter.moved(len);
-                stats.bytes_sent += len;
-                stats.chunks_sent += 1;
-            }
+            read = pipeline.next_read(), if pipeline.has_reads() => pipeline.send_read(conn, read?, stats).await?,
             _ = tokio::time::sleep_until(flow.last_piece + PIECE_WAIT), if starved => {}
         }
     }
