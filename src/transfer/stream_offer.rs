@@ -54,8 +54,8 @@ pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let streamed =
         StreamedManifest::start(start.size, start.chunking, start.mtime, mode, ctx.max_manifest_chunks).map_err(bad)?;
     let occupied = {
-        let (root, path) = (ctx.root.clone(), path.clone());
-        blocking(move || Ok(crate::path::metadata_in_root(&root, &path).is_ok())).await?
+        let (volume, path) = (ctx.volume.clone(), path.clone());
+        blocking(move || Ok(volume.stat_final(&path).is_some())).await?
     };
     if occupied {
         return deferred(conn, ctx, path, streamed, stop).await;
