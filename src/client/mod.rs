@@ -218,20 +218,8 @@ pub struct Access {
 pub type ClientConnection = Connection<Throttled<Stream>>;
 
 /// Connects to `url`'s server (TCP, then TLS if configured) and completes the handshake, proving the token if the
-/// server asks. A TLS peer that fails the trust check is refused with `AuthFailed`, never retried.
-async fn connect(
-    url: &FerryUrl,
-    connect_timeout: Duration,
-    io_timeout: Duration,
-    access: &Access,
-    bandwidth: Option<&Bandwidth>,
-) -> Result<ClientConnection, TransferError> {
-    Ok(connect_welcomed(url, connect_timeout, io_timeout, access, bandwidth)
-        .await?
-        .0)
-}
-
-/// Like [`connect`], also returning the server's Welcome (its protocol version says which messages it knows).
+/// server asks; returns the connection and the server's Welcome (its protocol version says which messages it
+/// knows). A TLS peer that fails the trust check is refused with `AuthFailed`, never retried.
 async fn connect_welcomed(
     url: &FerryUrl,
     connect_timeout: Duration,

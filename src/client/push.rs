@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::running::{AckRecord, Publisher};
-use super::{blocking, classify, connect, Backoff, ClientError, ClientEvent, Deadline, Retrier};
+use super::{blocking, classify, Backoff, ClientError, ClientEvent, Deadline, Retrier};
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
@@ -56,14 +56,7 @@ pub struct PushOptions {
 impl PushOptions {
     /// A greeted connection to the destination's server.
     pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
-        connect(
-            &self.destination,
-            self.connect_timeout,
-            self.send.io_timeout,
-            &self.access,
-            self.bandwidth.as_ref(),
-        )
-        .await
+        Ok(self.connect_welcomed().await?.0)
     }
 
     /// Like [`PushOptions::connect`], also returning the server's Welcome.
