@@ -305,7 +305,6 @@ async fn versions_three_and_four_meet_and_listing_needs_four() {
 /// `Offer` on the same connection are served.
 #[tokio::test]
 async fn list_partials_twice_then_an_offer_on_one_connection() {
-    use ferry::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
     use ferry::wire::{Connection, Hello, Message, Offer, MAGIC};
     use tokio::net::TcpStream;
 
@@ -322,19 +321,7 @@ async fn list_partials_twice_then_an_offer_on_one_connection() {
     conn.write_message(&hello).await.unwrap();
     assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Welcome(w)) if w.version == 4));
     let data = b"listed, then pushed";
-    let hash = *blake3::hash(data).as_bytes();
-    let manifest = Manifest {
-        size: data.len() as u64,
-        digest: hash,
-        chunking: Chunking::Fixed { size: 4096 },
-        mtime: FileTime::default(),
-        mode: 0o644,
-        chunks: vec![ChunkEntry {
-            offset: 0,
-            len: data.len() as u32,
-            hash,
-        }],
-    };
+    let manifest = single_chunk_manifest(data);
     for round in 0..2 {
         conn.write_message(&Message::ListPartials).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(20), conn.read_message()).await;
@@ -353,18 +340,7 @@ async fn list_partials_twice_then_an_offer_on_one_connection() {
         matches!(&answer, Ok(Ok(Some(Message::Need(n)))) if n.ranges.len() == 1),
         "the Offer after two listings: {answer:?}"
     );
-    conn.write_message(&Message::Chunk(ferry::wire::Chunk {
-        index: 0,
-        data: data.to_vec(),
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Ack(_))));
-    conn.write_message(&Message::Commit).await.unwrap();
-    assert!(matches!(
-        conn.read_message().await.unwrap(),
-        Some(Message::Committed(_))
-    ));
+    send_chunk_zero_and_commit(&mut conn, data).await;
     assert_eq!(std::fs::read(server.root.join("after-listing.txt")).unwrap(), data);
 }
 

@@ -10,7 +10,9 @@ use ferry::wire::{Chunk, ErrorCode, ManifestEnd, ManifestPiece, Message, OfferSt
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{b3, greeted, push, push_command, write_random, TestServer};
+use crate::util::{
+    b3, greeted, push, push_command, send_chunk_zero_and_commit, single_chunk_manifest, write_random, TestServer,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -193,7 +195,6 @@ async fn a_version_five_client_keeps_the_whole_offer() {
         client: String::new(),
     });
     let data = b"offered whole by a version-5 client".to_vec();
-    let hash = *blake3::hash(&data).as_bytes();
     let start = start_of("v5/streamed", data.len() as u64);
     for streamed in [true, false] {
         let mut conn = Connection::new(TcpStream::connect(server.addr).await.unwrap(), ferry::MAX_FRAME);
@@ -204,36 +205,14 @@ async fn a_version_five_client_keeps_the_whole_offer() {
             assert_eq!(error_code(&mut conn).await, ErrorCode::UnexpectedMessage);
             continue;
         }
-        let manifest = ferry::manifest::Manifest {
-            size: data.len() as u64,
-            digest: hash,
-            chunking: Chunking::Fixed { size: 4096 },
-            mtime: FileTime::default(),
-            mode: 0o644,
-            chunks: vec![ChunkEntry {
-                offset: 0,
-                len: data.len() as u32,
-                hash,
-            }],
-        };
+        let manifest = single_chunk_manifest(&data);
         let offer = Offer {
             path: "v5/whole".into(),
             manifest,
         };
         conn.write_message(&Message::Offer(offer)).await.unwrap();
         assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Need(_))));
-        conn.write_message(&Message::Chunk(Chunk {
-            index: 0,
-            data: data.clone(),
-        }))
-        .await
-        .unwrap();
-        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Ack(_))));
-        conn.write_message(&Message::Commit).await.unwrap();
-        assert!(matches!(
-            conn.read_message().await.unwrap(),
-            Some(Message::Committed(_))
-        ));
+        send_chunk_zero_and_commit(&mut conn, &data).await;
     }
     assert_eq!(std::fs::read(server.root.join("v5/whole")).unwrap(), data);
     assert!(!server.root.join("v5/streamed").exists());

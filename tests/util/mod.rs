@@ -418,3 +418,42 @@ pub async fn greeted(server: SocketAddr) -> ferry::wire::Connection<tokio::net::
         .unwrap();
     conn
 }
+
+/// The manifest of `data` as one chunk (fixed 4 KiB chunking, mode 0644, mtime zero), with the right hash and
+/// digest, for tests that offer a small file by hand.
+pub fn single_chunk_manifest(data: &[u8]) -> ferry::manifest::Manifest {
+    let hash = *blake3::hash(data).as_bytes();
+    ferry::manifest::Manifest {
+        size: data.len() as u64,
+        digest: hash,
+        chunking: ferry::manifest::Chunking::Fixed { size: 4096 },
+        mtime: ferry::manifest::FileTime::default(),
+        mode: 0o644,
+        chunks: vec![ferry::manifest::ChunkEntry {
+            offset: 0,
+            len: data.len() as u32,
+            hash,
+        }],
+    }
+}
+
+/// Sends `data` as chunk 0 of the offer the server just answered with a Need, then Commit; expects the chunk's
+/// Ack and Committed.
+pub async fn send_chunk_zero_and_commit<S>(conn: &mut ferry::wire::Connection<S>, data: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use ferry::wire::{Chunk, Message};
+    conn.write_message(&Message::Chunk(Chunk {
+        index: 0,
+        data: data.to_vec(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Ack(_))));
+    conn.write_message(&Message::Commit).await.unwrap();
+    assert!(matches!(
+        conn.read_message().await.unwrap(),
+        Some(Message::Committed(_))
+    ));
+}
