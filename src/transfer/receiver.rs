@@ -235,16 +235,35 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     let size = writer.manifest.size;
     meter.file(path.as_str(), size, size - missing_bytes.min(size));
     tracing::info!(path = %path, chunks, missing, "offer accepted");
-    for _ in 0..MAX_COMMIT_ROUNDS {
-        let (writer_back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
-        writer = writer_back;
-        result?;
+    let (writer, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
+    result?;
+    commit_rounds(conn, ctx, writer, path, superseded, stop).await
+}
+
+/// After a round of chunks (the first of at most [`MAX_COMMIT_ROUNDS`]): commits once every chunk is in, and asks
+/// again for whatever is still missing or turned out damaged at commit, round after round. Whole and streamed
+/// offers end here.
+pub(super) async fn commit_rounds<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    mut writer: ChunkWriter,
+    path: &RemotePath,
+    superseded: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    for round in 1..=MAX_COMMIT_ROUNDS {
         if writer.received.is_complete() {
             match commit_with_keepalive(conn, ctx, writer, path.clone()).await? {
                 CommitOutcome::Done(committed) => return Ok(committed),
                 CommitOutcome::Damaged(back) => writer = *back,
             }
         }
+        if round == MAX_COMMIT_ROUNDS {
+            break;
+        }
+        let (back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
+        writer = back;
+        result?;
     }
     let why = format!("chunks still missing or damaged after {MAX_COMMIT_ROUNDS} commit rounds");
     Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))

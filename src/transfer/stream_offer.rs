@@ -19,11 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::commit::CommitOutcome;
 use super::quota::{admit, NewTransfer};
 use super::receiver::{
-    answer_writer, blocking, commit_with_keepalive, queue_chunk, receive, receive_chunks, too_large, ReceiverContext,
-    MAX_COMMIT_ROUNDS, WRITE_QUEUE,
+    answer_writer, blocking, commit_rounds, queue_chunk, receive, too_large, ReceiverContext, WRITE_QUEUE,
 };
 use super::writer::ChunkWriter;
 use super::{answer_ping, next_message, send_within, TransferError};
@@ -323,36 +321,7 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    commit_rounds(conn, ctx, session, path, superseded, stop).await
-}
-
-/// Commits, asking again for chunks missing or damaged, for at most [`MAX_COMMIT_ROUNDS`] rounds in all (the
-/// streamed one was the first).
-async fn commit_rounds<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    ctx: &ReceiverContext,
-    session: Streaming,
-    path: &RemotePath,
-    superseded: &CancellationToken,
-    stop: &CancellationToken,
-) -> Result<Committed, TransferError> {
-    let mut writer = session.writer;
-    for round in 1..=MAX_COMMIT_ROUNDS {
-        if writer.received.is_complete() {
-            match commit_with_keepalive(conn, ctx, writer, path.clone()).await? {
-                CommitOutcome::Done(committed) => return Ok(committed),
-                CommitOutcome::Damaged(back) => writer = *back,
-            }
-        }
-        if round == MAX_COMMIT_ROUNDS {
-            break;
-        }
-        let (back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
-        writer = back;
-        result?;
-    }
-    let why = format!("chunks still missing or damaged after {MAX_COMMIT_ROUNDS} commit rounds");
-    Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
+    commit_rounds(conn, ctx, session.writer, path, superseded, stop).await
 }
 
 /// One round of a streamed offer: sends `need` (if any), then takes chunks of the announced part until the next
