@@ -125,6 +125,11 @@ async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
     let stall_at = 6 * MIB as u64;
     write_random(&src, size as usize, 4);
     let state = dir.path().join("state");
+    // The client's manifest cache is primed by a push elsewhere, so the stalled first attempt and the re-run both
+    // send a whole offer: a streamed first attempt caches its manifest only once hashing ends, which on a loaded
+    // machine may come after the stall, and the re-run's `manifest_cached` would then depend on timing.
+    let elsewhere = TestServer::start(&dir.path().join("elsewhere"));
+    push(&src, &elsewhere.url("home.tar"), &state, &SMALL).await.assert_ok();
     // The stalled link keeps the server's old session open, as a dead Wi-Fi link without a FIN would.
     let (_proxy, mut client) = push_until_stalled(&server, &src, &state, stall_at).await;
     client.kill().unwrap();
