@@ -88,6 +88,7 @@ struct File {
     state: Option<PathBuf>,
     #[serde(default)]
     insecure_no_auth: bool,
+    in_place: Option<InPlace>,
     #[serde(default)]
     limits: Limits,
     tls: Option<Tls>,
@@ -134,6 +135,16 @@ struct Client {
     quota: Option<Size>,
 }
 
+/// `in_place`: whether a re-push that mostly matches the committed file may be written into it in place.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum InPlace {
+    /// When it pays (the default).
+    Auto,
+    /// Never: every push writes a new partial and renames it over the file.
+    Never,
+}
+
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum Permission {
@@ -156,6 +167,8 @@ pub struct ServerFile {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `[[client]]` entries.
     pub clients: Vec<ClientEntry>,
+    /// `in_place = "auto" | "never"` (`None`: not set, auto).
+    pub in_place: Option<bool>,
     limits: Limits,
 }
 
@@ -188,6 +201,7 @@ impl ServerFile {
             insecure_no_auth: file.insecure_no_auth,
             tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
             clients,
+            in_place: file.in_place.map(|mode| mode == InPlace::Auto),
             limits,
         })
     }
@@ -196,6 +210,9 @@ impl ServerFile {
     pub fn apply(&self, config: &mut ServerConfig) -> Result<(), String> {
         apply_limits(&self.limits, config)?;
         config.clients = self.clients.clone();
+        if let Some(in_place) = self.in_place {
+            config.in_place = in_place;
+        }
         if self.state.is_some() {
             config.state_dir = self.state.clone();
         }
@@ -318,6 +335,7 @@ mod tests {
             r#"
             listen = "0.0.0.0:7878"
             root = "inbox"
+            in_place = "never"
             [limits]
             max_connections = 10
             max_connections_per_client = 2
@@ -373,6 +391,7 @@ mod tests {
         assert_eq!(config.max_frame, 8 << 20);
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));
+        assert!(!config.in_place, "in_place = \"never\" turns the in-place delta off");
         assert_eq!(config.clients.len(), 2);
         let laptop = &config.clients[0];
         assert_eq!((laptop.namespace.as_str(), laptop.quota), ("laptop", Some(1 << 30)));
@@ -392,6 +411,7 @@ mod tests {
     fn mistakes_are_reported() {
         for (text, needle) in [
             ("limtis = 1", "unknown field"),
+            ("in_place = \"always\"", "unknown variant"),
             ("[limits]\nmax_frame = \"8XB\"", "max_frame"),
             ("[limits]\nidle_timeout = \"soon\"", "idle_timeout"),
             (

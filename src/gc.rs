@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::path::{namespace_of_partial_dir, namespace_partial_dir};
+use crate::storage::local::{is_sealed_journal, journal_beside};
 use crate::store::{now_secs, ReceiverStore, StoreError};
 use crate::transfer::claims::{Claim, Claims};
 
@@ -51,6 +52,7 @@ pub fn sweep(
     for transfer in store.open_transfers()? {
         let idle = now.saturating_sub(transfer.last_activity);
         if idle < expiry.transfers.as_secs() {
+            owned.insert(journal_beside(Path::new(&transfer.partial)).display().to_string());
             owned.insert(transfer.partial);
             continue;
         }
@@ -62,6 +64,7 @@ pub fn sweep(
                     idle_secs = idle,
                     "kept an idle transfer a session holds"
                 );
+                owned.insert(journal_beside(Path::new(&transfer.partial)).display().to_string());
                 owned.insert(transfer.partial);
                 continue;
             }
@@ -69,6 +72,14 @@ pub fn sweep(
             None => None,
         };
         report.bytes_freed += remove_file(Path::new(&transfer.partial));
+        // An in-place journal goes with its partial, unless it is sealed: its file may be half-way through the
+        // apply, which only the journal can finish (at the next offer of the path).
+        let journal = journal_beside(Path::new(&transfer.partial));
+        if is_sealed_journal(&journal) {
+            owned.insert(journal.display().to_string());
+        } else {
+            report.bytes_freed += remove_file(&journal);
+        }
         store.forget_transfer(&transfer.path)?;
         report.transfers_expired += 1;
         tracing::info!(path = transfer.path, idle_secs = idle, "expired an abandoned transfer");
@@ -79,7 +90,7 @@ pub fn sweep(
     for item in listing.flatten() {
         let path = item.path();
         let ours = item.file_name().to_string_lossy().starts_with(".ferry-");
-        if !ours || owned.contains(&path.display().to_string()) {
+        if !ours || owned.contains(&path.display().to_string()) || is_sealed_journal(&path) {
             continue;
         }
         let age = std::fs::symlink_metadata(&path)
@@ -185,5 +196,48 @@ mod tests {
             namespace_of_partial_dir(&bob_dir.file_name().unwrap().to_string_lossy()).as_deref(),
             Some("team/bob")
         );
+    }
+
+    /// A sealed in-place journal is never expired (its file may be half-way through the apply); an unsealed one
+    /// goes with its expired transfer.
+    #[test]
+    fn a_sealed_journal_outlives_its_expired_transfer() {
+        use crate::storage::journal::{seal, Journaled};
+        use crate::storage::{PartialFile, ReadAt};
+        let root = tempfile::tempdir().unwrap();
+        let partials = root.path().join(".ferry/partial");
+        std::fs::create_dir_all(&partials).unwrap();
+        let store = Store::open(&root.path().join(".ferry/state")).unwrap();
+        let receiver = ReceiverStore::open(&store).unwrap();
+        let base_path = root.path().join("base");
+        std::fs::write(&base_path, vec![7u8; 4096]).unwrap();
+        let mut journals = Vec::new();
+        for (name, sealed) in [("sealed", true), ("open", false)] {
+            let partial = partials.join(format!(".ferry-{name}.part"));
+            let journal_path = journal_beside(&partial);
+            let journal = std::sync::Arc::new(std::fs::File::create_new(&journal_path).unwrap());
+            let base = std::fs::File::open(&base_path).unwrap();
+            let id = PartialFile::identity(&base).unwrap();
+            let view = Journaled::create(journal.clone(), Box::new(base), id, 4096).unwrap();
+            view.write_at(&[1; 10], 0).unwrap();
+            if sealed {
+                seal(&*journal, view.size().unwrap()).unwrap();
+            }
+            let record = TransferRecord {
+                manifest: manifest_of(&[4096]),
+                partial: partial.display().to_string(),
+                created: 0,
+            };
+            receiver.begin(name, &record, &Progress::default()).unwrap();
+            journals.push(journal_path);
+        }
+        let expiry = Expiry {
+            transfers: Duration::ZERO,
+            leftovers: Duration::ZERO,
+        };
+        let report = sweep(&receiver, &partials, expiry, None).unwrap();
+        assert_eq!(report.transfers_expired, 2);
+        assert!(journals[0].exists(), "the sealed journal is kept");
+        assert!(!journals[1].exists(), "the open journal went with its transfer");
     }
 }

@@ -310,7 +310,7 @@ fn serve_print_config_merges_flags_and_hides_secrets() {
     std::fs::write(
         &config,
         format!(
-            "root = \"inbox\"\n[limits]\nmax_connections = 100\nmax_connections_per_client = 2\n\
+            "root = \"inbox\"\nin_place = \"never\"\n[limits]\nmax_connections = 100\nmax_connections_per_client = 2\n\
              [[client]]\nid = \"laptop\"\nsecret = \"{}\"\nnamespace = \"laptop\"\npermissions = [\"push\"]\n",
             token.secret_hex()
         ),
@@ -335,6 +335,7 @@ fn serve_print_config_merges_flags_and_hides_secrets() {
     assert_eq!(limits["partial_ttl"].as_str(), Some("2d"));
     assert_eq!(limits["idle_timeout"].as_str(), Some("2m"), "a built-in default");
     assert_eq!(printed["listen"].as_str(), Some("127.0.0.1:7878"));
+    assert_eq!(printed["in_place"].as_str(), Some("never"), "the file's in_place");
     assert_eq!(
         printed["root"].as_str().map(PathBuf::from),
         Some(dir.path().join("inbox"))

@@ -34,6 +34,7 @@ struct File {
     root: String,
     state: String,
     insecure_no_auth: bool,
+    in_place: &'static str,
     limits: Limits,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<Tls>,
@@ -93,6 +94,7 @@ impl EffectiveServer<'_> {
             root: path(&config.root),
             state: path(&state),
             insecure_no_auth: self.insecure_no_auth,
+            in_place: if config.in_place { "auto" } else { "never" },
             limits: Limits {
                 max_connections: config.max_connections,
                 max_connections_per_client: config.max_connections_per_client,

@@ -92,6 +92,9 @@ pub struct ServerConfig {
     pub partial_ttl: Duration,
     /// How often the server sweeps for expired transfers and leftovers.
     pub gc_interval: Duration,
+    /// A re-push that mostly matches the committed file may be written into it in place under a redo journal
+    /// (config `in_place = "auto"`, the default); false (`"never"`): always a new partial renamed over the file.
+    pub in_place: bool,
 }
 
 impl ServerConfig {
@@ -118,6 +121,7 @@ impl ServerConfig {
             namespace_limits: Default::default(),
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
+            in_place: true,
         }
     }
 }
@@ -241,7 +245,10 @@ impl Server {
             limits: config.namespace_limits,
             admission: Default::default(),
             joins: Default::default(),
-            policy: crate::transfer::receiver::ReceiverPolicy::SERVER,
+            policy: crate::transfer::receiver::ReceiverPolicy {
+                in_place: config.in_place,
+                ..crate::transfer::receiver::ReceiverPolicy::SERVER
+            },
         };
         let gate = Gate::open(&receiver, &store, &config.clients, config.max_connections_per_client)?;
         let shared = Shared {

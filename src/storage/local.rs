@@ -13,6 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::journal::{self, Journaled, Parsed};
 use super::{
     is_permission_error, ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, StorageError, Volume,
 };
@@ -43,6 +44,147 @@ impl LocalVolume {
     fn partial_path(&self, key: &str) -> PathBuf {
         self.partial_dir.join(partial_file_name(key))
     }
+
+    fn journal_path(&self, key: &str) -> PathBuf {
+        journal_beside(&self.partial_path(key))
+    }
+
+    /// The committed file at `key`, opened for reading and writing, never through a symlink.
+    fn open_target(&self, key: &str) -> Option<(PathBuf, File)> {
+        let path = RemotePath::parse(key).ok()?;
+        let resolved = resolve_in_root(&self.root, &path, false).ok()?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&resolved)
+            .ok()?;
+        file.metadata().ok()?.is_file().then_some((resolved, file))
+    }
+
+    /// The length of the in-place journal of `key`, if it is ours and still describes the committed file as it
+    /// is now; a stale or foreign one is removed.
+    fn journal_len(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        let path = self.journal_path(key);
+        let Some(len) = existing_partial(&path)? else {
+            return Ok(None);
+        };
+        let current = File::open(&path)
+            .ok()
+            .and_then(|journal| Parsed::read(&journal).ok().flatten())
+            .zip(self.open_target(key))
+            .is_some_and(|(parsed, (_, base))| {
+                parsed.seal.is_none()
+                    && base
+                        .metadata()
+                        .is_ok_and(|m| journal::same_file(&parsed.base, &identity(&m)))
+            });
+        if current {
+            return Ok(Some(len));
+        }
+        tracing::info!(
+            path = key,
+            "dropping an in-place journal the committed file no longer matches"
+        );
+        remove_if_there(&path)?;
+        Ok(None)
+    }
+
+    /// Applies the journal of `key` to the file at `path`: at commit (`verified`: the identity the engine checked,
+    /// sealed here) or in recovery (`None`: only a journal sealed before a crash). Removes the journal once the
+    /// file is synced. `None` if there was nothing to apply.
+    fn apply_journal(
+        &self,
+        key: &str,
+        path: &RemotePath,
+        verified: Option<&Identity>,
+    ) -> Result<Option<(Identity, File)>, StorageError> {
+        let journal_path = self.journal_path(key);
+        let Ok(journal) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&journal_path)
+        else {
+            return Ok(None);
+        };
+        let replaced = || StorageError::Replaced(path.to_string());
+        let parsed = Parsed::read(&journal)?;
+        let Some(parsed) = parsed else {
+            // Not even its header survived: nothing was applied from it.
+            remove_if_there(&journal_path)?;
+            return match verified {
+                Some(_) => Err(replaced()),
+                None => Ok(None),
+            };
+        };
+        let Some((resolved, target)) = self.open_target(key) else {
+            remove_if_there(&journal_path)?;
+            return Err(replaced());
+        };
+        let now = identity(&target.metadata()?);
+        let same_inode = now.dev == parsed.base.dev && now.ino == parsed.base.ino;
+        let parsed = match verified {
+            Some(verified) => {
+                let unchanged = parsed.seal.is_some() || journal::same_file(&parsed.base, &now);
+                if !same_inode || !unchanged || verified.ino != now.ino {
+                    return Err(replaced());
+                }
+                journal::seal(&journal, verified.len)?
+            }
+            None if parsed.seal.is_none() => return Ok(None),
+            None if !same_inode => {
+                remove_if_there(&journal_path)?;
+                return Ok(None);
+            }
+            None => parsed,
+        };
+        tracing::info!(
+            path = key,
+            bytes = journal::journaled_bytes(&parsed),
+            "applying the in-place journal"
+        );
+        let pause = test_apply_pause();
+        journal::apply(&parsed, &journal, &target, &|| {
+            if let Some(pause) = pause {
+                std::thread::sleep(pause);
+            }
+        })?;
+        let applied = identity(&target.metadata()?);
+        std::fs::remove_file(&journal_path)?;
+        File::open(&self.partial_dir)?.sync_all()?;
+        let parent = File::open(resolved.parent().unwrap_or(&self.root))?;
+        Ok(Some((applied, parent)))
+    }
+}
+
+/// `FERRY_TEST_APPLY_PAUSE_MS` (tests only, docs/testing.md): a sleep between the extents of an in-place apply,
+/// so that a test can kill the server in the middle of one.
+fn test_apply_pause() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("FERRY_TEST_APPLY_PAUSE_MS").ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
+fn remove_if_there(path: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StorageError::Io(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The in-place journal that goes with the partial file `partial` (`.ferry-<id>.journal` beside
+/// `.ferry-<id>.part`).
+pub fn journal_beside(partial: &Path) -> PathBuf {
+    partial.with_extension("journal")
+}
+
+/// Whether `path` is an in-place journal sealed for its apply: it must never be expired, since the committed file
+/// may be half-way through its apply (it is replayed at the next offer of its path).
+pub fn is_sealed_journal(path: &Path) -> bool {
+    File::open(path)
+        .ok()
+        .and_then(|journal| Parsed::read(&journal).ok().flatten())
+        .is_some_and(|parsed| parsed.seal.is_some())
 }
 
 /// The partial file's name for the destination `key` (proto-spec.md §8): `.ferry-` + the first 32 hex digits (16
@@ -75,14 +217,66 @@ impl Volume for LocalVolume {
     }
 
     fn partial_len(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        existing_partial(&self.partial_path(key))
+        match existing_partial(&self.partial_path(key))? {
+            Some(len) => Ok(Some(len)),
+            None => self.journal_len(key),
+        }
     }
 
     fn open_partial(&self, key: &str, size: u64, exists: bool) -> Result<Partial, StorageError> {
-        Ok(Arc::new(open_partial(key, &self.partial_path(key), size, exists)?))
+        let partial = self.partial_path(key);
+        if exists && std::fs::symlink_metadata(&partial).is_err() {
+            let journal = open_partial(key, &self.journal_path(key), u64::MAX, true)?;
+            let base = self.open_target(key).map(|(_, file)| file);
+            let opened = match base {
+                Some(base) => Journaled::open(Arc::new(journal), Box::new(base), size)?,
+                None => None,
+            };
+            let gone = || StorageError::At {
+                path: format!("{key} (its in-place journal in .ferry/)"),
+                source: io::ErrorKind::NotFound.into(),
+            };
+            return Ok(Arc::new(opened.ok_or_else(gone)?));
+        }
+        if !exists {
+            remove_if_there(&self.journal_path(key))?;
+        }
+        Ok(Arc::new(open_partial(key, &partial, size, exists)?))
+    }
+
+    fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
+        if path.as_str() != key {
+            return Ok(None);
+        }
+        let Some((_, base)) = self.open_target(key) else {
+            return Ok(None);
+        };
+        let meta = base.metadata()?;
+        // Another name of the same inode would change too; a file of another user keeps its owner only if it is
+        // replaced, not written.
+        if meta.nlink() != 1 || meta.uid() != rustix::process::geteuid().as_raw() {
+            return Ok(None);
+        }
+        let journal_path = self.journal_path(key);
+        remove_if_there(&journal_path)?;
+        let journal = open_partial(key, &journal_path, 0, false)?;
+        let journaled = Journaled::create(Arc::new(journal), Box::new(base), identity(&meta), size)?;
+        Ok(Some(Arc::new(journaled)))
+    }
+
+    fn recover(&self, key: &str, path: &RemotePath) -> Result<Option<Identity>, StorageError> {
+        if std::fs::symlink_metadata(self.partial_path(key)).is_ok() {
+            return Ok(None);
+        }
+        Ok(self.apply_journal(key, path, None)?.map(|(applied, _)| applied))
     }
 
     fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {
+        if std::fs::symlink_metadata(self.partial_path(key)).is_err() {
+            if let Some((_, parent)) = self.apply_journal(key, path, Some(verified))? {
+                return Ok(Box::new(parent));
+            }
+        }
         let (_, parent) = rename_verified(&self.root, path, &self.partial_path(key), (verified.dev, verified.ino))?;
         Ok(Box::new(parent))
     }

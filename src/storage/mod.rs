@@ -15,6 +15,7 @@
 //! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small-file
 //! path does not go through the seam yet.
 
+pub(crate) mod journal;
 pub mod local;
 #[cfg(test)]
 pub(crate) mod sim;
@@ -168,12 +169,30 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn open_partial(&self, key: &str, size: u64, exists: bool) -> Result<Partial, StorageError>;
     /// Renames the partial of `key` to `path` atomically, replacing a file there (never a directory or symlink),
     /// after checking that the partial's name still holds the `verified` file, and after the rename that the final
-    /// name does. Returns the destination's directory, which the caller syncs to make the rename durable.
+    /// name does. Returns the destination's directory, which the caller syncs to make the rename durable. A
+    /// partial opened by [`Volume::open_in_place`] is not renamed: its journal is sealed (made durable), applied
+    /// to the committed file (which is synced), and removed; `verified` is then the identity the file has after.
     fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError>;
     /// What is at `path` now (not following a symlink), if anything.
     fn stat_final(&self, path: &RemotePath) -> Option<Identity>;
     /// The regular file at `path` (never through a symlink), opened for reading.
     fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>>;
+
+    /// Opens a partial of `key` that writes in place into the committed file at `path` under a redo journal
+    /// (docs/storage.md, "The in-place journal"): the file is untouched until [`Volume::place`] seals and applies
+    /// the journal. `None`: this volume does not write in place, or not this file (another hard link to it,
+    /// another owner, not writable); the caller opens an ordinary partial.
+    fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
+        let _ = (key, path, size);
+        Ok(None)
+    }
+
+    /// After a crash: applies a journal of `key` that was sealed (the new file verified) but perhaps not fully
+    /// applied to `path`, and returns the file's identity after it. An unsealed journal is left to be resumed.
+    fn recover(&self, key: &str, path: &RemotePath) -> Result<Option<Identity>, StorageError> {
+        let _ = (key, path);
+        Ok(None)
+    }
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will

@@ -25,7 +25,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::local::partial_file_name;
+use super::journal::{self, Journaled, Parsed};
+use super::local::{journal_beside, partial_file_name};
 use super::{ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
 use crate::path::RemotePath;
@@ -77,6 +78,7 @@ struct SimFile {
 enum NameOp {
     Create { name: String, ino: u64 },
     Rename { from: String, to: String, ino: u64 },
+    Remove { name: String },
 }
 
 impl NameOp {
@@ -84,6 +86,7 @@ impl NameOp {
         match self {
             NameOp::Create { name, .. } => parent(name) == dir,
             NameOp::Rename { from, to, .. } => parent(from) == dir || parent(to) == dir,
+            NameOp::Remove { name } => parent(name) == dir,
         }
     }
 
@@ -95,6 +98,9 @@ impl NameOp {
             NameOp::Rename { from, to, ino } => {
                 names.remove(from);
                 names.insert(to.clone(), *ino);
+            }
+            NameOp::Remove { name } => {
+                names.remove(name);
             }
         }
     }
@@ -272,16 +278,143 @@ impl SimVolume {
         Some((file.data.clone(), file.meta))
     }
 
-    /// The bytes of the partial of `key` now.
-    pub(crate) fn partial(&self, key: &str) -> Option<Vec<u8>> {
+    /// The bytes of the partial of `key` now: of an in-place partial, the first `size` bytes of the committed
+    /// file overlaid with its journal (if the journal still matches the file).
+    pub(crate) fn partial(&self, key: &str, size: u64) -> Option<Vec<u8>> {
         let disk = self.lock();
-        let ino = disk.names.get(&partial_name(key))?;
-        Some(disk.files.get(ino)?.data.clone())
+        if let Some(ino) = disk.names.get(&partial_name(key)) {
+            return Some(disk.files.get(ino)?.data.clone());
+        }
+        let ino = *disk.names.get(&journal_name(key))?;
+        drop(disk);
+        let journal: Partial = Arc::new(self.handle(ino).ok()?);
+        let base = self.final_handle(&RemotePath::parse(key).ok()?)?;
+        let view = Journaled::open(journal, Box::new(base), size).ok()??;
+        let mut bytes = vec![0; size as usize];
+        view.read_exact_at(&mut bytes, 0).ok()?;
+        Some(bytes)
+    }
+
+    /// Whether an in-place journal of `key` exists.
+    pub(crate) fn has_journal(&self, key: &str) -> bool {
+        self.lock().names.contains_key(&journal_name(key))
+    }
+
+    fn handle(&self, ino: u64) -> io::Result<SimHandle> {
+        let disk = self.lock();
+        disk.alive(disk.boot)?;
+        Ok(SimHandle {
+            disk: self.disk.clone(),
+            ino,
+            boot: disk.boot,
+        })
+    }
+
+    /// Creates the empty file `name` (counted as `what`).
+    fn create(&self, name: String, what: &'static str) -> io::Result<SimHandle> {
+        let mut disk = self.lock();
+        let boot = disk.boot;
+        disk.tick(boot, what)?;
+        disk.next_ino += 1;
+        let ino = disk.next_ino;
+        let meta = Some(Meta {
+            mode: 0o600,
+            mtime: FileTime {
+                secs: 1_000_000 + ino as i64,
+                nanos: 0,
+            },
+        });
+        let file = SimFile {
+            meta,
+            durable_meta: meta,
+            ..SimFile::default()
+        };
+        disk.files.insert(ino, file);
+        disk.names.insert(name.clone(), ino);
+        disk.pending_names.push(NameOp::Create { name, ino });
+        drop(disk);
+        self.handle(ino)
+    }
+
+    /// Removes the name `name` if it is there (counted as `what`).
+    fn remove(&self, name: String, what: &'static str) -> io::Result<()> {
+        let mut disk = self.lock();
+        let boot = disk.boot;
+        if disk.names.contains_key(&name) {
+            disk.tick(boot, what)?;
+            disk.names.remove(&name);
+            disk.pending_names.push(NameOp::Remove { name });
+        }
+        Ok(())
+    }
+
+    /// The journal of `key` and its parsed records, if there is one.
+    fn journal(&self, key: &str) -> io::Result<Option<(SimHandle, Option<Parsed>)>> {
+        let Some(ino) = self.lock().names.get(&journal_name(key)).copied() else {
+            return Ok(None);
+        };
+        let handle = self.handle(ino)?;
+        let parsed = Parsed::read(&handle)?;
+        Ok(Some((handle, parsed)))
+    }
+
+    /// The simulated counterpart of `LocalVolume::apply_journal`.
+    fn apply_journal(
+        &self,
+        key: &str,
+        path: &RemotePath,
+        verified: Option<&Identity>,
+    ) -> Result<Option<Identity>, StorageError> {
+        let Some((journal, parsed)) = self.journal(key)? else {
+            return Ok(None);
+        };
+        let replaced = || StorageError::Replaced(path.to_string());
+        let Some(parsed) = parsed else {
+            // Not even its header survived: nothing was applied from it.
+            self.remove(journal_name(key), "remove the journal")?;
+            return match verified {
+                Some(_) => Err(replaced()),
+                None => Ok(None),
+            };
+        };
+        let target = self.final_handle(path).ok_or_else(replaced)?;
+        let now = PartialFile::identity(&target)?;
+        let same_inode = now.ino == parsed.base.ino;
+        let parsed = match verified {
+            Some(verified) => {
+                let unchanged = parsed.seal.is_some() || journal::same_file(&parsed.base, &now);
+                if !same_inode || !unchanged || verified.ino != now.ino {
+                    return Err(replaced());
+                }
+                journal::seal(&journal, verified.len)?
+            }
+            None if parsed.seal.is_none() => return Ok(None),
+            None if !same_inode => {
+                self.remove(journal_name(key), "remove the journal")?;
+                return Ok(None);
+            }
+            None => parsed,
+        };
+        journal::apply(&parsed, &journal, &target, &|| {})?;
+        let applied = PartialFile::identity(&target)?;
+        self.remove(journal_name(key), "remove the journal")?;
+        let dir = SimDir {
+            disk: self.disk.clone(),
+            dir: PARTIAL_DIR.to_string(),
+            boot: journal.boot,
+        };
+        dir.sync()?;
+        Ok(Some(applied))
     }
 }
 
 fn partial_name(key: &str) -> String {
     format!("{PARTIAL_DIR}/{}", partial_file_name(key))
+}
+
+fn journal_name(key: &str) -> String {
+    let name = journal_beside(std::path::Path::new(&partial_file_name(key)));
+    format!("{PARTIAL_DIR}/{}", name.display())
 }
 
 fn final_name(path: &RemotePath) -> String {
@@ -305,10 +438,60 @@ impl Volume for SimVolume {
             .names
             .get(&partial_name(key))
             .map(|ino| disk.files[ino].data.len() as u64);
-        Ok(len)
+        drop(disk);
+        if len.is_some() {
+            return Ok(len);
+        }
+        let Some((journal, parsed)) = self.journal(key)? else {
+            return Ok(None);
+        };
+        let base = RemotePath::parse(key).ok().and_then(|p| self.stat_final(&p));
+        let current = parsed
+            .zip(base)
+            .is_some_and(|(parsed, base)| parsed.seal.is_none() && journal::same_file(&parsed.base, &base));
+        if current {
+            return Ok(Some(journal.size()?));
+        }
+        self.remove(journal_name(key), "remove the journal")?;
+        Ok(None)
+    }
+
+    fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
+        let Some(base) = self.final_handle(path).filter(|_| path.as_str() == key) else {
+            return Ok(None);
+        };
+        let base_id = PartialFile::identity(&base)?;
+        self.remove(journal_name(key), "remove the journal")?;
+        let journal = self.create(journal_name(key), "create the journal")?;
+        let journaled = Journaled::create(Arc::new(journal), Box::new(base), base_id, size)?;
+        Ok(Some(Arc::new(journaled)))
+    }
+
+    fn recover(&self, key: &str, path: &RemotePath) -> Result<Option<Identity>, StorageError> {
+        if self.lock().names.contains_key(&partial_name(key)) {
+            return Ok(None);
+        }
+        self.apply_journal(key, path, None)
     }
 
     fn open_partial(&self, key: &str, size: u64, exists: bool) -> Result<Partial, StorageError> {
+        let in_place = exists && !self.lock().names.contains_key(&partial_name(key));
+        if in_place {
+            let journal = self.journal(key)?.map(|(handle, _)| handle);
+            let base = RemotePath::parse(key).ok().and_then(|p| self.final_handle(&p));
+            let opened = match (journal, base) {
+                (Some(journal), Some(base)) => Journaled::open(Arc::new(journal), Box::new(base), size)?,
+                _ => None,
+            };
+            let gone = || StorageError::At {
+                path: key.to_string(),
+                source: io::ErrorKind::NotFound.into(),
+            };
+            return Ok(Arc::new(opened.ok_or_else(gone)?));
+        }
+        if !exists {
+            self.remove(journal_name(key), "remove the journal")?;
+        }
         let mut disk = self.lock();
         let boot = disk.boot;
         let name = partial_name(key);
@@ -365,6 +548,15 @@ impl Volume for SimVolume {
     }
 
     fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {
+        if !self.lock().names.contains_key(&partial_name(key))
+            && self.apply_journal(key, path, Some(verified))?.is_some()
+        {
+            return Ok(Box::new(SimDir {
+                disk: self.disk.clone(),
+                dir: parent(&final_name(path)).to_string(),
+                boot: self.lock().boot,
+            }));
+        }
         let mut disk = self.lock();
         let boot = disk.boot;
         disk.tick(boot, "rename the partial into place")?;
@@ -673,7 +865,7 @@ mod tests {
             assert!(partial.write_at(&[3], 0).is_err(), "a crashed volume refuses writes");
             volume.reboot();
             assert!(partial.size().is_err(), "a handle from before the crash is dead");
-            let survived = volume.partial("a").expect("the sync made the new name durable");
+            let survived = volume.partial("a", 0).expect("the sync made the new name durable");
             assert_eq!(&survived[..1024], &[1; 1024][..], "seed {seed}");
             lost_unsynced |= survived.len() < 2048 || survived[1024..] != [2; 1024];
         }
@@ -698,7 +890,7 @@ mod tests {
             let placed = volume.final_file("x/b").is_some();
             rename_lost |= !placed;
             if synced {
-                rename_kept_after_sync &= placed && volume.partial("b").is_none();
+                rename_kept_after_sync &= placed && volume.partial("b", 0).is_none();
             }
         }
         assert!(rename_lost && rename_kept_after_sync);

@@ -53,8 +53,13 @@ enum Variant {
     Resume,
     /// A push of an older version cut after some chunks, then the changed file (chunks carried over).
     Changed,
-    /// An older version committed, then the changed file over it (its chunks reused).
+    /// An older version committed, then the changed file over it (its chunks reused; in place when at least
+    /// half of it is unchanged).
     RePush,
+    /// An older version committed, then a version with a few chunks changed (and perhaps a longer or shorter
+    /// tail): written in place under the redo journal, the power lost while the journal is written, sealed or
+    /// applied; the journal is replayed before anything is checked.
+    InPlace,
 }
 
 /// A version of the file: its bytes and its manifest (mode and mtime included).
@@ -132,6 +137,26 @@ fn changed(rng: &mut SimRng, old: &[u8], chunk: usize) -> Vec<u8> {
     new
 }
 
+/// A version of `old` with one to three chunks edited in place and perhaps its tail cut or grown: most of it
+/// stays where it is, so the re-push goes in place.
+fn slightly_changed(rng: &mut SimRng, old: &[u8], chunk: usize) -> Vec<u8> {
+    let mut new = old.to_vec();
+    for _ in 0..rng.gen_range(1..=3) {
+        let at = rng.gen_range(0..new.len());
+        new[at] ^= 0xa5;
+    }
+    match rng.gen_range(0..4) {
+        0 => new.truncate(new.len() - rng.gen_range(1..=chunk.min(new.len() - 1))),
+        1 => {
+            let mut more = vec![0u8; rng.gen_range(1..2 * chunk)];
+            rng.fill(&mut more[..]);
+            new.extend(more);
+        }
+        _ => {}
+    }
+    new
+}
+
 fn version(dir: &std::path::Path, name: &str, bytes: Vec<u8>, chunk: u32, mode: u32, secs: i64) -> Version {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
@@ -161,7 +186,14 @@ impl Case {
         let mut rng = SimRng::seed_from_u64(seed);
         let chunk = [4096usize, 8192, 16384][rng.gen_range(0..3)];
         let n = rng.gen_range(32..=128);
-        let variant = [Variant::Fresh, Variant::Resume, Variant::Changed, Variant::RePush][rng.gen_range(0..4)];
+        let variants = [
+            Variant::Fresh,
+            Variant::Resume,
+            Variant::Changed,
+            Variant::RePush,
+            Variant::InPlace,
+        ];
+        let variant = variants[rng.gen_range(0..variants.len())];
         let dir = tempfile::tempdir().unwrap();
         let first = random_bytes(&mut rng, chunk, n);
         let modes = [0o600, 0o640, 0o644];
@@ -169,6 +201,10 @@ impl Case {
             Variant::Fresh | Variant::Resume => (None, first),
             Variant::Changed | Variant::RePush => {
                 let new = changed(&mut rng, &first, chunk);
+                (Some(first), new)
+            }
+            Variant::InPlace => {
+                let new = slightly_changed(&mut rng, &first, chunk);
                 (Some(first), new)
             }
         };
@@ -179,7 +215,12 @@ impl Case {
         let chunks = new.manifest().chunk_count() as u64;
         // Roughly the operations of the push: a write per chunk, a sync per batch, the commit's five; past its
         // end the power goes after the push completed.
-        let estimate = chunks + chunks / batch_chunks + 12;
+        let estimate = match variant {
+            // The journal's few writes and syncs, its seal, the apply's writes, length, metadata and fsync, the
+            // journal's removal and the directory syncs.
+            Variant::InPlace => 24,
+            _ => chunks + chunks / batch_chunks + 12,
+        };
         Case {
             seed,
             variant,
@@ -360,7 +401,7 @@ impl Case {
         match (self.variant, &self.old) {
             (Variant::Resume, _) => interrupted_push(&ctx, &self.new, self.delivered).await.map_err(first)?,
             (Variant::Changed, Some(old)) => interrupted_push(&ctx, old, self.delivered).await.map_err(first)?,
-            (Variant::RePush, Some(old)) => {
+            (Variant::RePush | Variant::InPlace, Some(old)) => {
                 let (done, _) = push(&ctx, old).await.map_err(first)?;
                 done.map_err(|e| format!("seed {}: the first push failed: {e}", self.seed))?;
             }
@@ -380,6 +421,9 @@ impl Case {
             .map_err(|e| self.fail("reopening the store", &volume, e))?;
         volume.reboot();
         let ctx = context(&store, &volume, self.sync_batch, state.path());
+        // What the server does before anything else touches the path: a sealed journal is applied again.
+        let path = RemotePath::parse(KEY).expect("a valid path");
+        super::in_place::recover(&ctx, &path).map_err(|e| self.fail("replaying the journal", &volume, e))?;
         let recorded = self.check_after_crash(&ctx, &volume)?;
         let (resumed, asked) = push(&ctx, &self.new)
             .await
@@ -393,6 +437,9 @@ impl Case {
                 &volume,
                 "the final name does not hold the new file",
             ));
+        }
+        if volume.has_journal(KEY) {
+            return Err(self.fail("after the resumed push", &volume, "an in-place journal was left behind"));
         }
         Ok(crashed_in)
     }
@@ -419,7 +466,7 @@ impl Case {
         let at = "right after the crash";
         let at_name = volume.final_file(KEY);
         let is_old = |found: &(Vec<u8>, Option<Meta>)| self.old.as_ref().is_some_and(|old| old.is(found));
-        let committed_before = matches!(self.variant, Variant::RePush);
+        let committed_before = matches!(self.variant, Variant::RePush | Variant::InPlace);
         match &at_name {
             None if committed_before => return Err(self.fail(at, volume, "the committed old version was lost")),
             None => {}
@@ -441,7 +488,7 @@ impl Case {
         let progress = ctx.store.progress(KEY).map_err(|e| e.to_string())?.unwrap_or_default();
         let count = record.manifest.chunk_count();
         let received = ChunkSet::from_bytes(count, &progress.received).unwrap_or_else(|| ChunkSet::new(count));
-        let partial = volume.partial(KEY);
+        let partial = volume.partial(KEY, record.manifest.size);
         // Renamed into place but not yet recorded committed: the chunks are in the final file.
         let holder = partial.as_ref().or(at_name.as_ref().map(|f| &f.0));
         for index in (0..count).filter(|&i| received.contains(i)) {
@@ -564,6 +611,8 @@ fn no_power_loss_loses_an_acknowledged_chunk_or_a_committed_file() {
             "fsync",
             "rename the partial into place",
             "fsync the directory",
+            "create the journal",
+            "remove the journal",
             "after the push ended",
         ] {
             assert!(

@@ -82,6 +82,9 @@ pub struct ReceiverPolicy {
     /// Permission bits kept from an offered mode (files and directories): `0o777` on a server, `0o777 & !umask`
     /// on a pulling client.
     pub mode_mask: u32,
+    /// A re-push that mostly matches the committed file may be written into it in place under a redo journal
+    /// (readers may see a mix during the apply; proto-spec.md §8); false: always a new partial and a rename.
+    pub in_place: bool,
 }
 
 impl ReceiverPolicy {
@@ -89,6 +92,7 @@ impl ReceiverPolicy {
     pub const SERVER: ReceiverPolicy = ReceiverPolicy {
         reuse: Reuse::Full,
         mode_mask: 0o777,
+        in_place: true,
     };
 
     /// A server receiving from a client without the pull permission: it must not learn content it cannot read.
@@ -105,6 +109,7 @@ impl ReceiverPolicy {
         ReceiverPolicy {
             reuse: Reuse::InPlace,
             mode_mask: 0o777 & !umask,
+            in_place: false,
         }
     }
 }
@@ -473,6 +478,8 @@ pub(super) fn prepare(
     // Before a byte is sent: a destination this receiver may not write would fail only at the commit, after the
     // whole upload (proto-spec.md §9, StorageIo).
     volume.prepare_destination(path)?;
+    // A journal sealed before a crash is applied (and its file recorded) before anything else looks at the path.
+    super::in_place::recover(ctx, path)?;
     let store = &ctx.store;
     let record = store.transfer(key)?;
     if record.is_none() {
@@ -494,8 +501,18 @@ pub(super) fn prepare(
     // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost
     // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
     // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
+    let open = || -> Result<_, TransferError> {
+        let in_place = match partial_len {
+            None => super::in_place::open_in_place(ctx, path, &manifest)?,
+            Some(_) => None,
+        };
+        match in_place {
+            Some(file) => Ok(file),
+            None => Ok(volume.open_partial(key, manifest.size, partial_len.is_some())?),
+        }
+    };
     let file = if same_offer {
-        volume.open_partial(key, manifest.size, partial_len.is_some())?
+        open()?
     } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
@@ -513,7 +530,7 @@ pub(super) fn prepare(
             record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
         admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
-        let file = volume.open_partial(key, manifest.size, partial_len.is_some())?;
+        let file = open()?;
         store.begin_encoded(
             key,
             new_record,

@@ -46,7 +46,16 @@ impl TestServer {
         TestServer::spawn(root, "127.0.0.1:0", &[], Some(max_file))
     }
 
+    /// A server with extra environment variables (the hidden test hooks of docs/testing.md).
+    pub fn start_env(root: &Path, env: &[(&str, &str)]) -> TestServer {
+        TestServer::spawn_env(root, "127.0.0.1:0", &[], None, env)
+    }
+
     fn spawn(root: &Path, listen: &str, extra: &[&str], max_file: Option<u64>) -> TestServer {
+        TestServer::spawn_env(root, listen, extra, max_file, &[])
+    }
+
+    fn spawn_env(root: &Path, listen: &str, extra: &[&str], max_file: Option<u64>, env: &[(&str, &str)]) -> TestServer {
         std::fs::create_dir_all(root).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -58,6 +67,7 @@ impl TestServer {
             .args(["-v", "serve", "--listen", listen, "--root"])
             .arg(root)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log);
         if let Some(limit) = max_file {
