@@ -214,6 +214,19 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn min_chunk_size(&self) -> u32 {
         crate::MIN_CHUNK_SIZE
     }
+
+    /// Whether a partial can only be opened with the whole manifest known ([`Volume::open_partial_for`]): a
+    /// streamed offer is then gathered and served as a whole one. False by default.
+    fn needs_whole_manifest(&self) -> bool {
+        false
+    }
+
+    /// The volume of namespace `name` when it lives in the same store as this one (an object store: one prefix
+    /// per namespace); `None` by default, and the server builds a local volume over the namespace's directory.
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let _ = name;
+        None
+    }
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will

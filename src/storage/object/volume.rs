@@ -79,6 +79,8 @@ impl std::fmt::Debug for ObjectVolume {
 struct Shared {
     handle: Handle,
     store: Arc<dyn ObjectStore>,
+    /// The bucket prefix, for the layouts of other namespaces.
+    prefix: String,
     layout: Layout,
     server: ServerId,
     options: ObjectOptions,
@@ -113,14 +115,33 @@ struct Transfer {
 }
 
 impl ObjectVolume {
-    /// A volume for the namespace `layout` over `store`, driving requests on `handle`'s runtime.
-    pub fn new(handle: Handle, store: Arc<dyn ObjectStore>, layout: Layout, options: ObjectOptions) -> ObjectVolume {
+    /// A volume for namespace `namespace` over `store` (whose keys are under the bucket prefix `prefix`),
+    /// driving requests on `handle`'s runtime.
+    pub fn new(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+    ) -> ObjectVolume {
+        Self::with_server(handle, store, prefix, namespace, options, ServerId::random())
+    }
+
+    fn with_server(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+        server: ServerId,
+    ) -> ObjectVolume {
         ObjectVolume {
             shared: Arc::new(Shared {
                 handle,
                 store,
-                layout,
-                server: ServerId::random(),
+                prefix: prefix.to_string(),
+                layout: Layout::new(prefix, namespace),
+                server,
                 options,
                 seq: AtomicU64::new(0),
             }),
@@ -449,6 +470,16 @@ impl Volume for ObjectVolume {
 
     fn min_chunk_size(&self) -> u32 {
         self.shared.options.min_chunk_size
+    }
+
+    fn needs_whole_manifest(&self) -> bool {
+        true
+    }
+
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let s = &self.shared;
+        let volume = Self::with_server(s.handle.clone(), s.store.clone(), &s.prefix, name, s.options, s.server);
+        Some(Arc::new(volume))
     }
 
     fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {
