@@ -227,6 +227,14 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         let _ = name;
         None
     }
+
+    /// The file committed at `path` as a local, verified copy with its committed manifest, for a volume whose
+    /// files are not local files (a pull from an object store); `None` when nothing is committed there. The
+    /// default is `None`: a local volume's files are opened where they are.
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will

@@ -373,6 +373,36 @@ async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) 
         .collect())
 }
 
+/// GETs every chunk of `manifest` (up to `parallel` at once), checks each against its hash, and writes it into
+/// `file` at its offset. A missing or damaged chunk object is damage at rest: an error naming its key.
+async fn fetch_verified(shared: &Shared, manifest: &Manifest, file: &std::fs::File) -> Result<(), ObjectError> {
+    use futures_util::StreamExt;
+    let (store, layout) = (&*shared.store, &shared.layout);
+    let mut gets = futures_util::stream::iter(manifest.chunks.iter().copied())
+        .map(|entry| async move {
+            let key = layout.chunk(&entry.hash);
+            let fetched = layout::get(store, &key, u64::from(entry.len)).await?;
+            match fetched {
+                Some(f) if crate::verify::check_chunk(&entry, &f.bytes).is_ok() => Ok((entry, f.bytes)),
+                _ => Err(ObjectError::Store {
+                    op: "verify",
+                    key: key.to_string(),
+                    kind: "missing or damaged chunk object",
+                }),
+            }
+        })
+        .buffer_unordered(shared.options.parallel);
+    while let Some(chunk) = gets.next().await {
+        let (entry, bytes) = chunk?;
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, entry.offset).map_err(|e| ObjectError::Store {
+            op: "write",
+            key: format!("a local copy ({e})"),
+            kind: "local I/O failed",
+        })?;
+    }
+    Ok(())
+}
+
 fn put_journal(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> io::Result<()> {
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     let key = shared.layout.journal_entry(transfer, now_ns(), shared.server, seq);
@@ -474,6 +504,25 @@ impl Volume for ObjectVolume {
 
     fn needs_whole_manifest(&self) -> bool {
         true
+    }
+
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let Ok(key) = self.shared.layout.file(path) else {
+            return Ok(None);
+        };
+        let shared = &self.shared;
+        let Some(stored) = shared.block_on(layout::get_entry(&*shared.store, &key))? else {
+            return Ok(None);
+        };
+        let EntryKind::File { manifest, inline } = stored.entry.kind else {
+            return Ok(None);
+        };
+        let file = tempfile::tempfile()?;
+        match inline {
+            Some(bytes) => std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?,
+            None => shared.block_on(fetch_verified(shared, &manifest, &file))?,
+        }
+        Ok(Some((file, manifest)))
     }
 
     fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
