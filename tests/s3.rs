@@ -131,6 +131,16 @@ async fn s3_resume_with_empty_state() {
         .await
         .assert_ok();
     assert!(std::fs::read(&out).unwrap() == data);
+
+    // Committed, and the state lost again: the bucket alone says the file is already there.
+    let mut a = a;
+    a.kill9();
+    std::fs::remove_dir_all(dir.path().join("a-state")).unwrap();
+    let a = s3_server(dir.path(), "a", &url);
+    let again = push(&src, &a.url("f.bin"), &dir.path().join("c3"), &[]).await;
+    again.assert_ok();
+    assert_eq!(again.json["already_present"], true, "{}", again.json);
+    assert_eq!(again.u64("bytes_sent"), 0);
 }
 
 #[tokio::test]
