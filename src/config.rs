@@ -426,6 +426,22 @@ mod tests {
     }
 
     #[test]
+    fn a_store_section_sets_up_the_object_store() {
+        let text = "[store]\nurl = \"s3://backups/ferry/\"\nendpoint = \"http://127.0.0.1:3900\"\n\
+                    region = \"garage\"\nallow_http = true\nparallel = 8\nmin_chunk_size = \"1MiB\"";
+        let file = ServerFile::parse(text, Path::new(".")).unwrap();
+        let mut config = ServerConfig::new(PathBuf::from("/srv"));
+        file.apply(&mut config).unwrap();
+        let store = config.object_store.expect("[store] applied");
+        assert_eq!((store.bucket.as_str(), store.prefix.as_str()), ("backups", "ferry"));
+        assert_eq!(store.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(store.region.as_deref(), Some("garage"));
+        assert_eq!((store.allow_http, store.virtual_hosted), (Some(true), false));
+        assert_eq!((store.parallel, store.min_chunk_size), (8, 1 << 20));
+        assert!(ServerFile::parse("", Path::new(".")).unwrap().store.is_none());
+    }
+
+    #[test]
     fn mistakes_are_reported() {
         for (text, needle) in [
             ("limtis = 1", "unknown field"),
@@ -439,6 +455,13 @@ mod tests {
                 &format!("[[client]]\nid = \"a\"\nsecret = \"{SECRET}\"\nnamespace = \"a\"\npermissions = [\"write\"]"),
                 "unknown variant",
             ),
+            ("[store]\nurl = \"http://bucket\"", "s3://BUCKET"),
+            (
+                "[store]\nurl = \"s3://bucket\"\nmin_chunk_size = \"1K\"",
+                "min_chunk_size",
+            ),
+            ("[store]\nurl = \"s3://bucket\"\nparallel = 0", "parallel"),
+            ("[store]\nurl = \"s3://bucket\"\nkey = \"secret\"", "unknown field"),
         ] {
             let error = ServerFile::parse(text, Path::new(".")).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");
