@@ -69,7 +69,7 @@ impl LocalVolume {
         let Some(len) = existing_partial(&path)? else {
             return Ok(None);
         };
-        let current = File::open(&path)
+        let current = open_no_follow(&path)
             .ok()
             .and_then(|journal| Parsed::read(&journal).ok().flatten())
             .zip(self.open_target(key))
@@ -181,7 +181,7 @@ pub fn journal_beside(partial: &Path) -> PathBuf {
 /// Whether `path` is an in-place journal sealed for its apply: it must never be expired, since the committed file
 /// may be half-way through its apply (it is replayed at the next offer of its path).
 pub fn is_sealed_journal(path: &Path) -> bool {
-    File::open(path)
+    open_no_follow(path)
         .ok()
         .and_then(|journal| Parsed::read(&journal).ok().flatten())
         .is_some_and(|parsed| parsed.seal.is_some())

@@ -10,6 +10,11 @@
 //! 2. at commit: [`PartialFile::set_metadata`], [`PartialFile::sync_all`], [`Volume::place`] (the atomic rename),
 //!    [`Directory::sync`] (the rename made durable), and only then the store records the file committed.
 //!
+//! A re-push that mostly matches the committed file may instead get an in-place partial
+//! ([`Volume::open_in_place`], `journal`): the same calls, but writes go to a redo journal over the committed file,
+//! and [`Volume::place`] seals and applies the journal instead of renaming; [`Volume::recover`] finishes a sealed
+//! journal after a crash. Both methods have defaults (no in-place), so a volume need not support it.
+//!
 //! Two implementations: [`LocalVolume`] (plain files under the root, partials in `.ferry/partial/`), and, for tests,
 //! `sim::SimVolume`, a simulated disk that loses or tears every write not yet synced when it "loses power", so a
 //! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small-file
