@@ -171,6 +171,7 @@ fn namespace_context(
     Ok(ReceiverContext {
         // Its own volume, never the base's: a namespace's files live only under its own directory.
         volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
         root,
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,

@@ -227,6 +227,7 @@ impl Server {
         let partial_dir = partial_dir.canonicalize().unwrap_or(partial_dir);
         let receiver = ReceiverContext {
             volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+            trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
             root,
             partial_dir,
             store: ReceiverStore::open(&store)?,

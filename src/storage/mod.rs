@@ -12,12 +12,14 @@
 //!
 //! Two implementations: [`LocalVolume`] (plain files under the root, partials in `.ferry/partial/`), and, for tests,
 //! `sim::SimVolume`, a simulated disk that loses or tears every write not yet synced when it "loses power", so a
-//! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small-file
-//! path does not go through the seam yet.
+//! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small
+//! files, directories and symlinks go through their own seam, [`TreeVolume`] (`tree.rs`).
 
 pub mod local;
+mod local_tree;
 #[cfg(test)]
 pub(crate) mod sim;
+pub mod tree;
 
 use std::io;
 use std::sync::Arc;
@@ -28,6 +30,9 @@ use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
 use crate::path::{PathError, RemotePath};
 
 pub use local::LocalVolume;
+#[cfg(test)]
+pub(crate) use local_tree::set_dir_metadata_with;
+pub use tree::{Settled, Staged, TreeVolume};
 
 /// Positional reads, for the digest follower, the commit's verification and reuse.
 pub trait ReadAt: Send + Sync {
