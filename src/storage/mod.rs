@@ -18,6 +18,7 @@
 pub mod local;
 mod local_tree;
 pub mod object;
+pub mod object_gc;
 #[cfg(test)]
 pub(crate) mod sim;
 pub mod tree;
