@@ -25,6 +25,7 @@ mod output;
 mod pull;
 mod push;
 mod replay;
+mod s3;
 mod status;
 mod stream_offer;
 mod streams;

@@ -220,6 +220,27 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn min_chunk_size(&self) -> u32 {
         crate::MIN_CHUNK_SIZE
     }
+
+    /// Whether a partial can only be opened with the whole manifest known ([`Volume::open_partial_for`]): a
+    /// streamed offer is then gathered and served as a whole one. False by default.
+    fn needs_whole_manifest(&self) -> bool {
+        false
+    }
+
+    /// The volume of namespace `name` when it lives in the same store as this one (an object store: one prefix
+    /// per namespace); `None` by default, and the server builds a local volume over the namespace's directory.
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let _ = name;
+        None
+    }
+
+    /// The file committed at `path` as a local, verified copy with its committed manifest, for a volume whose
+    /// files are not local files (a pull from an object store); `None` when nothing is committed there. The
+    /// default is `None`: a local volume's files are opened where they are.
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will

@@ -5,6 +5,8 @@
 //! storage seam over it ([`ObjectVolume`]).
 
 pub mod layout;
+pub mod s3;
 pub mod volume;
 
+pub use s3::StoreSettings;
 pub use volume::{ObjectOptions, ObjectVolume};

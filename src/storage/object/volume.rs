@@ -79,6 +79,8 @@ impl std::fmt::Debug for ObjectVolume {
 struct Shared {
     handle: Handle,
     store: Arc<dyn ObjectStore>,
+    /// The bucket prefix, for the layouts of other namespaces.
+    prefix: String,
     layout: Layout,
     server: ServerId,
     options: ObjectOptions,
@@ -113,14 +115,33 @@ struct Transfer {
 }
 
 impl ObjectVolume {
-    /// A volume for the namespace `layout` over `store`, driving requests on `handle`'s runtime.
-    pub fn new(handle: Handle, store: Arc<dyn ObjectStore>, layout: Layout, options: ObjectOptions) -> ObjectVolume {
+    /// A volume for namespace `namespace` over `store` (whose keys are under the bucket prefix `prefix`),
+    /// driving requests on `handle`'s runtime.
+    pub fn new(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+    ) -> ObjectVolume {
+        Self::with_server(handle, store, prefix, namespace, options, ServerId::random())
+    }
+
+    fn with_server(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+        server: ServerId,
+    ) -> ObjectVolume {
         ObjectVolume {
             shared: Arc::new(Shared {
                 handle,
                 store,
-                layout,
-                server: ServerId::random(),
+                prefix: prefix.to_string(),
+                layout: Layout::new(prefix, namespace),
+                server,
                 options,
                 seq: AtomicU64::new(0),
             }),
@@ -352,6 +373,36 @@ async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) 
         .collect())
 }
 
+/// GETs every chunk of `manifest` (up to `parallel` at once), checks each against its hash, and writes it into
+/// `file` at its offset. A missing or damaged chunk object is damage at rest: an error naming its key.
+async fn fetch_verified(shared: &Shared, manifest: &Manifest, file: &std::fs::File) -> Result<(), ObjectError> {
+    use futures_util::StreamExt;
+    let (store, layout) = (&*shared.store, &shared.layout);
+    let mut gets = futures_util::stream::iter(manifest.chunks.iter().copied())
+        .map(|entry| async move {
+            let key = layout.chunk(&entry.hash);
+            let fetched = layout::get(store, &key, u64::from(entry.len)).await?;
+            match fetched {
+                Some(f) if crate::verify::check_chunk(&entry, &f.bytes).is_ok() => Ok((entry, f.bytes)),
+                _ => Err(ObjectError::Store {
+                    op: "verify",
+                    key: key.to_string(),
+                    kind: "missing or damaged chunk object",
+                }),
+            }
+        })
+        .buffer_unordered(shared.options.parallel);
+    while let Some(chunk) = gets.next().await {
+        let (entry, bytes) = chunk?;
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, entry.offset).map_err(|e| ObjectError::Store {
+            op: "write",
+            key: format!("a local copy ({e})"),
+            kind: "local I/O failed",
+        })?;
+    }
+    Ok(())
+}
+
 fn put_journal(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> io::Result<()> {
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     let key = shared.layout.journal_entry(transfer, now_ns(), shared.server, seq);
@@ -449,6 +500,35 @@ impl Volume for ObjectVolume {
 
     fn min_chunk_size(&self) -> u32 {
         self.shared.options.min_chunk_size
+    }
+
+    fn needs_whole_manifest(&self) -> bool {
+        true
+    }
+
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let Ok(key) = self.shared.layout.file(path) else {
+            return Ok(None);
+        };
+        let shared = &self.shared;
+        let Some(stored) = shared.block_on(layout::get_entry(&*shared.store, &key))? else {
+            return Ok(None);
+        };
+        let EntryKind::File { manifest, inline } = stored.entry.kind else {
+            return Ok(None);
+        };
+        let file = tempfile::tempfile()?;
+        match inline {
+            Some(bytes) => std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?,
+            None => shared.block_on(fetch_verified(shared, &manifest, &file))?,
+        }
+        Ok(Some((file, manifest)))
+    }
+
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let s = &self.shared;
+        let volume = Self::with_server(s.handle.clone(), s.store.clone(), &s.prefix, name, s.options, s.server);
+        Some(Arc::new(volume))
     }
 
     fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {

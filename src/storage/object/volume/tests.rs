@@ -31,12 +31,7 @@ fn file(chunks: usize, seed: u8) -> (Vec<u8>, Arc<Manifest>) {
 
 fn volume(rt: &tokio::runtime::Runtime, store: &Arc<InMemory>) -> ObjectVolume {
     let store: Arc<dyn ObjectStore> = store.clone();
-    ObjectVolume::new(
-        rt.handle().clone(),
-        store,
-        Layout::new("", ""),
-        ObjectOptions::default(),
-    )
+    ObjectVolume::new(rt.handle().clone(), store, "", "", ObjectOptions::default())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
