@@ -206,6 +206,50 @@ fn encode(lease: &Lease) -> Bytes {
     Bytes::from(serde_json::to_vec(lease).expect("a lease serialises"))
 }
 
+/// One run over every namespace of the store (`ns/*`, found by one delimited LIST), under the bucket prefix
+/// `store_prefix` (for the key limit only: `store` already adds it). The reports are summed; the first failure
+/// ends the run.
+pub async fn collect_all<C: Clock>(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    store_prefix: &str,
+    settings: &GcSettings,
+    clock: &C,
+) -> Result<ObjectGcReport, ObjectGcError> {
+    let listed = store.list_with_delimiter(Some(&Path::from("ns"))).await?;
+    let mut total = ObjectGcReport::default();
+    for dir in listed.common_prefixes {
+        let Some(name) = dir.filename().and_then(namespace_name) else {
+            continue; // not a namespace of ferry's
+        };
+        let layout = Layout::new(store_prefix, &name);
+        let report = collect(store, &layout, &ManifestReferences, settings, clock).await?;
+        tracing::info!(namespace = name, ?report, "object-store gc");
+        total.transfers_expired += report.transfers_expired;
+        total.chunks_live += report.chunks_live;
+        total.chunks_young += report.chunks_young;
+        total.chunks_deleted += report.chunks_deleted;
+        total.bytes_freed += report.bytes_freed;
+        total.stopped_at_deadline |= report.stopped_at_deadline;
+    }
+    Ok(total)
+}
+
+/// The namespace a `ns/<segment>` directory holds: `root` the unnamed one, else the hex of its name.
+fn namespace_name(segment: &str) -> Option<String> {
+    if segment == "root" {
+        return Some(String::new());
+    }
+    if !segment.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..segment.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(segment.get(i..i + 2)?, 16).ok())
+        .collect();
+    let name = String::from_utf8(bytes?).ok()?;
+    (Layout::new("", &name).namespace().filename() == Some(segment)).then_some(name)
+}
+
 /// Step 1: refuses while another run's lease is live; else writes ours, with M = now, before the mark.
 async fn take_lease<B: Bucket, C: Clock>(
     bucket: &B,

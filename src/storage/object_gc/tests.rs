@@ -545,3 +545,16 @@ fn manifest_references_name_chunk_objects_only() {
         "an entry is not a record"
     );
 }
+
+#[test]
+fn namespace_directories_map_back_to_their_names() {
+    assert_eq!(namespace_name("root").as_deref(), Some(""));
+    let named = Layout::new("", "team-a");
+    assert_eq!(
+        namespace_name(named.namespace().filename().unwrap()).as_deref(),
+        Some("team-a")
+    );
+    assert_eq!(namespace_name("ROOT"), None);
+    assert_eq!(namespace_name("7465616D2D61"), None, "only the canonical lowercase hex");
+    assert_eq!(namespace_name("7"), None);
+}
