@@ -26,6 +26,7 @@ mod pull;
 mod push;
 mod replay;
 mod s3;
+mod s3_tree;
 mod status;
 mod stream_offer;
 mod streams;

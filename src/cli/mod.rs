@@ -80,8 +80,19 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct GcArgs {
     /// The server's root directory.
-    #[arg(long, required_unless_present = "client", conflicts_with = "client")]
+    #[arg(long, required_unless_present_any = ["client", "store"], conflicts_with_all = ["client", "store"])]
     pub root: Option<PathBuf>,
+    /// Collect an object store instead (`s3://BUCKET[/PREFIX]`, credentials and endpoint from the AWS variables):
+    /// abandoned transfers older than --older-than and chunks no file, version or open transfer names, older than
+    /// a day; safe while servers upload. Run it from one place at a time.
+    #[arg(long, value_name = "URL", conflicts_with = "client")]
+    pub store: Option<String>,
+    /// Test knob: the grace period of --store (default 1 day).
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub gc_grace: Option<Duration>,
+    /// Test knob: the longest wait between a chunk's HEAD and its DELETE with --store (default 5s).
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub gc_delta: Option<Duration>,
     /// Prune this client's state instead: records of pushes that ended (done or failed) longer ago than
     /// --older-than, and cached manifests of files that are gone or changed. Interrupted pushes are kept.
     #[arg(long)]
@@ -104,6 +115,9 @@ pub struct GcArgs {
 
 /// Runs `ferry gc`; returns the exit code.
 pub fn gc(args: GcArgs, quiet: bool) -> u8 {
+    if let Some(url) = args.store.as_deref() {
+        return store_gc(url, &args, quiet);
+    }
     let Some(root) = args.root.as_deref() else {
         return client_gc(&args, quiet);
     };
@@ -139,6 +153,64 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
                 );
             }
             eprintln!("ferry: gc failed: {e}");
+            crate::exit::LOCAL
+        }
+    }
+}
+
+/// `ferry gc --store URL`: mark and sweep on the object store (docs/object-store.md, "gc").
+fn store_gc(url: &str, args: &GcArgs, quiet: bool) -> u8 {
+    use crate::storage::object_gc::{collect_all, GcSettings, SystemClock};
+    let defaults = GcSettings::default();
+    let settings = GcSettings {
+        grace: args.gc_grace.unwrap_or(defaults.grace),
+        delta: args.gc_delta.unwrap_or(defaults.delta),
+        transfer_ttl: args.older_than,
+        request_timeout: defaults.request_timeout,
+    };
+    let ran = crate::storage::object::StoreSettings::from_url(url)
+        .and_then(|store| Ok((store.build()?, store.prefix)))
+        .map_err(|e| e.to_string())
+        .and_then(|(store, prefix)| {
+            // A thread of its own: `ferry` may already be inside a runtime here.
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime
+                    .block_on(collect_all(&store, &prefix, &settings, &SystemClock))
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("gc stopped unexpectedly".into()))
+        });
+    match ran {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "ok", "exit_code": 0, "report": report })
+                );
+            } else if !quiet {
+                eprintln!(
+                    "ferry: gc: {} abandoned transfers expired, {} unreferenced chunks deleted ({} freed), {} kept by the grace period",
+                    report.transfers_expired,
+                    report.chunks_deleted,
+                    human(report.bytes_freed),
+                    report.chunks_young
+                );
+            }
+            crate::exit::OK
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "error", "exit_code": crate::exit::LOCAL, "error": e })
+                );
+            }
+            eprintln!("ferry: gc failed: {}", printable(&e));
             crate::exit::LOCAL
         }
     }

@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// `[store]` in the configuration file). Needs --state (a cache; the bucket is the truth).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
+    /// Test knob: the gc grace period rule R assumes with --store (default 1 day), to match `ferry gc --gc-grace`.
+    #[arg(long, hide = true, value_parser = crate::units::parse_duration)]
+    pub gc_grace: Option<std::time::Duration>,
     /// Listen on a non-loopback address although no client tokens are configured (anyone may push and pull).
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -206,7 +209,10 @@ type TlsFiles = Option<(PathBuf, PathBuf)>;
 /// The effective server settings, listen address and TLS files: defaults, then the file, then the flags. Refuses
 /// to expose a server without clients beyond loopback unless told to.
 fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String, TlsFiles), ServeFailure> {
-    let store = store_settings(args.store.as_deref(), file)?;
+    let mut store = store_settings(args.store.as_deref(), file)?;
+    if let (Some(store), Some(grace)) = (store.as_mut(), args.gc_grace) {
+        store.gc_grace = grace;
+    }
     let state = args.state.clone().or(file.state.clone());
     let root = match (args.root.clone().or(file.root.clone()), &store, &state) {
         (Some(root), _, _) => root,

@@ -316,6 +316,7 @@ fn context(
     Ok(ReceiverContext {
         store: ReceiverStore::open_scoped(store, &scope)?,
         volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
         partial_dir,
         root,
         claims: Claims::default(),

@@ -174,6 +174,7 @@ fn namespace_context(
             .volume
             .for_namespace(name)
             .unwrap_or_else(|| crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone())),
+        trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
         root,
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,

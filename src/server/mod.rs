@@ -238,6 +238,7 @@ impl Server {
         };
         let receiver = ReceiverContext {
             volume,
+            trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
             root,
             partial_dir,
             store: ReceiverStore::open(&store)?,

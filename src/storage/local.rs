@@ -26,8 +26,8 @@ use crate::path::{
 /// Files under `root`, partials in `partial_dir` (same filesystem).
 #[derive(Debug, Clone)]
 pub struct LocalVolume {
-    root: PathBuf,
-    partial_dir: PathBuf,
+    pub(super) root: PathBuf,
+    pub(super) partial_dir: PathBuf,
 }
 
 impl LocalVolume {
@@ -38,6 +38,11 @@ impl LocalVolume {
 
     /// The same, shared, as a receiver context holds it.
     pub fn shared(root: PathBuf, partial_dir: PathBuf) -> Arc<dyn Volume> {
+        Arc::new(Self::new(root, partial_dir))
+    }
+
+    /// The same, as the tree receiver's [`super::TreeVolume`].
+    pub fn shared_tree(root: PathBuf, partial_dir: PathBuf) -> Arc<dyn super::TreeVolume> {
         Arc::new(Self::new(root, partial_dir))
     }
 

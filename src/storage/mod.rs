@@ -17,14 +17,17 @@
 //!
 //! Two implementations: [`LocalVolume`] (plain files under the root, partials in `.ferry/partial/`), and, for tests,
 //! `sim::SimVolume`, a simulated disk that loses or tears every write not yet synced when it "loses power", so a
-//! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small-file
-//! path does not go through the seam yet.
+//! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small
+//! files, directories and symlinks go through their own seam, [`TreeVolume`] (`tree.rs`).
 
 pub(crate) mod journal;
 pub mod local;
+mod local_tree;
 pub mod object;
+pub mod object_gc;
 #[cfg(test)]
 pub(crate) mod sim;
+pub mod tree;
 
 use std::io;
 use std::sync::Arc;
@@ -36,6 +39,9 @@ use crate::path::{PathError, RemotePath};
 use crate::ranges::ChunkSet;
 
 pub use local::LocalVolume;
+#[cfg(test)]
+pub(crate) use local_tree::set_dir_metadata_with;
+pub use tree::{Settled, Staged, TreeVolume};
 
 /// Positional reads, for the digest follower, the commit's verification and reuse.
 pub trait ReadAt: Send + Sync {

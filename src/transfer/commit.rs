@@ -121,8 +121,3 @@ fn damaged_chunks(file: &dyn PartialFile, manifest: &Manifest) -> std::io::Resul
     }
     Ok(damaged)
 }
-
-/// A manifest's mtime as a `SystemTime` (the tree receiver's small files and directories).
-pub(crate) fn system_time(t: crate::manifest::FileTime) -> std::time::SystemTime {
-    crate::storage::local::system_time(t)
-}

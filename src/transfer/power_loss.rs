@@ -252,6 +252,7 @@ fn context(store: &Store, volume: &SimVolume, sync_batch: u64, dir: &std::path::
         root: dir.join("unused-root"),
         partial_dir: dir.join("unused-partials"),
         volume: Arc::new(volume.clone()),
+        trees: crate::storage::LocalVolume::shared_tree(dir.join("unused-root"), dir.join("unused-partials")),
         store: ReceiverStore::open(store).unwrap(),
         claims: Claims::default(),
         stats: Arc::default(),

@@ -44,8 +44,11 @@ pub struct ReceiverContext {
     /// Partial files live here (same filesystem as `root`).
     pub partial_dir: PathBuf,
     /// Where the big-file receiver keeps its partials and commits files: a [`crate::storage::LocalVolume`] over
-    /// `root` and `partial_dir` (the tree receiver's small files still use those two directly).
+    /// `root` and `partial_dir`.
     pub volume: Arc<dyn Volume>,
+    /// Where the tree receiver puts small files, directories and symlinks: the same volume, as a
+    /// [`crate::storage::TreeVolume`].
+    pub trees: Arc<dyn crate::storage::TreeVolume>,
     /// Durable records.
     pub store: ReceiverStore,
     /// One session per destination.

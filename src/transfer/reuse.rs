@@ -13,8 +13,6 @@
 //! is not consulted. Such a sender learns at most one yes/no per offered chunk, once per version of the file.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::Path;
 
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
@@ -292,10 +290,4 @@ impl Copier {
         self.reused.chunks += 1;
         self.reused.bytes += u64::from(len);
     }
-}
-
-/// Opens a committed file named by the index, inside `root` and without following symlinks (the tree receiver's
-/// reuse, which does not go through the storage seam yet).
-pub(crate) fn open_committed(root: &Path, path: &str) -> Option<File> {
-    crate::storage::local::open_committed(root, path)
 }

@@ -1,29 +1,24 @@
-//! The receiver's disk pipeline for the small files of a tree, on two blocking threads, batch by batch:
-//! verify → write each to its own temporary file (one thread) → one `syncfs` → rename each into place → sync the
-//! directories → record the batch in sled (one flush) → TreeAck (the other thread, one batch behind).
+//! The receiver's pipeline for the small files of a tree, on two blocking threads, batch by batch: verify → stage
+//! each through the [`TreeVolume`] (one thread) → settle the group (on a local disk: one `syncfs`, rename each into
+//! place, sync the directories) → record the batch in sled (one flush) → TreeAck (the other thread, one batch
+//! behind).
 //!
 //! Batching the sync and the store flush is what lets 10,000 small files cost a few hundred syncs instead of
 //! 30,000. The crash-safety order is that of a single file (proto-spec.md, "Crash safety"): a final name only ever
 //! holds verified, synced bytes; the record follows the rename; the Ack follows the record. Temporary names are
 //! unique, so two sessions writing the same path never share a temporary file: the last rename wins, whole.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::TransferError;
-use crate::chunk::mtime_of;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
-use crate::path::{open_parent_dir, rename_into_opened, RemotePath, Replace};
+use crate::path::RemotePath;
 use crate::server::ReceiverStats;
+use crate::storage::{Staged, TreeVolume};
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
-use crate::wire::ErrorCode;
 
 /// Files per batch.
 pub(crate) const BATCH_FILES: usize = 256;
@@ -59,11 +54,10 @@ pub(crate) struct BatchOutcome {
     pub(crate) rejected: Vec<u32>,
 }
 
-/// Commits small files under a root.
+/// Commits small files through a tree volume.
 #[derive(Clone)]
 pub(crate) struct SmallWriter {
-    pub(crate) root: PathBuf,
-    pub(crate) partial_dir: PathBuf,
+    pub(crate) volume: Arc<dyn TreeVolume>,
     pub(crate) store: ReceiverStore,
     pub(crate) stats: Arc<ReceiverStats>,
 }
@@ -115,30 +109,35 @@ impl SmallWriter {
         self.settle_batch(written)
     }
 
-    /// Verifies each file and writes it to a temporary; the bytes (and their share of the queue budget) are let go.
+    /// Verifies each file and stages it; the bytes (and their share of the queue budget) are let go.
     fn write_batch(&self, batch: Vec<SmallFile>) -> Result<Written, TransferError> {
         let mut written = Written {
             outcome: BatchOutcome::default(),
             files: Vec::with_capacity(batch.len()),
-            temps: Temps(Vec::with_capacity(batch.len())),
+            temps: Temps {
+                volume: self.volume.clone(),
+                staged: Vec::with_capacity(batch.len()),
+            },
         };
         for mut file in batch {
             if *blake3::hash(&file.data).as_bytes() != file.digest {
                 written.outcome.rejected.push(file.index);
                 continue;
             }
-            let (temp, meta) = self
-                .write_temp(&file, &mut written.temps)
+            let staged = self
+                .volume
+                .stage(&file.key, &file.data, file.mode, file.mtime)
                 .map_err(TransferError::Storage)?;
+            written.temps.staged.push(staged.clone());
             let len = file.data.len() as u64;
             file.data = Vec::new();
             file._budget = None;
-            written.files.push((file, len, temp, meta));
+            written.files.push((file, len, staged));
         }
         Ok(written)
     }
 
-    /// Syncs a written batch, renames each file into place, syncs the directories and records the batch.
+    /// Settles a written batch through the volume (durable, placed, names durable) and records it.
     fn settle_batch(&self, written: Written) -> Result<BatchOutcome, TransferError> {
         let Written {
             mut outcome,
@@ -148,30 +147,19 @@ impl SmallWriter {
         if files.is_empty() {
             return Ok(outcome);
         }
-        sync_filesystem(&self.partial_dir, files.iter().map(|(_, _, temp, _)| temp.as_path()))?;
-        let partial_dir = File::open(&self.partial_dir).map_err(TransferError::Storage)?;
-        // Each destination directory walked once per batch (no-follow descriptor walk), renamed into through that
-        // descriptor and synced through it after the renames.
-        let mut dirs: BTreeMap<String, File> = BTreeMap::new();
+        // From here the volume owns the staged files: it removes whatever it does not place.
+        temps.staged.clear();
+        let keys = files
+            .iter()
+            .map(|(file, _, staged)| (file.key.clone(), staged.clone()))
+            .collect();
+        let settled = self.volume.settle(keys).map_err(TransferError::Storage)?;
         let mut placed = Vec::with_capacity(files.len());
-        for (file, len, temp, meta) in files {
-            // On an early return, the temporaries not placed yet are removed (those renamed are gone from their
-            // unique names, so removing those names does nothing).
-            match self.place(&file, &temp, &meta, &partial_dir, &mut dirs) {
-                Ok(()) => placed.push((file, len, meta)),
-                Err(Placement::Refused(why)) => {
-                    let _ = std::fs::remove_file(&temp);
-                    outcome.refused.push((file.index, why));
-                }
-                Err(Placement::Failed(e)) => {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(TransferError::Storage(e));
-                }
+        for ((file, len, _), result) in files.into_iter().zip(settled) {
+            match result {
+                Ok(identity) => placed.push((file, len, identity)),
+                Err(why) => outcome.refused.push((file.index, why)),
             }
-        }
-        temps.0.clear();
-        for dir in dirs.values() {
-            dir.sync_all().map_err(TransferError::Storage)?;
         }
         // A file committed whole over an open transfer replaces it: its records go in the batch, its partial
         // after the batch (it no longer counts against the quota, so it must not stay on disk).
@@ -182,14 +170,14 @@ impl SmallWriter {
             }
         }
         let mut records = crate::store::RecordBatch::default();
-        for (file, len, meta) in &placed {
+        for (file, len, identity) in &placed {
             let manifest = whole_file_manifest(file, *len);
             let record = CommittedFile {
                 manifest_id: manifest.id(),
                 size: manifest.size,
                 digest: file.digest,
-                mtime: mtime_of(meta),
-                inode: meta.ino(),
+                mtime: identity.mtime,
+                inode: identity.ino,
                 committed_at: now_secs(),
             };
             self.store
@@ -197,7 +185,7 @@ impl SmallWriter {
         }
         self.store.apply(records)?;
         for partial in replaced {
-            remove_partial(Path::new(&partial));
+            self.volume.remove_partial(&partial);
         }
         for (file, len, _) in placed {
             self.stats.files_committed.fetch_add(1, Ordering::Relaxed);
@@ -208,76 +196,13 @@ impl SmallWriter {
         }
         Ok(outcome)
     }
-
-    /// Writes the bytes to a fresh, uniquely named temporary file with the file's mode and mtime; returns it and
-    /// its metadata (the inode the rename must move, and the mtime recorded).
-    fn write_temp(&self, file: &SmallFile, temps: &mut Temps) -> std::io::Result<(PathBuf, std::fs::Metadata)> {
-        use std::os::unix::fs::PermissionsExt;
-        let temp = self
-            .partial_dir
-            .join(format!(".ferry-{:016x}.small", crate::random::u64()));
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        temps.0.push(temp.clone());
-        out.write_all(&file.data)?;
-        out.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o777))?;
-        out.set_modified(super::commit::system_time(file.mtime))?;
-        let meta = out.metadata()?;
-        Ok((temp, meta))
-    }
-
-    /// Renames `temp` (in `partial_dir`) over the file's destination, through directory descriptors on both sides
-    /// (no symlink is followed, even one swapped in meanwhile), checking before and after the rename that the name
-    /// holds the temporary written (`meta`), as a single file's commit does (`storage::local::rename_verified`). The
-    /// destination's directory is walked once per batch and kept in `dirs`.
-    fn place(
-        &self,
-        file: &SmallFile,
-        temp: &Path,
-        meta: &std::fs::Metadata,
-        partial_dir: &File,
-        dirs: &mut BTreeMap<String, File>,
-    ) -> Result<(), Placement> {
-        use std::os::unix::fs::MetadataExt;
-        let refused = |e: crate::path::PathError| match e {
-            // An I/O error on the walk or the rename (a full disk, EIO) fails the batch.
-            crate::path::PathError::Io { source, .. } => Placement::Failed(source),
-            refused => Placement::Refused(TransferError::refused(ErrorCode::BadPath, refused).to_string()),
-        };
-        let swapped = || {
-            Placement::Refused(format!(
-                "the temporary file of {} was replaced after it was verified",
-                file.key
-            ))
-        };
-        let verified = Some((meta.dev(), meta.ino()));
-        let name = temp.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if !crate::storage::local::inode_at(partial_dir, name).is_ok_and(|found| found == verified) {
-            return Err(swapped());
-        }
-        let key = file.key.as_str();
-        let parent = key.rsplit_once('/').map_or("", |(parent, _)| parent);
-        let dir = match dirs.entry(parent.to_string()) {
-            std::collections::btree_map::Entry::Occupied(dir) => dir.into_mut(),
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                slot.insert(open_parent_dir(&self.root, &file.key).map_err(refused)?)
-            }
-        };
-        rename_into_opened(&self.root, &file.key, dir, partial_dir, name, Replace::File).map_err(refused)?;
-        let final_name = file.key.components().last().expect("a RemotePath has a component");
-        if !crate::storage::local::inode_at(dir, final_name).is_ok_and(|found| found == verified) {
-            // Swapped in the instant between the check and the rename: take the stranger's file away again.
-            let _ = rustix::fs::unlinkat(dir, final_name, rustix::fs::AtFlags::empty());
-            return Err(swapped());
-        }
-        Ok(())
-    }
 }
 
-/// A batch verified and written to temporaries, waiting for its sync: each file (its bytes let go), its length,
-/// and its temporary.
+/// A batch verified and staged, waiting to be settled: each file (its bytes let go), its length, and where it is
+/// staged.
 struct Written {
     outcome: BatchOutcome,
-    files: Vec<(SmallFile, u64, PathBuf, std::fs::Metadata)>,
+    files: Vec<(SmallFile, u64, Staged)>,
     temps: Temps,
 }
 
@@ -331,26 +256,25 @@ fn next_batch(first: SmallFile, files: &mut mpsc::Receiver<SmallFile>) -> Vec<Sm
     batch
 }
 
-/// Temporary files of a batch not yet renamed; removed if the batch stops early (a full disk, say).
-struct Temps(Vec<PathBuf>);
+/// Staged files of a batch not yet handed to the volume's settle; discarded if the batch stops early (a full
+/// disk, say).
+struct Temps {
+    volume: Arc<dyn TreeVolume>,
+    staged: Vec<Staged>,
+}
 
 impl Temps {
     fn absorb(&mut self, mut other: Temps) {
-        self.0.append(&mut other.0);
+        self.staged.append(&mut other.staged);
     }
 }
 
 impl Drop for Temps {
     fn drop(&mut self) {
-        for temp in &self.0 {
-            let _ = std::fs::remove_file(temp);
+        for staged in &self.staged {
+            self.volume.discard(staged);
         }
     }
-}
-
-enum Placement {
-    Refused(String),
-    Failed(std::io::Error),
 }
 
 /// The manifest recorded for a file committed whole: one chunk (none if empty), so its content joins the chunk
@@ -375,28 +299,4 @@ pub(crate) fn whole_file_manifest(file: &SmallFile, size: u64) -> Manifest {
         mode: file.mode,
         chunks,
     }
-}
-
-/// Removes the partial file of a replaced transfer, never following a symlink (best effort: a leftover is
-/// collected by the expiry sweep).
-fn remove_partial(partial: &Path) {
-    if std::fs::symlink_metadata(partial).is_ok_and(|m| m.is_file()) {
-        if let Err(e) = std::fs::remove_file(partial) {
-            tracing::warn!(partial = %partial.display(), error = %e, "could not remove a replaced partial");
-        }
-    }
-}
-
-/// Makes the temporary files durable: one `syncfs` of their filesystem, or an `fdatasync` each where that fails.
-fn sync_filesystem<'a>(dir: &Path, temps: impl Iterator<Item = &'a Path>) -> Result<(), TransferError> {
-    let handle = File::open(dir).map_err(TransferError::Storage)?;
-    if rustix::fs::syncfs(&handle).is_ok() {
-        return Ok(());
-    }
-    for temp in temps {
-        File::open(temp)
-            .and_then(|f| f.sync_data())
-            .map_err(TransferError::Storage)?;
-    }
-    Ok(())
 }

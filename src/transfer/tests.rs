@@ -35,6 +35,7 @@ fn fixture() -> Fixture {
     let store = Store::open(&dir.path().join("state")).unwrap();
     let ctx = ReceiverContext {
         volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
         root,
         partial_dir,
         store: ReceiverStore::open(&store).unwrap(),
@@ -712,8 +713,7 @@ fn a_small_file_committed_over_an_open_transfer_removes_its_partial() {
     };
     fx.ctx.store.begin("x/p", &record, &Progress::default()).unwrap();
     let writer = SmallWriter {
-        root: fx.ctx.root.clone(),
-        partial_dir: fx.ctx.partial_dir.clone(),
+        volume: fx.ctx.trees.clone(),
         store: fx.ctx.store.clone(),
         stats: fx.ctx.stats.clone(),
     };

@@ -8,8 +8,6 @@
 //! verified before it gets its final name, and each is renamed into place atomically on its own.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -17,12 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::quota::{Budget, EntryBudget};
 use super::receiver::{receive, ReceiverContext, Reuse};
-use super::reuse::open_committed;
 use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BATCH_FILES};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
-use crate::chunk::mtime_of;
-use crate::path::{ensure_dir, entry_at, link_walk, open_dir_beneath, rename_into_from, Entry, RemotePath, Replace};
+use crate::path::{link_walk, RemotePath};
 use crate::ranges::encode_runs;
+use crate::storage::TreeVolume;
 use crate::tree::LinkPolicy;
 use crate::wire::{
     Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeFailure, TreeNeed,
@@ -106,9 +103,9 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let finished = session.summary();
     let dirs = {
-        let (root, tree) = (ctx.root.clone(), tree);
+        let (trees, tree) = (ctx.trees.clone(), tree);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            apply_dir_metadata(&root, &tree);
+            apply_dir_metadata(&*trees, &tree);
             Ok(tree)
         })
     };
@@ -244,8 +241,8 @@ fn plan(
         }
         match &entry.kind {
             EntryKind::Dir { .. } => {
-                if let Err(e) = ensure_dir(&ctx.root, key) {
-                    plan.settled.refused.push((index, e.to_string()));
+                if let Err(why) = ctx.trees.make_dir(key) {
+                    plan.settled.refused.push((index, why));
                 }
             }
             EntryKind::Symlink { .. } if links == LinkPolicy::Skip => {
@@ -254,7 +251,7 @@ fn plan(
                     .push((index, "symlinks are not recorded here".into()));
             }
             EntryKind::Symlink { target } => {
-                if let Err(why) = place_symlink(&ctx.root, base, &entry.path, key, target) {
+                if let Err(why) = ctx.trees.place_symlink(base, &entry.path, key, target) {
                     plan.settled.refused.push((index, why));
                 }
             }
@@ -292,7 +289,7 @@ fn plan(
                 // A large file goes through its own Offer, whose refusal would end the whole tree's session: refuse
                 // it here when something is in the way, so the rest of the tree still lands (small files meet
                 // the same check in the writer).
-                None if size > crate::MAX_INLINE_FILE => match blocked(ctx, key) {
+                None if size > crate::MAX_INLINE_FILE => match ctx.trees.blocked(key) {
                     Some(why) => {
                         tracing::warn!(path = %key, reason = %why, "tree file refused");
                         plan.settled.refused.push((index, why));
@@ -313,15 +310,6 @@ fn plan(
     }
     plan.needed.sort_unstable();
     Ok(plan)
-}
-
-/// Why a file cannot be placed at `key` (a symlink or a directory at its name, or a non-directory among its
-/// parents), if that is already known; other trouble (a parent not made yet) is left to the file's Offer.
-fn blocked(ctx: &ReceiverContext, key: &RemotePath) -> Option<String> {
-    match crate::path::resolve_in_root(&ctx.root, key, false) {
-        Err(e @ (crate::path::PathError::InTheWay(_) | crate::path::PathError::Symlink(_))) => Some(e.to_string()),
-        _ => None,
-    }
 }
 
 /// Whether a changed file of `size` bytes at `key` would take the namespace over its quota (if it has one); if
@@ -361,8 +349,7 @@ fn settle(ctx: &ReceiverContext, local: Vec<SmallFile>, plan: &mut Plan) -> Resu
 
 fn writer(ctx: &ReceiverContext) -> SmallWriter {
     SmallWriter {
-        root: ctx.root.clone(),
-        partial_dir: ctx.partial_dir.clone(),
+        volume: ctx.trees.clone(),
         store: ctx.store.clone(),
         stats: ctx.stats.clone(),
     }
@@ -382,10 +369,7 @@ fn unchanged(ctx: &ReceiverContext, key: &RemotePath, entry: &TreeEntry) -> Resu
     if done.size != size || done.digest != digest || done.mtime != mtime {
         return Ok(false);
     }
-    let Ok(meta) = std::fs::symlink_metadata(ctx.root.join(key.as_str())) else {
-        return Ok(false);
-    };
-    Ok(meta.is_file() && meta.len() == size && meta.ino() == done.inode && mtime_of(&meta) == done.mtime)
+    Ok(ctx.trees.unchanged(key, size, done.inode, done.mtime))
 }
 
 /// The bytes of a small file the receiver already holds somewhere (an empty file, or a committed chunk of exactly
@@ -399,90 +383,32 @@ fn held_content(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash
     }
     let locations = ctx.store.chunk_locations(digest, 2).ok()?;
     for location in locations.into_iter().filter(|l| u64::from(l.len) == size) {
-        let Some(file) = open_committed(&ctx.root, &location.path) else {
+        let Some(data) = ctx.trees.read_committed(&location.path, location.offset, size as usize) else {
             continue;
         };
-        let mut data = vec![0u8; size as usize];
-        if file.read_exact_at(&mut data, location.offset).is_ok() && blake3::hash(&data).as_bytes() == digest {
+        if blake3::hash(&data).as_bytes() == digest {
             return Some(data);
         }
     }
     None
 }
 
-/// Makes `key` a symlink to `target` (already checked to stay inside the tree and not to pass through another link
-/// of the offer), replacing a file or another symlink there, atomically. Refused: a directory in the way, or a
-/// symlink already on disk anywhere along the target's walk (it could lead out of the tree).
-fn place_symlink(
-    root: &Path,
-    base: Option<&RemotePath>,
-    link: &str,
-    key: &RemotePath,
-    target: &str,
-) -> Result<(), String> {
-    let tree_dir = match base {
-        Some(base) => root.join(base.as_str()),
-        None => root.to_path_buf(),
-    };
-    for step in link_walk(link, target).ok_or_else(|| format!("{key} -> {target:?} leaves the tree"))? {
-        if std::fs::symlink_metadata(tree_dir.join(&step)).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(format!(
-                "{key} -> {target:?} passes through the existing symlink {step}"
-            ));
-        }
-    }
-    let components: Vec<&str> = key.components().collect();
-    let (name, parents) = components.split_last().expect("a RemotePath has a component");
-    // The link is made and renamed relative to the directory the no-follow walk opened, never by path.
-    let dir = open_dir_beneath(root, parents, true).map_err(|e| e.to_string())?;
-    match entry_at(&dir, std::ffi::OsStr::new(name)) {
-        Ok(Entry::Dir(_)) => return Err(format!("{key} is a directory")),
-        Ok(Entry::Symlink(existing)) if existing.as_os_str() == target => return Ok(()),
-        _ => {}
-    }
-    let temp = format!(".ferry-{:016x}.link", crate::random::u64());
-    if target.contains('\0') {
-        return Err(format!("{key} -> {target:?} holds a NUL"));
-    }
-    rustix::fs::symlinkat(target, &dir, temp.as_str()).map_err(|e| std::io::Error::from(e).to_string())?;
-    match rename_into_from(root, key, &dir, &temp, Replace::FileOrLink) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            // Best effort: the temporary link is only clutter, and gc removes `.ferry-*` leftovers too.
-            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), rustix::fs::AtFlags::empty());
-            Err(e.to_string())
-        }
-    }
-}
-
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its
 /// parent's mtime afterwards). Only directories that exist are touched: one refused at planning (over the entry
 /// budget, say) is not created here. Best effort: a failure is logged, not fatal. Blocking.
-fn apply_dir_metadata(root: &Path, tree: &Tree) {
-    apply_dir_metadata_with(root, tree, &mut |_| {});
+fn apply_dir_metadata(trees: &dyn TreeVolume, tree: &Tree) {
+    trees.set_dir_metadata(&dir_metadata(tree));
 }
 
-/// [`apply_dir_metadata`], calling `opened` between opening each directory and changing it (a test swaps the
-/// path for a symlink there). Mode and times go through the descriptor the no-follow walk opened (`fchmod`,
-/// `futimens`), never by path: a directory swapped for a symlink afterwards cannot redirect them out of the root.
-fn apply_dir_metadata_with(root: &Path, tree: &Tree, opened: &mut dyn FnMut(&RemotePath)) {
-    use std::os::unix::fs::PermissionsExt;
-    for (entry, key) in tree.offer.entries.iter().zip(&tree.keys).rev() {
-        let EntryKind::Dir { mode, mtime } = entry.kind else {
-            continue;
-        };
-        let components: Vec<&str> = key.components().collect();
-        let applied = open_dir_beneath(root, &components, false)
-            .map_err(std::io::Error::other)
-            .and_then(|dir| {
-                opened(key);
-                dir.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
-                dir.set_modified(super::commit::system_time(mtime))
-            });
-        if let Err(e) = applied {
-            tracing::warn!(path = %key, error = %e, "could not apply directory metadata");
-        }
-    }
+/// The directories of a tree with their mode and mtime, deepest (last) first.
+fn dir_metadata(tree: &Tree) -> Vec<(RemotePath, u32, crate::manifest::FileTime)> {
+    let entries = tree.offer.entries.iter().zip(&tree.keys).rev();
+    entries
+        .filter_map(|(entry, key)| match entry.kind {
+            EntryKind::Dir { mode, mtime } => Some((key.clone(), mode, mtime)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The reception of one tree's files.
@@ -772,8 +698,11 @@ fn sorted(indices: impl IntoIterator<Item = u32>) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::mtime_of;
     use crate::manifest::FileTime;
+    use crate::storage::LocalVolume;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     /// Issue 12 item 7: `pub/d` is swapped for a symlink to an outside file between the walk that opened it and
     /// the mode change; the outside file keeps its mode, and the directory that was opened gets it.
@@ -800,7 +729,7 @@ mod tests {
         };
         let tree = validate(offer, Some(&RemotePath::parse("pub").unwrap()), MAX_TREE_ENTRIES).unwrap();
         let moved = dir.path().join("moved");
-        apply_dir_metadata_with(&root, &tree, &mut |key| {
+        crate::storage::set_dir_metadata_with(&root, &dir_metadata(&tree), &mut |key| {
             assert_eq!(key.as_str(), "pub/d");
             std::fs::rename(root.join("pub/d"), &moved).unwrap();
             std::os::unix::fs::symlink(&outside, root.join("pub/d")).unwrap();
@@ -810,7 +739,7 @@ mod tests {
         assert_eq!(mode(&moved), 0o777, "the directory that was walked to got the mode");
         assert_eq!(mtime_of(&std::fs::metadata(&moved).unwrap()).secs, 1_000_000);
         // Swapped before the walk: the walk refuses the symlink and nothing is changed.
-        apply_dir_metadata(&root, &tree);
+        apply_dir_metadata(&LocalVolume::new(root.clone(), dir.path().join("partials")), &tree);
         assert_eq!(mode(&outside), 0o600);
     }
 }

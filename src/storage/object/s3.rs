@@ -31,6 +31,9 @@ pub struct StoreSettings {
     pub parallel: usize,
     /// The shortest chunk (but the last) an offer may have.
     pub min_chunk_size: u32,
+    /// The gc grace period rule R reads (a day; `ferry serve --gc-grace`, a hidden test knob, shortens it to match
+    /// `ferry gc --gc-grace`).
+    pub gc_grace: std::time::Duration,
 }
 
 /// The store URL or settings cannot be used.
@@ -74,6 +77,7 @@ impl StoreSettings {
             virtual_hosted: false,
             parallel: ObjectOptions::default().parallel,
             min_chunk_size: ObjectOptions::default().min_chunk_size,
+            gc_grace: ObjectOptions::default().grace,
         })
     }
 
@@ -92,7 +96,7 @@ impl StoreSettings {
         Ok(ObjectOptions {
             parallel: self.parallel,
             min_chunk_size: self.min_chunk_size,
-            ..ObjectOptions::default()
+            grace: self.gc_grace,
         })
     }
 
