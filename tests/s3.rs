@@ -68,6 +68,19 @@ async fn push_killed_at_half(file: &Path, url: &str, client_state: &Path, store_
     durable_bytes(&store, &layout).await.expect("the transfer stays open").0
 }
 
+/// `ferry status --server URL --json`.
+async fn status_server(url: &str, state: &Path) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["status", "--json", "--server", url.trim_end_matches('/'), "--state"])
+        .arg(state)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// What a resume may send again beyond the chunks not yet durable: the window plus one largest chunk (cdc:
 /// 4 MiB) that was in flight.
 const RESEND_SLACK: u64 = (2 + 4) << 20;
@@ -156,6 +169,14 @@ async fn s3_push_cut_on_one_server_resumes_on_another() {
     let data = write_random(&src, 24 << 20, 3);
     let client = dir.path().join("client");
     let durable = push_killed_at_half(&src, &a.url("f.bin"), &client, &url).await;
+
+    // B lists the transfer A opened, from the bucket.
+    let listed = status_server(&b.url(""), &dir.path().join("status")).await;
+    let entries = listed["partials"].as_array().expect("partials listed");
+    assert_eq!((entries.len(), listed["total"].as_u64()), (1, Some(1)), "{listed}");
+    assert_eq!(entries[0]["path"], "f.bin");
+    let received = entries[0]["received"].as_u64().unwrap();
+    assert!(received >= durable && received < data.len() as u64, "{listed}");
 
     // Resumed through B, which never saw the transfer: A's acknowledged chunks are not sent again.
     let resumed = push(&src, &b.url("f.bin"), &client, &[]).await;
