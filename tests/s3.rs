@@ -244,3 +244,46 @@ async fn s3_min_chunk_size_refused() {
     assert_eq!(count(&store, &layout.chunks()).await, 0);
     assert_eq!(count(&store, &layout.files()).await, 0);
 }
+
+#[tokio::test]
+async fn s3_wrong_credentials_fail_the_start_without_showing_the_secret() {
+    let Some(cluster) = garage::cluster() else {
+        return;
+    };
+    let url = cluster.store_url("credentials");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "not-the-secret-0123456789abcdef0123456789abcdef";
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", &url, "--state"])
+        .arg(dir.path().join("state"))
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // Bounded: a server that started anyway is killed after 60 s and the test fails.
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a server the bucket refuses must not start: {stderr}"
+    );
+    assert!(stderr.contains("object store"), "{stderr}");
+    assert!(!stderr.contains(secret), "the secret leaked: {stderr}");
+    let key_id = cluster
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ACCESS_KEY_ID")
+        .unwrap()
+        .1;
+    assert!(!stderr.contains(&key_id), "the key id leaked: {stderr}");
+}
