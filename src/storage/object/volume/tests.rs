@@ -248,3 +248,34 @@ fn keys_too_long_for_the_store_are_refused_before_anything_is_written() {
     ));
     assert!(a.prepare_destination(&path("q/child")).is_ok());
 }
+
+/// The engine calls the seam from `spawn_blocking` threads of the server's runtime, where `Handle::block_on` is
+/// allowed (on an async worker thread it panics): the whole push path, driven from such a thread.
+#[test]
+fn the_volume_works_from_the_runtimes_blocking_threads() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(3, 9);
+    let volume = Arc::new(volume(&rt, &store));
+    let committed = rt.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            let dest = path("from/blocking");
+            volume.prepare_destination(&dest).unwrap();
+            let durable = volume.durable_elsewhere(&dest, &manifest, true).unwrap();
+            assert_eq!(durable.present(), 0);
+            let partial = volume.open_partial_for(dest.as_str(), &manifest, true, false).unwrap();
+            write_chunks(&partial, &bytes, &manifest, &[0, 1, 2]);
+            partial.sync_all().unwrap();
+            let mut back = vec![0u8; bytes.len()];
+            partial.read_exact_at(&mut back, 0).unwrap();
+            assert_eq!(back, bytes);
+            volume
+                .place(dest.as_str(), &dest, &partial.identity().unwrap())
+                .unwrap();
+            volume.committed_manifest_id(&dest).unwrap()
+        })
+        .await
+        .unwrap()
+    });
+    assert!(committed.is_some());
+}
