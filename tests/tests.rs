@@ -13,6 +13,7 @@ mod delta;
 mod directories;
 mod docs;
 mod exit_codes;
+mod failover;
 mod faults;
 mod frame_faults;
 mod fs_attacks;
