@@ -145,6 +145,8 @@ async fn a_refused_token_ends_the_run_without_moving() {
     let b = TestServer::start(&dir.path().join("b"));
     let token_file = dir.path().join("wrong.token");
     std::fs::write(&token_file, format!("{mallory}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let src = dir.path().join("f.bin");
     write_random(&src, 200 * KIB, 3);
     let url = format!("ferry://{},{}/f.bin", a.addr, b.addr);

@@ -17,6 +17,7 @@ mod failover;
 mod faults;
 mod frame_faults;
 mod fs_attacks;
+mod garage_cluster;
 mod gc;
 mod hostile_server;
 mod limits;

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod garage;
+
 /// Path of the binary under test.
 pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
