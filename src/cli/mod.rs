@@ -229,7 +229,8 @@ pub struct PushArgs {
     /// The file or directory to send.
     pub file: PathBuf,
     /// ferry://HOST[:PORT]/REMOTE/PATH, or NAME:PATH under a remote of the client configuration (a trailing '/'
-    /// keeps the local file name).
+    /// keeps the local file name). Several servers of one group: ferry://A[:PORT],B[:PORT]/PATH (tried in order,
+    /// the next one when the current fails).
     pub destination: Location,
     /// TCP connections sharing one file's chunks (1-16; default 1): more than one helps on links with high
     /// latency, where one connection is bound by its window or its TCP buffers. Trees use one connection.
@@ -244,7 +245,7 @@ pub struct PushArgs {
 #[derive(Args, Debug)]
 pub struct PullArgs {
     /// ferry://HOST[:PORT]/REMOTE/PATH, or NAME:PATH under a remote of the client configuration, of the file or
-    /// directory to fetch.
+    /// directory to fetch. Several servers of one group: ferry://A[:PORT],B[:PORT]/PATH.
     pub source: Location,
     /// Local file to write, or an existing directory to write a file into under its remote name; a tree is
     /// written into this directory (created if missing).
