@@ -93,6 +93,37 @@ struct File {
     tls: Option<Tls>,
     #[serde(default, rename = "client")]
     clients: Vec<Client>,
+    store: Option<StoreSection>,
+}
+
+/// `[store]`: keep received files in an object store (docs/object-store.md "Configuration").
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    url: String,
+    endpoint: Option<String>,
+    region: Option<String>,
+    allow_http: Option<bool>,
+    #[serde(default)]
+    virtual_hosted: bool,
+    parallel: Option<usize>,
+    min_chunk_size: Option<Size>,
+}
+
+impl StoreSection {
+    fn settings(&self) -> Result<crate::storage::object::StoreSettings, String> {
+        let mut settings = crate::storage::object::StoreSettings::from_url(&self.url).map_err(|e| e.to_string())?;
+        settings.endpoint = self.endpoint.clone();
+        settings.region = self.region.clone();
+        settings.allow_http = self.allow_http;
+        settings.virtual_hosted = self.virtual_hosted;
+        settings.parallel = self.parallel.unwrap_or(settings.parallel);
+        if let Some(size) = &self.min_chunk_size {
+            settings.min_chunk_size = u32::try_from(size.bytes()?).map_err(|_| "store.min_chunk_size is too large")?;
+        }
+        settings.options().map_err(|e| e.to_string())?;
+        Ok(settings)
+    }
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -156,6 +187,8 @@ pub struct ServerFile {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `[[client]]` entries.
     pub clients: Vec<ClientEntry>,
+    /// `[store]`: the object store, if files are kept in one.
+    pub store: Option<crate::storage::object::StoreSettings>,
     limits: Limits,
 }
 
@@ -188,6 +221,7 @@ impl ServerFile {
             insecure_no_auth: file.insecure_no_auth,
             tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
             clients,
+            store: file.store.as_ref().map(StoreSection::settings).transpose()?,
             limits,
         })
     }
@@ -196,6 +230,9 @@ impl ServerFile {
     pub fn apply(&self, config: &mut ServerConfig) -> Result<(), String> {
         apply_limits(&self.limits, config)?;
         config.clients = self.clients.clone();
+        if self.store.is_some() {
+            config.object_store = self.store.clone();
+        }
         if self.state.is_some() {
             config.state_dir = self.state.clone();
         }
@@ -389,6 +426,22 @@ mod tests {
     }
 
     #[test]
+    fn a_store_section_sets_up_the_object_store() {
+        let text = "[store]\nurl = \"s3://backups/ferry/\"\nendpoint = \"http://127.0.0.1:3900\"\n\
+                    region = \"garage\"\nallow_http = true\nparallel = 8\nmin_chunk_size = \"1MiB\"";
+        let file = ServerFile::parse(text, Path::new(".")).unwrap();
+        let mut config = ServerConfig::new(PathBuf::from("/srv"));
+        file.apply(&mut config).unwrap();
+        let store = config.object_store.expect("[store] applied");
+        assert_eq!((store.bucket.as_str(), store.prefix.as_str()), ("backups", "ferry"));
+        assert_eq!(store.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(store.region.as_deref(), Some("garage"));
+        assert_eq!((store.allow_http, store.virtual_hosted), (Some(true), false));
+        assert_eq!((store.parallel, store.min_chunk_size), (8, 1 << 20));
+        assert!(ServerFile::parse("", Path::new(".")).unwrap().store.is_none());
+    }
+
+    #[test]
     fn mistakes_are_reported() {
         for (text, needle) in [
             ("limtis = 1", "unknown field"),
@@ -402,6 +455,13 @@ mod tests {
                 &format!("[[client]]\nid = \"a\"\nsecret = \"{SECRET}\"\nnamespace = \"a\"\npermissions = [\"write\"]"),
                 "unknown variant",
             ),
+            ("[store]\nurl = \"http://bucket\"", "s3://BUCKET"),
+            (
+                "[store]\nurl = \"s3://bucket\"\nmin_chunk_size = \"1K\"",
+                "min_chunk_size",
+            ),
+            ("[store]\nurl = \"s3://bucket\"\nparallel = 0", "parallel"),
+            ("[store]\nurl = \"s3://bucket\"\nkey = \"secret\"", "unknown field"),
         ] {
             let error = ServerFile::parse(text, Path::new(".")).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");

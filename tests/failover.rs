@@ -116,7 +116,7 @@ async fn a_server_killed_mid_push_is_replaced_by_the_next_in_the_same_run() {
 }
 
 /// Waits (bounded in count and time) until the push running on `state` has `bytes` acknowledged.
-async fn wait_for_acknowledged(state: &Path, bytes: u64) {
+pub(crate) async fn wait_for_acknowledged(state: &Path, bytes: u64) {
     for _ in 0..3000 {
         if ferry::client::read_running(state).is_some_and(|r| r.done >= bytes) {
             return;

@@ -27,6 +27,8 @@ mod output;
 mod pull;
 mod push;
 mod replay;
+mod s3;
+mod s3_failover;
 mod status;
 mod stream_offer;
 mod streams;

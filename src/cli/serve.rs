@@ -15,6 +15,7 @@ use crate::auth::Token;
 use crate::config::{EffectiveServer, ServerFile};
 use crate::exit;
 use crate::server::{Server, ServerConfig, ServerError};
+use crate::storage::object::StoreSettings;
 use crate::tls::{keygen as make_certificate, ServerTls};
 use crate::units::{parse_duration, parse_size};
 
@@ -36,6 +37,11 @@ pub struct ServeArgs {
     /// State directory (default ROOT/.ferry/state).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Keep received files in an S3 bucket (AWS S3, Garage, MinIO): s3://BUCKET[/PREFIX]. Credentials, endpoint
+    /// and region from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP (or
+    /// `[store]` in the configuration file). Needs --state (a cache; the bucket is the truth).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Listen on a non-loopback address although no client tokens are configured (anyone may push and pull).
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -200,11 +206,26 @@ type TlsFiles = Option<(PathBuf, PathBuf)>;
 /// The effective server settings, listen address and TLS files: defaults, then the file, then the flags. Refuses
 /// to expose a server without clients beyond loopback unless told to.
 fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String, TlsFiles), ServeFailure> {
-    let root = args.root.clone().or(file.root.clone()).ok_or_else(|| {
-        ServeFailure::Usage("no root directory: give --root DIR or `root` in the configuration file".into())
-    })?;
+    let store = store_settings(args.store.as_deref(), file)?;
+    let state = args.state.clone().or(file.state.clone());
+    let root = match (args.root.clone().or(file.root.clone()), &store, &state) {
+        (Some(root), _, _) => root,
+        // On an object store the root only holds what is not stored in the bucket yet (tree receptions).
+        (None, Some(_), Some(state)) => state.join("root"),
+        (None, Some(_), None) => {
+            return Err(ServeFailure::Usage(
+                "--store needs a state directory: give --state DIR (a cache; the bucket is the truth)".into(),
+            ))
+        }
+        (None, None, _) => {
+            return Err(ServeFailure::Usage(
+                "no root directory: give --root DIR or `root` in the configuration file".into(),
+            ))
+        }
+    };
     let mut config = ServerConfig::new(root);
     file.apply(&mut config).map_err(ServeFailure::Usage)?;
+    config.object_store = store;
     config.state_dir = args.state.or(config.state_dir);
     config.max_connections = args.max_connections.unwrap_or(config.max_connections);
     config.max_connections_per_client = args
@@ -244,6 +265,22 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
         )));
     }
     Ok((config, listen, tls_files))
+}
+
+/// The object store of `--store URL` (over the `[store]` section's other settings) or of `[store]`, if any.
+fn store_settings(flag: Option<&str>, file: &ServerFile) -> Result<Option<StoreSettings>, ServeFailure> {
+    let Some(url) = flag else {
+        return Ok(file.store.clone());
+    };
+    let mut settings = StoreSettings::from_url(url).map_err(|e| ServeFailure::Usage(format!("--store: {e}")))?;
+    if let Some(from_file) = &file.store {
+        settings = StoreSettings {
+            bucket: settings.bucket,
+            prefix: settings.prefix,
+            ..from_file.clone()
+        };
+    }
+    Ok(Some(settings))
 }
 
 /// Why `listen` could not be bound, in words a user can act on.

@@ -170,7 +170,10 @@ fn namespace_context(
     create_dir(&partial_dir)?;
     Ok(ReceiverContext {
         // Its own volume, never the base's: a namespace's files live only under its own directory.
-        volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        volume: base
+            .volume
+            .for_namespace(name)
+            .unwrap_or_else(|| crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone())),
         root,
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,

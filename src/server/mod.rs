@@ -92,6 +92,8 @@ pub struct ServerConfig {
     pub partial_ttl: Duration,
     /// How often the server sweeps for expired transfers and leftovers.
     pub gc_interval: Duration,
+    /// Keep received files in an object store (`--store s3://…`) instead of under `root`.
+    pub object_store: Option<crate::storage::object::StoreSettings>,
 }
 
 impl ServerConfig {
@@ -118,6 +120,7 @@ impl ServerConfig {
             namespace_limits: Default::default(),
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
+            object_store: None,
         }
     }
 }
@@ -225,8 +228,12 @@ impl Server {
         })?;
         let store = Store::open(&state_dir)?;
         let partial_dir = partial_dir.canonicalize().unwrap_or(partial_dir);
+        let volume = match &config.object_store {
+            Some(settings) => object_volume(settings)?,
+            None => crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        };
         let receiver = ReceiverContext {
-            volume: crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+            volume,
             root,
             partial_dir,
             store: ReceiverStore::open(&store)?,
@@ -669,4 +676,25 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
         || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+}
+
+/// The volume of the unnamed namespace in the object store of `settings`, after the store answered (the format
+/// marker is written if absent). Blocking: call from a blocking thread inside the runtime.
+fn object_volume(
+    settings: &crate::storage::object::StoreSettings,
+) -> Result<Arc<dyn crate::storage::Volume>, ServerError> {
+    use crate::storage::object::{s3, ObjectVolume};
+    let store_error = |e: s3::StoreError| ServerError::Config(e.to_string());
+    let options = settings.options().map_err(store_error)?;
+    let store = settings.build().map_err(store_error)?;
+    let handle = tokio::runtime::Handle::current();
+    handle.block_on(s3::ensure_marker(&*store)).map_err(store_error)?;
+    tracing::info!(bucket = %settings.bucket, prefix = %settings.prefix, "files are kept in the object store");
+    Ok(Arc::new(ObjectVolume::new(
+        handle,
+        store,
+        &settings.prefix,
+        "",
+        options,
+    )))
 }

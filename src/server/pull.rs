@@ -1,17 +1,42 @@
 //! The sender role of a server: answering a Pull for a file or a tree inside the client's namespace.
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::path::{hide_root, RemotePath};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
+use crate::storage::Volume;
 use crate::transfer::receiver::ReceiverContext;
-use crate::transfer::sender::{send, SendOptions, SendStats};
+use crate::transfer::sender::{send, SendOptions, SendStats, Source};
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{with_keepalive, TransferError};
 use crate::tree::scan_beneath;
 use crate::wire::{Connection, ErrorCode, Pull, PullKind};
+
+/// The file committed at `path` in a volume that is not a directory (an object store): a verified local copy,
+/// offered with the manifest it was committed with (proto-spec.md §11: never rehashed).
+fn committed_in_store(volume: &dyn Volume, path: &RemotePath, expect: PullKind) -> Result<PullSource, TransferError> {
+    if !expect.accepts(false) {
+        let why = format!("{path} is a file; trees are not pulled from an object store yet");
+        return Err(TransferError::refused(ErrorCode::WrongKind, why));
+    }
+    match volume.committed_copy(path)? {
+        Some((file, manifest)) => Ok(PullSource::File {
+            source: Source {
+                file: Arc::new(file),
+                manifest: Arc::new(manifest),
+            },
+            committed: true,
+        }),
+        None => Err(TransferError::refused(
+            ErrorCode::NotFound,
+            format!("no file is committed at {path}"),
+        )),
+    }
+}
 
 /// Largest window a pulling client may ask for.
 const MAX_PULL_WINDOW: u64 = 64 * 1024 * 1024;
@@ -32,8 +57,11 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     let idle = shared.config.idle_timeout;
     let found = {
         let (root, receiver, sender) = (ctx.root.clone(), ctx.store.clone(), shared.sender.clone());
-        let path = path.clone();
+        let (path, volume) = (path.clone(), ctx.volume.clone());
         with_keepalive(conn, idle, move || {
+            if volume.needs_whole_manifest() {
+                return committed_in_store(&*volume, &path, expect);
+            }
             open_for_pull(&root, &path, &receiver, &sender, pull.chunking, expect)
         })
         .await?

@@ -16,6 +16,7 @@
 //! path does not go through the seam yet.
 
 pub mod local;
+pub mod object;
 #[cfg(test)]
 pub(crate) mod sim;
 
@@ -24,8 +25,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
+use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::path::{PathError, RemotePath};
+use crate::ranges::ChunkSet;
 
 pub use local::LocalVolume;
 
@@ -174,6 +176,65 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn stat_final(&self, path: &RemotePath) -> Option<Identity>;
     /// The regular file at `path` (never through a symlink), opened for reading.
     fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>>;
+
+    /// Opens the partial of `key` for the transfer of `manifest` (a volume that stores by chunk needs it);
+    /// `full_reuse` is the client's reuse rule, recorded with the transfer. By default [`Volume::open_partial`].
+    fn open_partial_for(
+        &self,
+        key: &str,
+        manifest: &Arc<Manifest>,
+        full_reuse: bool,
+        exists: bool,
+    ) -> Result<Partial, StorageError> {
+        let _ = full_reuse;
+        self.open_partial(key, manifest.size, exists)
+    }
+
+    /// Chunks of `manifest` durable for the transfer to `path` beyond what this process's store recorded: on a
+    /// shared store, what other servers (or this one before it lost its state) journaled, and what may be relied
+    /// on without bytes. Nothing, by default (the local store's records are the whole truth).
+    fn durable_elsewhere(
+        &self,
+        path: &RemotePath,
+        manifest: &Arc<Manifest>,
+        full_reuse: bool,
+    ) -> Result<ChunkSet, StorageError> {
+        let _ = (path, full_reuse);
+        Ok(ChunkSet::new(manifest.chunk_count()))
+    }
+
+    /// The manifest id of the file committed at `path`, when the volume itself records it (a shared store);
+    /// `None` by default: the local store's committed record decides.
+    fn committed_manifest_id(&self, path: &RemotePath) -> Result<Option<Hash>, StorageError> {
+        let _ = path;
+        Ok(None)
+    }
+
+    /// The shortest chunk (but the last) an offer may have. The protocol's minimum by default.
+    fn min_chunk_size(&self) -> u32 {
+        crate::MIN_CHUNK_SIZE
+    }
+
+    /// Whether a partial can only be opened with the whole manifest known ([`Volume::open_partial_for`]): a
+    /// streamed offer is then gathered and served as a whole one. False by default.
+    fn needs_whole_manifest(&self) -> bool {
+        false
+    }
+
+    /// The volume of namespace `name` when it lives in the same store as this one (an object store: one prefix
+    /// per namespace); `None` by default, and the server builds a local volume over the namespace's directory.
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let _ = name;
+        None
+    }
+
+    /// The file committed at `path` as a local, verified copy with its committed manifest, for a volume whose
+    /// files are not local files (a pull from an object store); `None` when nothing is committed there. The
+    /// default is `None`: a local volume's files are opened where they are.
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will
@@ -202,4 +263,7 @@ pub enum StorageError {
     /// The partial was replaced by another file after it was verified.
     #[error("the partial file of {0} was replaced after it was verified")]
     Replaced(String),
+    /// The destination's key does not fit the object store.
+    #[error(transparent)]
+    Layout(#[from] object::layout::LayoutError),
 }

@@ -203,6 +203,7 @@ impl From<StorageError> for TransferError {
             StorageError::At { path, source } => unwritable(&path, source),
             StorageError::BadPath(refused) => TransferError::refused(ErrorCode::BadPath, refused),
             StorageError::Replaced(_) => TransferError::Integrity(error.to_string()),
+            StorageError::Layout(too_long) => TransferError::refused(ErrorCode::BadPath, too_long),
         }
     }
 }

@@ -153,6 +153,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     manifest
         .validate()
         .map_err(|e| TransferError::refused(ErrorCode::BadManifest, e))?;
+    refuse_short_chunks(&manifest, ctx.volume.min_chunk_size())?;
     let mut manifest = manifest;
     manifest.mode &= ctx.policy.mode_mask;
     if manifest.size > ctx.max_file_size {
@@ -198,6 +199,23 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     let reply = Message::Committed(committed.clone());
     send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
     Ok(committed)
+}
+
+/// Refuses a manifest whose chunks (but the last) are shorter than the volume stores (an object store's
+/// `min_chunk_size`: a PUT per chunk).
+fn refuse_short_chunks(manifest: &Manifest, min: u32) -> Result<(), TransferError> {
+    let all_but_last = &manifest.chunks[..manifest.chunks.len().saturating_sub(1)];
+    match all_but_last.iter().position(|c| c.len < min) {
+        None => Ok(()),
+        Some(index) => Err(TransferError::refused(
+            ErrorCode::BadManifest,
+            format!(
+                "chunk {index} has {} bytes; this server stores chunks of at least {min} bytes (min_chunk_size): \
+                 use larger chunks",
+                manifest.chunks[index].len
+            ),
+        )),
+    }
 }
 
 /// The refusal of a file larger than this receiver accepts.
@@ -474,6 +492,11 @@ pub(super) fn prepare(
     // whole upload (proto-spec.md §9, StorageIo).
     volume.prepare_destination(path)?;
     let store = &ctx.store;
+    let full_reuse = ctx.policy.reuse == Reuse::Full;
+    // A shared store says itself what is committed (another server, or this one before it lost its state).
+    if volume.committed_manifest_id(path)? == Some(manifest.id()) {
+        return Ok(Plan::AlreadyPresent(present(&manifest)));
+    }
     let record = store.transfer(key)?;
     if record.is_none() {
         if let Some(done) = already_present(store, key, volume, path, &manifest)? {
@@ -482,10 +505,15 @@ pub(super) fn prepare(
     }
     let partial_len = volume.partial_len(key)?;
     let mut progress = store.progress(key)?.unwrap_or_default();
-    let received = match (&record, partial_len) {
+    let mut received = match (&record, partial_len) {
         (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
         _ => ChunkSet::new(manifest.chunk_count()),
     };
+    // The union with what the volume holds durable beyond this store's records (another server's journal).
+    let elsewhere = volume.durable_elsewhere(path, &manifest, full_reuse)?;
+    for index in (0..elsewhere.len()).filter(|&i| elsewhere.contains(i)) {
+        received.insert(index);
+    }
     if record.is_some() && received.present() > 0 {
         tracing::info!(path = key, kept = received.present(), "resuming transfer");
     }
@@ -495,7 +523,7 @@ pub(super) fn prepare(
     // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
     // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
     let file = if same_offer {
-        volume.open_partial(key, manifest.size, partial_len.is_some())?
+        volume.open_partial_for(key, &manifest, full_reuse, partial_len.is_some())?
     } else {
         progress.received = bitmap;
         let created = record.as_ref().map_or_else(now_secs, |r| r.created);
@@ -513,7 +541,7 @@ pub(super) fn prepare(
             record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
         admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
-        let file = volume.open_partial(key, manifest.size, partial_len.is_some())?;
+        let file = volume.open_partial_for(key, &manifest, full_reuse, partial_len.is_some())?;
         store.begin_encoded(
             key,
             new_record,
@@ -576,14 +604,19 @@ fn already_present(
         && now.len == done.size
         && now.ino == done.inode
         && now.mtime == done.mtime;
-    Ok(unchanged.then_some(Committed {
-        size: done.size,
-        digest: done.digest,
+    Ok(unchanged.then(|| present(manifest)))
+}
+
+/// The answer to an offer of the file already committed.
+fn present(manifest: &Manifest) -> Committed {
+    Committed {
+        size: manifest.size,
+        digest: manifest.digest,
         received_bytes: 0,
         rejected_chunks: 0,
         reused_bytes: 0,
         already_present: true,
-    }))
+    }
 }
 
 #[cfg(test)]

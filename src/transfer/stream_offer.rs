@@ -53,7 +53,7 @@ pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         StreamedManifest::start(start.size, start.chunking, start.mtime, mode, ctx.max_manifest_chunks).map_err(bad)?;
     let occupied = {
         let (volume, path) = (ctx.volume.clone(), path.clone());
-        blocking(move || Ok(volume.stat_final(&path).is_some())).await?
+        blocking(move || Ok(volume.needs_whole_manifest() || volume.stat_final(&path).is_some())).await?
     };
     if occupied {
         return deferred(conn, ctx, path, streamed, stop).await;

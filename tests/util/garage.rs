@@ -1,6 +1,6 @@
 //! The Garage fixture of the object-store tests (issue 15; docs/testing.md, "The Garage cluster"): one 3-node
 //! cluster per test binary, started on first use by `tests/garage/cluster.sh start` into a temporary directory,
-//! and a prefix of its bucket per test.
+//! and a prefix of its bucket per test ([`Cluster::store_url`], [`Cluster::prefix`]).
 //!
 //! Stopping: a `static` is never dropped, and a test binary may end by a panic, a signal or SIGKILL, so the
 //! cluster is not stopped from inside the process. Right after the start, `cluster.sh watch DIR PID` runs in its
@@ -15,19 +15,21 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// A running Garage cluster: its directory and the environment `cluster.sh` wrote for it.
-pub struct Garage {
-    /// The cluster's directory (node configs, data, logs, `env`).
-    pub dir: PathBuf,
-    /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, … as `cluster.sh start` printed them.
-    pub env: Vec<(String, String)>,
+pub struct Cluster {
+    dir: PathBuf,
+    /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, …, `GARAGE_BUCKET`, as `cluster.sh start` printed them.
+    vars: Vec<(String, String)>,
 }
 
+/// Held while a node is down: tests that kill a node take turns, so the cluster never loses two at once (two of
+/// three keep the quorum that every other test relies on).
+static NODE_DOWN: Mutex<()> = Mutex::new(());
+
 /// This binary's cluster, or why it could not start.
-static CLUSTER: OnceLock<Result<Garage, String>> = OnceLock::new();
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 /// `tests/garage/` in the source tree.
 pub fn scripts() -> PathBuf {
@@ -35,8 +37,11 @@ pub fn scripts() -> PathBuf {
 }
 
 /// The binary's cluster, started on first use; `None` only when `FERRY_SKIP_GARAGE=1` outside CI and no Garage
-/// binary (after one loud line). Panics, saying what to do, when Garage is missing or the cluster cannot start.
-pub fn cluster(test: &str) -> Option<&'static Garage> {
+/// binary (after one loud line; the caller returns). Panics, saying what to do, when Garage is missing or the
+/// cluster cannot start. The cluster's AWS_* variables are set in this process, so every `ferry serve` a test
+/// starts inherits them.
+pub fn cluster() -> Option<&'static Cluster> {
+    let test = std::thread::current().name().unwrap_or("a Garage test").to_string();
     if let Err(missing) = garage_binary() {
         let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
         if !in_ci && std::env::var("FERRY_SKIP_GARAGE").as_deref() == Ok("1") {
@@ -70,8 +75,8 @@ fn garage_binary() -> Result<PathBuf, String> {
     }
 }
 
-/// Starts the cluster in a fresh directory and its guard.
-fn start() -> Result<Garage, String> {
+/// Starts the cluster in a fresh directory and its guard, and sets its AWS_* variables in this process.
+fn start() -> Result<Cluster, String> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-garage-")
         .tempdir()
@@ -95,11 +100,15 @@ fn start() -> Result<Garage, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    let env = parse_env(&String::from_utf8_lossy(&output.stdout));
-    if !env.iter().any(|(k, _)| k == "AWS_ENDPOINT_URL") {
+    let vars = parse_env(&String::from_utf8_lossy(&output.stdout));
+    if !vars.iter().any(|(k, _)| k == "AWS_ENDPOINT_URL") || !vars.iter().any(|(k, _)| k == "GARAGE_BUCKET") {
         return Err(format!("cluster.sh start printed no environment: {output:?}"));
     }
-    Ok(Garage { dir, env })
+    for (key, value) in vars.iter().filter(|(k, _)| k.starts_with("AWS_")) {
+        // The same values for every test, set once (under the OnceLock) before any server of the cluster starts.
+        std::env::set_var(key, value);
+    }
+    Ok(Cluster { dir, vars })
 }
 
 /// Runs `cluster.sh watch DIR PID` for this process, detached into its own process group (a Ctrl-C to the test
@@ -129,43 +138,52 @@ fn parse_env(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-impl Garage {
-    /// The bucket.
+impl Cluster {
+    /// The AWS_* variables (endpoint, keys, region, allow-http) for a client of the cluster.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .cloned()
+            .collect()
+    }
+
+    /// The bucket the cluster created.
     pub fn bucket(&self) -> &str {
         self.var("GARAGE_BUCKET")
     }
 
+    /// The cluster's directory (node configs, data, logs, `env`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// One variable of the cluster's environment.
     pub fn var(&self, name: &str) -> &str {
-        self.env
+        self.vars
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
             .unwrap_or_else(|| panic!("{name} missing from the cluster's env"))
     }
 
-    /// A prefix of the bucket no other test uses: `TEST-RANDOM`.
-    pub fn prefix(&self, test: &str) -> String {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let seed = format!(
-            "{}-{}-{:?}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now()
-        );
-        let random = blake3::hash(seed.as_bytes()).to_hex();
-        format!("{test}-{}", &random[..12])
+    /// A prefix of the bucket no other test uses: `NAME-RANDOM`.
+    pub fn prefix(&self, name: &str) -> String {
+        let mut random = [0u8; 6];
+        getrandom::fill(&mut random).expect("random bytes");
+        let tag: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{name}-{tag}")
     }
 
-    /// `s3://BUCKET/PREFIX/`, the `--store` of a server on `prefix`.
-    pub fn store_url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}/", self.bucket())
+    /// A fresh `s3://BUCKET/NAME-RANDOM`, the `--store` of one test's servers.
+    pub fn store_url(&self, name: &str) -> String {
+        format!("s3://{}/{}", self.bucket(), self.prefix(name))
     }
 
     /// A command with the cluster's environment (AWS variables) set.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
-        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd
     }
 
@@ -208,5 +226,53 @@ impl Garage {
             "cluster.sh {verb} {args:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+}
+
+/// A node of the cluster killed by [`Cluster::kill_node`]; started again by [`NodeDown::restart`], or when dropped
+/// (a test that failed half-way leaves the cluster whole for the others).
+pub struct NodeDown<'a> {
+    cluster: &'a Cluster,
+    node: u32,
+    restarted: bool,
+    _one_at_a_time: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// SIGKILLs node `node` (`cluster.sh kill DIR N`, as a crash would), once no other test has one down.
+    pub fn kill_node(&self, node: u32) -> NodeDown<'_> {
+        let turn = NODE_DOWN.lock().unwrap_or_else(PoisonError::into_inner);
+        self.cluster_sh("kill", &[&node.to_string()]);
+        NodeDown {
+            cluster: self,
+            node,
+            restarted: false,
+            _one_at_a_time: turn,
+        }
+    }
+}
+
+impl NodeDown<'_> {
+    /// Starts the node again on its old ports and data (`cluster.sh start-node DIR N`).
+    pub fn restart(mut self) {
+        self.restarted = true;
+        self.cluster.cluster_sh("start-node", &[&self.node.to_string()]);
+    }
+}
+
+impl Drop for NodeDown<'_> {
+    fn drop(&mut self) {
+        if !self.restarted {
+            // No assertion: this may run during a panic.
+            let _ = self
+                .cluster
+                .command("bash")
+                .arg(scripts().join("cluster.sh"))
+                .arg("start-node")
+                .arg(&self.cluster.dir)
+                .arg(self.node.to_string())
+                .stdin(Stdio::null())
+                .output();
+        }
     }
 }

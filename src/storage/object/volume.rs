@@ -1,0 +1,834 @@
+//! [`ObjectVolume`]: the storage seam over an object store, for the big-file push path (docs/object-store.md
+//! "How it plugs into the storage seam" and "One push, step by step").
+//!
+//! A partial is not a file: it is the open transfer's record (`open/<pid>/<tid>`, written once, or adopted from
+//! another server when the manifest is the same), the chunk objects PUT as chunks are written, and the journal
+//! entries PUT at each sync. `write_at` starts the chunk's PUT and returns; `sync_data` waits for the batch's PUTs,
+//! then PUTs the batch's journal entry (so a chunk is durable for the whole group before the engine records and
+//! acknowledges it); `read_at` serves the digest follower from a bounded cache of the chunks this handle stored,
+//! else GETs the chunk object; `place` PUTs the manifest object (the commit) and then deletes the transfer's
+//! record and journal.
+//!
+//! The seam is blocking: every method runs on a blocking thread (the engine's `spawn_blocking`, the writer and
+//! digest threads) and drives the store through [`tokio::runtime::Handle::block_on`], which panics on an async
+//! worker thread; [`ObjectVolume`] checks for that and fails with an error instead.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use object_store::ObjectStore;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use super::layout::{
+    self, journal_union, EntryKind, EntryObject, JournalEntry, Layout, ObjectError, OpenRecord, PathId, ReuseRule,
+    ServerId, TransferId,
+};
+use crate::manifest::{FileTime, Hash, Manifest};
+use crate::path::RemotePath;
+use crate::ranges::{encode_runs, ChunkSet};
+use crate::storage::{ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
+
+/// Chunk bytes a partial keeps for its digest follower and commit (the window's worth and more).
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Chunks of a manifest checked by HEAD each; more are checked by listing the shards they fall in.
+const HEAD_BELOW: usize = 16;
+
+/// How the object volume is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectOptions {
+    /// Chunk PUTs in flight per partial.
+    pub parallel: usize,
+    /// The gc grace period G: a chunk object listed younger than G/2 may be relied on (rule R (c)).
+    pub grace: Duration,
+    /// Offers whose chunks (but the last) are shorter are refused: a bucket's request bill cannot be multiplied
+    /// by a client's `--chunk-size 4K`.
+    pub min_chunk_size: u32,
+}
+
+impl Default for ObjectOptions {
+    fn default() -> Self {
+        ObjectOptions {
+            parallel: 32,
+            grace: Duration::from_secs(24 * 3600),
+            min_chunk_size: 256 * 1024,
+        }
+    }
+}
+
+/// The receiver's files in one namespace of an object store.
+pub struct ObjectVolume {
+    shared: Arc<Shared>,
+    /// Open transfers of this process, by key.
+    open: Mutex<HashMap<String, Arc<Transfer>>>,
+}
+
+impl std::fmt::Debug for ObjectVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectVolume")
+            .field("namespace", self.shared.layout.namespace())
+            .field("server", &self.shared.server)
+            .finish()
+    }
+}
+
+struct Shared {
+    handle: Handle,
+    store: Arc<dyn ObjectStore>,
+    /// The bucket prefix, for the layouts of other namespaces.
+    prefix: String,
+    layout: Layout,
+    server: ServerId,
+    options: ObjectOptions,
+    seq: AtomicU64,
+}
+
+impl Shared {
+    /// Runs `future` to completion on the runtime. Call only from a blocking thread (`spawn_blocking`, the writer
+    /// and digest threads): on an async worker thread `Handle::block_on` panics.
+    fn block_on<T>(&self, future: impl std::future::Future<Output = Result<T, ObjectError>>) -> io::Result<T> {
+        self.handle.block_on(future).map_err(to_io)
+    }
+}
+
+fn to_io(error: ObjectError) -> io::Error {
+    tracing::warn!("{error}");
+    io::Error::other(error.to_string())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// One open transfer of this process: its ids, manifest and the metadata the commit applies.
+struct Transfer {
+    path: PathId,
+    id: TransferId,
+    manifest: Arc<Manifest>,
+    meta: Mutex<(u32, FileTime)>,
+}
+
+impl ObjectVolume {
+    /// A volume for namespace `namespace` over `store` (whose keys are under the bucket prefix `prefix`),
+    /// driving requests on `handle`'s runtime.
+    pub fn new(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+    ) -> ObjectVolume {
+        Self::with_server(handle, store, prefix, namespace, options, ServerId::random())
+    }
+
+    fn with_server(
+        handle: Handle,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        namespace: &str,
+        options: ObjectOptions,
+        server: ServerId,
+    ) -> ObjectVolume {
+        ObjectVolume {
+            shared: Arc::new(Shared {
+                handle,
+                store,
+                prefix: prefix.to_string(),
+                layout: Layout::new(prefix, namespace),
+                server,
+                options,
+                seq: AtomicU64::new(0),
+            }),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This server instance's id.
+    pub fn server(&self) -> ServerId {
+        self.shared.server
+    }
+
+    /// The namespace's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// The transfer of `manifest` to `path`: this process's, else one adopted from the bucket (a record of the
+    /// same manifest), else a new record PUT before anything is decided (rule R). Records of other manifests are
+    /// left alone.
+    fn transfer(&self, path: &RemotePath, manifest: &Arc<Manifest>, rule: ReuseRule) -> io::Result<Arc<Transfer>> {
+        let id = manifest.id();
+        if let Some(open) = self.open.lock().expect("open map").get(path.as_str()) {
+            if open.manifest.id() == id {
+                return Ok(open.clone());
+            }
+        }
+        let pid = PathId::of(path);
+        let shared = &self.shared;
+        let (store, layout) = (&*shared.store, &shared.layout);
+        let adopted = shared.block_on(async {
+            for (tid, meta) in layout::list_records(store, layout, pid).await? {
+                if let Some(record) = layout::get_record(store, &meta.location).await? {
+                    if record.manifest.id() == id && record.path == path.as_str() {
+                        return Ok(Some(tid));
+                    }
+                }
+            }
+            Ok(None)
+        })?;
+        let tid = match adopted {
+            Some(tid) => {
+                tracing::info!(path = %path, transfer = %tid, "adopting an open transfer from the bucket");
+                tid
+            }
+            None => {
+                let tid = TransferId::random();
+                let record = OpenRecord {
+                    path: path.as_str().to_string(),
+                    manifest: (**manifest).clone(),
+                    reuse: rule,
+                    created: now_ns() / 1_000_000_000,
+                    server: shared.server,
+                    transfer: tid,
+                };
+                let key = layout.open_record(pid, tid);
+                shared.block_on(layout::put(store, &key, record.encode().into()))?;
+                tid
+            }
+        };
+        let transfer = Arc::new(Transfer {
+            path: pid,
+            id: tid,
+            manifest: manifest.clone(),
+            meta: Mutex::new((manifest.mode, manifest.mtime)),
+        });
+        self.open
+            .lock()
+            .expect("open map")
+            .insert(path.as_str().to_string(), transfer.clone());
+        Ok(transfer)
+    }
+
+    /// What the bucket says is durable for this transfer (its journal, by any server), plus what rule R lets it
+    /// rely on without bytes: chunks of the live manifest at `path` (at the same place for in-place clients, any
+    /// for full ones) and, for full clients, chunk objects of the namespace listed younger than G/2. Chunks
+    /// relied on are journaled before this returns, so they are durable for the transfer on every server.
+    pub fn durable(&self, path: &RemotePath, manifest: &Arc<Manifest>, rule: ReuseRule) -> io::Result<DurableSet> {
+        let transfer = self.transfer(path, manifest, rule)?;
+        let shared = &self.shared;
+        let (store, layout) = (&*shared.store, &shared.layout);
+        let entries = shared.block_on(layout::read_journal(store, layout, transfer.id))?;
+        let union = journal_union(manifest, &entries);
+        let mut chunks = union.chunks;
+        let journaled = chunks.present();
+        let live = shared.block_on(async {
+            Ok(match layout.file(path) {
+                Ok(key) => layout::get_entry(store, &key).await?,
+                Err(_) => None,
+            })
+        })?;
+        let mut relied = Vec::new();
+        if let Some(EntryKind::File {
+            manifest: old,
+            inline: None,
+        }) = live.as_ref().map(|l| &l.entry.kind)
+        {
+            relied.extend(rely_on_live(manifest, old, &chunks, rule));
+        }
+        for &index in &relied {
+            chunks.insert(index);
+        }
+        if rule == ReuseRule::Full {
+            let found = shared.block_on(young_chunks(shared, manifest, &chunks))?;
+            for index in found {
+                if chunks.insert(index) {
+                    relied.push(index);
+                }
+            }
+        }
+        let reused_bytes: u64 = relied
+            .iter()
+            .filter_map(|&i| manifest.chunk(i))
+            .map(|c| u64::from(c.len))
+            .sum();
+        if !relied.is_empty() {
+            relied.sort_unstable();
+            let entry = JournalEntry {
+                manifest_id: manifest.id(),
+                ranges: encode_runs(relied.iter().copied()),
+                received_bytes: 0,
+                reused_bytes,
+                rejected_chunks: 0,
+                updated: now_ns() / 1_000_000_000,
+                server: shared.server,
+            };
+            put_journal(shared, transfer.id, &entry)?;
+        }
+        tracing::info!(path = %path, journaled, reused = relied.len(), "durable in the bucket");
+        Ok(DurableSet {
+            chunks,
+            received_bytes: union.received_bytes,
+            reused_bytes: union.reused_bytes + reused_bytes,
+        })
+    }
+
+    /// The manifest id of the file committed at `path` in the bucket, if a file is there.
+    pub fn committed_id(&self, path: &RemotePath) -> io::Result<Option<Hash>> {
+        let Ok(key) = self.shared.layout.file(path) else {
+            return Ok(None);
+        };
+        let stored = self.shared.block_on(layout::get_entry(&*self.shared.store, &key))?;
+        Ok(stored.and_then(|s| s.entry.manifest().map(|_| s.entry.manifest_id)))
+    }
+
+    /// Opens the partial of the transfer of `manifest` to `path` (adopting or writing its record).
+    pub fn open_for(&self, path: &RemotePath, manifest: &Arc<Manifest>, rule: ReuseRule) -> io::Result<Partial> {
+        let transfer = self.transfer(path, manifest, rule)?;
+        Ok(Arc::new(ObjectPartial {
+            shared: self.shared.clone(),
+            transfer,
+            state: Mutex::new(PartialState::default()),
+        }))
+    }
+}
+
+/// What is durable for a transfer before any byte of this session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableSet {
+    /// Durable chunks.
+    pub chunks: ChunkSet,
+    /// Bytes received for the transfer by every server, from its journal.
+    pub received_bytes: u64,
+    /// Bytes reused, from its journal and this call.
+    pub reused_bytes: u64,
+}
+
+/// Chunks of `manifest` not in `durable` that the live manifest `old` at the same path holds as chunk objects
+/// (rule R (a)): at the same offset, length and hash for in-place clients; any chunk with the same hash for full
+/// ones.
+fn rely_on_live(manifest: &Manifest, old: &Manifest, durable: &ChunkSet, rule: ReuseRule) -> Vec<u32> {
+    let hashes: std::collections::HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
+    manifest
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !durable.contains(*i as u32))
+        .filter(|(_, chunk)| match rule {
+            ReuseRule::Full => hashes.contains(&chunk.hash),
+            ReuseRule::InPlace => old
+                .chunks
+                .binary_search_by_key(&chunk.offset, |c| c.offset)
+                .is_ok_and(|at| old.chunks[at] == **chunk),
+        })
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+/// Chunks of `manifest` not in `durable` whose objects exist and were written less than G/2 ago (rule R (c)): a
+/// HEAD each for a few, else a LIST of each shard they fall in.
+async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) -> Result<Vec<u32>, ObjectError> {
+    let (store, layout) = (&*shared.store, &shared.layout);
+    let fresh_after = i64::try_from((now_ns() / 1_000_000_000).saturating_sub((shared.options.grace / 2).as_secs()))
+        .unwrap_or(i64::MAX);
+    let wanted: Vec<(u32, Hash)> = manifest
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !durable.contains(*i as u32))
+        .map(|(i, c)| (i as u32, c.hash))
+        .collect();
+    let mut young: HashMap<Hash, ()> = HashMap::new();
+    if wanted.len() < HEAD_BELOW {
+        for (_, hash) in &wanted {
+            if let Some(meta) = layout::head(store, &layout.chunk(hash)).await? {
+                if meta.last_modified.timestamp() > fresh_after {
+                    young.insert(*hash, ());
+                }
+            }
+        }
+    } else {
+        let mut shards: Vec<u8> = wanted.iter().map(|(_, h)| h[0]).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        for shard in shards {
+            for meta in layout::list(store, &layout.chunk_shard(shard)).await? {
+                if let Some(hash) = layout.parse_chunk(&meta.location) {
+                    if meta.last_modified.timestamp() > fresh_after {
+                        young.insert(hash, ());
+                    }
+                }
+            }
+        }
+    }
+    Ok(wanted
+        .into_iter()
+        .filter(|(_, hash)| young.contains_key(hash))
+        .map(|(i, _)| i)
+        .collect())
+}
+
+/// GETs every chunk of `manifest` (up to `parallel` at once), checks each against its hash, and writes it into
+/// `file` at its offset. A missing or damaged chunk object is damage at rest: an error naming its key.
+async fn fetch_verified(shared: &Shared, manifest: &Manifest, file: &std::fs::File) -> Result<(), ObjectError> {
+    use futures_util::StreamExt;
+    let (store, layout) = (&*shared.store, &shared.layout);
+    let mut gets = futures_util::stream::iter(manifest.chunks.iter().copied())
+        .map(|entry| async move {
+            let key = layout.chunk(&entry.hash);
+            let fetched = layout::get(store, &key, u64::from(entry.len)).await?;
+            match fetched {
+                Some(f) if crate::verify::check_chunk(&entry, &f.bytes).is_ok() => Ok((entry, f.bytes)),
+                _ => Err(ObjectError::Store {
+                    op: "verify",
+                    key: key.to_string(),
+                    kind: "missing or damaged chunk object",
+                }),
+            }
+        })
+        .buffer_unordered(shared.options.parallel);
+    while let Some(chunk) = gets.next().await {
+        let (entry, bytes) = chunk?;
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, entry.offset).map_err(|e| ObjectError::Store {
+            op: "write",
+            key: format!("a local copy ({e})"),
+            kind: "local I/O failed",
+        })?;
+    }
+    Ok(())
+}
+
+fn put_journal(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> io::Result<()> {
+    let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+    let key = shared.layout.journal_entry(transfer, now_ns(), shared.server, seq);
+    shared.block_on(layout::put(&*shared.store, &key, entry.encode().into()))?;
+    Ok(())
+}
+
+/// The identity the object volume gives a file of `manifest`: no device, the manifest id's first 8 bytes as the
+/// inode, so a verified partial and the committed entry compare equal exactly when their manifests are the same.
+fn identity_of(manifest: &Manifest, mtime: FileTime) -> Identity {
+    let id = manifest.id();
+    let mut ino = [0u8; 8];
+    ino.copy_from_slice(&id[..8]);
+    Identity {
+        dev: 0,
+        ino: u64::from_le_bytes(ino),
+        len: manifest.size,
+        mtime,
+        is_file: true,
+    }
+}
+
+impl Volume for ObjectVolume {
+    fn prepare_destination(&self, path: &RemotePath) -> Result<(), StorageError> {
+        self.shared.layout.file(path).map_err(StorageError::Layout)?;
+        // A path cannot be both a file and a directory: no committed file or symlink on the way.
+        let shared = &self.shared;
+        let components: Vec<&str> = path.components().collect();
+        for depth in 1..components.len() {
+            let Ok(parent) = RemotePath::parse(&components[..depth].join("/")) else {
+                continue;
+            };
+            let key = shared.layout.file(&parent).map_err(StorageError::Layout)?;
+            let entry = shared.block_on(layout::get_entry(&*shared.store, &key))?;
+            if entry.is_some_and(|e| !matches!(e.entry.kind, EntryKind::Dir { .. })) {
+                return Err(StorageError::BadPath(crate::path::PathError::NotAFile(
+                    parent.as_str().to_string(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn partial_location(&self, key: &str) -> String {
+        match RemotePath::parse(key) {
+            Ok(path) => format!(
+                "object store: {}/{}",
+                self.shared.layout.open().as_ref(),
+                PathId::of(&path)
+            ),
+            Err(_) => "object store".to_string(),
+        }
+    }
+
+    fn partial_len(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        // The bucket holds the partial's chunks for as long as any record of the path does.
+        let Ok(path) = RemotePath::parse(key) else {
+            return Ok(None);
+        };
+        let shared = &self.shared;
+        let records = shared.block_on(layout::list_records(&*shared.store, &shared.layout, PathId::of(&path)))?;
+        Ok((!records.is_empty()).then_some(0))
+    }
+
+    fn open_partial(&self, key: &str, _size: u64, _exists: bool) -> Result<Partial, StorageError> {
+        Err(StorageError::Io(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the object store opens the partial of {key} with its manifest (open_partial_for)"),
+        )))
+    }
+
+    fn open_partial_for(
+        &self,
+        key: &str,
+        manifest: &Arc<Manifest>,
+        full_reuse: bool,
+        _exists: bool,
+    ) -> Result<Partial, StorageError> {
+        let path = RemotePath::parse(key).map_err(StorageError::BadPath)?;
+        Ok(self.open_for(&path, manifest, rule_of(full_reuse))?)
+    }
+
+    fn durable_elsewhere(
+        &self,
+        path: &RemotePath,
+        manifest: &Arc<Manifest>,
+        full_reuse: bool,
+    ) -> Result<ChunkSet, StorageError> {
+        Ok(self.durable(path, manifest, rule_of(full_reuse))?.chunks)
+    }
+
+    fn committed_manifest_id(&self, path: &RemotePath) -> Result<Option<Hash>, StorageError> {
+        Ok(self.committed_id(path)?)
+    }
+
+    fn min_chunk_size(&self) -> u32 {
+        self.shared.options.min_chunk_size
+    }
+
+    fn needs_whole_manifest(&self) -> bool {
+        true
+    }
+
+    fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
+        let Ok(key) = self.shared.layout.file(path) else {
+            return Ok(None);
+        };
+        let shared = &self.shared;
+        let Some(stored) = shared.block_on(layout::get_entry(&*shared.store, &key))? else {
+            return Ok(None);
+        };
+        let EntryKind::File { manifest, inline } = stored.entry.kind else {
+            return Ok(None);
+        };
+        let file = tempfile::tempfile()?;
+        match inline {
+            Some(bytes) => std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?,
+            None => shared.block_on(fetch_verified(shared, &manifest, &file))?,
+        }
+        Ok(Some((file, manifest)))
+    }
+
+    fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
+        let s = &self.shared;
+        let volume = Self::with_server(s.handle.clone(), s.store.clone(), &s.prefix, name, s.options, s.server);
+        Some(Arc::new(volume))
+    }
+
+    fn place(&self, key: &str, path: &RemotePath, verified: &Identity) -> Result<Box<dyn Directory>, StorageError> {
+        let transfer = self
+            .open
+            .lock()
+            .expect("open map")
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StorageError::Replaced(key.to_string()))?;
+        let (mode, mtime) = *transfer.meta.lock().expect("metadata");
+        if identity_of(&transfer.manifest, mtime) != *verified {
+            return Err(StorageError::Replaced(key.to_string()));
+        }
+        let shared = &self.shared;
+        let (store, layout) = (&*shared.store, &shared.layout);
+        let mut manifest = (*transfer.manifest).clone();
+        manifest.mode = mode;
+        manifest.mtime = mtime;
+        let entry = EntryObject {
+            manifest_id: manifest.id(),
+            kind: EntryKind::File { manifest, inline: None },
+            committed_at: now_ns(),
+            received_bytes: 0,
+            reused_bytes: 0,
+            rejected_chunks: 0,
+            transfer: transfer.id,
+            server: shared.server,
+        };
+        let file = layout.file(path).map_err(StorageError::Layout)?;
+        // The commit: one PUT; readers see the old entry or this one. Then the transfer is finished.
+        shared.block_on(layout::put(store, &file, entry.encode().into()))?;
+        if let Err(e) = shared.block_on(layout::delete_transfer(store, layout, transfer.path, transfer.id)) {
+            tracing::warn!(path = %path, error = %e, "committed, but the transfer's record stays until the next offer or gc");
+        }
+        self.open.lock().expect("open map").remove(key);
+        Ok(Box::new(Committed))
+    }
+
+    fn stat_final(&self, path: &RemotePath) -> Option<Identity> {
+        let shared = &self.shared;
+        let key = shared.layout.file(path).ok()?;
+        let stored = shared.block_on(layout::get_entry(&*shared.store, &key)).ok()??;
+        match &stored.entry.kind {
+            EntryKind::File { manifest, .. } => Some(identity_of(manifest, manifest.mtime)),
+            EntryKind::Dir { mtime, .. } => Some(Identity {
+                dev: 0,
+                ino: 0,
+                len: 0,
+                mtime: *mtime,
+                is_file: false,
+            }),
+            EntryKind::Symlink { .. } => Some(Identity {
+                dev: 0,
+                ino: 0,
+                len: 0,
+                mtime: FileTime::default(),
+                is_file: false,
+            }),
+        }
+    }
+
+    fn open_final(&self, _path: &RemotePath) -> Option<Box<dyn FinalFile>> {
+        // Reuse on an object store marks chunks durable by hash (`durable_elsewhere`); nothing is copied.
+        None
+    }
+}
+
+fn rule_of(full_reuse: bool) -> ReuseRule {
+    if full_reuse {
+        ReuseRule::Full
+    } else {
+        ReuseRule::InPlace
+    }
+}
+
+/// The commit PUT is durable when it returns: nothing more to sync.
+struct Committed;
+
+impl Directory for Committed {
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct PartialState {
+    /// Chunk PUTs started and not yet awaited, with their chunk indices.
+    pending: VecDeque<(u32, JoinHandle<Result<(), ObjectError>>)>,
+    /// Chunks written since the last journal entry.
+    batch: Vec<u32>,
+    /// Their bytes.
+    batch_bytes: u64,
+    /// Recently stored chunks' bytes, newest last.
+    cache: VecDeque<(u32, Bytes)>,
+    cache_bytes: usize,
+}
+
+/// The open partial of one transfer on the object store.
+struct ObjectPartial {
+    shared: Arc<Shared>,
+    transfer: Arc<Transfer>,
+    state: Mutex<PartialState>,
+}
+
+impl ObjectPartial {
+    fn manifest(&self) -> &Manifest {
+        &self.transfer.manifest
+    }
+
+    /// The index of the chunk starting at `offset`.
+    fn chunk_at(&self, offset: u64) -> Option<u32> {
+        self.manifest()
+            .chunks
+            .binary_search_by_key(&offset, |c| c.offset)
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    /// The index of the chunk holding byte `offset`.
+    fn chunk_holding(&self, offset: u64) -> Option<u32> {
+        let chunks = &self.manifest().chunks;
+        let after = chunks.partition_point(|c| c.offset <= offset);
+        let index = after.checked_sub(1)?;
+        let chunk = &chunks[index];
+        (offset < chunk.offset + u64::from(chunk.len)).then_some(index as u32)
+    }
+
+    fn cached(&self, index: u32) -> Option<Bytes> {
+        let state = self.state.lock().expect("partial state");
+        state
+            .cache
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == index)
+            .map(|(_, b)| b.clone())
+    }
+
+    /// The chunk's bytes as stored: from the cache, else a GET of its object. A missing object reads as zeros and
+    /// a damaged one as it is: the commit's check then finds the chunk damaged and asks for it again.
+    fn chunk_bytes(&self, index: u32) -> io::Result<Bytes> {
+        if let Some(bytes) = self.cached(index) {
+            return Ok(bytes);
+        }
+        let entry = *self
+            .manifest()
+            .chunk(index)
+            .ok_or_else(|| io::Error::other("no such chunk"))?;
+        let key = self.shared.layout.chunk(&entry.hash);
+        let store = &*self.shared.store;
+        let fetched = self.shared.block_on(async {
+            match layout::get(store, &key, u64::from(entry.len)).await {
+                // Larger than the chunk: damaged, read like a missing one.
+                Err(ObjectError::TooLarge { .. }) => Ok(None),
+                other => other,
+            }
+        })?;
+        Ok(match fetched {
+            Some(f) if f.bytes.len() == entry.len as usize => f.bytes,
+            _ => {
+                tracing::warn!(key = %key, "a chunk object is missing or damaged");
+                Bytes::from(vec![0u8; entry.len as usize])
+            }
+        })
+    }
+
+    fn remember(state: &mut PartialState, index: u32, bytes: Bytes) {
+        state.cache_bytes += bytes.len();
+        state.cache.push_back((index, bytes));
+        while state.cache_bytes > CACHE_BYTES {
+            let Some((_, old)) = state.cache.pop_front() else {
+                break;
+            };
+            state.cache_bytes -= old.len();
+        }
+    }
+
+    /// Waits for PUTs until at most `keep` are in flight.
+    fn settle(&self, keep: usize) -> io::Result<()> {
+        loop {
+            let next = {
+                let mut state = self.state.lock().expect("partial state");
+                if state.pending.len() <= keep {
+                    return Ok(());
+                }
+                state.pending.pop_front()
+            };
+            let Some((_, put)) = next else {
+                return Ok(());
+            };
+            self.shared.block_on(async {
+                put.await.map_err(|e| ObjectError::Store {
+                    op: "put",
+                    key: format!("a chunk ({e})"),
+                    kind: "task failed",
+                })?
+            })?;
+        }
+    }
+}
+
+impl ReadAt for ObjectPartial {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let Some(index) = self.chunk_holding(offset) else {
+            return Ok(0);
+        };
+        let entry = *self.manifest().chunk(index).expect("found above");
+        let bytes = self.chunk_bytes(index)?;
+        let start = (offset - entry.offset) as usize;
+        let n = buf.len().min(bytes.len() - start);
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.manifest().size)
+    }
+}
+
+impl PartialFile for ObjectPartial {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let index = self
+            .chunk_at(offset)
+            .filter(|&i| self.manifest().chunk(i).is_some_and(|c| c.len as usize == data.len()))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "the object store takes whole chunks; {} bytes at {offset} is none",
+                        data.len()
+                    ),
+                )
+            })?;
+        let hash = self.manifest().chunks[index as usize].hash;
+        self.settle(self.shared.options.parallel.saturating_sub(1))?;
+        let bytes = Bytes::copy_from_slice(data);
+        let (store, key) = (self.shared.store.clone(), self.shared.layout.chunk(&hash));
+        let put = {
+            let bytes = bytes.clone();
+            self.shared
+                .handle
+                .spawn(async move { layout::put(&*store, &key, bytes).await.map(|_| ()) })
+        };
+        let mut state = self.state.lock().expect("partial state");
+        state.pending.push_back((index, put));
+        state.batch.push(index);
+        state.batch_bytes += data.len() as u64;
+        Self::remember(&mut state, index, bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.settle(0)?;
+        let (mut batch, bytes) = {
+            let mut state = self.state.lock().expect("partial state");
+            (std::mem::take(&mut state.batch), std::mem::take(&mut state.batch_bytes))
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        batch.sort_unstable();
+        batch.dedup();
+        let entry = JournalEntry {
+            manifest_id: self.manifest().id(),
+            ranges: encode_runs(batch),
+            received_bytes: bytes,
+            reused_bytes: 0,
+            rejected_chunks: 0,
+            updated: now_ns() / 1_000_000_000,
+            server: self.shared.server,
+        };
+        put_journal(&self.shared, self.transfer.id, &entry)
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()> {
+        *self.transfer.meta.lock().expect("metadata") = (mode & 0o777, mtime);
+        Ok(())
+    }
+
+    fn identity(&self) -> io::Result<Identity> {
+        let (_, mtime) = *self.transfer.meta.lock().expect("metadata");
+        Ok(identity_of(self.manifest(), mtime))
+    }
+
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        // No stamp: a recorded digest state is never trusted, the resume hashes the chunks again (GETs).
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "objects have no change stamp",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,250 @@
+use super::*;
+use crate::manifest::{ChunkEntry, Chunking};
+use object_store::memory::InMemory;
+
+const CHUNK: usize = 256 * 1024;
+
+/// A file of `chunks` distinct chunks of [`CHUNK`] bytes (different for each `seed`), and its manifest.
+fn file(chunks: usize, seed: u8) -> (Vec<u8>, Arc<Manifest>) {
+    let bytes: Vec<u8> = (0..chunks * CHUNK)
+        .map(|i| (i / CHUNK) as u8 ^ seed ^ (i % 251) as u8)
+        .collect();
+    let entries = bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, data)| ChunkEntry {
+            offset: (i * CHUNK) as u64,
+            len: data.len() as u32,
+            hash: *blake3::hash(data).as_bytes(),
+        })
+        .collect();
+    let manifest = Manifest {
+        size: bytes.len() as u64,
+        digest: *blake3::hash(&bytes).as_bytes(),
+        chunking: Chunking::Fixed { size: CHUNK as u32 },
+        mtime: FileTime { secs: 100, nanos: 5 },
+        mode: 0o640,
+        chunks: entries,
+    };
+    (bytes, Arc::new(manifest))
+}
+
+fn volume(rt: &tokio::runtime::Runtime, store: &Arc<InMemory>) -> ObjectVolume {
+    let store: Arc<dyn ObjectStore> = store.clone();
+    ObjectVolume::new(rt.handle().clone(), store, "", "", ObjectOptions::default())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn path(text: &str) -> RemotePath {
+    RemotePath::parse(text).unwrap()
+}
+
+fn write_chunks(partial: &Partial, bytes: &[u8], manifest: &Manifest, indices: &[u32]) {
+    for &i in indices {
+        let c = manifest.chunks[i as usize];
+        partial
+            .write_at(
+                &bytes[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+                c.offset,
+            )
+            .unwrap();
+    }
+}
+
+fn present(set: &ChunkSet) -> Vec<u32> {
+    (0..set.len()).filter(|&i| set.contains(i)).collect()
+}
+
+fn keys_under(rt: &tokio::runtime::Runtime, store: &InMemory, prefix: &object_store::path::Path) -> usize {
+    rt.block_on(layout::list(store, prefix)).unwrap().len()
+}
+
+#[test]
+fn a_transfer_journaled_by_one_server_is_adopted_and_committed_by_another() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(4, 1);
+    let dest = path("dir/f.bin");
+    let a = volume(&rt, &store);
+    let b = volume(&rt, &store);
+    assert_ne!(a.server(), b.server());
+
+    let durable = a.durable(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    assert_eq!(durable.chunks.present(), 0);
+    let partial = a.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1]);
+    partial.sync_data().unwrap();
+    // Written but never synced: its object may exist, but no journal names it, so it is not durable.
+    write_chunks(&partial, &bytes, &manifest, &[2]);
+    drop(partial);
+
+    // Server B, which never saw the transfer: the bucket's journal is the durable set (one record, adopted).
+    let durable = b.durable(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    assert_eq!(present(&durable.chunks), vec![0, 1]);
+    assert_eq!(durable.received_bytes, 2 * CHUNK as u64);
+    let records = rt
+        .block_on(layout::list_records(&*store, b.layout(), PathId::of(&dest)))
+        .unwrap();
+    assert_eq!(records.len(), 1, "adopted, not a second record");
+
+    let partial = b.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[2, 3]);
+    partial.sync_data().unwrap();
+    // The whole file reads back: chunks 0 and 1 by GET (A stored them), 2 and 3 from B's cache.
+    let mut back = vec![0u8; bytes.len()];
+    partial.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(back, bytes);
+    partial.set_metadata(0o600, FileTime { secs: 9, nanos: 0 }).unwrap();
+    partial.sync_all().unwrap();
+    let verified = partial.identity().unwrap();
+    b.place(dest.as_str(), &dest, &verified).unwrap().sync().unwrap();
+
+    // Committed: the manifest object is there, with the applied metadata; record and journal are gone.
+    assert_eq!(a.committed_id(&dest).unwrap(), Some(manifest.id()));
+    let seen = a.stat_final(&dest).unwrap();
+    assert!(seen.is_file);
+    assert_eq!((seen.len, seen.mtime), (manifest.size, FileTime { secs: 9, nanos: 0 }));
+    assert_eq!(keys_under(&rt, &store, &a.layout().open()), 0);
+    assert_eq!(
+        keys_under(&rt, &store, &a.layout().namespace().clone().join("journal")),
+        0
+    );
+    assert_eq!(
+        keys_under(&rt, &store, &a.layout().chunks()),
+        4,
+        "one object per distinct chunk"
+    );
+}
+
+#[test]
+fn an_offer_of_another_manifest_opens_its_own_record_and_sees_no_foreign_journal() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(3, 1);
+    let (_, other) = file(3, 2);
+    let dest = path("f");
+    let a = volume(&rt, &store);
+    let partial = a.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1, 2]);
+    partial.sync_data().unwrap();
+
+    let b = volume(&rt, &store);
+    let durable = b.durable(&dest, &other, ReuseRule::InPlace).unwrap();
+    assert_eq!(durable.chunks.present(), 0);
+    let records = rt
+        .block_on(layout::list_records(&*store, b.layout(), PathId::of(&dest)))
+        .unwrap();
+    assert_eq!(
+        records.len(),
+        2,
+        "each manifest its own record; the other is left alone"
+    );
+}
+
+#[test]
+fn full_clients_rely_on_young_chunks_in_place_clients_only_on_the_live_file_at_the_same_place() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(3, 7);
+    let a = volume(&rt, &store);
+    let first = path("first");
+    let partial = a.open_for(&first, &manifest, ReuseRule::Full).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1, 2]);
+    partial.sync_all().unwrap();
+    a.place(first.as_str(), &first, &partial.identity().unwrap()).unwrap();
+    let chunk_objects = keys_under(&rt, &store, &a.layout().chunks());
+
+    // A copy to another path by a full client: every chunk may be relied on, and that is journaled.
+    let b = volume(&rt, &store);
+    let copy = path("copy");
+    let durable = b.durable(&copy, &manifest, ReuseRule::Full).unwrap();
+    assert!(durable.chunks.is_complete());
+    assert_eq!(durable.reused_bytes, manifest.size);
+    let c = volume(&rt, &store);
+    assert!(
+        c.durable(&copy, &manifest, ReuseRule::Full)
+            .unwrap()
+            .chunks
+            .is_complete(),
+        "journaled for the transfer: another server sees it durable"
+    );
+    assert_eq!(keys_under(&rt, &store, &a.layout().chunks()), chunk_objects);
+
+    // An in-place client learns nothing of other paths...
+    let third = path("third");
+    assert_eq!(
+        b.durable(&third, &manifest, ReuseRule::InPlace)
+            .unwrap()
+            .chunks
+            .present(),
+        0
+    );
+    // ...but may rely on the live file at its own path, at the same place only.
+    let mut shifted = (*manifest).clone();
+    shifted.chunks[1].hash = [0xaa; 32];
+    let shifted = Arc::new(shifted);
+    let durable = b.durable(&first, &shifted, ReuseRule::InPlace).unwrap();
+    assert_eq!(present(&durable.chunks), vec![0, 2]);
+}
+
+#[test]
+fn a_missing_chunk_object_reads_as_damage_not_as_an_error() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(2, 3);
+    let a = volume(&rt, &store);
+    let dest = path("f");
+    let partial = a.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1]);
+    partial.sync_data().unwrap();
+    rt.block_on(layout::delete_all(
+        &*store,
+        vec![a.layout().chunk(&manifest.chunks[0].hash)],
+    ))
+    .unwrap();
+    // A fresh handle (no cache): chunk 0 reads as zeros, so its hash check fails and it is asked for again.
+    let b = volume(&rt, &store);
+    let partial = b.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    let mut back = vec![1u8; CHUNK];
+    partial.read_exact_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    partial.read_exact_at(&mut back, CHUNK as u64).unwrap();
+    assert_eq!(back, bytes[CHUNK..]);
+}
+
+#[test]
+fn keys_too_long_for_the_store_are_refused_before_anything_is_written() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let a = volume(&rt, &store);
+    let long = path(
+        &[
+            "d".repeat(250),
+            "e".repeat(250),
+            "f".repeat(250),
+            "g".repeat(250),
+            "h".repeat(10),
+        ]
+        .join("/"),
+    );
+    assert!(matches!(a.prepare_destination(&long), Err(StorageError::Layout(_))));
+    // A committed file on the way is not a directory.
+    let (bytes, manifest) = file(1, 0);
+    let parent = path("p");
+    let partial = a.open_for(&parent, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0]);
+    partial.sync_all().unwrap();
+    a.place(parent.as_str(), &parent, &partial.identity().unwrap()).unwrap();
+    assert!(matches!(
+        a.prepare_destination(&path("p/child")),
+        Err(StorageError::BadPath(_))
+    ));
+    assert!(a.prepare_destination(&path("q/child")).is_ok());
+}
