@@ -84,11 +84,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
 
     let push_opts = PushOptions {
         source: source.clone(),
-        destination: FerryUrl {
-            host: "127.0.0.1".into(),
-            port: proxy.addr().port(),
-            path: "images/vm-image.raw".into(),
-        },
+        destination: FerryUrl::single("127.0.0.1", proxy.addr().port(), "images/vm-image.raw"),
         state_dir: dir.path().join("client-state"),
         chunking: crate::chunk::ChunkSpec {
             size: opts.chunk_size,
@@ -123,6 +119,7 @@ pub async fn run(opts: DemoOptions, out: &mut (dyn Write + Send)) -> Result<(), 
             ClientEvent::Retrying { delay, error, .. } => {
                 format!("  link dropped ({error}); retrying in {delay:.2?}")
             }
+            ClientEvent::Moved { from, to, error, .. } => format!("  {from} failed ({error}); moving to {to}"),
             ClientEvent::SourceChanged { reason } => format!("  source changed: {reason}"),
             ClientEvent::Send(SendEvent::TreeNeed { .. } | SendEvent::FileFailed { .. })
             | ClientEvent::Scanned { .. } => {

@@ -13,19 +13,19 @@ use crate::util::garage;
 use crate::util::*;
 
 /// A server of the bucket prefix `url`, with its own root and state under `dir`.
-fn s3_server(dir: &Path, name: &str, url: &str) -> TestServer {
+pub(crate) fn s3_server(dir: &Path, name: &str, url: &str) -> TestServer {
     let state = dir.join(format!("{name}-state"));
     let state = state.to_str().unwrap();
     TestServer::start_with(&dir.join(name), &["--store", url, "--state", state])
 }
 
 /// A client of the bucket itself, to look at what the servers stored, and the layout of the unnamed namespace.
-fn bucket(url: &str) -> (Arc<dyn ObjectStore>, Layout) {
+pub(crate) fn bucket(url: &str) -> (Arc<dyn ObjectStore>, Layout) {
     let settings = StoreSettings::from_url(url).unwrap();
     (settings.build().unwrap(), settings.layout(""))
 }
 
-async fn count(store: &Arc<dyn ObjectStore>, prefix: &object_store::path::Path) -> usize {
+pub(crate) async fn count(store: &Arc<dyn ObjectStore>, prefix: &object_store::path::Path) -> usize {
     layout::list(&**store, prefix).await.unwrap().len()
 }
 

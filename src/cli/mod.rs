@@ -301,7 +301,8 @@ pub struct PushArgs {
     /// The file or directory to send.
     pub file: PathBuf,
     /// ferry://HOST[:PORT]/REMOTE/PATH, or NAME:PATH under a remote of the client configuration (a trailing '/'
-    /// keeps the local file name).
+    /// keeps the local file name). Several servers of one group: ferry://A[:PORT],B[:PORT]/PATH (tried in order,
+    /// the next one when the current fails).
     pub destination: Location,
     /// TCP connections sharing one file's chunks (1-16; default 1): more than one helps on links with high
     /// latency, where one connection is bound by its window or its TCP buffers. Trees use one connection.
@@ -316,7 +317,7 @@ pub struct PushArgs {
 #[derive(Args, Debug)]
 pub struct PullArgs {
     /// ferry://HOST[:PORT]/REMOTE/PATH, or NAME:PATH under a remote of the client configuration, of the file or
-    /// directory to fetch.
+    /// directory to fetch. Several servers of one group: ferry://A[:PORT],B[:PORT]/PATH.
     pub source: Location,
     /// Local file to write, or an existing directory to write a file into under its remote name; a tree is
     /// written into this directory (created if missing).
@@ -464,17 +465,19 @@ pub struct DemoArgs {
 /// Runs `ferry push`, printing progress and the summary; returns the exit code.
 pub async fn push(args: PushArgs, quiet: bool) -> u8 {
     let common = &args.common;
-    let job = Job {
+    let mut job = Job {
         what: "push",
         source: args.file.display().to_string(),
         destination: args.destination.to_string(),
         json: common.json,
         quiet,
+        servers: None,
     };
     let (destination, settings, access) = match setup(common, &args.destination, args.streams) {
         Ok(setup) => setup,
         Err(e) => return finish::<PushReport>(&job, Err(e)),
     };
+    job.servers = Some(destination.servers.clone());
     if common.delete && !args.file.is_dir() {
         let refused = ClientError::Setup(format!(
             "--delete applies to directory pushes only; {} is not a directory",
@@ -534,17 +537,19 @@ pub async fn push(args: PushArgs, quiet: bool) -> u8 {
 /// Runs `ferry pull`, printing progress and the summary; returns the exit code.
 pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     let common = &args.common;
-    let job = Job {
+    let mut job = Job {
         what: "pull",
         source: args.source.to_string(),
         destination: args.destination.display().to_string(),
         json: common.json,
         quiet,
+        servers: None,
     };
     let (source, settings, access) = match setup(common, &args.source, None) {
         Ok(setup) => setup,
         Err(e) => return finish::<Pulled>(&job, Err(e)),
     };
+    job.servers = Some(source.servers.clone());
     let deadline = settings.max_duration.map(Deadline::after);
     let _lock = match lock_state(&settings, common.wait, deadline).await {
         Ok(lock) => lock,
@@ -688,6 +693,8 @@ struct Job {
     destination: String,
     json: bool,
     quiet: bool,
+    /// The servers of the run's URL, once it is resolved: the summary names those used and the moves between them.
+    servers: Option<crate::url::Servers>,
 }
 
 impl Job {
@@ -702,6 +709,12 @@ impl Job {
         }
         if summary.get("destination").is_none_or(serde_json::Value::is_null) {
             summary["destination"] = self.destination.clone().into();
+        }
+        if let Some(servers) = &self.servers {
+            let used = servers.used();
+            summary["server"] = used.last().map(|_| servers.current().authority()).into();
+            summary["servers"] = used.into();
+            summary["moves"] = servers.moves().into();
         }
         summary
     }
@@ -763,6 +776,7 @@ pub fn argument_error(error: clap::Error, args: &[std::ffi::OsString]) -> u8 {
             destination: String::new(),
             json,
             quiet,
+            servers: None,
         };
         let mut summary = job.stamp(serde_json::json!({
             "status": "error",

@@ -373,6 +373,7 @@ fn notable(event: &ClientEvent) -> bool {
     matches!(
         event,
         ClientEvent::Retrying { .. }
+            | ClientEvent::Moved { .. }
             | ClientEvent::SourceChanged { .. }
             | ClientEvent::Send(SendEvent::Rejected { .. } | SendEvent::FileFailed { .. })
             | ClientEvent::Scanned { .. }
@@ -398,6 +399,14 @@ pub fn event_json(event: &ClientEvent) -> Value {
         }
         ClientEvent::Retrying { attempt, delay, error } => json!({
             "event": "retry", "attempt": attempt, "delay_ms": delay.as_millis() as u64, "error": error,
+        }),
+        ClientEvent::Moved {
+            attempt,
+            from,
+            to,
+            error,
+        } => json!({
+            "event": "moved", "attempt": attempt, "from": from, "to": to, "error": error,
         }),
         ClientEvent::Scanned { files, bytes, skipped } => {
             json!({ "event": "scanned", "files": files, "bytes": bytes, "skipped": skipped })
@@ -436,6 +445,7 @@ fn event_text(event: &ClientEvent) -> Option<String> {
         }
         ClientEvent::Send(SendEvent::FileFailed { path, reason }) => format!("ferry: not sent: {path}: {reason}"),
         ClientEvent::Retrying { delay, error, .. } => format!("ferry: {error}; retrying in {delay:.1?}"),
+        ClientEvent::Moved { from, to, error, .. } => format!("ferry: {from}: {error}; moving to {to}"),
         ClientEvent::SourceChanged { reason } => format!("ferry: source changed ({reason}); re-reading it"),
     })
 }
@@ -480,8 +490,14 @@ mod tests {
                 delay: Duration::from_millis(250),
                 error: "reset".into(),
             },
+            ClientEvent::Moved {
+                attempt: 1,
+                from: "a:1".into(),
+                to: "b:1".into(),
+                error: "reset".into(),
+            },
         ];
         let names: Vec<_> = events.iter().map(|e| event_json(e)["event"].clone()).collect();
-        assert_eq!(names, ["connected", "chunk_rejected", "retry"]);
+        assert_eq!(names, ["connected", "chunk_rejected", "retry", "moved"]);
     }
 }

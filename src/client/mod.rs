@@ -6,7 +6,9 @@
 //! that drops every few minutes still finishes. A [`Deadline`] (`--max-duration`) bounds the whole run, retries
 //! included: when it passes, the attempt in flight is dropped (a pull's receiver is first asked to stop, so it
 //! drains what it already verified), and the run ends with [`ClientError::TimedOut`]; what the receiver made durable
-//! stays, so the next run resumes. Across runs, the receiver's records tell what is missing and the
+//! stays, so the next run resumes. A URL naming several servers fails over ([`concerns_server`]): a failure of the
+//! current server makes the next one current, and the retry goes there at once; the backoff applies only after a
+//! whole round of the list made no progress (proto-spec.md §14, "Groups of servers"). Across runs, the receiver's records tell what is missing and the
 //! sender's manifest cache avoids rehashing an unchanged source.
 
 mod pull;
@@ -36,7 +38,7 @@ use crate::throttle::{Bandwidth, Throttled};
 use crate::tls::{ClientTls, Stream};
 use crate::transfer::sender::SendEvent;
 use crate::transfer::{handshake, TransferError};
-use crate::url::FerryUrl;
+use crate::url::{FerryUrl, Servers};
 use crate::wire::{Connection, ErrorCode};
 use crate::MAX_FRAME;
 
@@ -100,7 +102,37 @@ impl Deadline {
     }
 }
 
-/// Counts attempts and decides, after a failure, whether and when to try again.
+/// Whether `error` says something about the server the client is connected to, so that another server of its
+/// group may do better: the connection could not be made or was lost (refused, connect timeout, EOF, reset, I/O
+/// timeout, a TLS handshake broken off), or the server answered a retryable code that describes itself
+/// (`ShuttingDown`, `Overloaded`, `TooManyConnections`, `Timeout`, `Internal`, `StorageIo`). `Busy` and
+/// `Superseded` (claims are per server, and `Busy` clears) and `SourceChanged` (a local matter) stay; a
+/// non-retryable code ends the run, since every server of the group would answer it alike.
+pub fn concerns_server(error: &TransferError) -> bool {
+    let moving_code = |code: ErrorCode| {
+        matches!(
+            code,
+            ErrorCode::ShuttingDown
+                | ErrorCode::Overloaded
+                | ErrorCode::TooManyConnections
+                | ErrorCode::Timeout
+                | ErrorCode::Internal
+                | ErrorCode::StorageIo
+        )
+    };
+    match error {
+        TransferError::Wire(_)
+        | TransferError::Closed(_)
+        | TransferError::Timeout(..)
+        | TransferError::Unreachable { .. }
+        | TransferError::ShuttingDown => true,
+        TransferError::Remote(frame) => frame.retryable && moving_code(frame.code),
+        TransferError::Refused { code, .. } => moving_code(*code),
+        _ => false,
+    }
+}
+
+/// Counts attempts and decides, after a failure, whether, where and when to try again.
 #[derive(Debug)]
 struct Retrier {
     retries: u32,
@@ -108,6 +140,10 @@ struct Retrier {
     deadline: Option<Deadline>,
     attempts: u32,
     failures: u32,
+    /// The servers of the destination, when the run may move between them.
+    servers: Option<Servers>,
+    /// Moves since the last attempt that made progress.
+    moves_without_progress: u32,
 }
 
 impl Retrier {
@@ -118,7 +154,15 @@ impl Retrier {
             deadline,
             attempts: 0,
             failures: 0,
+            servers: None,
+            moves_without_progress: 0,
         }
+    }
+
+    /// Lets the run move between the servers `url` names (nothing changes for a URL naming one).
+    fn failing_over(mut self, url: &FerryUrl) -> Self {
+        self.servers = Some(url.servers.clone()).filter(|s| s.len() > 1);
+        self
     }
 
     /// Runs `work`, or gives it up `grace` after the deadline with [`ClientError::TimedOut`].
@@ -181,6 +225,7 @@ impl Retrier {
     ) -> Result<(), ClientError> {
         if progressed {
             self.failures = 0;
+            self.moves_without_progress = 0;
         }
         self.failures += 1;
         if self.failures > self.retries {
@@ -188,6 +233,21 @@ impl Retrier {
                 attempts: self.attempts,
                 last: error,
             });
+        }
+        if let Some(servers) = self.servers.as_ref().filter(|_| concerns_server(&error)) {
+            let (from, to) = servers.advance();
+            self.moves_without_progress += 1;
+            tracing::info!(attempt = self.attempts, %from, %to, error = ?error.to_string(), "moving to the next server");
+            on_event(ClientEvent::Moved {
+                attempt: self.attempts,
+                from,
+                to,
+                error: error.to_string(),
+            });
+            // A dead server costs its connect timeout, not a backoff, until the whole list failed in a row.
+            if !self.moves_without_progress.is_multiple_of(servers.len() as u32) {
+                return Ok(());
+            }
         }
         let delay = self.backoff.delay(self.failures);
         if let Some(deadline) = self.deadline.filter(|d| Instant::now() + delay >= d.at) {
@@ -217,7 +277,7 @@ pub struct Access {
 /// A client's connection to a server, held to the run's `--bwlimit` if there is one.
 pub type ClientConnection = Connection<Throttled<Stream>>;
 
-/// Connects to `url`'s server (TCP, then TLS if configured) and completes the handshake, proving the token if the
+/// Connects to `url`'s current server (TCP, then TLS if configured) and completes the handshake, proving the token if the
 /// server asks; returns the connection and the server's Welcome (its protocol version says which messages it
 /// knows). A TLS peer that fails the trust check is refused with `AuthFailed`, never retried.
 async fn connect_welcomed(
@@ -227,11 +287,12 @@ async fn connect_welcomed(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
-    let tcp = dial(url, connect_timeout).await?;
+    let server = url.servers.current().clone();
+    let tcp = dial(&server, connect_timeout).await?;
     let _ = tcp.set_nodelay(true);
     let stream = match &access.tls {
         None => Stream::Plain(tcp),
-        Some(tls) => tokio::time::timeout(io_timeout, tls.connect(&url.host, tcp))
+        Some(tls) => tokio::time::timeout(io_timeout, tls.connect(&server.host, tcp))
             .await
             .map_err(|_| TransferError::Timeout(io_timeout, "in the TLS handshake"))?
             .map_err(tls_failure)?,
@@ -239,15 +300,16 @@ async fn connect_welcomed(
     let binding = stream.channel_binding();
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
+    url.servers.connected();
     Ok((conn, welcome))
 }
 
-/// Resolves `url`'s host and opens a TCP connection to it within `connect_timeout`. A failure names `HOST:PORT`
+/// Resolves `server`'s host and opens a TCP connection to it within `connect_timeout`. A failure names `HOST:PORT`
 /// and says what it means (no such host, nothing listening, no answer); it stays retryable (README,
 /// "Troubleshooting": a link or a server that is down at the start of a cron run may be back a few seconds later;
 /// `--retries 0` fails at once).
-async fn dial(url: &FerryUrl, connect_timeout: Duration) -> Result<TcpStream, TransferError> {
-    let addr = url.authority();
+async fn dial(server: &crate::url::Server, connect_timeout: Duration) -> Result<TcpStream, TransferError> {
+    let addr = server.authority();
     let unreachable = |reason: String| TransferError::Unreachable {
         addr: addr.clone(),
         reason,
@@ -327,6 +389,17 @@ pub enum ClientEvent {
     },
     /// What the sender saw.
     Send(SendEvent),
+    /// An attempt failed on one server of the URL and the next attempt goes to the next one.
+    Moved {
+        /// The attempt that failed.
+        attempt: u32,
+        /// The server it failed on (`host:port`).
+        from: String,
+        /// The server the next attempt goes to.
+        to: String,
+        /// Why it failed.
+        error: String,
+    },
     /// An attempt failed and another follows after `delay`.
     Retrying {
         /// The attempt that failed.
@@ -538,5 +611,91 @@ mod tests {
             waited: Duration::from_secs(1),
         });
         assert_eq!(waited.exit_code(), exit::TIMED_OUT);
+    }
+
+    /// A failure of the server moves to the next one at once; only a whole round of the list without progress
+    /// waits the backoff; `Busy` stays and waits; each move counts against `--retries`.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_server_hands_the_retry_to_the_next_without_waiting_until_a_round_failed() {
+        let url: FerryUrl = "ferry://a:1,b:2,c:3/x".parse().unwrap();
+        let backoff = Backoff {
+            initial: Duration::from_secs(8),
+            max: Duration::from_secs(8),
+        };
+        let mut retrier = Retrier::new(10, backoff, None).failing_over(&url);
+        let lost = || TransferError::Closed("waiting for Ack");
+        let started = Instant::now();
+        let mut moved = 0;
+        let mut record = |e: ClientEvent| moved += u32::from(matches!(e, ClientEvent::Moved { .. }));
+        for expected in ["b:2", "c:3"] {
+            retrier.start();
+            retrier.wait_to_retry(lost(), false, &mut record).await.unwrap();
+            assert_eq!(url.servers.current().authority(), expected);
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO, "no backoff within the round");
+        retrier.start();
+        retrier.wait_to_retry(lost(), false, &mut record).await.unwrap();
+        assert_eq!(url.servers.current().authority(), "a:1", "wrapped around");
+        assert!(
+            started.elapsed() >= Duration::from_secs(4),
+            "a whole round failed: backoff"
+        );
+
+        let busy = TransferError::refused(ErrorCode::Busy, "claimed");
+        retrier.start();
+        retrier.wait_to_retry(busy, true, &mut record).await.unwrap();
+        assert_eq!(url.servers.current().authority(), "a:1", "Busy stays on its server");
+        assert_eq!(url.servers.moves(), 3);
+        assert_eq!(moved, 3, "each move is announced");
+
+        let mut strict = Retrier::new(1, Backoff::default(), None).failing_over(&url);
+        strict.start();
+        strict.wait_to_retry(lost(), false, &mut |_| {}).await.unwrap();
+        strict.start();
+        let gave_up = strict.wait_to_retry(lost(), false, &mut |_| {}).await.unwrap_err();
+        assert!(
+            matches!(gave_up, ClientError::Network { attempts: 2, .. }),
+            "{gave_up:?}"
+        );
+    }
+
+    #[test]
+    fn only_failures_of_the_server_move_to_the_next() {
+        let frame = |code: ErrorCode, retryable: bool| {
+            TransferError::Remote(crate::wire::ErrorFrame {
+                code,
+                retryable,
+                message: String::new(),
+            })
+        };
+        for moving in [
+            ErrorCode::ShuttingDown,
+            ErrorCode::Overloaded,
+            ErrorCode::TooManyConnections,
+            ErrorCode::Timeout,
+            ErrorCode::Internal,
+            ErrorCode::StorageIo,
+        ] {
+            assert!(concerns_server(&frame(moving, true)), "{moving:?}");
+            assert!(concerns_server(&TransferError::refused(moving, "x")), "{moving:?}");
+        }
+        for staying in [
+            ErrorCode::Busy,
+            ErrorCode::Superseded,
+            ErrorCode::SourceChanged,
+            ErrorCode::AuthFailed,
+        ] {
+            assert!(!concerns_server(&frame(staying, true)), "{staying:?}");
+        }
+        assert!(
+            !concerns_server(&frame(ErrorCode::StorageIo, false)),
+            "a final StorageIo ends the run"
+        );
+        assert!(concerns_server(&TransferError::Closed("x")));
+        assert!(concerns_server(&TransferError::Unreachable {
+            addr: "a:1".into(),
+            reason: "refused".into()
+        }));
+        assert!(!concerns_server(&TransferError::SourceChanged("x".into())));
     }
 }

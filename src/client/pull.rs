@@ -125,7 +125,7 @@ pub async fn pull(opts: PullOptions, on_event: &mut (dyn FnMut(ClientEvent) + Se
         opts.meter.clone(),
         None,
     );
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline).failing_over(&opts.source);
     // At the deadline the receiver is asked to stop (it drains what it verified), then given STOP_GRACE.
     let stop = CancellationToken::new();
     let _stopper = opts.deadline.map(|deadline| {

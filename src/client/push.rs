@@ -125,7 +125,7 @@ pub async fn push(
         let dir = opts.state_dir.clone();
         blocking(move || Ok(SenderStore::open(&Store::open(&dir)?)?)).await?
     };
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline).failing_over(&opts.destination);
     let mut run = Run::default();
     // A connection to a server that speaks version 5 or older, greeted by the streamed attempt: the first whole
     // offer goes on it.

@@ -164,9 +164,29 @@ pub struct StatusOptions {
     pub io_timeout: Duration,
 }
 
-/// The caller's open transfers on the server (one connection, no retries). A server that speaks only protocol
-/// version 3 cannot list them: that is a rejection with a message saying so.
+/// The caller's open transfers on the server (one connection, no retries; a URL naming several servers asks each in
+/// turn, from the current one, while the failure concerns the server: [`super::concerns_server`]). A server that
+/// speaks only protocol version 3 cannot list them: that is a rejection with a message saying so.
 pub async fn server_partials(opts: &StatusOptions) -> Result<Partials, ClientError> {
+    let servers = &opts.server.servers;
+    let mut attempts = 1;
+    loop {
+        match partials_from_current(opts).await {
+            Err(ClientError::Network { last, .. })
+                if attempts < servers.len() as u32 && super::concerns_server(&last) =>
+            {
+                let (from, to) = servers.advance();
+                tracing::info!(%from, %to, error = ?last.to_string(), "asking the next server");
+                attempts += 1;
+            }
+            Err(ClientError::Network { last, .. }) => return Err(ClientError::Network { attempts, last }),
+            done => return done,
+        }
+    }
+}
+
+/// [`server_partials`] from the URL's current server.
+async fn partials_from_current(opts: &StatusOptions) -> Result<Partials, ClientError> {
     let failed = |e: TransferError| {
         if e.is_retryable() {
             ClientError::Network { attempts: 1, last: e }

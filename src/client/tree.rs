@@ -149,7 +149,7 @@ pub async fn push_tree(
     };
     let dir = std::fs::canonicalize(&opts.source)
         .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
-    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline);
+    let mut retrier = Retrier::new(opts.retries, opts.backoff.clone(), opts.deadline).failing_over(&opts.destination);
     let (store, tree) = retrier.bounded(scan_local(&opts, &dir), Duration::ZERO).await??;
     on_event(ClientEvent::Scanned {
         files: tree.file_count() as u64,

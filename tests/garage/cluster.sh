@@ -6,6 +6,8 @@
 #   cluster.sh kill DIR N       SIGKILL node N (1..3), as a crash would
 #   cluster.sh start-node DIR N start node N again on its old ports and data (after kill)
 #   cluster.sh env DIR          print DIR/env
+#   cluster.sh watch DIR PID    wait (in the background) until process PID is gone, then stop the cluster
+#                               and remove DIR: a test binary's guard, which no exit path of it can skip
 #
 # DIR/env is a shell file to `source` (KEY=VALUE lines, `export`ed): AWS_ENDPOINT_URL (node 1's S3
 # API), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_DEFAULT_REGION, AWS_ALLOW_HTTP,
@@ -179,6 +181,9 @@ cmd_start() {
   for n in $(seq 1 "$NODES"); do
     alive "$D/node$n/pid" && die "a cluster already runs in $D (stop it first)"
   done
+  # while this start runs, a guard (`watch`) waits for it before stopping the nodes
+  echo "$$ $(start_time $$)" >"$D/start.pid"
+  trap 'rm -f "$D/start.pid"' EXIT
   for attempt in $(seq 1 "$START_ATTEMPTS"); do
     boot_nodes && break
     ((attempt < START_ATTEMPTS)) || fail_start "the nodes did not start in $START_ATTEMPTS attempts"
@@ -259,9 +264,30 @@ cmd_start_node() {
   wait_node "$1" || die "node $1 did not come back (see $D/node$1/log)"
 }
 
+# start_time PID: the process's start time (field 22 of /proc/PID/stat), empty once it is gone; with the pid it
+# names one process, so a reused pid is not taken for the watched one
+start_time() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+
+cmd_watch() {
+  [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] || die "watch: a pid expected, got '${1:-}'"
+  local pid=$1 born
+  born=$(start_time "$pid")
+  [[ -n "$born" ]] || { stop_all; rm -rf "$D"; die "watch: process $pid is not running; stopped $D"; }
+  while [[ "$(start_time "$pid")" == "$born" ]]; do sleep 1; done
+  # a start still under way (its caller died mid-start) would go on starting nodes: wait for it (its own waits
+  # are bounded), then stop what it started
+  local starter starter_born
+  sleep 1 # a start spawned just before the caller died has written start.pid by now
+  if read -r starter starter_born <"$D/start.pid" 2>/dev/null; then
+    while [[ -n "$starter_born" && "$(start_time "$starter")" == "$starter_born" ]]; do sleep 1; done
+  fi
+  stop_all
+  rm -rf "$D"
+}
+
 main() {
   local cmd=${1:-} dir=${2:-}
-  [[ -n "$cmd" && -n "$dir" ]] || { sed -n '2,9p' "$0" >&2; exit 2; }
+  [[ -n "$cmd" && -n "$dir" ]] || { sed -n '2,11p' "$0" >&2; exit 2; }
   shift 2
   case "$cmd" in
     start) GB=$(garage_bin); D=$(abs_dir "$dir"); cmd_start ;;
@@ -269,7 +295,8 @@ main() {
     kill) D=$(cd "$dir" 2>/dev/null && pwd) || die "no cluster directory $dir"; cmd_kill "$@" ;;
     start-node) GB=$(garage_bin); D=$(cd "$dir" 2>/dev/null && pwd) || die "no cluster directory $dir"; cmd_start_node "$@" ;;
     env) cat "$dir/env" ;;
-    *) sed -n '2,9p' "$0" >&2; exit 2 ;;
+    watch) D=$(cd "$dir" 2>/dev/null && pwd) || die "no cluster directory $dir"; cmd_watch "$@" ;;
+    *) sed -n '2,11p' "$0" >&2; exit 2 ;;
   esac
 }
 

@@ -5,6 +5,7 @@
     s3.py [-H 'Name: value']... get BUCKET KEY          the body on standard output
     s3.py head BUCKET KEY                               the response headers, one a line
     s3.py list BUCKET PREFIX                            the keys under PREFIX, one a line
+    s3.py du BUCKET PREFIX                              "OBJECTS BYTES" stored under PREFIX (LIST sizes)
     s3.py delete BUCKET KEY
 
 Credentials and endpoint come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
@@ -100,7 +101,7 @@ def check(status, reason, body):
     sys.exit(22)
 
 
-def list_keys(bucket, prefix):
+def list_keys(bucket, prefix, each=lambda key, size: print(key)):
     token = None
     for _ in range(MAX_LIST_PAGES):
         query = {"list-type": "2", "prefix": prefix}
@@ -110,7 +111,7 @@ def list_keys(bucket, prefix):
         check(status, reason, body)
         root = ET.fromstring(body)
         for item in root.iter(S3_NS + "Contents"):
-            print(item.find(S3_NS + "Key").text)
+            each(item.find(S3_NS + "Key").text, int(item.find(S3_NS + "Size").text))
         truncated = root.find(S3_NS + "IsTruncated")
         if truncated is None or truncated.text != "true":
             return
@@ -146,6 +147,15 @@ def main(argv):
                 print(f"{name.lower()}: {value}")
         elif cmd == "list" and len(args) == 2:
             list_keys(args[0], args[1])
+        elif cmd == "du" and len(args) == 2:
+            total = [0, 0]
+
+            def add(_key, size):
+                total[0] += 1
+                total[1] += size
+
+            list_keys(args[0], args[1], add)
+            print(total[0], total[1])
         elif cmd == "delete" and len(args) == 2:
             status, reason, _, resp = request("DELETE", args[0], args[1], extra_headers=extra)
             check(status, reason, resp)
