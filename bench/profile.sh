@@ -21,7 +21,7 @@ bin=${FERRY_BIN:-$PWD/target/release/ferry}
 proxy=${FERRY_PROXY:-$PWD/target/release/examples/delay_proxy}
 rm -rf "$out"; mkdir -p "$out"
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$out/src.bin"
-perf_args=(record -e cpu-clock -F 499 --call-graph dwarf,16384)
+perf_args=(record -e cpu-clock -F 499 --call-graph "dwarf,16384")
 
 "$bin" -q serve --listen 127.0.0.1:0 --root "$out/root" > "$out/srv.out" 2> /dev/null &
 srv=$!
