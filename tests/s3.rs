@@ -68,6 +68,19 @@ async fn push_killed_at_half(file: &Path, url: &str, client_state: &Path, store_
     durable_bytes(&store, &layout).await.expect("the transfer stays open").0
 }
 
+/// `ferry status --server URL --json`.
+async fn status_server(url: &str, state: &Path) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["status", "--json", "--server", url.trim_end_matches('/'), "--state"])
+        .arg(state)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// What a resume may send again beyond the chunks not yet durable: the window plus one largest chunk (cdc:
 /// 4 MiB) that was in flight.
 const RESEND_SLACK: u64 = (2 + 4) << 20;
@@ -157,6 +170,14 @@ async fn s3_push_cut_on_one_server_resumes_on_another() {
     let client = dir.path().join("client");
     let durable = push_killed_at_half(&src, &a.url("f.bin"), &client, &url).await;
 
+    // B lists the transfer A opened, from the bucket.
+    let listed = status_server(&b.url(""), &dir.path().join("status")).await;
+    let entries = listed["partials"].as_array().expect("partials listed");
+    assert_eq!((entries.len(), listed["total"].as_u64()), (1, Some(1)), "{listed}");
+    assert_eq!(entries[0]["path"], "f.bin");
+    let received = entries[0]["received"].as_u64().unwrap();
+    assert!(received >= durable && received < data.len() as u64, "{listed}");
+
     // Resumed through B, which never saw the transfer: A's acknowledged chunks are not sent again.
     let resumed = push(&src, &b.url("f.bin"), &client, &[]).await;
     resumed.assert_ok();
@@ -222,4 +243,47 @@ async fn s3_min_chunk_size_refused() {
     let (store, layout) = bucket(&url);
     assert_eq!(count(&store, &layout.chunks()).await, 0);
     assert_eq!(count(&store, &layout.files()).await, 0);
+}
+
+#[tokio::test]
+async fn s3_wrong_credentials_fail_the_start_without_showing_the_secret() {
+    let Some(cluster) = garage::cluster() else {
+        return;
+    };
+    let url = cluster.store_url("credentials");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "not-the-secret-0123456789abcdef0123456789abcdef";
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", &url, "--state"])
+        .arg(dir.path().join("state"))
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // Bounded: a server that started anyway is killed after 60 s and the test fails.
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a server the bucket refuses must not start: {stderr}"
+    );
+    assert!(stderr.contains("object store"), "{stderr}");
+    assert!(!stderr.contains(secret), "the secret leaked: {stderr}");
+    let key_id = cluster
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "AWS_ACCESS_KEY_ID")
+        .unwrap()
+        .1;
+    assert!(!stderr.contains(&key_id), "the key id leaked: {stderr}");
 }

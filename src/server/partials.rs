@@ -5,6 +5,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::storage::OpenTransfer;
 use crate::store::{ReceiverStore, StoreError};
 use crate::transfer::receiver::ReceiverContext;
 use crate::transfer::{send_within, TransferError};
@@ -19,19 +20,37 @@ pub(super) async fn list_partials<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
 ) -> Result<(), TransferError> {
-    let store = ctx.store.clone();
-    let listed = tokio::task::spawn_blocking(move || collect(&store, MAX_LISTED_PARTIALS, MAX_PARTIALS_BYTES))
-        .await
-        .map_err(|e| TransferError::Storage(std::io::Error::other(e)))??;
+    let (store, volume) = (ctx.store.clone(), ctx.volume.clone());
+    let listed = tokio::task::spawn_blocking(move || -> Result<Partials, TransferError> {
+        // A shared store lists the transfers of every server of the group; else this server's records.
+        if let Some((open, total)) = volume.open_transfers(MAX_LISTED_PARTIALS)? {
+            return Ok(capped(open, total, MAX_PARTIALS_BYTES));
+        }
+        Ok(collect(&store, MAX_LISTED_PARTIALS, MAX_PARTIALS_BYTES)?)
+    })
+    .await
+    .map_err(|e| TransferError::Storage(std::io::Error::other(e)))??;
     send_within(conn, &Message::Partials(listed), ctx.idle_timeout, "sending Partials").await
 }
 
 /// At most `max_entries` open transfers of `store`'s scope whose entries take at most `max_bytes` encoded.
 fn collect(store: &ReceiverStore, max_entries: usize, max_bytes: usize) -> Result<Partials, StoreError> {
     let (listed, total) = store.partials(max_entries)?;
-    let mut entries = Vec::with_capacity(listed.len());
+    let open = listed.into_iter().map(|partial| OpenTransfer {
+        path: partial.path,
+        size: partial.size,
+        durable_bytes: partial.durable_bytes,
+        created: partial.created,
+        updated: partial.updated,
+    });
+    Ok(capped(open, total, max_bytes))
+}
+
+/// The entries of `open` (of `total`) whose encoding fits `max_bytes`.
+fn capped(open: impl IntoIterator<Item = OpenTransfer>, total: u64, max_bytes: usize) -> Partials {
+    let mut entries = Vec::new();
     let mut bytes = 0usize;
-    for partial in listed {
+    for partial in open {
         bytes = bytes.saturating_add(ENTRY_FIXED_BYTES + partial.path.len());
         if bytes > max_bytes {
             break;
@@ -45,11 +64,11 @@ fn collect(store: &ReceiverStore, max_entries: usize, max_bytes: usize) -> Resul
         });
     }
     let truncated = (entries.len() as u64) < total;
-    Ok(Partials {
+    Partials {
         entries,
         total,
         truncated,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -241,6 +241,29 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         let _ = path;
         Ok(None)
     }
+
+    /// The open transfers of this volume's namespace as the volume itself records them (a shared store: those
+    /// of every server), at most `max` in path order, and how many there are; `None` by default: the local
+    /// store's records are the list.
+    fn open_transfers(&self, max: usize) -> Result<Option<(Vec<OpenTransfer>, u64)>, StorageError> {
+        let _ = max;
+        Ok(None)
+    }
+}
+
+/// One open transfer as a volume lists it ([`Volume::open_transfers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTransfer {
+    /// Destination path, relative to the namespace.
+    pub path: String,
+    /// Size of the file.
+    pub size: u64,
+    /// Bytes of the chunks durable for the transfer.
+    pub durable_bytes: u64,
+    /// When it was first offered (Unix seconds).
+    pub created: u64,
+    /// When it last made progress (Unix seconds).
+    pub updated: u64,
 }
 
 /// EACCES, EPERM (an immutable file or directory) and EROFS: the receiver may not write there, and waiting will

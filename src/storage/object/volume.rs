@@ -31,7 +31,9 @@ use super::layout::{
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet};
-use crate::storage::{ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
+use crate::storage::{
+    ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, ReadAt, StorageError, Volume,
+};
 
 /// Chunk bytes a partial keeps for its digest follower and commit (the window's worth and more).
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -373,6 +375,41 @@ async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) 
         .collect())
 }
 
+/// Every open transfer of the namespace from the bucket, in path order: its record (path, size, created), its
+/// journal's union (durable bytes) and the newest `last_modified` of record and journal (last progress).
+async fn open_transfers(shared: &Shared) -> Result<Vec<OpenTransfer>, ObjectError> {
+    let (store, layout) = (&*shared.store, &shared.layout);
+    let mut listed = Vec::new();
+    for meta in layout::list(store, &layout.open()).await? {
+        let Some(record) = layout::get_record(store, &meta.location).await? else {
+            continue;
+        };
+        let journal = layout::list(store, &layout.journal(record.transfer)).await?;
+        let updated = journal
+            .iter()
+            .map(|m| m.last_modified.timestamp())
+            .chain([meta.last_modified.timestamp()])
+            .max()
+            .map_or(0, |t| u64::try_from(t).unwrap_or(0));
+        let entries = layout::read_journal(store, layout, record.transfer).await?;
+        let durable = journal_union(&record.manifest, &entries);
+        let durable_bytes = (0..durable.chunks.len())
+            .filter(|&i| durable.chunks.contains(i))
+            .filter_map(|i| record.manifest.chunk(i))
+            .map(|c| u64::from(c.len))
+            .sum();
+        listed.push(OpenTransfer {
+            path: record.path,
+            size: record.manifest.size,
+            durable_bytes,
+            created: record.created,
+            updated: updated.max(record.created),
+        });
+    }
+    listed.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(listed)
+}
+
 /// GETs every chunk of `manifest` (up to `parallel` at once), checks each against its hash, and writes it into
 /// `file` at its offset. A missing or damaged chunk object is damage at rest: an error naming its key.
 async fn fetch_verified(shared: &Shared, manifest: &Manifest, file: &std::fs::File) -> Result<(), ObjectError> {
@@ -523,6 +560,13 @@ impl Volume for ObjectVolume {
             None => shared.block_on(fetch_verified(shared, &manifest, &file))?,
         }
         Ok(Some((file, manifest)))
+    }
+
+    fn open_transfers(&self, max: usize) -> Result<Option<(Vec<OpenTransfer>, u64)>, StorageError> {
+        let shared = &self.shared;
+        let listed = shared.block_on(open_transfers(shared))?;
+        let total = listed.len() as u64;
+        Ok(Some((listed.into_iter().take(max).collect(), total)))
     }
 
     fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
