@@ -597,10 +597,12 @@ async fn the_volume_commit_asks_again_for_a_chunk_gc_deleted_after_the_session_r
     w.put(&w.ns.chunk(&x), Bytes::copy_from_slice(&bytes[LEN..2 * LEN]))
         .await;
     w.clock.advance(2 * GRACE);
-    let real = SystemTime::now();
+    // The mark a second before the session's record: the fake clock advances a millisecond per request of gc,
+    // so starting at the real "now" could put the mark after the record.
+    let real = SystemTime::now() - Duration::from_secs(1);
     let fake = w.clock.now();
     if let Ok(ahead) = real.duration_since(fake) {
-        w.clock.advance(ahead); // the mark is now: before the session's record
+        w.clock.advance(ahead);
     }
     let options = ObjectOptions {
         confirm_wait: Duration::ZERO,
