@@ -23,7 +23,17 @@ fn s3_server(dir: &Path, name: &str, url: &str) -> TestServer {
     let state = state.to_str().unwrap();
     TestServer::start_with(
         &dir.join(name),
-        &["--store", url, "--state", state, "--gc-grace", GRACE],
+        // Rule C's wait matched to the local cluster (δ + a DELETE's time, well under the grace).
+        &[
+            "--store",
+            url,
+            "--state",
+            state,
+            "--gc-grace",
+            GRACE,
+            "--gc-confirm-wait",
+            GRACE,
+        ],
     )
 }
 

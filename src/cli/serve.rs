@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Test knob: the gc grace period rule R assumes with --store (default 1 day), to match `ferry gc --gc-grace`.
     #[arg(long, hide = true, value_parser = crate::units::parse_duration)]
     pub gc_grace: Option<std::time::Duration>,
+    /// Test knob: rule C's wait with --store, δ + gc's request timeout (default 35 s), to match `ferry gc
+    /// --gc-delta` against a local store.
+    #[arg(long, hide = true, value_parser = crate::units::parse_duration)]
+    pub gc_confirm_wait: Option<std::time::Duration>,
     /// Listen on a non-loopback address although no client tokens are configured (anyone may push and pull).
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -212,6 +216,9 @@ fn settings(args: ServeArgs, file: &ServerFile) -> Result<(ServerConfig, String,
     let mut store = store_settings(args.store.as_deref(), file)?;
     if let (Some(store), Some(grace)) = (store.as_mut(), args.gc_grace) {
         store.gc_grace = grace;
+    }
+    if let (Some(store), Some(wait)) = (store.as_mut(), args.gc_confirm_wait) {
+        store.gc_confirm_wait = wait;
     }
     let state = args.state.clone().or(file.state.clone());
     let root = match (args.root.clone().or(file.root.clone()), &store, &state) {

@@ -233,6 +233,22 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         Ok(ChunkSet::new(manifest.chunk_count()))
     }
 
+    /// Whether [`Volume::durable_elsewhere`] is the whole truth of what is durable, so that the engine's own
+    /// records (sled progress) are only a cache and never add to it: true on a shared store, where a chunk can be
+    /// retracted by another session or server (docs/object-store.md "Rule C"). False by default: the local
+    /// store's records are the truth.
+    fn durable_is_authoritative(&self) -> bool {
+        false
+    }
+
+    /// Records that chunks `chunks` of the open transfer `key` are no longer durable (found gone or damaged at the
+    /// commit), so that no later offer, on any server, leaves them out of its Need. Nothing to do by default: the
+    /// engine's own progress record is the truth of a local volume.
+    fn forget_chunks(&self, key: &str, chunks: &[u32]) -> Result<(), StorageError> {
+        let _ = (key, chunks);
+        Ok(())
+    }
+
     /// The manifest id of the file committed at `path`, when the volume itself records it (a shared store);
     /// `None` by default: the local store's committed record decides.
     fn committed_manifest_id(&self, path: &RemotePath) -> Result<Option<Hash>, StorageError> {
@@ -319,4 +335,14 @@ pub enum StorageError {
     /// The destination's key does not fit the object store.
     #[error(transparent)]
     Layout(#[from] object::layout::LayoutError),
+    /// Nothing was committed: chunks this transfer relied on are gone from the store (deleted by a gc between the
+    /// session's check and its commit, docs/object-store.md "Rule C"). They are no longer durable for the
+    /// transfer and must be received again.
+    #[error("{} chunk(s) of {key} are gone from the store; asking for them again", chunks.len())]
+    ChunksGone {
+        /// The transfer's key.
+        key: String,
+        /// The chunks' indices in its manifest.
+        chunks: Vec<u32>,
+    },
 }

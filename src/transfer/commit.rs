@@ -8,7 +8,7 @@ use super::writer::ChunkWriter;
 use super::TransferError;
 use crate::manifest::{hex, Manifest};
 use crate::path::RemotePath;
-use crate::storage::{PartialFile, Volume};
+use crate::storage::{PartialFile, StorageError, Volume};
 use crate::store::{now_secs, CommittedFile};
 use crate::verify::{digest_rest, PrefixDigest};
 use crate::wire::Committed;
@@ -18,8 +18,8 @@ pub(crate) enum CommitOutcome {
     /// The file is in place.
     Done(Committed),
     /// Chunks in the partial no longer match their hashes when read back (damaged on disk after they were
-    /// written, before the digest thread read them, or a partial that was damaged between sessions); they are
-    /// marked missing again and must be re-sent.
+    /// written, before the digest thread read them, or a partial that was damaged between sessions), or, on an
+    /// object store, are gone (rule C at the commit); they are marked missing again and must be re-sent.
     Damaged(Box<ChunkWriter>),
 }
 
@@ -54,12 +54,8 @@ pub(crate) fn commit(
             )));
         }
         tracing::warn!(path = %path, chunks = damaged.len(), "partial file damaged on disk; asking for those chunks again");
-        for index in damaged {
-            writer.received.remove(index);
-        }
-        let mut writer = writer.recounted();
-        writer.save_progress()?;
-        return Ok(CommitOutcome::Damaged(Box::new(writer.following())));
+        volume.forget_chunks(&writer.key, &damaged)?;
+        return ask_again(writer, &damaged);
     }
     writer
         .file
@@ -69,7 +65,15 @@ pub(crate) fn commit(
     let verified = writer.file.identity().map_err(TransferError::Storage)?;
     // Renamed through directory descriptors on both sides: a symlink planted on the way since the Offer, even one
     // swapped in during the rename, cannot redirect it; and the file renamed is checked to be the one just hashed.
-    let parent = volume.place(&writer.key, path, &verified)?;
+    let parent = match volume.place(&writer.key, path, &verified) {
+        Err(StorageError::ChunksGone { chunks, .. }) => {
+            // Rule C found chunks gone (a gc deleted them after the session relied on them): nothing was committed;
+            // the volume no longer counts them durable, and the next round asks for them.
+            tracing::warn!(path = %path, chunks = chunks.len(), "chunks gone from the store at commit; asking for them again");
+            return ask_again(writer, &chunks);
+        }
+        other => other?,
+    };
     parent.sync().map_err(TransferError::Storage)?;
     writer.store.commit(
         path.as_str(),
@@ -106,6 +110,17 @@ pub(crate) fn commit(
         reused_bytes: writer.progress.reused_bytes,
         already_present: false,
     }))
+}
+
+/// Marks `chunks` missing again (the volume already forgot them), records the progress, and hands the writer
+/// back for another round.
+fn ask_again(mut writer: ChunkWriter, chunks: &[u32]) -> Result<CommitOutcome, TransferError> {
+    for &index in chunks {
+        writer.received.remove(index);
+    }
+    let mut writer = writer.recounted();
+    writer.save_progress()?;
+    Ok(CommitOutcome::Damaged(Box::new(writer.following())))
 }
 
 /// Indices of chunks whose bytes in `file` no longer match the manifest.

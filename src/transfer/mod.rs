@@ -205,6 +205,8 @@ impl From<StorageError> for TransferError {
             StorageError::BadPath(refused) => TransferError::refused(ErrorCode::BadPath, refused),
             StorageError::Replaced(_) => TransferError::Integrity(error.to_string()),
             StorageError::Layout(too_long) => TransferError::refused(ErrorCode::BadPath, too_long),
+            // Handled by the commit (asked for again); anywhere else, a retryable storage failure.
+            StorageError::ChunksGone { .. } => TransferError::Storage(std::io::Error::other(error.to_string())),
         }
     }
 }

@@ -515,11 +515,14 @@ pub(super) fn prepare(
     }
     let partial_len = volume.partial_len(key)?;
     let mut progress = store.progress(key)?.unwrap_or_default();
+    // On a shared store the volume's durable set is the truth (sled is a cache that may still name a chunk a gc
+    // deleted and a commit retracted); else the union with what the volume holds durable beyond this store's
+    // records (another server's journal).
+    let authoritative = volume.durable_is_authoritative();
     let mut received = match (&record, partial_len) {
-        (Some(old), Some(_)) => carried_over(old, &progress, &manifest),
+        (Some(old), Some(_)) if !authoritative => carried_over(old, &progress, &manifest),
         _ => ChunkSet::new(manifest.chunk_count()),
     };
-    // The union with what the volume holds durable beyond this store's records (another server's journal).
     let elsewhere = volume.durable_elsewhere(path, &manifest, full_reuse)?;
     for index in (0..elsewhere.len()).filter(|&i| elsewhere.contains(i)) {
         received.insert(index);

@@ -42,6 +42,9 @@ pub const ENTRY_MAGIC: &[u8; 15] = b"ferry-entry v1\n";
 pub const RECORD_MAGIC: &[u8; 14] = b"ferry-open v1\n";
 /// Magic line of a journal entry (`journal/<tid>/…`).
 pub const JOURNAL_MAGIC: &[u8; 17] = b"ferry-journal v1\n";
+/// Magic line of a journal retraction (`journal/<tid>/…`): its ranges are no longer durable (a chunk object found
+/// gone at the commit, rule C or the digest's GET).
+pub const RETRACT_MAGIC: &[u8; 17] = b"ferry-retract v1\n";
 
 /// The key of the format marker at the server's root.
 pub const MARKER_KEY: &str = "ferry-store";
@@ -556,7 +559,8 @@ impl OpenRecord {
 }
 
 /// One batch made durable for a transfer, at `journal/<tid>/<t>-<srv>-<seq>`: written after the batch's chunk
-/// objects, before its `Ack`.
+/// objects, before its `Ack`. Or, with `retract`, a retraction: chunks whose objects were found gone, no longer
+/// durable from this entry on (entries apply in key order).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct JournalEntry {
     /// The manifest the ranges index (an entry for another manifest is ignored).
@@ -573,16 +577,25 @@ pub struct JournalEntry {
     pub updated: u64,
     /// The server that wrote it.
     pub server: ServerId,
+    /// A retraction: the ranges are removed from the durable set, not added (told by the magic line, not encoded
+    /// in the record).
+    #[serde(skip)]
+    pub retract: bool,
 }
 
 impl JournalEntry {
-    /// The object's bytes: magic, then the record.
+    /// The object's bytes: magic (an entry's or a retraction's), then the record.
     pub fn encode(&self) -> Vec<u8> {
-        with_magic(JOURNAL_MAGIC, encode_record(self))
+        let magic = if self.retract { RETRACT_MAGIC } else { JOURNAL_MAGIC };
+        with_magic(magic, encode_record(self))
     }
 
-    /// Decodes an entry (its ranges are checked against the manifest by [`journal_union`]).
+    /// Decodes an entry or a retraction (its ranges are checked against the manifest by [`journal_union`]).
     pub fn decode(bytes: &[u8]) -> Result<JournalEntry, DecodeError> {
+        if bytes.starts_with(RETRACT_MAGIC) {
+            let entry: JournalEntry = decode_magic(bytes, RETRACT_MAGIC, MAX_JOURNAL_OBJECT)?;
+            return Ok(JournalEntry { retract: true, ..entry });
+        }
         decode_magic(bytes, JOURNAL_MAGIC, MAX_JOURNAL_OBJECT)
     }
 }
@@ -628,8 +641,9 @@ pub struct Durable {
     pub ignored: usize,
 }
 
-/// The union of a transfer's journal entries for `manifest`: what every server that served the transfer made
-/// durable. Entries for another manifest or with ranges that do not fit it are ignored (and counted).
+/// The union of a transfer's journal entries for `manifest`, in the order given (key order): what every server
+/// that served the transfer made durable, less what a later retraction withdrew. Entries for another manifest or
+/// with ranges that do not fit it are ignored (and counted).
 pub fn journal_union(manifest: &Manifest, entries: &[JournalEntry]) -> Durable {
     let id = manifest.id();
     let count = manifest.chunk_count();
@@ -647,7 +661,11 @@ pub fn journal_union(manifest: &Manifest, entries: &[JournalEntry]) -> Durable {
         }
         for range in &entry.ranges {
             for index in range.indices() {
-                durable.chunks.insert(index);
+                if entry.retract {
+                    durable.chunks.remove(index);
+                } else {
+                    durable.chunks.insert(index);
+                }
             }
         }
         durable.received_bytes = durable.received_bytes.saturating_add(entry.received_bytes);

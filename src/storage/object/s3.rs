@@ -34,6 +34,9 @@ pub struct StoreSettings {
     /// The gc grace period rule R reads (a day; `ferry serve --gc-grace`, a hidden test knob, shortens it to match
     /// `ferry gc --gc-grace`).
     pub gc_grace: std::time::Duration,
+    /// Rule C's wait, δ + the request timeout of gc's DELETEs (35 s; `ferry serve --gc-confirm-wait`, a hidden
+    /// test knob, shortens it to match `ferry gc --gc-delta` against a local store).
+    pub gc_confirm_wait: std::time::Duration,
 }
 
 /// The store URL or settings cannot be used.
@@ -78,6 +81,7 @@ impl StoreSettings {
             parallel: ObjectOptions::default().parallel,
             min_chunk_size: ObjectOptions::default().min_chunk_size,
             gc_grace: ObjectOptions::default().grace,
+            gc_confirm_wait: ObjectOptions::default().confirm_wait,
         })
     }
 
@@ -97,6 +101,7 @@ impl StoreSettings {
             parallel: self.parallel,
             min_chunk_size: self.min_chunk_size,
             grace: self.gc_grace,
+            confirm_wait: self.gc_confirm_wait,
         })
     }
 

@@ -31,6 +31,7 @@ use super::layout::{
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet};
+use crate::storage::object_gc::{confirm_before_commit, GcSettings, ObjectGcError, SystemClock};
 use crate::storage::{
     ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, ReadAt, StorageError, Volume,
 };
@@ -50,6 +51,10 @@ pub struct ObjectOptions {
     /// Offers whose chunks (but the last) are shorter are refused: a bucket's request bill cannot be multiplied
     /// by a client's `--chunk-size 4K`.
     pub min_chunk_size: u32,
+    /// Rule C's wait, δ + the request timeout (default 5 s + 30 s): when a gc run overlaps a transfer, its commit
+    /// confirms the chunks it relied on or PUT only this long after the newest of them, when any DELETE a gc
+    /// issued on an older copy has landed.
+    pub confirm_wait: Duration,
 }
 
 impl Default for ObjectOptions {
@@ -58,6 +63,7 @@ impl Default for ObjectOptions {
             parallel: 32,
             grace: Duration::from_secs(24 * 3600),
             min_chunk_size: 256 * 1024,
+            confirm_wait: Duration::from_secs(35),
         }
     }
 }
@@ -108,12 +114,28 @@ fn now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// One open transfer of this process: its ids, manifest and the metadata the commit applies.
+/// One open transfer of this process: its ids, manifest and the metadata the commit applies, and what rule C
+/// confirms before the commit.
 struct Transfer {
     path: PathId,
     id: TransferId,
     manifest: Arc<Manifest>,
     meta: Mutex<(u32, FileTime)>,
+    /// When its record was in the bucket: after our PUT returned, or the adopted record's `last_modified`.
+    record_created: SystemTime,
+    /// The chunks this process relied on by rule R (b) (journaled) or (c) (listed young), or PUT, with when it saw
+    /// or stored them: what rule C confirms.
+    relied: Mutex<Vec<(Hash, SystemTime)>>,
+}
+
+impl Transfer {
+    fn rely(&self, hashes: impl IntoIterator<Item = Hash>) {
+        let now = SystemTime::now();
+        self.relied
+            .lock()
+            .expect("relied")
+            .extend(hashes.into_iter().map(|h| (h, now)));
+    }
 }
 
 impl ObjectVolume {
@@ -178,16 +200,16 @@ impl ObjectVolume {
             for (tid, meta) in layout::list_records(store, layout, pid).await? {
                 if let Some(record) = layout::get_record(store, &meta.location).await? {
                     if record.manifest.id() == id && record.path == path.as_str() {
-                        return Ok(Some(tid));
+                        return Ok(Some((tid, SystemTime::from(meta.last_modified))));
                     }
                 }
             }
             Ok(None)
         })?;
-        let tid = match adopted {
-            Some(tid) => {
+        let (tid, record_created) = match adopted {
+            Some((tid, created)) => {
                 tracing::info!(path = %path, transfer = %tid, "adopting an open transfer from the bucket");
-                tid
+                (tid, created)
             }
             None => {
                 let tid = TransferId::random();
@@ -201,7 +223,8 @@ impl ObjectVolume {
                 };
                 let key = layout.open_record(pid, tid);
                 shared.block_on(layout::put(store, &key, record.encode().into()))?;
-                tid
+                // After the PUT returned: a gc that marked before this did not see the record (rule C's test).
+                (tid, SystemTime::now())
             }
         };
         let transfer = Arc::new(Transfer {
@@ -209,6 +232,8 @@ impl ObjectVolume {
             id: tid,
             manifest: manifest.clone(),
             meta: Mutex::new((manifest.mode, manifest.mtime)),
+            record_created,
+            relied: Mutex::new(Vec::new()),
         });
         self.open
             .lock()
@@ -229,6 +254,8 @@ impl ObjectVolume {
         let union = journal_union(manifest, &entries);
         let mut chunks = union.chunks;
         let journaled = chunks.present();
+        // Rule R (b): relied on because journaled; rule C confirms them at the commit.
+        transfer.rely(hashes_of(manifest, &chunks));
         let live = shared.block_on(async {
             Ok(match layout.file(path) {
                 Ok(key) => layout::get_entry(store, &key).await?,
@@ -248,6 +275,8 @@ impl ObjectVolume {
         }
         if rule == ReuseRule::Full {
             let found = shared.block_on(young_chunks(shared, manifest, &chunks))?;
+            // Rule R (c): listed young; rule C confirms them at the commit.
+            transfer.rely(found.iter().filter_map(|&i| manifest.chunk(i)).map(|c| c.hash));
             for index in found {
                 if chunks.insert(index) {
                     relied.push(index);
@@ -269,6 +298,7 @@ impl ObjectVolume {
                 rejected_chunks: 0,
                 updated: now_ns() / 1_000_000_000,
                 server: shared.server,
+                retract: false,
             };
             put_journal(shared, transfer.id, &entry)?;
         }
@@ -287,6 +317,56 @@ impl ObjectVolume {
         };
         let stored = self.shared.block_on(layout::get_entry(&*self.shared.store, &key))?;
         Ok(stored.and_then(|s| s.entry.manifest().map(|_| s.entry.manifest_id)))
+    }
+
+    /// Rule C (docs/object-store.md) before the commit PUT of `transfer`: if a gc run overlapped its record, waits
+    /// out the DELETEs in flight and LISTs the chunks it relied on or PUT. Those found gone are retracted from its
+    /// journal (they are no longer durable, on any server) and returned as [`StorageError::ChunksGone`]: nothing
+    /// is committed.
+    fn confirm(&self, key: &str, transfer: &Transfer) -> Result<(), StorageError> {
+        let shared = &self.shared;
+        let relied = transfer.relied.lock().expect("relied").clone();
+        let settings = GcSettings {
+            grace: shared.options.grace,
+            delta: shared.options.confirm_wait,
+            request_timeout: Duration::ZERO,
+            ..GcSettings::default()
+        };
+        let missing = shared.block_on(async {
+            confirm_before_commit(
+                &shared.store,
+                &shared.layout,
+                transfer.record_created,
+                &relied,
+                &settings,
+                &SystemClock,
+            )
+            .await
+            .map_err(|e| rule_c_failed(&shared.layout, e))
+        })?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let gone: std::collections::HashSet<Hash> = missing.into_iter().collect();
+        let chunks: Vec<u32> = (transfer.manifest.chunks.iter().enumerate())
+            .filter(|(_, c)| gone.contains(&c.hash))
+            .map(|(i, _)| i as u32)
+            .collect();
+        retract(shared, transfer, &chunks)?;
+        transfer
+            .relied
+            .lock()
+            .expect("relied")
+            .retain(|(h, _)| !gone.contains(h));
+        tracing::warn!(
+            key,
+            chunks = chunks.len(),
+            "rule C: chunks relied on are gone; not committing"
+        );
+        Err(StorageError::ChunksGone {
+            key: key.to_string(),
+            chunks,
+        })
     }
 
     /// Opens the partial of the transfer of `manifest` to `path` (adopting or writing its record).
@@ -438,6 +518,50 @@ async fn fetch_verified(shared: &Shared, manifest: &Manifest, file: &std::fs::Fi
         })?;
     }
     Ok(())
+}
+
+/// Rule C's request failed: named by kind and prefix, never by the store's own message.
+fn rule_c_failed(layout: &Layout, error: ObjectGcError) -> ObjectError {
+    let kind = match &error {
+        ObjectGcError::Store(e) => layout::error_kind(e),
+        _ => "unreadable gc record",
+    };
+    tracing::debug!("rule C failed: {error}");
+    ObjectError::Store {
+        op: "confirm chunks (rule C) under",
+        key: layout.namespace().to_string(),
+        kind,
+    }
+}
+
+/// The hashes of the chunks of `manifest` in `set`.
+fn hashes_of(manifest: &Manifest, set: &ChunkSet) -> Vec<Hash> {
+    (0..set.len())
+        .filter(|&i| set.contains(i))
+        .filter_map(|i| manifest.chunk(i))
+        .map(|c| c.hash)
+        .collect()
+}
+
+/// PUTs a retraction of `chunks` into the transfer's journal: from it on, they are not durable for the transfer.
+fn retract(shared: &Shared, transfer: &Transfer, chunks: &[u32]) -> io::Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let mut chunks = chunks.to_vec();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let entry = JournalEntry {
+        manifest_id: transfer.manifest.id(),
+        ranges: encode_runs(chunks),
+        received_bytes: 0,
+        reused_bytes: 0,
+        rejected_chunks: 0,
+        updated: now_ns() / 1_000_000_000,
+        server: shared.server,
+        retract: true,
+    };
+    put_journal(shared, transfer.id, &entry)
 }
 
 fn put_journal(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> io::Result<()> {
@@ -603,6 +727,7 @@ impl Volume for ObjectVolume {
             server: shared.server,
         };
         let file = layout.file(path).map_err(StorageError::Layout)?;
+        self.confirm(key, &transfer)?;
         // The commit: one PUT; readers see the old entry or this one. Then the transfer is finished.
         shared.block_on(layout::put(store, &file, entry.encode().into()))?;
         if let Err(e) = shared.block_on(layout::delete_transfer(store, layout, transfer.path, transfer.id)) {
@@ -610,6 +735,18 @@ impl Volume for ObjectVolume {
         }
         self.open.lock().expect("open map").remove(key);
         Ok(Box::new(Committed))
+    }
+
+    fn durable_is_authoritative(&self) -> bool {
+        true
+    }
+
+    fn forget_chunks(&self, key: &str, chunks: &[u32]) -> Result<(), StorageError> {
+        let transfer = self.open.lock().expect("open map").get(key).cloned();
+        match transfer {
+            Some(transfer) => Ok(retract(&self.shared, &transfer, chunks)?),
+            None => Ok(()),
+        }
     }
 
     fn stat_final(&self, path: &RemotePath) -> Option<Identity> {
@@ -839,6 +976,10 @@ impl PartialFile for ObjectPartial {
         }
         batch.sort_unstable();
         batch.dedup();
+        // PUT by this session (their PUTs have returned): rule C confirms them at the commit.
+        let manifest = self.manifest();
+        self.transfer
+            .rely(batch.iter().filter_map(|&i| manifest.chunk(i)).map(|c| c.hash));
         let entry = JournalEntry {
             manifest_id: self.manifest().id(),
             ranges: encode_runs(batch),
@@ -847,6 +988,7 @@ impl PartialFile for ObjectPartial {
             rejected_chunks: 0,
             updated: now_ns() / 1_000_000_000,
             server: self.shared.server,
+            retract: false,
         };
         put_journal(&self.shared, self.transfer.id, &entry)
     }

@@ -558,3 +558,124 @@ fn namespace_directories_map_back_to_their_names() {
     assert_eq!(namespace_name("7465616D2D61"), None, "only the canonical lowercase hex");
     assert_eq!(namespace_name("7"), None);
 }
+
+/// The object volume's commit path against a gc run: the session relies on a chunk (rule R (c), listed young)
+/// whose old copy gc's HEAD saw, and gc deletes it. The commit's rule C finds it gone: nothing is committed, the
+/// journal retracts it (the durable set asks for it again), and once it is stored again the commit names only
+/// chunks that exist. Without the rule-C call in `place`, the manifest would name the deleted chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_volume_commit_asks_again_for_a_chunk_gc_deleted_after_the_session_relied_on_it() {
+    use crate::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
+    use crate::path::RemotePath;
+    use crate::storage::object::layout::ReuseRule;
+    use crate::storage::object::volume::{ObjectOptions, ObjectVolume};
+    use crate::storage::{StorageError, Volume};
+
+    const LEN: usize = 256 * 1024;
+    let bytes: Vec<u8> = (0..3 * LEN).map(|i| (i / LEN) as u8 ^ (i % 251) as u8).collect();
+    let chunks: Vec<ChunkEntry> = bytes
+        .chunks(LEN)
+        .enumerate()
+        .map(|(i, data)| ChunkEntry {
+            offset: (i * LEN) as u64,
+            len: LEN as u32,
+            hash: *blake3::hash(data).as_bytes(),
+        })
+        .collect();
+    let manifest = Arc::new(Manifest {
+        size: bytes.len() as u64,
+        digest: *blake3::hash(&bytes).as_bytes(),
+        chunking: Chunking::Fixed { size: LEN as u32 },
+        mtime: FileTime { secs: 1, nanos: 0 },
+        mode: 0o600,
+        chunks: chunks.clone(),
+    });
+    let x = chunks[1].hash;
+    let w = world();
+    // X: stored long ago as gc sees it (an old orphan), yet listed young by the session (another transfer's fresh
+    // PUT that gc's HEAD did not see).
+    w.put(&w.ns.chunk(&x), Bytes::copy_from_slice(&bytes[LEN..2 * LEN]))
+        .await;
+    w.clock.advance(2 * GRACE);
+    // The mark a second before the session's record: the fake clock advances a millisecond per request of gc,
+    // so starting at the real "now" could put the mark after the record.
+    let real = SystemTime::now() - Duration::from_secs(1);
+    let fake = w.clock.now();
+    if let Ok(ahead) = real.duration_since(fake) {
+        w.clock.advance(ahead);
+    }
+    let options = ObjectOptions {
+        confirm_wait: Duration::ZERO,
+        ..ObjectOptions::default()
+    };
+    let handle = tokio::runtime::Handle::current();
+    let volume = Arc::new(ObjectVolume::new(
+        handle,
+        w.gc.shared.inner.clone(),
+        "ferry",
+        "",
+        options,
+    ));
+    let dest = RemotePath::parse("f.bin").unwrap();
+    let write = {
+        let (bytes, manifest) = (bytes.clone(), manifest.clone());
+        move |partial: &crate::storage::Partial, index: usize| {
+            let c = manifest.chunks[index];
+            let at = c.offset as usize..c.offset as usize + c.len as usize;
+            partial.write_at(&bytes[at], c.offset).unwrap();
+        }
+    };
+    let (v, d, m, wr) = (volume.clone(), dest.clone(), manifest.clone(), write.clone());
+    let session = Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let durable = v.durable(&d, &m, ReuseRule::Full).unwrap();
+            assert_eq!(present(&durable.chunks), vec![1], "X relied on by rule R (c)");
+            let partial = v.open_for(&d, &m, ReuseRule::Full).unwrap();
+            wr(&partial, 0);
+            wr(&partial, 2);
+            partial.sync_data().unwrap();
+        })
+        .await
+        .unwrap();
+    });
+    w.before_gc(Op::Delete, &x, session);
+    let report = w.gc().await;
+    assert_eq!(
+        report.chunks_deleted, 1,
+        "the schedule deletes X after the session relied on it"
+    );
+
+    let (v, d, m) = (volume.clone(), dest.clone(), manifest.clone());
+    tokio::task::spawn_blocking(move || {
+        let partial = v.open_for(&d, &m, ReuseRule::Full).unwrap();
+        partial.sync_all().unwrap();
+        let verified = partial.identity().unwrap();
+        match v.place(d.as_str(), &d, &verified) {
+            Err(StorageError::ChunksGone { chunks, .. }) => assert_eq!(chunks, vec![1]),
+            Err(e) => panic!("unexpected: {e}"),
+            Ok(_) => panic!("committed a manifest naming a deleted chunk"),
+        }
+        assert_eq!(v.committed_id(&d).unwrap(), None, "nothing committed");
+        // The bucket's journal forgot X: any server's next round asks for it.
+        let durable = v.durable(&d, &m, ReuseRule::Full).unwrap();
+        assert_eq!(present(&durable.chunks), vec![0, 2]);
+        write(&partial, 1);
+        partial.sync_all().unwrap();
+        let verified = partial.identity().unwrap();
+        v.place(d.as_str(), &d, &verified).unwrap();
+        assert_eq!(v.committed_id(&d).unwrap(), Some(m.id()));
+    })
+    .await
+    .unwrap();
+    for c in &chunks {
+        let key = w.ns.chunk(&c.hash);
+        assert!(
+            Bucket::head(&w.gc.shared.inner, &key).await.is_ok(),
+            "a committed chunk is missing"
+        );
+    }
+}
+
+fn present(set: &crate::ranges::ChunkSet) -> Vec<u32> {
+    (0..set.len()).filter(|&i| set.contains(i)).collect()
+}

@@ -272,8 +272,14 @@ fn records_and_journal_entries_round_trip() {
         rejected_chunks: 0,
         updated: 3,
         server: ServerId([1; 8]),
+        retract: false,
     };
-    assert_eq!(JournalEntry::decode(&journal.encode()), Ok(journal));
+    assert_eq!(JournalEntry::decode(&journal.encode()), Ok(journal.clone()));
+    let retraction = JournalEntry {
+        retract: true,
+        ..journal
+    };
+    assert_eq!(JournalEntry::decode(&retraction.encode()), Ok(retraction));
 }
 
 fn journal(manifest: &Manifest, ranges: &[(u32, u32)], received: u64) -> JournalEntry {
@@ -288,6 +294,7 @@ fn journal(manifest: &Manifest, ranges: &[(u32, u32)], received: u64) -> Journal
         rejected_chunks: 0,
         updated: 0,
         server: ServerId([0; 8]),
+        retract: false,
     }
 }
 
@@ -308,6 +315,23 @@ fn the_journal_union_spans_servers_and_ignores_foreign_entries() {
     assert_eq!(durable.received_bytes, 350);
     assert_eq!(durable.reused_bytes, 3);
     assert_eq!(durable.ignored, 2);
+}
+
+#[test]
+fn a_retraction_withdraws_chunks_until_a_later_entry_makes_them_durable_again() {
+    let manifest = manifest_of(&[1 << 20; 4]);
+    let retract = |ranges| JournalEntry {
+        retract: true,
+        ..journal(&manifest, ranges, 0)
+    };
+    let entries = [
+        journal(&manifest, &[(0, 4)], 100),
+        retract(&[(1, 2)]),
+        journal(&manifest, &[(2, 1)], 10), // chunk 2 stored again after it was found gone
+    ];
+    let durable = journal_union(&manifest, &entries);
+    let present: Vec<u32> = (0..4).filter(|&i| durable.chunks.contains(i)).collect();
+    assert_eq!(present, vec![0, 2, 3], "chunk 1 stays withdrawn");
 }
 
 #[tokio::test]
