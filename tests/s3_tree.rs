@@ -158,3 +158,61 @@ async fn s3_gc_under_concurrent_uploads() {
         "v1's chunks are named again, by again.bin, and kept"
     );
 }
+
+/// Regular files under `dir`, outside ferry's private `.ferry` directory, as paths relative to it.
+fn files_beneath(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() && entry.file_name() != ".ferry" {
+                pending.push(entry.path());
+            } else if !kind.is_dir() {
+                found.push(entry.path().strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    found
+}
+
+/// Trees are not kept in the bucket yet: a tree pushed to a `--store` server (with or without `--delete`) is refused
+/// with a message naming the object store, and nothing of it lands under the server's local root or in the bucket.
+#[tokio::test]
+async fn s3_tree_push_refused_never_local() {
+    let Some(cluster) = garage::cluster() else {
+        return;
+    };
+    let url = cluster.store_url("tree-refused");
+    let dir = tempfile::tempdir().unwrap();
+    let a = s3_server(dir.path(), "a", &url);
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub/empty")).unwrap();
+    std::fs::write(src.join("small.txt"), b"inline bytes").unwrap();
+    write_random(&src.join("sub/mid.bin"), 200 << 10, 30);
+
+    for extra in [&[][..], &["--delete"][..]] {
+        let out = push(&src, &a.url("t"), &dir.path().join("c"), extra).await;
+        assert_ne!(
+            out.code, 0,
+            "a tree push {extra:?} to an object store is refused: {}",
+            out.json
+        );
+        assert!(
+            out.stderr.contains("object store") || out.json.to_string().contains("object store"),
+            "the refusal says why: {}\n{}",
+            out.json,
+            out.stderr
+        );
+    }
+    assert_eq!(
+        files_beneath(&a.root),
+        Vec::<std::path::PathBuf>::new(),
+        "nothing under the local root"
+    );
+    let settings = StoreSettings::from_url(&url).unwrap();
+    let (store, layout): (_, Layout) = (settings.build().unwrap(), settings.layout(""));
+    let entries = layout::list(&*store, &layout.files()).await.unwrap();
+    assert!(entries.is_empty(), "nothing in the bucket: {entries:?}");
+}

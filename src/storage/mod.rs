@@ -267,6 +267,13 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether the tree receiver may place a tree's small files, directories and symlinks beside this volume's
+    /// files (through the context's [`TreeVolume`]). True by default; false for a store whose trees are not built
+    /// (an object store), where a tree offer is refused before anything is written instead of landing elsewhere.
+    fn holds_trees(&self) -> bool {
+        true
+    }
+
     /// The volume of namespace `name` when it lives in the same store as this one (an object store: one prefix
     /// per namespace); `None` by default, and the server builds a local volume over the namespace's directory.
     fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {

@@ -667,6 +667,12 @@ impl Volume for ObjectVolume {
         true
     }
 
+    /// Trees are not kept in the bucket yet (issue 15): the server's local [`crate::storage::TreeVolume`] is no
+    /// place for them either.
+    fn holds_trees(&self) -> bool {
+        false
+    }
+
     fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
         let Ok(key) = self.shared.layout.file(path) else {
             return Ok(None);
