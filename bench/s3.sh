@@ -49,21 +49,30 @@ export RCLONE_CONFIG_G_TYPE=s3 RCLONE_CONFIG_G_PROVIDER=Other RCLONE_CONFIG_G_EN
   RCLONE_CONFIG_G_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID RCLONE_CONFIG_G_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY \
   RCLONE_CONFIG_G_REGION=garage RCLONE_CONFIG_G_FORCE_PATH_STYLE=true
 
-# measure.py OUT KILL_AT CMD...: runs CMD; with KILL_AT > 0, SIGKILLs it once its wchar reaches KILL_AT. Writes
-# "SECONDS WCHAR EXIT" to OUT, wchar read from /proc while the exited child is a zombie (nothing is missed).
+# measure.py OUT KILL_AT CMD...: runs CMD; with KILL_AT > 0, SIGKILLs it once its wchar reaches KILL_AT, or, with
+# PROGRESS set to a ferry client's STATE/running.json, once the bytes it reports acknowledged (`done`) do: ferry
+# writes to its sockets with send(2), which wchar does not count. Writes "SECONDS WCHAR EXIT" to OUT, wchar read
+# from /proc while the exited child is a zombie (nothing is missed).
 cat > "$work/measure.py" << 'EOF'
 import os, signal, subprocess, sys, time
 out, kill_at, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 def wchar(pid):
     with open(f"/proc/{pid}/io") as f:
         return int(next(l for l in f if l.startswith("wchar:")).split()[1])
+def progress():
+    try:
+        import json
+        with open(os.environ["PROGRESS"]) as f:
+            return int(json.load(f).get("done", 0))
+    except (KeyError, OSError, ValueError):
+        return 0
 t0 = time.monotonic()
 child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(out + ".stdout", "wb"), stderr=open(out + ".stderr", "wb"))
 deadline = t0 + 3600
 while kill_at > 0 and time.monotonic() < deadline:
     if os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
         break
-    if wchar(child.pid) >= kill_at:
+    if max(wchar(child.pid), progress()) >= kill_at:
         child.send_signal(signal.SIGKILL)
         break
     time.sleep(0.01)
@@ -98,7 +107,7 @@ tool_run() {
   local tool=$1 scenario=$2 run=$3 file=$4 kill_at=$5 m="$work/m.$1.$2.$3" prefix
   if [ "$tool" = ferry ]; then
     prefix="bench-ferry-$run/"
-    python3 "$work/measure.py" "$m" "$kill_at" "$bin" push "$file" "ferry://127.0.0.1:$port/big.bin" \
+    PROGRESS="$work/client-state-$run/running.json" python3 "$work/measure.py" "$m" "$kill_at" "$bin" push "$file" "ferry://127.0.0.1:$port/big.bin" \
       --state "$work/client-state-$run" --json -q
   else
     prefix="bench-rclone-$run/"
@@ -143,7 +152,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0 && a != "n/a") printf "%.2f"
   echo "Produced by \`bench/s3.sh $size_mib $runs\` on $(date -u +%Y-%m-%d), $(nproc) cores: one 3-node Garage $("$GARAGE" --version | head -n 1 | awk '{print $2}') cluster on"
   echo "loopback (replication 3), a ${size_mib} MiB random file, medians of $runs run(s). ferry: one \`ferry serve --store\`"
   echo "server, client on loopback; rclone $(rclone version | head -n 1 | awk '{print $2}'): \`rclone copy\` to the bucket. \"client wrote\" is"
-  echo "the client's wchar (sockets and local state), \"stored\" the sum of LIST sizes under the tool's prefix after the step."
+  echo "the client's wchar (for rclone its sockets and local state; ferry sends with send(2), which wchar does not count,"
+  echo "so its \"payload\" column is what it sent), \"stored\" the sum of LIST sizes under the tool's prefix after the step."
   echo
   echo "| step | ferry time (s) | rclone time (s) | ferry/rclone | ferry wrote (MiB) | ferry payload (MiB) | rclone wrote (MiB) | ferry stored (MiB) | rclone stored (MiB) |"
   echo "|---|---|---|---|---|---|---|---|---|"

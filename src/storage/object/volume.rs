@@ -854,32 +854,66 @@ impl ObjectPartial {
             .map(|(_, b)| b.clone())
     }
 
-    /// The chunk's bytes as stored: from the cache, else a GET of its object. A missing object reads as zeros and
-    /// a damaged one as it is: the commit's check then finds the chunk damaged and asks for it again.
+    /// The chunk's bytes as stored: from the cache, else a GET of its object, together with GETs of the chunks
+    /// after it that are not cached either (up to `parallel` requests, half the cache), so that the digest
+    /// follower, which reads in order, pays one round of requests per read-ahead instead of one per chunk (and
+    /// never one per read of a chunk it reads in pieces: every fetched chunk is remembered). A missing object
+    /// reads as zeros and a damaged one as it is: the commit's check then finds the chunk damaged and asks for it
+    /// again.
     fn chunk_bytes(&self, index: u32) -> io::Result<Bytes> {
         if let Some(bytes) = self.cached(index) {
             return Ok(bytes);
         }
-        let entry = *self
-            .manifest()
-            .chunk(index)
-            .ok_or_else(|| io::Error::other("no such chunk"))?;
-        let key = self.shared.layout.chunk(&entry.hash);
+        let ahead = self.read_ahead(index);
         let store = &*self.shared.store;
         let fetched = self.shared.block_on(async {
-            match layout::get(store, &key, u64::from(entry.len)).await {
-                // Larger than the chunk: damaged, read like a missing one.
-                Err(ObjectError::TooLarge { .. }) => Ok(None),
-                other => other,
-            }
+            let gets = ahead.iter().map(|&(_, len, ref key)| async move {
+                match layout::get(store, key, u64::from(len)).await {
+                    // Larger than the chunk: damaged, read like a missing one.
+                    Err(ObjectError::TooLarge { .. }) => Ok(None),
+                    other => other,
+                }
+            });
+            futures_util::future::try_join_all(gets).await
         })?;
-        Ok(match fetched {
-            Some(f) if f.bytes.len() == entry.len as usize => f.bytes,
-            _ => {
-                tracing::warn!(key = %key, "a chunk object is missing or damaged");
-                Bytes::from(vec![0u8; entry.len as usize])
+        let mut wanted = None;
+        let mut state = self.state.lock().expect("partial state");
+        for ((i, len, key), got) in ahead.into_iter().zip(fetched) {
+            let bytes = match got {
+                Some(f) if f.bytes.len() == len as usize => f.bytes,
+                _ => {
+                    tracing::warn!(key = %key, "a chunk object is missing or damaged");
+                    Bytes::from(vec![0u8; len as usize])
+                }
+            };
+            if i == index {
+                wanted = Some(bytes.clone());
             }
-        })
+            Self::remember(&mut state, i, bytes);
+        }
+        wanted.ok_or_else(|| io::Error::other("no such chunk"))
+    }
+
+    /// `index` and the chunks after it to fetch with it: not cached, at most `parallel` of them and at most half
+    /// the cache's bytes (so that fetching them never evicts `index`).
+    fn read_ahead(&self, index: u32) -> Vec<(u32, u32, object_store::path::Path)> {
+        let manifest = self.manifest();
+        let state = self.state.lock().expect("partial state");
+        let mut ahead = Vec::new();
+        let mut bytes = 0usize;
+        for i in index..manifest.chunk_count() {
+            let Some(entry) = manifest.chunk(i) else { break };
+            let cached = state.cache.iter().any(|(c, _)| *c == i);
+            if i > index && (cached || ahead.len() >= self.shared.options.parallel.max(1)) {
+                break;
+            }
+            if i > index && bytes + entry.len as usize > CACHE_BYTES / 2 {
+                break;
+            }
+            bytes += entry.len as usize;
+            ahead.push((i, entry.len, self.shared.layout.chunk(&entry.hash)));
+        }
+        ahead
     }
 
     fn remember(state: &mut PartialState, index: u32, bytes: Bytes) {
