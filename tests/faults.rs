@@ -125,11 +125,6 @@ async fn a_sigkilled_client_reruns_and_takes_over_its_stale_session() {
     let stall_at = 6 * MIB as u64;
     write_random(&src, size as usize, 4);
     let state = dir.path().join("state");
-    // The client's manifest cache is primed by a push elsewhere, so the stalled first attempt and the re-run both
-    // send a whole offer: a streamed first attempt caches its manifest only once hashing ends, which on a loaded
-    // machine may come after the stall, and the re-run's `manifest_cached` would then depend on timing.
-    let elsewhere = TestServer::start(&dir.path().join("elsewhere"));
-    push(&src, &elsewhere.url("home.tar"), &state, &SMALL).await.assert_ok();
     // The stalled link keeps the server's old session open, as a dead Wi-Fi link without a FIN would.
     let (_proxy, mut client) = push_until_stalled(&server, &src, &state, stall_at).await;
     client.kill().unwrap();
@@ -218,10 +213,16 @@ async fn push_until_stalled(
     state: &std::path::Path,
     stall_at: u64,
 ) -> (FaultProxy, std::process::Child) {
+    // The client's manifest cache is primed by a push of `src` to another server, so the stalled attempt and the
+    // caller's re-run both send a whole offer: a streamed first attempt caches its manifest only once hashing
+    // ends, which on a loaded machine may come after the stall, and the re-run's `manifest_cached` would then
+    // depend on timing.
+    let name = src.file_name().unwrap().to_str().unwrap();
+    let elsewhere = TestServer::start(&state.with_extension("primed-elsewhere"));
+    push(src, &elsewhere.url(name), state, &SMALL).await.assert_ok();
     let proxy = FaultProxy::start("127.0.0.1:0", server.addr, vec![Faults::stall(stall_at)])
         .await
         .unwrap();
-    let name = src.file_name().unwrap().to_str().unwrap();
     let client = push_command(src, &format!("ferry://{}/{name}", proxy.addr()), state, &SMALL)
         .spawn()
         .unwrap();
