@@ -328,10 +328,13 @@ async fn expire<B: Bucket, C: Clock>(
     Ok(expired)
 }
 
-/// Step 3: every chunk named by `files/`, `versions/` and `open/`.
+/// Step 3: every chunk named by `open/`, `versions/` and `files/`, listed in that order. A commit PUTs its
+/// manifest object before it deletes its record, so a transfer whose record is gone (or goes before its GET) when
+/// `open/` is listed is committed before `files/` is listed, and that later LIST names its chunks. Listing `files/`
+/// first would let a commit fall between the two LISTs and its chunks be named by neither.
 async fn mark<B: Bucket>(bucket: &B, ns: &Layout, refs: &dyn References) -> Result<HashSet<Hash>, ObjectGcError> {
     let mut live = HashSet::new();
-    for prefix in ["files", "versions", "open"] {
+    for prefix in ["open", "versions", "files"] {
         for meta in bucket.list(&sub(ns, prefix)).await? {
             let unreadable = |why: String| ObjectGcError::Unreadable {
                 key: meta.location.to_string(),
