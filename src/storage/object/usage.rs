@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
@@ -26,6 +27,8 @@ use crate::storage::{OpenAtPath, SharedUsage};
 
 /// How old a scan of `files/` may grow before the next admission scans again.
 pub const RESCAN: Duration = Duration::from_secs(600);
+/// Manifest objects a scan reads at once.
+const PARALLEL_GETS: usize = 32;
 
 /// What the bucket said of one object, with the ETag it said it for.
 #[derive(Debug, Clone)]
@@ -155,16 +158,29 @@ impl UsageCache {
         let started = Instant::now();
         let listed = layout::list(store, &layout.files()).await?;
         let mut files = HashMap::with_capacity(listed.len());
+        let mut unknown = Vec::new();
         for meta in listed {
-            let size = match known.get(&meta.location) {
-                Some(seen) if seen.e_tag.is_some() && seen.e_tag == meta.e_tag => seen.value,
-                _ => match layout::get_entry(store, &meta.location).await? {
-                    Some(stored) => match stored.entry.kind {
-                        EntryKind::File { manifest, .. } => manifest.size,
-                        EntryKind::Dir { .. } | EntryKind::Symlink { .. } => 0,
-                    },
-                    None => continue,
-                },
+            match known.get(&meta.location) {
+                Some(seen) if seen.e_tag.is_some() && seen.e_tag == meta.e_tag => {
+                    files.insert(meta.location, seen.clone());
+                }
+                _ => unknown.push(meta),
+            }
+        }
+        // The manifest objects not seen before (all of them at the first scan), [`PARALLEL_GETS`] at a time.
+        let mut gets = futures_util::stream::iter(unknown)
+            .map(|meta| async move {
+                let stored = layout::get_entry(store, &meta.location).await?;
+                Ok::<_, ObjectError>((meta, stored))
+            })
+            .buffer_unordered(PARALLEL_GETS);
+        while let Some(got) = gets.next().await {
+            let (meta, Some(stored)) = got? else {
+                continue; // gone since the LIST, or damaged
+            };
+            let size = match stored.entry.kind {
+                EntryKind::File { manifest, .. } => manifest.size,
+                EntryKind::Dir { .. } | EntryKind::Symlink { .. } => 0,
             };
             files.insert(
                 meta.location,
