@@ -9,6 +9,11 @@
 //! after another and cannot all fit the same free space. A tree's small files have no record until they are
 //! committed, so its [`Budget`] reserves their bytes in the lock's memory until then: offers count them, and the
 //! tree counts what was admitted since it was planned (its large files are admitted one by one like any offer).
+//!
+//! On a volume shared by a group of servers (an object store), the records of the store are not the namespace's
+//! usage: [`admit_shared`] checks the same limits against what the volume reads from the shared store instead
+//! (`Volume::shared_usage`: every server's files and open transfers; docs/object-store.md "Quotas, namespaces and
+//! limits"); the lock stays per server.
 
 use std::collections::HashSet;
 use std::path::Path;
