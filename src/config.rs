@@ -109,10 +109,15 @@ struct StoreSection {
     virtual_hosted: bool,
     parallel: Option<usize>,
     min_chunk_size: Option<Size>,
+    access_key_file: Option<PathBuf>,
+    secret_key_file: Option<PathBuf>,
+    #[serde(default)]
+    gc: bool,
 }
 
 impl StoreSection {
-    fn settings(&self) -> Result<crate::storage::object::StoreSettings, String> {
+    /// The store's settings; the key files' relative paths are relative to `base` (the file's directory).
+    fn settings(&self, base: &Path) -> Result<crate::storage::object::StoreSettings, String> {
         let mut settings = crate::storage::object::StoreSettings::from_url(&self.url).map_err(|e| e.to_string())?;
         settings.endpoint = self.endpoint.clone();
         settings.region = self.region.clone();
@@ -122,6 +127,12 @@ impl StoreSection {
         if let Some(size) = &self.min_chunk_size {
             settings.min_chunk_size = u32::try_from(size.bytes()?).map_err(|_| "store.min_chunk_size is too large")?;
         }
+        settings.access_key_file = self.access_key_file.as_ref().map(|p| base.join(p));
+        settings.secret_key_file = self.secret_key_file.as_ref().map(|p| base.join(p));
+        if settings.access_key_file.is_some() != settings.secret_key_file.is_some() {
+            return Err("store.access_key_file and store.secret_key_file go together: give both or neither".into());
+        }
+        settings.gc = self.gc;
         settings.options().map_err(|e| e.to_string())?;
         Ok(settings)
     }
@@ -235,7 +246,7 @@ impl ServerFile {
             tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
             clients,
             in_place: file.in_place.map(|mode| mode == InPlace::Auto),
-            store: file.store.as_ref().map(StoreSection::settings).transpose()?,
+            store: file.store.as_ref().map(|s| s.settings(base)).transpose()?,
             limits,
         })
     }
@@ -457,7 +468,19 @@ mod tests {
         assert_eq!(store.region.as_deref(), Some("garage"));
         assert_eq!((store.allow_http, store.virtual_hosted), (Some(true), false));
         assert_eq!((store.parallel, store.min_chunk_size), (8, 1 << 20));
+        assert_eq!(
+            (store.access_key_file, store.secret_key_file, store.gc),
+            (None, None, false)
+        );
         assert!(ServerFile::parse("", Path::new(".")).unwrap().store.is_none());
+
+        // Key files relative to the configuration's directory, and the periodic gc.
+        let text = "[store]\nurl = \"s3://backups\"\naccess_key_file = \"keys/id\"\n\
+                    secret_key_file = \"/etc/ferry/secret\"\ngc = true";
+        let store = ServerFile::parse(text, Path::new("/etc/ferry")).unwrap().store.unwrap();
+        assert_eq!(store.access_key_file.as_deref(), Some(Path::new("/etc/ferry/keys/id")));
+        assert_eq!(store.secret_key_file.as_deref(), Some(Path::new("/etc/ferry/secret")));
+        assert!(store.gc);
     }
 
     #[test]
@@ -482,6 +505,11 @@ mod tests {
             ),
             ("[store]\nurl = \"s3://bucket\"\nparallel = 0", "parallel"),
             ("[store]\nurl = \"s3://bucket\"\nkey = \"secret\"", "unknown field"),
+            (
+                "[store]\nurl = \"s3://bucket\"\nsecret_key = \"inline\"",
+                "unknown field",
+            ),
+            ("[store]\nurl = \"s3://bucket\"\nsecret_key_file = \"s\"", "go together"),
         ] {
             let error = ServerFile::parse(text, Path::new(".")).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");

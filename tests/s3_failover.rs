@@ -72,6 +72,14 @@ async fn s3_failover_kill_server_mid_push() {
         sent <= size + WINDOW + CHUNK,
         "sent {sent} bytes for a {size}-byte file: B asked again for chunks A had acknowledged"
     );
+    // proto-spec.md §14 "Counts span the group": B's Committed counts the bytes A received too, not only its own
+    // (A acknowledged at least a quarter). Chunks A stored but had not journaled at the kill are relied on by B
+    // without bytes (rule R (c)): at most what was in flight.
+    let received = summary["server_received_bytes"].as_u64().unwrap();
+    assert!(
+        received <= size && received + WINDOW + CHUNK >= size,
+        "the group received {received} bytes of a {size}-byte file: B counted only its own? {summary}"
+    );
     let (store, layout) = bucket(&url);
     assert_eq!(count(&store, &layout.open()).await, 0, "committed: no open record left");
     let out = dir.path().join("out.bin");

@@ -29,6 +29,7 @@ mod push;
 mod replay;
 mod s3;
 mod s3_failover;
+mod s3_limits;
 mod s3_tree;
 mod status;
 mod stream_offer;

@@ -10,6 +10,7 @@ mod access;
 mod partials;
 mod preauth;
 mod pull;
+mod store_gc;
 
 pub use access::ClientEntry;
 
@@ -189,6 +190,8 @@ struct Shared {
 pub struct Server {
     shared: Shared,
     store: Store,
+    /// The object store's periodic gc, when `[store] gc = true`.
+    store_gc: Option<store_gc::StoreGc>,
 }
 
 impl Server {
@@ -232,9 +235,12 @@ impl Server {
         })?;
         let store = Store::open(&state_dir)?;
         let partial_dir = partial_dir.canonicalize().unwrap_or(partial_dir);
-        let volume = match &config.object_store {
-            Some(settings) => object_volume(settings)?,
-            None => crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+        let (volume, store_gc) = match &config.object_store {
+            Some(settings) => object_volume(settings, &config)?,
+            None => (
+                crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()),
+                None,
+            ),
         };
         let receiver = ReceiverContext {
             volume,
@@ -266,7 +272,11 @@ impl Server {
             stats: receiver.stats,
             config: Arc::new(config),
         };
-        Ok(Server { shared, store })
+        Ok(Server {
+            shared,
+            store,
+            store_gc,
+        })
     }
 
     /// The server's counters.
@@ -320,9 +330,12 @@ impl Server {
     }
 
     /// Serves `listener` until `shutdown` fires, then drains sessions and flushes the store.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    pub async fn run(mut self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
         tracker.spawn(sweep_periodically(self.shared.clone(), shutdown.clone()));
+        if let Some(gc) = self.store_gc.take() {
+            tracker.spawn(store_gc::run_periodically(gc, shutdown.clone()));
+        }
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let config = &self.shared.config;
         let preauth = PreAuthPool::new(config.max_preauth_connections, config.max_preauth_per_address);
@@ -688,9 +701,12 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
 
 /// The volume of the unnamed namespace in the object store of `settings`, after the store answered (the format
 /// marker is written if absent). Blocking: call from a blocking thread inside the runtime.
+/// The object volume of `settings`, and the periodic gc `[store] gc = true` asks for (over the same client, every
+/// `gc_interval`, expiring after `partial_ttl`).
 fn object_volume(
     settings: &crate::storage::object::StoreSettings,
-) -> Result<Arc<dyn crate::storage::Volume>, ServerError> {
+    config: &ServerConfig,
+) -> Result<(Arc<dyn crate::storage::Volume>, Option<store_gc::StoreGc>), ServerError> {
     use crate::storage::object::{s3, ObjectVolume};
     let store_error = |e: s3::StoreError| ServerError::Config(e.to_string());
     let options = settings.options().map_err(store_error)?;
@@ -698,11 +714,16 @@ fn object_volume(
     let handle = tokio::runtime::Handle::current();
     handle.block_on(s3::ensure_marker(&*store)).map_err(store_error)?;
     tracing::info!(bucket = %settings.bucket, prefix = %settings.prefix, "files are kept in the object store");
-    Ok(Arc::new(ObjectVolume::new(
-        handle,
-        store,
-        &settings.prefix,
-        "",
-        options,
-    )))
+    let gc = settings.gc.then(|| store_gc::StoreGc {
+        store: store.clone(),
+        prefix: settings.prefix.clone(),
+        settings: crate::storage::object_gc::GcSettings {
+            grace: options.grace,
+            transfer_ttl: config.partial_ttl,
+            ..Default::default()
+        },
+        interval: config.gc_interval,
+    });
+    let volume = ObjectVolume::new(handle, store, &settings.prefix, "", options);
+    Ok((Arc::new(volume), gc))
 }

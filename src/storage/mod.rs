@@ -296,6 +296,67 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         let _ = max;
         Ok(None)
     }
+
+    /// The namespace's usage as the volume itself records it (a shared store: every server's committed files and
+    /// open transfers), for admitting the transfer of the manifest `manifest_id` to `path`; `with_committed`
+    /// false leaves the committed counts at zero where counting them costs requests. `None` by default: the
+    /// engine's own records are the whole usage.
+    fn shared_usage(
+        &self,
+        path: &RemotePath,
+        manifest_id: &Hash,
+        with_committed: bool,
+    ) -> Result<Option<SharedUsage>, StorageError> {
+        let _ = (path, manifest_id, with_committed);
+        Ok(None)
+    }
+
+    /// The engine refused the transfer of `key` after opening it (admission: a quota or a limit): a volume that
+    /// wrote a record of it that holds nothing received drops that record, so it counts against nothing. Nothing
+    /// to do by default.
+    fn refused(&self, key: &str) {
+        let _ = key;
+    }
+
+    /// The bytes received over the wire for the open transfer of `key` by every server that served it, as the
+    /// volume records them (a shared store's journal: what proto-spec.md §14 "Counts span the group" promises in
+    /// `Committed.received_bytes`); `None` by default: the engine's own progress record counts them.
+    fn received_by_group(&self, key: &str) -> Option<u64> {
+        let _ = key;
+        None
+    }
+}
+
+/// A namespace's usage as a shared store records it ([`Volume::shared_usage`]), with what of it the offered
+/// transfer itself already holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedUsage {
+    /// Sizes of the committed files.
+    pub committed_bytes: u64,
+    /// Committed entries (files, directories, symlinks).
+    pub committed_files: u64,
+    /// Open transfers (records in the store, of every server).
+    pub open_transfers: u64,
+    /// Sizes of their files.
+    pub open_bytes: u64,
+    /// Stored bytes of their records (their manifests, mostly).
+    pub manifest_bytes: u64,
+    /// The size of the file committed at the offered path, if one is.
+    pub committed_here: Option<u64>,
+    /// The records of the offered transfer itself (same path, same manifest: written or adopted for it), counted
+    /// in the totals above and replaced by its admission.
+    pub this_transfer: OpenAtPath,
+}
+
+/// Open records at one path ([`SharedUsage::this_transfer`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenAtPath {
+    /// How many.
+    pub records: u64,
+    /// Their files' sizes.
+    pub bytes: u64,
+    /// Their records' bytes.
+    pub manifest_bytes: u64,
 }
 
 /// One open transfer as a volume lists it ([`Volume::open_transfers`]).

@@ -65,6 +65,11 @@ pub(crate) fn commit(
     let verified = writer.file.identity().map_err(TransferError::Storage)?;
     // Renamed through directory descriptors on both sides: a symlink planted on the way since the Offer, even one
     // swapped in during the rename, cannot redirect it; and the file renamed is checked to be the one just hashed.
+    // proto-spec.md §14 "Counts span the group": on a shared store, every server's received bytes for this
+    // transfer (read before the commit ends the transfer's records).
+    let received_bytes = volume
+        .received_by_group(&writer.key)
+        .unwrap_or(writer.progress.received_bytes);
     let parent = match volume.place(&writer.key, path, &verified) {
         Err(StorageError::ChunksGone { chunks, .. }) => {
             // Rule C found chunks gone (a gc deleted them after the session relied on them): nothing was committed;
@@ -95,7 +100,7 @@ pub(crate) fn commit(
         path = %path,
         size = manifest.size,
         digest = %hex(&digest),
-        received_bytes = writer.progress.received_bytes,
+        received_bytes,
         reused_bytes = writer.progress.reused_bytes,
         // Chunk payload this process took in over the wire for all transfers, duplicates and rejects included (what
         // received_bytes no longer counts): the campaign tests bound re-sends with it.
@@ -105,7 +110,7 @@ pub(crate) fn commit(
     Ok(CommitOutcome::Done(Committed {
         size: manifest.size,
         digest,
-        received_bytes: writer.progress.received_bytes,
+        received_bytes,
         rejected_chunks: writer.progress.rejected_chunks,
         reused_bytes: writer.progress.reused_bytes,
         already_present: false,

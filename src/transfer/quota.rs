@@ -9,6 +9,11 @@
 //! after another and cannot all fit the same free space. A tree's small files have no record until they are
 //! committed, so its [`Budget`] reserves their bytes in the lock's memory until then: offers count them, and the
 //! tree counts what was admitted since it was planned (its large files are admitted one by one like any offer).
+//!
+//! On a volume shared by a group of servers (an object store), the records of the store are not the namespace's
+//! usage: [`admit_shared`] checks the same limits against what the volume reads from the shared store instead
+//! (`Volume::shared_usage`: every server's files and open transfers; docs/object-store.md "Quotas, namespaces and
+//! limits"); the lock stays per server.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -17,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::TransferError;
 use crate::path::RemotePath;
-use crate::store::ReceiverStore;
+use crate::storage::{OpenAtPath, SharedUsage};
+use crate::store::{ReceiverStore, Usage};
 use crate::wire::ErrorCode;
 
 /// Default for [`NamespaceLimits::max_open_transfers`].
@@ -134,24 +140,87 @@ pub(crate) fn admit(
         };
     }
     let open = store.summary(new.path)?;
-    let (open_count, open_bytes) = open
-        .as_ref()
-        .map_or((0, 0), |s| (1, s.size.saturating_add(s.manifest_bytes)));
-    let transfers = usage.open_transfers.saturating_sub(open_count) + 1;
+    let counts = Counts {
+        usage,
+        open_here: open.as_ref().map_or(OpenAtPath::default(), |s| OpenAtPath {
+            records: 1,
+            bytes: s.size,
+            manifest_bytes: s.manifest_bytes,
+        }),
+        committed_here: store.committed(new.path)?.map(|f| f.size),
+    };
+    check(&counts, quota, limits, new)?;
+    counted.admitted = counted
+        .admitted
+        .saturating_add(new.size.saturating_add(new.record_bytes));
+    Ok(())
+}
+
+/// [`admit`] on a volume that records the namespace's usage itself (a shared store, docs/object-store.md
+/// "Quotas, namespaces and limits"): `shared` is what the store holds now, every server's files and open
+/// transfers, `new`'s own record (written or adopted before this check) replaced by it. The trees' reservations
+/// and directories of this server's records are added. Call with the namespace's [`Admission`] lock held.
+/// Blocking.
+pub(crate) fn admit_shared(
+    store: &ReceiverStore,
+    shared: &SharedUsage,
+    quota: Option<u64>,
+    limits: &NamespaceLimits,
+    new: &NewTransfer<'_>,
+    counted: &mut Counted,
+) -> Result<(), TransferError> {
+    let counts = Counts {
+        usage: Usage {
+            committed_bytes: shared.committed_bytes,
+            committed_files: shared.committed_files,
+            open_bytes: shared.open_bytes.saturating_add(counted.reserved),
+            open_transfers: shared.open_transfers,
+            manifest_bytes: shared.manifest_bytes,
+            tree_inodes: store.open_usage()?.tree_inodes,
+        },
+        open_here: shared.this_transfer,
+        committed_here: shared.committed_here,
+    };
+    check(&counts, quota, limits, new)?;
+    counted.admitted = counted
+        .admitted
+        .saturating_add(new.size.saturating_add(new.record_bytes));
+    Ok(())
+}
+
+/// What admission reads of a namespace and of the offered path.
+struct Counts {
+    /// The namespace's usage, the offered path's open transfer included.
+    usage: Usage,
+    /// The open transfer at the offered path, which the new one replaces.
+    open_here: OpenAtPath,
+    /// The size of the file committed at the offered path, which the new one replaces.
+    committed_here: Option<u64>,
+}
+
+/// The limits and the quota against `counts`, with `new` replacing what is open or committed at its path.
+fn check(
+    counts: &Counts,
+    quota: Option<u64>,
+    limits: &NamespaceLimits,
+    new: &NewTransfer<'_>,
+) -> Result<(), TransferError> {
+    let (usage, open) = (&counts.usage, &counts.open_here);
+    let transfers = usage.open_transfers.saturating_sub(open.records) + 1;
     if transfers > limits.max_open_transfers {
         return Err(TransferError::refused(
             ErrorCode::TooManyTransfers,
             format!(
                 "this namespace already has {} open transfers, the limit is {}: finish them (ferry status \
                  --server lists them) or let them expire",
-                usage.open_transfers, limits.max_open_transfers
+                usage.open_transfers.saturating_sub(open.records),
+                limits.max_open_transfers
             ),
         ));
     }
-    let open_manifest = open.as_ref().map_or(0, |s| s.manifest_bytes);
     let manifests = usage
         .manifest_bytes
-        .saturating_sub(open_manifest)
+        .saturating_sub(open.manifest_bytes)
         .saturating_add(new.record_bytes);
     if manifests > limits.max_manifest_bytes {
         return Err(TransferError::refused(
@@ -163,12 +232,12 @@ pub(crate) fn admit(
             ),
         ));
     }
-    let committed = store.committed(new.path)?;
-    if committed.is_none() && open.is_none() && usage.entries() >= limits.max_entries {
+    if counts.committed_here.is_none() && open.records == 0 && usage.entries() >= limits.max_entries {
         return Err(over_entries(new.path, limits.max_entries));
     }
     if let Some(quota) = quota {
-        let replaced = committed.map_or(0, |f| f.size);
+        let replaced = counts.committed_here.unwrap_or(0);
+        let open_bytes = open.bytes.saturating_add(open.manifest_bytes);
         let after = usage
             .held_bytes()
             .saturating_sub(replaced.saturating_add(open_bytes))
@@ -177,9 +246,6 @@ pub(crate) fn admit(
             return Err(over_quota(new.path, new.size, after, quota));
         }
     }
-    counted.admitted = counted
-        .admitted
-        .saturating_add(new.size.saturating_add(new.record_bytes));
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
-use super::quota::{admit, NewTransfer};
+use super::quota::{admit, admit_shared, NewTransfer};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -563,7 +563,10 @@ pub(super) fn prepare(
             size: manifest.size,
             record_bytes: crate::wire::codec::encoded_record_len(&new_record),
         };
-        admit(store, ctx.quota, &ctx.limits, &new, &mut turn)?;
+        if let Err(refused) = admit_offer(ctx, path, &manifest, &new, &mut turn) {
+            volume.refused(key);
+            return Err(refused);
+        }
         let file = open()?;
         store.begin_encoded(
             key,
@@ -587,6 +590,26 @@ pub(super) fn prepare(
         writer,
         fresh: record.is_none(),
     })))
+}
+
+/// Admits the transfer `new` of `manifest` to `path` against the namespace's usage: as the volume records it
+/// when it does (a shared store: every server's files and open transfers), else as this receiver's store does.
+/// Call with the namespace's admission lock held (`turn`). Blocking.
+fn admit_offer(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    manifest: &Manifest,
+    new: &NewTransfer<'_>,
+    turn: &mut super::quota::Counted,
+) -> Result<(), TransferError> {
+    if ctx.quota.is_none() && ctx.limits == super::quota::NamespaceLimits::UNLIMITED {
+        return Ok(());
+    }
+    let with_committed = ctx.quota.is_some() || ctx.limits.max_entries != u64::MAX;
+    match ctx.volume.shared_usage(path, &manifest.id(), with_committed)? {
+        Some(shared) => admit_shared(&ctx.store, &shared, ctx.quota, &ctx.limits, new, turn),
+        None => admit(&ctx.store, ctx.quota, &ctx.limits, new, turn),
+    }
 }
 
 /// The chunks of `manifest` already in the partial: all received ones if the offer is unchanged, else those whose

@@ -53,6 +53,11 @@ impl TestServer {
         TestServer::spawn_env(root, "127.0.0.1:0", &[], None, env)
     }
 
+    /// A server with extra arguments and extra environment variables (which override the test process's own).
+    pub fn start_with_env(root: &Path, extra: &[&str], env: &[(&str, &str)]) -> TestServer {
+        TestServer::spawn_env(root, "127.0.0.1:0", extra, None, env)
+    }
+
     fn spawn(root: &Path, listen: &str, extra: &[&str], max_file: Option<u64>) -> TestServer {
         TestServer::spawn_env(root, listen, extra, max_file, &[])
     }

@@ -2,10 +2,12 @@
 //!
 //! Owns what the receiver keeps in an S3 bucket: [`layout`] is the bucket layout (keys, the objects' codecs and
 //! small typed request helpers), pure code over `object_store` with no knowledge of the engine; [`volume`] is the
-//! storage seam over it ([`ObjectVolume`]).
+//! storage seam over it ([`ObjectVolume`]); [`usage`] counts a namespace's files and open transfers from the bucket
+//! for quotas and limits.
 
 pub mod layout;
 pub mod s3;
+pub mod usage;
 pub mod volume;
 
 pub use s3::StoreSettings;

@@ -1,7 +1,10 @@
 //! `s3://BUCKET[/PREFIX]` and the `[store]` settings: building the S3 client (docs/object-store.md
-//! "Configuration"). Credentials come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, …, as
-//! `AmazonS3Builder::from_env` reads them), never from a flag or a message.
+//! "Configuration"). Credentials come from the files `[store] access_key_file` and `secret_key_file` name, else from
+//! the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, …, as `AmazonS3Builder::from_env` reads them);
+//! never from a flag, never inline in the configuration, and never in a message (errors name the file, not what it
+//! holds).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
@@ -37,6 +40,12 @@ pub struct StoreSettings {
     /// Rule C's wait, δ + the request timeout of gc's DELETEs (35 s; `ferry serve --gc-confirm-wait`, a hidden
     /// test knob, shortens it to match `ferry gc --gc-delta` against a local store).
     pub gc_confirm_wait: std::time::Duration,
+    /// The file holding the access key id (`[store] access_key_file`); else `AWS_ACCESS_KEY_ID`.
+    pub access_key_file: Option<PathBuf>,
+    /// The file holding the secret access key (`[store] secret_key_file`); else `AWS_SECRET_ACCESS_KEY`.
+    pub secret_key_file: Option<PathBuf>,
+    /// This server runs the object-store gc every `gc_interval` (`[store] gc = true`; one server per bucket).
+    pub gc: bool,
 }
 
 /// The store URL or settings cannot be used.
@@ -82,6 +91,9 @@ impl StoreSettings {
             min_chunk_size: ObjectOptions::default().min_chunk_size,
             gc_grace: ObjectOptions::default().grace,
             gc_confirm_wait: ObjectOptions::default().confirm_wait,
+            access_key_file: None,
+            secret_key_file: None,
+            gc: false,
         })
     }
 
@@ -121,6 +133,9 @@ impl StoreSettings {
         if let Some(allow) = self.allow_http {
             builder = builder.with_allow_http(allow);
         }
+        if let Some((key_id, secret)) = self.key_files()? {
+            builder = builder.with_access_key_id(key_id).with_secret_access_key(secret);
+        }
         let store = builder
             .build()
             .map_err(|e| StoreError::Build(layout::error_kind(&e).to_string()))?;
@@ -131,11 +146,48 @@ impl StoreSettings {
         })
     }
 
+    /// The access key id and secret from their files, if `[store]` names them (both, or neither: a key id from
+    /// a file with a secret from the environment is a mistake, not a fallback).
+    fn key_files(&self) -> Result<Option<(String, String)>, StoreError> {
+        match (&self.access_key_file, &self.secret_key_file) {
+            (None, None) => Ok(None),
+            (Some(id), Some(secret)) => {
+                crate::auth::warn_if_exposed(secret, "store.secret_key_file");
+                Ok(Some((
+                    read_key_file(id, "access_key_file")?,
+                    read_key_file(secret, "secret_key_file")?,
+                )))
+            }
+            _ => Err(StoreError::Setting(
+                "store.access_key_file and store.secret_key_file go together: give both or neither".into(),
+            )),
+        }
+    }
+
     /// The layout of namespace `name` under these settings' prefix.
     pub fn layout(&self, name: &str) -> Layout {
         Layout::new(&self.prefix, name)
     }
 }
+
+/// The one line of a key file, without surrounding whitespace. The error names the setting and the file, never
+/// what it holds.
+fn read_key_file(path: &Path, setting: &str) -> Result<String, StoreError> {
+    let failed = |why: &str| StoreError::Setting(format!("store.{setting} {}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| failed(&e.kind().to_string()))?;
+    if meta.len() > MAX_KEY_FILE {
+        return Err(failed("too large for a key"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| failed(&e.kind().to_string()))?;
+    let key = text.trim();
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(failed("expected one key on one line"));
+    }
+    Ok(key.to_string())
+}
+
+/// Largest key file read (keys are tens of bytes).
+const MAX_KEY_FILE: u64 = 4096;
 
 /// Writes the format marker at the store's root unless one is there: the first request a server makes, so
 /// wrong credentials or an unreachable endpoint fail the start, not the first push.
@@ -178,6 +230,29 @@ mod tests {
         s.min_chunk_size = 4096;
         s.parallel = 0;
         assert!(s.options().is_err());
+    }
+
+    #[test]
+    fn key_files_are_read_trimmed_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, secret) = (dir.path().join("id"), dir.path().join("secret"));
+        std::fs::write(&id, "GK0123\n").unwrap();
+        std::fs::write(&secret, "  s3cr3t-value\n").unwrap();
+        let mut s = StoreSettings::from_url("s3://ferry").unwrap();
+        assert_eq!(s.key_files().unwrap(), None);
+        s.access_key_file = Some(id.clone());
+        let alone = s.key_files().unwrap_err().to_string();
+        assert!(alone.contains("go together"), "{alone}");
+        s.secret_key_file = Some(secret.clone());
+        assert_eq!(
+            s.key_files().unwrap(),
+            Some(("GK0123".to_string(), "s3cr3t-value".to_string()))
+        );
+        std::fs::write(&secret, "two words\n").unwrap();
+        let bad = s.key_files().unwrap_err().to_string();
+        assert!(bad.contains("secret_key_file") && !bad.contains("two words"), "{bad}");
+        s.secret_key_file = Some(dir.path().join("missing"));
+        assert!(s.key_files().unwrap_err().to_string().contains("missing"));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +33,8 @@ use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet};
 use crate::storage::object_gc::{confirm_before_commit, GcSettings, ObjectGcError, SystemClock};
 use crate::storage::{
-    ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, ReadAt, StorageError, Volume,
+    ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, ReadAt, SharedUsage, StorageError,
+    Volume,
 };
 
 /// Chunk bytes a partial keeps for its digest follower and commit (the window's worth and more).
@@ -73,6 +74,8 @@ pub struct ObjectVolume {
     shared: Arc<Shared>,
     /// Open transfers of this process, by key.
     open: Mutex<HashMap<String, Arc<Transfer>>>,
+    /// The namespace's files and open transfers as the bucket records them (quotas and limits).
+    usage: super::usage::UsageCache,
 }
 
 impl std::fmt::Debug for ObjectVolume {
@@ -126,6 +129,14 @@ struct Transfer {
     /// The chunks this process relied on by rule R (b) (journaled) or (c) (listed young), or PUT, with when it saw
     /// or stored them: what rule C confirms.
     relied: Mutex<Vec<(Hash, SystemTime)>>,
+    /// This process PUT the record (it was not adopted from the bucket).
+    recorded_here: bool,
+    /// Bytes received over the wire by every server, as the journal said when this process last read it.
+    received_before: AtomicU64,
+    /// Bytes this process journaled as received since then.
+    received_since: AtomicU64,
+    /// Set once this process journaled received bytes.
+    received_any: AtomicBool,
 }
 
 impl Transfer {
@@ -170,6 +181,7 @@ impl ObjectVolume {
                 seq: AtomicU64::new(0),
             }),
             open: Mutex::new(HashMap::new()),
+            usage: Default::default(),
         }
     }
 
@@ -206,6 +218,7 @@ impl ObjectVolume {
             }
             Ok(None)
         })?;
+        let recorded_here = adopted.is_none();
         let (tid, record_created) = match adopted {
             Some((tid, created)) => {
                 tracing::info!(path = %path, transfer = %tid, "adopting an open transfer from the bucket");
@@ -234,6 +247,10 @@ impl ObjectVolume {
             meta: Mutex::new((manifest.mode, manifest.mtime)),
             record_created,
             relied: Mutex::new(Vec::new()),
+            recorded_here,
+            received_before: AtomicU64::new(0),
+            received_since: AtomicU64::new(0),
+            received_any: AtomicBool::new(false),
         });
         self.open
             .lock()
@@ -252,6 +269,8 @@ impl ObjectVolume {
         let (store, layout) = (&*shared.store, &shared.layout);
         let entries = shared.block_on(layout::read_journal(store, layout, transfer.id))?;
         let union = journal_union(manifest, &entries);
+        transfer.received_before.store(union.received_bytes, Ordering::Relaxed);
+        transfer.received_since.store(0, Ordering::Relaxed);
         let mut chunks = union.chunks;
         let journaled = chunks.present();
         // Rule R (b): relied on because journaled; rule C confirms them at the commit.
@@ -699,6 +718,45 @@ impl Volume for ObjectVolume {
         Ok(Some((listed.into_iter().take(max).collect(), total)))
     }
 
+    fn shared_usage(
+        &self,
+        path: &RemotePath,
+        manifest_id: &Hash,
+        with_committed: bool,
+    ) -> Result<Option<SharedUsage>, StorageError> {
+        let shared = &self.shared;
+        let usage = self
+            .usage
+            .usage(&*shared.store, &shared.layout, path, manifest_id, with_committed);
+        Ok(Some(shared.block_on(usage)?))
+    }
+
+    /// Drops the record this process PUT for `key` moments ago (with the journal entry of what it relied on),
+    /// unless bytes were received for it: a refused offer leaves nothing that counts against later ones.
+    fn refused(&self, key: &str) {
+        let Some(transfer) = self.open.lock().expect("open map").remove(key) else {
+            return;
+        };
+        let received =
+            transfer.received_before.load(Ordering::Relaxed) > 0 || transfer.received_any.load(Ordering::Relaxed);
+        if !transfer.recorded_here || received {
+            return;
+        }
+        let (store, layout) = (&*self.shared.store, &self.shared.layout);
+        if let Err(e) = self
+            .shared
+            .block_on(layout::delete_transfer(store, layout, transfer.path, transfer.id))
+        {
+            tracing::warn!(key, error = %e, "the refused transfer's record stays until gc expires it");
+        }
+    }
+
+    fn received_by_group(&self, key: &str) -> Option<u64> {
+        let transfer = self.open.lock().expect("open map").get(key).cloned()?;
+        let before = transfer.received_before.load(Ordering::Relaxed);
+        Some(before.saturating_add(transfer.received_since.load(Ordering::Relaxed)))
+    }
+
     fn for_namespace(&self, name: &str) -> Option<Arc<dyn Volume>> {
         let s = &self.shared;
         let volume = Self::with_server(s.handle.clone(), s.store.clone(), &s.prefix, name, s.options, s.server);
@@ -735,7 +793,8 @@ impl Volume for ObjectVolume {
         let file = layout.file(path).map_err(StorageError::Layout)?;
         self.confirm(key, &transfer)?;
         // The commit: one PUT; readers see the old entry or this one. Then the transfer is finished.
-        shared.block_on(layout::put(store, &file, entry.encode().into()))?;
+        let put = shared.block_on(layout::put(store, &file, entry.encode().into()))?;
+        self.usage.note_commit(file, transfer.manifest.size, put.e_tag);
         if let Err(e) = shared.block_on(layout::delete_transfer(store, layout, transfer.path, transfer.id)) {
             tracing::warn!(path = %path, error = %e, "committed, but the transfer's record stays until the next offer or gc");
         }
@@ -1030,7 +1089,10 @@ impl PartialFile for ObjectPartial {
             server: self.shared.server,
             retract: false,
         };
-        put_journal(&self.shared, self.transfer.id, &entry)
+        put_journal(&self.shared, self.transfer.id, &entry)?;
+        self.transfer.received_since.fetch_add(bytes, Ordering::Relaxed);
+        self.transfer.received_any.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn sync_all(&self) -> io::Result<()> {
