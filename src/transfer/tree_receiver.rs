@@ -55,14 +55,6 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    if !ctx.volume.holds_trees() {
-        // Never into the local TreeVolume: the files would land beside a store that does not know them.
-        let why = format!(
-            "{}: this server keeps files in an object store, which does not hold trees yet; push the files one by one",
-            offer.path
-        );
-        return Err(TransferError::refused(ErrorCode::BadPath, why));
-    }
     let mut tree = validate(offer, base.as_ref(), ctx.limits.max_tree_entries.min(MAX_TREE_ENTRIES))?;
     for entry in &mut tree.offer.entries {
         if let EntryKind::File { mode, .. } | EntryKind::Dir { mode, .. } = &mut entry.kind {
@@ -371,6 +363,11 @@ fn unchanged(ctx: &ReceiverContext, key: &RemotePath, entry: &TreeEntry) -> Resu
     else {
         return Ok(false);
     };
+    if ctx.trees.keeps_records() {
+        // A shared store: the bucket's manifest object is the record (this server's may be empty or stale).
+        let stored = ctx.trees.stored_file(key);
+        return Ok(stored.is_some_and(|f| f.size == size && f.digest == digest && f.mtime == mtime));
+    }
     let Some(done) = ctx.store.committed(key.as_str())? else {
         return Ok(false);
     };
