@@ -252,3 +252,28 @@ fn a_tree_copied_out_of_the_bucket_has_every_entry_with_its_metadata() {
     names.sort();
     assert_eq!(names, ["mid.bin", "sub/a.txt"]);
 }
+
+/// Rule R's basis for a tree's chunks: from before the first chunk is relied on or PUT until the manifest objects
+/// are, a batch record under `open/` names them, so a gc that marks meanwhile keeps them.
+#[test]
+fn a_batch_record_names_the_chunks_before_their_manifests_are_put() {
+    use crate::storage::object_gc::{ManifestReferences, References};
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let t = trees(&rt, &store, Duration::from_secs(3600));
+    let mid = bytes(100 * 1024, 9);
+    let staged = t.stage(&path("a.bin"), &mid, 0o644, WHEN).unwrap();
+    let pending = t.pending.lock().unwrap().remove(&staged_id(&staged).unwrap()).unwrap();
+    let batch = [(0usize, path("a.bin"), pending)];
+    let chunked: Vec<_> = batch.iter().collect();
+    rt.block_on(t.store_chunks(&chunked)).unwrap();
+
+    assert_eq!(keys(&rt, &store, "chunks").len(), 1);
+    assert!(keys(&rt, &store, "files").is_empty(), "nothing committed yet");
+    let open = keys(&rt, &store, "open");
+    assert_eq!(open.len(), 1, "{open:?}");
+    let key = Path::from(open[0].as_str());
+    let record = rt.block_on(layout::get(&*store, &key, layout::MAX_MANIFEST_OBJECT)).unwrap().unwrap();
+    let named = ManifestReferences.chunks(&key, &record.bytes).unwrap();
+    assert_eq!(named, [*blake3::hash(&mid).as_bytes()], "gc's mark keeps the chunk");
+}
