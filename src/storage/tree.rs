@@ -113,6 +113,11 @@ pub trait TreeVolume: Send + Sync + Debug {
         None
     }
 
+    /// [`TreeVolume::stored_file`] of every key of `keys`, in order (a store with slow round trips asks at once).
+    fn stored_files(&self, keys: &[RemotePath]) -> Vec<Option<StoredFile>> {
+        keys.iter().map(|key| self.stored_file(key)).collect()
+    }
+
     /// `--delete` done by the volume itself: removes every entry under the tree directory `base` that `held` does
     /// not know (`held(path)` is `Some(true)` for a directory of the tree, `Some(false)` for another entry, whose
     /// insides are left alone), never anything outside `base`. `None` (the default): the caller walks the

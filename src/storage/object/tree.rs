@@ -160,6 +160,11 @@ impl ObjectTrees {
     /// symlink at its name.
     async fn file_blocked(&self, path: &RemotePath, seen: &mut HashMap<String, bool>) -> Result<(), Blocked> {
         self.check_parents(path, seen).await?;
+        self.name_free(path).await
+    }
+
+    /// Refuses a file at `path` when a directory or a symlink is there.
+    async fn name_free(&self, path: &RemotePath) -> Result<(), Blocked> {
         match self.entry(path).await? {
             Some(EntryKind::Dir { .. }) => Err(Blocked::Refused(format!("{path} is a directory"))),
             Some(EntryKind::Symlink { .. }) => Err(Blocked::Refused(format!("{path} is a symlink"))),
@@ -224,21 +229,34 @@ impl ObjectTrees {
 
     /// Settles a batch (module docs, steps 1–4): one result per file, in order.
     async fn settle_batch(&self, files: Vec<(RemotePath, Option<Pending>)>) -> Result<Vec<Settled>, ObjectError> {
+        // Parents once each per batch, in order (few: a batch shares directories); then every name at once.
         let mut seen = HashMap::new();
+        let mut parents = Vec::with_capacity(files.len());
+        for (key, pending) in &files {
+            parents.push(match pending {
+                Some(_) => self.check_parents(key, &mut seen).await,
+                None => Err(Blocked::Refused(format!("the staged bytes of {key} are gone"))),
+            });
+        }
+        let checks = files.iter().zip(parents).map(|((key, _), parents)| async move {
+            parents?;
+            self.name_free(key).await
+        });
+        let checked: Vec<Result<(), Blocked>> = futures_util::stream::iter(checks)
+            .buffered(self.options.parallel.max(1))
+            .collect()
+            .await;
         let mut results: Vec<Settled> = Vec::with_capacity(files.len());
         let mut placing: Vec<(usize, RemotePath, Pending)> = Vec::new();
-        for (i, (key, pending)) in files.into_iter().enumerate() {
-            let Some(pending) = pending else {
-                results.push(Err(format!("the staged bytes of {key} are gone")));
-                continue;
-            };
-            match self.file_blocked(&key, &mut seen).await {
-                Ok(()) => {
+        for (i, ((key, pending), check)) in files.into_iter().zip(checked).enumerate() {
+            match (check, pending) {
+                (Ok(()), Some(pending)) => {
                     results.push(Ok(identity_of(&pending.manifest)));
                     placing.push((i, key, pending));
                 }
-                Err(Blocked::Refused(why)) => results.push(Err(why)),
-                Err(Blocked::Store(e)) => return Err(e),
+                (Err(Blocked::Store(e)), _) => return Err(e),
+                (Err(Blocked::Refused(why)), _) => results.push(Err(why)),
+                (Ok(()), None) => results.push(Err(format!("the staged bytes of {key} are gone"))),
             }
         }
         let chunked: Vec<&(usize, RemotePath, Pending)> = placing
@@ -526,6 +544,22 @@ impl TreeVolume for ObjectTrees {
             digest: m.digest,
             mtime: m.mtime,
         })
+    }
+
+    fn stored_files(&self, keys: &[RemotePath]) -> Vec<Option<StoredFile>> {
+        let reads = keys.iter().map(|key| async move {
+            match self.entry(key).await {
+                Ok(Some(EntryKind::File { manifest, .. })) => Some(StoredFile {
+                    size: manifest.size,
+                    digest: manifest.digest,
+                    mtime: manifest.mtime,
+                }),
+                // Unreadable counts as not there: the file is sent again, never skipped.
+                _ => None,
+            }
+        });
+        let stream = futures_util::stream::iter(reads).buffered(self.options.parallel.max(1));
+        self.handle.block_on(stream.collect())
     }
 
     fn prune_beyond(&self, base: &RemotePath, held: &dyn Fn(&str) -> Option<bool>) -> Option<io::Result<Pruned>> {

@@ -273,7 +273,10 @@ fn a_batch_record_names_the_chunks_before_their_manifests_are_put() {
     let open = keys(&rt, &store, "open");
     assert_eq!(open.len(), 1, "{open:?}");
     let key = Path::from(open[0].as_str());
-    let record = rt.block_on(layout::get(&*store, &key, layout::MAX_MANIFEST_OBJECT)).unwrap().unwrap();
+    let record = rt
+        .block_on(layout::get(&*store, &key, layout::MAX_MANIFEST_OBJECT))
+        .unwrap()
+        .unwrap();
     let named = ManifestReferences.chunks(&key, &record.bytes).unwrap();
     assert_eq!(named, [*blake3::hash(&mid).as_bytes()], "gc's mark keeps the chunk");
 }
