@@ -195,6 +195,20 @@ async fn committed_files(url: &str) -> std::collections::BTreeMap<String, u64> {
     found
 }
 
+/// The chunks the committed entries name as chunk objects (an inline file's bytes are in its manifest object).
+async fn chunked_named(url: &str) -> HashSet<[u8; 32]> {
+    let settings = StoreSettings::from_url(url).unwrap();
+    let (store, layout): (_, Layout) = (settings.build().unwrap(), settings.layout(""));
+    let mut named = HashSet::new();
+    for meta in layout::list(&*store, &layout.files()).await.unwrap() {
+        let entry = layout::get_entry(&*store, &meta.location).await.unwrap().unwrap();
+        if let layout::EntryKind::File { manifest, inline: None } = entry.entry.kind {
+            named.extend(manifest.chunks.iter().map(|c| c.hash));
+        }
+    }
+    named
+}
+
 /// Keys of the bucket under `what` (`open`, `journal`, `chunks`, `files`) of the root namespace.
 async fn keys_under(url: &str, what: &str) -> Vec<String> {
     let settings = StoreSettings::from_url(url).unwrap();
@@ -218,8 +232,8 @@ fn s3_tree(src: &Path) -> u64 {
     total + (200 << 10)
 }
 
-/// Issue 15: a tree pushed through server A lands in the bucket (nothing under A's local root), pulls through
-/// server B equal byte for byte with modes, mtimes, empty directories and the symlink; a re-push through B with a
+/// Issue 15: a tree pushed through server A lands in the bucket (nothing under A's local root), survives a gc,
+/// pulls through server B equal byte for byte with modes, mtimes, empty directories and the symlink; a re-push through B with a
 /// fresh client state sends nothing and skips every file (unchanged, from the bucket); no open record is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_tree_round_trip_two_servers() {
@@ -251,6 +265,15 @@ async fn s3_tree_round_trip_two_servers() {
     let stored = committed_files(&url).await;
     assert_eq!(stored.get("backups/home/d1/mid.bin"), Some(&(200 << 10)), "{stored:?}");
 
+    // gc once the tree's chunks are older than the grace period: its manifest objects (inline, chunked, Dir,
+    // Symlink) keep every chunk the tree names.
+    std::thread::sleep(PAST_GRACE);
+    assert_eq!(gc(&url)["status"], "ok");
+    let (stored, named) = (stored_and_named(&url).await.0, chunked_named(&url).await);
+    assert!(
+        !named.is_empty() && named.is_subset(&stored),
+        "gc kept every chunk the tree names"
+    );
     let restore = dir.path().join("restore");
     let pulled = pull(
         &b.url("backups/home"),
