@@ -12,7 +12,7 @@ use crate::util::*;
 
 /// Builds a tree of `small` files (1 B..64 KiB, nested three deep) plus `large` files of 3 MiB, an empty
 /// directory, an empty file, and a symlink inside the tree. Returns the total file bytes.
-fn make_tree(dir: &Path, small: usize, large: usize, seed: u64) -> u64 {
+pub(crate) fn make_tree(dir: &Path, small: usize, large: usize, seed: u64) -> u64 {
     let mut total = 0;
     for i in 0..small {
         let sub = dir.join(format!("d{}/s{}", i % 7, i % 3));
@@ -51,7 +51,7 @@ fn make_tree(dir: &Path, small: usize, large: usize, seed: u64) -> u64 {
 
 /// Asserts that `copy` holds exactly the tree at `original`: same entries, kinds, content, permission bits, file
 /// mtimes and symlink targets.
-fn assert_same_tree(original: &Path, copy: &Path) {
+pub(crate) fn assert_same_tree(original: &Path, copy: &Path) {
     let list = |root: &Path| {
         let mut out = Vec::new();
         let mut pending = vec![root.to_path_buf()];
@@ -105,7 +105,7 @@ fn assert_same_tree(original: &Path, copy: &Path) {
     }
 }
 
-const LINKS: [&str; 2] = ["--links", "record"];
+pub(crate) const LINKS: [&str; 2] = ["--links", "record"];
 
 /// Regular files under `original` that `copy` holds with the same content: their count and bytes.
 fn files_matching(original: &Path, copy: &Path) -> (u64, u64) {

@@ -168,13 +168,14 @@ fn namespace_context(
         (root, namespace_partial_dir(&base.partial_dir, name))
     };
     create_dir(&partial_dir)?;
+    // Its own volume, never the base's: a namespace's files live only under its own directory (or prefix).
+    let volume = (base.volume.for_namespace(name))
+        .unwrap_or_else(|| crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone()));
+    let trees = (volume.tree_volume())
+        .unwrap_or_else(|| crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()));
     Ok(ReceiverContext {
-        // Its own volume, never the base's: a namespace's files live only under its own directory.
-        volume: base
-            .volume
-            .for_namespace(name)
-            .unwrap_or_else(|| crate::storage::LocalVolume::shared(root.clone(), partial_dir.clone())),
-        trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
+        volume,
+        trees,
         root,
         partial_dir,
         store: ReceiverStore::open_scoped(store, name)?,

@@ -242,9 +242,11 @@ impl Server {
                 None,
             ),
         };
+        let trees = (volume.tree_volume())
+            .unwrap_or_else(|| crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()));
         let receiver = ReceiverContext {
             volume,
-            trees: crate::storage::LocalVolume::shared_tree(root.clone(), partial_dir.clone()),
+            trees,
             root,
             partial_dir,
             store: ReceiverStore::open(&store)?,

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::path::{hide_root, RemotePath};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
-use crate::storage::Volume;
+use crate::storage::{TreeCopy, Volume};
 use crate::transfer::receiver::ReceiverContext;
 use crate::transfer::sender::{send, SendOptions, SendStats, Source};
 use crate::transfer::tree_sender::{send_tree, TreeSource};
@@ -16,21 +16,31 @@ use crate::transfer::{with_keepalive, TransferError};
 use crate::tree::scan_beneath;
 use crate::wire::{Connection, ErrorCode, Pull, PullKind};
 
-/// The file committed at `path` in a volume that is not a directory (an object store): a verified local copy,
-/// offered with the manifest it was committed with (proto-spec.md §11: never rehashed).
-fn committed_in_store(volume: &dyn Volume, path: &RemotePath, expect: PullKind) -> Result<PullSource, TransferError> {
-    if !expect.accepts(false) {
-        let why = format!("{path} is a file; trees are not pulled from an object store yet");
-        return Err(TransferError::refused(ErrorCode::WrongKind, why));
+/// What a Pull names: a source as a local volume finds it, or a tree copied out of a store that is not a directory.
+enum Found {
+    Local(PullSource),
+    Stored(TreeCopy),
+}
+
+/// The file or tree committed at `path` in a volume that is not a directory (an object store): a verified local
+/// copy, offered with the manifests it was committed with (proto-spec.md §11: never rehashed).
+fn committed_in_store(volume: &dyn Volume, path: &RemotePath, expect: PullKind) -> Result<Found, TransferError> {
+    let wrong_kind = |what: &str| TransferError::refused(ErrorCode::WrongKind, format!("{path} is {what}"));
+    if let Some(copy) = volume.committed_tree(path)? {
+        return match expect.accepts(true) {
+            true => Ok(Found::Stored(copy)),
+            false => Err(wrong_kind("a directory")),
+        };
     }
     match volume.committed_copy(path)? {
-        Some((file, manifest)) => Ok(PullSource::File {
+        Some(_) if !expect.accepts(false) => Err(wrong_kind("a file")),
+        Some((file, manifest)) => Ok(Found::Local(PullSource::File {
             source: Source {
                 file: Arc::new(file),
                 manifest: Arc::new(manifest),
             },
             committed: true,
-        }),
+        })),
         None => Err(TransferError::refused(
             ErrorCode::NotFound,
             format!("no file is committed at {path}"),
@@ -62,7 +72,7 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
             if volume.needs_whole_manifest() {
                 return committed_in_store(&*volume, &path, expect);
             }
-            open_for_pull(&root, &path, &receiver, &sender, pull.chunking, expect)
+            open_for_pull(&root, &path, &receiver, &sender, pull.chunking, expect).map(Found::Local)
         })
         .await?
     };
@@ -77,36 +87,34 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
     let mut stats = SendStats::default();
     let mut ignore = |_| {};
     let (source, committed) = match found {
-        PullSource::File { source, committed } => (source, committed),
-        PullSource::Dir => {
-            let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
-            let (receiver, prefix, root, within) =
-                (ctx.store.clone(), path.to_string(), ctx.root.clone(), path.clone());
-            let tree = with_keepalive(conn, idle, move || {
-                // Files this server committed are described by their verified manifests, never rehashed.
-                let lookup = |rel: &str, meta: &std::fs::Metadata| {
-                    committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
-                };
-                // Walked from the namespace root without following symlinks; messages name namespace paths only.
-                scan_beneath(&root, Some(&within), links, &sender, spec, Some(&lookup))
-                    .map_err(|e| TransferError::refused(ErrorCode::Internal, hide_root(&root, &e.to_string())))
-            })
-            .await?;
-            let receiver = &ctx.store;
-            let recorded = |rel: &str| {
-                let key = format!("{path}/{rel}");
-                receiver.committed_manifest(&key).ok().flatten()
+        Found::Local(PullSource::File { source, committed }) => (source, committed),
+        Found::Local(PullSource::Dir) => {
+            let (receiver, prefix) = (ctx.store.clone(), path.to_string());
+            // Files this server committed are described by their verified manifests, never rehashed.
+            let lookup = move |rel: &str, meta: &std::fs::Metadata| {
+                committed_if_unchanged(&receiver, &format!("{prefix}/{rel}"), meta)
             };
-            let source = TreeSource {
-                tree: &tree,
-                store: &shared.sender,
-                spec,
-                committed: Some(&recorded),
+            let receiver = ctx.store.clone();
+            let recorded = |rel: &str| receiver.committed_manifest(&format!("{path}/{rel}")).ok().flatten();
+            let walk = Walk {
+                base: ctx.root.clone(),
+                lookup: Arc::new(lookup),
             };
-            return tokio::select! {
-                sent = send_tree(conn, path.as_str(), &source, &opts, &mut stats, &mut ignore) => sent.map(|_| ()),
-                _ = stop.cancelled() => Err(TransferError::ShuttingDown),
+            return send_dir(conn, shared, &pull, &path, walk, &recorded, &opts, stop).await;
+        }
+        Found::Stored(TreeCopy { dir, manifests }) => {
+            let manifests = Arc::new(manifests);
+            let known = manifests.clone();
+            let lookup =
+                move |rel: &str, meta: &std::fs::Metadata| known.get(rel).filter(|m| m.size == meta.len()).cloned();
+            let recorded = |rel: &str| manifests.get(rel).cloned();
+            let walk = Walk {
+                base: dir.path().to_path_buf(),
+                lookup: Arc::new(lookup),
             };
+            let sent = send_dir(conn, shared, &pull, &path, walk, &recorded, &opts, stop).await;
+            drop(dir);
+            return sent;
         }
     };
     let sent = tokio::select! {
@@ -119,5 +127,50 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
             "{path} is damaged on the server: {why} (it was verified when committed)"
         ))),
         Err(e) => Err(e),
+    }
+}
+
+/// Where a tree to send is walked from, and the committed manifests its files were stored with.
+struct Walk {
+    /// The directory the tree's path is below (the namespace root, or a copy's temporary directory).
+    base: std::path::PathBuf,
+    /// The committed manifest of a file, by its path in the tree and its metadata now.
+    lookup: Arc<Lookup>,
+}
+
+/// The committed manifest of a file by its path in the tree and its metadata now.
+type Lookup = dyn Fn(&str, &std::fs::Metadata) -> Option<crate::manifest::Manifest> + Send + Sync;
+
+/// Walks the tree at `path` below `walk.base` (never following a symlink) and sends what the client needs.
+#[allow(clippy::too_many_arguments)]
+async fn send_dir<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    shared: &Shared,
+    pull: &Pull,
+    path: &RemotePath,
+    walk: Walk,
+    recorded: &(dyn Fn(&str) -> Option<crate::manifest::Manifest> + Sync),
+    opts: &SendOptions,
+    stop: &CancellationToken,
+) -> Result<(), TransferError> {
+    let (sender, links, spec) = (shared.sender.clone(), pull.links, pull.chunking);
+    let within = path.clone();
+    let tree = with_keepalive(conn, opts.io_timeout, move || {
+        let lookup = &*walk.lookup;
+        // Walked from the base without following symlinks; messages name namespace paths only.
+        scan_beneath(&walk.base, Some(&within), links, &sender, spec, Some(&lookup))
+            .map_err(|e| TransferError::refused(ErrorCode::Internal, hide_root(&walk.base, &e.to_string())))
+    })
+    .await?;
+    let source = TreeSource {
+        tree: &tree,
+        store: &shared.sender,
+        spec,
+        committed: Some(recorded),
+    };
+    let (mut stats, mut ignore) = (SendStats::default(), |_| {});
+    tokio::select! {
+        sent = send_tree(conn, path.as_str(), &source, opts, &mut stats, &mut ignore) => sent.map(|_| ()),
+        _ = stop.cancelled() => Err(TransferError::ShuttingDown),
     }
 }

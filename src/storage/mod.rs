@@ -41,7 +41,7 @@ use crate::ranges::ChunkSet;
 pub use local::LocalVolume;
 #[cfg(test)]
 pub(crate) use local_tree::set_dir_metadata_with;
-pub use tree::{Settled, Staged, TreeVolume};
+pub use tree::{Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
 
 /// Positional reads, for the digest follower, the commit's verification and reuse.
 pub trait ReadAt: Send + Sync {
@@ -267,11 +267,18 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Whether the tree receiver may place a tree's small files, directories and symlinks beside this volume's
-    /// files (through the context's [`TreeVolume`]). True by default; false for a store whose trees are not built
-    /// (an object store), where a tree offer is refused before anything is written instead of landing elsewhere.
-    fn holds_trees(&self) -> bool {
-        true
+    /// The tree receiver's storage beside this volume, when it lives in the same store (an object store's
+    /// [`object::ObjectTrees`]); `None` by default, and the server builds a local one over the root.
+    fn tree_volume(&self) -> Option<Arc<dyn TreeVolume>> {
+        None
+    }
+
+    /// The tree committed at `path` as a local, verified copy, for a volume whose files are not local files (a
+    /// pull from an object store); `None` when no directory is there. `None` by default: a local volume's trees
+    /// are walked where they are.
+    fn committed_tree(&self, path: &RemotePath) -> Result<Option<TreeCopy>, StorageError> {
+        let _ = path;
+        Ok(None)
     }
 
     /// The volume of namespace `name` when it lives in the same store as this one (an object store: one prefix

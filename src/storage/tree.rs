@@ -9,13 +9,15 @@
 //! record), paid once per batch instead of once per file.
 //!
 //! Implementations: [`super::LocalVolume`] (temporaries in the partial directory, one `syncfs` per batch, renames
-//! through directory descriptors: `local_tree.rs`).
+//! through directory descriptors: `local_tree.rs`), and `object::ObjectTrees` (bytes held in memory until the batch's
+//! PUTs: `object/tree.rs`), which also records what it commits ([`TreeVolume::keeps_records`]) and prunes itself
+//! ([`TreeVolume::prune_beyond`]).
 
 use std::fmt::Debug;
 use std::io;
 
 use super::Identity;
-use crate::manifest::FileTime;
+use crate::manifest::{FileTime, Hash, Manifest};
 use crate::path::RemotePath;
 
 /// A small file written where it is not yet visible under its name, as [`TreeVolume::stage`] returns it.
@@ -25,6 +27,37 @@ pub struct Staged {
     pub location: String,
     /// What was written: the file the final name must hold after [`TreeVolume::settle`].
     pub identity: Identity,
+}
+
+/// A file committed in a volume that records its files itself ([`TreeVolume::stored_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Length in bytes.
+    pub size: u64,
+    /// Whole-file BLAKE3 digest.
+    pub digest: Hash,
+    /// Modification time.
+    pub mtime: FileTime,
+}
+
+/// What [`TreeVolume::prune_beyond`] removed, and what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Removed entries, relative to the tree's directory, each after what it contained.
+    pub removed: Vec<String>,
+    /// Entries that could not be removed, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A committed tree copied out of a volume whose files are not local files (a pull from an object store): the
+/// copy lives in `dir` at the tree's own path below it, and `manifests` holds each file's committed manifest by its
+/// path in the tree (so nothing is rehashed). Removed when dropped.
+#[derive(Debug)]
+pub struct TreeCopy {
+    /// The temporary directory holding the copy under the tree's path.
+    pub dir: tempfile::TempDir,
+    /// The committed manifest of each file, by its path relative to the tree.
+    pub manifests: std::collections::HashMap<String, Manifest>,
 }
 
 /// What [`TreeVolume::settle`] did with one staged file: placed (its identity, as the store records it), or
@@ -67,4 +100,30 @@ pub trait TreeVolume: Send + Sync + Debug {
     /// Removes the partial of a transfer that a whole file replaced (`location` as the store recorded it); best
     /// effort, a leftover is expired later.
     fn remove_partial(&self, location: &str);
+
+    /// Whether this volume itself records the files it holds ([`TreeVolume::stored_file`] is the truth, a shared
+    /// store's), rather than the receiver's store records (a local disk). False by default.
+    fn keeps_records(&self) -> bool {
+        false
+    }
+
+    /// The file committed at `key`, as this volume records it (only when [`TreeVolume::keeps_records`]).
+    fn stored_file(&self, key: &RemotePath) -> Option<StoredFile> {
+        let _ = key;
+        None
+    }
+
+    /// [`TreeVolume::stored_file`] of every key of `keys`, in order (a store with slow round trips asks at once).
+    fn stored_files(&self, keys: &[RemotePath]) -> Vec<Option<StoredFile>> {
+        keys.iter().map(|key| self.stored_file(key)).collect()
+    }
+
+    /// `--delete` done by the volume itself: removes every entry under the tree directory `base` that `held` does
+    /// not know (`held(path)` is `Some(true)` for a directory of the tree, `Some(false)` for another entry, whose
+    /// insides are left alone), never anything outside `base`. `None` (the default): the caller walks the
+    /// directory itself.
+    fn prune_beyond(&self, base: &RemotePath, held: &dyn Fn(&str) -> Option<bool>) -> Option<io::Result<Pruned>> {
+        let _ = (base, held);
+        None
+    }
 }

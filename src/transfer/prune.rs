@@ -25,6 +25,7 @@ use super::{send_within, with_keepalive, TransferError};
 use crate::path::{
     entry_at, is_temp_name, kind_at, list_dir, open_dir_beneath, Entry, Kind, PathError, RemotePath, RESERVED_DIR,
 };
+use crate::storage::TreeVolume;
 use crate::store::ReceiverStore;
 use crate::wire::{Connection, EntryKind, ErrorCode, Message, PruneFailure, TreeEntry, TreePrune, TreePruned};
 
@@ -98,6 +99,31 @@ pub fn prune(
     Ok(walker.report)
 }
 
+/// [`prune`] done by a volume that prunes itself ([`TreeVolume::prune_beyond`]: an object store), or `None`.
+fn prune_in_volume(
+    trees: &dyn TreeVolume,
+    base: &RemotePath,
+    entries: &[TreeEntry],
+    removed_file: &mut dyn FnMut(&str),
+) -> Option<io::Result<PruneReport>> {
+    let held: HashMap<&str, bool> = entries
+        .iter()
+        .map(|e| (e.path.as_str(), matches!(e.kind, EntryKind::Dir { .. })))
+        .collect();
+    let pruned = trees.prune_beyond(base, &|path| held.get(path).copied())?;
+    Some(pruned.map(|pruned| {
+        let mut report = PruneReport::default();
+        for path in pruned.removed {
+            removed_file(&path);
+            report.removed(path);
+        }
+        for (path, why) in pruned.failed {
+            report.failed(path, why);
+        }
+        report
+    }))
+}
+
 /// Serves a TreePrune (proto-spec.md §12, "Deleting"): `tree` is the tree this connection committed last, its
 /// directory and entries; the request must name that directory. Answers TreePruned. Logs every removal.
 pub async fn serve_prune<S: AsyncRead + AsyncWrite + Unpin>(
@@ -112,14 +138,19 @@ pub async fn serve_prune<S: AsyncRead + AsyncWrite + Unpin>(
             state: "not right after the TreeCommitted of the tree it names",
         });
     };
-    let (root, store) = (ctx.root.clone(), ctx.store.clone());
+    let (root, store, trees) = (ctx.root.clone(), ctx.store.clone(), ctx.trees.clone());
     let shown = base.to_string();
     let report = with_keepalive(conn, ctx.idle_timeout, move || {
         let components: Vec<&str> = base.as_str().split('/').collect();
         let mut forget = Forget::new(&store, format!("{base}/"));
-        let report = prune(&root, &components, &entries, &mut |path| forget.file(path));
+        let in_volume = prune_in_volume(&*trees, &base, &entries, &mut |path| forget.file(path));
+        let report = match in_volume {
+            Some(report) => report.map_err(TransferError::Storage),
+            None => prune(&root, &components, &entries, &mut |path| forget.file(path))
+                .map_err(|e| TransferError::refused(ErrorCode::BadPath, e)),
+        };
         forget.flush();
-        report.map_err(|e| TransferError::refused(ErrorCode::BadPath, e))
+        report
     })
     .await?;
     for path in &report.removed {

@@ -19,7 +19,7 @@ use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BAT
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::path::{link_walk, RemotePath};
 use crate::ranges::encode_runs;
-use crate::storage::TreeVolume;
+use crate::storage::{StoredFile, TreeVolume};
 use crate::tree::LinkPolicy;
 use crate::wire::{
     Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeFailure, TreeNeed,
@@ -55,14 +55,6 @@ pub async fn receive_tree<S: AsyncRead + AsyncWrite + Unpin>(
     links: LinkPolicy,
     stop: &CancellationToken,
 ) -> Result<TreeReceived, TransferError> {
-    if !ctx.volume.holds_trees() {
-        // Never into the local TreeVolume: the files would land beside a store that does not know them.
-        let why = format!(
-            "{}: this server keeps files in an object store, which does not hold trees yet; push the files one by one",
-            offer.path
-        );
-        return Err(TransferError::refused(ErrorCode::BadPath, why));
-    }
     let mut tree = validate(offer, base.as_ref(), ctx.limits.max_tree_entries.min(MAX_TREE_ENTRIES))?;
     for entry in &mut tree.offer.entries {
         if let EntryKind::File { mode, .. } | EntryKind::Dir { mode, .. } = &mut entry.kind {
@@ -227,12 +219,13 @@ fn plan(
     let mut entries = limited
         .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries))
         .transpose()?;
+    let stored = stored_files(ctx, tree);
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
         // What placing the entry creates counts against the namespace's entry budget (unchanged files create
         // nothing, and cost nothing).
         let is_unchanged = match entry.kind {
-            EntryKind::File { size, .. } if size <= ctx.max_file_size => unchanged(ctx, key, entry)?,
+            EntryKind::File { size, .. } if size <= ctx.max_file_size => unchanged(ctx, key, entry, stored.as_ref())?,
             _ => false,
         };
         let creates = match &entry.kind {
@@ -363,14 +356,42 @@ fn writer(ctx: &ReceiverContext) -> SmallWriter {
     }
 }
 
-/// Whether the committed file at `key` is this entry (same size, digest and mtime) and untouched since.
-fn unchanged(ctx: &ReceiverContext, key: &RemotePath, entry: &TreeEntry) -> Result<bool, TransferError> {
+/// The files of the tree as a volume that records its files itself holds them (a shared store: the bucket, not
+/// this server's records, says what is there), read at once; `None` for a volume that does not.
+fn stored_files(ctx: &ReceiverContext, tree: &Tree) -> Option<HashMap<String, StoredFile>> {
+    if !ctx.trees.keeps_records() {
+        return None;
+    }
+    let files: Vec<RemotePath> = (tree.offer.entries.iter().zip(&tree.keys))
+        .filter(|(entry, _)| matches!(entry.kind, EntryKind::File { .. }))
+        .map(|(_, key)| key.clone())
+        .collect();
+    let found = ctx.trees.stored_files(&files);
+    let held = files
+        .into_iter()
+        .zip(found)
+        .filter_map(|(key, f)| Some((key.as_str().to_string(), f?)));
+    Some(held.collect())
+}
+
+/// Whether the committed file at `key` is this entry (same size, digest and mtime) and untouched since; from
+/// `stored` when the volume records its files itself.
+fn unchanged(
+    ctx: &ReceiverContext,
+    key: &RemotePath,
+    entry: &TreeEntry,
+    stored: Option<&HashMap<String, StoredFile>>,
+) -> Result<bool, TransferError> {
     let EntryKind::File {
         size, digest, mtime, ..
     } = entry.kind
     else {
         return Ok(false);
     };
+    if let Some(stored) = stored {
+        let found = stored.get(key.as_str());
+        return Ok(found.is_some_and(|f| f.size == size && f.digest == digest && f.mtime == mtime));
+    }
     let Some(done) = ctx.store.committed(key.as_str())? else {
         return Ok(false);
     };

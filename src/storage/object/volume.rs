@@ -388,6 +388,12 @@ impl ObjectVolume {
         })
     }
 
+    /// The tree receiver's storage in the same namespace and bucket (`tree.rs`).
+    pub fn trees(&self) -> super::tree::ObjectTrees {
+        let s = &self.shared;
+        super::tree::ObjectTrees::new(s.handle.clone(), s.store.clone(), s.layout.clone(), s.server, s.options)
+    }
+
     /// Opens the partial of the transfer of `manifest` to `path` (adopting or writing its record).
     pub fn open_for(&self, path: &RemotePath, manifest: &Arc<Manifest>, rule: ReuseRule) -> io::Result<Partial> {
         let transfer = self.transfer(path, manifest, rule)?;
@@ -686,10 +692,12 @@ impl Volume for ObjectVolume {
         true
     }
 
-    /// Trees are not kept in the bucket yet (issue 15): the server's local [`crate::storage::TreeVolume`] is no
-    /// place for them either.
-    fn holds_trees(&self) -> bool {
-        false
+    fn tree_volume(&self) -> Option<Arc<dyn crate::storage::TreeVolume>> {
+        Some(Arc::new(self.trees()))
+    }
+
+    fn committed_tree(&self, path: &RemotePath) -> Result<Option<crate::storage::TreeCopy>, StorageError> {
+        Ok(self.trees().tree_copy(path)?)
     }
 
     fn committed_copy(&self, path: &RemotePath) -> Result<Option<(std::fs::File, Manifest)>, StorageError> {
