@@ -19,7 +19,7 @@ fn tree(dir: &Path, files: &[(&str, &str)]) {
 }
 
 /// `ferry push SRC URL --json EXTRA...` where SRC is given exactly as `source` (a trailing slash matters).
-async fn push_as_given(source: &str, url: &str, state: &Path, extra: &[&str]) -> PushOutcome {
+pub(crate) async fn push_as_given(source: &str, url: &str, state: &Path, extra: &[&str]) -> PushOutcome {
     let mut cmd = Command::new(ferry_bin());
     cmd.args(["push", source, url, "--state"])
         .arg(state)

@@ -12,6 +12,7 @@ use ferry::storage::object::layout::{self, Layout};
 use ferry::storage::object::StoreSettings;
 use object_store::ObjectStore;
 
+use crate::directories::push_as_given;
 use crate::s3::count;
 use crate::util::garage;
 use crate::util::*;
@@ -117,6 +118,58 @@ async fn s3_quota_counts_the_files_of_every_server() {
     let over = group.push(&b, "fourth.bin", 3 << 19, 4).await;
     assert_refused(&over, "QuotaExceeded");
     assert_eq!(count(&store, &layout.files()).await, 2);
+}
+
+/// A tree's small files count against the quota as the bucket holds them: a tree committed through A counts when
+/// B plans the next tree, and a tree that B committed counts on B's next tree before any rescan of the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_tree_quota_counts_the_trees_of_every_server() {
+    let Some(cluster) = garage::cluster() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let group = Group::new(dir.path(), &cluster.store_url("tree-quota"), "quota = \"1000KiB\"");
+    let a = group.server("a", "a-state", &[]);
+    let b = group.server("b", "b-state", &[]);
+    let tree = |name: &str, seed: u64| {
+        let root = dir.path().join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        for i in 0..6 {
+            write_random(&root.join(format!("f{i}.bin")), 100 * 1024, seed * 10 + i);
+        }
+        format!("{}/", root.display())
+    };
+    let flags = ["--token-file", group.token_file.as_str(), "--retries", "0"];
+    let state = dir.path().join("client");
+    let (store, layout) = group.bucket();
+    push_as_given(&tree("one", 1), &a.url("one"), &state, &flags)
+        .await
+        .assert_ok();
+    let held = count(&store, &layout.files()).await;
+
+    // 600 KiB through A and 600 KiB through B would be 1200 KiB in a namespace of 1000 KiB: 4 files fit.
+    let second = push_as_given(&tree("two", 2), &b.url("two"), &state, &flags).await;
+    assert_ne!(second.code, 0, "B must refuse part of the second tree: {}", second.json);
+    assert!(
+        second.json.to_string().contains("quota"),
+        "refused for the quota? {}",
+        second.json
+    );
+    let added = count(&store, &layout.files()).await - held;
+    assert!(
+        added <= 4 + 1,
+        "B added {added} entries: more files than the quota left (4, and a directory)"
+    );
+
+    // What B committed counts on B's next tree at once (no rescan of the bucket in between): nothing fits.
+    let held = count(&store, &layout.files()).await;
+    let third = push_as_given(&tree("three", 3), &b.url("three"), &state, &flags).await;
+    assert_ne!(third.code, 0, "the namespace is full: {}", third.json);
+    let added = count(&store, &layout.files()).await - held;
+    assert!(
+        added <= 1,
+        "B added {added} entries to a full namespace: it forgot what it had just committed"
+    );
 }
 
 /// Open transfers and their records' bytes are counted from `open/`: a transfer open through A counts on B.

@@ -277,12 +277,26 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// Reads what the namespace holds now, reservations of other trees included. Blocking.
-    pub fn open(store: &ReceiverStore, quota: u64, admission: &Admission) -> Result<Budget, TransferError> {
+    /// Reads what the namespace holds now, reservations of other trees included: from `shared` when the volume
+    /// counts the namespace itself (a shared store: every server's files and open transfers), else from this
+    /// server's records. Blocking.
+    pub fn open(
+        store: &ReceiverStore,
+        quota: u64,
+        admission: &Admission,
+        shared: Option<&SharedUsage>,
+    ) -> Result<Budget, TransferError> {
+        let held = match shared {
+            Some(s) => s
+                .committed_bytes
+                .saturating_add(s.open_bytes)
+                .saturating_add(s.manifest_bytes),
+            None => store.held_bytes()?,
+        };
         let counted = admission.lock();
         Ok(Budget {
             quota,
-            held: store.held_bytes()?.saturating_add(counted.reserved),
+            held: held.saturating_add(counted.reserved),
             seen: counted.admitted,
             admission: admission.clone(),
             reserved: 0,
@@ -290,9 +304,20 @@ impl Budget {
     }
 
     /// Takes `size` bytes for the file at `path`, or refuses with `QuotaExceeded` (nothing taken); the bytes of a
-    /// `small` file stay reserved until released. Blocking.
-    pub fn take(&mut self, store: &ReceiverStore, path: &str, size: u64, small: bool) -> Result<(), TransferError> {
-        let replaced = store.committed(path)?.map_or(0, |f| f.size);
+    /// `small` file stay reserved until released. `stored` is the size of the file the volume holds at `path`
+    /// when the volume records its files itself (`Some(0)`: none), `None` to read this server's records. Blocking.
+    pub fn take(
+        &mut self,
+        store: &ReceiverStore,
+        path: &str,
+        size: u64,
+        small: bool,
+        stored: Option<u64>,
+    ) -> Result<(), TransferError> {
+        let replaced = match stored {
+            Some(size) => size,
+            None => store.committed(path)?.map_or(0, |f| f.size),
+        };
         let resumed = store
             .summary(path)?
             .map_or(0, |t| t.size.saturating_add(t.manifest_bytes));
@@ -346,10 +371,15 @@ pub(crate) struct EntryBudget {
 }
 
 impl EntryBudget {
-    /// Reads what the namespace holds now. Blocking.
-    pub fn open(store: &ReceiverStore, limit: u64) -> Result<EntryBudget, TransferError> {
+    /// Reads what the namespace holds now: from `shared` when the volume counts the namespace itself (every
+    /// server's entries and open transfers), else from this server's records. Blocking.
+    pub fn open(store: &ReceiverStore, limit: u64, shared: Option<&SharedUsage>) -> Result<EntryBudget, TransferError> {
+        let entries = match shared {
+            Some(s) => s.committed_files.saturating_add(s.open_transfers),
+            None => store.usage()?.entries(),
+        };
         Ok(EntryBudget {
-            left: limit.saturating_sub(store.usage()?.entries()),
+            left: limit.saturating_sub(entries),
             limit,
             counted: HashSet::new(),
             dirs_and_links: 0,

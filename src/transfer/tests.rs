@@ -754,9 +754,9 @@ fn a_trees_small_files_and_concurrent_offers_count_each_other() {
         Err(super::TransferError::Refused { code, .. }) => Some(code),
         _ => None,
     };
-    let mut tree = Budget::open(store, quota, &fx.ctx.admission).unwrap();
+    let mut tree = Budget::open(store, quota, &fx.ctx.admission, None).unwrap();
     for i in 0..6 {
-        tree.take(store, &format!("t/f{i}"), 1 << 20, true).unwrap();
+        tree.take(store, &format!("t/f{i}"), 1 << 20, true, None).unwrap();
     }
     let big = admit(
         store,
@@ -778,7 +778,7 @@ fn a_trees_small_files_and_concurrent_offers_count_each_other() {
         &mut fx.ctx.admission.lock(),
     )
     .unwrap();
-    let more = tree.take(store, "t/g", 2 << 20, true);
+    let more = tree.take(store, "t/g", 2 << 20, true, None);
     assert_eq!(
         code(more),
         Some(crate::wire::ErrorCode::QuotaExceeded),

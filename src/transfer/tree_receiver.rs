@@ -211,13 +211,17 @@ fn plan(
     };
     let mut local = Vec::new();
     let mut local_bytes = 0u64;
+    let limited = ctx.limits.max_entries != u64::MAX;
+    let shared = match tree.keys.first() {
+        Some(key) if ctx.quota.is_some() || limited => ctx.volume.shared_usage(key, &[0; 32], true)?,
+        _ => None,
+    };
     plan.budget = ctx
         .quota
-        .map(|quota| Budget::open(&ctx.store, quota, &ctx.admission))
+        .map(|quota| Budget::open(&ctx.store, quota, &ctx.admission, shared.as_ref()))
         .transpose()?;
-    let limited = ctx.limits.max_entries != u64::MAX;
     let mut entries = limited
-        .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries))
+        .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries, shared.as_ref()))
         .transpose()?;
     let stored = stored_files(ctx, tree);
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
@@ -261,7 +265,7 @@ fn plan(
                 plan.settled.refused.push((index, why));
             }
             EntryKind::File { .. } if is_unchanged => plan.unchanged += 1,
-            EntryKind::File { size, .. } if over_quota(&mut plan.budget, ctx, key, *size)? => {
+            EntryKind::File { size, .. } if over_quota(&mut plan.budget, ctx, key, *size, stored.as_ref())? => {
                 let why = format!("{key} ({size} bytes) would take this namespace over its quota");
                 plan.settled.refused.push((index, why));
             }
@@ -320,11 +324,13 @@ fn over_quota(
     ctx: &ReceiverContext,
     key: &RemotePath,
     size: u64,
+    stored: Option<&HashMap<String, StoredFile>>,
 ) -> Result<bool, TransferError> {
     let Some(budget) = budget else {
         return Ok(false);
     };
-    match budget.take(&ctx.store, key.as_str(), size, size <= MAX_INLINE_FILE) {
+    let replaced = stored.map(|files| files.get(key.as_str()).map_or(0, |f| f.size));
+    match budget.take(&ctx.store, key.as_str(), size, size <= MAX_INLINE_FILE, replaced) {
         Ok(()) => Ok(false),
         Err(TransferError::Refused { .. }) => Ok(true),
         Err(e) => Err(e),

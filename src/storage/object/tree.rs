@@ -31,6 +31,7 @@ use super::layout::{
     self, EntryKind, EntryObject, Layout, ObjectError, OpenRecord, PathId, ReuseRule, ServerId, TransferId,
     MAX_INLINE_BYTES,
 };
+use super::usage::UsageCache;
 use super::volume::ObjectOptions;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::path::{link_walk, RemotePath};
@@ -55,6 +56,9 @@ pub struct ObjectTrees {
     options: ObjectOptions,
     /// Staged files by the id in their [`Staged::location`].
     pending: Mutex<HashMap<u64, Pending>>,
+    /// The namespace's usage cache that admission reads (the volume's): told of every entry this process commits
+    /// or deletes, so quotas count a tree before the next scan of the bucket.
+    usage: Option<Arc<UsageCache>>,
 }
 
 impl std::fmt::Debug for ObjectTrees {
@@ -93,7 +97,14 @@ impl ObjectTrees {
             server,
             options,
             pending: Mutex::new(HashMap::new()),
+            usage: None,
         }
+    }
+
+    /// The same, telling `usage` (the volume's admission cache) of every entry it commits or deletes.
+    pub fn with_usage(mut self, usage: Arc<UsageCache>) -> ObjectTrees {
+        self.usage = Some(usage);
+        self
     }
 
     /// Runs `future` on the runtime; call only from a blocking thread.
@@ -113,7 +124,14 @@ impl ObjectTrees {
     /// PUTs the entry `kind` at `path` (the commit of that entry).
     async fn put_entry(&self, path: &RemotePath, kind: EntryKind, transfer: TransferId) -> Result<(), ObjectError> {
         let key = self.layout.file(path)?;
+        let size = match &kind {
+            EntryKind::File { manifest, .. } => manifest.size,
+            _ => 0,
+        };
         layout::put(&*self.store, &key, self.entry_object(kind, transfer).encode().into()).await?;
+        if let Some(usage) = &self.usage {
+            usage.note_commit(key, size, None);
+        }
         Ok(())
     }
 
@@ -410,8 +428,13 @@ impl ObjectTrees {
         });
         let mut pruned = Pruned::default();
         for (key, rel) in doomed {
-            match layout::delete_all(&*self.store, vec![key]).await {
-                Ok(()) => pruned.removed.push(rel),
+            match layout::delete_all(&*self.store, vec![key.clone()]).await {
+                Ok(()) => {
+                    if let Some(usage) = &self.usage {
+                        usage.note_removed(&key);
+                    }
+                    pruned.removed.push(rel)
+                }
                 Err(e) => pruned.failed.push((rel, e.to_string())),
             }
         }

@@ -96,6 +96,12 @@ impl UsageCache {
         committed.files.insert(key, Seen { e_tag, value: size });
     }
 
+    /// Records this process's removal of the manifest object `key` (`--delete`), so that admissions before the
+    /// next scan no longer count it.
+    pub fn note_removed(&self, key: &Path) {
+        self.committed.lock().expect("usage cache").files.remove(key);
+    }
+
     /// Open transfers from one LIST of `open/`; the records at `path` of `manifest_id` are the offered transfer's.
     async fn open_usage(
         &self,

@@ -75,7 +75,7 @@ pub struct ObjectVolume {
     /// Open transfers of this process, by key.
     open: Mutex<HashMap<String, Arc<Transfer>>>,
     /// The namespace's files and open transfers as the bucket records them (quotas and limits).
-    usage: super::usage::UsageCache,
+    usage: Arc<super::usage::UsageCache>,
 }
 
 impl std::fmt::Debug for ObjectVolume {
@@ -392,6 +392,7 @@ impl ObjectVolume {
     pub fn trees(&self) -> super::tree::ObjectTrees {
         let s = &self.shared;
         super::tree::ObjectTrees::new(s.handle.clone(), s.store.clone(), s.layout.clone(), s.server, s.options)
+            .with_usage(self.usage.clone())
     }
 
     /// Opens the partial of the transfer of `manifest` to `path` (adopting or writing its record).
