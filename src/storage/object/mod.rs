@@ -4,6 +4,8 @@
 //! small typed request helpers), pure code over `object_store` with no knowledge of the engine; [`volume`] is the
 //! storage seam over it ([`ObjectVolume`]).
 
+#[cfg(test)]
+pub(crate) mod gated;
 pub mod layout;
 pub mod s3;
 pub mod volume;
