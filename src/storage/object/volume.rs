@@ -441,11 +441,17 @@ async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) 
             }
         }
     } else {
+        use futures_util::StreamExt;
         let mut shards: Vec<u8> = wanted.iter().map(|(_, h)| h[0]).collect();
         shards.sort_unstable();
         shards.dedup();
-        for shard in shards {
-            for meta in layout::list(store, &layout.chunk_shard(shard)).await? {
+        // Up to `parallel` shard LISTs at once: a fresh file of 256 chunks touches about 160 shards, and one LIST
+        // after the other cost seconds before the first Need.
+        let mut lists = futures_util::stream::iter(shards)
+            .map(|shard| async move { layout::list(store, &layout.chunk_shard(shard)).await })
+            .buffer_unordered(shared.options.parallel.max(1));
+        while let Some(listed) = lists.next().await {
+            for meta in listed? {
                 if let Some(hash) = layout.parse_chunk(&meta.location) {
                     if meta.last_modified.timestamp() > fresh_after {
                         young.insert(hash, ());
