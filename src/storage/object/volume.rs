@@ -900,7 +900,10 @@ impl ObjectPartial {
     }
 
     fn cached(&self, index: u32) -> Option<Bytes> {
-        let state = self.state.lock().expect("partial state");
+        Self::cached_in(&self.state.lock().expect("partial state"), index)
+    }
+
+    fn cached_in(state: &PartialState, index: u32) -> Option<Bytes> {
         state
             .cache
             .iter()
@@ -912,7 +915,8 @@ impl ObjectPartial {
     /// The chunk's bytes as stored: from the cache, else a GET of its object, together with GETs of the chunks
     /// after it that are not cached either (up to `parallel` requests, half the cache), so that the digest
     /// follower, which reads in order, pays one round of requests per read-ahead instead of one per chunk (and
-    /// never one per read of a chunk it reads in pieces: every fetched chunk is remembered). A missing object
+    /// never one per read of a chunk it reads in pieces: every fetched chunk is remembered; one ahead only if it is
+    /// stored, and never over bytes this handle wrote while the GETs ran). A missing object
     /// reads as zeros and a damaged one as it is: the commit's check then finds the chunk damaged and asks for it
     /// again.
     fn chunk_bytes(&self, index: u32) -> io::Result<Bytes> {
@@ -934,8 +938,18 @@ impl ObjectPartial {
         let mut wanted = None;
         let mut state = self.state.lock().expect("partial state");
         for ((i, len, key), got) in ahead.into_iter().zip(fetched) {
+            // Written by this handle while the GETs ran (its PUT perhaps not returned, so the GET found nothing):
+            // the cached bytes are the ones stored, never to be replaced by what the GET saw.
+            if let Some(bytes) = Self::cached_in(&state, i) {
+                if i == index {
+                    wanted = Some(bytes);
+                }
+                continue;
+            }
             let bytes = match got {
                 Some(f) if f.bytes.len() == len as usize => f.bytes,
+                // A chunk ahead that is not stored yet: nothing to remember (the writer may store it next).
+                _ if i != index => continue,
                 _ => {
                     tracing::warn!(key = %key, "a chunk object is missing or damaged");
                     Bytes::from(vec![0u8; len as usize])
