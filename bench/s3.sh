@@ -3,6 +3,8 @@
 # Garage cluster (tests/garage/cluster.sh) in one run (issue 15, docs/object-store.md "Benchmark").
 # Usage: bench/s3.sh [SIZE_MIB=1024] [RUNS=3] [OUT]      (BENCH_TOOLS="ferry rclone" by default; one of them to
 #                                                       measure only that side)
+#        FERRY_BASE=/path/to/an/older/ferry bench/s3.sh …  also measures that binary (server and client) as "base",
+#                                                       in the same run on the same cluster: before/after figures
 # Scenarios, each tool on its own fresh prefix per run:
 #   fresh       the file to an empty prefix
 #   resume      a fresh push SIGKILLed once the client has written half the file's size to its sockets, then
@@ -18,6 +20,11 @@ size_mib=${1:-1024}
 runs=${2:-3}
 out=${3:-}
 tools=${BENCH_TOOLS:-ferry rclone}
+base_bin=${FERRY_BASE:-}
+if [ -n "$base_bin" ]; then
+  [ -x "$base_bin" ] || { echo "s3.sh: FERRY_BASE=$base_bin is not an executable" >&2; exit 1; }
+  tools="base $tools"
+fi
 cd "$(dirname "$0")/.."
 repo=$PWD
 
@@ -89,11 +96,14 @@ result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a
 stored() { python3 tests/garage/s3.py du "$GARAGE_BUCKET" "$1" | awk '{print $2}'; }
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# serve_on PREFIX: (re)starts the one ferry server, on s3://BUCKET/PREFIX/ with a fresh --state
+# binary_of TOOL: the ferry binary of TOOL (ferry: this tree's release build; base: FERRY_BASE)
+binary_of() { if [ "$1" = base ]; then echo "$base_bin"; else echo "$bin"; fi; }
+# serve_on TOOL PREFIX: (re)starts the one ferry server (TOOL's binary), on s3://BUCKET/PREFIX/ with a fresh --state
 serve_on() {
   if [ -n "$server_pid" ]; then kill "$server_pid"; wait "$server_pid" 2> /dev/null || true; fi
   rm -rf "$work/server-state" "$work/server.out"
-  "$bin" serve --listen "127.0.0.1:$port" --store "s3://$GARAGE_BUCKET/$1/" --state "$work/server-state" \
+  local prefix=$2
+  "$(binary_of "$1")" serve --listen "127.0.0.1:$port" --store "s3://$GARAGE_BUCKET/$prefix/" --state "$work/server-state" \
     > "$work/server.out" 2>> "$work/server.log" &
   server_pid=$!
   for _ in $(seq 300); do grep -q "listening on" "$work/server.out" 2> /dev/null && break; sleep 0.1; done
@@ -105,10 +115,10 @@ half=$((size_mib * 1024 * 1024 / 2))
 # server stores under, see serve_on); records a sample unless the push is to be killed.
 tool_run() {
   local tool=$1 scenario=$2 run=$3 file=$4 kill_at=$5 m="$work/m.$1.$2.$3" prefix
-  if [ "$tool" = ferry ]; then
-    prefix="bench-ferry-$run/"
-    PROGRESS="$work/client-state-$run/running.json" python3 "$work/measure.py" "$m" "$kill_at" "$bin" push "$file" "ferry://127.0.0.1:$port/big.bin" \
-      --state "$work/client-state-$run" --json -q
+  if [ "$tool" != rclone ]; then
+    prefix="bench-$tool-$run/"
+    PROGRESS="$work/client-state-$tool-$run/running.json" python3 "$work/measure.py" "$m" "$kill_at" "$(binary_of "$tool")" push "$file" \
+      "ferry://127.0.0.1:$port/big.bin" --state "$work/client-state-$tool-$run" --json -q
   else
     prefix="bench-rclone-$run/"
     python3 "$work/measure.py" "$m" "$kill_at" env -u AWS_CA_BUNDLE rclone copy "$file" "G:$GARAGE_BUCKET/$prefix"
@@ -119,7 +129,7 @@ tool_run() {
   record "$tool.$scenario.secs" "$secs"
   record "$tool.$scenario.written" "$written"
   record "$tool.$scenario.stored" "$(stored "$prefix")"
-  if [ "$tool" = ferry ]; then
+  if [ "$tool" != rclone ]; then
     record "$tool.$scenario.payload" "$(tail -n 1 "$m.stdout" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')"
   fi
 }
@@ -131,10 +141,10 @@ for run in $(seq "$runs"); do
   for tool in $tools; do
     # resume first, on its own prefix (run number + 1000) and client state
     cp "$work/big.bin" "$work/resume/big.bin"
-    [ "$tool" = ferry ] && serve_on "bench-ferry-$((run + 1000))"
+    [ "$tool" != rclone ] && serve_on "$tool" "bench-$tool-$((run + 1000))"
     tool_run "$tool" resume-cut "$((run + 1000))" "$work/resume/big.bin" "$half"
     tool_run "$tool" resume "$((run + 1000))" "$work/resume/big.bin" 0
-    [ "$tool" = ferry ] && serve_on "bench-ferry-$run"
+    [ "$tool" != rclone ] && serve_on "$tool" "bench-$tool-$run"
     mkdir -p "$work/src$run.$tool"
     cp "$work/big.bin" "$work/src$run.$tool/big.bin"
     tool_run "$tool" fresh "$run" "$work/src$run.$tool/big.bin" 0
@@ -162,6 +172,18 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0 && a != "n/a") printf "%.2f"
     echo "| $s | $ft | $rt | $(ratio "$ft" "$rt") | $(mib "$(result "ferry.$s.written")") | $(mib "$(result "ferry.$s.payload")") | $(mib "$(result "rclone.$s.written")") | $(mib "$(result "ferry.$s.stored")") | $(mib "$(result "rclone.$s.stored")") |"
   done
   echo
+  if [ -n "$base_bin" ]; then
+    echo
+    echo "The same steps with FERRY_BASE ($("$base_bin" --version | head -n 1)) in the same run, against this tree's build:"
+    echo
+    echo "| step | base time (s) | ferry time (s) | ferry/base | base/rclone | base payload (MiB) | base stored (MiB) |"
+    echo "|---|---|---|---|---|---|---|"
+    for s in fresh resume unchanged 1MiB; do
+      bt=$(result "base.$s.secs"); ft=$(result "ferry.$s.secs"); rt=$(result "rclone.$s.secs")
+      echo "| $s | $bt | $ft | $(ratio "$ft" "$bt") | $(ratio "$bt" "$rt") | $(mib "$(result "base.$s.payload")") | $(mib "$(result "base.$s.stored")") |"
+    done
+    echo
+  fi
   echo "\"resume\" is the rerun after a SIGKILL once the client had written half the file's size; rclone starts"
   echo "the object over, ferry sends what the bucket lacks."
 } > "$work/report.md"

@@ -5,8 +5,8 @@
 //! and to put a verified partial in place; it writes, reads and syncs the partial through its [`PartialFile`]
 //! handle. The order in which it calls them is the crash-safety contract (proto-spec.md §8, docs/storage.md):
 //!
-//! 1. [`PartialFile::write_at`] verified chunks, then [`PartialFile::sync_data`], and only then the store records
-//!    them received (and the sender hears an Ack);
+//! 1. [`PartialFile::write_at`] verified chunks, then [`PartialFile::sync_data`] (or [`PartialFile::start_sync`]
+//!    and its end), and only then the store records them received (and the sender hears an Ack);
 //! 2. at commit: [`PartialFile::set_metadata`], [`PartialFile::sync_all`], [`Volume::place`] (the atomic rename),
 //!    [`Directory::sync`] (the rename made durable), and only then the store records the file committed.
 //!
@@ -25,6 +25,7 @@ pub mod local;
 mod local_tree;
 pub mod object;
 pub mod object_gc;
+mod pending;
 #[cfg(test)]
 pub(crate) mod sim;
 pub mod tree;
@@ -41,6 +42,7 @@ use crate::ranges::ChunkSet;
 pub use local::LocalVolume;
 #[cfg(test)]
 pub(crate) use local_tree::set_dir_metadata_with;
+pub use pending::PendingSync;
 pub use tree::{Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
 
 /// Positional reads, for the digest follower, the commit's verification and reuse.
@@ -122,6 +124,13 @@ pub trait PartialFile: ReadAt {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes the bytes and the length written so far durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
+    /// Starts making the bytes written so far durable and returns at once; they are durable when the returned
+    /// sync finished `Ok`. Syncs finish in the order they were started. The writer keeps writing the next batch
+    /// meanwhile, so a volume whose sync is a round trip (an object store) keeps its requests in flight across
+    /// batches. By default the sync happens here ([`PartialFile::sync_data`]) and is returned finished.
+    fn start_sync(&self) -> io::Result<PendingSync> {
+        Ok(PendingSync::finished(self.sync_data()))
+    }
     /// Makes bytes, length, mode and mtime durable (`fsync`).
     fn sync_all(&self) -> io::Result<()>;
     /// Sets the permission bits (`mode & 0o777`) and the mtime the manifest asks for.

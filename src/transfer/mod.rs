@@ -23,6 +23,8 @@ pub mod window;
 mod writer;
 
 #[cfg(test)]
+mod pipeline_tests;
+#[cfg(test)]
 mod power_loss;
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,14 @@
 //! after `fdatasync` made its bytes durable, and acknowledged only after the mark is flushed. When the connection
 //! dies, the session drops the channel and the writer still syncs and marks what it has, so nothing verified is
 //! lost.
+//!
+//! A batch's sync is started ([`crate::storage::PartialFile::start_sync`]) and the writer goes on with the next
+//! batch while it runs; batches are marked and acknowledged in order, each once its own sync finished. On the
+//! local disk a sync finishes before `start_sync` returns, so nothing overlaps there; on an object store the
+//! next batch's chunk PUTs run while the last batch's PUTs and journal entry end, instead of the requests in
+//! flight draining to none at every batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +22,7 @@ use super::TransferError;
 use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
-use crate::storage::Partial;
+use crate::storage::{Partial, PendingSync};
 use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
 use crate::verify::{self, DigestFollower, PrefixDigest, StackedPrefix, VerifyError};
 use crate::wire::Chunk;
@@ -26,6 +32,8 @@ const SYNC_NOW_BYTES: u64 = 256 * 1024;
 /// ...and a smaller one once the last sync is this old (meanwhile more chunks may join it): chunks trickling in
 /// one by one cost at most one sync per interval, not one each (proto-spec.md §8).
 pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(25);
+/// Batches whose sync runs while the writer goes on, at most; the volume bounds the bytes in flight itself.
+const SYNCS_IN_FLIGHT: usize = 16;
 
 /// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
 pub(crate) struct QueuedChunk {
@@ -73,6 +81,10 @@ pub(crate) struct ChunkWriter {
     batch_received: u64,
     /// Of `batch_received`, the bytes of repeats written from a first copy (counted as reused, not received).
     batch_repeated: u64,
+    /// Bytes of the batch that need no bytes from the wire (repeats, local reuse), counted once durable.
+    batch_reused: u64,
+    /// Batches whose sync was started and has not been seen to finish, oldest first.
+    syncing: VecDeque<Sealed>,
     /// Hashes the whole file from offset 0 as far as its chunks are written, so the commit has little left to
     /// read; taken by the commit, and started again after a damaged one.
     pub(crate) follower: Option<DigestFollower>,
@@ -121,6 +133,8 @@ impl ChunkWriter {
             batch_bytes: 0,
             batch_received: 0,
             batch_repeated: 0,
+            batch_reused: 0,
+            syncing: VecDeque::new(),
             follower: None,
             written: ChunkSet::new(0),
             contiguous: 0,
@@ -273,8 +287,8 @@ impl ChunkWriter {
     }
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
-    /// itself for the commit step. A batch is made durable when it reaches the batch limit, or when the channel
-    /// runs dry and the batch is large or the last sync [`SYNC_INTERVAL`] old.
+    /// itself for the commit step, no sync left running. A batch's sync is started when it reaches the batch
+    /// limit, or when the channel runs dry and the batch is large or the last sync [`SYNC_INTERVAL`] old.
     pub(crate) fn run(
         mut self,
         mut chunks: mpsc::Receiver<QueuedChunk>,
@@ -290,8 +304,9 @@ impl ChunkWriter {
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
             if !self.accept(queued.chunk, queued.stream, &events)
-                || (self.batch_bytes >= self.batch_limit && !self.make_durable(&events))
+                || (self.batch_bytes >= self.batch_limit && !self.start_durable(&events))
             {
+                self.finish_syncs(&events);
                 return self;
             }
         }
@@ -352,14 +367,45 @@ impl ChunkWriter {
                 }
             }
         }
-        if !self.make_durable(events) {
+        if !self.start_durable(events) {
+            self.finish_syncs(events);
             return None;
         }
-        let next = chunks.blocking_recv();
-        if next.is_none() {
-            self.settle_prefix();
+        loop {
+            match self.next_or_synced(chunks) {
+                Next::Chunk(Some(queued)) => return Some(queued),
+                Next::Chunk(None) => {
+                    if self.make_durable(events) {
+                        self.settle_prefix();
+                    }
+                    return None;
+                }
+                Next::Synced(result) => {
+                    if !self.finish_oldest(result, events) {
+                        self.finish_syncs(events);
+                        return None;
+                    }
+                }
+            }
         }
-        next
+    }
+
+    /// The next chunk, or the end of the oldest running sync, whichever comes first (without a runtime to wait
+    /// on both, the sync's end).
+    fn next_or_synced(&mut self, chunks: &mut mpsc::Receiver<QueuedChunk>) -> Next {
+        let Some(oldest) = self.syncing.front_mut() else {
+            return Next::Chunk(chunks.blocking_recv());
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Next::Synced(oldest.sync.wait_here());
+        };
+        runtime.block_on(async {
+            tokio::select! {
+                biased;
+                result = oldest.sync.result() => Next::Synced(result),
+                queued = chunks.recv() => Next::Chunk(queued),
+            }
+        })
     }
 
     /// Verifies and writes one chunk; false if storage failed.
@@ -443,15 +489,77 @@ impl ChunkWriter {
             self.batch_bytes += data.len() as u64;
             self.batch_received += data.len() as u64;
             self.batch_repeated += data.len() as u64;
-            self.progress.reused_bytes += data.len() as u64;
+            self.batch_reused += data.len() as u64;
         }
         true
     }
 
-    /// Syncs the batch, records it in the store, and reports it durable, to each stream its own chunks; false if
-    /// storage failed.
+    /// Syncs the batch and waits for every sync still running, records each in the store and reports it durable,
+    /// to each stream its own chunks; false if storage failed.
     fn make_durable(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
-        match self.persist_batch() {
+        if let Err(e) = self.seal() {
+            let _ = events.send(WriterEvent::Failed(e));
+            self.finish_syncs(events);
+            return false;
+        }
+        self.finish_syncs(events)
+    }
+
+    /// Starts the batch's sync, then records and reports every batch whose sync has finished (waiting for the
+    /// oldest while more than [`SYNCS_IN_FLIGHT`] run); false if storage failed.
+    fn start_durable(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        if let Err(e) = self.seal() {
+            let _ = events.send(WriterEvent::Failed(e));
+            return false;
+        }
+        loop {
+            let crowded = self.syncing.len() > SYNCS_IN_FLIGHT;
+            let Some(oldest) = self.syncing.front_mut() else {
+                return true;
+            };
+            let result = match oldest.sync.try_result() {
+                Some(result) => result,
+                None if crowded => oldest.sync.wait_here(),
+                None => return true,
+            };
+            if !self.finish_oldest(result, events) {
+                self.abandon_syncs();
+                return false;
+            }
+        }
+    }
+
+    /// Waits for every running sync in order, recording and reporting each; after a failed one the rest are
+    /// waited for and dropped unrecorded (their chunks are asked for again). False if one failed.
+    fn finish_syncs(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        while let Some(oldest) = self.syncing.front_mut() {
+            let result = oldest.sync.wait_here();
+            if !self.finish_oldest(result, events) {
+                self.abandon_syncs();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// After a failed sync: waits for the syncs still running and records none of them, so that what is recorded
+    /// never runs past a batch that did not become durable (their chunks are asked for again).
+    fn abandon_syncs(&mut self) {
+        for mut dropped in std::mem::take(&mut self.syncing) {
+            let _ = dropped.sync.wait_here();
+        }
+    }
+
+    /// Records the oldest started batch, whose sync ended with `result`, and reports it durable; false (and
+    /// `Failed` sent) if the sync or the record failed.
+    fn finish_oldest(&mut self, result: std::io::Result<()>, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        let Some(sealed) = self.syncing.pop_front() else {
+            return true;
+        };
+        match result
+            .map_err(TransferError::Storage)
+            .and_then(|()| self.record(sealed))
+        {
             Ok(durable) => {
                 for (stream, ranges) in durable {
                     let _ = events.send(WriterEvent::Durable { stream, ranges });
@@ -465,19 +573,42 @@ impl ChunkWriter {
         }
     }
 
-    /// Syncs the partial, then marks the batch received in the store; returns the chunks made durable, by stream.
-    pub(crate) fn persist_batch(&mut self) -> Result<Vec<(u32, Vec<IndexRange>)>, TransferError> {
+    /// Starts the sync of the batch (if any) and sets it aside until the sync finished.
+    fn seal(&mut self) -> Result<(), TransferError> {
         if self.batch.is_empty() && self.silent.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // Taken before the sync: it covers only bytes written before it, so durable after it.
         let hashed = self.follower.as_ref().and_then(DigestFollower::hashed);
-        self.file.sync_data().map_err(TransferError::Storage)?;
+        let sync = self.file.start_sync().map_err(TransferError::Storage)?;
         self.last_sync = Some(Instant::now());
         self.syncs += 1;
+        self.syncing.push_back(Sealed {
+            sync,
+            batch: std::mem::take(&mut self.batch),
+            silent: std::mem::take(&mut self.silent),
+            received: std::mem::take(&mut self.batch_received),
+            repeated: std::mem::take(&mut self.batch_repeated),
+            reused: std::mem::take(&mut self.batch_reused),
+            hashed,
+        });
+        self.batch_bytes = 0;
+        Ok(())
+    }
+
+    /// Marks a batch whose sync finished received in the store; returns its chunks by stream.
+    fn record(&mut self, sealed: Sealed) -> Result<Vec<(u32, Vec<IndexRange>)>, TransferError> {
+        let Sealed {
+            mut batch,
+            silent,
+            received,
+            repeated,
+            reused,
+            hashed,
+            ..
+        } = sealed;
         // The batch's chunks and the repeats written from them become durable together; each counts once.
-        let silent = std::mem::take(&mut self.silent);
-        for index in self.batch.iter().map(|&(index, _)| index).chain(silent) {
+        for index in batch.iter().map(|&(index, _)| index).chain(silent) {
             if self.received.insert(index) {
                 self.durable_bytes += self.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
             }
@@ -485,21 +616,37 @@ impl ChunkWriter {
         // proto-spec.md §2 `Committed.received_bytes`: chunks that came over the wire, once each, when made durable
         // (duplicates, rejected chunks and repeats filled from a first copy are not counted), so received + reused
         // is the file size for a fresh transfer.
-        self.progress.received_bytes += self.batch_received - self.batch_repeated;
+        self.progress.received_bytes += received - repeated;
+        self.progress.reused_bytes += reused;
         self.save_progress_with(hashed)?;
         self.stats
             .chunks_durable
-            .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-        self.stats.meter.file_durable(self.batch_received);
-        self.batch_bytes = 0;
-        self.batch_received = 0;
-        self.batch_repeated = 0;
-        self.batch.sort_unstable_by_key(|&(index, stream)| (stream, index));
-        let mut durable: Vec<(u32, Vec<IndexRange>)> = Vec::new();
-        for chunk in self.batch.chunk_by(|a, b| a.1 == b.1) {
-            durable.push((chunk[0].1, encode_runs(chunk.iter().map(|&(index, _)| index))));
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.meter.file_durable(received);
+        batch.sort_unstable_by_key(|&(index, stream)| (stream, index));
+        Ok(batch
+            .chunk_by(|a, b| a.1 == b.1)
+            .map(|chunk| (chunk[0].1, encode_runs(chunk.iter().map(|&(index, _)| index))))
+            .collect())
+    }
+
+    /// Syncs the partial and waits for every sync still running, then marks the batches received in the store;
+    /// returns the chunks made durable, by stream.
+    pub(crate) fn persist_batch(&mut self) -> Result<Vec<(u32, Vec<IndexRange>)>, TransferError> {
+        self.seal()?;
+        let mut durable = Vec::new();
+        while let Some(mut oldest) = self.syncing.pop_front() {
+            let recorded = (oldest.sync.wait_here())
+                .map_err(TransferError::Storage)
+                .and_then(|()| self.record(oldest));
+            match recorded {
+                Ok(batch) => durable.extend(batch),
+                Err(e) => {
+                    self.abandon_syncs();
+                    return Err(e);
+                }
+            }
         }
-        self.batch.clear();
         Ok(durable)
     }
 
@@ -532,7 +679,7 @@ impl ChunkWriter {
                 self.mark_written(index);
                 self.batch.push((index, 0));
                 self.batch_bytes += data.len() as u64;
-                self.progress.reused_bytes += data.len() as u64;
+                self.batch_reused += data.len() as u64;
                 Ok(true)
             }
             Err(VerifyError::Mismatch { .. }) => Ok(false),
@@ -544,6 +691,29 @@ impl ChunkWriter {
     pub(crate) fn batch_bytes(&self) -> u64 {
         self.batch_bytes
     }
+}
+
+/// A batch whose sync was started: what is recorded and acknowledged once the sync finished.
+struct Sealed {
+    sync: PendingSync,
+    /// Its chunks, with the stream each came on.
+    batch: Vec<(u32, u32)>,
+    /// Repeats written from its chunks, never acknowledged.
+    silent: Vec<u32>,
+    /// Bytes that came over the wire, of them repeats, and bytes reused.
+    received: u64,
+    repeated: u64,
+    reused: u64,
+    /// The follower's digest state taken before the sync.
+    hashed: Option<StackedPrefix>,
+}
+
+/// What the writer waited for when the queue ran dry.
+enum Next {
+    /// The next chunk, `None` once the channel closed.
+    Chunk(Option<QueuedChunk>),
+    /// The oldest running sync ended.
+    Synced(std::io::Result<()>),
 }
 
 /// The missing chunks of an offer grouped by hash: one list of `(hash, index)` sorted by hash, then index, instead

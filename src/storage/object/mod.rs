@@ -6,6 +6,8 @@
 //! files inline or as chunk + manifest objects, `Dir` and `Symlink` objects), the tree pull's copy and `--delete`;
 //! [`usage`] counts a namespace's files and open transfers from the bucket for quotas and limits.
 
+#[cfg(test)]
+pub(crate) mod gated;
 pub mod layout;
 pub mod s3;
 pub mod tree;

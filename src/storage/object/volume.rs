@@ -3,9 +3,11 @@
 //!
 //! A partial is not a file: it is the open transfer's record (`open/<pid>/<tid>`, written once, or adopted from
 //! another server when the manifest is the same), the chunk objects PUT as chunks are written, and the journal
-//! entries PUT at each sync. `write_at` starts the chunk's PUT and returns; `sync_data` waits for the batch's PUTs,
-//! then PUTs the batch's journal entry (so a chunk is durable for the whole group before the engine records and
-//! acknowledges it); `read_at` serves the digest follower from a bounded cache of the chunks this handle stored,
+//! entries PUT at each sync. `write_at` starts the chunk's PUT and returns (at most `parallel` PUTs of a partial
+//! run at once, across batches); `start_sync` hands the batch's PUTs to a task that waits for them, then PUTs the
+//! batch's journal entry, and only then answers (so a chunk is durable for the whole group before the engine
+//! records and acknowledges it), while the writer goes on with the next batch; `sync_data` waits for that and for
+//! every earlier sync; `read_at` serves the digest follower from a bounded cache of the chunks this handle stored,
 //! else GETs the chunk object; `place` PUTs the manifest object (the commit) and then deletes the transfer's
 //! record and journal.
 //!
@@ -22,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use object_store::ObjectStore;
 use tokio::runtime::Handle;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::layout::{
@@ -33,8 +36,8 @@ use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet};
 use crate::storage::object_gc::{confirm_before_commit, GcSettings, ObjectGcError, SystemClock};
 use crate::storage::{
-    ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, ReadAt, SharedUsage, StorageError,
-    Volume,
+    ChangeStamp, Directory, FinalFile, Identity, OpenTransfer, Partial, PartialFile, PendingSync, ReadAt, SharedUsage,
+    StorageError, Volume,
 };
 
 /// Chunk bytes a partial keeps for its digest follower and commit (the window's worth and more).
@@ -399,9 +402,11 @@ impl ObjectVolume {
     pub fn open_for(&self, path: &RemotePath, manifest: &Arc<Manifest>, rule: ReuseRule) -> io::Result<Partial> {
         let transfer = self.transfer(path, manifest, rule)?;
         Ok(Arc::new(ObjectPartial {
+            puts: Arc::new(Semaphore::new(self.shared.options.parallel.max(1))),
             shared: self.shared.clone(),
             transfer,
             state: Mutex::new(PartialState::default()),
+            failed: Arc::new(AtomicBool::new(false)),
         }))
     }
 }
@@ -461,11 +466,17 @@ async fn young_chunks(shared: &Shared, manifest: &Manifest, durable: &ChunkSet) 
             }
         }
     } else {
+        use futures_util::StreamExt;
         let mut shards: Vec<u8> = wanted.iter().map(|(_, h)| h[0]).collect();
         shards.sort_unstable();
         shards.dedup();
-        for shard in shards {
-            for meta in layout::list(store, &layout.chunk_shard(shard)).await? {
+        // Up to `parallel` shard LISTs at once: a fresh file of 256 chunks touches about 160 shards, and one LIST
+        // after the other cost seconds before the first Need.
+        let mut lists = futures_util::stream::iter(shards)
+            .map(|shard| async move { layout::list(store, &layout.chunk_shard(shard)).await })
+            .buffer_unordered(shared.options.parallel.max(1));
+        while let Some(listed) = lists.next().await {
+            for meta in listed? {
                 if let Some(hash) = layout.parse_chunk(&meta.location) {
                     if meta.last_modified.timestamp() > fresh_after {
                         young.insert(hash, ());
@@ -591,9 +602,49 @@ fn retract(shared: &Shared, transfer: &Transfer, chunks: &[u32]) -> io::Result<(
 }
 
 fn put_journal(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> io::Result<()> {
+    shared.block_on(put_journal_entry(shared, transfer, entry))
+}
+
+async fn put_journal_entry(shared: &Shared, transfer: TransferId, entry: &JournalEntry) -> Result<(), ObjectError> {
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
     let key = shared.layout.journal_entry(transfer, now_ns(), shared.server, seq);
-    shared.block_on(layout::put(&*shared.store, &key, entry.encode().into()))?;
+    layout::put(&*shared.store, &key, entry.encode().into())
+        .await
+        .map(|_| ())
+}
+
+/// Makes one batch durable for the group: waits for its chunk PUTs, then PUTs its journal entry naming `batch`
+/// (sorted, `bytes` received).
+async fn journal_batch(
+    shared: &Shared,
+    transfer: &Transfer,
+    puts: Vec<JoinHandle<Result<(), ObjectError>>>,
+    batch: Vec<u32>,
+    bytes: u64,
+) -> Result<(), ObjectError> {
+    for put in puts {
+        put.await.map_err(|e| ObjectError::Store {
+            op: "put",
+            key: format!("a chunk ({e})"),
+            kind: "task failed",
+        })??;
+    }
+    // PUT by this session (their PUTs have returned): rule C confirms them at the commit.
+    let manifest = &transfer.manifest;
+    transfer.rely(batch.iter().filter_map(|&i| manifest.chunk(i)).map(|c| c.hash));
+    let entry = JournalEntry {
+        manifest_id: manifest.id(),
+        ranges: encode_runs(batch),
+        received_bytes: bytes,
+        reused_bytes: 0,
+        rejected_chunks: 0,
+        updated: now_ns() / 1_000_000_000,
+        server: shared.server,
+        retract: false,
+    };
+    put_journal_entry(shared, transfer.id, &entry).await?;
+    transfer.received_since.fetch_add(bytes, Ordering::Relaxed);
+    transfer.received_any.store(true, Ordering::Relaxed);
     Ok(())
 }
 
@@ -871,8 +922,8 @@ impl Directory for Committed {
 
 #[derive(Default)]
 struct PartialState {
-    /// Chunk PUTs started and not yet awaited, with their chunk indices.
-    pending: VecDeque<(u32, JoinHandle<Result<(), ObjectError>>)>,
+    /// The chunk PUTs of the batch since the last sync.
+    pending: Vec<JoinHandle<Result<(), ObjectError>>>,
     /// Chunks written since the last journal entry.
     batch: Vec<u32>,
     /// Their bytes.
@@ -880,6 +931,8 @@ struct PartialState {
     /// Recently stored chunks' bytes, newest last.
     cache: VecDeque<(u32, Bytes)>,
     cache_bytes: usize,
+    /// Syncs started and perhaps still running (for `sync_data`, which waits for all of them).
+    syncs: Vec<JoinHandle<()>>,
 }
 
 /// The open partial of one transfer on the object store.
@@ -887,6 +940,10 @@ struct ObjectPartial {
     shared: Arc<Shared>,
     transfer: Arc<Transfer>,
     state: Mutex<PartialState>,
+    /// Chunk PUTs in flight: `parallel` permits, each held by a PUT until it returned, across syncs.
+    puts: Arc<Semaphore>,
+    /// Some sync failed: no later `sync_data` may report the partial durable.
+    failed: Arc<AtomicBool>,
 }
 
 impl ObjectPartial {
@@ -913,7 +970,10 @@ impl ObjectPartial {
     }
 
     fn cached(&self, index: u32) -> Option<Bytes> {
-        let state = self.state.lock().expect("partial state");
+        Self::cached_in(&self.state.lock().expect("partial state"), index)
+    }
+
+    fn cached_in(state: &PartialState, index: u32) -> Option<Bytes> {
         state
             .cache
             .iter()
@@ -925,7 +985,8 @@ impl ObjectPartial {
     /// The chunk's bytes as stored: from the cache, else a GET of its object, together with GETs of the chunks
     /// after it that are not cached either (up to `parallel` requests, half the cache), so that the digest
     /// follower, which reads in order, pays one round of requests per read-ahead instead of one per chunk (and
-    /// never one per read of a chunk it reads in pieces: every fetched chunk is remembered). A missing object
+    /// never one per read of a chunk it reads in pieces: every fetched chunk is remembered; one ahead only if it is
+    /// stored, and never over bytes this handle wrote while the GETs ran). A missing object
     /// reads as zeros and a damaged one as it is: the commit's check then finds the chunk damaged and asks for it
     /// again.
     fn chunk_bytes(&self, index: u32) -> io::Result<Bytes> {
@@ -947,8 +1008,18 @@ impl ObjectPartial {
         let mut wanted = None;
         let mut state = self.state.lock().expect("partial state");
         for ((i, len, key), got) in ahead.into_iter().zip(fetched) {
+            // Written by this handle while the GETs ran (its PUT perhaps not returned, so the GET found nothing):
+            // the cached bytes are the ones stored, never to be replaced by what the GET saw.
+            if let Some(bytes) = Self::cached_in(&state, i) {
+                if i == index {
+                    wanted = Some(bytes);
+                }
+                continue;
+            }
             let bytes = match got {
                 Some(f) if f.bytes.len() == len as usize => f.bytes,
+                // A chunk ahead that is not stored yet: nothing to remember (the writer may store it next).
+                _ if i != index => continue,
                 _ => {
                     tracing::warn!(key = %key, "a chunk object is missing or damaged");
                     Bytes::from(vec![0u8; len as usize])
@@ -995,27 +1066,16 @@ impl ObjectPartial {
         }
     }
 
-    /// Waits for PUTs until at most `keep` are in flight.
-    fn settle(&self, keep: usize) -> io::Result<()> {
-        loop {
-            let next = {
-                let mut state = self.state.lock().expect("partial state");
-                if state.pending.len() <= keep {
-                    return Ok(());
-                }
-                state.pending.pop_front()
-            };
-            let Some((_, put)) = next else {
-                return Ok(());
-            };
-            self.shared.block_on(async {
-                put.await.map_err(|e| ObjectError::Store {
-                    op: "put",
-                    key: format!("a chunk ({e})"),
-                    kind: "task failed",
-                })?
-            })?;
-        }
+    /// Waits for a free PUT slot: at most `parallel` chunk PUTs of this partial are in flight.
+    fn put_slot(&self) -> io::Result<tokio::sync::OwnedSemaphorePermit> {
+        let puts = self.puts.clone();
+        self.shared.block_on(async {
+            puts.acquire_owned().await.map_err(|_| ObjectError::Store {
+                op: "put",
+                key: "a chunk".to_string(),
+                kind: "no PUT slot",
+            })
+        })
     }
 }
 
@@ -1052,17 +1112,18 @@ impl PartialFile for ObjectPartial {
                 )
             })?;
         let hash = self.manifest().chunks[index as usize].hash;
-        self.settle(self.shared.options.parallel.saturating_sub(1))?;
+        let slot = self.put_slot()?;
         let bytes = Bytes::copy_from_slice(data);
         let (store, key) = (self.shared.store.clone(), self.shared.layout.chunk(&hash));
         let put = {
             let bytes = bytes.clone();
-            self.shared
-                .handle
-                .spawn(async move { layout::put(&*store, &key, bytes).await.map(|_| ()) })
+            self.shared.handle.spawn(async move {
+                let _slot = slot;
+                layout::put(&*store, &key, bytes).await.map(|_| ())
+            })
         };
         let mut state = self.state.lock().expect("partial state");
-        state.pending.push_back((index, put));
+        state.pending.push(put);
         state.batch.push(index);
         state.batch_bytes += data.len() as u64;
         Self::remember(&mut state, index, bytes);
@@ -1074,34 +1135,47 @@ impl PartialFile for ObjectPartial {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.settle(0)?;
-        let (mut batch, bytes) = {
+        self.start_sync()?.wait()?;
+        let running = std::mem::take(&mut self.state.lock().expect("partial state").syncs);
+        self.shared.block_on(async {
+            for sync in running {
+                let _ = sync.await;
+            }
+            Ok(())
+        })?;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other("an earlier sync of this partial failed"));
+        }
+        Ok(())
+    }
+
+    fn start_sync(&self) -> io::Result<PendingSync> {
+        let (puts, mut batch, bytes) = {
             let mut state = self.state.lock().expect("partial state");
-            (std::mem::take(&mut state.batch), std::mem::take(&mut state.batch_bytes))
+            let taken = (
+                std::mem::take(&mut state.pending),
+                std::mem::take(&mut state.batch),
+                std::mem::take(&mut state.batch_bytes),
+            );
+            state.syncs.retain(|sync| !sync.is_finished());
+            taken
         };
         if batch.is_empty() {
-            return Ok(());
+            return Ok(PendingSync::finished(Ok(())));
         }
         batch.sort_unstable();
         batch.dedup();
-        // PUT by this session (their PUTs have returned): rule C confirms them at the commit.
-        let manifest = self.manifest();
-        self.transfer
-            .rely(batch.iter().filter_map(|&i| manifest.chunk(i)).map(|c| c.hash));
-        let entry = JournalEntry {
-            manifest_id: self.manifest().id(),
-            ranges: encode_runs(batch),
-            received_bytes: bytes,
-            reused_bytes: 0,
-            rejected_chunks: 0,
-            updated: now_ns() / 1_000_000_000,
-            server: self.shared.server,
-            retract: false,
-        };
-        put_journal(&self.shared, self.transfer.id, &entry)?;
-        self.transfer.received_since.fetch_add(bytes, Ordering::Relaxed);
-        self.transfer.received_any.store(true, Ordering::Relaxed);
-        Ok(())
+        let (answer, pending) = oneshot::channel();
+        let (shared, transfer, failed) = (self.shared.clone(), self.transfer.clone(), self.failed.clone());
+        let sync = self.shared.handle.spawn(async move {
+            let result = journal_batch(&shared, &transfer, puts, batch, bytes).await;
+            if result.is_err() {
+                failed.store(true, Ordering::Release);
+            }
+            let _ = answer.send(result.map_err(to_io));
+        });
+        self.state.lock().expect("partial state").syncs.push(sync);
+        Ok(PendingSync::running(pending))
     }
 
     fn sync_all(&self) -> io::Result<()> {

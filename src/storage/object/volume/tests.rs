@@ -279,3 +279,43 @@ fn the_volume_works_from_the_runtimes_blocking_threads() {
     });
     assert!(committed.is_some());
 }
+
+/// A started sync answers only once its chunk PUTs and then its journal entry returned, and the next batch's PUTs
+/// run meanwhile: two batches of two chunks reach four chunk PUTs in flight (the store holds each one until four
+/// run), where a sync that waited for its own batch before returning never let more than two run.
+#[test]
+fn a_started_sync_lets_the_next_batch_put_while_it_runs() {
+    let rt = runtime();
+    let (bytes, manifest) = file(4, 7);
+    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
+        Layout::new("", ""),
+        manifest.clone(),
+        4,
+        Duration::from_secs(5),
+    ));
+    let store: Arc<dyn ObjectStore> = gated.clone();
+    let volume = ObjectVolume::new(rt.handle().clone(), store, "", "", ObjectOptions::default());
+    let dest = path("pipelined.bin");
+    let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+
+    write_chunks(&partial, &bytes, &manifest, &[0, 1]);
+    let mut first = partial.start_sync().unwrap();
+    assert!(first.try_result().is_none(), "answered while its chunk PUTs were held");
+    assert!(gated.journaled().is_empty(), "journaled before its chunks were stored");
+    write_chunks(&partial, &bytes, &manifest, &[2, 3]);
+    first.wait().unwrap();
+    partial.sync_data().unwrap();
+
+    assert_eq!(
+        gated.most_in_flight(),
+        4,
+        "the second batch's PUTs ran beside the first's"
+    );
+    assert_eq!(
+        gated.journaled(),
+        vec![true, true],
+        "each entry after the chunks it names"
+    );
+    let durable = volume.durable(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    assert_eq!(present(&durable.chunks), vec![0, 1, 2, 3]);
+}

@@ -1,0 +1,138 @@
+//! [`GatedStore`] (tests only): an in-memory store that counts the chunk PUTs in flight and holds each one until
+//! enough run at once, so a test can tell whether a writer keeps PUTs in flight across its syncs, without timing
+//! anything. It also records, for every journal entry PUT, whether each chunk object it names already existed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+use tokio::sync::watch;
+
+use super::layout::{JournalEntry, Layout};
+use crate::manifest::Manifest;
+
+/// An [`InMemory`] store whose chunk PUTs wait until `hold_until` of them run at once (then every PUT passes), or
+/// until `patience` passed (so a writer that never gets there fails its test instead of hanging it).
+#[derive(Debug)]
+pub(crate) struct GatedStore {
+    inner: InMemory,
+    layout: Layout,
+    manifest: Arc<Manifest>,
+    hold_until: usize,
+    patience: Duration,
+    running: AtomicUsize,
+    most: AtomicUsize,
+    open: watch::Sender<bool>,
+    /// Per journal entry PUT (not retractions): whether every chunk it names had been stored before it.
+    journaled: Mutex<Vec<bool>>,
+}
+
+impl std::fmt::Display for GatedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GatedStore({})", self.inner)
+    }
+}
+
+impl GatedStore {
+    /// A store for the namespace `layout`, whose journal entries name chunks of `manifest`.
+    pub(crate) fn new(layout: Layout, manifest: Arc<Manifest>, hold_until: usize, patience: Duration) -> Self {
+        GatedStore {
+            inner: InMemory::new(),
+            layout,
+            manifest,
+            hold_until,
+            patience,
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            open: watch::Sender::new(false),
+            journaled: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The most chunk PUTs seen in flight at once.
+    pub(crate) fn most_in_flight(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+
+    /// Per journal entry, in the order they were PUT: whether its chunks were all stored before it.
+    pub(crate) fn journaled(&self) -> Vec<bool> {
+        self.journaled.lock().unwrap().clone()
+    }
+
+    async fn put_chunk(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        if now >= self.hold_until {
+            self.open.send_replace(true);
+        }
+        let mut open = self.open.subscribe();
+        let _ = tokio::time::timeout(self.patience, open.wait_for(|open| *open)).await;
+        let result = self.inner.put_opts(location, payload, opts).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn check_journal(&self, payload: &PutPayload) {
+        let bytes: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+        let Ok(entry) = JournalEntry::decode(&bytes) else {
+            return;
+        };
+        if entry.retract {
+            return;
+        }
+        let mut stored = true;
+        for index in entry.ranges.iter().flat_map(|r| r.indices()) {
+            let Some(chunk) = self.manifest.chunk(index) else {
+                stored = false;
+                continue;
+            };
+            stored &= self.inner.head(&self.layout.chunk(&chunk.hash)).await.is_ok();
+        }
+        self.journaled.lock().unwrap().push(stored);
+    }
+}
+
+#[async_trait]
+impl ObjectStore for GatedStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        if self.layout.parse_chunk(location).is_some() {
+            return self.put_chunk(location, payload, opts).await;
+        }
+        if location.as_ref().contains("/journal/") {
+            self.check_journal(&payload).await;
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
