@@ -25,7 +25,7 @@ start_proxy() {
   "$proxy_bin" "$1" 20 > "$work/proxy.out" &
   proxy_pid=$!
   pids+=("$proxy_pid")
-  for _ in $(seq 100); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
+  for _ in $(seq 400); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
   proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
 }
 
@@ -36,7 +36,8 @@ round() {
   rm -rf "$work/root" "$work/state"; sync
   "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/server.out" &
   server=$!
-  for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
+  pids+=("$server")
+  for _ in $(seq 400); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   addr=$(sed -n 's/^ferry: listening on //p' "$work/server.out")
   start_proxy "$addr"
   t0=$(date +%s.%N)
