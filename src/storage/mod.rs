@@ -131,6 +131,13 @@ pub trait PartialFile: ReadAt {
     fn start_sync(&self) -> io::Result<PendingSync> {
         Ok(PendingSync::finished(self.sync_data()))
     }
+    /// Asks the disk to start writing `len` bytes at `offset` back now, without waiting and without making
+    /// anything durable (only [`PartialFile::sync_data`] does): the next sync then finds them mostly written
+    /// instead of starting a whole batch's writeback itself. A hint; the default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Makes bytes, length, mode and mtime durable (`fsync`).
     fn sync_all(&self) -> io::Result<()>;
     /// Sets the permission bits (`mode & 0o777`) and the mtime the manifest asks for.

@@ -112,6 +112,8 @@ fn parent(name: &str) -> &str {
 
 #[derive(Default)]
 struct Disk {
+    /// Writebacks started ([`PartialFile::start_writeback`]): hints, not operations.
+    writeback_hints: u64,
     files: HashMap<u64, SimFile>,
     next_ino: u64,
     durable_names: BTreeMap<String, u64>,
@@ -249,6 +251,11 @@ impl SimVolume {
     /// Mutating operations so far.
     pub(crate) fn ops(&self) -> u64 {
         self.lock().ops
+    }
+
+    /// Writebacks started so far ([`PartialFile::start_writeback`]).
+    pub(crate) fn writeback_hints(&self) -> u64 {
+        self.lock().writeback_hints
     }
 
     /// What the crashing operation was, if the armed crash happened.
@@ -661,6 +668,16 @@ impl PartialFile for SimHandle {
         let mut disk = self.lock();
         disk.tick(self.boot, "fdatasync")?;
         disk.sync_file(self.ino, false);
+        Ok(())
+    }
+
+    /// Counted, not a mutating operation, and no change to what a crash keeps: unsynced writes are already
+    /// dropped, kept or torn at random, whatever writeback started.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut disk = self.lock();
+        disk.alive(self.boot)?;
+        let _ = (offset, len);
+        disk.writeback_hints += 1;
         Ok(())
     }
 

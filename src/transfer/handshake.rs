@@ -35,8 +35,12 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
         agent: agent(),
         client: token.map(|t| t.id.clone()).unwrap_or_default(),
     });
+    let sent = std::time::Instant::now();
     super::send_within(conn, &hello, timeout, "sending Hello").await?;
     let mut reply = recv(conn, timeout, "waiting for Welcome").await.map_err(tls_server)?;
+    // Hello to the first answer (Welcome or Challenge): the server does little in between, so this is the
+    // link's round trip, where the sender's window starts (proto-spec.md §6).
+    conn.set_round_trip(sent.elapsed());
     if let Message::Challenge(Challenge { nonce }) = reply {
         let token = token.ok_or_else(|| {
             TransferError::refused(

@@ -208,6 +208,9 @@ pub async fn serve_join<S: AsyncRead + AsyncWrite + Unpin>(
     let mut chunks = Some(chunks);
     loop {
         tokio::select! {
+            // Biased: a durable batch's Ack goes out before the next chunk is read (the sender's delay
+            // sample, and its window, hold no time this loop spent reading).
+            biased;
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
             _ = round_over.cancelled(), if chunks.is_some() => chunks = None,
             event = events.recv() => match event {

@@ -325,6 +325,9 @@ pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let chunk_tx = round.as_ref().map(|(tx, _)| tx);
         let step = tokio::select! {
+            // Biased: a durable batch's Ack goes out before the next chunk is read (the sender's delay
+            // sample, and its window, hold no time this loop spent reading).
+            biased;
             _ = superseded.cancelled(), if chunk_tx.is_some() => Err(TransferError::Superseded),
             _ = shutdown.cancelled(), if chunk_tx.is_some() => Err(TransferError::ShuttingDown),
             event = events.recv() => match event.map(|e| join::route(&routes, e)) {

@@ -143,7 +143,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
     let needed = offer(conn, path, source, opts).await?;
-    let mut pipeline = Pipeline::new(source, opts);
+    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
     pipeline.need(&needed, false, stats, on_event)?;
     drive(conn, source, opts, &mut pipeline, false, stats, on_event).await?;
     commit(conn, source, opts, stats, on_event).await
@@ -157,7 +157,7 @@ pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut pipeline = Pipeline::new(source, opts);
+    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
     drive(conn, source, opts, &mut pipeline, true, stats, on_event)
         .await
         .map(|committed| committed.expect("a committing drive ends with Committed"))
@@ -193,7 +193,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             (stats, result)
         });
     }
-    let mut pipeline = Pipeline::new(source, opts);
+    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
     pipeline.need(&shares[0], false, stats, on_event)?;
     let own = drive(conn, source, opts, &mut pipeline, false, stats, on_event).await;
     let mut failure = own.err();
@@ -246,7 +246,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let mut ignore = |_| {};
-    let mut pipeline = Pipeline::new(source, opts);
+    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
     pipeline.need(share, false, stats, &mut ignore)?;
     drive(conn, source, opts, &mut pipeline, false, stats, &mut ignore).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -382,7 +382,8 @@ pub(super) struct Pipeline<'a> {
 }
 
 impl<'a> Pipeline<'a> {
-    pub(super) fn new(source: &Source, opts: &'a SendOptions) -> Self {
+    /// A pipeline for `source`; `round_trip` is the handshake's (where a default window starts, [`Window::sized`]).
+    pub(super) fn new(source: &Source, opts: &'a SendOptions, round_trip: Option<Duration>) -> Self {
         Pipeline {
             source: source.clone(),
             opts,
@@ -393,7 +394,7 @@ impl<'a> Pipeline<'a> {
             in_flight: HashSet::new(),
             in_flight_bytes: 0,
             window: if opts.size_window {
-                Window::sized(opts.window)
+                Window::sized(opts.window, round_trip)
             } else {
                 Window::fixed(opts.window)
             },
@@ -418,6 +419,8 @@ impl<'a> Pipeline<'a> {
         conn.write_chunk(chunk.index, &chunk.data, Some(self.opts.io_timeout))
             .await
             .map_err(|e| timeout_as(e, "sending chunks"))?;
+        // Stamped once on the socket, so the send-to-Ack delay holds no local queueing (proto-spec.md §6).
+        self.window.sent(chunk.index, std::time::Instant::now());
         self.recycle(chunk.data);
         self.opts.meter.moved(len);
         stats.bytes_sent += len;
@@ -519,6 +522,7 @@ impl<'a> Pipeline<'a> {
             let len = self.chunk_len(index);
             let committed = self.in_flight_bytes + self.reading_bytes;
             if committed > 0 && committed + len > self.window.bytes() {
+                self.window.blocked();
                 return;
             }
             self.pop_pending();
@@ -557,7 +561,6 @@ impl<'a> Pipeline<'a> {
         self.reading_bytes -= len;
         if self.in_flight.insert(chunk.index) {
             self.in_flight_bytes += len;
-            self.window.sent(chunk.index, std::time::Instant::now());
         }
         Ok(chunk)
     }

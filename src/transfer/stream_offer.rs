@@ -350,6 +350,9 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let taking = queue.is_some();
         let step = tokio::select! {
+            // Biased: a durable batch's Ack goes out before the next chunk is read (the sender's delay
+            // sample, and its window, hold no time this loop spent reading).
+            biased;
             _ = superseded.cancelled(), if taking => Err(TransferError::Superseded),
             _ = shutdown.cancelled(), if taking => Err(TransferError::ShuttingDown),
             event = events.recv() => match event {

@@ -122,7 +122,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         file: source.file.clone(),
         manifest: Arc::new(manifest.clone()),
     };
-    let mut pipeline = Pipeline::new(&whole, opts);
+    let mut pipeline = Pipeline::new(&whole, opts, conn.round_trip());
     let mut stage = Stage::Hashing;
     let mut needed = (0u64, 0u64);
     loop {

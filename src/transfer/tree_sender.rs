@@ -343,7 +343,7 @@ impl<'a> SmallFiles<'a> {
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
             window: if opts.size_window {
-                Window::sized(opts.window.max(TREE_WINDOW))
+                Window::sized(opts.window.max(TREE_WINDOW), None)
             } else {
                 Window::fixed(opts.window)
             },

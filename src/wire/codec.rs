@@ -55,10 +55,16 @@ pub fn encode_frame(msg: &Message, max_frame: u32, out: &mut Vec<u8>) -> Result<
     Ok(())
 }
 
+/// The `Message::Chunk` variant's index (bincode writes it as a `u32` tag).
+const CHUNK_TAG: u32 = 4;
+
+/// Bytes of a `Chunk` frame before its payload: the length prefix, the tag, the index and the payload's `u64`
+/// length.
+pub const CHUNK_HEADER: usize = LEN_PREFIX + 4 + 4 + 8;
+
 /// Appends the frame prefix and the body up to the payload of a `Chunk{index, data}` whose payload is `len` bytes
 /// (tag 4, index, u64 length): followed by the payload, the frame equals [`encode_frame`]'s.
 pub fn encode_chunk_header(index: u32, len: usize, max_frame: u32, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    const CHUNK_TAG: u32 = 4;
     let body = 4 + 4 + 8 + len as u64;
     if body > u64::from(max_frame) {
         return Err(CodecError::FrameTooLarge {
@@ -108,6 +114,27 @@ pub fn decode_frame(buf: &[u8], max_frame: u32) -> Result<Option<(Message, usize
         .deserialize(body)
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     Ok(Some((msg, LEN_PREFIX + len)))
+}
+
+/// If `buf` starts with a whole, well-formed `Chunk` frame, its index and payload length: the payload is then
+/// `buf[CHUNK_HEADER..CHUNK_HEADER + len]`, exactly what [`decode_frame`] would decode (its length fills the body,
+/// so no trailing byte). `None` for anything else, which [`decode_frame`] then decodes or refuses. Lets the
+/// connection hand a big payload over in the buffer it was read into instead of copying it out.
+pub fn chunk_frame(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, CodecError> {
+    let Some(len) = frame_len(buf, max_frame)? else {
+        return Ok(None);
+    };
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(None);
+    };
+    let field = |at: usize| -> [u8; 4] { body[at..at + 4].try_into().expect("4 bytes") };
+    if body.len() < CHUNK_HEADER - LEN_PREFIX || u32::from_le_bytes(field(0)) != CHUNK_TAG {
+        return Ok(None);
+    }
+    let index = u32::from_le_bytes(field(4));
+    let payload = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+    let fills_body = payload == (len - (CHUNK_HEADER - LEN_PREFIX)) as u64;
+    Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
 }
 
 /// Encodes a store record with the same layout as frame bodies.

@@ -25,15 +25,31 @@ struct Counting;
 thread_local! {
     /// `Some(largest so far)` while the current thread measures, `None` otherwise.
     static LARGEST: Cell<Option<usize>> = const { Cell::new(None) };
+    /// `Some(bytes so far)` while the current thread measures, `None` otherwise.
+    static TOTAL: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 fn record(size: usize) {
-    // A const-initialised Cell without a destructor: reading it never allocates, so this cannot recurse.
+    // Const-initialised Cells without a destructor: reading them never allocates, so this cannot recurse.
     let _ = LARGEST.try_with(|largest| {
         if let Some(max) = largest.get() {
             largest.set(Some(max.max(size)));
         }
     });
+    let _ = TOTAL.try_with(|total| {
+        if let Some(sum) = total.get() {
+            total.set(Some(sum + size));
+        }
+    });
+}
+
+/// Runs `f` and returns its result with the bytes it allocated on this thread (each allocation and each
+/// reallocation's new size counted).
+pub(super) fn allocated_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    TOTAL.with(|t| t.set(Some(0)));
+    let out = f();
+    let total = TOTAL.with(|t| t.replace(None)).unwrap_or(0);
+    (out, total)
 }
 
 // SAFETY: every call is forwarded unchanged to `System`; `record` only reads and writes a thread-local Cell.

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A/B of two ferry builds over a link with latency: the same push of a random file through examples/delay_proxy (20 ms
+# each way, a 40 ms round trip, as compare.sh), default flags, binary A and binary B alternated round by round (and
+# rsync to an rsync daemon through the same proxy, if rsync is installed), so the machine's noise hits all alike.
+# Prints medians and ratios. Usage: bench/ab-rtt.sh A_BIN B_BIN [SIZE_MIB=512] [ROUNDS=5] [extra push args...].
+# PROXY_BIN points at a built delay_proxy (default: target/release/examples/delay_proxy). Not run by CI.
+set -euo pipefail
+a_bin=$(realpath "$1")
+b_bin=$(realpath "$2")
+size_mib=${3:-512}
+rounds=${4:-5}
+shift $(( $# < 4 ? $# : 4 ))
+repo=$(cd "$(dirname "$0")/.." && pwd)
+proxy_bin=${PROXY_BIN:-$repo/target/release/examples/delay_proxy}
+work=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", b-a}'; }
+
+# start_proxy UPSTREAM: sets proxy_addr and proxy_pid.
+start_proxy() {
+  "$proxy_bin" "$1" 20 > "$work/proxy.out" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  for _ in $(seq 400); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
+  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
+}
+
+# round BIN LABEL: a fresh server and state, one push through the proxy; appends the wall time to LABEL's file.
+round() {
+  local bin=$1 label=$2 addr server t0
+  shift 2
+  rm -rf "$work/root" "$work/state"; sync
+  "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/server.out" &
+  server=$!
+  pids+=("$server")
+  for _ in $(seq 400); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
+  addr=$(sed -n 's/^ferry: listening on //p' "$work/server.out")
+  start_proxy "$addr"
+  t0=$(date +%s.%N)
+  "$bin" -q push "$work/src.bin" "ferry://$proxy_addr/src.bin" --state "$work/state" "$@"
+  seconds "$t0" "$(date +%s.%N)" >> "$work/$label"
+  kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true
+  kill -INT "$server"; wait "$server" || true
+  cmp "$work/src.bin" "$work/root/src.bin"
+}
+
+rsync_round() {
+  local t0
+  rm -rf "$work/rsync-dst/"*
+  start_proxy "127.0.0.1:$rsync_port"
+  t0=$(date +%s.%N)
+  rsync -t "$work/src.bin" "rsync://$proxy_addr/dst/src.bin"
+  seconds "$t0" "$(date +%s.%N)" >> "$work/rsync"
+  kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true
+}
+
+labels="a b"
+if command -v rsync > /dev/null; then
+  labels="a b rsync"
+  rsync_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$work/rsync-dst"
+  printf 'use chroot = no\nuid = %s\ngid = %s\npid file = %s\n[dst]\n  path = %s\n  read only = no\n' \
+    "$(id -u)" "$(id -g)" "$work/rsyncd.pid" "$work/rsync-dst" > "$work/rsyncd.conf"
+  rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
+  pids+=("$!")
+  sleep 0.5
+fi
+
+for i in $(seq "$rounds"); do
+  if (( i % 2 )); then round "$a_bin" a "$@"; round "$b_bin" b "$@"; else round "$b_bin" b "$@"; round "$a_bin" a "$@"; fi
+  [ "$labels" = "a b" ] || rsync_round
+done
+echo "# bench/ab-rtt.sh $size_mib MiB over a 40 ms round trip, $rounds rounds, $(date -u +%F) ($(nproc) cores)"
+for label in $labels; do
+  printf '%-6s median %s s   (%s)\n' "$label" "$(median < "$work/$label")" "$(paste -sd' ' "$work/$label")"
+done
+a=$(median < "$work/a"); b=$(median < "$work/b")
+printf 'B/A %.2f\n' "$(awk -v a="$a" -v b="$b" 'BEGIN{print b/a}')"
+if [ "$labels" != "a b" ]; then
+  r=$(median < "$work/rsync")
+  printf 'A/rsync %.2f  B/rsync %.2f\n' "$(awk -v a="$a" -v r="$r" 'BEGIN{print a/r}')" "$(awk -v b="$b" -v r="$r" 'BEGIN{print b/r}')"
+fi
