@@ -56,14 +56,34 @@ alive() {
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$(dirname "$pidfile")/garage.toml"
 }
 
+# free_ports N: N distinct ports free on 127.0.0.1 now, taken BELOW the kernel's ephemeral range when there is
+# room: a node killed and started again must get its old ports back, and a port in the ephemeral range may have
+# been taken meanwhile as the source port of any outgoing connection on the machine (ferry's, the other nodes')
 free_ports() {
   python3 - "$1" <<'EOF'
-import socket, sys
+import random, socket, sys
+want = int(sys.argv[1])
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
 socks = []
-for _ in range(int(sys.argv[1])):
+def take(port):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return False
     socks.append(s)
+    return True
+if low > 11000:
+    for port in random.sample(range(10000, low), min(low - 10000, 50 * want)):
+        if len(socks) == want:
+            break
+        take(port)
+while len(socks) < want:
+    take(0)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
@@ -260,8 +280,16 @@ cmd_start_node() {
   node_arg "${1:-}"
   [[ -f "$D/node$1/garage.toml" ]] || die "node $1 of $D was never started"
   alive "$D/node$1/pid" && die "node $1 of $D is running"
-  start_node "$1"
-  wait_node "$1" || die "node $1 did not come back (see $D/node$1/log)"
+  # a few attempts: a port of the node may still be held for a moment (a connection closing on it)
+  local attempt
+  for attempt in 1 2 3; do
+    start_node "$1"
+    wait_node "$1" && return 0
+    alive "$D/node$1/pid" && break # running but not answering: another attempt would not help
+    log "node $1 exited at start (attempt $attempt): $(tail -n 3 "$D/node$1/log" 2>/dev/null | tr '\n' ' ')"
+    sleep 2
+  done
+  die "node $1 did not come back (see $D/node$1/log)"
 }
 
 # start_time PID: the process's start time (field 22 of /proc/PID/stat), empty once it is gone; with the pid it
