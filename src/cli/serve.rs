@@ -187,6 +187,8 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
     let server = tokio::task::spawn_blocking(move || Server::open(config))
         .await
         .map_err(|e| ServerError::Accept(std::io::Error::other(e)))??;
+    // Before the banner: a SIGTERM sent as soon as the server says it is listening must shut it down, not kill it.
+    let signals = ShutdownSignals::install();
     // One write, errors ignored: whoever started the server may stop reading stdout after the first line, and a
     // closed pipe must not take the server down.
     let mut banner = format!("ferry: listening on {addr}\n");
@@ -200,7 +202,7 @@ async fn run(args: ServeArgs) -> Result<(), ServeFailure> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         signal.cancel();
     });
@@ -341,17 +343,36 @@ fn is_loopback(listen: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+/// SIGTERM and SIGINT, registered when created: a signal that arrives before anything waits for it is kept, not
+/// left to its default action (which would end the process without a shutdown).
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Registers both signals now (a registration that fails leaves that signal to its default action).
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Waits for the first of them.
+    async fn wait(mut self) {
+        async fn received(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = received(self.term.as_mut()) => {}
+            () = received(self.interrupt.as_mut()) => {}
         }
     }
 }
