@@ -64,6 +64,17 @@ pub struct TreeCopy {
 /// refused with the reason (a directory or a symlink in the way, the staged file replaced meanwhile).
 pub type Settled = Result<Identity, String>;
 
+/// One read for [`TreeVolume::read_committed_many`]: `len` bytes at `offset` of the committed file at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedRead {
+    /// The committed file's path, as the store's chunk locations name it.
+    pub path: String,
+    /// Where the bytes start in the file.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: usize,
+}
+
 /// The tree receiver's storage for small files, directories and symlinks. Every method is blocking: call from
 /// blocking threads.
 pub trait TreeVolume: Send + Sync + Debug {
@@ -89,6 +100,15 @@ pub trait TreeVolume: Send + Sync + Debug {
     fn unchanged(&self, key: &RemotePath, len: u64, inode: u64, mtime: FileTime) -> bool;
     /// `len` bytes at `offset` of the committed file at `path` (not verified: the caller checks them).
     fn read_committed(&self, path: &str, offset: u64, len: usize) -> Option<Vec<u8>>;
+    /// [`TreeVolume::read_committed`] of every `(path, offset, len)` of `reads`, in order. The default reads one
+    /// at a time; a store with slow round trips overrides it to read several at once. The caller bounds the total
+    /// of `len`s (a batch's byte budget) and verifies every result.
+    fn read_committed_many(&self, reads: &[CommittedRead]) -> Vec<Option<Vec<u8>>> {
+        reads
+            .iter()
+            .map(|r| self.read_committed(&r.path, r.offset, r.len))
+            .collect()
+    }
     /// Writes a verified file's bytes, mode and mtime where no reader sees them yet.
     fn stage(&self, key: &RemotePath, data: &[u8], mode: u32, mtime: FileTime) -> io::Result<Staged>;
     /// Removes a staged file that will not be settled (best effort).

@@ -19,7 +19,7 @@ use super::small_writer::{BatchOutcome, SmallFile, SmallWriter, BATCH_BYTES, BAT
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 use crate::path::{link_walk, RemotePath};
 use crate::ranges::encode_runs;
-use crate::storage::{StoredFile, TreeVolume};
+use crate::storage::{CommittedRead, StoredFile, TreeVolume};
 use crate::tree::LinkPolicy;
 use crate::wire::{
     Connection, EntryKind, ErrorCode, FileData, Message, TreeAck, TreeCommitted, TreeEntry, TreeFailure, TreeNeed,
@@ -209,8 +209,8 @@ fn plan(
         reused_bytes: 0,
         budget: None,
     };
-    let mut local = Vec::new();
-    let mut local_bytes = 0u64;
+    let mut held = Vec::new();
+    let mut held_bytes = 0u64;
     let limited = ctx.limits.max_entries != u64::MAX;
     let shared = match tree.keys.first() {
         Some(key) if ctx.quota.is_some() || limited => ctx.volume.shared_usage(key, &[0; 32], true)?,
@@ -275,21 +275,21 @@ fn plan(
                 mtime,
                 mode,
             } => match (size == 0 || ctx.policy.reuse == Reuse::Full)
-                .then(|| held_content(ctx, size, &digest))
+                .then(|| held_reads(ctx, size, &digest))
                 .flatten()
             {
-                Some(data) => {
-                    plan.reused_bytes += size;
-                    local_bytes += size;
-                    local.push(SmallFile {
+                Some(reads) => {
+                    held_bytes += size;
+                    let file = SmallFile {
                         index,
                         key: key.clone(),
-                        data,
+                        data: Vec::new(),
                         digest,
                         mtime,
                         mode,
                         _budget: None,
-                    });
+                    };
+                    held.push(Held { file, reads });
                 }
                 // A large file goes through its own Offer, whose refusal would end the whole tree's session: refuse
                 // it here when something is in the way, so the rest of the tree still lands (small files meet
@@ -304,12 +304,12 @@ fn plan(
                 None => plan.needed.push(index),
             },
         }
-        if local.len() >= BATCH_FILES || local_bytes >= BATCH_BYTES {
-            settle(ctx, std::mem::take(&mut local), &mut plan)?;
-            local_bytes = 0;
+        if held.len() >= BATCH_FILES || held_bytes >= BATCH_BYTES {
+            settle_held(ctx, std::mem::take(&mut held), &mut plan)?;
+            held_bytes = 0;
         }
     }
-    settle(ctx, local, &mut plan)?;
+    settle_held(ctx, held, &mut plan)?;
     if let Some(entries) = entries {
         entries.finish(&ctx.store, &ctx.admission)?;
     }
@@ -407,9 +407,16 @@ fn unchanged(
     Ok(ctx.trees.unchanged(key, size, done.inode, done.mtime))
 }
 
-/// The bytes of a small file the receiver already holds somewhere (an empty file, or a committed chunk of exactly
-/// this content), verified.
-fn held_content(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash) -> Option<Vec<u8>> {
+/// A small file whose content the receiver may already hold, at the committed places `reads` (none for an empty
+/// file).
+struct Held {
+    file: SmallFile,
+    reads: Vec<CommittedRead>,
+}
+
+/// Where the receiver may already hold a small file's content: an empty file (no read), or up to two committed
+/// chunks of exactly this length; `None` when nowhere.
+fn held_reads(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash) -> Option<Vec<CommittedRead>> {
     if size == 0 {
         return (*blake3::hash(&[]).as_bytes() == *digest).then(Vec::new);
     }
@@ -417,15 +424,50 @@ fn held_content(ctx: &ReceiverContext, size: u64, digest: &crate::manifest::Hash
         return None;
     }
     let locations = ctx.store.chunk_locations(digest, 2).ok()?;
-    for location in locations.into_iter().filter(|l| u64::from(l.len) == size) {
-        let Some(data) = ctx.trees.read_committed(&location.path, location.offset, size as usize) else {
-            continue;
-        };
-        if blake3::hash(&data).as_bytes() == digest {
-            return Some(data);
+    let reads: Vec<CommittedRead> = (locations.into_iter())
+        .filter(|l| u64::from(l.len) == size)
+        .map(|l| CommittedRead {
+            path: l.path,
+            offset: l.offset,
+            len: size as usize,
+        })
+        .collect();
+    (!reads.is_empty()).then_some(reads)
+}
+
+/// Reads the content of a batch of held files, all at once per round (the volume bounds the requests in flight;
+/// the batch's byte budget bounds the memory), trying each file's next place in the next round; every byte is
+/// verified against the file's digest. Returns the files found and the indices of those not found.
+fn read_held(ctx: &ReceiverContext, held: Vec<Held>) -> (Vec<SmallFile>, Vec<u32>) {
+    let mut found: Vec<Option<Vec<u8>>> = held.iter().map(|h| h.reads.is_empty().then(Vec::new)).collect();
+    let rounds = held.iter().map(|h| h.reads.len()).max().unwrap_or(0);
+    for round in 0..rounds {
+        let ask: Vec<usize> = (0..held.len())
+            .filter(|&i| found[i].is_none() && held[i].reads.len() > round)
+            .collect();
+        let reads: Vec<CommittedRead> = ask.iter().map(|&i| held[i].reads[round].clone()).collect();
+        let got = ctx.trees.read_committed_many(&reads);
+        for (i, data) in ask.into_iter().zip(got) {
+            found[i] = data.filter(|d| blake3::hash(d).as_bytes() == &held[i].file.digest);
         }
     }
-    None
+    let mut files = Vec::new();
+    let mut missing = Vec::new();
+    for (h, data) in held.into_iter().zip(found) {
+        match data {
+            Some(data) => files.push(SmallFile { data, ..h.file }),
+            None => missing.push(h.file.index),
+        }
+    }
+    (files, missing)
+}
+
+/// Reads and commits a batch of held files; those not found (or not matching) are needed after all.
+fn settle_held(ctx: &ReceiverContext, held: Vec<Held>, plan: &mut Plan) -> Result<(), TransferError> {
+    let (files, missing) = read_held(ctx, held);
+    plan.reused_bytes += files.iter().map(|f| f.data.len() as u64).sum::<u64>();
+    plan.needed.extend(missing);
+    settle(ctx, files, plan)
 }
 
 /// Applies the mode and mtime of every directory entry, deepest first (so a child's changes do not bump its

@@ -36,7 +36,7 @@ use super::volume::ObjectOptions;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::path::{link_walk, RemotePath};
 use crate::storage::object_gc::{confirm_before_commit, GcSettings, SystemClock};
-use crate::storage::tree::{Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
+use crate::storage::tree::{CommittedRead, Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
 use crate::storage::Identity;
 
 mod copy;
@@ -383,6 +383,30 @@ impl ObjectTrees {
         Ok((hash, SystemTime::now()))
     }
 
+    /// `len` bytes at `offset` of the committed file at `path`: from its manifest object when inline, else the
+    /// chunk of exactly that range (not verified: the caller checks them). Any failure reads as `None`.
+    async fn read_one(&self, path: &str, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let Ok(Some(EntryKind::File { manifest, inline })) = self.entry(&RemotePath::parse(path).ok()?).await else {
+            return None;
+        };
+        if let Some(bytes) = inline {
+            let start = usize::try_from(offset).ok()?;
+            return bytes.get(start..start.checked_add(len)?).map(<[u8]>::to_vec);
+        }
+        let chunk = manifest
+            .chunks
+            .iter()
+            .find(|c| c.offset == offset && c.len as usize == len)?;
+        let key = self.layout.chunk(&chunk.hash);
+        match layout::get(&*self.store, &key, u64::from(chunk.len)).await {
+            Ok(fetched) => Some(fetched?.bytes.to_vec()),
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        }
+    }
+
     /// The committed file at `path`, if one is there.
     fn stored_manifest(&self, path: &RemotePath) -> Option<(Manifest, Option<serde_bytes::ByteBuf>)> {
         match self.block_on(self.entry(path)).ok()?? {
@@ -507,20 +531,13 @@ impl TreeVolume for ObjectTrees {
     }
 
     fn read_committed(&self, path: &str, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let (manifest, inline) = self.stored_manifest(&RemotePath::parse(path).ok()?)?;
-        if let Some(bytes) = inline {
-            let start = usize::try_from(offset).ok()?;
-            return bytes.get(start..start.checked_add(len)?).map(<[u8]>::to_vec);
-        }
-        let chunk = manifest
-            .chunks
-            .iter()
-            .find(|c| c.offset == offset && c.len as usize == len)?;
-        let key = self.layout.chunk(&chunk.hash);
-        let fetched = self
-            .block_on(layout::get(&*self.store, &key, u64::from(chunk.len)))
-            .ok()??;
-        Some(fetched.bytes.to_vec())
+        self.handle.block_on(self.read_one(path, offset, len))
+    }
+
+    fn read_committed_many(&self, reads: &[CommittedRead]) -> Vec<Option<Vec<u8>>> {
+        let reads = reads.iter().map(|r| self.read_one(&r.path, r.offset, r.len));
+        let stream = futures_util::stream::iter(reads).buffered(self.options.parallel.max(1));
+        self.handle.block_on(stream.collect())
     }
 
     fn stage(&self, _key: &RemotePath, data: &[u8], mode: u32, mtime: FileTime) -> io::Result<Staged> {

@@ -280,3 +280,135 @@ fn a_batch_record_names_the_chunks_before_their_manifests_are_put() {
     let named = ManifestReferences.chunks(&key, &record.bytes).unwrap();
     assert_eq!(named, [*blake3::hash(&mid).as_bytes()], "gc's mark keeps the chunk");
 }
+
+/// An [`InMemory`] store whose GETs wait until `hold_until` of them run at once (then every GET passes), or until
+/// a patience ran out (so a sequential reader fails its test instead of hanging it); it counts the most at once.
+#[derive(Debug)]
+struct GetGate {
+    inner: Arc<InMemory>,
+    hold_until: usize,
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Display for GetGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GetGate({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for GetGate {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        if now >= self.hold_until {
+            self.open.send_replace(true);
+        }
+        let mut open = self.open.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), open.wait_for(|open| *open)).await;
+        let result = self.inner.get_opts(location, options).await;
+        self.running.fetch_sub(1, SeqCst);
+        result
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures_util::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Held content of a batch is read with several GETs in flight at once (the default reads one at a time), and
+/// every read comes back in order, inline or from its chunk object.
+#[test]
+fn a_batch_of_committed_reads_keeps_several_gets_in_flight() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let a = trees(&rt, &store, Duration::from_secs(3600));
+    let files: Vec<(String, Vec<u8>)> = (0..4u8)
+        .map(|i| {
+            (
+                format!("t/f{i}"),
+                bytes(if i == 3 { 200 * 1024 } else { 100 + usize::from(i) }, i),
+            )
+        })
+        .collect();
+    let batch: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (p.as_str(), d.as_slice())).collect();
+    assert!(commit(&a, &batch).iter().all(Result::is_ok));
+
+    let gate = Arc::new(GetGate {
+        inner: store.clone(),
+        hold_until: 4,
+        running: Default::default(),
+        most: Default::default(),
+        open: tokio::sync::watch::Sender::new(false),
+    });
+    let gated: Arc<dyn ObjectStore> = gate.clone();
+    let options = ObjectOptions {
+        parallel: 4,
+        ..ObjectOptions::default()
+    };
+    let b = ObjectTrees::new(
+        rt.handle().clone(),
+        gated,
+        Layout::new("", ""),
+        ServerId::random(),
+        options,
+    );
+    let reads: Vec<CommittedRead> = files
+        .iter()
+        .map(|(p, d)| CommittedRead {
+            path: p.clone(),
+            offset: 0,
+            len: d.len(),
+        })
+        .collect();
+    let got = b.read_committed_many(&reads);
+    let want: Vec<Option<Vec<u8>>> = files.into_iter().map(|(_, d)| Some(d)).collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        gate.most.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "4 GETs in flight at once"
+    );
+}
