@@ -111,7 +111,17 @@ async fn s3_push_then_pull_through_another_server() {
     assert_eq!(count(&store, &layout.chunks()).await as u64, pushed.u64("chunks"));
     assert_eq!(count(&store, &layout.files()).await, 1);
     assert_eq!(count(&store, &layout.open()).await, 0);
-    assert_eq!(count(&store, &layout.namespace().clone().join("journal")).await, 0);
+    // The journal is deleted after `Committed` was answered, in the background.
+    let journal = layout.namespace().clone().join("journal");
+    let mut left = count(&store, &journal).await;
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        left = count(&store, &journal).await;
+    }
+    assert_eq!(left, 0, "the journal outlived the commit");
 }
 
 #[tokio::test]

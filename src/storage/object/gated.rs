@@ -1,13 +1,14 @@
 //! [`GatedStore`] (tests only): an in-memory store that counts the chunk PUTs in flight and holds each one until
 //! enough run at once, so a test can tell whether a writer keeps PUTs in flight across its syncs, without timing
-//! anything. It also records, for every journal entry PUT, whether each chunk object it names already existed.
+//! anything. It also records, for every journal entry PUT, whether each chunk object it names already existed, and
+//! can hold the DELETEs of journal objects (to see what a commit waits for).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::stream::BoxStream;
+use futures_util::stream::{BoxStream, StreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
@@ -33,6 +34,8 @@ pub(crate) struct GatedStore {
     open: watch::Sender<bool>,
     /// Per journal entry PUT (not retractions): whether every chunk it names had been stored before it.
     journaled: Mutex<Vec<bool>>,
+    /// Whether DELETEs of journal objects pass (else each waits until they do, or `patience` passed).
+    deletes: watch::Sender<bool>,
 }
 
 impl std::fmt::Display for GatedStore {
@@ -54,7 +57,18 @@ impl GatedStore {
             most: AtomicUsize::new(0),
             open: watch::Sender::new(false),
             journaled: Mutex::new(Vec::new()),
+            deletes: watch::Sender::new(true),
         }
+    }
+
+    /// Holds every DELETE of a journal object from now until [`GatedStore::release_deletes`].
+    pub(crate) fn hold_deletes(&self) {
+        self.deletes.send_replace(false);
+    }
+
+    /// Lets the held DELETEs of journal objects, and every later one, pass.
+    pub(crate) fn release_deletes(&self) {
+        self.deletes.send_replace(true);
     }
 
     /// The most chunk PUTs seen in flight at once.
@@ -121,7 +135,17 @@ impl ObjectStore for GatedStore {
     }
 
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        let (gate, patience) = (self.deletes.subscribe(), self.patience);
+        let held = locations.then(move |location| {
+            let mut gate = gate.clone();
+            async move {
+                if matches!(&location, Ok(key) if key.as_ref().contains("/journal/")) {
+                    let _ = tokio::time::timeout(patience, gate.wait_for(|open| *open)).await;
+                }
+                location
+            }
+        });
+        self.inner.delete_stream(held.boxed())
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {

@@ -853,15 +853,21 @@ pub async fn delete_transfer(
     path: PathId,
     transfer: TransferId,
 ) -> Result<(), ObjectError> {
+    delete_journal(store, layout, transfer).await?;
+    delete_all(store, vec![layout.open_record(path, transfer)]).await
+}
+
+/// Deletes one transfer's journal (a LIST, then one bulk DELETE), leaving its record alone.
+pub async fn delete_journal(store: &dyn ObjectStore, layout: &Layout, transfer: TransferId) -> Result<(), ObjectError> {
     let journal: Vec<Path> = list(store, &layout.journal(transfer))
         .await?
         .into_iter()
         .map(|meta| meta.location)
         .collect();
-    if !journal.is_empty() {
-        delete_all(store, journal).await?;
+    if journal.is_empty() {
+        return Ok(());
     }
-    delete_all(store, vec![layout.open_record(path, transfer)]).await
+    delete_all(store, journal).await
 }
 
 #[cfg(test)]

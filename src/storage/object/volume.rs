@@ -8,8 +8,8 @@
 //! batch's journal entry, and only then answers (so a chunk is durable for the whole group before the engine
 //! records and acknowledges it), while the writer goes on with the next batch; `sync_data` waits for that and for
 //! every earlier sync; `read_at` serves the digest follower from a bounded cache of the chunks this handle stored,
-//! else GETs the chunk object; `place` PUTs the manifest object (the commit) and then deletes the transfer's
-//! record and journal.
+//! else GETs the chunk object; `place` PUTs the manifest object (the commit), deletes the transfer's record, and
+//! leaves its journal to a background delete so that `Committed` does not wait for it.
 //!
 //! The seam is blocking: every method runs on a blocking thread (the engine's `spawn_blocking`, the writer and
 //! digest threads) and drives the store through [`tokio::runtime::Handle::block_on`], which panics on an async
@@ -44,6 +44,8 @@ use crate::storage::{
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Chunks of a manifest checked by HEAD each; more are checked by listing the shards they fall in.
 const HEAD_BELOW: usize = 16;
+/// Journals of committed transfers deleted at once, in the background, per volume.
+const JOURNAL_DELETES: usize = 4;
 
 /// How the object volume is set up.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +101,8 @@ struct Shared {
     server: ServerId,
     options: ObjectOptions,
     seq: AtomicU64,
+    /// Bounds the background deletes of committed transfers' journals ([`ObjectVolume::finish`]).
+    journal_deletes: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -182,6 +186,7 @@ impl ObjectVolume {
                 server,
                 options,
                 seq: AtomicU64::new(0),
+                journal_deletes: Arc::new(Semaphore::new(JOURNAL_DELETES)),
             }),
             open: Mutex::new(HashMap::new()),
             usage: Default::default(),
@@ -212,12 +217,20 @@ impl ObjectVolume {
         let shared = &self.shared;
         let (store, layout) = (&*shared.store, &shared.layout);
         let adopted = shared.block_on(async {
+            let mut others = Vec::new();
             for (tid, meta) in layout::list_records(store, layout, pid).await? {
                 if let Some(record) = layout::get_record(store, &meta.location).await? {
-                    if record.manifest.id() == id && record.path == path.as_str() {
+                    if record.path != path.as_str() {
+                        continue;
+                    }
+                    if record.manifest.id() == id {
                         return Ok(Some((tid, SystemTime::from(meta.last_modified))));
                     }
+                    others.push((tid, record.manifest.id()));
                 }
+            }
+            if let Err(e) = delete_finished(shared, path, pid, &others).await {
+                tracing::warn!(path = %path, error = %e, "a finished transfer's record stays until the next offer or gc");
             }
             Ok(None)
         })?;
@@ -391,6 +404,30 @@ impl ObjectVolume {
         })
     }
 
+    /// Ends a committed transfer: DELETEs its record now (one request; from then on no offer adopts it and no
+    /// status or quota counts it open), and its journal (a LIST and a bulk DELETE) in the background on the
+    /// runtime, at most [`JOURNAL_DELETES`] at once, so `Committed` does not wait for it. A journal left by a
+    /// failed or interrupted delete has no record: nothing reads it (durable sets are read through a record), and
+    /// gc expires it once as old as the partial TTL.
+    fn finish(&self, transfer: &Transfer, path: &RemotePath) {
+        let shared = &self.shared;
+        let record = shared.layout.open_record(transfer.path, transfer.id);
+        if let Err(e) = shared.block_on(layout::delete_all(&*shared.store, vec![record])) {
+            tracing::warn!(path = %path, error = %e, "committed, but the transfer's record stays until the next offer of the path or gc");
+            return;
+        }
+        let (store, layout, tid) = (shared.store.clone(), shared.layout.clone(), transfer.id);
+        let permits = shared.journal_deletes.clone();
+        shared.handle.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            if let Err(e) = layout::delete_journal(&*store, &layout, tid).await {
+                tracing::warn!(transfer = %tid, error = %e, "committed, but the journal stays until gc expires it");
+            }
+        });
+    }
+
     /// The tree receiver's storage in the same namespace and bucket (`tree.rs`).
     pub fn trees(&self) -> super::tree::ObjectTrees {
         let s = &self.shared;
@@ -425,6 +462,32 @@ pub struct DurableSet {
 /// Chunks of `manifest` not in `durable` that the live manifest `old` at the same path holds as chunk objects
 /// (rule R (a)): at the same offset, length and hash for in-place clients; any chunk with the same hash for full
 /// ones.
+/// Deletes the records (journal first) among `others` (tid, manifest id) of `path` whose manifest is the one
+/// committed there: transfers whose commit PUT landed but whose record outlived it (a crash or a failed DELETE
+/// right after the commit). Without this they would count as open transfers until gc expires them.
+async fn delete_finished(
+    shared: &Shared,
+    path: &RemotePath,
+    pid: PathId,
+    others: &[(TransferId, Hash)],
+) -> Result<(), ObjectError> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    let Ok(key) = shared.layout.file(path) else {
+        return Ok(());
+    };
+    let stored = layout::get_entry(&*shared.store, &key).await?;
+    let Some(committed) = stored.and_then(|s| s.entry.manifest().map(|_| s.entry.manifest_id)) else {
+        return Ok(());
+    };
+    for &(tid, _) in others.iter().filter(|(_, manifest)| *manifest == committed) {
+        tracing::info!(path = %path, transfer = %tid, "deleting the record of a transfer already committed");
+        layout::delete_transfer(&*shared.store, &shared.layout, pid, tid).await?;
+    }
+    Ok(())
+}
+
 fn rely_on_live(manifest: &Manifest, old: &Manifest, durable: &ChunkSet, rule: ReuseRule) -> Vec<u32> {
     let hashes: std::collections::HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
     manifest
@@ -852,13 +915,13 @@ impl Volume for ObjectVolume {
         };
         let file = layout.file(path).map_err(StorageError::Layout)?;
         self.confirm(key, &transfer)?;
+        tracing::debug!(path = %path, "rule C passed; putting the manifest object");
         // The commit: one PUT; readers see the old entry or this one. Then the transfer is finished.
         let put = shared.block_on(layout::put(store, &file, entry.encode().into()))?;
+        tracing::debug!(path = %path, "manifest object put; deleting the record");
         self.usage.note_commit(file, transfer.manifest.size, put.e_tag);
-        if let Err(e) = shared.block_on(layout::delete_transfer(store, layout, transfer.path, transfer.id)) {
-            tracing::warn!(path = %path, error = %e, "committed, but the transfer's record stays until the next offer or gc");
-        }
         self.open.lock().expect("open map").remove(key);
+        self.finish(&transfer, path);
         Ok(Box::new(Committed))
     }
 

@@ -66,6 +66,19 @@ fn keys_under(rt: &tokio::runtime::Runtime, store: &InMemory, prefix: &object_st
     rt.block_on(layout::list(store, prefix)).unwrap().len()
 }
 
+/// Keys under `prefix` once none are left, or after a bounded number of looks (deletes run in the background).
+fn eventually_none(rt: &tokio::runtime::Runtime, store: &dyn ObjectStore, prefix: &object_store::path::Path) -> usize {
+    let mut left = usize::MAX;
+    for _ in 0..500 {
+        left = rt.block_on(layout::list(store, prefix)).unwrap().len();
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    left
+}
+
 #[test]
 fn a_transfer_journaled_by_one_server_is_adopted_and_committed_by_another() {
     let rt = runtime();
@@ -112,9 +125,11 @@ fn a_transfer_journaled_by_one_server_is_adopted_and_committed_by_another() {
     assert!(seen.is_file);
     assert_eq!((seen.len, seen.mtime), (manifest.size, FileTime { secs: 9, nanos: 0 }));
     assert_eq!(keys_under(&rt, &store, &a.layout().open()), 0);
+    let journal = a.layout().namespace().clone().join("journal");
     assert_eq!(
-        keys_under(&rt, &store, &a.layout().namespace().clone().join("journal")),
-        0
+        eventually_none(&rt, &*store, &journal),
+        0,
+        "the journal deleted after the commit"
     );
     assert_eq!(
         keys_under(&rt, &store, &a.layout().chunks()),
@@ -318,4 +333,96 @@ fn a_started_sync_lets_the_next_batch_put_while_it_runs() {
     );
     let durable = volume.durable(&dest, &manifest, ReuseRule::InPlace).unwrap();
     assert_eq!(present(&durable.chunks), vec![0, 1, 2, 3]);
+}
+
+/// The commit answers once its manifest object and record are settled, without waiting for the transfer's journal
+/// to be deleted: the store holds journal DELETEs, `place` returns with the journal still there and the record
+/// gone, and the journal goes once the DELETEs pass. A `place` that deleted the journal before answering waits
+/// out the store's patience and answers with the journal gone.
+#[test]
+fn the_commit_answers_before_the_journal_is_deleted() {
+    let rt = runtime();
+    let (bytes, manifest) = file(4, 9);
+    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
+        Layout::new("", ""),
+        manifest.clone(),
+        1,
+        Duration::from_secs(5),
+    ));
+    let store: Arc<dyn ObjectStore> = gated.clone();
+    let volume = ObjectVolume::new(rt.handle().clone(), store.clone(), "", "", ObjectOptions::default());
+    let dest = path("committed.bin");
+    let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1, 2, 3]);
+    partial.sync_all().unwrap();
+    let verified = partial.identity().unwrap();
+    let journal = volume.layout().namespace().clone().join("journal");
+    assert!(!rt.block_on(layout::list(&*store, &journal)).unwrap().is_empty());
+
+    gated.hold_deletes();
+    volume.place(dest.as_str(), &dest, &verified).unwrap();
+    assert_eq!(volume.committed_id(&dest).unwrap(), Some(manifest.id()));
+    assert_eq!(
+        rt.block_on(layout::list(&*store, &volume.layout().open()))
+            .unwrap()
+            .len(),
+        0,
+        "the record is deleted before the commit answers"
+    );
+    assert!(
+        !rt.block_on(layout::list(&*store, &journal)).unwrap().is_empty(),
+        "the commit waited for the journal's DELETEs"
+    );
+    gated.release_deletes();
+    assert_eq!(
+        eventually_none(&rt, &*store, &journal),
+        0,
+        "the journal deleted in the background"
+    );
+}
+
+/// A record whose manifest is the one committed at its path (its commit PUT landed, its DELETE did not) is
+/// deleted, journal first, by the next offer of another manifest there: it no longer counts as an open transfer.
+#[test]
+fn the_next_offer_deletes_the_record_of_a_transfer_already_committed() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let (bytes, manifest) = file(4, 11);
+    let a = volume(&rt, &store);
+    let dest = path("left.bin");
+    let partial = a.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0, 1, 2, 3]);
+    partial.sync_all().unwrap();
+    // The commit PUT of a server that crashed right after it: the manifest object, the record still there.
+    let entry = EntryObject {
+        manifest_id: manifest.id(),
+        kind: EntryKind::File {
+            manifest: (*manifest).clone(),
+            inline: None,
+        },
+        committed_at: 1,
+        received_bytes: 0,
+        reused_bytes: 0,
+        rejected_chunks: 0,
+        transfer: TransferId::random(),
+        server: a.server(),
+    };
+    let file_key = a.layout().file(&dest).unwrap();
+    rt.block_on(layout::put(&*store, &file_key, entry.encode().into()))
+        .unwrap();
+    assert_eq!(keys_under(&rt, &store, &a.layout().open()), 1);
+
+    let (_, other) = file(4, 12);
+    let b = volume(&rt, &store);
+    b.open_for(&dest, &other, ReuseRule::InPlace).unwrap();
+    let records = rt
+        .block_on(layout::list_records(&*store, b.layout(), PathId::of(&dest)))
+        .unwrap();
+    assert_eq!(records.len(), 1, "only the new offer's record is left");
+    let journal = a.layout().namespace().clone().join("journal");
+    assert_eq!(
+        keys_under(&rt, &store, &journal),
+        0,
+        "the finished transfer's journal is deleted"
+    );
 }
