@@ -415,6 +415,11 @@ async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: Cancellat
     if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
         tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
         tell_peer(&mut conn, &e).await;
+        // The peer may have chunks in flight: read them (bounded) until it closes, so that closing does not reset
+        // the connection and discard the Error frame before the peer read it (it would then retry a final error).
+        let _ = conn.shutdown().await;
+        conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
+            .await;
     }
     drop(permit);
 }
@@ -499,6 +504,9 @@ async fn open_session(
 /// How long a refused peer's remaining bytes are read and dropped after the Error frame, so that closing does not
 /// reset the connection before the peer has read why.
 const LINGER: Duration = Duration::from_secs(1);
+
+/// What a failed session reads and drops at most after its Error frame: more than a default window in flight.
+const SESSION_DRAIN_BYTES: usize = 256 * 1024 * 1024;
 
 /// The ferry handshake (and authentication), to be completed by `deadline`.
 async fn handshake_by<S: AsyncRead + AsyncWrite + Unpin>(

@@ -338,7 +338,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads and drops whatever the peer still sends, until it closes, 1 MiB has passed, or `until`; so that closing
     /// after an Error frame does not reset the connection before the peer has read the frame.
     pub async fn drain(&mut self, until: Instant) {
-        let mut left = 1024 * 1024usize;
+        self.drain_at_most(until, 1024 * 1024).await;
+    }
+
+    /// [`Connection::drain`] with a bound of `max` bytes instead of 1 MiB: after a session's Error frame, the
+    /// peer may still have a whole window of chunks in flight, and closing with them unread would reset the
+    /// connection and lose the Error frame before the peer read it.
+    pub async fn drain_at_most(&mut self, until: Instant, max: usize) {
+        let mut left = max;
         let mut sink = [0u8; 8192];
         while left > 0 {
             match tokio::time::timeout_at(until, self.stream.read(&mut sink)).await {
