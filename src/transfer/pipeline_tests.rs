@@ -7,7 +7,7 @@ use std::time::Duration;
 use object_store::ObjectStore;
 use tokio::sync::mpsc;
 
-use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
+use super::writer::{queued_chunks, ChunkWriter, WriterEvent};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::ChunkSet;
@@ -15,7 +15,6 @@ use crate::storage::object::gated::GatedStore;
 use crate::storage::object::layout::{Layout, ReuseRule};
 use crate::storage::object::{ObjectOptions, ObjectVolume};
 use crate::store::{Progress, ReceiverStore, Store};
-use crate::wire::Chunk;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -76,24 +75,8 @@ fn the_writer_keeps_chunk_puts_in_flight_across_its_syncs() {
         Arc::default(),
         2 * CHUNK as u64,
     );
-    let (queue, incoming) = mpsc::channel(n as usize);
+    let incoming = queued_chunks(n, block);
     let (events, mut answers) = mpsc::unbounded_channel();
-    let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
-    for index in 0..n {
-        let chunk = Chunk {
-            index,
-            data: block(index),
-        };
-        let _budget = budget.clone().try_acquire_owned().unwrap();
-        queue
-            .try_send(QueuedChunk {
-                chunk,
-                stream: 0,
-                _budget,
-            })
-            .unwrap();
-    }
-    drop(queue);
     let writer = rt.block_on(async {
         tokio::task::spawn_blocking(move || writer.run(incoming, events))
             .await

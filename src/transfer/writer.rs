@@ -807,6 +807,29 @@ impl Wanted {
     }
 }
 
+/// `n` chunks, chunk `i` holding `block(i)`, queued for a writer as one stream would queue them, the queue then
+/// closed: the input of the writer's tests.
+#[cfg(test)]
+pub(crate) fn queued_chunks(n: u32, block: impl Fn(u32) -> Vec<u8>) -> mpsc::Receiver<QueuedChunk> {
+    let (queue, incoming) = mpsc::channel(n as usize);
+    let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
+    for index in 0..n {
+        let chunk = Chunk {
+            index,
+            data: block(index),
+        };
+        let _budget = budget.clone().try_acquire_owned().unwrap();
+        queue
+            .try_send(QueuedChunk {
+                chunk,
+                stream: 0,
+                _budget,
+            })
+            .unwrap();
+    }
+    incoming
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,23 +881,7 @@ mod tests {
             Arc::default(),
             batch_limit,
         );
-        let (queue, incoming) = mpsc::channel(n as usize);
-        let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
-        for index in 0..n {
-            let chunk = Chunk {
-                index,
-                data: block(index),
-            };
-            let _budget = budget.clone().try_acquire_owned().unwrap();
-            queue
-                .try_send(QueuedChunk {
-                    chunk,
-                    stream: 0,
-                    _budget,
-                })
-                .unwrap();
-        }
-        drop(queue);
+        let incoming = queued_chunks(n, block);
         let (events, mut answers) = mpsc::unbounded_channel();
         let writer = writer.run(incoming, events);
         let mut acked = Vec::new();
