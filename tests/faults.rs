@@ -432,6 +432,48 @@ async fn a_resume_does_not_read_the_durable_prefix_again_and_still_commits_a_ver
     assert!(bytes >= MIB as u64, "{bytes} bytes of the prefix trusted: {resumed}");
 }
 
+/// The same when the resume is a streamed offer (the client lost its state, so it hashes the file again and
+/// announces it piece by piece): the server holds its recorded digest state until the pieces carry the durable
+/// chunks it covers over, then starts from it instead of reading the prefix again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_resume_does_not_read_the_durable_prefix_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("backup.img");
+    write_random(&src, 6 * MIB + 777, 23);
+    interrupted_push(&server, &src, &state, 3 * MIB as u64).await;
+    server
+        .wait_for_log("session ended with an error", Duration::from_secs(30))
+        .await;
+    std::fs::remove_dir_all(&state).unwrap();
+
+    let out = push(&src, &server.url("backup.img"), &state, &SMALL).await;
+    out.assert_ok();
+    assert_eq!(
+        out.json["manifest_cached"], false,
+        "the resume was not a streamed offer: {}",
+        out.json
+    );
+    assert_eq!(b3(&server.root.join("backup.img")), b3(&src));
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    assert!(
+        log.contains("resuming a streamed transfer"),
+        "not a streamed resume:\n{log}"
+    );
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("the durable prefix is not read again"))
+        .unwrap_or_else(|| panic!("the streamed resume read the prefix again:\n{log}"));
+    let bytes: u64 = resumed
+        .split("bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the line says how many bytes");
+    assert!(bytes >= MIB as u64, "{bytes} bytes of the prefix trusted: {resumed}");
+}
+
 /// A server killed (SIGKILL) in the middle of a transfer may leave a recorded digest state older than the
 /// partial's last writes: after the restart the state is not trusted blindly, and the resumed file is verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,21 @@ pub(crate) struct ChunkWriter {
     pub(crate) syncs: u64,
     /// Bytes this writer wrote into the partial (the early batches are smaller, [`EARLY_BATCHES`]).
     session_bytes: u64,
+    /// A recorded digest state that described the partial when it was opened but covers more than the chunks
+    /// known so far: a streamed offer's resume, whose pieces carry the durable chunks over one by one. The
+    /// follower is held at offset 0 until the carried chunks cover it (then it starts from it) or a chunk below its
+    /// end is written or the manifest ends without covering it (then it is dropped and the follower reads).
+    deferred_prefix: Option<StackedPrefix>,
+}
+
+/// What the recorded digest state says about the partial just opened.
+enum RecordedPrefix {
+    /// Nothing to trust: none recorded, or the file changed since.
+    None,
+    /// It covers only chunks already known durable: start from it.
+    Now(PrefixDigest),
+    /// It describes the file but covers chunks not known yet (a streamed offer's later pieces).
+    Later(StackedPrefix),
 }
 
 impl ChunkWriter {
@@ -153,6 +168,7 @@ impl ChunkWriter {
             manifest_id: None,
             syncs: 0,
             session_bytes: 0,
+            deferred_prefix: None,
         }
         .recounted()
         .following()
@@ -198,23 +214,38 @@ impl ChunkWriter {
     }
 
     /// The digest state recorded for this partial, if it still describes it: the file unchanged since (same inode,
-    /// size, times), and no further than the chunks known durable from offset 0. The state hashes the partial's
-    /// bytes as they were read back, so it holds for whatever manifest is offered now (a streamed offer's pieces
-    /// so far, the whole manifest of the resume): a chunk of `[0, len)` that the new offer does not carry over is not
-    /// received, which the length check catches, and the whole-file digest is still checked at commit.
-    fn recorded_prefix(&mut self) -> Option<PrefixDigest> {
-        let record = self.store.digest_prefix(&self.key).ok().flatten()?;
-        let now = FileStamp::of(&self.file.change_stamp().ok()?);
-        let bound = record.partial.unchanged_at(&now) && record.len <= self.final_bytes();
-        if !bound {
-            tracing::info!(path = %self.key, "the recorded digest state no longer describes the partial; reading it again");
-            return None;
+    /// size, times), and no further than the chunks known durable from offset 0 ([`RecordedPrefix::Now`]), or
+    /// further, to be trusted once the chunks it covers are carried over ([`RecordedPrefix::Later`]). The state
+    /// hashes the partial's bytes as they were read back, so it holds for whatever manifest is offered now (a
+    /// streamed offer's pieces, the whole manifest of the resume): a chunk of `[0, len)` that the new offer does not
+    /// carry over is not received, which the length check catches, and the whole-file digest is still checked at
+    /// commit.
+    fn recorded_prefix(&mut self) -> RecordedPrefix {
+        let Some(record) = self.store.digest_prefix(&self.key).ok().flatten() else {
+            return RecordedPrefix::None;
+        };
+        let Ok(stamp) = self.file.change_stamp() else {
+            return RecordedPrefix::None;
+        };
+        let now = FileStamp::of(&stamp);
+        if !record.partial.unchanged_at(&now) {
+            tracing::info!(
+                path = %self.key,
+                recorded = ?record.partial,
+                now = ?now,
+                "the recorded digest state no longer describes the partial; reading it again"
+            );
+            return RecordedPrefix::None;
         }
-        tracing::info!(path = %self.key, bytes = record.len, "the durable prefix is not read again");
-        PrefixDigest::resume(StackedPrefix {
+        let prefix = StackedPrefix {
             len: record.len,
             stack: record.stack,
-        })
+        };
+        if record.len > self.final_bytes() {
+            return RecordedPrefix::Later(prefix);
+        }
+        tracing::info!(path = %self.key, bytes = prefix.len, "the durable prefix is not read again");
+        PrefixDigest::resume(prefix).map_or(RecordedPrefix::None, RecordedPrefix::Now)
     }
 
     /// Starts a new digest follower over the chunks received so far (dropping any earlier one), from the digest
@@ -224,25 +255,77 @@ impl ChunkWriter {
         self.contiguous = 0;
         self.advance_contiguous();
         self.follower = None;
-        let seed = self.recorded_prefix().unwrap_or_default();
-        let follower = DigestFollower::start_from(self.file.clone(), self.final_bytes(), seed);
+        self.deferred_prefix = None;
+        let seed = match self.recorded_prefix() {
+            RecordedPrefix::Now(seed) => seed,
+            RecordedPrefix::Later(prefix) => {
+                self.deferred_prefix = Some(prefix);
+                PrefixDigest::default()
+            }
+            RecordedPrefix::None => PrefixDigest::default(),
+        };
+        let ready = if self.deferred_prefix.is_some() {
+            0
+        } else {
+            self.final_bytes()
+        };
+        self.start_follower(ready, seed);
+        self
+    }
+
+    /// Starts the follower from `seed`, told that `[0, ready)` is final.
+    fn start_follower(&mut self, ready: u64, seed: PrefixDigest) {
+        let follower = DigestFollower::start_from(self.file.clone(), ready, seed);
         // Without a follower the commit reads the whole file; slower, never wrong.
         self.follower = follower
             .inspect_err(
                 |e| tracing::warn!(path = %self.key, error = %e, "no digest thread; the commit reads the whole file"),
             )
             .ok();
-        self
+    }
+
+    /// Tells the follower how far the file is final; first settles a deferred digest state (see
+    /// [`ChunkWriter::deferred_prefix`]): the follower starts from it once the final bytes cover it.
+    fn advance_follower(&mut self) {
+        let ready = self.final_bytes();
+        match &self.deferred_prefix {
+            Some(prefix) if prefix.len <= ready => {
+                let prefix = self.deferred_prefix.take().expect("matched above");
+                tracing::info!(path = %self.key, bytes = prefix.len, "the durable prefix is not read again");
+                let seed = PrefixDigest::resume(prefix).unwrap_or_default();
+                self.start_follower(ready, seed);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(follower) = &self.follower {
+                    follower.advance(ready);
+                }
+            }
+        }
+    }
+
+    /// Gives up a deferred digest state (the prefix it covers is being rewritten, or will not be carried over):
+    /// the follower reads from offset 0.
+    fn drop_deferred_prefix(&mut self) {
+        if self.deferred_prefix.take().is_some() {
+            tracing::info!(path = %self.key, "the recorded digest state is not carried over; reading the prefix again");
+            self.advance_follower();
+        }
     }
 
     /// Records that chunk `index` is written, and tells the follower how far the file is final.
     fn mark_written(&mut self, index: u32) {
         self.written.insert(index);
+        let below_deferred = match (&self.deferred_prefix, self.manifest.chunk(index)) {
+            (Some(prefix), Some(entry)) => entry.offset < prefix.len,
+            _ => false,
+        };
+        if below_deferred {
+            self.drop_deferred_prefix();
+        }
         if index == self.contiguous {
             self.advance_contiguous();
-            if let Some(follower) = &self.follower {
-                follower.advance(self.final_bytes());
-            }
+            self.advance_follower();
         }
     }
 
@@ -277,9 +360,7 @@ impl ChunkWriter {
             self.written.insert(index);
         }
         self.advance_contiguous();
-        if let Some(follower) = &self.follower {
-            follower.advance(self.final_bytes());
-        }
+        self.advance_follower();
     }
 
     /// Makes chunk `copy` a later copy of chunk `first`, which is still to arrive: when `first` verifies, its bytes
@@ -293,6 +374,7 @@ impl ChunkWriter {
         debug_assert_eq!(manifest.chunks, self.manifest.chunks);
         self.manifest = manifest;
         self.manifest_id = None;
+        self.drop_deferred_prefix();
     }
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
@@ -354,6 +436,13 @@ impl ChunkWriter {
     fn settle_prefix(&mut self) {
         const PATIENCE: Duration = Duration::from_secs(2);
         if self.received.is_complete() {
+            return;
+        }
+        if let Some(prefix) = self.deferred_prefix.clone() {
+            // Nothing below its end was written (that would have dropped it): it still holds, for the file as now.
+            if let Err(e) = self.save_progress_with(Some(prefix)) {
+                tracing::warn!(path = %self.key, error = %e, "could not record the digest state again");
+            }
             return;
         }
         let Some(follower) = &self.follower else {
