@@ -731,6 +731,19 @@ pub async fn head(store: &dyn ObjectStore, key: &Path) -> Result<Option<ObjectMe
     }
 }
 
+/// Whether any object lies below `key` (`key/...`): a directory made only by the entries under it, which has no
+/// `Dir` object of its own. One LIST request; only its first result is looked at.
+pub async fn any_below(store: &dyn ObjectStore, key: &Path) -> Result<bool, ObjectError> {
+    let mut stream = store.list(Some(key));
+    while let Some(meta) = stream.next().await {
+        let meta = meta.map_err(|e| ObjectError::store("list", key, &e))?;
+        if meta.location != *key {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Every object under `prefix` (recursive), at most [`MAX_LISTED`].
 pub async fn list(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<ObjectMeta>, ObjectError> {
     let mut stream = store.list(Some(prefix));

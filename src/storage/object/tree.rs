@@ -181,12 +181,20 @@ impl ObjectTrees {
         self.name_free(path).await
     }
 
-    /// Refuses a file at `path` when a directory or a symlink is there.
+    /// Refuses a file at `path` when a directory or a symlink is there, or, for a new name, entries below it (a
+    /// directory that single-file pushes made, with no `Dir` object of its own).
     async fn name_free(&self, path: &RemotePath) -> Result<(), Blocked> {
         match self.entry(path).await? {
             Some(EntryKind::Dir { .. }) => Err(Blocked::Refused(format!("{path} is a directory"))),
             Some(EntryKind::Symlink { .. }) => Err(Blocked::Refused(format!("{path} is a symlink"))),
-            _ => Ok(()),
+            Some(EntryKind::File { .. }) => Ok(()),
+            None => {
+                let key = self.layout.file(path).map_err(ObjectError::from)?;
+                match layout::any_below(&*self.store, &key).await? {
+                    true => Err(Blocked::Refused(format!("{path} is a directory"))),
+                    false => Ok(()),
+                }
+            }
         }
     }
 

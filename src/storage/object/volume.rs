@@ -739,10 +739,18 @@ impl Volume for ObjectVolume {
             let key = shared.layout.file(&parent).map_err(StorageError::Layout)?;
             let entry = shared.block_on(layout::get_entry(&*shared.store, &key))?;
             if entry.is_some_and(|e| !matches!(e.entry.kind, EntryKind::Dir { .. })) {
-                return Err(StorageError::BadPath(crate::path::PathError::NotAFile(
-                    parent.as_str().to_string(),
-                )));
+                return Err(in_the_way(&parent));
             }
+        }
+        // Nor a directory or a symlink at the name, and no entry below it: files pushed under `path/` make it a
+        // directory without a `Dir` object of its own. Two servers racing a file at `a` and one at `a/b` may
+        // both pass this check; the bucket then holds both, and `a` reads as the file (docs/object-store.md).
+        let key = shared.layout.file(path).map_err(StorageError::Layout)?;
+        let entry = shared.block_on(layout::get_entry(&*shared.store, &key))?;
+        if entry.is_some_and(|e| !matches!(e.entry.kind, EntryKind::File { .. }))
+            || shared.block_on(layout::any_below(&*shared.store, &key))?
+        {
+            return Err(in_the_way(path));
         }
         Ok(())
     }
@@ -964,6 +972,11 @@ impl Volume for ObjectVolume {
         // Reuse on an object store marks chunks durable by hash (`durable_elsewhere`); nothing is copied.
         None
     }
+}
+
+/// The refusal of a path whose place a directory, a symlink, or a file on the way holds.
+fn in_the_way(path: &RemotePath) -> StorageError {
+    StorageError::BadPath(crate::path::PathError::InTheWay(path.as_str().to_string()))
 }
 
 fn rule_of(full_reuse: bool) -> ReuseRule {

@@ -155,6 +155,15 @@ fn a_path_is_never_both_a_file_and_a_directory() {
         settled.unwrap_err().contains("existing symlink"),
         "never through a link"
     );
+    // A directory that only the files below it make (no `Dir` object, as single-file pushes leave it) is one too.
+    assert!(commit(&t, &[("g/h", b"below")])[0].is_ok());
+    assert!(stored(&rt, &store, "g").is_none(), "no Dir object for g");
+    let settled = commit(&t, &[("g", b"over files"), ("gh", b"a neighbour")]);
+    assert!(
+        settled[0].as_ref().unwrap_err().contains("is a directory"),
+        "{settled:?}"
+    );
+    assert!(settled[1].is_ok(), "{settled:?}");
 }
 
 #[test]

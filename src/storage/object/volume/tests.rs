@@ -264,6 +264,28 @@ fn keys_too_long_for_the_store_are_refused_before_anything_is_written() {
     assert!(a.prepare_destination(&path("q/child")).is_ok());
 }
 
+/// A path with committed files below it is a directory, though no `Dir` object says so (single-file pushes make
+/// none): a file is refused there, before a byte is sent, as on a local root.
+#[test]
+fn a_file_is_refused_where_committed_files_make_a_directory() {
+    let rt = runtime();
+    let store = Arc::new(InMemory::new());
+    let a = volume(&rt, &store);
+    let (bytes, manifest) = file(1, 0);
+    let below = path("d/x");
+    let partial = a.open_for(&below, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0]);
+    partial.sync_all().unwrap();
+    a.place(below.as_str(), &below, &partial.identity().unwrap()).unwrap();
+    assert!(matches!(
+        a.prepare_destination(&path("d")),
+        Err(StorageError::BadPath(crate::path::PathError::InTheWay(_)))
+    ));
+    // A name that only starts like the directory's is free, and so is the committed file's own path.
+    assert!(a.prepare_destination(&path("dx")).is_ok());
+    assert!(a.prepare_destination(&below).is_ok());
+}
+
 /// The engine calls the seam from `spawn_blocking` threads of the server's runtime, where `Handle::block_on` is
 /// allowed (on an async worker thread it panics): the whole push path, driven from such a thread.
 #[test]
