@@ -404,3 +404,40 @@ async fn a_pull_refuses_a_partial_directory_others_can_write_to() {
     pull(&server.url("report.pdf"), &shared, &state, &[]).await.assert_ok();
     assert_eq!(std::fs::read(shared.join("report.pdf")).unwrap(), data);
 }
+
+/// Over a long round trip a pull asks for a window that covers it (1 GiB/s × the handshake's round trip, as a push
+/// starts), not the 16 MiB default; a window set with `--window` is asked for as set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_over_a_long_round_trip_asks_for_a_window_that_covers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("far.bin");
+    write_random(&src, MIB + 3, 24);
+    push(&src, &server.url("far.bin"), &state, &[]).await.assert_ok();
+    let proxy = FaultProxy::start(
+        "127.0.0.1:0",
+        server.addr,
+        vec![Faults::latency(Duration::from_millis(20))],
+    )
+    .await
+    .unwrap();
+    let url = format!("ferry://{}/far.bin", proxy.addr());
+
+    pull(&url, &dir.path().join("sized.bin"), &state, &[]).await.assert_ok();
+    pull(&url, &dir.path().join("set.bin"), &state, &["--window", "2MiB"])
+        .await
+        .assert_ok();
+    assert_eq!(b3(&dir.path().join("sized.bin")), b3(&src));
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    let windows: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("serving a pull"))
+        .filter_map(|l| l.split("window=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    // 40 ms or more at 1 GiB/s is at least 40 MiB.
+    assert!(
+        matches!(windows[..], [sized, 2097152] if sized >= 40 * MIB as u64),
+        "{windows:?}\n{log}"
+    );
+}

@@ -373,7 +373,7 @@ pub struct TransferArgs {
     #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<u32>,
     /// Unacknowledged bytes in flight. Default for push: 16MiB, growing to twice the measured bandwidth-delay
-    /// product (at most 256MiB); a window set here (or in the configuration) stays as set. Pull: 16MiB.
+    /// product (at most 256MiB); a window set here (or in the configuration) stays as set. Pull: 16MiB, or 1GiB/s × the round trip if more.
     #[arg(long, value_parser = parse_size)]
     pub window: Option<u64>,
     /// Consecutive failed attempts without progress before giving up (default 10).
@@ -561,6 +561,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
         state_dir: settings.state_dir.clone(),
         chunking: settings.chunk_spec(),
         window: settings.window,
+        size_window: !settings.window_set,
         retries: settings.retries,
         io_timeout: settings.timeout,
         connect_timeout: settings.connect_timeout(),

@@ -45,6 +45,9 @@ pub struct PullOptions {
     pub chunking: ChunkSpec,
     /// Unacknowledged bytes the server may have in flight.
     pub window: u64,
+    /// Whether `window` is only where the window starts: the client then asks for more if the handshake measured a
+    /// long round trip ([`crate::transfer::window::starting_bytes`]); false when the user set the window.
+    pub size_window: bool,
     /// For a tree: whether symlinks are recreated or left out.
     pub links: crate::tree::LinkPolicy,
     /// Consecutive failed attempts without progress before giving up.
@@ -482,6 +485,15 @@ async fn attempt(
     result
 }
 
+/// The window to ask the server for: as set by the user, else the default raised to cover the handshake's round
+/// trip at [`crate::transfer::window::START_RATE`] (the server keeps at most its own maximum, proto-spec.md §11).
+fn pull_window(opts: &PullOptions, round_trip: Option<Duration>) -> u64 {
+    match opts.size_window {
+        true => crate::transfer::window::starting_bytes(opts.window, round_trip),
+        false => opts.window,
+    }
+}
+
 /// Sends the Pull (saying what kind of source is expected, from version 5 on) and receives what comes. A source
 /// of the kind the client does not expect is refused with `WrongKind` before anything is written, whatever the
 /// server's version.
@@ -496,7 +508,7 @@ async fn receive_pulled(
     let pull = Pull {
         path: remote.to_string(),
         chunking: opts.chunking,
-        window: opts.window,
+        window: pull_window(opts, conn.round_trip()),
         // Symlinks are always asked for, so that those left out locally (`--links skip`) can be named; the
         // receiver below places them only if `opts.links` records them.
         links: crate::tree::LinkPolicy::Record,

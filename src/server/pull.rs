@@ -84,6 +84,7 @@ pub(super) async fn serve_pull<S: AsyncRead + AsyncWrite + Unpin>(
         size_window: false,
         ..SendOptions::default()
     };
+    tracing::info!(path = %path, window = opts.window, "serving a pull");
     let mut stats = SendStats::default();
     let mut ignore = |_| {};
     let (source, committed) = match found {

@@ -27,6 +27,15 @@ pub const AUTO_WINDOW_CAP: u64 = 256 * 1024 * 1024;
 /// [`crate::DEFAULT_WINDOW`].
 pub const START_RATE: u64 = 1024 * 1024 * 1024;
 
+/// Where a window that may size itself starts: `bytes`, or [`START_RATE`] × `round_trip` (the handshake's, if
+/// measured) within [`AUTO_WINDOW_CAP`] if that is more. A pulling client asks for this much (proto-spec.md §11).
+pub fn starting_bytes(bytes: u64, round_trip: Option<Duration>) -> u64 {
+    let from_round_trip = round_trip.map_or(0, |rtt| {
+        (START_RATE as f64 * rtt.as_secs_f64()).min(AUTO_WINDOW_CAP as f64) as u64
+    });
+    bytes.max(from_round_trip)
+}
+
 /// A round's delay above this many times the shortest one means the bytes queue somewhere (the link or the
 /// receiver is the limit): the window then grows only with a new best rate.
 const QUEUEING: f64 = 1.5;
@@ -74,12 +83,9 @@ impl Window {
     /// [`AUTO_WINDOW_CAP`] if that is more, that grows to twice the measured bandwidth-delay product, up to
     /// [`AUTO_WINDOW_CAP`] (or `bytes`, if that is larger).
     pub(crate) fn sized(bytes: u64, round_trip: Option<Duration>) -> Self {
-        let from_round_trip = round_trip.map_or(0, |rtt| {
-            (START_RATE as f64 * rtt.as_secs_f64()).min(AUTO_WINDOW_CAP as f64) as u64
-        });
         Window {
             auto: true,
-            ..Window::fixed(bytes.max(from_round_trip))
+            ..Window::fixed(starting_bytes(bytes, round_trip))
         }
     }
 
