@@ -373,7 +373,8 @@ pub struct TransferArgs {
     #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<u32>,
     /// Unacknowledged bytes in flight. Default for push: 16MiB, growing to twice the measured bandwidth-delay
-    /// product (at most 256MiB); a window set here (or in the configuration) stays as set. Pull: 16MiB, or 1GiB/s × the round trip if more.
+    /// product (at most 256MiB); a window set here (or in the configuration) stays as set. Pull: 16MiB, or
+    /// 1GiB/s × the handshake's round trip if that is more (at most 64MiB).
     #[arg(long, value_parser = parse_size)]
     pub window: Option<u64>,
     /// Consecutive failed attempts without progress before giving up (default 10).
