@@ -3,7 +3,8 @@
 # each way, a 40 ms round trip, as compare.sh), default flags, binary A and binary B alternated round by round (and
 # rsync to an rsync daemon through the same proxy, if rsync is installed), so the machine's noise hits all alike.
 # Prints medians and ratios. Usage: bench/ab-rtt.sh A_BIN B_BIN [SIZE_MIB=512] [ROUNDS=5] [extra push args...].
-# PROXY_BIN points at a built delay_proxy (default: target/release/examples/delay_proxy). Not run by CI.
+# PROXY_BIN points at a built delay_proxy (default: target/release/examples/delay_proxy). AB_JOB=pull times a pull
+# through the proxy instead (the file pushed first, directly; rsync then copies from its daemon). Not run by CI.
 set -euo pipefail
 a_bin=$(realpath "$1")
 b_bin=$(realpath "$2")
@@ -25,7 +26,7 @@ start_proxy() {
   "$proxy_bin" "$1" 20 > "$work/proxy.out" &
   proxy_pid=$!
   pids+=("$proxy_pid")
-  for _ in $(seq 400); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
+  for _ in $(seq 1200); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
   proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
 }
 
@@ -37,23 +38,36 @@ round() {
   "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/server.out" &
   server=$!
   pids+=("$server")
-  for _ in $(seq 400); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
+  for _ in $(seq 1200); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   addr=$(sed -n 's/^ferry: listening on //p' "$work/server.out")
+  if [ "${AB_JOB:-push}" = pull ]; then
+    "$bin" -q push "$work/src.bin" "ferry://$addr/src.bin" --state "$work/state"
+    rm -rf "$work/pulled.bin" "$work/state"
+  fi
   start_proxy "$addr"
   t0=$(date +%s.%N)
-  "$bin" -q push "$work/src.bin" "ferry://$proxy_addr/src.bin" --state "$work/state" "$@"
+  if [ "${AB_JOB:-push}" = pull ]; then
+    "$bin" -q pull "ferry://$proxy_addr/src.bin" "$work/pulled.bin" --state "$work/state" "$@"
+  else
+    "$bin" -q push "$work/src.bin" "ferry://$proxy_addr/src.bin" --state "$work/state" "$@"
+  fi
   seconds "$t0" "$(date +%s.%N)" >> "$work/$label"
   kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true
   kill -INT "$server"; wait "$server" || true
-  cmp "$work/src.bin" "$work/root/src.bin"
+  if [ "${AB_JOB:-push}" = pull ]; then cmp "$work/src.bin" "$work/pulled.bin"; else cmp "$work/src.bin" "$work/root/src.bin"; fi
 }
 
 rsync_round() {
   local t0
-  rm -rf "$work/rsync-dst/"*
+  rm -rf "$work/rsync-dst/"* "$work/rsync-pulled.bin"
+  [ "${AB_JOB:-push}" = pull ] && cp "$work/src.bin" "$work/rsync-dst/src.bin"
   start_proxy "127.0.0.1:$rsync_port"
   t0=$(date +%s.%N)
-  rsync -t "$work/src.bin" "rsync://$proxy_addr/dst/src.bin"
+  if [ "${AB_JOB:-push}" = pull ]; then
+    rsync -t "rsync://$proxy_addr/dst/src.bin" "$work/rsync-pulled.bin"
+  else
+    rsync -t "$work/src.bin" "rsync://$proxy_addr/dst/src.bin"
+  fi
   seconds "$t0" "$(date +%s.%N)" >> "$work/rsync"
   kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true
 }
@@ -74,7 +88,7 @@ for i in $(seq "$rounds"); do
   if (( i % 2 )); then round "$a_bin" a "$@"; round "$b_bin" b "$@"; else round "$b_bin" b "$@"; round "$a_bin" a "$@"; fi
   [ "$labels" = "a b" ] || rsync_round
 done
-echo "# bench/ab-rtt.sh $size_mib MiB over a 40 ms round trip, $rounds rounds, $(date -u +%F) ($(nproc) cores)"
+echo "# bench/ab-rtt.sh (${AB_JOB:-push}) $size_mib MiB over a 40 ms round trip, $rounds rounds, $(date -u +%F) ($(nproc) cores)"
 for label in $labels; do
   printf '%-6s median %s s   (%s)\n' "$label" "$(median < "$work/$label")" "$(paste -sd' ' "$work/$label")"
 done
