@@ -419,6 +419,12 @@ async fn a_resume_does_not_read_the_durable_prefix_again_and_still_commits_a_ver
     out.assert_ok();
     assert_eq!(b3(&server.root.join("backup.img")), b3(&src));
     let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    assert_prefix_trusted(&log, MIB as u64);
+}
+
+/// Asserts that `log` (a server's) shows a resume that trusted at least `min` bytes of the recorded durable prefix
+/// instead of reading them again.
+fn assert_prefix_trusted(log: &str, min: u64) {
     let resumed = log
         .lines()
         .find(|l| l.contains("the durable prefix is not read again"))
@@ -429,7 +435,7 @@ async fn a_resume_does_not_read_the_durable_prefix_again_and_still_commits_a_ver
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("the line says how many bytes");
-    assert!(bytes >= MIB as u64, "{bytes} bytes of the prefix trusted: {resumed}");
+    assert!(bytes >= min, "{bytes} bytes of the prefix trusted: {resumed}");
 }
 
 /// The same when the resume is a streamed offer (the client lost its state, so it hashes the file again and
@@ -461,17 +467,7 @@ async fn a_streamed_resume_does_not_read_the_durable_prefix_again() {
         log.contains("resuming a streamed transfer"),
         "not a streamed resume:\n{log}"
     );
-    let resumed = log
-        .lines()
-        .find(|l| l.contains("the durable prefix is not read again"))
-        .unwrap_or_else(|| panic!("the streamed resume read the prefix again:\n{log}"));
-    let bytes: u64 = resumed
-        .split("bytes=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("the line says how many bytes");
-    assert!(bytes >= MIB as u64, "{bytes} bytes of the prefix trusted: {resumed}");
+    assert_prefix_trusted(&log, MIB as u64);
 }
 
 /// A server killed (SIGKILL) in the middle of a transfer may leave a recorded digest state older than the

@@ -58,6 +58,15 @@ fn write_chunks(partial: &Partial, bytes: &[u8], manifest: &Manifest, indices: &
     }
 }
 
+/// Pushes a one-chunk file to `dest` through `volume` and commits it.
+fn commit_one_chunk(volume: &ObjectVolume, dest: &RemotePath) {
+    let (bytes, manifest) = file(1, 0);
+    let partial = volume.open_for(dest, &manifest, ReuseRule::InPlace).unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[0]);
+    partial.sync_all().unwrap();
+    volume.place(dest.as_str(), dest, &partial.identity().unwrap()).unwrap();
+}
+
 fn present(set: &ChunkSet) -> Vec<u32> {
     (0..set.len()).filter(|&i| set.contains(i)).collect()
 }
@@ -251,12 +260,7 @@ fn keys_too_long_for_the_store_are_refused_before_anything_is_written() {
     );
     assert!(matches!(a.prepare_destination(&long), Err(StorageError::Layout(_))));
     // A committed file on the way is not a directory.
-    let (bytes, manifest) = file(1, 0);
-    let parent = path("p");
-    let partial = a.open_for(&parent, &manifest, ReuseRule::InPlace).unwrap();
-    write_chunks(&partial, &bytes, &manifest, &[0]);
-    partial.sync_all().unwrap();
-    a.place(parent.as_str(), &parent, &partial.identity().unwrap()).unwrap();
+    commit_one_chunk(&a, &path("p"));
     assert!(matches!(
         a.prepare_destination(&path("p/child")),
         Err(StorageError::BadPath(_))
@@ -271,12 +275,8 @@ fn a_file_is_refused_where_committed_files_make_a_directory() {
     let rt = runtime();
     let store = Arc::new(InMemory::new());
     let a = volume(&rt, &store);
-    let (bytes, manifest) = file(1, 0);
     let below = path("d/x");
-    let partial = a.open_for(&below, &manifest, ReuseRule::InPlace).unwrap();
-    write_chunks(&partial, &bytes, &manifest, &[0]);
-    partial.sync_all().unwrap();
-    a.place(below.as_str(), &below, &partial.identity().unwrap()).unwrap();
+    commit_one_chunk(&a, &below);
     assert!(matches!(
         a.prepare_destination(&path("d")),
         Err(StorageError::BadPath(crate::path::PathError::InTheWay(_)))
