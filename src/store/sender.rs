@@ -484,4 +484,67 @@ mod tests {
         assert_eq!(store.tree.scan_prefix(prefixed(MANIFEST, b"")).count(), 2);
         assert!(store.cached_manifest(&other_file).unwrap().is_some());
     }
+
+    /// Hashing progress is appended segment by segment, read back as recorded, replaced when the same path starts
+    /// again from the first segment, and dropped when the manifest is cached, with the manifests, and by prune
+    /// once its file is gone.
+    #[test]
+    fn hashing_progress_is_appended_and_dropped_when_no_longer_of_use() {
+        use crate::manifest::tests::manifest_of;
+        use crate::manifest::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let key = |path: &str| ManifestKey {
+            path: path.into(),
+            size: 1 << 20,
+            mtime: FileTime { secs: 1, nanos: 0 },
+            inode: 1,
+            device: 2,
+            chunking: Chunking::Fixed { size: 4096 },
+        };
+        let chunk = |i: u64| ChunkEntry {
+            offset: i * 4096,
+            len: 4096,
+            hash: [i as u8; 32],
+        };
+        let record = |segments: u32, chunks: u64| HashingRecord {
+            end: chunks * 4096,
+            chunks,
+            segments,
+            digest_len: chunks * 4096 - 1024,
+            digest_stack: vec![[7; 32]],
+        };
+        let big = key("/gone/big");
+        store
+            .record_hashing(&big, &[chunk(0), chunk(1)], &record(1, 2))
+            .unwrap();
+        store.record_hashing(&big, &[chunk(2)], &record(2, 3)).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), Some(record(2, 3)));
+        assert_eq!(store.hashed_segment(&big, 0).unwrap(), Some(vec![chunk(0), chunk(1)]));
+        assert_eq!(store.hashed_segment(&big, 1).unwrap(), Some(vec![chunk(2)]));
+        // Starting again (another content of the path) drops the old segments.
+        let changed = ManifestKey {
+            mtime: FileTime { secs: 2, nanos: 0 },
+            ..big.clone()
+        };
+        store.record_hashing(&changed, &[chunk(0)], &record(1, 1)).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        assert_eq!(store.hashed_segment(&big, 1).unwrap(), None);
+        // Cached: of no more use.
+        store.cache_manifest(&changed, &manifest_of(&[10]), true).unwrap();
+        assert_eq!(store.hashing(&changed).unwrap(), None);
+        assert_eq!(store.hashed_segment(&changed, 0).unwrap(), None);
+        // Dropped with the manifests, and by prune once the file is gone.
+        store.record_hashing(&big, &[chunk(0)], &record(1, 1)).unwrap();
+        store.forget_manifests(&big.path).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        store.record_hashing(&big, &[chunk(0)], &record(1, 1)).unwrap();
+        assert_eq!(
+            store.prune(0, 0).unwrap().manifests_removed,
+            1,
+            "the record (its manifest went with forget_manifests)"
+        );
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        assert_eq!(store.tree.scan_prefix(prefixed(HASHED_SEGMENT, b"")).count(), 0);
+    }
 }
