@@ -268,8 +268,8 @@ pub fn hash_resumable(
     .map(|digest| (digest, resumed))
 }
 
-/// The progress recorded for `key`, if it describes chunks that tile the file from offset 0 and a digest state
-/// it can go on from (the segments are read once here, to check them, and once more to hand them over: memory
+/// The progress recorded for `key`, if it describes chunks that tile the file from offset 0, each of a length the
+/// chunking can cut (so the receiver accepts the pieces), and a digest state it can go on from (the segments are read once here, to check them, and once more to hand them over: memory
 /// holds one segment at a time, not the list).
 fn recorded_start(store: &SenderStore, key: &ManifestKey, chunking: Chunking) -> Option<(HashingRecord, HashStart)> {
     let record = store.hashing(key).ok().flatten()?;
@@ -291,7 +291,12 @@ fn recorded_start(store: &SenderStore, key: &ManifestKey, chunking: Chunking) ->
     let (mut next, mut count) = (0u64, 0u64);
     for index in 0..record.segments {
         for entry in store.hashed_segment(key, index).ok().flatten()? {
-            if entry.offset != next || entry.len == 0 {
+            // Every recorded chunk ends before the file does: none is a short last chunk.
+            let len_fits = match chunking {
+                Chunking::Fixed { size } => entry.len == size,
+                Chunking::FastCdc { min, max, .. } => (min..=max).contains(&entry.len),
+            };
+            if entry.offset != next || !len_fits {
                 return None;
             }
             next += u64::from(entry.len);
