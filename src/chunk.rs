@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
+use crate::verify::{PrefixDigest, StackedPrefix};
 use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS, MIN_CHUNK_SIZE};
 
 /// Smallest average size of content-defined chunks.
@@ -178,42 +179,108 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
 /// Reads `size` bytes once, cut as `chunking` says, hands every chunk to `sink` as soon as it is hashed (in file
 /// order), and returns the whole-file digest: the one read a streamed offer (proto-spec.md §4) and a whole
 /// manifest both come from. Stops reading early, with an `Interrupted` error, if `sink` returns false.
-///
-/// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
-/// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
-/// chunk is copied; at most two buffers exist at once.
 pub fn stream_chunks(
     file: &File,
     size: u64,
     chunking: Chunking,
     sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
 ) -> std::io::Result<Hash> {
+    stream_chunks_from(file, size, chunking, HashStart::default(), &mut |hashed| match hashed {
+        Hashed::Chunk(entry) => sink(entry),
+        Hashed::Checkpoint(_) => true,
+    })
+}
+
+/// Where hashing starts: the end of the chunks already hashed (by an earlier run) and the whole-file digest of the
+/// file's first bytes, up to at most [`MAX_DIGEST_GAP`] bytes before that end. The default starts at offset 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HashStart {
+    /// End of the last chunk already hashed: cutting goes on from here (a chunk boundary of a full run).
+    pub offset: u64,
+    /// The whole-file digest state of the bytes `[0, digest.len)`, `digest.len <= offset`.
+    pub digest: StackedPrefix,
+}
+
+/// Most bytes between a [`HashStart`]'s digest and its offset: what a resumed run reads again. A checkpoint's
+/// digest stops short of its chunks' end by at most one BLAKE3 chunk (the last one is held back until its end is
+/// known).
+pub const MAX_DIGEST_GAP: u64 = blake3::CHUNK_LEN as u64;
+
+/// What [`stream_chunks_from`] hands its sink, in file order.
+#[derive(Debug, Clone)]
+pub enum Hashed {
+    /// The next chunk.
+    Chunk(ChunkEntry),
+    /// Every chunk so far was handed over, and this is the whole-file digest state of all but the last
+    /// [`MAX_DIGEST_GAP`] bytes or fewer of them: a [`HashStart`] to go on from later. Comes after each buffer (at
+    /// most 8 MiB).
+    Checkpoint(StackedPrefix),
+}
+
+/// [`stream_chunks`] from `start` (an earlier run's [`Hashed::Checkpoint`] and the end of its chunks): re-reads the
+/// few bytes between the recorded digest and the chunks' end, then cuts from there. Chunk boundaries depend only on
+/// the bytes from a chunk's start, so the chunks, and the digest, are those of a run from offset 0. A `start` that
+/// cannot be one (past the end, digest too far back, not a whole number of fixed chunks) is `InvalidInput`.
+///
+/// Two threads: this one reads and finds the cut points (the content-defined chunker is the costliest step), a
+/// second hashes every chunk and the whole file. Filled buffers travel to the hasher and come back empty, so no
+/// chunk is copied; at most two buffers exist at once.
+pub fn stream_chunks_from(
+    file: &File,
+    size: u64,
+    chunking: Chunking,
+    start: HashStart,
+    sink: &mut (dyn FnMut(Hashed) -> bool + Send),
+) -> std::io::Result<Hash> {
+    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string());
+    let aligned = match chunking {
+        Chunking::Fixed { size: chunk } => start.offset.is_multiple_of(u64::from(chunk.max(1))) || start.offset == size,
+        Chunking::FastCdc { .. } => true,
+    };
+    if start.offset > size || start.digest.len > start.offset || start.offset - start.digest.len > MAX_DIGEST_GAP {
+        return Err(invalid("the recorded hashing progress does not fit the file"));
+    }
+    if !aligned {
+        return Err(invalid("the recorded hashing progress is not at a chunk boundary"));
+    }
+    let mut whole = PrefixDigest::resume(start.digest.clone())
+        .ok_or_else(|| invalid("the recorded digest state is not a BLAKE3 prefix"))?;
+    let mut gap = vec![0u8; (start.offset - start.digest.len) as usize];
+    file.read_exact_at(&mut gap, start.digest.len)?;
+    whole.extend(start.digest.len, &gap);
     // A rendezvous: the reader fills one buffer while the hasher hashes the other, never a third (a streamed
     // offer hashes while it sends, so these buffers add to the sender's read-ahead).
     let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(0);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
-            let mut whole = blake3::Hasher::new();
             for batch in full_rx {
+                let mut end = 0;
                 for &(at, len) in &batch.cuts {
                     let bytes = &batch.buf[at..at + len];
-                    whole.update(bytes);
+                    end = at + len;
                     let entry = ChunkEntry {
                         offset: batch.base + at as u64,
                         len: len as u32,
                         hash: *blake3::hash(bytes).as_bytes(),
                     };
-                    if !sink(entry) {
+                    if !sink(Hashed::Chunk(entry)) {
                         return None;
                     }
                 }
+                // The cuts tile the buffer from its start: one update for all of them keeps BLAKE3's subtrees large.
+                whole.extend(batch.base, &batch.buf[..end]);
+                if end > 0 && !sink(Hashed::Checkpoint(whole.stacked())) {
+                    return None;
+                }
                 let _ = free_tx.send(batch.buf);
             }
-            Some(*whole.finalize().as_bytes())
+            Some(whole.finalize())
         });
         let recycled = || free_rx.try_recv().unwrap_or_default();
-        let read_result = batches(file, size, chunking, recycled, |batch| full_tx.send(batch).is_ok());
+        let read_result = batches(file, start.offset, size, chunking, recycled, |batch| {
+            full_tx.send(batch).is_ok()
+        });
         drop(full_tx);
         let digest = hasher.join().expect("chunk hasher thread panicked");
         read_result?;
@@ -255,6 +322,7 @@ fn cut(file: &File, size: u64, chunking: Chunking, emit: &mut dyn FnMut(u64, &[u
     let spare = std::cell::Cell::new(Vec::new());
     batches(
         file,
+        0,
         size,
         chunking,
         || spare.take(),
@@ -269,19 +337,22 @@ fn cut(file: &File, size: u64, chunking: Chunking, emit: &mut dyn FnMut(u64, &[u
     )
 }
 
-/// Reads the first `size` bytes of `file` into buffers (from `buffer`, which may hand back a used one or an empty
+/// Reads bytes `[start, size)` of `file` (`start` a chunk boundary) into buffers (from `buffer`, which may hand back a used one or an empty
 /// `Vec`), finds the cut points in each, and hands each filled buffer with its cuts to `take`; stops early if
 /// `take` returns false.
 fn batches(
     file: &File,
+    start: u64,
     size: u64,
     chunking: Chunking,
     buffer: impl FnMut() -> Vec<u8>,
     take: impl FnMut(Batch) -> bool,
 ) -> std::io::Result<()> {
     match chunking {
-        Chunking::Fixed { size: chunk } => fixed_batches(file, size, chunk, buffer, take),
-        Chunking::FastCdc { min, avg, max } => cdc_batches(file, size, (min, avg, max), CDC_BUFFER, buffer, take),
+        Chunking::Fixed { size: chunk } => fixed_batches(file, start, size, chunk, buffer, take),
+        Chunking::FastCdc { min, avg, max } => {
+            cdc_batches(file, start, size, (min, avg, max), CDC_BUFFER, buffer, take)
+        }
     }
 }
 
@@ -294,6 +365,7 @@ fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
 /// Fixed-size chunks, as many whole chunks per buffer as [`CDC_BUFFER`] holds (at least one).
 fn fixed_batches(
     file: &File,
+    start: u64,
     size: u64,
     chunk: u32,
     mut buffer: impl FnMut() -> Vec<u8>,
@@ -301,7 +373,7 @@ fn fixed_batches(
 ) -> std::io::Result<()> {
     let chunk = u64::from(chunk.max(1));
     let per_batch = (CDC_BUFFER as u64 / chunk).max(1) * chunk;
-    let mut base = 0u64;
+    let mut base = start;
     while base < size {
         let len = (size - base).min(per_batch) as usize;
         let mut buf = sized(buffer(), len);
@@ -323,6 +395,7 @@ fn fixed_batches(
 /// bytes after the last final cut start the next buffer.
 fn cdc_batches(
     file: &File,
+    start: u64,
     size: u64,
     (min, avg, max): (u32, u32, u32),
     buffer_len: usize,
@@ -330,9 +403,9 @@ fn cdc_batches(
     mut take: impl FnMut(Batch) -> bool,
 ) -> std::io::Result<()> {
     // The whole file if it fits: a buffer of at least 2 * max means a chunk is never cut short by its end.
-    let capacity = (buffer_len.max(2 * max as usize) as u64).min(size) as usize;
+    let capacity = (buffer_len.max(2 * max as usize) as u64).min(size.saturating_sub(start)) as usize;
     let mut buf = sized(buffer(), capacity);
-    let mut base = 0u64; // file offset of buf[0]
+    let mut base = start; // file offset of buf[0]
     let mut filled = 0usize;
     while base < size {
         let want = ((size - base) as usize).min(capacity);
@@ -470,6 +543,7 @@ mod tests {
             };
             cdc_batches(
                 tmp.as_file(),
+                0,
                 data.len() as u64,
                 (min, avg, max),
                 buffer,
@@ -479,6 +553,58 @@ mod tests {
             .unwrap();
             assert_eq!(got, expected, "buffer {buffer}");
         }
+    }
+
+    /// A run resumed from any checkpoint of a full run (the end of its chunks so far and its digest state) cuts
+    /// the same chunks after it and ends with the same whole-file digest, for content-defined and fixed chunks.
+    #[test]
+    fn hashing_resumed_from_a_checkpoint_equals_a_full_run() {
+        let (tmp, data) = random_file(20 * 1024 * 1024 + 4321, 13);
+        let size = data.len() as u64;
+        for chunking in [
+            Chunking::FastCdc {
+                min: 4096,
+                avg: 16384,
+                max: 65536,
+            },
+            Chunking::Fixed { size: 4096 },
+        ] {
+            let mut chunks = Vec::new();
+            let mut checkpoints = Vec::new();
+            let digest = stream_chunks_from(tmp.as_file(), size, chunking, HashStart::default(), &mut |hashed| {
+                match hashed {
+                    Hashed::Chunk(entry) => chunks.push(entry),
+                    Hashed::Checkpoint(prefix) => checkpoints.push((chunks.len(), prefix)),
+                }
+                true
+            })
+            .unwrap();
+            assert_eq!(digest, *blake3::hash(&data).as_bytes(), "{chunking:?}");
+            assert!(checkpoints.len() >= 2, "{chunking:?}: a checkpoint per buffer");
+            for (done, prefix) in checkpoints {
+                let last = chunks[done - 1];
+                let offset = last.offset + u64::from(last.len);
+                assert!(offset - prefix.len <= MAX_DIGEST_GAP && prefix.len <= offset);
+                let mut resumed = chunks[..done].to_vec();
+                let start = HashStart { offset, digest: prefix };
+                let again = stream_chunks_from(tmp.as_file(), size, chunking, start, &mut |hashed| {
+                    if let Hashed::Chunk(entry) = hashed {
+                        resumed.push(entry);
+                    }
+                    true
+                })
+                .unwrap();
+                assert_eq!(again, digest, "{chunking:?} from {offset}");
+                assert!(resumed == chunks, "{chunking:?} from {offset}: other chunks");
+            }
+        }
+        // A start that cannot be one is refused, not hashed into a wrong digest.
+        let bad = HashStart {
+            offset: 4096 * 3,
+            digest: StackedPrefix::default(),
+        };
+        let refused = stream_chunks_from(tmp.as_file(), size, Chunking::Fixed { size: 4096 }, bad, &mut |_| true);
+        assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
     }
 
     #[test]

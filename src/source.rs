@@ -4,6 +4,9 @@
 //! sender's cache when the file's identity (path, size, mtime, inode, device, chunking) is unchanged, else the file
 //! is read and cut, retrying a bounded number of times if it changes while it is read. Blocking: call from
 //! blocking threads.
+//!
+//! Hashing a large file records its progress in the sender's store as it goes ([`hash_resumable`]): a sender killed
+//! before the manifest was cached goes on, next time, from the last record instead of hashing the file again.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -12,12 +15,15 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
-use crate::manifest::Manifest;
+use crate::chunk::{
+    build_manifest, mtime_of, stream_chunks, stream_chunks_from, ChunkError, ChunkSpec, HashStart, Hashed,
+};
+use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
-use crate::store::{ManifestKey, ReceiverStore, SenderStore, StoreError};
+use crate::store::{HashingRecord, ManifestKey, ReceiverStore, SenderStore, StoreError};
 use crate::transfer::sender::Source;
 use crate::transfer::TransferError;
+use crate::verify::{PrefixDigest, StackedPrefix};
 use crate::wire::{ErrorCode, PullKind};
 
 /// Times a changing source is re-read before the sender gives up on it.
@@ -69,7 +75,7 @@ pub fn manifest_for_with(
             return Ok((manifest, true));
         }
     }
-    let manifest = build_stable_manifest(file, canonical, spec)?;
+    let manifest = build_stable_manifest(store, file, canonical, spec)?;
     let key = ManifestKey {
         size: manifest.size,
         mtime: manifest.mtime,
@@ -125,10 +131,15 @@ fn manifest_key(canonical: &Path, meta: &std::fs::Metadata, spec: ChunkSpec) -> 
 }
 
 /// Builds a manifest, trying again (bounded) if the file changes while it is read.
-fn build_stable_manifest(file: &File, canonical: &Path, spec: ChunkSpec) -> Result<Manifest, SourceError> {
+fn build_stable_manifest(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+) -> Result<Manifest, SourceError> {
     let mut tries = 0;
     loop {
-        match build_manifest(file, canonical, spec) {
+        match build_resumable_manifest(store, file, canonical, spec) {
             Ok(manifest) => return Ok(manifest),
             Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
                 return Err(SourceError::Unstable(path))
@@ -137,6 +148,168 @@ fn build_stable_manifest(file: &File, canonical: &Path, spec: ChunkSpec) -> Resu
             Err(other) => return Err(SourceError::Io(other.to_string())),
         }
     }
+}
+
+/// [`build_manifest`] through [`hash_resumable`] for a file large enough to record progress for.
+fn build_resumable_manifest(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+) -> Result<Manifest, ChunkError> {
+    let io = |source| ChunkError::Io {
+        path: canonical.display().to_string(),
+        source,
+    };
+    let before = file.metadata().map_err(io)?;
+    if before.len() < RECORD_EVERY {
+        return build_manifest(file, canonical, spec);
+    }
+    let chunking = spec.for_size(before.len());
+    let mut chunks = Vec::new();
+    let (digest, _) = hash_resumable(store, file, canonical, spec, before.len(), &mut |entry| {
+        chunks.push(entry);
+        true
+    })
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ChunkError::SourceChanged(canonical.display().to_string()),
+        _ => io(e),
+    })?;
+    let after = file.metadata().map_err(io)?;
+    if after.len() != before.len() || mtime_of(&after) != mtime_of(&before) {
+        return Err(ChunkError::SourceChanged(canonical.display().to_string()));
+    }
+    Ok(Manifest {
+        size: before.len(),
+        digest,
+        chunking,
+        mtime: mtime_of(&before),
+        mode: before.mode() & 0o7777,
+        chunks,
+    })
+}
+
+/// Hashing progress is recorded once this many bytes were hashed since the last record (or
+/// [`RECORD_EVERY_CHUNKS`] chunks, whichever comes first), at the end of a read buffer (8 MiB).
+pub const RECORD_EVERY: u64 = 64 * 1024 * 1024;
+/// Chunks hashed between two records of hashing progress at most (besides [`RECORD_EVERY`]): bounds a segment.
+pub const RECORD_EVERY_CHUNKS: usize = 1024;
+
+/// Hashes the open `file` (`size` bytes, at `canonical`) cut as `spec` asks, hands every chunk to `sink` in file
+/// order and returns the whole-file digest and where hashing resumed (0: from the start), like [`stream_chunks`];
+/// but first goes on from the progress an earlier
+/// run recorded under the file's cache key, if any (its chunks go to `sink` at once, and only the bytes after them
+/// are read, plus at most 1 KiB before them for the digest), and records its own progress as it goes (every
+/// [`RECORD_EVERY`] bytes or [`RECORD_EVERY_CHUNKS`] chunks). A changed file has another key, so its record is
+/// never used; a record is only a claim either way (the sender re-hashes each chunk it reads for sending, and the
+/// receiver checks the digest). Failing to record is logged, never an error. Blocking.
+pub fn hash_resumable(
+    store: &SenderStore,
+    file: &File,
+    canonical: &Path,
+    spec: ChunkSpec,
+    size: u64,
+    sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
+) -> std::io::Result<(Hash, u64)> {
+    let meta = file.metadata()?;
+    let key = manifest_key(canonical, &meta, spec);
+    let chunking = spec.for_size(size);
+    if key.size != size || key.chunking != chunking {
+        // Changed since it was described: the hashing reports it; nothing worth recording.
+        return Ok((stream_chunks(file, size, chunking, sink)?, 0));
+    }
+    let (mut record, start) = match recorded_start(store, &key, chunking) {
+        Some((record, start)) => {
+            for index in 0..record.segments {
+                let segment = store.hashed_segment(&key, index).ok().flatten().unwrap_or_default();
+                for entry in segment {
+                    if !sink(entry) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "the chunk consumer stopped",
+                        ));
+                    }
+                }
+            }
+            tracing::debug!(path = %canonical.display(), from = start.offset, "hashing resumed from its record");
+            (record, start)
+        }
+        None => (HashingRecord::default(), HashStart::default()),
+    };
+    let resumed = start.offset;
+    let mut segment = Vec::new();
+    let mut end = start.offset;
+    let mut recording = true;
+    stream_chunks_from(file, size, chunking, start, &mut |hashed| match hashed {
+        Hashed::Chunk(entry) => {
+            end = entry.offset + u64::from(entry.len);
+            segment.push(entry);
+            sink(entry)
+        }
+        Hashed::Checkpoint(digest) => {
+            let due = end - record.end >= RECORD_EVERY || segment.len() >= RECORD_EVERY_CHUNKS;
+            if recording && due && end < size {
+                record = HashingRecord {
+                    end,
+                    chunks: record.chunks + segment.len() as u64,
+                    segments: record.segments + 1,
+                    digest_len: digest.len,
+                    digest_stack: digest.stack,
+                };
+                if let Err(e) = store.record_hashing(&key, &segment, &record) {
+                    tracing::warn!(error = %e, "could not record the hashing progress");
+                    recording = false;
+                }
+                segment.clear();
+            }
+            true
+        }
+    })
+    .map(|digest| (digest, resumed))
+}
+
+/// The progress recorded for `key`, if it describes chunks that tile the file from offset 0, each of a length the
+/// chunking can cut (so the receiver accepts the pieces), and a digest state it can go on from (the segments are read once here, to check them, and once more to hand them over: memory
+/// holds one segment at a time, not the list).
+fn recorded_start(store: &SenderStore, key: &ManifestKey, chunking: Chunking) -> Option<(HashingRecord, HashStart)> {
+    let record = store.hashing(key).ok().flatten()?;
+    let digest = StackedPrefix {
+        len: record.digest_len,
+        stack: record.digest_stack.clone(),
+    };
+    let fits = record.end < key.size
+        && record.digest_len <= record.end
+        && record.end - record.digest_len <= crate::chunk::MAX_DIGEST_GAP
+        && PrefixDigest::resume(digest.clone()).is_some()
+        && match chunking {
+            Chunking::Fixed { size } => record.end.is_multiple_of(u64::from(size.max(1))),
+            Chunking::FastCdc { .. } => true,
+        };
+    if !fits {
+        return None;
+    }
+    let (mut next, mut count) = (0u64, 0u64);
+    for index in 0..record.segments {
+        for entry in store.hashed_segment(key, index).ok().flatten()? {
+            // Every recorded chunk ends before the file does: none is a short last chunk.
+            let len_fits = match chunking {
+                Chunking::Fixed { size } => entry.len == size,
+                Chunking::FastCdc { min, max, .. } => (min..=max).contains(&entry.len),
+            };
+            if entry.offset != next || !len_fits {
+                return None;
+            }
+            next += u64::from(entry.len);
+            count += 1;
+        }
+    }
+    (next == record.end && count == record.chunks).then(|| {
+        let start = HashStart {
+            offset: record.end,
+            digest,
+        };
+        (record, start)
+    })
 }
 
 /// The manifest the receiver role committed `key` with, if the file is still the one committed (same size, inode

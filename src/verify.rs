@@ -89,7 +89,7 @@ pub type ChainingValue = [u8; 32];
 
 /// A prefix digest cut down to its complete subtrees: what may be recorded and later resumed with
 /// [`PrefixDigest::resume`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StackedPrefix {
     /// Bytes covered, from offset 0 (a multiple of 1 KiB).
     pub len: u64,

@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, greeted, push, push_command, send_chunk_zero_and_commit, single_chunk_manifest, write_random, TestServer,
+    b3, greeted, push, push_command, run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest,
+    write_random, TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -375,4 +376,139 @@ async fn malformed_streams_are_refused_and_nothing_is_written() {
         }
     }
     assert_eq!(std::fs::read(server.root.join("bad/none")).unwrap(), whole);
+}
+
+/// The fixed 4 KiB chunking the hashing-progress tests push with: a record every 1024 chunks, so one at the end of
+/// each 8 MiB read buffer.
+const PROGRESS_CHUNKING: &[&str] = &["--chunking", "fixed", "--chunk-size", "4096"];
+
+/// The sender-store key `ferry push` records `source`'s hashing progress under (with [`PROGRESS_CHUNKING`]).
+fn progress_key(source: &Path) -> ferry::store::ManifestKey {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(source).unwrap();
+    let meta = std::fs::metadata(&canonical).unwrap();
+    ferry::store::ManifestKey {
+        path: canonical.display().to_string(),
+        size: meta.len(),
+        mtime: ferry::chunk::mtime_of(&meta),
+        inode: meta.ino(),
+        device: meta.dev(),
+        chunking: Chunking::Fixed { size: 4096 },
+    }
+}
+
+/// Leaves in `state` what a client SIGKILLed while hashing `source` leaves: hashing, as a push runs it
+/// ([`ferry::source::hash_resumable`], which records its progress as it goes, flushed), stopped for good after
+/// `chunks` chunks, with no manifest cached. Returns the bytes the last record covers.
+fn hash_then_stop(source: &Path, state: &Path, chunks: usize) -> u64 {
+    let store = ferry::store::Store::open(state).unwrap();
+    let sender = ferry::store::SenderStore::open(&store).unwrap();
+    let canonical = std::fs::canonicalize(source).unwrap();
+    let file = std::fs::File::open(&canonical).unwrap();
+    let size = file.metadata().unwrap().len();
+    let spec = ferry::chunk::ChunkSpec {
+        mode: ferry::chunk::ChunkingMode::Fixed,
+        size: 4096,
+    };
+    let mut seen = 0;
+    let stopped = ferry::source::hash_resumable(&sender, &file, &canonical, spec, size, &mut |_| {
+        seen += 1;
+        seen < chunks
+    });
+    assert!(stopped.is_err(), "stopped before the end");
+    let record = sender
+        .hashing(&progress_key(source))
+        .unwrap()
+        .expect("progress recorded");
+    assert!(sender.cached_manifest(&progress_key(source)).unwrap().is_none());
+    record.end
+}
+
+/// A client killed while it hashed a file not yet cached goes on, next run, from the hashing progress it recorded:
+/// the rerun (streamed again) reads the file's bytes for hashing only after the record, plus what it sends.
+/// Without the record it reads the whole file to hash it again, plus what it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_clients_rerun_does_not_hash_the_recorded_prefix_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("image.bin");
+    let size = 24 * MIB;
+    write_random(&source, size as usize, 21);
+    let state = dir.path().join("state");
+    let recorded = hash_then_stop(&source, &state, 5000);
+    assert_eq!(recorded, 16 * MIB, "a record at the end of each 8 MiB buffer");
+    let url = server.url("image.bin");
+    let (out, read) = run_counting_reads(push_command(&source, &url, &state, PROGRESS_CHUNKING)).await;
+    out.assert_ok();
+    assert_eq!(out.json["manifest_cached"], false, "streamed again");
+    assert_eq!(b3(&source), b3(&server.root.join("image.bin")));
+    let sent = out.u64("bytes_sent");
+    // Hashing reads size - recorded (+ < 1 KiB); sending reads `sent`; the state store a little. Hashing from the
+    // start would read `size` on top of `sent`.
+    assert!(
+        read < size - recorded / 2 + sent,
+        "the rerun read {read} bytes: {sent} sent, {size} in the file, {recorded} hashed before"
+    );
+    // Hashed through: the record is gone, the manifest cached.
+    let store = ferry::store::Store::open(&state).unwrap();
+    let sender = ferry::store::SenderStore::open(&store).unwrap();
+    assert!(sender.hashing(&progress_key(&source)).unwrap().is_none());
+    assert!(sender.cached_manifest(&progress_key(&source)).unwrap().is_some());
+}
+
+/// A source rewritten between the runs (same size and inode, new content and mtime) has another key: the record
+/// of the old content is ignored, and the file as it is now lands at the first try, hashed from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_changed_since_the_record_is_hashed_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("image.bin");
+    let size = 24 * MIB;
+    write_random(&source, size as usize, 22);
+    let state = dir.path().join("state");
+    hash_then_stop(&source, &state, 5000);
+    let old_key = progress_key(&source);
+    // Rewritten in place, with an mtime that surely differs.
+    let now = write_random(&source, size as usize, 23);
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert_ne!(progress_key(&source), old_key);
+    let url = server.url("image.bin");
+    let (out, read) = run_counting_reads(push_command(&source, &url, &state, PROGRESS_CHUNKING)).await;
+    out.assert_ok();
+    assert_eq!(out.json["source_changes"], 0, "{}", out.json);
+    assert_eq!(std::fs::read(server.root.join("image.bin")).unwrap(), now);
+    assert!(read >= size + out.u64("bytes_sent"), "hashed whole: read {read}");
+}
+
+/// A record whose digest state is wrong (a stale or damaged record the chunks do not show) makes the streamed
+/// offer's whole-file digest wrong: the server refuses it at commit, and the client drops the record and hashes
+/// the file from the start once, instead of failing or offering the same wrong digest again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_recorded_digest_is_dropped_and_the_file_hashed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let source = dir.path().join("image.bin");
+    write_random(&source, 24 * MIB as usize, 24);
+    let state = dir.path().join("state");
+    hash_then_stop(&source, &state, 5000);
+    {
+        let store = ferry::store::Store::open(&state).unwrap();
+        let sender = ferry::store::SenderStore::open(&store).unwrap();
+        let key = progress_key(&source);
+        let mut record = sender.hashing(&key).unwrap().unwrap();
+        let segment = sender.hashed_segment(&key, record.segments - 1).unwrap().unwrap();
+        record.digest_stack[0][0] ^= 1;
+        sender.record_hashing(&key, &segment, &record).unwrap();
+    }
+    let url = server.url("image.bin");
+    let out = push(&source, &url, &state, PROGRESS_CHUNKING).await;
+    out.assert_ok();
+    assert_eq!(out.json["source_changes"], 1, "{}", out.json);
+    assert_eq!(b3(&source), b3(&server.root.join("image.bin")));
 }

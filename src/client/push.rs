@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,14 +12,14 @@ use super::{blocking, classify, Backoff, ClientError, ClientEvent, Deadline, Ret
 use crate::chunk::ChunkSpec;
 use crate::manifest::{Hash, Manifest};
 use crate::path::RemotePath;
-use crate::source::{cache_streamed_manifest, cached_manifest_for, manifest_for, MAX_SOURCE_CHANGES};
+use crate::source::{cache_streamed_manifest, cached_manifest_for, hash_resumable, manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
-use crate::transfer::stream_send::{send_streamed, StreamSource};
+use crate::transfer::stream_send::{send_streamed, HashWith, Hashing, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
-use crate::wire::Committed;
+use crate::wire::{Committed, ErrorCode};
 
 /// What to push where, and how.
 #[derive(Clone, Debug)]
@@ -453,14 +454,40 @@ impl Streamed<'_> {
             self.canonical.to_path_buf(),
             opts.chunking,
         );
-        let on_hashed = Box::new(move |manifest: &Manifest| {
-            if let Err(e) = cache_streamed_manifest(&store, &file, &canonical, spec, manifest) {
-                tracing::warn!(error = %e, "could not cache the manifest");
-            }
-        });
+        let on_hashed = {
+            let (store, file, canonical) = (store.clone(), file.clone(), canonical.clone());
+            Box::new(move |manifest: &Manifest| {
+                if let Err(e) = cache_streamed_manifest(&store, &file, &canonical, spec, manifest) {
+                    tracing::warn!(error = %e, "could not cache the manifest");
+                }
+            })
+        };
+        // Goes on from the hashing progress a killed run recorded, and records its own.
+        let size = source.size;
+        let resumed = Arc::new(AtomicU64::new(0));
+        let hash_with: HashWith = {
+            let resumed = resumed.clone();
+            Box::new(move |sink| {
+                let (digest, from) = hash_resumable(&store, &file, &canonical, spec, size, sink)?;
+                resumed.store(from, Ordering::Relaxed);
+                Ok(digest)
+            })
+        };
         let path = self.remote_path.as_str();
         let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-        let sent = send_streamed(conn, path, source, &opts.send, &mut run.stats, &mut forward, on_hashed).await;
+        let sent = send_streamed(
+            conn,
+            path,
+            source,
+            &opts.send,
+            &mut run.stats,
+            &mut forward,
+            Hashing {
+                with: Some(hash_with),
+                on_hashed,
+            },
+        )
+        .await;
         match sent {
             Ok((committed, manifest)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -473,9 +500,27 @@ impl Streamed<'_> {
             }
             Err(e) => {
                 tell_peer(conn, &e).await;
-                Err(e)
+                Err(self.blame_record(e, resumed.load(Ordering::Relaxed)).await)
             }
         }
+    }
+
+    /// A receiver that found the whole-file digest wrong when hashing went on from a record (`resumed` > 0): the
+    /// record was wrong, not the receiver. It is dropped with the path's manifests and the failure counts as a
+    /// changed source, so the whole offer that follows hashes the file from the start (once: its own failure is
+    /// final).
+    async fn blame_record(&self, error: TransferError, resumed: u64) -> TransferError {
+        let digest_wrong = matches!(&error, TransferError::Remote(frame) if frame.code == ErrorCode::IntegrityFailed);
+        if resumed == 0 || !digest_wrong {
+            return error;
+        }
+        let (store, path) = (self.store.clone(), self.canonical.display().to_string());
+        if let Err(e) = blocking(move || Ok(store.forget_manifests(&path)?)).await {
+            tracing::warn!(error = %e, "could not drop the hashing record");
+        }
+        TransferError::SourceChanged(format!(
+            "the digest hashed on from recorded progress (at byte {resumed}) was wrong ({error}); hashing from the start"
+        ))
     }
 
     /// A failed streamed attempt: a changed source is counted (the whole offer that follows reads it again), a

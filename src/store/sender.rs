@@ -1,13 +1,18 @@
-//! Sender state: the manifest cache and one record per push.
+//! Sender state: the manifest cache, the hashing progress of files not cached yet, and one record per push.
 //!
 //! The cache is keyed by everything that identifies unchanged content without reading it (canonical path, size,
 //! mtime, inode, device, effective chunking), so re-running a push does not rehash an unchanged file. A cached manifest is
 //! still only a claim: the sender re-hashes every chunk it reads for sending and drops the cache entry on a mismatch.
+//!
+//! A file whose hashing was cut (the sender killed before its manifest was cached) leaves its progress under the
+//! same key: the chunks hashed so far, appended in segments (so recording is not quadratic in the file's size), and
+//! the whole-file BLAKE3 state at their end ([`HashingRecord`]). It is dropped when the manifest is cached, and
+//! with the manifests when the source turned out to differ.
 
 use serde::{Deserialize, Serialize};
 
 use super::{get, now_secs, prefixed, Store, StoreError};
-use crate::manifest::{FileTime, Manifest};
+use crate::manifest::{ChunkEntry, FileTime, Manifest};
 use crate::wire::codec::encode_record;
 
 const MANIFEST: &str = "manifest";
@@ -17,6 +22,10 @@ const PUSH: &str = "push";
 const ACKED: &str = "acked";
 /// Per source path: the cache keys of its manifests, oldest first.
 const CACHE_ORDER: &str = "morder";
+/// Per cache key: how far hashing the file got ([`HashingRecord`]).
+const HASHING: &str = "hashing";
+/// Per cache key and segment number (big-endian u32): a segment of the chunks hashed so far.
+const HASHED_SEGMENT: &str = "hashseg";
 /// Most manifests cached per source file (one per chunking): a server asked for ever new chunk sizes keeps the
 /// last few, so its cache stays bounded per file while clients that alternate between a few sizes still hit it.
 pub const MAX_CACHED_CHUNKINGS: usize = 4;
@@ -37,6 +46,22 @@ pub struct ManifestKey {
     /// The chunking the request comes to for this file (two requests that clamp to the same parameters share an
     /// entry).
     pub chunking: crate::manifest::Chunking,
+}
+
+/// How far hashing a file got, recorded as it goes: the chunks `[0, end)` are in `segments` segments, and `digest`
+/// is the whole-file BLAKE3 state of the bytes `[0, digest_len)` (`digest_len <= end`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct HashingRecord {
+    /// End of the last recorded chunk.
+    pub end: u64,
+    /// Chunks recorded, over all segments.
+    pub chunks: u64,
+    /// Segments recorded (numbered from 0).
+    pub segments: u32,
+    /// Bytes the digest state covers (a multiple of 1 KiB).
+    pub digest_len: u64,
+    /// The digest state: chaining values of complete BLAKE3 subtrees, bottom of the stack first.
+    pub digest_stack: Vec<[u8; 32]>,
 }
 
 /// Where a push stands.
@@ -116,8 +141,50 @@ impl SenderStore {
         }
         self.tree.insert(prefixed(MANIFEST, &new), encode_record(manifest))?;
         self.tree.insert(order_key, encode_record(&order))?;
+        // Hashed through: the progress of its hashing is of no more use.
+        self.forget_hashing(&key.path)?;
         if flush {
             self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The hashing progress recorded for `key`, if any.
+    pub fn hashing(&self, key: &ManifestKey) -> Result<Option<HashingRecord>, StoreError> {
+        get(&self.tree, &prefixed(HASHING, &encode_record(key)))
+    }
+
+    /// Segment `index` of the chunks recorded for `key`, if there is one.
+    pub fn hashed_segment(&self, key: &ManifestKey, index: u32) -> Result<Option<Vec<ChunkEntry>>, StoreError> {
+        get(&self.tree, &segment_key(key, index))
+    }
+
+    /// Records hashing progress for `key`: `segment` (the chunks after those already recorded) as segment
+    /// `record.segments - 1`, then `record`, and flushes. A first segment drops any other progress of the path.
+    pub fn record_hashing(
+        &self,
+        key: &ManifestKey,
+        segment: &[ChunkEntry],
+        record: &HashingRecord,
+    ) -> Result<(), StoreError> {
+        let index = record.segments.saturating_sub(1);
+        if index == 0 {
+            self.forget_hashing(&key.path)?;
+        }
+        self.tree.insert(segment_key(key, index), encode_record(&segment))?;
+        self.tree
+            .insert(prefixed(HASHING, &encode_record(key)), encode_record(record))?;
+        self.store.flush()
+    }
+
+    /// Drops every hashing progress record of `path` (does not flush).
+    pub fn forget_hashing(&self, path: &str) -> Result<(), StoreError> {
+        let path = encode_record(&path.to_string());
+        for prefix in [HASHING, HASHED_SEGMENT] {
+            for entry in self.tree.scan_prefix(prefixed(prefix, &path)) {
+                let (key, _) = entry?;
+                self.tree.remove(key)?;
+            }
         }
         Ok(())
     }
@@ -127,8 +194,10 @@ impl SenderStore {
         self.store.flush()
     }
 
-    /// Drops every cached manifest of `path` (the source turned out to differ from its cache entry).
+    /// Drops every cached manifest and hashing progress record of `path` (the source turned out to differ from its
+    /// cache entry, or the digest hashed from a record was wrong): the next manifest is hashed from scratch.
     pub fn forget_manifests(&self, path: &str) -> Result<(), StoreError> {
+        self.forget_hashing(path)?;
         // The key starts with the encoded path (u64 length + bytes), so a prefix scan finds every entry of it.
         let path = encode_record(&path.to_string());
         for entry in self.tree.scan_prefix(prefixed(MANIFEST, &path)) {
@@ -214,6 +283,22 @@ impl SenderStore {
                 pruned.manifests_removed += 1;
             }
         }
+        // Hashing progress of files that are gone or changed: of no use either (counted with the manifests).
+        let mut stale_hashing = Vec::new();
+        for entry in self.tree.scan_prefix(prefixed(HASHING, b"")) {
+            let (key, _) = entry?;
+            match crate::wire::codec::decode_record::<ManifestKey>(&key[HASHING.len() + 1..]) {
+                Ok(hashing_key) if still_matches(&hashing_key) => {}
+                Ok(hashing_key) => stale_hashing.push(hashing_key.path),
+                Err(_) => {
+                    self.tree.remove(key)?;
+                }
+            }
+        }
+        for path in stale_hashing {
+            self.forget_hashing(&path)?;
+            pruned.manifests_removed += 1;
+        }
         self.store.flush()?;
         Ok(pruned)
     }
@@ -233,6 +318,12 @@ fn still_matches(key: &ManifestKey) -> bool {
             && meta.ino() == key.inode
             && meta.dev() == key.device
     })
+}
+
+fn segment_key(key: &ManifestKey, index: u32) -> Vec<u8> {
+    let mut encoded = encode_record(key);
+    encoded.extend_from_slice(&index.to_be_bytes());
+    prefixed(HASHED_SEGMENT, &encoded)
 }
 
 fn push_key(source: &str, destination: &str) -> Vec<u8> {
@@ -392,5 +483,68 @@ mod tests {
         assert!(store.cached_manifest(&key(4096 + 19, 1)).unwrap().is_none());
         assert_eq!(store.tree.scan_prefix(prefixed(MANIFEST, b"")).count(), 2);
         assert!(store.cached_manifest(&other_file).unwrap().is_some());
+    }
+
+    /// Hashing progress is appended segment by segment, read back as recorded, replaced when the same path starts
+    /// again from the first segment, and dropped when the manifest is cached, with the manifests, and by prune
+    /// once its file is gone.
+    #[test]
+    fn hashing_progress_is_appended_and_dropped_when_no_longer_of_use() {
+        use crate::manifest::tests::manifest_of;
+        use crate::manifest::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let key = |path: &str| ManifestKey {
+            path: path.into(),
+            size: 1 << 20,
+            mtime: FileTime { secs: 1, nanos: 0 },
+            inode: 1,
+            device: 2,
+            chunking: Chunking::Fixed { size: 4096 },
+        };
+        let chunk = |i: u64| ChunkEntry {
+            offset: i * 4096,
+            len: 4096,
+            hash: [i as u8; 32],
+        };
+        let record = |segments: u32, chunks: u64| HashingRecord {
+            end: chunks * 4096,
+            chunks,
+            segments,
+            digest_len: chunks * 4096 - 1024,
+            digest_stack: vec![[7; 32]],
+        };
+        let big = key("/gone/big");
+        store
+            .record_hashing(&big, &[chunk(0), chunk(1)], &record(1, 2))
+            .unwrap();
+        store.record_hashing(&big, &[chunk(2)], &record(2, 3)).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), Some(record(2, 3)));
+        assert_eq!(store.hashed_segment(&big, 0).unwrap(), Some(vec![chunk(0), chunk(1)]));
+        assert_eq!(store.hashed_segment(&big, 1).unwrap(), Some(vec![chunk(2)]));
+        // Starting again (another content of the path) drops the old segments.
+        let changed = ManifestKey {
+            mtime: FileTime { secs: 2, nanos: 0 },
+            ..big.clone()
+        };
+        store.record_hashing(&changed, &[chunk(0)], &record(1, 1)).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        assert_eq!(store.hashed_segment(&big, 1).unwrap(), None);
+        // Cached: of no more use.
+        store.cache_manifest(&changed, &manifest_of(&[10]), true).unwrap();
+        assert_eq!(store.hashing(&changed).unwrap(), None);
+        assert_eq!(store.hashed_segment(&changed, 0).unwrap(), None);
+        // Dropped with the manifests, and by prune once the file is gone.
+        store.record_hashing(&big, &[chunk(0)], &record(1, 1)).unwrap();
+        store.forget_manifests(&big.path).unwrap();
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        store.record_hashing(&big, &[chunk(0)], &record(1, 1)).unwrap();
+        assert_eq!(
+            store.prune(0, 0).unwrap().manifests_removed,
+            1,
+            "the record (its manifest went with forget_manifests)"
+        );
+        assert_eq!(store.hashing(&big).unwrap(), None);
+        assert_eq!(store.tree.scan_prefix(prefixed(HASHED_SEGMENT, b"")).count(), 0);
     }
 }

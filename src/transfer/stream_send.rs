@@ -76,6 +76,18 @@ enum Stage {
 /// it there, so a later attempt offers it whole even if this one is cut before Committed.
 pub type OnHashed = Box<dyn FnOnce(&Manifest) + Send>;
 
+/// Hashes the source on the hashing thread in place of [`stream_chunks`] from offset 0 (the client goes on from the
+/// hashing progress it recorded): hands every chunk to the sink in file order, returns the whole-file digest.
+pub type HashWith = Box<dyn FnOnce(&mut (dyn FnMut(ChunkEntry) -> bool + Send)) -> std::io::Result<Hash> + Send>;
+
+/// How the hashing thread hashes the source, and what it does with the whole manifest.
+pub struct Hashing {
+    /// Hashes in place of [`stream_chunks`] from offset 0, if set.
+    pub with: Option<HashWith>,
+    /// Called with the whole manifest once hashed.
+    pub on_hashed: OnHashed,
+}
+
 /// Offers `source` for `path` streamed and sends whatever the receiver needs until it reports Committed. Returns
 /// the report and the whole manifest (for later attempts, which offer it whole).
 pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
@@ -85,7 +97,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     opts: &SendOptions,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
-    on_hashed: OnHashed,
+    hashing: Hashing,
 ) -> Result<(Committed, Manifest), TransferError> {
     let start = Message::OfferStart(OfferStart {
         path: path.to_string(),
@@ -102,7 +114,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let opts = &streaming;
     send_within(conn, &start, opts.io_timeout, "sending OfferStart").await?;
     opts.meter.file(path, source.size, 0);
-    let (entries, mut hashing) = start_hashing(source, on_hashed);
+    let (entries, mut hashing) = start_hashing(source, hashing);
     let mut manifest = Manifest {
         size: source.size,
         digest: [0; 32],
@@ -266,7 +278,7 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
 /// and the task ends with the whole-file digest, or `SourceChanged` if size or mtime moved meanwhile.
 fn start_hashing(
     source: &StreamSource,
-    on_hashed: OnHashed,
+    Hashing { with, on_hashed }: Hashing,
 ) -> (
     mpsc::UnboundedReceiver<ChunkEntry>,
     tokio::task::JoinHandle<Result<Hash, TransferError>>,
@@ -275,10 +287,14 @@ fn start_hashing(
     let source = source.clone();
     let task = tokio::task::spawn_blocking(move || {
         let mut chunks = Vec::new();
-        let digest = stream_chunks(&source.file, source.size, source.chunking, &mut |entry| {
+        let mut sink = |entry| {
             chunks.push(entry);
             tx.send(entry).is_ok()
-        });
+        };
+        let digest = match with {
+            Some(hash) => hash(&mut sink),
+            None => stream_chunks(&source.file, source.size, source.chunking, &mut sink),
+        };
         let digest = digest.map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => {
                 TransferError::SourceChanged("the file shrank while it was read".into())
