@@ -684,6 +684,8 @@ impl ChunkWriter {
         {
             Ok(durable) => {
                 for (stream, ranges) in durable {
+                    // The first and last of these split a push's time (docs/benchmarks.md, bench/s3.sh).
+                    tracing::debug!(path = %self.key, durable_bytes = self.durable_bytes, "acknowledging a batch");
                     let _ = events.send(WriterEvent::Durable { stream, ranges });
                 }
                 true

@@ -1,7 +1,8 @@
 //! [`GatedStore`] (tests only): an in-memory store that counts the chunk PUTs in flight and holds each one until
 //! enough run at once, so a test can tell whether a writer keeps PUTs in flight across its syncs, without timing
 //! anything. It also records, for every journal entry PUT, whether each chunk object it names already existed, and
-//! can hold the DELETEs of journal objects (to see what a commit waits for).
+//! can hold the DELETEs of journal objects (to see what a commit waits for) and the PUTs of journal entries (to
+//! see which batches one entry gathers).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,10 @@ pub(crate) struct GatedStore {
     journaled: Mutex<Vec<bool>>,
     /// Whether DELETEs of journal objects pass (else each waits until they do, or `patience` passed).
     deletes: watch::Sender<bool>,
+    /// Whether journal entry PUTs pass (else each waits until they do, or `patience` passed).
+    journals: watch::Sender<bool>,
+    /// Journal entry PUTs waiting at that gate now.
+    journals_held: AtomicUsize,
 }
 
 impl std::fmt::Display for GatedStore {
@@ -58,6 +63,8 @@ impl GatedStore {
             open: watch::Sender::new(false),
             journaled: Mutex::new(Vec::new()),
             deletes: watch::Sender::new(true),
+            journals: watch::Sender::new(true),
+            journals_held: AtomicUsize::new(0),
         }
     }
 
@@ -69,6 +76,21 @@ impl GatedStore {
     /// Lets the held DELETEs of journal objects, and every later one, pass.
     pub(crate) fn release_deletes(&self) {
         self.deletes.send_replace(true);
+    }
+
+    /// Holds every journal entry PUT from now until [`GatedStore::release_journals`].
+    pub(crate) fn hold_journals(&self) {
+        self.journals.send_replace(false);
+    }
+
+    /// Lets the held journal entry PUTs, and every later one, pass.
+    pub(crate) fn release_journals(&self) {
+        self.journals.send_replace(true);
+    }
+
+    /// Journal entry PUTs held now.
+    pub(crate) fn journals_held(&self) -> usize {
+        self.journals_held.load(Ordering::SeqCst)
     }
 
     /// The most chunk PUTs seen in flight at once.
@@ -121,6 +143,10 @@ impl ObjectStore for GatedStore {
             return self.put_chunk(location, payload, opts).await;
         }
         if location.as_ref().contains("/journal/") {
+            self.journals_held.fetch_add(1, Ordering::SeqCst);
+            let mut gate = self.journals.subscribe();
+            let _ = tokio::time::timeout(self.patience, gate.wait_for(|open| *open)).await;
+            self.journals_held.fetch_sub(1, Ordering::SeqCst);
             self.check_journal(&payload).await;
         }
         self.inner.put_opts(location, payload, opts).await

@@ -144,6 +144,27 @@ struct Transfer {
     received_since: AtomicU64,
     /// Set once this process journaled received bytes.
     received_any: AtomicBool,
+    /// Synced batches waiting for their journal entry ([`journal_batch`]).
+    journal: Mutex<JournalQueue>,
+}
+
+/// The batches of one transfer whose chunk PUTs returned, waiting for the journal entry that makes them durable.
+#[derive(Default)]
+struct JournalQueue {
+    /// Waiting for the next entry.
+    waiting: Vec<Journaled>,
+    /// A task is PUTting entries for the transfer: it takes `waiting` next.
+    putting: bool,
+}
+
+/// One batch waiting for its journal entry.
+struct Journaled {
+    /// Its chunks, sorted.
+    batch: Vec<u32>,
+    /// Bytes of it received over the wire.
+    bytes: u64,
+    /// Told once the entry naming it returned (the error as text: several batches share it).
+    answer: oneshot::Sender<Result<(), String>>,
 }
 
 impl Transfer {
@@ -267,6 +288,7 @@ impl ObjectVolume {
             received_before: AtomicU64::new(0),
             received_since: AtomicU64::new(0),
             received_any: AtomicBool::new(false),
+            journal: Mutex::default(),
         });
         self.open
             .lock()
@@ -676,39 +698,82 @@ async fn put_journal_entry(shared: &Shared, transfer: TransferId, entry: &Journa
         .map(|_| ())
 }
 
-/// Makes one batch durable for the group: waits for its chunk PUTs, then PUTs its journal entry naming `batch`
-/// (sorted, `bytes` received).
+/// Makes one batch durable for the group: waits for its chunk PUTs, then has a journal entry naming `batch`
+/// (sorted, `bytes` received) PUT, and answers once it returned. Entries are PUT one at a time per transfer (group
+/// commit): the batches whose chunk PUTs returned while an entry was in flight go together into the next one, so
+/// a fresh push makes fewer journal PUTs than batches when the store is the limit, and none waits for more than the
+/// entry in flight and its own.
 async fn journal_batch(
-    shared: &Shared,
-    transfer: &Transfer,
+    shared: Arc<Shared>,
+    transfer: Arc<Transfer>,
     puts: Vec<JoinHandle<Result<(), ObjectError>>>,
     batch: Vec<u32>,
     bytes: u64,
-) -> Result<(), ObjectError> {
+) -> io::Result<()> {
     for put in puts {
-        put.await.map_err(|e| ObjectError::Store {
-            op: "put",
-            key: format!("a chunk ({e})"),
-            kind: "task failed",
-        })??;
+        put.await
+            .map_err(|e| ObjectError::Store {
+                op: "put",
+                key: format!("a chunk ({e})"),
+                kind: "task failed",
+            })
+            .and_then(|put| put)
+            .map_err(to_io)?;
     }
     // PUT by this session (their PUTs have returned): rule C confirms them at the commit.
     let manifest = &transfer.manifest;
     transfer.rely(batch.iter().filter_map(|&i| manifest.chunk(i)).map(|c| c.hash));
-    let entry = JournalEntry {
-        manifest_id: manifest.id(),
-        ranges: encode_runs(batch),
-        received_bytes: bytes,
-        reused_bytes: 0,
-        rejected_chunks: 0,
-        updated: now_ns() / 1_000_000_000,
-        server: shared.server,
-        retract: false,
+    let (answer, answered) = oneshot::channel();
+    let lead = {
+        let mut queue = transfer.journal.lock().expect("journal queue");
+        queue.waiting.push(Journaled { batch, bytes, answer });
+        !std::mem::replace(&mut queue.putting, true)
     };
-    put_journal_entry(shared, transfer.id, &entry).await?;
-    transfer.received_since.fetch_add(bytes, Ordering::Relaxed);
-    transfer.received_any.store(true, Ordering::Relaxed);
-    Ok(())
+    if lead {
+        // Its own task: this batch's answer must not wait for the batches queued after it.
+        shared.handle.clone().spawn(put_queued_journal(shared, transfer));
+    }
+    answered
+        .await
+        .unwrap_or_else(|_| Err("the journal task ended without an answer".to_string()))
+        .map_err(io::Error::other)
+}
+
+/// PUTs the queued batches of `transfer`, all waiting at once in one journal entry, until none is left.
+async fn put_queued_journal(shared: Arc<Shared>, transfer: Arc<Transfer>) {
+    loop {
+        let waiting = {
+            let mut queue = transfer.journal.lock().expect("journal queue");
+            if queue.waiting.is_empty() {
+                queue.putting = false;
+                return;
+            }
+            std::mem::take(&mut queue.waiting)
+        };
+        let mut chunks: Vec<u32> = waiting.iter().flat_map(|w| w.batch.iter().copied()).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        let bytes: u64 = waiting.iter().map(|w| w.bytes).sum();
+        let entry = JournalEntry {
+            manifest_id: transfer.manifest.id(),
+            ranges: encode_runs(chunks),
+            received_bytes: bytes,
+            reused_bytes: 0,
+            rejected_chunks: 0,
+            updated: now_ns() / 1_000_000_000,
+            server: shared.server,
+            retract: false,
+        };
+        let result = put_journal_entry(&shared, transfer.id, &entry).await;
+        if result.is_ok() {
+            transfer.received_since.fetch_add(bytes, Ordering::Relaxed);
+            transfer.received_any.store(true, Ordering::Relaxed);
+        }
+        let result = result.map_err(|e| to_io(e).to_string());
+        for journaled in waiting {
+            let _ = journaled.answer.send(result.clone());
+        }
+    }
 }
 
 /// The identity the object volume gives a file of `manifest`: no device, the manifest id's first 8 bytes as the
@@ -1244,11 +1309,11 @@ impl PartialFile for ObjectPartial {
         let (answer, pending) = oneshot::channel();
         let (shared, transfer, failed) = (self.shared.clone(), self.transfer.clone(), self.failed.clone());
         let sync = self.shared.handle.spawn(async move {
-            let result = journal_batch(&shared, &transfer, puts, batch, bytes).await;
+            let result = journal_batch(shared, transfer, puts, batch, bytes).await;
             if result.is_err() {
                 failed.store(true, Ordering::Release);
             }
-            let _ = answer.send(result.map_err(to_io));
+            let _ = answer.send(result);
         });
         self.state.lock().expect("partial state").syncs.push(sync);
         Ok(PendingSync::running(pending))

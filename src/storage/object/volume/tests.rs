@@ -357,6 +357,72 @@ fn a_started_sync_lets_the_next_batch_put_while_it_runs() {
     assert_eq!(present(&durable.chunks), vec![0, 1, 2, 3]);
 }
 
+/// Batches whose chunk PUTs return while a journal entry is in flight share the next entry: with the first batch's
+/// entry held by the store, the next two batches wait in the transfer's queue (not at the store), and once the
+/// store lets entries pass the three batches are durable through two journal objects. A volume that PUT one entry
+/// per batch sends three entries to the store (the test's wait for the queue then runs out of patience).
+#[test]
+fn batches_synced_while_a_journal_entry_is_in_flight_share_the_next_entry() {
+    let rt = runtime();
+    let (bytes, manifest) = file(3, 13);
+    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
+        Layout::new("", ""),
+        manifest.clone(),
+        1,
+        Duration::from_secs(5),
+    ));
+    let store: Arc<dyn ObjectStore> = gated.clone();
+    let volume = ObjectVolume::new(rt.handle().clone(), store.clone(), "", "", ObjectOptions::default());
+    let dest = path("grouped.bin");
+    let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    let queued = || {
+        let open = volume.open.lock().unwrap();
+        let queue = open[dest.as_str()].journal.lock().unwrap();
+        queue.waiting.len()
+    };
+    // Polls (yielding, never timing the code under test) until `done`, for at most the store's patience.
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    gated.hold_journals();
+    write_chunks(&partial, &bytes, &manifest, &[0]);
+    let mut first = partial.start_sync().unwrap();
+    wait_for("the first entry reached the store", &|| gated.journals_held() == 1);
+    write_chunks(&partial, &bytes, &manifest, &[1]);
+    let mut second = partial.start_sync().unwrap();
+    write_chunks(&partial, &bytes, &manifest, &[2]);
+    let mut third = partial.start_sync().unwrap();
+    wait_for("the next two batches queued behind it", &|| queued() == 2);
+    assert!(
+        first.try_result().is_none(),
+        "answered before its journal entry returned"
+    );
+    assert!(second.try_result().is_none() && third.try_result().is_none());
+
+    gated.release_journals();
+    first.wait().unwrap();
+    second.wait().unwrap();
+    third.wait().unwrap();
+    let journal = volume.layout().namespace().clone().join("journal");
+    assert_eq!(
+        rt.block_on(layout::list(&*store, &journal)).unwrap().len(),
+        2,
+        "one entry for the first batch, one for the two queued behind it"
+    );
+    assert_eq!(
+        gated.journaled(),
+        vec![true, true],
+        "each entry after the chunks it names"
+    );
+    let durable = volume.durable(&dest, &manifest, ReuseRule::InPlace).unwrap();
+    assert_eq!(present(&durable.chunks), vec![0, 1, 2]);
+}
+
 /// The commit answers once its manifest object and record are settled, without waiting for the transfer's journal
 /// to be deleted: the store holds journal DELETEs, `place` returns with the journal still there and the record
 /// gone, and the journal goes once the DELETEs pass. A `place` that deleted the journal before answering waits
