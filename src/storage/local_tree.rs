@@ -4,6 +4,8 @@
 //! made durable by one `syncfs` (an `fdatasync` each where that fails), renamed into place through directory
 //! descriptors (each destination directory walked once per batch, no symlink followed even one swapped in
 //! meanwhile, the inode checked before and after the rename), and the directories are synced after the renames.
+//! Each staged file's writeback starts as it is written (a hint: the `syncfs` is what makes it durable). A tree's
+//! directories are created together, with one `fsync` per parent directory.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,19 +13,26 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use super::local::{inode_at, open_committed, LocalVolume};
+use super::local::{inode_at, open_committed, start_writeback, LocalVolume};
 use super::tree::{Settled, Staged, TreeVolume};
 use super::Identity;
 use crate::chunk::mtime_of;
 use crate::manifest::FileTime;
 use crate::path::{
-    ensure_dir, entry_at, link_walk, open_dir_beneath, open_parent_dir, rename_into_from, rename_into_opened,
-    resolve_in_root, Entry, PathError, RemotePath, Replace,
+    ensure_dir, ensure_dirs, entry_at, link_walk, open_dir_beneath, open_parent_dir, rename_into_from,
+    rename_into_opened, resolve_in_root, Entry, PathError, RemotePath, Replace,
 };
 
 impl TreeVolume for LocalVolume {
     fn make_dir(&self, key: &RemotePath) -> Result<(), String> {
         ensure_dir(&self.root, key).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn make_all_dirs(&self, keys: &[RemotePath]) -> Vec<Result<(), String>> {
+        ensure_dirs(&self.root, keys)
+            .into_iter()
+            .map(|made| made.map_err(|e| e.to_string()))
+            .collect()
     }
 
     fn place_symlink(
@@ -77,8 +86,11 @@ impl TreeVolume for LocalVolume {
                 is_file: true,
             },
         };
+        // The writeback starts now (a hint; the batch's `syncfs` is what makes it durable), so the disk writes
+        // while the rest of the batch arrives and the sync finds little left to write.
         let written = out
             .write_all(data)
+            .and_then(|()| start_writeback(&out, 0, data.len() as u64))
             .and_then(|()| out.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)))
             .and_then(|()| out.set_modified(super::local::system_time(mtime)))
             .and_then(|()| out.metadata());
