@@ -473,7 +473,7 @@ pub fn open_committed(root: &Path, path: &str) -> Option<File> {
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback of the dirty pages in the range and returns (it may
 /// block only while the device's request queue is full, which paces the writer to the disk). Durability is still
 /// the later `fdatasync`'s alone: this flushes neither the disk cache nor metadata. Linux only; elsewhere nothing.
-pub(super) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

@@ -4,8 +4,7 @@
 //! made durable by one `syncfs` (an `fdatasync` each where that fails), renamed into place through directory
 //! descriptors (each destination directory walked once per batch, no symlink followed even one swapped in
 //! meanwhile, the inode checked before and after the rename), and the directories are synced after the renames.
-//! Each staged file's writeback starts as it is written (a hint: the `syncfs` is what makes it durable). A tree's
-//! directories are created together, with one `fsync` per parent directory.
+//! A tree's directories are created together, with one `fsync` per parent directory.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,7 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use super::local::{inode_at, open_committed, start_writeback, LocalVolume};
+use super::local::{inode_at, open_committed, LocalVolume};
 use super::tree::{Settled, Staged, TreeVolume};
 use super::Identity;
 use crate::chunk::mtime_of;
@@ -86,11 +85,8 @@ impl TreeVolume for LocalVolume {
                 is_file: true,
             },
         };
-        // The writeback starts now (a hint; the batch's `syncfs` is what makes it durable), so the disk writes
-        // while the rest of the batch arrives and the sync finds little left to write.
         let written = out
             .write_all(data)
-            .and_then(|()| start_writeback(&out, 0, data.len() as u64))
             .and_then(|()| out.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)))
             .and_then(|()| out.set_modified(super::local::system_time(mtime)))
             .and_then(|()| out.metadata());
