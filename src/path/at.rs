@@ -131,6 +131,40 @@ pub(super) fn walk(root: &Path, components: &[&str], create: bool) -> Result<Fil
     Ok(dir)
 }
 
+/// [`walk`] creating missing directories without syncing each into its parent: every directory in which this walk
+/// created one is pushed (a second descriptor of it) onto `unsynced`, for the caller to sync once however many
+/// directories it got. Blocking.
+pub(super) fn walk_deferring(root: &Path, components: &[&str], unsynced: &mut Vec<File>) -> Result<File, PathError> {
+    let mut shown_path = root.to_path_buf();
+    let io_error = |source| PathError::Io {
+        path: String::new(),
+        source,
+    };
+    let mut dir = open_dir(root).map_err(io_error)?;
+    for component in components {
+        shown_path.push(component);
+        let (next, created) = step_noting(&dir, component, true, false).map_err(|e| classify(root, &shown_path, e))?;
+        if created {
+            unsynced.push(dir.try_clone().map_err(io_error)?);
+        }
+        dir = next;
+    }
+    Ok(dir)
+}
+
+/// Makes the entries of `dir` durable (`fsync` of the directory).
+pub(super) fn sync_dir(dir: &File) -> io::Result<()> {
+    #[cfg(test)]
+    DIR_SYNCS.with(|syncs| syncs.set(syncs.get() + 1));
+    dir.sync_all()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Directory syncs made by [`sync_dir`] on this thread (tests count them).
+    pub(super) static DIR_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The metadata of what is at `path` under `root` (a symlink's own, never its target's), found through directory
 /// descriptors (`openat`), so the root's depth does not count against the OS path limit. Blocking.
 pub fn metadata_in_root(root: &Path, path: &RemotePath) -> Result<std::fs::Metadata, PathError> {
@@ -192,17 +226,27 @@ pub(super) fn cstring(component: &str) -> CString {
 /// Opens the directory `component` inside `dir` without following a symlink, creating it (and syncing `dir`) if
 /// it is missing and `create` is set.
 fn step(dir: &File, component: &str, create: bool) -> Result<File, Refusal> {
+    step_noting(dir, component, create, true).map(|(next, _)| next)
+}
+
+/// [`step`], also saying whether it created the directory (or found one made meanwhile); `sync` makes a created
+/// directory durable in `dir` at once, else the caller syncs `dir` later.
+fn step_noting(dir: &File, component: &str, create: bool, sync: bool) -> Result<(File, bool), Refusal> {
     let name = cstring(component);
+    let mut created = false;
     for _ in 0..2 {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         match rustix::fs::openat(dir, &name, flags, Mode::empty()) {
-            Ok(fd) => return Ok(fd.into()),
+            Ok(fd) => return Ok((fd.into(), created)),
             Err(Errno::NOENT) if create => {
                 match rustix::fs::mkdirat(dir, &name, Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(Refusal::Io(e.into())),
                 }
-                dir.sync_all().map_err(Refusal::Io)?;
+                created = true;
+                if sync {
+                    sync_dir(dir).map_err(Refusal::Io)?;
+                }
             }
             Err(Errno::LOOP | Errno::NOTDIR) => return Err(kind_of(dir, &name).unwrap_or(Refusal::InTheWay)),
             Err(e) => return Err(Refusal::Io(e.into())),

@@ -4,6 +4,7 @@
 //! made durable by one `syncfs` (an `fdatasync` each where that fails), renamed into place through directory
 //! descriptors (each destination directory walked once per batch, no symlink followed even one swapped in
 //! meanwhile, the inode checked before and after the rename), and the directories are synced after the renames.
+//! A tree's directories are created together, with one `fsync` per parent directory.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,13 +18,20 @@ use super::Identity;
 use crate::chunk::mtime_of;
 use crate::manifest::FileTime;
 use crate::path::{
-    ensure_dir, entry_at, link_walk, open_dir_beneath, open_parent_dir, rename_into_from, rename_into_opened,
-    resolve_in_root, Entry, PathError, RemotePath, Replace,
+    ensure_dir, ensure_dirs, entry_at, link_walk, open_dir_beneath, open_parent_dir, rename_into_from,
+    rename_into_opened, resolve_in_root, Entry, PathError, RemotePath, Replace,
 };
 
 impl TreeVolume for LocalVolume {
     fn make_dir(&self, key: &RemotePath) -> Result<(), String> {
         ensure_dir(&self.root, key).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn make_all_dirs(&self, keys: &[RemotePath]) -> Vec<Result<(), String>> {
+        ensure_dirs(&self.root, keys)
+            .into_iter()
+            .map(|made| made.map_err(|e| e.to_string()))
+            .collect()
     }
 
     fn place_symlink(

@@ -81,6 +81,11 @@ pub trait TreeVolume: Send + Sync + Debug {
     /// Creates the directory `key` and its parents if missing, never through a symlink; the error is the reason
     /// reported for the entry.
     fn make_dir(&self, key: &RemotePath) -> Result<(), String>;
+    /// [`TreeVolume::make_dir`] of every key of `keys`, one result each, in order; all are durable when it
+    /// returns. The default makes them one at a time; a local disk syncs each parent directory once for all.
+    fn make_all_dirs(&self, keys: &[RemotePath]) -> Vec<Result<(), String>> {
+        keys.iter().map(|key| self.make_dir(key)).collect()
+    }
     /// Makes `key` a symlink to `target` (already checked to stay inside the tree rooted at `base`, `link` being
     /// its path in the tree), replacing a file or a symlink there atomically; the error is the refusal reason.
     fn place_symlink(

@@ -224,6 +224,7 @@ fn plan(
         .then(|| EntryBudget::open(&ctx.store, ctx.limits.max_entries, shared.as_ref()))
         .transpose()?;
     let stored = stored_files(ctx, tree);
+    let mut dirs = Vec::new();
     for (index, (entry, key)) in tree.offer.entries.iter().zip(&tree.keys).enumerate() {
         let index = index as u32;
         // What placing the entry creates counts against the namespace's entry budget (unchanged files create
@@ -245,11 +246,8 @@ fn plan(
             }
         }
         match &entry.kind {
-            EntryKind::Dir { .. } => {
-                if let Err(why) = ctx.trees.make_dir(key) {
-                    plan.settled.refused.push((index, why));
-                }
-            }
+            // Created together after the walk, so each parent directory is synced once, not once per directory.
+            EntryKind::Dir { .. } => dirs.push((index, key.clone())),
             EntryKind::Symlink { .. } if links == LinkPolicy::Skip => {
                 plan.settled
                     .refused
@@ -307,6 +305,12 @@ fn plan(
         if held.len() >= BATCH_FILES || held_bytes >= BATCH_BYTES {
             settle_held(ctx, std::mem::take(&mut held), &mut plan)?;
             held_bytes = 0;
+        }
+    }
+    let keys: Vec<RemotePath> = dirs.iter().map(|(_, key)| key.clone()).collect();
+    for ((index, _), made) in dirs.iter().zip(ctx.trees.make_all_dirs(&keys)) {
+        if let Err(why) = made {
+            plan.settled.refused.push((*index, why));
         }
     }
     settle_held(ctx, held, &mut plan)?;
