@@ -124,15 +124,31 @@ pub fn build_manifest(file: &File, path: &Path, spec: ChunkSpec) -> Result<Manif
     let before = file.metadata().map_err(io)?;
     let chunking = spec.for_size(before.len());
     let (digest, chunks) = hash_chunks(file, before.len(), chunking).map_err(io)?;
-    let after = file.metadata().map_err(io)?;
-    if after.len() != before.len() || mtime_of(&after) != mtime_of(&before) {
+    manifest_if_unchanged(file, path, &before, chunking, digest, chunks)
+}
+
+/// The manifest of `file` (at `path`, for errors) as hashed (`digest`, `chunks`, cut with `chunking`) since it was
+/// described by `before`, if its size and mtime did not move meanwhile; else [`ChunkError::SourceChanged`].
+pub fn manifest_if_unchanged(
+    file: &File,
+    path: &Path,
+    before: &Metadata,
+    chunking: Chunking,
+    digest: Hash,
+    chunks: Vec<ChunkEntry>,
+) -> Result<Manifest, ChunkError> {
+    let after = file.metadata().map_err(|source| ChunkError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if after.len() != before.len() || mtime_of(&after) != mtime_of(before) {
         return Err(ChunkError::SourceChanged(path.display().to_string()));
     }
     Ok(Manifest {
         size: before.len(),
         digest,
         chunking,
-        mtime: mtime_of(&before),
+        mtime: mtime_of(before),
         mode: before.mode() & 0o7777,
         chunks,
     })

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::chunk::{
-    build_manifest, mtime_of, stream_chunks, stream_chunks_from, ChunkError, ChunkSpec, HashStart, Hashed,
+    build_manifest, manifest_if_unchanged, mtime_of, stream_chunks, stream_chunks_from, ChunkError, ChunkSpec,
+    HashStart, Hashed,
 };
 use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
@@ -175,18 +176,7 @@ fn build_resumable_manifest(
         std::io::ErrorKind::UnexpectedEof => ChunkError::SourceChanged(canonical.display().to_string()),
         _ => io(e),
     })?;
-    let after = file.metadata().map_err(io)?;
-    if after.len() != before.len() || mtime_of(&after) != mtime_of(&before) {
-        return Err(ChunkError::SourceChanged(canonical.display().to_string()));
-    }
-    Ok(Manifest {
-        size: before.len(),
-        digest,
-        chunking,
-        mtime: mtime_of(&before),
-        mode: before.mode() & 0o7777,
-        chunks,
-    })
+    manifest_if_unchanged(file, canonical, &before, chunking, digest, chunks)
 }
 
 /// Hashing progress is recorded once this many bytes were hashed since the last record (or

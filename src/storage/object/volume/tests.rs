@@ -67,6 +67,28 @@ fn commit_one_chunk(volume: &ObjectVolume, dest: &RemotePath) {
     volume.place(dest.as_str(), dest, &partial.identity().unwrap()).unwrap();
 }
 
+/// A volume over a [`GatedStore`](crate::storage::object::gated::GatedStore) for `manifest` (chunk PUTs held until
+/// `hold_until` of them run at once, 5 s of patience), the store as the volume sees it, and the volume.
+fn gated_volume(
+    rt: &tokio::runtime::Runtime,
+    manifest: &Arc<Manifest>,
+    hold_until: usize,
+) -> (
+    Arc<crate::storage::object::gated::GatedStore>,
+    Arc<dyn ObjectStore>,
+    ObjectVolume,
+) {
+    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
+        Layout::new("", ""),
+        manifest.clone(),
+        hold_until,
+        Duration::from_secs(5),
+    ));
+    let store: Arc<dyn ObjectStore> = gated.clone();
+    let volume = ObjectVolume::new(rt.handle().clone(), store.clone(), "", "", ObjectOptions::default());
+    (gated, store, volume)
+}
+
 fn present(set: &ChunkSet) -> Vec<u32> {
     (0..set.len()).filter(|&i| set.contains(i)).collect()
 }
@@ -324,14 +346,7 @@ fn the_volume_works_from_the_runtimes_blocking_threads() {
 fn a_started_sync_lets_the_next_batch_put_while_it_runs() {
     let rt = runtime();
     let (bytes, manifest) = file(4, 7);
-    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
-        Layout::new("", ""),
-        manifest.clone(),
-        4,
-        Duration::from_secs(5),
-    ));
-    let store: Arc<dyn ObjectStore> = gated.clone();
-    let volume = ObjectVolume::new(rt.handle().clone(), store, "", "", ObjectOptions::default());
+    let (gated, _store, volume) = gated_volume(&rt, &manifest, 4);
     let dest = path("pipelined.bin");
     let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
 
@@ -365,14 +380,7 @@ fn a_started_sync_lets_the_next_batch_put_while_it_runs() {
 fn batches_synced_while_a_journal_entry_is_in_flight_share_the_next_entry() {
     let rt = runtime();
     let (bytes, manifest) = file(3, 13);
-    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
-        Layout::new("", ""),
-        manifest.clone(),
-        1,
-        Duration::from_secs(5),
-    ));
-    let store: Arc<dyn ObjectStore> = gated.clone();
-    let volume = ObjectVolume::new(rt.handle().clone(), store.clone(), "", "", ObjectOptions::default());
+    let (gated, store, volume) = gated_volume(&rt, &manifest, 1);
     let dest = path("grouped.bin");
     let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
     let queued = || {
@@ -431,14 +439,7 @@ fn batches_synced_while_a_journal_entry_is_in_flight_share_the_next_entry() {
 fn the_commit_answers_before_the_journal_is_deleted() {
     let rt = runtime();
     let (bytes, manifest) = file(4, 9);
-    let gated = Arc::new(crate::storage::object::gated::GatedStore::new(
-        Layout::new("", ""),
-        manifest.clone(),
-        1,
-        Duration::from_secs(5),
-    ));
-    let store: Arc<dyn ObjectStore> = gated.clone();
-    let volume = ObjectVolume::new(rt.handle().clone(), store.clone(), "", "", ObjectOptions::default());
+    let (gated, store, volume) = gated_volume(&rt, &manifest, 1);
     let dest = path("committed.bin");
     let partial = volume.open_for(&dest, &manifest, ReuseRule::InPlace).unwrap();
     write_chunks(&partial, &bytes, &manifest, &[0, 1, 2, 3]);
