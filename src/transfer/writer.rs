@@ -117,7 +117,7 @@ pub(crate) struct ChunkWriter {
     /// known so far: a streamed offer's resume, whose pieces carry the durable chunks over one by one. The
     /// follower is held at offset 0 until the carried chunks cover it (then it starts from it) or a chunk below its
     /// end is written or the manifest ends without covering it (then it is dropped and the follower reads).
-    deferred_prefix: Option<StackedPrefix>,
+    deferred_prefix: Option<PrefixDigest>,
 }
 
 /// What the recorded digest state says about the partial just opened.
@@ -127,7 +127,7 @@ enum RecordedPrefix {
     /// It covers only chunks already known durable: start from it.
     Now(PrefixDigest),
     /// It describes the file but covers chunks not known yet (a streamed offer's later pieces).
-    Later(StackedPrefix),
+    Later(PrefixDigest),
 }
 
 impl ChunkWriter {
@@ -237,15 +237,17 @@ impl ChunkWriter {
             );
             return RecordedPrefix::None;
         }
-        let prefix = StackedPrefix {
+        let Some(seed) = PrefixDigest::resume(StackedPrefix {
             len: record.len,
             stack: record.stack,
+        }) else {
+            return RecordedPrefix::None;
         };
-        if record.len > self.final_bytes() {
-            return RecordedPrefix::Later(prefix);
+        if seed.len() > self.final_bytes() {
+            return RecordedPrefix::Later(seed);
         }
-        tracing::info!(path = %self.key, bytes = prefix.len, "the durable prefix is not read again");
-        PrefixDigest::resume(prefix).map_or(RecordedPrefix::None, RecordedPrefix::Now)
+        tracing::info!(path = %self.key, bytes = seed.len(), "the durable prefix is not read again");
+        RecordedPrefix::Now(seed)
     }
 
     /// Starts a new digest follower over the chunks received so far (dropping any earlier one), from the digest
@@ -258,8 +260,8 @@ impl ChunkWriter {
         self.deferred_prefix = None;
         let seed = match self.recorded_prefix() {
             RecordedPrefix::Now(seed) => seed,
-            RecordedPrefix::Later(prefix) => {
-                self.deferred_prefix = Some(prefix);
+            RecordedPrefix::Later(seed) => {
+                self.deferred_prefix = Some(seed);
                 PrefixDigest::default()
             }
             RecordedPrefix::None => PrefixDigest::default(),
@@ -289,10 +291,9 @@ impl ChunkWriter {
     fn advance_follower(&mut self) {
         let ready = self.final_bytes();
         match &self.deferred_prefix {
-            Some(prefix) if prefix.len <= ready => {
-                let prefix = self.deferred_prefix.take().expect("matched above");
-                tracing::info!(path = %self.key, bytes = prefix.len, "the durable prefix is not read again");
-                let seed = PrefixDigest::resume(prefix).unwrap_or_default();
+            Some(seed) if seed.len() <= ready => {
+                let seed = self.deferred_prefix.take().expect("matched above");
+                tracing::info!(path = %self.key, bytes = seed.len(), "the durable prefix is not read again");
                 self.start_follower(ready, seed);
             }
             Some(_) => {}
@@ -317,7 +318,7 @@ impl ChunkWriter {
     fn mark_written(&mut self, index: u32) {
         self.written.insert(index);
         let below_deferred = match (&self.deferred_prefix, self.manifest.chunk(index)) {
-            (Some(prefix), Some(entry)) => entry.offset < prefix.len,
+            (Some(seed), Some(entry)) => entry.offset < seed.len(),
             _ => false,
         };
         if below_deferred {
@@ -438,7 +439,7 @@ impl ChunkWriter {
         if self.received.is_complete() {
             return;
         }
-        if let Some(prefix) = self.deferred_prefix.clone() {
+        if let Some(prefix) = self.deferred_prefix.as_ref().map(PrefixDigest::stacked) {
             // Nothing below its end was written (that would have dropped it): it still holds, for the file as now.
             if let Err(e) = self.save_progress_with(Some(prefix)) {
                 tracing::warn!(path = %self.key, error = %e, "could not record the digest state again");
