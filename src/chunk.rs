@@ -217,6 +217,25 @@ pub struct HashStart {
     pub digest: StackedPrefix,
 }
 
+impl HashStart {
+    /// The whole-file digest state to go on from, if hashing a file of `size` bytes cut with `chunking` can go on
+    /// from here: the offset within the file (and, for fixed chunks, a chunk boundary or the end), the digest at most
+    /// [`MAX_DIGEST_GAP`] bytes before it, and a state that BLAKE3 can go on from.
+    pub fn resumable(&self, size: u64, chunking: Chunking) -> Option<PrefixDigest> {
+        let aligned = match chunking {
+            Chunking::Fixed { size: chunk } => {
+                self.offset.is_multiple_of(u64::from(chunk.max(1))) || self.offset == size
+            }
+            Chunking::FastCdc { .. } => true,
+        };
+        let fits = self.offset <= size
+            && self.digest.len <= self.offset
+            && self.offset - self.digest.len <= MAX_DIGEST_GAP
+            && aligned;
+        fits.then(|| PrefixDigest::resume(self.digest.clone())).flatten()
+    }
+}
+
 /// Most bytes between a [`HashStart`]'s digest and its offset: what a resumed run reads again. A checkpoint's
 /// digest stops short of its chunks' end by at most one BLAKE3 chunk (the last one is held back until its end is
 /// known).
@@ -248,19 +267,12 @@ pub fn stream_chunks_from(
     start: HashStart,
     sink: &mut (dyn FnMut(Hashed) -> bool + Send),
 ) -> std::io::Result<Hash> {
-    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string());
-    let aligned = match chunking {
-        Chunking::Fixed { size: chunk } => start.offset.is_multiple_of(u64::from(chunk.max(1))) || start.offset == size,
-        Chunking::FastCdc { .. } => true,
+    let Some(mut whole) = start.resumable(size, chunking) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the recorded hashing progress does not fit the file",
+        ));
     };
-    if start.offset > size || start.digest.len > start.offset || start.offset - start.digest.len > MAX_DIGEST_GAP {
-        return Err(invalid("the recorded hashing progress does not fit the file"));
-    }
-    if !aligned {
-        return Err(invalid("the recorded hashing progress is not at a chunk boundary"));
-    }
-    let mut whole = PrefixDigest::resume(start.digest.clone())
-        .ok_or_else(|| invalid("the recorded digest state is not a BLAKE3 prefix"))?;
     let mut gap = vec![0u8; (start.offset - start.digest.len) as usize];
     file.read_exact_at(&mut gap, start.digest.len)?;
     whole.extend(start.digest.len, &gap);

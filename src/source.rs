@@ -24,7 +24,7 @@ use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
 use crate::store::{HashingRecord, ManifestKey, ReceiverStore, SenderStore, StoreError};
 use crate::transfer::sender::Source;
 use crate::transfer::TransferError;
-use crate::verify::{PrefixDigest, StackedPrefix};
+use crate::verify::StackedPrefix;
 use crate::wire::{ErrorCode, PullKind};
 
 /// Times a changing source is re-read before the sender gives up on it.
@@ -263,19 +263,15 @@ pub fn hash_resumable(
 /// holds one segment at a time, not the list).
 fn recorded_start(store: &SenderStore, key: &ManifestKey, chunking: Chunking) -> Option<(HashingRecord, HashStart)> {
     let record = store.hashing(key).ok().flatten()?;
-    let digest = StackedPrefix {
-        len: record.digest_len,
-        stack: record.digest_stack.clone(),
+    let start = HashStart {
+        offset: record.end,
+        digest: StackedPrefix {
+            len: record.digest_len,
+            stack: record.digest_stack.clone(),
+        },
     };
-    let fits = record.end < key.size
-        && record.digest_len <= record.end
-        && record.end - record.digest_len <= crate::chunk::MAX_DIGEST_GAP
-        && PrefixDigest::resume(digest.clone()).is_some()
-        && match chunking {
-            Chunking::Fixed { size } => record.end.is_multiple_of(u64::from(size.max(1))),
-            Chunking::FastCdc { .. } => true,
-        };
-    if !fits {
+    // Short of the end: a record is made only while hashing goes on.
+    if record.end >= key.size || start.resumable(key.size, chunking).is_none() {
         return None;
     }
     let (mut next, mut count) = (0u64, 0u64);
@@ -293,13 +289,7 @@ fn recorded_start(store: &SenderStore, key: &ManifestKey, chunking: Chunking) ->
             count += 1;
         }
     }
-    (next == record.end && count == record.chunks).then(|| {
-        let start = HashStart {
-            offset: record.end,
-            digest,
-        };
-        (record, start)
-    })
+    (next == record.end && count == record.chunks).then_some((record, start))
 }
 
 /// The manifest the receiver role committed `key` with, if the file is still the one committed (same size, inode
