@@ -33,7 +33,7 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
 lo_bytes() { awk '$1 == "lo:" {print $2}' /proc/net/dev; }
 rss_kib() { awk -F': ' '/Maximum resident/ {print $2}' "$1"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source "$repo/bench/lib.sh"
 # write_bytes PID: bytes the process (and its reaped children) caused to be written to storage (/proc/PID/io).
 write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
 # server_pid: the ferry server process itself (start_ferry runs it under /usr/bin/time).
@@ -55,17 +55,7 @@ mkdir -p "$work/results"
 
 echo "compare: generating a ${size_mib} MiB file and ${files} small files" >&2
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
-mkdir -p "$work/tree"
-python3 - "$work/tree" "$files" << 'EOF'
-import os, random, sys
-root, count = sys.argv[1], int(sys.argv[2])
-rng = random.Random(7)
-for i in range(count):
-    d = os.path.join(root, f"d{i // 500:03}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i:05}.bin"), "wb") as f:
-        f.write(rng.randbytes(rng.randint(4096, 65536)))
-EOF
+make_small_tree "$work/tree" "$files"
 
 # --- servers --------------------------------------------------------------------------------------------------
 start_ferry() { # start_ferry ROOT [extra args]: starts a fresh ferry server, sets ferry_addr and ferry_pid
@@ -80,22 +70,7 @@ start_ferry() { # start_ferry ROOT [extra args]: starts a fresh ferry server, se
 }
 stop_ferry() { pkill -INT -P "$ferry_pid" 2> /dev/null || true; wait "$ferry_pid" 2> /dev/null || true; }
 
-rsync_port=$(free_port)
-mkdir -p "$work/rsync-dst"
-cat > "$work/rsyncd.conf" << EOF
-use chroot = no
-uid = $(id -u)
-gid = $(id -g)
-pid file = $work/rsyncd.pid
-[dst]
-  path = $work/rsync-dst
-  read only = no
-EOF
-rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
-rsync_pid=$!
-pids+=("$rsync_pid")
-sleep 0.5
-rsync_url="rsync://127.0.0.1:$rsync_port/dst"
+start_rsync_daemon
 
 # --- 1. fresh push --------------------------------------------------------------------------------------------
 fresh_ferry() {

@@ -20,7 +20,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
 write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 record() { echo "$2" >> "$work/results/$1"; }
 result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a"; }
 mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}'; }
@@ -38,21 +38,7 @@ start_ferry() { # start_ferry NAME MODE: a server rooted at $work/NAME with in_p
   eval "addr_$name=$(sed -n 's/^ferry: listening on //p' "$work/$name.out" | head -1)"
   eval "pid_$name=$pid"
 }
-rsync_port=$(free_port)
-mkdir -p "$work/rsync-dst"
-cat > "$work/rsyncd.conf" << CONF
-use chroot = no
-uid = $(id -u)
-gid = $(id -g)
-pid file = $work/rsyncd.pid
-[dst]
-  path = $work/rsync-dst
-  read only = no
-CONF
-rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
-rsync_pid=$!
-pids+=("$rsync_pid")
-sleep 0.5
+start_rsync_daemon
 
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 edit_middle() { python3 -c '

@@ -18,35 +18,11 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f\n", b-a}'; }
 write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 
-mkdir -p "$work/tree"
-python3 - "$work/tree" "$files" << 'PY'
-import os, random, sys
-root, count = sys.argv[1], int(sys.argv[2])
-rng = random.Random(7)
-for i in range(count):
-    d = os.path.join(root, f"d{i // 500:03}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i:05}.bin"), "wb") as f:
-        f.write(rng.randbytes(rng.randint(4096, 65536)))
-PY
+make_small_tree "$work/tree" "$files"
 
-rsync_port=$(free_port)
-mkdir -p "$work/rsync-dst"
-cat > "$work/rsyncd.conf" << CONF
-use chroot = no
-uid = $(id -u)
-gid = $(id -g)
-pid file = $work/rsyncd.pid
-[dst]
-  path = $work/rsync-dst
-  read only = no
-CONF
-rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
-rsync_pid=$!
-pids+=("$rsync_pid")
-sleep 0.5
+start_rsync_daemon
 
 # ferry_round BIN LABEL RUN: a fresh server and client state, one timed push of the tree.
 ferry_round() {

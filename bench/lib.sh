@@ -1,0 +1,42 @@
+# Pieces the bench scripts share; source it after setting `work` (a scratch directory) and `pids` (an array of
+# processes the script kills on exit). Not run by CI.
+
+# free_port: prints a TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# start_rsync_daemon: an rsync daemon on loopback whose module `dst` is $work/rsync-dst; sets rsync_port and
+# rsync_pid (added to pids) and rsync_url.
+start_rsync_daemon() {
+  rsync_port=$(free_port)
+  mkdir -p "$work/rsync-dst"
+  cat > "$work/rsyncd.conf" << CONF
+use chroot = no
+uid = $(id -u)
+gid = $(id -g)
+pid file = $work/rsyncd.pid
+[dst]
+  path = $work/rsync-dst
+  read only = no
+CONF
+  rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
+  rsync_pid=$!
+  pids+=("$rsync_pid")
+  sleep 0.5
+  rsync_url="rsync://127.0.0.1:$rsync_port/dst"
+}
+
+# make_small_tree DIR COUNT: COUNT files of 4-64 KiB of seeded random bytes, 500 to a directory, under DIR (the
+# same tree every time).
+make_small_tree() {
+  mkdir -p "$1"
+  python3 - "$1" "$2" << 'PY'
+import os, random, sys
+root, count = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+for i in range(count):
+    d = os.path.join(root, f"d{i // 500:03}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05}.bin"), "wb") as f:
+        f.write(rng.randbytes(rng.randint(4096, 65536)))
+PY
+}
