@@ -2,11 +2,13 @@
 //!
 //! [`write_verified`] checks a chunk's length and BLAKE3 against its [`ChunkEntry`] and only then writes it at the
 //! chunk's offset. [`digest_file`] re-reads an assembled file to check the whole-file digest, and a
-//! [`DigestFollower`] does the same behind the writer while chunks still arrive: each byte is read back from the
-//! file once, soon after it became final (for a resumed partial, when the session opens), not all again at the
-//! commit. So the commit proves the file's bytes as they were read back then; later damage to a byte the
-//! follower already read is not seen by this commit (the next push of the same file, or a pull, checks again).
-//! Blocking functions: call them from blocking threads.
+//! [`DigestFollower`] does the same behind the writer while chunks still arrive: each byte is hashed once, soon
+//! after it became final, not all again at the commit. A chunk that arrives in file order is hashed from the bytes
+//! the writer just verified and wrote (handed over with [`DigestFollower::advance_with`]); everything else (chunks
+//! out of order, repeats and reused chunks, a resumed partial's prefix, a piece the follower had no room to hold)
+//! is read back from the file. So the commit proves the file's bytes as they were written or read back then; later
+//! damage to a byte the follower already hashed is not seen by this commit (the next push of the same file, or a
+//! pull, checks again). Blocking functions: call them from blocking threads.
 
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
@@ -225,11 +227,35 @@ impl PrefixDigest {
 
 /// A thread that hashes a file from offset 0 as its bytes become complete, behind the writer, so that the
 /// whole-file digest is mostly done when the last chunk lands: at once for a partial that already holds a long
-/// prefix (a resume), and lagging a little behind in-order writes. It reads what the writer wrote back from the
-/// page cache, the same bytes a re-read at commit would see.
+/// prefix (a resume), and lagging a little behind in-order writes. Bytes the writer hands over with
+/// [`DigestFollower::advance_with`] (a chunk just written in file order) are hashed from memory; the rest is read
+/// back from the file (the page cache), the same bytes a re-read at commit would see.
 pub struct DigestFollower {
     shared: Arc<(Mutex<Follow>, Condvar)>,
     thread: Option<std::thread::JoinHandle<std::io::Result<PrefixDigest>>>,
+}
+
+/// Bytes the writer wrote into the file and hands to the follower, so that it need not read them back; whatever
+/// else the box holds (a queue budget's permit) is released when the follower is done with them.
+pub type HeldBytes = Box<dyn AsRef<[u8]> + Send>;
+
+/// Bytes of handed-over pieces a follower holds at most; a piece that would go past it is dropped (its bytes are
+/// read back instead), so a follower still reading back a long prefix never holds more than this.
+pub const FOLLOWER_HOLD: u64 = 8 << 20;
+
+/// Where a follower's hashed bytes came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HashSources {
+    /// Bytes hashed from pieces the writer handed over.
+    pub from_memory: u64,
+    /// Bytes read back from the file.
+    pub read_back: u64,
+}
+
+/// Bytes at `offset` the writer wrote, to be hashed from memory.
+struct Piece {
+    offset: u64,
+    bytes: HeldBytes,
 }
 
 /// What the writer tells the follower.
@@ -237,12 +263,19 @@ pub struct DigestFollower {
 struct Follow {
     /// Bytes `[0, ready)` of the file hold their final contents.
     ready: u64,
+    /// Final bytes handed over, in file order, each within `[0, ready)`.
+    pieces: std::collections::VecDeque<Piece>,
+    /// Bytes held in `pieces`.
+    held: u64,
     /// Hash up to `ready` and return.
     finish: bool,
     /// Return at once; the digest is not wanted.
     cancel: bool,
     /// What the follower has hashed, published after each slice.
     hashed: Option<StackedPrefix>,
+    /// Bytes hashed from handed-over pieces, and bytes read back from the file.
+    from_memory: u64,
+    read_back: u64,
 }
 
 impl DigestFollower {
@@ -279,19 +312,54 @@ impl DigestFollower {
 
     /// Bytes `[0, ready)` are final now (never moves backwards).
     pub fn advance(&self, ready: u64) {
+        self.advance_with(ready, None);
+    }
+
+    /// Bytes `[0, ready)` are final now, and `piece` holds the bytes just written at its offset, to be hashed from
+    /// memory instead of read back. The caller hands over exactly the bytes it wrote there; a piece that is not
+    /// within `[0, ready)`, comes before an earlier piece's end, or would make the follower hold more than
+    /// [`FOLLOWER_HOLD`] is dropped (its bytes are read back).
+    pub fn advance_with(&self, ready: u64, piece: Option<(u64, HeldBytes)>) {
         let mut follow = lock(&self.shared.0);
+        let mut moved = false;
         if ready > follow.ready {
             follow.ready = ready;
+            moved = true;
+        }
+        if let Some((offset, bytes)) = piece {
+            let len = (*bytes).as_ref().len() as u64;
+            let after_last = follow
+                .pieces
+                .back()
+                .is_none_or(|last| last.offset + (*last.bytes).as_ref().len() as u64 <= offset);
+            if len > 0 && offset + len <= follow.ready && after_last && follow.held + len <= FOLLOWER_HOLD {
+                follow.held += len;
+                follow.pieces.push_back(Piece { offset, bytes });
+                moved = true;
+            }
+        }
+        if moved {
             self.shared.1.notify_one();
         }
     }
 
     /// Waits until everything final is hashed and returns the digest of that prefix.
-    pub fn finish(mut self) -> std::io::Result<PrefixDigest> {
+    pub fn finish(self) -> std::io::Result<PrefixDigest> {
+        self.finish_counted().map(|(prefix, _)| prefix)
+    }
+
+    /// [`DigestFollower::finish`], also saying where the hashed bytes came from.
+    pub fn finish_counted(mut self) -> std::io::Result<(PrefixDigest, HashSources)> {
         lock(&self.shared.0).finish = true;
         self.shared.1.notify_one();
         let thread = self.thread.take().expect("a follower finishes once");
-        thread.join().unwrap_or_else(|_| Ok(PrefixDigest::default()))
+        let prefix = thread.join().unwrap_or_else(|_| Ok(PrefixDigest::default()))?;
+        let follow = lock(&self.shared.0);
+        let sources = HashSources {
+            from_memory: follow.from_memory,
+            read_back: follow.read_back,
+        };
+        Ok((prefix, sources))
     }
 }
 
@@ -308,28 +376,66 @@ fn lock(follow: &Mutex<Follow>) -> std::sync::MutexGuard<'_, Follow> {
     follow.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The follower's loop: hash up to `ready` in slices, sleep until it moves, stop on finish or cancel.
+/// The follower's loop: hash the handed-over pieces from memory and read back the final bytes between them, up
+/// to `ready`, in slices; sleep until there is more; stop on finish or cancel.
 fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDigest) -> std::io::Result<PrefixDigest> {
     const SLICE: u64 = 1 << 20;
     let mut prefix = seed;
     let mut buf = Vec::new();
+    // What the last turn hashed, counted under the next lock.
+    let (mut from_memory, mut read_back) = (0, 0);
     loop {
-        let target = {
+        let turn = {
             let mut follow = lock(&shared.0);
+            follow.from_memory += std::mem::take(&mut from_memory);
+            follow.read_back += std::mem::take(&mut read_back);
             follow.hashed = Some(prefix.stacked());
-            while !follow.cancel && !follow.finish && follow.ready <= prefix.len() {
+            while !follow.cancel && !follow.finish && follow.ready <= prefix.len() && follow.pieces.is_empty() {
                 follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
             }
-            if follow.cancel || (follow.finish && follow.ready <= prefix.len()) {
+            if follow.cancel {
                 return Ok(prefix);
             }
-            follow.ready
+            match follow.pieces.front() {
+                Some(piece) if piece.offset <= prefix.len() => {
+                    let piece = follow.pieces.pop_front().expect("matched above");
+                    follow.held -= (*piece.bytes).as_ref().len() as u64;
+                    Turn::Hash(piece)
+                }
+                // Final bytes before the next piece were not handed over: read them back first.
+                Some(piece) => Turn::ReadTo(piece.offset),
+                None if follow.ready > prefix.len() => Turn::ReadTo(follow.ready),
+                None => return Ok(prefix), // finishing, and everything final is hashed
+            }
         };
-        let len = (target - prefix.len()).min(SLICE) as usize;
-        buf.resize(len, 0);
-        file.read_exact_at(&mut buf, prefix.len())?;
-        prefix.extend(prefix.len(), &buf);
+        match turn {
+            Turn::Hash(piece) => {
+                let bytes = (*piece.bytes).as_ref();
+                // Bytes of it already hashed are skipped (none, as the writer hands over only what follows them).
+                let skip = (prefix.len() - piece.offset) as usize;
+                if let Some(rest) = bytes.get(skip..).filter(|rest| !rest.is_empty()) {
+                    prefix.extend(prefix.len(), rest);
+                    from_memory += rest.len() as u64;
+                }
+            }
+            Turn::ReadTo(to) => {
+                let at = prefix.len();
+                let to = to.min(at + SLICE);
+                buf.resize((to - at) as usize, 0);
+                file.read_exact_at(&mut buf, at)?;
+                prefix.extend(at, &buf);
+                read_back += to - at;
+            }
+        }
     }
+}
+
+/// The follower's next step.
+enum Turn {
+    /// Hash a handed-over piece that starts at or before the prefix's end.
+    Hash(Piece),
+    /// Read back and hash the final bytes from the prefix's end towards this offset (a slice at most).
+    ReadTo(u64),
 }
 
 /// Finishes `prefix` with the file's bytes after it, read sequentially (reading and hashing overlap on two
@@ -525,6 +631,110 @@ mod tests {
         assert!(bad(0, vec![cv]));
         assert!(bad(1024, vec![cv; MAX_STACK + 1]));
         assert!(!bad(3 * 1024, vec![cv; 2]));
+    }
+
+    /// Pieces handed over in file order are hashed from memory: nothing is read back, and the digest is the
+    /// file's. A piece written before the prefix reached it (chunk 0 arriving last) is hashed from memory too, and
+    /// the final bytes after it are read back.
+    #[test]
+    fn the_follower_hashes_handed_over_pieces_without_reading_them_back() {
+        use std::io::Write;
+        const PIECE: usize = 64 * 1024;
+        let data = data(40 * PIECE + 1000);
+        let whole = *blake3::hash(&data).as_bytes();
+        let piece = |n: usize| -> (u64, HeldBytes) {
+            let bytes = data[n * PIECE..((n + 1) * PIECE).min(data.len())].to_vec();
+            ((n * PIECE) as u64, Box::new(bytes))
+        };
+        let pieces = data.len().div_ceil(PIECE);
+        let end = |n: usize| ((n + 1) * PIECE).min(data.len()) as u64;
+
+        // In order: every piece written, then handed over as the prefix reaches its end.
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 0).unwrap();
+        for n in 0..pieces {
+            follower.advance_with(end(n), Some(piece(n)));
+        }
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(
+            sources,
+            HashSources {
+                from_memory: data.len() as u64,
+                read_back: 0
+            }
+        );
+        assert_eq!(digest_rest(&file, prefix).unwrap(), whole);
+
+        // Piece 0 last: the others became final only with it, and are read back.
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 0).unwrap();
+        for n in 1..pieces {
+            follower.advance_with(0, Some(piece(n))); // not final yet: dropped
+        }
+        follower.advance_with(data.len() as u64, Some(piece(0)));
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(
+            sources,
+            HashSources {
+                from_memory: PIECE as u64,
+                read_back: (data.len() - PIECE) as u64
+            }
+        );
+        assert_eq!(digest_rest(&file, prefix).unwrap(), whole);
+    }
+
+    /// A file whose reads wait until the test opens the gate.
+    struct Gated {
+        file: File,
+        open: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl ReadAt for Gated {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            let (lock, opened) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = opened.wait(open).unwrap();
+            }
+            std::os::unix::fs::FileExt::read_at(&self.file, buf, offset)
+        }
+
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    /// A follower stuck reading back (here, the first MiB) never holds more than [`FOLLOWER_HOLD`] of handed-over
+    /// bytes: past it, pieces are dropped and their bytes read back later; the digest is the same.
+    #[test]
+    fn the_follower_holds_at_most_its_bound_of_pieces() {
+        use std::io::Write;
+        const PIECE: usize = 1 << 20;
+        let count = (FOLLOWER_HOLD as usize / PIECE) + 4;
+        let data = data(count * PIECE);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let gated = Gated {
+            file: file.try_clone().unwrap(),
+            open: open.clone(),
+        };
+        // Piece 0 is final but not handed over: the follower waits at the gate to read it back.
+        let follower = DigestFollower::start(gated, PIECE as u64).unwrap();
+        for n in 1..count {
+            let bytes: HeldBytes = Box::new(data[n * PIECE..(n + 1) * PIECE].to_vec());
+            follower.advance_with(((n + 1) * PIECE) as u64, Some(((n * PIECE) as u64, bytes)));
+            assert!(lock(&follower.shared.0).held <= FOLLOWER_HOLD, "piece {n}");
+        }
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(
+            sources.from_memory, FOLLOWER_HOLD,
+            "the pieces held were hashed from memory"
+        );
+        assert_eq!(sources.read_back, (data.len() as u64) - FOLLOWER_HOLD);
+        assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
     }
 
     #[test]

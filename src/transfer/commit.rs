@@ -10,7 +10,7 @@ use crate::manifest::{hex, Manifest};
 use crate::path::RemotePath;
 use crate::storage::{PartialFile, StorageError, Volume};
 use crate::store::{now_secs, CommittedFile};
-use crate::verify::{digest_rest, PrefixDigest};
+use crate::verify::{digest_rest, HashSources, PrefixDigest};
 use crate::wire::Committed;
 
 /// How a commit attempt ended.
@@ -18,7 +18,7 @@ pub(crate) enum CommitOutcome {
     /// The file is in place.
     Done(Committed),
     /// Chunks in the partial no longer match their hashes when read back (damaged on disk after they were
-    /// written, before the digest thread read them, or a partial that was damaged between sessions), or, on an
+    /// written, before the digest thread hashed them, or a partial that was damaged between sessions), or, on an
     /// object store, are gone (rule C at the commit); they are marked missing again and must be re-sent.
     Damaged(Box<ChunkWriter>),
 }
@@ -30,12 +30,19 @@ pub(crate) fn commit(
     path: &RemotePath,
 ) -> Result<CommitOutcome, TransferError> {
     let manifest = writer.manifest.clone();
-    // The follower hashed the file behind the writes (reading back what was written); only the rest is read now.
-    let prefix = match writer.follower.take() {
-        Some(follower) => follower.finish().map_err(TransferError::Storage)?,
-        None => PrefixDigest::default(),
+    // The follower hashed the file behind the writes (in-order chunks from memory as they were written, the rest
+    // read back); only what it has not reached is read now.
+    let (prefix, sources) = match writer.follower.take() {
+        Some(follower) => follower.finish_counted().map_err(TransferError::Storage)?,
+        None => (PrefixDigest::default(), HashSources::default()),
     };
-    tracing::debug!(path = %path, hashed = prefix.len(), "verifying the whole file");
+    tracing::debug!(
+        path = %path,
+        hashed = prefix.len(),
+        from_memory = sources.from_memory,
+        read_back = sources.read_back,
+        "verifying the whole file"
+    );
     let resumed = prefix.len();
     let mut digest = digest_rest(&*writer.file, prefix).map_err(TransferError::Storage)?;
     if digest != manifest.digest && resumed > 0 {

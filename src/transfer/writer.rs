@@ -24,7 +24,7 @@ use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::storage::{Partial, PendingSync};
 use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
-use crate::verify::{self, DigestFollower, PrefixDigest, StackedPrefix, VerifyError};
+use crate::verify::{self, DigestFollower, HeldBytes, PrefixDigest, StackedPrefix, VerifyError};
 use crate::wire::Chunk;
 
 /// While the first this-many batch limits' worth of bytes arrive (16 MiB at the default 4 MiB: the sender's default
@@ -41,12 +41,25 @@ pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(25);
 /// Batches whose sync runs while the writer goes on, at most; the volume bounds the bytes in flight itself.
 const SYNCS_IN_FLIGHT: usize = 16;
 
-/// A chunk waiting for the writer, holding its share of the server's queue budget until it is written.
+/// A chunk waiting for the writer, holding its share of the server's queue budget until it is written (and, for a
+/// chunk written in file order, until the digest follower hashed it: at most [`crate::verify::FOLLOWER_HOLD`]).
 pub(crate) struct QueuedChunk {
     pub(crate) chunk: Chunk,
     /// The connection it came on: 0 for the one that offered the file, others for joined streams.
     pub(crate) stream: u32,
     pub(crate) _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A chunk's bytes, just written in file order, handed to the digest follower with their share of the queue budget.
+struct WrittenChunk {
+    data: Vec<u8>,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for WrittenChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// What the writer tells the session; `stream` says on which connection to answer.
@@ -289,6 +302,12 @@ impl ChunkWriter {
     /// Tells the follower how far the file is final; first settles a deferred digest state (see
     /// [`ChunkWriter::deferred_prefix`]): the follower starts from it once the final bytes cover it.
     fn advance_follower(&mut self) {
+        self.advance_follower_with(None);
+    }
+
+    /// [`ChunkWriter::advance_follower`], handing over `piece`, the bytes just written at its offset (a chunk written
+    /// in file order), for the follower to hash from memory instead of reading them back.
+    fn advance_follower_with(&mut self, piece: Option<(u64, HeldBytes)>) {
         let ready = self.final_bytes();
         match &self.deferred_prefix {
             Some(seed) if seed.len() <= ready => {
@@ -299,7 +318,7 @@ impl ChunkWriter {
             Some(_) => {}
             None => {
                 if let Some(follower) = &self.follower {
-                    follower.advance(ready);
+                    follower.advance_with(ready, piece);
                 }
             }
         }
@@ -316,6 +335,12 @@ impl ChunkWriter {
 
     /// Records that chunk `index` is written, and tells the follower how far the file is final.
     fn mark_written(&mut self, index: u32) {
+        self.mark_written_with(index, None);
+    }
+
+    /// [`ChunkWriter::mark_written`] for a chunk whose written bytes are `bytes`: if it extends the final prefix,
+    /// the follower hashes them from memory (else they are dropped, and read back when their turn comes).
+    fn mark_written_with(&mut self, index: u32, bytes: Option<HeldBytes>) {
         self.written.insert(index);
         let below_deferred = match (&self.deferred_prefix, self.manifest.chunk(index)) {
             (Some(seed), Some(entry)) => entry.offset < seed.len(),
@@ -326,7 +351,10 @@ impl ChunkWriter {
         }
         if index == self.contiguous {
             self.advance_contiguous();
-            self.advance_follower();
+            let piece = bytes
+                .zip(self.manifest.chunk(index))
+                .map(|(bytes, entry)| (entry.offset, bytes));
+            self.advance_follower_with(piece);
         }
     }
 
@@ -396,7 +424,7 @@ impl ChunkWriter {
                 },
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            if !self.accept(queued.chunk, queued.stream, &events)
+            if !self.accept(queued, &events)
                 || (self.batch_bytes >= self.batch_target() && !self.start_durable(&events))
             {
                 self.finish_syncs(&events);
@@ -530,7 +558,8 @@ impl ChunkWriter {
     }
 
     /// Verifies and writes one chunk; false if storage failed.
-    fn accept(&mut self, chunk: Chunk, stream: u32, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+    fn accept(&mut self, queued: QueuedChunk, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
+        let QueuedChunk { chunk, stream, _budget } = queued;
         let len = chunk.data.len() as u64;
         self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
         self.stats.meter.moved(len);
@@ -546,11 +575,17 @@ impl ChunkWriter {
         match verify::write_verified(&*self.file, &entry, &chunk.data) {
             Ok(()) => {
                 self.written_at(entry.offset, len);
-                self.mark_written(chunk.index);
                 self.batch.push((chunk.index, stream));
                 self.batch_bytes += len;
                 self.batch_received += len;
-                self.fill_repeats(chunk.index, &chunk.data, events)
+                // Repeats first: they are later chunks, written from these bytes before they go to the follower.
+                let filled = self.fill_repeats(chunk.index, &chunk.data, events);
+                let held: HeldBytes = Box::new(WrittenChunk {
+                    data: chunk.data,
+                    _budget,
+                });
+                self.mark_written_with(chunk.index, Some(held));
+                filled
             }
             Err(VerifyError::Mismatch { .. }) => {
                 self.progress.rejected_chunks += 1;
@@ -1009,6 +1044,84 @@ mod tests {
         assert_eq!(sizes, expected);
         let all: Vec<u32> = acked.into_iter().flatten().collect();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
+    }
+
+    /// Chunks `order` (each [`block`]), queued for a writer as one stream would queue them, the queue then closed.
+    fn queued_in(order: &[u32]) -> mpsc::Receiver<QueuedChunk> {
+        let (queue, incoming) = mpsc::channel(order.len().max(1));
+        let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
+        for &index in order {
+            let queued = QueuedChunk {
+                chunk: Chunk {
+                    index,
+                    data: block(index),
+                },
+                stream: 0,
+                _budget: budget.clone().try_acquire_owned().unwrap(),
+            };
+            queue.try_send(queued).unwrap();
+        }
+        incoming
+    }
+
+    /// The whole-file digest follows the writes: chunks written in file order are hashed from the bytes the writer
+    /// just verified and wrote, none read back; with chunk 0 arriving last, it alone is (the rest became final with
+    /// it and is read back). Either way the digest is the file's.
+    #[test]
+    fn chunks_in_file_order_are_hashed_without_reading_them_back() {
+        use crate::verify::{digest_rest, HashSources};
+        let n = 24u32;
+        let chunk = u64::from(MIN_CHUNK_SIZE);
+        let whole: Vec<u8> = (0..n).flat_map(block).collect();
+        let mut last_first: Vec<u32> = (1..n).collect();
+        last_first.push(0);
+        let in_order: Vec<u32> = (0..n).collect();
+        for (order, expected) in [
+            (
+                in_order,
+                HashSources {
+                    from_memory: whole.len() as u64,
+                    read_back: 0,
+                },
+            ),
+            (
+                last_first,
+                HashSources {
+                    from_memory: chunk,
+                    read_back: whole.len() as u64 - chunk,
+                },
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+            let file = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("partial"))
+                .unwrap();
+            let writer = ChunkWriter::new(
+                "k".into(),
+                Arc::new(file),
+                Arc::new(manifest_of(n)),
+                ChunkSet::new(n),
+                Progress::default(),
+                store,
+                Arc::default(),
+                16 * chunk,
+            );
+            let (events, _answers) = mpsc::unbounded_channel();
+            let mut writer = writer.run(queued_in(&order), events);
+            assert!(writer.received.is_complete());
+            let follower = writer.follower.take().expect("a digest follower");
+            let (prefix, sources) = follower.finish_counted().unwrap();
+            assert_eq!(sources, expected, "chunk 0 at {:?}", order.iter().position(|&i| i == 0));
+            assert_eq!(
+                digest_rest(&*writer.file, prefix).unwrap(),
+                *blake3::hash(&whole).as_bytes()
+            );
+        }
     }
 
     /// Every chunk written starts its writeback at once, so the batch's `fdatasync` finds its bytes (mostly)
