@@ -137,6 +137,27 @@ pub fn chunk_frame(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, C
     Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
 }
 
+/// If `buf` starts with the header of a well-formed `Chunk` frame (its first [`CHUNK_HEADER`] bytes, the payload
+/// not needed yet), its index and payload length: the payload is the rest of the body, exactly what
+/// [`decode_frame`] would decode once the frame is whole (its length fills the body). `None` for anything else. Lets
+/// the connection read a big payload straight into a buffer of its own.
+pub fn chunk_header(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, CodecError> {
+    let Some(len) = frame_len(buf, max_frame)? else {
+        return Ok(None);
+    };
+    let Some(header) = buf.get(LEN_PREFIX..CHUNK_HEADER) else {
+        return Ok(None);
+    };
+    let field = |at: usize| -> [u8; 4] { header[at..at + 4].try_into().expect("4 bytes") };
+    if len < CHUNK_HEADER - LEN_PREFIX || u32::from_le_bytes(field(0)) != CHUNK_TAG {
+        return Ok(None);
+    }
+    let index = u32::from_le_bytes(field(4));
+    let payload = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let fills_body = payload == (len - (CHUNK_HEADER - LEN_PREFIX)) as u64;
+    Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
+}
+
 /// Encodes a store record with the same layout as frame bodies.
 pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
     bincode::DefaultOptions::new()
