@@ -23,6 +23,9 @@ seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", b-a}'; }
 
 # start_proxy UPSTREAM: sets proxy_addr and proxy_pid.
 start_proxy() {
+  # The last proxy's output goes first: the redirection truncates it only once the new one runs, and a grep before
+  # that would find the old address.
+  rm -f "$work/proxy.out"
   "$proxy_bin" "$1" 20 > "$work/proxy.out" &
   proxy_pid=$!
   pids+=("$proxy_pid")
@@ -34,7 +37,7 @@ start_proxy() {
 round() {
   local bin=$1 label=$2 addr server t0
   shift 2
-  rm -rf "$work/root" "$work/state"; sync
+  rm -rf "$work/root" "$work/state" "$work/server.out"; sync
   "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/server.out" &
   server=$!
   pids+=("$server")

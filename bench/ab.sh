@@ -24,7 +24,9 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 round() {
   local bin=$1 label=$2 addr t0 t1 t2 t3
   shift 2
-  rm -rf "$work/root" "$work/state"; sync
+  # The last round's server.out goes first: the new server's redirection truncates it only once it runs, and a
+  # grep before that would find the old address.
+  rm -rf "$work/root" "$work/state" "$work/server.out"; sync
   /usr/bin/time -f '%U %S' -o "$work/server.cpu" "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/server.out" &
   server_pid=$!
   for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
