@@ -209,7 +209,7 @@ for run in $(seq "$runs"); do
   rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
   record noop_rsync "$(since "$t0")"
   for edit in middle insert; do
-    if [ "$edit" = middle ]; then edit_middle "$work/edit.bin"; else insert_near_start "$work/edit.bin"; fi
+    if [ "$edit" = middle ]; then edited "$work/edit.bin" edit_middle "$work/edit.bin"; else edited "$work/edit.bin" insert_near_start "$work/edit.bin"; fi
     before=$(lo_bytes); t0=$(now)
     "$bin" push "$work/edit.bin" "ferry://$ferry_addr/edit.bin" --state "$work/state" --json > /dev/null
     record "delta_${edit}_ferry" "$(since "$t0")"

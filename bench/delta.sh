@@ -55,7 +55,7 @@ for run in $(seq "$runs"); do
     cp "$work/src.bin" "$work/$name.bin"
     eval "addr=\$addr_$name"
     "$bin" push "$work/$name.bin" "ferry://$addr/f.bin" --state "$work/state-$name" --json > /dev/null
-    edit_middle "$work/$name.bin"
+    edited "$work/$name.bin" edit_middle "$work/$name.bin"
     sync
     eval "pid=\$pid_$name"
     before=$(write_bytes "$pid"); t0=$(now)
@@ -66,7 +66,7 @@ for run in $(seq "$runs"); do
   done
   cp "$work/src.bin" "$work/rsync.bin"
   rsync -t "$work/rsync.bin" "rsync://127.0.0.1:$rsync_port/dst/f.bin"
-  edit_middle "$work/rsync.bin"
+  edited "$work/rsync.bin" edit_middle "$work/rsync.bin"
   sync
   before=$(write_bytes "$rsync_pid"); t0=$(now)
   rsync -t "$work/rsync.bin" "rsync://127.0.0.1:$rsync_port/dst/f.bin"

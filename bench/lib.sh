@@ -40,3 +40,14 @@ for i in range(count):
         f.write(rng.randbytes(rng.randint(4096, 65536)))
 PY
 }
+
+# edited FILE COMMAND...: runs COMMAND (an edit of FILE), then sets FILE's mtime one second past what it was
+# before the edit. An edit that keeps the size and lands in the same second as the copy pushed before would
+# otherwise pass rsync's quick check (size and mtime) and never be sent, and the script's cmp would fail.
+edited() {
+  local file=$1 before
+  shift
+  before=$(stat -c %Y "$file")
+  "$@"
+  touch -m -d "@$((before + 1))" "$file"
+}
