@@ -351,7 +351,22 @@ pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let writer = task.await.expect("chunk writer panicked");
+    let writer = settled_if_ended(writer, &result).await;
     (writer, result)
+}
+
+/// After a round that ended the session (`result` failed), lets the writer record its digest state for the resume
+/// ([`ChunkWriter::settle_after_session`]); a round that goes on leaves it as it is.
+pub(super) async fn settled_if_ended<T>(mut writer: ChunkWriter, result: &Result<T, TransferError>) -> ChunkWriter {
+    if result.is_ok() {
+        return writer;
+    }
+    tokio::task::spawn_blocking(move || {
+        writer.settle_after_session();
+        writer
+    })
+    .await
+    .expect("settling the chunk writer panicked")
 }
 
 /// What the reception loop does after one step.

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::quota::{admit, NewTransfer};
 use super::receiver::{
-    answer_writer, blocking, commit_rounds, queue_chunk, receive, too_large, ReceiverContext, WRITE_QUEUE,
+    answer_writer, blocking, commit_rounds, queue_chunk, receive, settled_if_ended, too_large, ReceiverContext,
+    WRITE_QUEUE,
 };
 use super::writer::ChunkWriter;
 use super::{answer_ping, next_message, send_within, TransferError};
@@ -380,6 +381,7 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let writer = task.await.expect("chunk writer panicked");
     let result = result.and_then(|end| end.ok_or(TransferError::Closed("receiving chunks")));
+    let writer = settled_if_ended(writer, &result).await;
     (writer, result)
 }
 

@@ -124,6 +124,9 @@ pub(crate) struct ChunkWriter {
     manifest_id: Option<Hash>,
     /// Syncs of the partial so far.
     pub(crate) syncs: u64,
+    /// Digest states settled for a resume so far ([`ChunkWriter::settle_after_session`]): one per session that
+    /// ended with chunks missing, none for the rounds of a session that goes on.
+    pub(crate) settles: u64,
     /// Bytes this writer wrote into the partial (the early batches are smaller, [`EARLY_BATCHES`]).
     session_bytes: u64,
     /// A recorded digest state that described the partial when it was opened but covers more than the chunks
@@ -131,6 +134,9 @@ pub(crate) struct ChunkWriter {
     /// follower is held at offset 0 until the carried chunks cover it (then it starts from it) or a chunk below its
     /// end is written or the manifest ends without covering it (then it is dropped and the follower reads).
     deferred_prefix: Option<PrefixDigest>,
+    /// The last [`ChunkWriter::run`] ended because its queue closed, with every chunk it wrote durable: if the
+    /// session ends here, [`ChunkWriter::settle_after_session`] records the digest state for the resume.
+    drained: bool,
 }
 
 /// What the recorded digest state says about the partial just opened.
@@ -182,6 +188,8 @@ impl ChunkWriter {
             syncs: 0,
             session_bytes: 0,
             deferred_prefix: None,
+            drained: false,
+            settles: 0,
         }
         .recounted()
         .following()
@@ -415,6 +423,7 @@ impl ChunkWriter {
         mut chunks: mpsc::Receiver<QueuedChunk>,
         events: mpsc::UnboundedSender<WriterEvent>,
     ) -> Self {
+        self.drained = false;
         loop {
             let queued = match chunks.try_recv() {
                 Ok(queued) => queued,
@@ -431,9 +440,7 @@ impl ChunkWriter {
                 return self;
             }
         }
-        if self.make_durable(&events) {
-            self.settle_prefix();
-        }
+        self.drained = self.make_durable(&events);
         self
     }
 
@@ -455,6 +462,17 @@ impl ChunkWriter {
         self.session_bytes += len;
         if let Err(e) = self.file.start_writeback(offset, len) {
             tracing::debug!(path = %self.key, error = %e, "could not start writeback; the sync will write");
+        }
+    }
+
+    /// The session ended (a failure, a cut, a shutdown) after [`ChunkWriter::run`] made everything it wrote
+    /// durable: settles the digest state for the resume ([`ChunkWriter::settle_prefix`]). Not called between the
+    /// rounds of a session that goes on (a streamed offer ends a round at every piece): the wait would stall each.
+    /// Blocking.
+    pub(crate) fn settle_after_session(&mut self) {
+        if std::mem::take(&mut self.drained) {
+            self.settles += 1;
+            self.settle_prefix();
         }
     }
 
@@ -508,9 +526,7 @@ impl ChunkWriter {
                     Ok(queued) => return Some(queued),
                     Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
                     Err(mpsc::error::TryRecvError::Disconnected) => {
-                        if self.make_durable(events) {
-                            self.settle_prefix();
-                        }
+                        self.drained = self.make_durable(events);
                         return None;
                     }
                 }
@@ -524,9 +540,7 @@ impl ChunkWriter {
             match self.next_or_synced(chunks) {
                 Next::Chunk(Some(queued)) => return Some(queued),
                 Next::Chunk(None) => {
-                    if self.make_durable(events) {
-                        self.settle_prefix();
-                    }
+                    self.drained = self.make_durable(events);
                     return None;
                 }
                 Next::Synced(result) => {
@@ -1044,6 +1058,41 @@ mod tests {
         assert_eq!(sizes, expected);
         let all: Vec<u32> = acked.into_iter().flatten().collect();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
+    }
+
+    /// A round that ends because its queue closed (a streamed offer ends one at every piece) leaves the writer
+    /// drained but does not settle the digest state, whose wait (the follower catching up, then 10 ms for the
+    /// clock) would stall every piece; the session's end settles it once, and only once.
+    #[test]
+    fn a_round_ending_does_not_settle_the_digest_state_and_the_session_end_does_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("partial"))
+            .unwrap();
+        let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let n = 8;
+        let writer = ChunkWriter::new(
+            "k".into(),
+            Arc::new(file),
+            Arc::new(manifest_of(n)),
+            ChunkSet::new(n),
+            Progress::default(),
+            store,
+            Arc::default(),
+            1 << 20,
+        );
+        let (events, _answers) = mpsc::unbounded_channel();
+        let writer = writer.run(queued_in(&[0, 1, 2]), events.clone());
+        let mut writer = writer.run(queued_in(&[3, 4]), events);
+        assert_eq!(writer.settles, 0, "a round's end settled the digest state");
+        assert!(!writer.received.is_complete());
+        writer.settle_after_session();
+        writer.settle_after_session();
+        assert_eq!(writer.settles, 1);
     }
 
     /// Chunks `order` (each [`block`]), queued for a writer as one stream would queue them, the queue then closed.
