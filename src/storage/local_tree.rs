@@ -3,7 +3,9 @@
 //! A small file is staged as `.ferry-<16 hex>.small` in the partial directory with its mode and mtime; a batch is
 //! made durable by one `syncfs` (an `fdatasync` each where that fails), renamed into place through directory
 //! descriptors (each destination directory walked once per batch, no symlink followed even one swapped in
-//! meanwhile, the inode checked before and after the rename), and the directories are synced after the renames.
+//! meanwhile, the inode checked before and after the rename), and the directories are synced after the renames —
+//! or, settled with [`TreeVolume::settle_deferring_names`], by the next group's `syncfs` (which commits every
+//! rename before it), so a stream of groups pays one flush per group.
 //! A tree's directories are created together, with one `fsync` per parent directory.
 
 use std::collections::BTreeMap;
@@ -13,7 +15,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use super::local::{inode_at, open_committed, LocalVolume};
-use super::tree::{Settled, Staged, TreeVolume};
+use super::tree::{PendingNames, Settled, Staged, TreeVolume};
 use super::Identity;
 use crate::chunk::mtime_of;
 use crate::manifest::FileTime;
@@ -104,11 +106,24 @@ impl TreeVolume for LocalVolume {
     }
 
     fn settle(&self, files: Vec<(RemotePath, Staged)>) -> io::Result<Vec<Settled>> {
+        let (settled, pending) = self.settle_deferring_names(files, PendingNames::default())?;
+        self.sync_names(pending)?;
+        Ok(settled)
+    }
+
+    fn settle_deferring_names(
+        &self,
+        files: Vec<(RemotePath, Staged)>,
+        earlier: PendingNames,
+    ) -> io::Result<(Vec<Settled>, PendingNames)> {
         let mut unplaced = Unplaced(files.iter().map(|(_, s)| s.location.clone()).collect());
-        sync_filesystem(&self.partial_dir, &unplaced.0)?;
+        if !sync_filesystem(&self.partial_dir, &unplaced.0)? {
+            // No `syncfs`: the earlier names are synced directory by directory.
+            self.sync_names(earlier)?;
+        }
         let partial_dir = File::open(&self.partial_dir)?;
         // Each destination directory walked once per group (no-follow descriptor walk), renamed into through that
-        // descriptor and synced through it after the renames.
+        // descriptor; they are synced through it later (the next group's `syncfs`, or `sync_names`).
         let mut dirs: BTreeMap<String, File> = BTreeMap::new();
         let mut settled = Vec::with_capacity(files.len());
         for (key, staged) in &files {
@@ -124,10 +139,19 @@ impl TreeVolume for LocalVolume {
             }
         }
         unplaced.0.clear();
-        for dir in dirs.values() {
+        Ok((
+            settled,
+            PendingNames {
+                dirs: dirs.into_values().collect(),
+            },
+        ))
+    }
+
+    fn sync_names(&self, pending: PendingNames) -> io::Result<()> {
+        for dir in &pending.dirs {
             dir.sync_all()?;
         }
-        Ok(settled)
+        Ok(())
     }
 
     fn remove_partial(&self, location: &str) {
@@ -204,16 +228,17 @@ impl Drop for Unplaced {
     }
 }
 
-/// Makes the temporary files durable: one `syncfs` of their filesystem, or an `fdatasync` each where that fails.
-fn sync_filesystem(dir: &Path, temps: &[String]) -> io::Result<()> {
+/// Makes the temporary files durable: one `syncfs` of their filesystem (which also makes every earlier rename on
+/// it durable: `true`), or an `fdatasync` each where that fails (`false`).
+fn sync_filesystem(dir: &Path, temps: &[String]) -> io::Result<bool> {
     let handle = File::open(dir)?;
     if rustix::fs::syncfs(&handle).is_ok() {
-        return Ok(());
+        return Ok(true);
     }
     for temp in temps {
         File::open(temp).and_then(|f| f.sync_data())?;
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Makes `key` a symlink to `target` (already checked to stay inside the tree and not to pass through another link

@@ -43,7 +43,7 @@ pub use local::LocalVolume;
 #[cfg(test)]
 pub(crate) use local_tree::set_dir_metadata_with;
 pub use pending::PendingSync;
-pub use tree::{CommittedRead, Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
+pub use tree::{CommittedRead, PendingNames, Pruned, Settled, Staged, StoredFile, TreeCopy, TreeVolume};
 
 /// Positional reads, for the digest follower, the commit's verification and reuse.
 pub trait ReadAt: Send + Sync {

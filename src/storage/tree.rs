@@ -4,7 +4,8 @@
 //! A separate seam from [`super::Volume`] because its unit is a batch, not a transfer: the small-file writer
 //! stages each verified file ([`TreeVolume::stage`]), then settles a whole group of them at once
 //! ([`TreeVolume::settle`]: make them durable, give each its final name atomically, make the names durable), and
-//! only then records the group and acknowledges it. That order is the crash-safety contract of a single file
+//! only then records the group and acknowledges it. The names may instead be made durable by the next group's
+//! settle ([`TreeVolume::settle_deferring_names`]): the group is then recorded and acknowledged one settle later. That order is the crash-safety contract of a single file
 //! (a final name only ever holds verified, durable bytes; the record follows the name; the Ack follows the
 //! record), paid once per batch instead of once per file.
 //!
@@ -58,6 +59,22 @@ pub struct TreeCopy {
     pub dir: tempfile::TempDir,
     /// The committed manifest of each file, by its path relative to the tree.
     pub manifests: std::collections::HashMap<String, Manifest>,
+}
+
+/// Names a [`TreeVolume::settle_deferring_names`] placed that are not durable yet (on a local disk: the
+/// directories renamed into, open). Hand them to the next `settle_deferring_names` or to
+/// [`TreeVolume::sync_names`] before relying on them; dropped, they stay as durable as the disk makes them.
+#[derive(Debug, Default)]
+pub struct PendingNames {
+    /// The directories to sync.
+    pub(crate) dirs: Vec<std::fs::File>,
+}
+
+impl PendingNames {
+    /// Whether there is nothing to make durable.
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
 }
 
 /// What [`TreeVolume::settle`] did with one staged file: placed (its identity, as the store records it), or
@@ -122,6 +139,24 @@ pub trait TreeVolume: Send + Sync + Debug {
     /// makes the names durable; one result per file, in order. An I/O failure fails the whole group; whatever was
     /// not placed is discarded on every path.
     fn settle(&self, files: Vec<(RemotePath, Staged)>) -> io::Result<Vec<Settled>>;
+    /// [`TreeVolume::settle`], except that the names placed may not be durable yet: they are once a later
+    /// `settle_deferring_names` (given them as `earlier`) or [`TreeVolume::sync_names`] returns `Ok`. This call
+    /// makes `earlier` durable before it returns `Ok` (on a local disk the `syncfs` that makes this group's bytes
+    /// durable does it: one flush per group instead of two). The default settles with durable names at once.
+    fn settle_deferring_names(
+        &self,
+        files: Vec<(RemotePath, Staged)>,
+        earlier: PendingNames,
+    ) -> io::Result<(Vec<Settled>, PendingNames)> {
+        drop(earlier);
+        Ok((self.settle(files)?, PendingNames::default()))
+    }
+    /// Makes the names `pending` durable (placed by [`TreeVolume::settle_deferring_names`]). The default has
+    /// nothing to do: its names are durable when placed.
+    fn sync_names(&self, pending: PendingNames) -> io::Result<()> {
+        drop(pending);
+        Ok(())
+    }
     /// Removes the partial of a transfer that a whole file replaced (`location` as the store recorded it); best
     /// effort, a leftover is expired later.
     fn remove_partial(&self, location: &str);

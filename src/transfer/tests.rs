@@ -465,12 +465,26 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
     std::fs::create_dir_all(src.join("sub")).unwrap();
     std::fs::write(src.join("small.txt"), b"before").unwrap();
     std::fs::write(src.join("same-size.txt"), b"before").unwrap();
+    std::fs::write(src.join("same-mtime.txt"), b"before").unwrap();
     std::fs::write(src.join("sub/large.bin"), vec![1u8; 3 << 20]).unwrap();
     std::fs::write(src.join("gone.txt"), b"here at scan time").unwrap();
+    let scanned_mtime = std::fs::metadata(src.join("same-mtime.txt"))
+        .unwrap()
+        .modified()
+        .unwrap();
     let (store, tree) = walk(&fx, &src);
-    // Between the scan (the TreeOffer) and the reads: one file grows, one changes, one vanishes.
+    // Between the scan (the TreeOffer) and the reads: one file grows, two change, one vanishes.
     std::fs::write(src.join("small.txt"), b"after, and longer").unwrap();
-    std::fs::write(src.join("same-size.txt"), b"BEFORE").unwrap(); // only the digest tells
+    std::fs::write(src.join("same-size.txt"), b"BEFORE").unwrap(); // the size stays, the mtime tells
+                                                                   // Size and mtime stay: the sender sends it unhashed, the receiver rejects it, and the sender, reading it again
+                                                                   // and hashing it this time, finds the change and sends it through its own Offer.
+    let same_mtime = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("same-mtime.txt"))
+        .unwrap();
+    std::io::Write::write_all(&mut &same_mtime, b"BEFORE").unwrap();
+    same_mtime.set_modified(scanned_mtime).unwrap();
+    drop(same_mtime);
     std::fs::write(src.join("sub/large.bin"), vec![2u8; 3 << 20]).unwrap();
     std::fs::remove_file(src.join("gone.txt")).unwrap();
 
@@ -478,6 +492,7 @@ async fn files_that_change_after_the_scan_are_sent_as_they_are_now_and_vanished_
     let root = fx.ctx.root.join("t");
     assert_eq!(std::fs::read(root.join("small.txt")).unwrap(), b"after, and longer");
     assert_eq!(std::fs::read(root.join("same-size.txt")).unwrap(), b"BEFORE");
+    assert_eq!(std::fs::read(root.join("same-mtime.txt")).unwrap(), b"BEFORE");
     assert_eq!(std::fs::read(root.join("sub/large.bin")).unwrap(), vec![2u8; 3 << 20]);
     assert!(!root.join("gone.txt").exists());
     assert_eq!(sent.failed.len(), 1, "{:?}", sent.failed);

@@ -2,9 +2,14 @@
 //! FileData within the byte window (no round trip per file), then send each large (or changed) file through its
 //! own Offer with the per-file [`sender`](super::sender), and finish with TreeCommit.
 //!
-//! A small file is re-hashed as it is read: if it no longer matches the digest offered, it is sent later through
-//! its own Offer with a fresh manifest. A file that vanished, cannot be read or keeps changing is reported as
-//! failed; the rest of the tree still goes through.
+//! A small file of a push is read once more to be sent, and checked against the size and mtime offered (not
+//! hashed again: the receiver verifies every file against the offered digest before it places it, proto-spec.md
+//! §12). If it no longer matches, it is sent later through its own Offer with a fresh manifest; if the receiver
+//! rejects it (its bytes changed but not its size or mtime), it is read again and hashed, and sent again only if
+//! it matches the digest offered (damaged in transit), else through its own Offer. A file the receiver role
+//! committed (a server serving a pull) is hashed on its first read, since a mismatch there is damage to report.
+//! A file that vanished, cannot be read or keeps changing is reported as failed; the rest of the tree still goes
+//! through.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -369,7 +374,19 @@ impl<'a> SmallFiles<'a> {
             let room = self.in_flight.is_empty() || self.in_flight_bytes < self.window.bytes();
             if room {
                 if let Some(index) = self.resend.pop_front() {
-                    let read = read_small(self.tree, index);
+                    // Rejected by the receiver: hashed this time, so a file that changed goes through its own
+                    // Offer, and only bytes that match the offer are sent again.
+                    let read = read_small(self.tree, index, Check::Digest);
+                    if matches!(read, Read::Data(..)) {
+                        self.resends += 1;
+                        if self.resends > MAX_RESENDS {
+                            return Err(TransferError::Integrity(format!(
+                                "the receiver rejected {} small files that match their digest here; giving up on \
+                                 this connection",
+                                self.resends
+                            )));
+                        }
+                    }
                     self.take(conn, read, stats).await?;
                     continue;
                 }
@@ -463,14 +480,7 @@ impl<'a> SmallFiles<'a> {
                         self.in_flight_bytes -= len;
                         self.window.forget(index);
                         self.resend.push_back(index);
-                        self.resends += 1;
                     }
-                }
-                if self.resends > MAX_RESENDS {
-                    return Err(TransferError::Integrity(format!(
-                        "the receiver rejected {} small files; giving up on this connection",
-                        self.resends
-                    )));
                 }
                 Ok(())
             }
@@ -489,7 +499,10 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
         for index in files {
-            if tx.blocking_send(read_small(&tree, index)).is_err() {
+            if tx
+                .blocking_send(read_small(&tree, index, Check::first(&tree, index)))
+                .is_err()
+            {
                 return;
             }
         }
@@ -497,23 +510,60 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
     rx
 }
 
-/// Reads one small file whole and checks it against the offered size and digest.
-fn read_small(tree: &LocalTree, index: u32) -> Read {
-    let EntryKind::File { size, digest, .. } = tree.entries[index as usize].kind else {
+/// How a small file read to be sent is checked against its entry in the offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Size and mtime (`fstat`, and the length read): the first read of a pushed file. The receiver verifies the
+    /// digest before placing it, so bytes that changed behind an unchanged size and mtime are rejected there and
+    /// read again with [`Check::Digest`].
+    Metadata,
+    /// Size and digest (the file is hashed): a file the receiver rejected, and every read of a committed file.
+    Digest,
+}
+
+impl Check {
+    /// The check of a file's first read: a committed file (a server serving a pull) is hashed, since a mismatch
+    /// there is damage to report rather than an edit.
+    fn first(tree: &LocalTree, index: u32) -> Check {
+        if tree.committed[index as usize] {
+            Check::Digest
+        } else {
+            Check::Metadata
+        }
+    }
+}
+
+/// Reads one small file whole and checks it against the offered size, and mtime or digest (`check`).
+fn read_small(tree: &LocalTree, index: u32, check: Check) -> Read {
+    let EntryKind::File {
+        size, digest, mtime, ..
+    } = tree.entries[index as usize].kind
+    else {
         return Read::Failed(index, "not a file".into(), false);
     };
     let file = match tree.open_file(index) {
         Ok(file) => file,
         Err(e) => return Read::Failed(index, e.to_string(), false),
     };
+    if check == Check::Metadata {
+        match file.metadata() {
+            Err(e) => return Read::Failed(index, e.to_string(), false),
+            Ok(meta) if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime => return Read::Changed(index),
+            Ok(_) => {}
+        }
+    }
     let mut data = Vec::with_capacity(size.min(MAX_INLINE_FILE) as usize);
     let read = {
         use std::io::Read as _;
         file.take(MAX_INLINE_FILE + 1).read_to_end(&mut data)
     };
+    let matches = |data: &[u8]| match check {
+        Check::Metadata => true,
+        Check::Digest => *blake3::hash(data).as_bytes() == digest,
+    };
     match read {
         Err(e) => Read::Failed(index, e.to_string(), false),
-        Ok(_) if data.len() as u64 == size && *blake3::hash(&data).as_bytes() == digest => Read::Data(index, data),
+        Ok(_) if data.len() as u64 == size && matches(&data) => Read::Data(index, data),
         // A committed file was verified when it was committed: a mismatch is damage, not an edit.
         Ok(_) if tree.committed[index as usize] => Read::Failed(
             index,
@@ -521,5 +571,59 @@ fn read_small(tree: &LocalTree, index: u32) -> Read {
             true,
         ),
         Ok(_) => Read::Changed(index),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first read of a pushed small file checks its size and mtime, not its digest (the receiver verifies
+    /// that); a read after the receiver rejected it hashes it; a committed file is always hashed.
+    #[test]
+    fn a_pushed_small_file_is_hashed_only_when_the_receiver_rejected_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for name in ["edited", "touched"] {
+            std::fs::write(src.join(name), b"before").unwrap();
+        }
+        let store = SenderStore::open(&crate::store::Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let mut tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+        let index = |name: &str| tree_index(&tree, name);
+        // Edited behind an unchanged size and mtime: only the digest tells.
+        let edited = src.join("edited");
+        let mtime = std::fs::metadata(&edited).unwrap().modified().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&edited).unwrap();
+        std::io::Write::write_all(&mut &file, b"BEFORE").unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        // Same bytes, new mtime: the metadata tells, without reading.
+        let touched = std::fs::File::options().write(true).open(src.join("touched")).unwrap();
+        touched.set_modified(mtime + std::time::Duration::from_secs(7)).unwrap();
+        drop(touched);
+
+        let first = read_small(&tree, index("edited"), Check::first(&tree, index("edited")));
+        assert!(
+            matches!(first, Read::Data(_, ref data) if data == b"BEFORE"),
+            "sent unhashed"
+        );
+        assert!(matches!(
+            read_small(&tree, index("edited"), Check::Digest),
+            Read::Changed(_)
+        ));
+        assert!(matches!(
+            read_small(&tree, index("touched"), Check::Metadata),
+            Read::Changed(_)
+        ));
+        // A committed file (a server serving a pull) is hashed on its first read: a mismatch is damage.
+        let at = index("edited") as usize;
+        tree.committed[at] = true;
+        let committed = read_small(&tree, at as u32, Check::first(&tree, at as u32));
+        assert!(matches!(committed, Read::Failed(_, _, true)), "damaged");
+    }
+
+    fn tree_index(tree: &LocalTree, name: &str) -> u32 {
+        tree.entries.iter().position(|e| e.path == name).unwrap() as u32
     }
 }
