@@ -12,6 +12,7 @@
 //! manifest and serves it as a whole `Offer` (the deferred answer of §4).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use crate::manifest_stream::{PieceError, StreamedManifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::store::{now_secs, TransferRecordRef};
-use crate::wire::{Committed, Connection, ErrorCode, ManifestEnd, ManifestPiece, Message, Need, OfferStart};
+use crate::wire::{Ack, Committed, Connection, ErrorCode, ManifestEnd, ManifestPiece, Message, Need, OfferStart};
 
 /// A refused piece or end.
 fn bad(e: PieceError) -> TransferError {
@@ -200,13 +201,37 @@ fn record_so_far(ctx: &ReceiverContext, session: &mut Streaming) -> Result<(), T
     Ok(())
 }
 
+/// What taking a piece answers: the chunks to ask for, and the chunks of earlier rounds it made durable on the way
+/// (to acknowledge before the `Need`).
+struct PieceTaken {
+    needed: Vec<IndexRange>,
+    durable: Vec<IndexRange>,
+}
+
 /// Takes one piece: checks it, carries over the chunks of the replaced transfer it offers again, records it, and
-/// returns the chunks to ask for. Blocking; the writer is between rounds.
+/// returns the chunks to ask for. Blocking; the writer is paused between rounds, its batch and syncs running on,
+/// and is drained here only if the piece repeats a chunk already written (the copy is filled from it).
 fn take_piece(
     ctx: &ReceiverContext,
     session: &mut Streaming,
     piece: &ManifestPiece,
-) -> Result<Vec<IndexRange>, TransferError> {
+) -> Result<PieceTaken, TransferError> {
+    let mut durable = Vec::new();
+    let repeats_written = piece.chunks.iter().any(|chunk| {
+        session
+            .first_of
+            .get(&chunk.hash)
+            .is_some_and(|&first| session.writer.is_written(first))
+    });
+    if repeats_written {
+        // The first copies must be durable before copies are filled from them; what this makes durable came over
+        // the wire in earlier rounds and is acknowledged (the copies filled below never are).
+        for (stream, ranges) in session.writer.persist_batch()? {
+            if stream == 0 {
+                durable.extend(ranges);
+            }
+        }
+    }
     let added = session.streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
     let manifest = Arc::new(session.streamed.so_far().clone());
     let carried: Vec<u32> = match &session.old {
@@ -234,9 +259,14 @@ fn take_piece(
         }
         fill_repeat(&mut session.writer, first, index)?;
     }
-    // Copies filled from durable chunks: synced and marked now, never acknowledged (the sender never sent them).
-    session.writer.persist_batch()?;
-    Ok(encode_runs(needed))
+    if repeats_written {
+        // Copies filled from durable chunks: synced and marked now, never acknowledged (the sender never sent them).
+        session.writer.persist_batch()?;
+    }
+    Ok(PieceTaken {
+        needed: encode_runs(needed),
+        durable,
+    })
 }
 
 /// Chunk `copy` repeats chunk `first` (same hash, announced earlier): written from the partial now if `first` is
@@ -283,51 +313,89 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let (writer, end) = round(conn, ctx, session.writer, need.take(), superseded, stop).await;
         session.writer = writer;
-        match end? {
-            RoundEnd::Piece(_) if ended => {
-                return Err(TransferError::Unexpected {
-                    got: "ManifestPiece",
-                    state: "the manifest ended",
-                })
-            }
-            RoundEnd::Piece(piece) => {
+        // A round that failed has already settled its writer.
+        let next = match end? {
+            RoundEnd::Piece(piece) if !ended => {
                 let (ctx2, mut moved) = (ctx.clone(), session);
-                let (back, ranges) = blocking(move || {
-                    let ranges = take_piece(&ctx2, &mut moved, &piece);
-                    Ok((moved, ranges))
+                let (back, taken) = blocking(move || {
+                    let taken = take_piece(&ctx2, &mut moved, &piece);
+                    Ok((moved, taken))
                 })
                 .await?;
                 session = back;
-                need = Some(ranges?);
+                match taken {
+                    Ok(taken) => acknowledge_then_need(conn, ctx, taken).await.map(Some),
+                    Err(e) => Err(e),
+                }
             }
-            RoundEnd::End(end) if !ended => {
-                let manifest = session.streamed.finish(end.digest).map_err(bad)?;
-                session.writer.finish_manifest(Arc::new(manifest));
-                let echo = Message::ManifestEnd(end);
-                send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
-                // Every announced chunk was asked for with its piece: the Need after the echo asks for nothing.
-                need = Some(Vec::new());
-                ended = true;
-            }
-            RoundEnd::End(_) => {
-                return Err(TransferError::Unexpected {
-                    got: "ManifestEnd",
-                    state: "the manifest ended",
-                })
-            }
-            RoundEnd::Commit if ended => break,
-            RoundEnd::Commit => {
-                let why = "Commit before ManifestEnd: the streamed manifest is not complete";
-                return Err(TransferError::refused(ErrorCode::UnexpectedMessage, why));
+            other => manifest_or_commit(conn, ctx, &mut session, other, &mut ended).await,
+        };
+        match next {
+            Ok(Some(ranges)) => need = Some(ranges),
+            Ok(None) => break,
+            Err(e) => {
+                // The writer may have paused with syncs running: what it wrote is made durable for the resume.
+                let failed = Err(e);
+                settled_if_ended(session.writer, &failed).await;
+                return failed;
             }
         }
     }
     commit_rounds(conn, ctx, session.writer, path, superseded, stop).await
 }
 
+/// Acknowledges what taking a piece made durable, then returns the piece's `Need`.
+async fn acknowledge_then_need<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    taken: PieceTaken,
+) -> Result<Vec<IndexRange>, TransferError> {
+    if !taken.durable.is_empty() {
+        let ack = Message::Ack(Ack { ranges: taken.durable });
+        send_within(conn, &ack, ctx.idle_timeout, "acknowledging chunks").await?;
+    }
+    Ok(taken.needed)
+}
+
+/// A round ended at anything but a piece to take: the manifest's end (echoed; the next round's `Need` is empty),
+/// or Commit (`None`: the commit rounds follow); anything out of order is refused.
+async fn manifest_or_commit<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    session: &mut Streaming,
+    end: RoundEnd,
+    ended: &mut bool,
+) -> Result<Option<Vec<IndexRange>>, TransferError> {
+    match end {
+        RoundEnd::Piece(_) => Err(TransferError::Unexpected {
+            got: "ManifestPiece",
+            state: "the manifest ended",
+        }),
+        RoundEnd::End(end) if !*ended => {
+            let manifest = session.streamed.finish(end.digest).map_err(bad)?;
+            session.writer.finish_manifest(Arc::new(manifest));
+            let echo = Message::ManifestEnd(end);
+            send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
+            *ended = true;
+            // Every announced chunk was asked for with its piece: the Need after the echo asks for nothing.
+            Ok(Some(Vec::new()))
+        }
+        RoundEnd::End(_) => Err(TransferError::Unexpected {
+            got: "ManifestEnd",
+            state: "the manifest ended",
+        }),
+        RoundEnd::Commit if *ended => Ok(None),
+        RoundEnd::Commit => {
+            let why = "Commit before ManifestEnd: the streamed manifest is not complete";
+            Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
+        }
+    }
+}
+
 /// One round of a streamed offer: sends `need` (if any), then takes chunks of the announced part until the next
-/// piece, the end of the manifest, or Commit arrives. Always drains the writer first, so what was verified is
-/// durable before this returns, whatever the outcome.
+/// piece, the end of the manifest, or Commit arrives. At a piece or the manifest's end the writer pauses (its batch
+/// and running syncs go on into the next round); at Commit, or if the round failed, it is drained first, so what
+/// was verified is durable before this returns (after a failure, with the digest state settled for the resume).
 async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
@@ -339,6 +407,11 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     let manifest = writer.manifest.clone();
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
+    // Set when the round ends at a piece or the manifest's end: the writer pauses (its batch and syncs go on into
+    // the next round) instead of draining, so a piece does not wait for every running sync.
+    let pause = Arc::new(AtomicBool::new(false));
+    let mut writer = writer;
+    writer.pause_on(pause.clone());
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
     let mut queue = Some(chunk_tx);
     let mut result: Result<Option<RoundEnd>, TransferError> = Ok(None);
@@ -370,6 +443,7 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(None) => {}
             Ok(Some(Step::WriterStopped)) => queue = None,
             Ok(Some(Step::End(end))) => {
+                pause.store(!matches!(end, RoundEnd::Commit), Ordering::Release);
                 result = result.map(|_| Some(end));
                 queue = None;
             }

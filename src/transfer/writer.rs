@@ -12,7 +12,7 @@
 //! flight draining to none at every batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -134,9 +134,13 @@ pub(crate) struct ChunkWriter {
     /// follower is held at offset 0 until the carried chunks cover it (then it starts from it) or a chunk below its
     /// end is written or the manifest ends without covering it (then it is dropped and the follower reads).
     deferred_prefix: Option<PrefixDigest>,
-    /// The last [`ChunkWriter::run`] ended because its queue closed, with every chunk it wrote durable: if the
-    /// session ends here, [`ChunkWriter::settle_after_session`] records the digest state for the resume.
+    /// The last [`ChunkWriter::run`] ended because its queue closed, and storage did not fail: every chunk it wrote
+    /// is durable, or (paused) is being made durable by syncs still running. If the session ends here,
+    /// [`ChunkWriter::settle_after_session`] records the digest state for the resume.
     drained: bool,
+    /// Set by the session when it closes the queue only to take a streamed piece ([`ChunkWriter::pause_on`]): the
+    /// run then returns at once, its batch and running syncs carried over into the next run, instead of draining.
+    pause: Option<Arc<AtomicBool>>,
 }
 
 /// What the recorded digest state says about the partial just opened.
@@ -189,6 +193,7 @@ impl ChunkWriter {
             session_bytes: 0,
             deferred_prefix: None,
             drained: false,
+            pause: None,
             settles: 0,
         }
         .recounted()
@@ -400,6 +405,11 @@ impl ChunkWriter {
         self.advance_follower();
     }
 
+    /// Chunk `index` was written (durable, or in a batch or sync still running).
+    pub(crate) fn is_written(&self, index: u32) -> bool {
+        self.written.contains(index) || self.received.contains(index)
+    }
+
     /// Makes chunk `copy` a later copy of chunk `first`, which is still to arrive: when `first` verifies, its bytes
     /// are written as `copy` in the same batch (proto-spec.md §4, "Repeats within an offer"). For streamed pieces.
     pub(crate) fn expect_repeat(&mut self, first: u32, copy: u32) {
@@ -440,7 +450,7 @@ impl ChunkWriter {
                 return self;
             }
         }
-        self.drained = self.make_durable(&events);
+        self.close(&events);
         self
     }
 
@@ -465,12 +475,30 @@ impl ChunkWriter {
         }
     }
 
-    /// The session ended (a failure, a cut, a shutdown) after [`ChunkWriter::run`] made everything it wrote
-    /// durable: settles the digest state for the resume ([`ChunkWriter::settle_prefix`]). Not called between the
-    /// rounds of a session that goes on (a streamed offer ends a round at every piece): the wait would stall each.
-    /// Blocking.
+    /// Makes the next [`ChunkWriter::run`] pause instead of draining when its queue closes while `flag` is set: the
+    /// session sets it to take a streamed piece between two runs, so the batch being made and the syncs running
+    /// go on into the next run (and are acknowledged there) instead of being waited for at every piece.
+    pub(crate) fn pause_on(&mut self, flag: Arc<AtomicBool>) {
+        self.pause = Some(flag);
+    }
+
+    /// The queue closed: pauses (nothing waited for) if the session asked for it, else makes everything written
+    /// durable and reports it.
+    fn close(&mut self, events: &mpsc::UnboundedSender<WriterEvent>) {
+        let pause = self.pause.take().is_some_and(|flag| flag.load(Ordering::Acquire));
+        self.drained = pause || self.make_durable(events);
+    }
+
+    /// The session ended (a failure, a cut, a shutdown): makes durable and records what a paused run left (not
+    /// acknowledged: the connection is gone), then settles the digest state for the resume
+    /// ([`ChunkWriter::settle_prefix`]) if everything written is durable. Not called between the rounds of a session
+    /// that goes on (a streamed offer ends a round at every piece): the wait would stall each. Blocking.
     pub(crate) fn settle_after_session(&mut self) {
-        if std::mem::take(&mut self.drained) {
+        if !std::mem::take(&mut self.drained) {
+            return;
+        }
+        let (events, _gone) = mpsc::unbounded_channel();
+        if self.make_durable(&events) {
             self.settles += 1;
             self.settle_prefix();
         }
@@ -526,7 +554,7 @@ impl ChunkWriter {
                     Ok(queued) => return Some(queued),
                     Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
                     Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.drained = self.make_durable(events);
+                        self.close(events);
                         return None;
                     }
                 }
@@ -540,7 +568,7 @@ impl ChunkWriter {
             match self.next_or_synced(chunks) {
                 Next::Chunk(Some(queued)) => return Some(queued),
                 Next::Chunk(None) => {
-                    self.drained = self.make_durable(events);
+                    self.close(events);
                     return None;
                 }
                 Next::Synced(result) => {
@@ -1093,6 +1121,52 @@ mod tests {
         writer.settle_after_session();
         writer.settle_after_session();
         assert_eq!(writer.settles, 1);
+    }
+
+    /// A run whose queue closes while the session asked it to pause (a streamed offer taking a piece) returns at
+    /// once: its batch is not synced, nothing is acknowledged, and the next run carries the batch on and
+    /// acknowledges every chunk exactly once when it drains.
+    #[test]
+    fn a_paused_run_carries_its_batch_into_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("partial"))
+            .unwrap();
+        let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let n = 8;
+        let mut writer = ChunkWriter::new(
+            "k".into(),
+            Arc::new(file),
+            Arc::new(manifest_of(n)),
+            ChunkSet::new(n),
+            Progress::default(),
+            store,
+            Arc::default(),
+            1 << 30,
+        );
+        let acked = |answers: &mut mpsc::UnboundedReceiver<WriterEvent>| {
+            let mut all = Vec::new();
+            while let Ok(event) = answers.try_recv() {
+                if let WriterEvent::Durable { ranges, .. } = event {
+                    all.extend(ranges.iter().flat_map(IndexRange::indices));
+                }
+            }
+            all
+        };
+        writer.pause_on(Arc::new(AtomicBool::new(true)));
+        let (events, mut answers) = mpsc::unbounded_channel();
+        let writer = writer.run(queued_in(&[0, 1, 2]), events);
+        assert_eq!(writer.received.present(), 0, "a paused run drained its batch");
+        assert!(writer.is_written(2));
+        assert!(acked(&mut answers).is_empty());
+        let (events, mut answers) = mpsc::unbounded_channel();
+        let writer = writer.run(queued_in(&[3]), events);
+        assert_eq!(acked(&mut answers), vec![0, 1, 2, 3]);
+        assert_eq!(writer.received.present(), 4);
     }
 
     /// Chunks `order` (each [`block`]), queued for a writer as one stream would queue them, the queue then closed.
