@@ -185,7 +185,7 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
         return hash_small(file, size, chunking);
     }
     let mut chunks = Vec::new();
-    let digest = stream_chunks(file, size, chunking, &mut |entry, _| {
+    let digest = stream_chunks(file, size, chunking, &mut |entry| {
         chunks.push(entry);
         true
     })?;
@@ -195,18 +195,17 @@ fn hash_chunks(file: &File, size: u64, chunking: Chunking) -> std::io::Result<(H
 /// Reads `size` bytes once, cut as `chunking` says, hands every chunk to `sink` as soon as it is hashed (in file
 /// order), and returns the whole-file digest: the one read a streamed offer (proto-spec.md §4) and a whole
 /// manifest both come from. Stops reading early, with an `Interrupted` error, if `sink` returns false.
-pub fn stream_chunks(file: &File, size: u64, chunking: Chunking, sink: &mut ChunkSink<'_>) -> std::io::Result<Hash> {
+pub fn stream_chunks(
+    file: &File,
+    size: u64,
+    chunking: Chunking,
+    sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
+) -> std::io::Result<Hash> {
     stream_chunks_from(file, size, chunking, HashStart::default(), &mut |hashed| match hashed {
-        Hashed::Chunk(entry, bytes) => sink(entry, Some(bytes)),
+        Hashed::Chunk(entry) => sink(entry),
         Hashed::Checkpoint(_) => true,
     })
 }
-
-/// Takes each hashed chunk, in file order: its entry and, if this run read it, the bytes its hash was computed from
-/// (`None` for a chunk handed over from recorded progress, [`crate::source::hash_resumable`]). The bytes are lent
-/// for the call only; a streamed offer copies them to send them without reading them again (proto-spec.md §4).
-/// Returns false to stop hashing.
-pub type ChunkSink<'s> = dyn FnMut(ChunkEntry, Option<&[u8]>) -> bool + Send + 's;
 
 /// Where hashing starts: the end of the chunks already hashed (by an earlier run) and the whole-file digest of the
 /// file's first bytes, up to at most [`MAX_DIGEST_GAP`] bytes before that end. The default starts at offset 0.
@@ -244,9 +243,9 @@ pub const MAX_DIGEST_GAP: u64 = blake3::CHUNK_LEN as u64;
 
 /// What [`stream_chunks_from`] hands its sink, in file order.
 #[derive(Debug, Clone)]
-pub enum Hashed<'b> {
-    /// The next chunk, and the bytes its hash was computed from (lent for the call).
-    Chunk(ChunkEntry, &'b [u8]),
+pub enum Hashed {
+    /// The next chunk.
+    Chunk(ChunkEntry),
     /// Every chunk so far was handed over, and this is the whole-file digest state of all but the last
     /// [`MAX_DIGEST_GAP`] bytes or fewer of them: a [`HashStart`] to go on from later. Comes after each buffer (at
     /// most 8 MiB).
@@ -266,7 +265,7 @@ pub fn stream_chunks_from(
     size: u64,
     chunking: Chunking,
     start: HashStart,
-    sink: &mut (dyn for<'b> FnMut(Hashed<'b>) -> bool + Send),
+    sink: &mut (dyn FnMut(Hashed) -> bool + Send),
 ) -> std::io::Result<Hash> {
     let Some(mut whole) = start.resumable(size, chunking) else {
         return Err(std::io::Error::new(
@@ -293,7 +292,7 @@ pub fn stream_chunks_from(
                         len: len as u32,
                         hash: *blake3::hash(bytes).as_bytes(),
                     };
-                    if !sink(Hashed::Chunk(entry, bytes)) {
+                    if !sink(Hashed::Chunk(entry)) {
                         return None;
                     }
                 }
@@ -602,10 +601,7 @@ mod tests {
             let mut checkpoints = Vec::new();
             let digest = stream_chunks_from(tmp.as_file(), size, chunking, HashStart::default(), &mut |hashed| {
                 match hashed {
-                    Hashed::Chunk(entry, bytes) => {
-                        assert_eq!(bytes, &data[entry.offset as usize..][..entry.len as usize]);
-                        chunks.push(entry)
-                    }
+                    Hashed::Chunk(entry) => chunks.push(entry),
                     Hashed::Checkpoint(prefix) => checkpoints.push((chunks.len(), prefix)),
                 }
                 true
@@ -620,7 +616,7 @@ mod tests {
                 let mut resumed = chunks[..done].to_vec();
                 let start = HashStart { offset, digest: prefix };
                 let again = stream_chunks_from(tmp.as_file(), size, chunking, start, &mut |hashed| {
-                    if let Hashed::Chunk(entry, _) = hashed {
+                    if let Hashed::Chunk(entry) = hashed {
                         resumed.push(entry);
                     }
                     true

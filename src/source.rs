@@ -16,10 +16,10 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::chunk::{
-    build_manifest, manifest_if_unchanged, mtime_of, stream_chunks, stream_chunks_from, ChunkError, ChunkSink,
-    ChunkSpec, HashStart, Hashed,
+    build_manifest, manifest_if_unchanged, mtime_of, stream_chunks, stream_chunks_from, ChunkError, ChunkSpec,
+    HashStart, Hashed,
 };
-use crate::manifest::{Chunking, Hash, Manifest};
+use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
 use crate::store::{HashingRecord, ManifestKey, ReceiverStore, SenderStore, StoreError};
 use crate::transfer::sender::Source;
@@ -168,7 +168,7 @@ fn build_resumable_manifest(
     }
     let chunking = spec.for_size(before.len());
     let mut chunks = Vec::new();
-    let (digest, _) = hash_resumable(store, file, canonical, spec, before.len(), &mut |entry, _| {
+    let (digest, _) = hash_resumable(store, file, canonical, spec, before.len(), &mut |entry| {
         chunks.push(entry);
         true
     })
@@ -199,7 +199,7 @@ pub fn hash_resumable(
     canonical: &Path,
     spec: ChunkSpec,
     size: u64,
-    sink: &mut ChunkSink<'_>,
+    sink: &mut (dyn FnMut(ChunkEntry) -> bool + Send),
 ) -> std::io::Result<(Hash, u64)> {
     let meta = file.metadata()?;
     let key = manifest_key(canonical, &meta, spec);
@@ -213,7 +213,7 @@ pub fn hash_resumable(
             for index in 0..record.segments {
                 let segment = store.hashed_segment(&key, index).ok().flatten().unwrap_or_default();
                 for entry in segment {
-                    if !sink(entry, None) {
+                    if !sink(entry) {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::Interrupted,
                             "the chunk consumer stopped",
@@ -231,10 +231,10 @@ pub fn hash_resumable(
     let mut end = start.offset;
     let mut recording = true;
     stream_chunks_from(file, size, chunking, start, &mut |hashed| match hashed {
-        Hashed::Chunk(entry, bytes) => {
+        Hashed::Chunk(entry) => {
             end = entry.offset + u64::from(entry.len);
             segment.push(entry);
-            sink(entry, Some(bytes))
+            sink(entry)
         }
         Hashed::Checkpoint(digest) => {
             let due = end - record.end >= RECORD_EVERY || segment.len() >= RECORD_EVERY_CHUNKS;

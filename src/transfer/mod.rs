@@ -7,7 +7,6 @@
 pub mod claims;
 mod commit;
 pub mod handshake;
-mod held;
 mod in_place;
 pub mod join;
 pub mod prune;

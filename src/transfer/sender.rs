@@ -6,7 +6,7 @@
 //! are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it durably) or a
 //! Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend re-reads the file.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
-use super::held::Hold;
 use super::window::Window;
 use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
@@ -372,7 +371,7 @@ pub(super) struct Pipeline<'a> {
     pending: VecDeque<IndexRange>,
     /// The chunks in `pending`, so a repeated Need cannot queue a chunk twice.
     queued: ChunkSet,
-    reads: VecDeque<Read>,
+    reads: VecDeque<JoinHandle<Result<Chunk, TransferError>>>,
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
@@ -380,19 +379,6 @@ pub(super) struct Pipeline<'a> {
     window: Window,
     /// Buffers of sent chunks, reused for the next reads.
     spare: Vec<Vec<u8>>,
-    /// A streamed offer's hashed chunks, held to go out as hashed ([`Pipeline::hold`]), and their budget.
-    held: BTreeMap<u32, Vec<u8>>,
-    hold: Option<Arc<Hold>>,
-    /// Chunks taken from `held` to be sent: their buffers go back to the hold.
-    held_out: HashSet<u32>,
-    /// Held chunks queued before their piece's Need ([`Pipeline::speculate`]).
-    speculated: HashSet<u32>,
-}
-
-/// A chunk on its way to the socket: being read (and re-hashed) from the file, or held as the hashing read it.
-enum Read {
-    Disk(JoinHandle<Result<Chunk, TransferError>>),
-    Held(Option<Chunk>),
 }
 
 impl<'a> Pipeline<'a> {
@@ -413,98 +399,6 @@ impl<'a> Pipeline<'a> {
                 Window::fixed(opts.window)
             },
             spare: Vec::new(),
-            held: BTreeMap::new(),
-            hold: None,
-            held_out: HashSet::new(),
-            speculated: HashSet::new(),
-        }
-    }
-
-    /// Queues the held chunks of the piece `[first, end)` before the receiver answers it: the previous piece's
-    /// Need asked for every chunk, so these are most likely needed too, and a `Chunk` of any announced index is
-    /// taken (proto-spec.md §4, "Streamed offer"). Their bytes then leave as the window allows, not one round trip
-    /// after the piece, so the hold drains by itself.
-    pub(super) fn speculate(&mut self, first: u32, end: u32) {
-        let Some(hold) = &self.hold else { return };
-        let mut queue = Vec::new();
-        for (&index, data) in self.held.range(first..end) {
-            if self.queued.insert(index) {
-                hold.needed(data.len() as u64);
-                self.speculated.insert(index);
-                queue.push(index);
-            }
-        }
-        self.pending.extend(encode_runs(queue));
-    }
-
-    /// Takes the receiver's Need answering the piece `[first, end)` (every range inside it): queues the chunks it
-    /// names that were not queued ahead, and unqueues (and drops) those queued ahead that it does not name. One
-    /// already sent stays sent: the receiver takes it anyway (acknowledging again one it holds).
-    pub(super) fn answer(
-        &mut self,
-        ranges: &[IndexRange],
-        (first, end): (u32, u32),
-        stats: &mut SendStats,
-        on_event: &mut (dyn FnMut(SendEvent) + Send),
-    ) -> Result<(), TransferError> {
-        self.check_ranges(ranges, "Need")?;
-        let named: HashSet<u32> = ranges.iter().flat_map(IndexRange::indices).collect();
-        let (mut rest, mut unwanted) = (Vec::new(), HashSet::new());
-        for index in first..end {
-            match (self.speculated.remove(&index), named.contains(&index)) {
-                (true, false) => {
-                    unwanted.insert(index);
-                }
-                (false, true) => rest.push(index),
-                _ => {}
-            }
-        }
-        if !unwanted.is_empty() {
-            let queued = &mut self.queued;
-            let kept: Vec<u32> = self
-                .pending
-                .iter()
-                .flat_map(IndexRange::indices)
-                .filter(|index| !(unwanted.contains(index) && queued.remove(*index)))
-                .collect();
-            self.pending = encode_runs(kept).into();
-            if let Some(hold) = &self.hold {
-                for index in &unwanted {
-                    if let Some(data) = self.held.remove(index) {
-                        hold.release(data, true);
-                    }
-                }
-            }
-        }
-        self.need(&encode_runs(rest), false, stats, on_event)?;
-        self.drop_unneeded(first, end);
-        Ok(())
-    }
-
-    /// Holds `data`, the bytes the hashing thread read for announced chunk `index` (and computed its manifest hash
-    /// from), taken from `hold`'s budget: if the chunk is needed it goes out as they are, neither read nor hashed
-    /// again (proto-spec.md §4, "Streamed offer"); [`Pipeline::drop_unneeded`] gives them back otherwise.
-    pub(super) fn hold(&mut self, hold: &Arc<Hold>, index: u32, data: Vec<u8>) {
-        self.hold.get_or_insert_with(|| hold.clone());
-        if let Some(old) = self.held.insert(index, data) {
-            hold.release(old, false);
-        }
-    }
-
-    /// Drops the held bytes of the chunks in `[start, end)` that are not queued to be sent: the receiver answered
-    /// the piece they were announced in, and does not need them.
-    pub(super) fn drop_unneeded(&mut self, start: u32, end: u32) {
-        let Some(hold) = &self.hold else { return };
-        let unneeded: Vec<u32> = self
-            .held
-            .range(start..end)
-            .map(|(&index, _)| index)
-            .filter(|&index| !self.queued.contains(index))
-            .collect();
-        for index in unneeded {
-            if let Some(data) = self.held.remove(&index) {
-                hold.release(data, false);
-            }
         }
     }
 
@@ -527,10 +421,7 @@ impl<'a> Pipeline<'a> {
             .map_err(|e| timeout_as(e, "sending chunks"))?;
         // Stamped once on the socket, so the send-to-Ack delay holds no local queueing (proto-spec.md §6).
         self.window.sent(chunk.index, std::time::Instant::now());
-        match &self.hold {
-            Some(hold) if self.held_out.remove(&chunk.index) => hold.release(chunk.data, true),
-            _ => self.recycle(chunk.data),
-        }
+        self.recycle(chunk.data);
         self.opts.meter.moved(len);
         stats.bytes_sent += len;
         stats.chunks_sent += 1;
@@ -554,14 +445,14 @@ impl<'a> Pipeline<'a> {
     }
 
     /// Queues the chunks in `ranges`. A Need for chunks in flight (`resend`) means they were rejected: they leave
-    /// the window and go to the front of the queue. Returns how many of them were in flight.
+    /// the window and go to the front of the queue.
     pub(super) fn need(
         &mut self,
         ranges: &[IndexRange],
         resend: bool,
         stats: &mut SendStats,
         on_event: &mut (dyn FnMut(SendEvent) + Send),
-    ) -> Result<u64, TransferError> {
+    ) -> Result<(), TransferError> {
         self.check_ranges(ranges, "Need")?;
         if !resend {
             let bytes = self.source.manifest.ranges_bytes(ranges);
@@ -570,25 +461,21 @@ impl<'a> Pipeline<'a> {
                 bytes,
             });
         }
-        let mut rejected = 0;
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 self.in_flight_bytes -= self.chunk_len(index);
                 self.window.forget(index);
                 self.opts.meter.resent();
                 stats.chunks_rejected += 1;
-                rejected += 1;
                 on_event(SendEvent::Rejected { index });
             }
         }
-        let fresh = encode_runs(ranges.iter().flat_map(IndexRange::indices).filter(|&i| {
-            let fresh = self.queued.insert(i);
-            if let (true, Some(data), Some(hold)) = (fresh, self.held.get(&i), &self.hold) {
-                // Leaves once sent: the hashing may wait for its room.
-                hold.needed(data.len() as u64);
-            }
-            fresh
-        }));
+        let fresh = encode_runs(
+            ranges
+                .iter()
+                .flat_map(IndexRange::indices)
+                .filter(|&i| self.queued.insert(i)),
+        );
         if resend {
             for range in fresh.into_iter().rev() {
                 self.pending.push_front(range);
@@ -596,7 +483,7 @@ impl<'a> Pipeline<'a> {
         } else {
             self.pending.extend(fresh);
         }
-        Ok(rejected)
+        Ok(())
     }
 
     pub(super) fn ack(&mut self, ranges: &[IndexRange], stats: &mut SendStats) -> Result<(), TransferError> {
@@ -640,18 +527,12 @@ impl<'a> Pipeline<'a> {
             }
             self.pop_pending();
             self.reading_bytes += len;
-            if let Some(data) = self.held.remove(&index) {
-                // As the hashing read it: it matches its entry by construction.
-                self.held_out.insert(index);
-                self.reads.push_back(Read::Held(Some(Chunk { index, data })));
-                continue;
-            }
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
             let buf = self.spare.pop().unwrap_or_default();
-            self.reads.push_back(Read::Disk(tokio::task::spawn_blocking(move || {
+            self.reads.push_back(tokio::task::spawn_blocking(move || {
                 read_chunk(&file, index, &entry, buf)
-            })));
+            }));
         }
     }
 
@@ -672,18 +553,10 @@ impl<'a> Pipeline<'a> {
 
     /// The oldest read, once finished. Cancel-safe: the read stays queued if the caller stops waiting.
     pub(super) async fn next_read(&mut self) -> Result<Chunk, TransferError> {
-        let chunk = match self.reads.front_mut().expect("guarded by has_reads") {
-            Read::Disk(handle) => {
-                let result = handle.await;
-                self.reads.pop_front();
-                result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??
-            }
-            Read::Held(chunk) => {
-                let chunk = chunk.take().expect("a held read is taken once");
-                self.reads.pop_front();
-                chunk
-            }
-        };
+        let handle = self.reads.front_mut().expect("guarded by has_reads");
+        let result = handle.await;
+        self.reads.pop_front();
+        let chunk = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
         let len = chunk.data.len() as u64;
         self.reading_bytes -= len;
         if self.in_flight.insert(chunk.index) {

@@ -3,17 +3,10 @@
 //! the chunks it names, travel while the rest of the file is still being hashed. A transfer then takes about
 //! max(hash, network, disk) instead of their sum, and the first chunk leaves as soon as it is hashed.
 //!
-//! The hashing thread's read is also the read for sending: it copies each chunk it hashed into a bounded hold
-//! ([`Hold`], [`HOLD_BUDGET`]), and a chunk the receiver asks for while it is held goes out as the hashing read it,
-//! neither read nor hashed again (its manifest hash was computed from exactly these bytes). A chunk the receiver does
-//! not need is dropped when its piece's `Need` arrives; one that found the hold full, or is needed again (a rejected
-//! chunk, a later commit round), is read and re-hashed before it is sent, as for a whole manifest.
-//!
-//! Every guarantee of the whole-manifest sender holds: each chunk is either sent as hashed or re-hashed as it is
-//! read for sending, and the hashing thread checks that size and mtime did not move while it read; either mismatch
-//! is [`TransferError::SourceChanged`], the chunks sent so far stay durable on the receiver and nothing is committed.
+//! Every guarantee of the whole-manifest sender holds: each chunk is re-hashed as it is read for sending, and the
+//! hashing thread checks that size and mtime did not move while it read; either mismatch is
+//! [`TransferError::SourceChanged`], the chunks sent so far stay durable on the receiver and nothing is committed.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::held::{CloseOnDrop, Hold, HOLD_BUDGET};
 use super::sender::{commit, Pipeline, SendEvent, SendOptions, SendStats, Source};
 use super::{answer_ping, next_message, send_within, TransferError};
-use crate::chunk::{mtime_of, stream_chunks, ChunkSink};
+use crate::chunk::{mtime_of, stream_chunks};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::manifest_stream::{piece_target, MAX_PIECE_CHUNKS};
 use crate::wire::{Committed, Connection, ManifestEnd, ManifestPiece, Message, OfferStart};
@@ -33,14 +25,6 @@ use crate::wire::{Committed, Connection, ManifestEnd, ManifestPiece, Message, Of
 /// While the socket has nothing to send, hashed chunks wait at most this long for more before they go out as a
 /// piece (so a slow disk does not make one piece per chunk).
 const PIECE_WAIT: Duration = Duration::from_millis(10);
-
-/// Whether held chunks of a piece go out before its Need once the previous piece was needed whole: what makes the
-/// hold drain by itself, and a fresh push read its source once whatever the timing. Known problem (prototype):
-/// with it, `faults::a_streamed_resume_does_not_read_the_durable_prefix_again` trusted less than 1 MiB of the
-/// durable prefix in 3 runs of 16 (not understood yet); without it, whether a chunk is still held when its Need
-/// comes back is a matter of timing. The small pieces it needs cost the receiver one sync each (docs/benchmarks.md,
-/// "One read on the client").
-const SPECULATE: bool = true;
 
 /// Chunk reads running ahead of the socket while the file is also being hashed.
 const STREAM_READ_AHEAD: usize = 2;
@@ -93,9 +77,8 @@ enum Stage {
 pub type OnHashed = Box<dyn FnOnce(&Manifest) + Send>;
 
 /// Hashes the source on the hashing thread in place of [`stream_chunks`] from offset 0 (the client goes on from the
-/// hashing progress it recorded): hands every chunk to the sink in file order, with the bytes it read, and returns
-/// the whole-file digest.
-pub type HashWith = Box<dyn FnOnce(&mut ChunkSink<'_>) -> std::io::Result<Hash> + Send>;
+/// hashing progress it recorded): hands every chunk to the sink in file order, returns the whole-file digest.
+pub type HashWith = Box<dyn FnOnce(&mut (dyn FnMut(ChunkEntry) -> bool + Send)) -> std::io::Result<Hash> + Send>;
 
 /// How the hashing thread hashes the source, and what it does with the whole manifest.
 pub struct Hashing {
@@ -131,10 +114,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let opts = &streaming;
     send_within(conn, &start, opts.io_timeout, "sending OfferStart").await?;
     opts.meter.file(path, source.size, 0);
-    let hold = Arc::new(Hold::new(HOLD_BUDGET));
-    // However this ends, a hashing thread waiting for room in the hold wakes up (and holds nothing more).
-    let _closing = CloseOnDrop(hold.clone());
-    let (entries, mut hashing) = start_hashing(source, hashing, hold.clone());
+    let (entries, mut hashing) = start_hashing(source, hashing);
     let mut manifest = Manifest {
         size: source.size,
         digest: [0; 32],
@@ -146,11 +126,6 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let mut flow = Flow {
         entries,
         gathered: Vec::new(),
-        gathered_bytes: Vec::new(),
-        gathered_held: 0,
-        flush_held: HOLD_BUDGET / 2,
-        unanswered: VecDeque::new(),
-        speculate: false,
         hashed_all: false,
         digest: None,
         last_piece: Instant::now(),
@@ -171,17 +146,6 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
             };
             manifest.chunks.extend_from_slice(&piece.chunks);
             pipeline.extend(Arc::new(manifest.clone()));
-            let first = piece.first_index;
-            flow.gathered_held = 0;
-            for (index, data) in (first..).zip(flow.gathered_bytes.drain(..)) {
-                if let Some(data) = data {
-                    pipeline.hold(&hold, index, data);
-                }
-            }
-            flow.unanswered.push_back((first, manifest.chunk_count()));
-            if flow.speculate {
-                pipeline.speculate(first, manifest.chunk_count());
-            }
             send_within(
                 conn,
                 &Message::ManifestPiece(piece),
@@ -210,7 +174,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
                     needed.1 += pipeline.ranges_bytes(&need.ranges);
                 }
                 let before = stage;
-                stage = take_message(conn, opts, &mut pipeline, &mut flow, stage, msg, stats, on_event).await?;
+                stage = take_message(conn, opts, &mut pipeline, stage, msg, stats, on_event).await?;
                 if before == Stage::Echoed && stage == Stage::Settled {
                     // One progress line for the whole offer, as for the Need answering an Offer.
                     on_event(SendEvent::Need { chunks: needed.0, bytes: needed.1 });
@@ -234,25 +198,11 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((committed, manifest))
 }
 
-/// A chunk from the hashing thread: its entry, and its bytes as hashed if the hold took them.
-type HashedChunk = (ChunkEntry, Option<Vec<u8>>);
-
 /// Hashed chunks on their way into pieces.
 struct Flow {
-    entries: mpsc::UnboundedReceiver<HashedChunk>,
+    entries: mpsc::UnboundedReceiver<ChunkEntry>,
     /// Hashed, not yet announced.
     gathered: Vec<ChunkEntry>,
-    /// Their bytes as hashed, for those the hold took.
-    gathered_bytes: Vec<Option<Vec<u8>>>,
-    /// How many bytes of `gathered_bytes` the hold holds.
-    gathered_held: u64,
-    /// Held bytes that make a piece due: half the hold's budget, so its `Need` can come back while the hashing
-    /// fills the other half.
-    flush_held: u64,
-    /// Pieces announced and not answered yet, as `[first, end)` chunk indices, oldest first.
-    unanswered: VecDeque<(u32, u32)>,
-    /// The last piece answered asked for every chunk: the held chunks of the next go out before their Need.
-    speculate: bool,
     /// The hashing thread sent its last chunk.
     hashed_all: bool,
     /// The whole-file digest, once hashing ended well.
@@ -263,43 +213,35 @@ struct Flow {
 
 impl Flow {
     /// Takes a hashed chunk, and every other one already waiting (up to a piece).
-    fn gather(&mut self, entry: Option<HashedChunk>) {
-        let Some(mut next) = entry else {
+    fn gather(&mut self, entry: Option<ChunkEntry>) {
+        let Some(entry) = entry else {
             self.hashed_all = true;
             return;
         };
-        loop {
-            self.gathered.push(next.0);
-            self.gathered_held += next.1.as_ref().map_or(0, |data| data.len() as u64);
-            self.gathered_bytes.push(next.1);
-            if self.gathered.len() >= MAX_PIECE_CHUNKS {
-                break;
-            }
+        self.gathered.push(entry);
+        while self.gathered.len() < MAX_PIECE_CHUNKS {
             match self.entries.try_recv() {
-                Ok(entry) => next = entry,
+                Ok(entry) => self.gathered.push(entry),
                 Err(_) => break,
             }
         }
     }
 
-    /// Whether the gathered chunks go out now: enough of them, half the hold's budget held for them, hashing over,
-    /// or the socket idle and [`PIECE_WAIT`] passed.
+    /// Whether the gathered chunks go out now: enough of them, hashing over, or the socket idle and
+    /// [`PIECE_WAIT`] passed.
     fn piece_due(&self, announced: u32, starved: bool) -> bool {
         !self.gathered.is_empty()
             && (self.gathered.len() >= piece_target(announced)
-                || self.gathered_held >= self.flush_held
                 || self.hashed_all
                 || (starved && self.last_piece.elapsed() >= PIECE_WAIT))
     }
 }
 
 /// Handles one message from the receiver; returns the new stage.
-#[allow(clippy::too_many_arguments)]
 async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     opts: &SendOptions,
     pipeline: &mut Pipeline<'_>,
-    flow: &mut Flow,
     stage: Stage,
     msg: Message,
     stats: &mut SendStats,
@@ -313,25 +255,7 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
                     on_event(event)
                 }
             };
-            // Before the echo, a Need inside the oldest unanswered piece answers it (the receiver answers pieces in
-            // order, and rejects a chunk only after answering its piece); any other rejects chunks sent (or, after
-            // the echo, answers every piece). A receiver that answers otherwise costs only re-reads and resends:
-            // what goes out is always either as hashed or re-hashed.
-            let piece = flow.unanswered.front().copied();
-            match piece {
-                Some(piece) if stage != Stage::Echoed && inside(&need.ranges, piece) => {
-                    flow.unanswered.pop_front();
-                    flow.speculate =
-                        SPECULATE && crate::ranges::ranges_len(&need.ranges) == u64::from(piece.1 - piece.0);
-                    pipeline.answer(&need.ranges, piece, stats, &mut quiet)?;
-                }
-                _ => {
-                    pipeline.need(&need.ranges, false, stats, &mut quiet)?;
-                    if stage == Stage::Echoed {
-                        pipeline.drop_unneeded(0, u32::MAX);
-                    }
-                }
-            }
+            pipeline.need(&need.ranges, false, stats, &mut quiet)?;
             Ok(if stage == Stage::Echoed { Stage::Settled } else { stage })
         }
         Message::Ack(ack) => {
@@ -350,32 +274,22 @@ async fn take_message<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Whether every range lies inside the chunks `[first, end)`.
-fn inside(ranges: &[crate::ranges::IndexRange], (first, end): (u32, u32)) -> bool {
-    ranges
-        .iter()
-        .all(|r| r.start >= first && u64::from(r.start) + u64::from(r.count) <= u64::from(end))
-}
-
 /// Starts the one read of the source on a blocking thread: its chunks arrive on the channel as they are hashed,
 /// and the task ends with the whole-file digest, or `SourceChanged` if size or mtime moved meanwhile.
 fn start_hashing(
     source: &StreamSource,
     Hashing { with, on_hashed }: Hashing,
-    hold: Arc<Hold>,
 ) -> (
-    mpsc::UnboundedReceiver<HashedChunk>,
+    mpsc::UnboundedReceiver<ChunkEntry>,
     tokio::task::JoinHandle<Result<Hash, TransferError>>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let source = source.clone();
     let task = tokio::task::spawn_blocking(move || {
         let mut chunks = Vec::new();
-        let mut sink = |entry, bytes: Option<&[u8]>| {
+        let mut sink = |entry| {
             chunks.push(entry);
-            // The bytes just hashed into `entry.hash`, copied while the hold has room.
-            let held = bytes.and_then(|bytes| hold.admit(bytes));
-            tx.send((entry, held)).is_ok()
+            tx.send(entry).is_ok()
         };
         let digest = match with {
             Some(hash) => hash(&mut sink),
