@@ -77,15 +77,6 @@ async fn unchanged_repush_sends_nothing_and_does_not_rehash() {
     assert_eq!(second.u64("bytes_sent"), 0);
 }
 
-/// `rchar` of a running process: every byte it read so far through read(2)-family calls (not socket receives).
-fn rchar(pid: u32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
-
 /// A fresh push whose chunks arrive in file order: the server's whole-file digest hashes each chunk from the bytes
 /// it just verified and wrote, not read back from the partial, so the server reads a small part of the file in all
 /// (the digest thread holds at most 8 MiB of chunks; a lagging one reads some back). The file is still verified.

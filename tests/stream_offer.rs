@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, greeted, push, push_command, run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest,
+    b3, greeted, push, push_command, rchar, run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest,
     write_random, TestServer,
 };
 
@@ -23,15 +23,6 @@ fn partial_bytes(root: &Path) -> u64 {
         return 0;
     };
     dir.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
-}
-
-/// `rchar` of a running process: every byte it read so far.
-fn rchar(pid: u32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
 }
 
 /// Polls `done` every 20 ms for at most `limit`.

@@ -1088,22 +1088,17 @@ mod tests {
         assert_eq!(all, (0..n).collect::<Vec<_>>());
     }
 
-    /// A round that ends because its queue closed (a streamed offer ends one at every piece) leaves the writer
-    /// drained but does not settle the digest state, whose wait (the follower catching up, then 10 ms for the
-    /// clock) would stall every piece; the session's end settles it once, and only once.
-    #[test]
-    fn a_round_ending_does_not_settle_the_digest_state_and_the_session_end_does_once() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A writer for `n` chunks of [`manifest_of`] into a new partial and state store under `dir`.
+    fn fresh_writer(dir: &std::path::Path, n: u32, batch_limit: u64) -> ChunkWriter {
         let file = std::fs::File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.path().join("partial"))
+            .open(dir.join("partial"))
             .unwrap();
-        let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
-        let n = 8;
-        let writer = ChunkWriter::new(
+        let store = ReceiverStore::open(&Store::open(&dir.join("state")).unwrap()).unwrap();
+        ChunkWriter::new(
             "k".into(),
             Arc::new(file),
             Arc::new(manifest_of(n)),
@@ -1111,8 +1106,17 @@ mod tests {
             Progress::default(),
             store,
             Arc::default(),
-            1 << 20,
-        );
+            batch_limit,
+        )
+    }
+
+    /// A round that ends because its queue closed (a streamed offer ends one at every piece) leaves the writer
+    /// drained but does not settle the digest state, whose wait (the follower catching up, then 10 ms for the
+    /// clock) would stall every piece; the session's end settles it once, and only once.
+    #[test]
+    fn a_round_ending_does_not_settle_the_digest_state_and_the_session_end_does_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = fresh_writer(dir.path(), 8, 1 << 20);
         let (events, _answers) = mpsc::unbounded_channel();
         let writer = writer.run(queued_in(&[0, 1, 2]), events.clone());
         let mut writer = writer.run(queued_in(&[3, 4]), events);
@@ -1129,25 +1133,7 @@ mod tests {
     #[test]
     fn a_paused_run_carries_its_batch_into_the_next_run() {
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("partial"))
-            .unwrap();
-        let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
-        let n = 8;
-        let mut writer = ChunkWriter::new(
-            "k".into(),
-            Arc::new(file),
-            Arc::new(manifest_of(n)),
-            ChunkSet::new(n),
-            Progress::default(),
-            store,
-            Arc::default(),
-            1 << 30,
-        );
+        let mut writer = fresh_writer(dir.path(), 8, 1 << 30);
         let acked = |answers: &mut mpsc::UnboundedReceiver<WriterEvent>| {
             let mut all = Vec::new();
             while let Ok(event) = answers.try_recv() {

@@ -353,6 +353,15 @@ pub fn b3(path: &Path) -> String {
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * 1024;
 
+/// `rchar` of a running process: every byte it read so far through read(2)-family calls (not socket receives).
+pub fn rchar(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
 /// Peak resident memory of a process, from /proc.
 pub fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
