@@ -384,6 +384,17 @@ fresh=$(result fresh_ferry)
   echo "| rsync | $t | $(awk -v s="$lat_mib" -v t="$t" 'BEGIN{printf "%.0f", s/t}') |"
   echo
   echo "ferry with default flags / rsync: $(ratio "$(result lat_ferry_1_default)" "$t")."
+  echo
+  echo "## Every round"
+  echo
+  echo "The values behind each median above, in the order the rounds ran (seconds, bytes or KiB as recorded), so a"
+  echo "median that moves between runs of the script can be traced to its rounds."
+  echo
+  echo '```'
+  for file in "$work/results"/*; do
+    echo "$(basename "$file"): $(tr '\n' ' ' < "$file")"
+  done
+  echo '```'
 
 } > "$work/report.md"
 mkdir -p "$(dirname "$out")"
