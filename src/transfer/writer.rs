@@ -1039,17 +1039,7 @@ mod tests {
         batch_limit: u64,
         state: &std::path::Path,
     ) -> (ChunkWriter, Vec<Vec<u32>>) {
-        let store = ReceiverStore::open(&Store::open(state).unwrap()).unwrap();
-        let writer = ChunkWriter::new(
-            "k".into(),
-            file,
-            Arc::new(manifest_of(n)),
-            ChunkSet::new(n),
-            Progress::default(),
-            store,
-            Arc::default(),
-            batch_limit,
-        );
+        let writer = writer_over(file, state, n, batch_limit);
         let incoming = queued_chunks(n, block);
         let (events, mut answers) = mpsc::unbounded_channel();
         let writer = writer.run(incoming, events);
@@ -1071,14 +1061,7 @@ mod tests {
         let limit = 16 * chunk;
         let early = EARLY_BATCHES * limit / chunk; // chunks written in early batches
         let n = early as u32 + 32;
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("partial"))
-            .unwrap();
-        let (writer, acked) = write_all_queued(Arc::new(file), n, limit, &dir.path().join("state"));
+        let (writer, acked) = write_all_queued(new_partial(dir.path()), n, limit, &dir.path().join("state"));
         assert!(writer.received.is_complete());
         let sizes: Vec<usize> = acked.iter().map(Vec::len).collect();
         let mut expected = vec![4; (early / 4) as usize];
@@ -1088,8 +1071,8 @@ mod tests {
         assert_eq!(all, (0..n).collect::<Vec<_>>());
     }
 
-    /// A writer for `n` chunks of [`manifest_of`] into a new partial and state store under `dir`.
-    fn fresh_writer(dir: &std::path::Path, n: u32, batch_limit: u64) -> ChunkWriter {
+    /// An empty partial file `dir/partial`.
+    fn new_partial(dir: &std::path::Path) -> Partial {
         let file = std::fs::File::options()
             .read(true)
             .write(true)
@@ -1097,10 +1080,15 @@ mod tests {
             .truncate(true)
             .open(dir.join("partial"))
             .unwrap();
-        let store = ReceiverStore::open(&Store::open(&dir.join("state")).unwrap()).unwrap();
+        Arc::new(file)
+    }
+
+    /// A writer for `n` chunks of [`manifest_of`] into `file`, its state store at `state`.
+    fn writer_over(file: Partial, state: &std::path::Path, n: u32, batch_limit: u64) -> ChunkWriter {
+        let store = ReceiverStore::open(&Store::open(state).unwrap()).unwrap();
         ChunkWriter::new(
             "k".into(),
-            Arc::new(file),
+            file,
             Arc::new(manifest_of(n)),
             ChunkSet::new(n),
             Progress::default(),
@@ -1108,6 +1096,11 @@ mod tests {
             Arc::default(),
             batch_limit,
         )
+    }
+
+    /// A writer for `n` chunks of [`manifest_of`] into a new partial and state store under `dir`.
+    fn fresh_writer(dir: &std::path::Path, n: u32, batch_limit: u64) -> ChunkWriter {
+        writer_over(new_partial(dir), &dir.join("state"), n, batch_limit)
     }
 
     /// A round that ends because its queue closed (a streamed offer ends one at every piece) leaves the writer
@@ -1202,24 +1195,7 @@ mod tests {
             ),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
-            let file = std::fs::File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("partial"))
-                .unwrap();
-            let writer = ChunkWriter::new(
-                "k".into(),
-                Arc::new(file),
-                Arc::new(manifest_of(n)),
-                ChunkSet::new(n),
-                Progress::default(),
-                store,
-                Arc::default(),
-                16 * chunk,
-            );
+            let writer = fresh_writer(dir.path(), n, 16 * chunk);
             let (events, _answers) = mpsc::unbounded_channel();
             let mut writer = writer.run(queued_in(&order), events);
             assert!(writer.received.is_complete());
@@ -1294,26 +1270,8 @@ mod tests {
     #[test]
     fn paced_small_chunks_do_not_cost_a_sync_each() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ReceiverStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
         let n = 40u32;
-        let manifest = manifest_of(n);
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("partial"))
-            .unwrap();
-        let writer = ChunkWriter::new(
-            "k".into(),
-            Arc::new(file),
-            Arc::new(manifest),
-            ChunkSet::new(n),
-            Progress::default(),
-            store,
-            Arc::default(),
-            4 * 1024 * 1024,
-        );
+        let writer = fresh_writer(dir.path(), n, 4 * 1024 * 1024);
         let (queue, incoming) = mpsc::channel(4);
         let (events, mut answers) = mpsc::unbounded_channel();
         let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
