@@ -121,20 +121,10 @@ pub fn decode_frame(buf: &[u8], max_frame: u32) -> Result<Option<(Message, usize
 /// so no trailing byte). `None` for anything else, which [`decode_frame`] then decodes or refuses. Lets the
 /// connection hand a big payload over in the buffer it was read into instead of copying it out.
 pub fn chunk_frame(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, CodecError> {
-    let Some(len) = frame_len(buf, max_frame)? else {
+    let Some((index, payload)) = chunk_header(buf, max_frame)? else {
         return Ok(None);
     };
-    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
-        return Ok(None);
-    };
-    let field = |at: usize| -> [u8; 4] { body[at..at + 4].try_into().expect("4 bytes") };
-    if body.len() < CHUNK_HEADER - LEN_PREFIX || u32::from_le_bytes(field(0)) != CHUNK_TAG {
-        return Ok(None);
-    }
-    let index = u32::from_le_bytes(field(4));
-    let payload = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-    let fills_body = payload == (len - (CHUNK_HEADER - LEN_PREFIX)) as u64;
-    Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
+    Ok((buf.len() >= CHUNK_HEADER + payload).then_some((index, payload)))
 }
 
 /// If `buf` starts with the header of a well-formed `Chunk` frame (its first [`CHUNK_HEADER`] bytes, the payload
