@@ -399,7 +399,7 @@ async fn manifest_or_commit<S: AsyncRead + AsyncWrite + Unpin>(
 async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
-    writer: ChunkWriter,
+    mut writer: ChunkWriter,
     need: Option<Vec<IndexRange>>,
     superseded: &CancellationToken,
     shutdown: &CancellationToken,
@@ -410,7 +410,6 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     // Set when the round ends at a piece or the manifest's end: the writer pauses (its batch and syncs go on into
     // the next round) instead of draining, so a piece does not wait for every running sync.
     let pause = Arc::new(AtomicBool::new(false));
-    let mut writer = writer;
     writer.pause_on(pause.clone());
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
     let mut queue = Some(chunk_tx);
