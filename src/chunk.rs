@@ -18,6 +18,8 @@ use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::verify::{PrefixDigest, StackedPrefix};
 use crate::{MAX_CHUNK_SIZE, MAX_MANIFEST_CHUNKS, MIN_CHUNK_SIZE};
 
+pub mod gear;
+
 /// Smallest average size of content-defined chunks.
 pub const MIN_CDC_AVG: u32 = 16 * 1024;
 /// Largest average size of content-defined chunks (fastcdc's bound).
@@ -430,8 +432,15 @@ fn cdc_batches(
     mut buffer: impl FnMut() -> Vec<u8>,
     mut take: impl FnMut(Batch) -> bool,
 ) -> std::io::Result<()> {
+    let chunker = gear::GearChunker::new(min, avg, max).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("content-defined chunking parameters out of bounds: {min}/{avg}/{max}"),
+        )
+    })?;
+    let max = max as usize;
     // The whole file if it fits: a buffer of at least 2 * max means a chunk is never cut short by its end.
-    let capacity = (buffer_len.max(2 * max as usize) as u64).min(size.saturating_sub(start)) as usize;
+    let capacity = (buffer_len.max(2 * max) as u64).min(size.saturating_sub(start)) as usize;
     let mut buf = sized(buffer(), capacity);
     let mut base = start; // file offset of buf[0]
     let mut filled = 0usize;
@@ -442,12 +451,11 @@ fn cdc_batches(
         let at_end = base + filled as u64 == size;
         let mut cuts = Vec::new();
         let mut consumed = 0usize;
-        for cut in fastcdc::v2020::FastCDC::new(&buf[..filled], min, avg, max) {
-            if !at_end && cut.offset + max as usize > filled {
-                break;
-            }
-            cuts.push((cut.offset, cut.length));
-            consumed = cut.offset + cut.length;
+        // A chunk that may not have all its `max` bytes in the buffer is left for the next one, uncut.
+        while consumed < filled && (at_end || consumed + max <= filled) {
+            let len = chunker.first_chunk(&buf[consumed..filled]);
+            cuts.push((consumed, len));
+            consumed += len;
         }
         let tail = filled - consumed;
         let mut next = if base + (consumed as u64) < size {
@@ -580,6 +588,38 @@ mod tests {
             )
             .unwrap();
             assert_eq!(got, expected, "buffer {buffer}");
+        }
+    }
+
+    /// `cdc_batches` as it runs (8 MiB buffers, the bytes after the last final cut carried into the next buffer)
+    /// cuts what fastcdc cuts in one pass over the whole file, at the protocol's smallest, default and largest
+    /// averages and at odd sizes.
+    #[test]
+    fn cdc_batches_of_8_mib_cut_as_fastcdc_does_in_one_pass() {
+        let (tmp, data) = random_file(21 * 1024 * 1024 + 4097, 17);
+        let mib = 1024 * 1024;
+        for (min, avg, max) in [
+            (MIN_CDC_AVG / 4, MIN_CDC_AVG, MIN_CDC_AVG * 4),
+            (mib / 4, mib, 4 * mib),
+            (MAX_CDC_AVG / 4, MAX_CDC_AVG, MAX_CDC_AVG * 4),
+            (4097, 16_385, 3 * mib + 1),
+        ] {
+            let expected: Vec<(u64, usize)> = fastcdc::v2020::FastCDC::new(&data, min, avg, max)
+                .map(|c| (c.offset as u64, c.length))
+                .collect();
+            let mut got = Vec::new();
+            let take = |batch: Batch| {
+                got.extend(batch.cuts.iter().map(|&(at, len)| (batch.base + at as u64, len)));
+                true
+            };
+            let size = data.len() as u64;
+            cdc_batches(tmp.as_file(), 0, size, (min, avg, max), CDC_BUFFER, Vec::new, take).unwrap();
+            assert!(
+                got == expected,
+                "{min}/{avg}/{max}: {} chunks, fastcdc {}",
+                got.len(),
+                expected.len()
+            );
         }
     }
 
