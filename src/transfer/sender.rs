@@ -1,14 +1,18 @@
 //! The sender role: offer a manifest, then pipeline exactly the chunks the receiver needs.
 //!
-//! Reads happen on blocking threads, several ahead of the socket, and each chunk is re-hashed as it is read: a
-//! chunk that no longer matches the manifest means the source changed, and the sender stops with
-//! [`TransferError::SourceChanged`] instead of sending bytes the receiver would reject forever. Chunks in flight
-//! are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it durably) or a
-//! Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend re-reads the file.
+//! Reads happen on blocking threads, several ahead of the socket. How a chunk read for sending is checked depends
+//! on the source ([`Rehash`], proto-spec.md §4 "Sender"): a file served for a pull is re-hashed on every read (a
+//! mismatch is damage at rest, which must never leave this side); a pushing client's first send is checked against
+//! the manifest's size and mtime only, since the receiver verifies every chunk before it writes it. Once the
+//! receiver rejects a chunk, every later read of the pipeline is re-hashed: a chunk that no longer matches the
+//! manifest means the source changed, and the sender stops with [`TransferError::SourceChanged`] instead of sending
+//! bytes the receiver would reject forever (a changed source costs the chunks already in flight, never a loop).
+//! Chunks in flight are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it
+//! durably) or a Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend
+//! re-reads the file.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +36,19 @@ pub struct Source {
     pub file: Arc<File>,
     /// Its manifest.
     pub manifest: Arc<Manifest>,
+    /// Which reads for sending are re-hashed against the manifest.
+    pub rehash: Rehash,
+}
+
+/// Which chunk reads for sending are re-hashed before the chunk goes out (proto-spec.md §4, "Sender").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rehash {
+    /// Every read: a file served for a pull, whose damage at rest must be found here and reported, never sent.
+    Always,
+    /// Reads after the receiver rejected a chunk (a resend, and everything read after it): a pushing client. A first
+    /// send is checked against the manifest's size and mtime (`fstat`) only; the receiver verifies every chunk before
+    /// it writes it, so bytes that changed behind an unchanged size and mtime are rejected there, never written.
+    AfterRejection,
 }
 
 /// Tuning of the sender.
@@ -379,6 +396,8 @@ pub(super) struct Pipeline<'a> {
     window: Window,
     /// Buffers of sent chunks, reused for the next reads.
     spare: Vec<Vec<u8>>,
+    /// Whether reads are re-hashed: always for [`Rehash::Always`], from the first rejection on otherwise.
+    hash_reads: bool,
 }
 
 impl<'a> Pipeline<'a> {
@@ -399,6 +418,7 @@ impl<'a> Pipeline<'a> {
                 Window::fixed(opts.window)
             },
             spare: Vec::new(),
+            hash_reads: source.rehash == Rehash::Always,
         }
     }
 
@@ -461,8 +481,12 @@ impl<'a> Pipeline<'a> {
                 bytes,
             });
         }
+        // A resend (a rejection, or a chunk missing at commit) is read again and hashed, and so is everything after
+        // it: a source that changed is found at the first rejection (proto-spec.md §4, "Sender").
+        self.hash_reads |= resend;
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
+                self.hash_reads = true;
                 self.in_flight_bytes -= self.chunk_len(index);
                 self.window.forget(index);
                 self.opts.meter.resent();
@@ -529,9 +553,16 @@ impl<'a> Pipeline<'a> {
             self.reading_bytes += len;
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
+            let check = match self.hash_reads {
+                true => Check::Hash,
+                false => Check::Identity {
+                    size: self.source.manifest.size,
+                    mtime: self.source.manifest.mtime,
+                },
+            };
             let buf = self.spare.pop().unwrap_or_default();
             self.reads.push_back(tokio::task::spawn_blocking(move || {
-                read_chunk(&file, index, &entry, buf)
+                read_chunk(&file, index, &entry, check, buf)
             }));
         }
     }
@@ -575,30 +606,71 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-/// Reads one chunk into `buf` (a recycled buffer) and checks it against the manifest before it may go out
-/// (proto-spec.md §4, "every chunk is re-hashed before it is sent"): a chunk that no longer matches means the
-/// source changed, or, for a file the server committed, that it is damaged at rest; either way its bytes never
-/// leave this side (the caller turns the error into `SourceChanged`, `IntegrityFailed` or a tree's Abandon).
+/// How a chunk read for sending is checked before it goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Against its BLAKE3 hash in the manifest.
+    Hash,
+    /// Only that the file still has the manifest's size and mtime (a pushing client's first send, [`Rehash`]).
+    Identity {
+        /// The manifest's file size.
+        size: u64,
+        /// The manifest's mtime.
+        mtime: crate::manifest::FileTime,
+    },
+}
+
+/// Reads one chunk into `data` (a recycled buffer) and checks it (`check`) before it may go out (proto-spec.md §4,
+/// "Sender"): a chunk that no longer matches means the source changed, or, for a file the server committed, that
+/// it is damaged at rest; either way its bytes never leave this side (the caller turns the error into
+/// `SourceChanged`, `IntegrityFailed` or a tree's Abandon).
 fn read_chunk(
     file: &File,
     index: u32,
     entry: &crate::manifest::ChunkEntry,
+    check: Check,
     mut data: Vec<u8>,
 ) -> Result<Chunk, TransferError> {
-    data.resize(entry.len as usize, 0);
-    file.read_exact_at(&mut data, entry.offset)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
-                "file shrank below offset {}",
-                entry.offset + u64::from(entry.len)
-            )),
-            _ => TransferError::SourceIo(e),
-        })?;
-    if crate::verify::check_chunk(entry, &data).is_err() {
+    if let Check::Identity { size, mtime } = check {
+        let meta = file.metadata().map_err(TransferError::SourceIo)?;
+        if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime {
+            return Err(TransferError::SourceChanged(
+                "its size or mtime changed since the manifest was built".into(),
+            ));
+        }
+    }
+    read_exact_at(file, &mut data, entry.len as usize, entry.offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
+            "file shrank below offset {}",
+            entry.offset + u64::from(entry.len)
+        )),
+        _ => TransferError::SourceIo(e),
+    })?;
+    if check == Check::Hash && crate::verify::check_chunk(entry, &data).is_err() {
         return Err(TransferError::SourceChanged(format!(
             "chunk {index} at offset {} no longer matches the manifest",
             entry.offset
         )));
     }
     Ok(Chunk { index, data })
+}
+
+/// Fills `data` with the `len` bytes at `offset` of `file`, reading into its spare capacity: a recycled buffer is
+/// not zeroed first only for the read to overwrite it.
+fn read_exact_at(file: &File, data: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+    data.clear();
+    data.reserve(len);
+    while data.len() < len {
+        let at = offset + data.len() as u64;
+        let want = len - data.len();
+        let spare = &mut data.spare_capacity_mut()[..want];
+        let (read, _) = rustix::io::pread(file, spare, at)?;
+        if read.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = read.len();
+        // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+        unsafe { data.set_len(data.len() + n) };
+    }
+    Ok(())
 }
