@@ -24,7 +24,7 @@ use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferEr
 use crate::manifest::{hex, Manifest};
 use crate::meter::Meter;
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
-use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer};
+use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer, WireError};
 
 /// Commit rounds (Commit answered by Need) tolerated before the receiver is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
@@ -160,7 +160,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
     let needed = offer(conn, path, source, opts).await?;
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&needed, false, stats, on_event)?;
     drive(conn, source, opts, &mut pipeline, false, stats, on_event).await?;
     commit(conn, source, opts, stats, on_event).await
@@ -174,7 +174,7 @@ pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     drive(conn, source, opts, &mut pipeline, true, stats, on_event)
         .await
         .map(|committed| committed.expect("a committing drive ends with Committed"))
@@ -210,7 +210,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             (stats, result)
         });
     }
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&shares[0], false, stats, on_event)?;
     let own = drive(conn, source, opts, &mut pipeline, false, stats, on_event).await;
     let mut failure = own.err();
@@ -263,7 +263,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let mut ignore = |_| {};
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(share, false, stats, &mut ignore)?;
     drive(conn, source, opts, &mut pipeline, false, stats, &mut ignore).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -364,7 +364,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
 enum Step {
     Message(Message),
-    Read(Chunk),
+    Read(Ready),
 }
 
 pub(super) fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committed, TransferError> {
@@ -388,7 +388,7 @@ pub(super) struct Pipeline<'a> {
     pending: VecDeque<IndexRange>,
     /// The chunks in `pending`, so a repeated Need cannot queue a chunk twice.
     queued: ChunkSet,
-    reads: VecDeque<JoinHandle<Result<Chunk, TransferError>>>,
+    reads: VecDeque<JoinHandle<Result<Ready, TransferError>>>,
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
@@ -398,11 +398,51 @@ pub(super) struct Pipeline<'a> {
     spare: Vec<Vec<u8>>,
     /// Whether reads are re-hashed: always for [`Rehash::Always`], from the first rejection on otherwise.
     hash_reads: bool,
+    /// Whether a chunk that is not hashed goes from the file to the socket with `sendfile` ([`Ready::InFile`]).
+    zero_copy: bool,
+}
+
+/// A chunk ready to go out.
+pub(super) enum Ready {
+    /// Read (and checked): its bytes.
+    Read(Chunk),
+    /// Checked against the file's size and mtime and prefetched, not read: its payload goes from the file to the
+    /// socket ([`Connection::write_chunk_from_file`]).
+    InFile {
+        /// The chunk's index.
+        index: u32,
+        /// Its offset in the file.
+        offset: u64,
+        /// Its length.
+        len: u32,
+    },
+}
+
+impl Ready {
+    fn index(&self) -> u32 {
+        match self {
+            Ready::Read(chunk) => chunk.index,
+            Ready::InFile { index, .. } => *index,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Ready::Read(chunk) => chunk.data.len() as u64,
+            Ready::InFile { len, .. } => u64::from(*len),
+        }
+    }
 }
 
 impl<'a> Pipeline<'a> {
-    /// A pipeline for `source`; `round_trip` is the handshake's (where a default window starts, [`Window::sized`]).
-    pub(super) fn new(source: &Source, opts: &'a SendOptions, round_trip: Option<Duration>) -> Self {
+    /// A pipeline for `source` on `conn`: its handshake's round trip is where a default window starts
+    /// ([`Window::sized`]), and unhashed chunks go from the file to its socket if it allows ([`Connection::zero_copy`]).
+    pub(super) fn new<S: AsyncRead + AsyncWrite + Unpin>(
+        source: &Source,
+        opts: &'a SendOptions,
+        conn: &Connection<S>,
+    ) -> Self {
+        let round_trip = conn.round_trip();
         Pipeline {
             source: source.clone(),
             opts,
@@ -419,6 +459,7 @@ impl<'a> Pipeline<'a> {
             },
             spare: Vec::new(),
             hash_reads: source.rehash == Rehash::Always,
+            zero_copy: conn.zero_copy(),
         }
     }
 
@@ -428,20 +469,35 @@ impl<'a> Pipeline<'a> {
         self.source.manifest = manifest;
     }
 
-    /// Sends `chunk` (read for sending by [`Pipeline::next_read`]), counts it, and takes its buffer back.
+    /// Sends `ready` (from [`Pipeline::next_read`]), counts it, and takes its buffer back.
     pub(super) async fn send_read<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Connection<S>,
-        chunk: Chunk,
+        ready: Ready,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
-        let len = chunk.data.len() as u64;
-        conn.write_chunk(chunk.index, &chunk.data, Some(self.opts.io_timeout))
-            .await
-            .map_err(|e| timeout_as(e, "sending chunks"))?;
+        let (index, len) = (ready.index(), ready.len());
+        let idle = Some(self.opts.io_timeout);
+        match ready {
+            Ready::Read(chunk) => {
+                conn.write_chunk(index, &chunk.data, idle)
+                    .await
+                    .map_err(|e| timeout_as(e, "sending chunks"))?;
+                self.recycle(chunk.data);
+            }
+            Ready::InFile { offset, len, .. } => conn
+                .write_chunk_from_file(index, &self.source.file, offset, len as usize, idle)
+                .await
+                .map_err(|e| match e {
+                    // The frame is broken: the connection fails every later write, and is dropped.
+                    WireError::SourceEnded(at) => {
+                        TransferError::SourceChanged(format!("the file ended at byte {at}, inside chunk {index}"))
+                    }
+                    other => timeout_as(other, "sending chunks"),
+                })?,
+        }
         // Stamped once on the socket, so the send-to-Ack delay holds no local queueing (proto-spec.md §6).
-        self.window.sent(chunk.index, std::time::Instant::now());
-        self.recycle(chunk.data);
+        self.window.sent(index, std::time::Instant::now());
         self.opts.meter.moved(len);
         stats.bytes_sent += len;
         stats.chunks_sent += 1;
@@ -560,9 +616,15 @@ impl<'a> Pipeline<'a> {
                     mtime: self.source.manifest.mtime,
                 },
             };
+            if self.zero_copy && check != Check::Hash {
+                self.reads.push_back(tokio::task::spawn_blocking(move || {
+                    check_in_file(&file, index, &entry, check)
+                }));
+                continue;
+            }
             let buf = self.spare.pop().unwrap_or_default();
             self.reads.push_back(tokio::task::spawn_blocking(move || {
-                read_chunk(&file, index, &entry, check, buf)
+                read_chunk(&file, index, &entry, check, buf).map(Ready::Read)
             }));
         }
     }
@@ -583,17 +645,17 @@ impl<'a> Pipeline<'a> {
     }
 
     /// The oldest read, once finished. Cancel-safe: the read stays queued if the caller stops waiting.
-    pub(super) async fn next_read(&mut self) -> Result<Chunk, TransferError> {
+    pub(super) async fn next_read(&mut self) -> Result<Ready, TransferError> {
         let handle = self.reads.front_mut().expect("guarded by has_reads");
         let result = handle.await;
         self.reads.pop_front();
-        let chunk = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
-        let len = chunk.data.len() as u64;
+        let ready = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
+        let len = ready.len();
         self.reading_bytes -= len;
-        if self.in_flight.insert(chunk.index) {
+        if self.in_flight.insert(ready.index()) {
             self.in_flight_bytes += len;
         }
-        Ok(chunk)
+        Ok(ready)
     }
 
     pub(super) fn is_idle(&self) -> bool {
@@ -631,14 +693,7 @@ fn read_chunk(
     check: Check,
     mut data: Vec<u8>,
 ) -> Result<Chunk, TransferError> {
-    if let Check::Identity { size, mtime } = check {
-        let meta = file.metadata().map_err(TransferError::SourceIo)?;
-        if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime {
-            return Err(TransferError::SourceChanged(
-                "its size or mtime changed since the manifest was built".into(),
-            ));
-        }
-    }
+    check_identity(file, check)?;
     read_exact_at(file, &mut data, entry.len as usize, entry.offset).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
             "file shrank below offset {}",
@@ -653,6 +708,39 @@ fn read_chunk(
         )));
     }
     Ok(Chunk { index, data })
+}
+
+/// The file still has the size and mtime of its manifest, if `check` asks.
+fn check_identity(file: &File, check: Check) -> Result<(), TransferError> {
+    if let Check::Identity { size, mtime } = check {
+        let meta = file.metadata().map_err(TransferError::SourceIo)?;
+        if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime {
+            return Err(TransferError::SourceChanged(
+                "its size or mtime changed since the manifest was built".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A chunk whose payload will go from the file to the socket: checked against the manifest's size and mtime
+/// (`check`), and its range prefetched into the page cache here on a blocking thread, so that `sendfile` on the
+/// runtime's thread seldom waits for the disk (a streamed offer's hashing read has usually just cached it).
+fn check_in_file(
+    file: &File,
+    index: u32,
+    entry: &crate::manifest::ChunkEntry,
+    check: Check,
+) -> Result<Ready, TransferError> {
+    check_identity(file, check)?;
+    let len = std::num::NonZeroU64::new(u64::from(entry.len));
+    // Advice only: a failure costs nothing but the prefetch.
+    let _ = rustix::fs::fadvise(file, entry.offset, len, rustix::fs::Advice::WillNeed);
+    Ok(Ready::InFile {
+        index,
+        offset: entry.offset,
+        len: entry.len,
+    })
 }
 
 /// Fills `data` with the `len` bytes at `offset` of `file`, reading into its spare capacity: a recycled buffer is

@@ -136,7 +136,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         manifest: Arc::new(manifest.clone()),
         rehash: Rehash::AfterRejection,
     };
-    let mut pipeline = Pipeline::new(&whole, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(&whole, opts, conn);
     let mut stage = Stage::Hashing;
     let mut needed = (0u64, 0u64);
     loop {

@@ -68,9 +68,9 @@ fn source(dir: &std::path::Path, data: &[u8]) -> Source {
 }
 
 /// The receiver role on one end of a pipe: waits for an Offer and serves it.
-fn spawn_receiver(
+fn spawn_receiver<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
     fx: &Fixture,
-    stream: tokio::io::DuplexStream,
+    stream: S,
 ) -> tokio::task::JoinHandle<Result<crate::wire::Committed, super::TransferError>> {
     let ctx = fx.ctx.clone();
     tokio::spawn(async move {
@@ -123,6 +123,30 @@ async fn both_roles_complete_a_transfer_then_recognise_the_same_file() {
 /// the change: `SourceChanged` after one rejected chunk, and nothing unverified written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_chunk_is_hashed_only_when_the_receiver_rejected_it() {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    a_changed_chunk_is_rejected_once(Connection::new(a, MAX_FRAME), b).await;
+}
+
+/// The same over plain TCP with zero copy: the first sends go from the file to the socket with `sendfile`, and the
+/// changed chunk's resend is read and hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_sent_from_the_file_is_hashed_when_the_receiver_rejected_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let mut conn = Connection::new(client.unwrap(), MAX_FRAME);
+    conn.allow_zero_copy(|socket| Some(socket));
+    assert!(conn.zero_copy());
+    a_changed_chunk_is_rejected_once(conn, accepted.unwrap().0).await;
+}
+
+/// Pushes a source of four chunks over `conn` to a receiver on `peer`, one chunk changed behind the manifest's size
+/// and mtime: `SourceChanged`, one rejection, nothing of the changed chunk written.
+async fn a_changed_chunk_is_rejected_once<S, P>(mut conn: Connection<S>, peer: P)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use std::os::unix::fs::FileExt;
     let fx = fixture();
     let chunk = MIN_CHUNK_SIZE as usize;
@@ -136,9 +160,7 @@ async fn a_pushed_chunk_is_hashed_only_when_the_receiver_rejected_it() {
     file.set_modified(mtime).unwrap();
     drop(file);
 
-    let (a, b) = tokio::io::duplex(256 * 1024);
-    let receiver = spawn_receiver(&fx, b);
-    let mut conn = Connection::new(a, MAX_FRAME);
+    let receiver = spawn_receiver(&fx, peer);
     let mut stats = SendStats::default();
     let opts = SendOptions::default();
     // Bounded so that a resend sent unhashed (rejected again and again) fails the test instead of hanging it.
