@@ -49,7 +49,7 @@ pub struct Snapshot {
     pub held: u64,
     /// Payload bytes that crossed the wire, resends included.
     pub moved: u64,
-    /// Chunks the receiver rejected (corrupted in transit) and had sent again.
+    /// Chunks the receiver rejected (damaged in transit, or changed at the source) and had sent again.
     pub resent: u64,
     /// Connection attempts so far (1 for a run without a reconnect).
     pub attempts: u64,

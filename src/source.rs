@@ -22,7 +22,7 @@ use crate::chunk::{
 use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::{hide_root, open_beneath, Entry, PathError, RemotePath};
 use crate::store::{HashingRecord, ManifestKey, ReceiverStore, SenderStore, StoreError};
-use crate::transfer::sender::Source;
+use crate::transfer::sender::{Rehash, Source};
 use crate::transfer::TransferError;
 use crate::verify::StackedPrefix;
 use crate::wire::{ErrorCode, PullKind};
@@ -383,6 +383,8 @@ pub fn open_for_pull(
         source: Source {
             file: Arc::new(file),
             manifest: Arc::new(manifest),
+            // Served for a pull: damage at rest must be found before a chunk leaves (proto-spec.md §11).
+            rehash: Rehash::Always,
         },
         committed,
     })

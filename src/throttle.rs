@@ -133,6 +133,11 @@ impl<S> Throttled<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Whether a rate limit holds the stream (every byte must then pass through it).
+    pub fn limited(&self) -> bool {
+        self.limit.is_some()
+    }
 }
 
 /// Waits (registering the waker) until the bucket allows a useful share of `want` bytes (see

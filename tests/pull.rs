@@ -251,7 +251,7 @@ async fn greet_a_pull(
 async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, tempfile::TempDir) {
     use ferry::chunk::{build_manifest, ChunkSpec};
     use ferry::manifest::FileTime;
-    use ferry::transfer::sender::{send, SendOptions, SendStats, Source};
+    use ferry::transfer::sender::{send, Rehash, SendOptions, SendStats, Source};
     use ferry::wire::{EntryKind, Message, TreeEntry, TreeOffer};
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("victim.txt"), b"original").unwrap();
@@ -262,6 +262,7 @@ async fn pull_from_a_server_planting_links(links: &[&str]) -> (PushOutcome, temp
     let src = Source {
         file: std::sync::Arc::new(file),
         manifest: std::sync::Arc::new(manifest),
+        rehash: Rehash::Always,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

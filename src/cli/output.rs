@@ -432,7 +432,7 @@ fn event_text(event: &ClientEvent) -> Option<String> {
             format!("ferry: server needs {chunks} chunks ({})", human(*bytes))
         }
         ClientEvent::Send(SendEvent::Rejected { index }) => {
-            format!("ferry: chunk {index} was corrupted in transit; re-sending")
+            format!("ferry: the server rejected chunk {index}; reading it again (damaged in transit, or the source changed)")
         }
         ClientEvent::Scanned { files, bytes, skipped } => {
             format!(

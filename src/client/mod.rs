@@ -299,9 +299,19 @@ async fn connect_welcomed(
     };
     let binding = stream.channel_binding();
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
+    conn.allow_zero_copy(plain_tcp);
     let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     url.servers.connected();
     Ok((conn, welcome))
+}
+
+/// The plain TCP socket under a client's stream, when nothing in between must see the bytes (no TLS, no rate
+/// limit): chunk payloads then go from the source file to it with `sendfile` ([`Connection::write_chunk_from_file`]).
+fn plain_tcp(stream: &Throttled<Stream>) -> Option<&tokio::net::TcpStream> {
+    match stream.get_ref() {
+        Stream::Plain(tcp) if !stream.limited() => Some(tcp),
+        _ => None,
+    }
 }
 
 /// Resolves `server`'s host and opens a TCP connection to it within `connect_timeout`. A failure names `HOST:PORT`

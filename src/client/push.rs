@@ -15,7 +15,7 @@ use crate::path::RemotePath;
 use crate::source::{cache_streamed_manifest, cached_manifest_for, hash_resumable, manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
-use crate::transfer::sender::{send, send_streams, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::sender::{send, send_streams, Rehash, SendEvent, SendOptions, SendStats, Source};
 use crate::transfer::stream_send::{send_streamed, HashWith, Hashing, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
@@ -162,6 +162,8 @@ pub async fn push(
     let mut source = Source {
         file,
         manifest: Arc::new(manifest),
+        // The receiver verifies every chunk before it writes it: a first send is not hashed again (§4).
+        rehash: Rehash::AfterRejection,
     };
     let outcome = loop {
         let number = retrier.start();

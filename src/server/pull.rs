@@ -10,7 +10,7 @@ use crate::path::{hide_root, RemotePath};
 use crate::source::{committed_if_unchanged, open_for_pull, PullSource};
 use crate::storage::{TreeCopy, Volume};
 use crate::transfer::receiver::ReceiverContext;
-use crate::transfer::sender::{send, SendOptions, SendStats, Source};
+use crate::transfer::sender::{send, Rehash, SendOptions, SendStats, Source};
 use crate::transfer::tree_sender::{send_tree, TreeSource};
 use crate::transfer::{with_keepalive, TransferError};
 use crate::tree::scan_beneath;
@@ -38,6 +38,7 @@ fn committed_in_store(volume: &dyn Volume, path: &RemotePath, expect: PullKind) 
             source: Source {
                 file: Arc::new(file),
                 manifest: Arc::new(manifest),
+                rehash: Rehash::Always,
             },
             committed: true,
         })),

@@ -184,7 +184,7 @@ impl TransferError {
             TransferError::Remote(_)
                 | TransferError::Unreachable { .. }
                 | TransferError::Closed(_)
-                | TransferError::Wire(WireError::Io(_) | WireError::Truncated)
+                | TransferError::Wire(WireError::Io(_) | WireError::Truncated | WireError::Broken)
         )
     }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
 use super::receiver::{receive, ReceiverContext, ReceiverPolicy};
-use super::sender::{send, SendOptions, SendStats, Source};
+use super::sender::{send, Rehash, SendOptions, SendStats, Source};
 use super::{recv, TransferError};
 use crate::chunk::{build_manifest, ChunkSpec, ChunkingMode};
 use crate::manifest::{FileTime, Manifest};
@@ -177,6 +177,7 @@ fn version(dir: &std::path::Path, name: &str, bytes: Vec<u8>, chunk: u32, mode: 
         source: Source {
             file: Arc::new(file),
             manifest: Arc::new(manifest),
+            rehash: Rehash::AfterRejection,
         },
     }
 }

@@ -1,14 +1,18 @@
 //! The sender role: offer a manifest, then pipeline exactly the chunks the receiver needs.
 //!
-//! Reads happen on blocking threads, several ahead of the socket, and each chunk is re-hashed as it is read: a
-//! chunk that no longer matches the manifest means the source changed, and the sender stops with
-//! [`TransferError::SourceChanged`] instead of sending bytes the receiver would reject forever. Chunks in flight
-//! are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it durably) or a
-//! Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend re-reads the file.
+//! Reads happen on blocking threads, several ahead of the socket. How a chunk read for sending is checked depends
+//! on the source ([`Rehash`], proto-spec.md §4 "Sender"): a file served for a pull is re-hashed on every read (a
+//! mismatch is damage at rest, which must never leave this side); a pushing client's first send is checked against
+//! the manifest's size and mtime only, since the receiver verifies every chunk before it writes it. Once the
+//! receiver rejects a chunk, every later read of the pipeline is re-hashed: a chunk that no longer matches the
+//! manifest means the source changed, and the sender stops with [`TransferError::SourceChanged`] instead of sending
+//! bytes the receiver would reject forever (a changed source costs the chunks already in flight, never a loop).
+//! Chunks in flight are bounded by a byte window; a chunk leaves the window only when its Ack (the receiver has it
+//! durably) or a Need for it (rejected, send again) arrives. No data is kept for in-flight chunks: a resend
+//! re-reads the file.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +24,7 @@ use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferEr
 use crate::manifest::{hex, Manifest};
 use crate::meter::Meter;
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
-use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer};
+use crate::wire::{Chunk, Committed, Connection, Join, Message, Offer, WireError};
 
 /// Commit rounds (Commit answered by Need) tolerated before the receiver is considered broken.
 const MAX_COMMIT_ROUNDS: u32 = 8;
@@ -32,6 +36,19 @@ pub struct Source {
     pub file: Arc<File>,
     /// Its manifest.
     pub manifest: Arc<Manifest>,
+    /// Which reads for sending are re-hashed against the manifest.
+    pub rehash: Rehash,
+}
+
+/// Which chunk reads for sending are re-hashed before the chunk goes out (proto-spec.md §4, "Sender").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rehash {
+    /// Every read: a file served for a pull, whose damage at rest must be found here and reported, never sent.
+    Always,
+    /// Reads after the receiver rejected a chunk (a resend, and everything read after it): a pushing client. A first
+    /// send is checked against the manifest's size and mtime (`fstat`) only; the receiver verifies every chunk before
+    /// it writes it, so bytes that changed behind an unchanged size and mtime are rejected there, never written.
+    AfterRejection,
 }
 
 /// Tuning of the sender.
@@ -143,7 +160,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
     let needed = offer(conn, path, source, opts).await?;
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&needed, false, stats, on_event)?;
     drive(conn, source, opts, &mut pipeline, false, stats, on_event).await?;
     commit(conn, source, opts, stats, on_event).await
@@ -157,7 +174,7 @@ pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     drive(conn, source, opts, &mut pipeline, true, stats, on_event)
         .await
         .map(|committed| committed.expect("a committing drive ends with Committed"))
@@ -193,7 +210,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             (stats, result)
         });
     }
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&shares[0], false, stats, on_event)?;
     let own = drive(conn, source, opts, &mut pipeline, false, stats, on_event).await;
     let mut failure = own.err();
@@ -246,7 +263,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let mut ignore = |_| {};
-    let mut pipeline = Pipeline::new(source, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(share, false, stats, &mut ignore)?;
     drive(conn, source, opts, &mut pipeline, false, stats, &mut ignore).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -347,7 +364,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
 enum Step {
     Message(Message),
-    Read(Chunk),
+    Read(Ready),
 }
 
 pub(super) fn check_committed(manifest: &Manifest, committed: Committed) -> Result<Committed, TransferError> {
@@ -371,7 +388,7 @@ pub(super) struct Pipeline<'a> {
     pending: VecDeque<IndexRange>,
     /// The chunks in `pending`, so a repeated Need cannot queue a chunk twice.
     queued: ChunkSet,
-    reads: VecDeque<JoinHandle<Result<Chunk, TransferError>>>,
+    reads: VecDeque<JoinHandle<Result<Ready, TransferError>>>,
     reading_bytes: u64,
     in_flight: HashSet<u32>,
     in_flight_bytes: u64,
@@ -379,11 +396,53 @@ pub(super) struct Pipeline<'a> {
     window: Window,
     /// Buffers of sent chunks, reused for the next reads.
     spare: Vec<Vec<u8>>,
+    /// Whether reads are re-hashed: always for [`Rehash::Always`], from the first rejection on otherwise.
+    hash_reads: bool,
+    /// Whether a chunk that is not hashed goes from the file to the socket with `sendfile` ([`Ready::InFile`]).
+    zero_copy: bool,
+}
+
+/// A chunk ready to go out.
+pub(super) enum Ready {
+    /// Read (and checked): its bytes.
+    Read(Chunk),
+    /// Checked against the file's size and mtime and prefetched, not read: its payload goes from the file to the
+    /// socket ([`Connection::write_chunk_from_file`]).
+    InFile {
+        /// The chunk's index.
+        index: u32,
+        /// Its offset in the file.
+        offset: u64,
+        /// Its length.
+        len: u32,
+    },
+}
+
+impl Ready {
+    fn index(&self) -> u32 {
+        match self {
+            Ready::Read(chunk) => chunk.index,
+            Ready::InFile { index, .. } => *index,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Ready::Read(chunk) => chunk.data.len() as u64,
+            Ready::InFile { len, .. } => u64::from(*len),
+        }
+    }
 }
 
 impl<'a> Pipeline<'a> {
-    /// A pipeline for `source`; `round_trip` is the handshake's (where a default window starts, [`Window::sized`]).
-    pub(super) fn new(source: &Source, opts: &'a SendOptions, round_trip: Option<Duration>) -> Self {
+    /// A pipeline for `source` on `conn`: its handshake's round trip is where a default window starts
+    /// ([`Window::sized`]), and unhashed chunks go from the file to its socket if it allows ([`Connection::zero_copy`]).
+    pub(super) fn new<S: AsyncRead + AsyncWrite + Unpin>(
+        source: &Source,
+        opts: &'a SendOptions,
+        conn: &Connection<S>,
+    ) -> Self {
+        let round_trip = conn.round_trip();
         Pipeline {
             source: source.clone(),
             opts,
@@ -399,6 +458,8 @@ impl<'a> Pipeline<'a> {
                 Window::fixed(opts.window)
             },
             spare: Vec::new(),
+            hash_reads: source.rehash == Rehash::Always,
+            zero_copy: conn.zero_copy(),
         }
     }
 
@@ -408,20 +469,35 @@ impl<'a> Pipeline<'a> {
         self.source.manifest = manifest;
     }
 
-    /// Sends `chunk` (read for sending by [`Pipeline::next_read`]), counts it, and takes its buffer back.
+    /// Sends `ready` (from [`Pipeline::next_read`]), counts it, and takes its buffer back.
     pub(super) async fn send_read<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Connection<S>,
-        chunk: Chunk,
+        ready: Ready,
         stats: &mut SendStats,
     ) -> Result<(), TransferError> {
-        let len = chunk.data.len() as u64;
-        conn.write_chunk(chunk.index, &chunk.data, Some(self.opts.io_timeout))
-            .await
-            .map_err(|e| timeout_as(e, "sending chunks"))?;
+        let (index, len) = (ready.index(), ready.len());
+        let idle = Some(self.opts.io_timeout);
+        match ready {
+            Ready::Read(chunk) => {
+                conn.write_chunk(index, &chunk.data, idle)
+                    .await
+                    .map_err(|e| timeout_as(e, "sending chunks"))?;
+                self.recycle(chunk.data);
+            }
+            Ready::InFile { offset, len, .. } => conn
+                .write_chunk_from_file(index, &self.source.file, offset, len as usize, idle)
+                .await
+                .map_err(|e| match e {
+                    // The frame is broken: the connection fails every later write, and is dropped.
+                    WireError::SourceEnded(at) => {
+                        TransferError::SourceChanged(format!("the file ended at byte {at}, inside chunk {index}"))
+                    }
+                    other => timeout_as(other, "sending chunks"),
+                })?,
+        }
         // Stamped once on the socket, so the send-to-Ack delay holds no local queueing (proto-spec.md §6).
-        self.window.sent(chunk.index, std::time::Instant::now());
-        self.recycle(chunk.data);
+        self.window.sent(index, std::time::Instant::now());
         self.opts.meter.moved(len);
         stats.bytes_sent += len;
         stats.chunks_sent += 1;
@@ -461,8 +537,12 @@ impl<'a> Pipeline<'a> {
                 bytes,
             });
         }
+        // A resend (a rejection, or a chunk missing at commit) is read again and hashed, and so is everything after
+        // it: a source that changed is found at the first rejection (proto-spec.md §4, "Sender").
+        self.hash_reads |= resend;
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
+                self.hash_reads = true;
                 self.in_flight_bytes -= self.chunk_len(index);
                 self.window.forget(index);
                 self.opts.meter.resent();
@@ -529,9 +609,22 @@ impl<'a> Pipeline<'a> {
             self.reading_bytes += len;
             let file = self.source.file.clone();
             let entry = self.source.manifest.chunks[index as usize];
+            let check = match self.hash_reads {
+                true => Check::Hash,
+                false => Check::Identity {
+                    size: self.source.manifest.size,
+                    mtime: self.source.manifest.mtime,
+                },
+            };
+            if self.zero_copy && check != Check::Hash {
+                self.reads.push_back(tokio::task::spawn_blocking(move || {
+                    check_in_file(&file, index, &entry, check)
+                }));
+                continue;
+            }
             let buf = self.spare.pop().unwrap_or_default();
             self.reads.push_back(tokio::task::spawn_blocking(move || {
-                read_chunk(&file, index, &entry, buf)
+                read_chunk(&file, index, &entry, check, buf).map(Ready::Read)
             }));
         }
     }
@@ -552,17 +645,17 @@ impl<'a> Pipeline<'a> {
     }
 
     /// The oldest read, once finished. Cancel-safe: the read stays queued if the caller stops waiting.
-    pub(super) async fn next_read(&mut self) -> Result<Chunk, TransferError> {
+    pub(super) async fn next_read(&mut self) -> Result<Ready, TransferError> {
         let handle = self.reads.front_mut().expect("guarded by has_reads");
         let result = handle.await;
         self.reads.pop_front();
-        let chunk = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
-        let len = chunk.data.len() as u64;
+        let ready = result.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))??;
+        let len = ready.len();
         self.reading_bytes -= len;
-        if self.in_flight.insert(chunk.index) {
+        if self.in_flight.insert(ready.index()) {
             self.in_flight_bytes += len;
         }
-        Ok(chunk)
+        Ok(ready)
     }
 
     pub(super) fn is_idle(&self) -> bool {
@@ -575,30 +668,97 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-/// Reads one chunk into `buf` (a recycled buffer) and checks it against the manifest before it may go out
-/// (proto-spec.md §4, "every chunk is re-hashed before it is sent"): a chunk that no longer matches means the
-/// source changed, or, for a file the server committed, that it is damaged at rest; either way its bytes never
-/// leave this side (the caller turns the error into `SourceChanged`, `IntegrityFailed` or a tree's Abandon).
+/// How a chunk read for sending is checked before it goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Against its BLAKE3 hash in the manifest.
+    Hash,
+    /// Only that the file still has the manifest's size and mtime (a pushing client's first send, [`Rehash`]).
+    Identity {
+        /// The manifest's file size.
+        size: u64,
+        /// The manifest's mtime.
+        mtime: crate::manifest::FileTime,
+    },
+}
+
+/// Reads one chunk into `data` (a recycled buffer) and checks it (`check`) before it may go out (proto-spec.md §4,
+/// "Sender"): a chunk that no longer matches means the source changed, or, for a file the server committed, that
+/// it is damaged at rest; either way its bytes never leave this side (the caller turns the error into
+/// `SourceChanged`, `IntegrityFailed` or a tree's Abandon).
 fn read_chunk(
     file: &File,
     index: u32,
     entry: &crate::manifest::ChunkEntry,
+    check: Check,
     mut data: Vec<u8>,
 ) -> Result<Chunk, TransferError> {
-    data.resize(entry.len as usize, 0);
-    file.read_exact_at(&mut data, entry.offset)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
-                "file shrank below offset {}",
-                entry.offset + u64::from(entry.len)
-            )),
-            _ => TransferError::SourceIo(e),
-        })?;
-    if crate::verify::check_chunk(entry, &data).is_err() {
+    check_identity(file, check)?;
+    read_exact_at(file, &mut data, entry.len as usize, entry.offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => TransferError::SourceChanged(format!(
+            "file shrank below offset {}",
+            entry.offset + u64::from(entry.len)
+        )),
+        _ => TransferError::SourceIo(e),
+    })?;
+    if check == Check::Hash && crate::verify::check_chunk(entry, &data).is_err() {
         return Err(TransferError::SourceChanged(format!(
             "chunk {index} at offset {} no longer matches the manifest",
             entry.offset
         )));
     }
     Ok(Chunk { index, data })
+}
+
+/// The file still has the size and mtime of its manifest, if `check` asks.
+fn check_identity(file: &File, check: Check) -> Result<(), TransferError> {
+    if let Check::Identity { size, mtime } = check {
+        let meta = file.metadata().map_err(TransferError::SourceIo)?;
+        if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime {
+            return Err(TransferError::SourceChanged(
+                "its size or mtime changed since the manifest was built".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A chunk whose payload will go from the file to the socket: checked against the manifest's size and mtime
+/// (`check`), and its range prefetched into the page cache here on a blocking thread, so that `sendfile` on the
+/// runtime's thread seldom waits for the disk (a streamed offer's hashing read has usually just cached it).
+fn check_in_file(
+    file: &File,
+    index: u32,
+    entry: &crate::manifest::ChunkEntry,
+    check: Check,
+) -> Result<Ready, TransferError> {
+    check_identity(file, check)?;
+    let len = std::num::NonZeroU64::new(u64::from(entry.len));
+    // Advice only: a failure costs nothing but the prefetch.
+    let _ = rustix::fs::fadvise(file, entry.offset, len, rustix::fs::Advice::WillNeed);
+    Ok(Ready::InFile {
+        index,
+        offset: entry.offset,
+        len: entry.len,
+    })
+}
+
+/// Fills `data` with the `len` bytes at `offset` of `file`, reading into its spare capacity: a recycled buffer is
+/// not zeroed first only for the read to overwrite it.
+fn read_exact_at(file: &File, data: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+    data.clear();
+    data.reserve(len);
+    while data.len() < len {
+        let at = offset + data.len() as u64;
+        let want = len - data.len();
+        let spare = &mut data.spare_capacity_mut()[..want];
+        let (read, _) = rustix::io::pread(file, spare, at)?;
+        if read.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = read.len();
+        // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+        unsafe { data.set_len(data.len() + n) };
+    }
+    Ok(())
 }

@@ -3,8 +3,9 @@
 //! the chunks it names, travel while the rest of the file is still being hashed. A transfer then takes about
 //! max(hash, network, disk) instead of their sum, and the first chunk leaves as soon as it is hashed.
 //!
-//! Every guarantee of the whole-manifest sender holds: each chunk is re-hashed as it is read for sending, and the
-//! hashing thread checks that size and mtime did not move while it read; either mismatch is
+//! Every guarantee of the whole-manifest sender holds: a chunk the receiver rejected is re-hashed when it is read
+//! again for sending (a first send is checked against size and mtime, and verified by the receiver, [`Rehash`]),
+//! and the hashing thread checks that size and mtime did not move while it read; either mismatch is
 //! [`TransferError::SourceChanged`], the chunks sent so far stay durable on the receiver and nothing is committed.
 
 use std::fs::File;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::sender::{commit, Pipeline, SendEvent, SendOptions, SendStats, Source};
+use super::sender::{commit, Pipeline, Rehash, SendEvent, SendOptions, SendStats, Source};
 use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::{mtime_of, stream_chunks};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
@@ -133,8 +134,9 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let whole = Source {
         file: source.file.clone(),
         manifest: Arc::new(manifest.clone()),
+        rehash: Rehash::AfterRejection,
     };
-    let mut pipeline = Pipeline::new(&whole, opts, conn.round_trip());
+    let mut pipeline = Pipeline::new(&whole, opts, conn);
     let mut stage = Stage::Hashing;
     let mut needed = (0u64, 0u64);
     loop {
@@ -192,6 +194,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let whole = Source {
         file: source.file.clone(),
         manifest: Arc::new(manifest),
+        rehash: Rehash::AfterRejection,
     };
     let committed = commit(conn, &whole, opts, stats, on_event).await?;
     let manifest = Arc::try_unwrap(whole.manifest).unwrap_or_else(|shared| (*shared).clone());

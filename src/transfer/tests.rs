@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::receiver::{receive, ReceiverContext};
 use super::recv;
-use super::sender::{send, SendOptions, SendStats, Source};
+use super::sender::{send, Rehash, SendOptions, SendStats, Source};
 use crate::chunk::{build_manifest, ChunkSpec, ChunkingMode};
 
 fn fixed(size: u32) -> ChunkSpec {
@@ -63,13 +63,14 @@ fn source(dir: &std::path::Path, data: &[u8]) -> Source {
     Source {
         file: Arc::new(file),
         manifest: Arc::new(manifest),
+        rehash: Rehash::AfterRejection,
     }
 }
 
 /// The receiver role on one end of a pipe: waits for an Offer and serves it.
-fn spawn_receiver(
+fn spawn_receiver<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
     fx: &Fixture,
-    stream: tokio::io::DuplexStream,
+    stream: S,
 ) -> tokio::task::JoinHandle<Result<crate::wire::Committed, super::TransferError>> {
     let ctx = fx.ctx.clone();
     tokio::spawn(async move {
@@ -115,6 +116,80 @@ async fn both_roles_complete_a_transfer_then_recognise_the_same_file() {
         assert!(again.already_present, "an unchanged file is recognised");
         assert_eq!(stats.bytes_sent, 0);
     }
+}
+
+/// proto-spec.md §4 "Sender": a pushing client sends a chunk unhashed the first time (the receiver verifies it);
+/// bytes that changed behind an unchanged size and mtime are rejected, and the resend, read again and hashed, finds
+/// the change: `SourceChanged` after one rejected chunk, and nothing unverified written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_chunk_is_hashed_only_when_the_receiver_rejected_it() {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    a_changed_chunk_is_rejected_once(Connection::new(a, MAX_FRAME), b).await;
+}
+
+/// The same over plain TCP with zero copy: the first sends go from the file to the socket with `sendfile`, and the
+/// changed chunk's resend is read and hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_sent_from_the_file_is_hashed_when_the_receiver_rejected_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let mut conn = Connection::new(client.unwrap(), MAX_FRAME);
+    conn.allow_zero_copy(|socket| Some(socket));
+    assert!(conn.zero_copy());
+    a_changed_chunk_is_rejected_once(conn, accepted.unwrap().0).await;
+}
+
+/// Pushes a source of four chunks over `conn` to a receiver on `peer`, one chunk changed behind the manifest's size
+/// and mtime: `SourceChanged`, one rejection, nothing of the changed chunk written.
+async fn a_changed_chunk_is_rejected_once<S, P>(mut conn: Connection<S>, peer: P)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use std::os::unix::fs::FileExt;
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let data: Vec<u8> = (0..4 * chunk).map(|i| (i % 251) as u8).collect();
+    let src = source(fx.dir.path(), &data);
+    let path = fx.dir.path().join("source.bin");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.write_all_at(&[!data[2 * chunk + 5]], (2 * chunk + 5) as u64)
+        .unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let receiver = spawn_receiver(&fx, peer);
+    let mut stats = SendStats::default();
+    let opts = SendOptions::default();
+    // Bounded so that a resend sent unhashed (rejected again and again) fails the test instead of hanging it.
+    let sent = tokio::time::timeout(
+        Duration::from_secs(120),
+        send(&mut conn, "moved", &src, &opts, &mut stats, &mut |_| {}),
+    )
+    .await
+    .expect("the sender stops by itself");
+    assert!(matches!(sent, Err(super::TransferError::SourceChanged(_))), "{sent:?}");
+    assert_eq!(
+        stats.chunks_rejected, 1,
+        "the changed chunk went out once, unhashed: {stats:?}"
+    );
+    drop(conn);
+    assert!(receiver.await.unwrap().is_err(), "nothing was committed");
+    assert!(!fx.ctx.root.join("moved").exists());
+    let partial = std::fs::read_dir(&fx.ctx.partial_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let on_disk = std::fs::read(partial).unwrap();
+    let changed = on_disk.get(2 * chunk..3 * chunk).unwrap_or_default();
+    assert!(
+        changed.iter().all(|&b| b == 0),
+        "nothing of the changed chunk was written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

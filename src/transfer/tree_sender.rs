@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use super::sender::{send, SendEvent, SendOptions, SendStats, Source};
+use super::sender::{send, Rehash, SendEvent, SendOptions, SendStats, Source};
 use super::window::Window;
 use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
 use crate::chunk::ChunkSpec;
@@ -231,6 +231,7 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
         let committed_source = Source {
             file: Arc::new(file),
             manifest: Arc::new(manifest),
+            rehash: Rehash::Always,
         };
         let failure = match send(conn, &remote, &committed_source, opts, stats, on_event).await {
             Ok(_) => return Ok(Ok(())),
@@ -246,8 +247,14 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
     for attempt in 0..=MAX_SOURCE_CHANGES {
         let (store, spec, at, path) = (source.store.clone(), source.spec, tree.file_at(index), local.clone());
         let rebuild = attempt > 0;
+        // A tree served for a pull is hashed on every read, as its committed files are; a pushed one's first sends
+        // are verified by the receiver (proto-spec.md §4, "Sender").
+        let rehash = match source.committed {
+            Some(_) => Rehash::Always,
+            None => Rehash::AfterRejection,
+        };
         let opened = with_keepalive(conn, opts.io_timeout, move || {
-            Ok(open_source(&store, &at, &path, spec, rebuild))
+            Ok(open_source(&store, &at, &path, spec, rebuild, rehash))
         })
         .await?;
         let file_source = match opened {
@@ -300,12 +307,14 @@ fn open_source(
     path: &Path,
     spec: ChunkSpec,
     rebuild: bool,
+    rehash: Rehash,
 ) -> Result<Source, SourceError> {
     let file = at.open().map_err(|e| SourceError::Io(e.to_string()))?;
     let (manifest, _) = manifest_for(store, &file, path, spec, rebuild)?;
     Ok(Source {
         file: Arc::new(file),
         manifest: Arc::new(manifest),
+        rehash,
     })
 }
 

@@ -55,7 +55,20 @@ pub enum WireError {
     /// The peer's first bytes are a TLS record: it speaks TLS where plain ferry frames were expected.
     #[error("the peer speaks TLS")]
     TlsRecord,
+    /// The file a chunk's payload was being sent from ([`Connection::write_chunk_from_file`]) ended before the
+    /// payload did: it shrank since its manifest was built. The frame is broken, and so is the connection.
+    #[error("the source file ended at byte {0}, inside a chunk being sent")]
+    SourceEnded(u64),
+    /// An earlier write stopped inside a frame: the peer cannot find the next frame's start, so nothing more may be
+    /// written on this connection.
+    #[error("the connection was left inside a frame by an earlier failed write")]
+    Broken,
 }
+
+/// How a connection reaches the plain TCP socket under its stream, if it may write to it directly (zero-copy
+/// payloads, [`Connection::write_chunk_from_file`]): `None` for TLS, a rate limit, or any other wrapper that must
+/// see every byte. A plain function, so the generic `Connection<S>` needs no extra bound on `S`.
+pub type PlainSocket<S> = fn(&S) -> Option<&tokio::net::TcpStream>;
 
 /// What a server allows a peer while it reads frames.
 #[derive(Clone, Debug)]
@@ -104,6 +117,10 @@ pub struct Connection<S> {
     /// The payload of the big `Chunk` frame being read, read straight into its own buffer (its header stays in
     /// `read_buf`), so that it is handed over as it is: not copied out of the read buffer, nor moved to its front.
     payload: Option<Payload>,
+    /// Set by [`Connection::allow_zero_copy`]: the plain socket under the stream, for payloads sent from a file.
+    plain: Option<PlainSocket<S>>,
+    /// A write stopped inside a frame: every later write fails with [`WireError::Broken`].
+    broken: bool,
 }
 
 /// A big chunk's payload while it arrives.
@@ -130,7 +147,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             decoded: None,
             round_trip: None,
             payload: None,
+            plain: None,
+            broken: false,
         }
+    }
+
+    /// Lets [`Connection::write_chunk_from_file`] send payloads straight from a file into the socket `plain` finds
+    /// under the stream (when it finds one).
+    pub fn allow_zero_copy(&mut self, plain: PlainSocket<S>) {
+        self.plain = Some(plain);
+    }
+
+    /// Whether chunk payloads can go from a file to the socket without passing through this process
+    /// ([`Connection::write_chunk_from_file`]).
+    pub fn zero_copy(&self) -> bool {
+        self.plain.is_some_and(|plain| plain(&self.stream).is_some())
     }
 
     /// Records the round trip measured on this connection (by the handshake, before any data moved).
@@ -373,6 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Like [`Connection::write_message`], failing with [`WireError::Idle`] when the peer takes no byte for
     /// `idle`. Not cancel-safe: a cancelled write leaves a partial frame, so the connection must be dropped.
     pub async fn write_message_idle(&mut self, msg: &Message, idle: Option<Duration>) -> Result<(), WireError> {
+        self.check_whole()?;
         self.write_buf.clear();
         codec::encode_frame(msg, self.max_frame, &mut self.write_buf)?;
         write_sliced(&mut self.stream, &self.write_buf, idle).await?;
@@ -386,12 +418,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Writes a `Chunk` frame straight from `data`: the same bytes as `write_message(&Message::Chunk(..))`, without
     /// first copying the payload into the write buffer. Not cancel-safe, like [`Connection::write_message_idle`].
     pub async fn write_chunk(&mut self, index: u32, data: &[u8], idle: Option<Duration>) -> Result<(), WireError> {
+        self.check_whole()?;
         self.write_buf.clear();
         codec::encode_chunk_header(index, data.len(), self.max_frame, &mut self.write_buf)?;
         write_sliced(&mut self.stream, &self.write_buf, idle).await?;
         write_sliced(&mut self.stream, data, idle).await?;
         self.stream.flush().await?;
         Ok(())
+    }
+
+    /// Writes a `Chunk` frame whose payload is the `len` bytes of `file` at `offset`: the header from the write
+    /// buffer through the stream, then the payload with `sendfile(2)` from the file into the socket, so it is
+    /// neither read into this process nor copied out of it. The bytes on the wire are those of
+    /// [`Connection::write_chunk`]. Each `sendfile` call must make progress within `idle`.
+    ///
+    /// Only where [`Connection::zero_copy`] says so (else [`WireError::Io`] `Unsupported`, nothing written). A file
+    /// that ends before the payload does is [`WireError::SourceEnded`]; after it, or any failure once the header is
+    /// out, the frame is broken and every later write fails with [`WireError::Broken`]: drop the connection. Not
+    /// cancel-safe, like [`Connection::write_chunk`].
+    ///
+    /// A page-cache miss makes `sendfile` wait for the disk on the calling thread; callers prefetch the range
+    /// (`POSIX_FADV_WILLNEED`) on a blocking thread first.
+    pub async fn write_chunk_from_file(
+        &mut self,
+        index: u32,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+        idle: Option<Duration>,
+    ) -> Result<(), WireError> {
+        self.check_whole()?;
+        if !self.zero_copy() {
+            return Err(WireError::Io(std::io::ErrorKind::Unsupported.into()));
+        }
+        self.write_buf.clear();
+        codec::encode_chunk_header(index, len, self.max_frame, &mut self.write_buf)?;
+        self.broken = true;
+        write_sliced(&mut self.stream, &self.write_buf, idle).await?;
+        // Nothing of the header may wait in the stream while the payload goes around it.
+        self.stream.flush().await?;
+        let plain = self.plain.expect("checked by zero_copy");
+        let socket = plain(&self.stream).expect("checked by zero_copy");
+        send_file(socket, file, offset, len, idle).await?;
+        self.broken = false;
+        Ok(())
+    }
+
+    fn check_whole(&self) -> Result<(), WireError> {
+        match self.broken {
+            true => Err(WireError::Broken),
+            false => Ok(()),
+        }
     }
 
     /// Reads and drops whatever the peer still sends, until it closes, 1 MiB has passed, or `until`; so that closing
@@ -444,6 +521,39 @@ async fn write_sliced<S: AsyncWrite + Unpin>(
             return Err(WireError::Io(std::io::ErrorKind::WriteZero.into()));
         }
         written += n;
+    }
+    Ok(())
+}
+
+/// Sends the `len` bytes of `file` at `offset` into the nonblocking `socket` with `sendfile(2)`, waiting for
+/// room with the runtime's readiness; each call (of at most [`WRITE_SLICE`] bytes) must make progress within
+/// `idle`. A call that moves nothing before `len` is [`WireError::SourceEnded`].
+async fn send_file(
+    socket: &tokio::net::TcpStream,
+    file: &std::fs::File,
+    mut offset: u64,
+    len: usize,
+    idle: Option<Duration>,
+) -> Result<(), WireError> {
+    let end = offset + len as u64;
+    while offset < end {
+        let want = ((end - offset) as usize).min(WRITE_SLICE);
+        let sent = within(idle, async {
+            loop {
+                socket.writable().await?;
+                let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    Ok(rustix::fs::sendfile(socket, file, Some(&mut offset), want)?)
+                });
+                match sent {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await?;
+        if sent == 0 {
+            return Err(WireError::SourceEnded(offset));
+        }
     }
     Ok(())
 }
@@ -601,6 +711,93 @@ mod tests {
         frame[CHUNK_HEADER - 8..CHUNK_HEADER].copy_from_slice(&(128u64 * 1024 - 1).to_le_bytes());
         assert_eq!(codec::chunk_frame(&frame, crate::MAX_FRAME).unwrap(), None);
         assert!(codec::decode_frame(&frame, crate::MAX_FRAME).is_err());
+    }
+
+    /// A connection over a plain TCP socket on loopback that allows zero copy, and the peer's end. Its send buffer
+    /// is small, so a payload of a few MiB fills it many times over and the sender must wait for room (EAGAIN).
+    async fn zero_copy_pair() -> (Connection<tokio::net::TcpStream>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(16 * 1024).unwrap();
+        let (client, accepted) = tokio::join!(socket.connect(addr), listener.accept());
+        let mut conn = Connection::new(client.unwrap(), crate::MAX_FRAME);
+        conn.allow_zero_copy(itself);
+        (conn, accepted.unwrap().0)
+    }
+
+    /// A payload sent from a file with `sendfile` is the same bytes on the wire as one written from memory, with
+    /// the frames before and after it intact; 3 MiB is far more than the socket takes at once, so the sender
+    /// waits for room (EAGAIN, then readiness) and sends in many calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_sent_from_a_file_is_the_same_bytes_as_one_sent_from_memory() {
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 7).map(|i| (i * 31 % 251) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("source");
+        std::fs::write(&path, [&b"prefix"[..], &data].concat()).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let (mut conn, mut peer) = zero_copy_pair().await;
+        assert!(conn.zero_copy());
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let idle = Some(Duration::from_secs(60));
+        conn.write_message(&Message::Ping(4)).await.unwrap();
+        conn.write_chunk_from_file(9, &file, 6, data.len(), idle).await.unwrap();
+        conn.write_message(&Message::Ping(5)).await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut expected = Vec::new();
+        for msg in [
+            Message::Ping(4),
+            Message::Chunk(Chunk { index: 9, data }),
+            Message::Ping(5),
+        ] {
+            codec::encode_frame(&msg, crate::MAX_FRAME, &mut expected).unwrap();
+        }
+        assert!(reader.await.unwrap() == expected, "the bytes on the wire differ");
+    }
+
+    /// A file that ends inside the payload being sent (it shrank): `SourceEnded`, and the connection, left inside a
+    /// frame, refuses every later write instead of sending a frame the peer would misread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_ending_inside_a_payload_breaks_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("source");
+        std::fs::write(&path, [7u8; 100]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let (mut conn, _peer) = zero_copy_pair().await;
+        let idle = Some(Duration::from_secs(60));
+        let sent = conn.write_chunk_from_file(0, &file, 50, 100, idle).await;
+        assert!(matches!(sent, Err(WireError::SourceEnded(100))), "{sent:?}");
+        let after = conn.write_message(&Message::Commit).await;
+        assert!(matches!(after, Err(WireError::Broken)), "{after:?}");
+        let after = conn.write_chunk(1, b"bytes", idle).await;
+        assert!(matches!(after, Err(WireError::Broken)), "{after:?}");
+    }
+
+    /// Without a plain socket to write to (a test pipe here; TLS or a rate limit in the client), a payload is never
+    /// sent from a file: nothing is written and the connection stays usable.
+    #[tokio::test]
+    async fn a_stream_without_a_plain_socket_has_no_zero_copy() {
+        let file = tempfile::tempfile().unwrap();
+        let (a, b) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(a, crate::MAX_FRAME);
+        conn.allow_zero_copy(|_| None);
+        assert!(!conn.zero_copy());
+        let sent = conn.write_chunk_from_file(0, &file, 0, 1, None).await;
+        assert!(
+            matches!(&sent, Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::Unsupported),
+            "{sent:?}"
+        );
+        conn.write_message(&Message::Commit).await.unwrap();
+        let mut peer = Connection::new(b, crate::MAX_FRAME);
+        assert_eq!(peer.read_message().await.unwrap(), Some(Message::Commit));
+    }
+
+    fn itself(socket: &tokio::net::TcpStream) -> Option<&tokio::net::TcpStream> {
+        Some(socket)
     }
 
     fn big_chunk() -> Message {
