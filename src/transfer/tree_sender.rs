@@ -27,7 +27,7 @@ use crate::path::hide_root;
 use crate::ranges::{ranges_within, IndexRange};
 use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
 use crate::store::SenderStore;
-use crate::tree::{FileBeneath, LocalTree};
+use crate::tree::{FileBeneath, FileOpener, LocalTree};
 use crate::wire::message::truncate_message;
 use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommit, TreeCommitted, TreeFailure, TreeOffer};
 use crate::MAX_INLINE_FILE;
@@ -376,7 +376,7 @@ impl<'a> SmallFiles<'a> {
                 if let Some(index) = self.resend.pop_front() {
                     // Rejected by the receiver: hashed this time, so a file that changed goes through its own
                     // Offer, and only bytes that match the offer are sent again.
-                    let read = read_small(self.tree, index, Check::Digest);
+                    let read = read_small(&mut FileOpener::new(self.tree), index, Check::Digest);
                     if matches!(read, Read::Data(..)) {
                         self.resends += 1;
                         if self.resends > MAX_RESENDS {
@@ -498,9 +498,11 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
+        // The files go in offer order, directory by directory: each directory is walked to once.
+        let mut opener = FileOpener::new(&tree);
         for index in files {
             if tx
-                .blocking_send(read_small(&tree, index, Check::first(&tree, index)))
+                .blocking_send(read_small(&mut opener, index, Check::first(&tree, index)))
                 .is_err()
             {
                 return;
@@ -533,15 +535,17 @@ impl Check {
     }
 }
 
-/// Reads one small file whole and checks it against the offered size, and mtime or digest (`check`).
-fn read_small(tree: &LocalTree, index: u32, check: Check) -> Read {
+/// Reads one small file whole (opened through `opener`) and checks it against the offered size, and mtime or
+/// digest (`check`).
+fn read_small(opener: &mut FileOpener<'_>, index: u32, check: Check) -> Read {
+    let tree = opener.tree();
     let EntryKind::File {
         size, digest, mtime, ..
     } = tree.entries[index as usize].kind
     else {
         return Read::Failed(index, "not a file".into(), false);
     };
-    let file = match tree.open_file(index) {
+    let file = match opener.open_file(index) {
         Ok(file) => file,
         Err(e) => return Read::Failed(index, e.to_string(), false),
     };
@@ -603,23 +607,27 @@ mod tests {
         touched.set_modified(mtime + std::time::Duration::from_secs(7)).unwrap();
         drop(touched);
 
-        let first = read_small(&tree, index("edited"), Check::first(&tree, index("edited")));
+        let first = read_small(
+            &mut FileOpener::new(&tree),
+            index("edited"),
+            Check::first(&tree, index("edited")),
+        );
         assert!(
             matches!(first, Read::Data(_, ref data) if data == b"BEFORE"),
             "sent unhashed"
         );
         assert!(matches!(
-            read_small(&tree, index("edited"), Check::Digest),
+            read_small(&mut FileOpener::new(&tree), index("edited"), Check::Digest),
             Read::Changed(_)
         ));
         assert!(matches!(
-            read_small(&tree, index("touched"), Check::Metadata),
+            read_small(&mut FileOpener::new(&tree), index("touched"), Check::Metadata),
             Read::Changed(_)
         ));
         // A committed file (a server serving a pull) is hashed on its first read: a mismatch is damage.
         let at = index("edited") as usize;
         tree.committed[at] = true;
-        let committed = read_small(&tree, at as u32, Check::first(&tree, at as u32));
+        let committed = read_small(&mut FileOpener::new(&tree), at as u32, Check::first(&tree, at as u32));
         assert!(matches!(committed, Read::Failed(_, _, true)), "damaged");
     }
 
