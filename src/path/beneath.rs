@@ -59,11 +59,22 @@ pub fn open_beneath(root: &Path, components: &[&str]) -> Result<Entry, PathError
 /// Opens the regular file `components` below `root` for reading, refusing a symlink anywhere on the way or at the
 /// end, and anything that is not a regular file. Blocking.
 pub fn open_file_beneath(root: &Path, components: &[&str]) -> Result<File, PathError> {
-    let at = || shown(root, &root.join(components.join("/")));
-    match open_beneath(root, components)? {
+    let Some((_, parents)) = components.split_last() else {
+        return Err(PathError::InTheWay(shown(root, root)));
+    };
+    open_file_in(root, &open_dir_beneath(root, parents, false)?, components)
+}
+
+/// Opens the regular file `components` (at least one) below `root` through `dir`, the directory of its last
+/// component already opened by the no-follow walk ([`open_dir_beneath`]): one no-follow open, so that the files
+/// of one directory cost one walk. Refuses what [`open_file_beneath`] refuses, with the same errors. Blocking.
+pub fn open_file_in(root: &Path, dir: &File, components: &[&str]) -> Result<File, PathError> {
+    let at = || root.join(components.join("/"));
+    let name = components.last().copied().unwrap_or_default();
+    match entry_at(dir, OsStr::new(name)).map_err(|e| refusal(root, &at(), Refusal::Io(e)))? {
         Entry::File(file) => Ok(file),
-        Entry::Symlink(_) => Err(PathError::Symlink(at())),
-        Entry::Dir(_) | Entry::Other => Err(PathError::InTheWay(at())),
+        Entry::Symlink(_) => Err(PathError::Symlink(shown(root, &at()))),
+        Entry::Dir(_) | Entry::Other => Err(PathError::InTheWay(shown(root, &at()))),
     }
 }
 

@@ -14,7 +14,9 @@ mod at;
 mod beneath;
 
 pub use at::{metadata_in_root, open_parent_dir, rename_into, rename_into_from, rename_into_opened, Replace};
-pub use beneath::{entry_at, kind_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, Entry, Kind};
+pub use beneath::{
+    entry_at, kind_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, open_file_in, Entry, Kind,
+};
 
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;

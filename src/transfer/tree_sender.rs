@@ -27,7 +27,7 @@ use crate::path::hide_root;
 use crate::ranges::{ranges_within, IndexRange};
 use crate::source::{manifest_for, SourceError, MAX_SOURCE_CHANGES};
 use crate::store::SenderStore;
-use crate::tree::{FileBeneath, LocalTree};
+use crate::tree::{FileBeneath, FileOpener, LocalTree};
 use crate::wire::message::truncate_message;
 use crate::wire::{Connection, EntryKind, FileData, Message, TreeCommit, TreeCommitted, TreeFailure, TreeOffer};
 use crate::MAX_INLINE_FILE;
@@ -385,7 +385,7 @@ impl<'a> SmallFiles<'a> {
                 if let Some(index) = self.resend.pop_front() {
                     // Rejected by the receiver: hashed this time, so a file that changed goes through its own
                     // Offer, and only bytes that match the offer are sent again.
-                    let read = read_small(self.tree, index, Check::Digest);
+                    let read = read_small(&mut FileOpener::new(self.tree), index, Check::Digest);
                     if matches!(read, Read::Data(..)) {
                         self.resends += 1;
                         if self.resends > MAX_RESENDS {
@@ -507,9 +507,11 @@ fn spawn_reader(tree: &LocalTree, files: Vec<u32>) -> mpsc::Receiver<Read> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
+        // The files go in offer order, directory by directory: each directory is walked to once.
+        let mut opener = FileOpener::new(&tree);
         for index in files {
             if tx
-                .blocking_send(read_small(&tree, index, Check::first(&tree, index)))
+                .blocking_send(read_small(&mut opener, index, Check::first(&tree, index)))
                 .is_err()
             {
                 return;
@@ -542,15 +544,17 @@ impl Check {
     }
 }
 
-/// Reads one small file whole and checks it against the offered size, and mtime or digest (`check`).
-fn read_small(tree: &LocalTree, index: u32, check: Check) -> Read {
+/// Reads one small file whole (opened through `opener`) and checks it against the offered size, and mtime or
+/// digest (`check`).
+fn read_small(opener: &mut FileOpener<'_>, index: u32, check: Check) -> Read {
+    let tree = opener.tree();
     let EntryKind::File {
         size, digest, mtime, ..
     } = tree.entries[index as usize].kind
     else {
         return Read::Failed(index, "not a file".into(), false);
     };
-    let file = match tree.open_file(index) {
+    let file = match opener.open_file(index) {
         Ok(file) => file,
         Err(e) => return Read::Failed(index, e.to_string(), false),
     };
@@ -561,18 +565,14 @@ fn read_small(tree: &LocalTree, index: u32, check: Check) -> Read {
             Ok(_) => {}
         }
     }
-    let mut data = Vec::with_capacity(size.min(MAX_INLINE_FILE) as usize);
-    let read = {
-        use std::io::Read as _;
-        file.take(MAX_INLINE_FILE + 1).read_to_end(&mut data)
-    };
+    let read = read_up_to(&file, size.min(MAX_INLINE_FILE) as usize + 1);
     let matches = |data: &[u8]| match check {
         Check::Metadata => true,
         Check::Digest => *blake3::hash(data).as_bytes() == digest,
     };
     match read {
         Err(e) => Read::Failed(index, e.to_string(), false),
-        Ok(_) if data.len() as u64 == size && matches(&data) => Read::Data(index, data),
+        Ok(data) if data.len() as u64 == size && matches(&data) => Read::Data(index, data),
         // A committed file was verified when it was committed: a mismatch is damage, not an edit.
         Ok(_) if tree.committed[index as usize] => Read::Failed(
             index,
@@ -581,6 +581,25 @@ fn read_small(tree: &LocalTree, index: u32, check: Check) -> Read {
         ),
         Ok(_) => Read::Changed(index),
     }
+}
+
+/// Reads `file` from its start until `limit` bytes or its end, whichever comes first. A file of the length
+/// offered takes two `read`s, the second finding its end (`read_to_end` takes three or four: it probes with
+/// small reads before and after the bulk one); `limit` one past the offered length tells a file that grew.
+fn read_up_to(mut file: &std::fs::File, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut data = vec![0u8; limit];
+    let mut filled = 0;
+    while filled < limit {
+        match file.read(&mut data[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    data.truncate(filled);
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -612,24 +631,62 @@ mod tests {
         touched.set_modified(mtime + std::time::Duration::from_secs(7)).unwrap();
         drop(touched);
 
-        let first = read_small(&tree, index("edited"), Check::first(&tree, index("edited")));
+        let first = read_small(
+            &mut FileOpener::new(&tree),
+            index("edited"),
+            Check::first(&tree, index("edited")),
+        );
         assert!(
             matches!(first, Read::Data(_, ref data) if data == b"BEFORE"),
             "sent unhashed"
         );
         assert!(matches!(
-            read_small(&tree, index("edited"), Check::Digest),
+            read_small(&mut FileOpener::new(&tree), index("edited"), Check::Digest),
             Read::Changed(_)
         ));
         assert!(matches!(
-            read_small(&tree, index("touched"), Check::Metadata),
+            read_small(&mut FileOpener::new(&tree), index("touched"), Check::Metadata),
             Read::Changed(_)
         ));
         // A committed file (a server serving a pull) is hashed on its first read: a mismatch is damage.
         let at = index("edited") as usize;
         tree.committed[at] = true;
-        let committed = read_small(&tree, at as u32, Check::first(&tree, at as u32));
+        let committed = read_small(&mut FileOpener::new(&tree), at as u32, Check::first(&tree, at as u32));
         assert!(matches!(committed, Read::Failed(_, _, true)), "damaged");
+    }
+
+    /// A small file of the offered length is read in two `read`s (the bytes, then its end); one that grew or
+    /// shrank since the offer is told apart without reading more than one byte past the offered length.
+    #[test]
+    fn a_small_file_is_read_in_two_reads_and_a_changed_length_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for name in ["kept", "grown", "shrunk"] {
+            std::fs::write(src.join(name), vec![7u8; 20_000]).unwrap();
+        }
+        let store = SenderStore::open(&crate::store::Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let tree = crate::tree::scan(&src, crate::tree::LinkPolicy::Skip, &store, ChunkSpec::default()).unwrap();
+        // Read system calls of this thread (the read runs on it).
+        let reads = || {
+            let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+            let line = io.lines().find(|l| l.starts_with("syscr:")).unwrap();
+            line["syscr:".len()..].trim().parse::<u64>().unwrap()
+        };
+        // Reading the counter itself takes a few reads: counted once with nothing between.
+        let (first, second) = (reads(), reads());
+        let own = second - first;
+        let mut opener = FileOpener::new(&tree);
+        let before = reads();
+        let kept = read_small(&mut opener, tree_index(&tree, "kept"), Check::Digest);
+        assert_eq!(reads() - before - own, 2, "the bytes, then the end");
+        assert!(matches!(kept, Read::Data(_, ref data) if data.len() == 20_000));
+        // Grown or shrunk behind the offered size (the digest check, which reads whatever is there).
+        for (name, len) in [("grown", 20_001), ("shrunk", 19_999)] {
+            std::fs::write(src.join(name), vec![7u8; len]).unwrap();
+            let read = read_small(&mut opener, tree_index(&tree, name), Check::Digest);
+            assert!(matches!(read, Read::Changed(_)), "{name}");
+        }
     }
 
     fn tree_index(tree: &LocalTree, name: &str) -> u32 {
