@@ -26,7 +26,7 @@ use crate::url::FerryUrl;
 use crate::wire::{Committed, ErrorCode, Message, Pull, PullExpecting, PullKind};
 
 /// Bytes the pulling client writes between syncs (and Acks).
-const SYNC_BATCH: u64 = 4 * 1024 * 1024;
+const SYNC_BATCH: u64 = 16 * 1024 * 1024;
 /// Chunk bytes the pulling client may have queued for its writer.
 const QUEUE_BUDGET: usize = 64 * 1024;
 /// After the deadline, how long the receiver may take to drain what it already verified before it is dropped.

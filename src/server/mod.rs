@@ -118,7 +118,7 @@ impl ServerConfig {
             tls: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
-            sync_batch: 4 * 1024 * 1024,
+            sync_batch: 16 * 1024 * 1024,
             queue_budget: 256 * 1024 * 1024,
             max_file_size: u64::MAX,
             namespace_limits: Default::default(),

@@ -27,12 +27,12 @@ use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
 use crate::verify::{self, DigestFollower, HeldBytes, PrefixDigest, StackedPrefix, VerifyError};
 use crate::wire::Chunk;
 
-/// While the first this-many batch limits' worth of bytes arrive (16 MiB at the default 4 MiB: the sender's default
-/// window), a batch ends at a [`EARLY_BATCH_DIVISOR`]th of the limit: the first Acks come sooner, so the sender's
-/// first delay samples hold less of the receiver's batching and its window sizes itself from them sooner.
-const EARLY_BATCHES: u64 = 4;
-/// The early batch is the limit divided by this (1 MiB at the default 4 MiB).
-const EARLY_BATCH_DIVISOR: u64 = 4;
+/// While the first this-many batch limits' worth of bytes arrive (16 MiB at the default 16 MiB: the sender's
+/// default window), a batch ends at a [`EARLY_BATCH_DIVISOR`]th of the limit: the first Acks come sooner, so the
+/// sender's first delay samples hold less of the receiver's batching and its window sizes itself from them sooner.
+const EARLY_BATCHES: u64 = 1;
+/// The early batch is the limit divided by this (1 MiB at the default 16 MiB).
+const EARLY_BATCH_DIVISOR: u64 = 16;
 /// When the queue runs dry, a batch at least this large is synced at once...
 const SYNC_NOW_BYTES: u64 = 256 * 1024;
 /// ...and a smaller one once the last sync is this old (meanwhile more chunks may join it): chunks trickling in
@@ -426,7 +426,7 @@ impl ChunkWriter {
 
     /// Consumes chunks until the channel closes or storage fails, then makes the last batch durable and returns
     /// itself for the commit step, no sync left running. A batch's sync is started when it reaches the batch
-    /// limit (a quarter of it while the first [`EARLY_BATCHES`] limits' worth arrive), or when the channel runs dry
+    /// limit (a [`EARLY_BATCH_DIVISOR`]th of it while the first [`EARLY_BATCHES`] limits' worth arrive), or when the channel runs dry
     /// and the batch is large or the last sync [`SYNC_INTERVAL`] old.
     pub(crate) fn run(
         mut self,
@@ -1052,10 +1052,10 @@ mod tests {
         (writer, acked)
     }
 
-    /// The first [`EARLY_BATCHES`] limits' worth of bytes go out in batches of a quarter of the limit (the sender's
-    /// first Acks come sooner), the rest in whole batches; every chunk is acknowledged once.
+    /// The first [`EARLY_BATCHES`] limits' worth of bytes go out in batches of a [`EARLY_BATCH_DIVISOR`]th of the
+    /// limit (the sender's first Acks come sooner), the rest in whole batches; every chunk is acknowledged once.
     #[test]
-    fn the_first_batches_are_a_quarter_of_the_limit() {
+    fn the_first_batches_are_a_fraction_of_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let chunk = u64::from(MIN_CHUNK_SIZE);
         let limit = 16 * chunk;
@@ -1064,7 +1064,8 @@ mod tests {
         let (writer, acked) = write_all_queued(new_partial(dir.path()), n, limit, &dir.path().join("state"));
         assert!(writer.received.is_complete());
         let sizes: Vec<usize> = acked.iter().map(Vec::len).collect();
-        let mut expected = vec![4; (early / 4) as usize];
+        let per_early = (16 / EARLY_BATCH_DIVISOR) as usize;
+        let mut expected = vec![per_early; early as usize / per_early];
         expected.extend([16, 16]);
         assert_eq!(sizes, expected);
         let all: Vec<u32> = acked.into_iter().flatten().collect();
