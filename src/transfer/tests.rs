@@ -178,13 +178,7 @@ where
     drop(conn);
     assert!(receiver.await.unwrap().is_err(), "nothing was committed");
     assert!(!fx.ctx.root.join("moved").exists());
-    let partial = std::fs::read_dir(&fx.ctx.partial_dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let on_disk = std::fs::read(partial).unwrap();
+    let on_disk = the_partial(&fx);
     let changed = on_disk.get(2 * chunk..3 * chunk).unwrap_or_default();
     assert!(
         changed.iter().all(|&b| b == 0),
@@ -222,13 +216,7 @@ async fn a_corrupt_chunk_is_asked_for_again_and_never_written() {
     );
     drop(conn);
     assert!(receiver.await.unwrap().is_err(), "the receiver saw the connection end");
-    let partial = std::fs::read_dir(&fx.ctx.partial_dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let on_disk = std::fs::read(partial).unwrap();
+    let on_disk = the_partial(&fx);
     assert!(
         on_disk.iter().all(|&b| b == 0),
         "nothing of the corrupt chunk reached the partial file"
@@ -884,4 +872,15 @@ fn a_trees_small_files_and_concurrent_offers_count_each_other() {
         &mut fx.ctx.admission.lock(),
     )
     .expect("nothing reserved any more (and no record was written in this test)");
+}
+
+/// The bytes of the one partial file in the fixture's partial directory.
+fn the_partial(fx: &Fixture) -> Vec<u8> {
+    let partial = std::fs::read_dir(&fx.ctx.partial_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::read(partial).unwrap()
 }
