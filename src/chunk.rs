@@ -116,6 +116,12 @@ pub fn mtime_of(meta: &Metadata) -> FileTime {
     }
 }
 
+/// Whether `meta` still shows the `size` and `mtime` a manifest recorded: the identity a sender checks before it
+/// trusts bytes it hashed earlier (a change behind both is caught by the hashes, proto-spec.md §4).
+pub fn has_identity(meta: &Metadata, size: u64, mtime: FileTime) -> bool {
+    meta.len() == size && mtime_of(meta) == mtime
+}
+
 /// Reads the open `file` once (positional reads) and builds its manifest, cut as `spec` asks. `path` only names
 /// the file in errors.
 pub fn build_manifest(file: &File, path: &Path, spec: ChunkSpec) -> Result<Manifest, ChunkError> {
@@ -143,7 +149,7 @@ pub fn manifest_if_unchanged(
         path: path.display().to_string(),
         source,
     })?;
-    if after.len() != before.len() || mtime_of(&after) != mtime_of(before) {
+    if !has_identity(&after, before.len(), mtime_of(before)) {
         return Err(ChunkError::SourceChanged(path.display().to_string()));
     }
     Ok(Manifest {

@@ -114,7 +114,7 @@ pub fn cache_streamed_manifest(
     let meta = file
         .metadata()
         .map_err(|e| SourceError::Io(format!("{}: {e}", canonical.display())))?;
-    if meta.len() == manifest.size && mtime_of(&meta) == manifest.mtime {
+    if crate::chunk::has_identity(&meta, manifest.size, manifest.mtime) {
         store.cache_manifest(&manifest_key(canonical, &meta, spec), manifest, true)?;
     }
     Ok(())

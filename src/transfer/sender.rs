@@ -714,7 +714,7 @@ fn read_chunk(
 fn check_identity(file: &File, check: Check) -> Result<(), TransferError> {
     if let Check::Identity { size, mtime } = check {
         let meta = file.metadata().map_err(TransferError::SourceIo)?;
-        if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime {
+        if !crate::chunk::has_identity(&meta, size, mtime) {
             return Err(TransferError::SourceChanged(
                 "its size or mtime changed since the manifest was built".into(),
             ));

@@ -305,7 +305,7 @@ fn start_hashing(
             _ => TransferError::SourceIo(e),
         })?;
         let after = source.file.metadata().map_err(TransferError::SourceIo)?;
-        if after.len() != source.size || mtime_of(&after) != source.mtime {
+        if !crate::chunk::has_identity(&after, source.size, source.mtime) {
             return Err(TransferError::SourceChanged(
                 "the file changed while it was being hashed".into(),
             ));

@@ -561,7 +561,7 @@ fn read_small(opener: &mut FileOpener<'_>, index: u32, check: Check) -> Read {
     if check == Check::Metadata {
         match file.metadata() {
             Err(e) => return Read::Failed(index, e.to_string(), false),
-            Ok(meta) if meta.len() != size || crate::chunk::mtime_of(&meta) != mtime => return Read::Changed(index),
+            Ok(meta) if !crate::chunk::has_identity(&meta, size, mtime) => return Read::Changed(index),
             Ok(_) => {}
         }
     }
