@@ -826,6 +826,9 @@ impl ChunkWriter {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.meter.file_durable(received);
         batch.sort_unstable_by_key(|&(index, stream)| (stream, index));
+        // A chunk that came twice into one batch (a duplicate of one written there) is acknowledged once: an Ack
+        // names each chunk at most once (proto-spec.md §5), and a sender refuses one that repeats a chunk.
+        batch.dedup();
         Ok(batch
             .chunk_by(|a, b| a.1 == b.1)
             .map(|chunk| (chunk[0].1, encode_runs(chunk.iter().map(|&(index, _)| index))))
