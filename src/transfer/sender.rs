@@ -162,20 +162,35 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let needed = offer(conn, path, source, opts).await?;
     let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&needed, false, stats, on_event)?;
-    drive(conn, source, opts, &mut pipeline, false, stats, on_event).await?;
-    commit(conn, source, opts, stats, on_event).await
+    commit(conn, source, opts, &mut pipeline, Until::Sent, stats, on_event).await
 }
 
-/// Sends Commit, and whatever the receiver still needs, until it reports Committed.
+/// When a sender sends Commit (proto-spec.md §4, "Sender").
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Until {
+    /// Once every needed chunk is acknowledged: chunks of other connections (extra streams) may still be on their
+    /// way, and Commit must not overtake them.
+    Acked,
+    /// Once every needed chunk is written to this, the only, connection: the receiver reads Commit after them and
+    /// drains its batch before it checks the file, so waiting for their Acks would only add a round trip. After a
+    /// rejection (a Need for a chunk in flight, or chunks missing at Commit) it waits for the Acks again, so a
+    /// resent chunk and the receiver's next round cannot cross another Commit.
+    Sent,
+}
+
+/// Sends what `pipeline` still holds and Commit (when `until` allows), then whatever the receiver still needs,
+/// until it reports Committed.
 pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     source: &Source,
     opts: &SendOptions,
+    pipeline: &mut Pipeline<'_>,
+    until: Until,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut pipeline = Pipeline::new(source, opts, conn);
-    drive(conn, source, opts, &mut pipeline, true, stats, on_event)
+    pipeline.commit_when = Some(until);
+    drive(conn, source, opts, pipeline, stats, on_event)
         .await
         .map(|committed| committed.expect("a committing drive ends with Committed"))
 }
@@ -212,7 +227,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     }
     let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&shares[0], false, stats, on_event)?;
-    let own = drive(conn, source, opts, &mut pipeline, false, stats, on_event).await;
+    let own = drive(conn, source, opts, &mut pipeline, stats, on_event).await;
     let mut failure = own.err();
     while let Some(joined) = streams.join_next().await {
         let (their, result) = joined.map_err(|e| TransferError::SourceIo(std::io::Error::other(e)))?;
@@ -222,7 +237,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     if let Some(e) = failure {
         return Err(e);
     }
-    commit(conn, source, opts, stats, on_event).await
+    commit(conn, source, opts, &mut pipeline, Until::Acked, stats, on_event).await
 }
 
 /// Chunks per stripe when the needed chunks are spread over several streams: neighbours travel together, so each
@@ -265,7 +280,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ignore = |_| {};
     let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(share, false, stats, &mut ignore)?;
-    drive(conn, source, opts, &mut pipeline, false, stats, &mut ignore).await?;
+    drive(conn, source, opts, &mut pipeline, stats, &mut ignore).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
     Ok(())
 }
@@ -304,14 +319,14 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Sends what `pipeline` holds until every chunk is acknowledged; then, if `commit`, sends Commit and whatever
-/// the receiver still needs until it reports Committed (returned).
+/// Sends what `pipeline` holds until every chunk is acknowledged; then, if it is to commit
+/// ([`Pipeline::commit_when`]), sends Commit (as soon as [`Until`] allows) and whatever the receiver still needs
+/// until it reports Committed (returned).
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     source: &Source,
     opts: &SendOptions,
     pipeline: &mut Pipeline<'_>,
-    commit: bool,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Option<Committed>, TransferError> {
@@ -319,10 +334,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         pipeline.start_reads();
         if let Phase::Sending { commits } = phase {
-            if pipeline.is_idle() {
-                if !commit {
-                    return Ok(None);
-                }
+            if pipeline.commit_due() {
                 if commits >= MAX_COMMIT_ROUNDS {
                     return Err(TransferError::Integrity(format!(
                         "receiver still missing chunks after {commits} commits"
@@ -330,6 +342,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 send_within(conn, &Message::Commit, opts.io_timeout, "sending Commit").await?;
                 phase = Phase::Committing { commits: commits + 1 };
+            } else if pipeline.is_idle() && pipeline.commit_when.is_none() {
+                return Ok(None);
             }
         }
         let event = tokio::select! {
@@ -400,6 +414,11 @@ pub(super) struct Pipeline<'a> {
     hash_reads: bool,
     /// Whether a chunk that is not hashed goes from the file to the socket with `sendfile` ([`Ready::InFile`]).
     zero_copy: bool,
+    /// When this pipeline's connection sends Commit; `None`: it never does (an extra stream, or the offering
+    /// connection of several before the others are done).
+    commit_when: Option<Until>,
+    /// The receiver asked for a chunk again (rejected, or missing at Commit): Commit waits for every Ack from then on.
+    asked_again: bool,
 }
 
 /// A chunk ready to go out.
@@ -460,6 +479,18 @@ impl<'a> Pipeline<'a> {
             spare: Vec::new(),
             hash_reads: source.rehash == Rehash::Always,
             zero_copy: conn.zero_copy(),
+            commit_when: None,
+            asked_again: false,
+        }
+    }
+
+    /// Whether Commit goes out now: nothing left to send and, as [`Pipeline::commit_when`] says, nothing in flight
+    /// either or nothing the receiver could still ask again for (proto-spec.md §4, "Sender").
+    fn commit_due(&self) -> bool {
+        match self.commit_when {
+            None => false,
+            Some(Until::Sent) if !self.asked_again => self.is_starved(),
+            Some(_) => self.is_idle(),
         }
     }
 
@@ -540,9 +571,11 @@ impl<'a> Pipeline<'a> {
         // A resend (a rejection, or a chunk missing at commit) is read again and hashed, and so is everything after
         // it: a source that changed is found at the first rejection (proto-spec.md §4, "Sender").
         self.hash_reads |= resend;
+        self.asked_again |= resend;
         for index in ranges.iter().flat_map(IndexRange::indices) {
             if self.in_flight.remove(&index) {
                 self.hash_reads = true;
+                self.asked_again = true;
                 self.in_flight_bytes -= self.chunk_len(index);
                 self.window.forget(index);
                 self.opts.meter.resent();

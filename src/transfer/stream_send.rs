@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::sender::{commit, Pipeline, Rehash, SendEvent, SendOptions, SendStats, Source};
+use super::sender::{commit, Pipeline, Rehash, SendEvent, SendOptions, SendStats, Source, Until};
 use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::{mtime_of, stream_chunks};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
@@ -163,7 +163,9 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
             send_within(conn, &end, opts.io_timeout, "sending ManifestEnd").await?;
             stage = Stage::Ended;
         }
-        if stage == Stage::Settled && pipeline.is_idle() {
+        // Every needed chunk is known and on its way: Commit may follow them (the commit drive waits for their
+        // Acks first if the receiver rejected any, [`Until`]).
+        if stage == Stage::Settled && pipeline.is_starved() {
             break;
         }
         let starved = pipeline.is_starved() && !flow.gathered.is_empty();
@@ -196,7 +198,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         manifest: Arc::new(manifest),
         rehash: Rehash::AfterRejection,
     };
-    let committed = commit(conn, &whole, opts, stats, on_event).await?;
+    let committed = commit(conn, &whole, opts, &mut pipeline, Until::Sent, stats, on_event).await?;
     let manifest = Arc::try_unwrap(whole.manifest).unwrap_or_else(|shared| (*shared).clone());
     Ok((committed, manifest))
 }

@@ -884,3 +884,206 @@ fn the_partial(fx: &Fixture) -> Vec<u8> {
         .path();
     std::fs::read(partial).unwrap()
 }
+
+/// A scripted receiver for the order of a sender's last messages: asks for every chunk (of an `Offer`, or of each
+/// piece of a streamed offer, echoing its end), reads them all, then pings. Returns what the sender wrote next:
+/// `Commit` if it committed right behind its last chunk, `Pong` if it was still waiting for Acks. Then acknowledges
+/// everything and reports the file committed, so the sender finishes either way, and reads on until it hangs up.
+async fn first_message_after_the_last_chunk<S>(stream: S) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut conn = Connection::new(stream, MAX_FRAME);
+    let (mut announced, mut ended, mut chunks) = (0u32, false, 0u32);
+    let (mut size, mut digest) = (0, None);
+    while !(ended && chunks == announced) {
+        let need = match conn.read_message().await.unwrap().expect("the sender hung up") {
+            Message::Offer(offer) => {
+                announced = offer.manifest.chunk_count();
+                ended = true;
+                (size, digest) = (offer.manifest.size, Some(offer.manifest.digest));
+                (0, announced)
+            }
+            Message::OfferStart(start) => {
+                size = start.size;
+                continue;
+            }
+            Message::ManifestPiece(piece) => {
+                announced += piece.chunks.len() as u32;
+                (piece.first_index, piece.chunks.len() as u32)
+            }
+            Message::ManifestEnd(end) => {
+                conn.write_message(&Message::ManifestEnd(end.clone())).await.unwrap();
+                ended = true;
+                digest = Some(end.digest);
+                (0, 0)
+            }
+            Message::Chunk(_) => {
+                chunks += 1;
+                continue;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        let ranges = match need {
+            (_, 0) => vec![],
+            (start, count) => vec![IndexRange { start, count }],
+        };
+        conn.write_message(&Message::Need(Need { ranges })).await.unwrap();
+    }
+    conn.write_message(&Message::Ping(7)).await.unwrap();
+    let next = conn.read_message().await.unwrap().expect("the sender hung up");
+    let all = IndexRange {
+        start: 0,
+        count: announced,
+    };
+    conn.write_message(&Message::Ack(crate::wire::Ack { ranges: vec![all] }))
+        .await
+        .unwrap();
+    let mut msg = next.clone();
+    while !matches!(msg, Message::Commit) {
+        msg = conn.read_message().await.unwrap().expect("the sender hung up");
+    }
+    let committed = crate::wire::Committed {
+        size,
+        digest: digest.expect("the offer ended"),
+        received_bytes: size,
+        rejected_chunks: 0,
+        reused_bytes: 0,
+        already_present: false,
+    };
+    conn.write_message(&Message::Committed(committed)).await.unwrap();
+    while let Ok(Some(_)) = conn.read_message().await {}
+    next
+}
+
+/// proto-spec.md §4 "Sender": on a single connection Commit follows the last needed chunk at once; the receiver
+/// drains its batch before it checks the file, so waiting for the last Acks would add a round trip to every push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_connection_commits_right_behind_its_last_chunk() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let data: Vec<u8> = (0..6 * chunk).map(|b| (b % 251) as u8).collect();
+    let src = source(fx.dir.path(), &data);
+    let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    let receiver = tokio::spawn(first_message_after_the_last_chunk(b));
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let mut stats = SendStats::default();
+    send(&mut conn, "c", &src, &SendOptions::default(), &mut stats, &mut |_| {})
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(receiver.await.unwrap(), Message::Commit, "Commit waited for the Acks");
+    assert_eq!(stats.chunks_acked, 6, "the Acks after Commit still count");
+}
+
+/// The same for a streamed offer (§4, "Streamed offer"): once the echo and its Need arrived and the last needed
+/// chunk is written, Commit follows without waiting for Acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_offer_commits_right_behind_its_last_chunk() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let data: Vec<u8> = (0..6 * chunk).map(|b| (b % 251) as u8).collect();
+    let path = fx.dir.path().join("streamed.bin");
+    std::fs::write(&path, &data).unwrap();
+    let file = Arc::new(std::fs::File::open(&path).unwrap());
+    let source = super::stream_send::StreamSource::of(file, fixed(MIN_CHUNK_SIZE)).unwrap();
+    let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    let receiver = tokio::spawn(first_message_after_the_last_chunk(b));
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let mut stats = SendStats::default();
+    let hashing = super::stream_send::Hashing {
+        with: None,
+        on_hashed: Box::new(|_| {}),
+    };
+    let opts = SendOptions::default();
+    let sent =
+        super::stream_send::send_streamed(&mut conn, "s", &source, &opts, &mut stats, &mut |_| {}, hashing).await;
+    sent.unwrap();
+    drop(conn);
+    assert_eq!(receiver.await.unwrap(), Message::Commit, "Commit waited for the Acks");
+    assert_eq!(
+        (stats.chunks_sent, stats.chunks_acked),
+        (6, 6),
+        "the Acks after Commit still count"
+    );
+}
+
+/// After a rejection the sender waits for every Ack before Commit again (proto-spec.md §4, "When Commit goes"): a
+/// resent chunk and the receiver's next commit round must not cross another Commit. One chunk in flight at a time;
+/// the scripted receiver rejects chunk 0 once, acknowledges the rest as they come, and pings after the last one
+/// without acknowledging it: the sender answers the ping (it is waiting for that Ack), no Commit yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rejection_commit_waits_for_the_acks() {
+    let fx = fixture();
+    let chunk = MIN_CHUNK_SIZE as usize;
+    let data: Vec<u8> = (0..4 * chunk).map(|b| (b % 251) as u8).collect();
+    let src = source(fx.dir.path(), &data);
+    let (size, digest) = (src.manifest.size, src.manifest.digest);
+    let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    let receiver = tokio::spawn(async move {
+        let mut conn = Connection::new(b, MAX_FRAME);
+        let one = |start| vec![IndexRange { start, count: 1 }];
+        let Some(Message::Offer(_)) = conn.read_message().await.unwrap() else {
+            panic!("expected an Offer")
+        };
+        let all = IndexRange { start: 0, count: 4 };
+        conn.write_message(&Message::Need(Need { ranges: vec![all] }))
+            .await
+            .unwrap();
+        let mut rejected = false;
+        loop {
+            let Some(Message::Chunk(c)) = conn.read_message().await.unwrap() else {
+                panic!("expected a chunk")
+            };
+            if !rejected {
+                rejected = true;
+                conn.write_message(&Message::Need(Need { ranges: one(c.index) }))
+                    .await
+                    .unwrap();
+            } else if c.index < 3 {
+                conn.write_message(&Message::Ack(crate::wire::Ack { ranges: one(c.index) }))
+                    .await
+                    .unwrap();
+            } else {
+                break;
+            }
+        }
+        conn.write_message(&Message::Ping(9)).await.unwrap();
+        let next = conn.read_message().await.unwrap().expect("the sender hung up");
+        conn.write_message(&Message::Ack(crate::wire::Ack { ranges: one(3) }))
+            .await
+            .unwrap();
+        let mut msg = next.clone();
+        while !matches!(msg, Message::Commit) {
+            msg = conn.read_message().await.unwrap().expect("the sender hung up");
+        }
+        let committed = crate::wire::Committed {
+            size,
+            digest,
+            received_bytes: size,
+            rejected_chunks: 1,
+            reused_bytes: 0,
+            already_present: false,
+        };
+        conn.write_message(&Message::Committed(committed)).await.unwrap();
+        while let Ok(Some(_)) = conn.read_message().await {}
+        next
+    });
+    let opts = SendOptions {
+        window: chunk as u64,
+        size_window: false,
+        ..SendOptions::default()
+    };
+    let mut conn = Connection::new(a, MAX_FRAME);
+    let mut stats = SendStats::default();
+    send(&mut conn, "r", &src, &opts, &mut stats, &mut |_| {})
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(
+        receiver.await.unwrap(),
+        Message::Pong(9),
+        "Commit went before the last Ack"
+    );
+    assert_eq!((stats.chunks_sent, stats.chunks_rejected), (5, 1));
+}
