@@ -172,6 +172,41 @@ async fn a_version_five_server_gets_a_whole_offer() {
     assert_eq!(b3(&source), b3(&server.root.join("old.bin")));
 }
 
+/// The client hashes its source while it connects, not after the handshake: a server that holds its Welcome back
+/// sees the client read the whole (16 MiB) source meanwhile. A client that hashed only once greeted would read
+/// none of it and leave the first piece a hashing buffer (8 MiB cut and hashed) behind the handshake's round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_is_hashed_while_the_handshake_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("early.bin");
+    let size = 16 * MIB;
+    write_random(&source, size as usize, 8);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ferry://{}/early.bin", listener.local_addr().unwrap());
+    // The handshake waits longer than the test: a client that gave up on it would go on to hash for a whole offer.
+    let extra = ["--retries", "0", "--timeout", "120s"];
+    let mut client = push_command(&source, &url, &dir.path().join("state"), &extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
+    let hello = conn.read_message().await.unwrap();
+    assert!(matches!(hello, Some(Message::Hello(_))), "{hello:?}");
+    let pid = client.id();
+    let hashed = tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(30), || rchar(pid) >= size))
+        .await
+        .unwrap();
+    let read = rchar(pid);
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(
+        hashed,
+        "the client read {read} bytes of its {size}-byte source before the Welcome"
+    );
+}
+
 /// A version-5 client cannot send OfferStart (the server refuses it as unexpected), and its whole Offer is served
 /// as before.
 #[tokio::test]

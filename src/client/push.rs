@@ -16,7 +16,7 @@ use crate::source::{cache_streamed_manifest, cached_manifest_for, hash_resumable
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::sender::{send, send_streams, Rehash, SendEvent, SendOptions, SendStats, Source};
-use crate::transfer::stream_send::{send_streamed, HashWith, Hashing, StreamSource};
+use crate::transfer::stream_send::{send_streamed, HashWith, Hashed, Hashing, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
 use crate::wire::{Committed, ErrorCode};
@@ -385,19 +385,33 @@ impl Streamed<'_> {
         }
         let source = StreamSource::of(self.file.clone(), opts.chunking)
             .map_err(|e| ClientError::Source(format!("{}: {e}", opts.source.display())))?;
-        let conn = match retrier.bounded(opts.connect_welcomed(), Duration::ZERO).await? {
-            Ok((conn, welcome)) if welcome.version < crate::STREAMED_OFFER_VERSION => {
+        // Hashing, and the push's record, start while the connection is made: the first piece is hashed by the
+        // time the handshake's round trip ends (a version-5 server or a failed connection drops the hashing).
+        let (hashed, resumed) = self.start_hashing(&source);
+        let (connected, record) = tokio::join!(
+            retrier.bounded(opts.connect_welcomed(), Duration::ZERO),
+            start_record(self.store, self.canonical, self.destination, source.size),
+        );
+        let mut record = record?;
+        let conn = match connected {
+            Ok(Ok((conn, welcome))) if welcome.version < crate::STREAMED_OFFER_VERSION => {
                 return Ok(First::Whole(Some(conn)))
             }
-            Ok((conn, _)) => Ok(conn),
-            Err(e) => Err(e),
+            Ok(Ok((conn, _))) => Ok(conn),
+            Ok(Err(e)) => Err(e),
+            Err(expired) => {
+                record.state = PushState::Failed;
+                record.last_error = Some(expired.to_string());
+                save_push(self.store, record, opts.send.meter.snapshot().done).await?;
+                return Err(expired);
+            }
         };
-        let mut record = start_record(self.store, self.canonical, self.destination, source.size).await?;
         let _published = publish_push(opts, self.store, &record);
         let number = retrier.start();
         let attempt = async {
             let mut conn = conn?;
-            self.attempt(&mut conn, &source, number, run, on_event).await
+            self.attempt(&mut conn, &source, hashed, &resumed, number, run, on_event)
+                .await
         };
         let meter = opts.send.meter.clone();
         let only_commit_left = move || {
@@ -436,25 +450,15 @@ impl Streamed<'_> {
         }))
     }
 
-    /// One streamed attempt on `conn`, greeted by a server that speaks version 6.
-    async fn attempt(
-        &self,
-        conn: &mut super::ClientConnection,
-        source: &StreamSource,
-        number: u32,
-        run: &mut Run,
-        on_event: &mut (dyn FnMut(ClientEvent) + Send),
-    ) -> Result<(Committed, Manifest), TransferError> {
-        let opts = self.opts;
-        opts.send.meter.expect(source.size);
-        opts.send.meter.attempt();
-        on_event(ClientEvent::Connected { attempt: number });
-        // Cached as soon as it is hashed: a later attempt (or run) offers it whole and resumes.
+    /// Starts hashing `source` on its own thread: the manifest is cached as soon as it is hashed (a later attempt,
+    /// or run, offers it whole and resumes), and hashing goes on from the progress a killed run recorded, and
+    /// records its own. Returns the hashing and where it went on from (set once it ended).
+    fn start_hashing(&self, source: &StreamSource) -> (Hashed, Arc<AtomicU64>) {
         let (store, file, canonical, spec) = (
             self.store.clone(),
             self.file.clone(),
             self.canonical.to_path_buf(),
-            opts.chunking,
+            self.opts.chunking,
         );
         let on_hashed = {
             let (store, file, canonical) = (store.clone(), file.clone(), canonical.clone());
@@ -475,21 +479,32 @@ impl Streamed<'_> {
                 Ok(digest)
             })
         };
+        let hashing = Hashing {
+            with: Some(hash_with),
+            on_hashed,
+        };
+        (hashing.start(source), resumed)
+    }
+
+    /// One streamed attempt on `conn`, greeted by a server that speaks version 6, of `source` being `hashed`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        conn: &mut super::ClientConnection,
+        source: &StreamSource,
+        hashed: Hashed,
+        resumed: &AtomicU64,
+        number: u32,
+        run: &mut Run,
+        on_event: &mut (dyn FnMut(ClientEvent) + Send),
+    ) -> Result<(Committed, Manifest), TransferError> {
+        let opts = self.opts;
+        opts.send.meter.expect(source.size);
+        opts.send.meter.attempt();
+        on_event(ClientEvent::Connected { attempt: number });
         let path = self.remote_path.as_str();
         let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-        let sent = send_streamed(
-            conn,
-            path,
-            source,
-            &opts.send,
-            &mut run.stats,
-            &mut forward,
-            Hashing {
-                with: Some(hash_with),
-                on_hashed,
-            },
-        )
-        .await;
+        let sent = send_streamed(conn, path, source, &opts.send, &mut run.stats, &mut forward, hashed).await;
         match sent {
             Ok((committed, manifest)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;

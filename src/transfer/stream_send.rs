@@ -89,8 +89,25 @@ pub struct Hashing {
     pub on_hashed: OnHashed,
 }
 
+/// The source being hashed on its own thread ([`Hashing::start`]): its chunks, as they are hashed, and the digest at
+/// the end. Dropping it stops the hashing at its next chunk.
+pub struct Hashed {
+    entries: mpsc::UnboundedReceiver<ChunkEntry>,
+    task: tokio::task::JoinHandle<Result<Hash, TransferError>>,
+}
+
+impl Hashing {
+    /// Starts hashing `source` on a blocking thread, so that a caller can hash while it connects (the first piece
+    /// is then ready when the handshake ends, not a hashing buffer later).
+    pub fn start(self, source: &StreamSource) -> Hashed {
+        let (entries, task) = start_hashing(source, self);
+        Hashed { entries, task }
+    }
+}
+
 /// Offers `source` for `path` streamed and sends whatever the receiver needs until it reports Committed. Returns
-/// the report and the whole manifest (for later attempts, which offer it whole).
+/// the report and the whole manifest (for later attempts, which offer it whole). `hashing` is the source's hashing,
+/// started by the caller ([`Hashing::start`]), as early as it likes.
 pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: &str,
@@ -98,7 +115,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     opts: &SendOptions,
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
-    hashing: Hashing,
+    hashing: Hashed,
 ) -> Result<(Committed, Manifest), TransferError> {
     let start = Message::OfferStart(OfferStart {
         path: path.to_string(),
@@ -115,7 +132,10 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     let opts = &streaming;
     send_within(conn, &start, opts.io_timeout, "sending OfferStart").await?;
     opts.meter.file(path, source.size, 0);
-    let (entries, mut hashing) = start_hashing(source, hashing);
+    let Hashed {
+        entries,
+        task: mut hashing,
+    } = hashing;
     let mut manifest = Manifest {
         size: source.size,
         digest: [0; 32],

@@ -994,7 +994,8 @@ async fn a_streamed_offer_commits_right_behind_its_last_chunk() {
     let hashing = super::stream_send::Hashing {
         with: None,
         on_hashed: Box::new(|_| {}),
-    };
+    }
+    .start(&source);
     let opts = SendOptions::default();
     let sent =
         super::stream_send::send_streamed(&mut conn, "s", &source, &opts, &mut stats, &mut |_| {}, hashing).await;
