@@ -426,9 +426,9 @@ fn fixed_batches(
     Ok(())
 }
 
-/// Content-defined chunks. The chunker runs over a buffer of the file; a chunk is final only if the buffer held
-/// `max` bytes from its start (or the file ended), so the cuts equal those of one pass over the whole file. The
-/// bytes after the last final cut start the next buffer.
+/// Content-defined chunks. The chunker runs over a buffer of the file; a chunk is final once the chunker cut it
+/// before the buffer's end, or at `max` bytes, or the file ended, so the cuts equal those of one pass over the whole
+/// file. The bytes after the last final cut (part of one chunk) start the next buffer.
 fn cdc_batches(
     file: &File,
     start: u64,
@@ -457,9 +457,15 @@ fn cdc_batches(
         let at_end = base + filled as u64 == size;
         let mut cuts = Vec::new();
         let mut consumed = 0usize;
-        // A chunk that may not have all its `max` bytes in the buffer is left for the next one, uncut.
-        while consumed < filled && (at_end || consumed + max <= filled) {
+        // A chunk is final if the chunker cut it before the buffer's end (a cut at a position depends only on the
+        // bytes before it, so more bytes would not move it), at `max`, or at the file's end. Only one that ran into
+        // the buffer's end is left for the next buffer, uncut: the bytes carried over are part of one chunk, not the
+        // up to `max` bytes of several that waiting for `max` bytes after every chunk's start carried (and copied).
+        while consumed < filled {
             let len = chunker.first_chunk(&buf[consumed..filled]);
+            if !(at_end || consumed + len < filled || len == max) {
+                break;
+            }
             cuts.push((consumed, len));
             consumed += len;
         }
@@ -625,6 +631,40 @@ mod tests {
                 "{min}/{avg}/{max}: {} chunks, fastcdc {}",
                 got.len(),
                 expected.len()
+            );
+        }
+    }
+
+    /// A buffer carries into the next only the start of one chunk (the one its end cut into), not every byte after
+    /// the last chunk that had `max` bytes of buffer after its start: at the default 1 MiB average (4 MiB `max`) in
+    /// 8 MiB buffers that was about 3.5 MiB copied per buffer, 6.7 % of a sender's CPU.
+    #[test]
+    fn a_buffer_carries_over_only_the_chunk_its_end_cut_into() {
+        let (tmp, data) = random_file(41 * 1024 * 1024 + 17, 23);
+        let mib = 1024 * 1024;
+        let (min, avg, max) = (mib / 4, mib, 4 * mib);
+        let expected: Vec<(u64, usize)> = fastcdc::v2020::FastCDC::new(&data, min, avg, max)
+            .map(|c| (c.offset as u64, c.length))
+            .collect();
+        let mut carried = Vec::new();
+        let take = |batch: Batch| {
+            let consumed = batch.cuts.last().map_or(0, |&(at, len)| at + len);
+            carried.push((batch.base + consumed as u64, batch.buf.len() - consumed));
+            true
+        };
+        let size = data.len() as u64;
+        cdc_batches(tmp.as_file(), 0, size, (min, avg, max), CDC_BUFFER, Vec::new, take).unwrap();
+        carried.pop(); // the last buffer carries nothing on
+        assert!(carried.len() >= 4);
+        for (at, tail) in carried {
+            let next = expected
+                .iter()
+                .find(|c| c.0 == at)
+                .expect("a buffer ends its cuts at a chunk's start");
+            assert!(
+                tail <= next.1,
+                "{tail} bytes carried at {at}, the chunk there has {}",
+                next.1
             );
         }
     }
