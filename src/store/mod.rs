@@ -23,7 +23,7 @@ pub use receiver::{
     ChunkLocation, CommittedFile, FileStamp, OpenTransfer, PartialTransfer, PrefixRecord, Progress, ReceiverStore,
     TransferRecord, TransferRecordRef, TransferSummary, Usage,
 };
-pub use sender::{HashingRecord, ManifestKey, Pruned, PushRecord, PushState, SenderStore};
+pub use sender::{HashingRecord, ManifestKey, Pruned, PushRecord, PushState, SenderStore, SMALL_FILE_MAX};
 
 /// The store failed.
 #[derive(Debug, Error)]
