@@ -120,7 +120,8 @@ pub fn cache_streamed_manifest(
     Ok(())
 }
 
-fn manifest_key(canonical: &Path, meta: &std::fs::Metadata, spec: ChunkSpec) -> ManifestKey {
+/// The manifest cache's key for the open file described by `meta`, at `canonical`, cut as `spec` asks.
+pub(crate) fn manifest_key(canonical: &Path, meta: &std::fs::Metadata, spec: ChunkSpec) -> ManifestKey {
     ManifestKey {
         path: canonical.display().to_string(),
         size: meta.len(),

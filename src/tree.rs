@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{mtime_of, ChunkSpec};
+use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
 use crate::path::{
     entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
     open_file_in, Entry, Kind, RemotePath,
 };
-use crate::source::{manifest_for_with, SourceError};
-use crate::store::SenderStore;
+use crate::source::{manifest_for_with, manifest_key, SourceError, MAX_SOURCE_CHANGES};
+use crate::store::{ManifestKey, SenderStore, SMALL_FILE_MAX};
 use crate::wire::{EntryKind, TreeEntry};
 use crate::MAX_TREE_ENTRIES;
 
@@ -412,19 +412,18 @@ fn describe(
     let meta = file.metadata().map_err(|e| SourceError::Io(format!("{path}: {e}")))?;
     let recorded = committed.and_then(|lookup| lookup(path, &meta));
     let verified = recorded.is_some();
+    let canonical = tree.dir.join(path);
     let manifest = match recorded {
-        Some(manifest) => manifest,
-        // The cache is keyed by the full local path; its errors name it, so they are retold relative to the base.
-        None => {
-            manifest_for_with(store, &file, &tree.dir.join(path), spec, false, false)
-                .map_err(|e| match e {
-                    SourceError::Io(why) => SourceError::Io(hide_root(&tree.base, &why)),
-                    SourceError::Unstable(why) => SourceError::Unstable(hide_root(&tree.base, &why)),
-                    other => other,
-                })?
-                .0
-        }
-    };
+        Some(manifest) => Ok(manifest),
+        None if meta.len() < SMALL_FILE_MAX => small_manifest(store, &file, &meta, &canonical, spec),
+        None => manifest_for_with(store, &file, &canonical, spec, false, false).map(|(manifest, _)| manifest),
+    }
+    // The cache is keyed by the full local path; its errors name it, so they are retold relative to the base.
+    .map_err(|e| match e {
+        SourceError::Io(why) => SourceError::Io(hide_root(&tree.base, &why)),
+        SourceError::Unstable(why) => SourceError::Unstable(hide_root(&tree.base, &why)),
+        other => other,
+    })?;
     let entry = TreeEntry {
         path: path.to_string(),
         kind: EntryKind::File {
@@ -435,6 +434,46 @@ fn describe(
         },
     };
     Ok((entry, verified))
+}
+
+/// The manifest of a small file of a tree (`meta`: its metadata, just taken): from its compact cache record, else
+/// from the general cache (written by an earlier version, or by a send that found the file changed), else hashed
+/// (tried again, bounded, if it changes meanwhile) and cached as a compact record. One `get` for a file seen
+/// before, two `get`s and an `insert` for a new one (the general cache's [`manifest_for_with`] does two `get`s,
+/// three prefix scans and two `insert`s per new file), and no `fstat` beyond the hashing's own.
+fn small_manifest(
+    store: &SenderStore,
+    file: &std::fs::File,
+    meta: &std::fs::Metadata,
+    canonical: &Path,
+    spec: ChunkSpec,
+) -> Result<crate::manifest::Manifest, SourceError> {
+    let key = manifest_key(canonical, meta, spec);
+    let usable = |manifest: &crate::manifest::Manifest| manifest.size == key.size && manifest.validate().is_ok();
+    if let Some(manifest) = store.cached_small(&key)?.filter(usable) {
+        return Ok(manifest);
+    }
+    if let Some(manifest) = store.cached_manifest(&key)?.filter(usable) {
+        return Ok(manifest);
+    }
+    let mut tries = 0;
+    let manifest = loop {
+        match build_manifest(file, canonical, spec) {
+            Ok(manifest) => break manifest,
+            Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
+                return Err(SourceError::Unstable(path))
+            }
+            Err(ChunkError::SourceChanged(_)) => tries += 1,
+            Err(other) => return Err(SourceError::Io(other.to_string())),
+        }
+    };
+    let key = ManifestKey {
+        size: manifest.size,
+        mtime: manifest.mtime,
+        ..key
+    };
+    store.cache_small(&key, &manifest)?;
+    Ok(manifest)
 }
 
 #[cfg(test)]
@@ -481,6 +520,57 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("moved"), tree_dir.join("sub")).unwrap();
         let refused = tree.open_file(index).unwrap_err().to_string();
         assert!(refused.starts_with("\"pub/sub\" is a symlink"), "{refused}");
+    }
+
+    /// A scan caches each small file as one compact record (not in the general cache), and the next scan takes the
+    /// digest from it without reading the file (shown by bytes changed behind the same size, mtime and inode); once
+    /// the path's manifests are forgotten (what a send that found the file changed does), it is hashed again.
+    #[test]
+    fn a_scan_caches_small_files_as_compact_records_and_reuses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree_dir = dir.path().join("tree");
+        std::fs::create_dir_all(tree_dir.join("sub")).unwrap();
+        std::fs::write(tree_dir.join("a"), b"first").unwrap();
+        std::fs::write(tree_dir.join("sub/b"), b"second").unwrap();
+        let store = SenderStore::open(&crate::store::Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let spec = ChunkSpec::default();
+        let digest_of = |tree: &LocalTree, path: &str| {
+            let entry = tree.entries.iter().find(|e| e.path == path).unwrap();
+            match entry.kind {
+                EntryKind::File { digest, .. } => digest,
+                _ => panic!("{path} is not a file"),
+            }
+        };
+        let first = scan(&tree_dir, LinkPolicy::Skip, &store, spec).unwrap();
+        for path in ["a", "sub/b"] {
+            let canonical = tree_dir.join(path);
+            let file = std::fs::File::open(&canonical).unwrap();
+            let key = manifest_key(&canonical, &file.metadata().unwrap(), spec);
+            let cached = store.cached_small(&key).unwrap().expect("a compact record");
+            assert_eq!(cached.digest, digest_of(&first, path));
+            assert_eq!(store.cached_manifest(&key).unwrap(), None, "not in the general cache");
+        }
+
+        // Same size, same mtime, same inode, other bytes: the cache cannot tell, so the digest is the cached one.
+        let a = tree_dir.join("a");
+        let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+        std::fs::write(&a, b"FIRST").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let second = scan(&tree_dir, LinkPolicy::Skip, &store, spec).unwrap();
+        assert_eq!(digest_of(&second, "a"), digest_of(&first, "a"), "from the cache");
+        store.forget_manifests(&a.display().to_string()).unwrap();
+        let third = scan(&tree_dir, LinkPolicy::Skip, &store, spec).unwrap();
+        assert_eq!(
+            digest_of(&third, "a"),
+            *blake3::hash(b"FIRST").as_bytes(),
+            "hashed again"
+        );
+        assert_eq!(digest_of(&third, "sub/b"), digest_of(&first, "sub/b"));
     }
 
     /// Opening a tree's files in offer order walks to each directory once, and a file opened through the kept

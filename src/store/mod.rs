@@ -23,7 +23,7 @@ pub use receiver::{
     ChunkLocation, CommittedFile, FileStamp, OpenTransfer, PartialTransfer, PrefixRecord, Progress, ReceiverStore,
     TransferRecord, TransferRecordRef, TransferSummary, Usage,
 };
-pub use sender::{HashingRecord, ManifestKey, Pruned, PushRecord, PushState, SenderStore};
+pub use sender::{HashingRecord, ManifestKey, Pruned, PushRecord, PushState, SenderStore, SMALL_FILE_MAX};
 
 /// The store failed.
 #[derive(Debug, Error)]
@@ -77,15 +77,30 @@ impl From<sled::Error> for StoreError {
 
 /// Writes to apply together, atomically ([`ReceiverStore::apply`]); what they are is up to the typed stores.
 #[derive(Default)]
-pub struct RecordBatch(sled::Batch);
+pub struct RecordBatch {
+    batch: sled::Batch,
+    writes: usize,
+}
 
 impl RecordBatch {
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.0.insert(key, value);
+        self.batch.insert(key, value);
+        self.writes += 1;
     }
 
     fn remove(&mut self, key: Vec<u8>) {
-        self.0.remove(key);
+        self.batch.remove(key);
+        self.writes += 1;
+    }
+
+    /// How many writes (inserts and removes) were added; each costs sled a lookup of its key when applied.
+    pub fn len(&self) -> usize {
+        self.writes
+    }
+
+    /// Whether no write was added.
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0
     }
 }
 

@@ -566,27 +566,34 @@ impl ReceiverStore {
     /// previous version of `path` to this one, atomically; then flushes.
     pub fn commit(&self, path: &str, file: &CommittedFile, manifest: &Manifest) -> Result<(), StoreError> {
         let mut batch = RecordBatch::default();
-        self.commit_into(&mut batch, path, file, manifest)?;
+        self.commit_into(&mut batch, path, file, manifest, true)?;
         self.apply(batch)
     }
 
     /// Adds the writes of [`ReceiverStore::commit`] to `batch` (several small files share one batch and flush).
+    /// `open_transfer`: whether `path` may have an open transfer (its [`ReceiverStore::summary`] is there), whose
+    /// records the batch then removes; a small file of a tree committed where none is open skips those four removes
+    /// (each a lookup when applied). An open transfer always has its summary: `begin` writes both in one batch,
+    /// and records older than summaries get theirs when the store is opened.
     pub fn commit_into(
         &self,
         batch: &mut RecordBatch,
         path: &str,
         file: &CommittedFile,
         manifest: &Manifest,
+        open_transfer: bool,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.committed_manifest(path)? {
             for chunk in &old.chunks {
                 batch.remove(self.chunk_key(&chunk.hash, path));
             }
         }
-        batch.remove(self.key(TRANSFER, path.as_bytes()));
-        batch.remove(self.key(PROGRESS, path.as_bytes()));
-        batch.remove(self.key(SUMMARY, path.as_bytes()));
-        batch.remove(self.key(DIGEST_PREFIX, path.as_bytes()));
+        if open_transfer {
+            batch.remove(self.key(TRANSFER, path.as_bytes()));
+            batch.remove(self.key(PROGRESS, path.as_bytes()));
+            batch.remove(self.key(SUMMARY, path.as_bytes()));
+            batch.remove(self.key(DIGEST_PREFIX, path.as_bytes()));
+        }
         batch.insert(self.key(FILE, path.as_bytes()), encode_record(file));
         batch.insert(self.key(FILE_MANIFEST, path.as_bytes()), encode_record(manifest));
         for chunk in &manifest.chunks {
@@ -617,7 +624,7 @@ impl ReceiverStore {
 
     /// Applies a batch built with [`ReceiverStore::commit_into`] and flushes.
     pub fn apply(&self, batch: RecordBatch) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch.0)?;
+        self.tree.apply_batch(batch.batch)?;
         self.store.flush()
     }
 }
@@ -687,6 +694,51 @@ mod tests {
             0,
             "a bitmap that does not fit counts nothing"
         );
+    }
+
+    /// Committing a file where no transfer is open adds only its own records to the batch (the record, the manifest
+    /// and the chunk index); over an open transfer it also removes the transfer's four, and the result holds no
+    /// trace of the transfer either way.
+    #[test]
+    fn a_commit_removes_transfer_records_only_where_one_may_be_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ns = ReceiverStore::open_scoped(&store, "ns").unwrap();
+        let manifest = manifest_of(&[5]);
+        let file = CommittedFile {
+            manifest_id: manifest.id(),
+            size: 5,
+            digest: manifest.digest,
+            mtime: manifest.mtime,
+            inode: 1,
+            committed_at: 1,
+        };
+        let mut batch = RecordBatch::default();
+        ns.commit_into(&mut batch, "new", &file, &manifest, false).unwrap();
+        assert_eq!(batch.len(), 3, "record, manifest, one chunk");
+        ns.apply(batch).unwrap();
+        assert!(ns.committed("new").unwrap().is_some());
+
+        let record = TransferRecord {
+            manifest: manifest_of(&[4096, 4096]),
+            partial: "open.part".into(),
+            created: 1,
+        };
+        ns.begin("open", &record, &Progress::default()).unwrap();
+        let mut batch = RecordBatch::default();
+        ns.commit_into(
+            &mut batch,
+            "open",
+            &file,
+            &manifest,
+            ns.summary("open").unwrap().is_some(),
+        )
+        .unwrap();
+        assert_eq!(batch.len(), 7);
+        ns.apply(batch).unwrap();
+        assert!(ns.transfer("open").unwrap().is_none() && ns.progress("open").unwrap().is_none());
+        assert!(ns.summary("open").unwrap().is_none());
+        assert!(ns.committed("open").unwrap().is_some());
     }
 
     /// Listing, expiry and quotas read the small summary, never the transfer's record: they work even when the

@@ -8,6 +8,12 @@
 //! same key: the chunks hashed so far, appended in segments (so recording is not quadratic in the file's size), and
 //! the whole-file BLAKE3 state at their end ([`HashingRecord`]). It is dropped when the manifest is cached, and
 //! with the manifests when the source turned out to differ.
+//!
+//! A tree's small files (below [`SMALL_FILE_MAX`]) are cached apart, one compact record per path holding its key and
+//! manifest ([`SenderStore::cached_small`], [`SenderStore::cache_small`]): one `get` to find, one `insert` to
+//! replace, where the general cache above reads and rewrites a per-path order and scans for entries to drop on
+//! every insert (a tree scan caches thousands). Such a file never has hashing progress (only files of
+//! [`crate::source::RECORD_EVERY`] bytes or more record it), and what a small record replaces is the record itself.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +32,10 @@ const CACHE_ORDER: &str = "morder";
 const HASHING: &str = "hashing";
 /// Per cache key and segment number (big-endian u32): a segment of the chunks hashed so far.
 const HASHED_SEGMENT: &str = "hashseg";
+/// Per source path: the one compact record of a small file of a tree (its [`ManifestKey`] and manifest).
+const SMALL: &str = "small";
+/// Files of a tree below this size are cached as one compact record per path ([`SenderStore::cache_small`]).
+pub const SMALL_FILE_MAX: u64 = 1024 * 1024;
 /// Most manifests cached per source file (one per chunking): a server asked for ever new chunk sizes keeps the
 /// last few, so its cache stays bounded per file while clients that alternate between a few sizes still hit it.
 pub const MAX_CACHED_CHUNKINGS: usize = 4;
@@ -149,6 +159,29 @@ impl SenderStore {
         Ok(())
     }
 
+    /// The manifest of the small file `key` describes, from its compact record ([`SenderStore::cache_small`]), if
+    /// that record has the same key. An unreadable record is a miss (the cache is only an optimisation).
+    pub fn cached_small(&self, key: &ManifestKey) -> Result<Option<Manifest>, StoreError> {
+        let Some(bytes) = self.tree.get(prefixed(SMALL, &encode_record(&key.path)))? else {
+            return Ok(None);
+        };
+        Ok(crate::wire::codec::decode_record::<(ManifestKey, Manifest)>(&bytes)
+            .ok()
+            .filter(|(cached, _)| cached == key)
+            .map(|(_, manifest)| manifest))
+    }
+
+    /// Caches the manifest of a small file of a tree as its path's one compact record, replacing what the path had
+    /// there (one `insert`; does not flush: a tree scan flushes once at the end). Entries of the path in the
+    /// general cache are left for [`SenderStore::forget_manifests`] and [`SenderStore::prune`].
+    pub fn cache_small(&self, key: &ManifestKey, manifest: &Manifest) -> Result<(), StoreError> {
+        self.tree.insert(
+            prefixed(SMALL, &encode_record(&key.path)),
+            encode_record(&(key, manifest)),
+        )?;
+        Ok(())
+    }
+
     /// The hashing progress recorded for `key`, if any.
     pub fn hashing(&self, key: &ManifestKey) -> Result<Option<HashingRecord>, StoreError> {
         get(&self.tree, &prefixed(HASHING, &encode_record(key)))
@@ -205,6 +238,7 @@ impl SenderStore {
             self.tree.remove(key)?;
         }
         self.tree.remove(prefixed(CACHE_ORDER, &path))?;
+        self.tree.remove(prefixed(SMALL, &path))?;
         Ok(())
     }
 
@@ -277,6 +311,17 @@ impl SenderStore {
             let stale = match crate::wire::codec::decode_record::<ManifestKey>(encoded) {
                 Ok(manifest_key) => !still_matches(&manifest_key),
                 Err(_) => true, // unreadable: it can never be found again either
+            };
+            if stale {
+                self.tree.remove(key)?;
+                pruned.manifests_removed += 1;
+            }
+        }
+        for entry in self.tree.scan_prefix(prefixed(SMALL, b"")) {
+            let (key, value) = entry?;
+            let stale = match crate::wire::codec::decode_record::<(ManifestKey, Manifest)>(&value) {
+                Ok((small_key, _)) => !still_matches(&small_key),
+                Err(_) => true,
             };
             if stale {
                 self.tree.remove(key)?;
@@ -483,6 +528,49 @@ mod tests {
         assert!(store.cached_manifest(&key(4096 + 19, 1)).unwrap().is_none());
         assert_eq!(store.tree.scan_prefix(prefixed(MANIFEST, b"")).count(), 2);
         assert!(store.cached_manifest(&other_file).unwrap().is_some());
+    }
+
+    /// A small file's compact record is found only under its exact key, replaced by the next one of its path, and
+    /// dropped with the path's manifests and by prune once its file is gone; an unreadable one is a miss.
+    #[test]
+    fn a_small_files_record_is_one_per_path_and_dropped_like_a_manifest() {
+        use crate::manifest::tests::manifest_of;
+        use crate::manifest::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SenderStore::open(&Store::open(&dir.path().join("state")).unwrap()).unwrap();
+        let key = |path: &str, mtime: i64| ManifestKey {
+            path: path.into(),
+            size: 10,
+            mtime: FileTime { secs: mtime, nanos: 0 },
+            inode: 1,
+            device: 2,
+            chunking: Chunking::Fixed { size: 4096 },
+        };
+        store.cache_small(&key("/t/a", 1), &manifest_of(&[10])).unwrap();
+        assert_eq!(store.cached_small(&key("/t/a", 1)).unwrap(), Some(manifest_of(&[10])));
+        assert_eq!(store.cached_small(&key("/t/a", 2)).unwrap(), None, "another mtime");
+        assert_eq!(store.cached_small(&key("/t/b", 1)).unwrap(), None, "another path");
+        assert_eq!(
+            store.cached_manifest(&key("/t/a", 1)).unwrap(),
+            None,
+            "not in the general cache"
+        );
+        store.cache_small(&key("/t/a", 2), &manifest_of(&[10])).unwrap();
+        assert_eq!(store.cached_small(&key("/t/a", 1)).unwrap(), None, "replaced");
+        assert_eq!(store.tree.scan_prefix(prefixed(SMALL, b"")).count(), 1);
+        store.forget_manifests("/t/a").unwrap();
+        assert_eq!(store.cached_small(&key("/t/a", 2)).unwrap(), None, "forgotten");
+
+        let path = encode_record(&"/t/c".to_string());
+        store.tree.insert(prefixed(SMALL, &path), b"junk".to_vec()).unwrap();
+        assert_eq!(store.cached_small(&key("/t/c", 1)).unwrap(), None, "unreadable: a miss");
+        store.cache_small(&key("/gone/d", 1), &manifest_of(&[10])).unwrap();
+        assert_eq!(
+            store.prune(0, 0).unwrap().manifests_removed,
+            2,
+            "the junk and the gone file's"
+        );
+        assert_eq!(store.tree.scan_prefix(prefixed(SMALL, b"")).count(), 0);
     }
 
     /// Hashing progress is appended segment by segment, read back as recorded, replaced when the same path starts

@@ -248,14 +248,18 @@ impl SmallWriter {
         }
         // A file committed whole over an open transfer replaces it: its records go in the batch, its partial
         // after the batch (it no longer counts against the quota, so it must not stay on disk).
+        // Only those have transfer records for the batch to remove.
         let mut replaced = Vec::new();
+        let mut open = Vec::with_capacity(placed.len());
         for (file, _, _) in &placed {
-            if let Some(open) = self.store.summary(file.key.as_str())? {
-                replaced.push(open.partial);
+            let summary = self.store.summary(file.key.as_str())?;
+            open.push(summary.is_some());
+            if let Some(summary) = summary {
+                replaced.push(summary.partial);
             }
         }
         let mut records = crate::store::RecordBatch::default();
-        for (file, len, identity) in &placed {
+        for ((file, len, identity), open) in placed.iter().zip(open) {
             let manifest = whole_file_manifest(file, *len);
             let record = CommittedFile {
                 manifest_id: manifest.id(),
@@ -266,7 +270,7 @@ impl SmallWriter {
                 committed_at: now_secs(),
             };
             self.store
-                .commit_into(&mut records, file.key.as_str(), &record, &manifest)?;
+                .commit_into(&mut records, file.key.as_str(), &record, &manifest, open)?;
         }
         self.store.apply(records)?;
         for partial in replaced {
