@@ -330,7 +330,6 @@ fn context(
         idle_timeout: io_timeout,
         sync_batch: SYNC_BATCH,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET)),
-        buffers: Default::default(),
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,

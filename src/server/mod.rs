@@ -255,7 +255,6 @@ impl Server {
             idle_timeout: config.idle_timeout,
             sync_batch: config.sync_batch,
             queue_budget: Arc::new(Semaphore::new(budget_permits(config.queue_budget))),
-            buffers: Default::default(),
             max_file_size: config.max_file_size,
             max_manifest_chunks: config.max_manifest_chunks,
             quota: None,

@@ -206,7 +206,6 @@ pub async fn serve_join<S: AsyncRead + AsyncWrite + Unpin>(
     // The only handle this session keeps on the writer's queue: dropped when the round ends, so the writer can
     // finish.
     let mut chunks = Some(chunks);
-    conn.set_buffers(ctx.buffers.clone());
     loop {
         tokio::select! {
             // Biased: a durable batch's Ack goes out before the next chunk is read (the sender's delay

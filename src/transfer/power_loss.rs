@@ -260,7 +260,6 @@ fn context(store: &Store, volume: &SimVolume, sync_batch: u64, dir: &std::path::
         idle_timeout: Duration::from_secs(30),
         sync_batch,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(32 * 1024)),
-        buffers: Default::default(),
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,

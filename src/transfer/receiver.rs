@@ -29,7 +29,7 @@ use crate::ranges::{ChunkSet, IndexRange};
 use crate::server::ReceiverStats;
 use crate::storage::Volume;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
-use crate::wire::{Ack, Chunk, ChunkBuffers, Committed, Connection, ErrorCode, Message, Need};
+use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
 pub(super) const MAX_COMMIT_ROUNDS: u32 = 8;
@@ -61,9 +61,6 @@ pub struct ReceiverContext {
     pub sync_batch: u64,
     /// Server-wide budget of queued chunk bytes, in KiB permits.
     pub queue_budget: Arc<tokio::sync::Semaphore>,
-    /// Spare chunk payload buffers, shared by every connection: a chunk's buffer comes back here once written and
-    /// hashed, for the next chunk read.
-    pub buffers: ChunkBuffers,
     /// Largest file accepted; larger offers are refused with `BadManifest`.
     pub max_file_size: u64,
     /// Most chunks in an accepted manifest; more are refused with `BadManifest`.
@@ -311,7 +308,6 @@ pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> (ChunkWriter, Result<(), TransferError>) {
     let manifest = writer.manifest.clone();
     let missing_ranges = writer.needed_ranges();
-    conn.set_buffers(ctx.buffers.clone());
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));
@@ -460,7 +456,6 @@ pub(crate) async fn queue_chunk(
         chunk,
         stream,
         _budget: budget,
-        home: Some(ctx.buffers.clone()),
     };
     Ok(queue.send(queued).await.is_ok())
 }

@@ -405,7 +405,6 @@ async fn round<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) -> (ChunkWriter, Result<RoundEnd, TransferError>) {
     let manifest = writer.manifest.clone();
-    conn.set_buffers(ctx.buffers.clone());
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     // Set when the round ends at a piece or the manifest's end: the writer pauses (its batch and syncs go on into

@@ -44,7 +44,6 @@ fn fixture() -> Fixture {
         idle_timeout: Duration::from_secs(10),
         sync_batch: 16 * 1024,
         queue_budget: Arc::new(tokio::sync::Semaphore::new(32 * 1024)),
-        buffers: Default::default(),
         max_file_size: u64::MAX,
         max_manifest_chunks: crate::MAX_MANIFEST_CHUNKS,
         quota: None,

@@ -25,7 +25,7 @@ use crate::server::ReceiverStats;
 use crate::storage::{Partial, PendingSync};
 use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
 use crate::verify::{self, DigestFollower, HeldBytes, PrefixDigest, StackedPrefix, VerifyError};
-use crate::wire::{Chunk, ChunkBuffers};
+use crate::wire::Chunk;
 
 /// While the first this-many batch limits' worth of bytes arrive (16 MiB at the default 16 MiB: the sender's
 /// default window), a batch ends at a [`EARLY_BATCH_DIVISOR`]th of the limit: the first Acks come sooner, so the
@@ -48,24 +48,12 @@ pub(crate) struct QueuedChunk {
     /// The connection it came on: 0 for the one that offered the file, others for joined streams.
     pub(crate) stream: u32,
     pub(crate) _budget: tokio::sync::OwnedSemaphorePermit,
-    /// The pool its buffer came from, which takes it back once its bytes are written and hashed.
-    pub(crate) home: Option<ChunkBuffers>,
 }
 
-/// A chunk's bytes, just written in file order, handed to the digest follower with their share of the queue budget;
-/// dropped (hashed, or not needed by the follower), the buffer goes back to its pool.
+/// A chunk's bytes, just written in file order, handed to the digest follower with their share of the queue budget.
 struct WrittenChunk {
     data: Vec<u8>,
     _budget: tokio::sync::OwnedSemaphorePermit,
-    home: Option<ChunkBuffers>,
-}
-
-impl Drop for WrittenChunk {
-    fn drop(&mut self) {
-        if let Some(home) = &self.home {
-            home.give(std::mem::take(&mut self.data));
-        }
-    }
 }
 
 impl AsRef<[u8]> for WrittenChunk {
@@ -613,12 +601,7 @@ impl ChunkWriter {
 
     /// Verifies and writes one chunk; false if storage failed.
     fn accept(&mut self, queued: QueuedChunk, events: &mpsc::UnboundedSender<WriterEvent>) -> bool {
-        let QueuedChunk {
-            chunk,
-            stream,
-            _budget,
-            home,
-        } = queued;
+        let QueuedChunk { chunk, stream, _budget } = queued;
         let len = chunk.data.len() as u64;
         self.stats.bytes_received.fetch_add(len, Ordering::Relaxed);
         self.stats.meter.moved(len);
@@ -642,7 +625,6 @@ impl ChunkWriter {
                 let held: HeldBytes = Box::new(WrittenChunk {
                     data: chunk.data,
                     _budget,
-                    home,
                 });
                 self.mark_written_with(chunk.index, Some(held));
                 filled
@@ -1014,7 +996,6 @@ pub(crate) fn queued_chunks(n: u32, block: impl Fn(u32) -> Vec<u8>) -> mpsc::Rec
                 chunk,
                 stream: 0,
                 _budget,
-                home: None,
             })
             .unwrap();
     }
@@ -1183,7 +1164,6 @@ mod tests {
                 },
                 stream: 0,
                 _budget: budget.clone().try_acquire_owned().unwrap(),
-                home: None,
             };
             queue.try_send(queued).unwrap();
         }
@@ -1230,45 +1210,6 @@ mod tests {
                 digest_rest(&*writer.file, prefix).unwrap(),
                 *blake3::hash(&whole).as_bytes()
             );
-        }
-    }
-
-    /// Every chunk's buffer goes back to the pool it came from once its bytes are written and, for a chunk written
-    /// in file order, hashed by the follower (the next payloads are read into it: no fresh pages to fault in).
-    #[test]
-    fn written_chunks_give_their_buffers_back_to_their_pool() {
-        let n = 12u32;
-        let mut last_first: Vec<u32> = (1..n).collect();
-        last_first.push(0);
-        for order in [(0..n).collect::<Vec<u32>>(), last_first] {
-            let dir = tempfile::tempdir().unwrap();
-            let writer = fresh_writer(dir.path(), n, 1 << 20);
-            let pool = ChunkBuffers::default();
-            let (queue, incoming) = mpsc::channel(order.len());
-            let budget = Arc::new(tokio::sync::Semaphore::new(1 << 20));
-            let mut buffers = Vec::new();
-            for &index in &order {
-                let mut data = pool.take(crate::wire::buffers::MIN_POOLED);
-                data.extend_from_slice(&block(index));
-                buffers.push(data.as_ptr() as usize);
-                let queued = QueuedChunk {
-                    chunk: Chunk { index, data },
-                    stream: 0,
-                    _budget: budget.clone().try_acquire_owned().unwrap(),
-                    home: Some(pool.clone()),
-                };
-                queue.try_send(queued).unwrap();
-            }
-            drop(queue);
-            let (events, _answers) = mpsc::unbounded_channel();
-            let mut writer = writer.run(incoming, events);
-            assert!(writer.received.is_complete());
-            writer.follower.take().expect("a digest follower").finish().unwrap();
-            let taken: Vec<Vec<u8>> = (0..n).map(|_| pool.take(MIN_CHUNK_SIZE as usize * 16)).collect();
-            let mut back: Vec<usize> = taken.iter().map(|b| b.as_ptr() as usize).collect();
-            back.sort_unstable();
-            buffers.sort_unstable();
-            assert_eq!(back, buffers, "chunk 0 at {:?}", order.iter().position(|&i| i == 0));
         }
     }
 
@@ -1349,7 +1290,6 @@ mod tests {
                     },
                     stream: 0,
                     _budget: budget.clone().try_acquire_owned().unwrap(),
-                    home: None,
                 };
                 queue.blocking_send(queued).unwrap();
             }

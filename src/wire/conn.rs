@@ -17,7 +17,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::budget::{FrameBudget, FrameGrant, SMALL_FRAME};
-use super::buffers::ChunkBuffers;
 use super::codec::{self, CodecError, CHUNK_HEADER, LEN_PREFIX};
 use super::message::{Chunk, Message};
 
@@ -122,8 +121,6 @@ pub struct Connection<S> {
     plain: Option<PlainSocket<S>>,
     /// A write stopped inside a frame: every later write fails with [`WireError::Broken`].
     broken: bool,
-    /// Where big chunk payloads get their buffers ([`Connection::set_buffers`]); `None`: from the allocator.
-    buffers: Option<ChunkBuffers>,
 }
 
 /// A big chunk's payload while it arrives.
@@ -152,14 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             payload: None,
             plain: None,
             broken: false,
-            buffers: None,
         }
-    }
-
-    /// Reads big chunk payloads into buffers from `buffers`, which the receiver gives back once their bytes are
-    /// written and hashed: the next payloads land in memory already mapped, instead of faulting in fresh pages.
-    pub fn set_buffers(&mut self, buffers: ChunkBuffers) {
-        self.buffers = Some(buffers);
     }
 
     /// Lets [`Connection::write_chunk_from_file`] send payloads straight from a file into the socket `plain` finds
@@ -299,10 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(false);
         };
         // Bounded: the frame's length passed the limit check (and its budget was granted).
-        let mut data = match &self.buffers {
-            Some(buffers) => buffers.take(payload_len),
-            None => Vec::with_capacity(payload_len),
-        };
+        let mut data = Vec::with_capacity(payload_len);
         data.extend_from_slice(&self.read_buf[CHUNK_HEADER..]);
         self.read_buf.truncate(CHUNK_HEADER);
         self.payload = Some(Payload {
@@ -702,51 +689,6 @@ mod tests {
                     other => panic!("the first chunk: {other:?}"),
                 }
                 assert!(matches!(conn.read_message().await, Err(WireError::Truncated)));
-            };
-            tokio::join!(writer, reader);
-        });
-    }
-
-    /// With a pool of buffers set ([`Connection::set_buffers`]), a big chunk arriving in pieces is read into a
-    /// spare buffer of the pool: the one the receiver gave back after the last chunk (already mapped memory), not a
-    /// fresh allocation whose pages fault in again.
-    #[test]
-    fn a_big_chunk_is_read_into_a_buffer_given_back_to_the_pool() {
-        use tokio::io::AsyncWriteExt;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let chunk = |index: u32| {
-            Message::Chunk(Chunk {
-                index,
-                data: (0..(1u32 << 20) - 5).map(|i| (i % 251) as u8 ^ index as u8).collect(),
-            })
-        };
-        let mut frames = Vec::new();
-        for index in [3, 4] {
-            codec::encode_frame(&chunk(index), crate::MAX_FRAME, &mut frames).unwrap();
-        }
-        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
-        let mut conn = Connection::new(rx, crate::MAX_FRAME);
-        let buffers = ChunkBuffers::default();
-        conn.set_buffers(buffers.clone());
-        runtime.block_on(async {
-            let writer = async {
-                tx.write_all(&frames).await.unwrap();
-            };
-            let reader = async {
-                let Ok(Some(Message::Chunk(first))) = conn.read_message().await else {
-                    panic!("the first chunk")
-                };
-                assert_eq!(Message::Chunk(first.clone()), chunk(3));
-                let at = first.data.as_ptr();
-                buffers.give(first.data);
-                let Ok(Some(Message::Chunk(second))) = conn.read_message().await else {
-                    panic!("the second chunk")
-                };
-                assert_eq!(second.data.as_ptr(), at, "read into the buffer given back");
-                assert_eq!(Message::Chunk(second), chunk(4));
             };
             tokio::join!(writer, reader);
         });

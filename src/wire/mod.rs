@@ -5,7 +5,6 @@
 //! Sessions above this module see messages only.
 
 pub mod budget;
-pub mod buffers;
 pub mod codec;
 pub mod conn;
 #[cfg(test)]
@@ -13,7 +12,6 @@ mod frame_fuzz;
 pub mod message;
 
 pub use budget::FrameBudget;
-pub use buffers::ChunkBuffers;
 pub use codec::CodecError;
 pub use conn::{Connection, ReadLimits, WireError};
 pub use message::{
