@@ -139,9 +139,17 @@ fn build_stable_manifest(
     canonical: &Path,
     spec: ChunkSpec,
 ) -> Result<Manifest, SourceError> {
+    build_while_stable(|| build_resumable_manifest(store, file, canonical, spec))
+}
+
+/// Runs `build` until it returns without the file changing under it, at most [`MAX_SOURCE_CHANGES`] times more,
+/// then gives up with [`SourceError::Unstable`].
+pub(crate) fn build_while_stable(
+    mut build: impl FnMut() -> Result<Manifest, ChunkError>,
+) -> Result<Manifest, SourceError> {
     let mut tries = 0;
     loop {
-        match build_resumable_manifest(store, file, canonical, spec) {
+        match build() {
             Ok(manifest) => return Ok(manifest),
             Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
                 return Err(SourceError::Unstable(path))

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{build_manifest, mtime_of, ChunkError, ChunkSpec};
+use crate::chunk::{build_manifest, mtime_of, ChunkSpec};
 use crate::path::{
     entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
     open_file_in, Entry, Kind, RemotePath,
 };
-use crate::source::{manifest_for_with, manifest_key, SourceError, MAX_SOURCE_CHANGES};
+use crate::source::{build_while_stable, manifest_for_with, manifest_key, SourceError};
 use crate::store::{ManifestKey, SenderStore, SMALL_FILE_MAX};
 use crate::wire::{EntryKind, TreeEntry};
 use crate::MAX_TREE_ENTRIES;
@@ -456,17 +456,7 @@ fn small_manifest(
     if let Some(manifest) = store.cached_manifest(&key)?.filter(usable) {
         return Ok(manifest);
     }
-    let mut tries = 0;
-    let manifest = loop {
-        match build_manifest(file, canonical, spec) {
-            Ok(manifest) => break manifest,
-            Err(ChunkError::SourceChanged(path)) if tries >= MAX_SOURCE_CHANGES => {
-                return Err(SourceError::Unstable(path))
-            }
-            Err(ChunkError::SourceChanged(_)) => tries += 1,
-            Err(other) => return Err(SourceError::Io(other.to_string())),
-        }
-    };
+    let manifest = build_while_stable(|| build_manifest(file, canonical, spec))?;
     let key = ManifestKey {
         size: manifest.size,
         mtime: manifest.mtime,
