@@ -28,6 +28,7 @@ pub mod object_gc;
 mod pending;
 #[cfg(test)]
 pub(crate) mod sim;
+mod syncer;
 pub mod tree;
 
 use std::io;

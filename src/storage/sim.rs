@@ -23,11 +23,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::journal::{self, Journaled, Parsed};
 use super::local::{journal_beside, partial_file_name};
-use super::{ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, ReadAt, StorageError, Volume};
+use super::syncer::Syncer;
+use super::{
+    ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, PendingSync, ReadAt, StorageError, Volume,
+};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash};
 use crate::path::RemotePath;
 
@@ -127,6 +130,8 @@ struct Disk {
     boot: u64,
     /// What the crashing operation was.
     crashed_in: Option<&'static str>,
+    /// Set by [`SimVolume::slow_syncs`]: how long a started sync takes on its thread.
+    slow_sync: Option<std::time::Duration>,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -253,6 +258,19 @@ impl SimVolume {
         self.lock().ops
     }
 
+    /// Makes [`PartialFile::start_sync`] return at once and sync on a thread `delay` later (as the local volume's
+    /// sync thread does, only slower): the bytes are durable only then.
+    pub(crate) fn slow_syncs(&self, delay: std::time::Duration) {
+        self.lock().slow_sync = Some(delay);
+    }
+
+    /// The durable bytes of the partial of `key` now: what a crash would keep for sure.
+    pub(crate) fn durable_partial(&self, key: &str) -> Option<Vec<u8>> {
+        let disk = self.lock();
+        let ino = disk.names.get(&partial_name(key))?;
+        Some(disk.files.get(ino)?.durable.clone())
+    }
+
     /// Writebacks started so far ([`PartialFile::start_writeback`]).
     pub(crate) fn writeback_hints(&self) -> u64 {
         self.lock().writeback_hints
@@ -314,6 +332,7 @@ impl SimVolume {
             disk: self.disk.clone(),
             ino,
             boot: disk.boot,
+            syncer: OnceLock::new(),
         })
     }
 
@@ -547,6 +566,7 @@ impl Volume for SimVolume {
             disk: self.disk.clone(),
             ino,
             boot,
+            syncer: OnceLock::new(),
         };
         if partial.size()? > size {
             PartialFile::set_len(&partial, size)?;
@@ -605,6 +625,7 @@ impl SimVolume {
             disk: self.disk.clone(),
             ino,
             boot: disk.boot,
+            syncer: OnceLock::new(),
         })
     }
 }
@@ -614,6 +635,8 @@ struct SimHandle {
     disk: Arc<Mutex<Disk>>,
     ino: u64,
     boot: u64,
+    /// The sync thread of [`SimVolume::slow_syncs`], started with the first sync.
+    syncer: OnceLock<Option<Syncer>>,
 }
 
 impl SimHandle {
@@ -669,6 +692,28 @@ impl PartialFile for SimHandle {
         disk.tick(self.boot, "fdatasync")?;
         disk.sync_file(self.ino, false);
         Ok(())
+    }
+
+    /// With [`SimVolume::slow_syncs`]: on the handle's sync thread, after the delay; else here.
+    fn start_sync(&self) -> io::Result<PendingSync> {
+        let Some(delay) = self.lock().slow_sync else {
+            return Ok(PendingSync::finished(self.sync_data()));
+        };
+        let syncer = self.syncer.get_or_init(|| {
+            let (disk, ino, boot) = (self.disk.clone(), self.ino, self.boot);
+            let sync = move || {
+                std::thread::sleep(delay);
+                let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+                disk.tick(boot, "fdatasync")?;
+                disk.sync_file(ino, false);
+                Ok(())
+            };
+            Syncer::spawn(sync).ok()
+        });
+        match syncer.as_ref().and_then(Syncer::start) {
+            Some(pending) => Ok(pending),
+            None => Ok(PendingSync::finished(self.sync_data())),
+        }
     }
 
     /// Counted, not a mutating operation, and no change to what a crash keeps: unsynced writes are already

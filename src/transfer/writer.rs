@@ -7,9 +7,10 @@
 //!
 //! A batch's sync is started ([`crate::storage::PartialFile::start_sync`]) and the writer goes on with the next
 //! batch while it runs; batches are marked and acknowledged in order, each once its own sync finished. On the
-//! local disk a sync finishes before `start_sync` returns, so nothing overlaps there; on an object store the
-//! next batch's chunk PUTs run while the last batch's PUTs and journal entry end, instead of the requests in
-//! flight draining to none at every batch.
+//! local disk the `fdatasync` runs on the partial's sync thread (`storage::syncer`) while the writer writes and
+//! starts the writeback of the next batch, so the disk is not left at queue depth one during every sync; on an
+//! object store the next batch's chunk PUTs run while the last batch's PUTs and journal entry end, instead of the
+//! requests in flight draining to none at every batch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1267,6 +1268,52 @@ mod tests {
             }
         }
         assert!(acked_somewhere, "no crash point came after an Ack");
+    }
+
+    /// With syncs that run on a thread of their own and are slow (the local volume's sync thread on a slow disk),
+    /// the writer goes on writing while they run, yet every Ack comes only after the sync that covers its chunk
+    /// ended: when the session hears of a chunk, its bytes are already durable.
+    #[test]
+    fn with_overlapping_slow_syncs_no_ack_precedes_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = SimVolume::default();
+        volume.slow_syncs(Duration::from_millis(30));
+        let n = 48u32;
+        let size = u64::from(n) * u64::from(MIN_CHUNK_SIZE);
+        let file = volume.open_partial("k", size, false).unwrap();
+        let writer = writer_over(file, &dir.path().join("state"), n, 4 * u64::from(MIN_CHUNK_SIZE));
+        let (events, mut answers) = mpsc::unbounded_channel();
+        let watched = volume.clone();
+        let checker = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            while let Some(event) = answers.blocking_recv() {
+                let WriterEvent::Durable { ranges, .. } = event else {
+                    panic!("unexpected {event:?}");
+                };
+                let durable = watched.durable_partial("k").unwrap_or_default();
+                for index in ranges.iter().flat_map(IndexRange::indices) {
+                    let at = index as usize * MIN_CHUNK_SIZE as usize;
+                    assert_eq!(
+                        durable.get(at..at + MIN_CHUNK_SIZE as usize),
+                        Some(&block(index)[..]),
+                        "chunk {index} was acknowledged before its sync ended"
+                    );
+                    acked.push(index);
+                }
+            }
+            acked
+        });
+        let started = Instant::now();
+        let writer = writer.run(queued_chunks(n, block), events);
+        let elapsed = started.elapsed();
+        assert_eq!(checker.join().unwrap(), (0..n).collect::<Vec<_>>());
+        assert!(writer.received.is_complete());
+        // 12 batches; syncing each before writing the next would take 12 × 30 ms.
+        assert!(
+            elapsed < Duration::from_millis(12 * 30),
+            "the syncs did not overlap the writing ({elapsed:?} for {} syncs)",
+            writer.syncs
+        );
     }
 
     /// Chunks trickling in one at a time (the queue runs dry after each) share syncs: at most one per
