@@ -10,8 +10,6 @@ use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::chunk::{build_manifest, mtime_of, ChunkSpec};
 use crate::path::{
     entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
@@ -22,15 +20,8 @@ use crate::store::{ManifestKey, SenderStore, SMALL_FILE_MAX};
 use crate::wire::{EntryKind, TreeEntry};
 use crate::MAX_TREE_ENTRIES;
 
-/// What to do with symlinks found in a tree (`--links`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LinkPolicy {
-    /// Leave symlinks out (listed as skipped).
-    #[default]
-    Skip,
-    /// Recreate symlinks whose relative target stays inside the tree; others are skipped.
-    Record,
-}
+/// What to do with symlinks found in a tree (`--links`); a field of the Pull frame, so the wire defines it.
+pub use crate::wire::LinkPolicy;
 
 /// A walked directory, ready to offer.
 #[derive(Debug, Clone)]

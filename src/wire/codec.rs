@@ -241,7 +241,7 @@ mod tests {
                 path: "backups/host".into(),
                 chunking: crate::chunk::ChunkSpec::default(),
                 window: 1 << 20,
-                links: crate::tree::LinkPolicy::Record,
+                links: crate::wire::LinkPolicy::Record,
             }),
             Message::TreeOffer(TreeOffer {
                 path: "backups/host".into(),
@@ -357,7 +357,7 @@ mod tests {
                             size: 4096,
                         },
                         window: 65536,
-                        links: crate::tree::LinkPolicy::Skip,
+                        links: crate::wire::LinkPolicy::Skip,
                     },
                     expect: PullKind::Tree,
                 }),
