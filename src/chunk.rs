@@ -130,8 +130,22 @@ pub fn build_manifest(file: &File, path: &Path, spec: ChunkSpec) -> Result<Manif
         source,
     };
     let before = file.metadata().map_err(io)?;
+    build_manifest_from(file, path, spec, before)
+}
+
+/// [`build_manifest`] of a file whose metadata `before` was taken before any of its bytes were read (by its
+/// open, say): one `fstat` fewer.
+pub fn build_manifest_from(
+    file: &File,
+    path: &Path,
+    spec: ChunkSpec,
+    before: Metadata,
+) -> Result<Manifest, ChunkError> {
     let chunking = spec.for_size(before.len());
-    let (digest, chunks) = hash_chunks(file, before.len(), chunking).map_err(io)?;
+    let (digest, chunks) = hash_chunks(file, before.len(), chunking).map_err(|source| ChunkError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     manifest_if_unchanged(file, path, &before, chunking, digest, chunks)
 }
 

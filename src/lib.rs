@@ -33,6 +33,7 @@ pub mod meter;
 pub mod path;
 pub mod random;
 pub mod ranges;
+pub mod record;
 pub mod server;
 pub mod settings;
 #[cfg(test)]

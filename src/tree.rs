@@ -10,27 +10,18 @@ use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::chunk::{build_manifest, mtime_of, ChunkSpec};
+use crate::chunk::{build_manifest, build_manifest_from, mtime_of, ChunkSpec};
 use crate::path::{
-    entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir, open_dir_beneath, open_file_beneath,
-    open_file_in, Entry, Kind, RemotePath,
+    entry_at, hide_root, is_temp_name, kind_at, link_stays_inside, list_dir_typed, open_dir_beneath, open_file_beneath,
+    open_file_in_with_metadata, Entry, Kind, RemotePath,
 };
 use crate::source::{build_while_stable, manifest_for_with, manifest_key, SourceError};
 use crate::store::{ManifestKey, SenderStore, SMALL_FILE_MAX};
 use crate::wire::{EntryKind, TreeEntry};
 use crate::MAX_TREE_ENTRIES;
 
-/// What to do with symlinks found in a tree (`--links`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LinkPolicy {
-    /// Leave symlinks out (listed as skipped).
-    #[default]
-    Skip,
-    /// Recreate symlinks whose relative target stays inside the tree; others are skipped.
-    Record,
-}
+/// What to do with symlinks found in a tree (`--links`); a field of the Pull frame, so the wire defines it.
+pub use crate::wire::LinkPolicy;
 
 /// A walked directory, ready to offer.
 #[derive(Debug, Clone)]
@@ -138,6 +129,23 @@ impl<'a> FileOpener<'a> {
 
     /// Opens the file `rel` (relative to the tree's directory).
     pub fn open_rel(&mut self, rel: &str) -> Result<std::fs::File, crate::path::PathError> {
+        self.open_rel_with_metadata(rel).map(|(file, _)| file)
+    }
+
+    /// Opens the file of entry `index` with its metadata, as [`FileOpener::open_rel_with_metadata`] does.
+    pub fn open_file_with_metadata(
+        &mut self,
+        index: u32,
+    ) -> Result<(std::fs::File, std::fs::Metadata), crate::path::PathError> {
+        self.open_rel_with_metadata(&self.tree.entries[index as usize].path)
+    }
+
+    /// Opens the file `rel` (relative to the tree's directory), with the metadata the open's own identity check
+    /// took (no second `fstat`).
+    pub fn open_rel_with_metadata(
+        &mut self,
+        rel: &str,
+    ) -> Result<(std::fs::File, std::fs::Metadata), crate::path::PathError> {
         let parent = rel.rsplit_once('/').map_or("", |(parent, _)| parent);
         let dir = match self.dir.take() {
             Some((walked, dir)) if walked == parent => dir,
@@ -148,7 +156,7 @@ impl<'a> FileOpener<'a> {
         };
         let mut components: Vec<&str> = self.tree.within.iter().map(String::as_str).collect();
         components.extend(rel.split('/'));
-        let opened = open_file_in(&self.tree.base, &dir, &components);
+        let opened = open_file_in_with_metadata(&self.tree.base, &dir, &components);
         self.dir = Some((parent.to_string(), dir));
         opened
     }
@@ -229,10 +237,11 @@ pub fn scan_beneath(
             }
         };
         let io = |e: &dyn std::fmt::Display| SourceError::Io(format!("{}: {e}", shown(&rel)));
-        let listed = tree
-            .open_dir(&rel)
-            .map_err(|e| e.to_string())
-            .and_then(|dir| list_dir(&dir).map(|names| (dir, names)).map_err(|e| e.to_string()));
+        let listed = tree.open_dir(&rel).map_err(|e| e.to_string()).and_then(|dir| {
+            list_dir_typed(&dir)
+                .map(|names| (dir, names))
+                .map_err(|e| e.to_string())
+        });
         let (dir, names) = match listed {
             Ok(listed) => listed,
             Err(e) if rel.is_empty() => return Err(io(&e)),
@@ -242,7 +251,7 @@ pub fn scan_beneath(
                 continue;
             }
         };
-        for name in names {
+        for (name, listed_kind) in names {
             let Some(name) = name.to_str().map(str::to_string) else {
                 let lossy = name.to_string_lossy();
                 let path = if rel.is_empty() {
@@ -266,8 +275,10 @@ pub fn scan_beneath(
                 tree.skipped.push((path, e.to_string()));
                 continue;
             }
-            // A regular file is only looked at here; it is opened (through the walk) when it is described.
-            if matches!(kind_at(&dir, OsStr::new(&name)), Ok(Kind::File)) {
+            // A regular file is only looked at here (the listing's `d_type`, else a `stat`); it is opened (through
+            // the walk, which checks what it opens) when it is described.
+            let kind = listed_kind.map_or_else(|| kind_at(&dir, OsStr::new(&name)).ok(), Some);
+            if kind == Some(Kind::File) {
                 regular.push(path);
                 if found.len() + regular.len() > MAX_TREE_ENTRIES {
                     return Err(too_many(&label));
@@ -408,8 +419,9 @@ fn describe(
     spec: ChunkSpec,
     committed: Option<CommittedLookup<'_>>,
 ) -> Described {
-    let file = opener.open_rel(path).map_err(|e| SourceError::Io(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| SourceError::Io(format!("{path}: {e}")))?;
+    let (file, meta) = opener
+        .open_rel_with_metadata(path)
+        .map_err(|e| SourceError::Io(e.to_string()))?;
     let recorded = committed.and_then(|lookup| lookup(path, &meta));
     let verified = recorded.is_some();
     let canonical = tree.dir.join(path);
@@ -456,7 +468,12 @@ fn small_manifest(
     if let Some(manifest) = store.cached_manifest(&key)?.filter(usable) {
         return Ok(manifest);
     }
-    let manifest = build_while_stable(|| build_manifest(file, canonical, spec))?;
+    // The first try's "before" is `meta`, taken as the file was opened; a try after a change takes its own.
+    let mut first = Some(meta.clone());
+    let manifest = build_while_stable(|| match first.take() {
+        Some(before) => build_manifest_from(file, canonical, spec, before),
+        None => build_manifest(file, canonical, spec),
+    })?;
     let key = ManifestKey {
         size: manifest.size,
         mtime: manifest.mtime,

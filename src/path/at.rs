@@ -87,6 +87,13 @@ pub fn rename_into_opened(
             })
         }
     };
+    // Nothing at the name (a fresh push): one `renameat2(RENAME_NOREPLACE)`, with nothing to look at first. Where
+    // something is there (or the filesystem has no such flag), it is looked at and replaced as before.
+    match rustix::fs::renameat_with(from_dir, &from_c, dir, &name_c, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST | Errno::INVAL | Errno::NOSYS | Errno::NOTSUP) => {}
+        Err(e) => return Err(classify(root, &shown_path, Refusal::Io(e.into()))),
+    }
     check_final(dir, &name_c, replace).map_err(|e| classify(root, &shown_path, e))?;
     rustix::fs::renameat(from_dir, &from_c, dir, &name_c)
         .map_err(|e| classify(root, &shown_path, Refusal::Io(e.into())))
@@ -296,6 +303,42 @@ mod tests {
         let (target, _) = rename_into(&root, &RemotePath::parse("a/b/c.txt").unwrap(), &temp, Replace::File).unwrap();
         assert_eq!(target, root.join("a/b/c.txt"));
         assert_eq!(std::fs::read(&target).unwrap(), b"x");
+    }
+
+    /// Into an opened directory: a free name takes the no-replace rename; a file there is replaced; a directory
+    /// or (for a file) a symlink there is refused and left as it was.
+    #[test]
+    fn a_rename_into_an_opened_directory_replaces_only_a_file() {
+        let (dir, root, outside) = setup();
+        let from = File::open(dir.path()).unwrap();
+        let into = |name: &str, bytes: &[u8], replace| {
+            std::fs::write(dir.path().join("temp"), bytes).unwrap();
+            let path = RemotePath::parse(&format!("d/{name}")).unwrap();
+            rename_into_opened(
+                &root,
+                &path,
+                &open_parent_dir(&root, &path).unwrap(),
+                &from,
+                "temp",
+                replace,
+            )
+        };
+        into("new", b"1", Replace::File).unwrap();
+        assert_eq!(std::fs::read(root.join("d/new")).unwrap(), b"1");
+        into("new", b"2", Replace::File).unwrap();
+        assert_eq!(std::fs::read(root.join("d/new")).unwrap(), b"2");
+        std::fs::create_dir(root.join("d/sub")).unwrap();
+        assert!(matches!(into("sub", b"3", Replace::File), Err(PathError::InTheWay(_))));
+        assert!(root.join("d/sub").is_dir());
+        std::os::unix::fs::symlink(outside.join("t"), root.join("d/link")).unwrap();
+        assert!(matches!(into("link", b"4", Replace::File), Err(PathError::Symlink(_))));
+        assert!(std::fs::symlink_metadata(root.join("d/link"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!outside.join("t").exists(), "nothing written through the link");
+        into("link", b"5", Replace::FileOrLink).unwrap();
+        assert_eq!(std::fs::read(root.join("d/link")).unwrap(), b"5");
     }
 
     #[test]

@@ -69,12 +69,22 @@ pub fn open_file_beneath(root: &Path, components: &[&str]) -> Result<File, PathE
 /// component already opened by the no-follow walk ([`open_dir_beneath`]): one no-follow open, so that the files
 /// of one directory cost one walk. Refuses what [`open_file_beneath`] refuses, with the same errors. Blocking.
 pub fn open_file_in(root: &Path, dir: &File, components: &[&str]) -> Result<File, PathError> {
+    open_file_in_with_metadata(root, dir, components).map(|(file, _)| file)
+}
+
+/// [`open_file_in`], also returning the opened file's metadata (the `fstat` that checked it is the inode looked
+/// at): a caller that needs the size, mtime or mode takes no `fstat` of its own. Blocking.
+pub fn open_file_in_with_metadata(
+    root: &Path,
+    dir: &File,
+    components: &[&str],
+) -> Result<(File, std::fs::Metadata), PathError> {
     let at = || root.join(components.join("/"));
     let name = components.last().copied().unwrap_or_default();
-    match entry_at(dir, OsStr::new(name)).map_err(|e| refusal(root, &at(), Refusal::Io(e)))? {
-        Entry::File(file) => Ok(file),
-        Entry::Symlink(_) => Err(PathError::Symlink(shown(root, &at()))),
-        Entry::Dir(_) | Entry::Other => Err(PathError::InTheWay(shown(root, &at()))),
+    match open_entry_at(dir, OsStr::new(name)).map_err(|e| refusal(root, &at(), Refusal::Io(e)))? {
+        (Entry::File(file), Some(meta)) => Ok((file, meta)),
+        (Entry::Symlink(_), _) => Err(PathError::Symlink(shown(root, &at()))),
+        _ => Err(PathError::InTheWay(shown(root, &at()))),
     }
 }
 
@@ -117,21 +127,27 @@ fn stat_at(dir: &File, name: &OsStr) -> io::Result<Stat> {
 /// Opens `name` inside `dir` without following it: a regular file or a directory is opened (and checked to be the
 /// very inode that was looked at), a symlink is read, anything else is left unopened. Blocking.
 pub fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
+    open_entry_at(dir, name).map(|(entry, _)| entry)
+}
+
+/// [`entry_at`], with the metadata of the file or directory opened (`None` for a symlink or anything else).
+fn open_entry_at(dir: &File, name: &OsStr) -> io::Result<(Entry, Option<std::fs::Metadata>)> {
     let stat = stat_at(dir, name)?;
     let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let (flags, is_dir) = match FileType::from_raw_mode(stat.st_mode) {
         // O_NONBLOCK: were a FIFO swapped in after the look, opening it must not hang.
         FileType::RegularFile => (base | OFlags::NONBLOCK, false),
         FileType::Directory => (base | OFlags::DIRECTORY, true),
-        FileType::Symlink => return read_link_at(dir, name).map(Entry::Symlink),
-        _ => return Ok(Entry::Other),
+        FileType::Symlink => return read_link_at(dir, name).map(|target| (Entry::Symlink(target), None)),
+        _ => return Ok((Entry::Other, None)),
     };
     let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
     let meta = file.metadata()?;
     if meta.ino() != stat.st_ino || meta.dev() != stat.st_dev {
         return Err(io::Error::other("it was replaced while it was being opened"));
     }
-    Ok(if is_dir { Entry::Dir(file) } else { Entry::File(file) })
+    let entry = if is_dir { Entry::Dir(file) } else { Entry::File(file) };
+    Ok((entry, Some(meta)))
 }
 
 /// The target of the symlink `name` inside `dir`.
@@ -142,14 +158,30 @@ fn read_link_at(dir: &File, name: &OsStr) -> io::Result<PathBuf> {
 
 /// The names in the directory `dir` (without `.` and `..`), in no particular order. Blocking.
 pub fn list_dir(dir: &File) -> io::Result<Vec<OsString>> {
+    Ok(list_dir_typed(dir)?.into_iter().map(|(name, _)| name).collect())
+}
+
+/// [`list_dir`] with what each entry is as the listing tells it (`d_type`), without a `stat` per entry; `None`
+/// where the filesystem does not say (`DT_UNKNOWN`: ask [`kind_at`]). Only a hint, as of the listing: whatever
+/// opens an entry afterwards still checks what it opened. Blocking.
+pub fn list_dir_typed(dir: &File) -> io::Result<Vec<(OsString, Option<Kind>)>> {
     // `read_from` opens the same directory afresh (`openat(dir, ".")`): the listing gets its own position.
     let mut stream = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
     while let Some(entry) = stream.read() {
-        let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(OsString::from_vec(name));
+        let entry = entry?;
+        let name = entry.file_name().to_bytes().to_vec();
+        if name == b"." || name == b".." {
+            continue;
         }
+        let kind = match entry.file_type() {
+            FileType::RegularFile => Some(Kind::File),
+            FileType::Directory => Some(Kind::Dir),
+            FileType::Symlink => Some(Kind::Symlink),
+            FileType::Unknown => None,
+            _ => Some(Kind::Other),
+        };
+        names.push((OsString::from_vec(name), kind));
     }
     Ok(names)
 }

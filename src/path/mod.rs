@@ -15,7 +15,8 @@ mod beneath;
 
 pub use at::{metadata_in_root, open_parent_dir, rename_into, rename_into_from, rename_into_opened, Replace};
 pub use beneath::{
-    entry_at, kind_at, list_dir, open_beneath, open_dir_beneath, open_file_beneath, open_file_in, Entry, Kind,
+    entry_at, kind_at, list_dir, list_dir_typed, open_beneath, open_dir_beneath, open_file_beneath, open_file_in,
+    open_file_in_with_metadata, Entry, Kind,
 };
 
 /// Longest accepted path, in bytes.

@@ -16,7 +16,7 @@ pub use access::ClientEntry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ use crate::transfer::join::serve_join;
 use crate::transfer::prune::serve_prune;
 use crate::transfer::receiver::{receive, ReceiverContext};
 use crate::transfer::tree_receiver::receive_tree;
+/// The receiver's counters, defined with the receiver role (`transfer::stats`); named here too, where servers report them.
+pub use crate::transfer::ReceiverStats;
 use crate::transfer::{answer_ping, handshake, next_message, tell_peer, TransferError};
 use crate::tree::LinkPolicy;
 use crate::wire::codec::LEN_PREFIX;
@@ -128,23 +130,6 @@ impl ServerConfig {
             object_store: None,
         }
     }
-}
-
-/// Server-wide counters, readable while the server runs.
-#[derive(Debug, Default)]
-pub struct ReceiverStats {
-    /// Connections accepted.
-    pub connections: AtomicU64,
-    /// Chunk payload bytes received.
-    pub bytes_received: AtomicU64,
-    /// Chunks made durable and acknowledged.
-    pub chunks_durable: AtomicU64,
-    /// Chunks that failed verification.
-    pub chunks_rejected: AtomicU64,
-    /// Files committed.
-    pub files_committed: AtomicU64,
-    /// Live progress in bytes (what a pulling client displays; a server keeps it as a running total).
-    pub meter: Arc<crate::meter::Meter>,
 }
 
 /// Starting the server failed.

@@ -117,6 +117,6 @@ mod tests {
             created: 3,
             updated: 4,
         };
-        assert_eq!(crate::wire::codec::encode_record(&entry).len(), ENTRY_FIXED_BYTES + 3);
+        assert_eq!(crate::record::encode_record(&entry).len(), ENTRY_FIXED_BYTES + 3);
     }
 }

@@ -30,12 +30,19 @@ use crate::path::{
 pub struct LocalVolume {
     pub(super) root: PathBuf,
     pub(super) partial_dir: PathBuf,
+    /// `partial_dir`, opened once on first use by a tree's small files: they are created, checked and renamed
+    /// relative to it (no path lookup per file), and it is what `syncfs` is called on.
+    pub(super) partial_fd: Arc<std::sync::OnceLock<File>>,
 }
 
 impl LocalVolume {
     /// A volume committing under `root`, with partials in `partial_dir`.
     pub fn new(root: PathBuf, partial_dir: PathBuf) -> Self {
-        LocalVolume { root, partial_dir }
+        LocalVolume {
+            root,
+            partial_dir,
+            partial_fd: Arc::default(),
+        }
     }
 
     /// The same, shared, as a receiver context holds it.

@@ -72,30 +72,27 @@ impl TreeVolume for LocalVolume {
     }
 
     fn stage(&self, _key: &RemotePath, data: &[u8], mode: u32, mtime: FileTime) -> io::Result<Staged> {
-        use std::os::unix::fs::PermissionsExt;
-        let temp = self
-            .partial_dir
-            .join(format!(".ferry-{:016x}.small", crate::random::u64()));
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        let staged = |meta: &std::fs::Metadata| Staged {
-            location: temp.display().to_string(),
-            identity: Identity {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                len: meta.len(),
-                mtime: mtime_of(meta),
-                is_file: true,
-            },
-        };
+        let partial_dir = self.partial_dir_fd()?;
+        let (name, mut out) = create_temp(partial_dir, mode & 0o777)?;
+        let temp = self.partial_dir.join(&name);
         let written = out
             .write_all(data)
-            .and_then(|()| out.set_permissions(std::fs::Permissions::from_mode(mode & 0o777)))
             .and_then(|()| out.set_modified(super::local::system_time(mtime)))
-            .and_then(|()| out.metadata());
+            .and_then(|()| out.metadata())
+            .and_then(|meta| fix_mode(&out, meta, mode & 0o777));
         match written {
-            Ok(meta) => Ok(staged(&meta)),
+            Ok(meta) => Ok(Staged {
+                location: temp.display().to_string(),
+                identity: Identity {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    len: meta.len(),
+                    mtime: mtime_of(&meta),
+                    is_file: true,
+                },
+            }),
             Err(e) => {
-                let _ = std::fs::remove_file(&temp);
+                let _ = rustix::fs::unlinkat(partial_dir, name.as_str(), rustix::fs::AtFlags::empty());
                 Err(e)
             }
         }
@@ -117,11 +114,11 @@ impl TreeVolume for LocalVolume {
         earlier: PendingNames,
     ) -> io::Result<(Vec<Settled>, PendingNames)> {
         let mut unplaced = Unplaced(files.iter().map(|(_, s)| s.location.clone()).collect());
-        if !sync_filesystem(&self.partial_dir, &unplaced.0)? {
+        if !sync_filesystem(self.partial_dir_fd()?, &unplaced.0)? {
             // No `syncfs`: the earlier names are synced directory by directory.
             self.sync_names(earlier)?;
         }
-        let partial_dir = File::open(&self.partial_dir)?;
+        let partial_dir = self.partial_dir_fd()?;
         // Each destination directory walked once per group (no-follow descriptor walk), renamed into through that
         // descriptor; they are synced through it later (the next group's `syncfs`, or `sync_names`).
         let mut dirs: BTreeMap<String, File> = BTreeMap::new();
@@ -129,7 +126,7 @@ impl TreeVolume for LocalVolume {
         for (key, staged) in &files {
             // On an early return, the temporaries not placed yet are removed (those renamed are gone from their
             // unique names, so removing those names does nothing).
-            match self.place_staged(key, staged, &partial_dir, &mut dirs) {
+            match self.place_staged(key, staged, partial_dir, &mut dirs) {
                 Ok(()) => settled.push(Ok(staged.identity)),
                 Err(Placement::Refused(why)) => {
                     self.discard(staged);
@@ -165,6 +162,22 @@ impl TreeVolume for LocalVolume {
 }
 
 impl LocalVolume {
+    /// The partial directory's descriptor, opened on first use and kept (see [`LocalVolume::partial_fd`]).
+    fn partial_dir_fd(&self) -> io::Result<&File> {
+        if let Some(dir) = self.partial_fd.get() {
+            return Ok(dir);
+        }
+        let opened = crate::path::open_no_follow(&self.partial_dir)?;
+        if !opened.metadata()?.is_dir() {
+            return Err(io::Error::other(format!(
+                "{} is not a directory",
+                self.partial_dir.display()
+            )));
+        }
+        // Two threads may both open it; one descriptor is kept, the other closed.
+        Ok(self.partial_fd.get_or_init(|| opened))
+    }
+
     /// Renames the staged temporary (in `partial_dir`) over `key`, through directory descriptors on both sides (no
     /// symlink is followed, even one swapped in meanwhile), checking before and after the rename that the name
     /// holds the temporary written, as a single file's commit does. The destination's directory is walked once per
@@ -217,6 +230,44 @@ enum Placement {
     Failed(io::Error),
 }
 
+/// A process-wide source of unique temporary names: a random start drawn once (two processes sharing a partial
+/// directory do not walk the same names), then one more per name. A name already taken (another process's, or a
+/// crash's leftover) is skipped by the exclusive create.
+static TEMP_NAMES: std::sync::LazyLock<std::sync::atomic::AtomicU64> =
+    std::sync::LazyLock::new(|| std::sync::atomic::AtomicU64::new(crate::random::u64()));
+
+/// How many taken names [`create_temp`] skips before it gives up.
+const TEMP_NAME_TRIES: usize = 64;
+
+/// Creates a new temporary `.ferry-<16 hex>.small` in `dir` (exclusively, never through a symlink), with `mode`
+/// as its creation mode (the process's umask may clear bits of it: [`fix_mode`]). One `openat`, no `getrandom`.
+fn create_temp(dir: &File, mode: u32) -> io::Result<(String, File)> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut last = None;
+    for _ in 0..TEMP_NAME_TRIES {
+        let n = TEMP_NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!(".ferry-{n:016x}.small");
+        match rustix::fs::openat(dir, name.as_str(), flags, Mode::from_raw_mode(mode)) {
+            Ok(fd) => return Ok((name, File::from(fd))),
+            Err(rustix::io::Errno::EXIST) => last = Some(rustix::io::Errno::EXIST),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| io::Error::other("no temporary name"), io::Error::from))
+}
+
+/// Gives `file` (whose metadata is `meta`) the permission bits `mode` if its creation left others (a umask), and
+/// returns its metadata: the `fchmod` only when it changes something. A mode change leaves the mtime alone.
+fn fix_mode(file: &File, meta: std::fs::Metadata, mode: u32) -> io::Result<std::fs::Metadata> {
+    use std::os::unix::fs::PermissionsExt;
+    if meta.mode() & 0o7777 == mode {
+        return Ok(meta);
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    file.metadata()
+}
+
 /// Temporaries of a group not placed yet; removed when settling stops early.
 struct Unplaced(Vec<String>);
 
@@ -230,9 +281,8 @@ impl Drop for Unplaced {
 
 /// Makes the temporary files durable: one `syncfs` of their filesystem (which also makes every earlier rename on
 /// it durable: `true`), or an `fdatasync` each where that fails (`false`).
-fn sync_filesystem(dir: &Path, temps: &[String]) -> io::Result<bool> {
-    let handle = File::open(dir)?;
-    if rustix::fs::syncfs(&handle).is_ok() {
+fn sync_filesystem(dir: &File, temps: &[String]) -> io::Result<bool> {
+    if rustix::fs::syncfs(dir).is_ok() {
         return Ok(true);
     }
     for temp in temps {
@@ -308,5 +358,67 @@ pub(crate) fn set_dir_metadata_with(
         if let Err(e) = applied {
             tracing::warn!(path = %key, error = %e, "could not apply directory metadata");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn volume() -> (tempfile::TempDir, LocalVolume) {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, partials) = (dir.path().join("root"), dir.path().join("partials"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&partials).unwrap();
+        (dir, LocalVolume::new(root, partials))
+    }
+
+    /// A staged file has exactly the mode asked for, whatever the umask clears at its create (0o666 under the
+    /// usual 0o022 needs the `fchmod`; 0o600 does not), and the mtime asked for.
+    #[test]
+    fn a_staged_file_has_the_mode_and_mtime_asked_for() {
+        let (_dir, volume) = volume();
+        let key = RemotePath::parse("f").unwrap();
+        let mtime = FileTime {
+            secs: 1_000_000,
+            nanos: 5,
+        };
+        for mode in [0o666, 0o600, 0o755, 0o777] {
+            let staged = volume.stage(&key, b"bytes", mode, mtime).unwrap();
+            let meta = std::fs::symlink_metadata(&staged.location).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o7777, mode, "{staged:?}");
+            assert_eq!((mtime_of(&meta), staged.identity.mtime), (mtime, mtime));
+            assert_eq!((meta.ino(), meta.len()), (staged.identity.ino, 5));
+        }
+    }
+
+    /// The temporary names come from a counter, not a random draw per file: a name already taken in the partial
+    /// directory (another process's, a crash's leftover) is skipped, never opened or truncated.
+    #[test]
+    fn a_taken_temporary_name_is_skipped_and_left_alone() {
+        let (dir, volume) = volume();
+        let next = TEMP_NAMES.load(std::sync::atomic::Ordering::Relaxed);
+        let planted: Vec<_> = (0..4)
+            .map(|i| {
+                dir.path()
+                    .join(format!("partials/.ferry-{:016x}.small", next.wrapping_add(i)))
+            })
+            .collect();
+        for path in &planted {
+            std::fs::write(path, b"someone else's").unwrap();
+        }
+        let staged = volume
+            .stage(&RemotePath::parse("f").unwrap(), b"mine", 0o644, FileTime::default())
+            .unwrap();
+        assert!(!planted.iter().any(|p| p.display().to_string() == staged.location));
+        assert_eq!(std::fs::read(&staged.location).unwrap(), b"mine");
+        for path in &planted {
+            assert_eq!(std::fs::read(path).unwrap(), b"someone else's");
+        }
+        let again = volume
+            .stage(&RemotePath::parse("f").unwrap(), b"mine", 0o644, FileTime::default())
+            .unwrap();
+        assert_ne!(again.location, staged.location);
     }
 }

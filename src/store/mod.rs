@@ -255,7 +255,7 @@ fn prefixed(prefix: &str, key: &[u8]) -> Vec<u8> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    crate::wire::codec::decode_record(bytes).map_err(|e| StoreError::Corrupt {
+    crate::record::decode_record(bytes).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
     })

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{get, now_secs, prefixed, RecordBatch, Store, StoreError};
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::ranges::ChunkSet;
-use crate::wire::codec::encode_record;
+use crate::record::encode_record;
 
 const TRANSFER: &str = "transfer";
 const PROGRESS: &str = "progress";
@@ -512,7 +512,7 @@ impl ReceiverStore {
         self.begin_encoded(path, record.as_ref(), &encode_record(record), progress)
     }
 
-    /// [`ReceiverStore::begin`] with the record already encoded (by `wire::codec::encode_record`), so a caller that
+    /// [`ReceiverStore::begin`] with the record already encoded (by `record::encode_record`), so a caller that
     /// checked its length against a limit does not encode it twice.
     pub fn begin_encoded(
         &self,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{get, now_secs, prefixed, Store, StoreError};
 use crate::manifest::{ChunkEntry, FileTime, Manifest};
-use crate::wire::codec::encode_record;
+use crate::record::encode_record;
 
 const MANIFEST: &str = "manifest";
 const PUSH: &str = "push";
@@ -137,8 +137,7 @@ impl SenderStore {
         let mut order: Vec<Vec<u8>> = get(&self.tree, &order_key).ok().flatten().unwrap_or_default();
         let new = encode_record(key);
         order.retain(|old| {
-            *old != new
-                && crate::wire::codec::decode_record::<ManifestKey>(old).is_ok_and(|old| same_content(&old, key))
+            *old != new && crate::record::decode_record::<ManifestKey>(old).is_ok_and(|old| same_content(&old, key))
         });
         order.push(new.clone());
         let evict = order.len().saturating_sub(MAX_CACHED_CHUNKINGS);
@@ -165,7 +164,7 @@ impl SenderStore {
         let Some(bytes) = self.tree.get(prefixed(SMALL, &encode_record(&key.path)))? else {
             return Ok(None);
         };
-        Ok(crate::wire::codec::decode_record::<(ManifestKey, Manifest)>(&bytes)
+        Ok(crate::record::decode_record::<(ManifestKey, Manifest)>(&bytes)
             .ok()
             .filter(|(cached, _)| cached == key)
             .map(|(_, manifest)| manifest))
@@ -308,7 +307,7 @@ impl SenderStore {
         for entry in self.tree.scan_prefix(prefixed(MANIFEST, b"")) {
             let (key, _) = entry?;
             let encoded = &key[MANIFEST.len() + 1..];
-            let stale = match crate::wire::codec::decode_record::<ManifestKey>(encoded) {
+            let stale = match crate::record::decode_record::<ManifestKey>(encoded) {
                 Ok(manifest_key) => !still_matches(&manifest_key),
                 Err(_) => true, // unreadable: it can never be found again either
             };
@@ -319,7 +318,7 @@ impl SenderStore {
         }
         for entry in self.tree.scan_prefix(prefixed(SMALL, b"")) {
             let (key, value) = entry?;
-            let stale = match crate::wire::codec::decode_record::<(ManifestKey, Manifest)>(&value) {
+            let stale = match crate::record::decode_record::<(ManifestKey, Manifest)>(&value) {
                 Ok((small_key, _)) => !still_matches(&small_key),
                 Err(_) => true,
             };
@@ -332,7 +331,7 @@ impl SenderStore {
         let mut stale_hashing = Vec::new();
         for entry in self.tree.scan_prefix(prefixed(HASHING, b"")) {
             let (key, _) = entry?;
-            match crate::wire::codec::decode_record::<ManifestKey>(&key[HASHING.len() + 1..]) {
+            match crate::record::decode_record::<ManifestKey>(&key[HASHING.len() + 1..]) {
                 Ok(hashing_key) if still_matches(&hashing_key) => {}
                 Ok(hashing_key) => stale_hashing.push(hashing_key.path),
                 Err(_) => {

@@ -15,6 +15,7 @@ pub mod receiver;
 mod reuse;
 pub mod sender;
 mod small_writer;
+pub mod stats;
 pub mod stream_offer;
 pub mod stream_send;
 pub mod tree_receiver;
@@ -198,6 +199,7 @@ impl TransferError {
 }
 
 pub use crate::storage::is_permission_error;
+pub use stats::ReceiverStats;
 
 impl From<StorageError> for TransferError {
     fn from(error: StorageError) -> Self {

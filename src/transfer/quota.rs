@@ -391,17 +391,26 @@ impl EntryBudget {
     pub fn take(&mut self, root: &Path, key: &RemotePath, dir_or_link: bool) -> Result<(), String> {
         let components: Vec<&str> = key.components().collect();
         let mut missing = Vec::new();
+        // Whether the parent was missing when looked at (by this call, or as counted before): then so is the entry,
+        // and it needs no `stat` of its own (a fresh tree's files cost none).
+        let mut parent_missing = false;
         // The parents, deepest first, up to one that exists or was counted already.
         for depth in (1..components.len()).rev() {
             let parent = components[..depth].join("/");
             let id = path_id(&parent);
-            if self.counted.contains(&id) || std::fs::symlink_metadata(root.join(&parent)).is_ok() {
+            if self.counted.contains(&id) {
+                parent_missing |= depth + 1 == components.len();
                 break;
             }
+            if std::fs::symlink_metadata(root.join(&parent)).is_ok() {
+                break;
+            }
+            parent_missing |= depth + 1 == components.len();
             missing.push(id);
         }
         let id = path_id(key.as_str());
-        let itself = !self.counted.contains(&id) && std::fs::symlink_metadata(root.join(key.as_str())).is_err();
+        let itself = !self.counted.contains(&id)
+            && (parent_missing || std::fs::symlink_metadata(root.join(key.as_str())).is_err());
         let cost = missing.len() as u64 + u64::from(itself);
         if cost > self.left {
             return Err(format!(
@@ -431,4 +440,47 @@ fn path_id(path: &str) -> [u8; 16] {
     let mut id = [0; 16];
     id.copy_from_slice(&hash.as_bytes()[..16]);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(limit: u64) -> EntryBudget {
+        EntryBudget {
+            left: limit,
+            limit,
+            counted: HashSet::new(),
+            dirs_and_links: 0,
+        }
+    }
+
+    fn key(path: &str) -> RemotePath {
+        RemotePath::parse(path).unwrap()
+    }
+
+    /// A file under a directory found missing is counted without a look of its own, once; a file already on
+    /// disk, or under a directory that exists, is counted only if it is not there.
+    #[test]
+    fn entries_under_missing_and_existing_directories_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("old")).unwrap();
+        std::fs::write(dir.path().join("old/kept"), b"x").unwrap();
+        let mut entries = budget(10);
+        entries.take(dir.path(), &key("new/sub/a"), false).unwrap();
+        assert_eq!(entries.left, 7, "new, new/sub and a");
+        entries.take(dir.path(), &key("new/sub/b"), false).unwrap();
+        entries.take(dir.path(), &key("new/c"), false).unwrap();
+        assert_eq!(entries.left, 5, "b and c: their directories were counted");
+        entries.take(dir.path(), &key("old/kept"), false).unwrap();
+        assert_eq!(entries.left, 5, "a file on disk adds no entry");
+        entries.take(dir.path(), &key("old/added"), false).unwrap();
+        assert_eq!(entries.left, 4);
+        entries.take(dir.path(), &key("new/d"), true).unwrap();
+        entries.take(dir.path(), &key("new/d/e"), false).unwrap();
+        assert_eq!((entries.left, entries.dirs_and_links), (2, 3));
+        let mut small = budget(2);
+        assert!(small.take(dir.path(), &key("x/y/z"), false).is_err());
+        assert_eq!(small.left, 2, "nothing taken on a refusal");
+    }
 }

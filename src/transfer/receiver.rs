@@ -20,13 +20,13 @@ use super::join;
 use super::quota::{admit, admit_shared, NewTransfer};
 use super::reuse::reuse_local;
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
+use super::ReceiverStats;
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 #[cfg(test)]
 use crate::manifest::ChunkEntry;
 use crate::manifest::Manifest;
 use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
-use crate::server::ReceiverStats;
 use crate::storage::Volume;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
@@ -579,19 +579,14 @@ pub(super) fn prepare(
         let new = NewTransfer {
             path: key,
             size: manifest.size,
-            record_bytes: crate::wire::codec::encoded_record_len(&new_record),
+            record_bytes: crate::record::encoded_record_len(&new_record),
         };
         if let Err(refused) = admit_offer(ctx, path, &manifest, &new, &mut turn) {
             volume.refused(key);
             return Err(refused);
         }
         let file = open()?;
-        store.begin_encoded(
-            key,
-            new_record,
-            &crate::wire::codec::encode_record(&new_record),
-            &progress,
-        )?;
+        store.begin_encoded(key, new_record, &crate::record::encode_record(&new_record), &progress)?;
         file
     };
     let writer = ChunkWriter::new(

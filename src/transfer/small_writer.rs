@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::ReceiverStats;
 use super::TransferError;
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::path::RemotePath;
-use crate::server::ReceiverStats;
 use crate::storage::{Identity, PendingNames, Staged, TreeVolume};
 use crate::store::{now_secs, CommittedFile, ReceiverStore};
 

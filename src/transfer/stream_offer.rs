@@ -188,7 +188,7 @@ fn record_so_far(ctx: &ReceiverContext, session: &mut Streaming) -> Result<(), T
         partial: &partial_name,
         created: session.created,
     };
-    let encoded = crate::wire::codec::encode_record(&record);
+    let encoded = crate::record::encode_record(&record);
     let mut turn = ctx.admission.lock();
     let new = NewTransfer {
         path: &writer.key,

@@ -743,7 +743,7 @@ fn offers_in_one_namespace_are_admitted_one_after_another() {
         partial: "a.part".into(),
         created: 1,
     };
-    let record_bytes = crate::wire::codec::encode_record(&record).len() as u64;
+    let record_bytes = crate::record::encode_record(&record).len() as u64;
     let mut turn = fx.ctx.admission.lock();
     let a = NewTransfer {
         path: "a",

@@ -554,16 +554,13 @@ fn read_small(opener: &mut FileOpener<'_>, index: u32, check: Check) -> Read {
     else {
         return Read::Failed(index, "not a file".into(), false);
     };
-    let file = match opener.open_file(index) {
-        Ok(file) => file,
+    // The metadata is the open's own (its identity check): no second `fstat`.
+    let (file, meta) = match opener.open_file_with_metadata(index) {
+        Ok(opened) => opened,
         Err(e) => return Read::Failed(index, e.to_string(), false),
     };
-    if check == Check::Metadata {
-        match file.metadata() {
-            Err(e) => return Read::Failed(index, e.to_string(), false),
-            Ok(meta) if !crate::chunk::has_identity(&meta, size, mtime) => return Read::Changed(index),
-            Ok(_) => {}
-        }
+    if check == Check::Metadata && !crate::chunk::has_identity(&meta, size, mtime) {
+        return Read::Changed(index);
     }
     let read = read_up_to(&file, size.min(MAX_INLINE_FILE) as usize + 1);
     let matches = |data: &[u8]| match check {

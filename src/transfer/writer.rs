@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::ReceiverStats;
 use super::TransferError;
 use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
-use crate::server::ReceiverStats;
 use crate::storage::{Partial, PendingSync};
 use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
 use crate::verify::{self, DigestFollower, HeldBytes, PrefixDigest, StackedPrefix, VerifyError};

@@ -5,8 +5,6 @@
 //! buffered, and bincode gets the same limit, so no peer-chosen length ever sizes an allocation.
 
 use bincode::Options;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use thiserror::Error;
 
 use super::message::Message;
@@ -148,31 +146,8 @@ pub fn chunk_header(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, 
     Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
 }
 
-/// Encodes a store record with the same layout as frame bodies.
-pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_little_endian()
-        .serialize(record)
-        .expect("in-memory records always serialize")
-}
-
-/// The length [`encode_record`] would produce, computed without encoding (a limit is checked before a large record
-/// is copied).
-pub fn encoded_record_len<T: Serialize>(record: &T) -> u64 {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_little_endian()
-        .serialized_size(record)
-        .expect("in-memory records always serialize")
-}
-
-/// Decodes a store record, refusing anything larger than `limit` bytes of input.
-pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    options(bytes.len() as u64)
-        .deserialize(bytes)
-        .map_err(|e| CodecError::Malformed(e.to_string()))
-}
+/// Records at rest use the frame bodies' layout; [`crate::record`] owns them (named here for older callers).
+pub use crate::record::{decode_record, encode_record, encoded_record_len};
 
 #[cfg(test)]
 mod tests {
@@ -266,7 +241,7 @@ mod tests {
                 path: "backups/host".into(),
                 chunking: crate::chunk::ChunkSpec::default(),
                 window: 1 << 20,
-                links: crate::tree::LinkPolicy::Record,
+                links: crate::wire::LinkPolicy::Record,
             }),
             Message::TreeOffer(TreeOffer {
                 path: "backups/host".into(),
@@ -382,7 +357,7 @@ mod tests {
                             size: 4096,
                         },
                         window: 65536,
-                        links: crate::tree::LinkPolicy::Skip,
+                        links: crate::wire::LinkPolicy::Skip,
                     },
                     expect: PullKind::Tree,
                 }),

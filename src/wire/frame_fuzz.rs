@@ -15,7 +15,7 @@ use super::message::*;
 use crate::chunk::{ChunkSpec, ChunkingMode};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Manifest};
 use crate::ranges::IndexRange;
-use crate::tree::LinkPolicy;
+use crate::wire::LinkPolicy;
 
 const MAX: u32 = crate::MAX_FRAME;
 

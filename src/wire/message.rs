@@ -381,6 +381,16 @@ pub struct TreeCommitted {
     pub reused_bytes: u64,
 }
 
+/// What to do with symlinks found in a tree (`--links`, and a Pull's field: proto-spec.md §11).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LinkPolicy {
+    /// Leave symlinks out (listed as skipped).
+    #[default]
+    Skip,
+    /// Recreate symlinks whose relative target stays inside the tree; others are skipped.
+    Record,
+}
+
 /// A request for the file or tree at `path`; the server answers with an Offer (or a TreeOffer) and sends.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Pull {
@@ -391,7 +401,7 @@ pub struct Pull {
     /// Most unacknowledged chunk bytes the client wants in flight; the server clamps it to its own bounds.
     pub window: u64,
     /// For a tree: whether symlinks are recreated or left out.
-    pub links: crate::tree::LinkPolicy,
+    pub links: LinkPolicy,
 }
 
 /// A version-5 Pull: the fields of [`Pull`], then the kind of source the client expects (proto-spec.md §11).

@@ -15,8 +15,8 @@ pub use budget::FrameBudget;
 pub use codec::CodecError;
 pub use conn::{Connection, ReadLimits, WireError};
 pub use message::{
-    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, ManifestEnd,
-    ManifestPiece, Message, Need, Offer, OfferStart, PartialEntry, Partials, PruneFailure, Pull, PullExpecting,
-    PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer, TreePrune, TreePruned,
-    Welcome, MAGIC,
+    Ack, Auth, Challenge, Chunk, Committed, EntryKind, ErrorCode, ErrorFrame, FileData, Hello, Join, LinkPolicy,
+    ManifestEnd, ManifestPiece, Message, Need, Offer, OfferStart, PartialEntry, Partials, PruneFailure, Pull,
+    PullExpecting, PullKind, TreeAck, TreeCommit, TreeCommitted, TreeEntry, TreeFailure, TreeNeed, TreeOffer,
+    TreePrune, TreePruned, Welcome, MAGIC,
 };

@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::manifest::{FileTime, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{ranges_within, ChunkSet, IndexRange};
-use crate::wire::codec::{decode_record, encode_record};
+use crate::record::{decode_record, encode_record};
 
 /// S3's limit on a key, in bytes, the bucket prefix included.
 pub const MAX_KEY_LEN: usize = 1024;

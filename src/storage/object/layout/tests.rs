@@ -197,7 +197,7 @@ fn damaged_entry_objects_are_refused_never_panic() {
     let mut huge = good.clone();
     // The chunk vector's length is the last field of the manifest, before its 3 chunks of 44 bytes each.
     let manifest = stored.manifest().unwrap();
-    let manifest_len = crate::wire::codec::encoded_record_len(manifest) as usize;
+    let manifest_len = crate::record::encoded_record_len(manifest) as usize;
     let count_at = ENTRY_MAGIC.len() + 4 + manifest_len - 8 - 3 * 44;
     assert_eq!(good[count_at..count_at + 8], 3u64.to_le_bytes());
     huge[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
