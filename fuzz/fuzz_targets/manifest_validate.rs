@@ -4,7 +4,7 @@
 #![no_main]
 
 use ferry::manifest::Manifest;
-use ferry::wire::codec::decode_record;
+use ferry::record::decode_record;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -146,9 +146,6 @@ pub fn chunk_header(buf: &[u8], max_frame: u32) -> Result<Option<(u32, usize)>, 
     Ok(fills_body.then_some((index, len - (CHUNK_HEADER - LEN_PREFIX))))
 }
 
-/// Records at rest use the frame bodies' layout; [`crate::record`] owns them (named here for older callers).
-pub use crate::record::{decode_record, encode_record, encoded_record_len};
-
 #[cfg(test)]
 mod tests {
     use super::*;
