@@ -11,10 +11,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::journal::{self, Journaled, Parsed};
-use super::syncer::Syncer;
+use super::syncer::{LazySyncer, Syncer};
 use super::{
     is_permission_error, ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, PendingSync, ReadAt,
     StorageError, Volume,
@@ -364,27 +364,23 @@ impl PartialFile for File {
 /// disk makes the last one durable, instead of the disk working at queue depth one during every `fdatasync`.
 struct LocalPartial {
     file: File,
-    syncer: OnceLock<Option<Syncer>>,
+    syncer: LazySyncer,
 }
 
 impl LocalPartial {
     fn new(file: File) -> Self {
         LocalPartial {
             file,
-            syncer: OnceLock::new(),
+            syncer: LazySyncer::default(),
         }
     }
 
-    /// The sync thread, started on first use over a second descriptor of the file; `None` if it could not be.
-    fn syncer(&self) -> Option<&Syncer> {
-        self.syncer
-            .get_or_init(|| {
-                let file = self.file.try_clone().ok()?;
-                Syncer::spawn(move || file.sync_data())
-                    .inspect_err(|e| tracing::debug!(error = %e, "no sync thread; syncing on the writer's"))
-                    .ok()
-            })
-            .as_ref()
+    /// Starts the sync thread over a second descriptor of the file; `None` if it could not be.
+    fn spawn_syncer(&self) -> Option<Syncer> {
+        let file = self.file.try_clone().ok()?;
+        Syncer::spawn(move || file.sync_data())
+            .inspect_err(|e| tracing::debug!(error = %e, "no sync thread; syncing on the writer's"))
+            .ok()
     }
 }
 
@@ -418,10 +414,7 @@ impl PartialFile for LocalPartial {
     /// Hands the `fdatasync` to the file's sync thread and returns: it starts after this call, so it covers every
     /// write made before it (proto-spec.md §8).
     fn start_sync(&self) -> io::Result<PendingSync> {
-        match self.syncer().and_then(Syncer::start) {
-            Some(pending) => Ok(pending),
-            None => Ok(PendingSync::finished(self.file.sync_data())),
-        }
+        Ok(self.syncer.start(|| self.spawn_syncer(), || self.file.sync_data()))
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -23,11 +23,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::journal::{self, Journaled, Parsed};
 use super::local::{journal_beside, partial_file_name};
-use super::syncer::Syncer;
+use super::syncer::{LazySyncer, Syncer};
 use super::{
     ChangeStamp, Directory, FinalFile, Identity, Partial, PartialFile, PendingSync, ReadAt, StorageError, Volume,
 };
@@ -132,6 +132,12 @@ struct Disk {
     crashed_in: Option<&'static str>,
     /// Set by [`SimVolume::slow_syncs`]: how long a started sync takes on its thread.
     slow_sync: Option<std::time::Duration>,
+    /// Slow syncs asked for ([`PartialFile::start_sync`]), and how many of those the syncs that ended covered at
+    /// most (what was asked before each began): while fewer are covered than asked, a sync is outstanding.
+    sync_requests: u64,
+    sync_requests_covered: u64,
+    /// Writes made while a slow sync was outstanding.
+    writes_while_syncing: u64,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -264,6 +270,13 @@ impl SimVolume {
         self.lock().slow_sync = Some(delay);
     }
 
+    /// Writes (and length changes) made between a slow sync's request ([`SimVolume::slow_syncs`]) and the end of
+    /// the sync that covers it. Never more than were really made then: a request that came just as a sync began
+    /// may be counted as covered by it.
+    pub(crate) fn writes_while_syncing(&self) -> u64 {
+        self.lock().writes_while_syncing
+    }
+
     /// The durable bytes of the partial of `key` now: what a crash would keep for sure.
     pub(crate) fn durable_partial(&self, key: &str) -> Option<Vec<u8>> {
         let disk = self.lock();
@@ -332,7 +345,7 @@ impl SimVolume {
             disk: self.disk.clone(),
             ino,
             boot: disk.boot,
-            syncer: OnceLock::new(),
+            syncer: LazySyncer::default(),
         })
     }
 
@@ -566,7 +579,7 @@ impl Volume for SimVolume {
             disk: self.disk.clone(),
             ino,
             boot,
-            syncer: OnceLock::new(),
+            syncer: LazySyncer::default(),
         };
         if partial.size()? > size {
             PartialFile::set_len(&partial, size)?;
@@ -625,7 +638,7 @@ impl SimVolume {
             disk: self.disk.clone(),
             ino,
             boot: disk.boot,
-            syncer: OnceLock::new(),
+            syncer: LazySyncer::default(),
         })
     }
 }
@@ -636,7 +649,7 @@ struct SimHandle {
     ino: u64,
     boot: u64,
     /// The sync thread of [`SimVolume::slow_syncs`], started with the first sync.
-    syncer: OnceLock<Option<Syncer>>,
+    syncer: LazySyncer,
 }
 
 impl SimHandle {
@@ -648,6 +661,9 @@ impl SimHandle {
     fn change(&self, what: &'static str, change: Pending) -> io::Result<()> {
         let mut disk = self.lock();
         disk.tick(self.boot, what)?;
+        if disk.sync_requests > disk.sync_requests_covered {
+            disk.writes_while_syncing += 1;
+        }
         let file = disk.file(self.ino);
         apply(&mut file.data, &change, usize::MAX);
         file.pending.push(change);
@@ -699,21 +715,27 @@ impl PartialFile for SimHandle {
         let Some(delay) = self.lock().slow_sync else {
             return Ok(PendingSync::finished(self.sync_data()));
         };
-        let syncer = self.syncer.get_or_init(|| {
+        let spawn = || {
             let (disk, ino, boot) = (self.disk.clone(), self.ino, self.boot);
             let sync = move || {
+                let asked = disk.lock().unwrap_or_else(|e| e.into_inner()).sync_requests;
                 std::thread::sleep(delay);
                 let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+                disk.sync_requests_covered = disk.sync_requests_covered.max(asked);
                 disk.tick(boot, "fdatasync")?;
                 disk.sync_file(ino, false);
                 Ok(())
             };
             Syncer::spawn(sync).ok()
-        });
-        match syncer.as_ref().and_then(Syncer::start) {
-            Some(pending) => Ok(pending),
-            None => Ok(PendingSync::finished(self.sync_data())),
-        }
+        };
+        self.lock().sync_requests += 1;
+        let here = || {
+            let synced = self.sync_data();
+            let mut disk = self.lock();
+            disk.sync_requests_covered = disk.sync_requests;
+            synced
+        };
+        Ok(self.syncer.start(spawn, here))
     }
 
     /// Counted, not a mutating operation, and no change to what a crash keeps: unsynced writes are already

@@ -7,7 +7,7 @@
 //! the order the requests were made.
 
 use std::io;
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 
 use tokio::sync::oneshot;
 
@@ -37,6 +37,26 @@ impl Syncer {
         let (answer, pending) = oneshot::channel();
         self.requests.send(answer).ok()?;
         Some(PendingSync::running(pending))
+    }
+}
+
+/// A file's sync thread, started by the first sync that asks for it; where it cannot be started, syncs run on the
+/// caller's thread.
+#[derive(Default)]
+pub(crate) struct LazySyncer(OnceLock<Option<Syncer>>);
+
+impl LazySyncer {
+    /// A sync covering every write made before this call: on the thread, which `spawn` starts on first use (`None`:
+    /// it could not be), or else `here`, now.
+    pub(crate) fn start(
+        &self,
+        spawn: impl FnOnce() -> Option<Syncer>,
+        here: impl FnOnce() -> io::Result<()>,
+    ) -> PendingSync {
+        match self.0.get_or_init(spawn).as_ref().and_then(Syncer::start) {
+            Some(pending) => pending,
+            None => PendingSync::finished(here()),
+        }
     }
 }
 
@@ -103,18 +123,23 @@ mod tests {
         first.wait().unwrap();
     }
 
-    /// Requests queued while a sync runs share the next sync, and every one is answered, in order.
+    /// Requests queued while a sync runs share the next sync, and every one is answered. The first sync is held
+    /// until all five were asked (a gate, not a sleep), so the count does not depend on the machine's load.
     #[test]
     fn requests_queued_during_a_sync_share_the_next() {
         let syncs = Arc::new(AtomicU64::new(0));
         let counted = syncs.clone();
+        let (open, gate) = mpsc::channel::<()>();
         let syncer = Syncer::spawn(move || {
-            std::thread::sleep(Duration::from_millis(40));
+            // The first sync waits for the gate; once it is dropped, later ones pass at once.
+            let _ = gate.recv_timeout(Duration::from_secs(10));
             counted.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
         .unwrap();
         let pending: Vec<PendingSync> = (0..5).map(|_| syncer.start().unwrap()).collect();
+        open.send(()).unwrap();
+        drop(open);
         for sync in pending {
             sync.wait().unwrap();
         }
