@@ -13,7 +13,9 @@ use thiserror::Error;
 #[error("malformed record: {0}")]
 pub struct RecordError(String);
 
-fn options() -> impl Options {
+/// The one bincode layout of frame bodies and records: fixed-width little-endian integers. Decoders add their
+/// own input limit and refuse trailing bytes.
+pub(crate) fn layout() -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
@@ -21,20 +23,20 @@ fn options() -> impl Options {
 
 /// Encodes a record.
 pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
-    options().serialize(record).expect("in-memory records always serialize")
+    layout().serialize(record).expect("in-memory records always serialize")
 }
 
 /// The length [`encode_record`] would produce, computed without encoding (a limit is checked before a large record
 /// is copied).
 pub fn encoded_record_len<T: Serialize>(record: &T) -> u64 {
-    options()
+    layout()
         .serialized_size(record)
         .expect("in-memory records always serialize")
 }
 
 /// Decodes a record; trailing bytes are refused, and nothing is allocated beyond what `bytes` can hold.
 pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
-    options()
+    layout()
         .reject_trailing_bytes()
         .with_limit(bytes.len() as u64)
         .deserialize(bytes)

@@ -29,11 +29,7 @@ pub enum CodecError {
 }
 
 fn options(limit: u64) -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_little_endian()
-        .reject_trailing_bytes()
-        .with_limit(limit)
+    crate::record::layout().reject_trailing_bytes().with_limit(limit)
 }
 
 /// Appends one frame (prefix + body) for `msg` to `out`.
