@@ -11,7 +11,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use super::direct::{DirectWrites, DIRECT_MIN_SIZE};
 
 use super::journal::{self, Journaled, Parsed};
 use super::syncer::{LazySyncer, Syncer};
@@ -255,7 +257,10 @@ impl Volume for LocalVolume {
         if !exists {
             remove_if_there(&self.journal_path(key))?;
         }
-        Ok(Arc::new(LocalPartial::new(open_partial(key, &partial, size, exists)?)))
+        Ok(Arc::new(LocalPartial::new(
+            open_partial(key, &partial, size, exists)?,
+            size,
+        )))
     }
 
     fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
@@ -361,17 +366,26 @@ impl PartialFile for File {
 
 /// The local volume's partial: a file whose syncs run on a thread of their own ([`Syncer`], started with the first
 /// [`PartialFile::start_sync`]), so the writer goes on writing (and starting writeback of) the next batch while the
-/// disk makes the last one durable, instead of the disk working at queue depth one during every `fdatasync`.
+/// disk makes the last one durable, instead of the disk working at queue depth one during every `fdatasync`. A
+/// large one is written around the page cache where the filesystem allows ([`DirectWrites`]); every call but
+/// `write_at` first writes the bytes that gathers, so the file looks to them as if each write went straight in.
 struct LocalPartial {
     file: File,
     syncer: LazySyncer,
+    direct: Option<Mutex<DirectWrites>>,
 }
 
 impl LocalPartial {
-    fn new(file: File) -> Self {
+    /// The partial `file` of a `size`-byte destination.
+    fn new(file: File, size: u64) -> Self {
+        let direct = (size >= DIRECT_MIN_SIZE)
+            .then(|| DirectWrites::open(&file))
+            .flatten()
+            .map(Mutex::new);
         LocalPartial {
             file,
             syncer: LazySyncer::default(),
+            direct,
         }
     }
 
@@ -382,38 +396,84 @@ impl LocalPartial {
             .inspect_err(|e| tracing::debug!(error = %e, "no sync thread; syncing on the writer's"))
             .ok()
     }
+
+    /// The direct writes' state, if there are any.
+    fn direct(&self) -> Option<std::sync::MutexGuard<'_, DirectWrites>> {
+        let direct = self.direct.as_ref()?;
+        Some(direct.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes every byte gathered for a direct write into the file.
+    fn flush(&self) -> io::Result<()> {
+        match self.direct() {
+            Some(mut direct) => direct.flush(&self.file),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the bytes gathered for a direct write into the file if any of them is in `[offset, offset + len)`.
+    fn flush_over(&self, offset: u64, len: usize) -> io::Result<()> {
+        match self.direct() {
+            Some(mut direct) => direct.flush_if_over(&self.file, offset, len as u64),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LocalPartial {
+    /// Leaves the file holding every byte written to it (durable or not, as after any unsynced write).
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::debug!(error = %e, "could not write the partial's last gathered bytes");
+        }
+        if let Some(direct) = self.direct() {
+            tracing::debug!(
+                bytes = direct.written_direct(),
+                "partial closed; bytes written around the page cache"
+            );
+        }
+    }
 }
 
 impl ReadAt for LocalPartial {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.flush_over(offset, buf.len())?;
         ReadAt::read_at(&self.file, buf, offset)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.flush_over(offset, buf.len())?;
         ReadAt::read_exact_at(&self.file, buf, offset)
     }
 
     fn size(&self) -> io::Result<u64> {
+        self.flush()?;
         ReadAt::size(&self.file)
     }
 }
 
 impl PartialFile for LocalPartial {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        PartialFile::write_at(&self.file, data, offset)
+        match self.direct() {
+            Some(mut direct) => direct.write(&self.file, data, offset),
+            None => PartialFile::write_at(&self.file, data, offset),
+        }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.flush()?;
         PartialFile::set_len(&self.file, len)
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.flush()?;
         self.file.sync_data()
     }
 
     /// Hands the `fdatasync` to the file's sync thread and returns: it starts after this call, so it covers every
     /// write made before it (proto-spec.md §8).
     fn start_sync(&self) -> io::Result<PendingSync> {
+        self.flush()?;
         Ok(self.syncer.start(|| self.spawn_syncer(), || self.file.sync_data()))
     }
 
@@ -422,18 +482,22 @@ impl PartialFile for LocalPartial {
     }
 
     fn sync_all(&self) -> io::Result<()> {
+        self.flush()?;
         self.file.sync_all()
     }
 
     fn set_metadata(&self, mode: u32, mtime: FileTime) -> io::Result<()> {
+        self.flush()?;
         PartialFile::set_metadata(&self.file, mode, mtime)
     }
 
     fn identity(&self) -> io::Result<Identity> {
+        self.flush()?;
         PartialFile::identity(&self.file)
     }
 
     fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        self.flush()?;
         self.file.change_stamp()
     }
 }
@@ -594,6 +658,49 @@ mod tests {
         assert_eq!(
             partial_file_name("a/b.iso"),
             format!(".ferry-{}.part", &blake3::hash(b"a/b.iso").to_hex()[..32])
+        );
+    }
+
+    /// A large partial gathers in-order chunks for direct writes; whatever looks at the file in between (a read
+    /// over the gathered bytes, its size, a sync) finds every byte written before it, and a sync leaves nothing
+    /// only in memory: read through another descriptor after it, the file is exactly what was written.
+    #[test]
+    fn a_large_partial_shows_every_written_byte_to_reads_sizes_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".ferry-big.part");
+        let size = DIRECT_MIN_SIZE + 4_321;
+        let partial = LocalPartial::new(open_partial("big", &path, size, false).unwrap(), size);
+        if partial.direct.is_none() {
+            eprintln!("no direct I/O on this filesystem; the partial is buffered and nothing else to check");
+            return;
+        }
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let chunk = 65_537;
+        let half = (size / 2) as usize;
+        let mut at = 0;
+        while at < half {
+            let end = (at + chunk).min(half);
+            partial.write_at(&bytes[at..end], at as u64).unwrap();
+            at = end;
+        }
+        // The last chunk's bytes are still gathered, yet a read of them sees them.
+        let mut tail = vec![0u8; 100];
+        partial.read_exact_at(&mut tail, half as u64 - 100).unwrap();
+        assert_eq!(tail, bytes[half - 100..half]);
+        while at < size as usize {
+            let end = (at + chunk).min(size as usize);
+            partial.write_at(&bytes[at..end], at as u64).unwrap();
+            at = end;
+        }
+        assert_eq!(partial.size().unwrap(), size, "the size counts the gathered bytes");
+        partial.start_sync().unwrap().wait_here().unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == bytes,
+            "after the sync the file holds every byte"
+        );
+        assert!(
+            partial.direct().unwrap().written_direct() > size / 2,
+            "most bytes went direct"
         );
     }
 

@@ -20,6 +20,7 @@
 //! test can prove the order above, not only that the page cache survives a SIGKILL. The tree receiver's small
 //! files, directories and symlinks go through their own seam, [`TreeVolume`] (`tree.rs`).
 
+mod direct;
 pub(crate) mod journal;
 pub mod local;
 mod local_tree;

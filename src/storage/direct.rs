@@ -1,0 +1,303 @@
+//! [`DirectWrites`]: a partial's chunk bytes written around the page cache (`O_DIRECT`), in whole aligned blocks.
+//!
+//! A buffered `pwrite` copies every byte into page-cache pages the kernel must first find (and, on a guest whose
+//! host reclaimed them, fault in): on the benchmark machine that copy was two thirds of the receiver's CPU during
+//! a fresh push (docs/benchmarks.md). Direct I/O hands the disk the writer's own buffer instead. It wants the file
+//! offset, the length and the memory aligned to the filesystem's direct-I/O alignment, while content-defined
+//! chunks start anywhere, so bytes written in file order are gathered into an aligned buffer and written a full
+//! buffer at a time; what cannot be written aligned (the part of a block before a run of chunks starts, a run's
+//! last partial block, a chunk out of order) goes through the ordinary descriptor, buffered.
+//!
+//! The bytes still gathered ("carried") are not in the file yet. Whatever reads, sizes, stamps or syncs the file
+//! must write them first ([`DirectWrites::flush`], [`DirectWrites::flush_if_over`]): the partial calls it before
+//! each of those, so the rest of the receiver sees a file as if every write had gone straight to it, and a sync
+//! covers every byte written before it started (proto-spec.md §8). Bytes carried when the process dies are lost
+//! like any unsynced write: nothing records them durable before a sync that follows their flush.
+//!
+//! Where direct I/O is not available (a filesystem without it, no `/proc` to reopen the file, an alignment the
+//! kernel refuses), every write is buffered, as before.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Bytes gathered before a direct write: the most one write hands the disk, and the memory a partial holds for it.
+pub const DIRECT_BUFFER: usize = 4 << 20;
+
+/// A partial shorter than this is written buffered: its direct writes would be few and its buffer would cost more
+/// than it saves (a tree's small files never get one).
+pub const DIRECT_MIN_SIZE: u64 = 16 << 20;
+
+/// The alignment assumed when the filesystem does not report its own (`statx` before Linux 6.1).
+const DEFAULT_ALIGN: usize = 4096;
+
+/// Direct writes into one partial file, through a second descriptor of the same inode opened `O_DIRECT`.
+pub struct DirectWrites {
+    /// The partial reopened with `O_DIRECT` (a new open file description; the ordinary one stays buffered).
+    direct: File,
+    /// Offset, length and memory alignment of a direct write.
+    align: usize,
+    /// `DIRECT_BUFFER + align` bytes, of which `[pad, pad + DIRECT_BUFFER)` is the aligned window.
+    memory: Vec<u8>,
+    pad: usize,
+    /// The carried run: bytes `[start, start + len)` of the file are in the window's first `len` bytes and not
+    /// yet in the file. `start` is aligned.
+    start: u64,
+    len: usize,
+    /// Bytes written with `O_DIRECT` so far.
+    written_direct: u64,
+    /// Direct writes failed once with `EINVAL` (an alignment or a filesystem that refuses them): buffered from now.
+    refused: bool,
+}
+
+impl DirectWrites {
+    /// Direct writes into `file` (open for writing), or `None` where they are not available.
+    pub fn open(file: &File) -> Option<Self> {
+        let align = direct_alignment(file)?;
+        let direct = reopen_direct(file)
+            .inspect_err(|e| tracing::debug!(error = %e, "no direct writes; the partial is written buffered"))
+            .ok()?;
+        let memory = vec![0u8; DIRECT_BUFFER + align];
+        let pad = memory.as_ptr().align_offset(align);
+        Some(DirectWrites {
+            direct,
+            align,
+            memory,
+            pad,
+            start: 0,
+            len: 0,
+            written_direct: 0,
+            refused: false,
+        })
+    }
+
+    /// Bytes written with `O_DIRECT` so far.
+    pub fn written_direct(&self) -> u64 {
+        self.written_direct
+    }
+
+    /// Writes `data` at `offset` of the file behind `buffered` (the ordinary descriptor of the same file): gathered
+    /// if it continues the carried run, else after the run is flushed, as the start of a new one.
+    pub fn write(&mut self, buffered: &File, data: &[u8], offset: u64) -> io::Result<()> {
+        if self.refused {
+            self.flush(buffered)?;
+            return buffered.write_all_at(data, offset);
+        }
+        let continues = self.len > 0 && offset == self.start + self.len as u64;
+        let mut rest = data;
+        if !continues {
+            self.flush(buffered)?;
+            // The part of a block before the run's first aligned offset cannot be written direct.
+            let head = (offset.next_multiple_of(self.align as u64) - offset).min(data.len() as u64) as usize;
+            buffered.write_all_at(&data[..head], offset)?;
+            rest = &data[head..];
+            self.start = offset + head as u64;
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+        while !rest.is_empty() {
+            let take = rest.len().min(DIRECT_BUFFER - self.len);
+            let at = self.pad + self.len;
+            self.memory[at..at + take].copy_from_slice(&rest[..take]);
+            self.len += take;
+            rest = &rest[take..];
+            if self.len == DIRECT_BUFFER {
+                self.write_blocks(buffered, DIRECT_BUFFER)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether bytes `[offset, offset + len)` overlap the carried run (not yet in the file).
+    pub fn carries(&self, offset: u64, len: u64) -> bool {
+        self.len > 0 && offset < self.start + self.len as u64 && self.start < offset.saturating_add(len)
+    }
+
+    /// Writes the carried run into the file: its whole blocks direct, its last partial block buffered.
+    pub fn flush(&mut self, buffered: &File) -> io::Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let blocks = self.len / self.align * self.align;
+        if blocks > 0 {
+            self.write_blocks(buffered, blocks)?;
+        }
+        if self.len > 0 {
+            let (len, start) = (std::mem::take(&mut self.len), self.start);
+            buffered.write_all_at(&self.memory[self.pad..self.pad + len], start)?;
+            self.start += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes the run if it overlaps `[offset, offset + len)`, so that a read of those bytes finds them.
+    pub fn flush_if_over(&mut self, buffered: &File, offset: u64, len: u64) -> io::Result<()> {
+        if self.carries(offset, len) {
+            self.flush(buffered)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the run's first `n` bytes (a multiple of the alignment) direct and moves what follows them to the
+    /// window's start. On an error the run is dropped: its bytes belong to the batch not yet synced, which is
+    /// never recorded durable after a failed write.
+    fn write_blocks(&mut self, buffered: &File, n: usize) -> io::Result<()> {
+        debug_assert_eq!(n % self.align, 0);
+        let window = &self.memory[self.pad..self.pad + n];
+        let written = match self.refused {
+            true => buffered.write_all_at(window, self.start),
+            false => match write_all_direct(&self.direct, window, self.start, self.align) {
+                Ok(()) => {
+                    self.written_direct += n as u64;
+                    Ok(())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
+                    self.refused = true;
+                    buffered.write_all_at(window, self.start)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = written {
+            self.len = 0;
+            return Err(e);
+        }
+        self.memory.copy_within(self.pad + n..self.pad + self.len, self.pad);
+        self.start += n as u64;
+        self.len -= n;
+        Ok(())
+    }
+}
+
+/// Writes all of `data` (aligned) at `offset` (aligned) through the direct descriptor. A short write of a whole
+/// number of blocks goes on from where it stopped; one that is not is reported as `EINVAL`, so the caller writes
+/// the run buffered (rewriting the same bytes is harmless).
+fn write_all_direct(direct: &File, mut data: &[u8], mut offset: u64, align: usize) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = direct.write_at(data, offset)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n % align != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// The alignment direct I/O on `file` wants, from `statx` where the kernel reports it (`None`: the filesystem
+/// does no direct I/O), else [`DEFAULT_ALIGN`].
+fn direct_alignment(file: &File) -> Option<usize> {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    let Ok(stat) = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) else {
+        return Some(DEFAULT_ALIGN);
+    };
+    if !StatxFlags::from_bits_retain(stat.stx_mask).contains(StatxFlags::DIOALIGN) {
+        return Some(DEFAULT_ALIGN);
+    }
+    let (offset, memory) = (stat.stx_dio_offset_align as usize, stat.stx_dio_mem_align as usize);
+    if offset == 0 || memory == 0 {
+        return None;
+    }
+    let align = offset.max(memory).max(DEFAULT_ALIGN);
+    (align.is_power_of_two() && align <= 1 << 16).then_some(align)
+}
+
+/// A second open file description of the very inode `file` is (through `/proc/self/fd`, so no path lookup can be
+/// redirected), for writing with `O_DIRECT`.
+fn reopen_direct(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn partial(dir: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join("p"))
+            .unwrap()
+    }
+
+    /// Chunks of odd lengths at odd offsets, in order, then out of order and rewritten: the file holds exactly
+    /// what was written once flushed, and most of an in-order run went direct where the filesystem allows it.
+    #[test]
+    fn unaligned_chunks_land_exactly_and_mostly_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = partial(dir.path());
+        let Some(mut direct) = DirectWrites::open(&file) else {
+            eprintln!("no direct I/O on this filesystem; nothing to check");
+            return;
+        };
+        let size = 3 * DIRECT_BUFFER + 12_345;
+        let expected = pattern(size, 7);
+        // In order from an unaligned offset, in chunks of 100,003 bytes, after a first chunk of 777.
+        let mut offset = 777;
+        file.write_all_at(&expected[..777], 0).unwrap();
+        while offset < size {
+            let end = (offset + 100_003).min(size);
+            direct.write(&file, &expected[offset..end], offset as u64).unwrap();
+            offset = end;
+        }
+        assert!(
+            direct.carries(size as u64 - 1, 1),
+            "the run's tail is carried until a flush"
+        );
+        direct.flush(&file).unwrap();
+        assert!(!direct.carries(0, u64::MAX));
+        assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), expected);
+        assert!(
+            direct.written_direct() >= 3 * DIRECT_BUFFER as u64 - 2 * direct.align as u64,
+            "only {} bytes went direct",
+            direct.written_direct()
+        );
+
+        // Out of order and over bytes already written (a resume, a repeat): later writes win.
+        let patch = pattern(50_000, 99);
+        let mut expected = expected;
+        for at in [2 * DIRECT_BUFFER + 5, 10, DIRECT_BUFFER - 3] {
+            direct.write(&file, &patch, at as u64).unwrap();
+            expected[at..at + patch.len()].copy_from_slice(&patch);
+        }
+        direct.flush(&file).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), expected);
+    }
+
+    /// A read of carried bytes must flush them first; one elsewhere must not break the run.
+    #[test]
+    fn only_a_read_over_the_carried_run_flushes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = partial(dir.path());
+        let Some(mut direct) = DirectWrites::open(&file) else {
+            eprintln!("no direct I/O on this filesystem; nothing to check");
+            return;
+        };
+        let data = pattern(10_000, 3);
+        direct.write(&file, &data, 0).unwrap();
+        direct.flush_if_over(&file, 20_000, 100).unwrap();
+        assert!(direct.carries(0, 1), "a read past the run leaves it carried");
+        direct.flush_if_over(&file, 9_000, 100).unwrap();
+        assert!(!direct.carries(0, u64::MAX));
+        let mut back = vec![0; 10_000];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, data);
+    }
+}
