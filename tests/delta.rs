@@ -127,6 +127,82 @@ fn proc_io(pid: u32) -> Option<(u64, u64)> {
     Some((field("write_bytes:")?, field("wchar:")?))
 }
 
+/// `rchar` of `/proc/PID/io`: bytes the process read through read calls (files and sockets), if readable.
+fn proc_read(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// An in-place delta keeps the chunks its committed manifest places at their own offsets without reading them:
+/// the server reads the file once (the whole-file digest at commit), not also once per reused chunk to verify it
+/// and once more to compare it with what it would write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_delta_reads_the_unchanged_file_once() {
+    const SIZE: usize = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("disk.img");
+    write_random(&src, SIZE, 24);
+    let url = server.url("disk.img");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    rewrite(&src, |d| d[SIZE / 2..SIZE / 2 + MIB].fill(0x5a));
+    let pid = server.child.id();
+    let before = proc_read(pid);
+    let out = push(&src, &url, &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("disk.img")), b3(&src));
+    assert!(
+        out.u64("bytes_reused") > (SIZE / 2) as u64,
+        "written in place from the old file"
+    );
+    match (before, proc_read(pid)) {
+        (Some(before), Some(after)) => {
+            let read = after - before;
+            eprintln!("the server read {read} bytes for a {SIZE}-byte in-place delta");
+            assert!(
+                read < SIZE as u64 * 3 / 2,
+                "the server read {read} bytes of a {SIZE}-byte file"
+            );
+        }
+        _ => eprintln!("/proc/{pid}/io is not readable here: the bytes read are not checked"),
+    }
+}
+
+/// A chunk kept in place unread that was damaged on the server's disk behind its back (its size, inode and mtime
+/// unchanged, so the committed manifest still stands) is caught by the whole-file digest at commit, asked for
+/// again, and the file lands verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_chunk_kept_in_place_is_caught_at_commit_and_sent_again() {
+    use std::os::unix::fs::FileExt;
+    const SIZE: usize = 32 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("disk.img");
+    write_random(&src, SIZE, 25);
+    let url = server.url("disk.img");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    let dest = server.root.join("disk.img");
+    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&dest).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 1234).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], 1234).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    rewrite(&src, |d| d[SIZE / 2..SIZE / 2 + MIB].fill(0x5a));
+    let out = push(&src, &url, &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&dest), b3(&src), "the damaged byte was replaced");
+    server
+        .wait_for_log("asking for those chunks again", std::time::Duration::from_secs(10))
+        .await;
+}
+
 /// The in-place journals left in the server's partial directory.
 fn journals(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let Ok(listing) = std::fs::read_dir(root.join(".ferry/partial")) else {

@@ -326,6 +326,13 @@ impl PartialFile for Journaled {
         Ok(())
     }
 
+    /// Below the kept base length and under no journaled extent: the base's own bytes.
+    fn holds_unchanged(&self, offset: u64, len: u64) -> bool {
+        let state = self.state();
+        let end = offset.saturating_add(len);
+        end <= state.kept && !state.parsed.covers_any(offset, end)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut state = self.state();
         state.len = len;

@@ -140,6 +140,14 @@ pub trait PartialFile: ReadAt {
         let _ = (offset, len);
         Ok(())
     }
+    /// Whether bytes `[offset, offset + len)` of this partial are the destination's current bytes at the same
+    /// place, untouched by this transfer (an in-place partial over its base): writing the same bytes there would
+    /// write nothing, so a chunk the committed manifest places there need not be read to be kept. The whole-file
+    /// digest at commit still reads and checks them. By default none.
+    fn holds_unchanged(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Makes bytes, length, mode and mtime durable (`fsync`).
     fn sync_all(&self) -> io::Result<()>;
     /// Sets the permission bits (`mode & 0o777`) and the mtime the manifest asks for.

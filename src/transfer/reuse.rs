@@ -19,7 +19,7 @@ use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
 use crate::manifest::{ChunkEntry, Hash};
 use crate::path::RemotePath;
-use crate::storage::{FinalFile, ReadAt, Volume};
+use crate::storage::{FinalFile, Identity, ReadAt, Volume};
 use crate::store::ReceiverStore;
 
 /// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
@@ -67,6 +67,7 @@ pub(crate) fn reuse_local(
         places: HashMap::new(),
         files: Vec::new(),
         paths: Vec::new(),
+        known_previous: None,
     };
     for (index, chunk) in writer.manifest.chunks.iter().enumerate() {
         if writer.received.contains(index as u32) && wanted.contains(&chunk.hash) {
@@ -112,6 +113,20 @@ struct Finder {
     files: Vec<Box<dyn FinalFile>>,
     /// Relative path of each opened file (empty for the destination's previous version).
     paths: Vec<String>,
+    /// The previous version's file number, if its places come from its chunks' known hashes (its committed
+    /// manifest, or a cut of it), not from offsets alone.
+    known_previous: Option<usize>,
+}
+
+/// The chunks of the file at `path` (`meta`) from its committed manifest, if the file is unchanged since that
+/// commit (same size, inode and mtime).
+fn committed_chunks(store: &ReceiverStore, path: &RemotePath, meta: &Identity) -> Option<Vec<ChunkEntry>> {
+    let committed = store.committed(path.as_str()).ok().flatten()?;
+    let unchanged = committed.size == meta.len && committed.inode == meta.ino && committed.mtime == meta.mtime;
+    if !unchanged {
+        return None;
+    }
+    store.committed_manifest(path.as_str()).ok().flatten().map(|m| m.chunks)
 }
 
 impl Finder {
@@ -132,14 +147,7 @@ impl Finder {
         if !meta.is_file || meta.len == 0 {
             return;
         }
-        let committed = store.committed(path.as_str()).ok().flatten();
-        let unchanged = committed.is_some_and(|c| c.size == meta.len && c.inode == meta.ino && c.mtime == meta.mtime);
-        let stored = if unchanged {
-            store.committed_manifest(path.as_str()).ok().flatten().map(|m| m.chunks)
-        } else {
-            None
-        };
-        let chunks: Vec<ChunkEntry> = match stored {
+        let chunks: Vec<ChunkEntry> = match committed_chunks(store, path, &meta) {
             Some(chunks) => chunks,
             // Cutting an old file costs a full read of it: not for one far larger than what is offered.
             None if meta.len > SCAN_LIMIT_FACTOR * writer.manifest.size + SCAN_LIMIT_SLACK => return,
@@ -154,6 +162,7 @@ impl Finder {
         let number = self.files.len();
         self.files.push(file);
         self.paths.push(String::new());
+        self.known_previous = Some(number);
         for chunk in chunks {
             if wanted.contains(&chunk.hash) {
                 let place = Place::File {
@@ -251,6 +260,10 @@ impl Copier {
         indices: &[u32],
         places: &[Place],
     ) -> Result<(), TransferError> {
+        let indices = &self.keep_in_place(writer, finder, indices, places)[..];
+        if indices.is_empty() {
+            return Ok(());
+        }
         self.buf.resize(len as usize, 0);
         for place in places {
             let read = match *place {
@@ -286,6 +299,32 @@ impl Copier {
 }
 
 impl Copier {
+    /// Keeps, unread, each of `indices` that the destination's previous version holds at its own offset (its
+    /// committed manifest or a cut of it says so: `places`, [`Finder::known_previous`]) where the partial is that very file, untouched (an in-place
+    /// transfer). Returns the indices left to copy.
+    fn keep_in_place(
+        &mut self,
+        writer: &mut ChunkWriter,
+        finder: &Finder,
+        indices: &[u32],
+        places: &[Place],
+    ) -> Vec<u32> {
+        let previous_at = |offset: u64| {
+            places
+                .iter()
+                .any(|place| matches!(*place, Place::File { file, offset: at } if at == offset && finder.known_previous == Some(file)))
+        };
+        let mut left = Vec::new();
+        for &index in indices {
+            let entry = writer.manifest.chunk(index).copied();
+            match entry {
+                Some(entry) if previous_at(entry.offset) && writer.keep_in_place(index) => self.count(entry.len),
+                _ => left.push(index),
+            }
+        }
+        left
+    }
+
     fn count(&mut self, len: u32) {
         self.reused.chunks += 1;
         self.reused.bytes += u64::from(len);

@@ -894,6 +894,27 @@ impl ChunkWriter {
         }
     }
 
+    /// Keeps chunk `index` where it already is, unread, if the partial holds the destination's unchanged bytes
+    /// over its range ([`crate::storage::PartialFile::holds_unchanged`]) and the caller knows from the committed
+    /// manifest that they are this chunk: counted as reused, durable with the next batch (nothing to sync for
+    /// it). The whole-file digest at commit reads and checks these bytes; a mismatch there finds the damaged
+    /// chunks and asks for them (proto-spec.md §8). True if it was kept.
+    pub(crate) fn keep_in_place(&mut self, index: u32) -> bool {
+        let Some(entry) = self.manifest.chunk(index).copied() else {
+            return false;
+        };
+        if self.received.contains(index) || self.written.contains(index) {
+            return false;
+        }
+        if !self.file.holds_unchanged(entry.offset, u64::from(entry.len)) {
+            return false;
+        }
+        self.mark_written(index);
+        self.batch.push((index, 0));
+        self.batch_reused += u64::from(entry.len);
+        true
+    }
+
     /// Bytes written since the last sync.
     pub(crate) fn batch_bytes(&self) -> u64 {
         self.batch_bytes
