@@ -54,7 +54,7 @@ impl DirectWrites {
     /// Direct writes into `file` (open for writing), or `None` where they are not available.
     pub fn open(file: &File) -> Option<Self> {
         let align = direct_alignment(file)?;
-        let direct = reopen_direct(file)
+        let direct = reopen_direct(file, true)
             .inspect_err(|e| tracing::debug!(error = %e, "no direct writes; the partial is written buffered"))
             .ok()?;
         let memory = vec![0u8; DIRECT_BUFFER + align];
@@ -171,6 +171,81 @@ impl DirectWrites {
     }
 }
 
+/// A read at least this long goes around the page cache: the digest follower's and the commit's read-back of a
+/// directly written partial, whose bytes the page cache does not hold (a buffered read would fill it first, at a
+/// cost of system time per page, for bytes read once).
+pub const DIRECT_READ_MIN: usize = 256 << 10;
+
+/// Direct reads of one file, through a second descriptor of the same inode opened `O_DIRECT`, into an aligned
+/// buffer from which the caller's bytes are copied.
+pub struct DirectReads {
+    direct: File,
+    align: usize,
+    /// Allocated on the first read: `DIRECT_BUFFER + align` bytes, the aligned window at `pad`.
+    memory: Vec<u8>,
+    pad: usize,
+    /// Direct reads failed once with `EINVAL`: buffered from now.
+    refused: bool,
+}
+
+impl DirectReads {
+    /// Direct reads of `file`, or `None` where they are not available.
+    pub fn open(file: &File) -> Option<Self> {
+        let align = direct_alignment(file)?;
+        let direct = reopen_direct(file, false).ok()?;
+        Some(DirectReads {
+            direct,
+            align,
+            memory: Vec::new(),
+            pad: 0,
+            refused: false,
+        })
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` (0 at the end of the file): a short request from `buffered`, a
+    /// long one direct (at most [`DIRECT_BUFFER`] bytes per call).
+    pub fn read(&mut self, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if self.refused || buf.len() < DIRECT_READ_MIN {
+            return buffered.read_at(buf, offset);
+        }
+        if self.memory.is_empty() {
+            self.memory = vec![0u8; DIRECT_BUFFER + self.align];
+            self.pad = self.memory.as_ptr().align_offset(self.align);
+        }
+        let align = self.align as u64;
+        let start = offset / align * align;
+        let skip = (offset - start) as usize;
+        let span = ((skip + buf.len()).next_multiple_of(self.align)).min(DIRECT_BUFFER);
+        let window = &mut self.memory[self.pad..self.pad + span];
+        let n = match self.direct.read_at(window, start) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(error = %e, "direct reads refused; reading through the page cache");
+                self.refused = true;
+                return buffered.read_at(buf, offset);
+            }
+            Err(e) => return Err(e),
+        };
+        let got = n.saturating_sub(skip).min(buf.len());
+        buf[..got].copy_from_slice(&window[skip..skip + got]);
+        Ok(got)
+    }
+
+    /// Fills `buf` from `offset` with [`DirectReads::read`]s, failing with `UnexpectedEof` at the end of the file.
+    pub fn read_exact(&mut self, buffered: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read(buffered, buf, offset)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes all of `data` (aligned) at `offset` (aligned) through the direct descriptor. A short write of a whole
 /// number of blocks goes on from where it stopped; one that is not is reported as `EINVAL`, so the caller writes
 /// the run buffered (rewriting the same bytes is harmless).
@@ -208,12 +283,13 @@ fn direct_alignment(file: &File) -> Option<usize> {
 }
 
 /// A second open file description of the very inode `file` is (through `/proc/self/fd`, so no path lookup can be
-/// redirected), for writing with `O_DIRECT`.
-fn reopen_direct(file: &File) -> io::Result<File> {
+/// redirected), for writing (`write`) or reading with `O_DIRECT`.
+fn reopen_direct(file: &File, write: bool) -> io::Result<File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
-        .write(true)
+        .read(!write)
+        .write(write)
         .custom_flags(libc::O_DIRECT)
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
@@ -279,6 +355,38 @@ mod tests {
         }
         direct.flush(&file).unwrap();
         assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), expected);
+    }
+
+    /// Direct reads at unaligned offsets and lengths return exactly the file's bytes, short only at its end.
+    #[test]
+    fn direct_reads_return_the_bytes_at_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = partial(dir.path());
+        let data = pattern(DIRECT_BUFFER + 300_001, 5);
+        file.write_all_at(&data, 0).unwrap();
+        let Some(mut reads) = DirectReads::open(&file) else {
+            eprintln!("no direct I/O on this filesystem; nothing to check");
+            return;
+        };
+        for (offset, len) in [
+            (0, DIRECT_READ_MIN),
+            (12_345, 1 << 20),
+            (4096, DIRECT_BUFFER),
+            (DIRECT_BUFFER, 400_000),
+        ] {
+            let mut buf = vec![0u8; len];
+            let mut got = 0;
+            while got < len {
+                let n = reads.read(&file, &mut buf[got..], (offset + got) as u64).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            let end = (offset + len).min(data.len());
+            assert_eq!(&buf[..got], &data[offset..end], "at {offset}, {len} bytes");
+        }
+        assert!(!reads.refused, "the filesystem took the direct reads");
     }
 
     /// A read of carried bytes must flush them first; one elsewhere must not break the run.

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::direct::{DirectWrites, DIRECT_MIN_SIZE};
+use super::direct::{DirectReads, DirectWrites, DIRECT_MIN_SIZE};
 
 use super::journal::{self, Journaled, Parsed};
 use super::syncer::{LazySyncer, Syncer};
@@ -245,7 +245,7 @@ impl Volume for LocalVolume {
             let journal = open_partial(key, &self.journal_path(key), u64::MAX, true)?;
             let base = self.open_target(key).map(|(_, file)| file);
             let opened = match base {
-                Some(base) => Journaled::open(Arc::new(journal), Box::new(base), size)?,
+                Some(base) => Journaled::open(Arc::new(journal), LocalFinal::boxed(base), size)?,
                 None => None,
             };
             let gone = || StorageError::At {
@@ -279,7 +279,7 @@ impl Volume for LocalVolume {
         let journal_path = self.journal_path(key);
         remove_if_there(&journal_path)?;
         let journal = open_partial(key, &journal_path, 0, false)?;
-        let journaled = Journaled::create(Arc::new(journal), Box::new(base), identity(&meta), size)?;
+        let journaled = Journaled::create(Arc::new(journal), LocalFinal::boxed(base), identity(&meta), size)?;
         Ok(Some(Arc::new(journaled)))
     }
 
@@ -305,7 +305,7 @@ impl Volume for LocalVolume {
     }
 
     fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>> {
-        open_committed(&self.root, path.as_str()).map(|file| Box::new(file) as Box<dyn FinalFile>)
+        open_committed(&self.root, path.as_str()).map(LocalFinal::boxed)
     }
 }
 
@@ -373,6 +373,8 @@ struct LocalPartial {
     file: File,
     syncer: LazySyncer,
     direct: Option<Mutex<DirectWrites>>,
+    /// Long reads around the page cache, for a partial written around it.
+    direct_reads: Option<Mutex<DirectReads>>,
 }
 
 impl LocalPartial {
@@ -382,10 +384,12 @@ impl LocalPartial {
             .then(|| DirectWrites::open(&file))
             .flatten()
             .map(Mutex::new);
+        let direct_reads = direct.as_ref().and_then(|_| DirectReads::open(&file)).map(Mutex::new);
         LocalPartial {
             file,
             syncer: LazySyncer::default(),
             direct,
+            direct_reads,
         }
     }
 
@@ -438,12 +442,24 @@ impl Drop for LocalPartial {
 impl ReadAt for LocalPartial {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.flush_over(offset, buf.len())?;
-        ReadAt::read_at(&self.file, buf, offset)
+        match &self.direct_reads {
+            Some(reads) => {
+                let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
+                reads.read(&self.file, buf, offset)
+            }
+            None => ReadAt::read_at(&self.file, buf, offset),
+        }
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.flush_over(offset, buf.len())?;
-        ReadAt::read_exact_at(&self.file, buf, offset)
+        match &self.direct_reads {
+            Some(reads) => {
+                let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
+                reads.read_exact(&self.file, buf, offset)
+            }
+            None => ReadAt::read_exact_at(&self.file, buf, offset),
+        }
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -499,6 +515,56 @@ impl PartialFile for LocalPartial {
     fn change_stamp(&self) -> io::Result<ChangeStamp> {
         self.flush()?;
         self.file.change_stamp()
+    }
+}
+
+/// A committed file opened for reading (reuse, the base of an in-place partial): long reads of a large one go
+/// around the page cache ([`DirectReads`]), since a file this volume wrote directly is not in it, and one read once
+/// is better not made to push everything else out of it.
+struct LocalFinal {
+    file: File,
+    reads: Option<Mutex<DirectReads>>,
+}
+
+impl LocalFinal {
+    fn new(file: File) -> Self {
+        let large = file.metadata().is_ok_and(|m| m.len() >= DIRECT_MIN_SIZE);
+        let reads = large.then(|| DirectReads::open(&file)).flatten().map(Mutex::new);
+        LocalFinal { file, reads }
+    }
+
+    fn boxed(file: File) -> Box<dyn FinalFile> {
+        Box::new(Self::new(file))
+    }
+}
+
+impl ReadAt for LocalFinal {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match &self.reads {
+            Some(reads) => (reads.lock().unwrap_or_else(|e| e.into_inner())).read(&self.file, buf, offset),
+            None => ReadAt::read_at(&self.file, buf, offset),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.reads {
+            Some(reads) => (reads.lock().unwrap_or_else(|e| e.into_inner())).read_exact(&self.file, buf, offset),
+            None => ReadAt::read_exact_at(&self.file, buf, offset),
+        }
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        ReadAt::size(&self.file)
+    }
+}
+
+impl FinalFile for LocalFinal {
+    fn identity(&self) -> io::Result<Identity> {
+        FinalFile::identity(&self.file)
+    }
+
+    fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>> {
+        self.file.cut(size, chunking, keep)
     }
 }
 
