@@ -89,6 +89,7 @@ struct File {
     #[serde(default)]
     insecure_no_auth: bool,
     in_place: Option<InPlace>,
+    direct_io: Option<InPlace>,
     #[serde(default)]
     limits: Limits,
     tls: Option<Tls>,
@@ -177,7 +178,8 @@ struct Client {
     quota: Option<Size>,
 }
 
-/// `in_place`: whether a re-push that mostly matches the committed file may be written into it in place.
+/// `in_place`: whether a re-push that mostly matches the committed file may be written into it in place; also
+/// `direct_io`: whether large files may be written and read around the page cache.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum InPlace {
@@ -211,6 +213,9 @@ pub struct ServerFile {
     pub clients: Vec<ClientEntry>,
     /// `in_place = "auto" | "never"` (`None`: not set, auto).
     pub in_place: Option<bool>,
+    /// `direct_io = "auto" | "never"` (`None`: not set, auto): large partials written (and large files read)
+    /// around the page cache where the filesystem allows.
+    pub direct_io: Option<bool>,
     /// `[store]`: the object store, if files are kept in one.
     pub store: Option<crate::storage::object::StoreSettings>,
     limits: Limits,
@@ -246,6 +251,7 @@ impl ServerFile {
             tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
             clients,
             in_place: file.in_place.map(|mode| mode == InPlace::Auto),
+            direct_io: file.direct_io.map(|mode| mode == InPlace::Auto),
             store: file.store.as_ref().map(|s| s.settings(base)).transpose()?,
             limits,
         })
@@ -257,6 +263,9 @@ impl ServerFile {
         config.clients = self.clients.clone();
         if let Some(in_place) = self.in_place {
             config.in_place = in_place;
+        }
+        if let Some(direct_io) = self.direct_io {
+            config.direct_io = direct_io;
         }
         if self.store.is_some() {
             config.object_store = self.store.clone();
@@ -384,6 +393,7 @@ mod tests {
             listen = "0.0.0.0:7878"
             root = "inbox"
             in_place = "never"
+            direct_io = "never"
             [limits]
             max_connections = 10
             max_connections_per_client = 2
@@ -440,6 +450,7 @@ mod tests {
         assert_eq!(config.max_file_size, 1 << 20);
         assert_eq!(config.partial_ttl, Duration::from_secs(2 * 86_400));
         assert!(!config.in_place, "in_place = \"never\" turns the in-place delta off");
+        assert!(!config.direct_io, "direct_io = \"never\" turns direct I/O off");
         assert_eq!(config.clients.len(), 2);
         let laptop = &config.clients[0];
         assert_eq!((laptop.namespace.as_str(), laptop.quota), ("laptop", Some(1 << 30)));

@@ -98,3 +98,41 @@ async fn a_fresh_in_order_push_is_not_read_back_by_the_server() {
         "the server read {read} bytes back for a fresh {size}-byte push"
     );
 }
+
+/// A large file's chunks are written around the page cache by default (where the filesystem allows direct I/O),
+/// and through it with `direct_io = "never"` in the server's configuration; the file lands the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_io_never_keeps_every_write_in_the_page_cache() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.path().join("probe"));
+    let src = dir.path().join("big.bin");
+    write_random(&src, 20 * MIB, 31);
+    let debug = [("RUST_LOG", "ferry=debug")];
+    let by_default = TestServer::start_env(&dir.path().join("auto"), &debug);
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, "direct_io = \"never\"\n").unwrap();
+    let never = TestServer::start_with_env(
+        &dir.path().join("never"),
+        &["--config", config.to_str().unwrap()],
+        &debug,
+    );
+    for (server, direct) in [(&by_default, probe.is_ok()), (&never, false)] {
+        let out = push(&src, &server.url("big.bin"), &dir.path().join("state"), &[]).await;
+        out.assert_ok();
+        assert_eq!(b3(&server.root.join("big.bin")), b3(&src));
+        let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+        let opened: Vec<&str> = log.lines().filter(|l| l.contains("partial opened")).collect();
+        assert!(
+            opened.iter().any(|l| l.contains(&format!("direct={direct}"))),
+            "expected direct={direct} in {opened:?}"
+        );
+    }
+    if probe.is_err() {
+        eprintln!("no direct I/O on this filesystem: only the buffered path was checked");
+    }
+}

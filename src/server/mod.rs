@@ -98,6 +98,9 @@ pub struct ServerConfig {
     /// A re-push that mostly matches the committed file may be written into it in place under a redo journal
     /// (config `in_place = "auto"`, the default); false (`"never"`): always a new partial renamed over the file.
     pub in_place: bool,
+    /// Large partials are written, and large files read, around the page cache where the filesystem allows
+    /// (config `direct_io = "auto"`, the default); false (`"never"`): always through it.
+    pub direct_io: bool,
     /// Keep received files in an object store (`--store s3://…`) instead of under `root`.
     pub object_store: Option<crate::storage::object::StoreSettings>,
 }
@@ -127,6 +130,7 @@ impl ServerConfig {
             partial_ttl: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Duration::from_secs(3600),
             in_place: true,
+            direct_io: true,
             object_store: None,
         }
     }
@@ -218,6 +222,7 @@ impl Server {
             path: config.root.display().to_string(),
             source,
         })?;
+        crate::storage::set_direct_io(config.direct_io);
         let store = Store::open(&state_dir)?;
         let partial_dir = partial_dir.canonicalize().unwrap_or(partial_dir);
         let (volume, store_gc) = match &config.object_store {

@@ -31,6 +31,19 @@ pub const DIRECT_MIN_SIZE: u64 = 16 << 20;
 /// The alignment assumed when the filesystem does not report its own (`statx` before Linux 6.1).
 const DEFAULT_ALIGN: usize = 4096;
 
+/// Whether this process may use direct I/O at all (the server's `direct_io` setting); on by default.
+static DIRECT_IO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows or forbids direct I/O for every local file this process opens from now on (`direct_io = "never"`
+/// forbids it: every read and write goes through the page cache).
+pub fn set_direct_io(enabled: bool) {
+    DIRECT_IO.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn direct_io_allowed() -> bool {
+    DIRECT_IO.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Direct writes into one partial file, through a second descriptor of the same inode opened `O_DIRECT`.
 pub struct DirectWrites {
     /// The partial reopened with `O_DIRECT` (a new open file description; the ordinary one stays buffered).
@@ -51,8 +64,11 @@ pub struct DirectWrites {
 }
 
 impl DirectWrites {
-    /// Direct writes into `file` (open for writing), or `None` where they are not available.
+    /// Direct writes into `file` (open for writing), or `None` where they are not available or not allowed.
     pub fn open(file: &File) -> Option<Self> {
+        if !direct_io_allowed() {
+            return None;
+        }
         let align = direct_alignment(file)?;
         let direct = reopen_direct(file, true)
             .inspect_err(|e| tracing::debug!(error = %e, "no direct writes; the partial is written buffered"))
@@ -177,7 +193,7 @@ impl DirectWrites {
 pub const DIRECT_READ_MIN: usize = 256 << 10;
 
 /// Direct reads of one file, through a second descriptor of the same inode opened `O_DIRECT`, into an aligned
-/// buffer from which the caller's bytes are copied.
+/// buffer from which the caller's bytes are copied. Bytes the page cache holds are read from it instead.
 pub struct DirectReads {
     direct: File,
     align: usize,
@@ -189,8 +205,11 @@ pub struct DirectReads {
 }
 
 impl DirectReads {
-    /// Direct reads of `file`, or `None` where they are not available.
+    /// Direct reads of `file`, or `None` where they are not available or not allowed.
     pub fn open(file: &File) -> Option<Self> {
+        if !direct_io_allowed() {
+            return None;
+        }
         let align = direct_alignment(file)?;
         let direct = reopen_direct(file, false).ok()?;
         Some(DirectReads {
@@ -207,6 +226,10 @@ impl DirectReads {
     pub fn read(&mut self, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if self.refused || buf.len() < DIRECT_READ_MIN {
             return buffered.read_at(buf, offset);
+        }
+        // What the page cache holds already (a file read or written buffered lately) is copied from it.
+        if let Some(n) = read_if_cached(buffered, buf, offset) {
+            return Ok(n);
         }
         if self.memory.is_empty() {
             self.memory = vec![0u8; DIRECT_BUFFER + self.align];
@@ -243,6 +266,16 @@ impl DirectReads {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads at `offset` from the page cache only (`preadv2(RWF_NOWAIT)`): `Some(n)` for the `n > 0` bytes it held
+/// from there on, `None` if it holds none of them (or the kernel cannot tell: before Linux 4.14).
+fn read_if_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+    let mut slices = [std::io::IoSliceMut::new(buf)];
+    match rustix::io::preadv2(file, &mut slices, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
     }
 }
 

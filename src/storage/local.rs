@@ -385,6 +385,7 @@ impl LocalPartial {
             .flatten()
             .map(Mutex::new);
         let direct_reads = direct.as_ref().and_then(|_| DirectReads::open(&file)).map(Mutex::new);
+        tracing::debug!(size, direct = direct.is_some(), "partial opened");
         LocalPartial {
             file,
             syncer: LazySyncer::default(),

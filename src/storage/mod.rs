@@ -41,6 +41,7 @@ use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::path::{PathError, RemotePath};
 use crate::ranges::ChunkSet;
 
+pub use direct::set_direct_io;
 pub use local::LocalVolume;
 #[cfg(test)]
 pub(crate) use local_tree::set_dir_metadata_with;
