@@ -161,20 +161,23 @@ impl DirectWrites {
     fn write_blocks(&mut self, buffered: &File, n: usize) -> io::Result<()> {
         debug_assert_eq!(n % self.align, 0);
         let window = &self.memory[self.pad..self.pad + n];
-        let written = match self.refused {
-            true => buffered.write_all_at(window, self.start),
-            false => match write_all_direct(&self.direct, window, self.start, self.align) {
-                Ok(()) => {
-                    self.written_direct += n as u64;
-                    Ok(())
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
-                    self.refused = true;
-                    buffered.write_all_at(window, self.start)
-                }
-                Err(e) => Err(e),
-            },
+        let direct = if self.refused {
+            None
+        } else {
+            Some(write_all_direct(&self.direct, window, self.start, self.align))
+        };
+        let written = match direct {
+            Some(Ok(())) => {
+                self.written_direct += n as u64;
+                Ok(())
+            }
+            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
+                self.refused = true;
+                buffered.write_all_at(window, self.start)
+            }
+            None => buffered.write_all_at(window, self.start),
         };
         if let Err(e) = written {
             self.len = 0;
@@ -276,6 +279,38 @@ fn read_if_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
     match rustix::io::preadv2(file, &mut slices, offset, rustix::io::ReadWriteFlags::NOWAIT) {
         Ok(n) if n > 0 => Some(n),
         _ => None,
+    }
+}
+
+/// The reads of one file: long ones through [`DirectReads`] where it could be opened, all through the page cache
+/// otherwise.
+#[derive(Default)]
+pub struct LongReads(Option<std::sync::Mutex<DirectReads>>);
+
+impl LongReads {
+    /// Direct long reads of `file` where available and allowed.
+    pub fn of(file: &File) -> Self {
+        LongReads(DirectReads::open(file).map(std::sync::Mutex::new))
+    }
+
+    fn direct(&self) -> Option<std::sync::MutexGuard<'_, DirectReads>> {
+        Some(self.0.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads up to `buf.len()` bytes of `file` at `offset`; 0 at its end.
+    pub fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self.direct() {
+            Some(mut direct) => direct.read(file, buf, offset),
+            None => file.read_at(buf, offset),
+        }
+    }
+
+    /// Fills `buf` from `file` at `offset`, failing with `UnexpectedEof` at its end.
+    pub fn read_exact_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self.direct() {
+            Some(mut direct) => direct.read_exact(file, buf, offset),
+            None => file.read_exact_at(buf, offset),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::direct::{DirectReads, DirectWrites, DIRECT_MIN_SIZE};
+use super::direct::{DirectWrites, LongReads, DIRECT_MIN_SIZE};
 
 use super::journal::{self, Journaled, Parsed};
 use super::syncer::{LazySyncer, Syncer};
@@ -374,7 +374,7 @@ struct LocalPartial {
     syncer: LazySyncer,
     direct: Option<Mutex<DirectWrites>>,
     /// Long reads around the page cache, for a partial written around it.
-    direct_reads: Option<Mutex<DirectReads>>,
+    reads: LongReads,
 }
 
 impl LocalPartial {
@@ -384,13 +384,16 @@ impl LocalPartial {
             .then(|| DirectWrites::open(&file))
             .flatten()
             .map(Mutex::new);
-        let direct_reads = direct.as_ref().and_then(|_| DirectReads::open(&file)).map(Mutex::new);
+        let reads = match direct {
+            Some(_) => LongReads::of(&file),
+            None => LongReads::default(),
+        };
         tracing::debug!(size, direct = direct.is_some(), "partial opened");
         LocalPartial {
             file,
             syncer: LazySyncer::default(),
             direct,
-            direct_reads,
+            reads,
         }
     }
 
@@ -443,24 +446,12 @@ impl Drop for LocalPartial {
 impl ReadAt for LocalPartial {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.flush_over(offset, buf.len())?;
-        match &self.direct_reads {
-            Some(reads) => {
-                let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
-                reads.read(&self.file, buf, offset)
-            }
-            None => ReadAt::read_at(&self.file, buf, offset),
-        }
+        self.reads.read_at(&self.file, buf, offset)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.flush_over(offset, buf.len())?;
-        match &self.direct_reads {
-            Some(reads) => {
-                let mut reads = reads.lock().unwrap_or_else(|e| e.into_inner());
-                reads.read_exact(&self.file, buf, offset)
-            }
-            None => ReadAt::read_exact_at(&self.file, buf, offset),
-        }
+        self.reads.read_exact_at(&self.file, buf, offset)
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -524,13 +515,17 @@ impl PartialFile for LocalPartial {
 /// is better not made to push everything else out of it.
 struct LocalFinal {
     file: File,
-    reads: Option<Mutex<DirectReads>>,
+    reads: LongReads,
 }
 
 impl LocalFinal {
     fn new(file: File) -> Self {
         let large = file.metadata().is_ok_and(|m| m.len() >= DIRECT_MIN_SIZE);
-        let reads = large.then(|| DirectReads::open(&file)).flatten().map(Mutex::new);
+        let reads = if large {
+            LongReads::of(&file)
+        } else {
+            LongReads::default()
+        };
         LocalFinal { file, reads }
     }
 
@@ -541,17 +536,11 @@ impl LocalFinal {
 
 impl ReadAt for LocalFinal {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        match &self.reads {
-            Some(reads) => (reads.lock().unwrap_or_else(|e| e.into_inner())).read(&self.file, buf, offset),
-            None => ReadAt::read_at(&self.file, buf, offset),
-        }
+        self.reads.read_at(&self.file, buf, offset)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match &self.reads {
-            Some(reads) => (reads.lock().unwrap_or_else(|e| e.into_inner())).read_exact(&self.file, buf, offset),
-            None => ReadAt::read_exact_at(&self.file, buf, offset),
-        }
+        self.reads.read_exact_at(&self.file, buf, offset)
     }
 
     fn size(&self) -> io::Result<u64> {
