@@ -88,8 +88,8 @@ struct File {
     state: Option<PathBuf>,
     #[serde(default)]
     insecure_no_auth: bool,
-    in_place: Option<InPlace>,
-    direct_io: Option<InPlace>,
+    in_place: Option<AutoOrNever>,
+    direct_io: Option<AutoOrNever>,
     #[serde(default)]
     limits: Limits,
     tls: Option<Tls>,
@@ -178,14 +178,15 @@ struct Client {
     quota: Option<Size>,
 }
 
-/// `in_place`: whether a re-push that mostly matches the committed file may be written into it in place; also
-/// `direct_io`: whether large files may be written and read around the page cache.
+/// A setting that is on where it pays or off: `in_place` (a re-push that mostly matches the committed file may be
+/// written into it in place; never: every push writes a new partial and renames it over the file) and `direct_io`
+/// (large files written and read around the page cache; never: always through it).
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-enum InPlace {
+enum AutoOrNever {
     /// When it pays (the default).
     Auto,
-    /// Never: every push writes a new partial and renames it over the file.
+    /// Never.
     Never,
 }
 
@@ -250,8 +251,8 @@ impl ServerFile {
             insecure_no_auth: file.insecure_no_auth,
             tls: file.tls.map(|t| (base.join(t.cert), base.join(t.key))),
             clients,
-            in_place: file.in_place.map(|mode| mode == InPlace::Auto),
-            direct_io: file.direct_io.map(|mode| mode == InPlace::Auto),
+            in_place: file.in_place.map(|mode| mode == AutoOrNever::Auto),
+            direct_io: file.direct_io.map(|mode| mode == AutoOrNever::Auto),
             store: file.store.as_ref().map(|s| s.settings(base)).transpose()?,
             limits,
         })

@@ -44,15 +44,49 @@ fn direct_io_allowed() -> bool {
     DIRECT_IO.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A second open file description of `file` with `O_DIRECT` (for writing if `write`, else reading) and the
+/// alignment its offsets, lengths and memory need; `None` where direct I/O is not allowed or not available.
+fn open_direct(file: &File, write: bool) -> Option<(File, usize)> {
+    if !direct_io_allowed() {
+        return None;
+    }
+    let align = direct_alignment(file)?;
+    let direct = reopen_direct(file, write)
+        .inspect_err(|e| tracing::debug!(error = %e, write, "no direct I/O; going through the page cache"))
+        .ok()?;
+    Some((direct, align))
+}
+
+/// `DIRECT_BUFFER` bytes whose start is aligned for direct I/O (inside a vector `align` bytes longer).
+struct AlignedWindow {
+    memory: Vec<u8>,
+    pad: usize,
+}
+
+impl AlignedWindow {
+    fn new(align: usize) -> Self {
+        let memory = vec![0u8; DIRECT_BUFFER + align];
+        let pad = memory.as_ptr().align_offset(align);
+        AlignedWindow { memory, pad }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.memory[self.pad..self.pad + DIRECT_BUFFER]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.memory[self.pad..self.pad + DIRECT_BUFFER]
+    }
+}
+
 /// Direct writes into one partial file, through a second descriptor of the same inode opened `O_DIRECT`.
 pub struct DirectWrites {
     /// The partial reopened with `O_DIRECT` (a new open file description; the ordinary one stays buffered).
     direct: File,
     /// Offset, length and memory alignment of a direct write.
     align: usize,
-    /// `DIRECT_BUFFER + align` bytes, of which `[pad, pad + DIRECT_BUFFER)` is the aligned window.
-    memory: Vec<u8>,
-    pad: usize,
+    /// Where the carried run is gathered.
+    window: AlignedWindow,
     /// The carried run: bytes `[start, start + len)` of the file are in the window's first `len` bytes and not
     /// yet in the file. `start` is aligned.
     start: u64,
@@ -66,20 +100,11 @@ pub struct DirectWrites {
 impl DirectWrites {
     /// Direct writes into `file` (open for writing), or `None` where they are not available or not allowed.
     pub fn open(file: &File) -> Option<Self> {
-        if !direct_io_allowed() {
-            return None;
-        }
-        let align = direct_alignment(file)?;
-        let direct = reopen_direct(file, true)
-            .inspect_err(|e| tracing::debug!(error = %e, "no direct writes; the partial is written buffered"))
-            .ok()?;
-        let memory = vec![0u8; DIRECT_BUFFER + align];
-        let pad = memory.as_ptr().align_offset(align);
+        let (direct, align) = open_direct(file, true)?;
         Some(DirectWrites {
             direct,
             align,
-            memory,
-            pad,
+            window: AlignedWindow::new(align),
             start: 0,
             len: 0,
             written_direct: 0,
@@ -114,8 +139,7 @@ impl DirectWrites {
         }
         while !rest.is_empty() {
             let take = rest.len().min(DIRECT_BUFFER - self.len);
-            let at = self.pad + self.len;
-            self.memory[at..at + take].copy_from_slice(&rest[..take]);
+            self.window.bytes_mut()[self.len..self.len + take].copy_from_slice(&rest[..take]);
             self.len += take;
             rest = &rest[take..];
             if self.len == DIRECT_BUFFER {
@@ -141,7 +165,7 @@ impl DirectWrites {
         }
         if self.len > 0 {
             let (len, start) = (std::mem::take(&mut self.len), self.start);
-            buffered.write_all_at(&self.memory[self.pad..self.pad + len], start)?;
+            buffered.write_all_at(&self.window.bytes()[..len], start)?;
             self.start += len as u64;
         }
         Ok(())
@@ -160,7 +184,7 @@ impl DirectWrites {
     /// never recorded durable after a failed write.
     fn write_blocks(&mut self, buffered: &File, n: usize) -> io::Result<()> {
         debug_assert_eq!(n % self.align, 0);
-        let window = &self.memory[self.pad..self.pad + n];
+        let window = &self.window.bytes()[..n];
         let direct = if self.refused {
             None
         } else {
@@ -183,7 +207,7 @@ impl DirectWrites {
             self.len = 0;
             return Err(e);
         }
-        self.memory.copy_within(self.pad + n..self.pad + self.len, self.pad);
+        self.window.bytes_mut().copy_within(n..self.len, 0);
         self.start += n as u64;
         self.len -= n;
         Ok(())
@@ -200,9 +224,8 @@ pub const DIRECT_READ_MIN: usize = 256 << 10;
 pub struct DirectReads {
     direct: File,
     align: usize,
-    /// Allocated on the first read: `DIRECT_BUFFER + align` bytes, the aligned window at `pad`.
-    memory: Vec<u8>,
-    pad: usize,
+    /// Allocated on the first direct read.
+    window: Option<AlignedWindow>,
     /// Direct reads failed once with `EINVAL`: buffered from now.
     refused: bool,
 }
@@ -210,16 +233,11 @@ pub struct DirectReads {
 impl DirectReads {
     /// Direct reads of `file`, or `None` where they are not available or not allowed.
     pub fn open(file: &File) -> Option<Self> {
-        if !direct_io_allowed() {
-            return None;
-        }
-        let align = direct_alignment(file)?;
-        let direct = reopen_direct(file, false).ok()?;
+        let (direct, align) = open_direct(file, false)?;
         Some(DirectReads {
             direct,
             align,
-            memory: Vec::new(),
-            pad: 0,
+            window: None,
             refused: false,
         })
     }
@@ -234,15 +252,12 @@ impl DirectReads {
         if let Some(n) = read_if_cached(buffered, buf, offset) {
             return Ok(n);
         }
-        if self.memory.is_empty() {
-            self.memory = vec![0u8; DIRECT_BUFFER + self.align];
-            self.pad = self.memory.as_ptr().align_offset(self.align);
-        }
+        let window = self.window.get_or_insert_with(|| AlignedWindow::new(self.align));
         let align = self.align as u64;
         let start = offset / align * align;
         let skip = (offset - start) as usize;
         let span = ((skip + buf.len()).next_multiple_of(self.align)).min(DIRECT_BUFFER);
-        let window = &mut self.memory[self.pad..self.pad + span];
+        let window = &mut window.bytes_mut()[..span];
         let n = match self.direct.read_at(window, start) {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

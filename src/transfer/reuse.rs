@@ -130,6 +130,14 @@ fn committed_chunks(store: &ReceiverStore, path: &RemotePath, meta: &Identity) -
 }
 
 impl Finder {
+    /// Whether `place` is `offset` in the previous version, whose chunk hashes are known.
+    fn is_previous_at(&self, place: &Place, offset: u64) -> bool {
+        match *place {
+            Place::File { file, offset: at } => at == offset && self.known_previous == Some(file),
+            Place::Partial(_) => false,
+        }
+    }
+
     /// Adds the chunks of the file now at the destination: from its committed manifest if it is unchanged since
     /// that commit, else by cutting it the way the offer was cut.
     fn add_previous_version(
@@ -300,8 +308,8 @@ impl Copier {
 
 impl Copier {
     /// Keeps, unread, each of `indices` that the destination's previous version holds at its own offset (its
-    /// committed manifest or a cut of it says so: `places`, [`Finder::known_previous`]) where the partial is that very file, untouched (an in-place
-    /// transfer). Returns the indices left to copy.
+    /// committed manifest or a cut of it says so: `places`, [`Finder::known_previous`]) where the partial is that
+    /// very file, untouched (an in-place transfer). Returns the indices left to copy.
     fn keep_in_place(
         &mut self,
         writer: &mut ChunkWriter,
@@ -309,11 +317,7 @@ impl Copier {
         indices: &[u32],
         places: &[Place],
     ) -> Vec<u32> {
-        let previous_at = |offset: u64| {
-            places
-                .iter()
-                .any(|place| matches!(*place, Place::File { file, offset: at } if at == offset && finder.known_previous == Some(file)))
-        };
+        let previous_at = |offset: u64| places.iter().any(|place| finder.is_previous_at(place, offset));
         let mut left = Vec::new();
         for &index in indices {
             let entry = writer.manifest.chunk(index).copied();
