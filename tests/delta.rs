@@ -203,6 +203,77 @@ async fn a_damaged_chunk_kept_in_place_is_caught_at_commit_and_sent_again() {
         .await;
 }
 
+/// An insertion near the start shifts every later chunk, so the server builds a new copy: it asks for the chunk
+/// only the client has first, then copies the old version's chunks behind it, hashing them for the whole-file
+/// digest as it writes them. It reads the old file once, not once more to read the copy back at commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insertion_reads_the_old_version_once() {
+    const SIZE: usize = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("dump.sql");
+    write_random(&src, SIZE, 26);
+    let url = server.url("dump.sql");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    rewrite(&src, |d| {
+        d.splice(4096..4096, [0x5a; 100]);
+    });
+    let pid = server.child.id();
+    let before = proc_read(pid);
+    let out = push(&src, &url, &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("dump.sql")), b3(&src));
+    assert!(out.u64("bytes_reused") > (SIZE / 2) as u64, "copied from the old file");
+    match (before, proc_read(pid)) {
+        (Some(before), Some(after)) => {
+            let read = after - before;
+            eprintln!("the server read {read} bytes for a {SIZE}-byte insertion");
+            assert!(
+                read < SIZE as u64 * 3 / 2,
+                "the server read {read} bytes of a {SIZE}-byte file"
+            );
+        }
+        _ => eprintln!("/proc/{pid}/io is not readable here: the bytes read are not checked"),
+    }
+}
+
+/// A chunk of the old version damaged behind the server's back (size, inode and mtime kept, so its committed
+/// manifest still stands) is found when the server copies it after the first round: it is asked for in the next
+/// commit round, and the file lands verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_chunk_found_while_copying_after_the_first_round_is_asked_for_next() {
+    use std::os::unix::fs::FileExt;
+    const SIZE: usize = 32 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("dump.sql");
+    write_random(&src, SIZE, 27);
+    let url = server.url("dump.sql");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    let dest = server.root.join("dump.sql");
+    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&dest).unwrap();
+    let at = (SIZE * 3 / 4) as u64;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    rewrite(&src, |d| {
+        d.splice(4096..4096, [0x5a; 100]);
+    });
+    let out = push(&src, &url, &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&dest), b3(&src), "the damaged chunk was sent");
+    assert!(out.u64("bytes_reused") > (SIZE / 2) as u64, "the rest was copied");
+    server
+        .wait_for_log("no local place held these chunks", std::time::Duration::from_secs(10))
+        .await;
+}
+
 /// The in-place journals left in the server's partial directory.
 fn journals(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let Ok(listing) = std::fs::read_dir(root.join(".ferry/partial")) else {

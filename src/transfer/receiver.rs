@@ -18,7 +18,7 @@ use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
 use super::quota::{admit, admit_shared, NewTransfer};
-use super::reuse::reuse_local;
+use super::reuse::{find_local, LocalCopies};
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
 use super::ReceiverStats;
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
@@ -235,7 +235,10 @@ pub(crate) fn too_large(size: u64, limit: u64) -> TransferError {
 }
 
 /// Asks for the missing chunks, takes them in, and commits; asks again for whatever is still missing or turned
-/// out damaged at commit, for at most [`MAX_COMMIT_ROUNDS`] rounds.
+/// out damaged at commit, for at most [`MAX_COMMIT_ROUNDS`] rounds. Chunks with a local copy are copied before the
+/// first `Need`, or, where some chunks have no local copy (an edited file), after the first round: the chunks only
+/// the sender has then arrive first, so the copy runs in file order behind them and the digest follower hashes
+/// the copied bytes from memory instead of reading them back at commit (proto-spec.md §4, "Reuse").
 async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
@@ -244,26 +247,70 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     superseded: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
-    let mut writer = prepared.writer;
-    let reuse = {
+    let writer = prepared.writer;
+    let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
+    let (mut writer, copies) = {
         let (volume, path) = (ctx.volume.clone(), path.clone());
-        let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
         with_keepalive(conn, ctx.idle_timeout, move || {
-            let reused = reuse_local(&mut writer, &*volume, &path, rule, fresh);
-            reused.map(|_| writer)
+            let copies = find_local(&writer, &*volume, &path, rule, fresh);
+            Ok((writer, copies))
         })
+        .await?
     };
-    writer = reuse.await?;
+    let copy_first = match copies {
+        Some(copies) if rule == Reuse::Full && copies.copyable_bytes(&writer) >= COPY_AFTER_THE_WIRE => {
+            let need = writer.needed_ranges_but(|hash| copies.has_copy(hash));
+            if need.is_empty() {
+                Some(copies)
+            } else {
+                meter_offer(ctx, &writer, path, copies.copyable_bytes(&writer));
+                let (back, result) = receive_chunks(conn, ctx, writer, path, Some(need), superseded, stop).await;
+                result?;
+                writer = copy_local(conn, ctx, back, copies, path).await?;
+                return commit_rounds(conn, ctx, writer, path, superseded, stop).await;
+            }
+        }
+        other => other,
+    };
+    if let Some(copies) = copy_first {
+        writer = copy_local(conn, ctx, writer, copies, path).await?;
+    }
+    meter_offer(ctx, &writer, path, 0);
+    let (writer, result) = receive_chunks(conn, ctx, writer, path, None, superseded, stop).await;
+    result?;
+    commit_rounds(conn, ctx, writer, path, superseded, stop).await
+}
+
+/// Local copies of at least this many bytes go after the first round when some chunks have none: below it, the
+/// follower's read-back is cheaper than the extra round trip.
+const COPY_AFTER_THE_WIRE: u64 = 16 * 1024 * 1024;
+
+/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile.
+async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    mut writer: ChunkWriter,
+    copies: LocalCopies,
+    path: &RemotePath,
+) -> Result<ChunkWriter, TransferError> {
+    let path = path.clone();
+    with_keepalive(conn, ctx.idle_timeout, move || {
+        copies.copy_into(&mut writer, &path)?;
+        Ok(writer)
+    })
+    .await
+}
+
+/// Reports the accepted offer to the meter and the log: `to_copy` bytes of the missing ones will be copied
+/// locally.
+fn meter_offer(ctx: &ReceiverContext, writer: &ChunkWriter, path: &RemotePath, to_copy: u64) {
     let chunks = writer.manifest.chunk_count();
     let missing = chunks - writer.received.present();
     let missing_bytes = writer.manifest.ranges_bytes(&writer.received.missing_ranges());
-    let meter = &ctx.stats.meter;
     let size = writer.manifest.size;
-    meter.file(path.as_str(), size, size - missing_bytes.min(size));
-    tracing::info!(path = %path, chunks, missing, "offer accepted");
-    let (writer, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
-    result?;
-    commit_rounds(conn, ctx, writer, path, superseded, stop).await
+    let present = size - missing_bytes.saturating_sub(to_copy).min(size);
+    ctx.stats.meter.file(path.as_str(), size, present);
+    tracing::info!(path = %path, chunks, missing, to_copy, "offer accepted");
 }
 
 /// After a round of chunks (the first of at most [`MAX_COMMIT_ROUNDS`]): commits once every chunk is in, and asks
@@ -287,7 +334,7 @@ pub(super) async fn commit_rounds<S: AsyncRead + AsyncWrite + Unpin>(
         if round == MAX_COMMIT_ROUNDS {
             break;
         }
-        let (back, result) = receive_chunks(conn, ctx, writer, path, superseded, stop).await;
+        let (back, result) = receive_chunks(conn, ctx, writer, path, None, superseded, stop).await;
         writer = back;
         result?;
     }
@@ -295,19 +342,20 @@ pub(super) async fn commit_rounds<S: AsyncRead + AsyncWrite + Unpin>(
     Err(TransferError::refused(ErrorCode::UnexpectedMessage, why))
 }
 
-/// Runs one round of chunk reception: opens the transfer to joining streams, sends the Need, and takes chunks
-/// until Commit (Ok) or a failure. Always drains the writer first, so what was verified is durable before this
-/// returns, whatever the outcome.
+/// Runs one round of chunk reception: opens the transfer to joining streams, sends the Need (`need`, else every
+/// missing chunk), and takes chunks until Commit (Ok) or a failure. Always drains the writer first, so what was
+/// verified is durable before this returns, whatever the outcome.
 pub(super) async fn receive_chunks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut writer: ChunkWriter,
     path: &RemotePath,
+    need: Option<Vec<IndexRange>>,
     superseded: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (ChunkWriter, Result<(), TransferError>) {
     let manifest = writer.manifest.clone();
-    let missing_ranges = writer.needed_ranges();
+    let missing_ranges = need.unwrap_or_else(|| writer.needed_ranges());
     let (chunk_tx, chunk_rx) = mpsc::channel(WRITE_QUEUE);
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let task = tokio::task::spawn_blocking(move || writer.run(chunk_rx, event_tx));

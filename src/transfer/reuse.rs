@@ -13,6 +13,7 @@
 //! is not consulted. Such a sender learns at most one yes/no per offered chunk, once per version of the file.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
@@ -21,6 +22,7 @@ use crate::manifest::{ChunkEntry, Hash};
 use crate::path::RemotePath;
 use crate::storage::{FinalFile, Identity, ReadAt, Volume};
 use crate::store::ReceiverStore;
+use crate::verify::HeldBytes;
 
 /// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
 /// only means copying them again.
@@ -50,18 +52,25 @@ pub(crate) struct Reused {
     pub(crate) bytes: u64,
 }
 
-/// Fills the missing chunks of `writer` from local copies on `volume` allowed by `rule` and makes them durable;
-/// `fresh` says that no transfer to `path` was open before this offer. Blocking.
-pub(crate) fn reuse_local(
-    writer: &mut ChunkWriter,
+/// Where local copies of an offer's missing chunks are, found before any is read: what the receiver may leave out
+/// of its first `Need` and copy after that round (proto-spec.md §4, "Reuse").
+pub(crate) struct LocalCopies {
+    finder: Finder,
+}
+
+/// Finds the local copies `rule` allows for the chunks `writer` misses (`fresh`: no transfer to `path` was open
+/// before this offer); `None` if nothing is missing. Reads nothing but a previous version that has to be cut.
+/// Blocking.
+pub(crate) fn find_local(
+    writer: &ChunkWriter,
     volume: &dyn Volume,
     path: &RemotePath,
     rule: Reuse,
     fresh: bool,
-) -> Result<Reused, TransferError> {
+) -> Option<LocalCopies> {
     let wanted = Wanted::missing_from(writer);
     if wanted.is_empty() {
-        return Ok(Reused::default());
+        return None;
     }
     let mut finder = Finder {
         places: HashMap::new(),
@@ -83,28 +92,67 @@ pub(crate) fn reuse_local(
         Reuse::InPlace if fresh => finder.add_in_place(volume, path, writer, &wanted),
         Reuse::InPlace => {}
     }
-    let mut copier = Copier {
-        store: writer.store.clone(),
-        buf: Vec::new(),
-        reused: Reused::default(),
-    };
-    let mut indices = Vec::new();
-    for group in wanted.groups_in_file_order() {
-        indices.clear();
-        indices.extend(wanted.indices(&group));
-        let hash = wanted.hash(&group);
-        let len = writer.manifest.chunks[indices[0] as usize].len;
-        let mut places = finder.places.remove(&hash).unwrap_or_default();
-        if places.is_empty() && rule == Reuse::Full {
-            places = finder.indexed(&writer.store, volume, path, &hash, len);
+    if rule == Reuse::Full {
+        for group in wanted.groups_in_file_order() {
+            let hash = wanted.hash(&group);
+            if finder.places.contains_key(&hash) {
+                continue;
+            }
+            let len = writer.manifest.chunks[wanted.indices(&group).next().expect("a non-empty group") as usize].len;
+            let places = finder.indexed(&writer.store, volume, path, &hash, len);
+            if !places.is_empty() {
+                finder.places.insert(hash, places);
+            }
         }
-        copier.fill(writer, &finder, &hash, len, &indices, &places)?;
     }
-    writer.persist_batch()?;
-    if copier.reused.chunks > 0 {
-        tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
+    Some(LocalCopies { finder })
+}
+
+impl LocalCopies {
+    /// Whether some local place may hold the chunk `hash` (it is verified only when copied).
+    pub(crate) fn has_copy(&self, hash: &Hash) -> bool {
+        self.finder.places.contains_key(hash)
     }
-    Ok(copier.reused)
+
+    /// Bytes of the chunks `writer` misses that a local place may hold.
+    pub(crate) fn copyable_bytes(&self, writer: &ChunkWriter) -> u64 {
+        writer
+            .received
+            .missing()
+            .map(|index| &writer.manifest.chunks[index as usize])
+            .filter(|chunk| self.has_copy(&chunk.hash))
+            .map(|chunk| u64::from(chunk.len))
+            .sum()
+    }
+
+    /// Copies every chunk `writer` still misses that a place holds (each verified on the way, a place holding
+    /// other bytes skipped) and makes them durable. Chunks that arrived since [`find_local`] are not copied again.
+    /// Blocking.
+    pub(crate) fn copy_into(mut self, writer: &mut ChunkWriter, path: &RemotePath) -> Result<Reused, TransferError> {
+        let wanted = Wanted::missing_from(writer);
+        let mut copier = Copier {
+            store: writer.store.clone(),
+            reused: Reused::default(),
+            unfound: 0,
+        };
+        let mut indices = Vec::new();
+        for group in wanted.groups_in_file_order() {
+            indices.clear();
+            indices.extend(wanted.indices(&group));
+            let hash = wanted.hash(&group);
+            let len = writer.manifest.chunks[indices[0] as usize].len;
+            let places = self.finder.places.remove(&hash).unwrap_or_default();
+            copier.fill(writer, &self.finder, &hash, len, &indices, &places)?;
+        }
+        writer.persist_batch()?;
+        if copier.reused.chunks > 0 {
+            tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
+        }
+        if copier.unfound > 0 {
+            tracing::warn!(path = %path, hashes = copier.unfound, "no local place held these chunks after all; asking for them");
+        }
+        Ok(copier.reused)
+    }
 }
 
 /// Opened source files and the places of wanted chunks in them.
@@ -251,8 +299,18 @@ impl Finder {
 /// Copies verified chunks into the partial.
 struct Copier {
     store: ReceiverStore,
-    buf: Vec<u8>,
     reused: Reused,
+    /// Hashes with places, none of which held their bytes.
+    unfound: u64,
+}
+
+/// A copied chunk's bytes, shared by its writes and the digest follower (which hashes them from memory).
+struct SharedBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl Copier {
@@ -272,15 +330,17 @@ impl Copier {
         if indices.is_empty() {
             return Ok(());
         }
-        self.buf.resize(len as usize, 0);
         for place in places {
+            let mut buf = vec![0; len as usize];
             let read = match *place {
-                Place::Partial(offset) => writer.file.read_exact_at(&mut self.buf, offset),
-                Place::File { file, offset } => finder.files[file].read_exact_at(&mut self.buf, offset),
+                Place::Partial(offset) => writer.file.read_exact_at(&mut buf, offset),
+                Place::File { file, offset } => finder.files[file].read_exact_at(&mut buf, offset),
             };
             let (first, rest) = indices.split_first().expect("every wanted hash has an index");
+            let bytes = Arc::new(buf);
+            let held: HeldBytes = Box::new(SharedBytes(bytes.clone()));
             // The first write verifies the bytes against the manifest; the others are the same bytes.
-            if read.is_err() || !writer.write_local(*first, &self.buf, true)? {
+            if read.is_err() || !writer.write_local(*first, &bytes, true, Some(held))? {
                 if let Place::File { file, .. } = *place {
                     if !finder.paths[file].is_empty() {
                         let _ = self.store.forget_chunk(hash, &finder.paths[file]);
@@ -290,7 +350,7 @@ impl Copier {
             }
             self.count(len);
             for &index in rest {
-                if writer.write_local(index, &self.buf, false)? {
+                if writer.write_local(index, &bytes, false, None)? {
                     self.count(len);
                 }
                 if writer.batch_bytes() >= REUSE_BATCH {
@@ -301,6 +361,9 @@ impl Copier {
                 writer.persist_batch()?;
             }
             return Ok(());
+        }
+        if !places.is_empty() {
+            self.unfound += 1;
         }
         Ok(())
     }

@@ -282,7 +282,7 @@ fn fill_repeat(writer: &mut ChunkWriter, first: u32, copy: u32) -> Result<(), Tr
         .file
         .read_exact_at(&mut data, entry.offset)
         .map_err(TransferError::Storage)?;
-    if !writer.write_local(copy, &data, true)? {
+    if !writer.write_local(copy, &data, true, None)? {
         // The durable first copy no longer verifies (damaged at rest): the commit's check finds it; ask later.
         writer.expect_repeat(first, copy);
     }

@@ -651,11 +651,20 @@ impl ChunkWriter {
     /// The chunks to ask for this round: every missing chunk except later copies of a missing chunk's hash, which
     /// [`ChunkWriter::accept`] fills from the first copy's verified bytes. Remembers those copies for the round.
     pub(crate) fn needed_ranges(&mut self) -> Vec<IndexRange> {
+        self.needed_ranges_but(|_| false)
+    }
+
+    /// [`ChunkWriter::needed_ranges`] without the chunks whose hash `copied_later` names (local reuse copies them
+    /// after the round: proto-spec.md §4, "Reuse").
+    pub(crate) fn needed_ranges_but(&mut self, copied_later: impl Fn(&Hash) -> bool) -> Vec<IndexRange> {
         let wanted = Wanted::missing_from(self);
         let mut needed = Vec::new();
         self.repeats.clear();
         // Groups come in order of their first (lowest) index, so `needed` ascends.
         for group in wanted.groups_in_file_order() {
+            if copied_later(&wanted.hash(&group)) {
+                continue;
+            }
             let mut indices = wanted.indices(&group);
             let first = indices.next().expect("a group holds at least one chunk");
             needed.push(first);
@@ -859,8 +868,16 @@ impl ChunkWriter {
     /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
     /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`]. The caller passes
     /// each missing index at most once per batch (reuse does: every index belongs to exactly one hash). `verify`
-    /// may be false only for bytes that just verified as another chunk with the same hash and length.
-    pub(crate) fn write_local(&mut self, index: u32, data: &[u8], verify: bool) -> Result<bool, TransferError> {
+    /// may be false only for bytes that just verified as another chunk with the same hash and length. `follow`, if
+    /// given, holds the same bytes for the digest follower to hash from memory (if the chunk extends the final
+    /// prefix) instead of reading them back.
+    pub(crate) fn write_local(
+        &mut self,
+        index: u32,
+        data: &[u8],
+        verify: bool,
+        follow: Option<HeldBytes>,
+    ) -> Result<bool, TransferError> {
         let Some(entry) = self.manifest.chunk(index).copied() else {
             return Ok(false);
         };
@@ -883,7 +900,7 @@ impl ChunkWriter {
         match written {
             Ok(()) => {
                 self.written_at(entry.offset, data.len() as u64);
-                self.mark_written(index);
+                self.mark_written_with(index, follow);
                 self.batch.push((index, 0));
                 self.batch_bytes += data.len() as u64;
                 self.batch_reused += data.len() as u64;
