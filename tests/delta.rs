@@ -274,6 +274,25 @@ async fn a_damaged_chunk_found_while_copying_after_the_first_round_is_asked_for_
         .await;
 }
 
+/// A re-push cut with another chunk size still finds every chunk of the unchanged file on the server: the old
+/// version's committed manifest (cut the old way) cannot match the offer, so the server cuts the file the new way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_chunk_size_reuses_the_previous_version() {
+    const SIZE: usize = 32 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("vm.img");
+    write_random(&src, SIZE, 28);
+    let url = server.url("vm.img");
+    push(&src, &url, &state, &["--chunk-size", "1MiB"]).await.assert_ok();
+    let out = push(&src, &url, &state, &["--chunk-size", "256KiB"]).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("vm.img")), b3(&src));
+    let sent = out.u64("bytes_sent");
+    assert!(sent < MIB as u64, "{sent} bytes sent for an unchanged file cut anew");
+}
+
 /// The in-place journals left in the server's partial directory.
 fn journals(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let Ok(listing) = std::fs::read_dir(root.join(".ferry/partial")) else {

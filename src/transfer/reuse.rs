@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
-use crate::manifest::{ChunkEntry, Hash};
+use crate::manifest::{ChunkEntry, Chunking, Hash};
 use crate::path::RemotePath;
 use crate::storage::{FinalFile, Identity, ReadAt, Volume};
 use crate::store::ReceiverStore;
@@ -167,14 +167,21 @@ struct Finder {
 }
 
 /// The chunks of the file at `path` (`meta`) from its committed manifest, if the file is unchanged since that
-/// commit (same size, inode and mtime).
-fn committed_chunks(store: &ReceiverStore, path: &RemotePath, meta: &Identity) -> Option<Vec<ChunkEntry>> {
+/// commit (same size, inode and mtime) and was cut as `chunking` cuts (else its chunks could not match the
+/// offer's, and it is cut again).
+fn committed_chunks(
+    store: &ReceiverStore,
+    path: &RemotePath,
+    meta: &Identity,
+    chunking: Chunking,
+) -> Option<Vec<ChunkEntry>> {
     let committed = store.committed(path.as_str()).ok().flatten()?;
     let unchanged = committed.size == meta.len && committed.inode == meta.ino && committed.mtime == meta.mtime;
     if !unchanged {
         return None;
     }
-    store.committed_manifest(path.as_str()).ok().flatten().map(|m| m.chunks)
+    let manifest = store.committed_manifest(path.as_str()).ok().flatten()?;
+    (manifest.chunking == chunking).then_some(manifest.chunks)
 }
 
 impl Finder {
@@ -203,7 +210,7 @@ impl Finder {
         if !meta.is_file || meta.len == 0 {
             return;
         }
-        let chunks: Vec<ChunkEntry> = match committed_chunks(store, path, &meta) {
+        let chunks: Vec<ChunkEntry> = match committed_chunks(store, path, &meta, writer.manifest.chunking) {
             Some(chunks) => chunks,
             // Cutting an old file costs a full read of it: not for one far larger than what is offered.
             None if meta.len > SCAN_LIMIT_FACTOR * writer.manifest.size + SCAN_LIMIT_SLACK => return,
