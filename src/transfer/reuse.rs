@@ -18,11 +18,11 @@ use std::sync::Arc;
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
-use crate::manifest::{ChunkEntry, Chunking, Hash};
+use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::RemotePath;
-use crate::storage::{FinalFile, Identity, ReadAt, Volume};
+use crate::storage::{FinalFile, Identity, Partial, ReadAt, Volume};
 use crate::store::ReceiverStore;
-use crate::verify::HeldBytes;
+use crate::verify::{self, HeldBytes};
 
 /// Reused bytes between syncs: larger than the network batch, since nothing waits for these Acks and a crash
 /// only means copying them again.
@@ -131,19 +131,43 @@ impl LocalCopies {
     pub(crate) fn copy_into(mut self, writer: &mut ChunkWriter, path: &RemotePath) -> Result<Reused, TransferError> {
         let wanted = Wanted::missing_from(writer);
         let mut copier = Copier {
-            store: writer.store.clone(),
             reused: Reused::default(),
             unfound: 0,
         };
-        let mut indices = Vec::new();
+        let mut jobs = Vec::new();
         for group in wanted.groups_in_file_order() {
-            indices.clear();
-            indices.extend(wanted.indices(&group));
-            let hash = wanted.hash(&group);
-            let len = writer.manifest.chunks[indices[0] as usize].len;
-            let places = self.finder.places.remove(&hash).unwrap_or_default();
-            copier.fill(writer, &self.finder, &hash, len, &indices, &places)?;
+            let indices: Vec<u32> = wanted.indices(&group).collect();
+            let places = self.finder.places.remove(&wanted.hash(&group)).unwrap_or_default();
+            let indices = copier.keep_in_place(writer, &self.finder, &indices, &places);
+            if !indices.is_empty() && !places.is_empty() {
+                jobs.push(Job { indices, places });
+            }
         }
+        let reader = Reader {
+            finder: &self.finder,
+            manifest: writer.manifest.clone(),
+            partial: writer.file.clone(),
+            store: writer.store.clone(),
+        };
+        std::thread::scope(|scope| -> Result<(), TransferError> {
+            let (ahead, read) = std::sync::mpsc::sync_channel(READ_AHEAD);
+            let jobs = &jobs;
+            scope.spawn(move || {
+                for job in jobs {
+                    if ahead.send(reader.read_verified(job)).is_err() {
+                        break; // the writing side stopped
+                    }
+                }
+            });
+            for job in jobs {
+                match read.recv() {
+                    Ok(Some(bytes)) => copier.write_copies(writer, &job.indices, bytes)?,
+                    Ok(None) => copier.unfound += 1,
+                    Err(_) => break,
+                }
+            }
+            Ok(())
+        })?;
         writer.persist_batch()?;
         if copier.reused.chunks > 0 {
             tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
@@ -152,6 +176,49 @@ impl LocalCopies {
             tracing::warn!(path = %path, hashes = copier.unfound, "no local place held these chunks after all; asking for them");
         }
         Ok(copier.reused)
+    }
+}
+
+/// Chunks read and verified ahead of the writes, at most (each up to the largest chunk): the next chunks' reads
+/// and hashing run while the partial takes the current one.
+const READ_AHEAD: usize = 2;
+
+/// One hash to copy: the chunks that take its bytes (ascending) and the places that may hold them.
+struct Job {
+    indices: Vec<u32>,
+    places: Vec<Place>,
+}
+
+/// The reading side of a copy, on its own thread: reads each job's bytes from the first place that holds them,
+/// verified against the manifest.
+struct Reader<'a> {
+    finder: &'a Finder,
+    manifest: Arc<Manifest>,
+    partial: Partial,
+    store: ReceiverStore,
+}
+
+impl Reader<'_> {
+    /// The bytes of `job`'s chunks from the first of its places that holds them; a place that holds other bytes
+    /// is skipped (and forgotten, if it came from the index). `None` if none does.
+    fn read_verified(&self, job: &Job) -> Option<Arc<Vec<u8>>> {
+        let entry = self.manifest.chunks[job.indices[0] as usize];
+        for place in &job.places {
+            let mut buf = vec![0; entry.len as usize];
+            let read = match *place {
+                Place::Partial(offset) => self.partial.read_exact_at(&mut buf, offset),
+                Place::File { file, offset } => self.finder.files[file].read_exact_at(&mut buf, offset),
+            };
+            if read.is_ok() && verify::check_chunk(&entry, &buf).is_ok() {
+                return Some(Arc::new(buf));
+            }
+            if let Place::File { file, .. } = *place {
+                if !self.finder.paths[file].is_empty() {
+                    let _ = self.store.forget_chunk(&entry.hash, &self.finder.paths[file]);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -303,9 +370,8 @@ impl Finder {
     }
 }
 
-/// Copies verified chunks into the partial.
+/// Writes verified chunks into the partial.
 struct Copier {
-    store: ReceiverStore,
     reused: Reused,
     /// Hashes with places, none of which held their bytes.
     unfound: u64,
@@ -321,56 +387,23 @@ impl AsRef<[u8]> for SharedBytes {
 }
 
 impl Copier {
-    /// Tries `places` in order until one holds bytes hashing to `hash` (the writer's verification decides, so
-    /// each copy is hashed once), then writes them as every chunk in `indices`. A place that holds other bytes is
-    /// skipped (and forgotten, if it came from the index).
-    fn fill(
+    /// Writes `bytes`, verified as the first of `indices`, as every chunk in `indices` (one hash, one length),
+    /// handing them to the digest follower with the first.
+    fn write_copies(
         &mut self,
         writer: &mut ChunkWriter,
-        finder: &Finder,
-        hash: &Hash,
-        len: u32,
         indices: &[u32],
-        places: &[Place],
+        bytes: Arc<Vec<u8>>,
     ) -> Result<(), TransferError> {
-        let indices = &self.keep_in_place(writer, finder, indices, places)[..];
-        if indices.is_empty() {
-            return Ok(());
-        }
-        for place in places {
-            let mut buf = vec![0; len as usize];
-            let read = match *place {
-                Place::Partial(offset) => writer.file.read_exact_at(&mut buf, offset),
-                Place::File { file, offset } => finder.files[file].read_exact_at(&mut buf, offset),
-            };
-            let (first, rest) = indices.split_first().expect("every wanted hash has an index");
-            let bytes = Arc::new(buf);
-            let held: HeldBytes = Box::new(SharedBytes(bytes.clone()));
-            // The first write verifies the bytes against the manifest; the others are the same bytes.
-            if read.is_err() || !writer.write_local(*first, &bytes, true, Some(held))? {
-                if let Place::File { file, .. } = *place {
-                    if !finder.paths[file].is_empty() {
-                        let _ = self.store.forget_chunk(hash, &finder.paths[file]);
-                    }
-                }
-                continue;
-            }
-            self.count(len);
-            for &index in rest {
-                if writer.write_local(index, &bytes, false, None)? {
-                    self.count(len);
-                }
-                if writer.batch_bytes() >= REUSE_BATCH {
-                    writer.persist_batch()?;
-                }
+        let len = bytes.len() as u32;
+        let mut follow: Option<HeldBytes> = Some(Box::new(SharedBytes(bytes.clone())));
+        for &index in indices {
+            if writer.write_local(index, &bytes, false, follow.take())? {
+                self.count(len);
             }
             if writer.batch_bytes() >= REUSE_BATCH {
                 writer.persist_batch()?;
             }
-            return Ok(());
-        }
-        if !places.is_empty() {
-            self.unfound += 1;
         }
         Ok(())
     }
