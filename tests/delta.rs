@@ -135,6 +135,30 @@ fn proc_read(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Checks that the server (`pid`) read fewer than `limit` bytes since `before` ([`proc_read`]) for `what`, where
+/// `/proc/PID/io` is readable.
+fn assert_read_under(pid: u32, before: Option<u64>, limit: u64, what: &str) {
+    match (before, proc_read(pid)) {
+        (Some(before), Some(after)) => {
+            let read = after - before;
+            eprintln!("the server read {read} bytes for {what}");
+            assert!(read < limit, "the server read {read} bytes for {what}");
+        }
+        _ => eprintln!("/proc/{pid}/io is not readable here: the bytes read are not checked"),
+    }
+}
+
+/// Flips one byte of the committed file at `path`, keeping its mtime (so its committed manifest still stands).
+fn flip_byte_keeping_mtime(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
+    file.set_modified(mtime).unwrap();
+}
+
 /// An in-place delta keeps the chunks its committed manifest places at their own offsets without reading them:
 /// the server reads the file once (the whole-file digest at commit), not also once per reused chunk to verify it
 /// and once more to compare it with what it would write.
@@ -158,17 +182,12 @@ async fn an_in_place_delta_reads_the_unchanged_file_once() {
         out.u64("bytes_reused") > (SIZE / 2) as u64,
         "written in place from the old file"
     );
-    match (before, proc_read(pid)) {
-        (Some(before), Some(after)) => {
-            let read = after - before;
-            eprintln!("the server read {read} bytes for a {SIZE}-byte in-place delta");
-            assert!(
-                read < SIZE as u64 * 3 / 2,
-                "the server read {read} bytes of a {SIZE}-byte file"
-            );
-        }
-        _ => eprintln!("/proc/{pid}/io is not readable here: the bytes read are not checked"),
-    }
+    assert_read_under(
+        pid,
+        before,
+        SIZE as u64 * 3 / 2,
+        &format!("a {SIZE}-byte in-place delta"),
+    );
 }
 
 /// A chunk kept in place unread that was damaged on the server's disk behind its back (its size, inode and mtime
@@ -176,7 +195,6 @@ async fn an_in_place_delta_reads_the_unchanged_file_once() {
 /// again, and the file lands verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_kept_in_place_is_caught_at_commit_and_sent_again() {
-    use std::os::unix::fs::FileExt;
     const SIZE: usize = 32 * MIB;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
@@ -186,13 +204,7 @@ async fn a_damaged_chunk_kept_in_place_is_caught_at_commit_and_sent_again() {
     let url = server.url("disk.img");
     push(&src, &url, &state, &[]).await.assert_ok();
     let dest = server.root.join("disk.img");
-    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&dest).unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, 1234).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x01], 1234).unwrap();
-    file.set_modified(mtime).unwrap();
-    drop(file);
+    flip_byte_keeping_mtime(&dest, 1234);
 
     rewrite(&src, |d| d[SIZE / 2..SIZE / 2 + MIB].fill(0x5a));
     let out = push(&src, &url, &state, &[]).await;
@@ -225,17 +237,7 @@ async fn an_insertion_reads_the_old_version_once() {
     out.assert_ok();
     assert_eq!(b3(&server.root.join("dump.sql")), b3(&src));
     assert!(out.u64("bytes_reused") > (SIZE / 2) as u64, "copied from the old file");
-    match (before, proc_read(pid)) {
-        (Some(before), Some(after)) => {
-            let read = after - before;
-            eprintln!("the server read {read} bytes for a {SIZE}-byte insertion");
-            assert!(
-                read < SIZE as u64 * 3 / 2,
-                "the server read {read} bytes of a {SIZE}-byte file"
-            );
-        }
-        _ => eprintln!("/proc/{pid}/io is not readable here: the bytes read are not checked"),
-    }
+    assert_read_under(pid, before, SIZE as u64 * 3 / 2, &format!("a {SIZE}-byte insertion"));
 }
 
 /// A chunk of the old version damaged behind the server's back (size, inode and mtime kept, so its committed
@@ -243,7 +245,6 @@ async fn an_insertion_reads_the_old_version_once() {
 /// commit round, and the file lands verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_found_while_copying_after_the_first_round_is_asked_for_next() {
-    use std::os::unix::fs::FileExt;
     const SIZE: usize = 32 * MIB;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
@@ -253,14 +254,7 @@ async fn a_damaged_chunk_found_while_copying_after_the_first_round_is_asked_for_
     let url = server.url("dump.sql");
     push(&src, &url, &state, &[]).await.assert_ok();
     let dest = server.root.join("dump.sql");
-    let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&dest).unwrap();
-    let at = (SIZE * 3 / 4) as u64;
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, at).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
-    file.set_modified(mtime).unwrap();
-    drop(file);
+    flip_byte_keeping_mtime(&dest, (SIZE * 3 / 4) as u64);
 
     rewrite(&src, |d| {
         d.splice(4096..4096, [0x5a; 100]);

@@ -562,8 +562,8 @@ impl ReceiverStore {
         self.store.flush()
     }
 
-    /// Replaces the open transfer with its committed-file record and manifest, and moves the chunk index from the
-    /// previous version of `path` to this one, atomically; then flushes.
+    /// Replaces the open transfer with its committed-file record and manifest atomically, then moves the chunk
+    /// index from the previous version of `path` to this one in batches of [`INDEX_BATCH`]; then flushes.
     pub fn commit(&self, path: &str, file: &CommittedFile, manifest: &Manifest) -> Result<(), StoreError> {
         let old = self.committed_manifest(path)?;
         let mut batch = RecordBatch::default();
@@ -575,9 +575,7 @@ impl ReceiverStore {
         let removals = old.iter().flat_map(|old| old.chunks.chunks(INDEX_BATCH));
         for chunks in removals {
             let mut batch = RecordBatch::default();
-            for chunk in chunks {
-                batch.remove(self.chunk_key(&chunk.hash, path));
-            }
+            self.unindex_into(&mut batch, path, chunks);
             self.tree.apply_batch(batch.batch)?;
         }
         for chunks in manifest.chunks.chunks(INDEX_BATCH) {
@@ -602,9 +600,7 @@ impl ReceiverStore {
         open_transfer: bool,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.committed_manifest(path)? {
-            for chunk in &old.chunks {
-                batch.remove(self.chunk_key(&chunk.hash, path));
-            }
+            self.unindex_into(batch, path, &old.chunks);
         }
         self.record_into(batch, path, file, manifest, open_transfer);
         self.index_into(batch, path, &manifest.chunks);
@@ -624,6 +620,13 @@ impl ReceiverStore {
         batch.insert(self.key(FILE_MANIFEST, path.as_bytes()), encode_record(manifest));
     }
 
+    /// Removes the chunk-index entries of `chunks` of the file at `path`.
+    fn unindex_into(&self, batch: &mut RecordBatch, path: &str, chunks: &[ChunkEntry]) {
+        for chunk in chunks {
+            batch.remove(self.chunk_key(&chunk.hash, path));
+        }
+    }
+
     /// The chunk-index entries of `chunks` of the file at `path`.
     fn index_into(&self, batch: &mut RecordBatch, path: &str, chunks: &[ChunkEntry]) {
         for chunk in chunks {
@@ -641,9 +644,7 @@ impl ReceiverStore {
         let mut batch = RecordBatch::default();
         for path in paths {
             if let Some(old) = self.committed_manifest(path)? {
-                for chunk in &old.chunks {
-                    batch.remove(self.chunk_key(&chunk.hash, path));
-                }
+                self.unindex_into(&mut batch, path, &old.chunks);
             }
             batch.remove(self.key(FILE, path.as_bytes()));
             batch.remove(self.key(FILE_MANIFEST, path.as_bytes()));

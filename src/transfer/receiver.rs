@@ -249,7 +249,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Committed, TransferError> {
     let writer = prepared.writer;
     let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
-    let (mut writer, copies) = {
+    let (mut writer, mut copies) = {
         let (volume, path) = (ctx.volume.clone(), path.clone());
         with_keepalive(conn, ctx.idle_timeout, move || {
             let copies = find_local(&writer, &*volume, &path, rule, fresh);
@@ -257,27 +257,30 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await?
     };
-    let copy_first = match copies {
-        Some(copies) if rule == Reuse::Full && copies.copyable_bytes(&writer) >= COPY_AFTER_THE_WIRE => {
-            let need = writer.needed_ranges_but(|hash| copies.has_copy(hash));
-            if need.is_empty() {
-                Some(copies)
-            } else {
-                meter_offer(ctx, &writer, path, copies.copyable_bytes(&writer));
-                let (back, result) = receive_chunks(conn, ctx, writer, path, Some(need), superseded, stop).await;
-                result?;
-                writer = copy_local(conn, ctx, back, copies, path).await?;
-                return commit_rounds(conn, ctx, writer, path, superseded, stop).await;
-            }
+    // Some chunks only the sender has, and enough to copy: ask for those first, copy after the round.
+    let wire_first = copies.as_ref().and_then(|local| {
+        let copyable = local.copyable_bytes(&writer);
+        if rule != Reuse::Full || copyable < COPY_AFTER_THE_WIRE {
+            return None;
         }
-        other => other,
+        let need = writer.needed_ranges_but(|hash| local.has_copy(hash));
+        (!need.is_empty()).then_some((need, copyable))
+    });
+    let (need, copy_after) = match wire_first {
+        Some((need, copyable)) => (Some(need), copyable),
+        None => {
+            if let Some(local) = copies.take() {
+                writer = copy_local(conn, ctx, writer, local, path).await?;
+            }
+            (None, 0)
+        }
     };
-    if let Some(copies) = copy_first {
-        writer = copy_local(conn, ctx, writer, copies, path).await?;
-    }
-    meter_offer(ctx, &writer, path, 0);
-    let (writer, result) = receive_chunks(conn, ctx, writer, path, None, superseded, stop).await;
+    meter_offer(ctx, &writer, path, copy_after);
+    let (mut writer, result) = receive_chunks(conn, ctx, writer, path, need, superseded, stop).await;
     result?;
+    if let Some(local) = copies {
+        writer = copy_local(conn, ctx, writer, local, path).await?;
+    }
     commit_rounds(conn, ctx, writer, path, superseded, stop).await
 }
 

@@ -407,9 +407,7 @@ impl Copier {
         }
         Ok(())
     }
-}
 
-impl Copier {
     /// Keeps, unread, each of `indices` that the destination's previous version holds at its own offset (its
     /// committed manifest or a cut of it says so: `places`, [`Finder::known_previous`]) where the partial is that
     /// very file, untouched (an in-place transfer). Returns the indices left to copy.

@@ -868,9 +868,9 @@ impl ChunkWriter {
     /// Writes chunk `index` from bytes found on the receiver's own disk, if they verify; true if it was taken.
     /// Counted as reused, not received; durable after the next [`ChunkWriter::persist_batch`]. The caller passes
     /// each missing index at most once per batch (reuse does: every index belongs to exactly one hash). `verify`
-    /// may be false only for bytes already verified as this chunk, or as another with the same hash and length. `follow`, if
-    /// given, holds the same bytes for the digest follower to hash from memory (if the chunk extends the final
-    /// prefix) instead of reading them back.
+    /// may be false only for bytes already verified as this chunk, or as another with the same hash and length.
+    /// `follow`, if given, holds the same bytes for the digest follower to hash from memory (if the chunk extends
+    /// the final prefix) instead of reading them back.
     pub(crate) fn write_local(
         &mut self,
         index: u32,
