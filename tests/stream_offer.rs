@@ -101,6 +101,23 @@ async fn a_streamed_push_cut_at_half_resends_only_the_rest() {
     assert!(sent <= size / 2 + 20 * MIB, "the resume sent {sent} of {size} bytes");
 }
 
+/// Writes `size` seeded random bytes over the start of `path` in place, then cuts the file to them, and returns
+/// them. The size changes once, with the new bytes already there, so a reader that sees the new size reads the new
+/// bytes. (`write_random` truncates first: a client that re-reads the file in that instant, within one tick of
+/// the filesystem's mtime clock, finds a consistent empty file and rightly pushes it.)
+fn overwrite_then_cut(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&data, 0).unwrap();
+    file.set_len(size as u64).unwrap();
+    data
+}
+
 /// A source that changes while it is hashed for a streamed offer: the attempt fails with SourceChanged, nothing
 /// of it is committed, and the run goes on to push the file as it is now, verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +141,7 @@ async fn a_source_changed_while_streamed_is_pushed_again_as_it_is_now() {
         .unwrap();
     assert!(landed, "no chunk reached the server");
     // Still being hashed (see chunks_land_before_the_source_is_read_through): cut it to 3 MiB of new bytes.
-    let now = write_random(&source, 3 * MIB as usize, 9);
+    let now = overwrite_then_cut(&source, 3 * MIB as usize, 9);
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
