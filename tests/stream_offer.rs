@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
     b3, greeted, push, push_command, rchar, run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest,
-    write_random, TestServer,
+    wait_until_store_closed, write_random, TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -444,6 +444,13 @@ fn progress_key(source: &Path) -> ferry::store::ManifestKey {
 /// ([`ferry::source::hash_resumable`], which records its progress as it goes, flushed), stopped for good after
 /// `chunks` chunks, with no manifest cached. Returns the bytes the last record covers.
 fn hash_then_stop(source: &Path, state: &Path, chunks: usize) -> u64 {
+    let end = hash_and_stop_in(source, state, chunks);
+    wait_until_store_closed(state);
+    end
+}
+
+/// [`hash_then_stop`]'s work, with the store open only inside.
+fn hash_and_stop_in(source: &Path, state: &Path, chunks: usize) -> u64 {
     let store = ferry::store::Store::open(state).unwrap();
     let sender = ferry::store::SenderStore::open(&store).unwrap();
     let canonical = std::fs::canonicalize(source).unwrap();
@@ -549,6 +556,7 @@ async fn a_wrong_recorded_digest_is_dropped_and_the_file_hashed_again() {
         record.digest_stack[0][0] ^= 1;
         sender.record_hashing(&key, &segment, &record).unwrap();
     }
+    wait_until_store_closed(&state);
     let url = server.url("image.bin");
     let out = push(&source, &url, &state, PROGRESS_CHUNKING).await;
     out.assert_ok();

@@ -305,6 +305,21 @@ fn outcome(output: &std::process::Output) -> PushOutcome {
     }
 }
 
+/// Waits (bounded: 10 s) until no handle holds the sled store in `state`, after the test dropped its own. sled lets
+/// go of its file lock when its last handle drops, which may be on one of its own I/O threads a moment after the
+/// test's: a `ferry` started, or a store opened, in that moment would find the state directory in use. Tries the
+/// same lock as sled (an exclusive `flock` on `state/db`) and lets go of it at once.
+pub fn wait_until_store_closed(state: &Path) {
+    let db = std::fs::File::open(state.join("db")).unwrap();
+    for _ in 0..1000 {
+        if rustix::fs::flock(&db, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
+            return; // closing `db` releases the lock
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the store in {} stayed locked", state.display());
+}
+
 /// Writes `size` deterministic pseudo-random bytes derived from `seed`.
 pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; size];
