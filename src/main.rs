@@ -1,6 +1,6 @@
 //! The `ferry` binary: parse arguments, set up logging, run the command, map the outcome to an exit code.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -50,7 +50,8 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: anyhow::Error, code: u8) -> ExitCode {
-    eprintln!("ferry: {error:#}");
+    // A closed stderr must not turn the failure into a panic: the exit code still says it.
+    let _ = writeln!(std::io::stderr(), "ferry: {error:#}");
     ExitCode::from(code)
 }
 

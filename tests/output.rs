@@ -221,3 +221,37 @@ async fn json_with_quiet_prints_the_summary_alone_for_cron_logs() {
     assert_eq!(events[0]["digest"], b3(&src));
     assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+/// A reader that goes away (`ferry push --json | head -1`, a cron pipe closed early) does not turn a finished push
+/// into a panic: with stdout and stderr both closed before the first line, the push still lands and exits 0. The
+/// old binary panicked printing the summary ("failed printing to stdout: Broken pipe") and exited 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_stdout_and_stderr_do_not_fail_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let src = dir.path().join("f.bin");
+    write_random(&src, 3 * MIB, 27);
+    // The JSON event stream on stdout, then the human lines on stderr (a pipe, so plain lines).
+    for json in [true, false] {
+        let state = dir.path().join(format!("state-{json}"));
+        let mut command = std::process::Command::new(ferry_bin());
+        command.arg("push").arg(&src).arg(server.url(&format!("{json}.bin")));
+        command.arg("--state").arg(&state).args(["--timeout", "10s"]);
+        if json {
+            command.arg("--json");
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "--json: {json}");
+        assert_eq!(b3(&server.root.join(format!("{json}.bin"))), b3(&src));
+    }
+}

@@ -38,7 +38,7 @@ pub fn man(args: ManArgs) -> u8 {
     let pages = match pages() {
         Ok(pages) => pages,
         Err(e) => {
-            eprintln!("ferry: man: {e}");
+            errln!("ferry: man: {e}");
             return exit::INTERNAL;
         }
     };
@@ -52,11 +52,11 @@ pub fn man(args: ManArgs) -> u8 {
     });
     match written {
         Ok(()) => {
-            eprintln!("ferry: wrote the man pages into {}", dir.display());
+            errln!("ferry: wrote the man pages into {}", dir.display());
             exit::OK
         }
         Err(e) => {
-            eprintln!("ferry: man: {}: {e}", dir.display());
+            errln!("ferry: man: {}: {e}", dir.display());
             exit::LOCAL
         }
     }
@@ -233,7 +233,7 @@ fn write_stdout(bytes: &[u8], what: &str) -> u8 {
         Ok(()) => exit::OK,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => {
-            eprintln!("ferry: {what}: writing to stdout: {e}");
+            errln!("ferry: {what}: writing to stdout: {e}");
             exit::LOCAL
         }
     }

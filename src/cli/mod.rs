@@ -10,6 +10,31 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` to stdout that ignores a failed write: a reader that went away (`ferry push --json | head -1`, a
+/// closed cron pipe) must not turn a finished transfer into a panic. The exit code still says how the run went.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` to stdout that ignores a failed write, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a failed write, as [`outln!`]: stderr may be a pipe whose reader went away too.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod generate;
 mod output;
 mod serve;
@@ -122,7 +147,7 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
         return client_gc(&args, quiet);
     };
     if !root.join(crate::path::RESERVED_DIR).is_dir() {
-        eprintln!(
+        errln!(
             "ferry: gc: {} is not a ferry server root (no .ferry directory)",
             root.display()
         );
@@ -131,12 +156,12 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
     match crate::gc::collect_offline(root, args.state.as_deref(), args.older_than) {
         Ok(report) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "ok", "exit_code": 0, "report": report })
                 );
             } else if !quiet {
-                eprintln!(
+                errln!(
                     "ferry: gc: {} abandoned transfers expired, {} leftover files removed, {} freed",
                     report.transfers_expired,
                     report.leftovers_removed,
@@ -147,12 +172,12 @@ pub fn gc(args: GcArgs, quiet: bool) -> u8 {
         }
         Err(e) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "error", "exit_code": crate::exit::LOCAL, "error": e.to_string() })
                 );
             }
-            eprintln!("ferry: gc failed: {e}");
+            errln!("ferry: gc failed: {e}");
             crate::exit::LOCAL
         }
     }
@@ -188,12 +213,12 @@ fn store_gc(url: &str, args: &GcArgs, quiet: bool) -> u8 {
     match ran {
         Ok(report) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "ok", "exit_code": 0, "report": report })
                 );
             } else if !quiet {
-                eprintln!(
+                errln!(
                     "ferry: gc: {} abandoned transfers expired, {} unreferenced chunks deleted ({} freed), {} kept by the grace period",
                     report.transfers_expired,
                     report.chunks_deleted,
@@ -205,12 +230,12 @@ fn store_gc(url: &str, args: &GcArgs, quiet: bool) -> u8 {
         }
         Err(e) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "error", "exit_code": crate::exit::LOCAL, "error": e })
                 );
             }
-            eprintln!("ferry: gc failed: {}", printable(&e));
+            errln!("ferry: gc failed: {}", printable(&e));
             crate::exit::LOCAL
         }
     }
@@ -222,12 +247,12 @@ fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
         Ok(dir) => dir,
         Err(e) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "error", "exit_code": crate::exit::USAGE, "error": e.to_string() })
                 );
             }
-            eprintln!("ferry: gc: {}", printable(&e.to_string()));
+            errln!("ferry: gc: {}", printable(&e.to_string()));
             return crate::exit::USAGE;
         }
     };
@@ -241,12 +266,12 @@ fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
     match pruned {
         Ok(pruned) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "ok", "exit_code": 0, "state": dir.display().to_string(), "report": pruned })
                 );
             } else if !quiet {
-                eprintln!(
+                errln!(
                     "ferry: gc: {} finished push records and {} stale cached manifests removed from {}",
                     pruned.records_removed,
                     pruned.manifests_removed,
@@ -265,12 +290,12 @@ fn client_gc(args: &GcArgs, quiet: bool) -> u8 {
                 other => other.to_string(),
             };
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "status": "error", "exit_code": code, "error": message })
                 );
             }
-            eprintln!("ferry: gc failed: {}", printable(&message));
+            errln!("ferry: gc failed: {}", printable(&message));
             code
         }
     }
@@ -588,7 +613,7 @@ pub async fn pull(args: PullArgs, quiet: bool) -> u8 {
     stop(ticker).await;
     output.finish();
     if common.delete && !quiet && matches!(result, Ok(Pulled::File(_))) {
-        eprintln!("ferry: --delete applies to trees; the pull fetched a file and deleted nothing");
+        errln!("ferry: --delete applies to trees; the pull fetched a file and deleted nothing");
     }
     finish(&job, result)
 }
@@ -664,7 +689,7 @@ fn finish<R: Summary>(job: &Job, result: Result<R, ClientError>) -> u8 {
     match result {
         Ok(report) => {
             if job.json {
-                println!("{}", job.stamp(report.json()));
+                outln!("{}", job.stamp(report.json()));
             } else if !job.quiet {
                 report.print();
             }
@@ -673,15 +698,15 @@ fn finish<R: Summary>(job: &Job, result: Result<R, ClientError>) -> u8 {
         Err(e) => {
             let code = e.exit_code();
             if job.json {
-                println!("{}", job.stamp(error_json(&e, code)));
+                outln!("{}", job.stamp(error_json(&e, code)));
             }
             // The cron recipe (`--json -q … >> log 2>&1`) wants one JSON line per run and nothing else.
             if matches!(e, ClientError::Interrupted) {
                 if !job.quiet {
-                    eprintln!("ferry: {} {e}", job.what);
+                    errln!("ferry: {} {e}", job.what);
                 }
             } else if !(job.json && job.quiet) {
-                eprintln!("ferry: {} failed: {}", job.what, printable(&e.to_string()));
+                errln!("ferry: {} failed: {}", job.what, printable(&e.to_string()));
             }
             code
         }
@@ -789,7 +814,7 @@ pub fn argument_error(error: clap::Error, args: &[std::ffi::OsString]) -> u8 {
         // The arguments were not understood, so there is no source or destination to name.
         summary["source"] = serde_json::Value::Null;
         summary["destination"] = serde_json::Value::Null;
-        println!("{summary}");
+        outln!("{summary}");
     }
     if !(json && quiet) {
         let _ = error.print();
@@ -813,7 +838,7 @@ fn print_report(report: &PushReport) {
     } else {
         "pushed"
     };
-    eprintln!(
+    errln!(
         "ferry: {what}: {} -> {} ({}, sent {}, reused {}, {} attempt(s), {:.2?})",
         printable(&report.source),
         printable(&report.destination),
@@ -824,7 +849,7 @@ fn print_report(report: &PushReport) {
         report.duration,
     );
     // The digest is the run's result, not a message: stdout (`digest=$(ferry push …)`), like the --json summary.
-    println!("blake3 {}", hex(&report.digest));
+    outln!("blake3 {}", hex(&report.digest));
 }
 
 /// The one-line JSON summary of a successful push.
@@ -859,7 +884,7 @@ fn print_pull(report: &PullReport) {
     } else {
         "pulled"
     };
-    eprintln!(
+    errln!(
         "ferry: {what}: {} -> {} ({}, received {}, reused {}, {} attempt(s), {:.2?})",
         printable(&report.source),
         printable(&report.destination),
@@ -870,7 +895,7 @@ fn print_pull(report: &PullReport) {
         report.duration,
     );
     // The digest is the run's result, not a message: stdout (`digest=$(ferry push …)`), like the --json summary.
-    println!("blake3 {}", hex(&report.digest));
+    outln!("blake3 {}", hex(&report.digest));
 }
 
 /// The one-line JSON summary of a successful pull.
@@ -895,7 +920,7 @@ pub fn pull_json(report: &PullReport) -> serde_json::Value {
 
 fn print_tree(report: &TreeReport) {
     let verb = if report.pulled { "received" } else { "sent" };
-    eprintln!(
+    errln!(
         "ferry: tree {} -> {}: {} files ({}), {} needed, {} committed, {} unchanged; {verb} {}, reused {}; {} attempt(s), {:.2?}",
         printable(&report.source),
         printable(&report.destination),
@@ -911,17 +936,17 @@ fn print_tree(report: &TreeReport) {
     );
     // Paths and reasons may come from the peer (a pulled tree's entries, a server's TreeFailure reasons).
     for (path, reason) in &report.skipped {
-        eprintln!("ferry: skipped {}: {}", printable(path), printable(reason));
+        errln!("ferry: skipped {}: {}", printable(path), printable(reason));
     }
     for (path, reason) in &report.failed {
-        eprintln!("ferry: FAILED {}: {}", printable(path), printable(reason));
+        errln!("ferry: FAILED {}: {}", printable(path), printable(reason));
     }
     for (path, reason) in &report.refused {
-        eprintln!("ferry: REFUSED {}: {}", printable(path), printable(reason));
+        errln!("ferry: REFUSED {}: {}", printable(path), printable(reason));
     }
     let missing = crate::ranges::ranges_len(&report.committed.missing);
     if missing > 0 {
-        eprintln!("ferry: {missing} entries could not be placed on the receiver");
+        errln!("ferry: {missing} entries could not be placed on the receiver");
     }
     if let Some(deletion) = &report.deletion {
         print_deletion(deletion);
@@ -931,17 +956,17 @@ fn print_tree(report: &TreeReport) {
 /// What `--delete` did, one line per deleted entry (paths may come from the peer).
 fn print_deletion(deletion: &crate::client::Deletion) {
     if let Some(reason) = &deletion.skipped {
-        eprintln!("ferry: --delete: {}", printable(reason));
+        errln!("ferry: --delete: {}", printable(reason));
     }
     for path in &deletion.removed {
-        eprintln!("ferry: deleted {}", printable(path));
+        errln!("ferry: deleted {}", printable(path));
     }
     let unlisted = deletion.total.saturating_sub(deletion.removed.len() as u64);
     if unlisted > 0 {
-        eprintln!("ferry: deleted {unlisted} more entries (too many to list)");
+        errln!("ferry: deleted {unlisted} more entries (too many to list)");
     }
     for (path, reason) in &deletion.failed {
-        eprintln!("ferry: could not delete {}: {}", printable(path), printable(reason));
+        errln!("ferry: could not delete {}: {}", printable(path), printable(reason));
     }
 }
 

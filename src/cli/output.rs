@@ -149,7 +149,7 @@ impl Output {
             Mode::Bars => {
                 if let Some(line) = event_line(event).filter(|_| notable(event)) {
                     if let Some(bars) = &self.bars {
-                        bars.multi.suspend(|| eprintln!("{line}"));
+                        bars.multi.suspend(|| errln!("{line}"));
                     }
                 }
             }
@@ -452,7 +452,7 @@ fn event_text(event: &ClientEvent) -> Option<String> {
 
 fn print_event(event: &ClientEvent) {
     if let Some(line) = event_line(event) {
-        eprintln!("{line}");
+        errln!("{line}");
     }
 }
 

@@ -135,11 +135,11 @@ pub async fn serve(args: ServeArgs) -> u8 {
     match run(args).await {
         Ok(()) => exit::OK,
         Err(ServeFailure::Usage(message)) => {
-            eprintln!("ferry: serve: {message}");
+            errln!("ferry: serve: {message}");
             exit::USAGE
         }
         Err(ServeFailure::Server(e)) => {
-            eprintln!("ferry: serve: {e}");
+            errln!("ferry: serve: {e}");
             exit::INTERNAL
         }
     }
@@ -402,8 +402,8 @@ pub fn keygen(args: KeygenArgs) -> u8 {
         });
     match made {
         Ok(fingerprint) => {
-            println!("{fingerprint}");
-            eprintln!(
+            outln!("{fingerprint}");
+            errln!(
                 "ferry: wrote {} and {}; clients connect with --tls-fingerprint {fingerprint}",
                 args.cert.display(),
                 args.key.display()
@@ -411,7 +411,7 @@ pub fn keygen(args: KeygenArgs) -> u8 {
             exit::OK
         }
         Err(e) => {
-            eprintln!("ferry: keygen: {e}");
+            errln!("ferry: keygen: {e}");
             exit::LOCAL
         }
     }
@@ -435,7 +435,7 @@ pub fn token(args: TokenArgs) -> u8 {
     let token = match Token::generate(&args.id) {
         Ok(token) => token,
         Err(e) => {
-            eprintln!("ferry: token: {e}");
+            errln!("ferry: token: {e}");
             return exit::USAGE;
         }
     };
@@ -448,14 +448,14 @@ pub fn token(args: TokenArgs) -> u8 {
     match &args.out {
         Some(path) => {
             if let Err(e) = write_new(path, format!("{token}\n").as_bytes(), 0o600) {
-                eprintln!("ferry: token: {e}");
+                errln!("ferry: token: {e}");
                 return exit::LOCAL;
             }
-            eprintln!("ferry: wrote the client's token to {}", path.display());
+            errln!("ferry: wrote the client's token to {}", path.display());
         }
-        None => println!("# the client's token file (ferry push --token-file FILE):\n{token}\n"),
+        None => outln!("# the client's token file (ferry push --token-file FILE):\n{token}\n"),
     }
-    println!("# add to the server's configuration:\n{entry}");
+    outln!("# add to the server's configuration:\n{entry}");
     exit::OK
 }
 

@@ -96,14 +96,14 @@ async fn local(args: &StatusArgs) -> u8 {
     });
     if args.json {
         let listed: Vec<_> = transfers.iter().map(transfer_json).collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "status": "ok", "exit_code": crate::exit::OK, "transfers": listed })
         );
     } else if transfers.is_empty() {
-        println!("no transfers recorded in {}", dir.display());
+        outln!("no transfers recorded in {}", dir.display());
     } else {
-        print!("{}", transfer_table(&transfers, now_secs()));
+        out!("{}", transfer_table(&transfers, now_secs()));
     }
     crate::exit::OK
 }
@@ -143,9 +143,9 @@ async fn remote(args: &StatusArgs, server: Location) -> u8 {
         Ok(partials) => {
             let url = format!("ferry://{}", opts.server.authority());
             if args.json {
-                println!("{}", partials_json(&partials, &url));
+                outln!("{}", partials_json(&partials, &url));
             } else {
-                print!("{}", partials_table(&partials, &url, now_secs()));
+                out!("{}", partials_table(&partials, &url, now_secs()));
             }
             crate::exit::OK
         }
@@ -159,12 +159,12 @@ async fn remote(args: &StatusArgs, server: Location) -> u8 {
 
 fn fail(json: bool, code: u8, message: &str) -> u8 {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "status": "error", "exit_code": code, "error": message })
         );
     }
-    eprintln!("ferry: status: {}", printable(message));
+    errln!("ferry: status: {}", printable(message));
     code
 }
 
