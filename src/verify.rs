@@ -239,14 +239,19 @@ pub struct DigestFollower {
 /// else the box holds (a queue budget's permit) is released when the follower is done with them.
 pub type HeldBytes = Box<dyn AsRef<[u8]> + Send>;
 
-/// Bytes of handed-over pieces a follower holds at most. A piece that would go past it waits for room while the
-/// follower is hashing pieces from memory, in step with the writer (it frees room at hashing speed); otherwise it
-/// is dropped and its bytes are read back later, so a follower still reading back a long prefix never holds more
-/// than this and never holds the writer up.
-pub const FOLLOWER_HOLD: u64 = 8 << 20;
+/// Bytes of handed-over pieces a follower holds at most (or one piece, however large, when it holds nothing else).
+/// A piece that would go past it waits for room if the follower is at most [`CATCH_UP`] behind it: the follower
+/// frees room on its own, hashing what it holds and reading back what it was not handed. Otherwise (a follower
+/// still reading back a long prefix) the piece is dropped and its bytes are read back later, so such a follower
+/// never holds the writer up.
+pub const FOLLOWER_HOLD: u64 = 4 << 20;
 
-/// The longest a writer waits for room in a follower in step with it before dropping its piece (a follower starved
-/// of CPU that long is not worth stalling the writes for).
+/// How far behind a piece a follower may be for the writer to wait for room rather than drop the piece. A writer
+/// that ran ahead by dropping pieces would leave the follower to read them back, from the disk once the page cache
+/// no longer holds them (direct writes), which slows the writes it ran ahead of: an 8 GiB push read 2.7-4.7 GiB
+/// back that way, and with a 4 MiB hold, 6-8 GiB.
+pub const CATCH_UP: u64 = 64 << 20;
+
 const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where a follower's hashed bytes came from.
@@ -281,8 +286,6 @@ struct Follow {
     gone: bool,
     /// The end of the bytes the follower has taken to hash (from a piece, or read back).
     taken_to: u64,
-    /// The follower is reading bytes back from the file, not hashing pieces.
-    reading_back: bool,
     /// What the follower has hashed, published after each slice.
     hashed: Option<StackedPrefix>,
     /// Bytes hashed from handed-over pieces, and bytes read back from the file.
@@ -335,33 +338,31 @@ impl DigestFollower {
     /// memory instead of read back. The caller hands over exactly the bytes it wrote there; a piece that is not
     /// within `[0, ready)` or comes before an earlier piece's end is dropped (its bytes are read back).
     ///
-    /// A piece that would make the follower hold more than [`FOLLOWER_HOLD`] waits for room (at most
-    /// [`ROOM_PATIENCE`]) if the follower is in step: hashing pieces from memory, the held ones and this one
-    /// following on from what it took without a gap, so that it frees room without any more writes. Otherwise it
-    /// is dropped. A writer that ran ahead by dropping pieces would leave the follower to read them back, from the
-    /// disk once the page cache no longer holds them, which slows the writes it ran ahead of; an 8 GiB push read
-    /// 2.7–4.7 GiB back that way. Blocks, so the caller is a blocking thread.
+    /// A piece past [`FOLLOWER_HOLD`] waits for room (at most [`ROOM_PATIENCE`]) if the follower is at most
+    /// [`CATCH_UP`] behind it, else is dropped. Blocks, so the caller is a blocking thread.
     pub fn advance_with(&self, ready: u64, piece: Option<(u64, HeldBytes)>) {
         let mut follow = lock(&self.shared.0);
         let mut moved = false;
-        if ready > follow.ready {
-            follow.ready = ready;
-            moved = true;
-        }
         if let Some((offset, bytes)) = piece {
             let len = (*bytes).as_ref().len() as u64;
             let after_last = follow.pieces.back().is_none_or(|last| piece_end(last) <= offset);
-            if len > 0 && offset + len <= follow.ready && after_last {
-                if follow.held + len > FOLLOWER_HOLD && len <= FOLLOWER_HOLD && follow.in_step_at(offset) {
+            if len > 0 && offset + len <= ready.max(follow.ready) && after_last {
+                let near = offset >= follow.taken_to && offset - follow.taken_to <= CATCH_UP;
+                if !follow.has_room_for(len) && near {
+                    // Only the bytes before the piece are final meanwhile: told its bytes are final, a follower
+                    // that ran out of pieces would read them back instead of waiting for them.
+                    moved |= follow.raise_ready(ready.min(offset));
+                    self.shared.1.notify_all();
                     follow = self.wait_for_room(follow, len);
                 }
-                if follow.held + len <= FOLLOWER_HOLD && !follow.gone {
+                if follow.has_room_for(len) && !follow.gone {
                     follow.held += len;
                     follow.pieces.push_back(Piece { offset, bytes });
                     moved = true;
                 }
             }
         }
+        moved |= follow.raise_ready(ready);
         if moved {
             self.shared.1.notify_all();
         }
@@ -374,7 +375,7 @@ impl DigestFollower {
         len: u64,
     ) -> std::sync::MutexGuard<'a, Follow> {
         let deadline = std::time::Instant::now() + ROOM_PATIENCE;
-        while follow.held + len > FOLLOWER_HOLD && !follow.gone && !follow.cancel {
+        while !follow.has_room_for(len) && !follow.gone && !follow.cancel {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break;
@@ -419,12 +420,16 @@ impl Drop for DigestFollower {
 }
 
 impl Follow {
-    /// The follower is hashing pieces from memory, and the held ones, then a piece at `offset`, follow on from what
-    /// it took without a gap: it can free room on its own, without more writes or reads.
-    fn in_step_at(&self, offset: u64) -> bool {
-        let start = self.pieces.front().map_or(offset, |p| p.offset);
-        let end = self.pieces.back().map_or(offset, piece_end);
-        !self.reading_back && start == self.taken_to && end == offset && end - start == self.held
+    /// A piece of `len` bytes fits: within [`FOLLOWER_HOLD`], or alone.
+    fn has_room_for(&self, len: u64) -> bool {
+        self.held + len <= FOLLOWER_HOLD || self.held == 0
+    }
+
+    /// Bytes `[0, ready)` are final (never moves backwards); whether that moved.
+    fn raise_ready(&mut self, ready: u64) -> bool {
+        let moved = ready > self.ready;
+        self.ready = self.ready.max(ready);
+        moved
     }
 }
 
@@ -451,7 +456,6 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
             follow.from_memory += std::mem::take(&mut from_memory);
             follow.read_back += std::mem::take(&mut read_back);
             follow.hashed = Some(prefix.stacked());
-            follow.reading_back = false;
             while !follow.cancel && !follow.finish && follow.ready <= prefix.len() && follow.pieces.is_empty() {
                 follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
             }
@@ -472,7 +476,6 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
                 None => return Ok(prefix), // finishing, and everything final is hashed
             };
             if let Turn::ReadTo(to) = turn {
-                follow.reading_back = true;
                 follow.taken_to = follow.taken_to.max(to);
             }
             turn
@@ -772,14 +775,16 @@ mod tests {
         }
     }
 
-    /// A follower stuck reading back (here, the first MiB) never holds more than [`FOLLOWER_HOLD`] of handed-over
-    /// bytes: past it, pieces are dropped and their bytes read back later; the digest is the same.
+    /// A follower stuck reading back a prefix longer than [`CATCH_UP`] never holds more than [`FOLLOWER_HOLD`] of
+    /// handed-over bytes and never holds the writer up: past the bound, pieces are dropped at once and their bytes
+    /// read back later; the digest is the same.
     #[test]
-    fn the_follower_holds_at_most_its_bound_of_pieces() {
+    fn a_follower_far_behind_holds_at_most_its_bound_and_never_waits() {
         use std::io::Write;
         const PIECE: usize = 1 << 20;
+        let prefix = CATCH_UP as usize + PIECE;
         let count = (FOLLOWER_HOLD as usize / PIECE) + 4;
-        let data = data(count * PIECE);
+        let data = data(prefix + count * PIECE);
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();
         let open = Arc::new((Mutex::new(false), Condvar::new()));
@@ -787,13 +792,19 @@ mod tests {
             file: file.try_clone().unwrap(),
             open: open.clone(),
         };
-        // Piece 0 is final but not handed over: the follower waits at the gate to read it back.
-        let follower = DigestFollower::start(gated, PIECE as u64).unwrap();
-        for n in 1..count {
-            let bytes: HeldBytes = Box::new(data[n * PIECE..(n + 1) * PIECE].to_vec());
-            follower.advance_with(((n + 1) * PIECE) as u64, Some(((n * PIECE) as u64, bytes)));
+        // The prefix is final but not handed over: the follower waits at the gate to read it back.
+        let follower = DigestFollower::start(gated, prefix as u64).unwrap();
+        let started = std::time::Instant::now();
+        for n in 0..count {
+            let at = prefix + n * PIECE;
+            let bytes: HeldBytes = Box::new(data[at..at + PIECE].to_vec());
+            follower.advance_with((at + PIECE) as u64, Some((at as u64, bytes)));
             assert!(lock(&follower.shared.0).held <= FOLLOWER_HOLD, "piece {n}");
         }
+        assert!(
+            started.elapsed() < ROOM_PATIENCE,
+            "the writer waited for a follower far behind"
+        );
         *open.0.lock().unwrap() = true;
         open.1.notify_all();
         let (prefix, sources) = follower.finish_counted().unwrap();
@@ -805,11 +816,25 @@ mod tests {
         assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
     }
 
+    /// A piece larger than [`FOLLOWER_HOLD`] (a 16 MiB chunk) is held when it is alone, not dropped and read back.
+    #[test]
+    fn a_piece_over_the_bound_is_held_alone() {
+        use std::io::Write;
+        let data = data(2 * FOLLOWER_HOLD as usize + 5);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 0).unwrap();
+        follower.advance_with(data.len() as u64, Some((0, Box::new(data.clone()))));
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(sources.read_back, 0);
+        assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
+    }
+
     /// A writer that hands over pieces in file order faster than the follower hashes them (here, all at once)
     /// waits for room instead of dropping pieces: everything is hashed from memory, none read back, and the
     /// follower never holds more than its bound. Before, pieces past the bound were dropped and read back.
     #[test]
-    fn a_writer_ahead_of_a_follower_in_step_waits_instead_of_dropping() {
+    fn a_writer_ahead_of_a_follower_near_it_waits_instead_of_dropping() {
         use std::io::Write;
         const PIECE: usize = 1 << 20;
         let count = 3 * FOLLOWER_HOLD as usize / PIECE;
