@@ -4,16 +4,10 @@
 //! `--max-duration` behaviour in depth (cron.rs).
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 
 use crate::cron::stalled_listener;
 use crate::util::*;
-
-/// A port on 127.0.0.1 with nothing listening on it.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn assert_code(out: &PushOutcome, code: i32, what: &str) {
     assert_eq!(out.code, code, "{what}: {}\n{}", out.json, out.stderr);
@@ -34,7 +28,8 @@ async fn each_failure_class_has_its_exit_code() {
     let bad_url = push(&src, "http://127.0.0.1/x", &state, &[]).await;
     assert_code(&bad_url, 2, "a URL that is not ferry://");
 
-    let nowhere = format!("ferry://127.0.0.1:{}/x", closed_port());
+    let closed = RefusingPort::new();
+    let nowhere = format!("ferry://127.0.0.1:{}/x", closed.port);
     let refused = push(&src, &nowhere, &state, &["--retries", "0"]).await;
     assert_code(&refused, 3, "nothing listening, no retries");
 

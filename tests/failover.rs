@@ -11,14 +11,6 @@ use crate::util::*;
 
 const SMALL: [&str; 6] = ["--chunking", "fixed", "--chunk-size", "64KiB", "--window", "1MiB"];
 
-/// A `127.0.0.1` port nothing listens on: bound, then closed (connecting to it is refused).
-fn dead_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    port
-}
-
 /// The summary's list of servers used.
 fn servers_used(out: &PushOutcome) -> Vec<String> {
     let list = out.json["servers"]
@@ -33,7 +25,8 @@ async fn a_dead_first_server_hands_the_push_to_the_second() {
     let b = TestServer::start(&dir.path().join("b"));
     let src = dir.path().join("f.bin");
     write_random(&src, 3 * MIB + 17, 1);
-    let dead = format!("127.0.0.1:{}", dead_port());
+    let dead_port = RefusingPort::new();
+    let dead = format!("127.0.0.1:{}", dead_port.port);
     let url = format!("ferry://{dead},{}/in/f.bin", b.addr);
     let out = push(&src, &url, &dir.path().join("state"), &SMALL).await;
     out.assert_ok();
@@ -164,13 +157,13 @@ async fn a_refused_token_ends_the_run_without_moving() {
 async fn a_config_remote_may_list_several_servers() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestServer::start(&dir.path().join("b"));
+    let dead_port = RefusingPort::new();
     let config = dir.path().join("client.toml");
     std::fs::write(
         &config,
         format!(
             "[defaults]\nretry_delay = \"20ms\"\n\n[remote.group]\nurl = \"ferry://127.0.0.1:{},{}/base\"\n",
-            dead_port(),
-            b.addr
+            dead_port.port, b.addr
         ),
     )
     .unwrap();

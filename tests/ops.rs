@@ -271,10 +271,8 @@ async fn an_unreachable_server_is_named_in_every_retry_and_the_final_error() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("f.bin");
     write_random(&src, 1000, 9);
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let refusing = RefusingPort::new();
+    let port = refusing.port;
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = std::process::Command::new(ferry_bin());
     cmd.args(["push", "--retries", "2", "--retry-delay", "20ms", "--state"])

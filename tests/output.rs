@@ -101,12 +101,9 @@ async fn a_failed_run_still_ends_its_json_stream_with_a_summary_naming_the_exit_
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("a.bin");
     write_random(&src, 64 * KIB, 1);
-    // Nothing listens on this port (bound, then closed).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens on this port.
+    let refusing = RefusingPort::new();
+    let port = refusing.port;
     let cmd = push_command(
         &src,
         &format!("ferry://127.0.0.1:{port}/a.bin"),

@@ -305,6 +305,24 @@ fn outcome(output: &std::process::Output) -> PushOutcome {
     }
 }
 
+/// A port on 127.0.0.1 that refuses connections for as long as this lives: bound but never listening, so no other
+/// test's server can take it meanwhile (a port bound, then closed, is free for anyone to take before it is used).
+pub struct RefusingPort {
+    _socket: tokio::net::TcpSocket,
+    /// The port number.
+    pub port: u16,
+}
+
+impl RefusingPort {
+    /// Binds a fresh port without listening on it.
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        RefusingPort { _socket: socket, port }
+    }
+}
+
 /// Waits (bounded: 10 s) until no handle holds the sled store in `state`, after the test dropped its own. sled lets
 /// go of its file lock when its last handle drops, which may be on one of its own I/O threads a moment after the
 /// test's: a `ferry` started, or a store opened, in that moment would find the state directory in use. Tries the
