@@ -252,6 +252,10 @@ pub const FOLLOWER_HOLD: u64 = 4 << 20;
 /// back that way, and with a 4 MiB hold, 6-8 GiB.
 pub const CATCH_UP: u64 = 64 << 20;
 
+/// The longest a writer waits for room in a follower near it before dropping its piece (a follower starved of CPU,
+/// or stuck in a slow read, that long is not worth stalling the writes for). Once a wait ran out, the writer does
+/// not wait again until the follower has caught up with everything final, so a stuck follower costs the writes
+/// this much once, not once per piece.
 const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where a follower's hashed bytes came from.
@@ -286,6 +290,8 @@ struct Follow {
     gone: bool,
     /// The end of the bytes the follower has taken to hash (from a piece, or read back).
     taken_to: u64,
+    /// A wait for room ran out of patience; no writer waits again until the follower has caught up.
+    impatient: bool,
     /// What the follower has hashed, published after each slice.
     hashed: Option<StackedPrefix>,
     /// Bytes hashed from handed-over pieces, and bytes read back from the file.
@@ -348,7 +354,7 @@ impl DigestFollower {
             let after_last = follow.pieces.back().is_none_or(|last| piece_end(last) <= offset);
             if len > 0 && offset + len <= ready.max(follow.ready) && after_last {
                 let near = offset >= follow.taken_to && offset - follow.taken_to <= CATCH_UP;
-                if !follow.has_room_for(len) && near {
+                if !follow.has_room_for(len) && near && !follow.impatient {
                     // Only the bytes before the piece are final meanwhile: told its bytes are final, a follower
                     // that ran out of pieces would read them back instead of waiting for them.
                     moved |= follow.raise_ready(ready.min(offset));
@@ -378,6 +384,7 @@ impl DigestFollower {
         while !follow.has_room_for(len) && !follow.gone && !follow.cancel {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
+                follow.impatient = true;
                 break;
             }
             follow = self
@@ -457,6 +464,7 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
             follow.read_back += std::mem::take(&mut read_back);
             follow.hashed = Some(prefix.stacked());
             while !follow.cancel && !follow.finish && follow.ready <= prefix.len() && follow.pieces.is_empty() {
+                follow.impatient = false; // caught up: a writer may wait for room again
                 follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
             }
             if follow.cancel {
@@ -813,6 +821,41 @@ mod tests {
             "the pieces held were hashed from memory"
         );
         assert_eq!(sources.read_back, (data.len() as u64) - FOLLOWER_HOLD);
+        assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
+    }
+
+    /// A follower near the writer but stuck (here, in a read that waits at a gate) costs the writer one wait of
+    /// [`ROOM_PATIENCE`], not one per piece: after the first wait runs out, the next pieces are dropped at once,
+    /// and the digest is still the file's.
+    #[test]
+    fn a_stuck_follower_costs_the_writer_one_wait() {
+        use std::io::Write;
+        const PIECE: usize = 1 << 20;
+        let count = (FOLLOWER_HOLD as usize / PIECE) + 6;
+        let data = data((count + 1) * PIECE);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let gated = Gated {
+            file: file.try_clone().unwrap(),
+            open: open.clone(),
+        };
+        // The first MiB is final but not handed over: the follower, near, waits at the gate to read it back.
+        let follower = DigestFollower::start(gated, PIECE as u64).unwrap();
+        let started = std::time::Instant::now();
+        for n in 1..=count {
+            let bytes: HeldBytes = Box::new(data[n * PIECE..(n + 1) * PIECE].to_vec());
+            follower.advance_with(((n + 1) * PIECE) as u64, Some(((n * PIECE) as u64, bytes)));
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= ROOM_PATIENCE && waited < 2 * ROOM_PATIENCE,
+            "the writer waited {waited:?}"
+        );
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(sources.from_memory, FOLLOWER_HOLD);
         assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
     }
 
