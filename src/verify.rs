@@ -805,23 +805,36 @@ mod tests {
         }
     }
 
-    /// A follower stuck reading back a prefix longer than [`CATCH_UP`] never holds more than [`FOLLOWER_HOLD`] of
-    /// handed-over bytes and never holds the writer up: past the bound, pieces are dropped at once and their bytes
-    /// read back later; the digest is the same.
-    #[test]
-    fn a_follower_far_behind_holds_at_most_its_bound_and_never_waits() {
+    /// `data` in a temp file, that file again behind a closed gate, and the gate.
+    #[allow(clippy::type_complexity)]
+    fn gated_file(data: &[u8]) -> (File, Gated, Arc<(Mutex<bool>, Condvar)>) {
         use std::io::Write;
-        const PIECE: usize = 1 << 20;
-        let prefix = CATCH_UP as usize + PIECE;
-        let count = (FOLLOWER_HOLD as usize / PIECE) + 4;
-        let data = data(prefix + count * PIECE);
         let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
+        file.write_all(data).unwrap();
         let open = Arc::new((Mutex::new(false), Condvar::new()));
         let gated = Gated {
             file: file.try_clone().unwrap(),
             open: open.clone(),
         };
+        (file, gated, open)
+    }
+
+    /// Lets the gated reads through.
+    fn open_gate(open: &(Mutex<bool>, Condvar)) {
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+    }
+
+    /// A follower stuck reading back a prefix longer than [`CATCH_UP`] never holds more than [`FOLLOWER_HOLD`] of
+    /// handed-over bytes and never holds the writer up: past the bound, pieces are dropped at once and their bytes
+    /// read back later; the digest is the same.
+    #[test]
+    fn a_follower_far_behind_holds_at_most_its_bound_and_never_waits() {
+        const PIECE: usize = 1 << 20;
+        let prefix = CATCH_UP as usize + PIECE;
+        let count = (FOLLOWER_HOLD as usize / PIECE) + 4;
+        let data = data(prefix + count * PIECE);
+        let (file, gated, open) = gated_file(&data);
         // The prefix is final but not handed over: the follower waits at the gate to read it back.
         // Any wait at all would last 600 s.
         let follower = DigestFollower::start(gated, prefix as u64)
@@ -838,8 +851,7 @@ mod tests {
             started.elapsed() < std::time::Duration::from_secs(60),
             "the writer waited for a follower far behind"
         );
-        *open.0.lock().unwrap() = true;
-        open.1.notify_all();
+        open_gate(&open);
         let (prefix, sources) = follower.finish_counted().unwrap();
         assert_eq!(
             sources.from_memory, FOLLOWER_HOLD,
@@ -849,22 +861,15 @@ mod tests {
         assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
     }
 
-    /// A follower near the writer but stuck (here, in a read that waits at a gate) costs the writer one wait of
-    /// [`ROOM_PATIENCE`], not one per piece: after the first wait runs out, the next pieces are dropped at once,
+    /// A follower near the writer but stuck (here, in a read that waits at a gate) costs the writer one wait (its
+    /// patience, [`ROOM_PATIENCE`] unless set), not one per piece: after the first wait runs out, the next pieces are dropped at once,
     /// and the digest is still the file's.
     #[test]
     fn a_stuck_follower_costs_the_writer_one_wait() {
-        use std::io::Write;
         const PIECE: usize = 1 << 20;
         let count = (FOLLOWER_HOLD as usize / PIECE) + 6;
         let data = data((count + 1) * PIECE);
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
-        let open = Arc::new((Mutex::new(false), Condvar::new()));
-        let gated = Gated {
-            file: file.try_clone().unwrap(),
-            open: open.clone(),
-        };
+        let (file, gated, open) = gated_file(&data);
         // The first MiB is final but not handed over: the follower, near, waits at the gate to read it back.
         let patience = std::time::Duration::from_secs(1);
         let follower = DigestFollower::start(gated, PIECE as u64)
@@ -881,8 +886,7 @@ mod tests {
             waited >= patience && waited < 5 * patience,
             "the writer waited {waited:?}"
         );
-        *open.0.lock().unwrap() = true;
-        open.1.notify_all();
+        open_gate(&open);
         let (prefix, sources) = follower.finish_counted().unwrap();
         assert_eq!(sources.from_memory, FOLLOWER_HOLD);
         assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());
