@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, greeted, push, push_command, rchar, run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest,
-    wait_until_store_closed, write_random, TestServer,
+    b3, greeted, push, push_command, random_bytes, rchar, run_counting_reads, send_chunk_zero_and_commit,
+    single_chunk_manifest, wait_until_store_closed, write_random, TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -107,11 +107,7 @@ async fn a_streamed_push_cut_at_half_resends_only_the_rest() {
 /// the filesystem's mtime clock, finds a consistent empty file and rightly pushes it.)
 fn overwrite_then_cut(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
-    let mut data = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut data);
+    let data = random_bytes(size, seed);
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(&data, 0).unwrap();
     file.set_len(size as u64).unwrap();

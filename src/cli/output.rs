@@ -301,12 +301,9 @@ impl Rate {
     }
 }
 
+/// One JSON event line on stdout; a closed stdout (the reader went away) must not kill the transfer.
 fn emit(value: Value) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    // A closed stdout (the reader went away) must not kill the transfer.
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
+    outln!("{value}");
 }
 
 /// The last path component, for the bar's prefix.

@@ -338,13 +338,19 @@ pub fn wait_until_store_closed(state: &Path) {
     panic!("the store in {} stayed locked", state.display());
 }
 
-/// Writes `size` deterministic pseudo-random bytes derived from `seed`.
-pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+/// `size` pseudo-random bytes from `seed` (BLAKE3's output stream): the same seed gives the same bytes.
+pub fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; size];
     blake3::Hasher::new()
         .update(&seed.to_le_bytes())
         .finalize_xof()
         .fill(&mut data);
+    data
+}
+
+/// Writes `size` deterministic pseudo-random bytes derived from `seed`.
+pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let data = random_bytes(size, seed);
     let mut file = std::fs::File::create(path).unwrap();
     file.write_all(&data).unwrap();
     data
