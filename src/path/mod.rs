@@ -13,7 +13,7 @@ use thiserror::Error;
 mod at;
 mod beneath;
 
-pub use at::{metadata_in_root, open_parent_dir, rename_into, rename_into_from, rename_into_opened, Replace};
+pub use at::{metadata_in_root, open_parent_dir, rename_into, rename_into_from, rename_into_opened, Renamed, Replace};
 pub use beneath::{
     entry_at, kind_at, list_dir, list_dir_typed, open_beneath, open_dir_beneath, open_file_beneath, open_file_in,
     open_file_in_with_metadata, Entry, Kind,
