@@ -241,8 +241,8 @@ async fn an_insertion_reads_the_old_version_once() {
 }
 
 /// A chunk of the old version damaged behind the server's back (size, inode and mtime kept, so its committed
-/// manifest still stands) is found when the server copies it after the first round: it is asked for in the next
-/// commit round, and the file lands verified.
+/// manifest still stands) is found when the server copies it (while the manifest streams, the insertion being near
+/// the start): it is asked for in a later `Need`, and the file lands verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_found_while_copying_after_the_first_round_is_asked_for_next() {
     const SIZE: usize = 32 * MIB;
@@ -422,4 +422,61 @@ async fn a_kill_in_the_middle_of_an_apply_is_replayed() {
     );
     assert_eq!(out.u64("bytes_sent"), 0, "the replay completed the interrupted push");
     assert!(journals(&root).is_empty());
+}
+
+/// The server is SIGKILLed while it copies an insertion's moved chunks from the old version as the manifest
+/// streams: the destination still holds the old version whole (the copy goes to a partial file), and the next
+/// push, to a restarted server, keeps what was durable and lands the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_while_copying_a_streamed_insertion_keeps_the_old_version() {
+    const SIZE: usize = 128 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = TestServer::start(&root);
+    let state = dir.path().join("state");
+    let src = dir.path().join("vm.img");
+    let old = write_random(&src, SIZE, 28);
+    let url = server.url("vm.img");
+    let dest = root.join("vm.img");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    rewrite(&src, |d| {
+        d.splice(4096..4096, [0x5a; 100]);
+    });
+    let new = std::fs::read(&src).unwrap();
+    let pushing = KillOnDrop::new(push_command(&src, &url, &state, &[]).spawn().unwrap());
+    server
+        .wait_for_log("copying=true", std::time::Duration::from_secs(60))
+        .await;
+    // Killed once a quarter is copied (or once the new version, 100 bytes longer, is in place).
+    let held = root.join(".ferry/partial");
+    let partial_bytes = || -> u64 {
+        let files = std::fs::read_dir(&held).into_iter().flatten().flatten();
+        files.filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+    };
+    for _ in 0..2000 {
+        let placed = std::fs::metadata(&dest).is_ok_and(|m| m.len() == new.len() as u64);
+        if partial_bytes() >= (SIZE / 4) as u64 || placed {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.kill9();
+    drop(pushing);
+    let seen = std::fs::read(&dest).unwrap();
+    let partial = partial_bytes();
+    eprintln!(
+        "after the kill: the destination is the {} version; partials hold {partial} bytes",
+        if seen == old { "old" } else { "new" }
+    );
+    assert!(seen == old || seen == new, "the destination is one whole version");
+
+    let server = TestServer::start(&root);
+    let out = push(&src, &server.url("vm.img"), &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(std::fs::read(&dest).unwrap(), new);
+    assert!(
+        out.u64("bytes_sent") < (SIZE / 8) as u64,
+        "the moved chunks were not sent: {}",
+        out.u64("bytes_sent")
+    );
 }

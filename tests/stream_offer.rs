@@ -559,3 +559,153 @@ async fn a_wrong_recorded_digest_is_dropped_and_the_file_hashed_again() {
     assert_eq!(out.json["source_changes"], 1, "{}", out.json);
     assert_eq!(b3(&source), b3(&server.root.join("image.bin")));
 }
+
+/// Blocks of 4 KiB, each filled with one byte, for offers cut with fixed 4 KiB chunks.
+fn blocks(fills: &[u8]) -> Vec<Vec<u8>> {
+    fills.iter().map(|&fill| vec![fill; 4096]).collect()
+}
+
+/// The manifest entries of `blocks` laid end to end.
+fn entries_of(blocks: &[Vec<u8>]) -> Vec<ChunkEntry> {
+    let mut offset = 0;
+    blocks
+        .iter()
+        .map(|block| {
+            let entry = ChunkEntry {
+                offset,
+                len: block.len() as u32,
+                hash: *blake3::hash(block).as_bytes(),
+            };
+            offset += block.len() as u64;
+            entry
+        })
+        .collect()
+}
+
+/// Plays the sender after the streamed manifest's last piece: sends `needed` chunks of `blocks`, ends the
+/// manifest, then answers each `Need` with its chunks and a Commit (and each Ping with a Pong) until Committed.
+async fn send_rest_and_commit(
+    conn: &mut ferry::wire::Connection<TcpStream>,
+    blocks: &[Vec<u8>],
+    needed: &[u32],
+) -> ferry::wire::Committed {
+    use ferry::wire::{Chunk, Need};
+    let send = |index: u32| {
+        Message::Chunk(Chunk {
+            index,
+            data: blocks[index as usize].clone(),
+        })
+    };
+    for &index in needed {
+        conn.write_message(&send(index)).await.unwrap();
+    }
+    let whole: Vec<u8> = blocks.concat();
+    let end = ManifestEnd {
+        digest: *blake3::hash(&whole).as_bytes(),
+    };
+    conn.write_message(&Message::ManifestEnd(end)).await.unwrap();
+    for _ in 0..100 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await;
+        match msg.expect("the receiver answers").unwrap() {
+            Some(Message::Need(Need { ranges })) => {
+                for range in ranges {
+                    for index in range.start..range.start + range.count {
+                        conn.write_message(&send(index)).await.unwrap();
+                    }
+                }
+                conn.write_message(&Message::Commit).await.unwrap();
+            }
+            Some(Message::Ping(nonce)) => conn.write_message(&Message::Pong(nonce)).await.unwrap(),
+            Some(Message::Committed(committed)) => return committed,
+            Some(Message::Error(frame)) => panic!("refused: {frame:?}"),
+            Some(_) => {} // Acks and the ManifestEnd echo
+            None => panic!("the receiver closed the connection"),
+        }
+    }
+    panic!("no Committed after 100 messages")
+}
+
+/// Pushes `blocks` to `path` as one streamed piece and returns what the receiver answered the piece with, before
+/// the manifest ended: its `Need`, or nothing within 5 s (a receiver that gathers the whole manifest first).
+async fn offer_one_piece(
+    conn: &mut ferry::wire::Connection<TcpStream>,
+    path: &str,
+    blocks: &[Vec<u8>],
+) -> Option<Vec<u32>> {
+    let start = start_of(path, blocks.iter().map(|b| b.len() as u64).sum());
+    conn.write_message(&Message::OfferStart(start)).await.unwrap();
+    let piece = ManifestPiece {
+        first_index: 0,
+        chunks: entries_of(blocks),
+    };
+    conn.write_message(&Message::ManifestPiece(piece)).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read_message()).await {
+            Ok(Ok(Some(Message::Need(need)))) => {
+                return Some(need.ranges.iter().flat_map(|r| r.start..r.start + r.count).collect())
+            }
+            Ok(Ok(Some(Message::Ack(_)))) => {}
+            Ok(other) => panic!("expected a Need, got {other:?}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A file rewritten from its start (here one block inserted before the old ones, which all move) over an older
+/// version at the destination is served piece by piece: the receiver answers the first piece at once, asking only
+/// for the new block, and copies the moved blocks from the old version instead of asking for them. A receiver
+/// that gathered the whole manifest first would answer nothing before the manifest's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_from_its_start_is_copied_while_its_manifest_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let old = blocks(&[1, 2, 3, 4, 5, 6]);
+    let mut conn = greeted(server.addr).await;
+    let asked = offer_one_piece(&mut conn, "moved.bin", &old).await;
+    assert_eq!(asked.as_deref(), Some(&[0, 1, 2, 3, 4, 5][..]), "a fresh path streams");
+    send_rest_and_commit(&mut conn, &old, &[0, 1, 2, 3, 4, 5]).await;
+
+    let new = blocks(&[9, 1, 2, 3, 4, 5, 6]);
+    let mut conn = greeted(server.addr).await;
+    let asked = offer_one_piece(&mut conn, "moved.bin", &new).await;
+    assert_eq!(
+        asked.as_deref(),
+        Some(&[0][..]),
+        "only the new block is asked for, at the first piece"
+    );
+    let committed = send_rest_and_commit(&mut conn, &new, &[0]).await;
+    assert_eq!(std::fs::read(server.root.join("moved.bin")).unwrap(), new.concat());
+    assert_eq!(committed.received_bytes, 4096);
+    assert_eq!(committed.reused_bytes, 6 * 4096);
+}
+
+/// A block of the old version that no longer holds its committed bytes (changed in place, its size and mtime
+/// put back) is not copied: the receiver finds it wrong on the way and asks the sender for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_block_of_the_old_version_is_asked_for_instead_of_copied() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let old = blocks(&[1, 2, 3, 4]);
+    let mut conn = greeted(server.addr).await;
+    offer_one_piece(&mut conn, "rotted.bin", &old).await.unwrap();
+    send_rest_and_commit(&mut conn, &old, &[0, 1, 2, 3]).await;
+    let target = server.root.join("rotted.bin");
+    let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+    file.write_all_at(&[0xEE; 16], 2 * 4096 + 100).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let new = blocks(&[7, 1, 2, 3, 4]);
+    let mut conn = greeted(server.addr).await;
+    let asked = offer_one_piece(&mut conn, "rotted.bin", &new).await;
+    assert_eq!(asked.as_deref(), Some(&[0][..]));
+    let committed = send_rest_and_commit(&mut conn, &new, &[0]).await;
+    assert_eq!(std::fs::read(&target).unwrap(), new.concat());
+    assert_eq!(
+        committed.received_bytes,
+        2 * 4096,
+        "the new block and the changed one came over the wire"
+    );
+}

@@ -348,12 +348,19 @@ mod tests {
         assert!(rename(b"first", Replace::File).replaced.is_none(), "nothing was there");
         let old_inode = std::fs::metadata(root.join("d/f.bin")).unwrap().ino();
         let renamed = rename(b"second, longer", Replace::File);
-        let replaced = renamed.replaced.expect("the first version, still open").metadata().unwrap();
+        let replaced = renamed
+            .replaced
+            .expect("the first version, still open")
+            .metadata()
+            .unwrap();
         assert_eq!((replaced.ino(), replaced.len(), replaced.nlink()), (old_inode, 5, 0));
         assert_eq!(std::fs::read(root.join("d/f.bin")).unwrap(), b"second, longer");
         std::fs::remove_file(root.join("d/f.bin")).unwrap();
         std::os::unix::fs::symlink("elsewhere", root.join("d/f.bin")).unwrap();
-        assert!(rename(b"third", Replace::FileOrLink).replaced.is_none(), "a symlink is not held");
+        assert!(
+            rename(b"third", Replace::FileOrLink).replaced.is_none(),
+            "a symlink is not held"
+        );
     }
 
     /// Into an opened directory: a free name takes the no-replace rename; a file there is replaced; a directory

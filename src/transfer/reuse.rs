@@ -143,31 +143,7 @@ impl LocalCopies {
                 jobs.push(Job { indices, places });
             }
         }
-        let reader = Reader {
-            finder: &self.finder,
-            manifest: writer.manifest.clone(),
-            partial: writer.file.clone(),
-            store: writer.store.clone(),
-        };
-        std::thread::scope(|scope| -> Result<(), TransferError> {
-            let (ahead, read) = std::sync::mpsc::sync_channel(READ_AHEAD);
-            let jobs = &jobs;
-            scope.spawn(move || {
-                for job in jobs {
-                    if ahead.send(reader.read_verified(job)).is_err() {
-                        break; // the writing side stopped
-                    }
-                }
-            });
-            for job in jobs {
-                match read.recv() {
-                    Ok(Some(bytes)) => copier.write_copies(writer, &job.indices, bytes)?,
-                    Ok(None) => copier.unfound += 1,
-                    Err(_) => break,
-                }
-            }
-            Ok(())
-        })?;
+        run_jobs(&self.finder, writer, &jobs, &mut copier)?;
         writer.persist_batch()?;
         if copier.reused.chunks > 0 {
             tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
@@ -176,6 +152,152 @@ impl LocalCopies {
             tracing::warn!(path = %path, hashes = copier.unfound, "no local place held these chunks after all; asking for them");
         }
         Ok(copier.reused)
+    }
+}
+
+/// Runs `jobs` in order: a reader thread reads and verifies each job's bytes (up to [`READ_AHEAD`] ahead) while
+/// this thread writes them. Returns the jobs no place held the bytes of (by position in `jobs`).
+fn run_jobs(
+    finder: &Finder,
+    writer: &mut ChunkWriter,
+    jobs: &[Job],
+    copier: &mut Copier,
+) -> Result<Vec<usize>, TransferError> {
+    let reader = Reader {
+        finder,
+        manifest: writer.manifest.clone(),
+        partial: writer.file.clone(),
+        store: writer.store.clone(),
+    };
+    let mut unfound = Vec::new();
+    std::thread::scope(|scope| -> Result<(), TransferError> {
+        let (ahead, read) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        scope.spawn(move || {
+            for job in jobs {
+                if ahead.send(reader.read_verified(job)).is_err() {
+                    break; // the writing side stopped
+                }
+            }
+        });
+        for (number, job) in jobs.iter().enumerate() {
+            match read.recv() {
+                Ok(Some(bytes)) => copier.write_copies(writer, &job.indices, bytes)?,
+                Ok(None) => {
+                    copier.unfound += 1;
+                    unfound.push(number);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    })?;
+    Ok(unfound)
+}
+
+/// The destination's previous version, for a streamed offer that copies its chunks piece by piece as the
+/// pieces arrive instead of gathering the whole manifest first (proto-spec.md §4, "Reuse"): its committed
+/// manifest says where each chunk is, so nothing is read but the chunks copied.
+pub(crate) struct PreviousVersion {
+    finder: Finder,
+    /// Its chunks, by offset.
+    chunks: Vec<ChunkEntry>,
+}
+
+impl PreviousVersion {
+    /// The file committed at `path`, if it is there unchanged since that commit and was cut with `chunking`.
+    /// Blocking.
+    pub(crate) fn open(
+        store: &ReceiverStore,
+        volume: &dyn Volume,
+        path: &RemotePath,
+        chunking: Chunking,
+    ) -> Option<PreviousVersion> {
+        let file = volume.open_final(path)?;
+        let meta = file.identity().ok()?;
+        if !meta.is_file || meta.len == 0 {
+            return None;
+        }
+        let chunks = committed_chunks(store, path, &meta, chunking)?;
+        let mut places: HashMap<Hash, Vec<Place>> = HashMap::new();
+        for chunk in &chunks {
+            let place = Place::File {
+                file: 0,
+                offset: chunk.offset,
+            };
+            places.entry(chunk.hash).or_default().push(place);
+        }
+        let finder = Finder {
+            places,
+            files: vec![file],
+            paths: vec![String::new()],
+            known_previous: Some(0),
+        };
+        Some(PreviousVersion { finder, chunks })
+    }
+
+    /// Whether it holds a chunk with this hash (verified only when copied).
+    pub(crate) fn holds(&self, hash: &Hash) -> bool {
+        self.finder.places.contains_key(hash)
+    }
+
+    /// Bytes of `chunks` that it holds at the same offset with the same length and hash (what an in-place write
+    /// would keep).
+    pub(crate) fn in_place_bytes(&self, chunks: &[ChunkEntry]) -> u64 {
+        chunks
+            .iter()
+            .filter(|chunk| {
+                let at = self.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
+                at.is_ok_and(|at| self.chunks[at] == **chunk)
+            })
+            .map(|chunk| u64::from(chunk.len))
+            .sum()
+    }
+
+    /// Copies chunks `indices` (ascending) of `writer`'s manifest from it, each verified on the way, and makes
+    /// them durable (never acknowledged: the sender did not send them). Returns the indices whose bytes it no
+    /// longer held (changed since its commit), for the caller to ask for. Blocking.
+    pub(crate) fn copy(
+        &self,
+        writer: &mut ChunkWriter,
+        indices: &[u32],
+        path: &RemotePath,
+    ) -> Result<Vec<u32>, TransferError> {
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut job_of: HashMap<Hash, usize> = HashMap::new();
+        for &index in indices {
+            let hash = writer.manifest.chunks[index as usize].hash;
+            let Some(places) = self.finder.places.get(&hash) else {
+                continue;
+            };
+            match job_of.get(&hash) {
+                Some(&job) => jobs[job].indices.push(index),
+                None => {
+                    job_of.insert(hash, jobs.len());
+                    jobs.push(Job {
+                        indices: vec![index],
+                        places: places.clone(),
+                    });
+                }
+            }
+        }
+        let mut copier = Copier {
+            reused: Reused::default(),
+            unfound: 0,
+        };
+        let unfound = run_jobs(&self.finder, writer, &jobs, &mut copier)?;
+        writer.persist_batch()?;
+        tracing::debug!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "copied from the previous version");
+        if !unfound.is_empty() {
+            tracing::warn!(path = %path, hashes = unfound.len(), "no local place held these chunks after all; asking for them");
+        }
+        let mut missing: Vec<u32> = unfound.into_iter().flat_map(|job| jobs[job].indices.clone()).collect();
+        missing.extend(
+            indices
+                .iter()
+                .filter(|&&i| !self.holds(&writer.manifest.chunks[i as usize].hash)),
+        );
+        missing.sort_unstable();
+        Ok(missing)
     }
 }
 

@@ -22,12 +22,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::quota::{admit, NewTransfer};
 use super::receiver::{
-    answer_writer, blocking, commit_rounds, queue_chunk, receive, settled_if_ended, too_large, ReceiverContext,
+    answer_writer, blocking, commit_rounds, queue_chunk, receive, settled_if_ended, too_large, ReceiverContext, Reuse,
     WRITE_QUEUE,
 };
+use super::reuse::PreviousVersion;
 use super::writer::ChunkWriter;
-use super::{answer_ping, next_message, send_within, TransferError};
-use crate::manifest::{Hash, Manifest};
+use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
+use crate::manifest::{Chunking, Hash, Manifest};
 use crate::manifest_stream::{PieceError, StreamedManifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
@@ -57,33 +58,86 @@ pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         let (volume, path) = (ctx.volume.clone(), path.clone());
         blocking(move || Ok(volume.needs_whole_manifest() || volume.stat_final(&path).is_some())).await?
     };
-    if occupied {
-        return deferred(conn, ctx, path, streamed, stop).await;
+    if !occupied {
+        return stream(conn, ctx, path, streamed, None, stop).await;
     }
-    let identity = super::claims::file_identity(start.size, start.mtime);
+    let previous = {
+        let (ctx, path) = (ctx.clone(), path.clone());
+        blocking(move || copy_source(&ctx, &path, start.chunking)).await?
+    };
+    deferred(conn, ctx, path, streamed, previous, stop).await
+}
+
+/// Serves a streamed offer piece by piece: opens the transfer, then runs its rounds, the first of which takes
+/// `first` (a piece already read) if given.
+async fn stream<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    path: RemotePath,
+    streamed: StreamedManifest,
+    first: Option<(ManifestPiece, PreviousVersion)>,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    let (size, mtime) = (streamed.so_far().size, streamed.so_far().mtime);
+    let identity = super::claims::file_identity(size, mtime);
     let claim = ctx
         .claims
         .claim_as(path.as_str(), (identity, identity), Duration::from_secs(10))
         .await?;
+    let (first, previous) = first.unzip();
     let session = {
         let (ctx, path) = (ctx.clone(), path.clone());
-        blocking(move || open_streamed(&ctx, &path, streamed)).await?
+        blocking(move || open_streamed(&ctx, &path, streamed, previous)).await?
     };
-    ctx.stats.meter.file(path.as_str(), start.size, 0);
-    tracing::info!(path = %path, size = start.size, "offer accepted (streamed)");
-    let committed = stream_rounds(conn, ctx, session, &path, &claim.superseded, stop).await?;
+    ctx.stats.meter.file(path.as_str(), size, 0);
+    tracing::info!(path = %path, size, copying = session.previous.is_some(), "offer accepted (streamed)");
+    let committed = stream_rounds(conn, ctx, session, first, &path, &claim.superseded, stop).await?;
     let reply = Message::Committed(committed.clone());
     send_within(conn, &reply, ctx.idle_timeout, "sending Committed").await?;
     Ok(committed)
 }
 
+/// The previous version at an occupied destination that a streamed offer may copy chunks from as its pieces
+/// arrive: only on a local volume, for a sender allowed full reuse, with no transfer to the path open (a resume
+/// gathers the manifest, as before), and only if the file is there unchanged since its commit with the offer's
+/// chunking. Runs an interrupted in-place apply's recovery first, as any offer for the path does. Blocking.
+fn copy_source(
+    ctx: &ReceiverContext,
+    path: &RemotePath,
+    chunking: Chunking,
+) -> Result<Option<PreviousVersion>, TransferError> {
+    let volume = &*ctx.volume;
+    if volume.needs_whole_manifest() || ctx.policy.reuse != Reuse::Full {
+        return Ok(None);
+    }
+    super::in_place::recover(ctx, path)?;
+    if ctx.store.transfer(path.as_str())?.is_some() || volume.partial_len(path.as_str())?.is_some() {
+        return Ok(None);
+    }
+    Ok(PreviousVersion::open(&ctx.store, volume, path, chunking))
+}
+
+/// Whether a streamed offer whose first piece is `piece` copies from `previous` piece by piece: unless the piece
+/// keeps at least half its bytes where they are (an edit that an in-place write may serve, decided on the whole
+/// manifest), it does. A file rewritten from its start on (an insertion, a new file under an old name) then starts
+/// copying while the sender still hashes the rest.
+fn copies_as_it_streams(ctx: &ReceiverContext, previous: &PreviousVersion, piece: &ManifestPiece) -> bool {
+    if !ctx.policy.in_place {
+        return true;
+    }
+    let bytes: u64 = piece.chunks.iter().map(|chunk| u64::from(chunk.len)).sum();
+    previous.in_place_bytes(&piece.chunks).saturating_mul(2) < bytes
+}
+
 /// The deferred answer: gathers every piece, then echoes `ManifestEnd` and serves the whole manifest like an
-/// `Offer` (whose first `Need` follows the echo).
+/// `Offer` (whose first `Need` follows the echo); unless the first piece shows the file rewritten from its start
+/// and `previous` can lend its chunks, when the offer is served piece by piece after all, copying as it goes.
 async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     path: RemotePath,
     mut streamed: StreamedManifest,
+    mut previous: Option<PreviousVersion>,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     loop {
@@ -93,6 +147,11 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::ManifestPiece(piece) => {
+                if let Some(previous) = previous.take() {
+                    if piece.first_index == 0 && copies_as_it_streams(ctx, &previous, &piece) {
+                        return stream(conn, ctx, path, streamed, Some((piece, previous)), stop).await;
+                    }
+                }
                 streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
             }
             Message::ManifestEnd(end) => {
@@ -125,6 +184,13 @@ struct Streaming {
     created: u64,
     /// The first announced chunk of each hash: later copies are filled from it, never asked for.
     first_of: HashMap<Hash, u32>,
+    /// The destination's previous version, which lends every chunk whose hash it holds (never asked for).
+    previous: Option<PreviousVersion>,
+    /// Chunks announced so far to copy from `previous` (ascending), not yet copied.
+    to_copy: Vec<u32>,
+    /// Chunks asked for (ascending), until seen written: a copy waits behind the first of them still missing, so
+    /// that the digest follower hashes the copied bytes from memory, in file order.
+    asked: Vec<u32>,
 }
 
 /// Opens the transfer of a streamed offer: checks and creates the destination's directories, admits the file
@@ -133,6 +199,7 @@ fn open_streamed(
     ctx: &ReceiverContext,
     path: &RemotePath,
     streamed: StreamedManifest,
+    previous: Option<PreviousVersion>,
 ) -> Result<Streaming, TransferError> {
     let key = path.as_str();
     let volume = &*ctx.volume;
@@ -169,6 +236,9 @@ fn open_streamed(
         old,
         created,
         first_of: HashMap::new(),
+        previous,
+        to_copy: Vec::new(),
+        asked: Vec::new(),
     };
     record_so_far(ctx, &mut session)?;
     if let Some((_, set)) = &session.old {
@@ -215,6 +285,7 @@ fn take_piece(
     ctx: &ReceiverContext,
     session: &mut Streaming,
     piece: &ManifestPiece,
+    path: &RemotePath,
 ) -> Result<PieceTaken, TransferError> {
     let mut durable = Vec::new();
     let repeats_written = piece.chunks.iter().any(|chunk| {
@@ -251,6 +322,11 @@ fn take_piece(
     for index in added {
         let hash = session.writer.manifest.chunks[index as usize].hash;
         let first = *session.first_of.entry(hash).or_insert(index);
+        let lent = session.previous.as_ref().is_some_and(|previous| previous.holds(&hash));
+        if lent && !session.writer.received.contains(index) {
+            session.to_copy.push(index);
+            continue;
+        }
         if session.writer.received.contains(index) || first == index {
             if !session.writer.received.contains(index) {
                 needed.push(index);
@@ -263,10 +339,44 @@ fn take_piece(
         // Copies filled from durable chunks: synced and marked now, never acknowledged (the sender never sent them).
         session.writer.persist_batch()?;
     }
+    session.asked.extend(&needed);
+    let unlent = copy_ready(session, path, &mut durable)?;
+    session.asked.extend(&unlent);
+    session.asked.sort_unstable();
+    needed.extend(unlent);
+    needed.sort_unstable();
     Ok(PieceTaken {
         needed: encode_runs(needed),
         durable,
     })
+}
+
+/// Copies the chunks to copy that lie before every chunk still awaited from the sender, after making the batch
+/// durable (its received chunks' ranges go into `durable`, to acknowledge). Returns the chunks the previous
+/// version no longer held, to ask for. Blocking.
+fn copy_ready(
+    session: &mut Streaming,
+    path: &RemotePath,
+    durable: &mut Vec<IndexRange>,
+) -> Result<Vec<u32>, TransferError> {
+    let Some(previous) = &session.previous else {
+        return Ok(Vec::new());
+    };
+    let writer = &mut session.writer;
+    session.asked.retain(|&index| !writer.is_written(index));
+    let before = session.asked.first().copied().unwrap_or(u32::MAX);
+    let ready = session.to_copy.partition_point(|&index| index < before);
+    if ready == 0 {
+        return Ok(Vec::new());
+    }
+    // The copies are made durable apart from received chunks, which alone are acknowledged.
+    for (stream, ranges) in writer.persist_batch()? {
+        if stream == 0 {
+            durable.extend(ranges);
+        }
+    }
+    let copying: Vec<u32> = session.to_copy.drain(..ready).collect();
+    previous.copy(writer, &copying, path)
 }
 
 /// Chunk `copy` repeats chunk `first` (same hash, announced earlier): written from the partial now if `first` is
@@ -304,21 +414,29 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut session: Streaming,
+    first: Option<ManifestPiece>,
     path: &RemotePath,
     superseded: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     let mut need = None;
     let mut ended = false;
+    let mut first = first;
     loop {
-        let (writer, end) = round(conn, ctx, session.writer, need.take(), superseded, stop).await;
-        session.writer = writer;
+        let end = match first.take() {
+            Some(piece) => Ok(RoundEnd::Piece(piece)),
+            None => {
+                let (writer, end) = round(conn, ctx, session.writer, need.take(), superseded, stop).await;
+                session.writer = writer;
+                end
+            }
+        };
         // A round that failed has already settled its writer.
         let next = match end? {
             RoundEnd::Piece(piece) if !ended => {
-                let (ctx2, mut moved) = (ctx.clone(), session);
+                let (ctx2, path2, mut moved) = (ctx.clone(), path.clone(), session);
                 let (back, taken) = blocking(move || {
-                    let taken = take_piece(&ctx2, &mut moved, &piece);
+                    let taken = take_piece(&ctx2, &mut moved, &piece, &path2);
                     Ok((moved, taken))
                 })
                 .await?;
@@ -341,7 +459,34 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    commit_rounds(conn, ctx, session.writer, path, superseded, stop).await
+    let writer = copy_the_rest(conn, ctx, session, path).await?;
+    commit_rounds(conn, ctx, writer, path, superseded, stop).await
+}
+
+/// At Commit: copies whatever is left to copy from the previous version (every chunk the sender was to send has
+/// come, or is asked for again by the commit rounds), pinging the sender meanwhile; what the previous version no
+/// longer held stays missing, for the commit rounds to ask for.
+async fn copy_the_rest<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    session: Streaming,
+    path: &RemotePath,
+) -> Result<ChunkWriter, TransferError> {
+    let Streaming {
+        mut writer,
+        previous,
+        to_copy,
+        ..
+    } = session;
+    let Some(previous) = previous.filter(|_| !to_copy.is_empty()) else {
+        return Ok(writer);
+    };
+    let path = path.clone();
+    with_keepalive(conn, ctx.idle_timeout, move || {
+        previous.copy(&mut writer, &to_copy, &path)?;
+        Ok(writer)
+    })
+    .await
 }
 
 /// Acknowledges what taking a piece made durable, then returns the piece's `Need`.
