@@ -3,7 +3,8 @@
 # version evicted from the page cache (the nightly case: yesterday's version is on disk, not in memory). Each round,
 # per build: a fresh server and push of a random file, the insertion, `sync` and `drop_caches` (needs root), the
 # edited source read back into the cache, then the timed re-push; the server's log gives when the offer was
-# accepted and when the local copy ended. Builds alternate round by round. Not run by CI.
+# accepted (at once where the copy runs while the manifest streams), when a gathered offer's local copy ended,
+# and when the file was committed. Builds alternate round by round. Not run by CI.
 # Usage: bench/insert-cold.sh A_BIN B_BIN [SIZE_MIB=2048] [ROUNDS=2]
 set -euo pipefail
 a_bin=$(realpath "$1")
@@ -43,12 +44,17 @@ import sys, datetime
 t0, t1, name = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 def at(line):
     return datetime.datetime.fromisoformat(line.split()[0].rstrip("Z")).replace(tzinfo=datetime.timezone.utc).timestamp()
-accepted = copied = None
+accepted = copied = committed = None
+streamed = False
 for line in sys.stdin:
-    if "offer accepted path=" in line: accepted = at(line)
+    if "offer accepted" in line:
+        accepted = at(line)
+        streamed = "copying=true" in line
     if "reused local chunks" in line: copied = at(line)
-fmt = lambda v: "%.3f" % v if v is not None else "-"
-print(f"{name}: insertion {t1 - t0:.3f} s (offer accepted at {fmt(accepted and accepted - t0)} s, copy done at {fmt(copied and copied - t0)} s)")
+    if "committed path=" in line: committed = at(line)
+fmt = lambda v: "%.3f" % (v - t0) if v is not None else "-"
+how = "copied as the manifest streamed" if streamed else f"copy done at {fmt(copied)} s"
+print(f"{name}: insertion {t1 - t0:.3f} s (offer accepted at {fmt(accepted)} s, {how}, committed at {fmt(committed)} s)")
 ' "$t0" "$t1" "$(basename "$bin")"
 }
 echo "# bench/insert-cold.sh $size_mib MiB, $rounds rounds, $(date -u +%F) ($(nproc) cores)"
