@@ -560,9 +560,14 @@ async fn a_wrong_recorded_digest_is_dropped_and_the_file_hashed_again() {
     assert_eq!(b3(&source), b3(&server.root.join("image.bin")));
 }
 
-/// Blocks of 4 KiB, each filled with one byte, for offers cut with fixed 4 KiB chunks.
-fn blocks(fills: &[u8]) -> Vec<Vec<u8>> {
-    fills.iter().map(|&fill| vec![fill; 4096]).collect()
+/// Blocks of 1 MiB of random bytes, one per seed, for offers cut with fixed 1 MiB chunks.
+fn blocks(seeds: &[u64]) -> Vec<Vec<u8>> {
+    seeds.iter().map(|&seed| random_bytes(MIB as usize, seed)).collect()
+}
+
+/// Seeds of `n` blocks, from `first` on.
+fn seeds(first: u64, n: u64) -> Vec<u64> {
+    (first..first + n).collect()
 }
 
 /// The manifest entries of `blocks` laid end to end.
@@ -632,7 +637,8 @@ async fn offer_one_piece(
     path: &str,
     blocks: &[Vec<u8>],
 ) -> Option<Vec<u32>> {
-    let start = start_of(path, blocks.iter().map(|b| b.len() as u64).sum());
+    let mut start = start_of(path, blocks.iter().map(|b| b.len() as u64).sum());
+    start.chunking = Chunking::Fixed { size: MIB as u32 };
     conn.write_message(&Message::OfferStart(start)).await.unwrap();
     let piece = ManifestPiece {
         first_index: 0,
@@ -651,32 +657,57 @@ async fn offer_one_piece(
     }
 }
 
-/// A file rewritten from its start (here one block inserted before the old ones, which all move) over an older
-/// version at the destination is served piece by piece: the receiver answers the first piece at once, asking only
-/// for the new block, and copies the moved blocks from the old version instead of asking for them. A receiver
-/// that gathered the whole manifest first would answer nothing before the manifest's end.
+/// A file whose chunks all moved (here one block inserted before 20 old ones) over an older version at the
+/// destination is served piece by piece: once the announced chunks show enough moved bytes (16 MiB), the receiver
+/// answers, asking only for the new block, and copies the moved blocks from the old version instead of asking for
+/// them. A receiver that gathered the whole manifest first would answer nothing before the manifest's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_rewritten_from_its_start_is_copied_while_its_manifest_streams() {
+async fn a_file_whose_chunks_moved_is_copied_while_its_manifest_streams() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
-    let old = blocks(&[1, 2, 3, 4, 5, 6]);
+    let old = blocks(&seeds(1, 20));
+    let all: Vec<u32> = (0..20).collect();
     let mut conn = greeted(server.addr).await;
     let asked = offer_one_piece(&mut conn, "moved.bin", &old).await;
-    assert_eq!(asked.as_deref(), Some(&[0, 1, 2, 3, 4, 5][..]), "a fresh path streams");
-    send_rest_and_commit(&mut conn, &old, &[0, 1, 2, 3, 4, 5]).await;
+    assert_eq!(asked.as_deref(), Some(&all[..]), "a fresh path streams");
+    send_rest_and_commit(&mut conn, &old, &all).await;
 
-    let new = blocks(&[9, 1, 2, 3, 4, 5, 6]);
+    let new = blocks(&[99].into_iter().chain(seeds(1, 20)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
     let asked = offer_one_piece(&mut conn, "moved.bin", &new).await;
     assert_eq!(
         asked.as_deref(),
         Some(&[0][..]),
-        "only the new block is asked for, at the first piece"
+        "only the new block is asked for, before the manifest's end"
     );
     let committed = send_rest_and_commit(&mut conn, &new, &[0]).await;
     assert_eq!(std::fs::read(server.root.join("moved.bin")).unwrap(), new.concat());
-    assert_eq!(committed.received_bytes, 4096);
-    assert_eq!(committed.reused_bytes, 6 * 4096);
+    assert_eq!(committed.received_bytes, MIB);
+    assert_eq!(committed.reused_bytes, 20 * MIB);
+}
+
+/// An edit that keeps the first pieces' chunks in place (a changed first block) is not streamed: the receiver
+/// gathers the whole manifest (an in-place write stays possible) and answers only after its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_in_place_gathers_the_whole_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let old = blocks(&seeds(1, 20));
+    let all: Vec<u32> = (0..20).collect();
+    let mut conn = greeted(server.addr).await;
+    offer_one_piece(&mut conn, "edited.bin", &old).await.unwrap();
+    send_rest_and_commit(&mut conn, &old, &all).await;
+
+    let new = blocks(&[99].into_iter().chain(seeds(2, 19)).collect::<Vec<_>>());
+    let mut conn = greeted(server.addr).await;
+    assert_eq!(
+        offer_one_piece(&mut conn, "edited.bin", &new).await,
+        None,
+        "no answer before the end"
+    );
+    let committed = send_rest_and_commit(&mut conn, &new, &[]).await;
+    assert_eq!(std::fs::read(server.root.join("edited.bin")).unwrap(), new.concat());
+    assert_eq!(committed.received_bytes, MIB, "only the changed block came");
 }
 
 /// A block of the old version that no longer holds its committed bytes (changed in place, its size and mtime
@@ -686,18 +717,19 @@ async fn a_changed_block_of_the_old_version_is_asked_for_instead_of_copied() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
-    let old = blocks(&[1, 2, 3, 4]);
+    let old = blocks(&seeds(1, 20));
+    let all: Vec<u32> = (0..20).collect();
     let mut conn = greeted(server.addr).await;
     offer_one_piece(&mut conn, "rotted.bin", &old).await.unwrap();
-    send_rest_and_commit(&mut conn, &old, &[0, 1, 2, 3]).await;
+    send_rest_and_commit(&mut conn, &old, &all).await;
     let target = server.root.join("rotted.bin");
     let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
-    file.write_all_at(&[0xEE; 16], 2 * 4096 + 100).unwrap();
+    file.write_all_at(&[0xEE; 16], 10 * MIB + 100).unwrap();
     file.set_modified(mtime).unwrap();
     drop(file);
 
-    let new = blocks(&[7, 1, 2, 3, 4]);
+    let new = blocks(&[99].into_iter().chain(seeds(1, 20)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
     let asked = offer_one_piece(&mut conn, "rotted.bin", &new).await;
     assert_eq!(asked.as_deref(), Some(&[0][..]));
@@ -705,7 +737,7 @@ async fn a_changed_block_of_the_old_version_is_asked_for_instead_of_copied() {
     assert_eq!(std::fs::read(&target).unwrap(), new.concat());
     assert_eq!(
         committed.received_bytes,
-        2 * 4096,
+        2 * MIB,
         "the new block and the changed one came over the wire"
     );
 }

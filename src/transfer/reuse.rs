@@ -240,17 +240,19 @@ impl PreviousVersion {
         self.finder.places.contains_key(hash)
     }
 
-    /// Bytes of `chunks` that it holds at the same offset with the same length and hash (what an in-place write
-    /// would keep).
-    pub(crate) fn in_place_bytes(&self, chunks: &[ChunkEntry]) -> u64 {
-        chunks
-            .iter()
-            .filter(|chunk| {
-                let at = self.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
-                at.is_ok_and(|at| self.chunks[at] == **chunk)
-            })
-            .map(|chunk| u64::from(chunk.len))
-            .sum()
+    /// Of `chunks`, the bytes it holds at the same offset with the same length and hash (what an in-place write
+    /// would keep), and the bytes it holds elsewhere (moved).
+    pub(crate) fn placement(&self, chunks: &[ChunkEntry]) -> (u64, u64) {
+        let (mut kept, mut moved) = (0, 0);
+        for chunk in chunks {
+            let at = self.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
+            if at.is_ok_and(|at| self.chunks[at] == *chunk) {
+                kept += u64::from(chunk.len);
+            } else if self.holds(&chunk.hash) {
+                moved += u64::from(chunk.len);
+            }
+        }
+        (kept, moved)
     }
 
     /// Copies chunks `indices` (ascending) of `writer`'s manifest from it, each verified on the way, and makes

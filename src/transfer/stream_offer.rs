@@ -28,7 +28,7 @@ use super::receiver::{
 use super::reuse::PreviousVersion;
 use super::writer::ChunkWriter;
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
-use crate::manifest::{Chunking, Hash, Manifest};
+use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
 use crate::manifest_stream::{PieceError, StreamedManifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
@@ -68,14 +68,14 @@ pub async fn receive_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     deferred(conn, ctx, path, streamed, previous, stop).await
 }
 
-/// Serves a streamed offer piece by piece: opens the transfer, then runs its rounds, the first of which takes
-/// `first` (a piece already read) if given.
+/// Serves a streamed offer piece by piece: opens the transfer, then runs its rounds, taking first the pieces
+/// already read (`first`, with the previous version to copy from) if given.
 async fn stream<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     path: RemotePath,
     streamed: StreamedManifest,
-    first: Option<(ManifestPiece, PreviousVersion)>,
+    first: Option<(Vec<ManifestPiece>, PreviousVersion)>,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     let (size, mtime) = (streamed.so_far().size, streamed.so_far().mtime);
@@ -85,6 +85,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Unpin>(
         .claim_as(path.as_str(), (identity, identity), Duration::from_secs(10))
         .await?;
     let (first, previous) = first.unzip();
+    let first = first.unwrap_or_default();
     let session = {
         let (ctx, path) = (ctx.clone(), path.clone());
         blocking(move || open_streamed(&ctx, &path, streamed, previous)).await?
@@ -117,21 +118,70 @@ fn copy_source(
     Ok(PreviousVersion::open(&ctx.store, volume, path, chunking))
 }
 
-/// Whether a streamed offer whose first piece is `piece` copies from `previous` piece by piece: unless the piece
-/// keeps at least half its bytes where they are (an edit that an in-place write may serve, decided on the whole
-/// manifest), it does. A file rewritten from its start on (an insertion, a new file under an old name) then starts
-/// copying while the sender still hashes the rest.
-fn copies_as_it_streams(ctx: &ReceiverContext, previous: &PreviousVersion, piece: &ManifestPiece) -> bool {
-    if !ctx.policy.in_place {
-        return true;
+/// Announced bytes that decide, at the latest, whether an offer over an older version streams.
+const DECIDE_WITHIN: u64 = 64 * 1024 * 1024;
+/// Bytes moved (or kept in place) that decide it earlier.
+const DECIDING_BYTES: u64 = 16 * 1024 * 1024;
+
+/// What the first pieces of an offer over an older version show, to choose between gathering the whole manifest
+/// (an in-place write stays possible) and streaming while copying from the previous version.
+#[derive(Default)]
+struct Evidence {
+    /// Bytes the previous version holds at the same offset with the same length and hash.
+    kept: u64,
+    /// Bytes it holds, elsewhere.
+    moved: u64,
+    /// Bytes announced.
+    announced: u64,
+    /// Chunks announced.
+    chunks: usize,
+}
+
+/// What [`Evidence`] says so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Serve it piece by piece, copying from the previous version.
+    Stream,
+    /// Gather the whole manifest (the deferred answer).
+    Gather,
+    /// Read another piece first.
+    Undecided,
+}
+
+impl Evidence {
+    fn add(&mut self, previous: &PreviousVersion, chunks: &[ChunkEntry]) {
+        let (kept, moved) = previous.placement(chunks);
+        self.kept += kept;
+        self.moved += moved;
+        self.announced += chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
+        self.chunks += chunks.len();
     }
-    let bytes: u64 = piece.chunks.iter().map(|chunk| u64::from(chunk.len)).sum();
-    previous.in_place_bytes(&piece.chunks).saturating_mul(2) < bytes
+
+    /// Streams once [`DECIDING_BYTES`] of moved chunks came with less than half as much kept in place (an
+    /// insertion near the start moves everything after it); gathers once as much is kept in place (an edit an
+    /// in-place write may serve, decided on the whole manifest), or after [`DECIDE_WITHIN`] announced bytes (or a
+    /// piece's worth of chunks) without either. With in-place writes off, any chunk the previous version holds
+    /// decides for streaming.
+    fn verdict(&self, in_place: bool) -> Verdict {
+        let lent_anything = self.kept + self.moved > 0;
+        let mostly_moved = self.moved >= DECIDING_BYTES && self.kept.saturating_mul(2) < self.moved;
+        if (!in_place && lent_anything) || mostly_moved {
+            Verdict::Stream
+        } else if self.kept >= DECIDING_BYTES
+            || self.announced >= DECIDE_WITHIN
+            || self.chunks >= crate::manifest_stream::MAX_PIECE_CHUNKS
+        {
+            Verdict::Gather
+        } else {
+            Verdict::Undecided
+        }
+    }
 }
 
 /// The deferred answer: gathers every piece, then echoes `ManifestEnd` and serves the whole manifest like an
-/// `Offer` (whose first `Need` follows the echo); unless the first piece shows the file rewritten from its start
-/// and `previous` can lend its chunks, when the offer is served piece by piece after all, copying as it goes.
+/// `Offer` (whose first `Need` follows the echo); unless the first pieces show the file's chunks moved (an
+/// insertion near its start) and `previous` can lend them: then the offer is served piece by piece after all,
+/// copying as it goes ([`Evidence`]).
 async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
@@ -140,6 +190,9 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     mut previous: Option<PreviousVersion>,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
+    let mut evidence = Evidence::default();
+    // Pieces read while undecided, not yet checked (a piece's checks run when it is added or taken).
+    let mut undecided: Vec<ManifestPiece> = Vec::new();
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
@@ -147,14 +200,30 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::ManifestPiece(piece) => {
-                if let Some(previous) = previous.take() {
-                    if piece.first_index == 0 && copies_as_it_streams(ctx, &previous, &piece) {
-                        return stream(conn, ctx, path, streamed, Some((piece, previous)), stop).await;
+                let Some(lender) = &previous else {
+                    streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
+                    continue;
+                };
+                evidence.add(lender, &piece.chunks);
+                undecided.push(piece);
+                match evidence.verdict(ctx.policy.in_place) {
+                    Verdict::Stream => {
+                        let lender = previous.take().expect("checked above");
+                        return stream(conn, ctx, path, streamed, Some((undecided, lender)), stop).await;
                     }
+                    Verdict::Gather => {
+                        previous = None;
+                        for piece in undecided.drain(..) {
+                            streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
+                        }
+                    }
+                    Verdict::Undecided => {}
                 }
-                streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
             }
             Message::ManifestEnd(end) => {
+                for piece in undecided.drain(..) {
+                    streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
+                }
                 let manifest = streamed.finish(end.digest).map_err(bad)?;
                 let echo = Message::ManifestEnd(end);
                 send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
@@ -351,9 +420,13 @@ fn take_piece(
     })
 }
 
-/// Copies the chunks to copy that lie before every chunk still awaited from the sender, after making the batch
-/// durable (its received chunks' ranges go into `durable`, to acknowledge). Returns the chunks the previous
-/// version no longer held, to ask for. Blocking.
+/// Bytes copied between two rounds at most (the connection is not read meanwhile; what is left waits for the next
+/// piece, or for Commit, where the sender is pinged while it waits).
+const COPY_STEP: u64 = 256 * 1024 * 1024;
+
+/// Copies the chunks to copy that lie before every chunk still awaited from the sender (up to [`COPY_STEP`]
+/// bytes), after making the batch durable (its received chunks' ranges go into `durable`, to acknowledge).
+/// Returns the chunks the previous version no longer held, to ask for. Blocking.
 fn copy_ready(
     session: &mut Streaming,
     path: &RemotePath,
@@ -365,7 +438,16 @@ fn copy_ready(
     let writer = &mut session.writer;
     session.asked.retain(|&index| !writer.is_written(index));
     let before = session.asked.first().copied().unwrap_or(u32::MAX);
-    let ready = session.to_copy.partition_point(|&index| index < before);
+    let mut budget = COPY_STEP;
+    let ready = session
+        .to_copy
+        .iter()
+        .take_while(|&&index| {
+            let fits = index < before && budget > 0;
+            budget = budget.saturating_sub(writer.manifest.chunks[index as usize].len.into());
+            fits
+        })
+        .count();
     if ready == 0 {
         return Ok(Vec::new());
     }
@@ -414,17 +496,24 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut session: Streaming,
-    first: Option<ManifestPiece>,
+    first: Vec<ManifestPiece>,
     path: &RemotePath,
     superseded: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     let mut need = None;
     let mut ended = false;
-    let mut first = first;
+    let mut first = std::collections::VecDeque::from(first);
     loop {
-        let end = match first.take() {
-            Some(piece) => Ok(RoundEnd::Piece(piece)),
+        let end = match first.pop_front() {
+            Some(piece) => {
+                // Each piece read before the transfer opened gets its own Need, in order.
+                if let Some(ranges) = need.take() {
+                    let answer = Message::Need(Need { ranges });
+                    send_within(conn, &answer, ctx.idle_timeout, "sending Need").await?;
+                }
+                Ok(RoundEnd::Piece(piece))
+            }
             None => {
                 let (writer, end) = round(conn, ctx, session.writer, need.take(), superseded, stop).await;
                 session.writer = writer;
