@@ -657,6 +657,19 @@ async fn offer_one_piece(
     }
 }
 
+/// A server (root under `dir`) holding, committed at `path`, the 20 blocks of seeds 1 to 20, pushed as one streamed
+/// piece (a path that holds no file: the piece is answered at once, asking for every block).
+async fn server_holding(dir: &Path, path: &str) -> TestServer {
+    let server = TestServer::start(&dir.join("root"));
+    let old = blocks(&seeds(1, 20));
+    let all: Vec<u32> = (0..20).collect();
+    let mut conn = greeted(server.addr).await;
+    let asked = offer_one_piece(&mut conn, path, &old).await;
+    assert_eq!(asked.as_deref(), Some(&all[..]), "a fresh path streams");
+    send_rest_and_commit(&mut conn, &old, &all).await;
+    server
+}
+
 /// A file whose chunks all moved (here one block inserted before 20 old ones) over an older version at the
 /// destination is served piece by piece: once the announced chunks show enough moved bytes (16 MiB), the receiver
 /// answers, asking only for the new block, and copies the moved blocks from the old version instead of asking for
@@ -664,13 +677,7 @@ async fn offer_one_piece(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_whose_chunks_moved_is_copied_while_its_manifest_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("root"));
-    let old = blocks(&seeds(1, 20));
-    let all: Vec<u32> = (0..20).collect();
-    let mut conn = greeted(server.addr).await;
-    let asked = offer_one_piece(&mut conn, "moved.bin", &old).await;
-    assert_eq!(asked.as_deref(), Some(&all[..]), "a fresh path streams");
-    send_rest_and_commit(&mut conn, &old, &all).await;
+    let server = server_holding(dir.path(), "moved.bin").await;
 
     let new = blocks(&[99].into_iter().chain(seeds(1, 20)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
@@ -691,12 +698,7 @@ async fn a_file_whose_chunks_moved_is_copied_while_its_manifest_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_in_place_gathers_the_whole_manifest() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("root"));
-    let old = blocks(&seeds(1, 20));
-    let all: Vec<u32> = (0..20).collect();
-    let mut conn = greeted(server.addr).await;
-    offer_one_piece(&mut conn, "edited.bin", &old).await.unwrap();
-    send_rest_and_commit(&mut conn, &old, &all).await;
+    let server = server_holding(dir.path(), "edited.bin").await;
 
     let new = blocks(&[99].into_iter().chain(seeds(2, 19)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
@@ -716,12 +718,7 @@ async fn an_edit_in_place_gathers_the_whole_manifest() {
 async fn a_changed_block_of_the_old_version_is_asked_for_instead_of_copied() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("root"));
-    let old = blocks(&seeds(1, 20));
-    let all: Vec<u32> = (0..20).collect();
-    let mut conn = greeted(server.addr).await;
-    offer_one_piece(&mut conn, "rotted.bin", &old).await.unwrap();
-    send_rest_and_commit(&mut conn, &old, &all).await;
+    let server = server_holding(dir.path(), "rotted.bin").await;
     let target = server.root.join("rotted.bin");
     let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();

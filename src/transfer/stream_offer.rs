@@ -510,7 +510,11 @@ async fn stream_rounds<S: AsyncRead + AsyncWrite + Unpin>(
                 // Each piece read before the transfer opened gets its own Need, in order.
                 if let Some(ranges) = need.take() {
                     let answer = Message::Need(Need { ranges });
-                    send_within(conn, &answer, ctx.idle_timeout, "sending Need").await?;
+                    if let Err(e) = send_within(conn, &answer, ctx.idle_timeout, "sending Need").await {
+                        let failed = Err(e);
+                        settled_if_ended(session.writer, &failed).await;
+                        return failed;
+                    }
                 }
                 Ok(RoundEnd::Piece(piece))
             }
