@@ -132,7 +132,6 @@ impl LocalCopies {
         let wanted = Wanted::missing_from(writer);
         let mut copier = Copier {
             reused: Reused::default(),
-            unfound: 0,
         };
         let mut jobs = Vec::new();
         for group in wanted.groups_in_file_order() {
@@ -143,14 +142,12 @@ impl LocalCopies {
                 jobs.push(Job { indices, places });
             }
         }
-        run_jobs(&self.finder, writer, &jobs, &mut copier)?;
+        let unfound = run_jobs(&self.finder, writer, &jobs, &mut copier)?;
         writer.persist_batch()?;
         if copier.reused.chunks > 0 {
             tracing::info!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "reused local chunks");
         }
-        if copier.unfound > 0 {
-            tracing::warn!(path = %path, hashes = copier.unfound, "no local place held these chunks after all; asking for them");
-        }
+        warn_unfound(path, &unfound);
         Ok(copier.reused)
     }
 }
@@ -182,16 +179,28 @@ fn run_jobs(
         for (number, job) in jobs.iter().enumerate() {
             match read.recv() {
                 Ok(Some(bytes)) => copier.write_copies(writer, &job.indices, bytes)?,
-                Ok(None) => {
-                    copier.unfound += 1;
-                    unfound.push(number);
-                }
+                Ok(None) => unfound.push(number),
                 Err(_) => break,
             }
         }
         Ok(())
     })?;
     Ok(unfound)
+}
+
+/// Logs the jobs (one hash each) whose places all held other bytes.
+fn warn_unfound(path: &RemotePath, unfound: &[usize]) {
+    if !unfound.is_empty() {
+        tracing::warn!(path = %path, hashes = unfound.len(), "no local place held these chunks after all; asking for them");
+    }
+}
+
+/// The file now at `path`, opened with its identity, if it is a non-empty regular file (the previous version a
+/// re-push may copy from).
+fn open_previous(volume: &dyn Volume, path: &RemotePath) -> Option<(Box<dyn FinalFile>, Identity)> {
+    let file = volume.open_final(path)?;
+    let meta = file.identity().ok()?;
+    (meta.is_file && meta.len > 0).then_some((file, meta))
 }
 
 /// The destination's previous version, for a streamed offer that copies its chunks piece by piece as the
@@ -212,11 +221,7 @@ impl PreviousVersion {
         path: &RemotePath,
         chunking: Chunking,
     ) -> Option<PreviousVersion> {
-        let file = volume.open_final(path)?;
-        let meta = file.identity().ok()?;
-        if !meta.is_file || meta.len == 0 {
-            return None;
-        }
+        let (file, meta) = open_previous(volume, path)?;
         let chunks = committed_chunks(store, path, &meta, chunking)?;
         let mut places: HashMap<Hash, Vec<Place>> = HashMap::new();
         for chunk in &chunks {
@@ -266,9 +271,11 @@ impl PreviousVersion {
     ) -> Result<Vec<u32>, TransferError> {
         let mut jobs: Vec<Job> = Vec::new();
         let mut job_of: HashMap<Hash, usize> = HashMap::new();
+        let mut missing = Vec::new();
         for &index in indices {
             let hash = writer.manifest.chunks[index as usize].hash;
             let Some(places) = self.finder.places.get(&hash) else {
+                missing.push(index);
                 continue;
             };
             match job_of.get(&hash) {
@@ -284,20 +291,12 @@ impl PreviousVersion {
         }
         let mut copier = Copier {
             reused: Reused::default(),
-            unfound: 0,
         };
         let unfound = run_jobs(&self.finder, writer, &jobs, &mut copier)?;
         writer.persist_batch()?;
         tracing::debug!(path = %path, chunks = copier.reused.chunks, bytes = copier.reused.bytes, "copied from the previous version");
-        if !unfound.is_empty() {
-            tracing::warn!(path = %path, hashes = unfound.len(), "no local place held these chunks after all; asking for them");
-        }
-        let mut missing: Vec<u32> = unfound.into_iter().flat_map(|job| jobs[job].indices.clone()).collect();
-        missing.extend(
-            indices
-                .iter()
-                .filter(|&&i| !self.holds(&writer.manifest.chunks[i as usize].hash)),
-        );
+        warn_unfound(path, &unfound);
+        missing.extend(unfound.into_iter().flat_map(|job| jobs[job].indices.iter().copied()));
         missing.sort_unstable();
         Ok(missing)
     }
@@ -394,13 +393,9 @@ impl Finder {
         writer: &ChunkWriter,
         wanted: &Wanted,
     ) {
-        let Some(file) = volume.open_final(path) else {
+        let Some((file, meta)) = open_previous(volume, path) else {
             return;
         };
-        let Ok(meta) = file.identity() else { return };
-        if !meta.is_file || meta.len == 0 {
-            return;
-        }
         let chunks: Vec<ChunkEntry> = match committed_chunks(store, path, &meta, writer.manifest.chunking) {
             Some(chunks) => chunks,
             // Cutting an old file costs a full read of it: not for one far larger than what is offered.
@@ -431,13 +426,9 @@ impl Finder {
     /// Adds the file now at the destination as a place for each wanted chunk at that chunk's own offset (its
     /// length is checked by the verification), never elsewhere in the file.
     fn add_in_place(&mut self, volume: &dyn Volume, path: &RemotePath, writer: &ChunkWriter, wanted: &Wanted) {
-        let Some(file) = volume.open_final(path) else {
+        let Some((file, meta)) = open_previous(volume, path) else {
             return;
         };
-        let Ok(meta) = file.identity() else { return };
-        if !meta.is_file || meta.len == 0 {
-            return;
-        }
         let number = self.files.len();
         self.files.push(file);
         self.paths.push(String::new());
@@ -497,8 +488,6 @@ impl Finder {
 /// Writes verified chunks into the partial.
 struct Copier {
     reused: Reused,
-    /// Hashes with places, none of which held their bytes.
-    unfound: u64,
 }
 
 /// A copied chunk's bytes, shared by its writes and the digest follower (which hashes them from memory).

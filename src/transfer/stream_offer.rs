@@ -366,11 +366,7 @@ fn take_piece(
     if repeats_written {
         // The first copies must be durable before copies are filled from them; what this makes durable came over
         // the wire in earlier rounds and is acknowledged (the copies filled below never are).
-        for (stream, ranges) in session.writer.persist_batch()? {
-            if stream == 0 {
-                durable.extend(ranges);
-            }
-        }
+        persist_received(&mut session.writer, &mut durable)?;
     }
     let added = session.streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
     let manifest = Arc::new(session.streamed.so_far().clone());
@@ -452,13 +448,21 @@ fn copy_ready(
         return Ok(Vec::new());
     }
     // The copies are made durable apart from received chunks, which alone are acknowledged.
+    persist_received(writer, durable)?;
+    let copying: Vec<u32> = session.to_copy.drain(..ready).collect();
+    previous.copy(writer, &copying, path)
+}
+
+/// Makes the writer's batch durable and adds the ranges of this connection's received chunks in it (stream 0) to
+/// `durable`, to acknowledge; done before local copies are written, which are made durable apart and never
+/// acknowledged. Blocking.
+fn persist_received(writer: &mut ChunkWriter, durable: &mut Vec<IndexRange>) -> Result<(), TransferError> {
     for (stream, ranges) in writer.persist_batch()? {
         if stream == 0 {
             durable.extend(ranges);
         }
     }
-    let copying: Vec<u32> = session.to_copy.drain(..ready).collect();
-    previous.copy(writer, &copying, path)
+    Ok(())
 }
 
 /// Chunk `copy` repeats chunk `first` (same hash, announced earlier): written from the partial now if `first` is
