@@ -9,8 +9,10 @@
 //! last partial block, a chunk out of order) goes through the ordinary descriptor, buffered.
 //!
 //! A full window is written by a thread of its own ([`WindowWriter`]) while the next is gathered: a direct write
-//! returns only once the disk has the bytes, so on one thread the disk waited for every copy into the window and
-//! the copies for the disk (a fresh 2 GiB push took 0.94x the time with the thread, bench/ab.sh).
+//! returns only once the device has taken the bytes (durable only after the batch's `fdatasync`, as before), so
+//! on one thread the device waited for every copy into the window and the copies for the device (a fresh 2 GiB
+//! push took 0.94x the time with the thread, bench/ab.sh). A write that fails fails every later call of the
+//! partial, whoever hears of it first.
 //!
 //! The bytes still gathered, or in a window not yet taken back from the thread ("carried"), are not in the file
 //! yet. Whatever reads, sizes, stamps or syncs the file must write them first ([`DirectWrites::flush`],
@@ -107,11 +109,43 @@ pub struct DirectWrites {
     in_flight: Option<(u64, usize)>,
     /// A written window, for the next run to be gathered in.
     spare: Option<AlignedWindow>,
+    /// The first write that failed (a refusal aside). Bytes were dropped with it, and whoever called first (the
+    /// writer, or a reader flushing what it wants to read) got the error: every later call fails too, so that no
+    /// sync after it is taken for one that covers those bytes.
+    failed: Option<Failure>,
 }
 
-/// A thread writing whole windows direct, one at a time, so that the disk writes one while the next is gathered
-/// (a direct write returns only once the disk has the bytes: on one thread the disk would wait for every copy
-/// into the window, and the copies for the disk).
+/// A failed write, kept so that every later call can fail with it.
+#[derive(Clone, Debug)]
+struct Failure {
+    kind: io::ErrorKind,
+    errno: Option<i32>,
+    message: String,
+}
+
+impl Failure {
+    fn of(error: &io::Error) -> Self {
+        Failure {
+            kind: error.kind(),
+            errno: error.raw_os_error(),
+            message: error.to_string(),
+        }
+    }
+
+    /// The error again (the same `errno`, so a full disk is still told as one).
+    fn error(&self) -> io::Error {
+        match self.errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::new(
+                self.kind,
+                format!("an earlier write to this partial failed: {}", self.message),
+            ),
+        }
+    }
+}
+
+/// A thread writing whole windows direct, one at a time, so that the device writes one while the next is
+/// gathered.
 struct WindowWriter {
     /// Windows to write, with the offset and the number of bytes; closed on drop.
     jobs: Option<std::sync::mpsc::SyncSender<(AlignedWindow, u64, usize)>>,
@@ -146,7 +180,8 @@ impl WindowWriter {
 }
 
 impl Drop for WindowWriter {
-    /// Waits for the window being written: no write of this partial lands after it is closed.
+    /// Waits for the window being written, so that none lands after the partial is dropped (its owner has taken
+    /// every window back by then, unless a flush failed).
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
@@ -170,6 +205,7 @@ impl DirectWrites {
             writer: None,
             in_flight: None,
             spare: None,
+            failed: None,
         })
     }
 
@@ -179,17 +215,30 @@ impl DirectWrites {
     }
 
     /// Writes `data` at `offset` of the file behind `buffered` (the ordinary descriptor of the same file): gathered
-    /// if it continues the carried run, else after the run is flushed, as the start of a new one.
+    /// if it continues the carried run, else after the run is flushed, as the start of a new one. Fails, from the
+    /// first failed write of this partial on, with that write's error.
     pub fn write(&mut self, buffered: &File, data: &[u8], offset: u64) -> io::Result<()> {
+        self.unless_failed(|this| this.write_run(buffered, data, offset))
+    }
+
+    /// Runs `step` unless a write failed before; a step that fails is remembered as the partial's failure.
+    fn unless_failed(&mut self, step: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
+        if let Some(failure) = &self.failed {
+            return Err(failure.error());
+        }
+        step(self).inspect_err(|e| self.failed = Some(Failure::of(e)))
+    }
+
+    fn write_run(&mut self, buffered: &File, data: &[u8], offset: u64) -> io::Result<()> {
         if self.refused {
-            self.flush(buffered)?;
+            self.flush_run(buffered)?;
             return buffered.write_all_at(data, offset);
         }
         // A run goes on after a full window if the next bytes follow it, even while that window is written.
         let continues = (self.len > 0 || self.in_flight.is_some()) && offset == self.start + self.len as u64;
         let mut rest = data;
         if !continues {
-            self.flush(buffered)?;
+            self.flush_run(buffered)?;
             // The part of a block before the run's first aligned offset cannot be written direct.
             let head = (offset.next_multiple_of(self.align as u64) - offset).min(data.len() as u64) as usize;
             buffered.write_all_at(&data[..head], offset)?;
@@ -211,15 +260,22 @@ impl DirectWrites {
         Ok(())
     }
 
-    /// Whether bytes `[offset, offset + len)` overlap the carried run (not yet in the file).
+    /// Whether bytes `[offset, offset + len)` overlap the carried bytes (the run gathered, the window being
+    /// written): not in the file yet.
     pub fn carries(&self, offset: u64, len: u64) -> bool {
         let overlaps =
             |start: u64, run: usize| run > 0 && offset < start + run as u64 && start < offset.saturating_add(len);
         overlaps(self.start, self.len) || self.in_flight.is_some_and(|(start, run)| overlaps(start, run))
     }
 
-    /// Writes the carried run into the file: its whole blocks direct, its last partial block buffered.
+    /// Writes the carried bytes into the file: waits for the window being written (its error is this call's),
+    /// then writes the run's whole blocks direct and its last partial block buffered. Fails, from the first failed
+    /// write of this partial on, with that write's error.
     pub fn flush(&mut self, buffered: &File) -> io::Result<()> {
+        self.unless_failed(|this| this.flush_run(buffered))
+    }
+
+    fn flush_run(&mut self, buffered: &File) -> io::Result<()> {
         self.settle(buffered)?;
         if self.len == 0 {
             return Ok(());
@@ -237,7 +293,11 @@ impl DirectWrites {
     }
 
     /// Flushes the run if it overlaps `[offset, offset + len)`, so that a read of those bytes finds them.
+    /// After a failed write, every read fails: the bytes dropped with it are not in the file.
     pub fn flush_if_over(&mut self, buffered: &File, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(failure) = &self.failed {
+            return Err(failure.error());
+        }
         if self.carries(offset, len) {
             self.flush(buffered)?;
         }
@@ -276,7 +336,7 @@ impl DirectWrites {
 
     /// Waits for the window on the writer thread, if there is one, and takes it back. Refused (`EINVAL`), its
     /// bytes are written buffered; failed otherwise, the error is returned and the run gathered since is dropped
-    /// with it (like a failed write here: those bytes belong to the batch not yet synced).
+    /// with it (those bytes belong to the batch not yet synced, and the failure, remembered, fails its sync).
     fn settle(&mut self, buffered: &File) -> io::Result<()> {
         let Some((start, len)) = self.in_flight.take() else {
             return Ok(());
@@ -617,6 +677,30 @@ mod tests {
         file.read_exact_at(&mut back, 0).unwrap();
         assert!(back == data, "the file holds the window and the run after it");
         assert!(direct.written_direct() >= DIRECT_BUFFER as u64);
+    }
+
+    /// A write that fails, heard of by whoever flushed first (here a reader, through a descriptor that cannot
+    /// write), fails every later write, flush and read of the partial with the same errno: the writer, which did
+    /// not hear of it, cannot go on to sync as if the dropped bytes were in the file.
+    #[test]
+    fn a_failed_write_fails_every_later_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = partial(dir.path());
+        let Some(mut direct) = DirectWrites::open(&file) else {
+            eprintln!("no direct I/O on this filesystem; nothing to check");
+            return;
+        };
+        let read_only = File::open(dir.path().join("p")).unwrap();
+        direct.write(&file, &pattern(10_000, 1), 0).unwrap();
+        let errno = direct.flush_if_over(&read_only, 0, 1).unwrap_err().raw_os_error();
+        assert!(errno.is_some(), "the failed write's errno is kept");
+        let later = pattern(5_000, 2);
+        assert_eq!(direct.write(&file, &later, 10_000).unwrap_err().raw_os_error(), errno);
+        assert_eq!(direct.flush(&file).unwrap_err().raw_os_error(), errno);
+        assert_eq!(
+            direct.flush_if_over(&file, 50_000, 1).unwrap_err().raw_os_error(),
+            errno
+        );
     }
 
     /// A read of carried bytes must flush them first; one elsewhere must not break the run.
