@@ -11,8 +11,8 @@
 //! A full window is written by a thread of its own ([`WindowWriter`]) while the next is gathered: a direct write
 //! returns only once the device has taken the bytes (durable only after the batch's `fdatasync`, as before), so
 //! on one thread the device waited for every copy into the window and the copies for the device (a fresh 2 GiB
-//! push took 0.94x the time with the thread, bench/ab.sh). A write that fails fails every later call of the
-//! partial, whoever hears of it first.
+//! push took 0.91x the time with the thread and two 2 MiB windows, bench/ab.sh). A write that fails fails every
+//! later call of the partial, whoever hears of it first.
 //!
 //! The bytes still gathered, or in a window not yet taken back from the thread ("carried"), are not in the file
 //! yet. Whatever reads, sizes, stamps or syncs the file must write them first ([`DirectWrites::flush`],
@@ -29,8 +29,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 /// Bytes gathered before a direct write: the most one write hands the disk. A partial holds two such windows (one
-/// being written while the next is gathered).
-pub const DIRECT_BUFFER: usize = 4 << 20;
+/// being written while the next is gathered): 4 MiB in all, what one window of 4 MiB took before the thread (at
+/// 4 MiB each, the server's peak RSS during an 8 GiB push rose from 40.7 to 46.5–47.4 MiB, near issue 14's 48).
+pub const DIRECT_BUFFER: usize = 2 << 20;
+
+/// The most one direct read takes (into a window of this size, allocated on the first such read).
+pub const DIRECT_READ: usize = 4 << 20;
 
 /// A partial shorter than this is written buffered: its direct writes would be few and its buffer would cost more
 /// than it saves (a tree's small files never get one).
@@ -65,25 +69,26 @@ fn open_direct(file: &File, write: bool) -> Option<(File, usize)> {
     Some((direct, align))
 }
 
-/// `DIRECT_BUFFER` bytes whose start is aligned for direct I/O (inside a vector `align` bytes longer).
+/// `len` bytes whose start is aligned for direct I/O (inside a vector `align` bytes longer).
 struct AlignedWindow {
     memory: Vec<u8>,
     pad: usize,
+    len: usize,
 }
 
 impl AlignedWindow {
-    fn new(align: usize) -> Self {
-        let memory = vec![0u8; DIRECT_BUFFER + align];
+    fn new(align: usize, len: usize) -> Self {
+        let memory = vec![0u8; len + align];
         let pad = memory.as_ptr().align_offset(align);
-        AlignedWindow { memory, pad }
+        AlignedWindow { memory, pad, len }
     }
 
     fn bytes(&self) -> &[u8] {
-        &self.memory[self.pad..self.pad + DIRECT_BUFFER]
+        &self.memory[self.pad..self.pad + self.len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.memory[self.pad..self.pad + DIRECT_BUFFER]
+        &mut self.memory[self.pad..self.pad + self.len]
     }
 }
 
@@ -197,7 +202,7 @@ impl DirectWrites {
         Some(DirectWrites {
             direct,
             align,
-            window: AlignedWindow::new(align),
+            window: AlignedWindow::new(align, DIRECT_BUFFER),
             start: 0,
             len: 0,
             written_direct: 0,
@@ -321,7 +326,10 @@ impl DirectWrites {
         let Some(jobs) = self.writer.as_ref().and_then(|w| w.jobs.as_ref()) else {
             return self.write_blocks(buffered, DIRECT_BUFFER);
         };
-        let next = self.spare.take().unwrap_or_else(|| AlignedWindow::new(self.align));
+        let next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedWindow::new(self.align, DIRECT_BUFFER));
         let full = std::mem::replace(&mut self.window, next);
         if let Err(std::sync::mpsc::SendError((full, ..))) = jobs.send((full, self.start, DIRECT_BUFFER)) {
             self.spare = Some(std::mem::replace(&mut self.window, full));
@@ -428,7 +436,7 @@ impl DirectReads {
     }
 
     /// Reads up to `buf.len()` bytes at `offset` (0 at the end of the file): a short request from `buffered`, a
-    /// long one direct (at most [`DIRECT_BUFFER`] bytes per call).
+    /// long one direct (at most [`DIRECT_READ`] bytes per call).
     pub fn read(&mut self, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if self.refused || buf.len() < DIRECT_READ_MIN {
             return buffered.read_at(buf, offset);
@@ -437,11 +445,13 @@ impl DirectReads {
         if let Some(n) = read_if_cached(buffered, buf, offset) {
             return Ok(n);
         }
-        let window = self.window.get_or_insert_with(|| AlignedWindow::new(self.align));
+        let window = self
+            .window
+            .get_or_insert_with(|| AlignedWindow::new(self.align, DIRECT_READ));
         let align = self.align as u64;
         let start = offset / align * align;
         let skip = (offset - start) as usize;
-        let span = ((skip + buf.len()).next_multiple_of(self.align)).min(DIRECT_BUFFER);
+        let span = ((skip + buf.len()).next_multiple_of(self.align)).min(DIRECT_READ);
         let window = &mut window.bytes_mut()[..span];
         let n = match self.direct.read_at(window, start) {
             Ok(n) => n,
@@ -630,7 +640,7 @@ mod tests {
     fn direct_reads_return_the_bytes_at_any_offset() {
         let dir = tempfile::tempdir().unwrap();
         let file = partial(dir.path());
-        let data = pattern(DIRECT_BUFFER + 300_001, 5);
+        let data = pattern(DIRECT_READ + 300_001, 5);
         file.write_all_at(&data, 0).unwrap();
         let Some(mut reads) = DirectReads::open(&file) else {
             eprintln!("no direct I/O on this filesystem; nothing to check");
@@ -639,8 +649,8 @@ mod tests {
         for (offset, len) in [
             (0, DIRECT_READ_MIN),
             (12_345, 1 << 20),
-            (4096, DIRECT_BUFFER),
-            (DIRECT_BUFFER, 400_000),
+            (4096, DIRECT_READ),
+            (DIRECT_READ, 400_000),
         ] {
             let mut buf = vec![0u8; len];
             let mut got = 0;
