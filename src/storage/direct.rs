@@ -442,8 +442,8 @@ impl DirectReads {
             return buffered.read_at(buf, offset);
         }
         // What the page cache holds already (a file read or written buffered lately) is copied from it.
-        if all_cached(buffered, offset, buf.len()) == Some(true) {
-            return buffered.read_at(buf, offset);
+        if let Some(n) = read_if_cached(buffered, buf, offset) {
+            return Ok(n);
         }
         let window = self
             .window
@@ -482,58 +482,14 @@ impl DirectReads {
     }
 }
 
-/// Whether the page cache holds every page of `[offset, offset + len)` of `file`, asked with `cachestat` (Linux
-/// 6.5), which does no I/O; `None` where the kernel cannot tell (a direct read is right then too: it writes any
-/// dirty cached page of its range first).
-///
-/// Not `preadv2(RWF_NOWAIT)`, which this used before: it returns what is cached, but it also starts readahead
-/// for what is not, so a sequential read of an uncached file came out of the page cache after all, behind
-/// readahead. The in-place check of a 2 GiB re-push read the file back in 3.4-3.7 s that way, 1.5-1.9 s direct.
-fn all_cached(file: &File, offset: u64, len: usize) -> Option<bool> {
-    // The syscall's number in the table every architecture shares since Linux 5.x (alpha aside).
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    const CACHESTAT: Option<libc::c_long> = Some(451);
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    const CACHESTAT: Option<libc::c_long> = None;
-    let cachestat = CACHESTAT?;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
+/// Reads at `offset` from the page cache only (`preadv2(RWF_NOWAIT)`): `Some(n)` for the `n > 0` bytes it held
+/// from there on, `None` if it holds none of them (or the kernel cannot tell: before Linux 4.14).
+fn read_if_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+    let mut slices = [std::io::IoSliceMut::new(buf)];
+    match rustix::io::preadv2(file, &mut slices, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
     }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    use std::os::fd::AsRawFd;
-    // SAFETY: sysconf only reads a system parameter.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-        .ok()
-        .filter(|&p| p > 0)?;
-    let first = offset / page;
-    let end = (offset + len as u64).div_ceil(page);
-    let range = Range {
-        off: first * page,
-        len: (end - first) * page,
-    };
-    let mut stat = Stat::default();
-    // SAFETY: `range` and `stat` are the kernel's `cachestat_range` and `cachestat`, alive for the call; the
-    // flags must be 0.
-    let done = unsafe {
-        libc::syscall(
-            cachestat,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0,
-        )
-    };
-    (done == 0).then_some(stat.nr_cache >= end - first)
 }
 
 /// The reads of one file: long ones through [`DirectReads`] where it could be opened, all through the page cache
@@ -686,7 +642,6 @@ mod tests {
         let file = partial(dir.path());
         let data = pattern(DIRECT_READ + 300_001, 5);
         file.write_all_at(&data, 0).unwrap();
-        drop_cache(&file);
         let Some(mut reads) = DirectReads::open(&file) else {
             eprintln!("no direct I/O on this filesystem; nothing to check");
             return;
@@ -756,32 +711,6 @@ mod tests {
             direct.flush_if_over(&file, 50_000, 1).unwrap_err().raw_os_error(),
             errno
         );
-    }
-
-    /// Writes `file` out and drops its pages from the page cache, so that reads of it go to the disk.
-    fn drop_cache(file: &File) {
-        file.sync_all().unwrap();
-        rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-    }
-
-    /// Bytes just written buffered are read from the page cache; once dropped from it they are not, and asking
-    /// does not bring them back (no readahead, unlike a `RWF_NOWAIT` read).
-    #[test]
-    fn only_a_range_the_page_cache_holds_whole_counts_as_cached() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        file.write_all_at(&pattern(1 << 20, 9), 0).unwrap();
-        let Some(cached) = all_cached(&file, 1000, 500_000) else {
-            eprintln!("this kernel has no cachestat; nothing to check");
-            return;
-        };
-        assert!(cached, "bytes just written are in the page cache");
-        drop_cache(&file);
-        assert_eq!(all_cached(&file, 1000, 500_000), Some(false));
-        assert_eq!(all_cached(&file, 1000, 500_000), Some(false), "asking read nothing in");
-        let mut some = vec![0u8; 4096];
-        file.read_exact_at(&mut some, 0).unwrap();
-        assert_eq!(all_cached(&file, 0, 4096), Some(true));
     }
 
     /// A read of carried bytes must flush them first; one elsewhere must not break the run.
