@@ -110,8 +110,9 @@ pub struct DirectWrites {
     refused: bool,
     /// The thread that writes a full window while the next one is gathered; started with the first full window.
     writer: Option<WindowWriter>,
-    /// The window on the writer thread: bytes `[start, start + len)`, not in the file until it is settled.
-    in_flight: Option<(u64, usize)>,
+    /// Where the window on the writer thread starts: it holds the [`DIRECT_BUFFER`] bytes from there (only a full
+    /// window is handed over), not in the file until it is settled.
+    in_flight: Option<u64>,
     /// A written window, for the next run to be gathered in.
     spare: Option<AlignedWindow>,
     /// The first write that failed (a refusal aside). Bytes were dropped with it, and whoever called first (the
@@ -152,8 +153,8 @@ impl Failure {
 /// A thread writing whole windows direct, one at a time, so that the device writes one while the next is
 /// gathered.
 struct WindowWriter {
-    /// Windows to write, with the offset and the number of bytes; closed on drop.
-    jobs: Option<std::sync::mpsc::SyncSender<(AlignedWindow, u64, usize)>>,
+    /// Full windows to write, with their offsets; closed on drop.
+    jobs: Option<std::sync::mpsc::SyncSender<(AlignedWindow, u64)>>,
     /// Each window back once written, with the write's result.
     done: std::sync::mpsc::Receiver<(AlignedWindow, io::Result<()>)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -162,13 +163,13 @@ struct WindowWriter {
 impl WindowWriter {
     /// The thread writing through `direct` (a descriptor of its own), or `None` if it could not be started.
     fn spawn(direct: File, align: usize) -> Option<Self> {
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<(AlignedWindow, u64, usize)>(1);
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<(AlignedWindow, u64)>(1);
         let (report, done) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("ferry-direct".into())
             .spawn(move || {
-                for (window, offset, len) in queue {
-                    let result = write_all_direct(&direct, &window.bytes()[..len], offset, align);
+                for (window, offset) in queue {
+                    let result = write_all_direct(&direct, window.bytes(), offset, align);
                     if report.send((window, result)).is_err() {
                         return;
                     }
@@ -270,7 +271,7 @@ impl DirectWrites {
     pub fn carries(&self, offset: u64, len: u64) -> bool {
         let overlaps =
             |start: u64, run: usize| run > 0 && offset < start + run as u64 && start < offset.saturating_add(len);
-        overlaps(self.start, self.len) || self.in_flight.is_some_and(|(start, run)| overlaps(start, run))
+        overlaps(self.start, self.len) || self.in_flight.is_some_and(|start| overlaps(start, DIRECT_BUFFER))
     }
 
     /// Writes the carried bytes into the file: waits for the window being written (its error is this call's),
@@ -331,12 +332,12 @@ impl DirectWrites {
             .take()
             .unwrap_or_else(|| AlignedWindow::new(self.align, DIRECT_BUFFER));
         let full = std::mem::replace(&mut self.window, next);
-        if let Err(std::sync::mpsc::SendError((full, ..))) = jobs.send((full, self.start, DIRECT_BUFFER)) {
+        if let Err(std::sync::mpsc::SendError((full, _))) = jobs.send((full, self.start)) {
             self.spare = Some(std::mem::replace(&mut self.window, full));
             self.writer = None;
             return self.write_blocks(buffered, DIRECT_BUFFER);
         }
-        self.in_flight = Some((self.start, DIRECT_BUFFER));
+        self.in_flight = Some(self.start);
         self.start += DIRECT_BUFFER as u64;
         self.len = 0;
         Ok(())
@@ -346,25 +347,21 @@ impl DirectWrites {
     /// bytes are written buffered; failed otherwise, the error is returned and the run gathered since is dropped
     /// with it (those bytes belong to the batch not yet synced, and the failure, remembered, fails its sync).
     fn settle(&mut self, buffered: &File) -> io::Result<()> {
-        let Some((start, len)) = self.in_flight.take() else {
+        let Some(start) = self.in_flight.take() else {
             return Ok(());
         };
         let Some((window, result)) = self.writer.as_ref().and_then(|w| w.done.recv().ok()) else {
             self.len = 0;
             return Err(io::Error::other("the direct writer thread stopped"));
         };
-        let written = match result {
-            Ok(()) => {
-                self.written_direct += len as u64;
-                Ok(())
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
-                self.refused = true;
-                buffered.write_all_at(&window.bytes()[..len], start)
-            }
-            Err(e) => Err(e),
-        };
+        let written = landed(
+            result,
+            window.bytes(),
+            start,
+            buffered,
+            &mut self.written_direct,
+            &mut self.refused,
+        );
         self.spare = Some(window);
         if written.is_err() {
             self.len = 0;
@@ -378,23 +375,18 @@ impl DirectWrites {
     fn write_blocks(&mut self, buffered: &File, n: usize) -> io::Result<()> {
         debug_assert_eq!(n % self.align, 0);
         let window = &self.window.bytes()[..n];
-        let direct = if self.refused {
-            None
+        let written = if self.refused {
+            buffered.write_all_at(window, self.start)
         } else {
-            Some(write_all_direct(&self.direct, window, self.start, self.align))
-        };
-        let written = match direct {
-            Some(Ok(())) => {
-                self.written_direct += n as u64;
-                Ok(())
-            }
-            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
-                self.refused = true;
-                buffered.write_all_at(window, self.start)
-            }
-            None => buffered.write_all_at(window, self.start),
+            let result = write_all_direct(&self.direct, window, self.start, self.align);
+            landed(
+                result,
+                window,
+                self.start,
+                buffered,
+                &mut self.written_direct,
+                &mut self.refused,
+            )
         };
         if let Err(e) = written {
             self.len = 0;
@@ -524,6 +516,31 @@ impl LongReads {
     }
 }
 
+/// What the direct write of `bytes` at `offset` came to: counted in `written_direct` if it went through; refused
+/// (`EINVAL`: an alignment or a filesystem that takes none), the bytes are written through `buffered` instead and
+/// `refused` is set, so that every later write is buffered; any other error is returned.
+fn landed(
+    result: io::Result<()>,
+    bytes: &[u8],
+    offset: u64,
+    buffered: &File,
+    written_direct: &mut u64,
+    refused: &mut bool,
+) -> io::Result<()> {
+    match result {
+        Ok(()) => {
+            *written_direct += bytes.len() as u64;
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!(error = %e, "direct writes refused; the partial is written buffered");
+            *refused = true;
+            buffered.write_all_at(bytes, offset)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes all of `data` (aligned) at `offset` (aligned) through the direct descriptor. A short write of a whole
 /// number of blocks goes on from where it stopped; one that is not is reported as `EINVAL`, so the caller writes
 /// the run buffered (rewriting the same bytes is harmless).
@@ -582,6 +599,16 @@ mod tests {
             .collect()
     }
 
+    /// A new partial in `dir` and its direct writes; `None` (and said) where the filesystem takes none.
+    fn partial_with_direct_writes(dir: &std::path::Path) -> Option<(File, DirectWrites)> {
+        let file = partial(dir);
+        let Some(direct) = DirectWrites::open(&file) else {
+            eprintln!("no direct I/O on this filesystem; nothing to check");
+            return None;
+        };
+        Some((file, direct))
+    }
+
     fn partial(dir: &std::path::Path) -> File {
         std::fs::OpenOptions::new()
             .read(true)
@@ -596,9 +623,7 @@ mod tests {
     #[test]
     fn unaligned_chunks_land_exactly_and_mostly_direct() {
         let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        let Some(mut direct) = DirectWrites::open(&file) else {
-            eprintln!("no direct I/O on this filesystem; nothing to check");
+        let Some((file, mut direct)) = partial_with_direct_writes(dir.path()) else {
             return;
         };
         let size = 3 * DIRECT_BUFFER + 12_345;
@@ -672,9 +697,7 @@ mod tests {
     #[test]
     fn a_window_being_written_counts_as_carried_until_taken_back() {
         let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        let Some(mut direct) = DirectWrites::open(&file) else {
-            eprintln!("no direct I/O on this filesystem; nothing to check");
+        let Some((file, mut direct)) = partial_with_direct_writes(dir.path()) else {
             return;
         };
         let data = pattern(DIRECT_BUFFER + 10_000, 11);
@@ -695,9 +718,7 @@ mod tests {
     #[test]
     fn a_failed_write_fails_every_later_call() {
         let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        let Some(mut direct) = DirectWrites::open(&file) else {
-            eprintln!("no direct I/O on this filesystem; nothing to check");
+        let Some((file, mut direct)) = partial_with_direct_writes(dir.path()) else {
             return;
         };
         let read_only = File::open(dir.path().join("p")).unwrap();
@@ -717,9 +738,7 @@ mod tests {
     #[test]
     fn only_a_read_over_the_carried_run_flushes_it() {
         let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        let Some(mut direct) = DirectWrites::open(&file) else {
-            eprintln!("no direct I/O on this filesystem; nothing to check");
+        let Some((file, mut direct)) = partial_with_direct_writes(dir.path()) else {
             return;
         };
         let data = pattern(10_000, 3);
