@@ -33,9 +33,6 @@ use std::os::unix::fs::FileExt;
 /// 4 MiB each, the server's peak RSS during an 8 GiB push rose from 40.7 to 46.5–47.4 MiB, near issue 14's 48).
 pub const DIRECT_BUFFER: usize = 2 << 20;
 
-/// The most one direct read takes (into a window of this size, allocated on the first such read).
-pub const DIRECT_READ: usize = 4 << 20;
-
 /// A partial shorter than this is written buffered: its direct writes would be few and its buffer would cost more
 /// than it saves (a tree's small files never get one).
 pub const DIRECT_MIN_SIZE: u64 = 16 << 20;
@@ -58,7 +55,7 @@ fn direct_io_allowed() -> bool {
 
 /// A second open file description of `file` with `O_DIRECT` (for writing if `write`, else reading) and the
 /// alignment its offsets, lengths and memory need; `None` where direct I/O is not allowed or not available.
-fn open_direct(file: &File, write: bool) -> Option<(File, usize)> {
+pub(super) fn open_direct(file: &File, write: bool) -> Option<(File, usize)> {
     if !direct_io_allowed() {
         return None;
     }
@@ -70,24 +67,24 @@ fn open_direct(file: &File, write: bool) -> Option<(File, usize)> {
 }
 
 /// `len` bytes whose start is aligned for direct I/O (inside a vector `align` bytes longer).
-struct AlignedWindow {
+pub(super) struct AlignedWindow {
     memory: Vec<u8>,
     pad: usize,
     len: usize,
 }
 
 impl AlignedWindow {
-    fn new(align: usize, len: usize) -> Self {
+    pub(super) fn new(align: usize, len: usize) -> Self {
         let memory = vec![0u8; len + align];
         let pad = memory.as_ptr().align_offset(align);
         AlignedWindow { memory, pad, len }
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         &self.memory[self.pad..self.pad + self.len]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.memory[self.pad..self.pad + self.len]
     }
 }
@@ -399,123 +396,6 @@ impl DirectWrites {
     }
 }
 
-/// A read at least this long goes around the page cache: the digest follower's and the commit's read-back of a
-/// directly written partial, whose bytes the page cache does not hold (a buffered read would fill it first, at a
-/// cost of system time per page, for bytes read once).
-pub const DIRECT_READ_MIN: usize = 256 << 10;
-
-/// Direct reads of one file, through a second descriptor of the same inode opened `O_DIRECT`, into an aligned
-/// buffer from which the caller's bytes are copied. Bytes the page cache holds are read from it instead.
-pub struct DirectReads {
-    direct: File,
-    align: usize,
-    /// Allocated on the first direct read.
-    window: Option<AlignedWindow>,
-    /// Direct reads failed once with `EINVAL`: buffered from now.
-    refused: bool,
-}
-
-impl DirectReads {
-    /// Direct reads of `file`, or `None` where they are not available or not allowed.
-    pub fn open(file: &File) -> Option<Self> {
-        let (direct, align) = open_direct(file, false)?;
-        Some(DirectReads {
-            direct,
-            align,
-            window: None,
-            refused: false,
-        })
-    }
-
-    /// Reads up to `buf.len()` bytes at `offset` (0 at the end of the file): a short request from `buffered`, a
-    /// long one direct (at most [`DIRECT_READ`] bytes per call).
-    pub fn read(&mut self, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        if self.refused || buf.len() < DIRECT_READ_MIN {
-            return buffered.read_at(buf, offset);
-        }
-        // What the page cache holds already (a file read or written buffered lately) is copied from it.
-        if let Some(n) = read_if_cached(buffered, buf, offset) {
-            return Ok(n);
-        }
-        let window = self
-            .window
-            .get_or_insert_with(|| AlignedWindow::new(self.align, DIRECT_READ));
-        let align = self.align as u64;
-        let start = offset / align * align;
-        let skip = (offset - start) as usize;
-        let span = ((skip + buf.len()).next_multiple_of(self.align)).min(DIRECT_READ);
-        let window = &mut window.bytes_mut()[..span];
-        let n = match self.direct.read_at(window, start) {
-            Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(error = %e, "direct reads refused; reading through the page cache");
-                self.refused = true;
-                return buffered.read_at(buf, offset);
-            }
-            Err(e) => return Err(e),
-        };
-        let got = n.saturating_sub(skip).min(buf.len());
-        buf[..got].copy_from_slice(&window[skip..skip + got]);
-        Ok(got)
-    }
-
-    /// Fills `buf` from `offset` with [`DirectReads::read`]s, failing with `UnexpectedEof` at the end of the file.
-    pub fn read_exact(&mut self, buffered: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.read(buffered, buf, offset)? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Reads at `offset` from the page cache only (`preadv2(RWF_NOWAIT)`): `Some(n)` for the `n > 0` bytes it held
-/// from there on, `None` if it holds none of them (or the kernel cannot tell: before Linux 4.14).
-fn read_if_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
-    let mut slices = [std::io::IoSliceMut::new(buf)];
-    match rustix::io::preadv2(file, &mut slices, offset, rustix::io::ReadWriteFlags::NOWAIT) {
-        Ok(n) if n > 0 => Some(n),
-        _ => None,
-    }
-}
-
-/// The reads of one file: long ones through [`DirectReads`] where it could be opened, all through the page cache
-/// otherwise.
-#[derive(Default)]
-pub struct LongReads(Option<std::sync::Mutex<DirectReads>>);
-
-impl LongReads {
-    /// Direct long reads of `file` where available and allowed.
-    pub fn of(file: &File) -> Self {
-        LongReads(DirectReads::open(file).map(std::sync::Mutex::new))
-    }
-
-    fn direct(&self) -> Option<std::sync::MutexGuard<'_, DirectReads>> {
-        Some(self.0.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Reads up to `buf.len()` bytes of `file` at `offset`; 0 at its end.
-    pub fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        match self.direct() {
-            Some(mut direct) => direct.read(file, buf, offset),
-            None => file.read_at(buf, offset),
-        }
-    }
-
-    /// Fills `buf` from `file` at `offset`, failing with `UnexpectedEof` at its end.
-    pub fn read_exact_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self.direct() {
-            Some(mut direct) => direct.read_exact(file, buf, offset),
-            None => file.read_exact_at(buf, offset),
-        }
-    }
-}
-
 /// What the direct write of `bytes` at `offset` came to: counted in `written_direct` if it went through; refused
 /// (`EINVAL`: an alignment or a filesystem that takes none), the bytes are written through `buffered` instead and
 /// `refused` is set, so that every later write is buffered; any other error is returned.
@@ -658,38 +538,6 @@ mod tests {
         }
         direct.flush(&file).unwrap();
         assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), expected);
-    }
-
-    /// Direct reads at unaligned offsets and lengths return exactly the file's bytes, short only at its end.
-    #[test]
-    fn direct_reads_return_the_bytes_at_any_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = partial(dir.path());
-        let data = pattern(DIRECT_READ + 300_001, 5);
-        file.write_all_at(&data, 0).unwrap();
-        let Some(mut reads) = DirectReads::open(&file) else {
-            eprintln!("no direct I/O on this filesystem; nothing to check");
-            return;
-        };
-        for (offset, len) in [
-            (0, DIRECT_READ_MIN),
-            (12_345, 1 << 20),
-            (4096, DIRECT_READ),
-            (DIRECT_READ, 400_000),
-        ] {
-            let mut buf = vec![0u8; len];
-            let mut got = 0;
-            while got < len {
-                let n = reads.read(&file, &mut buf[got..], (offset + got) as u64).unwrap();
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-            let end = (offset + len).min(data.len());
-            assert_eq!(&buf[..got], &data[offset..end], "at {offset}, {len} bytes");
-        }
-        assert!(!reads.refused, "the filesystem took the direct reads");
     }
 
     /// A full window goes to the writer thread while the next is gathered: until it is taken back its bytes

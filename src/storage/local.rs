@@ -13,7 +13,8 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::direct::{DirectWrites, LongReads, DIRECT_MIN_SIZE};
+use super::direct::{DirectWrites, DIRECT_MIN_SIZE};
+use super::direct_reads::LongReads;
 
 use super::journal::{self, Journaled, Parsed};
 use super::syncer::{LazySyncer, Syncer};
@@ -386,7 +387,7 @@ impl LocalPartial {
             .flatten()
             .map(Mutex::new);
         let reads = match direct {
-            Some(_) => LongReads::of(&file),
+            Some(_) => LongReads::of_partial(&file),
             None => LongReads::default(),
         };
         tracing::debug!(size, direct = direct.is_some(), "partial opened");
@@ -512,8 +513,8 @@ impl PartialFile for LocalPartial {
 }
 
 /// A committed file opened for reading (reuse, the base of an in-place partial): long reads of a large one go
-/// around the page cache ([`DirectReads`]), since a file this volume wrote directly is not in it, and one read once
-/// is better not made to push everything else out of it.
+/// around the page cache, read ahead for a reader in order ([`LongReads::of_committed`]), since a file this volume
+/// wrote directly is not in it, and one read once is better not made to push everything else out of it.
 struct LocalFinal {
     file: File,
     reads: LongReads,
@@ -523,7 +524,7 @@ impl LocalFinal {
     fn new(file: File) -> Self {
         let large = file.metadata().is_ok_and(|m| m.len() >= DIRECT_MIN_SIZE);
         let reads = if large {
-            LongReads::of(&file)
+            LongReads::of_committed(&file)
         } else {
             LongReads::default()
         };

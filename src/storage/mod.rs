@@ -21,6 +21,7 @@
 //! files, directories and symlinks go through their own seam, [`TreeVolume`] (`tree.rs`).
 
 mod direct;
+mod direct_reads;
 pub(crate) mod journal;
 pub mod local;
 mod local_tree;
