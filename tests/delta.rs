@@ -190,6 +190,44 @@ async fn an_in_place_delta_reads_the_unchanged_file_once() {
     );
 }
 
+/// While a re-push over a committed file is gathered, the server hashes the committed file as far as the pieces
+/// keep its chunks in place, and the in-place write's digest follower starts from there instead of reading that
+/// prefix back: the server reads the file about once in all, and the new version lands verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_delta_hashes_the_kept_prefix_while_the_offer_is_gathered() {
+    const SIZE: usize = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("root"));
+    let state = dir.path().join("state");
+    let src = dir.path().join("disk.img");
+    write_random(&src, SIZE, 26);
+    let url = server.url("disk.img");
+    push(&src, &url, &state, &[]).await.assert_ok();
+    let change = SIZE * 3 / 4;
+    rewrite(&src, |d| d[change..change + MIB].fill(0x5a));
+    let pid = server.child.id();
+    let before = proc_read(pid);
+    let out = push(&src, &url, &state, &[]).await;
+    out.assert_ok();
+    assert_eq!(b3(&server.root.join("disk.img")), b3(&src));
+    assert!(out.u64("bytes_reused") > (SIZE / 2) as u64, "written in place");
+    let needle = "the kept prefix was hashed while the offer was gathered";
+    server.wait_for_log(needle, std::time::Duration::from_secs(10)).await;
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    let line = log.lines().find(|l| l.contains(needle)).expect("waited for it");
+    let bytes: u64 = line
+        .split("bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the line says how many bytes");
+    assert!(
+        bytes > 0 && bytes <= change as u64,
+        "{bytes} bytes hashed ahead: {line}"
+    );
+    assert_read_under(pid, before, SIZE as u64 * 5 / 4, "an in-place delta hashed ahead");
+}
+
 /// A chunk kept in place unread that was damaged on the server's disk behind its back (its size, inode and mtime
 /// unchanged, so the committed manifest still stands) is caught by the whole-file digest at commit, asked for
 /// again, and the file lands verified.

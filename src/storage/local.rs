@@ -265,6 +265,10 @@ impl Volume for LocalVolume {
         )))
     }
 
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
     fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
         if path.as_str() != key {
             return Ok(None);

@@ -228,6 +228,12 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Whether [`Volume::open_in_place`] may open anything at all (a receiver hashes a committed file ahead of an
+    /// in-place write only then). False by default.
+    fn writes_in_place(&self) -> bool {
+        false
+    }
+
     /// After a crash: applies a journal of `key` that was sealed (the new file verified) but perhaps not fully
     /// applied to `path`, and returns the file's identity after it. An unsealed journal is left to be resumed.
     fn recover(&self, key: &str, path: &RemotePath) -> Result<Option<Identity>, StorageError> {

@@ -495,6 +495,10 @@ impl Volume for SimVolume {
         Ok(None)
     }
 
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
     fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
         let Some(base) = self.final_handle(path).filter(|_| path.as_str() == key) else {
             return Ok(None);

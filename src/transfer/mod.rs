@@ -9,6 +9,7 @@ mod commit;
 pub mod handshake;
 mod in_place;
 pub mod join;
+mod kept_prefix;
 pub mod prune;
 pub mod quota;
 pub mod receiver;

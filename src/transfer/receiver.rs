@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
+use super::kept_prefix::KeptPrefix;
 use super::quota::{admit, admit_shared, NewTransfer};
 use super::reuse::{find_local, LocalCopies};
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
@@ -29,6 +30,7 @@ use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::storage::Volume;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
+use crate::verify::PrefixDigest;
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
@@ -147,6 +149,9 @@ pub(super) struct Prepared {
     writer: ChunkWriter,
     /// No transfer to this path was open before this offer.
     fresh: bool,
+    /// The digest of the committed file's first bytes, hashed while the offer was gathered, for the follower of
+    /// an in-place partial over that very file ([`super::kept_prefix`]).
+    kept: Option<PrefixDigest>,
 }
 
 /// Serves one offered `manifest` for `path` (under the context's root) to completion: Need, chunks, Commit,
@@ -156,6 +161,19 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &ReceiverContext,
     path: RemotePath,
     manifest: Manifest,
+    stop: &CancellationToken,
+) -> Result<Committed, TransferError> {
+    receive_gathered(conn, ctx, path, manifest, None, stop).await
+}
+
+/// [`receive`] for a manifest gathered from a streamed offer, with the digest of the committed file's prefix that
+/// its pieces kept in place, if one was hashed meanwhile.
+pub(super) async fn receive_gathered<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    ctx: &ReceiverContext,
+    path: RemotePath,
+    manifest: Manifest,
+    kept: Option<KeptPrefix>,
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     manifest
@@ -191,7 +209,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     let manifest = Arc::new(manifest);
     let plan = {
         let (ctx, path, manifest) = (ctx.clone(), path.clone(), manifest.clone());
-        blocking(move || prepare(&ctx, &path, manifest)).await?
+        blocking(move || prepare_with(&ctx, &path, manifest, kept)).await?
     };
     let committed = match plan {
         Plan::AlreadyPresent(committed) => {
@@ -248,6 +266,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Result<Committed, TransferError> {
     let writer = prepared.writer;
+    let mut kept = prepared.kept;
     let (rule, fresh) = (ctx.policy.reuse, prepared.fresh);
     let (mut writer, mut copies) = {
         let (volume, path) = (ctx.volume.clone(), path.clone());
@@ -270,7 +289,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
         Some((need, copyable)) => (Some(need), copyable),
         None => {
             if let Some(local) = copies.take() {
-                writer = copy_local(conn, ctx, writer, local, path).await?;
+                writer = copy_local(conn, ctx, writer, local, path, &mut kept).await?;
             }
             (None, 0)
         }
@@ -279,7 +298,7 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut writer, result) = receive_chunks(conn, ctx, writer, path, need, superseded, stop).await;
     result?;
     if let Some(local) = copies {
-        writer = copy_local(conn, ctx, writer, local, path).await?;
+        writer = copy_local(conn, ctx, writer, local, path, &mut kept).await?;
     }
     commit_rounds(conn, ctx, writer, path, superseded, stop).await
 }
@@ -288,20 +307,26 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 /// follower's read-back is cheaper than the extra round trip.
 const COPY_AFTER_THE_WIRE: u64 = 16 * 1024 * 1024;
 
-/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile.
+/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile; then starts the digest follower
+/// from `kept` (taken) if the copy made its bytes final, as keeping an in-place partial's chunks does.
 async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut writer: ChunkWriter,
     copies: LocalCopies,
     path: &RemotePath,
+    kept: &mut Option<PrefixDigest>,
 ) -> Result<ChunkWriter, TransferError> {
     let path = path.clone();
-    with_keepalive(conn, ctx.idle_timeout, move || {
+    let mut writer = with_keepalive(conn, ctx.idle_timeout, move || {
         copies.copy_into(&mut writer, &path)?;
         Ok(writer)
     })
-    .await
+    .await?;
+    if let Some(seed) = kept.take_if(|seed| writer.can_seed_follower(seed)) {
+        writer.seed_follower(seed);
+    }
+    Ok(writer)
 }
 
 /// Reports the accepted offer to the meter and the log: `to_copy` bytes of the missing ones will be copied
@@ -557,11 +582,13 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| TransferError::Storage(std::io::Error::other(e)))?
 }
 
-/// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start.
-pub(super) fn prepare(
+/// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start;
+/// keeps `kept` for the follower if the offer is written in place over the file it describes.
+pub(super) fn prepare_with(
     ctx: &ReceiverContext,
     path: &RemotePath,
     manifest: Arc<Manifest>,
+    kept: Option<KeptPrefix>,
 ) -> Result<Plan, TransferError> {
     let key = path.as_str();
     let volume = &*ctx.volume;
@@ -604,13 +631,21 @@ pub(super) fn prepare(
     // A plain resume leaves the records as they are: rewriting a large manifest on every reconnect would cost
     // work proportional to the file, not to what is missing. Anything else is a new record, admitted against the
     // namespace's quota and limits under its lock, so that offers arriving together are counted one by one.
+    let mut seed = None;
     let open = || -> Result<_, TransferError> {
         let in_place = match partial_len {
             None => super::in_place::open_in_place(ctx, path, &manifest)?,
             Some(_) => None,
         };
         match in_place {
-            Some(file) => Ok(file),
+            Some(file) => {
+                // The committed file now is the one hashed: the partial's base, opened just now.
+                let base = volume.stat_final(path);
+                seed = kept
+                    .filter(|kept| base.is_some_and(|now| kept.describes(&now)))
+                    .map(|kept| kept.digest);
+                Ok(file)
+            }
             None => Ok(volume.open_partial_for(key, &manifest, full_reuse, partial_len.is_some())?),
         }
     };
@@ -653,6 +688,7 @@ pub(super) fn prepare(
     Ok(Plan::Receive(Box::new(Prepared {
         writer,
         fresh: record.is_none(),
+        kept: seed,
     })))
 }
 

@@ -20,10 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::kept_prefix::KeptPrefixHasher;
 use super::quota::{admit, NewTransfer};
 use super::receiver::{
-    answer_writer, blocking, commit_rounds, queue_chunk, receive, settled_if_ended, too_large, ReceiverContext, Reuse,
-    WRITE_QUEUE,
+    answer_writer, blocking, commit_rounds, queue_chunk, receive_gathered, settled_if_ended, too_large,
+    ReceiverContext, Reuse, WRITE_QUEUE,
 };
 use super::reuse::PreviousVersion;
 use super::writer::ChunkWriter;
@@ -193,6 +194,11 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     let mut evidence = Evidence::default();
     // Pieces read while undecided, not yet checked (a piece's checks run when it is added or taken).
     let mut undecided: Vec<ManifestPiece> = Vec::new();
+    // Hashes the committed file as far as the pieces keep it, for an in-place write's follower.
+    let kept = {
+        let (ctx, path) = (ctx.clone(), path.clone());
+        blocking(move || Ok(KeptPrefixHasher::start(&ctx, &path))).await?
+    };
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Err(TransferError::ShuttingDown),
@@ -200,6 +206,9 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match msg {
             Message::ManifestPiece(piece) => {
+                if let Some(kept) = &kept {
+                    kept.add(&piece.chunks);
+                }
                 let Some(lender) = &previous else {
                     streamed.add(piece.first_index, &piece.chunks).map_err(bad)?;
                     continue;
@@ -227,7 +236,11 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
                 let manifest = streamed.finish(end.digest).map_err(bad)?;
                 let echo = Message::ManifestEnd(end);
                 send_within(conn, &echo, ctx.idle_timeout, "echoing ManifestEnd").await?;
-                return receive(conn, ctx, path, manifest, stop).await;
+                let kept = match kept {
+                    Some(hasher) => blocking(move || Ok(hasher.finish())).await?,
+                    None => None,
+                };
+                return receive_gathered(conn, ctx, path, manifest, kept, stop).await;
             }
             Message::Ping(nonce) => answer_ping(conn, nonce, ctx.idle_timeout).await?,
             Message::Chunk(chunk) => {

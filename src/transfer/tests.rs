@@ -754,7 +754,7 @@ fn offers_in_one_namespace_are_admitted_one_after_another() {
     let ctx = fx.ctx.clone();
     let b = std::thread::spawn(move || {
         let path = RemotePath::parse("b").unwrap();
-        super::receiver::prepare(&ctx, &path, Arc::new(five_mib)).map(|_| ())
+        super::receiver::prepare_with(&ctx, &path, Arc::new(five_mib), None).map(|_| ())
     });
     // Without the lock, B would be admitted now against a namespace that does not show A yet.
     std::thread::sleep(Duration::from_millis(200));

@@ -302,6 +302,26 @@ impl ChunkWriter {
         self
     }
 
+    /// Whether the follower may start from `seed`, a digest of the file's first `seed.len()` bytes hashed
+    /// elsewhere (an in-place partial's base, [`super::kept_prefix`]): those bytes are final, the partial holds them
+    /// as its base does (nothing written over them), no recorded state waits to be taken up, and the follower has
+    /// not hashed as much already.
+    pub(crate) fn can_seed_follower(&self, seed: &PrefixDigest) -> bool {
+        let len = seed.len();
+        let hashed = self
+            .follower
+            .as_ref()
+            .and_then(DigestFollower::hashed)
+            .map_or(0, |h| h.len);
+        self.deferred_prefix.is_none() && len > hashed && len <= self.final_bytes() && self.file.holds_unchanged(0, len)
+    }
+
+    /// Starts the follower again from `seed` (see [`ChunkWriter::can_seed_follower`]); the one it replaces stops.
+    pub(crate) fn seed_follower(&mut self, seed: PrefixDigest) {
+        tracing::info!(path = %self.key, bytes = seed.len(), "the kept prefix was hashed while the offer was gathered");
+        self.start_follower(self.final_bytes(), seed);
+    }
+
     /// Starts the follower from `seed`, told that `[0, ready)` is final.
     fn start_follower(&mut self, ready: u64, seed: PrefixDigest) {
         let follower = DigestFollower::start_from(self.file.clone(), ready, seed);
