@@ -8,8 +8,9 @@
 //! descriptor of the same inode, into an aligned window from which the caller's bytes are copied.
 //!
 //! A direct read waits alone for the device. A committed file (the previous version a copy reads from, the base
-//! of an in-place partial) is not written while it is open, so its reads keep the window they read
-//! ([`Mode::Ahead`]): a reader that goes through it in order (the in-place check's read-back, the copy of an old
+//! of an in-place partial) is written only by an in-place apply, through a descriptor of its own, and a reader
+//! that may overlap one checks what it read (a copy checks each chunk's hash, a digest is checked against the
+//! manifest's), so its reads keep the window they read ([`Mode::Ahead`]): a reader that goes through it in order (the in-place check's read-back, the copy of an old
 //! version beside the new one's writes) is served from that window, and the next window is read on a thread
 //! (`ferry-readahead`) while the reader uses the last. A partial is written while it is read, so each of its reads
 //! goes to the file and nothing is kept ([`Mode::Exact`]).
@@ -80,7 +81,7 @@ pub struct DirectReads {
 enum Mode {
     /// Each read goes to the file (a partial, written while it is read); the window is allocated on the first.
     Exact(Option<AlignedWindow>),
-    /// The last window is kept and the next one read ahead (a committed file, not written while it is open).
+    /// The last window is kept and the next one read ahead (a committed file).
     Ahead(ReadAhead),
 }
 

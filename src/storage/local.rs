@@ -265,8 +265,10 @@ impl Volume for LocalVolume {
         )))
     }
 
-    fn writes_in_place(&self) -> bool {
-        true
+    fn writes_in_place(&self, path: &RemotePath) -> bool {
+        self.open_target(path.as_str())
+            .and_then(|(_, base)| base.metadata().ok())
+            .is_some_and(|meta| may_write_in_place(&meta))
     }
 
     fn open_in_place(&self, key: &str, path: &RemotePath, size: u64) -> Result<Option<Partial>, StorageError> {
@@ -277,9 +279,7 @@ impl Volume for LocalVolume {
             return Ok(None);
         };
         let meta = base.metadata()?;
-        // Another name of the same inode would change too; a file of another user keeps its owner only if it is
-        // replaced, not written.
-        if meta.nlink() != 1 || meta.uid() != rustix::process::geteuid().as_raw() {
+        if !may_write_in_place(&meta) {
             return Ok(None);
         }
         let journal_path = self.journal_path(key);
@@ -313,6 +313,12 @@ impl Volume for LocalVolume {
     fn open_final(&self, path: &RemotePath) -> Option<Box<dyn FinalFile>> {
         open_committed(&self.root, path.as_str()).map(LocalFinal::boxed)
     }
+}
+
+/// Whether a committed file (`meta`) may be written in place: another name of the same inode would change too,
+/// and a file of another user keeps its owner only if it is replaced, not written.
+fn may_write_in_place(meta: &std::fs::Metadata) -> bool {
+    meta.nlink() == 1 && meta.uid() == rustix::process::geteuid().as_raw()
 }
 
 fn identity(meta: &std::fs::Metadata) -> Identity {

@@ -228,9 +228,10 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// Whether [`Volume::open_in_place`] may open anything at all (a receiver hashes a committed file ahead of an
-    /// in-place write only then). False by default.
-    fn writes_in_place(&self) -> bool {
+    /// Whether [`Volume::open_in_place`] could open an in-place partial over the file committed at `path` as it
+    /// is now (a receiver hashes a committed file ahead of an in-place write only then). False by default.
+    fn writes_in_place(&self, path: &RemotePath) -> bool {
+        let _ = path;
         false
     }
 

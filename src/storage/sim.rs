@@ -495,7 +495,7 @@ impl Volume for SimVolume {
         Ok(None)
     }
 
-    fn writes_in_place(&self) -> bool {
+    fn writes_in_place(&self, _path: &RemotePath) -> bool {
         true
     }
 

@@ -43,13 +43,17 @@ pub(crate) struct KeptPrefixHasher {
 }
 
 impl KeptPrefixHasher {
-    /// Starts hashing the file committed at `path`, if the receiver may write in place (its policy and its volume)
-    /// and the file is there unchanged since its commit; `None` otherwise. Blocking.
+    /// Starts hashing the file committed at `path`, if the receiver may write in place over it (its policy, its
+    /// volume, no transfer to the path open) and the file is there unchanged since its commit; `None` otherwise.
+    /// Blocking.
     pub(crate) fn start(ctx: &ReceiverContext, path: &RemotePath) -> Option<Self> {
-        if !ctx.policy.in_place || !ctx.volume.writes_in_place() {
+        let key = path.as_str();
+        // As `prepare_with` and `open_in_place` decide: no in-place write over an open transfer (a resume), nor
+        // where the volume would not write this file in place.
+        let open = ctx.store.transfer(key).ok()?.is_some() || ctx.volume.partial_len(key).ok()?.is_some();
+        if !ctx.policy.in_place || open || !ctx.volume.writes_in_place(path) {
             return None;
         }
-        let key = path.as_str();
         let done = ctx.store.committed(key).ok()??;
         let file = ctx.volume.open_final(path)?;
         let base = file.identity().ok()?;
@@ -146,10 +150,13 @@ fn hash_kept(
             let len = (kept.end - at).min(SLICE as u64) as usize;
             file.read_exact_at(&mut buf[..len], at).ok()?;
             digest.extend(at, &buf[..len]);
-            match pieces.try_recv() {
-                Ok(chunks) => kept.add(&chunks),
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => break,
+            // Every piece that came meanwhile, so that none waits here longer than one slice.
+            loop {
+                match pieces.try_recv() {
+                    Ok(chunks) => kept.add(&chunks),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return finished(file, base, digest),
+                }
             }
             continue;
         }
@@ -161,6 +168,11 @@ fn hash_kept(
             Err(_) => break,
         }
     }
+    finished(file, base, digest)
+}
+
+/// `digest` of `file`'s first bytes, if it hashed any and the file is still `base`.
+fn finished(file: &dyn FinalFile, base: Identity, digest: PrefixDigest) -> Option<KeptPrefix> {
     let still = file.identity().ok()?;
     let prefix = KeptPrefix { base, digest };
     (prefix.describes(&still) && !prefix.digest.is_empty()).then_some(prefix)

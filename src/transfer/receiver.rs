@@ -318,14 +318,16 @@ async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
     kept: &mut Option<PrefixDigest>,
 ) -> Result<ChunkWriter, TransferError> {
     let path = path.clone();
-    let mut writer = with_keepalive(conn, ctx.idle_timeout, move || {
+    let mut seed = kept.take();
+    let (writer, unused) = with_keepalive(conn, ctx.idle_timeout, move || {
         copies.copy_into(&mut writer, &path)?;
-        Ok(writer)
+        if let Some(seed) = seed.take_if(|seed| writer.can_seed_follower(seed)) {
+            writer.seed_follower(seed);
+        }
+        Ok((writer, seed))
     })
     .await?;
-    if let Some(seed) = kept.take_if(|seed| writer.can_seed_follower(seed)) {
-        writer.seed_follower(seed);
-    }
+    *kept = unused;
     Ok(writer)
 }
 

@@ -195,7 +195,7 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     // Pieces read while undecided, not yet checked (a piece's checks run when it is added or taken).
     let mut undecided: Vec<ManifestPiece> = Vec::new();
     // Hashes the committed file as far as the pieces keep it, for an in-place write's follower.
-    let kept = {
+    let mut kept = {
         let (ctx, path) = (ctx.clone(), path.clone());
         blocking(move || Ok(KeptPrefixHasher::start(&ctx, &path))).await?
     };
@@ -217,6 +217,8 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
                 undecided.push(piece);
                 match evidence.verdict(ctx.policy.in_place) {
                     Verdict::Stream => {
+                        // A new copy, not an in-place write: nothing to hash ahead.
+                        drop(kept.take());
                         let lender = previous.take().expect("checked above");
                         return stream(conn, ctx, path, streamed, Some((undecided, lender)), stop).await;
                     }
