@@ -214,13 +214,7 @@ async fn an_in_place_delta_hashes_the_kept_prefix_while_the_offer_is_gathered() 
     let needle = "the kept prefix was hashed while the offer was gathered";
     server.wait_for_log(needle, std::time::Duration::from_secs(10)).await;
     let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
-    let line = log.lines().find(|l| l.contains(needle)).expect("waited for it");
-    let bytes: u64 = line
-        .split("bytes=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("the line says how many bytes");
+    let (line, bytes) = logged_bytes(&log, needle);
     assert!(
         bytes > 0 && bytes <= change as u64,
         "{bytes} bytes hashed ahead: {line}"

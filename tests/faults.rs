@@ -426,16 +426,7 @@ async fn a_resume_does_not_read_the_durable_prefix_again_and_still_commits_a_ver
 /// Asserts that `log` (a server's) shows a resume that trusted at least `min` bytes of the recorded durable prefix
 /// instead of reading them again.
 fn assert_prefix_trusted(log: &str, min: u64) {
-    let resumed = log
-        .lines()
-        .find(|l| l.contains("the durable prefix is not read again"))
-        .unwrap_or_else(|| panic!("the resume read the prefix again:\n{log}"));
-    let bytes: u64 = resumed
-        .split("bytes=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("the line says how many bytes");
+    let (resumed, bytes) = logged_bytes(log, "the durable prefix is not read again");
     assert!(bytes >= min, "{bytes} bytes of the prefix trusted: {resumed}");
 }
 

@@ -8,7 +8,7 @@
 //! buffer at a time; what cannot be written aligned (the part of a block before a run of chunks starts, a run's
 //! last partial block, a chunk out of order) goes through the ordinary descriptor, buffered.
 //!
-//! A full window is written by a thread of its own ([`WindowWriter`]) while the next is gathered: a direct write
+//! A full window is written by a thread of its own ([`WindowThread`]) while the next is gathered: a direct write
 //! returns only once the device has taken the bytes (durable only after the batch's `fdatasync`, as before), so
 //! on one thread the device waited for every copy into the window and the copies for the device (a fresh 2 GiB
 //! push took 0.91x the time with the thread and two 2 MiB windows, bench/ab.sh). A write that fails fails every
@@ -106,7 +106,7 @@ pub struct DirectWrites {
     /// Direct writes failed once with `EINVAL` (an alignment or a filesystem that refuses them): buffered from now.
     refused: bool,
     /// The thread that writes a full window while the next one is gathered; started with the first full window.
-    writer: Option<WindowWriter>,
+    writer: Option<WindowThread<io::Result<()>>>,
     /// Where the window on the writer thread starts: it holds the [`DIRECT_BUFFER`] bytes from there (only a full
     /// window is handed over), not in the file until it is settled.
     in_flight: Option<u64>,
@@ -147,44 +147,59 @@ impl Failure {
     }
 }
 
-/// A thread writing whole windows direct, one at a time, so that the device writes one while the next is
-/// gathered.
-struct WindowWriter {
-    /// Full windows to write, with their offsets; closed on drop.
+/// A thread doing the direct I/O of one window at a time (handed over with its file offset) and handing each
+/// window back with its offset and result, so that the device works on one window while the caller fills or uses
+/// another: the writes of a partial ([`DirectWrites`]), the read-ahead of a committed file
+/// (`super::direct_reads`). Closed and joined on drop, so that no I/O of the file outlives its owner.
+pub(super) struct WindowThread<R> {
+    /// Windows to work on, with their offsets; closed on drop.
     jobs: Option<std::sync::mpsc::SyncSender<(AlignedWindow, u64)>>,
-    /// Each window back once written, with the write's result.
-    done: std::sync::mpsc::Receiver<(AlignedWindow, io::Result<()>)>,
+    /// Each window back once done, with its offset and result.
+    done: std::sync::mpsc::Receiver<(AlignedWindow, u64, R)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl WindowWriter {
-    /// The thread writing through `direct` (a descriptor of its own), or `None` if it could not be started.
-    fn spawn(direct: File, align: usize) -> Option<Self> {
+impl<R: Send + 'static> WindowThread<R> {
+    /// The thread `name`, running `io` on each window handed to it (through a descriptor it owns), or `None` if it
+    /// could not be started.
+    pub(super) fn spawn(name: &str, mut io: impl FnMut(&mut AlignedWindow, u64) -> R + Send + 'static) -> Option<Self> {
         let (jobs, queue) = std::sync::mpsc::sync_channel::<(AlignedWindow, u64)>(1);
         let (report, done) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
-            .name("ferry-direct".into())
+            .name(name.into())
             .spawn(move || {
-                for (window, offset) in queue {
-                    let result = write_all_direct(&direct, window.bytes(), offset, align);
-                    if report.send((window, result)).is_err() {
+                for (mut window, offset) in queue {
+                    let result = io(&mut window, offset);
+                    if report.send((window, offset, result)).is_err() {
                         return;
                     }
                 }
             })
-            .inspect_err(|e| tracing::debug!(error = %e, "no direct writer thread; writing on the writer's"))
+            .inspect_err(|e| tracing::debug!(error = %e, thread = name, "no I/O thread; the caller does its own I/O"))
             .ok()?;
-        Some(WindowWriter {
+        Some(WindowThread {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
         })
     }
+
+    /// Hands `window` over, to be worked on at `offset`; back if the thread is gone.
+    pub(super) fn send(&self, window: AlignedWindow, offset: u64) -> Result<(), AlignedWindow> {
+        match &self.jobs {
+            Some(jobs) => jobs.send((window, offset)).map_err(|refused| refused.0 .0),
+            None => Err(window),
+        }
+    }
+
+    /// The window handed over first and not yet taken back, once done; `None` if the thread is gone.
+    pub(super) fn recv(&self) -> Option<(AlignedWindow, u64, R)> {
+        self.done.recv().ok()
+    }
 }
 
-impl Drop for WindowWriter {
-    /// Waits for the window being written, so that none lands after the partial is dropped (its owner has taken
-    /// every window back by then, unless a flush failed).
+impl<R> Drop for WindowThread<R> {
+    /// Waits for the window being worked on (its owner has taken every window back by then, unless an I/O failed).
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
@@ -315,13 +330,14 @@ impl DirectWrites {
             return self.write_blocks(buffered, DIRECT_BUFFER);
         }
         if self.writer.is_none() {
-            self.writer = self
-                .direct
-                .try_clone()
-                .ok()
-                .and_then(|direct| WindowWriter::spawn(direct, self.align));
+            let align = self.align;
+            self.writer = self.direct.try_clone().ok().and_then(|direct| {
+                WindowThread::spawn("ferry-direct", move |window: &mut AlignedWindow, offset| {
+                    write_all_direct(&direct, window.bytes(), offset, align)
+                })
+            });
         }
-        let Some(jobs) = self.writer.as_ref().and_then(|w| w.jobs.as_ref()) else {
+        let Some(writer) = &self.writer else {
             return self.write_blocks(buffered, DIRECT_BUFFER);
         };
         let next = self
@@ -329,7 +345,7 @@ impl DirectWrites {
             .take()
             .unwrap_or_else(|| AlignedWindow::new(self.align, DIRECT_BUFFER));
         let full = std::mem::replace(&mut self.window, next);
-        if let Err(std::sync::mpsc::SendError((full, _))) = jobs.send((full, self.start)) {
+        if let Err(full) = writer.send(full, self.start) {
             self.spare = Some(std::mem::replace(&mut self.window, full));
             self.writer = None;
             return self.write_blocks(buffered, DIRECT_BUFFER);
@@ -347,7 +363,7 @@ impl DirectWrites {
         let Some(start) = self.in_flight.take() else {
             return Ok(());
         };
-        let Some((window, result)) = self.writer.as_ref().and_then(|w| w.done.recv().ok()) else {
+        let Some((window, _, result)) = self.writer.as_ref().and_then(WindowThread::recv) else {
             self.len = 0;
             return Err(io::Error::other("the direct writer thread stopped"));
         };

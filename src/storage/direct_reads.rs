@@ -18,9 +18,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-use super::direct::{open_direct, AlignedWindow};
+use super::direct::{open_direct, AlignedWindow, WindowThread};
 
 /// A read at least this long goes around the page cache, unless the page cache holds all of it.
 pub const DIRECT_READ_MIN: usize = 256 << 10;
@@ -128,53 +127,9 @@ struct ReadAhead {
 enum Thread {
     #[default]
     NotStarted,
-    Running(WindowReader),
+    Running(WindowThread<io::Result<usize>>),
     /// It could not be started, or it stopped: reads wait for the disk.
     Unavailable,
-}
-
-/// A thread reading whole windows direct, one at a time, while the reader uses the last.
-struct WindowReader {
-    /// Windows to fill, with the offset to read them from; closed on drop.
-    jobs: Option<SyncSender<(AlignedWindow, u64)>>,
-    /// Each window back once read, with its offset and how many bytes it got.
-    done: Receiver<(AlignedWindow, u64, io::Result<usize>)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WindowReader {
-    /// The thread reading through `direct` (a descriptor of its own), or `None` if it could not be started.
-    fn spawn(direct: File, align: usize) -> Option<Self> {
-        let (jobs, queue) = sync_channel::<(AlignedWindow, u64)>(1);
-        let (report, done) = sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("ferry-readahead".into())
-            .spawn(move || {
-                for (mut window, offset) in queue {
-                    let result = read_window(&direct, window.bytes_mut(), offset, align);
-                    if report.send((window, offset, result)).is_err() {
-                        return;
-                    }
-                }
-            })
-            .inspect_err(|e| tracing::debug!(error = %e, "no read-ahead thread; reads wait for the disk"))
-            .ok()?;
-        Some(WindowReader {
-            jobs: Some(jobs),
-            done,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for WindowReader {
-    /// Waits for the window being read, so that no read of the file outlives its owner.
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl ReadAhead {
@@ -209,7 +164,7 @@ impl ReadAhead {
         let Thread::Running(reader) = &self.thread else {
             return None;
         };
-        let taken = reader.done.recv().ok();
+        let taken = reader.recv();
         if taken.is_none() {
             self.thread = Thread::Unavailable;
         }
@@ -254,7 +209,11 @@ impl ReadAhead {
             self.thread = direct
                 .try_clone()
                 .ok()
-                .and_then(|clone| WindowReader::spawn(clone, align))
+                .and_then(|direct| {
+                    WindowThread::spawn("ferry-readahead", move |window: &mut AlignedWindow, offset| {
+                        read_window(&direct, window.bytes_mut(), offset, align)
+                    })
+                })
                 .map_or(Thread::Unavailable, Thread::Running);
         }
         let Thread::Running(reader) = &self.thread else {
@@ -264,10 +223,12 @@ impl ReadAhead {
             .spare
             .take()
             .unwrap_or_else(|| AlignedWindow::new(align, READ_WINDOW));
-        let sent = reader.jobs.as_ref().map(|jobs| jobs.send((window, want)));
-        match sent {
-            Some(Ok(())) => self.pending = Some(want),
-            _ => self.thread = Thread::Unavailable,
+        match reader.send(window, want) {
+            Ok(()) => self.pending = Some(want),
+            Err(window) => {
+                self.spare = Some(window);
+                self.thread = Thread::Unavailable;
+            }
         }
     }
 }

@@ -413,6 +413,22 @@ pub fn peak_rss_mib(pid: u32) -> u64 {
     kib / 1024
 }
 
+/// The first line of `log` that contains `needle`, and the number it gives after `bytes=`; panics (showing the
+/// log) if there is no such line or number.
+pub fn logged_bytes<'a>(log: &'a str, needle: &str) -> (&'a str, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("the server never logged {needle:?}:\n{log}"));
+    let bytes = line
+        .split("bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the line says no bytes: {line}"));
+    (line, bytes)
+}
+
 /// Terminal output without its escape sequences (colours, cursor moves, line clears).
 pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
