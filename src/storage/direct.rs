@@ -486,10 +486,11 @@ fn reopen_direct(file: &File, write: bool) -> io::Result<File> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    /// `len` bytes of a pattern that differs with `seed` and repeats only every 256 bytes.
+    pub(in crate::storage) fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()

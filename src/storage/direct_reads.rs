@@ -416,13 +416,8 @@ fn all_cached(file: &File, offset: u64, len: usize) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::direct::tests::pattern;
     use super::*;
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
-    }
 
     /// A file in `dir` holding `data`, written out and dropped from the page cache, so that reads of it go to the
     /// disk.
