@@ -12,7 +12,7 @@ use super::receiver::ReceiverContext;
 use super::TransferError;
 use crate::manifest::Manifest;
 use crate::path::RemotePath;
-use crate::storage::Partial;
+use crate::storage::{Identity, Partial};
 use crate::store::{now_secs, CommittedFile};
 use crate::verify::{digest_rest, PrefixDigest};
 
@@ -66,8 +66,7 @@ pub(super) fn open_in_place(
     let (Some(done), Some(now)) = (ctx.store.committed(key)?, ctx.volume.stat_final(path)) else {
         return Ok(None);
     };
-    let unchanged = now.is_file && now.len == done.size && now.ino == done.inode && now.mtime == done.mtime;
-    if !unchanged {
+    if !unchanged_since_commit(&now, &done) {
         return Ok(None);
     }
     let Some(old) = ctx.store.committed_manifest(key)? else {
@@ -83,6 +82,12 @@ pub(super) fn open_in_place(
         tracing::info!(path = key, shared, "writing in place");
     }
     Ok(opened)
+}
+
+/// Whether the file at a path (`now`) is still the one recorded committed there (`done`): a regular file with its
+/// inode, length and mtime, so that its committed manifest describes it.
+pub(super) fn unchanged_since_commit(now: &Identity, done: &CommittedFile) -> bool {
+    now.is_file && now.len == done.size && now.ino == done.inode && now.mtime == done.mtime
 }
 
 /// Bytes of `new` in chunks that `old` holds at the same offset with the same length and hash.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
+use super::in_place::unchanged_since_commit;
 use super::receiver::ReceiverContext;
 use crate::manifest::{ChunkEntry, Manifest};
 use crate::path::RemotePath;
@@ -57,8 +58,7 @@ impl KeptPrefixHasher {
         let done = ctx.store.committed(key).ok()??;
         let file = ctx.volume.open_final(path)?;
         let base = file.identity().ok()?;
-        let unchanged = base.is_file && base.len == done.size && base.ino == done.inode && base.mtime == done.mtime;
-        if !unchanged {
+        if !unchanged_since_commit(&base, &done) {
             return None;
         }
         let old = ctx.store.committed_manifest(key).ok()??;
