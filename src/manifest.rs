@@ -149,6 +149,13 @@ impl Chunking {
     }
 }
 
+/// Where `chunks` (in offset order, as a manifest lists them) holds `chunk` itself: a chunk at the same offset
+/// with the same length and hash. `None` if none starts there, or another one does.
+pub fn index_of_same(chunks: &[ChunkEntry], chunk: &ChunkEntry) -> Option<usize> {
+    let at = chunks.binary_search_by_key(&chunk.offset, |c| c.offset).ok()?;
+    (chunks[at] == *chunk).then_some(at)
+}
+
 impl Manifest {
     /// Number of chunks (fits `u32` once [`Manifest::validate`] passed).
     pub fn chunk_count(&self) -> u32 {

@@ -10,7 +10,7 @@
 
 use super::receiver::ReceiverContext;
 use super::TransferError;
-use crate::manifest::Manifest;
+use crate::manifest::{index_of_same, Manifest};
 use crate::path::RemotePath;
 use crate::storage::{Identity, Partial};
 use crate::store::{now_secs, CommittedFile};
@@ -94,11 +94,7 @@ pub(super) fn unchanged_since_commit(now: &Identity, done: &CommittedFile) -> bo
 fn shared_bytes(old: &Manifest, new: &Manifest) -> u64 {
     new.chunks
         .iter()
-        .filter(|chunk| {
-            old.chunks
-                .binary_search_by_key(&chunk.offset, |c| c.offset)
-                .is_ok_and(|at| old.chunks[at] == **chunk)
-        })
+        .filter(|chunk| index_of_same(&old.chunks, chunk).is_some())
         .map(|chunk| u64::from(chunk.len))
         .sum()
 }

@@ -12,8 +12,8 @@ use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use super::in_place::unchanged_since_commit;
-use super::receiver::ReceiverContext;
-use crate::manifest::{ChunkEntry, Manifest};
+use super::receiver::{transfer_open, ReceiverContext};
+use crate::manifest::{index_of_same, ChunkEntry, Manifest};
 use crate::path::RemotePath;
 use crate::storage::{FinalFile, Identity};
 use crate::verify::PrefixDigest;
@@ -51,8 +51,7 @@ impl KeptPrefixHasher {
         let key = path.as_str();
         // As `prepare_with` and `open_in_place` decide: no in-place write over an open transfer (a resume), nor
         // where the volume would not write this file in place.
-        let open = ctx.store.transfer(key).ok()?.is_some() || ctx.volume.partial_len(key).ok()?.is_some();
-        if !ctx.policy.in_place || open || !ctx.volume.writes_in_place(path) {
+        if !ctx.policy.in_place || transfer_open(ctx, key).ok()? || !ctx.volume.writes_in_place(path) {
             return None;
         }
         let done = ctx.store.committed(key).ok()??;
@@ -108,18 +107,22 @@ struct KeptSoFar<'a> {
     broken: bool,
 }
 
-impl KeptSoFar<'_> {
+impl<'a> KeptSoFar<'a> {
+    /// Nothing kept yet, against `old`, the committed manifest.
+    fn new(old: &'a Manifest) -> Self {
+        KeptSoFar {
+            old,
+            end: 0,
+            broken: false,
+        }
+    }
+
     fn add(&mut self, chunks: &[ChunkEntry]) {
         for chunk in chunks {
             if self.broken {
                 return;
             }
-            let same = chunk.offset == self.end
-                && self
-                    .old
-                    .chunks
-                    .binary_search_by_key(&chunk.offset, |c| c.offset)
-                    .is_ok_and(|at| self.old.chunks[at] == *chunk);
+            let same = chunk.offset == self.end && index_of_same(&self.old.chunks, chunk).is_some();
             match same {
                 true => self.end += u64::from(chunk.len),
                 false => self.broken = true,
@@ -137,11 +140,7 @@ fn hash_kept(
     pieces: &Receiver<Vec<ChunkEntry>>,
     stop: &AtomicBool,
 ) -> Option<KeptPrefix> {
-    let mut kept = KeptSoFar {
-        old,
-        end: 0,
-        broken: false,
-    };
+    let mut kept = KeptSoFar::new(old);
     let mut digest = PrefixDigest::default();
     let mut buf = vec![0u8; SLICE];
     while !stop.load(Ordering::Relaxed) {
@@ -189,11 +188,7 @@ mod tests {
         let old = manifest_of(&[10, 10, 10, 10]);
         let mut new = old.clone();
         new.chunks[2].hash[0] ^= 1;
-        let mut kept = KeptSoFar {
-            old: &old,
-            end: 0,
-            broken: false,
-        };
+        let mut kept = KeptSoFar::new(&old);
         kept.add(&new.chunks[..1]);
         assert_eq!(kept.end, 10);
         kept.add(&new.chunks[1..]);
@@ -203,11 +198,7 @@ mod tests {
             "chunk 3 is unchanged but after a changed one"
         );
         let shifted = manifest_of(&[5, 10, 10, 10, 5]);
-        let mut kept = KeptSoFar {
-            old: &old,
-            end: 0,
-            broken: false,
-        };
+        let mut kept = KeptSoFar::new(&old);
         kept.add(&shifted.chunks);
         assert_eq!((kept.end, kept.broken), (0, true));
     }

@@ -25,7 +25,7 @@ use super::ReceiverStats;
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
 #[cfg(test)]
 use crate::manifest::ChunkEntry;
-use crate::manifest::Manifest;
+use crate::manifest::{index_of_same, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::storage::Volume;
@@ -584,6 +584,12 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| TransferError::Storage(std::io::Error::other(e)))?
 }
 
+/// Whether a transfer to `key` is open (recorded in the store, or a partial on the volume): its next offer is a
+/// resume. Blocking.
+pub(super) fn transfer_open(ctx: &ReceiverContext, key: &str) -> Result<bool, TransferError> {
+    Ok(ctx.store.transfer(key)?.is_some() || ctx.volume.partial_len(key)?.is_some())
+}
+
 /// Decides what to do with an Offer: already present, resume, carry chunks over from an older offer, or start;
 /// keeps `kept` for the follower if the offer is written in place over the file it describes.
 pub(super) fn prepare_with(
@@ -722,11 +728,8 @@ fn carried_over(old: &TransferRecord, progress: &Progress, manifest: &Manifest) 
         return set;
     };
     for (index, chunk) in manifest.chunks.iter().enumerate() {
-        let found = old.manifest.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
-        if let Ok(old_index) = found {
-            if old.manifest.chunks[old_index] == *chunk && old_set.contains(old_index as u32) {
-                set.insert(index as u32);
-            }
+        if index_of_same(&old.manifest.chunks, chunk).is_some_and(|at| old_set.contains(at as u32)) {
+            set.insert(index as u32);
         }
     }
     set

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::receiver::Reuse;
 use super::writer::{ChunkWriter, Wanted};
 use super::TransferError;
-use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
+use crate::manifest::{index_of_same, ChunkEntry, Chunking, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::storage::{FinalFile, Identity, Partial, ReadAt, Volume};
 use crate::store::ReceiverStore;
@@ -250,8 +250,7 @@ impl PreviousVersion {
     pub(crate) fn placement(&self, chunks: &[ChunkEntry]) -> (u64, u64) {
         let (mut kept, mut moved) = (0, 0);
         for chunk in chunks {
-            let at = self.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
-            if at.is_ok_and(|at| self.chunks[at] == *chunk) {
+            if index_of_same(&self.chunks, chunk).is_some() {
                 kept += u64::from(chunk.len);
             } else if self.holds(&chunk.hash) {
                 moved += u64::from(chunk.len);

@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 use super::kept_prefix::KeptPrefixHasher;
 use super::quota::{admit, NewTransfer};
 use super::receiver::{
-    answer_writer, blocking, commit_rounds, queue_chunk, receive_gathered, settled_if_ended, too_large,
+    answer_writer, blocking, commit_rounds, queue_chunk, receive_gathered, settled_if_ended, too_large, transfer_open,
     ReceiverContext, Reuse, WRITE_QUEUE,
 };
 use super::reuse::PreviousVersion;
 use super::writer::ChunkWriter;
 use super::{answer_ping, next_message, send_within, with_keepalive, TransferError};
-use crate::manifest::{ChunkEntry, Chunking, Hash, Manifest};
+use crate::manifest::{index_of_same, ChunkEntry, Chunking, Hash, Manifest};
 use crate::manifest_stream::{PieceError, StreamedManifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
@@ -113,7 +113,7 @@ fn copy_source(
         return Ok(None);
     }
     super::in_place::recover(ctx, path)?;
-    if ctx.store.transfer(path.as_str())?.is_some() || volume.partial_len(path.as_str())?.is_some() {
+    if transfer_open(ctx, path.as_str())? {
         return Ok(None);
     }
     Ok(PreviousVersion::open(&ctx.store, volume, path, chunking))
@@ -390,8 +390,7 @@ fn take_piece(
             .clone()
             .filter(|&index| {
                 let chunk = &manifest.chunks[index as usize];
-                let found = old.chunks.binary_search_by_key(&chunk.offset, |c| c.offset);
-                found.is_ok_and(|at| old.chunks[at] == *chunk && set.contains(at as u32))
+                index_of_same(&old.chunks, chunk).is_some_and(|at| set.contains(at as u32))
             })
             .collect(),
         None => Vec::new(),

@@ -31,7 +31,7 @@ use super::layout::{
     self, journal_union, EntryKind, EntryObject, JournalEntry, Layout, ObjectError, OpenRecord, PathId, ReuseRule,
     ServerId, TransferId,
 };
-use crate::manifest::{FileTime, Hash, Manifest};
+use crate::manifest::{index_of_same, FileTime, Hash, Manifest};
 use crate::path::RemotePath;
 use crate::ranges::{encode_runs, ChunkSet};
 use crate::storage::object_gc::{confirm_before_commit, GcSettings, ObjectGcError, SystemClock};
@@ -519,10 +519,7 @@ fn rely_on_live(manifest: &Manifest, old: &Manifest, durable: &ChunkSet, rule: R
         .filter(|(i, _)| !durable.contains(*i as u32))
         .filter(|(_, chunk)| match rule {
             ReuseRule::Full => hashes.contains(&chunk.hash),
-            ReuseRule::InPlace => old
-                .chunks
-                .binary_search_by_key(&chunk.offset, |c| c.offset)
-                .is_ok_and(|at| old.chunks[at] == **chunk),
+            ReuseRule::InPlace => index_of_same(&old.chunks, chunk).is_some(),
         })
         .map(|(i, _)| i as u32)
         .collect()
