@@ -504,15 +504,26 @@ async fn a_server_that_commits_the_wrong_digest_is_an_integrity_failure() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let liar = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Hello(_))));
         let welcome = Welcome {
             // Version 5: the client offers the manifest whole (a streamed offer ends in the same check).
             version: 5,
             agent: "liar".into(),
             max_frame: ferry::MAX_FRAME,
         };
+        // The streamed offer the client pipelined behind Hello is refused, as a version-5 server does; the client
+        // then offers the file whole on a new connection.
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Hello(_))));
+        conn.write_message(&Message::Welcome(welcome.clone())).await.unwrap();
+        assert!(matches!(
+            conn.read_message().await.unwrap(),
+            Some(Message::OfferStart(_))
+        ));
+        drop(conn);
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, ferry::MAX_FRAME);
+        assert!(matches!(conn.read_message().await.unwrap(), Some(Message::Hello(_))));
         conn.write_message(&Message::Welcome(welcome)).await.unwrap();
         let Some(Message::Offer(offer)) = conn.read_message().await.unwrap() else {
             panic!("no offer")

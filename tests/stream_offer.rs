@@ -220,6 +220,44 @@ async fn the_source_is_hashed_while_the_handshake_is_answered() {
     );
 }
 
+/// A client without a token sends its streamed offer right behind Hello (proto-spec.md §3, "Pipelining"): a
+/// server that holds its Welcome back reads `OfferStart` and the first piece. A client that waited for the Welcome
+/// would send nothing more, and the first chunk would leave a round trip later on every link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_streamed_offer_goes_out_behind_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("eager.bin");
+    write_random(&source, 3 * MIB as usize, 9);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ferry://{}/eager.bin", listener.local_addr().unwrap());
+    let extra = ["--retries", "0", "--timeout", "120s"];
+    let mut client = push_command(&source, &url, &dir.path().join("state"), &extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
+    let mut before_welcome = Vec::new();
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await {
+            Ok(Ok(Some(msg))) => before_welcome.push(msg),
+            other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
+        }
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
+    assert!(
+        matches!(&before_welcome[1], Message::OfferStart(start) if start.path == "eager.bin" && start.size == 3 * MIB),
+        "{before_welcome:?}"
+    );
+    assert!(
+        matches!(&before_welcome[2], Message::ManifestPiece(piece) if piece.first_index == 0 && !piece.chunks.is_empty()),
+        "{before_welcome:?}"
+    );
+}
+
 /// A version-5 client cannot send OfferStart (the server refuses it as unexpected), and its whole Offer is served
 /// as before.
 #[tokio::test]

@@ -36,8 +36,9 @@ use crate::source::{SourceError, MAX_SOURCE_CHANGES};
 use crate::store::{LockError, StoreError};
 use crate::throttle::{Bandwidth, Throttled};
 use crate::tls::{ClientTls, Stream};
+use crate::transfer::handshake::{self, Greeting};
 use crate::transfer::sender::SendEvent;
-use crate::transfer::{handshake, TransferError};
+use crate::transfer::TransferError;
 use crate::url::{FerryUrl, Servers};
 use crate::wire::{Connection, ErrorCode};
 use crate::MAX_FRAME;
@@ -287,6 +288,26 @@ async fn connect_welcomed(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
+    let (mut conn, greeting) = connect_greeted(url, connect_timeout, io_timeout, access, bandwidth).await?;
+    let welcome = match greeting {
+        Greeting::Welcomed(welcome) => welcome,
+        Greeting::Pending(pending) => {
+            let reply = crate::transfer::recv(&mut conn, io_timeout, "waiting for Welcome").await;
+            pending.welcomed(&mut conn, reply)?
+        }
+    };
+    Ok((conn, welcome))
+}
+
+/// Like [`connect_welcomed`], without waiting for the Welcome where the client need not read before it: the caller
+/// may pipeline its first request behind Hello (proto-spec.md §3, "Pipelining") and reads the Welcome after it.
+async fn connect_greeted(
+    url: &FerryUrl,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    access: &Access,
+    bandwidth: Option<&Bandwidth>,
+) -> Result<(ClientConnection, Greeting), TransferError> {
     let server = url.servers.current().clone();
     let tcp = dial(&server, connect_timeout).await?;
     let _ = tcp.set_nodelay(true);
@@ -300,9 +321,9 @@ async fn connect_welcomed(
     let binding = stream.channel_binding();
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     conn.allow_zero_copy(plain_tcp);
-    let welcome = handshake::client_hello(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
+    let greeting = handshake::client_greet(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
     url.servers.connected();
-    Ok((conn, welcome))
+    Ok((conn, greeting))
 }
 
 /// The plain TCP socket under a client's stream, when nothing in between must see the bytes (no TLS, no rate

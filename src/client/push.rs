@@ -15,6 +15,7 @@ use crate::path::RemotePath;
 use crate::source::{cache_streamed_manifest, cached_manifest_for, hash_resumable, manifest_for, MAX_SOURCE_CHANGES};
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
+use crate::transfer::handshake::{Greeting, PendingWelcome};
 use crate::transfer::sender::{send, send_streams, Rehash, SendEvent, SendOptions, SendStats, Source};
 use crate::transfer::stream_send::{send_streamed, HashWith, Hashed, Hashing, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
@@ -58,6 +59,21 @@ impl PushOptions {
     /// A greeted connection to the destination's server.
     pub(super) async fn connect(&self) -> Result<super::ClientConnection, TransferError> {
         Ok(self.connect_welcomed().await?.0)
+    }
+
+    /// A connection to the destination's server whose Welcome may still be on its way (the first request can go
+    /// behind Hello, proto-spec.md §3, "Pipelining").
+    pub(super) async fn connect_greeted(
+        &self,
+    ) -> Result<(super::ClientConnection, crate::transfer::handshake::Greeting), TransferError> {
+        super::connect_greeted(
+            &self.destination,
+            self.connect_timeout,
+            self.send.io_timeout,
+            &self.access,
+            self.bandwidth.as_ref(),
+        )
+        .await
     }
 
     /// Like [`PushOptions::connect`], also returning the server's Welcome.
@@ -389,15 +405,17 @@ impl Streamed<'_> {
         // time the handshake's round trip ends (a version-5 server or a failed connection drops the hashing).
         let (hashed, resumed) = self.start_hashing(&source);
         let (connected, record) = tokio::join!(
-            retrier.bounded(opts.connect_welcomed(), Duration::ZERO),
+            retrier.bounded(opts.connect_greeted(), Duration::ZERO),
             start_record(self.store, self.canonical, self.destination, source.size),
         );
         let mut record = record?;
+        // Without a token, `OfferStart` and the first pieces go right behind Hello; the Welcome is read after them.
         let conn = match connected {
-            Ok(Ok((conn, welcome))) if welcome.version < crate::STREAMED_OFFER_VERSION => {
+            Ok(Ok((conn, Greeting::Welcomed(welcome)))) if welcome.version < crate::STREAMED_OFFER_VERSION => {
                 return Ok(First::Whole(Some(conn)))
             }
-            Ok(Ok((conn, _))) => Ok(conn),
+            Ok(Ok((conn, Greeting::Welcomed(_)))) => Ok((conn, None)),
+            Ok(Ok((conn, Greeting::Pending(pending)))) => Ok((conn, Some(pending))),
             Ok(Err(e)) => Err(e),
             Err(expired) => {
                 record.state = PushState::Failed;
@@ -409,8 +427,8 @@ impl Streamed<'_> {
         let _published = publish_push(opts, self.store, &record);
         let number = retrier.start();
         let attempt = async {
-            let mut conn = conn?;
-            self.attempt(&mut conn, &source, hashed, &resumed, number, run, on_event)
+            let (mut conn, welcome) = conn?;
+            self.attempt(&mut conn, &source, hashed, welcome, &resumed, number, run, on_event)
                 .await
         };
         let meter = opts.send.meter.clone();
@@ -486,13 +504,15 @@ impl Streamed<'_> {
         (hashing.start(source), resumed)
     }
 
-    /// One streamed attempt on `conn`, greeted by a server that speaks version 6, of `source` being `hashed`.
+    /// One streamed attempt on `conn`, greeted by a server that speaks version 6 or with its `welcome` still on
+    /// the way, of `source` being `hashed`.
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         conn: &mut super::ClientConnection,
         source: &StreamSource,
         hashed: Hashed,
+        welcome: Option<PendingWelcome>,
         resumed: &AtomicU64,
         number: u32,
         run: &mut Run,
@@ -504,7 +524,17 @@ impl Streamed<'_> {
         on_event(ClientEvent::Connected { attempt: number });
         let path = self.remote_path.as_str();
         let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-        let sent = send_streamed(conn, path, source, &opts.send, &mut run.stats, &mut forward, hashed).await;
+        let sent = send_streamed(
+            conn,
+            path,
+            source,
+            &opts.send,
+            &mut run.stats,
+            &mut forward,
+            hashed,
+            welcome,
+        )
+        .await;
         match sent {
             Ok((committed, manifest)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -549,6 +579,11 @@ impl Streamed<'_> {
         run: &mut Run,
         on_event: &mut (dyn FnMut(ClientEvent) + Send),
     ) -> Result<(), ClientError> {
+        if let TransferError::OlderPeer { .. } = &error {
+            // An older server: the whole offer follows on a new connection, at once (this is not a failure).
+            tracing::info!(error = %error, "offering the file whole");
+            return Ok(());
+        }
         if let TransferError::SourceChanged(reason) = &error {
             run.source_changes += 1;
             on_event(ClientEvent::SourceChanged { reason: reason.clone() });

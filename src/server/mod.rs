@@ -399,19 +399,25 @@ async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: Cancellat
     // Only a connection that completed the handshake takes one of the server's slots.
     let Ok(permit) = slots.try_acquire_owned() else {
         let busy = TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
-        tell_peer(&mut conn, &busy).await;
+        refuse_session(&mut conn, &busy).await;
         return;
     };
     if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
         tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
-        tell_peer(&mut conn, &e).await;
-        // The peer may have chunks in flight: read them (bounded) until it closes, so that closing does not reset
-        // the connection and discard the Error frame before the peer read it (it would then retry a final error).
-        let _ = conn.shutdown().await;
-        conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
-            .await;
+        refuse_session(&mut conn, &e).await;
     }
     drop(permit);
+}
+
+/// Tells the peer why its session ends, then reads what it still sends (bounded) until it closes: it may have
+/// chunks in flight, or a request pipelined behind its Hello (proto-spec.md §3), and closing with them unread
+/// would reset the connection and discard the Error frame before the peer read it (it would then retry a final
+/// error).
+async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, error: &TransferError) {
+    tell_peer(conn, error).await;
+    let _ = conn.shutdown().await;
+    conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
+        .await;
 }
 
 /// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover

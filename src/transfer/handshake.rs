@@ -28,6 +28,44 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     token: Option<&Token>,
     binding: Option<&[u8; 32]>,
 ) -> Result<Welcome, TransferError> {
+    match client_greet(conn, timeout, token, binding).await? {
+        Greeting::Welcomed(welcome) => Ok(welcome),
+        Greeting::Pending(pending) => {
+            let reply = recv(conn, timeout, "waiting for Welcome").await;
+            pending.welcomed(conn, reply)
+        }
+    }
+}
+
+/// Where a client's handshake stands once its side of it went out ([`client_greet`]).
+#[derive(Debug)]
+pub enum Greeting {
+    /// The server's Welcome arrived: the handshake is complete.
+    Welcomed(Welcome),
+    /// The client's last handshake frame went out and the server's Welcome is on its way: a client may send its
+    /// first request now, behind it (proto-spec.md §3, "Pipelining"), and read the Welcome when it arrives.
+    Pending(PendingWelcome),
+}
+
+/// A Welcome on its way: what [`PendingWelcome::welcomed`] needs to check it when it arrives.
+#[derive(Debug)]
+pub struct PendingWelcome {
+    /// When the frame it answers (Hello or Auth) went out.
+    since: std::time::Instant,
+    /// Whether a Challenge arrived (the round trip is measured already, and a second one is a protocol error).
+    challenged: bool,
+}
+
+/// Client side, without waiting for the Welcome: sends Hello, and, if the client holds a token, reads the server's
+/// first answer and answers its Challenge with `Auth`. A client without a token reads nothing: it may pipeline its
+/// first request behind Hello (a server that requires a token answers `Error{AuthFailed}` and drains the rest).
+/// A client with a token whose server does not challenge it is [`Greeting::Welcomed`] at once.
+pub async fn client_greet<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    timeout: Duration,
+    token: Option<&Token>,
+    binding: Option<&[u8; 32]>,
+) -> Result<Greeting, TransferError> {
     let hello = Message::Hello(Hello {
         magic: MAGIC,
         min_version: MIN_PROTOCOL_VERSION,
@@ -37,36 +75,61 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     });
     let sent = std::time::Instant::now();
     super::send_within(conn, &hello, timeout, "sending Hello").await?;
-    let mut reply = recv(conn, timeout, "waiting for Welcome").await.map_err(tls_server)?;
+    let hello_sent = PendingWelcome {
+        since: sent,
+        challenged: false,
+    };
+    let Some(token) = token else {
+        return Ok(Greeting::Pending(hello_sent));
+    };
+    let reply = recv(conn, timeout, "waiting for Welcome").await.map_err(tls_server)?;
     // Hello to the first answer (Welcome or Challenge): the server does little in between, so this is the
     // link's round trip, where the sender's window starts (proto-spec.md §6).
     conn.set_round_trip(sent.elapsed());
-    if let Message::Challenge(Challenge { nonce }) = reply {
-        let token = token.ok_or_else(|| {
-            TransferError::refused(
+    let Message::Challenge(Challenge { nonce }) = reply else {
+        return hello_sent.welcomed(conn, Ok(reply)).map(Greeting::Welcomed);
+    };
+    let auth = Message::Auth(Auth {
+        answer: token.respond(&nonce, binding),
+    });
+    super::send_within(conn, &auth, timeout, "sending Auth").await?;
+    Ok(Greeting::Pending(PendingWelcome {
+        since: std::time::Instant::now(),
+        challenged: true,
+    }))
+}
+
+impl PendingWelcome {
+    /// Checks the server's answer to the client's last handshake frame (`reply`, as read): a Welcome with a
+    /// version this build speaks completes the handshake (its `max_frame` then bounds the frames the client sends);
+    /// a Challenge to a client without a token is `AuthFailed`; anything else is an error.
+    pub fn welcomed<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        conn: &mut Connection<S>,
+        reply: Result<Message, TransferError>,
+    ) -> Result<Welcome, TransferError> {
+        let reply = reply.map_err(tls_server)?;
+        if !self.challenged {
+            conn.set_round_trip(self.since.elapsed());
+        }
+        match reply {
+            Message::Welcome(welcome) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.version) => {
+                conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
+                Ok(welcome)
+            }
+            Message::Welcome(welcome) => Err(TransferError::refused(
+                ErrorCode::VersionMismatch,
+                format!("server chose protocol version {}", welcome.version),
+            )),
+            Message::Challenge(_) if !self.challenged => Err(TransferError::refused(
                 ErrorCode::AuthFailed,
                 "the server requires a token (--token-file FILE or FERRY_TOKEN_FILE)",
-            )
-        })?;
-        let auth = Message::Auth(Auth {
-            answer: token.respond(&nonce, binding),
-        });
-        super::send_within(conn, &auth, timeout, "sending Auth").await?;
-        reply = recv(conn, timeout, "waiting for Welcome").await?;
-    }
-    match reply {
-        Message::Welcome(welcome) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.version) => {
-            conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
-            Ok(welcome)
+            )),
+            other => Err(TransferError::Unexpected {
+                got: other.name(),
+                state: "waiting for Welcome",
+            }),
         }
-        Message::Welcome(welcome) => Err(TransferError::refused(
-            ErrorCode::VersionMismatch,
-            format!("server chose protocol version {}", welcome.version),
-        )),
-        other => Err(TransferError::Unexpected {
-            got: other.name(),
-            state: "waiting for Welcome",
-        }),
     }
 }
 

@@ -112,6 +112,15 @@ pub enum TransferError {
     /// Inside a tree, the sender gave up on the current file.
     #[error("the sender gave up on this file: {0}")]
     Abandoned(String),
+    /// A request pipelined behind Hello (proto-spec.md §3, "Pipelining") that the version the server then chose
+    /// does not have: the server refuses it, and the client asks again on a new connection in a way it knows.
+    #[error("the server chose protocol version {version}, which has no {request}")]
+    OlderPeer {
+        /// The version in the server's Welcome.
+        version: u16,
+        /// The message the client had sent.
+        request: &'static str,
+    },
 }
 
 impl TransferError {
@@ -125,9 +134,10 @@ impl TransferError {
             TransferError::Wire(WireError::Overloaded(_)) => ErrorCode::Overloaded,
             TransferError::Wire(WireError::TlsRecord) => ErrorCode::BadMagic,
             TransferError::Wire(_) => ErrorCode::Malformed,
-            TransferError::Closed(_) | TransferError::Unexpected { .. } | TransferError::Abandoned(_) => {
-                ErrorCode::UnexpectedMessage
-            }
+            TransferError::Closed(_)
+            | TransferError::Unexpected { .. }
+            | TransferError::Abandoned(_)
+            | TransferError::OlderPeer { .. } => ErrorCode::UnexpectedMessage,
             TransferError::Timeout(..) => ErrorCode::Timeout,
             // Never sent: there is no connection to send it on.
             TransferError::Unreachable { .. } => ErrorCode::Timeout,
@@ -155,7 +165,8 @@ impl TransferError {
             | TransferError::Closed(_)
             | TransferError::Timeout(..)
             | TransferError::Unreachable { .. }
-            | TransferError::Unexpected { .. } => true,
+            | TransferError::Unexpected { .. }
+            | TransferError::OlderPeer { .. } => true,
             TransferError::Remote(frame) => frame.retryable,
             TransferError::Refused { code, .. } => code.retryable(),
             TransferError::ShuttingDown | TransferError::Superseded => true,
@@ -186,6 +197,7 @@ impl TransferError {
             TransferError::Remote(_)
                 | TransferError::Unreachable { .. }
                 | TransferError::Closed(_)
+                | TransferError::OlderPeer { .. }
                 | TransferError::Wire(WireError::Io(_) | WireError::Truncated | WireError::Broken)
         )
     }

@@ -494,6 +494,14 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// The handshake's round trip, learned from a Welcome read after this pipeline was made (a request pipelined
+    /// behind Hello): the window starts from it as if it had been known from the start.
+    pub(super) fn handshake_round_trip(&mut self, round_trip: Option<Duration>) {
+        if let Some(round_trip) = round_trip {
+            self.window.handshake_round_trip(round_trip);
+        }
+    }
+
     /// Takes a grown manifest of a streamed offer: the same chunks as before, and more.
     pub(super) fn extend(&mut self, manifest: Arc<Manifest>) {
         self.queued.grow(manifest.chunk_count());

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::handshake::PendingWelcome;
 use super::sender::{commit, Pipeline, Rehash, SendEvent, SendOptions, SendStats, Source, Until};
 use super::{answer_ping, next_message, send_within, TransferError};
 use crate::chunk::{mtime_of, stream_chunks};
@@ -107,7 +108,10 @@ impl Hashing {
 
 /// Offers `source` for `path` streamed and sends whatever the receiver needs until it reports Committed. Returns
 /// the report and the whole manifest (for later attempts, which offer it whole). `hashing` is the source's hashing,
-/// started by the caller ([`Hashing::start`]), as early as it likes.
+/// started by the caller ([`Hashing::start`]), as early as it likes. With `welcome` the handshake is not complete:
+/// `OfferStart` and the first pieces go out behind Hello (proto-spec.md §3, "Pipelining"), and the Welcome is read
+/// when it arrives; a server that chose a version without the streamed offer is [`TransferError::OlderPeer`].
+#[allow(clippy::too_many_arguments)]
 pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: &str,
@@ -116,6 +120,7 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
     hashing: Hashed,
+    mut welcome: Option<PendingWelcome>,
 ) -> Result<(Committed, Manifest), TransferError> {
     let start = Message::OfferStart(OfferStart {
         path: path.to_string(),
@@ -192,6 +197,14 @@ pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             msg = next_message(conn, opts.io_timeout, "waiting for Need or Ack") => {
+                if let Some(pending) = welcome.take() {
+                    let version = pending.welcomed(conn, msg)?.version;
+                    if version < crate::STREAMED_OFFER_VERSION {
+                        return Err(TransferError::OlderPeer { version, request: "OfferStart" });
+                    }
+                    pipeline.handshake_round_trip(conn.round_trip());
+                    continue;
+                }
                 let msg = msg?;
                 if let Message::Need(need) = &msg {
                     needed.0 += crate::ranges::ranges_len(&need.ranges);

@@ -998,7 +998,7 @@ async fn a_streamed_offer_commits_right_behind_its_last_chunk() {
     .start(&source);
     let opts = SendOptions::default();
     let sent =
-        super::stream_send::send_streamed(&mut conn, "s", &source, &opts, &mut stats, &mut |_| {}, hashing).await;
+        super::stream_send::send_streamed(&mut conn, "s", &source, &opts, &mut stats, &mut |_| {}, hashing, None).await;
     sent.unwrap();
     drop(conn);
     assert_eq!(receiver.await.unwrap(), Message::Commit, "Commit waited for the Acks");

@@ -89,6 +89,14 @@ impl Window {
         }
     }
 
+    /// The handshake's round trip, measured after the window was made (a Welcome read behind a pipelined request,
+    /// proto-spec.md §3): a window that sizes itself starts from it as [`Window::sized`] would have.
+    pub(crate) fn handshake_round_trip(&mut self, round_trip: Duration) {
+        if self.auto {
+            self.bytes = starting_bytes(self.bytes, Some(round_trip));
+        }
+    }
+
     /// The window just kept a chunk from going out: it is the limit.
     pub(crate) fn blocked(&mut self) {
         self.limited = true;
@@ -230,6 +238,17 @@ mod tests {
     }
 
     /// A short round trip needs no more than the default window: it stays where it started.
+    #[test]
+    fn a_round_trip_learned_late_sizes_only_a_window_that_sizes_itself() {
+        let mut auto = Window::sized(16 << 20, None);
+        auto.handshake_round_trip(Duration::from_millis(40));
+        assert_eq!(auto.bytes(), starting_bytes(16 << 20, Some(Duration::from_millis(40))));
+        assert!(auto.bytes() > 40 << 20, "{}", auto.bytes());
+        let mut fixed = Window::fixed(16 << 20);
+        fixed.handshake_round_trip(Duration::from_millis(40));
+        assert_eq!(fixed.bytes(), 16 << 20);
+    }
+
     #[test]
     fn a_short_round_trip_keeps_the_default_window() {
         let (bytes, _) = simulate(
