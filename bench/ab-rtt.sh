@@ -4,7 +4,9 @@
 # rsync to an rsync daemon through the same proxy, if rsync is installed), so the machine's noise hits all alike.
 # Prints medians and ratios. Usage: bench/ab-rtt.sh A_BIN B_BIN [SIZE_MIB=512] [ROUNDS=5] [extra push args...].
 # PROXY_BIN points at a built delay_proxy (default: target/release/examples/delay_proxy). AB_JOB=pull times a pull
-# through the proxy instead (the file pushed first, directly; rsync then copies from its daemon). Not run by CI.
+# through the proxy instead (the file pushed first, directly; rsync then copies from its daemon); AB_JOB=noop times
+# the re-push of an unchanged file (pushed first, directly, with the same state; rsync's copy made with `cp -p`).
+# Not run by CI.
 set -euo pipefail
 a_bin=$(realpath "$1")
 b_bin=$(realpath "$2")
@@ -46,6 +48,8 @@ round() {
   if [ "${AB_JOB:-push}" = pull ]; then
     "$bin" -q push "$work/src.bin" "ferry://$addr/src.bin" --state "$work/state"
     rm -rf "$work/pulled.bin" "$work/state"
+  elif [ "${AB_JOB:-push}" = noop ]; then
+    "$bin" -q push "$work/src.bin" "ferry://$addr/src.bin" --state "$work/state"
   fi
   start_proxy "$addr"
   t0=$(date +%s.%N)
@@ -63,7 +67,7 @@ round() {
 rsync_round() {
   local t0
   rm -rf "$work/rsync-dst/"* "$work/rsync-pulled.bin"
-  [ "${AB_JOB:-push}" = pull ] && cp "$work/src.bin" "$work/rsync-dst/src.bin"
+  [ "${AB_JOB:-push}" = push ] || cp -p "$work/src.bin" "$work/rsync-dst/src.bin"
   start_proxy "127.0.0.1:$rsync_port"
   t0=$(date +%s.%N)
   if [ "${AB_JOB:-push}" = pull ]; then

@@ -16,7 +16,7 @@ use crate::source::{cache_streamed_manifest, cached_manifest_for, hash_resumable
 use crate::store::{now_secs, PushRecord, PushState, SenderStore, Store};
 use crate::throttle::Bandwidth;
 use crate::transfer::handshake::{Greeting, PendingWelcome};
-use crate::transfer::sender::{send, send_streams, Rehash, SendEvent, SendOptions, SendStats, Source};
+use crate::transfer::sender::{send_behind, send_streams, Rehash, SendEvent, SendOptions, SendStats, Source};
 use crate::transfer::stream_send::{send_streamed, HashWith, Hashed, Hashing, StreamSource};
 use crate::transfer::{tell_peer, TransferError};
 use crate::url::FerryUrl;
@@ -267,9 +267,15 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let mut conn = match greeted {
-        Some(conn) => conn,
-        None => opts.connect().await?,
+    // A single connection's Offer goes right behind Hello; extra streams wait for the Welcome (their Joins need
+    // the Offer's answer anyway).
+    let (mut conn, welcome) = match greeted {
+        Some(conn) => (conn, None),
+        None if opts.streams > 1 => (opts.connect().await?, None),
+        None => match opts.connect_greeted().await? {
+            (conn, Greeting::Welcomed(_)) => (conn, None),
+            (conn, Greeting::Pending(pending)) => (conn, Some(pending)),
+        },
     };
     opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
@@ -282,7 +288,7 @@ async fn attempt(
         }
         send_streams(&mut conn, extra, path, source, &opts.send, stats, &mut forward).await
     } else {
-        send(&mut conn, path, source, &opts.send, stats, &mut forward).await
+        send_behind(&mut conn, welcome, path, source, &opts.send, stats, &mut forward).await
     };
     match &result {
         Ok(_) => {

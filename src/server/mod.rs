@@ -47,8 +47,7 @@ use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MAX_MANIFEST_CHUNKS};
 use access::Gate;
 use preauth::PreAuthPool;
 
-/// Smallest `max_frame` a server may set: a maximal chunk at the default chunk size (4 MiB) and its header fit.
-pub const MIN_MAX_FRAME: u32 = 5 * 1024 * 1024;
+pub use crate::MIN_MAX_FRAME;
 
 /// Server settings.
 #[derive(Clone)]

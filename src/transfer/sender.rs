@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
+use super::handshake::PendingWelcome;
 use super::window::Window;
 use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
@@ -159,10 +160,35 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let needed = offer(conn, path, source, opts).await?;
+    send_behind(conn, None, path, source, opts, stats, on_event).await
+}
+
+/// Like [`send`], on a connection whose handshake may not be complete: with `welcome`, the Offer goes right behind
+/// the client's last handshake frame if it fits the smallest `max_frame` a server may announce (proto-spec.md §3,
+/// "Pipelining"; every version since 3 knows `Offer`), and the Welcome is read after it. A larger Offer waits for
+/// the Welcome and its `max_frame`.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_behind<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    welcome: Option<PendingWelcome>,
+    path: &str,
+    source: &Source,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<Committed, TransferError> {
+    let needed = offer(conn, welcome, path, source, opts).await?;
     let mut pipeline = Pipeline::new(source, opts, conn);
     pipeline.need(&needed, false, stats, on_event)?;
     commit(conn, source, opts, &mut pipeline, Until::Sent, stats, on_event).await
+}
+
+/// What an Offer's encoding costs per chunk (44 bytes, proto-spec.md §5), rounded up.
+const OFFER_BYTES_PER_CHUNK: u64 = 48;
+
+/// At least the encoded size of an Offer of `manifest` for `path`, without encoding it.
+fn offer_size_bound(path: &str, manifest: &Manifest) -> u64 {
+    OFFER_BYTES_PER_CHUNK * u64::from(manifest.chunk_count()) + path.len() as u64 + 1024
 }
 
 /// When a sender sends Commit (proto-spec.md §4, "Sender").
@@ -208,7 +234,7 @@ pub async fn send_streams<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<Committed, TransferError> {
-    let needed = offer(conn, path, source, opts).await?;
+    let needed = offer(conn, None, path, source, opts).await?;
     let shares = stripes(&needed, extra.len() + 1);
     let mut streams = tokio::task::JoinSet::new();
     // A stream with nothing to send stays out: when nothing is needed at all, the receiver is not even taking
@@ -288,6 +314,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
 /// Sends the Offer and returns the chunks the receiver needs.
 async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
+    mut welcome: Option<PendingWelcome>,
     path: &str,
     source: &Source,
     opts: &SendOptions,
@@ -296,7 +323,17 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
         path: path.to_string(),
         manifest: (*source.manifest).clone(),
     });
+    if offer_size_bound(path, &source.manifest) > u64::from(crate::MIN_MAX_FRAME) {
+        if let Some(pending) = welcome.take() {
+            let reply = recv(conn, opts.io_timeout, "waiting for Welcome").await;
+            pending.welcomed(conn, reply)?;
+        }
+    }
     send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
+    if let Some(pending) = welcome {
+        let reply = recv(conn, opts.io_timeout, "waiting for Welcome").await;
+        pending.welcomed(conn, reply)?;
+    }
     match recv(conn, opts.io_timeout, "waiting for Need").await? {
         Message::Need(need) => {
             let manifest = &source.manifest;
@@ -802,4 +839,48 @@ fn read_exact_at(file: &File, data: &mut Vec<u8>, len: usize, offset: u64) -> st
         unsafe { data.set_len(data.len() + n) };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkEntry, Chunking, FileTime};
+
+    /// The bound that decides whether an Offer may go before the Welcome is never below the Offer's encoding.
+    #[test]
+    fn an_offers_size_bound_is_never_below_its_encoding() {
+        for count in [0u32, 1, 1000, 120_000] {
+            let manifest = Manifest {
+                size: u64::from(count) * 65_536,
+                digest: [7; 32],
+                chunking: Chunking::Fixed { size: 65_536 },
+                mtime: FileTime { secs: 1, nanos: 2 },
+                mode: 0o644,
+                chunks: (0..count)
+                    .map(|i| ChunkEntry {
+                        offset: u64::from(i) * 65_536,
+                        len: 65_536,
+                        hash: [i as u8; 32],
+                    })
+                    .collect(),
+            };
+            let path = "some/where/long-enough-to-count.img";
+            let offer = Message::Offer(Offer {
+                path: path.into(),
+                manifest: manifest.clone(),
+            });
+            let mut encoded = Vec::new();
+            crate::wire::codec::encode_frame(&offer, u32::MAX, &mut encoded).unwrap();
+            let bound = offer_size_bound(path, &manifest);
+            assert!(
+                bound >= encoded.len() as u64,
+                "{count} chunks: {bound} < {}",
+                encoded.len()
+            );
+            assert!(
+                bound <= encoded.len() as u64 * 2 + 2048,
+                "{count} chunks: {bound} is no bound"
+            );
+        }
+    }
 }
