@@ -9,8 +9,9 @@ use super::{blocking, classify, ClientError, ClientEvent, PushOptions, Retrier};
 use crate::exit;
 use crate::path::RemotePath;
 use crate::store::{PushState, SenderStore, Store};
+use crate::transfer::handshake::Greeting;
 use crate::transfer::sender::{SendEvent, SendStats};
-use crate::transfer::tree_sender::{send_tree, TreeSent, TreeSource};
+use crate::transfer::tree_sender::{send_tree_behind, TreeSent, TreeSource};
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
 use crate::tree::{scan, LocalTree};
 use crate::url::FerryUrl;
@@ -312,7 +313,45 @@ async fn attempt(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(ClientEvent) + Send),
 ) -> Result<(TreeSent, Option<Deletion>), TransferError> {
-    let (mut conn, welcome) = opts.connect_welcomed().await?;
+    // Without --delete the TreeOffer goes right behind Hello (every version knows it); --delete needs the
+    // server's version before anything is sent.
+    let (mut conn, pending) = match delete {
+        Delete::No => opts.connect_greeted().await?,
+        _ => {
+            let (conn, welcome) = opts.connect_welcomed().await?;
+            (conn, Greeting::Welcomed(welcome))
+        }
+    };
+    let pending = match pending {
+        Greeting::Welcomed(welcome) => {
+            refuse_delete_below_prune(&mut conn, delete, &welcome).await?;
+            None
+        }
+        Greeting::Pending(pending) => Some(pending),
+    };
+    opts.send.meter.attempt();
+    on_event(ClientEvent::Connected { attempt: number });
+    let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
+    let result = send_tree_behind(&mut conn, pending, remote_dir, source, &opts.send, stats, &mut forward).await;
+    let result = match result {
+        Ok(sent) => delete_extras(&mut conn, remote_dir, sent, delete, opts.send.io_timeout).await,
+        Err(e) => Err(e),
+    };
+    match &result {
+        Ok(_) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
+        }
+        Err(e) => tell_peer(&mut conn, e).await,
+    }
+    result
+}
+
+/// `--delete` against a server whose version cannot delete: refused before anything is sent.
+async fn refuse_delete_below_prune(
+    conn: &mut super::ClientConnection,
+    delete: Delete,
+    welcome: &crate::wire::Welcome,
+) -> Result<(), TransferError> {
     if delete != Delete::No && welcome.version < crate::PRUNE_VERSION {
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
         return Err(TransferError::refused(
@@ -326,21 +365,7 @@ async fn attempt(
             ),
         ));
     }
-    opts.send.meter.attempt();
-    on_event(ClientEvent::Connected { attempt: number });
-    let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
-    let result = send_tree(&mut conn, remote_dir, source, &opts.send, stats, &mut forward).await;
-    let result = match result {
-        Ok(sent) => delete_extras(&mut conn, remote_dir, sent, delete, opts.send.io_timeout).await,
-        Err(e) => Err(e),
-    };
-    match &result {
-        Ok(_) => {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
-        }
-        Err(e) => tell_peer(&mut conn, e).await,
-    }
-    result
+    Ok(())
 }
 
 /// After a tree landed: asks the server to delete what the tree does not hold (TreePrune), if `--delete` was

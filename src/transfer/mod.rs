@@ -268,6 +268,39 @@ fn timeout_as(error: WireError, state: &'static str) -> TransferError {
     }
 }
 
+/// Sends `request`, the first of a connection whose Welcome may still be on its way (`welcome`, proto-spec.md §3,
+/// "Pipelining"): right behind the handshake if its frame fits [`crate::MIN_MAX_FRAME`] (the smallest `max_frame`
+/// a server may announce), else once the Welcome and its `max_frame` arrived. Returns with the request sent and the
+/// Welcome read and checked.
+pub async fn send_first<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    mut welcome: Option<handshake::PendingWelcome>,
+    request: &Message,
+    timeout: Duration,
+    state: &'static str,
+) -> Result<(), TransferError> {
+    let mut frame = Vec::new();
+    let fits = welcome.is_some() && crate::wire::codec::encode_frame(request, crate::MIN_MAX_FRAME, &mut frame).is_ok();
+    if !fits {
+        welcomed(conn, welcome.take(), timeout).await?;
+    }
+    send_within(conn, request, timeout, state).await?;
+    welcomed(conn, welcome, timeout).await
+}
+
+/// Reads and checks the Welcome, if one is on its way.
+async fn welcomed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    welcome: Option<handshake::PendingWelcome>,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    if let Some(pending) = welcome {
+        let reply = recv(conn, timeout, "waiting for Welcome").await;
+        pending.welcomed(conn, reply)?;
+    }
+    Ok(())
+}
+
 /// Like [`next_message`], answering Pings on the way. Not cancel-safe (it may be writing a Pong): use it where
 /// the read is not raced against anything.
 pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::handshake::PendingWelcome;
 use super::window::Window;
-use super::{answer_ping, next_message, recv, send_within, timeout_as, TransferError};
+use super::{answer_ping, next_message, recv, send_first, send_within, timeout_as, TransferError};
 use crate::manifest::{hex, Manifest};
 use crate::meter::Meter;
 use crate::ranges::{encode_runs, ranges_len, ranges_within, ChunkSet, IndexRange};
@@ -183,14 +183,6 @@ pub async fn send_behind<S: AsyncRead + AsyncWrite + Unpin>(
     commit(conn, source, opts, &mut pipeline, Until::Sent, stats, on_event).await
 }
 
-/// What an Offer's encoding costs per chunk (44 bytes, proto-spec.md §5), rounded up.
-const OFFER_BYTES_PER_CHUNK: u64 = 48;
-
-/// At least the encoded size of an Offer of `manifest` for `path`, without encoding it.
-fn offer_size_bound(path: &str, manifest: &Manifest) -> u64 {
-    OFFER_BYTES_PER_CHUNK * u64::from(manifest.chunk_count()) + path.len() as u64 + 1024
-}
-
 /// When a sender sends Commit (proto-spec.md §4, "Sender").
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Until {
@@ -314,7 +306,7 @@ async fn join_and_send<S: AsyncRead + AsyncWrite + Unpin>(
 /// Sends the Offer and returns the chunks the receiver needs.
 async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    mut welcome: Option<PendingWelcome>,
+    welcome: Option<PendingWelcome>,
     path: &str,
     source: &Source,
     opts: &SendOptions,
@@ -323,17 +315,7 @@ async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
         path: path.to_string(),
         manifest: (*source.manifest).clone(),
     });
-    if offer_size_bound(path, &source.manifest) > u64::from(crate::MIN_MAX_FRAME) {
-        if let Some(pending) = welcome.take() {
-            let reply = recv(conn, opts.io_timeout, "waiting for Welcome").await;
-            pending.welcomed(conn, reply)?;
-        }
-    }
-    send_within(conn, &offer, opts.io_timeout, "sending Offer").await?;
-    if let Some(pending) = welcome {
-        let reply = recv(conn, opts.io_timeout, "waiting for Welcome").await;
-        pending.welcomed(conn, reply)?;
-    }
+    send_first(conn, welcome, &offer, opts.io_timeout, "sending Offer").await?;
     match recv(conn, opts.io_timeout, "waiting for Need").await? {
         Message::Need(need) => {
             let manifest = &source.manifest;
@@ -839,48 +821,4 @@ fn read_exact_at(file: &File, data: &mut Vec<u8>, len: usize, offset: u64) -> st
         unsafe { data.set_len(data.len() + n) };
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::manifest::{ChunkEntry, Chunking, FileTime};
-
-    /// The bound that decides whether an Offer may go before the Welcome is never below the Offer's encoding.
-    #[test]
-    fn an_offers_size_bound_is_never_below_its_encoding() {
-        for count in [0u32, 1, 1000, 120_000] {
-            let manifest = Manifest {
-                size: u64::from(count) * 65_536,
-                digest: [7; 32],
-                chunking: Chunking::Fixed { size: 65_536 },
-                mtime: FileTime { secs: 1, nanos: 2 },
-                mode: 0o644,
-                chunks: (0..count)
-                    .map(|i| ChunkEntry {
-                        offset: u64::from(i) * 65_536,
-                        len: 65_536,
-                        hash: [i as u8; 32],
-                    })
-                    .collect(),
-            };
-            let path = "some/where/long-enough-to-count.img";
-            let offer = Message::Offer(Offer {
-                path: path.into(),
-                manifest: manifest.clone(),
-            });
-            let mut encoded = Vec::new();
-            crate::wire::codec::encode_frame(&offer, u32::MAX, &mut encoded).unwrap();
-            let bound = offer_size_bound(path, &manifest);
-            assert!(
-                bound >= encoded.len() as u64,
-                "{count} chunks: {bound} < {}",
-                encoded.len()
-            );
-            assert!(
-                bound <= encoded.len() as u64 * 2 + 2048,
-                "{count} chunks: {bound} is no bound"
-            );
-        }
-    }
 }

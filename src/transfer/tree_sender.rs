@@ -18,9 +18,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+use super::handshake::PendingWelcome;
 use super::sender::{send, Rehash, SendEvent, SendOptions, SendStats, Source};
 use super::window::Window;
-use super::{answer_ping, next_message, recv, send_within, with_keepalive, TransferError};
+use super::{answer_ping, next_message, recv, send_first, send_within, with_keepalive, TransferError};
 use crate::chunk::ChunkSpec;
 use crate::manifest::Manifest;
 use crate::path::hide_root;
@@ -89,12 +90,27 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &mut SendStats,
     on_event: &mut (dyn FnMut(SendEvent) + Send),
 ) -> Result<TreeSent, TransferError> {
+    send_tree_behind(conn, None, remote_dir, source, opts, stats, on_event).await
+}
+
+/// Like [`send_tree`], on a connection whose Welcome may still be on its way (`welcome`): the TreeOffer goes right
+/// behind the handshake if it fits the smallest `max_frame` a server may announce (proto-spec.md §3, "Pipelining";
+/// every version since 2 knows trees).
+pub async fn send_tree_behind<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    welcome: Option<PendingWelcome>,
+    remote_dir: &str,
+    source: &TreeSource<'_>,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+) -> Result<TreeSent, TransferError> {
     let tree = source.tree;
     let offer = Message::TreeOffer(TreeOffer {
         path: remote_dir.to_string(),
         entries: tree.entries.clone(),
     });
-    send_within(conn, &offer, opts.io_timeout, "sending TreeOffer").await?;
+    send_first(conn, welcome, &offer, opts.io_timeout, "sending TreeOffer").await?;
     let needed = match recv(conn, opts.io_timeout, "waiting for TreeNeed").await? {
         Message::TreeNeed(need) => needed_files(tree, &need.entries)?,
         other => {
