@@ -72,9 +72,6 @@ pub const MAX_PARTIALS_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_PORT: u16 = 7878;
 /// Largest frame body, in bytes: a maximal manifest or a maximal chunk fits.
 pub const MAX_FRAME: u32 = 24 * 1024 * 1024;
-/// Smallest `max_frame` a server may set: a maximal chunk at the default chunk size (4 MiB) and its header fit. A
-/// frame a client sends before the server's Welcome arrived (proto-spec.md §3, "Pipelining") fits it.
-pub const MIN_MAX_FRAME: u32 = 5 * 1024 * 1024;
 /// Largest frame body a server accepts before the handshake completed.
 pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
 /// Largest chunk.

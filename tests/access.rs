@@ -87,6 +87,23 @@ fn one_chunk_manifest(size: u64) -> Manifest {
     }
 }
 
+/// A client without a token pipelines its first request behind Hello (proto-spec.md §3, "Pipelining"): a
+/// TreeOffer of 4,000 files (a few hundred KiB, more than a new connection's first send buffer) to a server that
+/// requires a token still ends with the server's reason and exit code 7, not a reset connection retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_is_reported_behind_a_large_pipelined_offer() {
+    let alice = Token::generate("alice").unwrap();
+    let site = Site::start(&[(&alice, "alice", "[\"push\", \"pull\"]", "")], "");
+    let tree = site.dir.join("many");
+    std::fs::create_dir_all(&tree).unwrap();
+    for i in 0..4000 {
+        std::fs::write(tree.join(format!("file-with-a-longish-name-{i:05}.txt")), i.to_string()).unwrap();
+    }
+    let out = push(&tree, &site.server.url("many"), &site.state("anon"), &[]).await;
+    assert_eq!(out.code, 7, "no token must be an auth failure: {}", out.stderr);
+    assert!(out.stderr.contains("requires a token"), "{}", out.stderr);
+}
+
 #[tokio::test]
 async fn tokens_are_required_proven_and_never_replayable() {
     let alice = Token::generate("alice").unwrap();

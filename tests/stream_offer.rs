@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
     b3, greeted, push, push_command, random_bytes, rchar, run_counting_reads, send_chunk_zero_and_commit,
-    single_chunk_manifest, wait_until_store_closed, write_random, TestServer,
+    single_chunk_manifest, wait_until_store_closed, write_random, KillOnDrop, TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -231,11 +231,14 @@ async fn the_streamed_offer_goes_out_behind_hello() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ferry://{}/eager.bin", listener.local_addr().unwrap());
     let extra = ["--retries", "0", "--timeout", "120s"];
-    let mut client = push_command(&source, &url, &dir.path().join("state"), &extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when dropped, also when an assertion fails.
+    let client = KillOnDrop::new(
+        push_command(&source, &url, &dir.path().join("state"), &extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (stream, _) = listener.accept().await.unwrap();
     let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
     let mut before_welcome = Vec::new();
@@ -245,8 +248,7 @@ async fn the_streamed_offer_goes_out_behind_hello() {
             other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
         }
     }
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
     assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
     assert!(
         matches!(&before_welcome[1], Message::OfferStart(start) if start.path == "eager.bin" && start.size == 3 * MIB),

@@ -549,11 +549,14 @@ async fn a_tree_offer_goes_right_behind_hello() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ferry://{}/backup/", listener.local_addr().unwrap());
     let state = dir.path().join("state");
-    let mut client = push_command(&src, &url, &state, &["--retries", "0", "--timeout", "120s"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when dropped, also when an assertion fails.
+    let client = KillOnDrop::new(
+        push_command(&src, &url, &state, &["--retries", "0", "--timeout", "120s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (stream, _) = listener.accept().await.unwrap();
     let mut conn = Connection::new(stream, ferry::MAX_FRAME);
     let mut before_welcome = Vec::new();
@@ -563,8 +566,7 @@ async fn a_tree_offer_goes_right_behind_hello() {
             other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
         }
     }
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
     assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
     assert!(
         matches!(&before_welcome[1], Message::TreeOffer(offer) if offer.path == "backup/photos" && offer.entries.len() >= 3),

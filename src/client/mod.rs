@@ -293,7 +293,9 @@ async fn connect_welcomed(
         Greeting::Welcomed(welcome) => welcome,
         Greeting::Pending(pending) => {
             let reply = crate::transfer::recv(&mut conn, io_timeout, "waiting for Welcome").await;
-            pending.welcomed(&mut conn, reply)?
+            let welcome = pending.welcomed(&mut conn, reply)?;
+            url.servers.connected();
+            welcome
         }
     };
     Ok((conn, welcome))
@@ -322,8 +324,18 @@ async fn connect_greeted(
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     conn.allow_zero_copy(plain_tcp);
     let greeting = handshake::client_greet(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
-    url.servers.connected();
+    if let Greeting::Welcomed(_) = greeting {
+        url.servers.connected();
+    }
     Ok((conn, greeting))
+}
+
+/// Records `url`'s current server as one the run connected to once `conn`'s handshake completed: for a connection
+/// that pipelined its first request, the Welcome is read after it ([`connect_greeted`]).
+fn note_welcomed(url: &FerryUrl, conn: &ClientConnection) {
+    if conn.version().is_some() {
+        url.servers.connected();
+    }
 }
 
 /// The plain TCP socket under a client's stream, when nothing in between must see the bytes (no TLS, no rate

@@ -290,6 +290,7 @@ async fn attempt(
     } else {
         send_behind(&mut conn, welcome, path, source, &opts.send, stats, &mut forward).await
     };
+    super::note_welcomed(&opts.destination, &conn);
     match &result {
         Ok(_) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
@@ -541,6 +542,7 @@ impl Streamed<'_> {
             welcome,
         )
         .await;
+        super::note_welcomed(&opts.destination, conn);
         match sent {
             Ok((committed, manifest)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;

@@ -333,6 +333,7 @@ async fn attempt(
     on_event(ClientEvent::Connected { attempt: number });
     let mut forward = |e: SendEvent| on_event(ClientEvent::Send(e));
     let result = send_tree_behind(&mut conn, pending, remote_dir, source, &opts.send, stats, &mut forward).await;
+    super::note_welcomed(&opts.destination, &conn);
     let result = match result {
         Ok(sent) => delete_extras(&mut conn, remote_dir, sent, delete, opts.send.io_timeout).await,
         Err(e) => Err(e),

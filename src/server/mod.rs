@@ -47,7 +47,8 @@ use crate::{HANDSHAKE_MAX_FRAME, MAX_FRAME, MAX_MANIFEST_CHUNKS};
 use access::Gate;
 use preauth::PreAuthPool;
 
-pub use crate::MIN_MAX_FRAME;
+/// Smallest `max_frame` a server may set: a maximal chunk at the default chunk size (4 MiB) and its header fit.
+pub const MIN_MAX_FRAME: u32 = 5 * 1024 * 1024;
 
 /// Server settings.
 #[derive(Clone)]
@@ -398,25 +399,23 @@ async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: Cancellat
     // Only a connection that completed the handshake takes one of the server's slots.
     let Ok(permit) = slots.try_acquire_owned() else {
         let busy = TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
-        refuse_session(&mut conn, &busy).await;
+        // What it pipelined behind its Hello is small (proto-spec.md §3): read what comes within LINGER, at most
+        // 1 MiB, so that closing does not reset the connection before the client read why.
+        tell_peer(&mut conn, &busy).await;
+        let _ = conn.shutdown().await;
+        conn.drain(tokio::time::Instant::now() + LINGER).await;
         return;
     };
     if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
         tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
-        refuse_session(&mut conn, &e).await;
+        tell_peer(&mut conn, &e).await;
+        // The peer may have chunks in flight: read them (bounded) until it closes, so that closing does not reset
+        // the connection and discard the Error frame before the peer read it (it would then retry a final error).
+        let _ = conn.shutdown().await;
+        conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
+            .await;
     }
     drop(permit);
-}
-
-/// Tells the peer why its session ends, then reads what it still sends (bounded) until it closes: it may have
-/// chunks in flight, or a request pipelined behind its Hello (proto-spec.md §3), and closing with them unread
-/// would reset the connection and discard the Error frame before the peer read it (it would then retry a final
-/// error).
-async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, error: &TransferError) {
-    tell_peer(conn, error).await;
-    let _ = conn.shutdown().await;
-    conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
-        .await;
 }
 
 /// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover

@@ -115,6 +115,7 @@ impl PendingWelcome {
         match reply {
             Message::Welcome(welcome) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.version) => {
                 conn.set_max_frame(welcome.max_frame.min(MAX_FRAME));
+                conn.set_version(welcome.version);
                 Ok(welcome)
             }
             Message::Welcome(welcome) => Err(TransferError::refused(

@@ -268,10 +268,15 @@ fn timeout_as(error: WireError, state: &'static str) -> TransferError {
     }
 }
 
+/// Largest first request a client sends before the Welcome arrived (proto-spec.md §3, "Pipelining"): what every
+/// server reads and drops after refusing a handshake (1 MiB), so that the refusal's Error frame is not lost to a
+/// reset of the connection.
+pub const PIPELINED_FRAME_MAX: u32 = 1024 * 1024;
+
 /// Sends `request`, the first of a connection whose Welcome may still be on its way (`welcome`, proto-spec.md §3,
-/// "Pipelining"): right behind the handshake if its frame fits [`crate::MIN_MAX_FRAME`] (the smallest `max_frame`
-/// a server may announce), else once the Welcome and its `max_frame` arrived. Returns with the request sent and the
-/// Welcome read and checked.
+/// "Pipelining"): right behind the handshake if its frame fits [`PIPELINED_FRAME_MAX`], else once the Welcome
+/// arrived. Returns with the request sent and the Welcome read and checked. A write that fails before the Welcome
+/// was read reports the server's Error frame instead, if one came (a refused handshake).
 pub async fn send_first<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     mut welcome: Option<handshake::PendingWelcome>,
@@ -280,12 +285,29 @@ pub async fn send_first<S: AsyncRead + AsyncWrite + Unpin>(
     state: &'static str,
 ) -> Result<(), TransferError> {
     let mut frame = Vec::new();
-    let fits = welcome.is_some() && crate::wire::codec::encode_frame(request, crate::MIN_MAX_FRAME, &mut frame).is_ok();
+    let fits = welcome.is_some() && crate::wire::codec::encode_frame(request, PIPELINED_FRAME_MAX, &mut frame).is_ok();
     if !fits {
         welcomed(conn, welcome.take(), timeout).await?;
     }
-    send_within(conn, request, timeout, state).await?;
+    if let Err(failed) = send_within(conn, request, timeout, state).await {
+        return Err(match welcome {
+            Some(_) => refusal_behind(conn, failed).await,
+            None => failed,
+        });
+    }
     welcomed(conn, welcome, timeout).await
+}
+
+/// A write that failed while the Welcome was on its way: the server may have refused the handshake and closed,
+/// its Error frame already here. That frame (read within a second) says more than the failed write.
+pub async fn refusal_behind<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    failed: TransferError,
+) -> TransferError {
+    match tokio::time::timeout(Duration::from_secs(1), next_message(conn, Duration::from_secs(1), "")).await {
+        Ok(Err(refused @ TransferError::Remote(_))) => refused,
+        _ => failed,
+    }
 }
 
 /// Reads and checks the Welcome, if one is on its way.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::handshake::PendingWelcome;
 use super::sender::{commit, Pipeline, Rehash, SendEvent, SendOptions, SendStats, Source, Until};
-use super::{answer_ping, next_message, send_within, TransferError};
+use super::{answer_ping, next_message, refusal_behind, send_within, TransferError};
 use crate::chunk::{mtime_of, stream_chunks};
 use crate::manifest::{ChunkEntry, Chunking, FileTime, Hash, Manifest};
 use crate::manifest_stream::{piece_target, MAX_PIECE_CHUNKS};
@@ -113,6 +113,28 @@ impl Hashing {
 /// when it arrives; a server that chose a version without the streamed offer is [`TransferError::OlderPeer`].
 #[allow(clippy::too_many_arguments)]
 pub async fn send_streamed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+    source: &StreamSource,
+    opts: &SendOptions,
+    stats: &mut SendStats,
+    on_event: &mut (dyn FnMut(SendEvent) + Send),
+    hashing: Hashed,
+    welcome: Option<PendingWelcome>,
+) -> Result<(Committed, Manifest), TransferError> {
+    let pipelined = welcome.is_some();
+    match offer_streamed(conn, path, source, opts, stats, on_event, hashing, welcome).await {
+        // A write that failed before the Welcome was read: the server may have refused the handshake.
+        Err(failed) if pipelined && conn.version().is_none() && !matches!(failed, TransferError::Remote(_)) => {
+            Err(refusal_behind(conn, failed).await)
+        }
+        sent => sent,
+    }
+}
+
+/// [`send_streamed`], but for what a failed write before the Welcome means.
+#[allow(clippy::too_many_arguments)]
+async fn offer_streamed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: &str,
     source: &StreamSource,

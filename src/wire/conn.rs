@@ -114,6 +114,8 @@ pub struct Connection<S> {
     decoded: Option<FrameGrant>,
     /// The round trip measured when the connection opened (the client's Hello to the server's first answer).
     round_trip: Option<Duration>,
+    /// The protocol version the handshake settled on, once the Welcome was sent or read.
+    version: Option<u16>,
     /// The payload of the big `Chunk` frame being read, read straight into its own buffer (its header stays in
     /// `read_buf`), so that it is handed over as it is: not copied out of the read buffer, nor moved to its front.
     payload: Option<Payload>,
@@ -146,6 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             grant: None,
             decoded: None,
             round_trip: None,
+            version: None,
             payload: None,
             plain: None,
             broken: false,
@@ -162,6 +165,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// ([`Connection::write_chunk_from_file`]).
     pub fn zero_copy(&self) -> bool {
         self.plain.is_some_and(|plain| plain(&self.stream).is_some())
+    }
+
+    /// Records the protocol version the handshake settled on (the Welcome's).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = Some(version);
+    }
+
+    /// The protocol version the handshake settled on; `None` until the Welcome was sent or read.
+    pub fn version(&self) -> Option<u16> {
+        self.version
     }
 
     /// Records the round trip measured on this connection (by the handshake, before any data moved).
