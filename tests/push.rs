@@ -145,33 +145,14 @@ async fn direct_io_never_keeps_every_write_in_the_page_cache() {
 /// would spend one more round trip on every run, most of a no-op push over a long link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_manifest_is_offered_right_behind_hello() {
-    use ferry::wire::{Connection, Message};
+    use ferry::wire::Message;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
     let state = dir.path().join("state");
     let src = dir.path().join("nightly.db");
     write_random(&src, 300 * KIB, 41);
     push(&src, &server.url("nightly.db"), &state, &[]).await.assert_ok();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ferry://{}/nightly.db", listener.local_addr().unwrap());
-    // Killed when dropped, also when an assertion fails.
-    let client = KillOnDrop::new(
-        push_command(&src, &url, &state, &["--retries", "0", "--timeout", "120s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (stream, _) = listener.accept().await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    let mut before_welcome = Vec::new();
-    for _ in 0..2 {
-        match tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await {
-            Ok(Ok(Some(msg))) => before_welcome.push(msg),
-            other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
-        }
-    }
-    drop(client);
+    let before_welcome = frames_before_welcome(&src, "nightly.db", &state, 2).await;
     assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
     assert!(
         matches!(&before_welcome[1], Message::Offer(offer) if offer.path == "nightly.db" && offer.manifest.size == 300 * KIB as u64),

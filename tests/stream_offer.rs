@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, greeted, push, push_command, random_bytes, rchar, run_counting_reads, send_chunk_zero_and_commit,
-    single_chunk_manifest, wait_until_store_closed, write_random, KillOnDrop, TestServer,
+    b3, frames_before_welcome, greeted, push, push_command, random_bytes, rchar, run_counting_reads,
+    send_chunk_zero_and_commit, single_chunk_manifest, wait_until_store_closed, write_random, TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -228,27 +228,7 @@ async fn the_streamed_offer_goes_out_behind_hello() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("eager.bin");
     write_random(&source, 3 * MIB as usize, 9);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ferry://{}/eager.bin", listener.local_addr().unwrap());
-    let extra = ["--retries", "0", "--timeout", "120s"];
-    // Killed when dropped, also when an assertion fails.
-    let client = KillOnDrop::new(
-        push_command(&source, &url, &dir.path().join("state"), &extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (stream, _) = listener.accept().await.unwrap();
-    let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
-    let mut before_welcome = Vec::new();
-    for _ in 0..3 {
-        match tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await {
-            Ok(Ok(Some(msg))) => before_welcome.push(msg),
-            other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
-        }
-    }
-    drop(client);
+    let before_welcome = frames_before_welcome(&source, "eager.bin", &dir.path().join("state"), 3).await;
     assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
     assert!(
         matches!(&before_welcome[1], Message::OfferStart(start) if start.path == "eager.bin" && start.size == 3 * MIB),

@@ -540,33 +540,13 @@ async fn a_tree_pull_reports_files_damaged_on_the_server_and_never_writes_them()
 /// of a nightly no-op tree push over a long link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_offer_goes_right_behind_hello() {
-    use ferry::wire::{Connection, Message};
+    use ferry::wire::Message;
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("photos");
     std::fs::create_dir_all(src.join("2026")).unwrap();
     write_random(&src.join("2026/a.jpg"), 5000, 1);
     write_random(&src.join("b.jpg"), 7000, 2);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ferry://{}/backup/", listener.local_addr().unwrap());
-    let state = dir.path().join("state");
-    // Killed when dropped, also when an assertion fails.
-    let client = KillOnDrop::new(
-        push_command(&src, &url, &state, &["--retries", "0", "--timeout", "120s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let (stream, _) = listener.accept().await.unwrap();
-    let mut conn = Connection::new(stream, ferry::MAX_FRAME);
-    let mut before_welcome = Vec::new();
-    for _ in 0..2 {
-        match tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await {
-            Ok(Ok(Some(msg))) => before_welcome.push(msg),
-            other => panic!("after {before_welcome:?} the client sent {other:?} before a Welcome"),
-        }
-    }
-    drop(client);
+    let before_welcome = frames_before_welcome(&src, "backup/", &dir.path().join("state"), 2).await;
     assert!(matches!(before_welcome[0], Message::Hello(_)), "{before_welcome:?}");
     assert!(
         matches!(&before_welcome[1], Message::TreeOffer(offer) if offer.path == "backup/photos" && offer.entries.len() >= 3),

@@ -288,7 +288,17 @@ async fn connect_welcomed(
     access: &Access,
     bandwidth: Option<&Bandwidth>,
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
-    let (mut conn, greeting) = connect_greeted(url, connect_timeout, io_timeout, access, bandwidth).await?;
+    let (conn, greeting) = connect_greeted(url, connect_timeout, io_timeout, access, bandwidth).await?;
+    welcome_of(url, conn, greeting, io_timeout).await
+}
+
+/// Completes a handshake [`connect_greeted`] left with its Welcome on the way: reads and checks it.
+async fn welcome_of(
+    url: &FerryUrl,
+    mut conn: ClientConnection,
+    greeting: Greeting,
+    io_timeout: Duration,
+) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
     let welcome = match greeting {
         Greeting::Welcomed(welcome) => welcome,
         Greeting::Pending(pending) => {

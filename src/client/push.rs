@@ -80,14 +80,8 @@ impl PushOptions {
     pub(super) async fn connect_welcomed(
         &self,
     ) -> Result<(super::ClientConnection, crate::wire::Welcome), TransferError> {
-        super::connect_welcomed(
-            &self.destination,
-            self.connect_timeout,
-            self.send.io_timeout,
-            &self.access,
-            self.bandwidth.as_ref(),
-        )
-        .await
+        let (conn, greeting) = self.connect_greeted().await?;
+        super::welcome_of(&self.destination, conn, greeting, self.send.io_timeout).await
     }
 }
 

@@ -538,3 +538,33 @@ where
         Some(Message::Committed(_))
     ));
 }
+
+/// Pushes `source` to a listener on 127.0.0.1 that never answers, and returns the first `count` frames the client
+/// sends on its connection with no Welcome coming back (proto-spec.md §3, "Pipelining"); panics if they do not
+/// come within 30 s. The client is killed afterwards, also when this panics.
+pub async fn frames_before_welcome(
+    source: &Path,
+    remote_path: &str,
+    state: &Path,
+    count: usize,
+) -> Vec<ferry::wire::Message> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ferry://{}/{remote_path}", listener.local_addr().unwrap());
+    let _client = KillOnDrop::new(
+        push_command(source, &url, state, &["--retries", "0", "--timeout", "120s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = ferry::wire::Connection::new(stream, ferry::MAX_FRAME);
+    let mut frames = Vec::new();
+    while frames.len() < count {
+        match tokio::time::timeout(Duration::from_secs(30), conn.read_message()).await {
+            Ok(Ok(Some(msg))) => frames.push(msg),
+            other => panic!("after {frames:?} the client sent {other:?} before a Welcome"),
+        }
+    }
+    frames
+}
