@@ -157,9 +157,43 @@ async fn a_source_changed_while_streamed_is_pushed_again_as_it_is_now() {
 async fn a_version_five_server_gets_a_whole_offer() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("root"));
+    let relay_addr = relay_as_version_five(server.addr).await;
+    let source = dir.path().join("old.bin");
+    write_random(&source, 3 * MIB as usize + 17, 6);
+    let url = format!("ferry://{relay_addr}/old.bin");
+    push(&source, &url, &dir.path().join("state"), &["--retries", "0"])
+        .await
+        .assert_ok();
+    assert_eq!(b3(&source), b3(&server.root.join("old.bin")));
+}
+
+/// The same with a token: the streamed offer goes behind `Auth`, the version-5 server refuses it, and the file is
+/// offered whole on a new connection (authenticated again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_five_server_gets_a_whole_offer_behind_auth() {
+    let alice = ferry::auth::Token::generate("alice").unwrap();
+    let site = crate::access::Site::start(&[(&alice, "alice", "[\"push\", \"pull\"]", "")], "");
+    let relay_addr = relay_as_version_five(site.server.addr).await;
+    let source = site.dir.join("old.bin");
+    write_random(&source, 3 * MIB as usize + 17, 7);
+    let url = format!("ferry://{relay_addr}/old.bin");
+    let token = site.token_file(&alice);
+    push(
+        &source,
+        &url,
+        &site.state("alice"),
+        &["--retries", "0", "--token-file", &token],
+    )
+    .await
+    .assert_ok();
+    assert_eq!(b3(&source), b3(&site.server.root.join("alice/old.bin")));
+}
+
+/// A relay on 127.0.0.1 to `upstream` that lowers every Hello's `max_version` to 5, so that the server picks version
+/// 5, as an older server would. Returns its address.
+async fn relay_as_version_five(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
-    let upstream = server.addr;
     tokio::spawn(async move {
         while let Ok((mut client, _)) = relay.accept().await {
             tokio::spawn(async move {
@@ -176,13 +210,7 @@ async fn a_version_five_server_gets_a_whole_offer() {
             });
         }
     });
-    let source = dir.path().join("old.bin");
-    write_random(&source, 3 * MIB as usize + 17, 6);
-    let url = format!("ferry://{relay_addr}/old.bin");
-    push(&source, &url, &dir.path().join("state"), &["--retries", "0"])
-        .await
-        .assert_ok();
-    assert_eq!(b3(&source), b3(&server.root.join("old.bin")));
+    relay_addr
 }
 
 /// The client hashes its source while it connects, not after the handshake: a server that holds its Welcome back
