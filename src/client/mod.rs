@@ -301,13 +301,9 @@ async fn welcome_of(
 ) -> Result<(ClientConnection, crate::wire::Welcome), TransferError> {
     let welcome = match greeting {
         Greeting::Welcomed(welcome) => welcome,
-        Greeting::Pending(pending) => {
-            let reply = crate::transfer::recv(&mut conn, io_timeout, "waiting for Welcome").await;
-            let welcome = pending.welcomed(&mut conn, reply)?;
-            url.servers.connected();
-            welcome
-        }
+        Greeting::Pending(pending) => pending.read(&mut conn, io_timeout).await?,
     };
+    note_welcomed(url, &conn);
     Ok((conn, welcome))
 }
 
@@ -334,14 +330,12 @@ async fn connect_greeted(
     let mut conn = Connection::new(Throttled::new(stream, bandwidth.cloned()), MAX_FRAME);
     conn.allow_zero_copy(plain_tcp);
     let greeting = handshake::client_greet(&mut conn, io_timeout, access.token.as_ref(), binding.as_ref()).await?;
-    if let Greeting::Welcomed(_) = greeting {
-        url.servers.connected();
-    }
+    note_welcomed(url, &conn);
     Ok((conn, greeting))
 }
 
-/// Records `url`'s current server as one the run connected to once `conn`'s handshake completed: for a connection
-/// that pipelined its first request, the Welcome is read after it ([`connect_greeted`]).
+/// Records `url`'s current server as one the run connected to if `conn`'s handshake completed (its Welcome was
+/// read): at once, or after the first request for a connection that pipelined it ([`connect_greeted`]).
 fn note_welcomed(url: &FerryUrl, conn: &ClientConnection) {
     if conn.version().is_some() {
         url.servers.connected();

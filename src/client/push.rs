@@ -266,10 +266,10 @@ async fn attempt(
     let (mut conn, welcome) = match greeted {
         Some(conn) => (conn, None),
         None if opts.streams > 1 => (opts.connect().await?, None),
-        None => match opts.connect_greeted().await? {
-            (conn, Greeting::Welcomed(_)) => (conn, None),
-            (conn, Greeting::Pending(pending)) => (conn, Some(pending)),
-        },
+        None => {
+            let (conn, greeting) = opts.connect_greeted().await?;
+            (conn, greeting.into_pending())
+        }
     };
     opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
@@ -415,8 +415,7 @@ impl Streamed<'_> {
             Ok(Ok((conn, Greeting::Welcomed(welcome)))) if welcome.version < crate::STREAMED_OFFER_VERSION => {
                 return Ok(First::Whole(Some(conn)))
             }
-            Ok(Ok((conn, Greeting::Welcomed(_)))) => Ok((conn, None)),
-            Ok(Ok((conn, Greeting::Pending(pending)))) => Ok((conn, Some(pending))),
+            Ok(Ok((conn, greeting))) => Ok((conn, greeting.into_pending())),
             Ok(Err(e)) => Err(e),
             Err(expired) => {
                 record.state = PushState::Failed;

@@ -9,7 +9,6 @@ use super::{blocking, classify, ClientError, ClientEvent, PushOptions, Retrier};
 use crate::exit;
 use crate::path::RemotePath;
 use crate::store::{PushState, SenderStore, Store};
-use crate::transfer::handshake::Greeting;
 use crate::transfer::sender::{SendEvent, SendStats};
 use crate::transfer::tree_sender::{send_tree_behind, TreeSent, TreeSource};
 use crate::transfer::{recv, send_within, tell_peer, TransferError};
@@ -316,18 +315,15 @@ async fn attempt(
     // Without --delete the TreeOffer goes right behind Hello (every version knows it); --delete needs the
     // server's version before anything is sent.
     let (mut conn, pending) = match delete {
-        Delete::No => opts.connect_greeted().await?,
+        Delete::No => {
+            let (conn, greeting) = opts.connect_greeted().await?;
+            (conn, greeting.into_pending())
+        }
         _ => {
-            let (conn, welcome) = opts.connect_welcomed().await?;
-            (conn, Greeting::Welcomed(welcome))
+            let (mut conn, welcome) = opts.connect_welcomed().await?;
+            refuse_delete_below_prune(&mut conn, &welcome).await?;
+            (conn, None)
         }
-    };
-    let pending = match pending {
-        Greeting::Welcomed(welcome) => {
-            refuse_delete_below_prune(&mut conn, delete, &welcome).await?;
-            None
-        }
-        Greeting::Pending(pending) => Some(pending),
     };
     opts.send.meter.attempt();
     on_event(ClientEvent::Connected { attempt: number });
@@ -350,10 +346,9 @@ async fn attempt(
 /// `--delete` against a server whose version cannot delete: refused before anything is sent.
 async fn refuse_delete_below_prune(
     conn: &mut super::ClientConnection,
-    delete: Delete,
     welcome: &crate::wire::Welcome,
 ) -> Result<(), TransferError> {
-    if delete != Delete::No && welcome.version < crate::PRUNE_VERSION {
+    if welcome.version < crate::PRUNE_VERSION {
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.shutdown()).await;
         return Err(TransferError::refused(
             crate::wire::ErrorCode::VersionMismatch,

@@ -30,10 +30,7 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Welcome, TransferError> {
     match client_greet(conn, timeout, token, binding).await? {
         Greeting::Welcomed(welcome) => Ok(welcome),
-        Greeting::Pending(pending) => {
-            let reply = recv(conn, timeout, "waiting for Welcome").await;
-            pending.welcomed(conn, reply)
-        }
+        Greeting::Pending(pending) => pending.read(conn, timeout).await,
     }
 }
 
@@ -99,7 +96,27 @@ pub async fn client_greet<S: AsyncRead + AsyncWrite + Unpin>(
     }))
 }
 
+impl Greeting {
+    /// The Welcome still to be read, if any.
+    pub fn into_pending(self) -> Option<PendingWelcome> {
+        match self {
+            Greeting::Welcomed(_) => None,
+            Greeting::Pending(pending) => Some(pending),
+        }
+    }
+}
+
 impl PendingWelcome {
+    /// Reads the server's answer (within `timeout`) and checks it ([`PendingWelcome::welcomed`]).
+    pub async fn read<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        conn: &mut Connection<S>,
+        timeout: Duration,
+    ) -> Result<Welcome, TransferError> {
+        let reply = recv(conn, timeout, "waiting for Welcome").await;
+        self.welcomed(conn, reply)
+    }
+
     /// Checks the server's answer to the client's last handshake frame (`reply`, as read): a Welcome with a
     /// version this build speaks completes the handshake (its `max_frame` then bounds the frames the client sends);
     /// a Challenge to a client without a token is `AuthFailed`; anything else is an error.
@@ -219,6 +236,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
         max_frame,
     });
     super::send_within(conn, &welcome, timeout, "sending Welcome").await?;
+    conn.set_version(version);
     Ok(Accepted { client, version })
 }
 

@@ -284,9 +284,7 @@ pub async fn send_first<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     state: &'static str,
 ) -> Result<(), TransferError> {
-    let mut frame = Vec::new();
-    let fits = welcome.is_some() && crate::wire::codec::encode_frame(request, PIPELINED_FRAME_MAX, &mut frame).is_ok();
-    if !fits {
+    if welcome.is_some() && !crate::wire::codec::fits(request, PIPELINED_FRAME_MAX) {
         welcomed(conn, welcome.take(), timeout).await?;
     }
     if let Err(failed) = send_within(conn, request, timeout, state).await {
@@ -317,8 +315,7 @@ async fn welcomed<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
 ) -> Result<(), TransferError> {
     if let Some(pending) = welcome {
-        let reply = recv(conn, timeout, "waiting for Welcome").await;
-        pending.welcomed(conn, reply)?;
+        pending.read(conn, timeout).await?;
     }
     Ok(())
 }

@@ -164,9 +164,9 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Like [`send`], on a connection whose handshake may not be complete: with `welcome`, the Offer goes right behind
-/// the client's last handshake frame if it fits the smallest `max_frame` a server may announce (proto-spec.md §3,
+/// the client's last handshake frame if its frame is at most [`super::PIPELINED_FRAME_MAX`] (proto-spec.md §3,
 /// "Pipelining"; every version since 3 knows `Offer`), and the Welcome is read after it. A larger Offer waits for
-/// the Welcome and its `max_frame`.
+/// the Welcome.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_behind<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,

@@ -94,7 +94,7 @@ pub async fn send_tree<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Like [`send_tree`], on a connection whose Welcome may still be on its way (`welcome`): the TreeOffer goes right
-/// behind the handshake if it fits the smallest `max_frame` a server may announce (proto-spec.md §3, "Pipelining";
+/// behind the handshake if its frame is at most [`super::PIPELINED_FRAME_MAX`] (proto-spec.md §3, "Pipelining";
 /// every version since 2 knows trees).
 pub async fn send_tree_behind<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,

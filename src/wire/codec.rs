@@ -32,6 +32,11 @@ fn options(limit: u64) -> impl Options {
     crate::record::layout().reject_trailing_bytes().with_limit(limit)
 }
 
+/// Whether `msg`'s frame body is at most `max_frame` bytes, measured without encoding it.
+pub fn fits(msg: &Message, max_frame: u32) -> bool {
+    options(u64::from(max_frame)).serialized_size(msg).is_ok()
+}
+
 /// Appends one frame (prefix + body) for `msg` to `out`.
 pub fn encode_frame(msg: &Message, max_frame: u32, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let start = out.len();
@@ -164,6 +169,22 @@ mod tests {
                 "prefix {cut} decoded"
             );
         }
+    }
+
+    /// `fits` agrees with what `encode_frame` accepts, at the body's exact size and one byte below it.
+    #[test]
+    fn fits_agrees_with_the_encoding_at_the_limit() {
+        let offer = Message::Offer(Offer {
+            path: "a/b.img".into(),
+            manifest: manifest_of(&[10, 20, 30]),
+        });
+        let mut buf = Vec::new();
+        encode_frame(&offer, MAX, &mut buf).unwrap();
+        let body = (buf.len() - LEN_PREFIX) as u32;
+        assert!(fits(&offer, body));
+        assert!(encode_frame(&offer, body, &mut Vec::new()).is_ok());
+        assert!(!fits(&offer, body - 1));
+        assert!(encode_frame(&offer, body - 1, &mut Vec::new()).is_err());
     }
 
     fn hexdump(msg: &Message) -> String {
