@@ -518,7 +518,7 @@ impl PartialFile for LocalPartial {
 
     fn change_stamp(&self) -> io::Result<ChangeStamp> {
         self.flush()?;
-        self.file.change_stamp()
+        PartialFile::change_stamp(&self.file)
     }
 }
 
@@ -565,6 +565,10 @@ impl FinalFile for LocalFinal {
         FinalFile::identity(&self.file)
     }
 
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        PartialFile::change_stamp(&self.file)
+    }
+
     fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>> {
         self.file.cut(size, chunking, keep)
     }
@@ -573,6 +577,10 @@ impl FinalFile for LocalFinal {
 impl FinalFile for File {
     fn identity(&self) -> io::Result<Identity> {
         Ok(identity(&self.metadata()?))
+    }
+
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        PartialFile::change_stamp(self)
     }
 
     fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>> {

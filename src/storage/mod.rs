@@ -184,6 +184,9 @@ pub type Partial = Arc<dyn PartialFile>;
 pub trait FinalFile: ReadAt {
     /// Device, inode, length and mtime.
     fn identity(&self) -> io::Result<Identity>;
+    /// [`Identity`] and the change time, which moves with every write and metadata change: unlike the mtime, no
+    /// writer can set it back, so bytes read while it stays put are still the file's.
+    fn change_stamp(&self) -> io::Result<ChangeStamp>;
     /// The chunks of the first `size` bytes, cut with exactly `chunking`, whose hash `keep` accepts.
     fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>>;
 }

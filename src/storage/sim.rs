@@ -804,6 +804,10 @@ impl FinalFile for SimHandle {
         PartialFile::identity(self)
     }
 
+    fn change_stamp(&self) -> io::Result<ChangeStamp> {
+        PartialFile::change_stamp(self)
+    }
+
     /// Cuts a copy of the bytes in a real temporary file, with the same chunker the local volume uses.
     fn cut(&self, size: u64, chunking: Chunking, keep: &dyn Fn(&Hash) -> bool) -> io::Result<Vec<ChunkEntry>> {
         use std::io::Write;

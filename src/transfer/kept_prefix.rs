@@ -15,7 +15,7 @@ use super::in_place::unchanged_since_commit;
 use super::receiver::{transfer_open, ReceiverContext};
 use crate::manifest::{index_of_same, ChunkEntry, Manifest};
 use crate::path::RemotePath;
-use crate::storage::{FinalFile, Identity};
+use crate::storage::{ChangeStamp, FinalFile, Identity};
 use crate::verify::PrefixDigest;
 
 /// Bytes hashed per read of the committed file.
@@ -23,16 +23,23 @@ const SLICE: usize = 1 << 20;
 
 /// The whole-file digest of a committed file's first bytes, kept in place by the offer that was gathered.
 pub(crate) struct KeptPrefix {
-    /// The committed file hashed: a partial written in place over it, and only such a one, may start from it.
-    pub(crate) base: Identity,
+    /// The committed file hashed, still open: a partial written in place over it, and only such a one, may start
+    /// from the digest.
+    file: Box<dyn FinalFile>,
+    /// Its identity before the first byte was hashed.
+    base: Identity,
+    /// Its change stamp then: a write that set the mtime back still moves the change time.
+    stamp: ChangeStamp,
     pub(crate) digest: PrefixDigest,
 }
 
 impl KeptPrefix {
-    /// Whether `now` (the committed file at the path when the in-place partial was opened) is the file hashed.
+    /// Whether `now` (the committed file at the path when the in-place partial was opened) is the file hashed, and
+    /// that file has not been written, nor its metadata changed, since before it was hashed.
     pub(crate) fn describes(&self, now: &Identity) -> bool {
         let b = &self.base;
-        now.is_file && (now.dev, now.ino, now.len, now.mtime) == (b.dev, b.ino, b.len, b.mtime)
+        let same_file = now.is_file && (now.dev, now.ino, now.len, now.mtime) == (b.dev, b.ino, b.len, b.mtime);
+        same_file && self.file.change_stamp().is_ok_and(|stamp| stamp == self.stamp)
     }
 }
 
@@ -56,6 +63,7 @@ impl KeptPrefixHasher {
         }
         let done = ctx.store.committed(key).ok()??;
         let file = ctx.volume.open_final(path)?;
+        let stamp = file.change_stamp().ok()?;
         let base = file.identity().ok()?;
         if !unchanged_since_commit(&base, &done) {
             return None;
@@ -66,7 +74,7 @@ impl KeptPrefixHasher {
         let theirs = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-kept".into())
-            .spawn(move || hash_kept(&*file, base, &old, &queue, &theirs))
+            .spawn(move || hash_kept(file, (base, stamp), &old, &queue, &theirs))
             .ok()?;
         Some(KeptPrefixHasher {
             pieces: Some(pieces),
@@ -132,10 +140,10 @@ impl<'a> KeptSoFar<'a> {
 }
 
 /// The thread: hashes `file` from 0 up to what the pieces keep, until stopped or the pieces end; then the digest
-/// if the file is still `base`.
+/// if the file is still what `base` (its identity and change stamp before the hashing) says.
 fn hash_kept(
-    file: &dyn FinalFile,
-    base: Identity,
+    file: Box<dyn FinalFile>,
+    base: (Identity, ChangeStamp),
     old: &Manifest,
     pieces: &Receiver<Vec<ChunkEntry>>,
     stop: &AtomicBool,
@@ -170,10 +178,16 @@ fn hash_kept(
     finished(file, base, digest)
 }
 
-/// `digest` of `file`'s first bytes, if it hashed any and the file is still `base`.
-fn finished(file: &dyn FinalFile, base: Identity, digest: PrefixDigest) -> Option<KeptPrefix> {
+/// `digest` of `file`'s first bytes, if it hashed any and the file is still what `base` says.
+fn finished(file: Box<dyn FinalFile>, base: (Identity, ChangeStamp), digest: PrefixDigest) -> Option<KeptPrefix> {
     let still = file.identity().ok()?;
-    let prefix = KeptPrefix { base, digest };
+    let (base, stamp) = base;
+    let prefix = KeptPrefix {
+        file,
+        base,
+        stamp,
+        digest,
+    };
     (prefix.describes(&still) && !prefix.digest.is_empty()).then_some(prefix)
 }
 
@@ -201,5 +215,38 @@ mod tests {
         let mut kept = KeptSoFar::new(&old);
         kept.add(&shifted.chunks);
         assert_eq!((kept.end, kept.broken), (0, true));
+    }
+
+    /// A local writer that changes hashed bytes and sets the mtime back leaves size, inode and mtime as they were,
+    /// but not the change time: the digest no longer describes the file, so the commit reads the bytes again.
+    #[test]
+    fn a_write_that_sets_the_mtime_back_drops_the_kept_prefix() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("committed");
+        std::fs::write(&path, [7u8; 40]).unwrap();
+        let old = manifest_of(&[10, 10, 10, 10]);
+        let file = std::fs::File::open(&path).unwrap();
+        let base = (
+            FinalFile::identity(&file).unwrap(),
+            FinalFile::change_stamp(&file).unwrap(),
+        );
+        let (pieces, queue) = channel();
+        pieces.send(old.chunks.clone()).unwrap();
+        drop(pieces);
+        let prefix = hash_kept(Box::new(file), base, &old, &queue, &AtomicBool::new(false)).expect("hashed");
+        assert_eq!(prefix.digest.len(), 40);
+        let identity_now = || FinalFile::identity(&std::fs::File::open(&path).unwrap()).unwrap();
+        assert!(prefix.describes(&identity_now()), "an untouched file is described");
+
+        // Coarse change-time clocks tick every few milliseconds: the write must land on a later tick.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all_at(&[8], 3).unwrap();
+        writer.set_modified(mtime).unwrap();
+        let now = identity_now();
+        assert_eq!(now, prefix.base, "size, inode and mtime are as hashed");
+        assert!(!prefix.describes(&now), "the change time gives the write away");
     }
 }
