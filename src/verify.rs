@@ -135,6 +135,26 @@ impl PrefixDigest {
         true
     }
 
+    /// Takes the chaining value `cv` of the complete subtree of `len` bytes at `offset`, hashed apart
+    /// ([`subtree_cv`]), in place of its bytes, if it continues the prefix: `offset` is where the prefix ends, a
+    /// whole number of chunks, and `len` a subtree BLAKE3's tree has there ([`aligned_subtrees`]). The caller
+    /// keeps the file's last chunk out of every such subtree (it is hashed as the root if it is the only one). False,
+    /// and nothing changed, otherwise.
+    pub fn extend_subtree(&mut self, offset: u64, len: u64, cv: ChainingValue) -> bool {
+        if offset != self.len() || !is_subtree(offset, len) {
+            return false;
+        }
+        if !self.last.is_empty() {
+            // A whole chunk (the offset is a multiple of one): its bytes are no longer the last.
+            let held = std::mem::take(&mut self.last);
+            self.push_subtree(&held);
+        }
+        self.merge_to(self.stacked);
+        self.stack.push(cv);
+        self.stacked += len;
+        true
+    }
+
     /// Hashes one complete, aligned subtree at `stacked` and pushes its chaining value (merging first what the
     /// chunks before it complete, as `blake3::Hasher` does).
     fn push_subtree(&mut self, subtree: &[u8]) {
@@ -225,6 +245,56 @@ impl PrefixDigest {
     }
 }
 
+/// Whether BLAKE3's tree has a complete subtree of `len` bytes at `offset`: a power of two of whole chunks, at an
+/// offset that is a multiple of it.
+fn is_subtree(offset: u64, len: u64) -> bool {
+    let chunk = blake3::CHUNK_LEN as u64;
+    len >= chunk && len.is_power_of_two() && offset.is_multiple_of(len)
+}
+
+/// The complete subtrees of BLAKE3's tree that tile `[start, end)` (both rounded inwards to whole chunks), as
+/// `(offset, len)`, as large as alignment and `max_len` allow: the pieces whose chaining values
+/// [`PrefixDigest::extend_subtree`] takes.
+pub fn aligned_subtrees(start: u64, end: u64, max_len: u64) -> Vec<(u64, u64)> {
+    let chunk = blake3::CHUNK_LEN as u64;
+    let (mut at, end) = (start.div_ceil(chunk) * chunk, end / chunk * chunk);
+    let max_len = 1u64 << (63 - max_len.max(chunk).leading_zeros());
+    let mut subtrees = Vec::new();
+    while at < end {
+        let room = 1u64 << (63 - (end - at).leading_zeros());
+        let aligned = if at == 0 { room } else { 1u64 << at.trailing_zeros() };
+        let len = room.min(aligned).min(max_len);
+        subtrees.push((at, len));
+        at += len;
+    }
+    subtrees
+}
+
+/// The chaining value of the complete subtree of BLAKE3's tree at `offset` (see [`aligned_subtrees`]) whose bytes
+/// `fill` feeds, a slice at a time, into the hasher it is given.
+pub fn subtree_cv(
+    offset: u64,
+    fill: impl FnOnce(&mut blake3::Hasher) -> std::io::Result<()>,
+) -> std::io::Result<ChainingValue> {
+    use blake3::hazmat::HasherExt;
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(offset);
+    fill(&mut hasher)?;
+    Ok(hasher.finalize_non_root())
+}
+
+/// A complete subtree of a file's BLAKE3 tree hashed apart (from bytes known to be the final ones there), which a
+/// follower takes in place of reading those bytes back ([`DigestFollower::know`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownSubtree {
+    /// Where it starts in the file.
+    pub offset: u64,
+    /// Its length: a power of two of whole chunks ([`aligned_subtrees`]).
+    pub len: u64,
+    /// Its chaining value ([`subtree_cv`]).
+    pub cv: ChainingValue,
+}
+
 /// A thread that hashes a file from offset 0 as its bytes become complete, behind the writer, so that the
 /// whole-file digest is mostly done when the last chunk lands: at once for a partial that already holds a long
 /// prefix (a resume), and lagging a little behind in-order writes. Bytes the writer hands over with
@@ -268,6 +338,8 @@ pub struct HashSources {
     pub from_memory: u64,
     /// Bytes read back from the file.
     pub read_back: u64,
+    /// Bytes taken as subtrees hashed apart ([`DigestFollower::know`]).
+    pub known: u64,
 }
 
 /// Bytes at `offset` the writer wrote, to be hashed from memory.
@@ -300,6 +372,11 @@ struct Follow {
     /// Bytes hashed from handed-over pieces, and bytes read back from the file.
     from_memory: u64,
     read_back: u64,
+    /// Subtrees hashed apart, by offset: taken instead of their bytes once the prefix reaches them and they are
+    /// final.
+    known: std::collections::BTreeMap<u64, KnownSubtree>,
+    /// Bytes taken as known subtrees.
+    from_known: u64,
 }
 
 impl DigestFollower {
@@ -384,6 +461,17 @@ impl DigestFollower {
         }
     }
 
+    /// Subtrees of the file hashed apart, from bytes that are the final ones there: each is taken instead of its
+    /// bytes once the prefix reaches its offset and it is within the final bytes. One the prefix has passed, or
+    /// one it cannot take there, is dropped (its bytes are read back).
+    pub fn know(&self, subtrees: impl IntoIterator<Item = KnownSubtree>) {
+        let mut follow = lock(&self.shared.0);
+        follow
+            .known
+            .extend(subtrees.into_iter().map(|subtree| (subtree.offset, subtree)));
+        self.shared.1.notify_all();
+    }
+
     /// Waits until the follower holds room for `len` more bytes, stops, or [`ROOM_PATIENCE`] passes.
     fn wait_for_room<'a>(
         &'a self,
@@ -422,6 +510,7 @@ impl DigestFollower {
         let sources = HashSources {
             from_memory: follow.from_memory,
             read_back: follow.read_back,
+            known: follow.from_known,
         };
         Ok((prefix, sources))
     }
@@ -476,15 +565,16 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
     let mut prefix = seed;
     let mut buf = Vec::new();
     // What the last turn hashed, counted under the next lock.
-    let (mut from_memory, mut read_back) = (0, 0);
+    let (mut from_memory, mut read_back, mut from_known) = (0, 0, 0);
     loop {
         let turn = {
             let mut follow = lock(&shared.0);
-            if from_memory + read_back > 0 {
+            if from_memory + read_back + from_known > 0 {
                 follow.impatient = false; // it moves again: a writer may wait for room again
             }
             follow.from_memory += std::mem::take(&mut from_memory);
             follow.read_back += std::mem::take(&mut read_back);
+            follow.from_known += std::mem::take(&mut from_known);
             follow.hashed = Some(prefix.stacked());
             while !follow.cancel && !follow.finish && follow.ready <= prefix.len() && follow.pieces.is_empty() {
                 follow = shared.1.wait(follow).unwrap_or_else(|e| e.into_inner());
@@ -492,6 +582,25 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
             if follow.cancel {
                 return Ok(prefix);
             }
+            let at = prefix.len();
+            while follow.known.first_key_value().is_some_and(|(&offset, _)| offset < at) {
+                follow.known.pop_first();
+            }
+            let next_known = follow.known.first_key_value().map(|(_, subtree)| *subtree);
+            if let Some(subtree) = next_known.filter(|s| s.offset == at && s.offset + s.len <= follow.ready) {
+                follow.known.pop_first();
+                follow.taken_to = follow.taken_to.max(subtree.offset + subtree.len);
+                drop(follow);
+                if prefix.extend_subtree(subtree.offset, subtree.len, subtree.cv) {
+                    from_known += subtree.len;
+                }
+                continue;
+            }
+            // A read back stops where the next known subtree starts (one here that is not final yet is read).
+            let known_at = next_known
+                .map(|subtree| subtree.offset)
+                .filter(|&offset| offset > at)
+                .unwrap_or(u64::MAX);
             let turn = match follow.pieces.front() {
                 Some(piece) if piece.offset <= prefix.len() => {
                     let piece = follow.pieces.pop_front().expect("matched above");
@@ -501,8 +610,10 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
                     Turn::Hash(piece)
                 }
                 // Final bytes before the next piece were not handed over: read them back first.
-                Some(piece) => Turn::ReadTo(piece.offset.min(prefix.len() + SLICE)),
-                None if follow.ready > prefix.len() => Turn::ReadTo(follow.ready.min(prefix.len() + SLICE)),
+                Some(piece) => Turn::ReadTo(piece.offset.min(prefix.len() + SLICE).min(known_at)),
+                None if follow.ready > prefix.len() => {
+                    Turn::ReadTo(follow.ready.min(prefix.len() + SLICE).min(known_at))
+                }
                 None => return Ok(prefix), // finishing, and everything final is hashed
             };
             if let Turn::ReadTo(to) = turn {
@@ -582,6 +693,94 @@ pub fn digest_rest<R: ReadAt + ?Sized>(file: &R, mut prefix: PrefixDigest) -> st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A follower told of subtrees hashed apart takes them instead of reading their bytes back, once they are final
+    /// and the prefix reaches them, and still gives the digest of the whole.
+    #[test]
+    fn a_follower_takes_known_subtrees_instead_of_reading_them_back() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let subtrees: Vec<KnownSubtree> = aligned_subtrees(1_000_000, 2_500_000, 256 << 10)
+            .into_iter()
+            .map(|(offset, len)| KnownSubtree {
+                offset,
+                len,
+                cv: subtree_cv(offset, |h| {
+                    h.update(&data[offset as usize..(offset + len) as usize]);
+                    Ok(())
+                })
+                .unwrap(),
+            })
+            .collect();
+        let known: u64 = subtrees.iter().map(|s| s.len).sum();
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 0).unwrap();
+        follower.know(subtrees);
+        follower.advance(data.len() as u64);
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert!(known > 1_400_000, "{known}");
+        assert_eq!(sources.known, known);
+        assert_eq!(sources.read_back, data.len() as u64 - known);
+        assert_eq!(prefix.finalize(), *blake3::hash(&data).as_bytes());
+    }
+
+    /// Subtrees hashed apart and taken in place of their bytes give the digest of the whole, wherever the prefix
+    /// stood when they came (mid-chunk is refused) and however the bytes around them were fed.
+    #[test]
+    fn subtrees_hashed_apart_give_the_digest_of_the_whole() {
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let want = *blake3::hash(&data).as_bytes();
+        for (start, end) in [
+            (0, 290_000),
+            (1024, 299_000),
+            (5_000, 200_000),
+            (70_000, 70_500),
+            (3_000, 140_000),
+        ] {
+            let max_len = if start == 5_000 { 16_384 } else { u64::MAX };
+            let subtrees = aligned_subtrees(start, end, max_len);
+            let mut covered = subtrees.first().map_or(0, |s| s.0);
+            for &(at, len) in &subtrees {
+                assert!(is_subtree(at, len) && at == covered, "{start}..{end}: {subtrees:?}");
+                covered += len;
+            }
+            let mut prefix = PrefixDigest::default();
+            let mut at = 0u64;
+            for &(offset, len) in &subtrees {
+                prefix.extend(at, &data[at as usize..offset as usize]);
+                if offset > 0 && offset % 1024 == 0 {
+                    assert!(
+                        !prefix.extend_subtree(offset + 1, len, [0; 32]),
+                        "not where the prefix ends"
+                    );
+                }
+                let bytes = &data[offset as usize..(offset + len) as usize];
+                let cv = subtree_cv(offset, |h| {
+                    for slice in bytes.chunks(7_000) {
+                        h.update(slice);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                assert!(
+                    prefix.extend_subtree(offset, len, cv),
+                    "{start}..{end}: ({offset}, {len})"
+                );
+                at = offset + len;
+            }
+            prefix.extend(at, &data[at as usize..]);
+            assert_eq!(prefix.finalize(), want, "{start}..{end}");
+        }
+        let mut mid_chunk = PrefixDigest::default();
+        mid_chunk.extend(0, &data[..1500]);
+        assert!(!mid_chunk.extend_subtree(1500, 1024, [0; 32]));
+        assert!(!mid_chunk.extend_subtree(1024, 1024, [0; 32]));
+    }
 
     #[test]
     fn a_flipped_bit_is_never_written() {
@@ -762,7 +961,8 @@ mod tests {
             sources,
             HashSources {
                 from_memory: data.len() as u64,
-                read_back: 0
+                read_back: 0,
+                known: 0
             }
         );
         assert_eq!(digest_rest(&file, prefix).unwrap(), whole);
@@ -778,7 +978,8 @@ mod tests {
             sources,
             HashSources {
                 from_memory: PIECE as u64,
-                read_back: (data.len() - PIECE) as u64
+                read_back: (data.len() - PIECE) as u64,
+                known: 0
             }
         );
         assert_eq!(digest_rest(&file, prefix).unwrap(), whole);
@@ -933,7 +1134,8 @@ mod tests {
             sources,
             HashSources {
                 from_memory: data.len() as u64,
-                read_back: 0
+                read_back: 0,
+                known: 0
             }
         );
         assert_eq!(digest_rest(&file, prefix).unwrap(), *blake3::hash(&data).as_bytes());

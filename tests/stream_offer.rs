@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, frames_before_welcome, greeted, push, push_command, random_bytes, rchar, run_counting_reads,
+    b3, frames_before_welcome, greeted, logged_bytes, push, push_command, random_bytes, rchar, run_counting_reads,
     send_chunk_zero_and_commit, single_chunk_manifest, wait_until_store_closed, write_random, TestServer,
 };
 
@@ -758,6 +758,53 @@ async fn an_edit_in_place_gathers_the_whole_manifest() {
     let committed = send_rest_and_commit(&mut conn, &new, &[]).await;
     assert_eq!(std::fs::read(server.root.join("edited.bin")).unwrap(), new.concat());
     assert_eq!(committed.received_bytes, MIB, "only the changed block came");
+}
+
+/// An edit of the first block gathers the manifest for an in-place write. While it is gathered, the receiver hashes
+/// the blocks kept in place after the edit (BLAKE3 subtrees of the old version's bytes), and the whole-file digest
+/// at commit takes those instead of reading the blocks back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_kept_after_an_edit_are_hashed_while_the_manifest_is_gathered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_holding(dir.path(), "head.bin").await;
+
+    let new = blocks(&[99].into_iter().chain(seeds(2, 19)).collect::<Vec<_>>());
+    let mut conn = greeted(server.addr).await;
+    assert_eq!(offer_one_piece(&mut conn, "head.bin", &new).await, None, "gathered");
+    let committed = send_rest_and_commit(&mut conn, &new, &[]).await;
+    assert_eq!(std::fs::read(server.root.join("head.bin")).unwrap(), new.concat());
+    assert_eq!(committed.received_bytes, MIB, "only the changed block came");
+    let log = std::fs::read_to_string(server.root.with_extension("server.log")).unwrap();
+    let (line, bytes) = logged_bytes(&log, "chunks kept after the change were hashed");
+    // Blocks 1 to 19, but the file's last 1 KiB chunk (hashed at commit: it is the tree's right edge).
+    assert_eq!(bytes, 19 * MIB - 1024, "{line}");
+}
+
+/// A byte of the old version changed behind the receiver's back (size and mtime put back) inside the blocks hashed
+/// ahead after an edit: the digest at commit does not match, the damaged block is found and asked for, and the
+/// file lands verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_block_hashed_ahead_after_an_edit_is_caught_at_commit() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_holding(dir.path(), "rot.bin").await;
+    let target = server.root.join("rot.bin");
+    let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+    file.write_all_at(&[0xEE; 16], 10 * MIB + 100).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let new = blocks(&[99].into_iter().chain(seeds(2, 19)).collect::<Vec<_>>());
+    let mut conn = greeted(server.addr).await;
+    assert_eq!(offer_one_piece(&mut conn, "rot.bin", &new).await, None, "gathered");
+    let committed = send_rest_and_commit(&mut conn, &new, &[]).await;
+    assert_eq!(std::fs::read(&target).unwrap(), new.concat());
+    assert_eq!(
+        committed.received_bytes,
+        2 * MIB,
+        "the edited block and the damaged one came"
+    );
 }
 
 /// A block of the old version that no longer holds its committed bytes (changed in place, its size and mtime

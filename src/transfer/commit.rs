@@ -41,6 +41,7 @@ pub(crate) fn commit(
         hashed = prefix.len(),
         from_memory = sources.from_memory,
         read_back = sources.read_back,
+        known = sources.known,
         "verifying the whole file"
     );
     let resumed = prefix.len();

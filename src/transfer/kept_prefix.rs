@@ -5,8 +5,13 @@
 //! committed file from offset 0 on a thread of its own, as far as the pieces so far keep its chunks in place (the
 //! same offset, length and hash as its committed manifest). If the offer is then written in place over that very
 //! file, the follower starts from that digest ([`KeptPrefix`]) instead of reading the prefix back: those bytes
-//! are the new file's, unchanged. Anything else (a new partial, a file that changed meanwhile) drops it.
+//! are the new file's, unchanged. After the first changed chunk it goes on over the chunks the pieces keep in
+//! place further on, as complete BLAKE3 subtrees ([`crate::verify::aligned_subtrees`], at most [`SUBTREE_MAX`]
+//! each, never the file's last 1 KiB chunk), which the follower takes in place of their bytes
+//! ([`crate::verify::DigestFollower::know`]). Anything else (a new partial, a file that changed meanwhile, its
+//! change time included) drops it all.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -16,10 +21,13 @@ use super::receiver::{transfer_open, ReceiverContext};
 use crate::manifest::{index_of_same, ChunkEntry, Manifest};
 use crate::path::RemotePath;
 use crate::storage::{ChangeStamp, FinalFile, Identity};
-use crate::verify::PrefixDigest;
+use crate::verify::{aligned_subtrees, subtree_cv, ChainingValue, KnownSubtree, PrefixDigest};
 
 /// Bytes hashed per read of the committed file.
 const SLICE: usize = 1 << 20;
+
+/// The largest subtree hashed after the first changed chunk: one cut short when the pieces end is lost whole.
+const SUBTREE_MAX: u64 = 16 << 20;
 
 /// The whole-file digest of a committed file's first bytes, kept in place by the offer that was gathered.
 pub(crate) struct KeptPrefix {
@@ -31,9 +39,28 @@ pub(crate) struct KeptPrefix {
     /// Its change stamp then: a write that set the mtime back still moves the change time.
     stamp: ChangeStamp,
     pub(crate) digest: PrefixDigest,
+    /// Subtrees of the file's BLAKE3 tree inside the chunks kept in place after the first changed one, hashed
+    /// from it while the pieces arrived.
+    pub(crate) subtrees: Vec<KnownSubtree>,
+}
+
+/// What was hashed of a committed file ahead of an in-place write over it, for that write's digest follower.
+pub(crate) struct HeadStart {
+    /// The digest of its first bytes.
+    pub(crate) prefix: PrefixDigest,
+    /// Subtrees inside later chunks kept in place.
+    pub(crate) subtrees: Vec<KnownSubtree>,
 }
 
 impl KeptPrefix {
+    /// What the in-place write's follower takes of it (once [`KeptPrefix::describes`] said it may).
+    pub(crate) fn into_head_start(self) -> HeadStart {
+        HeadStart {
+            prefix: self.digest,
+            subtrees: self.subtrees,
+        }
+    }
+
     /// Whether `now` (the committed file at the path when the in-place partial was opened) is the file hashed, and
     /// that file has not been written, nor its metadata changed, since before it was hashed.
     pub(crate) fn describes(&self, now: &Identity) -> bool {
@@ -54,7 +81,7 @@ impl KeptPrefixHasher {
     /// Starts hashing the file committed at `path`, if the receiver may write in place over it (its policy, its
     /// volume, no transfer to the path open) and the file is there unchanged since its commit; `None` otherwise.
     /// Blocking.
-    pub(crate) fn start(ctx: &ReceiverContext, path: &RemotePath) -> Option<Self> {
+    pub(crate) fn start(ctx: &ReceiverContext, path: &RemotePath, size: u64) -> Option<Self> {
         let key = path.as_str();
         // As `prepare_with` and `open_in_place` decide: no in-place write over an open transfer (a resume), nor
         // where the volume would not write this file in place.
@@ -74,7 +101,7 @@ impl KeptPrefixHasher {
         let theirs = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-kept".into())
-            .spawn(move || hash_kept(file, (base, stamp), &old, &queue, &theirs))
+            .spawn(move || hash_kept(file, (base, stamp), KeptSoFar::new(&old, size), &queue, &theirs))
             .ok()?;
         Some(KeptPrefixHasher {
             pieces: Some(pieces),
@@ -106,50 +133,84 @@ impl Drop for KeptPrefixHasher {
     }
 }
 
-/// How far the pieces so far keep the committed file's chunks in place, from offset 0.
+/// How far the pieces so far keep the committed file's chunks in place, from offset 0, and which later chunks
+/// they keep in place.
 struct KeptSoFar<'a> {
     old: &'a Manifest,
     /// Bytes `[0, end)` of the new file are chunks the old one holds at the same place.
     end: u64,
-    /// A chunk that is not: nothing after it counts.
+    /// A chunk that is not: the prefix ends there.
     broken: bool,
+    /// After that chunk, the runs of chunks kept in place, `[start, end)` in file order, that subtrees have not
+    /// covered yet.
+    later: VecDeque<(u64, u64)>,
+    /// Subtrees are planned up to here.
+    planned_to: u64,
+    /// Where the new file's last BLAKE3 chunk starts: no subtree reaches it (it may be the root).
+    last_chunk: u64,
 }
 
 impl<'a> KeptSoFar<'a> {
-    /// Nothing kept yet, against `old`, the committed manifest.
-    fn new(old: &'a Manifest) -> Self {
+    /// Nothing kept yet, against `old`, the committed manifest, for a new file of `size` bytes.
+    fn new(old: &'a Manifest, size: u64) -> Self {
+        let chunk = blake3::CHUNK_LEN as u64;
         KeptSoFar {
             old,
             end: 0,
             broken: false,
+            later: VecDeque::new(),
+            planned_to: 0,
+            last_chunk: size.saturating_sub(1) / chunk * chunk,
         }
     }
 
     fn add(&mut self, chunks: &[ChunkEntry]) {
         for chunk in chunks {
-            if self.broken {
-                return;
+            let same = index_of_same(&self.old.chunks, chunk).is_some();
+            if !self.broken && same && chunk.offset == self.end {
+                self.end += u64::from(chunk.len);
+                continue;
             }
-            let same = chunk.offset == self.end && index_of_same(&self.old.chunks, chunk).is_some();
-            match same {
-                true => self.end += u64::from(chunk.len),
-                false => self.broken = true,
+            self.broken = true;
+            let end = chunk.offset + u64::from(chunk.len);
+            match self.later.back_mut() {
+                Some(run) if same && run.1 == chunk.offset => run.1 = end,
+                _ if same => self.later.push_back((chunk.offset, end)),
+                _ => {}
             }
         }
     }
+
+    /// The next subtree to hash inside a later run (at most [`SUBTREE_MAX`]), if a run has a whole one left; runs
+    /// done with are dropped, the last one stays (the next piece may extend it).
+    fn next_subtree(&mut self) -> Option<(u64, u64)> {
+        while let Some(&(start, end)) = self.later.front() {
+            let from = start.max(self.planned_to);
+            if let Some(&(offset, len)) = aligned_subtrees(from, end.min(self.last_chunk), SUBTREE_MAX).first() {
+                self.planned_to = offset + len;
+                return Some((offset, len));
+            }
+            if self.later.len() == 1 {
+                return None;
+            }
+            self.later.pop_front();
+        }
+        None
+    }
 }
 
-/// The thread: hashes `file` from 0 up to what the pieces keep, until stopped or the pieces end; then the digest
-/// if the file is still what `base` (its identity and change stamp before the hashing) says.
+/// The thread: hashes `file` from 0 up to what the pieces keep, and the subtrees inside the chunks they keep in
+/// place after the first changed one, until stopped or the pieces end; then what it hashed, if the file is still
+/// what `base` (its identity and change stamp before the hashing) says.
 fn hash_kept(
     file: Box<dyn FinalFile>,
     base: (Identity, ChangeStamp),
-    old: &Manifest,
+    mut kept: KeptSoFar<'_>,
     pieces: &Receiver<Vec<ChunkEntry>>,
     stop: &AtomicBool,
 ) -> Option<KeptPrefix> {
-    let mut kept = KeptSoFar::new(old);
     let mut digest = PrefixDigest::default();
+    let mut subtrees = Vec::new();
     let mut buf = vec![0u8; SLICE];
     while !stop.load(Ordering::Relaxed) {
         let at = digest.len();
@@ -157,29 +218,62 @@ fn hash_kept(
             let len = (kept.end - at).min(SLICE as u64) as usize;
             file.read_exact_at(&mut buf[..len], at).ok()?;
             digest.extend(at, &buf[..len]);
-            // Every piece that came meanwhile, so that none waits here longer than one slice.
-            loop {
-                match pieces.try_recv() {
-                    Ok(chunks) => kept.add(&chunks),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return finished(file, base, digest),
-                }
+        } else if let Some((offset, len)) = kept.next_subtree() {
+            match hash_subtree(&*file, offset, len, &mut buf, stop) {
+                Some(cv) => subtrees.push(KnownSubtree { offset, len, cv }),
+                None => break,
+            }
+        } else {
+            match pieces.recv() {
+                Ok(chunks) => kept.add(&chunks),
+                Err(_) => break,
             }
             continue;
         }
-        if kept.broken {
-            break;
-        }
-        match pieces.recv() {
-            Ok(chunks) => kept.add(&chunks),
-            Err(_) => break,
+        // Every piece that came meanwhile, so that none waits here longer than one slice or subtree.
+        loop {
+            match pieces.try_recv() {
+                Ok(chunks) => kept.add(&chunks),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return finished(file, base, digest, subtrees),
+            }
         }
     }
-    finished(file, base, digest)
+    finished(file, base, digest, subtrees)
 }
 
-/// `digest` of `file`'s first bytes, if it hashed any and the file is still what `base` says.
-fn finished(file: Box<dyn FinalFile>, base: (Identity, ChangeStamp), digest: PrefixDigest) -> Option<KeptPrefix> {
+/// The chaining value of the subtree of `len` bytes at `offset` of `file`, read a slice at a time into `buf`;
+/// `None` if stopped meanwhile or the read failed.
+fn hash_subtree(
+    file: &dyn FinalFile,
+    offset: u64,
+    len: u64,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+) -> Option<ChainingValue> {
+    let fill = |hasher: &mut blake3::Hasher| {
+        let mut at = offset;
+        while at < offset + len {
+            if stop.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("stopped"));
+            }
+            let n = (offset + len - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    };
+    subtree_cv(offset, fill).ok()
+}
+
+/// What was hashed of `file`, if anything, and the file is still what `base` says.
+fn finished(
+    file: Box<dyn FinalFile>,
+    base: (Identity, ChangeStamp),
+    digest: PrefixDigest,
+    subtrees: Vec<KnownSubtree>,
+) -> Option<KeptPrefix> {
     let still = file.identity().ok()?;
     let (base, stamp) = base;
     let prefix = KeptPrefix {
@@ -187,8 +281,10 @@ fn finished(file: Box<dyn FinalFile>, base: (Identity, ChangeStamp), digest: Pre
         base,
         stamp,
         digest,
+        subtrees,
     };
-    (prefix.describes(&still) && !prefix.digest.is_empty()).then_some(prefix)
+    let hashed = !prefix.digest.is_empty() || !prefix.subtrees.is_empty();
+    (prefix.describes(&still) && hashed).then_some(prefix)
 }
 
 #[cfg(test)]
@@ -202,7 +298,7 @@ mod tests {
         let old = manifest_of(&[10, 10, 10, 10]);
         let mut new = old.clone();
         new.chunks[2].hash[0] ^= 1;
-        let mut kept = KeptSoFar::new(&old);
+        let mut kept = KeptSoFar::new(&old, old.size);
         kept.add(&new.chunks[..1]);
         assert_eq!(kept.end, 10);
         kept.add(&new.chunks[1..]);
@@ -212,9 +308,29 @@ mod tests {
             "chunk 3 is unchanged but after a changed one"
         );
         let shifted = manifest_of(&[5, 10, 10, 10, 5]);
-        let mut kept = KeptSoFar::new(&old);
+        let mut kept = KeptSoFar::new(&old, old.size);
         kept.add(&shifted.chunks);
         assert_eq!((kept.end, kept.broken), (0, true));
+    }
+
+    /// After the first changed chunk, the runs of chunks kept in place are tiled with subtrees, in order, across
+    /// pieces (a run the next piece extends goes on where it stopped), never into the file's last 1 KiB chunk.
+    #[test]
+    fn subtrees_tile_the_chunks_kept_after_a_change_but_the_last_chunk() {
+        const K: u32 = 1024;
+        let old = manifest_of(&[8 * K, 8 * K, 8 * K, 8 * K, 8 * K]);
+        let mut new = old.clone();
+        new.chunks[0].hash[0] ^= 1;
+        new.chunks[2].hash[0] ^= 1;
+        let mut kept = KeptSoFar::new(&old, new.size);
+        let planned = |kept: &mut KeptSoFar| std::iter::from_fn(|| kept.next_subtree()).collect::<Vec<_>>();
+        kept.add(&new.chunks[..4]);
+        assert_eq!((kept.end, kept.broken), (0, true));
+        let k = u64::from(K);
+        assert_eq!(planned(&mut kept), [(8 * k, 8 * k), (24 * k, 8 * k)]);
+        kept.add(&new.chunks[4..]);
+        // Chunk 4 extends the last run: 32 KiB to 40 KiB, but the last 1 KiB.
+        assert_eq!(planned(&mut kept), [(32 * k, 4 * k), (36 * k, 2 * k), (38 * k, k)]);
     }
 
     /// A local writer that changes hashed bytes and sets the mtime back leaves size, inode and mtime as they were,
@@ -234,7 +350,14 @@ mod tests {
         let (pieces, queue) = channel();
         pieces.send(old.chunks.clone()).unwrap();
         drop(pieces);
-        let prefix = hash_kept(Box::new(file), base, &old, &queue, &AtomicBool::new(false)).expect("hashed");
+        let prefix = hash_kept(
+            Box::new(file),
+            base,
+            KeptSoFar::new(&old, 40),
+            &queue,
+            &AtomicBool::new(false),
+        )
+        .expect("hashed");
         assert_eq!(prefix.digest.len(), 40);
         let identity_now = || FinalFile::identity(&std::fs::File::open(&path).unwrap()).unwrap();
         assert!(prefix.describes(&identity_now()), "an untouched file is described");

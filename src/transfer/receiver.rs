@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::Claims;
 use super::commit::{commit, CommitOutcome};
 use super::join;
-use super::kept_prefix::KeptPrefix;
+use super::kept_prefix::{HeadStart, KeptPrefix};
 use super::quota::{admit, admit_shared, NewTransfer};
 use super::reuse::{find_local, LocalCopies};
 use super::writer::{ChunkWriter, QueuedChunk, WriterEvent};
@@ -30,7 +30,6 @@ use crate::path::RemotePath;
 use crate::ranges::{ChunkSet, IndexRange};
 use crate::storage::Volume;
 use crate::store::{now_secs, Progress, ReceiverStore, TransferRecord, TransferRecordRef};
-use crate::verify::PrefixDigest;
 use crate::wire::{Ack, Chunk, Committed, Connection, ErrorCode, Message, Need};
 
 /// Commit rounds (chunks still missing at Commit) before the sender is considered broken.
@@ -149,9 +148,9 @@ pub(super) struct Prepared {
     writer: ChunkWriter,
     /// No transfer to this path was open before this offer.
     fresh: bool,
-    /// The digest of the committed file's first bytes, hashed while the offer was gathered, for the follower of
-    /// an in-place partial over that very file ([`super::kept_prefix`]).
-    kept: Option<PrefixDigest>,
+    /// What was hashed of the committed file while the offer was gathered, for the follower of an in-place
+    /// partial over that very file ([`super::kept_prefix`]).
+    kept: Option<HeadStart>,
 }
 
 /// Serves one offered `manifest` for `path` (under the context's root) to completion: Need, chunks, Commit,
@@ -307,24 +306,23 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 /// follower's read-back is cheaper than the extra round trip.
 const COPY_AFTER_THE_WIRE: u64 = 16 * 1024 * 1024;
 
-/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile; then starts the digest follower
-/// from `kept` (taken) if the copy made its bytes final, as keeping an in-place partial's chunks does.
+/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile; then hands `kept` to the writer
+/// ([`ChunkWriter::take_head_start`]): its prefix is taken if the copy made those bytes final, as keeping an
+/// in-place partial's chunks does, else it is left in `kept` for a later try.
 async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
     mut writer: ChunkWriter,
     copies: LocalCopies,
     path: &RemotePath,
-    kept: &mut Option<PrefixDigest>,
+    kept: &mut Option<HeadStart>,
 ) -> Result<ChunkWriter, TransferError> {
     let path = path.clone();
-    let mut seed = kept.take();
+    let seed = kept.take();
     let (writer, unused) = with_keepalive(conn, ctx.idle_timeout, move || {
         copies.copy_into(&mut writer, &path)?;
-        if let Some(seed) = seed.take_if(|seed| writer.can_seed_follower(seed)) {
-            writer.seed_follower(seed);
-        }
-        Ok((writer, seed))
+        let unused = seed.and_then(|seed| writer.take_head_start(seed));
+        Ok((writer, unused))
     })
     .await?;
     *kept = unused;
@@ -651,7 +649,7 @@ pub(super) fn prepare_with(
                 let base = volume.stat_final(path);
                 seed = kept
                     .filter(|kept| base.is_some_and(|now| kept.describes(&now)))
-                    .map(|kept| kept.digest);
+                    .map(KeptPrefix::into_head_start);
                 Ok(file)
             }
             None => Ok(volume.open_partial_for(key, &manifest, full_reuse, partial_len.is_some())?),

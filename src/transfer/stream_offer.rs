@@ -196,8 +196,8 @@ async fn deferred<S: AsyncRead + AsyncWrite + Unpin>(
     let mut undecided: Vec<ManifestPiece> = Vec::new();
     // Hashes the committed file as far as the pieces keep it, for an in-place write's follower.
     let mut kept = {
-        let (ctx, path) = (ctx.clone(), path.clone());
-        blocking(move || Ok(KeptPrefixHasher::start(&ctx, &path))).await?
+        let (ctx, path, size) = (ctx.clone(), path.clone(), streamed.so_far().size);
+        blocking(move || Ok(KeptPrefixHasher::start(&ctx, &path, size))).await?
     };
     loop {
         let msg = tokio::select! {

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::kept_prefix::HeadStart;
 use super::ReceiverStats;
 use super::TransferError;
 use crate::manifest::{Hash, Manifest};
 use crate::ranges::{encode_runs, ChunkSet, IndexRange};
 use crate::storage::{Partial, PendingSync};
 use crate::store::{FileStamp, PrefixRecord, Progress, ReceiverStore};
-use crate::verify::{self, DigestFollower, HeldBytes, PrefixDigest, StackedPrefix, VerifyError};
+use crate::verify::{self, DigestFollower, HeldBytes, KnownSubtree, PrefixDigest, StackedPrefix, VerifyError};
 use crate::wire::Chunk;
 
 /// While the first this-many batch limits' worth of bytes arrive (16 MiB at the default 16 MiB: the sender's
@@ -135,6 +136,9 @@ pub(crate) struct ChunkWriter {
     /// follower is held at offset 0 until the carried chunks cover it (then it starts from it) or a chunk below its
     /// end is written or the manifest ends without covering it (then it is dropped and the follower reads).
     deferred_prefix: Option<PrefixDigest>,
+    /// Subtrees of the file hashed apart from bytes the partial holds unchanged (an in-place partial's base,
+    /// [`super::kept_prefix`]): every follower started takes them instead of reading those bytes back.
+    known_subtrees: Vec<KnownSubtree>,
     /// The last [`ChunkWriter::run`] ended because its queue closed, and storage did not fail: every chunk it wrote
     /// is durable, or (paused) is being made durable by syncs still running. If the session ends here,
     /// [`ChunkWriter::settle_after_session`] records the digest state for the resume.
@@ -193,6 +197,7 @@ impl ChunkWriter {
             syncs: 0,
             session_bytes: 0,
             deferred_prefix: None,
+            known_subtrees: Vec::new(),
             drained: false,
             pause: None,
             settles: 0,
@@ -285,6 +290,8 @@ impl ChunkWriter {
         self.advance_contiguous();
         self.follower = None;
         self.deferred_prefix = None;
+        // After a damaged commit, subtrees hashed ahead may hold the damaged bytes: the new follower reads them.
+        self.known_subtrees.clear();
         let seed = match self.recorded_prefix() {
             RecordedPrefix::Now(seed) => seed,
             RecordedPrefix::Later(seed) => {
@@ -316,6 +323,32 @@ impl ChunkWriter {
         self.deferred_prefix.is_none() && len > hashed && len <= self.final_bytes() && self.file.holds_unchanged(0, len)
     }
 
+    /// Takes what was hashed of an in-place partial's base while the offer was gathered: its subtrees at once (the
+    /// follower takes each once the prefix reaches it; one over bytes the partial no longer holds unchanged is
+    /// dropped), its prefix if it can seed the follower now ([`ChunkWriter::can_seed_follower`]). Returns it, the
+    /// subtrees taken, if the prefix could not seed the follower yet.
+    pub(crate) fn take_head_start(&mut self, mut head: HeadStart) -> Option<HeadStart> {
+        let file = self.file.clone();
+        let subtrees = std::mem::take(&mut head.subtrees);
+        let fresh: Vec<KnownSubtree> = subtrees
+            .into_iter()
+            .filter(|s| file.holds_unchanged(s.offset, s.len))
+            .collect();
+        if !fresh.is_empty() {
+            let bytes: u64 = fresh.iter().map(|s| s.len).sum();
+            tracing::info!(path = %self.key, bytes, subtrees = fresh.len(), "chunks kept after the change were hashed while the offer was gathered");
+            if let Some(follower) = &self.follower {
+                follower.know(fresh.iter().copied());
+            }
+            self.known_subtrees.extend(fresh);
+        }
+        if !self.can_seed_follower(&head.prefix) {
+            return Some(head);
+        }
+        self.seed_follower(head.prefix);
+        None
+    }
+
     /// Starts the follower again from `seed` (see [`ChunkWriter::can_seed_follower`]); the one it replaces stops.
     pub(crate) fn seed_follower(&mut self, seed: PrefixDigest) {
         tracing::info!(path = %self.key, bytes = seed.len(), "the kept prefix was hashed while the offer was gathered");
@@ -324,7 +357,13 @@ impl ChunkWriter {
 
     /// Starts the follower from `seed`, told that `[0, ready)` is final.
     fn start_follower(&mut self, ready: u64, seed: PrefixDigest) {
+        // A subtree whose bytes this transfer wrote over since (a damaged chunk asked for again) no longer holds.
+        let file = self.file.clone();
+        self.known_subtrees.retain(|s| file.holds_unchanged(s.offset, s.len));
         let follower = DigestFollower::start_from(self.file.clone(), ready, seed);
+        if let Ok(follower) = &follower {
+            follower.know(self.known_subtrees.iter().copied());
+        }
         // Without a follower the commit reads the whole file; slower, never wrong.
         self.follower = follower
             .inspect_err(
@@ -1247,6 +1286,7 @@ mod tests {
                 HashSources {
                     from_memory: whole.len() as u64,
                     read_back: 0,
+                    known: 0,
                 },
             ),
             (
@@ -1254,6 +1294,7 @@ mod tests {
                 HashSources {
                     from_memory: chunk,
                     read_back: whole.len() as u64 - chunk,
+                    known: 0,
                 },
             ),
         ] {
