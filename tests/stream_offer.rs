@@ -705,6 +705,16 @@ async fn offer_one_piece(
     }
 }
 
+/// Changes 16 bytes of block 10 of the committed file at `target` behind the server's back: its size and mtime put
+/// back, so its committed manifest still seems to describe it.
+fn damage_block_ten(target: &Path) {
+    use std::os::unix::fs::FileExt;
+    let mtime = std::fs::metadata(target).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(target).unwrap();
+    file.write_all_at(&[0xEE; 16], 10 * MIB + 100).unwrap();
+    file.set_modified(mtime).unwrap();
+}
+
 /// A server (root under `dir`) holding, committed at `path`, the 20 blocks of seeds 1 to 20, pushed as one streamed
 /// piece (a path that holds no file: the piece is answered at once, asking for every block).
 async fn server_holding(dir: &Path, path: &str) -> TestServer {
@@ -785,15 +795,10 @@ async fn chunks_kept_after_an_edit_are_hashed_while_the_manifest_is_gathered() {
 /// file lands verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_block_hashed_ahead_after_an_edit_is_caught_at_commit() {
-    use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let server = server_holding(dir.path(), "rot.bin").await;
     let target = server.root.join("rot.bin");
-    let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
-    let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
-    file.write_all_at(&[0xEE; 16], 10 * MIB + 100).unwrap();
-    file.set_modified(mtime).unwrap();
-    drop(file);
+    damage_block_ten(&target);
 
     let new = blocks(&[99].into_iter().chain(seeds(2, 19)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
@@ -811,15 +816,10 @@ async fn a_damaged_block_hashed_ahead_after_an_edit_is_caught_at_commit() {
 /// put back) is not copied: the receiver finds it wrong on the way and asks the sender for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_block_of_the_old_version_is_asked_for_instead_of_copied() {
-    use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let server = server_holding(dir.path(), "rotted.bin").await;
     let target = server.root.join("rotted.bin");
-    let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
-    let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
-    file.write_all_at(&[0xEE; 16], 10 * MIB + 100).unwrap();
-    file.set_modified(mtime).unwrap();
-    drop(file);
+    damage_block_ten(&target);
 
     let new = blocks(&[99].into_iter().chain(seeds(1, 20)).collect::<Vec<_>>());
     let mut conn = greeted(server.addr).await;
