@@ -38,10 +38,11 @@ pub(crate) struct KeptPrefix {
     base: Identity,
     /// Its change stamp then: a write that set the mtime back still moves the change time.
     stamp: ChangeStamp,
-    pub(crate) digest: PrefixDigest,
+    /// The whole-file digest's state over the prefix.
+    digest: PrefixDigest,
     /// Subtrees of the file's BLAKE3 tree inside the chunks kept in place after the first changed one, hashed
     /// from it while the pieces arrived.
-    pub(crate) subtrees: Vec<KnownSubtree>,
+    subtrees: Vec<KnownSubtree>,
 }
 
 /// What was hashed of a committed file ahead of an in-place write over it, for that write's digest follower.

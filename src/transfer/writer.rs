@@ -328,19 +328,12 @@ impl ChunkWriter {
     /// dropped), its prefix if it can seed the follower now ([`ChunkWriter::can_seed_follower`]). Returns it, the
     /// subtrees taken, if the prefix could not seed the follower yet.
     pub(crate) fn take_head_start(&mut self, mut head: HeadStart) -> Option<HeadStart> {
-        let file = self.file.clone();
-        let subtrees = std::mem::take(&mut head.subtrees);
-        let fresh: Vec<KnownSubtree> = subtrees
-            .into_iter()
-            .filter(|s| file.holds_unchanged(s.offset, s.len))
-            .collect();
-        if !fresh.is_empty() {
-            let bytes: u64 = fresh.iter().map(|s| s.len).sum();
-            tracing::info!(path = %self.key, bytes, subtrees = fresh.len(), "chunks kept after the change were hashed while the offer was gathered");
-            if let Some(follower) = &self.follower {
-                follower.know(fresh.iter().copied());
-            }
-            self.known_subtrees.extend(fresh);
+        if !head.subtrees.is_empty() {
+            self.known_subtrees.append(&mut head.subtrees);
+            self.share_known_subtrees();
+            let bytes: u64 = self.known_subtrees.iter().map(|s| s.len).sum();
+            let subtrees = self.known_subtrees.len();
+            tracing::info!(path = %self.key, bytes, subtrees, "chunks kept after the change were hashed while the offer was gathered");
         }
         if !self.can_seed_follower(&head.prefix) {
             return Some(head);
@@ -357,19 +350,24 @@ impl ChunkWriter {
 
     /// Starts the follower from `seed`, told that `[0, ready)` is final.
     fn start_follower(&mut self, ready: u64, seed: PrefixDigest) {
-        // A subtree whose bytes this transfer wrote over since (a damaged chunk asked for again) no longer holds.
-        let file = self.file.clone();
-        self.known_subtrees.retain(|s| file.holds_unchanged(s.offset, s.len));
         let follower = DigestFollower::start_from(self.file.clone(), ready, seed);
-        if let Ok(follower) = &follower {
-            follower.know(self.known_subtrees.iter().copied());
-        }
         // Without a follower the commit reads the whole file; slower, never wrong.
         self.follower = follower
             .inspect_err(
                 |e| tracing::warn!(path = %self.key, error = %e, "no digest thread; the commit reads the whole file"),
             )
             .ok();
+        self.share_known_subtrees();
+    }
+
+    /// Drops the known subtrees over bytes the partial no longer holds unchanged (the journal wrote there), and
+    /// tells the follower of the rest.
+    fn share_known_subtrees(&mut self) {
+        let file = self.file.clone();
+        self.known_subtrees.retain(|s| file.holds_unchanged(s.offset, s.len));
+        if let Some(follower) = &self.follower {
+            follower.know(self.known_subtrees.iter().copied());
+        }
     }
 
     /// Tells the follower how far the file is final; first settles a deferred digest state (see
