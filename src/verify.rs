@@ -149,9 +149,7 @@ impl PrefixDigest {
             let held = std::mem::take(&mut self.last);
             self.push_subtree(&held);
         }
-        self.merge_to(self.stacked);
-        self.stack.push(cv);
-        self.stacked += len;
+        self.push_cv(cv, len);
         true
     }
 
@@ -163,9 +161,15 @@ impl PrefixDigest {
             .set_input_offset(self.stacked)
             .update(subtree)
             .finalize_non_root();
+        self.push_cv(cv, subtree.len() as u64);
+    }
+
+    /// Pushes the chaining value of the complete, aligned subtree of `len` bytes at `stacked`, merging first what
+    /// the chunks before it complete.
+    fn push_cv(&mut self, cv: ChainingValue, len: u64) {
         self.merge_to(self.stacked);
         self.stack.push(cv);
-        self.stacked += subtree.len() as u64;
+        self.stacked += len;
     }
 
     /// Merges the top of the stack until it holds one value per set bit of the chunk count of `len` bytes.
