@@ -399,23 +399,29 @@ async fn serve_accepted(accepted: NewConnection, shared: Shared, stop: Cancellat
     // Only a connection that completed the handshake takes one of the server's slots.
     let Ok(permit) = slots.try_acquire_owned() else {
         let busy = TransferError::refused(ErrorCode::TooManyConnections, "server is at its connection limit");
-        // What it pipelined behind its Hello is small (proto-spec.md §3): read what comes within LINGER, at most
-        // 1 MiB, so that closing does not reset the connection before the client read why.
-        tell_peer(&mut conn, &busy).await;
-        let _ = conn.shutdown().await;
-        conn.drain(tokio::time::Instant::now() + LINGER).await;
+        // What it pipelined behind its Hello is small (proto-spec.md §3): at most 1 MiB.
+        refuse_session(&mut conn, &busy, PIPELINED_DRAIN_BYTES).await;
         return;
     };
     if let Err(e) = serve_session(&mut conn, &shared, &stop, peer, accepted).await {
         tracing::info!(%peer, error = %printable(&e.to_string()), "session ended with an error");
-        tell_peer(&mut conn, &e).await;
-        // The peer may have chunks in flight: read them (bounded) until it closes, so that closing does not reset
-        // the connection and discard the Error frame before the peer read it (it would then retry a final error).
-        let _ = conn.shutdown().await;
-        conn.drain_at_most(tokio::time::Instant::now() + LINGER, SESSION_DRAIN_BYTES)
-            .await;
+        // The peer may have a window of chunks in flight.
+        refuse_session(&mut conn, &e, SESSION_DRAIN_BYTES).await;
     }
     drop(permit);
+}
+
+/// Tells the peer why its session ends, then reads and drops what it still sends (at most `max` bytes, within
+/// [`LINGER`]) until it closes: closing with those bytes unread would reset the connection and discard the Error
+/// frame before the peer read it (it would then retry a final error).
+async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    error: &TransferError,
+    max: usize,
+) {
+    tell_peer(conn, error).await;
+    let _ = conn.shutdown().await;
+    conn.drain_at_most(tokio::time::Instant::now() + LINGER, max).await;
 }
 
 /// Expires abandoned transfers and leftovers at start-up and then every `gc_interval`, until shutdown. Leftover
@@ -501,6 +507,10 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// What a failed session reads and drops at most after its Error frame: more than a default window in flight.
 const SESSION_DRAIN_BYTES: usize = 256 * 1024 * 1024;
+
+/// What a connection refused for want of a slot reads and drops at most: the request a client may pipeline behind
+/// its Hello ([`crate::transfer::PIPELINED_FRAME_MAX`], what [`Connection::drain`] reads too).
+const PIPELINED_DRAIN_BYTES: usize = crate::transfer::PIPELINED_FRAME_MAX as usize;
 
 /// The ferry handshake (and authentication), to be completed by `deadline`.
 async fn handshake_by<S: AsyncRead + AsyncWrite + Unpin>(
