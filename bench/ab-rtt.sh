@@ -18,22 +18,11 @@ proxy_bin=${PROXY_BIN:-$repo/target/release/examples/delay_proxy}
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+source "$repo/bench/lib.sh"
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", b-a}'; }
-
-# start_proxy UPSTREAM: sets proxy_addr and proxy_pid.
-start_proxy() {
-  # The last proxy's output goes first: the redirection truncates it only once the new one runs, and a grep before
-  # that would find the old address.
-  rm -f "$work/proxy.out"
-  "$proxy_bin" "$1" 20 > "$work/proxy.out" &
-  proxy_pid=$!
-  pids+=("$proxy_pid")
-  for _ in $(seq 1200); do grep -q listening "$work/proxy.out" 2>/dev/null && break; sleep 0.05; done
-  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
-}
 
 # round BIN LABEL: a fresh server and state, one push through the proxy; appends the wall time to LABEL's file.
 round() {
@@ -82,13 +71,7 @@ rsync_round() {
 labels="a b"
 if command -v rsync > /dev/null; then
   labels="a b rsync"
-  rsync_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  mkdir -p "$work/rsync-dst"
-  printf 'use chroot = no\nuid = %s\ngid = %s\npid file = %s\n[dst]\n  path = %s\n  read only = no\n' \
-    "$(id -u)" "$(id -g)" "$work/rsyncd.pid" "$work/rsync-dst" > "$work/rsyncd.conf"
-  rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rsync_port" --address=127.0.0.1 &
-  pids+=("$!")
-  sleep 0.5
+  start_rsync_daemon
 fi
 
 for i in $(seq "$rounds"); do

@@ -264,13 +264,6 @@ done
 lat_mib=$((size_mib < 512 ? size_mib : 512))
 head -c "$((lat_mib * 1024 * 1024))" "$work/src.bin" > "$work/lat.bin"
 cargo build --release --quiet --example delay_proxy
-start_proxy() { # start_proxy UPSTREAM: a proxy adding 20 ms each way; sets proxy_addr and proxy_pid
-  "$repo/target/release/examples/delay_proxy" "$1" 20 > "$work/proxy.out" &
-  proxy_pid=$!
-  pids+=("$proxy_pid")
-  for _ in $(seq 100); do grep -q listening "$work/proxy.out" 2> /dev/null && break; sleep 0.05; done
-  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
-}
 for run in $(seq "$runs"); do
   echo "compare: ${lat_mib} MiB over a 40 ms round trip, run $run" >&2
   for setting in 1:default 1:16MiB 4:16MiB 1:64MiB 1:4MiB 4:4MiB; do

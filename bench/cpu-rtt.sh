@@ -31,16 +31,6 @@ cpu_ms() { awk '{print ($14 + $15 + $16 + $17) * 10}' "/proc/$1/stat"; }
 client_ms() { awk -F, '/task-clock/ {printf "%d", $1}' "$work/client.perf"; }
 record() { echo "$2" >> "$work/$1"; }
 
-# start_proxy UPSTREAM: sets proxy_addr and proxy_pid.
-start_proxy() {
-  rm -f "$work/proxy.out"
-  "$proxy_bin" "$1" 20 > "$work/proxy.out" &
-  proxy_pid=$!
-  pids+=("$proxy_pid")
-  for _ in $(seq 1200); do grep -q listening "$work/proxy.out" 2> /dev/null && break; sleep 0.05; done
-  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
-}
-
 ferry_round() {
   rm -rf "$work/root" "$work/state" "$work/ferry.out"
   "$bin" -q serve --listen 127.0.0.1:0 --root "$work/root" > "$work/ferry.out" 2> /dev/null &

@@ -1,6 +1,19 @@
 # Pieces the bench scripts share; source it after setting `work` (a scratch directory) and `pids` (an array of
 # processes the script kills on exit). Not run by CI.
 
+# start_proxy UPSTREAM: examples/delay_proxy ($proxy_bin if set) in front of UPSTREAM, adding 20 ms each way (a 40 ms
+# round trip); sets proxy_addr and proxy_pid (added to pids).
+start_proxy() {
+  # The last proxy's output goes first: the redirection truncates it only once the new one runs, and a grep before
+  # that would find the old address.
+  rm -f "$work/proxy.out"
+  "${proxy_bin:-$repo/target/release/examples/delay_proxy}" "$1" 20 > "$work/proxy.out" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  for _ in $(seq 1200); do grep -q listening "$work/proxy.out" 2> /dev/null && break; sleep 0.05; done
+  proxy_addr=$(sed -n 's/^listening on //p' "$work/proxy.out")
+}
+
 # free_port: prints a TCP port free on 127.0.0.1 now.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
