@@ -173,7 +173,9 @@ impl<'a> KeptSoFar<'a> {
                 continue;
             }
             self.broken = true;
-            let end = chunk.offset + u64::from(chunk.len);
+            // A piece is hashed ahead before it is checked: its offsets are the peer's, unchecked (a wrong one
+            // fails the offer later, and a changed chunk's end is never used).
+            let end = chunk.offset.saturating_add(u64::from(chunk.len));
             match self.later.back_mut() {
                 Some(run) if same && run.1 == chunk.offset => run.1 = end,
                 _ if same => self.later.push_back((chunk.offset, end)),
@@ -332,6 +334,20 @@ mod tests {
         kept.add(&new.chunks[4..]);
         // Chunk 4 extends the last run: 32 KiB to 40 KiB, but the last 1 KiB.
         assert_eq!(planned(&mut kept), [(32 * k, 4 * k), (36 * k, 2 * k), (38 * k, k)]);
+    }
+
+    /// A piece is planned from before it is checked: a changed chunk at an offset near `u64::MAX` (a peer's
+    /// nonsense, refused when the piece is checked) is passed over without overflowing.
+    #[test]
+    fn an_unchecked_piece_near_the_end_of_the_offsets_does_not_overflow() {
+        let old = manifest_of(&[8 * 1024, 8 * 1024]);
+        let mut bogus = old.chunks[1];
+        bogus.hash[0] ^= 1;
+        bogus.offset = u64::MAX - 10;
+        let mut kept = KeptSoFar::new(&old, old.size);
+        kept.add(&[bogus]);
+        assert!(kept.broken);
+        assert_eq!(kept.next_subtree(), None);
     }
 
     /// A local writer that changes hashed bytes and sets the mtime back leaves size, inode and mtime as they were,
