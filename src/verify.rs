@@ -600,7 +600,16 @@ fn follow(file: &dyn ReadAt, shared: &(Mutex<Follow>, Condvar), seed: PrefixDige
                 }
                 continue;
             }
-            // A read back stops where the next known subtree starts (one here that is not final yet is read).
+            // A subtree here whose bytes are not all final yet is waited for, not read back: the writer's next
+            // advance wakes the follower. Unless a handed-over piece starts here, or the follower is finishing
+            // (then the bytes are read back).
+            let known_here = next_known.is_some_and(|s| s.offset == at);
+            let piece_here = follow.pieces.front().is_some_and(|piece| piece.offset <= at);
+            if known_here && !piece_here && !follow.finish {
+                drop(shared.1.wait(follow).unwrap_or_else(|e| e.into_inner()));
+                continue;
+            }
+            // A read back stops where the next known subtree starts.
             let known_at = next_known
                 .map(|subtree| subtree.offset)
                 .filter(|&offset| offset > at)
@@ -728,6 +737,35 @@ mod tests {
         assert!(known > 1_400_000, "{known}");
         assert_eq!(sources.known, known);
         assert_eq!(sources.read_back, data.len() as u64 - known);
+        assert_eq!(prefix.finalize(), *blake3::hash(&data).as_bytes());
+    }
+
+    /// A known subtree the prefix reaches before all its bytes are final is waited for, not read back, while the
+    /// bytes become final a slice at a time (as a local copy makes them).
+    #[test]
+    fn a_follower_waits_for_a_known_subtree_to_become_final() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..(5u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+            .collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let (offset, len) = (2u64 << 20, 2u64 << 20);
+        let cv = subtree_cv(offset, |h| {
+            h.update(&data[offset as usize..(offset + len) as usize]);
+            Ok(())
+        })
+        .unwrap();
+        let follower = DigestFollower::start(file.try_clone().unwrap(), 0).unwrap();
+        follower.know([KnownSubtree { offset, len, cv }]);
+        for ready in (1..=data.len() as u64 / (256 << 10)).map(|k| k * (256 << 10)) {
+            follower.advance(ready);
+            // Give the follower the time to read the new slice back, if it would.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let (prefix, sources) = follower.finish_counted().unwrap();
+        assert_eq!(sources.known, len);
+        assert_eq!(sources.read_back, data.len() as u64 - len);
         assert_eq!(prefix.finalize(), *blake3::hash(&data).as_bytes());
     }
 

@@ -11,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    b3, frames_before_welcome, greeted, logged_bytes, push, push_command, random_bytes, rchar, run_counting_reads,
-    send_chunk_zero_and_commit, single_chunk_manifest, wait_until_store_closed, write_random, TestServer,
+    b3, frames_before_welcome, greeted, logged_bytes, logged_number, push, push_command, random_bytes, rchar,
+    run_counting_reads, send_chunk_zero_and_commit, single_chunk_manifest, wait_until_store_closed, write_random,
+    TestServer,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -716,9 +717,11 @@ fn damage_block_ten(target: &Path) {
 }
 
 /// A server (root under `dir`) holding, committed at `path`, the 20 blocks of seeds 1 to 20, pushed as one streamed
-/// piece (a path that holds no file: the piece is answered at once, asking for every block).
+/// piece (a path that holds no file: the piece is answered at once, asking for every block). Its log has the
+/// commit's debug line (what the digest read back, took from memory, took as known subtrees).
 async fn server_holding(dir: &Path, path: &str) -> TestServer {
-    let server = TestServer::start(&dir.join("root"));
+    let log = [("RUST_LOG", "info,ferry::transfer::commit=debug")];
+    let server = TestServer::start_with_env(&dir.join("root"), &[], &log);
     let old = blocks(&seeds(1, 20));
     let all: Vec<u32> = (0..20).collect();
     let mut conn = greeted(server.addr).await;
@@ -788,6 +791,11 @@ async fn chunks_kept_after_an_edit_are_hashed_while_the_manifest_is_gathered() {
     let (line, bytes) = logged_bytes(&log, "chunks kept after the change were hashed");
     // Blocks 1 to 19, but the file's last 1 KiB chunk (hashed at commit: it is the tree's right edge).
     assert_eq!(bytes, 19 * MIB - 1024, "{line}");
+    // And the digest at commit took them instead of reading them back (the last commit's line is this push's).
+    let verified = log.lines().rev().find(|l| l.contains("verifying the whole file"));
+    let verified = verified.expect("the commit logs what it hashed");
+    assert_eq!(logged_number(verified, "known"), 19 * MIB - 1024, "{verified}");
+    assert!(logged_number(verified, "read_back") < MIB, "{verified}");
 }
 
 /// A byte of the old version changed behind the receiver's back (size and mtime put back) inside the blocks hashed

@@ -51,6 +51,19 @@ pub(crate) struct HeadStart {
     pub(crate) prefix: PrefixDigest,
     /// Subtrees inside later chunks kept in place.
     pub(crate) subtrees: Vec<KnownSubtree>,
+    /// The committed file hashed, still open, and its change stamp from before it was hashed: the follower takes
+    /// the hashes only while the stamp is unchanged ([`HeadStart::still_unchanged`]).
+    file: Box<dyn FinalFile>,
+    stamp: ChangeStamp,
+}
+
+impl HeadStart {
+    /// Whether the file hashed has still not been written, nor its metadata changed, since before it was hashed:
+    /// a local write between the offer's check and the follower's taking the hashes (the first round's local
+    /// copies can take long) would otherwise be trusted as the new file's bytes.
+    pub(crate) fn still_unchanged(&self) -> bool {
+        self.file.change_stamp().is_ok_and(|stamp| stamp == self.stamp)
+    }
 }
 
 impl KeptPrefix {
@@ -59,6 +72,8 @@ impl KeptPrefix {
         HeadStart {
             prefix: self.digest,
             subtrees: self.subtrees,
+            file: self.file,
+            stamp: self.stamp,
         }
     }
 
@@ -388,5 +403,40 @@ mod tests {
         let now = identity_now();
         assert_eq!(now, prefix.base, "size, inode and mtime are as hashed");
         assert!(!prefix.describes(&now), "the change time gives the write away");
+    }
+
+    /// The head start handed to the writer checks the change time again when it is taken: a write after the
+    /// offer's check (during a long first round of local copies) that sets the mtime back drops it.
+    #[test]
+    fn a_head_start_written_over_after_the_check_is_not_taken() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("committed");
+        std::fs::write(&path, [7u8; 40]).unwrap();
+        let old = manifest_of(&[10, 10, 10, 10]);
+        let file = std::fs::File::open(&path).unwrap();
+        let base = (
+            FinalFile::identity(&file).unwrap(),
+            FinalFile::change_stamp(&file).unwrap(),
+        );
+        let (pieces, queue) = channel();
+        pieces.send(old.chunks.clone()).unwrap();
+        drop(pieces);
+        let prefix = hash_kept(
+            Box::new(file),
+            base,
+            KeptSoFar::new(&old, 40),
+            &queue,
+            &AtomicBool::new(false),
+        );
+        let head = prefix.expect("hashed").into_head_start();
+        assert!(head.still_unchanged(), "an untouched file's head start holds");
+
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all_at(&[8], 25).unwrap();
+        writer.set_modified(mtime).unwrap();
+        assert!(!head.still_unchanged(), "the change time gives the write away");
     }
 }

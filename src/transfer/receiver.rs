@@ -306,9 +306,10 @@ async fn receive_until_committed<S: AsyncRead + AsyncWrite + Unpin>(
 /// follower's read-back is cheaper than the extra round trip.
 const COPY_AFTER_THE_WIRE: u64 = 16 * 1024 * 1024;
 
-/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile; then hands `kept` to the writer
-/// ([`ChunkWriter::take_head_start`]): its prefix is taken if the copy made those bytes final, as keeping an
-/// in-place partial's chunks does, else it is left in `kept` for a later try.
+/// Copies the chunks `copies` holds into `writer`, pinging the sender meanwhile. `kept` goes to the writer
+/// ([`ChunkWriter::take_head_start`]) before the copy, so that the follower takes its subtrees instead of reading
+/// back the chunks the copy makes final, and again after it: its prefix is taken if the copy made those bytes
+/// final, as keeping an in-place partial's chunks does, else it is left in `kept` for a later try.
 async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     ctx: &ReceiverContext,
@@ -320,6 +321,7 @@ async fn copy_local<S: AsyncRead + AsyncWrite + Unpin>(
     let path = path.clone();
     let seed = kept.take();
     let (writer, unused) = with_keepalive(conn, ctx.idle_timeout, move || {
+        let seed = seed.and_then(|seed| writer.take_head_start(seed));
         copies.copy_into(&mut writer, &path)?;
         let unused = seed.and_then(|seed| writer.take_head_start(seed));
         Ok((writer, unused))

@@ -290,7 +290,9 @@ impl ChunkWriter {
         self.advance_contiguous();
         self.follower = None;
         self.deferred_prefix = None;
-        // After a damaged commit, subtrees hashed ahead may hold the damaged bytes: the new follower reads them.
+        // After a damaged commit the new follower reads everything not final in memory. Subtrees over chunks asked
+        // for again would be dropped anyway (`share_known_subtrees`: the partial no longer holds them unchanged);
+        // clearing them all also drops any hashed ahead that the damage made wrong without a chunk failing.
         self.known_subtrees.clear();
         let seed = match self.recorded_prefix() {
             RecordedPrefix::Now(seed) => seed,
@@ -326,8 +328,13 @@ impl ChunkWriter {
     /// Takes what was hashed of an in-place partial's base while the offer was gathered: its subtrees at once (the
     /// follower takes each once the prefix reaches it; one over bytes the partial no longer holds unchanged is
     /// dropped), its prefix if it can seed the follower now ([`ChunkWriter::can_seed_follower`]). Returns it, the
-    /// subtrees taken, if the prefix could not seed the follower yet.
+    /// subtrees taken, if the prefix could not seed the follower yet. A head start whose file was written since it
+    /// was hashed ([`HeadStart::still_unchanged`]) is dropped whole: the follower reads those bytes back.
     pub(crate) fn take_head_start(&mut self, mut head: HeadStart) -> Option<HeadStart> {
+        if !head.still_unchanged() {
+            tracing::warn!(path = %self.key, "the committed file changed since it was hashed ahead; reading it back");
+            return None;
+        }
         if !head.subtrees.is_empty() {
             self.known_subtrees.append(&mut head.subtrees);
             self.share_known_subtrees();

@@ -420,13 +420,16 @@ pub fn logged_bytes<'a>(log: &'a str, needle: &str) -> (&'a str, u64) {
         .lines()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("the server never logged {needle:?}:\n{log}"));
-    let bytes = line
-        .split("bytes=")
+    (line, logged_number(line, "bytes"))
+}
+
+/// The number `field=N` in `line`; panics if it has none.
+pub fn logged_number(line: &str, field: &str) -> u64 {
+    line.split(&format!(" {field}="))
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the line says no bytes: {line}"));
-    (line, bytes)
+        .unwrap_or_else(|| panic!("the line says no {field}: {line}"))
 }
 
 /// Terminal output without its escape sequences (colours, cursor moves, line clears).
