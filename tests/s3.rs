@@ -29,6 +29,25 @@ pub(crate) async fn count(store: &Arc<dyn ObjectStore>, prefix: &object_store::p
     layout::list(&**store, prefix).await.unwrap().len()
 }
 
+/// Asserts that the bucket holds no open-transfer record; a failure names the records left and shows the logs
+/// of the servers `names` (rooted in `dir`), to tell which server left which record and why.
+pub(crate) async fn assert_no_open_record(url: &str, dir: &Path, names: &[&str]) {
+    let (store, layout) = bucket(url);
+    let left = layout::list(&*store, &layout.open()).await.unwrap();
+    if left.is_empty() {
+        return;
+    }
+    let keys: Vec<String> = left.iter().map(|meta| meta.location.to_string()).collect();
+    let logs: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.server.log"))).unwrap_or_default();
+            format!("---- server {name}'s log:\n{log}")
+        })
+        .collect();
+    panic!("committed, yet records are left: {keys:?}\n{}", logs.join("\n"));
+}
+
 /// Bytes the bucket's journals say are durable for the (single) open transfer, and its size.
 async fn durable_bytes(store: &Arc<dyn ObjectStore>, layout: &Layout) -> Option<(u64, u64)> {
     let records = layout::list(&**store, &layout.open()).await.unwrap();
@@ -110,7 +129,7 @@ async fn s3_push_then_pull_through_another_server() {
     let (store, layout) = bucket(&url);
     assert_eq!(count(&store, &layout.chunks()).await as u64, pushed.u64("chunks"));
     assert_eq!(count(&store, &layout.files()).await, 1);
-    assert_eq!(count(&store, &layout.open()).await, 0);
+    assert_no_open_record(&url, dir.path(), &["a", "b"]).await;
     // The journal is deleted after `Committed` was answered, in the background.
     let journal = layout.namespace().clone().join("journal");
     let mut left = count(&store, &journal).await;
@@ -197,8 +216,7 @@ async fn s3_push_cut_on_one_server_resumes_on_another() {
         sent <= size - durable + RESEND_SLACK,
         "B asked for {sent} bytes of {size}; A had made {durable} durable"
     );
-    let (store, layout) = bucket(&url);
-    assert_eq!(count(&store, &layout.open()).await, 0, "committed: no record left");
+    assert_no_open_record(&url, dir.path(), &["a", "b"]).await;
     let out = dir.path().join("out.bin");
     pull(&a.url("f.bin"), &out, &dir.path().join("c2"), &[])
         .await

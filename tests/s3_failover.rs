@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::failover::wait_for_acknowledged;
-use crate::s3::{bucket, count, s3_server};
+use crate::s3::{assert_no_open_record, s3_server};
 use crate::util::garage;
 use crate::util::*;
 
@@ -80,8 +80,7 @@ async fn s3_failover_kill_server_mid_push() {
         received <= size && received + WINDOW + CHUNK >= size,
         "the group received {received} bytes of a {size}-byte file: B counted only its own? {summary}"
     );
-    let (store, layout) = bucket(&url);
-    assert_eq!(count(&store, &layout.open()).await, 0, "committed: no open record left");
+    assert_no_open_record(&url, dir.path(), &["a", "b"]).await;
     let out = dir.path().join("out.bin");
     pull(&b.url("f.bin"), &out, &dir.path().join("puller"), &[])
         .await
