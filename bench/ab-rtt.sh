@@ -21,7 +21,6 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$wo
 source "$repo/bench/lib.sh"
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", b-a}'; }
 
 # round BIN LABEL: a fresh server and state, one push through the proxy; appends the wall time to LABEL's file.

@@ -6,6 +6,7 @@
 # Usage: bench/ab.sh A_BIN B_BIN [SIZE_MIB=1024] [ROUNDS=5] [extra push args...]. Not run by CI.
 # Make A from another commit with e.g. `git stash && cargo build --release && cp target/release/ferry /tmp/a`.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 a_bin=$(realpath "$1")
 b_bin=$(realpath "$2")
 size_mib=${3:-1024}
@@ -15,7 +16,6 @@ work=$(mktemp -d)
 trap 'kill "${server_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", b-a}'; }
 # CPU ticks (user + system) a process used so far, threads included.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -8,6 +8,7 @@
 #          directory, with `cp -a` + `sync` of the same tree in the same run as the disk baseline.
 # Prints per-run figures and medians. Not run by CI (it needs about 4 x SIZE_MIB MiB of temp space).
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 size_mib=${1:-256}
 files=${2:-10000}
 runs=${3:-3}
@@ -26,7 +27,6 @@ start_server() {
   for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
   addr=$(sed -n 's/^ferry: listening on //p' "$work/server.out")
 }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 json() { python3 -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])['$1'])"; }
 timed() { local t0; t0=$(now); "$@" > "$work/out.json"; awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }

@@ -22,7 +22,6 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$wo
 source "$repo/bench/lib.sh"
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 ms_since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%d", (b-a)*1000}'; }
 # cpu_ms PID: user + system time of the process and its reaped children, in ms (/proc/PID/stat, 100 ticks a second).

@@ -16,7 +16,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
 write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }

@@ -1,6 +1,9 @@
 # Pieces the bench scripts share; source it after setting `work` (a scratch directory) and `pids` (an array of
 # processes the script kills on exit). Not run by CI.
 
+# median: the median of the numbers on stdin, one per line (the lower middle one of an even count).
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
 # start_proxy UPSTREAM: examples/delay_proxy ($proxy_bin if set) in front of UPSTREAM, adding 20 ms each way (a 40 ms
 # round trip); sets proxy_addr and proxy_pid (added to pids).
 start_proxy() {

@@ -5,6 +5,7 @@
 # same run as the disk baseline.
 # Not run by CI: it writes SIZE_MIB * (RUNS + 2) MiB to a temp dir.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 size_mib=${1:-1024}
 runs=${2:-3}
 cd "$(dirname "$0")/.."
@@ -14,7 +15,6 @@ work=$(mktemp -d)
 trap 'pkill -P "${server_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { awk -F': ' -v k="$1" '$1 ~ k {print $2}' "$2"; }
 elapsed_s() { field "Elapsed" "$1" | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }'; }
 

@@ -16,6 +16,7 @@
 # bytes stored under the tool's prefix after the scenario (sum of LIST sizes). Prints a markdown report (and
 # writes it to OUT if given). Needs GARAGE (or .ci/garage.sh), rclone, python3. Not run by CI.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 size_mib=${1:-1024}
 runs=${2:-3}
 out=${3:-}
@@ -89,7 +90,6 @@ code = child.wait()
 open(out, "w").write(f"{secs:.3f} {written} {code}\n")
 EOF
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mkdir -p "$work/results"
 record() { echo "$2" >> "$work/results/$1"; }
 result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a"; }

@@ -3,6 +3,7 @@
 # a client token on top, interleaved in one run so the machine's noise hits all three alike.
 # Usage: bench/tls.sh [SIZE_MIB=1024] [RUNS=3]. Not run by CI.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 size_mib=${1:-1024}
 runs=${2:-3}
 cd "$(dirname "$0")/.."
@@ -14,7 +15,6 @@ head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 fingerprint=$("$bin" keygen --cert "$work/cert.pem" --key "$work/key.pem" 2>/dev/null)
 "$bin" token bench --out "$work/bench.token" > "$work/clients.toml"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # push MODE: one fresh push with a fresh server; prints the client's wall seconds.
 push() {

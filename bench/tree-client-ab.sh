@@ -13,7 +13,6 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-tree-client-ab.XXXXXX")
 server=
 cleanup() { [ -n "$server" ] && kill "$server" 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 source "$(dirname "$0")/lib.sh"
 
 make_small_tree "$work/tree" "$files"

@@ -7,6 +7,7 @@
 # Runs alternate A and B on the same random file, each against its own server; prints per-run figures and medians.
 # Not run by CI: it writes SIZE_MIB * 2 MiB to a temp dir (under $TMPDIR).
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 a_bin=$1
 b_bin=$2
 size_mib=${3:-2048}
@@ -16,7 +17,6 @@ server_pid=
 trap '[ -n "$server_pid" ] && kill "$(pgrep -P "$server_pid")" 2>/dev/null; rm -rf "$work"' EXIT
 head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { awk -F': ' -v k="$1" '$1 ~ k {print $2}' "$2"; }
 
 # push_once BIN: starts a fresh server, pushes, prints "ttfb_s total_s client_rss_kib server_rss_kib".
