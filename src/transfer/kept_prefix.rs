@@ -365,13 +365,9 @@ mod tests {
         assert_eq!(kept.next_subtree(), None);
     }
 
-    /// A local writer that changes hashed bytes and sets the mtime back leaves size, inode and mtime as they were,
-    /// but not the change time: the digest no longer describes the file, so the commit reads the bytes again.
-    #[test]
-    fn a_write_that_sets_the_mtime_back_drops_the_kept_prefix() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("committed");
+    /// A committed file of 40 bytes in `dir`, hashed whole as four kept 10-byte chunks.
+    fn hashed_committed(dir: &std::path::Path) -> (std::path::PathBuf, KeptPrefix) {
+        let path = dir.join("committed");
         std::fs::write(&path, [7u8; 40]).unwrap();
         let old = manifest_of(&[10, 10, 10, 10]);
         let file = std::fs::File::open(&path).unwrap();
@@ -382,24 +378,33 @@ mod tests {
         let (pieces, queue) = channel();
         pieces.send(old.chunks.clone()).unwrap();
         drop(pieces);
-        let prefix = hash_kept(
-            Box::new(file),
-            base,
-            KeptSoFar::new(&old, 40),
-            &queue,
-            &AtomicBool::new(false),
-        )
-        .expect("hashed");
+        let stop = AtomicBool::new(false);
+        let prefix = hash_kept(Box::new(file), base, KeptSoFar::new(&old, 40), &queue, &stop).expect("hashed");
         assert_eq!(prefix.digest.len(), 40);
+        (path, prefix)
+    }
+
+    /// Writes byte `at` of the file at `path` and sets its mtime back, on a later tick of the change-time clock
+    /// (coarse clocks tick every few milliseconds).
+    fn write_behind_the_mtime(path: &std::path::Path, at: u64) {
+        use std::os::unix::fs::FileExt;
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        writer.write_all_at(&[8], at).unwrap();
+        writer.set_modified(mtime).unwrap();
+    }
+
+    /// A local writer that changes hashed bytes and sets the mtime back leaves size, inode and mtime as they were,
+    /// but not the change time: the digest no longer describes the file, so the commit reads the bytes again.
+    #[test]
+    fn a_write_that_sets_the_mtime_back_drops_the_kept_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, prefix) = hashed_committed(dir.path());
         let identity_now = || FinalFile::identity(&std::fs::File::open(&path).unwrap()).unwrap();
         assert!(prefix.describes(&identity_now()), "an untouched file is described");
 
-        // Coarse change-time clocks tick every few milliseconds: the write must land on a later tick.
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        writer.write_all_at(&[8], 3).unwrap();
-        writer.set_modified(mtime).unwrap();
+        write_behind_the_mtime(&path, 3);
         let now = identity_now();
         assert_eq!(now, prefix.base, "size, inode and mtime are as hashed");
         assert!(!prefix.describes(&now), "the change time gives the write away");
@@ -409,34 +414,12 @@ mod tests {
     /// offer's check (during a long first round of local copies) that sets the mtime back drops it.
     #[test]
     fn a_head_start_written_over_after_the_check_is_not_taken() {
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("committed");
-        std::fs::write(&path, [7u8; 40]).unwrap();
-        let old = manifest_of(&[10, 10, 10, 10]);
-        let file = std::fs::File::open(&path).unwrap();
-        let base = (
-            FinalFile::identity(&file).unwrap(),
-            FinalFile::change_stamp(&file).unwrap(),
-        );
-        let (pieces, queue) = channel();
-        pieces.send(old.chunks.clone()).unwrap();
-        drop(pieces);
-        let prefix = hash_kept(
-            Box::new(file),
-            base,
-            KeptSoFar::new(&old, 40),
-            &queue,
-            &AtomicBool::new(false),
-        );
-        let head = prefix.expect("hashed").into_head_start();
+        let (path, prefix) = hashed_committed(dir.path());
+        let head = prefix.into_head_start();
         assert!(head.still_unchanged(), "an untouched file's head start holds");
 
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        writer.write_all_at(&[8], 25).unwrap();
-        writer.set_modified(mtime).unwrap();
+        write_behind_the_mtime(&path, 25);
         assert!(!head.still_unchanged(), "the change time gives the write away");
     }
 }
