@@ -15,7 +15,6 @@ head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/src.bin"
 fingerprint=$("$bin" keygen --cert "$work/cert.pem" --key "$work/key.pem" 2>/dev/null)
 "$bin" token bench --out "$work/bench.token" > "$work/clients.toml"
 
-
 # push MODE: one fresh push with a fresh server; prints the client's wall seconds.
 push() {
   local mode=$1 serve_args=() push_args=()

@@ -33,11 +33,9 @@ const SUBTREE_MAX: u64 = 16 << 20;
 pub(crate) struct KeptPrefix {
     /// The committed file hashed, still open: a partial written in place over it, and only such a one, may start
     /// from the digest.
-    file: Box<dyn FinalFile>,
+    hashed: HashedFile,
     /// Its identity before the first byte was hashed.
     base: Identity,
-    /// Its change stamp then: a write that set the mtime back still moves the change time.
-    stamp: ChangeStamp,
     /// The whole-file digest's state over the prefix.
     digest: PrefixDigest,
     /// Subtrees of the file's BLAKE3 tree inside the chunks kept in place after the first changed one, hashed
@@ -51,10 +49,9 @@ pub(crate) struct HeadStart {
     pub(crate) prefix: PrefixDigest,
     /// Subtrees inside later chunks kept in place.
     pub(crate) subtrees: Vec<KnownSubtree>,
-    /// The committed file hashed, still open, and its change stamp from before it was hashed: the follower takes
-    /// the hashes only while the stamp is unchanged ([`HeadStart::still_unchanged`]).
-    file: Box<dyn FinalFile>,
-    stamp: ChangeStamp,
+    /// The committed file hashed: the follower takes the hashes only while it is unchanged
+    /// ([`HeadStart::still_unchanged`]).
+    hashed: HashedFile,
 }
 
 impl HeadStart {
@@ -62,6 +59,20 @@ impl HeadStart {
     /// a local write between the offer's check and the follower's taking the hashes (the first round's local
     /// copies can take long) would otherwise be trusted as the new file's bytes.
     pub(crate) fn still_unchanged(&self) -> bool {
+        self.hashed.unchanged()
+    }
+}
+
+/// A committed file hashed ahead, still open, and its change stamp from before the first byte was hashed.
+struct HashedFile {
+    file: Box<dyn FinalFile>,
+    /// A write that set the mtime back still moves the change time.
+    stamp: ChangeStamp,
+}
+
+impl HashedFile {
+    /// Whether the file has not been written, nor its metadata changed, since the stamp was taken.
+    fn unchanged(&self) -> bool {
         self.file.change_stamp().is_ok_and(|stamp| stamp == self.stamp)
     }
 }
@@ -72,8 +83,7 @@ impl KeptPrefix {
         HeadStart {
             prefix: self.digest,
             subtrees: self.subtrees,
-            file: self.file,
-            stamp: self.stamp,
+            hashed: self.hashed,
         }
     }
 
@@ -82,7 +92,7 @@ impl KeptPrefix {
     pub(crate) fn describes(&self, now: &Identity) -> bool {
         let b = &self.base;
         let same_file = now.is_file && (now.dev, now.ino, now.len, now.mtime) == (b.dev, b.ino, b.len, b.mtime);
-        same_file && self.file.change_stamp().is_ok_and(|stamp| stamp == self.stamp)
+        same_file && self.hashed.unchanged()
     }
 }
 
@@ -295,9 +305,8 @@ fn finished(
     let still = file.identity().ok()?;
     let (base, stamp) = base;
     let prefix = KeptPrefix {
-        file,
+        hashed: HashedFile { file, stamp },
         base,
-        stamp,
         digest,
         subtrees,
     };
