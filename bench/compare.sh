@@ -209,14 +209,19 @@ for run in $(seq "$runs"); do
   record noop_rsync "$(since "$t0")"
   for edit in middle insert; do
     if [ "$edit" = middle ]; then edited "$work/edit.bin" edit_middle "$work/edit.bin"; else edited "$work/edit.bin" insert_near_start "$work/edit.bin"; fi
+    server=$(server_pid); written=$(write_bytes "$server")
     before=$(lo_bytes); t0=$(now)
     "$bin" push "$work/edit.bin" "ferry://$ferry_addr/edit.bin" --state "$work/state" --json > /dev/null
     record "delta_${edit}_ferry" "$(since "$t0")"
     record "wire_${edit}_ferry" "$(($(lo_bytes) - before))"
+    record "disk_${edit}_ferry" "$(($(write_bytes "$server") - written))"
+    written=$(write_bytes "$rsync_pid")
     before=$(lo_bytes); t0=$(now)
     rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
     record "delta_${edit}_rsync" "$(since "$t0")"
     record "wire_${edit}_rsync" "$(($(lo_bytes) - before))"
+    sleep 0.2 # the daemon reaps its child, whose writes then count as its own
+    record "disk_${edit}_rsync" "$(($(write_bytes "$rsync_pid") - written))"
     cmp "$work/edit.bin" "$work/ferry-root/edit.bin"
     cmp "$work/edit.bin" "$work/rsync-dst/edit.bin"
   done
@@ -342,11 +347,14 @@ fresh=$(result fresh_ferry)
   echo "## Delta"
   echo
   echo "Bytes on the wire are loopback bytes in both directions (\`/proc/net/dev\`), protocol overhead included."
+  echo "Receiver writes are \`/proc/PID/io\` write_bytes of the ferry server or the rsync daemon during the re-push, as above."
   echo
-  echo "| edit | ferry time (s) | ferry on the wire | rsync time (s) | rsync on the wire |"
-  echo "|---|---|---|---|---|"
-  echo "| 1 MiB changed mid-file | $(result delta_middle_ferry) | $(mib "$(result wire_middle_ferry)") | $(result delta_middle_rsync) | $(mib "$(result wire_middle_rsync)") |"
-  echo "| 100 bytes inserted near the start | $(result delta_insert_ferry) | $(mib "$(result wire_insert_ferry)") | $(result delta_insert_rsync) | $(mib "$(result wire_insert_rsync)") |"
+  echo "| edit | ferry time (s) | ferry on the wire | ferry receiver writes | rsync time (s) | rsync on the wire | rsync receiver writes |"
+  echo "|---|---|---|---|---|---|---|"
+  for edit in middle insert; do
+    if [ "$edit" = middle ]; then what="1 MiB changed mid-file"; else what="100 bytes inserted near the start"; fi
+    echo "| $what | $(result "delta_${edit}_ferry") | $(mib "$(result "wire_${edit}_ferry")") | $(mib "$(result "disk_${edit}_ferry")") | $(result "delta_${edit}_rsync") | $(mib "$(result "wire_${edit}_rsync")") | $(mib "$(result "disk_${edit}_rsync")") |"
+  done
   echo
   echo "## A tree of $files files of 4–64 KiB"
   echo
