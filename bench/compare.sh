@@ -33,8 +33,6 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
 lo_bytes() { awk '$1 == "lo:" {print $2}' /proc/net/dev; }
 rss_kib() { awk -F': ' '/Maximum resident/ {print $2}' "$1"; }
 source "$repo/bench/lib.sh"
-# write_bytes PID: bytes the process (and its reaped children) caused to be written to storage (/proc/PID/io).
-write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
 # server_pid: the ferry server process itself (start_ferry runs it under /usr/bin/time).
 server_pid() { pgrep -P "$ferry_pid" -x ferry || echo "$ferry_pid"; }
 # first_mib DIR T0 OUT: in the background, writes to OUT the seconds from T0 until the files under DIR first hold
@@ -117,8 +115,7 @@ fresh_rsync() { # fresh_rsync NAME [rsync flags]
   record "$name" "$(since "$t0")"
   kill "$watcher" 2> /dev/null || true; wait "$watcher" 2> /dev/null || true
   [ -s "$work/ttfb" ] && record "ttfb_$name" "$(cat "$work/ttfb")"; rm -f "$work/ttfb"
-  sleep 0.2 # the daemon reaps its child, whose writes then count as its own
-  record "disk_$name" "$(($(write_bytes "$rsync_pid") - written))"
+  record "disk_$name" "$(daemon_writes_since "$written")"
   record "rss_$name" "$(rss_kib "$work/rsync.time")"
 }
 for run in $(seq "$runs"); do
@@ -220,8 +217,7 @@ for run in $(seq "$runs"); do
     rsync -t "$work/edit.bin" "$rsync_url/edit.bin"
     record "delta_${edit}_rsync" "$(since "$t0")"
     record "wire_${edit}_rsync" "$(($(lo_bytes) - before))"
-    sleep 0.2 # the daemon reaps its child, whose writes then count as its own
-    record "disk_${edit}_rsync" "$(($(write_bytes "$rsync_pid") - written))"
+    record "disk_${edit}_rsync" "$(daemon_writes_since "$written")"
     cmp "$work/edit.bin" "$work/ferry-root/edit.bin"
     cmp "$work/edit.bin" "$work/rsync-dst/edit.bin"
   done
@@ -260,8 +256,7 @@ for run in $(seq "$runs"); do
   rsync -a "$work/tree/" "$rsync_url/tree-sync-$run/"
   sync
   record tree_fresh_rsync_sync "$(since "$t0")"
-  sleep 0.2
-  record disk_tree_rsync "$(($(write_bytes "$rsync_pid") - written))"
+  record disk_tree_rsync "$(daemon_writes_since "$written")"
 done
 
 # --- 6. a link with latency (40 ms round trip) ----------------------------------------------------------------

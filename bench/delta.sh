@@ -18,7 +18,6 @@ cleanup() {
 trap cleanup EXIT
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}'; }
-write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
 source bench/lib.sh
 record() { echo "$2" >> "$work/results/$1"; }
 result() { [ -s "$work/results/$1" ] && median < "$work/results/$1" || echo "n/a"; }

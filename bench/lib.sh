@@ -4,6 +4,16 @@
 # median: the median of the numbers on stdin, one per line (the lower middle one of an even count).
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+# write_bytes PID: bytes the process (and its reaped children) caused to be written to storage (/proc/PID/io).
+write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
+
+# daemon_writes_since BEFORE: bytes the rsync daemon ($rsync_pid) wrote since its write_bytes was BEFORE, read once it
+# has reaped the child that served the last transfer (whose writes then count as its own).
+daemon_writes_since() {
+  sleep 0.2
+  echo "$(($(write_bytes "$rsync_pid") - $1))"
+}
+
 # start_proxy UPSTREAM: examples/delay_proxy ($proxy_bin if set) in front of UPSTREAM, adding 20 ms each way (a 40 ms
 # round trip); sets proxy_addr and proxy_pid (added to pids).
 start_proxy() {

@@ -15,7 +15,6 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2> /dev/null || true; done; 
 trap cleanup EXIT
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.3f\n", b-a}'; }
-write_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2> /dev/null || echo 0; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 source "$(dirname "$0")/lib.sh"
 
@@ -52,8 +51,7 @@ rsync_round() {
   rsync -a "$work/tree/" "rsync://127.0.0.1:$rsync_port/dst/tree-$run/"
   sync
   since "$t0" >> "$work/rsync.fresh"
-  sleep 0.2 # the daemon reaps its child, whose writes then count as its own
-  echo "$(( ($(write_bytes "$rsync_pid") - written) / 1048576 ))" >> "$work/rsync.written_mib"
+  echo "$(( $(daemon_writes_since "$written") / 1048576 ))" >> "$work/rsync.written_mib"
 }
 
 for run in $(seq "$rounds"); do
